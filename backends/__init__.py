@@ -1,0 +1,1 @@
+"""ucm backends: implementations of `ucm.ops.SparseOps`, installed as the `ucm_backends` package."""

@@ -1,0 +1,1 @@
+"""Ascend backend: torch_npu ops on Huawei NPUs."""

@@ -1,0 +1,1 @@
+"""CUDA backend: Triton kernels for NVIDIA GPUs."""

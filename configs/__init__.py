@@ -1,0 +1,1 @@
+"""Per-model sparse configs (JSON), shipped with the package as `ucm.model_configs`."""

@@ -1,0 +1,178 @@
+"""The op contract: the few primitives every sparse algorithm is built from.
+
+Every backend (cpu, cuda, ascend) implements this class; `ucm.ops.reference.TorchReferenceOps`
+is the oracle they are tested against. Algorithms only ever call these methods, so a new
+device is one subclass away.
+
+Shapes (one letter per dimension, used in every docstring below):
+    B   decode rows in the step            Hq  query heads      Hkv  KV heads (G = Hq // Hkv)
+    D   head dim (MLA: kv_lora + rope)      NB  physical blocks  bs   tokens per block
+    M   block-table width                   C   code bytes per token and KV head (= ceil(bits/8))
+    R   representations per block (KVStar merges tokens; ESA/GSA have R = 1)
+
+Paged layouts (device-neutral; integrations adapt their engine's layout to these):
+    k_cache / v_cache   [NB, bs, Hkv, D]  (MLA: Hkv = 1, D = kv_lora_rank + qk_rope_head_dim)
+    code cache          [NB, bs, Hkv, C]  uint8
+    representation      [NB, Hkv, D] or [NB, Hkv, R, D] float32, indexed by physical block
+    block_table         [B, M] int32/int64 physical block ids (entries past a row's end ignored)
+    seq_lens            [B] int; row b owns n_b = ceil(seq_lens[b] / bs) blocks
+
+Conventions shared by every backend (bit-exactness depends on them):
+    * hash bit = 1 iff value >= 0; 8 bits per byte, bit i of a byte is element 8*j+i
+      (little-endian inside the byte, `torch_npu.npu_sign_bits_pack` semantics), padded with 0.
+    * block scores: larger = more important. Hamming distances are returned as-is (smaller =
+      closer); callers negate them before `block_topk`.
+    * `block_topk` breaks ties towards the lower block index and returns ids sorted ascending.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+
+BlockReduce = Literal["mean", "max", "min"]
+GroupReduce = Literal["mean", "max"]
+
+
+class SparseOps(ABC):
+    """Abstract op contract. Subclasses override what they accelerate and inherit the rest."""
+
+    #: registry name of the backend ("reference", "cpu", "cuda", "ascend")
+    name: str = "abstract"
+
+    # ---------------------------------------------------------------- hashing
+    @abstractmethod
+    def sign_bits_pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., n] float -> [..., ceil(n/8)] uint8; bit = x >= 0, little-endian in a byte."""
+
+    @abstractmethod
+    def hash_encode(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Hash codes of x: [..., d] @ weight [d, nbits] -> sign_bits_pack -> [..., nbits/8]."""
+
+    # ------------------------------------------------------------ paged cache
+    @abstractmethod
+    def paged_write(self, cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Write token rows into a paged cache in place.
+
+        cache [NB, bs, ...], values [T, ...], slot_mapping [T] (slot = block * bs + offset;
+        negative slots are padding and skipped, as in vLLM).
+        """
+
+    @abstractmethod
+    def gather_blocks(self, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """cache [NB, ...], block_ids [n] -> [n, ...] (a copy; used to offload blocks)."""
+
+    @abstractmethod
+    def scatter_blocks(self, cache: torch.Tensor, block_ids: torch.Tensor, src: torch.Tensor) -> None:
+        """cache[block_ids] = src in place (used to load offloaded blocks back)."""
+
+    # -------------------------------------------------------- representations
+    @abstractmethod
+    def block_reduce(
+        self,
+        k_cache: torch.Tensor,
+        block_ids: torch.Tensor,
+        valid_lens: torch.Tensor,
+        method: BlockReduce = "mean",
+        merge: int = 0,
+    ) -> torch.Tensor:
+        """Per-block, per-head reduction of K over the block's first valid_lens tokens.
+
+        k_cache [NB, bs, Hkv, D], block_ids [n], valid_lens [n] (1..bs) -> float32:
+            merge == 0: [n, Hkv, D] (reduce over all valid tokens)
+            merge  > 0: [n, Hkv, bs // merge, D], each of the bs // merge groups of `merge`
+                        consecutive tokens reduced separately (KVStar's token merging);
+                        groups with no valid token are 0.
+        """
+
+    # ---------------------------------------------------------------- scoring
+    @abstractmethod
+    def hamming_block_scores(
+        self,
+        q_codes: torch.Tensor,
+        k_codes: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        reduce: BlockReduce = "min",
+    ) -> torch.Tensor:
+        """Hamming distance of every block to the query, never materialising [B, Hq, tokens].
+
+        q_codes [B, Hq, C], k_codes [NB, bs, Hkv, C] -> float32 [B, M].
+        token distance(b, t) = sum over q heads h of popcount(q[b, h] ^ k[t, h // G]);
+        block distance = reduce (min/mean/max) over the block's valid tokens; +inf past n_b.
+        """
+
+    @abstractmethod
+    def block_scores_dot(
+        self,
+        q: torch.Tensor,
+        repr_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_size: int,
+        group_reduce: GroupReduce = "mean",
+    ) -> torch.Tensor:
+        """Dot-product block scores against per-block representations.
+
+        q [B, Hq, D], repr_cache [NB, Hkv, D] -> float32 [B, M]; -inf past n_b.
+            "mean": the GQA group's queries are averaged, dotted with the head's repr,
+                    summed over KV heads (ESA).
+            "max":  each query head is dotted, the max over the group is taken, summed over
+                    KV heads (GSA).
+        """
+
+    @abstractmethod
+    def block_softmax_mass(
+        self,
+        q: torch.Tensor,
+        repr_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_size: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention mass each block receives from a window of queries (KVStar).
+
+        q [B, Nq, Hq, D], repr_cache [NB, Hkv, R, D] -> float32 [B, M].
+        For every (row, query, head) a softmax over all R * n_b representations of the row
+        (scaled logits); a block's score is its probability mass summed over queries, heads
+        and its R representations. In a row's partial last block only the first
+        ceil(last_len * R / bs) representations hold tokens; the rest are masked. -inf past n_b.
+        """
+
+    # -------------------------------------------------------------- selection
+    @abstractmethod
+    def block_topk(
+        self,
+        scores: torch.Tensor,
+        k: torch.Tensor,
+        must_keep: torch.Tensor,
+        n_blocks: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row top-k block selection with forced blocks.
+
+        scores [B, M] float (larger = better), k [B] int budgets, must_keep [B, M] bool,
+        n_blocks [B] int -> (ids [B, M] int32 ascending, padded with -1; counts [B] int32).
+        Row b keeps every valid must_keep block, then fills up to k[b] blocks with the best
+        remaining valid blocks (ties -> lower index); counts[b] = min(n_b, max(k_b, forced)).
+        """
+
+    # -------------------------------------------------------------- attention
+    @abstractmethod
+    def paged_decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query token per row over its paged KV (GQA-aware).
+
+        q [B, Hq, D], k_cache [NB, bs, Hkv, D], v_cache [NB, bs, Hkv, Dv]
+        -> (out [B, Hq, Dv] in q's dtype, lse [B, Hq] float32, natural log).
+        A sparse step passes the rewritten block table and seq_lens of its selection.
+        """

@@ -1,0 +1,237 @@
+"""Pure-torch implementation of the op contract: the oracle every backend is tested against.
+
+Written for clarity, not speed: it materialises intermediate tensors freely and runs on any
+device torch supports, which also makes it the fallback when no faster backend is available.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ucm.ops.contract import BlockReduce, GroupReduce, SparseOps
+
+_BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
+
+
+def blocks_per_row(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """n_b = ceil(seq_len / block_size) for every row (int64)."""
+    return (seq_lens.to(torch.int64) + block_size - 1) // block_size
+
+
+def valid_block_mask(seq_lens: torch.Tensor, block_size: int, width: int) -> torch.Tensor:
+    """[B, width] bool: True where block j < n_b of that row."""
+    n = blocks_per_row(seq_lens, block_size)
+    return torch.arange(width, device=seq_lens.device)[None, :] < n[:, None]
+
+
+def token_positions_mask(seq_lens: torch.Tensor, block_size: int, width: int) -> torch.Tensor:
+    """[B, width, bs] bool: True where token (block j, offset o) is < seq_len."""
+    pos = torch.arange(width * block_size, device=seq_lens.device).view(width, block_size)
+    return pos[None] < seq_lens.to(torch.int64)[:, None, None]
+
+
+def _popcount_u8(x: torch.Tensor) -> torch.Tensor:
+    """Popcount of every uint8 element, as int32 (bit tricks on int32)."""
+    v = x.to(torch.int32)
+    v = v - ((v >> 1) & 0x55)
+    v = (v & 0x33) + ((v >> 2) & 0x33)
+    return (v + (v >> 4)) & 0x0F
+
+
+class TorchReferenceOps(SparseOps):
+    """Reference semantics of every op, in plain torch."""
+
+    name = "reference"
+
+    # ---------------------------------------------------------------- hashing
+    def sign_bits_pack(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        nbytes = (n + 7) // 8
+        bits = (x >= 0).to(torch.int32)
+        pad = nbytes * 8 - n
+        if pad:
+            bits = torch.nn.functional.pad(bits, (0, pad), value=0)
+        bits = bits.view(*x.shape[:-1], nbytes, 8)
+        packed = (bits * _BIT_WEIGHTS.to(x.device)).sum(-1)
+        return packed.to(torch.uint8)
+
+    def hash_encode(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        proj = torch.matmul(x.to(torch.float32), weight.to(device=x.device, dtype=torch.float32))
+        return self.sign_bits_pack(proj)
+
+    # ------------------------------------------------------------ paged cache
+    def paged_write(self, cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep].to(torch.int64)
+        flat = cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:])
+        flat.index_copy_(0, slots, values[keep].to(cache.dtype))
+
+    def gather_blocks(self, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        return cache.index_select(0, block_ids.to(torch.int64))
+
+    def scatter_blocks(self, cache: torch.Tensor, block_ids: torch.Tensor, src: torch.Tensor) -> None:
+        cache.index_copy_(0, block_ids.to(torch.int64), src.to(cache.dtype))
+
+    # -------------------------------------------------------- representations
+    def block_reduce(
+        self,
+        k_cache: torch.Tensor,
+        block_ids: torch.Tensor,
+        valid_lens: torch.Tensor,
+        method: BlockReduce = "mean",
+        merge: int = 0,
+    ) -> torch.Tensor:
+        bs = k_cache.shape[1]
+        blocks = k_cache.index_select(0, block_ids.to(torch.int64)).to(torch.float32)  # [n, bs, H, D]
+        group = merge if merge > 0 else bs
+        if bs % group:
+            raise ValueError(f"merge={merge} must divide the block size {bs}")
+        n, _, h, d = blocks.shape
+        r = bs // group
+        valid = torch.arange(bs, device=blocks.device)[None, :] < valid_lens.to(blocks.device)[:, None]
+        valid = valid.view(n, r, group, 1, 1)
+        x = blocks.view(n, r, group, h, d)
+        if method == "mean":
+            count = valid.sum(2).clamp(min=1).to(torch.float32)
+            out = torch.where(valid, x, 0.0).sum(2) / count
+        elif method == "max":
+            out = torch.where(valid, x, -math.inf).amax(2)
+        elif method == "min":
+            out = torch.where(valid, x, math.inf).amin(2)
+        else:
+            raise ValueError(f"unknown block reduce method {method!r}; valid: mean, max, min")
+        out = torch.where(valid.any(2), out, 0.0)  # empty groups are 0, never +-inf
+        out = out.permute(0, 2, 1, 3)  # [n, H, r, D]
+        return out.squeeze(2).contiguous() if merge <= 0 else out.contiguous()
+
+    # ---------------------------------------------------------------- scoring
+    def hamming_block_scores(
+        self,
+        q_codes: torch.Tensor,
+        k_codes: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        reduce: BlockReduce = "min",
+    ) -> torch.Tensor:
+        b, hq, c = q_codes.shape
+        _, bs, hkv, _ = k_codes.shape
+        m = block_table.shape[1]
+        g = hq // hkv
+        keys = k_codes[block_table.clamp(min=0).to(torch.int64)]  # [B, M, bs, Hkv, C]
+        q = q_codes.view(b, hkv, g, c)[:, None, None]  # [B, 1, 1, Hkv, G, C]
+        dist = _popcount_u8(keys[:, :, :, :, None, :] ^ q).sum(dim=(-1, -2, -3))  # [B, M, bs]
+        dist = dist.to(torch.float32)
+        valid = token_positions_mask(seq_lens, bs, m)
+        if reduce == "min":
+            out = torch.where(valid, dist, math.inf).amin(-1)
+        elif reduce == "max":
+            out = torch.where(valid, dist, -math.inf).amax(-1)
+        elif reduce == "mean":
+            out = torch.where(valid, dist, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)
+        else:
+            raise ValueError(f"unknown block reduce {reduce!r}; valid: mean, max, min")
+        return torch.where(valid_block_mask(seq_lens, bs, m), out, math.inf)
+
+    def block_scores_dot(
+        self,
+        q: torch.Tensor,
+        repr_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_size: int,
+        group_reduce: GroupReduce = "mean",
+    ) -> torch.Tensor:
+        b, hq, d = q.shape
+        hkv = repr_cache.shape[1]
+        g = hq // hkv
+        reps = repr_cache[block_table.clamp(min=0).to(torch.int64)].to(torch.float32)  # [B, M, Hkv, D]
+        qg = q.to(torch.float32).view(b, hkv, g, d)
+        if group_reduce == "mean":
+            s = torch.einsum("bhd,bmhd->bm", qg.mean(2), reps)
+        elif group_reduce == "max":
+            s = torch.einsum("bhgd,bmhd->bmhg", qg, reps).amax(-1).sum(-1)
+        else:
+            raise ValueError(f"unknown group reduce {group_reduce!r}; valid: mean, max")
+        return torch.where(valid_block_mask(seq_lens, block_size, block_table.shape[1]), s, -math.inf)
+
+    def block_softmax_mass(
+        self,
+        q: torch.Tensor,
+        repr_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_size: int,
+        scale: float,
+    ) -> torch.Tensor:
+        b, nq, hq, d = q.shape
+        _, hkv, r, _ = repr_cache.shape
+        m = block_table.shape[1]
+        g = hq // hkv
+        bsz = block_size
+        reps = repr_cache[block_table.clamp(min=0).to(torch.int64)].to(torch.float32)  # [B, M, Hkv, R, D]
+        qg = q.to(torch.float32).view(b, nq, hkv, g, d)
+        logits = torch.einsum("bqhgd,bmhrd->bqhgmr", qg, reps) * scale
+        # representation r of block j is valid iff token j*bs + r*(bs/R) < seq_len
+        first_tok = torch.arange(m, device=q.device)[:, None] * bsz + torch.arange(r, device=q.device)[None] * (bsz // r)
+        valid = first_tok[None] < seq_lens.to(torch.int64)[:, None, None]  # [B, M, R]
+        logits = torch.where(valid[:, None, None, None], logits, -math.inf)
+        probs = torch.softmax(logits.reshape(b, nq, hkv, g, m * r), dim=-1).nan_to_num(0.0)
+        mass = probs.view(b, nq, hkv, g, m, r).sum(dim=(1, 2, 3, 5))
+        return torch.where(valid_block_mask(seq_lens, bsz, m), mass, -math.inf)
+
+    # -------------------------------------------------------------- selection
+    def block_topk(
+        self,
+        scores: torch.Tensor,
+        k: torch.Tensor,
+        must_keep: torch.Tensor,
+        n_blocks: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, m = scores.shape
+        dev = scores.device
+        idx = torch.arange(m, device=dev)
+        valid = idx[None, :] < n_blocks.to(dev, torch.int64)[:, None]
+        forced = must_keep & valid
+        n_forced = forced.sum(1)
+        counts = torch.minimum(n_blocks.to(dev, torch.int64), torch.maximum(k.to(dev, torch.int64), n_forced))
+        # rank key: forced first, then by score descending, then by index ascending
+        s = torch.where(valid, scores.to(torch.float64), -math.inf)
+        s = torch.where(forced, math.inf, s)
+        s = torch.where(torch.isnan(s), -math.inf, s)
+        order = torch.sort(idx.expand(b, m), dim=1, stable=True).values  # ascending index
+        key = s.gather(1, order)
+        ranked = order.gather(1, torch.sort(key, dim=1, descending=True, stable=True).indices)
+        take = idx[None, :] < counts[:, None]
+        chosen = torch.where(take, ranked, m)  # m sorts after every real id
+        ids = torch.sort(chosen, dim=1).values
+        ids = torch.where(ids == m, -1, ids).to(torch.int32)
+        return ids, counts.to(torch.int32)
+
+    # -------------------------------------------------------------- attention
+    def paged_decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, hq, d = q.shape
+        _, bs, hkv, _ = k_cache.shape
+        dv = v_cache.shape[-1]
+        m = block_table.shape[1]
+        g = hq // hkv
+        tbl = block_table.clamp(min=0).to(torch.int64)
+        k = k_cache[tbl].to(torch.float32).reshape(b, m * bs, hkv, d)
+        v = v_cache[tbl].to(torch.float32).reshape(b, m * bs, hkv, dv)
+        qg = q.to(torch.float32).view(b, hkv, g, d)
+        logits = torch.einsum("bhgd,bthd->bhgt", qg, k) * scale
+        valid = torch.arange(m * bs, device=q.device)[None] < seq_lens.to(torch.int64)[:, None]
+        logits = torch.where(valid[:, None, None], logits, -math.inf)
+        lse = torch.logsumexp(logits, dim=-1)  # [B, Hkv, G]
+        p = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
+        out = torch.einsum("bhgt,bthd->bhgd", p, v)
+        return out.reshape(b, hq, dv).to(q.dtype), lse.reshape(b, hq)
