@@ -1,0 +1,319 @@
+"""The lifecycle every sparse method shares, and the driver that runs it.
+
+A method is a `BlockScorer` (how blocks are represented and scored) driven by `SparseMethod`
+(when to retrieve, asynchronously or not, and the shared `BlockSelector`). An engine
+integration calls, per step:
+
+    plan = method.begin_step(req_ids, seq_lens, block_table, sparse_rows)
+    for each layer:
+        method.on_kv_written(layer, k_cache, new_keys, slot_mapping)   # prefill and decode
+        sel = method.select(layer, q, plan)                          # decode rows only
+        attention(q, k_cache, v_cache, sel.block_table, sel.seq_lens)
+    method.end_step(plan)
+    method.finish(req_id) when a request leaves
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ucm.ops.contract import SparseOps
+from ucm.sparse.selection import BlockSelector, Selection, StepPlan, _max_or_zero
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """What a method needs to know of the model and of its paged cache."""
+
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    num_blocks: int
+    device: torch.device = torch.device("cpu")
+    kv_lora_rank: int | None = None  # MLA: K is [kv_lora | rope] with one KV head
+    qk_rope_head_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(f"num_q_heads {self.num_q_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if (self.kv_lora_rank is None) != (self.qk_rope_head_dim is None):
+            raise ValueError("MLA needs both kv_lora_rank and qk_rope_head_dim")
+        if self.is_mla and self.kv_lora_rank + self.qk_rope_head_dim != self.head_dim:
+            raise ValueError(f"MLA head_dim {self.head_dim} != kv_lora_rank + qk_rope_head_dim")
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+
+class BlockScorer(ABC):
+    """How a method represents blocks and scores them against the query (larger = better)."""
+
+    #: scoring runs on the host (query copied off the accelerator), so retrieval is async
+    host_scoring: bool = False
+    #: how per-block scores combine into a selection unit (chunk) of several blocks
+    unit_reduce: str = "max"
+
+    def __init__(self, shapes: ModelShapes, ops: SparseOps) -> None:
+        self.shapes = shapes
+        self.ops = ops
+
+    @abstractmethod
+    def on_kv_written(self, layer: int, k_cache: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """New K rows [T, Hkv, D] were written at slot_mapping: update representations."""
+
+    @abstractmethod
+    def score(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
+    ) -> torch.Tensor:
+        """Block scores [b, M] for the given rows (larger = better; -inf for padding).
+
+        q is what `prepare_query` returned, restricted to these rows.
+        """
+
+    def prepare_query(self, layer: int, q: torch.Tensor, req_ids: Sequence[str]) -> torch.Tensor:
+        """Called with every decode query [B, Hq, D]; returns what `score` receives for it.
+
+        Runs on the caller's thread, so whatever it returns is a consistent snapshot for an
+        asynchronous retrieval (KVStar returns a window of recent queries).
+        """
+        return q
+
+    def finish(self, req_id: str) -> None:
+        """Drop per-request state."""
+
+    def memory_bytes(self) -> int:
+        """Bytes of side caches (representations, codes) this scorer holds."""
+        return 0
+
+    # helpers shared by representation-based scorers
+    def full_block_ids(self, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Physical blocks whose last slot was written: they just became full."""
+        bs = self.shapes.block_size
+        slots = slot_mapping[slot_mapping >= 0].to(torch.int64)
+        return torch.unique(slots[(slots % bs) == bs - 1] // bs)
+
+
+@dataclass
+class _RequestState:
+    decode_steps: int = 0
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [U] unit scores
+    pending: dict[int, Future] = field(default_factory=dict)
+
+
+RetrievalListener = Callable[[str, int, torch.Tensor], None]
+
+
+class SparseMethod:
+    """Runs a scorer through the shared selection engine with UCM's retrieval schedule.
+
+    Retrieval (scoring) is due on a request's decode steps 0, s, 2s, ... (s = retrieval_stride).
+    Step 0 retrieves synchronously. Later retrievals run asynchronously when s > 1 or the
+    scorer scores on the host: started at step t with that step's query, consumed at step
+    t + 1; in between, the last consumed scores are reused, with the windows recomputed at the
+    current length so new blocks are covered by the local window.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        scorer: BlockScorer,
+        selector: BlockSelector,
+        retrieval_stride: int = 1,
+        executor: ThreadPoolExecutor | None = None,
+        seq_len_threshold: int = 0,
+        concurrency_threshold: int = 0,
+    ) -> None:
+        """Rows shorter than `seq_len_threshold` tokens, and whole steps with fewer than
+        `concurrency_threshold` decoding rows, stay dense."""
+        if retrieval_stride < 1:
+            raise ValueError(f"retrieval_stride must be >= 1, got {retrieval_stride}")
+        self.name = name
+        self.scorer = scorer
+        self.selector = selector
+        self.retrieval_stride = retrieval_stride
+        self.seq_len_threshold = seq_len_threshold
+        self.concurrency_threshold = concurrency_threshold
+        self.async_retrieval = retrieval_stride > 1 or scorer.host_scoring
+        self._executor = executor
+        self._owns_executor = executor is None
+        self._requests: dict[str, _RequestState] = {}
+        self._lock = threading.Lock()
+        self.retrieval_listeners: list[RetrievalListener] = []
+        self.stats = SparsityStats(selector.num_layers)
+
+    @property
+    def shapes(self) -> ModelShapes:
+        return self.scorer.shapes
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ucm-{self.name}-retrieval")
+        return self._executor
+
+    def close(self) -> None:
+        for state in self._requests.values():
+            for fut in state.pending.values():
+                fut.cancel()
+        if self._owns_executor and self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # --------------------------------------------------------------- lifecycle
+    def begin_step(
+        self,
+        req_ids: Sequence[str],
+        seq_lens: torch.Tensor,
+        block_table: torch.Tensor,
+        sparse_rows: torch.Tensor | None = None,
+    ) -> StepPlan:
+        """Plan a decode step for these rows (one row per decoding request)."""
+        if len(req_ids) != int(seq_lens.shape[0]) or block_table.shape[0] != len(req_ids):
+            raise ValueError(f"{len(req_ids)} req_ids, {seq_lens.shape[0]} seq_lens, {block_table.shape[0]} table rows")
+        eligible = seq_lens.to(torch.int64) >= self.seq_len_threshold
+        if len(req_ids) < self.concurrency_threshold:
+            eligible = torch.zeros_like(eligible)
+        if sparse_rows is not None:
+            eligible &= sparse_rows.to(eligible.device, torch.bool)
+        plan = self.selector.plan(seq_lens, block_table, eligible)
+        plan.req_ids = list(req_ids)
+        for rid in req_ids:
+            self._requests.setdefault(rid, _RequestState())
+        return plan
+
+    def on_kv_written(self, layer: int, k_cache: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        self.scorer.on_kv_written(layer, k_cache, key, slot_mapping)
+
+    def end_step(self, plan: StepPlan) -> None:
+        for rid in plan.req_ids:
+            self._requests[rid].decode_steps += 1
+        self.stats.record(plan)
+
+    def finish(self, req_id: str) -> None:
+        state = self._requests.pop(req_id, None)
+        if state:
+            for fut in state.pending.values():
+                fut.cancel()
+        self.scorer.finish(req_id)
+
+    # ------------------------------------------------------------------ select
+    def select(self, layer: int, q: torch.Tensor, plan: StepPlan) -> Selection:
+        """The blocks layer `layer` reads this step for every row of the plan."""
+        if not self.selector.needs_scores(layer):
+            return self.selector.select(layer, plan, None)
+        q = self.scorer.prepare_query(layer, q, plan.req_ids)
+        if bool(plan.sparse_rows.any()):
+            scores = self._unit_scores(layer, q, plan)
+        else:  # every row is below the thresholds: the budgets already keep all units
+            scores = torch.zeros(plan.batch, _max_or_zero(plan.n_units), device=q.device)
+        return self.selector.select(layer, plan, scores)
+
+    def _score_rows(self, layer: int, q: torch.Tensor, plan: StepPlan, rows: list[int]) -> torch.Tensor:
+        idx = torch.tensor(rows, dtype=torch.long, device=plan.seq_lens.device)
+        table = plan.block_table.index_select(0, idx.to(plan.block_table.device))
+        lens = plan.seq_lens.index_select(0, idx)
+        block_scores = self.scorer.score(layer, q.index_select(0, idx.to(q.device)), table, lens, [plan.req_ids[r] for r in rows])
+        return self.selector.unit_scores(block_scores, self.scorer.unit_reduce)
+
+    def _start_async(self, layer: int, q: torch.Tensor, plan: StepPlan, rows: list[int]) -> None:
+        idx = torch.tensor(rows, dtype=torch.long)
+        q_snap = q.index_select(0, idx.to(q.device)).clone()
+        table = plan.block_table.index_select(0, idx.to(plan.block_table.device)).clone()
+        lens = plan.seq_lens.index_select(0, idx.to(plan.seq_lens.device)).clone()
+        rids = [plan.req_ids[r] for r in rows]
+
+        def work() -> torch.Tensor:
+            block_scores = self.scorer.score(layer, q_snap, table, lens, rids)
+            unit = self.selector.unit_scores(block_scores, self.scorer.unit_reduce)
+            for i, rid in enumerate(rids):
+                self._notify(rid, layer, unit[i])
+            return unit
+
+        fut = self.executor.submit(work)
+        for i, rid in enumerate(rids):
+            self._requests[rid].pending[layer] = _RowFuture(fut, i)
+
+    def _notify(self, rid: str, layer: int, unit_scores: torch.Tensor) -> None:
+        for fn in self.retrieval_listeners:
+            fn(rid, layer, unit_scores)
+
+    def _unit_scores(self, layer: int, q: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        sparse = plan.sparse_rows.tolist()
+        sync_rows, async_rows = [], []
+        for r, rid in enumerate(plan.req_ids):
+            if not sparse[r]:
+                continue
+            state = self._requests[rid]
+            pending = state.pending.pop(layer, None)
+            if pending is not None:
+                state.scores[layer] = pending.result()
+            due = state.decode_steps % self.retrieval_stride == 0
+            if layer not in state.scores:
+                sync_rows.append(r)
+            elif due and self.async_retrieval:
+                async_rows.append(r)
+            elif due:
+                sync_rows.append(r)
+        if sync_rows:
+            fresh = self._score_rows(layer, q, plan, sync_rows)
+            for i, r in enumerate(sync_rows):
+                rid = plan.req_ids[r]
+                self._requests[rid].scores[layer] = fresh[i]
+                self._notify(rid, layer, fresh[i])
+        if async_rows:
+            self._start_async(layer, q, plan, async_rows)
+        width = _max_or_zero(plan.n_units)
+        out = torch.full((plan.batch, width), -math.inf, device=q.device)
+        for r, rid in enumerate(plan.req_ids):
+            if not sparse[r]:
+                continue
+            s = self._requests[rid].scores[layer]
+            n = min(int(s.shape[0]), width)
+            out[r, :n] = s[:n].to(out.device)
+        return out
+
+
+class _RowFuture:
+    """One row's share of a batched async retrieval."""
+
+    def __init__(self, fut: Future, row: int) -> None:
+        self._fut, self._row = fut, row
+
+    def result(self) -> torch.Tensor:
+        return self._fut.result()[self._row]
+
+    def cancel(self) -> None:
+        self._fut.cancel()
+
+
+class SparsityStats:
+    """Blocks read vs blocks held, per layer, accumulated over steps (for logs and demos)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.steps = 0
+        self.kept = [0] * num_layers
+        self.total = [0] * num_layers
+
+    def record(self, plan: StepPlan) -> None:
+        self.steps += 1
+        for layer, sel in plan.selections.items():
+            self.kept[layer] += int(sel.blocks_kept.sum())
+            self.total[layer] += int(sel.blocks_total.sum())
+
+    @property
+    def fraction_read(self) -> float:
+        t = sum(self.total)
+        return sum(self.kept) / t if t else 1.0
+
+    def reset(self) -> None:
+        self.__init__(len(self.kept))

@@ -1,0 +1,56 @@
+"""ESA: a block is the mean of its keys per KV head; its score is the dot product with the
+GQA-group-averaged query, summed over KV heads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ucm.ops.contract import SparseOps
+from ucm.sparse.base import BlockScorer, ModelShapes
+
+
+class MeanReprScorer(BlockScorer):
+    """Mean-of-K representations, kept per physical block and refreshed when a block fills.
+
+    `group_reduce` picks how a GQA group's queries meet the representation ("mean": ESA,
+    "max": GSA). `repr_device` is where representations and scoring live.
+    """
+
+    group_reduce = "mean"
+
+    def __init__(self, shapes: ModelShapes, ops: SparseOps, repr_device: torch.device | None = None,
+                 score_ops: SparseOps | None = None) -> None:
+        super().__init__(shapes, ops)
+        self.repr_device = torch.device(repr_device or shapes.device)
+        self.score_ops = score_ops or ops
+        self.reprs = [
+            torch.zeros(shapes.num_blocks, shapes.num_kv_heads, shapes.head_dim, dtype=torch.float32, device=self.repr_device)
+            for _ in range(shapes.num_layers)
+        ]
+
+    def on_kv_written(self, layer: int, k_cache: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        full = self.full_block_ids(slot_mapping)
+        if full.numel() == 0:
+            return
+        full = full.to(k_cache.device)
+        lens = torch.full_like(full, self.shapes.block_size)
+        reps = self.ops.block_reduce(k_cache, full, lens, "mean")
+        self.reprs[layer].index_copy_(0, full.to(self.repr_device), reps.to(self.repr_device, non_blocking=True))
+
+    def score(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+              req_ids: Sequence[str]) -> torch.Tensor:
+        bs = self.shapes.block_size
+        dev = self.repr_device
+        full_lens = (seq_lens // bs) * bs  # the partial last block has no representation yet (it is always kept)
+        s = self.score_ops.block_scores_dot(q.to(dev), self.reprs[layer], block_table.to(dev), full_lens.to(dev), bs,
+                                            self.group_reduce)
+        return s.to(q.device)
+
+    def memory_bytes(self) -> int:
+        return sum(r.numel() * r.element_size() for r in self.reprs)
+
+
+class ESAScorer(MeanReprScorer):
+    group_reduce = "mean"
