@@ -28,6 +28,7 @@ def build_sparse_method(
     model_name: str | None = None,
     device_kind: DeviceKind = "gpu",
     host_ops: SparseOps | None = None,
+    model_config: ModelConfigFile | dict | None = None,
     seed: int = 0,
 ) -> SparseMethod:
     """The method named by `config` (a parsed config, or UCM's JSON dict/string/path).
@@ -35,12 +36,21 @@ def build_sparse_method(
     `ops` defaults to the probed backend; `host_ops` (GSA's host top-k) to the CPU backend.
     `model_name` finds the built-in GSAOnDevice config when the config names no file.
     `device_kind` picks the gpu_* or npu_* thresholds of a GSAOnDevice model config.
+    `model_config` (a loaded per-model config or its dict) overrides both for GSAOnDevice.
     """
     if not isinstance(config, (ESAConfig, GSAConfig, KVStarConfig, GSAOnDeviceConfig)):
         config = parse_sparse_config(config)
     ops = ops or get_ops()
     if isinstance(config, GSAOnDeviceConfig):
-        return _build_hata(config, shapes, ops, model_name, device_kind, seed)
+        if model_config is None:
+            ref = config.config_file or model_name
+            if ref is None:
+                raise ConfigError("inline", "GSAOnDevice.config_file",
+                                  "name a per-model config file or model (see `ucm configs list`)")
+            model_config = ref
+        if not isinstance(model_config, ModelConfigFile):
+            model_config = load_model_config(model_config)
+        return _build_hata(model_config, shapes, ops, device_kind, seed)
     policy = LayerPolicy(
         ratio=config.sparse_ratio,
         min_units=config.min_blocks,
@@ -72,17 +82,8 @@ def _check(source: str, key: str, ok: bool, message: str) -> None:
 
 
 def _build_hata(
-    config: GSAOnDeviceConfig,
-    shapes: ModelShapes,
-    ops: SparseOps,
-    model_name: str | None,
-    device_kind: DeviceKind,
-    seed: int,
+    loaded: ModelConfigFile, shapes: ModelShapes, ops: SparseOps, device_kind: DeviceKind, seed: int
 ) -> SparseMethod:
-    ref = config.config_file or model_name
-    if ref is None:
-        raise ConfigError("inline", "GSAOnDevice.config_file", "name a per-model config file or model (ucm configs list)")
-    loaded: ModelConfigFile = load_model_config(ref)
     m, src = loaded.config, loaded.source
     _check(src, "num_hidden_layers", m.num_hidden_layers == shapes.num_layers,
            f"{m.num_hidden_layers} but the model has {shapes.num_layers} layers")
