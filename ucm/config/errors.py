@@ -21,8 +21,14 @@ def _loc_to_key(loc: tuple) -> str:
         if isinstance(part, int):
             key += f"[{part}]"
         else:
-            key += ("." if key else "") + str(part)
+            key += ("." if key else "") + (str(part) or '""')  # an empty key must still show
     return key or "<root>"
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    """The offending value, cut short so a whole list or object does not flood the message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def from_validation_error(source: str, err: ValidationError, prefix: str = "") -> ConfigError:
@@ -30,14 +36,17 @@ def from_validation_error(source: str, err: ValidationError, prefix: str = "") -
     first = err.errors()[0]
     key = _loc_to_key(tuple(first.get("loc", ())))
     cause = (first.get("ctx") or {}).get("error")
-    if key == "<root>" and getattr(cause, "key", None):  # a cross-field check names its key
+    cross_field = key == "<root>" and bool(getattr(cause, "key", None))
+    if cross_field:  # a cross-field check names its key; its input is the whole object: not shown
         key = cause.key
     if prefix:
         key = f"{prefix}.{key}" if key != "<root>" else prefix
     msg = first.get("msg", "invalid value")
     if first.get("type") == "extra_forbidden":
         msg = "unknown key (not part of the schema; check its spelling)"
-    elif "input" in first and first.get("type") != "missing":
-        msg = f"{msg} (got {first['input']!r})"
+    elif first.get("type") == "invalid_key":
+        msg = "keys must be strings"
+    elif "input" in first and first.get("type") != "missing" and not cross_field:
+        msg = f"{msg} (got {_short_repr(first['input'])})"
     msg = msg.removeprefix("Value error, ")
     return ConfigError(source, key, msg)

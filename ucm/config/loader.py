@@ -30,15 +30,45 @@ class ModelConfigFile:
         return str(self.path) if self.path else "inline"
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object repeats a key; json.loads would silently keep the last value."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(key)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _parse_json(text: str, source: str, where: str = "<file>") -> Any:
+    """json.loads, but every failure (bad syntax, repeated key, absurd nesting) is a ConfigError."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(source, where, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(source, exc.key, "appears more than once in the same object") from None
+    except RecursionError:
+        raise ConfigError(source, where, "not valid JSON: nested too deeply") from None
+
+
 def _read_json(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), "<file>", f"cannot read: {exc.strerror or exc}") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(str(path), "<file>", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), "<file>", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except ValueError as exc:  # e.g. an embedded NUL byte in the path
+        raise ConfigError(str(path), "<file>", f"cannot read: {exc}") from None
+    return _parse_json(text, str(path))
 
 
 def builtin_config_dir() -> Path:
@@ -63,22 +93,39 @@ def find_model_config(name: str) -> Path:
     for path in sorted(builtin_config_dir().glob("*.json")):
         data = _read_json(path)
         model_name = data.get("model_name", "") if isinstance(data, dict) else ""
+        model_name = model_name if isinstance(model_name, str) else ""
         for alias in (path.stem, model_name, model_name.rsplit("/", 1)[-1]):
-            candidates.setdefault(_normalise(alias), path)
+            if _normalise(alias):
+                candidates.setdefault(_normalise(alias), path)
     if want in candidates:
         return candidates[want]
     names = sorted({p.stem for p in candidates.values()})
     raise ConfigError(name, "<model>", f"no built-in GSAOnDevice config for this model; known: {', '.join(names)}")
 
 
+def _resolve_ref(ref: str | Path) -> Path:
+    """A config path: an existing file, a bare shipped file name ('qwen3_4b.json'), or a model name."""
+    p = Path(ref)
+    try:
+        p = p.expanduser()
+    except RuntimeError:  # '~user' with an unknown user: keep it literal, reading reports it
+        pass
+    if p.suffix == ".json" and not p.exists() and len(p.parts) == 1:
+        shipped = builtin_config_dir() / p.name
+        if shipped.is_file():
+            return shipped
+    if p.suffix == ".json" or p.exists():
+        return p
+    return find_model_config(str(ref))
+
+
 def load_model_config(ref: str | Path | dict) -> ModelConfigFile:
     """A per-model config from a path, a built-in model name, or an inline dict."""
-    if isinstance(ref, dict):
-        data, path = ref, None
-    else:
-        p = Path(ref).expanduser()
-        path = p if p.suffix == ".json" or p.exists() else find_model_config(str(ref))
+    if isinstance(ref, (str, Path)):
+        path: Path | None = _resolve_ref(ref)
         data = _read_json(path)
+    else:  # inline data; anything but an object is rejected below with a ConfigError
+        data, path = ref, None
     source = str(path) if path else "inline"
     if not isinstance(data, dict):
         raise ConfigError(source, "<root>", f"must be a JSON object, got {type(data).__name__}")
@@ -103,10 +150,7 @@ def parse_sparse_config(obj: dict | str | Path, source: str | None = None) -> Me
         data = _read_json(Path(obj))
     elif isinstance(obj, str):
         source = source or "inline"
-        try:
-            data = json.loads(obj)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(source, "<root>", f"not valid JSON: {exc.msg}") from exc
+        data = _parse_json(obj, source, "<root>")
     else:
         source, data = source or "inline", obj
     prefix = ""
@@ -117,7 +161,8 @@ def parse_sparse_config(obj: dict | str | Path, source: str | None = None) -> Me
         raise ConfigError(source, key, f"must be an object like {{\"ESA\": {{...}}}}, got {type(data).__name__}")
     unknown = [k for k in data if k not in METHODS]
     if unknown:
-        name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        shown = str(unknown[0]) or '""'  # an empty key must still show
+        name = f"{prefix}.{shown}" if prefix else shown
         raise ConfigError(source, name, f"unknown sparse method; valid methods: {', '.join(METHODS)}")
     if len(data) != 1:
         raise ConfigError(source, key, f"must name exactly one sparse method, got {len(data)}: {sorted(data)}")
@@ -129,3 +174,17 @@ def parse_sparse_config(obj: dict | str | Path, source: str | None = None) -> Me
         return METHODS[method].model_validate(body)
     except ValidationError as exc:
         raise from_validation_error(source, exc, where) from None
+
+
+def is_sparse_config(data: Any) -> bool:
+    """Whether parsed JSON looks like a method config (`ucm_sparse_config` or one method name)."""
+    return isinstance(data, dict) and (SPARSE_KEY in data or (len(data) == 1 and next(iter(data)) in METHODS))
+
+
+def check_config_file(path: str | Path) -> ModelConfigFile | MethodConfig:
+    """Validate an existing JSON file of either kind (why: `ucm configs check` takes both)."""
+    p = Path(path)
+    data = _read_json(p)  # a missing file is an error here, never a fallback to a shipped one
+    if is_sparse_config(data):
+        return parse_sparse_config(p)
+    return load_model_config(p)

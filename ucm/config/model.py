@@ -107,7 +107,10 @@ class GSAOnDeviceModelConfig(BaseModel):
         for key in keys:
             value = getattr(self, key)
             if value is not None:
-                p = Path(value).expanduser()
+                try:
+                    p = Path(value).expanduser()
+                except RuntimeError:  # '~user' with an unknown user: report the path as not found
+                    p = Path(value)
                 out[key] = p if p.is_absolute() or base_dir is None else base_dir / p
         return out
 

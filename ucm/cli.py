@@ -1,0 +1,172 @@
+"""The `ucm` command line: inspect the shipped per-model configs, validate config files, probe
+backends.
+
+Subcommands are registered as `(name, add_parser)` pairs in `SUBCOMMANDS` so that other modules
+can add theirs (`register_subcommand`, or a `"module:function"` string resolved only when the
+parser is built). Handlers import what they need when they run: `ucm --help` must not pay for
+torch or pydantic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from ucm.config.loader import ModelConfigFile
+
+# An add_parser function gets the top-level subparsers object, adds its own parser to it and
+# sets `handler` (args -> exit code) as a default on that parser.
+SubparsersAction = Any  # argparse._SubParsersAction is private; the duck type is what matters
+AddParser = Callable[[SubparsersAction], None]
+Handler = Callable[[argparse.Namespace], int]
+
+SUBCOMMANDS: list[tuple[str, AddParser | str]] = []
+
+
+def register_subcommand(name: str, add_parser: AddParser | str) -> None:
+    """Add (or replace) a top-level subcommand; `add_parser` may be a "module:function" path."""
+    for i, (existing, _) in enumerate(SUBCOMMANDS):
+        if existing == name:
+            SUBCOMMANDS[i] = (name, add_parser)
+            return
+    SUBCOMMANDS.append((name, add_parser))
+
+
+def _resolve(add_parser: AddParser | str) -> AddParser:
+    if callable(add_parser):
+        return add_parser
+    module, _, attr = add_parser.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# ----------------------------------------------------------------------------- output helpers
+def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    """Left-aligned columns, header underlined; plain text so it greps and diffs well."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [rows[0], ["-" * w for w in widths], *rows[1:]]
+    for row in lines:
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
+
+
+def _fail(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 1
+
+
+# ----------------------------------------------------------------------------- ucm configs
+def _config_row(f: ModelConfigFile) -> list[str]:
+    c = f.config
+    sparse = sum(1 for r in c.top_k_ratio_per_layer if r < 1.0)
+    hash_bits = f"{c.hash_bits} ({c.hash_bits_kv_lora}+{c.hash_bits_qk_rope})" if c.is_mla else str(c.hash_bits)
+    thresholds = (
+        f"gpu {c.gpu_seq_len_threshold}/{c.gpu_concurrency_threshold} "
+        f"npu {c.npu_seq_len_threshold}/{c.npu_concurrency_threshold}"
+    )
+    name = f.path.name if f.path else "inline"
+    return [name, c.model_name, str(c.num_hidden_layers), "yes" if c.is_mla else "no", hash_bits,
+            f"{sparse}/{c.num_hidden_layers}", thresholds]
+
+
+def _configs_list(args: argparse.Namespace) -> int:
+    from ucm.config.errors import ConfigError
+    from ucm.config.loader import list_model_configs
+
+    try:
+        files = list_model_configs()
+    except ConfigError as exc:  # a broken shipped file is a packaging bug; say which one
+        return _fail(exc)
+    header = ["file", "model", "layers", "MLA", "hash bits", "sparse layers", "thresholds (seq_len/concurrency)"]
+    _table([header, *(_config_row(f) for f in files)], sys.stdout)
+    return 0
+
+
+def _configs_show(args: argparse.Namespace) -> int:
+    import json
+
+    from ucm.config.errors import ConfigError
+    from ucm.config.loader import load_model_config
+
+    try:
+        loaded = load_model_config(args.config)
+    except ConfigError as exc:
+        return _fail(exc)
+    print(json.dumps(loaded.config.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _configs_check(args: argparse.Namespace) -> int:
+    from ucm.config.errors import ConfigError
+    from ucm.config.loader import ModelConfigFile, check_config_file
+
+    for path in args.paths:
+        try:
+            result = check_config_file(path)
+        except ConfigError as exc:
+            return _fail(exc)
+        if isinstance(result, ModelConfigFile):
+            what = f"GSAOnDevice model config for {result.config.model_name}"
+        else:
+            what = f"{result.method} sparse config"
+        print(f"ok  {path}: {what}")
+    return 0
+
+
+def _add_configs(sub: SubparsersAction) -> None:
+    p = sub.add_parser("configs", help="list, show and validate sparse configs",
+                       description="Per-model GSAOnDevice configs and ucm_sparse_config files.")
+    actions = p.add_subparsers(dest="configs_action", metavar="ACTION", required=True)
+    actions.add_parser("list", help="table of the shipped per-model configs").set_defaults(handler=_configs_list)
+    show = actions.add_parser("show", help="print a per-model config as validated JSON")
+    show.add_argument("config", metavar="NAME_OR_PATH", help="a JSON path or a model name (Qwen/Qwen3-4B, qwen3-4b)")
+    show.set_defaults(handler=_configs_show)
+    check = actions.add_parser("check", help="validate config files; exit 1 at the first bad one",
+                               description="Validate per-model configs and ucm_sparse_config files.")
+    check.add_argument("paths", metavar="PATH", nargs="+", help="JSON files of either kind")
+    check.set_defaults(handler=_configs_check)
+
+
+# ----------------------------------------------------------------------------- ucm backends
+def _backends(args: argparse.Namespace) -> int:
+    from ucm.ops import probe_all  # imports torch: only when asked
+
+    rows = [["name", "available", "reason"]]
+    rows += [[r.name, "yes" if r.available else "no", r.reason or "-"] for r in probe_all()]
+    _table(rows, sys.stdout)
+    return 0
+
+
+def _add_backends(sub: SubparsersAction) -> None:
+    p = sub.add_parser("backends", help="which op backends can run on this machine, and why not")
+    p.set_defaults(handler=_backends)
+
+
+register_subcommand("configs", _add_configs)
+register_subcommand("backends", _add_backends)
+
+
+# ----------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser, from every registered subcommand (lets tests and docs inspect it)."""
+    from ucm import __version__
+
+    parser = argparse.ArgumentParser(prog="ucm", description="Query-aware block-sparse attention for vLLM.")
+    parser.add_argument("--version", action="version", version=f"ucm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for _, add_parser in SUBCOMMANDS:
+        _resolve(add_parser)(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry: returns the exit code (argparse exits 2 on a usage error)."""
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

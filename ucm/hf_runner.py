@@ -1,0 +1,176 @@
+"""Greedy decoding of a Hugging Face decoder over ucm's paged KV cache, with real attention.
+
+This is the core without an inference engine: the model's own projections, RoPE and MLPs run
+in transformers; its attention is replaced by ucm's (prefill dense, decode through a sparse
+method's selection and the paged decode attention op). It is what the demo, tests and the
+profiling tools use until a request runs inside vLLM.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ucm.ops.contract import SparseOps
+from ucm.sparse.base import ModelShapes, SparseMethod
+
+ATTN_NAME = "ucm_paged"
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    blocks_kept: int = 0  # summed over decode steps and layers
+    blocks_total: int = 0
+    layer_kept: list[int] = field(default_factory=list)
+    layer_total: list[int] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(len(self.tokens) - 1, 0)  # the first token comes from prefill
+        return steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def fraction_read(self) -> float:
+        return self.blocks_kept / self.blocks_total if self.blocks_total else 1.0
+
+
+class _StepContext:
+    """What the attention function needs during one forward: caches, slots, plan."""
+
+    def __init__(self, runner: PagedHFRunner, slots: torch.Tensor, decode: bool) -> None:
+        self.runner = runner
+        self.slots = slots
+        self.decode = decode
+        self.plan = None
+
+
+def _paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, ucm_ctx=None, **_):
+    """transformers attention interface: q [1, Hq, L, D], k/v [1, Hkv, L, D] -> [1, L, Hq, D]."""
+    if ucm_ctx is None:
+        raise RuntimeError(f"attention '{ATTN_NAME}' runs only inside PagedHFRunner")
+    run = ucm_ctx.runner
+    layer = module.layer_idx
+    k_tok = key[0].transpose(0, 1)
+    v_tok = value[0].transpose(0, 1)
+    run.ops.paged_write(run.k_cache[layer], k_tok, ucm_ctx.slots)
+    run.ops.paged_write(run.v_cache[layer], v_tok, ucm_ctx.slots)
+    if run.method is not None:
+        run.method.on_kv_written(layer, run.k_cache[layer], k_tok, ucm_ctx.slots)
+    if not ucm_ctx.decode:  # prefill stays dense
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling, enable_gqa=True
+        )
+        return out.transpose(1, 2).contiguous(), None
+    q = query[:, :, 0]  # [1, Hq, D]
+    table, lens = run.block_table, run.seq_lens
+    if run.method is not None:
+        sel = run.method.select(layer, q, ucm_ctx.plan)
+        table, lens = sel.block_table, sel.seq_lens
+    out, _ = run.ops.paged_decode_attention(q, run.k_cache[layer], run.v_cache[layer], table, lens, scaling)
+    return out[:, None], None
+
+
+class PagedHFRunner:
+    """One request at a time through a HF causal LM, its KV in ucm's paged layout."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        ops: SparseOps,
+        block_size: int = 32,
+        max_tokens: int = 8192,
+        method_factory=None,
+    ) -> None:
+        """`method_factory(shapes) -> SparseMethod | None` builds the sparse method (None: dense)."""
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_NAME, _paged_attention)
+        model.config._attn_implementation = ATTN_NAME
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.ops = ops
+        cfg = model.config
+        self.block_size = block_size
+        num_blocks = -(-max_tokens // block_size)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.shapes = ModelShapes(
+            num_layers=cfg.num_hidden_layers,
+            num_q_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim,
+            block_size=block_size,
+            num_blocks=num_blocks,
+        )
+        dtype = next(model.parameters()).dtype
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.max_tokens = max_tokens
+        self.method: SparseMethod | None = method_factory(self.shapes) if method_factory else None
+        # one request owns the blocks in a shuffled order, so nothing relies on contiguity
+        gen = torch.Generator().manual_seed(0)
+        self.block_table = torch.randperm(num_blocks, generator=gen).to(torch.int32)[None]
+        self.seq_lens = torch.zeros(1, dtype=torch.int32)
+
+    def _slots(self, start: int, n: int) -> torch.Tensor:
+        pos = torch.arange(start, start + n)
+        return self.block_table[0, pos // self.block_size].to(torch.int64) * self.block_size + pos % self.block_size
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 32, stop_ids: Sequence[int] = ()) -> GenerationResult:
+        n = len(prompt_ids)
+        if n + max_new_tokens > self.max_tokens:
+            raise ValueError(f"{n} prompt + {max_new_tokens} new tokens exceed max_tokens={self.max_tokens}")
+        rid = f"req-{time.monotonic_ns()}"
+        if self.method is not None:
+            self.method.stats.reset()
+        t0 = time.perf_counter()
+        ids = torch.tensor([list(prompt_ids)])
+        self.seq_lens[0] = n
+        ctx = _StepContext(self, self._slots(0, n), decode=False)
+        logits = self.model(input_ids=ids, position_ids=torch.arange(n)[None], use_cache=False, ucm_ctx=ctx).logits
+        token = int(logits[0, -1].argmax())
+        out = [token]
+        t1 = time.perf_counter()
+        for _ in range(max_new_tokens - 1):
+            if token in stop_ids:
+                break
+            pos = int(self.seq_lens[0])
+            self.seq_lens[0] = pos + 1
+            ctx = _StepContext(self, self._slots(pos, 1), decode=True)
+            if self.method is not None:
+                ctx.plan = self.method.begin_step([rid], self.seq_lens, self.block_table)
+            logits = self.model(
+                input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[pos]]), use_cache=False, ucm_ctx=ctx
+            ).logits
+            if self.method is not None:
+                self.method.end_step(ctx.plan)
+            token = int(logits[0, -1].argmax())
+            out.append(token)
+        t2 = time.perf_counter()
+        result = GenerationResult(
+            tokens=out,
+            text=self.tokenizer.decode([t for t in out if t not in stop_ids], skip_special_tokens=True),
+            prompt_tokens=n,
+            prefill_s=t1 - t0,
+            decode_s=t2 - t1,
+        )
+        if self.method is not None:
+            st = self.method.stats
+            result.blocks_kept, result.blocks_total = sum(st.kept), sum(st.total)
+            result.layer_kept, result.layer_total = list(st.kept), list(st.total)
+            self.method.finish(rid)
+        return result
+
+    def close(self) -> None:
+        if self.method is not None:
+            self.method.close()
