@@ -34,6 +34,8 @@ SHIPPED = {
     "deepseek_v2_lite.json": ("deepseek-ai/DeepSeek-V2-Lite-Chat", 27, True),
     "deepseek_r1.json": ("deepseek-ai/DeepSeek-R1", 61, True),
 }
+# the demo's small real model (block size 32 on the CPU, so chunks of 32 tokens)
+DEMO = {"smollm2_135m.json": ("HuggingFaceTB/SmolLM2-135M-Instruct", 30, False)}
 MLA_KEYS = ("kv_lora_rank", "qk_rope_head_dim", "hash_bits_kv_lora", "hash_bits_qk_rope")
 # UCM_FUZZ_EXAMPLES=3000 for a longer hunt; the default keeps the file at a few seconds.
 FAST = settings(max_examples=int(os.environ.get("UCM_FUZZ_EXAMPLES", "120")), deadline=None,
@@ -105,12 +107,18 @@ def sparse_rejected(tmp_path: Path, data: Any, key: str, name: str = "bad_sparse
 
 
 # ----------------------------------------------------------------------------- shipped files
-def test_shipped_files_are_exactly_the_six_models() -> None:
-    assert sorted(p.name for p in builtin_config_dir().glob("*.json")) == sorted(SHIPPED)
+def test_shipped_files_are_exactly_the_six_models_and_the_demo_model() -> None:
+    assert sorted(p.name for p in builtin_config_dir().glob("*.json")) == sorted({**SHIPPED, **DEMO})
+
+
+def test_demo_model_config() -> None:
+    c = load_model_config("SmolLM2-135M-Instruct").config
+    assert (c.num_hidden_layers, c.head_dim, c.hash_bits, c.chunk_size) == (30, 64, 128, 32)
+    assert [i for i, r in enumerate(c.top_k_ratio_per_layer) if r == 1] == [0, 1, 29]
 
 
 def test_list_model_configs_loads_every_shipped_file() -> None:
-    loaded = list_model_configs()
+    loaded = [f for f in list_model_configs() if f.path.name in SHIPPED]
     assert len(loaded) == len(SHIPPED)
     for f in loaded:
         name, layers, is_mla = SHIPPED[f.path.name]

@@ -146,6 +146,7 @@ def _add_backends(sub: SubparsersAction) -> None:
 
 register_subcommand("configs", _add_configs)
 register_subcommand("backends", _add_backends)
+register_subcommand("demo", "ucm.demo:add_parser")
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -43,12 +43,12 @@ class GenerationResult:
 
 
 class _StepContext:
-    """What the attention function needs during one forward: caches, slots, plan."""
+    """What the attention function needs during one forward: caches, slots, method, plan."""
 
-    def __init__(self, runner: PagedHFRunner, slots: torch.Tensor, decode: bool) -> None:
+    def __init__(self, runner: PagedHFRunner, slots: torch.Tensor, method: SparseMethod | None = None) -> None:
         self.runner = runner
         self.slots = slots
-        self.decode = decode
+        self.method = method
         self.plan = None
 
 
@@ -62,35 +62,40 @@ def _paged_attention(module, query, key, value, attention_mask, scaling=None, dr
     v_tok = value[0].transpose(0, 1)
     run.ops.paged_write(run.k_cache[layer], k_tok, ucm_ctx.slots)
     run.ops.paged_write(run.v_cache[layer], v_tok, ucm_ctx.slots)
-    if run.method is not None:
-        run.method.on_kv_written(layer, run.k_cache[layer], k_tok, ucm_ctx.slots)
-    if not ucm_ctx.decode:  # prefill stays dense
+    method = ucm_ctx.method
+    if method is not None:
+        method.on_kv_written(layer, run.k_cache[layer], k_tok, ucm_ctx.slots)
+    if query.shape[2] > 1:  # prefill stays dense
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, enable_gqa=True
         )
         return out.transpose(1, 2).contiguous(), None
     q = query[:, :, 0]  # [1, Hq, D]
     table, lens = run.block_table, run.seq_lens
-    if run.method is not None:
-        sel = run.method.select(layer, q, ucm_ctx.plan)
+    if method is not None:
+        sel = method.select(layer, q, ucm_ctx.plan)
         table, lens = sel.block_table, sel.seq_lens
     out, _ = run.ops.paged_decode_attention(q, run.k_cache[layer], run.v_cache[layer], table, lens, scaling)
     return out[:, None], None
 
 
-class PagedHFRunner:
-    """One request at a time through a HF causal LM, its KV in ucm's paged layout."""
+@dataclass
+class Prefilled:
+    """A dense prefill kept in the runner's cache; any number of decodes can start from it."""
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        ops: SparseOps,
-        block_size: int = 32,
-        max_tokens: int = 8192,
-        method_factory=None,
-    ) -> None:
-        """`method_factory(shapes) -> SparseMethod | None` builds the sparse method (None: dense)."""
+    prompt_ids: list[int]
+    first_token: int
+    prefill_s: float
+
+
+class PagedHFRunner:
+    """One request at a time through a HF causal LM, its KV in ucm's paged layout.
+
+    Decoding only writes slots past the prompt, so several methods can decode from one
+    prefill, each overwriting the previous one's generated tokens before reading them.
+    """
+
+    def __init__(self, model, tokenizer, ops: SparseOps, block_size: int = 32, max_tokens: int = 8192) -> None:
         from transformers import AttentionInterface
 
         AttentionInterface.register(ATTN_NAME, _paged_attention)
@@ -115,8 +120,7 @@ class PagedHFRunner:
         self.k_cache = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v_cache = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.max_tokens = max_tokens
-        self.method: SparseMethod | None = method_factory(self.shapes) if method_factory else None
-        # one request owns the blocks in a shuffled order, so nothing relies on contiguity
+        # the request owns the blocks in a shuffled order, so nothing relies on contiguity
         gen = torch.Generator().manual_seed(0)
         self.block_table = torch.randperm(num_blocks, generator=gen).to(torch.int32)[None]
         self.seq_lens = torch.zeros(1, dtype=torch.int32)
@@ -126,51 +130,68 @@ class PagedHFRunner:
         return self.block_table[0, pos // self.block_size].to(torch.int64) * self.block_size + pos % self.block_size
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 32, stop_ids: Sequence[int] = ()) -> GenerationResult:
+    def prefill(self, prompt_ids: Sequence[int]) -> Prefilled:
         n = len(prompt_ids)
+        if n >= self.max_tokens:
+            raise ValueError(f"{n} prompt tokens do not fit max_tokens={self.max_tokens}")
+        t0 = time.perf_counter()
+        self.seq_lens[0] = n
+        ctx = _StepContext(self, self._slots(0, n))
+        logits = self.model(
+            input_ids=torch.tensor([list(prompt_ids)]), position_ids=torch.arange(n)[None], use_cache=False, ucm_ctx=ctx
+        ).logits
+        return Prefilled(list(prompt_ids), int(logits[0, -1].argmax()), time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        state: Prefilled,
+        method: SparseMethod | None = None,
+        max_new_tokens: int = 32,
+        stop_ids: Sequence[int] = (),
+    ) -> GenerationResult:
+        """Greedy decode from a prefill, dense or through `method` (built for `self.shapes`)."""
+        n = len(state.prompt_ids)
         if n + max_new_tokens > self.max_tokens:
             raise ValueError(f"{n} prompt + {max_new_tokens} new tokens exceed max_tokens={self.max_tokens}")
         rid = f"req-{time.monotonic_ns()}"
-        if self.method is not None:
-            self.method.stats.reset()
+        if method is not None:  # the prompt's representations, as the prefill would have built them
+            method.stats.reset()
+            slots = self._slots(0, n)
+            for layer in range(self.shapes.num_layers):
+                keys = self.k_cache[layer].view(-1, *self.k_cache[layer].shape[2:])[slots]
+                method.on_kv_written(layer, self.k_cache[layer], keys, slots)
+        token, out = state.first_token, [state.first_token]
         t0 = time.perf_counter()
-        ids = torch.tensor([list(prompt_ids)])
-        self.seq_lens[0] = n
-        ctx = _StepContext(self, self._slots(0, n), decode=False)
-        logits = self.model(input_ids=ids, position_ids=torch.arange(n)[None], use_cache=False, ucm_ctx=ctx).logits
-        token = int(logits[0, -1].argmax())
-        out = [token]
-        t1 = time.perf_counter()
-        for _ in range(max_new_tokens - 1):
+        for step in range(max_new_tokens - 1):
             if token in stop_ids:
                 break
-            pos = int(self.seq_lens[0])
+            pos = n + step
             self.seq_lens[0] = pos + 1
-            ctx = _StepContext(self, self._slots(pos, 1), decode=True)
-            if self.method is not None:
-                ctx.plan = self.method.begin_step([rid], self.seq_lens, self.block_table)
+            ctx = _StepContext(self, self._slots(pos, 1), method)
+            if method is not None:
+                ctx.plan = method.begin_step([rid], self.seq_lens, self.block_table)
             logits = self.model(
                 input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[pos]]), use_cache=False, ucm_ctx=ctx
             ).logits
-            if self.method is not None:
-                self.method.end_step(ctx.plan)
+            if method is not None:
+                method.end_step(ctx.plan)
             token = int(logits[0, -1].argmax())
             out.append(token)
-        t2 = time.perf_counter()
         result = GenerationResult(
             tokens=out,
             text=self.tokenizer.decode([t for t in out if t not in stop_ids], skip_special_tokens=True),
             prompt_tokens=n,
-            prefill_s=t1 - t0,
-            decode_s=t2 - t1,
+            prefill_s=state.prefill_s,
+            decode_s=time.perf_counter() - t0,
         )
-        if self.method is not None:
-            st = self.method.stats
+        if method is not None:
+            st = method.stats
             result.blocks_kept, result.blocks_total = sum(st.kept), sum(st.total)
             result.layer_kept, result.layer_total = list(st.kept), list(st.total)
-            self.method.finish(rid)
+            method.finish(rid)
         return result
 
-    def close(self) -> None:
-        if self.method is not None:
-            self.method.close()
+    def generate(self, prompt_ids: Sequence[int], method: SparseMethod | None = None, max_new_tokens: int = 32,
+                 stop_ids: Sequence[int] = ()) -> GenerationResult:
+        return self.decode(self.prefill(prompt_ids), method, max_new_tokens, stop_ids)

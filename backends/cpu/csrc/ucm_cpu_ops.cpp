@@ -1,0 +1,771 @@
+// Native CPU kernels of the ucm op contract (see ucm/ops/contract.py for shapes and semantics).
+//
+// Registered as torch operators in the `ucm_cpu` namespace (torch.ops.ucm_cpu.*), so the file
+// needs only the light ATen/library headers and no pybind11: the JIT build stays short.
+// The Python wrapper (backends/cpu/ops.py) validates shapes, normalises dtypes/contiguity and
+// falls back to the torch reference for anything these kernels do not take.
+//
+// Parallelism: OpenMP over (row, block) pairs, rows, or (row, kv-head) pairs, with the thread
+// count taken from torch (at::get_num_threads) so torch.set_num_threads governs it too.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline int num_threads() { return std::max(1, at::get_num_threads()); }
+
+inline int popcount64(uint64_t v) {
+#if defined(__GNUC__) || defined(__clang__)
+  return __builtin_popcountll(v);  // one `popcnt` with -mpopcnt, a bit-trick sequence otherwise
+#else
+  v = v - ((v >> 1) & 0x5555555555555555ULL);
+  v = (v & 0x3333333333333333ULL) + ((v >> 2) & 0x3333333333333333ULL);
+  v = (v + (v >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+  return static_cast<int>((v * 0x0101010101010101ULL) >> 56);
+#endif
+}
+
+inline uint64_t load_u64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, sizeof(v));  // unaligned-safe; compiles to a single mov
+  return v;
+}
+
+// ------------------------------------------------------------------------------ sign_bits_pack
+
+template <typename T>
+void pack_rows_scalar(const T* x, uint8_t* out, int64_t rows, int64_t n, int64_t nbytes) {
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (rows * n > 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * n;
+    uint8_t* orow = out + r * nbytes;
+    for (int64_t j = 0; j < nbytes; ++j) {
+      const int64_t lo = j * 8;
+      const int64_t hi = std::min<int64_t>(lo + 8, n);
+      unsigned byte = 0;
+      for (int64_t i = lo; i < hi; ++i) {
+        // NaN compares false -> bit 0, -0.0 >= 0 -> bit 1: the same as torch's `x >= 0`.
+        byte |= static_cast<unsigned>(static_cast<float>(xr[i]) >= 0.0f) << (i - lo);
+      }
+      orow[j] = static_cast<uint8_t>(byte);
+    }
+  }
+}
+
+void pack_rows_f32(const float* x, uint8_t* out, int64_t rows, int64_t n, int64_t nbytes) {
+#if defined(__AVX2__)
+  const int64_t full = n / 8;  // bytes made of 8 whole elements
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (rows * n > 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    uint8_t* orow = out + r * nbytes;
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t j = 0; j < full; ++j) {
+      // _CMP_GE_OQ: ordered, so NaN -> 0; movemask puts lane i in bit i (little-endian order).
+      const __m256 m = _mm256_cmp_ps(_mm256_loadu_ps(xr + 8 * j), zero, _CMP_GE_OQ);
+      orow[j] = static_cast<uint8_t>(_mm256_movemask_ps(m));
+    }
+    if (full < nbytes) {
+      unsigned byte = 0;
+      for (int64_t i = full * 8; i < n; ++i) byte |= static_cast<unsigned>(xr[i] >= 0.0f) << (i - full * 8);
+      orow[full] = static_cast<uint8_t>(byte);
+    }
+  }
+#else
+  pack_rows_scalar<float>(x, out, rows, n, nbytes);
+#endif
+}
+
+at::Tensor sign_bits_pack(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "sign_bits_pack: x needs at least one dimension");
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "sign_bits_pack: x must be a CPU tensor");
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.size(-1);
+  const int64_t nbytes = (n + 7) / 8;
+  std::vector<int64_t> out_shape(xc.sizes().begin(), xc.sizes().end());
+  out_shape.back() = nbytes;
+  at::Tensor out = at::empty(out_shape, xc.options().dtype(at::kByte));
+  const int64_t rows = n == 0 ? 0 : xc.numel() / n;
+  if (rows == 0 || nbytes == 0) return out;
+  uint8_t* o = out.data_ptr<uint8_t>();
+  switch (xc.scalar_type()) {
+    case at::kFloat:
+      pack_rows_f32(xc.data_ptr<float>(), o, rows, n, nbytes);
+      break;
+    case at::kDouble:
+      pack_rows_scalar<double>(xc.data_ptr<double>(), o, rows, n, nbytes);
+      break;
+    case at::kHalf:
+      pack_rows_scalar<at::Half>(xc.data_ptr<at::Half>(), o, rows, n, nbytes);
+      break;
+    case at::kBFloat16:
+      pack_rows_scalar<at::BFloat16>(xc.data_ptr<at::BFloat16>(), o, rows, n, nbytes);
+      break;
+    default:
+      TORCH_CHECK_VALUE(false, "sign_bits_pack: unsupported dtype ", xc.scalar_type());
+  }
+  return out;
+}
+
+// -------------------------------------------------------------------------------- block_reduce
+
+// method: 0 = mean, 1 = max, 2 = min. One (block, kv head) per work item; the block's tokens are
+// split into bs / group groups of `group` consecutive tokens (group == bs when not merging), each
+// reduced over its valid tokens; groups without a valid token are 0. NaN propagates through
+// max/min like torch's amax/amin.
+template <typename T>
+void reduce_blocks(const T* kc, const int64_t* ids, const int64_t* lens, float* out, int64_t n, int64_t bs,
+                   int64_t hkv, int64_t d, int64_t group, int64_t method) {
+  const int64_t r = bs / group;
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (n * bs * hkv * d > 65536)
+  for (int64_t item = 0; item < n * hkv; ++item) {
+    const int64_t i = item / hkv;
+    const int64_t h = item % hkv;
+    const int64_t valid = std::min<int64_t>(std::max<int64_t>(lens[i], 0), bs);
+    const T* blk = kc + ids[i] * bs * hkv * d;
+    for (int64_t ri = 0; ri < r; ++ri) {
+      float* o = out + ((i * hkv + h) * r + ri) * d;  // out is [n, Hkv, r, D]
+      const int64_t cnt = std::min<int64_t>(std::max<int64_t>(valid - ri * group, 0), group);
+      if (cnt == 0) {
+        for (int64_t e = 0; e < d; ++e) o[e] = 0.0f;
+        continue;
+      }
+      const T* first = blk + ((ri * group) * hkv + h) * d;
+      for (int64_t e = 0; e < d; ++e) o[e] = static_cast<float>(first[e]);
+      for (int64_t t = 1; t < cnt; ++t) {
+        const T* x = blk + ((ri * group + t) * hkv + h) * d;
+        if (method == 0) {
+          for (int64_t e = 0; e < d; ++e) o[e] += static_cast<float>(x[e]);
+        } else if (method == 1) {
+          for (int64_t e = 0; e < d; ++e) {
+            const float v = static_cast<float>(x[e]);
+            if (v > o[e] || std::isnan(v)) o[e] = v;
+          }
+        } else {
+          for (int64_t e = 0; e < d; ++e) {
+            const float v = static_cast<float>(x[e]);
+            if (v < o[e] || std::isnan(v)) o[e] = v;
+          }
+        }
+      }
+      if (method == 0) {
+        const float c = static_cast<float>(cnt);
+        for (int64_t e = 0; e < d; ++e) o[e] /= c;
+      }
+    }
+  }
+}
+
+// Returns [n, Hkv, bs / group, D] float32; the Python side squeezes the group axis when merge == 0.
+at::Tensor block_reduce(const at::Tensor& k_cache, const at::Tensor& block_ids, const at::Tensor& valid_lens,
+                        int64_t method, int64_t group) {
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && block_ids.dim() == 1 && valid_lens.dim() == 1,
+                    "block_reduce: expected k_cache [NB,bs,Hkv,D], block_ids [n], valid_lens [n]");
+  TORCH_CHECK_VALUE(block_ids.scalar_type() == at::kLong && valid_lens.scalar_type() == at::kLong,
+                    "block_reduce: block_ids and valid_lens must be int64 here");
+  TORCH_CHECK_VALUE(method >= 0 && method <= 2, "block_reduce: bad method code ", method);
+  const at::Tensor kc = k_cache.contiguous();
+  const at::Tensor ids = block_ids.contiguous();
+  const at::Tensor lens = valid_lens.contiguous();
+  const int64_t nb = kc.size(0), bs = kc.size(1), hkv = kc.size(2), d = kc.size(3);
+  const int64_t n = ids.size(0);
+  TORCH_CHECK_VALUE(lens.size(0) == n, "block_reduce: block_ids and valid_lens lengths differ");
+  TORCH_CHECK_VALUE(group > 0 && bs % group == 0, "block_reduce: group ", group, " must divide the block size ", bs);
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_INDEX(ip[i] >= 0 && ip[i] < nb, "block_reduce: block id ", ip[i], " is out of range for ", nb,
+                      " cache blocks");
+  }
+  at::Tensor out = at::empty({n, hkv, bs / group, d}, kc.options().dtype(at::kFloat));
+  if (n == 0 || hkv == 0 || d == 0) return out;
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  switch (kc.scalar_type()) {
+    case at::kFloat: reduce_blocks<float>(kc.data_ptr<float>(), ip, lp, o, n, bs, hkv, d, group, method); break;
+    case at::kHalf: reduce_blocks<at::Half>(kc.data_ptr<at::Half>(), ip, lp, o, n, bs, hkv, d, group, method); break;
+    case at::kBFloat16:
+      reduce_blocks<at::BFloat16>(kc.data_ptr<at::BFloat16>(), ip, lp, o, n, bs, hkv, d, group, method);
+      break;
+    default: TORCH_CHECK_VALUE(false, "block_reduce: unsupported cache dtype ", kc.scalar_type());
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------ hamming_block_scores
+
+// Reduce codes: 0 = min, 1 = mean, 2 = max (the Python side maps the names).
+enum Reduce : int64_t { kMin = 0, kMean = 1, kMax = 2 };
+
+// Codes are read as W whole little-endian uint64 words plus, when C % 8 != 0, one zero-padded
+// tail word (the query side is padded the same way, so padding never counts). `WT` > 0 fixes W
+// at compile time (then C == 8 * WT and there is no tail) so the hot loops unroll fully.
+template <int WT>
+inline uint64_t code_word(const uint8_t* code, int64_t w, int64_t words, int64_t tail) {
+  if (WT > 0 || w < words) return load_u64(code + 8 * w);
+  uint64_t v = 0;
+  std::memcpy(&v, code + 8 * words, static_cast<size_t>(tail));
+  return v;
+}
+
+struct CodeGeom {
+  int64_t hkv, g, c, words, tail, stride;  // stride = words per code incl. the tail word
+};
+
+// Small groups (G <= 4): token distance = sum_h sum_g popcount(q[h*G+g] ^ k[h]) directly.
+// q words: [B, Hq, stride]. GT > 0 fixes G at compile time.
+template <int WT, int GT>
+struct DirectDistance {
+  const uint64_t* qwords;
+  CodeGeom geo;
+  inline int64_t operator()(const uint8_t* ktok, int64_t b) const {
+    const int64_t G = GT > 0 ? GT : geo.g;
+    const int64_t S = WT > 0 ? WT : geo.stride;
+    const uint64_t* qrow = qwords + b * geo.hkv * G * S;
+    int64_t dist = 0;
+    for (int64_t h = 0; h < geo.hkv; ++h) {
+      const uint8_t* kh = ktok + h * geo.c;
+      const uint64_t* qh = qrow + h * G * S;
+      for (int64_t w = 0; w < S; ++w) {
+        const uint64_t kv = code_word<WT>(kh, w, geo.words, geo.tail);
+        for (int64_t gi = 0; gi < G; ++gi) dist += popcount64(qh[gi * S + w] ^ kv);
+      }
+    }
+    return dist;
+  }
+};
+
+// Large groups (G >= 5, e.g. MLA's one latent head serving every query head): per bit, the group
+// contributes cnt1 (query heads with the bit set) when k's bit is 0 and G - cnt1 when it is 1, so
+//   sum_g popcount(q_g ^ k) = sum_g popcount(q_g) + G * popcount(k) - 2 * sum_l 2^l popcount(k & P_l)
+// where P_l is bit-plane l of cnt1 (bit-sliced counters built once per row). 1 + log2(G+1)
+// popcounts per word instead of G; exact integer arithmetic, so bit-identical distances.
+// planes: [B, Hkv, stride, L]; base: [B] = sum over all query heads of popcount(q).
+template <int WT>
+struct PlaneDistance {
+  const uint64_t* planes;
+  const int64_t* base;
+  CodeGeom geo;
+  int64_t L;
+  inline int64_t operator()(const uint8_t* ktok, int64_t b) const {
+    const int64_t S = WT > 0 ? WT : geo.stride;
+    const uint64_t* prow = planes + b * geo.hkv * S * L;
+    int64_t ones = 0, weighted = 0;
+    for (int64_t h = 0; h < geo.hkv; ++h) {
+      const uint8_t* kh = ktok + h * geo.c;
+      const uint64_t* ph = prow + h * S * L;
+      for (int64_t w = 0; w < S; ++w) {
+        const uint64_t kv = code_word<WT>(kh, w, geo.words, geo.tail);
+        ones += popcount64(kv);
+        const uint64_t* p = ph + w * L;
+        for (int64_t l = 0; l < L; ++l) weighted += static_cast<int64_t>(popcount64(kv & p[l])) << l;
+      }
+    }
+    return base[b] + geo.g * ones - 2 * weighted;
+  }
+};
+
+// OpenMP over (row, block) pairs; each pair streams its block's valid tokens once.
+template <typename Dist>
+void score_blocks(const Dist& dist, const uint8_t* k, const int64_t* table, const int64_t* seq_lens, float* out,
+                  int64_t B, int64_t M, int64_t bs, int64_t token_bytes, int64_t reduce) {
+  const float inf = std::numeric_limits<float>::infinity();
+#pragma omp parallel for schedule(dynamic, 2) num_threads(num_threads()) if (B * M > 1)
+  for (int64_t item = 0; item < B * M; ++item) {
+    const int64_t b = item / M;
+    const int64_t j = item % M;
+    const int64_t len = std::min<int64_t>(std::max<int64_t>(seq_lens[b], 0), M * bs);
+    const int64_t n_b = (len + bs - 1) / bs;
+    if (j >= n_b) {
+      out[item] = inf;  // past the row's end
+      continue;
+    }
+    const int64_t valid = std::min<int64_t>(bs, len - j * bs);
+    const int64_t blk = std::max<int64_t>(table[item], 0);  // the reference clamps negative ids to 0
+    const uint8_t* kb = k + blk * bs * token_bytes;
+    int64_t lo = std::numeric_limits<int64_t>::max();
+    int64_t hi = std::numeric_limits<int64_t>::min();
+    int64_t sum = 0;
+    for (int64_t t = 0; t < valid; ++t) {
+      const int64_t d = dist(kb + t * token_bytes, b);
+      lo = std::min(lo, d);
+      hi = std::max(hi, d);
+      sum += d;
+    }
+    float v;
+    if (reduce == kMin) {
+      v = static_cast<float>(lo);
+    } else if (reduce == kMax) {
+      v = static_cast<float>(hi);
+    } else {
+      // The reference sums float32 distances (exact below 2^24) and divides by the float32 count.
+      v = static_cast<float>(sum) / static_cast<float>(valid);
+    }
+    out[item] = v;
+  }
+}
+
+template <int WT>
+void hamming_dispatch(const uint8_t* q, const uint8_t* k, const int64_t* table, const int64_t* seq_lens, float* out,
+                      int64_t B, int64_t hq, const CodeGeom& geo, int64_t bs, int64_t M, int64_t reduce) {
+  const int64_t S = geo.stride;
+  const int64_t token_bytes = geo.hkv * geo.c;
+  // Query codes of every row as padded words: [B, Hq, S] (tiny: B * Hq * C bytes).
+  std::vector<uint64_t> qwords(static_cast<size_t>(B * hq * S), 0);
+  for (int64_t r = 0; r < B * hq; ++r) std::memcpy(qwords.data() + r * S, q + r * geo.c, static_cast<size_t>(geo.c));
+  auto run = [&](const auto& dist) { score_blocks(dist, k, table, seq_lens, out, B, M, bs, token_bytes, reduce); };
+  if (geo.g <= 4) {
+    const uint64_t* qw = qwords.data();
+    switch (geo.g) {
+      case 1: run(DirectDistance<WT, 1>{qw, geo}); break;
+      case 2: run(DirectDistance<WT, 2>{qw, geo}); break;
+      case 3: run(DirectDistance<WT, 3>{qw, geo}); break;
+      case 4: run(DirectDistance<WT, 4>{qw, geo}); break;
+      default: run(DirectDistance<WT, 0>{qw, geo}); break;  // G == 0 (no query heads): all 0
+    }
+    return;
+  }
+  int64_t L = 0;
+  while ((int64_t{1} << L) <= geo.g) ++L;  // bits needed to count 0..G
+  std::vector<uint64_t> planes(static_cast<size_t>(B * geo.hkv * S * L), 0);
+  std::vector<int64_t> base(static_cast<size_t>(B), 0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < geo.hkv; ++h) {
+      for (int64_t w = 0; w < S; ++w) {
+        uint64_t* p = planes.data() + ((b * geo.hkv + h) * S + w) * L;
+        for (int64_t gi = 0; gi < geo.g; ++gi) {
+          uint64_t carry = qwords[((b * hq) + h * geo.g + gi) * S + w];
+          base[b] += popcount64(carry);
+          for (int64_t l = 0; l < L && carry; ++l) {  // ripple-carry add of one bit per lane
+            const uint64_t next = p[l] & carry;
+            p[l] ^= carry;
+            carry = next;
+          }
+        }
+      }
+    }
+  }
+  run(PlaneDistance<WT>{planes.data(), base.data(), geo, L});
+}
+
+at::Tensor hamming_block_scores(const at::Tensor& q_codes, const at::Tensor& k_codes, const at::Tensor& block_table,
+                                const at::Tensor& seq_lens, int64_t reduce) {
+  TORCH_CHECK_VALUE(q_codes.scalar_type() == at::kByte && k_codes.scalar_type() == at::kByte,
+                    "hamming_block_scores: codes must be uint8");
+  TORCH_CHECK_VALUE(block_table.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
+                    "hamming_block_scores: block_table and seq_lens must be int64 here");
+  TORCH_CHECK_VALUE(q_codes.dim() == 3 && k_codes.dim() == 4 && block_table.dim() == 2 && seq_lens.dim() == 1,
+                    "hamming_block_scores: expected q_codes [B,Hq,C], k_codes [NB,bs,Hkv,C], block_table [B,M], "
+                    "seq_lens [B]");
+  TORCH_CHECK_VALUE(reduce >= 0 && reduce <= 2, "hamming_block_scores: bad reduce code ", reduce);
+  const at::Tensor q = q_codes.contiguous();
+  const at::Tensor k = k_codes.contiguous();
+  const at::Tensor tbl = block_table.contiguous();
+  const at::Tensor sl = seq_lens.contiguous();
+  const int64_t B = q.size(0), hq = q.size(1), c = q.size(2);
+  const int64_t nb = k.size(0), bs = k.size(1), hkv = k.size(2);
+  const int64_t M = tbl.size(1);
+  TORCH_CHECK_VALUE(k.size(3) == c, "hamming_block_scores: code widths differ");
+  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "hamming_block_scores: Hq must be a multiple of Hkv");
+  TORCH_CHECK_VALUE(tbl.size(0) == B && sl.size(0) == B, "hamming_block_scores: batch sizes differ");
+  TORCH_CHECK_VALUE(bs > 0, "hamming_block_scores: block size must be positive");
+  at::Tensor out = at::empty({B, M}, q.options().dtype(at::kFloat));
+  if (B == 0 || M == 0) return out;
+  const int64_t* t = tbl.data_ptr<int64_t>();
+  const int64_t* s = sl.data_ptr<int64_t>();
+  // Validate the blocks we will read before going parallel (no exceptions inside OpenMP).
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = std::min<int64_t>(std::max<int64_t>(s[b], 0), M * bs);
+    const int64_t n_b = (len + bs - 1) / bs;
+    for (int64_t j = 0; j < n_b; ++j) {
+      TORCH_CHECK_INDEX(t[b * M + j] < nb, "hamming_block_scores: block_table[", b, ", ", j, "] = ", t[b * M + j],
+                        " is out of range for ", nb, " cache blocks");
+    }
+  }
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const uint8_t* kp = k.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  const CodeGeom geo{hkv, hq / hkv, c, c / 8, c % 8, c / 8 + (c % 8 ? 1 : 0)};
+  switch (c) {
+    case 8: hamming_dispatch<1>(qp, kp, t, s, o, B, hq, geo, bs, M, reduce); break;
+    case 16: hamming_dispatch<2>(qp, kp, t, s, o, B, hq, geo, bs, M, reduce); break;
+    case 32: hamming_dispatch<4>(qp, kp, t, s, o, B, hq, geo, bs, M, reduce); break;
+    case 64: hamming_dispatch<8>(qp, kp, t, s, o, B, hq, geo, bs, M, reduce); break;
+    case 72: hamming_dispatch<9>(qp, kp, t, s, o, B, hq, geo, bs, M, reduce); break;
+    default: hamming_dispatch<0>(qp, kp, t, s, o, B, hq, geo, bs, M, reduce); break;  // incl. C == 0
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------- block_topk
+
+// Same rank key as the reference: invalid -> -inf, forced -> +inf, NaN -> -inf, otherwise the
+// score as double; order by key descending then index ascending; keep the first
+// clamp(counts, 0, M); emit ids ascending, padded with -1.
+template <typename T>
+void topk_rows(const T* scores, const int64_t* kk, const bool* must, const int64_t* nblk, int32_t* ids,
+               int32_t* counts, int64_t B, int64_t M) {
+  const double inf = std::numeric_limits<double>::infinity();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads()) if (B * M > 4096)
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<double> key(static_cast<size_t>(M));
+    std::vector<int32_t> order(static_cast<size_t>(M));
+    const T* s = scores + b * M;
+    const bool* f = must + b * M;
+    const int64_t n_b = nblk[b];
+    int64_t n_forced = 0;
+    for (int64_t j = 0; j < M; ++j) {
+      double v;
+      if (j >= n_b) {
+        v = -inf;
+      } else if (f[j]) {
+        v = inf;
+        ++n_forced;
+      } else {
+        v = static_cast<double>(s[j]);
+        if (std::isnan(v)) v = -inf;
+      }
+      key[j] = v;
+      order[j] = static_cast<int32_t>(j);
+    }
+    const int64_t cnt = std::min<int64_t>(n_b, std::max<int64_t>(kk[b], n_forced));
+    counts[b] = static_cast<int32_t>(cnt);
+    const int64_t take = std::min<int64_t>(std::max<int64_t>(cnt, 0), M);
+    int32_t* row = ids + b * M;
+    if (take > 0 && take < M) {
+      const double* kp = key.data();
+      auto better = [kp](int32_t a, int32_t c) { return kp[a] > kp[c] || (kp[a] == kp[c] && a < c); };
+      std::nth_element(order.begin(), order.begin() + (take - 1), order.end(), better);
+      std::sort(order.begin(), order.begin() + take);
+    }
+    for (int64_t j = 0; j < take; ++j) row[j] = order[j];
+    for (int64_t j = take; j < M; ++j) row[j] = -1;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> block_topk(const at::Tensor& scores, const at::Tensor& k,
+                                              const at::Tensor& must_keep, const at::Tensor& n_blocks) {
+  TORCH_CHECK_VALUE(scores.dim() == 2 && must_keep.dim() == 2 && k.dim() == 1 && n_blocks.dim() == 1,
+                    "block_topk: expected scores [B,M], k [B], must_keep [B,M], n_blocks [B]");
+  TORCH_CHECK_VALUE(must_keep.sizes() == scores.sizes(), "block_topk: must_keep must match scores");
+  TORCH_CHECK_VALUE(k.scalar_type() == at::kLong && n_blocks.scalar_type() == at::kLong &&
+                        must_keep.scalar_type() == at::kBool,
+                    "block_topk: k/n_blocks must be int64 and must_keep bool here");
+  const at::Tensor s = scores.contiguous();
+  const at::Tensor kk = k.contiguous();
+  const at::Tensor mk = must_keep.contiguous();
+  const at::Tensor nb = n_blocks.contiguous();
+  const int64_t B = s.size(0), M = s.size(1);
+  TORCH_CHECK_VALUE(kk.size(0) == B && nb.size(0) == B, "block_topk: batch sizes differ");
+  TORCH_CHECK_VALUE(M < std::numeric_limits<int32_t>::max(), "block_topk: too many blocks");
+  at::Tensor ids = at::empty({B, M}, s.options().dtype(at::kInt));
+  at::Tensor counts = at::empty({B}, s.options().dtype(at::kInt));
+  if (B == 0) return {ids, counts};
+  const int64_t* kp = kk.data_ptr<int64_t>();
+  const bool* mp = mk.data_ptr<bool>();
+  const int64_t* np = nb.data_ptr<int64_t>();
+  int32_t* ip = ids.data_ptr<int32_t>();
+  int32_t* cp = counts.data_ptr<int32_t>();
+  if (s.scalar_type() == at::kFloat) {
+    topk_rows<float>(s.data_ptr<float>(), kp, mp, np, ip, cp, B, M);
+  } else if (s.scalar_type() == at::kDouble) {
+    topk_rows<double>(s.data_ptr<double>(), kp, mp, np, ip, cp, B, M);
+  } else {
+    TORCH_CHECK_VALUE(false, "block_topk: scores must be float32 or float64 here");
+  }
+  return {ids, counts};
+}
+
+// ---------------------------------------------------------------------------- block_scores_dot
+
+inline float dot_f32(const float* a, const float* b, int64_t d) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < d; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// group_reduce: 0 = mean (ESA), 1 = max (GSA).
+at::Tensor block_scores_dot(const at::Tensor& q, const at::Tensor& repr_cache, const at::Tensor& block_table,
+                            const at::Tensor& seq_lens, int64_t block_size, int64_t group_reduce) {
+  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat && repr_cache.scalar_type() == at::kFloat,
+                    "block_scores_dot: q and repr_cache must be float32 here");
+  TORCH_CHECK_VALUE(block_table.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
+                    "block_scores_dot: block_table and seq_lens must be int64 here");
+  TORCH_CHECK_VALUE(q.dim() == 3 && repr_cache.dim() == 3 && block_table.dim() == 2 && seq_lens.dim() == 1,
+                    "block_scores_dot: expected q [B,Hq,D], repr_cache [NB,Hkv,D], block_table [B,M], seq_lens [B]");
+  TORCH_CHECK_VALUE(block_size > 0, "block_scores_dot: block_size must be positive");
+  TORCH_CHECK_VALUE(group_reduce == 0 || group_reduce == 1, "block_scores_dot: bad group_reduce code");
+  const at::Tensor qc = q.contiguous();
+  const at::Tensor rc = repr_cache.contiguous();
+  const at::Tensor tbl = block_table.contiguous();
+  const at::Tensor sl = seq_lens.contiguous();
+  const int64_t B = qc.size(0), hq = qc.size(1), d = qc.size(2);
+  const int64_t nb = rc.size(0), hkv = rc.size(1);
+  const int64_t M = tbl.size(1);
+  TORCH_CHECK_VALUE(rc.size(2) == d, "block_scores_dot: head dims differ");
+  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "block_scores_dot: Hq must be a multiple of Hkv");
+  TORCH_CHECK_VALUE(tbl.size(0) == B && sl.size(0) == B, "block_scores_dot: batch sizes differ");
+  const int64_t g = hq / hkv;
+  at::Tensor out = at::empty({B, M}, qc.options().dtype(at::kFloat));
+  if (B == 0 || M == 0) return out;
+  const int64_t* t = tbl.data_ptr<int64_t>();
+  const int64_t* s = sl.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = std::min<int64_t>(std::max<int64_t>(s[b], 0), M * block_size);
+    const int64_t n_b = (len + block_size - 1) / block_size;
+    for (int64_t j = 0; j < n_b; ++j) {
+      TORCH_CHECK_INDEX(t[b * M + j] < nb, "block_scores_dot: block_table[", b, ", ", j, "] = ", t[b * M + j],
+                        " is out of range for ", nb, " cache blocks");
+    }
+  }
+  const float* qp = qc.data_ptr<float>();
+  const float* rp = rc.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  // ESA: average each GQA group's queries once per row: [B, Hkv, D].
+  std::vector<float> qmean;
+  if (group_reduce == 0) {
+    qmean.assign(static_cast<size_t>(B * hkv * d), 0.0f);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < hkv; ++h) {
+        float* dst = qmean.data() + (b * hkv + h) * d;
+        for (int64_t gi = 0; gi < g; ++gi) {
+          const float* src = qp + (b * hq + h * g + gi) * d;
+          for (int64_t i = 0; i < d; ++i) dst[i] += src[i];
+        }
+        for (int64_t i = 0; i < d; ++i) dst[i] /= static_cast<float>(g);
+      }
+  }
+  const float ninf = -std::numeric_limits<float>::infinity();
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (B * M * hq * d > 65536)
+  for (int64_t item = 0; item < B * M; ++item) {
+    const int64_t b = item / M;
+    const int64_t j = item % M;
+    const int64_t len = std::min<int64_t>(std::max<int64_t>(s[b], 0), M * block_size);
+    const int64_t n_b = (len + block_size - 1) / block_size;
+    if (j >= n_b) {
+      o[item] = ninf;
+      continue;
+    }
+    const float* rep = rp + std::max<int64_t>(t[item], 0) * hkv * d;
+    float total = 0.0f;
+    for (int64_t h = 0; h < hkv; ++h) {
+      if (group_reduce == 0) {
+        total += dot_f32(qmean.data() + (b * hkv + h) * d, rep + h * d, d);
+      } else {
+        float best = -std::numeric_limits<float>::infinity();
+        for (int64_t gi = 0; gi < g; ++gi) {
+          const float v = dot_f32(qp + (b * hq + h * g + gi) * d, rep + h * d, d);
+          if (v > best || std::isnan(v)) best = v;  // NaN propagates, as in torch's amax
+        }
+        total += best;
+      }
+    }
+    o[item] = total;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------- paged_decode_attention
+
+template <typename T>
+inline float to_f(T v) {
+  return static_cast<float>(v);
+}
+
+// One (row, kv head): the group's G queries against the row's first `len` tokens, two passes
+// (logits, then softmax-weighted V sum) with float32 accumulation.
+template <typename KT, typename QT>
+void attend_one(const QT* q, const KT* kc, const KT* vc, const int64_t* tbl, int64_t len, int64_t bs, int64_t hkv,
+                int64_t h, int64_t g, int64_t d, int64_t dv, float scale, QT* out, float* lse,
+                std::vector<float>& qf, std::vector<float>& logits, std::vector<float>& acc, std::vector<float>& kf) {
+  qf.resize(static_cast<size_t>(g * d));
+  for (int64_t i = 0; i < g * d; ++i) qf[i] = to_f(q[i]);
+  logits.resize(static_cast<size_t>(g * std::max<int64_t>(len, 1)));
+  acc.assign(static_cast<size_t>(g * dv), 0.0f);
+  kf.resize(static_cast<size_t>(std::max(d, dv)));
+  const float ninf = -std::numeric_limits<float>::infinity();
+  if (len <= 0) {
+    for (int64_t gi = 0; gi < g; ++gi) {
+      lse[gi] = ninf;
+      for (int64_t i = 0; i < dv; ++i) out[gi * dv + i] = static_cast<QT>(0.0f);
+    }
+    return;
+  }
+  for (int64_t t = 0; t < len; ++t) {
+    const int64_t blk = std::max<int64_t>(tbl[t / bs], 0);
+    const KT* kr = kc + ((blk * bs + t % bs) * hkv + h) * d;
+    for (int64_t i = 0; i < d; ++i) kf[i] = to_f(kr[i]);
+    for (int64_t gi = 0; gi < g; ++gi) logits[gi * len + t] = dot_f32(qf.data() + gi * d, kf.data(), d) * scale;
+  }
+  for (int64_t gi = 0; gi < g; ++gi) {
+    float* lg = logits.data() + gi * len;
+    float mx = ninf;
+    for (int64_t t = 0; t < len; ++t) mx = std::max(mx, lg[t]);
+    float sum = 0.0f;
+    if (std::isinf(mx) && mx < 0) {
+      for (int64_t t = 0; t < len; ++t) lg[t] = 0.0f;
+      lse[gi] = ninf;
+      continue;
+    }
+    for (int64_t t = 0; t < len; ++t) {
+      lg[t] = std::exp(lg[t] - mx);
+      sum += lg[t];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t t = 0; t < len; ++t) lg[t] *= inv;
+    lse[gi] = mx + std::log(sum);
+  }
+  for (int64_t t = 0; t < len; ++t) {
+    const int64_t blk = std::max<int64_t>(tbl[t / bs], 0);
+    const KT* vr = vc + ((blk * bs + t % bs) * hkv + h) * dv;
+    for (int64_t i = 0; i < dv; ++i) kf[i] = to_f(vr[i]);
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const float p = logits[gi * len + t];
+      float* a = acc.data() + gi * dv;
+      const float* vf = kf.data();
+#pragma omp simd
+      for (int64_t i = 0; i < dv; ++i) a[i] += p * vf[i];
+    }
+  }
+  for (int64_t i = 0; i < g * dv; ++i) out[i] = static_cast<QT>(acc[i]);
+}
+
+template <typename KT, typename QT>
+void attend_all(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& tbl,
+                const at::Tensor& sl, double scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = q.size(0), hq = q.size(1), d = q.size(2);
+  const int64_t bs = kc.size(1), hkv = kc.size(2), dv = vc.size(3);
+  const int64_t M = tbl.size(1);
+  const int64_t g = hq / hkv;
+  const QT* qp = q.data_ptr<QT>();
+  const KT* kp = kc.data_ptr<KT>();
+  const KT* vp = vc.data_ptr<KT>();
+  const int64_t* tp = tbl.data_ptr<int64_t>();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  QT* op = out.data_ptr<QT>();
+  float* lp = lse.data_ptr<float>();
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<float> qf, logits, acc, kf;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < B * hkv; ++item) {
+      const int64_t b = item / hkv;
+      const int64_t h = item % hkv;
+      const int64_t len = std::min<int64_t>(std::max<int64_t>(sp[b], 0), M * bs);
+      attend_one<KT, QT>(qp + (b * hq + h * g) * d, kp, vp, tp + b * M, len, bs, hkv, h, g, d, dv,
+                         static_cast<float>(scale), op + (b * hq + h * g) * dv, lp + b * hq + h * g, qf, logits, acc,
+                         kf);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                                          const at::Tensor& v_cache, const at::Tensor& block_table,
+                                                          const at::Tensor& seq_lens, double scale) {
+  TORCH_CHECK_VALUE(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4 && block_table.dim() == 2 &&
+                        seq_lens.dim() == 1,
+                    "paged_decode_attention: expected q [B,Hq,D], caches [NB,bs,Hkv,D], block_table [B,M], "
+                    "seq_lens [B]");
+  TORCH_CHECK_VALUE(block_table.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
+                    "paged_decode_attention: block_table and seq_lens must be int64 here");
+  TORCH_CHECK_VALUE(k_cache.scalar_type() == v_cache.scalar_type(), "paged_decode_attention: cache dtypes differ");
+  const at::Tensor qc = q.contiguous();
+  const at::Tensor kc = k_cache.contiguous();
+  const at::Tensor vc = v_cache.contiguous();
+  const at::Tensor tbl = block_table.contiguous();
+  const at::Tensor sl = seq_lens.contiguous();
+  const int64_t B = qc.size(0), hq = qc.size(1), d = qc.size(2);
+  const int64_t nb = kc.size(0), bs = kc.size(1), hkv = kc.size(2);
+  const int64_t M = tbl.size(1);
+  TORCH_CHECK_VALUE(kc.size(3) == d, "paged_decode_attention: head dims differ");
+  TORCH_CHECK_VALUE(vc.size(0) == nb && vc.size(1) == bs && vc.size(2) == hkv, "paged_decode_attention: v_cache shape");
+  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "paged_decode_attention: Hq must be a multiple of Hkv");
+  TORCH_CHECK_VALUE(tbl.size(0) == B && sl.size(0) == B, "paged_decode_attention: batch sizes differ");
+  TORCH_CHECK_VALUE(bs > 0, "paged_decode_attention: block size must be positive");
+  const int64_t* t = tbl.data_ptr<int64_t>();
+  const int64_t* s = sl.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = std::min<int64_t>(std::max<int64_t>(s[b], 0), M * bs);
+    const int64_t n_b = (len + bs - 1) / bs;
+    for (int64_t j = 0; j < n_b; ++j) {
+      TORCH_CHECK_INDEX(t[b * M + j] < nb, "paged_decode_attention: block_table[", b, ", ", j, "] = ", t[b * M + j],
+                        " is out of range for ", nb, " cache blocks");
+    }
+  }
+  at::Tensor out = at::empty({B, hq, vc.size(3)}, qc.options());
+  at::Tensor lse = at::empty({B, hq}, qc.options().dtype(at::kFloat));
+  if (B == 0) return {out, lse};
+  const auto kt = kc.scalar_type();
+  const auto qt = qc.scalar_type();
+  TORCH_CHECK_VALUE(qt == at::kFloat || qt == at::kHalf || qt == at::kBFloat16, "paged_decode_attention: q dtype");
+#define UCM_ATTEND_Q(KTYPE)                                                           \
+  if (qt == at::kFloat) attend_all<KTYPE, float>(qc, kc, vc, tbl, sl, scale, out, lse); \
+  else if (qt == at::kHalf) attend_all<KTYPE, at::Half>(qc, kc, vc, tbl, sl, scale, out, lse); \
+  else attend_all<KTYPE, at::BFloat16>(qc, kc, vc, tbl, sl, scale, out, lse);
+  if (kt == at::kFloat) {
+    UCM_ATTEND_Q(float)
+  } else if (kt == at::kHalf) {
+    UCM_ATTEND_Q(at::Half)
+  } else if (kt == at::kBFloat16) {
+    UCM_ATTEND_Q(at::BFloat16)
+  } else {
+    TORCH_CHECK_VALUE(false, "paged_decode_attention: cache dtype ", kt, " is not supported natively");
+  }
+#undef UCM_ATTEND_Q
+  return {out, lse};
+}
+
+// Build facts the Python side reports (which instruction sets the kernels were compiled for).
+std::string build_info() {
+  std::string s;
+#if defined(__AVX2__)
+  s += "avx2 ";
+#endif
+#if defined(__POPCNT__)
+  s += "popcnt ";
+#endif
+#ifdef _OPENMP
+  s += "openmp ";
+#endif
+  return s.empty() ? std::string("portable") : s.substr(0, s.size() - 1);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ucm_cpu, m) {
+  m.def("sign_bits_pack(Tensor x) -> Tensor", &sign_bits_pack);
+  m.def(
+      "hamming_block_scores(Tensor q_codes, Tensor k_codes, Tensor block_table, Tensor seq_lens, int reduce) "
+      "-> Tensor",
+      &hamming_block_scores);
+  m.def("block_topk(Tensor scores, Tensor k, Tensor must_keep, Tensor n_blocks) -> (Tensor, Tensor)", &block_topk);
+  m.def(
+      "block_scores_dot(Tensor q, Tensor repr_cache, Tensor block_table, Tensor seq_lens, int block_size, "
+      "int group_reduce) -> Tensor",
+      &block_scores_dot);
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
+      "float scale) -> (Tensor, Tensor)",
+      &paged_decode_attention);
+  m.def("block_reduce(Tensor k_cache, Tensor block_ids, Tensor valid_lens, int method, int group) -> Tensor",
+        &block_reduce);
+  m.def("build_info() -> str", &build_info);
+}

@@ -1,0 +1,173 @@
+"""The needle demo: one long prompt, dense and every sparse method side by side.
+
+A passkey sits deep in a few thousand tokens of filler; the small real model (SmolLM2-135M,
+float32, on the CPU) is asked for it. One dense prefill is shared; each method then decodes
+from it through ucm's selection and paged attention, and the demo reports the answers, the
+blocks read per step out of the total, and decode tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+METHOD_NAMES = ("ESA", "GSA", "GSAOnDevice", "KVStarMultiStep")
+FILLER = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+    "The river flows past the old mill.",
+    "A quiet wind moves over the hills.",
+    "Bread is baked early in the morning.",
+    "The train leaves the station on time.",
+    "Birds sing in the tall trees.",
+)
+
+
+@dataclass
+class DemoRow:
+    method: str
+    answer: str
+    correct: bool
+    blocks_read_per_step: float  # per layer, averaged over decode steps and layers
+    blocks_total_per_step: float
+    decode_tokens_per_s: float
+    generated_tokens: int
+
+
+def needle_prompt(tokenizer, target_tokens: int, depth: float, seed: int) -> tuple[list[int], str]:
+    """Chat-formatted token ids of a haystack with a passkey at `depth`, and the passkey."""
+    rng = random.Random(seed)
+    passkey = str(rng.randint(10000, 99999))
+    needle = f" The pass key is {passkey}. Remember it. {passkey} is the pass key."
+    question = "What is the pass key? The pass key is"
+    sentences: list[str] = []
+    # grow the haystack until the whole chat prompt reaches the target length
+    while True:
+        sentences.extend(rng.choice(FILLER) for _ in range(20))
+        cut = int(len(sentences) * depth)
+        body = " ".join(sentences[:cut]) + needle + " " + " ".join(sentences[cut:])
+        text = (
+            "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
+            f"{body}\n\n{question}"
+        )
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        if len(ids) >= target_tokens:
+            return list(ids), passkey
+
+
+def method_config(name: str, ratio: float) -> dict:
+    """UCM-shaped config of `name` at keep ratio `ratio` (GSAOnDevice: the model's JSON)."""
+    if name == "GSAOnDevice":
+        return {"GSAOnDevice": {"config_file": "SmolLM2-135M-Instruct"}}
+    body = {"init_window_sz": 1, "local_window_sz": 2, "sparse_ratio": ratio, "min_blocks": 4}
+    if name == "KVStarMultiStep":
+        body.update(retrieval_stride=4, blk_repre_dim_prune_ratio=0.5, blk_repre_inner_token_merge=4)
+    elif name == "ESA":
+        body.update(retrieval_stride=4)
+    return {name: body}
+
+
+def run_demo(
+    tokens: int = 3000,
+    depth: float = 0.5,
+    ratio: float = 0.3,
+    methods: tuple[str, ...] = METHOD_NAMES,
+    max_new_tokens: int = 12,
+    block_size: int = 32,
+    backend: str | None = None,
+    seed: int = 7,
+    out: Path | None = None,
+) -> list[DemoRow]:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ucm.models import fetch_model
+    from ucm.ops import get_ops
+    from ucm.sparse.factory import build_sparse_method
+    from ucm.hf_runner import PagedHFRunner
+
+    ops = get_ops(backend)
+    path = fetch_model("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids, passkey = needle_prompt(tokenizer, tokens, depth, seed)
+    runner = PagedHFRunner(model, tokenizer, ops, block_size=block_size, max_tokens=len(ids) + max_new_tokens + block_size)
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    print(f"prompt: {len(ids)} tokens, pass key {passkey} at depth {depth:.0%}; backend {ops.name}; "
+          f"block size {block_size}; keep ratio {ratio}", flush=True)
+    t0 = time.perf_counter()
+    state = runner.prefill(ids)
+    print(f"dense prefill: {time.perf_counter() - t0:.1f} s (shared by every method)", flush=True)
+    rows = []
+    for name in tqdm(("dense", *methods), desc="decoding", unit="method", file=sys.stderr):
+        method = None
+        if name != "dense":
+            method = build_sparse_method(method_config(name, ratio), runner.shapes, ops)
+        res = runner.decode(state, method, max_new_tokens, stop)
+        steps = max(len(res.tokens) - 1, 1) * runner.shapes.num_layers
+        n_blocks = -(-len(ids) // block_size)
+        rows.append(DemoRow(
+            method=name,
+            answer=res.text.strip(),
+            correct=passkey in res.text,
+            blocks_read_per_step=res.blocks_kept / steps if method else float(n_blocks),
+            blocks_total_per_step=res.blocks_total / steps if method else float(n_blocks),
+            decode_tokens_per_s=res.decode_tokens_per_s,
+            generated_tokens=len(res.tokens),
+        ))
+        if method is not None:
+            method.close()
+    print_table(rows)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"prompt_tokens": len(ids), "passkey": passkey, "depth": depth, "ratio": ratio,
+                                   "backend": ops.name, "rows": [asdict(r) for r in rows]}, indent=2))
+        print(f"wrote {out}")
+    return rows
+
+
+def print_table(rows: list[DemoRow]) -> None:
+    dense = next((r for r in rows if r.method == "dense"), None)
+    head = f"{'method':<16} {'answer':<28} {'ok':<3} {'blocks read/step':>17} {'tok/s':>7} {'vs dense':>8}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        speed = r.decode_tokens_per_s / dense.decode_tokens_per_s if dense else float("nan")
+        answer = (r.answer[:25] + "...") if len(r.answer) > 28 else r.answer
+        read = f"{r.blocks_read_per_step:.1f}/{r.blocks_total_per_step:.0f}"
+        print(f"{r.method:<16} {answer:<28} {'yes' if r.correct else 'no':<3} {read:>17} "
+              f"{r.decode_tokens_per_s:>7.2f} {speed:>7.2f}x")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="needle-in-a-haystack: dense vs every sparse method on SmolLM2 (CPU)")
+    p.add_argument("--tokens", type=int, default=3000, help="prompt length in tokens (default 3000)")
+    p.add_argument("--depth", type=float, default=0.5, help="where the needle sits, 0..1 (default 0.5)")
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of blocks read per step (default 0.3)")
+    p.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated methods")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--backend", default=None, help="ucm backend (default: probed; or UCM_BACKEND)")
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    p.set_defaults(handler=_handle)
+
+
+def _handle(args) -> int:
+    methods = tuple(m for m in args.methods.split(",") if m)
+    bad = [m for m in methods if m not in METHOD_NAMES]
+    if bad:
+        raise SystemExit(f"error: unknown method(s) {bad}; valid: {', '.join(METHOD_NAMES)}")
+    if not 0.0 < args.ratio <= 1.0 or not 0.0 <= args.depth <= 1.0:
+        raise SystemExit("error: --ratio must be in (0, 1] and --depth in [0, 1]")
+    run_demo(args.tokens, args.depth, args.ratio, methods, args.max_new_tokens, args.block_size, args.backend,
+             out=args.out)
+    return 0
