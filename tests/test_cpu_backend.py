@@ -236,7 +236,7 @@ def test_block_topk_ties_nan_inf(cpu: CpuOps) -> None:
     scores[1, :] = float("nan")
     scores[2, 5:9] = float("-inf")
     scores[3, ::4] = -0.0
-    scores[4, 7] = float("inf")  # a non-forced +inf ties with forced blocks (see the reference)
+    scores[4, 7] = float("inf")  # a non-forced +inf must not displace a forced block
     must = torch.rand(b, m, generator=g) < 0.15
     must[1, 3] = True
     must[4, 20] = True

@@ -202,3 +202,26 @@ def test_paged_write_and_block_copies() -> None:
     other = torch.zeros_like(cache)
     OPS.scatter_blocks(other, torch.tensor([3, 0]), got)
     assert torch.equal(other[3], cache[3]) and torch.equal(other[0], cache[0]) and other[1:3].abs().sum() == 0
+
+
+def test_block_topk_forced_beats_infinite_scores_and_counts_fit_the_table() -> None:
+    ids, counts = OPS.block_topk(
+        torch.tensor([[math.inf, 0.0, 1.0]]), torch.tensor([1]), torch.tensor([[False, False, True]]), torch.tensor([3])
+    )
+    assert ids.tolist() == [[2, -1, -1]] and counts.tolist() == [1]
+    ids, counts = OPS.block_topk(torch.zeros(1, 2), torch.tensor([5]), torch.zeros(1, 2, dtype=torch.bool),
+                                 torch.tensor([9]))
+    assert ids.tolist() == [[0, 1]] and counts.tolist() == [2]
+
+
+def test_stale_table_entries_past_a_rows_end_are_ignored() -> None:
+    g = torch.Generator().manual_seed(6)
+    batch = make_paged([10], 8, 2, 16, g)
+    table = torch.cat([batch.block_table, torch.tensor([[10_000, -7]], dtype=torch.int32)], 1)
+    q = torch.randn(1, 4, 16, generator=g)
+    out, _ = OPS.paged_decode_attention(q, batch.k_cache, batch.v_cache, table, batch.seq_lens, 0.25)
+    ref, _ = OPS.paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens, 0.25)
+    torch.testing.assert_close(out, ref)
+    w = torch.randn(16, 16, generator=g)
+    s = OPS.hamming_block_scores(OPS.hash_encode(q, w), OPS.hash_encode(batch.k_cache, w), table, batch.seq_lens)
+    assert torch.isinf(s[0, 2:]).all()

@@ -42,26 +42,30 @@ class DemoRow:
 
 
 def needle_prompt(tokenizer, target_tokens: int, depth: float, seed: int) -> tuple[list[int], str]:
-    """Chat-formatted token ids of a haystack with a passkey at `depth`, and the passkey."""
+    """Chat-formatted token ids of a haystack with a magic number at `depth`, and the number.
+
+    The assistant turn is started with "The special magic number is", so a model that found
+    the needle answers with the number itself.
+    """
     rng = random.Random(seed)
-    passkey = str(rng.randint(10000, 99999))
-    needle = f" The pass key is {passkey}. Remember it. {passkey} is the pass key."
-    question = "What is the pass key? The pass key is"
+    secret = str(rng.randint(10000, 99999))
+    needle = f" The special magic number is {secret}. "
     sentences: list[str] = []
-    # grow the haystack until the whole chat prompt reaches the target length
-    while True:
+    answer_prefix = tokenizer.encode("The special magic number is", add_special_tokens=False)
+    while True:  # grow the haystack until the whole prompt reaches the target length
         sentences.extend(rng.choice(FILLER) for _ in range(20))
         cut = int(len(sentences) * depth)
-        body = " ".join(sentences[:cut]) + needle + " " + " ".join(sentences[cut:])
         text = (
-            "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
-            f"{body}\n\n{question}"
+            "A special magic number is hidden in the following text. Remember it.\n\n"
+            + " ".join(sentences[:cut]) + needle + " ".join(sentences[cut:])
+            + "\n\nWhat is the special magic number?"
         )
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
+        ids = list(ids) + answer_prefix
         if len(ids) >= target_tokens:
-            return list(ids), passkey
+            return ids, secret
 
 
 def method_config(name: str, ratio: float) -> dict:
@@ -103,11 +107,12 @@ def run_demo(
     ids, passkey = needle_prompt(tokenizer, tokens, depth, seed)
     runner = PagedHFRunner(model, tokenizer, ops, block_size=block_size, max_tokens=len(ids) + max_new_tokens + block_size)
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    print(f"prompt: {len(ids)} tokens, pass key {passkey} at depth {depth:.0%}; backend {ops.name}; "
+    print(f"prompt: {len(ids)} tokens, magic number {passkey} at depth {depth:.0%}; backend {ops.name}; "
           f"block size {block_size}; keep ratio {ratio}", flush=True)
     t0 = time.perf_counter()
     state = runner.prefill(ids)
     print(f"dense prefill: {time.perf_counter() - t0:.1f} s (shared by every method)", flush=True)
+    runner.decode(state, None, 3)  # warm-up: kernels built and caches touched before timing
     rows = []
     for name in tqdm(("dense", *methods), desc="decoding", unit="method", file=sys.stderr):
         method = None
@@ -130,7 +135,7 @@ def run_demo(
     print_table(rows)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"prompt_tokens": len(ids), "passkey": passkey, "depth": depth, "ratio": ratio,
+        out.write_text(json.dumps({"prompt_tokens": len(ids), "magic_number": passkey, "depth": depth, "ratio": ratio,
                                    "backend": ops.name, "rows": [asdict(r) for r in rows]}, indent=2))
         print(f"wrote {out}")
     return rows

@@ -20,6 +20,9 @@ Paged layouts (device-neutral; integrations adapt their engine's layout to these
 Conventions shared by every backend (bit-exactness depends on them):
     * hash bit = 1 iff value >= 0; 8 bits per byte, bit i of a byte is element 8*j+i
       (little-endian inside the byte, `torch_npu.npu_sign_bits_pack` semantics), padded with 0.
+      NaN packs as 0 (NaN >= 0 is false; torch_npu's own op would give 1, the Ascend backend
+      forces 0).
+    * hamming "mean" is float32(exact integer sum / count), rounded once.
     * block scores: larger = more important. Hamming distances are returned as-is (smaller =
       closer); callers negate them before `block_topk`.
     * `block_topk` breaks ties towards the lower block index and returns ids sorted ascending.
@@ -156,7 +159,8 @@ class SparseOps(ABC):
         scores [B, M] float (larger = better), k [B] int budgets, must_keep [B, M] bool,
         n_blocks [B] int -> (ids [B, M] int32 ascending, padded with -1; counts [B] int32).
         Row b keeps every valid must_keep block, then fills up to k[b] blocks with the best
-        remaining valid blocks (ties -> lower index); counts[b] = min(n_b, max(k_b, forced)).
+        remaining valid blocks (ties -> lower index; NaN ranks last); forced blocks always win,
+        even against +inf scores. counts[b] = min(n_b, M, max(k_b, forced)).
         """
 
     # -------------------------------------------------------------- attention

@@ -32,6 +32,12 @@ def token_positions_mask(seq_lens: torch.Tensor, block_size: int, width: int) ->
     return pos[None] < seq_lens.to(torch.int64)[:, None, None]
 
 
+def _safe_ids(block_table: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Block ids usable for indexing: entries past a row's end may hold anything (even -1 or
+    stale ids), and are masked by the caller, so they are clamped into range here."""
+    return block_table.to(torch.int64).clamp(0, max(num_blocks - 1, 0))
+
+
 def _popcount_u8(x: torch.Tensor) -> torch.Tensor:
     """Popcount of every uint8 element, as int32 (bit tricks on int32)."""
     v = x.to(torch.int32)
@@ -119,17 +125,18 @@ class TorchReferenceOps(SparseOps):
         _, bs, hkv, _ = k_codes.shape
         m = block_table.shape[1]
         g = hq // hkv
-        keys = k_codes[block_table.clamp(min=0).to(torch.int64)]  # [B, M, bs, Hkv, C]
+        keys = k_codes[_safe_ids(block_table, k_codes.shape[0])]  # [B, M, bs, Hkv, C]
         q = q_codes.view(b, hkv, g, c)[:, None, None]  # [B, 1, 1, Hkv, G, C]
-        dist = _popcount_u8(keys[:, :, :, :, None, :] ^ q).sum(dim=(-1, -2, -3))  # [B, M, bs]
-        dist = dist.to(torch.float32)
+        dist = _popcount_u8(keys[:, :, :, :, None, :] ^ q).to(torch.int64).sum(dim=(-1, -2, -3))  # [B, M, bs]
         valid = token_positions_mask(seq_lens, bs, m)
+        big = torch.iinfo(torch.int64).max
         if reduce == "min":
-            out = torch.where(valid, dist, math.inf).amin(-1)
+            out = torch.where(valid, dist, big).amin(-1).to(torch.float32)
         elif reduce == "max":
-            out = torch.where(valid, dist, -math.inf).amax(-1)
-        elif reduce == "mean":
-            out = torch.where(valid, dist, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)
+            out = torch.where(valid, dist, -1).amax(-1).to(torch.float32)
+        elif reduce == "mean":  # exact integer sum, one rounding: float32(sum / count)
+            total = torch.where(valid, dist, 0).sum(-1).to(torch.float64)
+            out = (total / valid.sum(-1).clamp(min=1).to(torch.float64)).to(torch.float32)
         else:
             raise ValueError(f"unknown block reduce {reduce!r}; valid: mean, max, min")
         return torch.where(valid_block_mask(seq_lens, bs, m), out, math.inf)
@@ -146,7 +153,7 @@ class TorchReferenceOps(SparseOps):
         b, hq, d = q.shape
         hkv = repr_cache.shape[1]
         g = hq // hkv
-        reps = repr_cache[block_table.clamp(min=0).to(torch.int64)].to(torch.float32)  # [B, M, Hkv, D]
+        reps = repr_cache[_safe_ids(block_table, repr_cache.shape[0])].to(torch.float32)  # [B, M, Hkv, D]
         qg = q.to(torch.float32).view(b, hkv, g, d)
         if group_reduce == "mean":
             s = torch.einsum("bhd,bmhd->bm", qg.mean(2), reps)
@@ -170,7 +177,7 @@ class TorchReferenceOps(SparseOps):
         m = block_table.shape[1]
         g = hq // hkv
         bsz = block_size
-        reps = repr_cache[block_table.clamp(min=0).to(torch.int64)].to(torch.float32)  # [B, M, Hkv, R, D]
+        reps = repr_cache[_safe_ids(block_table, repr_cache.shape[0])].to(torch.float32)  # [B, M, Hkv, R, D]
         qg = q.to(torch.float32).view(b, nq, hkv, g, d)
         logits = torch.einsum("bqhgd,bmhrd->bqhgmr", qg, reps) * scale
         # representation r of block j is valid iff token j*bs + r*(bs/R) < seq_len
@@ -192,17 +199,17 @@ class TorchReferenceOps(SparseOps):
         b, m = scores.shape
         dev = scores.device
         idx = torch.arange(m, device=dev)
-        valid = idx[None, :] < n_blocks.to(dev, torch.int64)[:, None]
+        n_eff = n_blocks.to(dev, torch.int64).clamp(max=m)
+        valid = idx[None, :] < n_eff[:, None]
         forced = must_keep & valid
         n_forced = forced.sum(1)
-        counts = torch.minimum(n_blocks.to(dev, torch.int64), torch.maximum(k.to(dev, torch.int64), n_forced))
-        # rank key: forced first, then by score descending, then by index ascending
+        counts = torch.minimum(n_eff, torch.maximum(k.to(dev, torch.int64), n_forced))
+        # rank: forced first, then score descending (NaN and padding last), then index ascending
         s = torch.where(valid, scores.to(torch.float64), -math.inf)
-        s = torch.where(forced, math.inf, s)
         s = torch.where(torch.isnan(s), -math.inf, s)
-        order = torch.sort(idx.expand(b, m), dim=1, stable=True).values  # ascending index
-        key = s.gather(1, order)
-        ranked = order.gather(1, torch.sort(key, dim=1, descending=True, stable=True).indices)
+        by_score = torch.sort(s, dim=1, descending=True, stable=True).indices  # ties keep index order
+        forced_sorted = forced.gather(1, by_score).to(torch.int8)
+        ranked = by_score.gather(1, torch.sort(forced_sorted, dim=1, descending=True, stable=True).indices)
         take = idx[None, :] < counts[:, None]
         chosen = torch.where(take, ranked, m)  # m sorts after every real id
         ids = torch.sort(chosen, dim=1).values
@@ -224,7 +231,7 @@ class TorchReferenceOps(SparseOps):
         dv = v_cache.shape[-1]
         m = block_table.shape[1]
         g = hq // hkv
-        tbl = block_table.clamp(min=0).to(torch.int64)
+        tbl = _safe_ids(block_table, k_cache.shape[0])
         k = k_cache[tbl].to(torch.float32).reshape(b, m * bs, hkv, d)
         v = v_cache[tbl].to(torch.float32).reshape(b, m * bs, hkv, dv)
         qg = q.to(torch.float32).view(b, hkv, g, d)

@@ -315,8 +315,8 @@ void score_blocks(const Dist& dist, const uint8_t* k, const int64_t* table, cons
     } else if (reduce == kMax) {
       v = static_cast<float>(hi);
     } else {
-      // The reference sums float32 distances (exact below 2^24) and divides by the float32 count.
-      v = static_cast<float>(sum) / static_cast<float>(valid);
+      // Exact integer sum, rounded once: float32(sum / count), as the reference.
+      v = static_cast<float>(static_cast<double>(sum) / static_cast<double>(valid));
     }
     out[item] = v;
   }
@@ -416,9 +416,9 @@ at::Tensor hamming_block_scores(const at::Tensor& q_codes, const at::Tensor& k_c
 
 // ---------------------------------------------------------------------------------- block_topk
 
-// Same rank key as the reference: invalid -> -inf, forced -> +inf, NaN -> -inf, otherwise the
-// score as double; order by key descending then index ascending; keep the first
-// clamp(counts, 0, M); emit ids ascending, padded with -1.
+// Same ranking as the reference: forced blocks first; then the score as double descending
+// (invalid and NaN -> -inf); then index ascending. Keep the first counts = min(n_b, M,
+// max(k, forced)); emit ids ascending, padded with -1.
 template <typename T>
 void topk_rows(const T* scores, const int64_t* kk, const bool* must, const int64_t* nblk, int32_t* ids,
                int32_t* counts, int64_t B, int64_t M) {
@@ -427,9 +427,10 @@ void topk_rows(const T* scores, const int64_t* kk, const bool* must, const int64
   for (int64_t b = 0; b < B; ++b) {
     std::vector<double> key(static_cast<size_t>(M));
     std::vector<int32_t> order(static_cast<size_t>(M));
+    std::vector<char> first(static_cast<size_t>(M), 0);
     const T* s = scores + b * M;
     const bool* f = must + b * M;
-    const int64_t n_b = nblk[b];
+    const int64_t n_b = std::min<int64_t>(nblk[b], M);
     int64_t n_forced = 0;
     for (int64_t j = 0; j < M; ++j) {
       double v;
@@ -437,6 +438,7 @@ void topk_rows(const T* scores, const int64_t* kk, const bool* must, const int64
         v = -inf;
       } else if (f[j]) {
         v = inf;
+        first[j] = 1;
         ++n_forced;
       } else {
         v = static_cast<double>(s[j]);
@@ -451,7 +453,11 @@ void topk_rows(const T* scores, const int64_t* kk, const bool* must, const int64
     int32_t* row = ids + b * M;
     if (take > 0 && take < M) {
       const double* kp = key.data();
-      auto better = [kp](int32_t a, int32_t c) { return kp[a] > kp[c] || (kp[a] == kp[c] && a < c); };
+      const char* fp = first.data();
+      auto better = [kp, fp](int32_t a, int32_t c) {
+        if (fp[a] != fp[c]) return fp[a] > fp[c];
+        return kp[a] > kp[c] || (kp[a] == kp[c] && a < c);
+      };
       std::nth_element(order.begin(), order.begin() + (take - 1), order.end(), better);
       std::sort(order.begin(), order.begin() + take);
     }
