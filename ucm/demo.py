@@ -86,7 +86,7 @@ def run_demo(
     ratio: float = 0.3,
     methods: tuple[str, ...] = METHOD_NAMES,
     max_new_tokens: int = 12,
-    block_size: int = 32,
+    block_size: int = 16,
     backend: str | None = None,
     seed: int = 7,
     out: Path | None = None,
@@ -160,7 +160,9 @@ def add_parser(sub) -> None:
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of blocks read per step (default 0.3)")
     p.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated methods")
     p.add_argument("--max-new-tokens", type=int, default=12)
-    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=16,
+                   help="KV block size in tokens (default 16: at 32 the mean-representation methods miss the "
+                        "needle more often at ratio 0.3 on this model)")
     p.add_argument("--backend", default=None, help="ucm backend (default: probed; or UCM_BACKEND)")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     p.set_defaults(handler=_handle)

@@ -1,0 +1,632 @@
+"""Triton kernels of the CUDA backend.
+
+The kernels are written as plain functions and turned into Triton kernels by `get_kernels`,
+once per mode: compiled for the GPU, or run by Triton's interpreter on CPU tensors. Building
+them on demand (instead of decorating at import) lets a test pick the interpreter without
+depending on when TRITON_INTERPRET was set, and lets both modes live in one process.
+
+Interpreter mode needs TRITON_INTERPRET=1 set before `triton` is first imported: the standard
+library's reductions (tl.sum, tl.max, tl.cumsum) are themselves jit functions built at import.
+
+Kernels never call each other: the interpreter and the compiler resolve nested jit calls
+differently, so every helper (popcount, ...) is written inline.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import triton
+import triton.language as tl
+
+
+# ----------------------------------------------------------------------------------- hashing
+def _sign_pack_kernel(
+    x_ptr,
+    out_ptr,
+    slot_ptr,
+    R,
+    N,
+    C,
+    stride_xt,
+    stride_xr,
+    stride_ot,
+    stride_or,
+    HAS_SLOTS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """x [T, R, N] float -> out[row, R, C] uint8 with bit i of byte j = x[.., 8j+i] >= 0.
+
+    row = slot_mapping[t] when HAS_SLOTS (negative slots are skipped), else t. Fusing the pack
+    with the scatter writes the codes straight into the paged code cache.
+    """
+    t = tl.program_id(0)
+    rb = tl.program_id(1)
+    if HAS_SLOTS:
+        row = tl.load(slot_ptr + t).to(tl.int64)
+    else:
+        row = t.to(tl.int64)
+    if row >= 0:
+        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_C)
+        i = tl.arange(0, 8)
+        col = c[None, :, None] * 8 + i[None, None, :]
+        m = (r[:, None, None] < R) & (col < N)
+        x = tl.load(x_ptr + t.to(tl.int64) * stride_xt + r[:, None, None] * stride_xr + col, mask=m, other=-1.0)
+        bit = ((x >= 0) & m).to(tl.int32)
+        byte = tl.sum(bit << i[None, None, :], axis=2)
+        om = (r[:, None] < R) & (c[None, :] < C)
+        tl.store(out_ptr + row * stride_ot + r[:, None] * stride_or + c[None, :], byte.to(tl.uint8), mask=om)
+
+
+# ----------------------------------------------------------------------------------- scoring
+def _qplanes_kernel(
+    q_ptr,
+    planes_ptr,
+    G,
+    W: tl.constexpr,
+    stride_qb,
+    stride_qh,
+    stride_pb,
+    stride_pp,
+    P: tl.constexpr,
+    WBITS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """Bit planes of the GQA group's per-bit one-counts, for one (row, KV head).
+
+    For every code bit i, cnt_i = number of the group's G query codes with bit i set. A key
+    with bit i = 0 adds cnt_i to the summed Hamming distance, a key with bit i = 1 adds
+    G - cnt_i. Planes p < P hold bit p of cnt (p-th binary digit, bit-sliced across the word),
+    planes P + p bit p of G - cnt, so the scorer needs P popcounts per key word instead of G.
+    """
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.arange(0, BLOCK_G)
+    i = tl.arange(0, WBITS)
+    gm = g < G
+    for w in range(W):
+        words = tl.load(q_ptr + b * stride_qb + (h * G + g) * stride_qh + w, mask=gm, other=0).to(tl.int32)
+        bits = (words[:, None] >> i[None, :]) & 1
+        cnt = tl.sum(bits, axis=0)  # [WBITS]
+        rest = G - cnt
+        base = planes_ptr + b * stride_pb + h * W + w
+        for p in tl.static_range(P):
+            cp = tl.sum(((cnt >> p) & 1) << i, axis=0)
+            dp = tl.sum(((rest >> p) & 1) << i, axis=0)
+            tl.store(base + p * stride_pp, cp)
+            tl.store(base + (P + p) * stride_pp, dp)
+
+
+def _qhash_planes_kernel(
+    q_ptr,
+    w_ptr,
+    planes_ptr,
+    G,
+    D,
+    NBITS,
+    stride_qb,
+    stride_qh,
+    stride_wd,
+    stride_pb,
+    stride_pp,
+    W: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Hash the GQA group's queries and emit the scorer's bit planes directly (one word).
+
+    Program (row, KV head, 32-bit word): proj = q_group [G, D] @ weight[:, 32 bits] in float32,
+    bit = proj >= 0, then the same planes as `_qplanes_kernel`. Replaces cast + matmul + pack +
+    planes (four launches) in a decode step; the packed query codes never exist.
+    """
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    w = tl.program_id(2)
+    g = tl.arange(0, BLOCK_G)
+    gm = g < G
+    i = tl.arange(0, 32)
+    col = w * 32 + i
+    cm = col < NBITS
+    proj = tl.zeros([BLOCK_G, 32], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d < D
+        qt = tl.load(
+            q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+            mask=gm[:, None] & dm[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        wt = tl.load(w_ptr + d[:, None] * stride_wd + col[None, :], mask=dm[:, None] & cm[None, :], other=0.0)
+        proj += tl.dot(qt, wt.to(tl.float32), input_precision="ieee")
+    bits = ((proj >= 0) & gm[:, None] & cm[None, :]).to(tl.int32)
+    cnt = tl.sum(bits, axis=0)
+    rest = tl.where(cm, G - cnt, 0)
+    base = planes_ptr + b * stride_pb + h * W + w
+    for p in tl.static_range(P):
+        tl.store(base + p * stride_pp, tl.sum(((cnt >> p) & 1) << i, axis=0))
+        tl.store(base + (P + p) * stride_pp, tl.sum(((rest >> p) & 1) << i, axis=0))
+
+
+def _hamming_kernel(
+    kw_ptr,
+    planes_ptr,
+    table_ptr,
+    seqlen_ptr,
+    out_ptr,
+    M,
+    BS,
+    COLS,
+    stride_kb,
+    stride_kt,
+    stride_pb,
+    stride_pp,
+    stride_tb,
+    stride_ob,
+    P: tl.constexpr,
+    REDUCE: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    BLOCKS_PER_PROG: tl.constexpr,
+):
+    """Summed-over-heads Hamming distance of every token of a block, reduced per block.
+
+    Reads the block's codes in place through the block table as [bs, Hkv * W] words, one
+    contiguous chunk per block. The GQA group is folded in through the query bit planes, so
+    [B, Hq, tokens] never exists. REDUCE: 0 min, 1 mean, 2 max. +inf past the row's blocks.
+    """
+    jb = tl.program_id(0)
+    b = tl.program_id(1)
+    seq_len = tl.load(seqlen_ptr + b).to(tl.int32)
+    n_b = (seq_len + BS - 1) // BS
+    t = tl.arange(0, BLOCK_T)
+    col = tl.arange(0, BLOCK_COLS)
+    cm = col < COLS
+    for jj in tl.static_range(BLOCKS_PER_PROG):
+        j = jb * BLOCKS_PER_PROG + jj
+        in_row = j < n_b
+        phys = tl.load(table_ptr + b * stride_tb + j, mask=in_row & (j < M), other=0).to(tl.int64)
+        tm = (t < BS) & (j * BS + t < seq_len) & in_row
+        k = tl.load(
+            kw_ptr + phys * stride_kb + t[:, None] * stride_kt + col[None, :],
+            mask=tm[:, None] & cm[None, :],
+            other=0,
+        ).to(tl.int32)
+        acc = tl.zeros([BLOCK_T, BLOCK_COLS], dtype=tl.int32)
+        for p in tl.static_range(P):
+            cp = tl.load(planes_ptr + b * stride_pb + p * stride_pp + col, mask=cm, other=0)
+            dp = tl.load(planes_ptr + b * stride_pb + (P + p) * stride_pp + col, mask=cm, other=0)
+            y = (k & dp[None, :]) | (~k & cp[None, :])
+            if USE_ASM:
+                y = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [y], dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                y = y - ((y >> 1) & 0x55555555)
+                y = (y & 0x33333333) + ((y >> 2) & 0x33333333)
+                y = (y + (y >> 4)) & 0x0F0F0F0F
+                y = y + (y >> 8)
+                y = (y + (y >> 16)) & 0x3F
+            acc += y << p
+        dist = tl.sum(acc, axis=1)  # [BLOCK_T] int32
+        if REDUCE == 0:
+            red = tl.min(tl.where(tm, dist, 2147483647), axis=0).to(tl.float32)
+        elif REDUCE == 2:
+            red = tl.max(tl.where(tm, dist, -1), axis=0).to(tl.float32)
+        else:
+            total = tl.sum(tl.where(tm, dist, 0), axis=0).to(tl.float32)
+            count = tl.maximum(tl.sum(tm.to(tl.int32), axis=0), 1).to(tl.float32)
+            red = tl.div_rn(total, count)
+        red = tl.where(in_row, red, float("inf"))
+        tl.store(out_ptr + b * stride_ob + j, red, mask=j < M)
+
+
+# --------------------------------------------------------------------------------- selection
+def _topk_kernel(
+    score_ptr,
+    k_ptr,
+    keep_ptr,
+    nblk_ptr,
+    ids_ptr,
+    counts_ptr,
+    table_ptr,
+    seqlen_ptr,
+    newtab_ptr,
+    newlen_ptr,
+    M,
+    BS,
+    stride_sb,
+    stride_kb,
+    stride_ib,
+    stride_tb,
+    stride_nb,
+    NB_FROM_LEN: tl.constexpr,
+    REWRITE: tl.constexpr,
+    LARGEST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Exact top-k of one row by radix selection on order-preserving integer keys.
+
+    Key order = reference order: forced blocks first (above any score, +inf included), then
+    score descending, NaN as -inf, ties to the lower index. The count-th largest key is found
+    bit by bit (33 passes
+    of a count), ties at the threshold are taken lowest index first through a prefix sum
+    (a one-pass all-pairs rank was tried: 3-20x slower on the H100), and the selected ids come out ascending by compaction. With REWRITE the row's sparse
+    block table (physical ids of the selection) and its token count are written too, so
+    attention can read the selected blocks in place.
+    """
+    b = tl.program_id(0)
+    idx = tl.arange(0, BLOCK_M)
+    im = idx < M
+    if NB_FROM_LEN:
+        seq_len = tl.load(seqlen_ptr + b).to(tl.int64)
+        n_b = (seq_len + BS - 1) // BS
+    else:
+        n_b = tl.load(nblk_ptr + b).to(tl.int64)
+    n_b = tl.minimum(n_b, M)  # a row cannot own more blocks than its table holds
+    valid = (idx < n_b) & im
+    x = tl.load(score_ptr + b * stride_sb + idx, mask=im, other=0.0).to(tl.float32)
+    if not LARGEST:  # smaller is better (raw Hamming distances): rank -x, as a caller would
+        x = -x
+    forced = (tl.load(keep_ptr + b * stride_kb + idx, mask=im, other=0) != 0) & valid
+    n_forced = tl.sum(forced.to(tl.int64), axis=0)
+    kb = tl.load(k_ptr + b).to(tl.int64)
+    cnt = tl.minimum(n_b, tl.maximum(kb, n_forced))
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0
+    x = tl.where(x != x, float("-inf"), x)
+    bits = x.to(tl.int32, bitcast=True)
+    skey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = skey.to(tl.int64) + 2147483648  # [0, 2^32): every float, +inf included
+    key = tl.where(forced, 4294967296, key)  # forced blocks outrank any score
+    key = tl.where(valid, key, -1)
+    thr = tl.zeros([], dtype=tl.int64)
+    for it in range(33):
+        cand = thr | (tl.full([], 1, tl.int64) << (tl.full([], 32, tl.int64) - it))
+        c = tl.sum((key >= cand).to(tl.int64), axis=0)
+        thr = tl.where(c >= cnt, cand, thr)
+    above = key > thr
+    need = cnt - tl.sum(above.to(tl.int64), axis=0)
+    eq = key == thr
+    eq_rank = tl.cumsum(eq.to(tl.int64), axis=0)
+    sel = above | (eq & (eq_rank <= need))
+    pos = tl.cumsum(sel.to(tl.int64), axis=0) - 1
+    tl.store(ids_ptr + b * stride_ib + pos, idx, mask=sel)
+    tail = (idx >= cnt) & im
+    tl.store(ids_ptr + b * stride_ib + idx, tl.full([BLOCK_M], -1, tl.int32), mask=tail)
+    tl.store(counts_ptr + b, cnt.to(tl.int32))
+    if REWRITE:
+        phys = tl.load(table_ptr + b * stride_tb + idx, mask=sel, other=0)
+        tl.store(newtab_ptr + b * stride_nb + pos, phys, mask=sel)
+        tl.store(newtab_ptr + b * stride_nb + idx, tl.zeros([BLOCK_M], dtype=phys.dtype), mask=tail)
+        last_sel = tl.sum((sel & (idx == n_b - 1)).to(tl.int64), axis=0)
+        last_len = seq_len - (n_b - 1) * BS
+        new_len = cnt * BS - last_sel * (BS - last_len)
+        tl.store(newlen_ptr + b, new_len.to(newlen_ptr.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------------- attention
+def _attn_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    table_ptr,
+    seqlen_ptr,
+    opart_ptr,
+    lpart_ptr,
+    out_ptr,
+    lse_ptr,
+    scale_log2,
+    G,
+    BS,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_tb,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_ob,
+    stride_oh,
+    stride_lb,
+    NUM_SPLITS: tl.constexpr,
+    N_HCHUNK: tl.constexpr,
+    DA: tl.constexpr,
+    DB: tl.constexpr,
+    DV: tl.constexpr,
+    SHARED_KV: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DA: tl.constexpr,
+    BLOCK_DB: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Split-K paged decode attention for one (KV head, head chunk, row, split).
+
+    Tokens are read in place: each token's physical block comes from the block table, so a
+    sparse step only reads its selected blocks. The GQA group shares every K/V tile (one
+    matrix product per tile for all its query heads). K's head dim is split as DA + DB so a
+    576-wide MLA latent runs as 512 + 64 without padding to 1024; with SHARED_KV (MLA, V = the
+    first DV columns of the same cache) the V tile is the K tile already loaded.
+    Splits balance on the row's real length. With NUM_SPLITS == 1 the output is final.
+    UPCAST (interpreter only): Triton 3.6's interpreter computes bf16 dots wrongly, so tiles
+    are widened to float32 before the products there.
+    """
+    pid0 = tl.program_id(0)
+    b = tl.program_id(1)
+    s = tl.program_id(2)
+    h = pid0 // N_HCHUNK
+    hc = pid0 % N_HCHUNK
+    gi = hc * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = gi < G
+    heads = h * G + gi
+    seq_len = tl.load(seqlen_ptr + b).to(tl.int32)
+    per = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS
+    per = (per + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = s * per
+    end = tl.minimum(start + per, seq_len)
+
+    da = tl.arange(0, BLOCK_DA)
+    q_row = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+    qa = tl.load(q_row + da[None, :], mask=hm[:, None] & (da[None, :] < DA), other=0.0)
+    if UPCAST:
+        qa = qa.to(tl.float32)
+    if DB > 0:
+        db = tl.arange(0, BLOCK_DB)
+        qb = tl.load(q_row + DA + db[None, :], mask=hm[:, None] & (db[None, :] < DB), other=0.0)
+        if UPCAST:
+            qb = qb.to(tl.float32)
+    dv = tl.arange(0, BLOCK_DV)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for t0 in range(start, end, BLOCK_N):
+        tok = t0 + n
+        tm = tok < end
+        blk = tl.load(table_ptr + b * stride_tb + tok // BS, mask=tm, other=0).to(tl.int64)
+        off = (tok % BS).to(tl.int64)
+        k_row = k_ptr + blk * stride_kb + off * stride_kt + h * stride_kh
+        ka = tl.load(k_row[:, None] + da[None, :], mask=tm[:, None] & (da[None, :] < DA), other=0.0)
+        if UPCAST:
+            ka = ka.to(tl.float32)
+        sc = tl.dot(qa, tl.trans(ka), input_precision=PREC)
+        if DB > 0:
+            kb = tl.load(k_row[:, None] + DA + db[None, :], mask=tm[:, None] & (db[None, :] < DB), other=0.0)
+            if UPCAST:
+                kb = kb.to(tl.float32)
+            sc += tl.dot(qb, tl.trans(kb), input_precision=PREC)
+        sc = tl.where(tm[None, :], sc * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if SHARED_KV:
+            v = ka
+        else:
+            v_row = v_ptr + blk * stride_vb + off * stride_vt + h * stride_vh
+            v = tl.load(v_row[:, None] + dv[None, :], mask=tm[:, None] & (dv[None, :] < DV), other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    om = hm[:, None] & (dv[None, :] < DV)
+    if NUM_SPLITS == 1:
+        o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dv[None, :]
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=om)
+        tl.store(lse_ptr + b * stride_lb + heads, lse2 * 0.6931471805599453, mask=hm)
+    else:
+        base = b.to(tl.int64) * stride_pb + heads * stride_ph + s * stride_ps
+        tl.store(opart_ptr + base[:, None] * DV + dv[None, :], o, mask=om)
+        tl.store(lpart_ptr + base, lse2, mask=hm)
+
+
+def _attn_combine_kernel(
+    opart_ptr,
+    lpart_ptr,
+    out_ptr,
+    lse_ptr,
+    Hq,
+    stride_pb,
+    stride_ph,
+    stride_ob,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """Merge the splits' normalised partial outputs by their log-sum-exps (log2 domain)."""
+    b = tl.program_id(0)
+    hh = tl.program_id(1)
+    sp = tl.arange(0, BLOCK_S)
+    dv = tl.arange(0, BLOCK_DV)
+    sm = sp < NUM_SPLITS
+    base = b.to(tl.int64) * stride_pb + hh * stride_ph + sp
+    lp = tl.load(lpart_ptr + base, mask=sm, other=float("-inf"))
+    mx = tl.max(lp, axis=0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(lp - mx_safe)
+    tot = tl.sum(w, axis=0)
+    o = tl.load(opart_ptr + base[:, None] * DV + dv[None, :], mask=sm[:, None] & (dv[None, :] < DV), other=0.0)
+    num = tl.sum(o * w[:, None], axis=0)
+    has = tot > 0
+    res = num / tl.where(has, tot, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + hh * stride_oh + dv, res.to(out_ptr.dtype.element_ty), mask=dv < DV)
+    lse = tl.where(has, (mx_safe + tl.log2(tl.where(has, tot, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(lse_ptr + b * Hq + hh, lse)
+
+
+# --------------------------------------------------------------------------- representations
+def _block_reduce_kernel(
+    k_ptr,
+    ids_ptr,
+    vlen_ptr,
+    out_ptr,
+    H,
+    R,
+    D,
+    GROUP,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    METHOD: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Reduce one (block, head, token group) of K over its valid tokens; empty groups -> 0.
+
+    METHOD: 0 mean, 1 max, 2 min. out is [n, H, R, D] float32 contiguous.
+    """
+    i = tl.program_id(0)
+    hr = tl.program_id(1)
+    dblk = tl.program_id(2)
+    h = hr // R
+    r = hr % R
+    blk = tl.load(ids_ptr + i).to(tl.int64)
+    vlen = tl.load(vlen_ptr + i).to(tl.int32)
+    g = tl.arange(0, BLOCK_G)
+    d = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
+    tok = r * GROUP + g
+    valid = (g < GROUP) & (tok < vlen)
+    dm = d < D
+    x = tl.load(
+        k_ptr + blk * stride_kb + tok[:, None] * stride_kt + h * stride_kh + d[None, :],
+        mask=valid[:, None] & dm[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    cnt = tl.sum(valid.to(tl.int32), axis=0)
+    if METHOD == 0:
+        res = tl.sum(x, axis=0) / tl.maximum(cnt, 1).to(tl.float32)
+    elif METHOD == 1:
+        res = tl.max(tl.where(valid[:, None], x, float("-inf")), axis=0)
+    else:
+        res = tl.min(tl.where(valid[:, None], x, float("inf")), axis=0)
+    res = tl.where(cnt > 0, res, 0.0)
+    tl.store(out_ptr + ((i.to(tl.int64) * H + h) * R + r) * D + d, res, mask=dm)
+
+
+def _scores_dot_kernel(
+    q_ptr,
+    rep_ptr,
+    table_ptr,
+    seqlen_ptr,
+    out_ptr,
+    M,
+    Hkv: tl.constexpr,
+    G: tl.constexpr,
+    D,
+    BS,
+    stride_qb,
+    stride_qh,
+    stride_rb,
+    stride_rh,
+    stride_tb,
+    stride_ob,
+    MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """Dot-product block scores (ESA mean / GSA max over the GQA group); -inf past n_b."""
+    jb = tl.program_id(0)
+    b = tl.program_id(1)
+    j = jb * BLOCK_M + tl.arange(0, BLOCK_M)
+    jm = j < M
+    seq_len = tl.load(seqlen_ptr + b).to(tl.int32)
+    n_b = (seq_len + BS - 1) // BS
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    g = tl.arange(0, BLOCK_G)
+    gm = g < G
+    blk = tl.maximum(tl.load(table_ptr + b * stride_tb + j, mask=jm, other=0), 0).to(tl.int64)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for h in range(Hkv):
+        rep = tl.load(
+            rep_ptr + blk[:, None] * stride_rb + h * stride_rh + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0
+        ).to(tl.float32)
+        qg = tl.load(
+            q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+            mask=gm[:, None] & dm[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if MODE == 0:
+            qm = tl.sum(qg, axis=0) / G
+            total += tl.sum(rep * qm[None, :], axis=1)
+        else:
+            best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            for gg in range(G):
+                qv = tl.load(q_ptr + b * stride_qb + (h * G + gg) * stride_qh + d, mask=dm, other=0.0).to(tl.float32)
+                best = tl.maximum(best, tl.sum(rep * qv[None, :], axis=1))
+            total += best
+    total = tl.where(j < n_b, total, float("-inf"))
+    tl.store(out_ptr + b * stride_ob + j, total, mask=jm)
+
+
+# ------------------------------------------------------------------------------------- build
+_KERNELS = (
+    _sign_pack_kernel,
+    _qplanes_kernel,
+    _qhash_planes_kernel,
+    _hamming_kernel,
+    _topk_kernel,
+    _attn_split_kernel,
+    _attn_combine_kernel,
+    _block_reduce_kernel,
+    _scores_dot_kernel,
+)
+
+
+def _fix_interpreter_index() -> None:
+    """Let Triton 3.6's interpreter take run-time scalars as loop bounds under numpy >= 2.4.
+
+    The interpreter keeps scalars as 1-element arrays and converts them with int(array), which
+    numpy 2.4 refuses for arrays that are not 0-d; `range(start, end, BLOCK)` over loaded
+    lengths (the attention loop) then fails in interpreter mode only. This wraps the hook that
+    installs `tensor.__index__` so it reads the single element instead. No effect on GPU runs.
+    """
+    from triton.runtime import interpreter
+
+    orig = getattr(interpreter, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_ucm_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._ucm_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+@functools.lru_cache(maxsize=2)
+def get_kernels(interpret: bool) -> SimpleNamespace:
+    """The kernels, compiled for the GPU or wrapped for Triton's CPU interpreter."""
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(tl.sum, InterpretedFunction):
+            # tl.sum, tl.max, tl.cumsum ... are jit functions built when triton.language is
+            # imported; the interpreter only works if they were built in interpreter mode too.
+            raise RuntimeError(
+                "Triton's interpreter needs TRITON_INTERPRET=1 in the environment before triton is "
+                "first imported (triton.language builds its jit functions at import)"
+            )
+        _fix_interpreter_index()
+        wrap = InterpretedFunction
+    else:
+        wrap = triton.runtime.jit.JITFunction
+    return SimpleNamespace(**{fn.__name__.lstrip("_"): wrap(fn) for fn in _KERNELS})
