@@ -62,7 +62,7 @@ def build(name: str, shapes: ModelShapes, ratio: float | None = None, **model_ov
 def write_prefill(method: SparseMethod, batch, layers: int) -> None:
     for layer in range(layers):
         for r in range(batch.block_table.shape[0]):
-            method.on_kv_written(layer, batch.k_cache, batch.keys(r), batch.slots(r))
+            method.on_kv_written(layer, batch.keys(r), batch.slots(r))
 
 
 def planted(seq_lens, hq, hkv, d, planted_blocks, seed=0):
@@ -275,5 +275,28 @@ def test_prefetch_listener_sees_every_retrieval() -> None:
         plan = m.begin_step(["a"], batch.seq_lens, batch.block_table)
         m.select(0, q, plan)
         m.end_step(plan)
-    m.close()
-    assert seen[0] == ("a", 0, 5) and len(seen) == 3
+    m.close()  # may cancel the retrieval started at the last step
+    # step 0 retrieved synchronously, step 1's async retrieval was consumed at step 2
+    assert len(seen) in (2, 3) and all(s == ("a", 0, 5) for s in seen), seen
+
+
+def test_block_accumulator_matches_block_reduce_and_restarts_recycled_blocks() -> None:
+    from ucm.sparse.base import BlockAccumulator
+
+    g = torch.Generator().manual_seed(13)
+    shapes = ModelShapes(1, 4, 2, 8, BS, 6)
+    acc = BlockAccumulator(shapes, merge=2, device=torch.device("cpu"), absolute=True)
+    cache = torch.zeros(6, BS, 2, 8)
+    slots = torch.tensor([3 * BS + i for i in range(BS)] + [5 * BS, 5 * BS + 1])
+    keys = torch.randn(len(slots), 2, 8, generator=g)
+    OPS.paged_write(cache, keys, slots)
+    full = acc.add(keys[:5], slots[:5])
+    assert full.numel() == 0
+    full = acc.add(keys[5:], slots[5:])
+    assert full.tolist() == [3]
+    want = OPS.block_reduce(cache, torch.tensor([3]), torch.tensor([BS]), "mean", merge=2)[0]  # [Hkv, R, D]
+    torch.testing.assert_close(acc.sums[3].permute(1, 0, 2) / 2, want)
+    torch.testing.assert_close(acc.abs_sums[3] / BS, cache[3].abs().mean(0))
+    fresh = torch.randn(BS, 2, 8, generator=g)  # block 3 recycled for another request
+    acc.add(fresh, torch.arange(3 * BS, 4 * BS))
+    torch.testing.assert_close(acc.sums[3].sum(0), fresh.sum(0))

@@ -64,7 +64,7 @@ def _paged_attention(module, query, key, value, attention_mask, scaling=None, dr
     run.ops.paged_write(run.v_cache[layer], v_tok, ucm_ctx.slots)
     method = ucm_ctx.method
     if method is not None:
-        method.on_kv_written(layer, run.k_cache[layer], k_tok, ucm_ctx.slots)
+        method.on_kv_written(layer, k_tok, ucm_ctx.slots)
     if query.shape[2] > 1:  # prefill stays dense
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, enable_gqa=True
@@ -160,7 +160,7 @@ class PagedHFRunner:
             slots = self._slots(0, n)
             for layer in range(self.shapes.num_layers):
                 keys = self.k_cache[layer].view(-1, *self.k_cache[layer].shape[2:])[slots]
-                method.on_kv_written(layer, self.k_cache[layer], keys, slots)
+                method.on_kv_written(layer, keys, slots)
         token, out = state.first_token, [state.first_token]
         t0 = time.perf_counter()
         for step in range(max_new_tokens - 1):

@@ -6,7 +6,7 @@ integration calls, per step:
 
     plan = method.begin_step(req_ids, seq_lens, block_table, sparse_rows)
     for each layer:
-        method.on_kv_written(layer, k_cache, new_keys, slot_mapping)   # prefill and decode
+        method.on_kv_written(layer, new_keys, slot_mapping)   # prefill and decode, as K is written
         sel = method.select(layer, q, plan)                          # decode rows only
         attention(q, k_cache, v_cache, sel.block_table, sel.seq_lens)
     method.end_step(plan)
@@ -68,8 +68,12 @@ class BlockScorer(ABC):
         self.ops = ops
 
     @abstractmethod
-    def on_kv_written(self, layer: int, k_cache: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """New K rows [T, Hkv, D] were written at slot_mapping: update representations."""
+    def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """New K rows [T, Hkv, D] were written at slot_mapping: update representations.
+
+        Scorers work from the written keys only and never read the engine's KV cache, so they
+        do not depend on its layout (vLLM's CPU, FlashAttention and Ascend layouts differ).
+        """
 
     @abstractmethod
     def score(
@@ -95,12 +99,48 @@ class BlockScorer(ABC):
         """Bytes of side caches (representations, codes) this scorer holds."""
         return 0
 
-    # helpers shared by representation-based scorers
-    def full_block_ids(self, slot_mapping: torch.Tensor) -> torch.Tensor:
-        """Physical blocks whose last slot was written: they just became full."""
-        bs = self.shapes.block_size
-        slots = slot_mapping[slot_mapping >= 0].to(torch.int64)
-        return torch.unique(slots[(slots % bs) == bs - 1] // bs)
+
+
+class BlockAccumulator:
+    """Running per-block sums of written keys, in groups of `merge` tokens (merge = block size:
+    one group). A block's sums restart when its first slot is written (blocks are recycled),
+    and a block whose last slot was written is reported as full.
+
+    sums [NB, R, Hkv, D] float32 (R = block_size // merge); with `absolute`, also sums of |K|
+    per block [NB, Hkv, D] (KVStar's channel importance).
+    """
+
+    def __init__(self, shapes: ModelShapes, merge: int, device: torch.device, absolute: bool = False) -> None:
+        bs = shapes.block_size
+        if merge < 1 or bs % merge:
+            raise ValueError(f"merge={merge} must divide the block size {bs}")
+        self.block_size, self.merge, self.groups = bs, merge, bs // merge
+        self.device = device
+        n, h, d = shapes.num_blocks, shapes.num_kv_heads, shapes.head_dim
+        self.sums = torch.zeros(n, self.groups, h, d, device=device)
+        self.abs_sums = torch.zeros(n, h, d, device=device) if absolute else None
+
+    def add(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Accumulate keys [T, Hkv, D] written at slot_mapping [T]; returns the blocks now full."""
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep].to(self.device, torch.int64)
+        key = key[keep.to(key.device)].to(self.device, torch.float32)
+        bs = self.block_size
+        blocks, offsets = slots // bs, slots % bs
+        fresh = blocks[offsets == 0]
+        if fresh.numel():
+            self.sums.index_fill_(0, fresh, 0.0)
+            if self.abs_sums is not None:
+                self.abs_sums.index_fill_(0, fresh, 0.0)
+        n, r, h, d = self.sums.shape
+        self.sums.view(n * r, h, d).index_add_(0, blocks * r + offsets // self.merge, key)
+        if self.abs_sums is not None:
+            self.abs_sums.index_add_(0, blocks, key.abs())
+        return torch.unique(blocks[offsets == bs - 1])
+
+    def nbytes(self) -> int:
+        extra = self.abs_sums.numel() * 4 if self.abs_sums is not None else 0
+        return self.sums.numel() * 4 + extra
 
 
 @dataclass
@@ -191,8 +231,8 @@ class SparseMethod:
             self._requests.setdefault(rid, _RequestState())
         return plan
 
-    def on_kv_written(self, layer: int, k_cache: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        self.scorer.on_kv_written(layer, k_cache, key, slot_mapping)
+    def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        self.scorer.on_kv_written(layer, key, slot_mapping)
 
     def end_step(self, plan: StepPlan) -> None:
         for rid in plan.req_ids:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ucm.ops.contract import SparseOps
-from ucm.sparse.base import BlockScorer, ModelShapes
+from ucm.sparse.base import BlockAccumulator, BlockScorer, ModelShapes
 
 
 class MeanReprScorer(BlockScorer):
@@ -25,31 +25,25 @@ class MeanReprScorer(BlockScorer):
         super().__init__(shapes, ops)
         self.repr_device = torch.device(repr_device or shapes.device)
         self.score_ops = score_ops or ops
-        self.reprs = [
-            torch.zeros(shapes.num_blocks, shapes.num_kv_heads, shapes.head_dim, dtype=torch.float32, device=self.repr_device)
-            for _ in range(shapes.num_layers)
-        ]
+        # one running sum of K per block and head; for the full blocks that are scored, the sum
+        # ranks exactly as the mean (a common factor of 1 / block_size)
+        self.acc = [BlockAccumulator(shapes, shapes.block_size, self.repr_device) for _ in range(shapes.num_layers)]
 
-    def on_kv_written(self, layer: int, k_cache: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        full = self.full_block_ids(slot_mapping)
-        if full.numel() == 0:
-            return
-        full = full.to(k_cache.device)
-        lens = torch.full_like(full, self.shapes.block_size)
-        reps = self.ops.block_reduce(k_cache, full, lens, "mean")
-        self.reprs[layer].index_copy_(0, full.to(self.repr_device), reps.to(self.repr_device, non_blocking=True))
+    def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        self.acc[layer].add(key, slot_mapping)
 
     def score(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
               req_ids: Sequence[str]) -> torch.Tensor:
         bs = self.shapes.block_size
         dev = self.repr_device
         full_lens = (seq_lens // bs) * bs  # the partial last block has no representation yet (it is always kept)
-        s = self.score_ops.block_scores_dot(q.to(dev), self.reprs[layer], block_table.to(dev), full_lens.to(dev), bs,
+        reprs = self.acc[layer].sums[:, 0]  # [NB, Hkv, D]
+        s = self.score_ops.block_scores_dot(q.to(dev), reprs, block_table.to(dev), full_lens.to(dev), bs,
                                             self.group_reduce)
         return s.to(q.device)
 
     def memory_bytes(self) -> int:
-        return sum(r.numel() * r.element_size() for r in self.reprs)
+        return sum(a.nbytes() for a in self.acc)
 
 
 class ESAScorer(MeanReprScorer):

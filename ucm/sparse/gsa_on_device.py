@@ -54,7 +54,7 @@ class HashScorer(BlockScorer):
         parts = torch.split(x, self.splits, dim=-1)
         return torch.cat([self.ops.hash_encode(p, w) for p, w in zip(parts, self.weights[layer])], dim=-1)
 
-    def on_kv_written(self, layer: int, k_cache: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.ops.paged_write(self.codes[layer], self.encode(layer, key), slot_mapping)
 
     def score(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,

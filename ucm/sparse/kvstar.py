@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from ucm.ops.contract import SparseOps
-from ucm.sparse.base import BlockScorer, ModelShapes
+from ucm.sparse.base import BlockAccumulator, BlockScorer, ModelShapes
 
 
 class KVStarScorer(BlockScorer):
@@ -34,21 +34,11 @@ class KVStarScorer(BlockScorer):
         self.window = window
         self.kept_dims = max(1, math.ceil(prune_ratio * shapes.head_dim))
         self.scale = 1.0 / math.sqrt(shapes.head_dim)
-        r = bs // merge
-        n, h, d = shapes.num_blocks, shapes.num_kv_heads, shapes.head_dim
-        self.reprs = [torch.zeros(n, h, r, d, device=shapes.device) for _ in range(shapes.num_layers)]
-        self.abs_means = [torch.zeros(n, h, d, device=shapes.device) for _ in range(shapes.num_layers)]
+        self.acc = [BlockAccumulator(shapes, merge, shapes.device, absolute=True) for _ in range(shapes.num_layers)]
         self._queries: dict[tuple[str, int], deque] = {}
 
-    def on_kv_written(self, layer: int, k_cache: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        full = self.full_block_ids(slot_mapping).to(k_cache.device)
-        if full.numel() == 0:
-            return
-        lens = torch.full_like(full, self.shapes.block_size)
-        self.reprs[layer].index_copy_(0, full, self.ops.block_reduce(k_cache, full, lens, "mean", merge=self.merge))
-        blocks_abs = self.ops.gather_blocks(k_cache, full).abs()
-        local = torch.arange(full.numel(), device=full.device)
-        self.abs_means[layer].index_copy_(0, full, self.ops.block_reduce(blocks_abs, local, lens, "mean"))
+    def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        self.acc[layer].add(key, slot_mapping)
 
     def prepare_query(self, layer: int, q: torch.Tensor, req_ids: Sequence[str]) -> torch.Tensor:
         """[B, Hq, D] -> [B, window, Hq, D]: the recent queries, zero-padded at the front.
@@ -73,9 +63,10 @@ class KVStarScorer(BlockScorer):
             if n_full == 0:
                 continue
             blocks = block_table[r, :n_full].to(torch.int64)
-            importance = self.abs_means[layer].index_select(0, blocks).mean(0)  # [Hkv, D]
+            acc = self.acc[layer]
+            importance = acc.abs_sums.index_select(0, blocks).sum(0)  # [Hkv, D]: mean |K| up to a factor
             dims = importance.topk(self.kept_dims, dim=-1).indices  # [Hkv, D']
-            reps = self.reprs[layer].index_select(0, blocks)  # [n, Hkv, R, D]
+            reps = acc.sums.index_select(0, blocks).permute(0, 2, 1, 3) / self.merge  # [n, Hkv, R, D] means
             reps = reps.gather(3, dims[None, :, None, :].expand(n_full, -1, reps.shape[2], -1))
             q_dims = dims.repeat_interleave(g, dim=0)  # [Hq, D']
             qr = q[r].gather(2, q_dims[None].expand(q.shape[1], -1, -1))  # [W, Hq, D']
@@ -90,4 +81,4 @@ class KVStarScorer(BlockScorer):
             del self._queries[key]
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.reprs, *self.abs_means))
+        return sum(a.nbytes() for a in self.acc)
