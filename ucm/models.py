@@ -79,7 +79,10 @@ def fetch_model(name: str = "smollm2") -> Path:
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     quantized = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     # a GGUF-loaded model refuses save_pretrained; a fresh model with its weights does not
-    plain = type(quantized)(quantized.config)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantized: a plain float32 model
+        del config.quantization_config
+    plain = type(quantized)(config)
     plain.load_state_dict(quantized.state_dict())
     plain.to(torch.float32)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ucm.config.errors import ConfigError
-from ucm.config.loader import ModelConfigFile, load_model_config, parse_sparse_config
+from ucm.config.loader import ModelConfigFile, find_model_config, load_model_config, parse_sparse_config
 from ucm.config.sparse import ESAConfig, GSAConfig, GSAOnDeviceConfig, KVStarConfig, MethodConfig
 from ucm.ops.contract import SparseOps
 from ucm.ops.registry import get_ops
@@ -43,12 +43,8 @@ def build_sparse_method(
     ops = ops or get_ops()
     if isinstance(config, GSAOnDeviceConfig):
         if model_config is None:
-            ref = config.config_file or model_name
-            if ref is None:
-                raise ConfigError("inline", "GSAOnDevice.config_file",
-                                  "name a per-model config file or model (see `ucm configs list`)")
-            model_config = ref
-        if not isinstance(model_config, ModelConfigFile):
+            model_config = resolve_model_config(config, model_name)
+        elif not isinstance(model_config, ModelConfigFile):
             model_config = load_model_config(model_config)
         return _build_hata(model_config, shapes, ops, device_kind, seed)
     policy = LayerPolicy(
@@ -74,6 +70,18 @@ def build_sparse_method(
             shapes, ops, config.blk_repre_dim_prune_ratio, config.blk_repre_inner_token_merge, config.retrieval_stride
         )
     return SparseMethod(config.method, scorer, selector, config.retrieval_stride)
+
+
+def resolve_model_config(config: GSAOnDeviceConfig, model_name: str | None) -> ModelConfigFile:
+    """The per-model JSON a GSAOnDevice config uses: its `config_file` (a path or a built-in
+    model name), else the built-in config of the served model (`model_name` may be a HF id or
+    a local model directory: its last path component is matched)."""
+    if config.config_file is not None:
+        return load_model_config(config.config_file)
+    if not model_name:
+        raise ConfigError("inline", "GSAOnDevice.config_file",
+                          "name a per-model config file or model (see `ucm configs list`)")
+    return load_model_config(find_model_config(str(model_name).rstrip("/")))
 
 
 def _check(source: str, key: str, ok: bool, message: str) -> None:

@@ -1,0 +1,1 @@
+"""Engine integrations (vLLM). The core (`ucm.sparse`, `ucm.ops`) knows nothing of them."""

@@ -1,0 +1,79 @@
+"""vLLM's CPU attention with ucm's decode sparsity.
+
+For decode rows, the block table and lengths are rewritten to the selected blocks (a copy:
+vLLM shares one metadata object across layers), the CPU kernel's scheduler metadata is
+recomputed for the new lengths, and the stock kernel runs. Without an active ucm runtime the
+wrapper is exactly the stock backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from vllm import _custom_ops as vllm_ops
+from vllm import envs
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+from ucm.integration.vllm.connector import find_runtime
+
+
+class UCMCPUAttentionBackendImpl(CPUAttentionBackendImpl):
+    def _runtime(self, kv_cache: torch.Tensor, device: torch.device):
+        if self.attn_type != AttentionType.DECODER or kv_cache.numel() == 0:
+            return None
+        rt = find_runtime()
+        if rt is None or not rt.active:
+            return None
+        num_blocks, _, block_size, _ = kv_cache.shape  # [NB, Hkv, bs, 2 * D]
+        rt.ensure_method(self.num_heads, self.num_kv_heads, self.head_size, block_size, num_blocks, device)
+        return rt
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        rt = self._runtime(kv_cache, key.device)
+        if rt is not None:
+            rt.on_kv_written(layer.layer_name, key, slot_mapping)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        rt = self._runtime(kv_cache, query.device) if attn_metadata is not None else None
+        if rt is not None:
+            block_size = kv_cache.shape[2]
+            picked = rt.decode_selection(layer.layer_name, query, attn_metadata.query_start_loc,
+                                         attn_metadata.seq_lens, attn_metadata.block_table, block_size)
+            if picked is not None:
+                attn_metadata = self._sparse_metadata(layer, query, attn_metadata, *picked)
+        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                               output_block_scale)
+
+    def _sparse_metadata(self, layer, query, md, rows, sel):
+        block_table = md.block_table.clone()
+        seq_lens = md.seq_lens.clone()
+        width = sel.block_table.shape[1]
+        block_table[rows, :width] = sel.block_table.to(block_table.dtype)
+        seq_lens[rows] = sel.seq_lens.to(seq_lens.dtype)
+        scheduler_metadata = vllm_ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=int(seq_lens.shape[0]),
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_size,
+            seq_lens=seq_lens,
+            dtype=query.dtype,
+            query_start_loc=md.query_start_loc,
+            causal=md.causal,
+            sliding_window_size=self.sliding_window,
+            isa=layer.isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            dynamic_causal=md.dynamic_causal,
+            kv_cache_dtype=self.kv_cache_dtype,
+        )
+        return dataclasses.replace(md, block_table=block_table, seq_lens=seq_lens,
+                                   scheduler_metadata=scheduler_metadata, max_seq_len=int(seq_lens.max()))
+
+
+class UCMCPUAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_impl_cls() -> type[UCMCPUAttentionBackendImpl]:
+        return UCMCPUAttentionBackendImpl

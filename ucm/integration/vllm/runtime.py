@@ -1,0 +1,178 @@
+"""Worker-side sparse state inside vLLM: one `SparseMethod` per worker, driven per step.
+
+vLLM's attention impl calls in here (through the worker's UCMConnector, never a global):
+  * `on_kv_written` from `do_kv_cache_update`, with the keys and slots it is writing;
+  * `decode_selection` from `forward`, once per layer, for the batch's decode rows.
+The scheduler side tells each step which rows decode for which request: the block that holds a
+request's newest token is being written this step, so it belongs to that request alone and
+identifies its row in the worker's block table, whatever order the batch is in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ucm.config.sparse import MethodConfig
+from ucm.ops.contract import SparseOps
+from ucm.sparse.base import ModelShapes, SparseMethod
+from ucm.sparse.selection import Selection, StepPlan
+
+logger = logging.getLogger("vllm.ucm")
+
+
+@dataclass
+class StepInfo:
+    """What the scheduler says about one step: decoding requests by their newest block."""
+
+    decode_by_last_block: dict[int, str] = field(default_factory=dict)
+    finished: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DecodeRows:
+    rows: torch.Tensor  # [n] batch rows that decode sparsely this step
+    plan: StepPlan
+
+
+def layer_index(layer_name: str) -> int:
+    """'model.layers.12.self_attn.attn' -> 12."""
+    nums = [int(p) for p in layer_name.split(".") if p.isdigit()]
+    if len(nums) != 1:
+        raise ValueError(f"cannot tell the layer index of attention layer {layer_name!r}")
+    return nums[0]
+
+
+class SparseRuntime:
+    def __init__(
+        self,
+        config: MethodConfig,
+        num_layers: int,
+        model_name: str | None,
+        ops_factory,
+        device_kind: str = "gpu",
+        log_interval_s: float = 10.0,
+        model_config_file=None,
+    ) -> None:
+        """`ops_factory()` returns the op backend (resolved lazily, in the worker process)."""
+        self.config = config
+        self.num_layers = num_layers
+        self.model_name = model_name
+        self._ops_factory = ops_factory
+        self.device_kind = device_kind
+        self.model_config_file = model_config_file
+        self.method: SparseMethod | None = None
+        self.ops: SparseOps | None = None
+        self._step: StepInfo | None = None
+        self._rows: DecodeRows | None = None
+        self._rows_key: tuple | None = None
+        self.steps = 0
+        self.sparse_steps = 0
+        self.log_interval_s = log_interval_s
+        self._last_log = time.monotonic()
+
+    # ---------------------------------------------------------------- setup
+    def ensure_method(self, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int, num_blocks: int,
+                      device: torch.device) -> SparseMethod:
+        if self.method is None:
+            from ucm.sparse.factory import build_sparse_method
+
+            self.ops = self._ops_factory()
+            shapes = ModelShapes(self.num_layers, num_q_heads, num_kv_heads, head_dim, block_size, num_blocks, device)
+            self.method = build_sparse_method(self.config, shapes, self.ops, model_name=self.model_name,
+                                              device_kind=self.device_kind, model_config=self.model_config_file)
+            logger.info("ucm %s active: %d layers, %d q / %d kv heads per rank, block %d, %d blocks; side caches %.1f MiB",
+                        self.method.name, self.num_layers, num_q_heads, num_kv_heads, block_size, num_blocks,
+                        self.method.scorer.memory_bytes() / 2**20)
+        return self.method
+
+    # ---------------------------------------------------------------- steps
+    def begin_step(self, info: StepInfo) -> None:
+        if self.method is not None:
+            for rid in info.finished:
+                self.method.finish(rid)
+        self._step, self._rows, self._rows_key = info, None, None
+
+    def end_step(self) -> None:
+        if self._step is None:
+            return
+        self.steps += 1
+        if self._rows is not None and self.method is not None:
+            self.method.end_step(self._rows.plan)
+            self.sparse_steps += 1
+            self._maybe_log()
+        self._step, self._rows, self._rows_key = None, None, None
+
+    @property
+    def active(self) -> bool:
+        return self._step is not None
+
+    # ---------------------------------------------------------------- layers
+    def on_kv_written(self, layer_name: str, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        if self._step is None or self.method is None:
+            return
+        n = slot_mapping.shape[0]
+        self.method.on_kv_written(layer_index(layer_name), key[:n], slot_mapping)
+
+    def decode_selection(
+        self, layer_name: str, query: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+        block_table: torch.Tensor, block_size: int,
+    ) -> tuple[torch.Tensor, Selection] | None:
+        """(decode rows, their selection) for this layer, or None when the step stays dense."""
+        if self._step is None or self.method is None:
+            return None
+        rows = self._decode_rows(query_start_loc, seq_lens, block_table, block_size)
+        if rows is None:
+            return None
+        q = query.index_select(0, query_start_loc.index_select(0, rows).to(torch.int64))
+        return rows, self.method.select(layer_index(layer_name), q, self._rows.plan)
+
+    def _decode_rows(self, query_start_loc, seq_lens, block_table, block_size) -> torch.Tensor | None:
+        key = (query_start_loc.data_ptr(), seq_lens.data_ptr(), block_table.data_ptr(), int(seq_lens.shape[0]))
+        if self._rows_key == key:
+            return self._rows.rows if self._rows is not None else None
+        self._rows_key, self._rows = key, None
+        info = self._step
+        if not info.decode_by_last_block:
+            return None
+        qlens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
+        lens = seq_lens.tolist()
+        rows, rids = [], []
+        for r, (ql, n) in enumerate(zip(qlens, lens)):
+            if ql != 1 or n <= 0:
+                continue
+            rid = info.decode_by_last_block.get(int(block_table[r, (n - 1) // block_size]))
+            if rid is not None:
+                rows.append(r)
+                rids.append(rid)
+        if not rows:
+            return None
+        idx = torch.tensor(rows, dtype=torch.int64, device=seq_lens.device)
+        plan = self.method.begin_step(rids, seq_lens.index_select(0, idx), block_table.index_select(0, idx))
+        self._rows = DecodeRows(idx, plan)
+        return idx
+
+    # ---------------------------------------------------------------- stats
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self._last_log < self.log_interval_s:
+            return
+        self._last_log = now
+        st = self.method.stats
+        per_layer = " ".join(f"{k}/{t}" for k, t in zip(st.kept, st.total) if t)
+        logger.info("ucm %s: %d sparse decode steps; blocks read %.1f%% of held; kept/total per layer: %s",
+                    self.method.name, st.steps, 100 * st.fraction_read, per_layer)
+
+    def snapshot(self) -> dict:
+        """Counters for tests and metrics: steps, blocks kept/total per layer."""
+        st = self.method.stats if self.method is not None else None
+        return {
+            "method": self.method.name if self.method else None,
+            "steps": self.steps,
+            "sparse_steps": self.sparse_steps,
+            "kept": list(st.kept) if st else [],
+            "total": list(st.total) if st else [],
+        }
