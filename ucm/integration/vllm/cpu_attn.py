@@ -35,18 +35,24 @@ class UCMCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         rt = self._runtime(kv_cache, key.device)
         if rt is not None:
             rt.on_kv_written(layer.layer_name, key, slot_mapping)
+            if rt.observers:
+                rt.notify_kv(layer.layer_name, key, value, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         rt = self._runtime(kv_cache, query.device) if attn_metadata is not None else None
+        picked = None
         if rt is not None:
             block_size = kv_cache.shape[2]
             picked = rt.decode_selection(layer.layer_name, query, attn_metadata.query_start_loc,
                                          attn_metadata.seq_lens, attn_metadata.block_table, block_size)
             if picked is not None:
                 attn_metadata = self._sparse_metadata(layer, query, attn_metadata, *picked)
-        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                               output_block_scale)
+        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                              output_block_scale)
+        if picked is not None and rt.observers:
+            rt.notify_decode(layer.layer_name, picked[0], picked[1], query, attn_metadata.query_start_loc, output)
+        return out
 
     def _sparse_metadata(self, layer, query, md, rows, sel):
         block_table = md.block_table.clone()

@@ -73,6 +73,9 @@ class SparseRuntime:
         self.sparse_steps = 0
         self.log_interval_s = log_interval_s
         self._last_log = time.monotonic()
+        # test and debugging instruments: objects with on_kv(layer_name, key, value, slots) and
+        # on_decode(layer_name, rows, selection, query, output); called only when present
+        self.observers: list = []
 
     # ---------------------------------------------------------------- setup
     def ensure_method(self, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int, num_blocks: int,
@@ -154,6 +157,17 @@ class SparseRuntime:
         plan = self.method.begin_step(rids, seq_lens.index_select(0, idx), block_table.index_select(0, idx))
         self._rows = DecodeRows(idx, plan)
         return idx
+
+    def notify_kv(self, layer_name: str, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        n = slot_mapping.shape[0]
+        for ob in self.observers:
+            ob.on_kv(layer_name, key[:n], value[:n], slot_mapping)
+
+    def notify_decode(self, layer_name: str, rows: torch.Tensor, sel: Selection, query: torch.Tensor,
+                      query_start_loc: torch.Tensor, output: torch.Tensor) -> None:
+        at = query_start_loc.index_select(0, rows).to(torch.int64)
+        for ob in self.observers:
+            ob.on_decode(layer_name, rows, sel, query.index_select(0, at), output.index_select(0, at))
 
     # ---------------------------------------------------------------- stats
     def _maybe_log(self) -> None:
