@@ -63,6 +63,50 @@ def gguf_path(name: str = "smollm2") -> Path:
     return path
 
 
+def make_tiny_model(num_kv_heads: int = 2, seed: int = 0) -> Path:
+    """A tiny random Llama (hidden 128, 4 layers, 4 q heads, `num_kv_heads` KV heads, head dim
+    32, fp32) with SmolLM2's tokenizer, for fast engine tests (tensor parallelism needs KV heads
+    divisible by the rank count, which SmolLM2's 3 are not). Weights have std 0.3 so greedy
+    decoding is not degenerate. Deterministic in `seed`; cached like the packaged models."""
+    final = cache_dir() / "models" / f"tiny-llama-kv{num_kv_heads}-s{seed}"
+    if (final / "config.json").is_file():
+        return final
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(fetch_model("smollm2"))
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=32, max_position_embeddings=8192,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    return _publish(final, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
+
+
+def _publish(final: Path, write) -> Path:
+    """Run `write(tmp_dir)` and rename the result into `final` (no half-written models)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        write(tmp)
+        if (final / "config.json").is_file():  # another process won the race
+            return final
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def fetch_model(name: str = "smollm2") -> Path:
     """The HF folder of `name`, converting the packaged GGUF on first use (about a minute).
 
@@ -85,17 +129,4 @@ def fetch_model(name: str = "smollm2") -> Path:
     plain = type(quantized)(config)
     plain.load_state_dict(quantized.state_dict())
     plain.to(torch.float32)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if (final / "config.json").is_file():  # another process won the race
-            return final
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return _publish(final, lambda tmp: (plain.save_pretrained(tmp), tok.save_pretrained(tmp)))
