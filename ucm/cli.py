@@ -147,6 +147,7 @@ def _add_backends(sub: SubparsersAction) -> None:
 register_subcommand("configs", _add_configs)
 register_subcommand("backends", _add_backends)
 register_subcommand("demo", "ucm.demo:add_parser")
+register_subcommand("profile", "ucm.profile:add_parser")
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -45,10 +45,13 @@ class GenerationResult:
 class _StepContext:
     """What the attention function needs during one forward: caches, slots, method, plan."""
 
-    def __init__(self, runner: PagedHFRunner, slots: torch.Tensor, method: SparseMethod | None = None) -> None:
+    def __init__(self, runner: PagedHFRunner, slots: torch.Tensor, method: SparseMethod | None = None,
+                 observers: Sequence = (), step: int = -1) -> None:
         self.runner = runner
         self.slots = slots
         self.method = method
+        self.observers = observers
+        self.step = step
         self.plan = None
 
 
@@ -65,6 +68,8 @@ def _paged_attention(module, query, key, value, attention_mask, scaling=None, dr
     method = ucm_ctx.method
     if method is not None:
         method.on_kv_written(layer, k_tok, ucm_ctx.slots)
+    for ob in ucm_ctx.observers:
+        ob.on_kv(layer, k_tok, ucm_ctx.slots)
     if query.shape[2] > 1:  # prefill stays dense
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, enable_gqa=True
@@ -72,6 +77,8 @@ def _paged_attention(module, query, key, value, attention_mask, scaling=None, dr
         return out.transpose(1, 2).contiguous(), None
     q = query[:, :, 0]  # [1, Hq, D]
     table, lens = run.block_table, run.seq_lens
+    for ob in ucm_ctx.observers:
+        ob.on_decode(ucm_ctx.step, layer, q, run.k_cache[layer], run.v_cache[layer], table, lens, scaling)
     if method is not None:
         sel = method.select(layer, q, ucm_ctx.plan)
         table, lens = sel.block_table, sel.seq_lens
@@ -149,18 +156,28 @@ class PagedHFRunner:
         method: SparseMethod | None = None,
         max_new_tokens: int = 32,
         stop_ids: Sequence[int] = (),
+        observers: Sequence = (),
     ) -> GenerationResult:
-        """Greedy decode from a prefill, dense or through `method` (built for `self.shapes`)."""
+        """Greedy decode from a prefill, dense or through `method` (built for `self.shapes`).
+
+        `observers` see every K write (`on_kv(layer, key, slots)`, the prompt's replayed first)
+        and every decode layer's dense inputs (`on_decode(step, layer, q, k_cache, v_cache,
+        block_table, seq_lens, scale)`): the profiler judges selections with them.
+        """
         n = len(state.prompt_ids)
         if n + max_new_tokens > self.max_tokens:
             raise ValueError(f"{n} prompt + {max_new_tokens} new tokens exceed max_tokens={self.max_tokens}")
         rid = f"req-{time.monotonic_ns()}"
-        if method is not None:  # the prompt's representations, as the prefill would have built them
+        if method is not None:
             method.stats.reset()
+        if method is not None or observers:  # the prompt's keys, as the prefill wrote them
             slots = self._slots(0, n)
             for layer in range(self.shapes.num_layers):
                 keys = self.k_cache[layer].view(-1, *self.k_cache[layer].shape[2:])[slots]
-                method.on_kv_written(layer, keys, slots)
+                if method is not None:
+                    method.on_kv_written(layer, keys, slots)
+                for ob in observers:
+                    ob.on_kv(layer, keys, slots)
         token, out = state.first_token, [state.first_token]
         t0 = time.perf_counter()
         for step in range(max_new_tokens - 1):
@@ -168,7 +185,7 @@ class PagedHFRunner:
                 break
             pos = n + step
             self.seq_lens[0] = pos + 1
-            ctx = _StepContext(self, self._slots(pos, 1), method)
+            ctx = _StepContext(self, self._slots(pos, 1), method, observers, step)
             if method is not None:
                 ctx.plan = method.begin_step([rid], self.seq_lens, self.block_table)
             logits = self.model(

@@ -1,0 +1,209 @@
+"""`ucm profile`: selection quality of every method, per layer, on real model attention.
+
+A dense greedy decode of the real model runs over ucm's paged cache; at every decode step and
+layer, each method selects blocks from the same query and keys, and its selection is judged
+against dense attention: attention-mass recall, oracle-normalised recall (recall / the best
+selection of the same size), and the relative error of the attention output. No task noise:
+this measures the selector itself, which is how per-layer dense/ratio choices in `configs/`
+should be justified.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ucm import metrics
+from ucm.ops.contract import SparseOps
+from ucm.sparse.base import SparseMethod
+
+
+class SelectionProfiler:
+    """Observer of a dense `PagedHFRunner.decode`: runs every method alongside and scores it."""
+
+    def __init__(self, methods: dict[str, SparseMethod], ops: SparseOps, req_id: str = "profile") -> None:
+        self.methods = methods
+        self.ops = ops
+        self.req_id = req_id
+        self._plans: dict[str, object] = {}
+        self._step = None
+        # method -> layer -> list of (recall, oracle-normalised recall, output error, fraction kept)
+        self.samples: dict[str, dict[int, list[tuple[float, float, float, float]]]] = defaultdict(lambda: defaultdict(list))
+
+    def on_kv(self, layer: int, key: torch.Tensor, slots: torch.Tensor) -> None:
+        for m in self.methods.values():
+            m.on_kv_written(layer, key, slots)
+
+    def on_decode(self, step, layer, q, k_cache, v_cache, block_table, seq_lens, scale) -> None:
+        if step != self._step:
+            self.close_step()
+            self._step = step
+            self._plans = {n: m.begin_step([self.req_id], seq_lens, block_table) for n, m in self.methods.items()}
+        dense_out, _ = self.ops.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
+        for name, m in self.methods.items():
+            sel = m.select(layer, q, self._plans[name])
+            ids, counts = sel._logical, sel.blocks_kept
+            recall = metrics.attention_mass_recall(q, k_cache, block_table, seq_lens, ids, counts, scale)
+            normalised = metrics.oracle_normalised_recall(q, k_cache, block_table, seq_lens, ids, counts, scale)
+            out, _ = self.ops.paged_decode_attention(q, k_cache, v_cache, sel.block_table, sel.seq_lens, scale)
+            err = metrics.relative_output_error(out.flatten(1), dense_out.flatten(1))
+            frac = float(sel.blocks_kept[0]) / float(sel.blocks_total[0])
+            self.samples[name][layer].append((float(recall[0]), float(normalised[0]), float(err[0]), frac))
+
+    def close_step(self) -> None:
+        for name, plan in self._plans.items():
+            self.methods[name].end_step(plan)
+        self._plans = {}
+
+    def summary(self) -> dict:
+        """Per method: per-layer means, and means over the sparse layers."""
+        out = {}
+        for name, layers in self.samples.items():
+            rows = {}
+            for layer in sorted(layers):
+                vals = torch.tensor(layers[layer])
+                rows[layer] = dict(zip(("recall", "oracle_normalised_recall", "output_error", "fraction_kept"),
+                                       vals.mean(0).tolist()))
+            sparse = [r for r in rows.values() if r["fraction_kept"] < 0.999]
+            mean = {k: sum(r[k] for r in sparse) / len(sparse) for k in rows[min(rows)]} if sparse else {}
+            out[name] = {"per_layer": rows, "sparse_layers_mean": mean}
+        return out
+
+
+def run_profile(
+    tokens: int = 3000,
+    prompts: int = 3,
+    steps: int = 8,
+    ratio: float = 0.3,
+    methods: tuple[str, ...] = ("ESA", "GSA", "GSAOnDevice", "KVStarMultiStep"),
+    block_size: int = 32,
+    backend: str | None = None,
+    out: Path | None = None,
+    plot: Path | None = None,
+) -> dict:
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ucm.demo import method_config, needle_prompt
+    from ucm.hf_runner import PagedHFRunner
+    from ucm.models import fetch_model
+    from ucm.ops import get_ops
+    from ucm.sparse.factory import build_sparse_method
+
+    ops = get_ops(backend)
+    path = fetch_model("smollm2")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    runner = None
+    merged: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
+    t0 = time.perf_counter()
+    for seed in tqdm(range(prompts), desc="profiling", unit="prompt", file=sys.stderr):
+        ids, _ = needle_prompt(tok, tokens, 0.5, seed=seed)
+        if runner is None or len(ids) + steps + block_size > runner.max_tokens:
+            runner = PagedHFRunner(model, tok, ops, block_size=block_size, max_tokens=len(ids) + steps + 4 * block_size)
+        state = runner.prefill(ids)
+        built = {name: build_sparse_method(method_config(name, ratio), runner.shapes, ops,
+                                           model_config=_hata_all_sparse(ratio) if name == "GSAOnDevice" else None)
+                 for name in methods}
+        prof = SelectionProfiler(built, ops)
+        runner.decode(state, None, steps, observers=[prof])
+        prof.close_step()
+        for m in built.values():
+            m.close()
+        for name, layers in prof.samples.items():
+            for layer, vals in layers.items():
+                merged[name][layer].extend(vals)
+    summary_prof = SelectionProfiler({}, ops)
+    summary_prof.samples = merged
+    result = {
+        "model": "SmolLM2-135M-Instruct (float32)",
+        "backend": ops.name,
+        "prompt_tokens": tokens,
+        "prompts": prompts,
+        "decode_steps": steps,
+        "block_size": block_size,
+        "ratio": ratio,
+        "every_layer_sparse": True,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "command": "ucm profile " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["profile"] else "run_profile()",
+        "methods": summary_prof.summary(),
+    }
+    print_summary(result)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+    if plot is not None:
+        plot_profile(result, plot)
+        print(f"wrote {plot}")
+    return result
+
+
+def _hata_all_sparse(ratio: float) -> dict:
+    """The shipped SmolLM2 JSON with every layer sparse: the profile judges every layer."""
+    from ucm.config.loader import load_model_config
+
+    data = load_model_config("SmolLM2-135M-Instruct").config.model_dump()
+    data["top_k_ratio_per_layer"] = [ratio] * data["num_hidden_layers"]
+    data["gpu_seq_len_threshold"] = 0
+    return data
+
+
+def print_summary(result: dict) -> None:
+    print(f"\nselection quality at ratio {result['ratio']} ({result['prompts']} prompts x {result['decode_steps']} "
+          f"steps, {result['prompt_tokens']} tokens, block {result['block_size']}), mean over layers:")
+    print(f"{'method':<16} {'recall':>7} {'oracle-norm':>12} {'output err':>11} {'kept':>6}")
+    for name, res in result["methods"].items():
+        m = res["sparse_layers_mean"]
+        if m:
+            print(f"{name:<16} {m['recall']:>7.3f} {m['oracle_normalised_recall']:>12.3f} {m['output_error']:>11.3f} "
+                  f"{m['fraction_kept']:>6.2f}")
+
+
+def plot_profile(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
+    for name, res in result["methods"].items():
+        layers = sorted(int(k) for k in res["per_layer"])
+        rows = [res["per_layer"][k] if k in res["per_layer"] else res["per_layer"][str(k)] for k in layers]
+        axes[0].plot(layers, [r["oracle_normalised_recall"] for r in rows], marker="o", ms=3, label=name)
+        axes[1].plot(layers, [r["output_error"] for r in rows], marker="o", ms=3, label=name)
+    axes[0].set(title=f"oracle-normalised attention-mass recall (ratio {result['ratio']})", xlabel="layer",
+                ylabel="recall / best possible", ylim=(0, 1.02))
+    axes[1].set(title="relative attention-output error", xlabel="layer", ylabel="||sparse - dense|| / ||dense||")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("profile", help="per-layer selection quality of every method vs dense attention (SmolLM2, CPU)")
+    p.add_argument("--tokens", type=int, default=3000)
+    p.add_argument("--prompts", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8, help="decode steps per prompt")
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--methods", default="ESA,GSA,GSAOnDevice,KVStarMultiStep")
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--backend", default=None)
+    p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    p.add_argument("--plot", type=Path, default=None, help="write a per-layer plot (PNG) here")
+    p.set_defaults(handler=_handle)
+
+
+def _handle(args) -> int:
+    methods = tuple(m for m in args.methods.split(",") if m)
+    run_profile(args.tokens, args.prompts, args.steps, args.ratio, methods, args.block_size, args.backend, args.out,
+                args.plot)
+    return 0
