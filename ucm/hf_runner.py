@@ -42,6 +42,19 @@ class GenerationResult:
         return self.blocks_kept / self.blocks_total if self.blocks_total else 1.0
 
 
+class RunObserver:
+    """Sees what the runner computes; subclasses override what they need (all no-ops here)."""
+
+    def on_kv(self, layer: int, key: torch.Tensor, slots: torch.Tensor) -> None:
+        """Keys [T, Hkv, D] written at slots (prefill, decode, and the prompt replayed per decode)."""
+
+    def on_prefill(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Post-RoPE prefill queries [n, Hq, D] and keys [n, Hkv, D] of a layer."""
+
+    def on_decode(self, step, layer, q, k_cache, v_cache, block_table, seq_lens, scale) -> None:
+        """A decode layer's dense inputs, before attention."""
+
+
 class _StepContext:
     """What the attention function needs during one forward: caches, slots, method, plan."""
 
@@ -71,6 +84,8 @@ def _paged_attention(module, query, key, value, attention_mask, scaling=None, dr
     for ob in ucm_ctx.observers:
         ob.on_kv(layer, k_tok, ucm_ctx.slots)
     if query.shape[2] > 1:  # prefill stays dense
+        for ob in ucm_ctx.observers:
+            ob.on_prefill(layer, query[0].transpose(0, 1), k_tok)
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, enable_gqa=True
         )
@@ -137,13 +152,15 @@ class PagedHFRunner:
         return self.block_table[0, pos // self.block_size].to(torch.int64) * self.block_size + pos % self.block_size
 
     @torch.inference_mode()
-    def prefill(self, prompt_ids: Sequence[int]) -> Prefilled:
+    def prefill(self, prompt_ids: Sequence[int], observers: Sequence = ()) -> Prefilled:
+        """Dense prefill; observers with `on_prefill(layer, q [n, Hq, D], k [n, Hkv, D])` see
+        every layer's post-RoPE queries and keys (calibration data)."""
         n = len(prompt_ids)
         if n >= self.max_tokens:
             raise ValueError(f"{n} prompt tokens do not fit max_tokens={self.max_tokens}")
         t0 = time.perf_counter()
         self.seq_lens[0] = n
-        ctx = _StepContext(self, self._slots(0, n))
+        ctx = _StepContext(self, self._slots(0, n), observers=observers)
         logits = self.model(
             input_ids=torch.tensor([list(prompt_ids)]), position_ids=torch.arange(n)[None], use_cache=False, ucm_ctx=ctx
         ).logits

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from ucm import metrics
+from ucm.hf_runner import RunObserver
 from ucm.ops.contract import SparseOps
 from ucm.sparse.base import SparseMethod
 
 
-class SelectionProfiler:
+class SelectionProfiler(RunObserver):
     """Observer of a dense `PagedHFRunner.decode`: runs every method alongside and scores it."""
 
     def __init__(self, methods: dict[str, SparseMethod], ops: SparseOps, req_id: str = "profile") -> None:

@@ -1,0 +1,33 @@
+"""`ucm calibrate` smoke run: trains on real q/k, writes weights and a per-model JSON that the
+GSA-on-device loader accepts, and the built method hashes with exactly those weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the model tests need the [test] extra (transformers)")
+
+from ucm.calibrate import run_calibrate  # noqa: E402
+from ucm.config.loader import load_model_config  # noqa: E402
+from ucm.ops import get_ops  # noqa: E402
+from ucm.sparse.base import ModelShapes  # noqa: E402
+from ucm.sparse.factory import build_sparse_method  # noqa: E402
+
+
+def test_calibrate_writes_loadable_trained_weights(tmp_path) -> None:
+    res = run_calibrate(tmp_path, prompts=1, heldout=1, tokens=400, steps=3, queries_per_prompt=16)
+    assert len(res["loss_start_end_per_layer"]) == 30
+    assert all(end < start for start, end in res["loss_start_end_per_layer"])  # the optimiser moved
+    for name in ("random", "trained"):
+        mean = res["heldout"][name]["sparse_layers_mean"]
+        assert 0.0 < mean["recall"] <= mean["oracle_normalised_recall"] <= 1.0
+    loaded = load_model_config(tmp_path / res["config"])
+    assert loaded.config.hash_weight_type == "trained"
+    shapes = ModelShapes(30, 9, 3, 64, 32, 64)
+    method = build_sparse_method({"GSAOnDevice": {}}, shapes, get_ops("reference"), model_config=loaded)
+    saved = torch.load(tmp_path / res["weights"], weights_only=True)["weight"]
+    assert torch.equal(method.scorer.weights[7][0], saved[7])
+    assert json.loads((tmp_path / "calibration.json").read_text())["bits"] == 128

@@ -1,0 +1,177 @@
+"""`ucm calibrate`: learn GSA-on-device's hash projections from the model's own queries and keys.
+
+Random orthogonal projections preserve angles only on average. Here each layer's projection W
+[D, bits] is trained so that hamming similarity ranks keys the way attention does: queries and
+keys come from real prefills; a soft sign (tanh) makes codes differentiable, and the loss is
+the KL divergence from the true attention distribution softmax(q.k * scale) to a softmax of
+the (scaled) soft code similarity. W starts from the random orthogonal projection ucm uses by
+default, so training only moves away from it when that helps. The result is saved in the
+format `hash_weight_type: "trained"` loads, together with a per-model JSON pointing at it, and
+judged against the random projection on held-out prompts by block-selection recall.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ucm.hf_runner import RunObserver
+from ucm.sparse.hashing import random_orthogonal_hash, save_trained_hash
+
+
+class QKCollector(RunObserver):
+    """Post-RoPE queries (from the last quarter of each prompt) and keys, per layer and prompt."""
+
+    def __init__(self, queries_per_prompt: int, seed: int = 0) -> None:
+        self.queries_per_prompt = queries_per_prompt
+        self.gen = torch.Generator().manual_seed(seed)
+        self.data: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def on_prefill(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        n = query.shape[0]
+        start = (3 * n) // 4
+        pick = start + torch.randperm(n - start, generator=self.gen)[: self.queries_per_prompt]
+        self.data.setdefault(layer, []).append((query[pick].float().clone(), key.float().clone()))
+
+
+def train_layer(samples: list[tuple[torch.Tensor, torch.Tensor]], init: torch.Tensor, steps: int, lr: float = 0.01,
+                ) -> tuple[torch.Tensor, float, float]:
+    """Train one layer's projection. Returns (W, loss at start, loss at end)."""
+    w = torch.nn.Parameter(init.clone())
+    beta = torch.nn.Parameter(torch.tensor(8.0))
+    opt = torch.optim.Adam([w, beta], lr=lr)
+    bits = init.shape[1]
+    first = last = float("nan")
+    for step in range(steps):
+        tau = 1.0 - 0.8 * step / max(steps - 1, 1)  # sharpen the soft sign towards the hard one
+        total = 0.0
+        opt.zero_grad()
+        for q, k in samples:  # q [nq, Hq, D], k [n, Hkv, D]
+            g = q.shape[1] // k.shape[1]
+            kk = k.repeat_interleave(g, dim=1).transpose(0, 1)  # [Hq, n, D]
+            qq = q.transpose(0, 1)  # [Hq, nq, D]
+            target = torch.softmax(qq @ kk.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+            hq = torch.tanh(qq @ w / tau)
+            hk = torch.tanh(kk @ w / tau)
+            sim = hq @ hk.transpose(1, 2) / bits  # in [-1, 1]: 1 - 2 * hamming / bits, softly
+            loss = torch.nn.functional.kl_div(torch.log_softmax(beta * sim, -1), target, reduction="batchmean")
+            (loss / len(samples)).backward()
+            total += float(loss) / len(samples)
+        opt.step()
+        with torch.no_grad():  # keep the columns on the unit sphere: only directions matter for signs
+            w.div_(w.norm(dim=0, keepdim=True).clamp(min=1e-6))
+        first = total if step == 0 else first
+        last = total
+    return w.detach().clone(), first, last
+
+
+def run_calibrate(
+    out_dir: Path,
+    prompts: int = 4,
+    heldout: int = 2,
+    tokens: int = 1500,
+    steps: int = 100,
+    queries_per_prompt: int = 64,
+    ratio: float = 0.3,
+    block_size: int = 32,
+    seed: int = 0,
+) -> dict:
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ucm.config.loader import load_model_config
+    from ucm.demo import needle_prompt
+    from ucm.hf_runner import PagedHFRunner
+    from ucm.models import fetch_model
+    from ucm.ops import get_ops
+    from ucm.profile import SelectionProfiler
+    from ucm.sparse.factory import build_sparse_method
+
+    t0 = time.perf_counter()
+    ops = get_ops()
+    path = fetch_model("smollm2")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    base = load_model_config("SmolLM2-135M-Instruct").config.model_dump()
+    layers, dim, bits = base["num_hidden_layers"], base["head_dim"], base["hash_bits"]
+    prompt_ids = [needle_prompt(tok, tokens, 0.5, seed=1000 + i)[0] for i in range(prompts + heldout)]
+    runner = PagedHFRunner(model, tok, ops, block_size=block_size, max_tokens=max(map(len, prompt_ids)) + 64)
+
+    collector = QKCollector(queries_per_prompt, seed)
+    for ids in tqdm(prompt_ids[:prompts], desc="collecting q/k", unit="prompt", file=sys.stderr):
+        runner.prefill(ids, observers=[collector])
+    weights, losses = [], []
+    for layer in tqdm(range(layers), desc="training", unit="layer", file=sys.stderr):
+        init = random_orthogonal_hash(dim, bits, seed * 1_000_003 + layer * 7)  # the factory's random W
+        w, first, last = train_layer(collector.data[layer], init, steps)
+        weights.append(w)
+        losses.append((first, last))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weight_file = out_dir / "smollm2_trained_hash.pt"
+    save_trained_hash(weight_file, weights)
+    trained_cfg = dict(base, hash_weight_type="trained", hash_weight=weight_file.name,
+                       top_k_ratio_per_layer=[ratio] * layers, gpu_seq_len_threshold=0)
+    cfg_file = out_dir / "smollm2_135m_trained.json"
+    cfg_file.write_text(json.dumps(trained_cfg, indent=2))
+    random_cfg = dict(base, top_k_ratio_per_layer=[ratio] * layers, gpu_seq_len_threshold=0)
+
+    # held-out prompts: the same selector with random vs trained projections, judged on real attention
+    merged: dict[str, dict[int, list]] = {}
+    for ids in tqdm(prompt_ids[prompts:], desc="held-out", unit="prompt", file=sys.stderr):
+        state = runner.prefill(ids)
+        methods = {
+            "random": build_sparse_method({"GSAOnDevice": {}}, runner.shapes, ops, model_config=random_cfg, seed=seed),
+            "trained": build_sparse_method({"GSAOnDevice": {}}, runner.shapes, ops, model_config=load_model_config(cfg_file)),
+        }
+        prof = SelectionProfiler(methods, ops)
+        runner.decode(state, None, 6, observers=[prof])
+        prof.close_step()
+        for name, per_layer in prof.samples.items():
+            for layer, vals in per_layer.items():
+                merged.setdefault(name, {}).setdefault(layer, []).extend(vals)
+    judge = SelectionProfiler({}, ops)
+    judge.samples = merged
+    summary = judge.summary()
+    result = {
+        "model": "SmolLM2-135M-Instruct (float32)",
+        "bits": bits,
+        "train_prompts": prompts,
+        "heldout_prompts": heldout,
+        "prompt_tokens": tokens,
+        "steps": steps,
+        "ratio": ratio,
+        "block_size": block_size,
+        "loss_start_end_per_layer": losses,
+        "heldout": summary,
+        "weights": weight_file.name,
+        "config": cfg_file.name,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (out_dir / "calibration.json").write_text(json.dumps(result, indent=2))
+    r, t = summary["random"]["sparse_layers_mean"], summary["trained"]["sparse_layers_mean"]
+    print(f"held-out oracle-normalised recall at ratio {ratio}, {bits} bits: random {r['oracle_normalised_recall']:.3f}"
+          f" -> trained {t['oracle_normalised_recall']:.3f}; output error {r['output_error']:.3f} -> "
+          f"{t['output_error']:.3f}")
+    print(f"wrote {weight_file}, {cfg_file} (use it as GSAOnDevice.config_file) and {out_dir / 'calibration.json'}")
+    return result
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="train GSA-on-device hash projections on the model's own q/k (SmolLM2, CPU)")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--prompts", type=int, default=4, help="training prompts")
+    p.add_argument("--heldout", type=int, default=2, help="held-out prompts for the random-vs-trained comparison")
+    p.add_argument("--tokens", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per layer")
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.set_defaults(handler=_handle)
+
+
+def _handle(args) -> int:
+    run_calibrate(args.out_dir, args.prompts, args.heldout, args.tokens, args.steps, ratio=args.ratio)
+    return 0
