@@ -61,7 +61,7 @@ def train_layer(samples: list[tuple[torch.Tensor, torch.Tensor]], init: torch.Te
             sim = hq @ hk.transpose(1, 2) / bits  # in [-1, 1]: 1 - 2 * hamming / bits, softly
             loss = torch.nn.functional.kl_div(torch.log_softmax(beta * sim, -1), target, reduction="batchmean")
             (loss / len(samples)).backward()
-            total += float(loss) / len(samples)
+            total += float(loss.detach()) / len(samples)
         opt.step()
         with torch.no_grad():  # keep the columns on the unit sphere: only directions matter for signs
             w.div_(w.norm(dim=0, keepdim=True).clamp(min=1e-6))
