@@ -12,21 +12,32 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ucm.config.errors import ConfigError, from_validation_error
 from ucm.config.loader import SPARSE_KEY, parse_sparse_config
 from ucm.config.sparse import MethodConfig
+from ucm.store.factory import CONNECTOR_PIPELINES, StoreSpec
 
 SOURCE = "kv_connector_extra_config"
 
 
 class StoreSettings(BaseModel):
-    """Settings of a KV store (the store itself is issue "KV store"; the keys are checked now)."""
+    """Settings of a KV store (`ucm.store`, docs/store.md). Sizes are bytes.
+
+    storage_backends     directory (or directories, blocks spread by id) of the POSIX stage
+    storage_capacity     bytes the POSIX stage may hold; least recently used blocks go first (None: unbounded)
+    kv_block_size        bytes of one block over all layers; checked against the served model when the store starts
+    use_direct           O_DIRECT for the POSIX stage (falls back, with a warning, where the file system refuses it)
+    transferStreamNumber I/O worker threads
+    store_pipeline       "Cache|Posix" | "Posix" | "Cache" | "Empty" (UcmPipelineStore; the others imply theirs)
+    max_cache_size       bytes of host memory of the Cache stage
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
 
     storage_backends: str | list[str] | None = None
+    storage_capacity: int | None = Field(default=None, ge=1)
     kv_block_size: int | None = Field(default=None, ge=1)
     use_direct: bool = False
     transfer_stream_number: int = Field(default=1, ge=1, alias="transferStreamNumber")
@@ -34,11 +45,64 @@ class StoreSettings(BaseModel):
     max_cache_size: int | None = Field(default=None, ge=1)
 
 
+class _StoreKeyError(ValueError):
+    """A cross-field check failed on `key` (reported with that key by from_validation_error)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(message)
+
+
 class StoreConnector(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     ucm_connector_name: Literal["UcmNfsStore", "UcmPipelineStore", "UcmDramStore"]
     ucm_connector_config: StoreSettings = StoreSettings()
+
+    @property
+    def pipeline(self) -> str:
+        """The stage stack: UcmNfsStore = Posix, UcmDramStore = Cache, UcmPipelineStore = store_pipeline."""
+        implied = CONNECTOR_PIPELINES[self.ucm_connector_name]
+        if self.ucm_connector_name == "UcmPipelineStore":
+            return self.ucm_connector_config.store_pipeline or implied
+        return implied
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StoreConnector:
+        """Every key given must matter for the stages chosen; the stages' required keys must be there."""
+        cfg = self.ucm_connector_config
+        key = "ucm_connector_config."
+        implied = CONNECTOR_PIPELINES[self.ucm_connector_name]
+        if self.ucm_connector_name != "UcmPipelineStore" and cfg.store_pipeline not in (None, implied):
+            raise _StoreKeyError(key + "store_pipeline", f"{self.ucm_connector_name} is the {implied!r} pipeline; "
+                                 f"use UcmPipelineStore for {cfg.store_pipeline!r}")
+        stages = self.pipeline.split("|")
+        posix, cache = "Posix" in stages, "Cache" in stages
+        for name, needed in (("storage_backends", posix), ("max_cache_size", cache)):
+            given = getattr(cfg, name) is not None
+            if needed and not given:
+                raise _StoreKeyError(key + name, f"required by the {self.pipeline!r} pipeline")
+        unused = {"storage_backends": posix, "storage_capacity": posix, "use_direct": posix, "max_cache_size": cache}
+        for name, used in unused.items():
+            value = getattr(cfg, name)
+            if not used and value not in (None, False):
+                raise _StoreKeyError(key + name, f"has no effect in the {self.pipeline!r} pipeline; remove it")
+        backends = cfg.storage_backends
+        if isinstance(backends, list) and (not backends or not all(backends)):
+            raise _StoreKeyError(key + "storage_backends", "must name at least one directory, none empty")
+        if backends == "":
+            raise _StoreKeyError(key + "storage_backends", "must not be empty")
+        return self
+
+    def to_spec(self) -> StoreSpec:
+        """Plain values for `ucm.store.build_store` (which checks kv_block_size against the model)."""
+        cfg = self.ucm_connector_config
+        backends = cfg.storage_backends
+        roots = () if backends is None else (backends,) if isinstance(backends, str) else tuple(backends)
+        return StoreSpec(pipeline=self.pipeline, storage_backends=roots,  # type: ignore[arg-type]
+                         storage_capacity=cfg.storage_capacity, max_cache_size=cfg.max_cache_size,
+                         use_direct=cfg.use_direct, workers=cfg.transfer_stream_number,
+                         kv_block_size=cfg.kv_block_size)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,553 @@
+"""POSIX block store (UCM's `UcmNfsStore`): one file per block, shards packed, checked on load.
+
+File `<root>/<id>.blk` = a header (4 KiB-aligned) followed by `num_shards` shards, each at a
+4 KiB-aligned stride so that O_DIRECT can read any shard alone. Header (little-endian):
+
+    magic "UCMKVBLK" | version u32 | header_size u32 | shard_stride u64 | block id 16 B |
+    dtype name 16 B | num_shards u32 | ndim u32 | shape u64 x ndim | crc32 u32 x num_shards |
+    crc32 of all the preceding header bytes u32 | zero padding to header_size
+
+Why one file per block with every shard in it: a block is one lookup, one stat, one rename
+and one eviction unit (per-shard files would multiply metadata operations by the number of
+layers, which dominates on NFS), while the aligned stride still lets a layer be read alone.
+
+Atomicity: shards are written into `.tmp.<id>.<host>.<pid>.<rand>` in the same directory
+(allocated at its final size with posix_fallocate: contiguous on disk, and a full disk fails
+before any data is written); when the last shard lands the header with every checksum is
+written and the file is `os.replace`d to its name. Readers therefore see nothing or a whole
+block; concurrent writers of the same block hold the same bytes, and the last rename wins.
+No fsync: after a power loss a renamed file may hold garbage, which the checksums turn into a
+miss. Temp files of dead processes (same host) or older than an hour are removed on open.
+
+Eviction: `capacity` bytes over all roots. The mtime of a block file is its last use (loads
+and repeated dumps touch it); when this process's running total crosses the capacity it scans
+the directories (so other processes' blocks count) and unlinks the least recently used blocks
+down to 90 % of the capacity, skipping blocks this process is loading. A reader in another
+process keeps its open file after an unlink (POSIX semantics), so an eviction never tears a read.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import secrets
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ucm.store.api import BlockCorrupt, BlockId, BlockLayout, BlockMissing, KVStore, StoreError, StoreFull
+
+log = logging.getLogger("ucm.store")
+
+MAGIC = b"UCMKVBLK"
+VERSION = 1
+ALIGN = 4096
+SUFFIX = ".blk"
+TMP_PREFIX = ".tmp."
+LOW_WATERMARK = 0.9
+STALE_TMP_S = 3600.0
+META_ENTRIES = 1 << 16  # remembered block headers (checksums) per store
+IOV_BATCH = 256  # buffers per preadv call (IOV_MAX is 1024)
+_FIXED = struct.Struct("<8sIIQ16s16sII")
+_HOST = socket.gethostname().replace(".", "_") or "host"
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def _round_up(n: int, a: int = ALIGN) -> int:
+    return -(-n // a) * a
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _io_error(action: str, path: Path | str, exc: OSError, writing: bool = True) -> StoreError:
+    """A StoreError that says what happened to which path in words, not just an errno."""
+    why = {
+        errno.ENOSPC: "no space left on device (ENOSPC)",
+        errno.EDQUOT: "disk quota exceeded (EDQUOT)",
+        errno.EFBIG: "file too large for this file system or process limit (EFBIG)",
+        errno.EACCES: "permission denied (EACCES)",
+        errno.EPERM: "operation not permitted (EPERM)",
+        errno.EROFS: "read-only file system (EROFS)",
+    }.get(exc.errno or 0, exc.strerror or str(exc))
+    err = StoreError(f"cannot {action} {path}: {why}" + ("; the block was not stored" if writing else ""))
+    err.errno = exc.errno  # type: ignore[attr-defined]
+    return err
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class _Pending:
+    """A block being assembled in its temp file."""
+
+    tmp: Path
+    crcs: list[int | None]
+    count: int = 0
+    aborted: bool = False
+    publishing: bool = False  # set once, by the writer of the last shard
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class PosixStore(KVStore):
+    """Blocks as checksummed files in one or more directories (spread by id)."""
+
+    def __init__(
+        self,
+        roots: str | os.PathLike | Sequence[str | os.PathLike],
+        layout: BlockLayout,
+        *,
+        workers: int = 1,
+        capacity: int | None = None,
+        use_direct: bool = False,
+    ) -> None:
+        super().__init__(layout, workers)
+        root_list = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
+        if not root_list:
+            raise StoreError("PosixStore needs at least one directory")
+        self.roots = [Path(r) for r in root_list]
+        self.stride = _round_up(layout.shard_nbytes)
+        self.header_size = _round_up(_FIXED.size + 8 * len(layout.shard_shape) + 4 * layout.num_shards + 4)
+        self.file_size = self.header_size + layout.num_shards * self.stride
+        if capacity is not None and capacity < self.file_size:
+            raise StoreFull(f"capacity {capacity} B is smaller than one block file ({self.file_size} B)")
+        self.capacity = capacity
+        for r in self.roots:
+            try:
+                r.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _io_error("create the store directory", r, exc, writing=False) from exc
+            if not r.is_dir():
+                raise StoreError(f"{r} is not a directory")
+        self.direct = bool(use_direct) and self._probe_direct()
+        self._lock = threading.Lock()
+        self._evict_lock = threading.Lock()
+        self._pending: dict[BlockId, _Pending] = {}
+        self._readers: Counter[BlockId] = Counter()
+        self._local = threading.local()
+        self._meta: OrderedDict[BlockId, list] = OrderedDict()  # id -> [shard crcs, last touch (monotonic)]
+        self.touch_interval_s = 1.0  # LRU stamps are refreshed at most this often per block
+        self._pause_before_publish = 0.0  # test hook: seconds between the header write and the rename
+        self._remove_stale_tmp()
+        self._used = sum(size for _, size, _, _ in self._scan())
+        self._maybe_evict()
+
+    # ------------------------------------------------------------------ setup
+    def _probe_direct(self) -> bool:
+        """O_DIRECT only where every root accepts it; otherwise say so and use buffered I/O."""
+        if not _O_DIRECT:
+            log.warning("ucm.store: this platform has no O_DIRECT; use_direct ignored (buffered I/O)")
+            return False
+        for r in self.roots:
+            probe = r / f"{TMP_PREFIX}direct-probe.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}"
+            buf = mmap.mmap(-1, ALIGN)
+            try:
+                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, 0o644)
+                try:
+                    os.pwrite(fd, memoryview(buf), 0)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    log.warning("ucm.store: %s does not support O_DIRECT (%s); use_direct falls back to buffered I/O",
+                                r, exc.strerror)
+                    return False
+                raise _io_error("probe O_DIRECT in", r, exc, writing=False) from exc
+            finally:
+                buf.close()
+                try:
+                    probe.unlink()
+                except FileNotFoundError:
+                    pass
+        return True
+
+    def _remove_stale_tmp(self) -> None:
+        now = time.time()
+        for r in self.roots:
+            for entry in os.scandir(r):
+                if not entry.name.startswith(TMP_PREFIX):
+                    continue
+                parts = entry.name.split(".")  # "", "tmp", id, host, pid, rand
+                stale = False
+                try:
+                    stale = now - entry.stat().st_mtime > STALE_TMP_S
+                    if len(parts) == 6 and parts[3] == _HOST and not _pid_alive(int(parts[4])):
+                        stale = True
+                except (OSError, ValueError):
+                    continue
+                if stale:
+                    try:
+                        os.unlink(entry.path)
+                    except OSError:
+                        pass
+
+    # ------------------------------------------------------------------ paths
+    def path(self, block_id: BlockId) -> Path:
+        """Where a block lives (ids spread over the roots by their leading bits)."""
+        return self.roots[int(block_id[:8], 16) % len(self.roots)] / f"{block_id}{SUFFIX}"
+
+    def _bounce(self) -> memoryview:
+        """A page-aligned per-thread buffer for O_DIRECT transfers of unaligned tensors."""
+        need = max(self.stride, self.header_size)
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < need:
+            self._local.mm = mmap.mmap(-1, need)
+            self._local.buf = buf = memoryview(self._local.mm)
+        return buf
+
+    # ------------------------------------------------------------------ header
+    def _pack_header(self, block_id: BlockId, crcs: Sequence[int]) -> bytes:
+        lay = self.layout
+        head = _FIXED.pack(MAGIC, VERSION, self.header_size, self.stride, bytes.fromhex(block_id),
+                           _dtype_name(lay.dtype).encode(), lay.num_shards, len(lay.shard_shape))
+        head += struct.pack(f"<{len(lay.shard_shape)}Q", *lay.shard_shape)
+        head += struct.pack(f"<{lay.num_shards}I", *crcs)
+        head += struct.pack("<I", zlib.crc32(head))
+        return head + bytes(self.header_size - len(head))
+
+    def _parse_header(self, raw: bytes, block_id: BlockId, path: Path) -> list[int]:
+        """The per-shard checksums, after checking that the header belongs to this layout."""
+        lay = self.layout
+        if len(raw) < _FIXED.size:
+            raise BlockCorrupt(f"{path}: truncated header")
+        magic, version, hsize, stride, bid, dtype, nshards, ndim = _FIXED.unpack_from(raw)
+        if magic != MAGIC:
+            raise BlockCorrupt(f"{path}: bad magic {magic!r}")
+        if version != VERSION:
+            raise BlockCorrupt(f"{path}: format version {version}, this store reads {VERSION}")
+        end = _FIXED.size + 8 * ndim + 4 * nshards
+        if ndim > 16 or nshards > (1 << 20) or end + 4 > len(raw):
+            raise BlockCorrupt(f"{path}: malformed header")
+        (crc,) = struct.unpack_from("<I", raw, end)
+        if zlib.crc32(raw[:end]) != crc:
+            raise BlockCorrupt(f"{path}: header checksum mismatch")
+        shape = struct.unpack_from(f"<{ndim}Q", raw, _FIXED.size)
+        got = (hsize, stride, bid.hex(), dtype.rstrip(b"\0").decode(errors="replace"), nshards, tuple(shape))
+        want = (self.header_size, self.stride, block_id, _dtype_name(lay.dtype), lay.num_shards, lay.shard_shape)
+        if got != want:  # another layout under our id (a namespace mix-up): useless to us, dropped like a bad file
+            raise BlockCorrupt(f"{path}: stored as (header, stride, id, dtype, shards, shape)={got}, expected {want}")
+        return list(struct.unpack_from(f"<{nshards}I", raw, _FIXED.size + 8 * ndim))
+
+    # ------------------------------------------------------------------ API
+    def lookup(self, ids: Sequence[BlockId]) -> list[bool]:
+        out = []
+        for block_id in ids:
+            try:
+                out.append(os.stat(self.path(block_id)).st_size == self.file_size)
+            except OSError:
+                out.append(False)
+        return out
+
+    def _begin_load(self, ids: Sequence[BlockId]) -> None:
+        with self._lock:
+            self._readers.update(ids)
+
+    def _end_load(self, ids: Sequence[BlockId]) -> None:
+        with self._lock:
+            self._readers.subtract(ids)
+            for block_id in ids:
+                if self._readers[block_id] <= 0:
+                    del self._readers[block_id]
+
+    def _read(self, block_id: BlockId, shard: int, dst: torch.Tensor) -> None:
+        self._read_run(block_id, shard, [dst])
+
+    def _read_run(self, block_id: BlockId, first: int, dsts: list[torch.Tensor]) -> None:
+        """Shards first.. of one block: one open, the header once per block id, one preadv when the
+        shards are adjacent on disk (stride == size) and, for O_DIRECT, the buffers aligned."""
+        path = self.path(block_id)
+        flags = os.O_RDONLY | (_O_DIRECT if self.direct else 0)
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            raise BlockMissing(f"{path}: not in the store") from None
+        except OSError as exc:
+            raise StoreError(f"cannot open {path}: {exc.strerror}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            if size != self.file_size:
+                raise BlockCorrupt(f"{path}: size {size} B, a block file is {self.file_size} B")
+            crcs = self._crcs(fd, block_id, path)
+            nbytes = self.layout.shard_nbytes
+            offset = self.header_size + first * self.stride
+            views = [memoryview(d.numpy()) for d in dsts]
+            if self.stride == nbytes and (not self.direct or all(_aligned(d) for d in dsts)):
+                _preadv_all(fd, views, offset, path)
+            elif not self.direct:
+                for k, mv in enumerate(views):
+                    _preadv_all(fd, [mv], offset + k * self.stride, path)
+            else:
+                buf = self._bounce()
+                for k, d in enumerate(dsts):
+                    _preadv_all(fd, [buf[: self.stride]], offset + k * self.stride, path)
+                    np.copyto(d.numpy(), np.frombuffer(buf, dtype=np.uint8, count=nbytes))
+            for k, mv in enumerate(views):
+                if zlib.crc32(mv) != crcs[first + k]:
+                    raise BlockCorrupt(f"{path}: checksum mismatch in shard {first + k}")
+            self._touch(fd, block_id)
+        except BlockCorrupt:
+            with self._lock:
+                self._meta.pop(block_id, None)
+            self._drop(path)
+            raise
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+
+    def _crcs(self, fd: int, block_id: BlockId, path: Path) -> list[int]:
+        """The block's shard checksums: from its header once, then from memory.
+
+        Sound because ids are content addresses: every valid file under an id holds the same
+        bytes, hence the same checksums, and a payload that differs still fails its checksum.
+        """
+        with self._lock:
+            meta = self._meta.get(block_id)
+            if meta is not None:
+                self._meta.move_to_end(block_id)
+                return meta[0]
+        if self.direct:
+            buf = self._bounce()
+            _preadv_all(fd, [buf[: self.header_size]], 0, path)
+            raw = bytes(buf[: self.header_size])
+        else:
+            raw = os.pread(fd, self.header_size, 0)
+        crcs = self._parse_header(raw, block_id, path)
+        self._remember(block_id, crcs, 0.0)
+        return crcs
+
+    def _remember(self, block_id: BlockId, crcs: list[int], touched: float) -> None:
+        with self._lock:
+            self._meta[block_id] = [crcs, touched]
+            self._meta.move_to_end(block_id)
+            while len(self._meta) > META_ENTRIES:
+                self._meta.popitem(last=False)
+
+    def _touch(self, fd: int, block_id: BlockId) -> None:
+        """Refresh the LRU stamp (mtime), at most once per `touch_interval_s` per block."""
+        now = time.monotonic()
+        with self._lock:
+            meta = self._meta.get(block_id)
+            if meta is not None:
+                if now - meta[1] < self.touch_interval_s:
+                    return
+                meta[1] = now
+        try:
+            os.utime(fd)
+        except OSError:
+            pass  # a read-only store still serves reads
+
+    def _drop(self, path: Path) -> None:
+        """Remove a bad file so that lookups report the miss and a later dump can replace it."""
+        log.warning("ucm.store: dropping corrupt block file %s", path)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+    def _write(self, block_id: BlockId, shard: int, src: torch.Tensor) -> None:
+        final = self.path(block_id)
+        with self._lock:
+            pending = self._pending.get(block_id)
+            if pending is None:
+                if self.lookup([block_id])[0]:  # content-addressed: the stored block holds these bytes
+                    try:
+                        os.utime(final)
+                    except OSError:
+                        pass
+                    return  # (a file of the wrong size is not a block: it is replaced on publish)
+                tmp = final.with_name(f"{TMP_PREFIX}{block_id}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}")
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except OSError as exc:
+                    raise _io_error("create", tmp, exc) from exc
+                try:
+                    _allocate(fd, self.file_size)
+                except OSError as exc:
+                    os.close(fd)
+                    _unlink_quiet(tmp)
+                    raise _io_error("allocate space for", tmp, exc) from exc
+                os.close(fd)
+                pending = self._pending[block_id] = _Pending(tmp, [None] * self.layout.num_shards)
+        try:
+            self._write_at(pending.tmp, src, self.header_size + shard * self.stride)
+        except OSError as exc:
+            if pending.publishing and exc.errno == errno.ENOENT:
+                return  # a second writer of this very shard, beaten by the publish: the block is stored
+            self._abort(block_id, pending)
+            raise _io_error("write", pending.tmp, exc) from exc
+        crc = zlib.crc32(memoryview(src.numpy()))
+        with pending.lock:
+            if pending.aborted:
+                raise StoreError(f"{final}: dump abandoned after an earlier failure of this block")
+            if pending.crcs[shard] is None:
+                pending.count += 1
+            pending.crcs[shard] = crc
+            complete = pending.count == self.layout.num_shards and not pending.publishing
+            pending.publishing = pending.publishing or complete
+        if complete:
+            self._publish(block_id, pending, final)
+
+    def _write_at(self, path: Path, src: torch.Tensor, offset: int) -> None:
+        fd = os.open(path, os.O_WRONLY | (_O_DIRECT if self.direct else 0))
+        try:
+            if not self.direct or _aligned(src):
+                _pwrite_all(fd, memoryview(src.numpy()), offset)
+            else:
+                buf = self._bounce()
+                np.copyto(np.frombuffer(buf, dtype=np.uint8, count=src.numel()), src.numpy())
+                _pwrite_all(fd, buf[: self.stride], offset)
+        finally:
+            os.close(fd)
+
+    def _publish(self, block_id: BlockId, pending: _Pending, final: Path) -> None:
+        header = self._pack_header(block_id, [c for c in pending.crcs if c is not None])
+        try:
+            if self.direct:
+                buf = self._bounce()
+                buf[: self.header_size] = header
+                head = torch.frombuffer(buf, dtype=torch.uint8, count=self.header_size)
+                self._write_at(pending.tmp, head, 0)
+            else:
+                self._write_at(pending.tmp, torch.frombuffer(bytearray(header), dtype=torch.uint8), 0)
+            if self._pause_before_publish:
+                time.sleep(self._pause_before_publish)
+            os.replace(pending.tmp, final)
+        except OSError as exc:
+            self._abort(block_id, pending)
+            raise _io_error("publish", final, exc) from exc
+        with self._lock:
+            if self._pending.get(block_id) is pending:
+                del self._pending[block_id]
+            self._used += self.file_size
+        self._remember(block_id, list(pending.crcs), time.monotonic())  # type: ignore[arg-type]
+        self._maybe_evict()
+
+    def _abort(self, block_id: BlockId, pending: _Pending) -> None:
+        with pending.lock:
+            pending.aborted = True
+        with self._lock:
+            if self._pending.get(block_id) is pending:
+                del self._pending[block_id]
+        _unlink_quiet(pending.tmp)
+
+    def discard_pending(self) -> None:
+        """Drop blocks whose dump never completed (e.g. an aborted request); removes their temp files."""
+        with self._lock:
+            items = list(self._pending.items())
+        for block_id, pending in items:
+            self._abort(block_id, pending)
+
+    def close(self) -> None:
+        super().close()
+        self.discard_pending()
+
+    # ------------------------------------------------------------------ eviction
+    def _scan(self) -> list[tuple[int, int, BlockId, str]]:
+        """(mtime_ns, size, id, path) of every published block in every root."""
+        out = []
+        for r in self.roots:
+            for entry in os.scandir(r):
+                name = entry.name
+                if name.endswith(SUFFIX) and not name.startswith("."):
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue
+                    out.append((st.st_mtime_ns, st.st_size, name[: -len(SUFFIX)], entry.path))
+        return out
+
+    def used_bytes(self) -> int:
+        """Bytes of published blocks in the directories now (a scan)."""
+        return sum(size for _, size, _, _ in self._scan())
+
+    def _maybe_evict(self) -> None:
+        if self.capacity is None or self._used <= self.capacity:
+            return
+        with self._evict_lock:
+            entries = sorted(self._scan())
+            total = sum(e[1] for e in entries)
+            if total > self.capacity:
+                target = int(self.capacity * LOW_WATERMARK)
+                with self._lock:  # no load can pin a block while we pick victims
+                    for _, size, block_id, path in entries:
+                        if total <= target:
+                            break
+                        if block_id in self._readers:
+                            continue
+                        try:
+                            os.unlink(path)
+                        except FileNotFoundError:
+                            pass
+                        except OSError as exc:
+                            log.warning("ucm.store: cannot evict %s: %s", path, exc.strerror)
+                            continue
+                        total -= size
+                if total > self.capacity:
+                    log.warning("ucm.store: %d B stored over a %d B capacity: the rest is being read", total, self.capacity)
+            self._used = total
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Reserve the whole file now: one contiguous extent per block (shards written in any order
+    still land in file order on disk, so a block reads back sequentially), and a full disk fails
+    here, before any data is written. File systems without fallocate get a sparse file."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % ALIGN == 0 and t.numel() % ALIGN == 0
+
+
+def _unlink_quiet(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _preadv_all(fd: int, views: list[memoryview], offset: int, path: Path) -> None:
+    """Fill every buffer from consecutive file bytes (few syscalls; short reads resumed)."""
+    pending = [v for v in views if len(v)]
+    while pending:
+        batch = pending[:IOV_BATCH]
+        n = os.preadv(fd, batch, offset)
+        if n == 0:
+            raise BlockCorrupt(f"{path}: truncated (short read at byte {offset})")
+        offset += n
+        while pending and n >= len(pending[0]):
+            n -= len(pending[0])
+            pending.pop(0)
+        if n:
+            pending[0] = pending[0][n:]
+
+
+def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
