@@ -422,3 +422,31 @@ def test_fallback_inputs_not_taken_natively(cpu: CpuOps) -> None:
     torch.testing.assert_close(
         cpu.block_scores_dot(q, reps16, table, seq_lens, 16), REF.block_scores_dot(q, reps16, table, seq_lens, 16)
     )
+
+
+def test_fused_select_rewrite_and_kvstar_scores_match_the_reference_paths(cpu: CpuOps) -> None:
+    """The CPU backend's fast paths (top-k + block-table rewrite in one call, batched KVStar
+    scoring) give what the contract's reference ops give through the generic code."""
+    from tests.paged import make_paged
+    from ucm.sparse.base import ModelShapes
+    from ucm.sparse.factory import build_sparse_method
+
+    g = gen(77)
+    batch = make_paged([40 * 16 + 5, 23 * 16, 7], 16, 2, 32, g)
+    shapes = ModelShapes(2, 8, 2, 32, 16, batch.k_cache.shape[0])
+    for cfg in ({"ESA": {"sparse_ratio": 0.3, "retrieval_stride": 1}},
+                {"KVStarMultiStep": {"sparse_ratio": 0.3, "retrieval_stride": 1, "blk_repre_inner_token_merge": 4}}):
+        sels = []
+        for ops in (cpu, REF):
+            m = build_sparse_method(cfg, shapes, ops, host_ops=ops)
+            for layer in range(2):
+                for r in range(3):
+                    m.on_kv_written(layer, batch.keys(r), batch.slots(r))
+            plan = m.begin_step(["a", "b", "c"], batch.seq_lens, batch.block_table)
+            q = torch.randn(3, 8, 32, generator=gen(5))
+            sels.append([m.select(layer, q, plan) for layer in range(2)])
+            m.close()
+        for fast, ref in zip(*sels):
+            assert torch.equal(fast.block_table, ref.block_table.to(fast.block_table.dtype))
+            assert torch.equal(fast.seq_lens.long(), ref.seq_lens.long())
+            assert torch.equal(fast.blocks_kept.long(), ref.blocks_kept.long())

@@ -365,6 +365,67 @@ class CpuOps(TorchReferenceOps):
         ids, counts = ns.block_topk(scores, k.to(torch.int64), must_keep, n_blocks.to(torch.int64))
         return ids, counts
 
+    def select_rewrite(
+        self,
+        scores: torch.Tensor,
+        k: torch.Tensor,
+        must_keep: torch.Tensor,
+        n_units: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        n_blocks: torch.Tensor,
+        unit_blocks: int,
+        block_size: int,
+    ) -> tuple[torch.Tensor, ...] | None:
+        """`block_topk` fused with `BlockSelector.rewrite` (not part of the contract: an optional
+        fast path the selector probes for, since per-layer op dispatch dominates at decode sizes).
+
+        Returns (unit_ids int32 [B, U], unit_counts int32 [B], block_table [B, M] in the table's
+        dtype, seq_lens int64 [B], blocks_kept int64 [B], logical int64 [B, M]), or None when the
+        kernels are unavailable or the inputs are not ones they take (the caller falls back).
+        """
+        ns = self._native()
+        if (
+            ns is None
+            or not _all_cpu(scores, k, must_keep, n_units, block_table, seq_lens, n_blocks)
+            or scores.dtype not in (torch.float32, torch.float64)
+            or must_keep.dtype != torch.bool
+            or block_table.dtype not in (torch.int32, torch.int64)
+            or scores.dim() != 2
+            or must_keep.shape != scores.shape
+        ):
+            return None
+        return tuple(ns.select_rewrite(scores, k.to(torch.int64), must_keep, n_units.to(torch.int64), block_table,
+                                       seq_lens.to(torch.int64), n_blocks.to(torch.int64), int(unit_blocks),
+                                       int(block_size)))
+
+    def kvstar_scores(
+        self,
+        q: torch.Tensor,
+        sums: torch.Tensor,
+        abs_sums: torch.Tensor,
+        block_table: torch.Tensor,
+        n_full: torch.Tensor,
+        kept_dims: int,
+        scale: float,
+    ) -> torch.Tensor | None:
+        """KVStar's block scores in one native pass (not part of the contract: an optional fast
+        path `KVStarScorer` probes for). q [B, W, Hq, D], sums [NB, R, Hkv, D] (sums of `merge`
+        keys; pass scale / merge), abs_sums [NB, Hkv, D], n_full [B] full blocks per row ->
+        float32 [B, M], -inf past n_full; None when the kernels cannot take the inputs."""
+        ns = self._native()
+        if (
+            ns is None
+            or not _all_cpu(q, sums, abs_sums, block_table, n_full)
+            or sums.dtype != torch.float32
+            or abs_sums.dtype != torch.float32
+            or q.dtype not in _FLOATS
+            or not (_is_int(block_table) and _is_int(n_full))
+        ):
+            return None
+        return ns.kvstar_scores(q.to(torch.float32), sums, abs_sums, block_table.to(torch.int64),
+                                n_full.to(torch.int64), int(kept_dims), float(scale))
+
     # -------------------------------------------------------------- attention
     def paged_decode_attention(
         self,

@@ -190,6 +190,10 @@ class SparseMethod:
         self._lock = threading.Lock()
         self.retrieval_listeners: list[RetrievalListener] = []
         self.stats = SparsityStats(selector.num_layers)
+        # Combines block scores [b, M] across tensor-parallel ranks (each rank scores over its
+        # own KV heads; summing makes every rank select what one rank would). Called on the
+        # caller's thread, in the same order on every rank.
+        self.score_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def shapes(self) -> ModelShapes:
@@ -252,17 +256,24 @@ class SparseMethod:
         if not self.selector.needs_scores(layer):
             return self.selector.select(layer, plan, None)
         q = self.scorer.prepare_query(layer, q, plan.req_ids)
-        if bool(plan.sparse_rows.any()):
+        if any(plan.sparse_list):
             scores = self._unit_scores(layer, q, plan)
         else:  # every row is below the thresholds: the budgets already keep all units
             scores = torch.zeros(plan.batch, _max_or_zero(plan.n_units), device=q.device)
         return self.selector.select(layer, plan, scores)
 
     def _score_rows(self, layer: int, q: torch.Tensor, plan: StepPlan, rows: list[int]) -> torch.Tensor:
-        idx = torch.tensor(rows, dtype=torch.long, device=plan.seq_lens.device)
-        table = plan.block_table.index_select(0, idx.to(plan.block_table.device))
-        lens = plan.seq_lens.index_select(0, idx)
-        block_scores = self.scorer.score(layer, q.index_select(0, idx.to(q.device)), table, lens, [plan.req_ids[r] for r in rows])
+        if len(rows) == plan.batch:  # every row, in order: no gathering
+            table, lens, qr, rids = plan.block_table, plan.seq_lens, q, plan.req_ids
+        else:
+            idx = torch.tensor(rows, dtype=torch.long, device=plan.seq_lens.device)
+            table = plan.block_table.index_select(0, idx.to(plan.block_table.device))
+            lens = plan.seq_lens.index_select(0, idx)
+            qr = q.index_select(0, idx.to(q.device))
+            rids = [plan.req_ids[r] for r in rows]
+        block_scores = self.scorer.score(layer, qr, table, lens, rids)
+        if self.score_reduce is not None:
+            block_scores = self.score_reduce(block_scores)
         return self.selector.unit_scores(block_scores, self.scorer.unit_reduce)
 
     def _start_async(self, layer: int, q: torch.Tensor, plan: StepPlan, rows: list[int]) -> None:
@@ -274,6 +285,8 @@ class SparseMethod:
 
         def work() -> torch.Tensor:
             block_scores = self.scorer.score(layer, q_snap, table, lens, rids)
+            if self.score_reduce is not None:  # reduced across ranks when consumed (see _unit_scores)
+                return block_scores
             unit = self.selector.unit_scores(block_scores, self.scorer.unit_reduce)
             for i, rid in enumerate(rids):
                 self._notify(rid, layer, unit[i])
@@ -288,15 +301,21 @@ class SparseMethod:
             fn(rid, layer, unit_scores)
 
     def _unit_scores(self, layer: int, q: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-        sparse = plan.sparse_rows.tolist()
+        sparse = plan.sparse_list
         sync_rows, async_rows = [], []
+        requests = self._requests
         for r, rid in enumerate(plan.req_ids):
             if not sparse[r]:
                 continue
-            state = self._requests[rid]
+            state = requests[rid]
             pending = state.pending.pop(layer, None)
             if pending is not None:
-                state.scores[layer] = pending.result()
+                got = pending.result()
+                if self.score_reduce is not None:
+                    got = self.selector.unit_scores(self.score_reduce(got[None]), self.scorer.unit_reduce)[0]
+                    if self.retrieval_listeners:
+                        self._notify(rid, layer, got)
+                state.scores[layer] = got
             due = state.decode_steps % self.retrieval_stride == 0
             if layer not in state.scores:
                 sync_rows.append(r)
@@ -304,22 +323,28 @@ class SparseMethod:
                 async_rows.append(r)
             elif due:
                 sync_rows.append(r)
+        width = _max_or_zero(plan.n_units)
+        fresh = None
         if sync_rows:
             fresh = self._score_rows(layer, q, plan, sync_rows)
             for i, r in enumerate(sync_rows):
                 rid = plan.req_ids[r]
-                self._requests[rid].scores[layer] = fresh[i]
-                self._notify(rid, layer, fresh[i])
+                requests[rid].scores[layer] = fresh[i]
+                if self.retrieval_listeners:
+                    self._notify(rid, layer, fresh[i])
         if async_rows:
             self._start_async(layer, q, plan, async_rows)
-        width = _max_or_zero(plan.n_units)
+        if fresh is not None and len(sync_rows) == plan.batch and fresh.shape[1] >= width:
+            # every row was scored just now: the scores are the output (no per-row copies)
+            out = fresh[:, :width] if fresh.shape[1] > width else fresh
+            return out.to(q.device, torch.float32)
         out = torch.full((plan.batch, width), -math.inf, device=q.device)
         for r, rid in enumerate(plan.req_ids):
             if not sparse[r]:
                 continue
-            s = self._requests[rid].scores[layer]
+            s = requests[rid].scores[layer]
             n = min(int(s.shape[0]), width)
-            out[r, :n] = s[:n].to(out.device)
+            out[r, :n] = s[:n]
         return out
 
 

@@ -78,10 +78,18 @@ class StepPlan:
     selections: dict[int, Selection] = field(default_factory=dict)
     dense: Selection | None = None
     _budget_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _sparse_list: list[bool] | None = field(default=None, repr=False)
 
     @property
     def batch(self) -> int:
         return int(self.seq_lens.shape[0])
+
+    @property
+    def sparse_list(self) -> list[bool]:
+        """`sparse_rows` as a Python list, computed once per step (read by every layer)."""
+        if self._sparse_list is None:
+            self._sparse_list = self.sparse_rows.tolist()
+        return self._sparse_list
 
 
 class BlockSelector:
@@ -212,15 +220,44 @@ class BlockSelector:
         else:
             if unit_scores is None:
                 raise ValueError(f"layer {layer} is sparse and needs unit scores")
-            k, must = self.budgets(layer, plan)
-            u = unit_scores.shape[1]
-            if u < must.shape[1]:
-                raise ValueError(f"unit_scores has {u} columns, rows need {must.shape[1]}")
-            must = torch.nn.functional.pad(must, (0, u - must.shape[1]), value=False)
-            ids, counts = self.ops.block_topk(unit_scores, k, must, plan.n_units)
-            sel = self.rewrite(plan, ids, counts)
+            k, must = self._padded_budgets(layer, plan, unit_scores.shape[1])
+            fused = self._fused(unit_scores, k, must, plan)
+            if fused is not None:
+                sel = fused
+            else:
+                ids, counts = self.ops.block_topk(unit_scores, k, must, plan.n_units)
+                sel = self.rewrite(plan, ids, counts)
         plan.selections[layer] = sel
         return sel
+
+    def _padded_budgets(self, layer: int, plan: StepPlan, u: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`budgets` with must_keep padded to `u` columns, cached per plan (every sparse layer of
+        a step usually shares one policy, so this is computed once per step, not per layer)."""
+        p = self.policies[layer]
+        key = ("padded", u, p.ratio, p.min_units, p.init_units, p.local_units, p.must_select)
+        hit = plan._budget_cache.get(key)
+        if hit is not None:
+            return hit
+        k, must = self.budgets(layer, plan)
+        if u < must.shape[1]:
+            raise ValueError(f"unit_scores has {u} columns, rows need {must.shape[1]}")
+        must = torch.nn.functional.pad(must, (0, u - must.shape[1]), value=False)
+        plan._budget_cache[key] = (k, must)
+        return k, must
+
+    def _fused(self, unit_scores: torch.Tensor, k: torch.Tensor, must: torch.Tensor, plan: StepPlan) -> Selection | None:
+        """top-k + rewrite in one backend call where the backend has one (same result as
+        `block_topk` then `rewrite`); None to take the two-step path."""
+        fn = getattr(self.ops, "select_rewrite", None)
+        if fn is None:
+            return None
+        out = fn(unit_scores, k, must, plan.n_units, plan.block_table, plan.seq_lens, plan.n_blocks,
+                 self.unit_blocks, self.block_size)
+        if out is None:
+            return None
+        ids, counts, table, lens, kept, logical = out
+        return Selection(unit_ids=ids, unit_counts=counts, block_table=table, seq_lens=lens.to(plan.seq_lens.dtype),
+                         blocks_kept=kept, blocks_total=plan.n_blocks, dense=False, _logical=logical)
 
     def rewrite(self, plan: StepPlan, unit_ids: torch.Tensor, unit_counts: torch.Tensor) -> Selection:
         """Expand units to blocks and compact the kept blocks into a new block table."""

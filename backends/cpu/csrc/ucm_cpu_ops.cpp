@@ -499,6 +499,92 @@ std::tuple<at::Tensor, at::Tensor> block_topk(const at::Tensor& scores, const at
   return {ids, counts};
 }
 
+// ------------------------------------------------------------------------------ select_rewrite
+
+// block_topk over unit scores fused with BlockSelector.rewrite: expand the kept units to blocks,
+// drop blocks past n_blocks, compact their physical ids into a new table and shorten the length.
+// One call per layer replaces ~25 small torch ops (their dispatch cost rivals the sparse
+// attention itself at decode sizes). Ascending unit ids expand to ascending block ids, so the
+// kept logical blocks come out sorted with the padding (-1 / table 0) at the back.
+template <typename I>
+void rewrite_rows(const int32_t* ids, int64_t U, int64_t ub, const I* table, int64_t M, const int64_t* seq_lens,
+                  const int64_t* nblk, int64_t block_size, I* out_table, int64_t* out_logical, int64_t* new_lens,
+                  int64_t* kept, int64_t B) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t* row = ids + b * U;
+    const int64_t n_b = nblk[b];
+    I* ot = out_table + b * M;
+    int64_t* ol = out_logical + b * M;
+    int64_t n = 0;
+    for (int64_t j = 0; j < U && n < M; ++j) {
+      const int64_t u = row[j];
+      if (u < 0) continue;
+      for (int64_t t = 0; t < ub && n < M; ++t) {
+        const int64_t blk = u * ub + t;
+        if (blk >= n_b) break;
+        ol[n] = blk;
+        ot[n] = table[b * M + blk];
+        ++n;
+      }
+    }
+    for (int64_t j = n; j < M; ++j) {
+      ol[j] = -1;
+      ot[j] = 0;
+    }
+    kept[b] = n;
+    const int64_t last_len = seq_lens[b] - std::max<int64_t>(n_b - 1, 0) * block_size;
+    new_lens[b] = n > 0 ? (n - 1) * block_size + last_len : 0;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_rewrite(
+    const at::Tensor& scores, const at::Tensor& k, const at::Tensor& must_keep, const at::Tensor& n_units,
+    const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& n_blocks, int64_t unit_blocks,
+    int64_t block_size) {
+  TORCH_CHECK_VALUE(scores.dim() == 2 && must_keep.sizes() == scores.sizes() && block_table.dim() == 2,
+                    "select_rewrite: expected scores [B,U], must_keep [B,U], block_table [B,M]");
+  TORCH_CHECK_VALUE(k.scalar_type() == at::kLong && n_units.scalar_type() == at::kLong &&
+                        seq_lens.scalar_type() == at::kLong && n_blocks.scalar_type() == at::kLong &&
+                        must_keep.scalar_type() == at::kBool,
+                    "select_rewrite: k, n_units, seq_lens, n_blocks must be int64 and must_keep bool here");
+  TORCH_CHECK_VALUE(unit_blocks > 0 && block_size > 0, "select_rewrite: unit_blocks and block_size must be positive");
+  const at::Tensor s = scores.contiguous();
+  const at::Tensor kk = k.contiguous(), mk = must_keep.contiguous(), nu = n_units.contiguous();
+  const at::Tensor tb = block_table.contiguous(), sl = seq_lens.contiguous(), nb = n_blocks.contiguous();
+  const int64_t B = s.size(0), U = s.size(1), M = tb.size(1);
+  TORCH_CHECK_VALUE(tb.size(0) == B && kk.size(0) == B && nu.size(0) == B && sl.size(0) == B && nb.size(0) == B,
+                    "select_rewrite: batch sizes differ");
+  TORCH_CHECK_VALUE(U < std::numeric_limits<int32_t>::max(), "select_rewrite: too many units");
+  at::Tensor ids = at::empty({B, U}, s.options().dtype(at::kInt));
+  at::Tensor counts = at::empty({B}, s.options().dtype(at::kInt));
+  at::Tensor out_table = at::empty({B, M}, tb.options());
+  at::Tensor logical = at::empty({B, M}, tb.options().dtype(at::kLong));
+  at::Tensor new_lens = at::empty({B}, sl.options());
+  at::Tensor kept = at::empty({B}, sl.options());
+  if (B == 0) return {ids, counts, out_table, new_lens, kept, logical};
+  if (s.scalar_type() == at::kFloat) {
+    topk_rows<float>(s.data_ptr<float>(), kk.data_ptr<int64_t>(), mk.data_ptr<bool>(), nu.data_ptr<int64_t>(),
+                     ids.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), B, U);
+  } else if (s.scalar_type() == at::kDouble) {
+    topk_rows<double>(s.data_ptr<double>(), kk.data_ptr<int64_t>(), mk.data_ptr<bool>(), nu.data_ptr<int64_t>(),
+                      ids.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), B, U);
+  } else {
+    TORCH_CHECK_VALUE(false, "select_rewrite: scores must be float32 or float64 here");
+  }
+  if (tb.scalar_type() == at::kInt) {
+    rewrite_rows<int32_t>(ids.data_ptr<int32_t>(), U, unit_blocks, tb.data_ptr<int32_t>(), M, sl.data_ptr<int64_t>(),
+                          nb.data_ptr<int64_t>(), block_size, out_table.data_ptr<int32_t>(),
+                          logical.data_ptr<int64_t>(), new_lens.data_ptr<int64_t>(), kept.data_ptr<int64_t>(), B);
+  } else if (tb.scalar_type() == at::kLong) {
+    rewrite_rows<int64_t>(ids.data_ptr<int32_t>(), U, unit_blocks, tb.data_ptr<int64_t>(), M, sl.data_ptr<int64_t>(),
+                          nb.data_ptr<int64_t>(), block_size, out_table.data_ptr<int64_t>(),
+                          logical.data_ptr<int64_t>(), new_lens.data_ptr<int64_t>(), kept.data_ptr<int64_t>(), B);
+  } else {
+    TORCH_CHECK_VALUE(false, "select_rewrite: block_table must be int32 or int64 here");
+  }
+  return {ids, counts, out_table, new_lens, kept, logical};
+}
+
 // ---------------------------------------------------------------------------- block_scores_dot
 
 inline float dot_f32(const float* a, const float* b, int64_t d) {
@@ -506,6 +592,113 @@ inline float dot_f32(const float* a, const float* b, int64_t d) {
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < d; ++i) acc += a[i] * b[i];
   return acc;
+}
+
+// ------------------------------------------------------------------------------ kvstar_scores
+
+// KVStar's block scores for all rows in one pass over the representations, read in place by
+// block id (no per-row gathered copies). Per (row, kv head): channel importance = sum over the
+// row's full blocks of |K| sums; keep the `kept_dims` largest channels (ties -> lower index);
+// every query of the window and of the GQA group attends (softmax over all n * R merged
+// representations, logits = scale * <q, sum> over the kept channels) and each block's score is
+// the probability mass it receives, summed over queries, heads and its R representations.
+// q [B, W, Hq, D], sums [NB, R, Hkv, D], abs_sums [NB, Hkv, D], block_table [B, M] int64,
+// n_full [B] int64 -> [B, M] float32 (-inf past n_full).
+at::Tensor kvstar_scores(const at::Tensor& q, const at::Tensor& sums, const at::Tensor& abs_sums,
+                         const at::Tensor& block_table, const at::Tensor& n_full, int64_t kept_dims, double scale) {
+  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat && sums.scalar_type() == at::kFloat &&
+                        abs_sums.scalar_type() == at::kFloat,
+                    "kvstar_scores: q, sums and abs_sums must be float32 here");
+  TORCH_CHECK_VALUE(block_table.scalar_type() == at::kLong && n_full.scalar_type() == at::kLong,
+                    "kvstar_scores: block_table and n_full must be int64 here");
+  TORCH_CHECK_VALUE(q.dim() == 4 && sums.dim() == 4 && abs_sums.dim() == 3 && block_table.dim() == 2 &&
+                        n_full.dim() == 1,
+                    "kvstar_scores: expected q [B,W,Hq,D], sums [NB,R,Hkv,D], abs_sums [NB,Hkv,D], "
+                    "block_table [B,M], n_full [B]");
+  const at::Tensor qc = q.contiguous(), sc = sums.contiguous(), ac = abs_sums.contiguous();
+  const at::Tensor tb = block_table.contiguous(), nf = n_full.contiguous();
+  const int64_t B = qc.size(0), W = qc.size(1), Hq = qc.size(2), D = qc.size(3);
+  const int64_t NB = sc.size(0), R = sc.size(1), Hkv = sc.size(2), M = tb.size(1);
+  TORCH_CHECK_VALUE(sc.size(3) == D && ac.size(0) == NB && ac.size(1) == Hkv && ac.size(2) == D,
+                    "kvstar_scores: representation shapes disagree with q");
+  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "kvstar_scores: Hq must be a multiple of Hkv");
+  TORCH_CHECK_VALUE(tb.size(0) == B && nf.size(0) == B, "kvstar_scores: batch sizes differ");
+  TORCH_CHECK_VALUE(kept_dims >= 1 && kept_dims <= D, "kvstar_scores: kept_dims must be in [1, D]");
+  const int64_t G = Hq / Hkv, Kd = kept_dims, NQ = W * G;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  at::Tensor out = at::full({B, M}, ninf, qc.options());
+  const float* qp = qc.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  const float* ap = ac.data_ptr<float>();
+  const int64_t* tp = tb.data_ptr<int64_t>();
+  const int64_t* np = nf.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < std::min<int64_t>(np[b], M); ++j)
+      TORCH_CHECK_VALUE(tp[b * M + j] >= 0 && tp[b * M + j] < NB, "kvstar_scores: block id out of range");
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads()) if (B > 1)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = std::min<int64_t>(np[b], M);
+    if (n <= 0) continue;
+    const int64_t* blk = tp + b * M;
+    std::vector<double> mass(static_cast<size_t>(n), 0.0);
+    std::vector<float> imp(static_cast<size_t>(D));
+    std::vector<int32_t> order(static_cast<size_t>(D));
+    std::vector<float> qk(static_cast<size_t>(NQ * Kd));
+    std::vector<float> logits(static_cast<size_t>(NQ * n * R));
+    for (int64_t h = 0; h < Hkv; ++h) {
+      std::fill(imp.begin(), imp.end(), 0.0f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* a = ap + (blk[j] * Hkv + h) * D;
+        for (int64_t d = 0; d < D; ++d) imp[d] += a[d];
+      }
+      for (int64_t d = 0; d < D; ++d) order[d] = static_cast<int32_t>(d);
+      const float* ip = imp.data();
+      std::partial_sort(order.begin(), order.begin() + Kd, order.end(),
+                        [ip](int32_t x, int32_t y) { return ip[x] > ip[y] || (ip[x] == ip[y] && x < y); });
+      // the window's queries of this head's group, restricted to the kept channels, pre-scaled,
+      // channel-major [Kd][NQ] so each representation meets all NQ queries in one vector loop
+      for (int64_t w = 0; w < W; ++w)
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qv = qp + ((b * W + w) * Hq + h * G + g) * D;
+          for (int64_t c = 0; c < Kd; ++c) qk[c * NQ + w * G + g] = qv[order[c]] * fscale;
+        }
+      std::vector<float> acc(static_cast<size_t>(NQ));
+      for (int64_t j = 0; j < n; ++j) {
+        for (int64_t r = 0; r < R; ++r) {
+          const float* sv = sp + ((blk[j] * R + r) * Hkv + h) * D;
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          float* ac_ = acc.data();
+          for (int64_t c = 0; c < Kd; ++c) {
+            const float x = sv[order[c]];
+            const float* qc_ = qk.data() + c * NQ;
+#pragma omp simd
+            for (int64_t t = 0; t < NQ; ++t) ac_[t] += qc_[t] * x;
+          }
+          for (int64_t t = 0; t < NQ; ++t) logits[t * n * R + j * R + r] = ac_[t];
+        }
+      }
+      for (int64_t t = 0; t < NQ; ++t) {
+        float* l = logits.data() + t * n * R;
+        float mx = ninf;
+        for (int64_t i = 0; i < n * R; ++i) mx = std::max(mx, l[i]);
+        double z = 0.0;
+        for (int64_t i = 0; i < n * R; ++i) {
+          l[i] = std::exp(l[i] - mx);
+          z += l[i];
+        }
+        const double inv = z > 0.0 ? 1.0 / z : 0.0;
+        for (int64_t j = 0; j < n; ++j) {
+          double acc = 0.0;
+          for (int64_t r = 0; r < R; ++r) acc += l[j * R + r];
+          mass[j] += acc * inv;
+        }
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) op[b * M + j] = static_cast<float>(mass[j]);
+  }
+  return out;
 }
 
 // group_reduce: 0 = mean (ESA), 1 = max (GSA).
@@ -764,6 +957,10 @@ TORCH_LIBRARY(ucm_cpu, m) {
       &hamming_block_scores);
   m.def("block_topk(Tensor scores, Tensor k, Tensor must_keep, Tensor n_blocks) -> (Tensor, Tensor)", &block_topk);
   m.def(
+      "select_rewrite(Tensor scores, Tensor k, Tensor must_keep, Tensor n_units, Tensor block_table, Tensor seq_lens, "
+      "Tensor n_blocks, int unit_blocks, int block_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      &select_rewrite);
+  m.def(
       "block_scores_dot(Tensor q, Tensor repr_cache, Tensor block_table, Tensor seq_lens, int block_size, "
       "int group_reduce) -> Tensor",
       &block_scores_dot);
@@ -773,5 +970,9 @@ TORCH_LIBRARY(ucm_cpu, m) {
       &paged_decode_attention);
   m.def("block_reduce(Tensor k_cache, Tensor block_ids, Tensor valid_lens, int method, int group) -> Tensor",
         &block_reduce);
+  m.def(
+      "kvstar_scores(Tensor q, Tensor sums, Tensor abs_sums, Tensor block_table, Tensor n_full, int kept_dims, "
+      "float scale) -> Tensor",
+      &kvstar_scores);
   m.def("build_info() -> str", &build_info);
 }

@@ -47,36 +47,57 @@ class UCMCPUAttentionBackendImpl(CPUAttentionBackendImpl):
             picked = rt.decode_selection(layer.layer_name, query, attn_metadata.query_start_loc,
                                          attn_metadata.seq_lens, attn_metadata.block_table, block_size)
             if picked is not None:
-                attn_metadata = self._sparse_metadata(layer, query, attn_metadata, *picked)
+                attn_metadata = self._sparse_metadata(layer, query, attn_metadata, *picked, rt=rt)
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                               output_block_scale)
         if picked is not None and rt.observers:
             rt.notify_decode(layer.layer_name, picked[0], picked[1], query, attn_metadata.query_start_loc, output)
         return out
 
-    def _sparse_metadata(self, layer, query, md, rows, sel):
-        block_table = md.block_table.clone()
-        seq_lens = md.seq_lens.clone()
-        width = sel.block_table.shape[1]
-        block_table[rows, :width] = sel.block_table.to(block_table.dtype)
-        seq_lens[rows] = sel.seq_lens.to(seq_lens.dtype)
-        scheduler_metadata = vllm_ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=int(seq_lens.shape[0]),
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_size,
-            seq_lens=seq_lens,
-            dtype=query.dtype,
-            query_start_loc=md.query_start_loc,
-            causal=md.causal,
-            sliding_window_size=self.sliding_window,
-            isa=layer.isa,
-            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-            dynamic_causal=md.dynamic_causal,
-            kv_cache_dtype=self.kv_cache_dtype,
-        )
+    def _sparse_metadata(self, layer, query, md, rows, sel, rt=None):
+        """A copy of `md` whose decode rows read only the selected blocks.
+
+        When the decode rows are the whole batch in order (a pure decode step), the selection's
+        own table and lengths (fresh tensors, never written by the kernel) are used as they are
+        instead of patching a clone. The kernel's scheduler metadata depends only on the lengths
+        (and per-step constants), and sparse layers of one step mostly share their lengths, so it
+        is computed once per distinct length vector per step.
+        """
+        rt = rt if rt is not None else find_runtime()
+        table = sel.block_table
+        if (rt is not None and rt.decode_rows_cover_batch() and table.shape == md.block_table.shape
+                and table.dtype == md.block_table.dtype):
+            block_table = table
+            seq_lens = sel.seq_lens if sel.seq_lens.dtype == md.seq_lens.dtype else sel.seq_lens.to(md.seq_lens.dtype)
+        else:
+            block_table = md.block_table.clone()
+            seq_lens = md.seq_lens.clone()
+            width = table.shape[1]
+            block_table[rows, :width] = table.to(block_table.dtype)
+            seq_lens[rows] = sel.seq_lens.to(seq_lens.dtype)
+        lens = tuple(seq_lens.tolist())
+        cache = rt.step_cache() if rt is not None else {}
+        key = ("cpu_sched", id(md), lens)
+        scheduler_metadata = cache.get(key)
+        if scheduler_metadata is None:
+            scheduler_metadata = vllm_ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=int(seq_lens.shape[0]),
+                num_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_size,
+                seq_lens=seq_lens,
+                dtype=query.dtype,
+                query_start_loc=md.query_start_loc,
+                causal=md.causal,
+                sliding_window_size=self.sliding_window,
+                isa=layer.isa,
+                enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+                dynamic_causal=md.dynamic_causal,
+                kv_cache_dtype=self.kv_cache_dtype,
+            )
+            cache[key] = scheduler_metadata
         return dataclasses.replace(md, block_table=block_table, seq_lens=seq_lens,
-                                   scheduler_metadata=scheduler_metadata, max_seq_len=int(seq_lens.max()))
+                                   scheduler_metadata=scheduler_metadata, max_seq_len=max(lens, default=0))
 
 
 class UCMCPUAttentionBackend(CPUAttentionBackend):

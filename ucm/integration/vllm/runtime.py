@@ -10,6 +10,7 @@ identifies its row in the worker's block table, whatever order the batch is in.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,14 +37,27 @@ class StepInfo:
 class DecodeRows:
     rows: torch.Tensor  # [n] batch rows that decode sparsely this step
     plan: StepPlan
+    q_index: torch.Tensor | None = None  # [n] int64 token index of each row's query
+    covers_batch: bool = False  # rows == 0..B-1: the step decodes every row of the batch
 
 
+@functools.lru_cache(maxsize=4096)
 def layer_index(layer_name: str) -> int:
-    """'model.layers.12.self_attn.attn' -> 12."""
+    """'model.layers.12.self_attn.attn' -> 12 (cached: called per layer per step)."""
     nums = [int(p) for p in layer_name.split(".") if p.isdigit()]
     if len(nums) != 1:
         raise ValueError(f"cannot tell the layer index of attention layer {layer_name!r}")
     return nums[0]
+
+
+def _tensor_parallel_sum():
+    """Sum over the tensor-parallel group (None with one rank): block scores are sums over KV
+    heads, and each rank holds a slice of the heads."""
+    from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+
+    if get_tensor_model_parallel_world_size() == 1:
+        return None
+    return lambda scores: tensor_model_parallel_all_reduce(scores.contiguous())
 
 
 class SparseRuntime:
@@ -69,6 +83,7 @@ class SparseRuntime:
         self._step: StepInfo | None = None
         self._rows: DecodeRows | None = None
         self._rows_key: tuple | None = None
+        self._step_cache: dict = {}
         self.steps = 0
         self.sparse_steps = 0
         self.log_interval_s = log_interval_s
@@ -87,6 +102,7 @@ class SparseRuntime:
             shapes = ModelShapes(self.num_layers, num_q_heads, num_kv_heads, head_dim, block_size, num_blocks, device)
             self.method = build_sparse_method(self.config, shapes, self.ops, model_name=self.model_name,
                                               device_kind=self.device_kind, model_config=self.model_config_file)
+            self.method.score_reduce = _tensor_parallel_sum()
             logger.info("ucm %s active: %d layers, %d q / %d kv heads per rank, block %d, %d blocks; side caches %.1f MiB",
                         self.method.name, self.num_layers, num_q_heads, num_kv_heads, block_size, num_blocks,
                         self.method.scorer.memory_bytes() / 2**20)
@@ -98,6 +114,7 @@ class SparseRuntime:
             for rid in info.finished:
                 self.method.finish(rid)
         self._step, self._rows, self._rows_key = info, None, None
+        self._step_cache = {}
 
     def end_step(self) -> None:
         if self._step is None:
@@ -108,10 +125,20 @@ class SparseRuntime:
             self.sparse_steps += 1
             self._maybe_log()
         self._step, self._rows, self._rows_key = None, None, None
+        self._step_cache = {}
 
     @property
     def active(self) -> bool:
         return self._step is not None
+
+    def step_cache(self) -> dict:
+        """Scratch space that lives for one step (attention wrappers keep per-step derived
+        metadata here, e.g. the kernel's scheduler metadata for a length vector)."""
+        return self._step_cache
+
+    def decode_rows_cover_batch(self) -> bool:
+        """True when this step's sparse rows are the whole batch, in order (pure decode)."""
+        return self._rows is not None and self._rows.covers_batch
 
     # ---------------------------------------------------------------- layers
     def on_kv_written(self, layer_name: str, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -130,7 +157,7 @@ class SparseRuntime:
         rows = self._decode_rows(query_start_loc, seq_lens, block_table, block_size)
         if rows is None:
             return None
-        q = query.index_select(0, query_start_loc.index_select(0, rows).to(torch.int64))
+        q = query.index_select(0, self._rows.q_index)  # a copy: scorers may keep it past this step
         return rows, self.method.select(layer_index(layer_name), q, self._rows.plan)
 
     def _decode_rows(self, query_start_loc, seq_lens, block_table, block_size) -> torch.Tensor | None:
@@ -155,7 +182,8 @@ class SparseRuntime:
             return None
         idx = torch.tensor(rows, dtype=torch.int64, device=seq_lens.device)
         plan = self.method.begin_step(rids, seq_lens.index_select(0, idx), block_table.index_select(0, idx))
-        self._rows = DecodeRows(idx, plan)
+        q_index = query_start_loc.index_select(0, idx).to(torch.int64)
+        self._rows = DecodeRows(idx, plan, q_index, covers_batch=rows == list(range(len(lens))))
         return idx
 
     def notify_kv(self, layer_name: str, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
