@@ -32,6 +32,20 @@ namespace {
 
 inline int num_threads() { return std::max(1, at::get_num_threads()); }
 
+// Every block a row reads (j < ceil(seq_len / bs)) must exist; checked before going parallel,
+// since no exception may leave an OpenMP region. Entries past a row's end are never read.
+inline void check_rows_in_range(const int64_t* t, const int64_t* s, int64_t B, int64_t M, int64_t bs, int64_t nb,
+                                const char* op) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = std::min<int64_t>(std::max<int64_t>(s[b], 0), M * bs);
+    const int64_t n_b = (len + bs - 1) / bs;
+    for (int64_t j = 0; j < n_b; ++j) {
+      TORCH_CHECK_INDEX(t[b * M + j] < nb, op, ": block_table[", b, ", ", j, "] = ", t[b * M + j],
+                        " is out of range for ", nb, " cache blocks");
+    }
+  }
+}
+
 inline int popcount64(uint64_t v) {
 #if defined(__GNUC__) || defined(__clang__)
   return __builtin_popcountll(v);  // one `popcnt` with -mpopcnt, a bit-trick sequence otherwise
@@ -390,15 +404,7 @@ at::Tensor hamming_block_scores(const at::Tensor& q_codes, const at::Tensor& k_c
   if (B == 0 || M == 0) return out;
   const int64_t* t = tbl.data_ptr<int64_t>();
   const int64_t* s = sl.data_ptr<int64_t>();
-  // Validate the blocks we will read before going parallel (no exceptions inside OpenMP).
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t len = std::min<int64_t>(std::max<int64_t>(s[b], 0), M * bs);
-    const int64_t n_b = (len + bs - 1) / bs;
-    for (int64_t j = 0; j < n_b; ++j) {
-      TORCH_CHECK_INDEX(t[b * M + j] < nb, "hamming_block_scores: block_table[", b, ", ", j, "] = ", t[b * M + j],
-                        " is out of range for ", nb, " cache blocks");
-    }
-  }
+  check_rows_in_range(t, s, B, M, bs, nb, "hamming_block_scores");
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const uint8_t* kp = k.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
@@ -727,14 +733,7 @@ at::Tensor block_scores_dot(const at::Tensor& q, const at::Tensor& repr_cache, c
   if (B == 0 || M == 0) return out;
   const int64_t* t = tbl.data_ptr<int64_t>();
   const int64_t* s = sl.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t len = std::min<int64_t>(std::max<int64_t>(s[b], 0), M * block_size);
-    const int64_t n_b = (len + block_size - 1) / block_size;
-    for (int64_t j = 0; j < n_b; ++j) {
-      TORCH_CHECK_INDEX(t[b * M + j] < nb, "block_scores_dot: block_table[", b, ", ", j, "] = ", t[b * M + j],
-                        " is out of range for ", nb, " cache blocks");
-    }
-  }
+  check_rows_in_range(t, s, B, M, block_size, nb, "block_scores_dot");
   const float* qp = qc.data_ptr<float>();
   const float* rp = rc.data_ptr<float>();
   float* o = out.data_ptr<float>();
@@ -901,14 +900,7 @@ std::tuple<at::Tensor, at::Tensor> paged_decode_attention(const at::Tensor& q, c
   TORCH_CHECK_VALUE(bs > 0, "paged_decode_attention: block size must be positive");
   const int64_t* t = tbl.data_ptr<int64_t>();
   const int64_t* s = sl.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t len = std::min<int64_t>(std::max<int64_t>(s[b], 0), M * bs);
-    const int64_t n_b = (len + bs - 1) / bs;
-    for (int64_t j = 0; j < n_b; ++j) {
-      TORCH_CHECK_INDEX(t[b * M + j] < nb, "paged_decode_attention: block_table[", b, ", ", j, "] = ", t[b * M + j],
-                        " is out of range for ", nb, " cache blocks");
-    }
-  }
+  check_rows_in_range(t, s, B, M, bs, nb, "paged_decode_attention");
   at::Tensor out = at::empty({B, hq, vc.size(3)}, qc.options());
   at::Tensor lse = at::empty({B, hq}, qc.options().dtype(at::kFloat));
   if (B == 0) return {out, lse};
