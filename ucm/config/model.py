@@ -11,9 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Ratio = Annotated[float, Field(gt=0.0, le=1.0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-PosInt = Annotated[int, Field(ge=1)]
+from ucm.config.sparse import NonNegInt, PosInt, Ratio
+
 Bits = Annotated[int, Field(ge=8, multiple_of=8)]
 
 
