@@ -37,20 +37,10 @@ METHODS = ("ESA", "GSA", "GSAOnDevice", "KVStarMultiStep")
 
 
 def sparse_extra(name: str, ratio: float, tmp: Path) -> dict:
-    """The connector's extra config for `name` at `ratio` (as tests/test_vllm.py builds it)."""
+    """The connector's extra config for `name` at `ratio` (GSAOnDevice: every sparse layer at `ratio`)."""
     from ucm.demo import method_config
 
-    cfg = method_config(name, ratio)
-    if name == "GSAOnDevice":  # a copy of the shipped SmolLM2 JSON with every sparse layer at `ratio`
-        from ucm.config.loader import load_model_config
-
-        data = load_model_config("SmolLM2-135M-Instruct").config.model_dump()
-        data["top_k_ratio_per_layer"] = [1.0 if r >= 1 else ratio for r in data["top_k_ratio_per_layer"]]
-        data["gpu_seq_len_threshold"] = 0
-        path = tmp / "smollm2_gsa_on_device.json"
-        path.write_text(json.dumps(data))
-        cfg = {"GSAOnDevice": {"config_file": str(path)}}
-    return {"ucm_sparse_config": cfg}
+    return {"ucm_sparse_config": method_config(name, ratio, tmp)}
 
 
 def make_llm(model_path: str, extra: dict | None, max_model_len: int, batch: int):

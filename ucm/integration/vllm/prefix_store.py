@@ -1,0 +1,305 @@
+"""Prompt KV in a `ucm.store`: dumped as blocks fill, loaded instead of recomputed.
+
+Scheduler side (`PrefixPlanner`): a request's full prompt blocks get content ids (a hash
+chain over the token ids, `ucm.store.prefix_block_hashes`), so a later request with the same
+prefix finds them. `get_num_new_matched_tokens` reports the leading blocks every rank holds;
+the step's metadata then lists the blocks to load (the external hit) and the prompt blocks
+that became full (to dump).
+
+Worker side (`PrefixStoreWorker`): loads run before the forward (all layers, synchronously),
+then the sparse runtime is shown the loaded keys exactly as if the attention layer had written
+them. Dumps copy the blocks to host memory at the end of the step and write them on the
+store's threads, so vLLM may reuse the blocks at once; a failed dump is logged and costs only
+a future miss. A block that fails to load (evicted or corrupt after the lookup) is reported to
+vLLM, which recomputes it when `kv_load_failure_policy` is "recompute".
+
+Every tensor-parallel rank stores its own heads under its own scoped ids (`scoped_id`), and a
+block is a hit only when every rank has it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ucm.store import (
+    BlockLayout,
+    KVStore,
+    PosixStore,
+    StoreError,
+    StoreSpec,
+    TaskFailed,
+    build_store,
+    host_buffer,
+    prefix_block_hashes,
+    scoped_id,
+)
+
+logger = logging.getLogger("vllm.ucm")
+
+
+@dataclass(frozen=True)
+class StoreIdentity:
+    """What makes two engines' blocks interchangeable: everything that changes the bytes."""
+
+    model: str
+    dtype: str
+    block_size: int
+    page_bytes: int
+    num_layers: int
+    layout: str
+    tp_size: int
+
+    @property
+    def namespace(self) -> str:
+        return (f"{self.model}|{self.dtype}|{self.layout}|block={self.block_size}|page={self.page_bytes}"
+                f"|layers={self.num_layers}|tp={self.tp_size}")
+
+    def scope(self, rank: int) -> str:
+        return f"tp{rank}/{self.tp_size}"
+
+    def block_layout(self) -> BlockLayout:
+        """One shard per layer: the layer's block as raw bytes (layout-independent round trip)."""
+        return BlockLayout(self.num_layers, (self.page_bytes,), torch.uint8)
+
+
+@dataclass
+class LoadSpec:
+    req_id: str
+    block_ids: list[int]  # physical blocks to fill, in prompt order
+    store_ids: list[str]  # rank-neutral content ids, same order
+
+
+@dataclass
+class SaveSpec:
+    block_ids: list[int]
+    store_ids: list[str]
+
+
+@dataclass
+class StorePlan:
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class _Prompt:
+    ids: list[str]  # content ids of the full prompt blocks
+    saved: int = 0  # leading prompt blocks known to be in the store (loaded, or dumped by us)
+    first: int = 0  # first block of the last external hit reported (after the local hit)
+    load: tuple[int, int] | None = None  # (first block, count) to load when scheduled
+
+
+class PrefixPlanner:
+    """Scheduler-side bookkeeping; `lookup_store` is None when no stage is visible to it."""
+
+    def __init__(self, identity: StoreIdentity, lookup_store: KVStore | None) -> None:
+        self.identity = identity
+        self.lookup_store = lookup_store
+        self._prompts: dict[str, _Prompt] = {}
+        self.hit_tokens = 0
+        self.queried_tokens = 0
+
+    def _prompt(self, req_id: str, prompt_token_ids) -> _Prompt:
+        p = self._prompts.get(req_id)
+        if p is None:
+            ids = prefix_block_hashes(list(prompt_token_ids or ()), self.identity.block_size, self.identity.namespace)
+            p = self._prompts[req_id] = _Prompt(ids)
+        return p
+
+    def matched_tokens(self, req_id: str, prompt_token_ids, num_computed_tokens: int) -> int:
+        """Tokens beyond `num_computed_tokens` (block-aligned) that the store can supply."""
+        p = self._prompt(req_id, prompt_token_ids)
+        p.load = None
+        if self.lookup_store is None or not p.ids:
+            return 0
+        bs = self.identity.block_size
+        # the last prompt token is always computed (vLLM needs its logits): load whole blocks before it
+        loadable = (len(prompt_token_ids) - 1) // bs
+        first = p.first = num_computed_tokens // bs
+        if loadable <= first:
+            return 0
+        self.queried_tokens += (loadable - first) * bs
+        hits = loadable
+        for rank in range(self.identity.tp_size):
+            scope = self.identity.scope(rank)
+            present = self.lookup_store.lookup([scoped_id(i, scope) for i in p.ids[first:loadable]])
+            lead = next((k for k, ok in enumerate(present) if not ok), len(present))
+            hits = min(hits, first + lead)
+        if hits <= first:
+            return 0
+        self.hit_tokens += (hits - first) * bs
+        return (hits - first) * bs
+
+    def after_alloc(self, req_id: str, num_external_tokens: int) -> None:
+        """The scheduler took the hit reported last for this request: load it when it is scheduled."""
+        p = self._prompts.get(req_id)
+        if p is None or num_external_tokens <= 0:
+            return
+        p.load = (p.first, num_external_tokens // self.identity.block_size)
+
+    def plan_request(self, req_id: str, prompt_token_ids, prompt_len: int, blocks: list[int], computed: int,
+                     scheduled: int, new: bool, plan: StorePlan) -> None:
+        """Add this request's loads (when newly scheduled with a hit) and newly full prompt blocks."""
+        p = self._prompt(req_id, prompt_token_ids)
+        bs = self.identity.block_size
+        if new:
+            if p.load is not None:
+                first, n = p.load
+                if first + n <= len(blocks):
+                    plan.loads.append(LoadSpec(req_id, blocks[first:first + n], p.ids[first:first + n]))
+                p.saved = first + n
+                p.load = None
+            else:
+                p.saved = max(p.saved, computed // bs)  # a local prefix-cache hit was dumped by whoever computed it
+        full = min(computed + scheduled, prompt_len) // bs
+        full = min(full, len(p.ids), len(blocks))
+        if full > p.saved:
+            plan.saves.append(SaveSpec(blocks[p.saved:full], p.ids[p.saved:full]))
+            p.saved = full
+
+    def forget(self, req_id: str) -> None:
+        self._prompts.pop(req_id, None)
+
+
+def lookup_store_for(spec: StoreSpec, identity: StoreIdentity) -> KVStore | None:
+    """The stage the scheduler can see (the POSIX directory); None for memory-only pipelines."""
+    if "Posix" not in spec.pipeline.split("|"):
+        return None
+    return PosixStore(spec.storage_backends, identity.block_layout(), workers=1)
+
+
+class PrefixStoreWorker:
+    """Worker-side loads and dumps for one rank."""
+
+    def __init__(self, spec: StoreSpec, identity: StoreIdentity, rank: int) -> None:
+        self.identity = identity
+        self.scope = identity.scope(rank)
+        self.store = build_store(spec, identity.block_layout())
+        self.kv_caches: dict[int, torch.Tensor] = {}  # layer index -> that layer's cache
+        self._dumps: list = []
+        self._lock = threading.Lock()
+        self._load_errors: set[int] = set()
+        self._warned: set[str] = set()
+        self.loaded_blocks = 0
+        self.dumped_blocks = 0
+        self.failed_loads = 0
+        self.failed_dumps = 0
+        self.load_seconds = 0.0
+
+    def register(self, kv_caches: dict[int, torch.Tensor]) -> None:
+        for layer, kv in kv_caches.items():
+            page = kv[0].numel() * kv.element_size()
+            if page != self.identity.page_bytes:
+                raise StoreError(f"layer {layer}: a KV block is {page} B but the store was set up for "
+                                 f"{self.identity.page_bytes} B")
+            if not kv.is_contiguous():
+                raise StoreError(f"layer {layer}: the KV cache is not contiguous; blocks cannot be moved as bytes")
+        self.kv_caches = dict(kv_caches)
+
+    def _rows(self, layer: int) -> torch.Tensor:
+        kv = self.kv_caches[layer]
+        return kv.view(kv.shape[0], -1).view(torch.uint8)
+
+    # ------------------------------------------------------------------ load
+    def load(self, loads: list[LoadSpec], on_loaded: Callable[[int, torch.Tensor], None] | None = None) -> None:
+        """Fill the listed blocks from the store (every layer), then call `on_loaded(layer, block_ids)`
+        for the blocks that arrived intact. Failed blocks are remembered for vLLM to recompute."""
+        if not loads or not self.kv_caches:
+            return
+        t0 = time.perf_counter()
+        phys = [b for spec in loads for b in spec.block_ids]
+        ids = [scoped_id(i, self.scope) for spec in loads for i in spec.store_ids]
+        n = len(ids)
+        bufs, tasks = {}, {}
+        for layer in self.kv_caches:
+            bufs[layer] = host_buffer([n, self.identity.page_bytes], torch.uint8)
+            tasks[layer] = self.store.load(ids, layer, bufs[layer])
+        bad: set[str] = set()
+        for layer, task in tasks.items():
+            try:
+                self.store.wait(task)
+            except TaskFailed as exc:
+                bad.update(exc.ids)
+                self._warn_once("load", f"ucm store: {len(exc.ids)} block(s) failed to load and will be recomputed "
+                                        f"(first: {exc})")
+        good = [k for k, i in enumerate(ids) if i not in bad]
+        if bad:
+            failed = {phys[k] for k, i in enumerate(ids) if i in bad}
+            self.failed_loads += len(failed)
+            with self._lock:
+                self._load_errors |= failed
+        if good:
+            sel = torch.tensor(good, dtype=torch.int64)
+            dst = torch.tensor([phys[k] for k in good], dtype=torch.int64)
+            for layer, buf in bufs.items():
+                kv = self.kv_caches[layer]
+                rows = self._rows(layer)
+                rows.index_copy_(0, dst.to(kv.device), buf.index_select(0, sel).to(kv.device))
+                if on_loaded is not None:
+                    on_loaded(layer, dst.to(kv.device))
+        self.loaded_blocks += len(good)
+        self.load_seconds += time.perf_counter() - t0
+
+    def take_load_errors(self) -> set[int]:
+        with self._lock:
+            out, self._load_errors = self._load_errors, set()
+        return out
+
+    # ------------------------------------------------------------------ dump
+    def save(self, saves: list[SaveSpec]) -> None:
+        """Copy the blocks to host memory now (vLLM may reuse them next step) and dump them in the background."""
+        self._reap()
+        if not saves or not self.kv_caches:
+            return
+        phys = torch.tensor([b for s in saves for b in s.block_ids], dtype=torch.int64)
+        ids = [scoped_id(i, self.scope) for s in saves for i in s.store_ids]
+        for k, layer in enumerate(self.kv_caches):
+            rows = self._rows(layer)
+            buf = host_buffer([len(ids), self.identity.page_bytes], torch.uint8)
+            torch.index_select(rows, 0, phys.to(rows.device), out=buf) if rows.device.type == "cpu" else \
+                buf.copy_(rows.index_select(0, phys.to(rows.device)))
+            try:
+                task = self.store.dump(ids, layer, buf)
+            except StoreError as exc:
+                self.failed_dumps += len(ids)
+                self._warn_once("dump", f"ucm store: dump refused ({exc}); serving goes on without storing")
+                return
+            self._dumps.append((task, len(ids) if k == 0 else 0))  # blocks counted once, not per layer
+
+    def _reap(self, wait: bool = False) -> None:
+        keep = []
+        for task, n in self._dumps:
+            if not wait and not self.store.check(task):
+                keep.append((task, n))
+                continue
+            try:
+                self.store.wait(task)
+                self.dumped_blocks += n
+            except (TaskFailed, StoreError) as exc:
+                self.failed_dumps += len(exc.ids) if isinstance(exc, TaskFailed) else n
+                self._warn_once("dump", f"ucm store: dump failed ({exc}); those blocks will be recomputed when needed")
+        self._dumps = keep
+
+    def flush(self) -> None:
+        """Wait for every dump started so far (a later lookup then sees them)."""
+        self._reap(wait=True)
+
+    def close(self) -> None:
+        self.flush()
+        self.store.close()
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            logger.warning(message)
+
+    def snapshot(self) -> dict:
+        return {"loaded_blocks": self.loaded_blocks, "dumped_blocks": self.dumped_blocks,
+                "failed_loads": self.failed_loads, "failed_dumps": self.failed_dumps,
+                "load_seconds": self.load_seconds}
