@@ -113,7 +113,7 @@ def _engine(model_path: str, length: int, extra: dict, kv_space_gib: int, max_nu
 
     from ucm.integration.vllm.offline import connector_config
 
-    return LLM(model=model_path, dtype="float32", block_size=BLOCK_SIZE, max_model_len=length + 64,
+    return LLM(model=model_path, dtype="float32", block_size=BLOCK_SIZE, max_model_len=length,
                enforce_eager=True, distributed_executor_backend="uni", kv_transfer_config=connector_config(extra),
                max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, seed=0)
 
@@ -219,6 +219,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap RULER's tokens_to_generate (speed)")
     p.add_argument("--kv-space-gib", type=int, default=4, help="vLLM-CPU KV cache size")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="vLLM's decode batch")
     p.add_argument("--store-dir", type=Path, default=None,
                    help="where the dense engine's prompt KV is kept for the sparse engines (default: cache, removed after)")
     p.set_defaults(handler=_handle)
@@ -226,7 +227,8 @@ def add_parser(sub) -> None:
 
 def _handle(args) -> int:
     summary = run_eval(args.out_dir, args.tasks, args.lengths, args.samples, args.methods, args.ratios, seed=args.seed,
-                       store_dir=args.store_dir, kv_space_gib=args.kv_space_gib, max_new_tokens=args.max_new_tokens)
+                       store_dir=args.store_dir, kv_space_gib=args.kv_space_gib, max_num_seqs=args.max_num_seqs,
+                       max_new_tokens=args.max_new_tokens)
     from ucm.eval.report import markdown
 
     print(markdown(summary))

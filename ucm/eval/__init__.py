@@ -1,0 +1,1 @@
+"""Long-context accuracy evaluation: task sources and scoring for `ucm eval`."""
