@@ -450,3 +450,20 @@ def test_fused_select_rewrite_and_kvstar_scores_match_the_reference_paths(cpu: C
             assert torch.equal(fast.block_table, ref.block_table.to(fast.block_table.dtype))
             assert torch.equal(fast.seq_lens.long(), ref.seq_lens.long())
             assert torch.equal(fast.blocks_kept.long(), ref.blocks_kept.long())
+
+
+def test_background_threads_run_kernels_on_one_thread() -> None:
+    """An async retrieval thread must not start a second OpenMP team next to the engine's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ops = CpuOps()
+    ns = ops._native()
+    if ns is None:
+        pytest.skip(f"native kernels unavailable: {ops.native_error}")
+    main_budget = ns.thread_budget()
+    assert main_budget == max(1, torch.get_num_threads())
+    with ThreadPoolExecutor(1, initializer=ops.prepare_background_thread) as pool:
+        assert pool.submit(ns.thread_budget).result() == 1
+    with ThreadPoolExecutor(1) as pool:  # the cap is per thread: other threads keep the full budget
+        assert pool.submit(ns.thread_budget).result() == main_budget
+    assert ns.thread_budget() == main_budget

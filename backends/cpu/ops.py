@@ -190,6 +190,12 @@ class CpuOps(TorchReferenceOps):
             self._resolved = True
         return self._ns
 
+    def prepare_background_thread(self) -> None:
+        """One OpenMP thread for kernels called from this thread (see SparseOps)."""
+        ns = self._native()
+        if ns is not None:
+            ns.set_thread_cap(1)
+
     @property
     def native_error(self) -> str | None:
         """None when the native kernels are in use, else why not (loads them on first access)."""

@@ -155,6 +155,13 @@ def run_eval(
     meta = {"model": model, "tasks": tasks, "lengths": lengths, "samples": samples, "seed": seed,
             "settings": [s.label for s in grid], "block_size": BLOCK_SIZE, "max_new_tokens_cap": max_new_tokens}
     timings: dict[str, float] = {}
+    previous = out_dir / "summary.json"
+    if previous.exists():  # engine statistics of earlier (resumed) runs are kept, not lost
+        old = json.loads(previous.read_text())
+        timings.update(old.get("seconds_per_engine", {}))
+        for key in ("blocks_read", "store"):
+            if old.get(key):
+                meta[key] = dict(old[key])
     steps = [(L, s) for L in lengths for s in grid if not all(results.done(L, s.label, t, samples) for t in tasks)]
     bar = tqdm(steps, desc="ucm eval", unit="engine", disable=not progress)
     for length in lengths:
@@ -175,11 +182,17 @@ def run_eval(
             extra = {**store_extra, **setting.extra_config(work)}
             llm = _engine(model_path, length, extra, kv_space_gib, max_num_seqs)
             try:
-                pending = [(t, s) for t in tasks if not results.done(length, setting.label, t, samples) for s in data[t]]
-                params = [SamplingParams(temperature=0, max_tokens=min(s.max_new_tokens, max_new_tokens or 1 << 30))
-                          for _, s in pending]
                 t0 = time.perf_counter()
-                outs = llm.generate([s.prompt for _, s in pending], params, use_tqdm=False)
+                for t in tasks:  # one task at a time: its rows are saved as soon as it is done
+                    if results.done(length, setting.label, t, samples):
+                        continue
+                    params = [SamplingParams(temperature=0, max_tokens=min(s.max_new_tokens, max_new_tokens or 1 << 30))
+                              for s in data[t]]
+                    outs = llm.generate([s.prompt for s in data[t]], params, use_tqdm=False)
+                    texts = [o.outputs[0].text for o in outs]
+                    scores = ruler.score_samples(t, texts, data[t])
+                    results.add([CellResult(length, t, setting.label, setting.method, setting.ratio, s.index, text,
+                                            sc, s.num_tokens) for s, text, sc in zip(data[t], texts, scores)])
                 timings[f"{length}/{setting.label}"] = time.perf_counter() - t0
                 conn = find_connector()
                 if conn is not None:
@@ -193,13 +206,6 @@ def run_eval(
                 del llm
                 conn = None
                 close_engine()
-            by_task: dict[str, list] = {}
-            for (t, s), o in zip(pending, outs):
-                by_task.setdefault(t, []).append((s, o.outputs[0].text))
-            for t, pairs in by_task.items():
-                rows = [CellResult(length, t, setting.label, setting.method, setting.ratio, s.index, text,
-                                   ruler.score(t, [text], [s]), s.num_tokens) for s, text in pairs]
-                results.add(rows)
             bar.update(1)
         if store_dir is None:
             shutil.rmtree(store, ignore_errors=True)

@@ -163,6 +163,14 @@ class SparseOps(ABC):
         even against +inf scores. counts[b] = min(n_b, M, max(k_b, forced)).
         """
 
+    # -------------------------------------------------------------- threads
+    def prepare_background_thread(self) -> None:
+        """Called once on each background retrieval thread before it runs any op.
+
+        Backends whose kernels start their own thread teams (OpenMP on CPUs) limit them here,
+        so asynchronous scoring does not oversubscribe the cores the engine's threads hold.
+        """
+
     # -------------------------------------------------------------- attention
     @abstractmethod
     def paged_decode_attention(

@@ -202,7 +202,8 @@ class SparseMethod:
     @property
     def executor(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ucm-{self.name}-retrieval")
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ucm-{self.name}-retrieval",
+                                                initializer=self.scorer.ops.prepare_background_thread)
         return self._executor
 
     def close(self) -> None:

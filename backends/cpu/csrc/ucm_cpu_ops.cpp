@@ -30,7 +30,21 @@
 
 namespace {
 
-inline int num_threads() { return std::max(1, at::get_num_threads()); }
+// A per-thread cap: a background retrieval thread asks for 1 so that its parallel regions do
+// not start a second OpenMP team next to the engine's own (pinned, spinning) threads.
+thread_local int64_t t_thread_cap = 0;
+
+inline int num_threads() {
+  const int n = std::max(1, at::get_num_threads());
+  return t_thread_cap > 0 ? static_cast<int>(std::min<int64_t>(n, t_thread_cap)) : n;
+}
+
+int64_t thread_budget() { return num_threads(); }
+
+void set_thread_cap(int64_t cap) {
+  TORCH_CHECK(cap >= 0, "thread cap must be >= 0 (0 = no cap)");
+  t_thread_cap = cap;
+}
 
 // Every block a row reads (j < ceil(seq_len / bs)) must exist; checked before going parallel,
 // since no exception may leave an OpenMP region. Entries past a row's end are never read.
@@ -967,4 +981,6 @@ TORCH_LIBRARY(ucm_cpu, m) {
       "float scale) -> Tensor",
       &kvstar_scores);
   m.def("build_info() -> str", &build_info);
+  m.def("set_thread_cap(int cap) -> ()", &set_thread_cap);
+  m.def("thread_budget() -> int", &thread_budget);
 }
