@@ -109,7 +109,7 @@ def test_ratio_point_three_attends_exactly_the_selected_blocks(name, model_path,
         shutdown(llm)
     assert shadow.checked > 0, "no decode row went through the sparse path"
     sparse = [(k, t) for k, t in zip(snap["kept"], snap["total"]) if k < t]
-    assert len(sparse) >= 27  # GSAOnDevice keeps layers 0, 1 and 29 dense
+    assert len(sparse) >= 26  # GSAOnDevice keeps layers 5-8 dense (its shipped JSON)
     for kept, total in sparse:
         assert 0.28 <= kept / total <= 0.40, (kept, total)
 
