@@ -35,8 +35,13 @@ def summarize(rows: list[dict], meta: dict) -> dict:
         c["drop_vs_dense"] = dense[key] - c["score"]
         drops[c["setting"]] = max(drops.get(c["setting"], float("-inf")), c["drop_vs_dense"])
     at_03 = [d for s, d in drops.items() if info[s][1] is not None and abs(info[s][1] - 0.3) < 1e-9]
+    per_length: dict[int, dict[str, int]] = defaultdict(dict)
+    for c in table:
+        per_length[c["length"]][c["task"]] = max(per_length[c["length"]].get(c["task"], 0), c["samples"])
     return {
         **meta,
+        "tasks_and_samples_per_length": {str(L): v for L, v in sorted(per_length.items())},
+        "settings": sorted(info, key=lambda s: (info[s][0] != DENSE, info[s][0], info[s][1] or 0)),
         "headline_min_dense_score": HEADLINE_MIN,
         "headline_cells": [{"length": L, "task": t, "dense": dense[(L, t)]} for L, t in headline],
         "dense_fails": [{"length": L, "task": t, "dense": v} for (L, t), v in sorted(dense.items()) if v < HEADLINE_MIN],

