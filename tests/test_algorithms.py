@@ -300,3 +300,33 @@ def test_block_accumulator_matches_block_reduce_and_restarts_recycled_blocks() -
     fresh = torch.randn(BS, 2, 8, generator=g)  # block 3 recycled for another request
     acc.add(fresh, torch.arange(3 * BS, 4 * BS))
     torch.testing.assert_close(acc.sums[3].sum(0), fresh.sum(0))
+
+
+@pytest.mark.parametrize("name", ["ESA", "GSA", "KVStarMultiStep"])
+def test_a_finished_request_does_not_cancel_the_others_retrieval(name: str) -> None:
+    """Rows of a batch share one async retrieval; finishing one request mid-retrieval must leave
+    the others' result intact (it once cancelled the shared future: CancelledError in vLLM)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    batch, q = planted([16 * BS, 16 * BS], 4, 4, 32, [[5], [9]])
+    shapes = ModelShapes(1, 4, 4, 32, BS, batch.k_cache.shape[0])
+    cfg = {name: {"init_window_sz": 1, "local_window_sz": 1, "sparse_ratio": 3 / 16, "min_blocks": 1,
+                  "retrieval_stride": 2}}
+    m = build_sparse_method(cfg, shapes, OPS, host_ops=OPS)
+    m._executor = ThreadPoolExecutor(1)
+    gate = threading.Event()
+    write_prefill(m, batch, 1)
+    for step in range(3):  # stride 2: step 2 starts an async retrieval, consumed at step 3
+        if step == 2:  # hold the pool busy so the retrieval is still queued when "a" finishes
+            m._executor.submit(gate.wait)
+        plan = m.begin_step(["a", "b"], batch.seq_lens, batch.block_table)
+        m.select(0, q, plan)
+        m.end_step(plan)
+    m.finish("a")
+    gate.set()
+    plan = m.begin_step(["b"], batch.seq_lens[1:], batch.block_table[1:])
+    sel = m.select(0, q[1:], plan)  # consumes the shared retrieval
+    m.end_step(plan)
+    m.close()
+    assert 9 in sel.logical_blocks(0)

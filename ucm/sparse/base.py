@@ -294,8 +294,9 @@ class SparseMethod:
             return unit
 
         fut = self.executor.submit(work)
+        holders = [len(rids)]
         for i, rid in enumerate(rids):
-            self._requests[rid].pending[layer] = _RowFuture(fut, i)
+            self._requests[rid].pending[layer] = _RowFuture(fut, i, holders)
 
     def _notify(self, rid: str, layer: int, unit_scores: torch.Tensor) -> None:
         for fn in self.retrieval_listeners:
@@ -350,16 +351,26 @@ class SparseMethod:
 
 
 class _RowFuture:
-    """One row's share of a batched async retrieval."""
+    """One row's share of a batched async retrieval.
 
-    def __init__(self, fut: Future, row: int) -> None:
-        self._fut, self._row = fut, row
+    The rows of a batch share one future: a finished request gives up its share, and the
+    retrieval itself is cancelled only once no row is left waiting for it.
+    """
+
+    def __init__(self, fut: Future, row: int, holders: list[int]) -> None:
+        self._fut, self._row, self._holders = fut, row, holders
+        self._released = False
 
     def result(self) -> torch.Tensor:
         return self._fut.result()[self._row]
 
     def cancel(self) -> None:
-        self._fut.cancel()
+        if self._released:
+            return
+        self._released = True
+        self._holders[0] -= 1
+        if self._holders[0] == 0:
+            self._fut.cancel()
 
 
 class SparsityStats:
