@@ -39,10 +39,9 @@ except ImportError as exc:  # vllm_ascend or torch_npu missing (or broken)
 
 import torch
 from vllm.config import get_current_vllm_config_or_none
-from vllm.v1.attention.backend import AttentionType
 
-from ucm.integration.vllm.connector import find_runtime
 from ucm.integration.vllm.plugin import ucm_sparse_requested
+from ucm.integration.vllm.wrapper_core import decoder_runtime, kv_written, notify_decode, rewrite_rows
 
 logger = logging.getLogger("vllm.ucm")
 
@@ -69,29 +68,18 @@ class UCMAscendAttentionBackendImpl(AscendAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._ucm_layer_name: str | None = None
-        self._ucm_block_checked = False
         if ucm_sparse_requested(self.vllm_config):
             _refuse_unsupported(self.vllm_config, self)
 
     def _runtime(self, kv_cache, device: torch.device):
-        if self.attn_type != AttentionType.DECODER or self.sliding_window is not None:
+        if self.sliding_window is not None:
             return None  # sliding-window layers stay dense: their window counts tokens of the kept blocks
         if kv_cache is None or len(kv_cache) < 2 or kv_cache[0].numel() == 0:
             return None
-        rt = find_runtime()
-        if rt is None or not rt.active:
-            return None
         num_blocks, block_size = kv_cache[0].shape[:2]  # key cache [NB, bs, Hkv, D]
-        if not self._ucm_block_checked:
-            if block_size != self.vllm_config.cache_config.block_size:
-                raise ValueError(
-                    f"ucm on vllm-ascend: the attention kernel's block size {block_size} differs from the KV "
-                    f"manager's {self.vllm_config.cache_config.block_size} (vllm-ascend splits blocks), so the "
-                    f"scheduler's block ids do not address this cache; run with --block-size {block_size}"
-                )
-            self._ucm_block_checked = True
-        rt.ensure_method(self.num_heads, self.num_kv_heads, self.head_size, block_size, num_blocks, device)
-        return rt
+        return decoder_runtime(self, num_blocks, block_size, device,
+                               manager_block_size=self.vllm_config.cache_config.block_size,
+                               platform="vllm-ascend", splits="vllm-ascend splits blocks")
 
     # ------------------------------------------------------------ cache writes
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None,
@@ -105,19 +93,14 @@ class UCMAscendAttentionBackendImpl(AscendAttentionBackendImpl):
         rt = self._runtime(kv_cache, key.device)
         if rt is not None:
             n = attn_metadata.num_actual_tokens
-            slots = attn_metadata.slot_mapping[:n]
-            rt.on_kv_written(self._ucm_layer_name, key[:n], slots)
-            if rt.observers:
-                rt.notify_kv(self._ucm_layer_name, key[:n], value[:n], slots)
+            kv_written(rt, self._ucm_layer_name, key[:n], value[:n], attn_metadata.slot_mapping[:n])
         return out
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         rt = self._runtime(kv_cache, key.device)
         if rt is not None:
-            rt.on_kv_written(layer.layer_name, key, slot_mapping)
-            if rt.observers:
-                rt.notify_kv(layer.layer_name, key, value, slot_mapping)
+            kv_written(rt, layer.layer_name, key, value, slot_mapping)
 
     # ------------------------------------------------------------ attention
     def forward_impl(self, query, key, value, kv_cache, attn_metadata, output):
@@ -131,8 +114,8 @@ class UCMAscendAttentionBackendImpl(AscendAttentionBackendImpl):
             if picked is not None:
                 attn_metadata = _sparse_metadata(attn_metadata, *picked, rt=rt)
         out = super().forward_impl(query, key, value, kv_cache, attn_metadata, output)
-        if picked is not None and rt.observers:
-            rt.notify_decode(self._ucm_layer_name, picked[0], picked[1], query, attn_metadata.query_start_loc, out)
+        if picked is not None:
+            notify_decode(rt, self._ucm_layer_name, picked, query, attn_metadata.query_start_loc, out)
         return out
 
 
@@ -152,12 +135,7 @@ def _sparse_metadata(md, rows: torch.Tensor, sel, rt):
     """A copy of `md` whose decode rows read only the selected blocks: `block_tables` and the
     three views of the KV lengths the NPU kernels read. Pure-decode steps use the selection's
     own (fresh) table when it has the batch's shape, as on the CPU."""
-    table = sel.block_table
-    if rt.decode_rows_cover_batch() and table.shape == md.block_tables.shape and table.dtype == md.block_tables.dtype:
-        block_tables = table
-    else:
-        block_tables = md.block_tables.clone()
-        block_tables[rows, : table.shape[1]] = table.to(block_tables.dtype)
+    block_tables, _ = rewrite_rows(rt.decode_rows_cover_batch(), rows, sel, md.block_tables)
     lens = list(md.seq_lens_list)
     for r, n in zip(rows.tolist(), sel.seq_lens.tolist()):
         lens[r] = n

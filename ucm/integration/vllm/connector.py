@@ -259,6 +259,41 @@ class UCMConnector(KVConnectorBase_V1):
             self.planner.forget(request.request_id)
         return False, None
 
+    # ------------------------------------------------------ stats, CUDA graphs
+    def get_kv_connector_stats(self):
+        """Worker side: ucm's counters since the previous call (see stats.py), or None when
+        nothing happened; the scheduler-side instance has nothing to report."""
+        if self.runtime is None and self.store_worker is None:
+            return None
+        cursor = self.__dict__.get("_ucm_stats_cursor")
+        if cursor is None:
+            from ucm.integration.vllm.stats import StatsCursor
+
+            try:
+                from vllm.distributed import get_tensor_model_parallel_rank
+
+                rank = get_tensor_model_parallel_rank()
+            except (AssertionError, RuntimeError):  # no tensor-parallel group (built outside a worker)
+                rank = 0
+            cursor = self._ucm_stats_cursor = StatsCursor(rank)
+        return cursor.take(self.runtime, self.store_worker)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
+        """Rebuilds the stats from their payload (vLLM's logger, in the front-end process)."""
+        from ucm.integration.vllm.stats import UCMKVConnectorStats
+
+        return UCMKVConnectorStats(data=data) if data is not None else UCMKVConnectorStats()
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any] | None) -> bool:
+        """With a sparse config, vLLM downgrades FULL cudagraph modes to PIECEWISE: attention
+        (and the KV-cache write) then run eagerly between the captured pieces, so ucm's per-step
+        block selection runs every step instead of being frozen into a replayed graph."""
+        from ucm.config.loader import SPARSE_KEY
+
+        return bool((extra_config or {}).get(SPARSE_KEY))
+
 
 def _store_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None, ucm_config) -> StoreIdentity:
     """Checks that the store can serve this engine and names what its blocks depend on."""

@@ -13,30 +13,24 @@ import dataclasses
 import torch
 from vllm import _custom_ops as vllm_ops
 from vllm import envs
-from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from ucm.integration.vllm.connector import find_runtime
+from ucm.integration.vllm.wrapper_core import decoder_runtime, kv_written, notify_decode, rewrite_rows
 
 
 class UCMCPUAttentionBackendImpl(CPUAttentionBackendImpl):
     def _runtime(self, kv_cache: torch.Tensor, device: torch.device):
-        if self.attn_type != AttentionType.DECODER or kv_cache.numel() == 0:
-            return None
-        rt = find_runtime()
-        if rt is None or not rt.active:
+        if kv_cache.numel() == 0:
             return None
         num_blocks, _, block_size, _ = kv_cache.shape  # [NB, Hkv, bs, 2 * D]
-        rt.ensure_method(self.num_heads, self.num_kv_heads, self.head_size, block_size, num_blocks, device)
-        return rt
+        return decoder_runtime(self, num_blocks, block_size, device)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         rt = self._runtime(kv_cache, key.device)
         if rt is not None:
-            rt.on_kv_written(layer.layer_name, key, slot_mapping)
-            if rt.observers:
-                rt.notify_kv(layer.layer_name, key, value, slot_mapping)
+            kv_written(rt, layer.layer_name, key, value, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -50,8 +44,8 @@ class UCMCPUAttentionBackendImpl(CPUAttentionBackendImpl):
                 attn_metadata = self._sparse_metadata(layer, query, attn_metadata, *picked, rt=rt)
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                               output_block_scale)
-        if picked is not None and rt.observers:
-            rt.notify_decode(layer.layer_name, picked[0], picked[1], query, attn_metadata.query_start_loc, output)
+        if picked is not None:
+            notify_decode(rt, layer.layer_name, picked, query, attn_metadata.query_start_loc, output)
         return out
 
     def _sparse_metadata(self, layer, query, md, rows, sel, rt=None):
@@ -64,17 +58,8 @@ class UCMCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         is computed once per distinct length vector per step.
         """
         rt = rt if rt is not None else find_runtime()
-        table = sel.block_table
-        if (rt is not None and rt.decode_rows_cover_batch() and table.shape == md.block_table.shape
-                and table.dtype == md.block_table.dtype):
-            block_table = table
-            seq_lens = sel.seq_lens if sel.seq_lens.dtype == md.seq_lens.dtype else sel.seq_lens.to(md.seq_lens.dtype)
-        else:
-            block_table = md.block_table.clone()
-            seq_lens = md.seq_lens.clone()
-            width = table.shape[1]
-            block_table[rows, :width] = table.to(block_table.dtype)
-            seq_lens[rows] = sel.seq_lens.to(seq_lens.dtype)
+        covers = rt is not None and rt.decode_rows_cover_batch()
+        block_table, seq_lens = rewrite_rows(covers, rows, sel, md.block_table, md.seq_lens)
         lens = tuple(seq_lens.tolist())
         cache = rt.step_cache() if rt is not None else {}
         key = ("cpu_sched", id(md), lens)

@@ -5,6 +5,9 @@ the stock one unless a UCMConnector with a sparse config is active:
 
 * vLLM-CPU: `register_backend(CPU_ATTN, ...)`, vLLM's own override registry (the CPU platform
   resolves its backend through it). Nothing else in vLLM is patched.
+* vLLM on NVIDIA GPUs (the CUDA platform, not ROCm): `register_backend(FLASH_ATTN, ...)` the same
+  way (the CUDA platform resolves backends through that registry too). Not run: see docs/vllm.md.
+  Only a class path is registered; `flash_attn.py` is imported when vLLM builds the layers.
 * vllm-ascend: its platform returns backend class paths itself and never reads that registry,
   so `install_ascend` wraps the platform's `get_attn_backend_cls` to map the one stock path ucm
   wraps to ucm's subclass (see docs/ascend.md). Nothing here imports vllm_ascend; vLLM imports
@@ -20,7 +23,11 @@ from ucm.integration.vllm.version import check_vllm_version
 
 logger = logging.getLogger("vllm.ucm")
 
-WRAPPERS = {"CPU_ATTN": "ucm.integration.vllm.cpu_attn.UCMCPUAttentionBackend"}
+# platform kind -> {vLLM backend enum name -> ucm's subclass}, registered with register_backend
+WRAPPERS = {
+    "cpu": {"CPU_ATTN": "ucm.integration.vllm.cpu_attn.UCMCPUAttentionBackend"},
+    "cuda": {"FLASH_ATTN": "ucm.integration.vllm.flash_attn.UCMFlashAttentionBackend"},
+}
 # vllm-ascend's stock backend class path -> ucm's subclass of it
 ASCEND_WRAPPERS = {
     "vllm_ascend.attention.attention_v1.AscendAttentionBackend":
@@ -30,7 +37,8 @@ CONNECTOR_MODULE = "ucm.integration.vllm.connector"
 
 
 def platform_kind(platform=None) -> str:
-    """'cpu', 'ascend' (vllm-ascend's NPU platform), or another platform's device type.
+    """'cpu', 'cuda' (NVIDIA), 'rocm', 'ascend' (vllm-ascend's NPU platform), or another
+    platform's device type.
 
     Reads vLLM's resolved platform (`current_platform` unless one is given): vLLM imports
     vllm_ascend itself only where it is installed, and this never imports it.
@@ -39,6 +47,10 @@ def platform_kind(platform=None) -> str:
         from vllm.platforms import current_platform as platform
     if platform.is_cpu():
         return "cpu"
+    if platform.is_cuda():
+        return "cuda"
+    if platform.is_rocm():  # its device_type is "cuda" too, but its backends are not the ones wrapped
+        return "rocm"
     device_type = str(getattr(platform, "device_type", "") or "")
     if device_type == "npu" and type(platform).__module__.split(".")[0] == "vllm_ascend":
         return "ascend"
@@ -52,18 +64,20 @@ def register(platform=None) -> None:
         logger.warning("ucm: attention wrappers not registered: %s", exc)
         return
     kind = platform_kind(platform)
-    if kind == "cpu":
+    if kind in WRAPPERS:
         from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-        for name, path in WRAPPERS.items():
+        for name, path in WRAPPERS[kind].items():
             register_backend(AttentionBackendEnum[name], path)
-        logger.debug("ucm: registered attention wrappers for vLLM %s: %s", version, ", ".join(WRAPPERS))
+        logger.debug("ucm: registered attention wrappers for vLLM %s on %s: %s", version, kind,
+                     ", ".join(WRAPPERS[kind]))
     elif kind == "ascend":
         platform_cls = install_ascend(ASCEND_WRAPPERS, platform)
         logger.debug("ucm: %s.get_attn_backend_cls maps %s (vLLM %s)", platform_cls.__name__,
                      ", ".join(f"{k} -> {v}" for k, v in ASCEND_WRAPPERS.items()), version)
     else:
-        logger.info("ucm: no attention wrapper for the %r platform (ucm wraps vLLM-CPU and vllm-ascend); "
+        logger.info("ucm: no attention wrapper for the %r platform (ucm wraps vLLM-CPU, vLLM-CUDA FlashAttention "
+                    "and vllm-ascend); "
                     "ucm's sparse attention stays off here", kind)
 
 

@@ -50,6 +50,10 @@ def layer_index(layer_name: str) -> int:
     return nums[0]
 
 
+def _eligible_requests(plan: StepPlan) -> list[str]:
+    return [rid for rid, sparse in zip(plan.req_ids, plan.sparse_list) if sparse]
+
+
 def _tensor_parallel_sum():
     """Sum over the tensor-parallel group (None with one rank): block scores are sums over KV
     heads, and each rank holds a slice of the heads."""
@@ -85,7 +89,10 @@ class SparseRuntime:
         self._rows_key: tuple | None = None
         self._step_cache: dict = {}
         self.steps = 0
-        self.sparse_steps = 0
+        self.sparse_steps = 0  # steps whose decode rows went through the sparse method
+        self.sparse_rows = 0  # rows of those steps eligible for sparsity (past the method's thresholds)
+        self._interval_requests: set[str] = set()  # requests with an eligible row since take_interval_requests()
+        self._step_requests_taken = False  # the step in flight already gave its requests to the interval
         self.log_interval_s = log_interval_s
         self._last_log = time.monotonic()
         # test and debugging instruments: objects with on_kv(layer_name, key, value, slots) and
@@ -115,14 +122,19 @@ class SparseRuntime:
                 self.method.finish(rid)
         self._step, self._rows, self._rows_key = info, None, None
         self._step_cache = {}
+        self._step_requests_taken = False
 
     def end_step(self) -> None:
         if self._step is None:
             return
         self.steps += 1
         if self._rows is not None and self.method is not None:
-            self.method.end_step(self._rows.plan)
+            plan = self._rows.plan
+            self.method.end_step(plan)
             self.sparse_steps += 1
+            self.sparse_rows += sum(plan.sparse_list)
+            if not self._step_requests_taken:
+                self._interval_requests.update(_eligible_requests(plan))
             self._maybe_log()
         self._step, self._rows, self._rows_key = None, None, None
         self._step_cache = {}
@@ -213,6 +225,44 @@ class SparseRuntime:
         logger.info("ucm %s: %d sparse decode steps; blocks read %.1f%% of held; kept/total per layer: %s",
                     self.method.name, st.steps, 100 * st.fraction_read, per_layer)
 
+    def counters(self) -> dict:
+        """Cumulative counters, the step in flight included as far as it has run (its layers
+        selected so far): steps, sparse_steps, sparse_rows, kept/total blocks per layer.
+
+        vLLM asks the connector for its stats after the forward pass and before the step ends;
+        counting the step in flight there (without ending it) lets every step be reported in
+        the step that ran it. Differences of two calls never count a step twice: a step counted
+        in flight is part of both later totals.
+        """
+        st = self.method.stats if self.method is not None else None
+        kept = list(st.kept) if st else []
+        total = list(st.total) if st else []
+        steps, sparse_steps, sparse_rows = self.steps, self.sparse_steps, self.sparse_rows
+        if self._step is not None:
+            steps += 1
+        if self._step is not None and self._rows is not None and self.method is not None:
+            plan = self._rows.plan
+            sparse_steps += 1
+            sparse_rows += sum(plan.sparse_list)
+            layers = list(plan.selections)
+            if layers:  # one host read for all layers
+                sums = torch.stack([torch.stack([plan.selections[i].blocks_kept.sum(), plan.selections[i].blocks_total.sum()])
+                                    for i in layers]).tolist()
+                for i, (k, t) in zip(layers, sums):
+                    kept[i] += int(k)
+                    total[i] += int(t)
+        return {"steps": steps, "sparse_steps": sparse_steps, "sparse_rows": sparse_rows, "kept": kept,
+                "total": total}
+
+    def take_interval_requests(self) -> set[str]:
+        """Ids of the requests that had an eligible (sparse) decode row since the last call, the
+        step in flight included; each step's requests go to exactly one call."""
+        out, self._interval_requests = self._interval_requests, set()
+        if self._step is not None and self._rows is not None and not self._step_requests_taken:
+            out.update(_eligible_requests(self._rows.plan))
+            self._step_requests_taken = True
+        return out
+
     def snapshot(self) -> dict:
         """Counters for tests and metrics: steps, blocks kept/total per layer."""
         st = self.method.stats if self.method is not None else None
@@ -220,6 +270,7 @@ class SparseRuntime:
             "method": self.method.name if self.method else None,
             "steps": self.steps,
             "sparse_steps": self.sparse_steps,
+            "sparse_rows": self.sparse_rows,
             "kept": list(st.kept) if st else [],
             "total": list(st.total) if st else [],
         }

