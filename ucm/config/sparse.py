@@ -31,6 +31,17 @@ class WindowedMethodConfig(_Strict):
     sparse_ratio: Ratio = 0.3
     min_blocks: NonNegInt = 4
     retrieval_stride: PosInt = 1
+    #: offload mode: after prefill only the windows and a fixed number of slot blocks stay on
+    #: the device, the rest lives in the KV store (needs `ucm_connectors`; see docs/store.md)
+    offload: bool = False
+    #: slot blocks beyond the most a layer selects, keeping recently read blocks resident
+    offload_margin_blocks: NonNegInt = 2
+
+    @model_validator(mode="after")
+    def _margin_needs_offload(self) -> WindowedMethodConfig:
+        if "offload_margin_blocks" in self.model_fields_set and not self.offload:
+            raise ValueError("offload_margin_blocks has no effect without offload: true")
+        return self
 
 
 class ESAConfig(WindowedMethodConfig):

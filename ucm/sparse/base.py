@@ -99,6 +99,11 @@ class BlockScorer(ABC):
         """Bytes of side caches (representations, codes) this scorer holds."""
         return 0
 
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the per-block state of blocks `src` to ids `dst` (every layer), so a block's
+        representation outlives its device block (offload mode scores middle blocks there)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no copyable per-block state; it cannot offload")
+
 
 
 class BlockAccumulator:
@@ -137,6 +142,13 @@ class BlockAccumulator:
         if self.abs_sums is not None:
             self.abs_sums.index_add_(0, blocks, key.abs())
         return torch.unique(blocks[offsets == bs - 1])
+
+    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Sums of blocks `src` into blocks `dst`."""
+        src, dst = src.to(self.device, torch.int64), dst.to(self.device, torch.int64)
+        self.sums.index_copy_(0, dst, self.sums.index_select(0, src))
+        if self.abs_sums is not None:
+            self.abs_sums.index_copy_(0, dst, self.abs_sums.index_select(0, src))
 
     def nbytes(self) -> int:
         extra = self.abs_sums.numel() * 4 if self.abs_sums is not None else 0

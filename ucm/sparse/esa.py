@@ -42,6 +42,10 @@ class MeanReprScorer(BlockScorer):
                                             self.group_reduce)
         return s.to(q.device)
 
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for acc in self.acc:
+            acc.copy(src, dst)
+
     def memory_bytes(self) -> int:
         return sum(a.nbytes() for a in self.acc)
 

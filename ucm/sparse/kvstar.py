@@ -111,5 +111,9 @@ class KVStarScorer(BlockScorer):
         for key in [k for k in self._queries if k[0] == req_id]:
             del self._queries[key]
 
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for acc in self.acc:
+            acc.copy(src, dst)
+
     def memory_bytes(self) -> int:
         return sum(a.nbytes() for a in self.acc)

@@ -39,7 +39,9 @@ from ucm.integration.vllm.prefix_store import (
     StorePlan,
     lookup_store_for,
 )
+from ucm.integration.vllm.offload import OffloadPlanner, OffloadUpdate, OffloadWorker
 from ucm.integration.vllm.runtime import SparseRuntime, StepInfo, layer_index
+from ucm.sparse.offload import OffloadPolicy
 from ucm.sparse.factory import resolve_model_config
 from ucm.integration.vllm.version import check_vllm_version
 
@@ -60,6 +62,7 @@ class UCMConnectorMetadata(KVConnectorMetadata):
     finished: list[str] = field(default_factory=list)
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    offload: list[OffloadUpdate] = field(default_factory=list)
 
 
 @dataclass
@@ -91,8 +94,16 @@ class UCMConnector(KVConnectorBase_V1):
             if self.model_config_file.config.num_hidden_layers != layers:
                 raise ConfigError(self.model_config_file.source, "num_hidden_layers",
                                   f"{self.model_config_file.config.num_hidden_layers} but the served model has {layers}")
+        sparse = self.ucm_config.sparse
+        self.offload_policy: OffloadPolicy | None = None
+        if getattr(sparse, "offload", False):
+            if not self.ucm_config.stores:
+                raise ConfigError("kv_connector_extra_config", f"ucm_sparse_config.{sparse.method}.offload",
+                                  "offload keeps the KV of long requests in the store: configure one in ucm_connectors")
+            self.offload_policy = OffloadPolicy.from_config(sparse, self.block_size)
         self._tracked: dict[str, _Tracked] = {}
         self.planner: PrefixPlanner | None = None
+        self.offload_planner: OffloadPlanner | None = None
         self.store_worker: PrefixStoreWorker | None = None
         self._store_identity: StoreIdentity | None = None
         if self.ucm_config.stores:
@@ -107,6 +118,9 @@ class UCMConnector(KVConnectorBase_V1):
                     logger.warning("ucm: kv_load_failure_policy is %r: a stored block that fails to load (evicted or "
                                    "corrupt after the lookup) fails its request; set it to 'recompute' to recompute "
                                    "such blocks instead", vllm_config.kv_transfer_config.kv_load_failure_policy)
+                if self.offload_policy is not None:
+                    self.offload_planner = OffloadPlanner(self.offload_policy, self.planner, kv_cache_config.num_blocks,
+                                                          vllm_config.model_config.max_model_len)
         self.runtime: SparseRuntime | None = None
         if role == KVConnectorRole.WORKER and self.ucm_config.sparse is not None:
             from ucm.ops import get_ops
@@ -120,12 +134,15 @@ class UCMConnector(KVConnectorBase_V1):
                 device_kind=_device_kind(),
                 model_config_file=self.model_config_file,
             )
+            if self.offload_policy is not None:
+                self.runtime.offload = OffloadWorker(self.offload_policy, self.runtime.num_layers)
 
     # ---------------------------------------------------------------- worker
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         if self.runtime is not None and isinstance(connector_metadata, UCMConnectorMetadata):
-            self.runtime.begin_step(StepInfo(connector_metadata.decode_by_last_block, connector_metadata.finished))
+            self.runtime.begin_step(StepInfo(connector_metadata.decode_by_last_block, connector_metadata.finished,
+                                             connector_metadata.offload))
 
     def clear_connector_metadata(self) -> None:
         if self.runtime is not None:
@@ -141,6 +158,8 @@ class UCMConnector(KVConnectorBase_V1):
         self.store_worker = PrefixStoreWorker(spec, self._store_identity, get_tensor_model_parallel_rank())
         self.store_worker.register({layer_index(name): kv for name, kv in kv_caches.items()})
         self._layer_names = {layer_index(name): name for name in kv_caches}
+        if self.runtime is not None and self.runtime.offload is not None:
+            self.runtime.offload.loader = self.store_worker.load_layer
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -203,6 +222,14 @@ class UCMConnector(KVConnectorBase_V1):
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if self.planner is not None:
             self.planner.after_alloc(request.request_id, num_external_tokens)
+        if self.offload_planner is not None:
+            self.offload_planner.track(request)
+
+    def bind_kv_cache_manager(self, kv_cache_manager) -> None:
+        """vLLM hands the scheduler-side connector its KV cache manager: offload frees blocks through it."""
+        super().bind_kv_cache_manager(kv_cache_manager)
+        if self.offload_planner is not None:
+            self.offload_planner.bind(kv_cache_manager)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = UCMConnectorMetadata(finished=sorted(scheduler_output.finished_req_ids))
@@ -227,6 +254,9 @@ class UCMConnector(KVConnectorBase_V1):
             new_ids = cached.new_block_ids[i]
             if rid in cached.resumed_req_ids:
                 tracked.blocks = list(new_ids[0]) if new_ids is not None else []
+                if self.offload_planner is not None:  # preempted: its blocks were freed, it starts over
+                    self.offload_planner.reset(rid)
+                    meta.finished.append(rid)
             elif new_ids is not None:
                 tracked.blocks.extend(new_ids[0])
             computed[rid] = cached.num_computed_tokens[i]
@@ -239,6 +269,8 @@ class UCMConnector(KVConnectorBase_V1):
                 self.planner.plan_request(rid, prompts.get(rid), tracked.prompt_len, tracked.blocks, computed[rid], n_sched,
                                           rid in fresh, plan)
             meta.loads, meta.saves = plan.loads, plan.saves
+        if self.offload_planner is not None:
+            meta.offload = self.offload_planner.plan(scheduler_output, meta.saves)
         if self.ucm_config.sparse is None:
             return meta
         for rid, n_sched in scheduler_output.num_scheduled_tokens.items():
@@ -257,6 +289,8 @@ class UCMConnector(KVConnectorBase_V1):
         self._tracked.pop(request.request_id, None)
         if self.planner is not None:
             self.planner.forget(request.request_id)
+        if self.offload_planner is not None:
+            self.offload_planner.forget(request.request_id)
         return False, None
 
     # ------------------------------------------------------ stats, CUDA graphs

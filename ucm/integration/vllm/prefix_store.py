@@ -37,6 +37,7 @@ from ucm.store import (
     build_store,
     host_buffer,
     prefix_block_hashes,
+    root_hash,
     scoped_id,
 )
 
@@ -111,6 +112,20 @@ class PrefixPlanner:
             ids = prefix_block_hashes(list(prompt_token_ids or ()), self.identity.block_size, self.identity.namespace)
             p = self._prompts[req_id] = _Prompt(ids)
         return p
+
+    @property
+    def root(self) -> str:
+        """Parent id of every sequence's first block in this engine's namespace."""
+        return root_hash(self.identity.namespace)
+
+    def prompt_ids(self, req_id: str, prompt_token_ids) -> list[str]:
+        """Content ids of the request's full prompt blocks."""
+        return self._prompt(req_id, prompt_token_ids).ids
+
+    def saved_blocks(self, req_id: str) -> int:
+        """Leading prompt blocks known to be in the store (dumps issued, or loaded from it)."""
+        p = self._prompts.get(req_id)
+        return p.saved if p is not None else 0
 
     def matched_tokens(self, req_id: str, prompt_token_ids, num_computed_tokens: int) -> int:
         """Tokens beyond `num_computed_tokens` (block-aligned) that the store can supply."""
@@ -191,6 +206,7 @@ class PrefixStoreWorker:
         self.failed_loads = 0
         self.failed_dumps = 0
         self.load_seconds = 0.0
+        self.offload_loaded_blocks = 0
 
     def register(self, kv_caches: dict[int, torch.Tensor]) -> None:
         for layer, kv in kv_caches.items():
@@ -245,6 +261,34 @@ class PrefixStoreWorker:
                     on_loaded(layer, dst.to(kv.device))
         self.loaded_blocks += len(good)
         self.load_seconds += time.perf_counter() - t0
+
+    def load_layer(self, layer: int, store_ids: list[str], block_ids: list[int]) -> list[bool]:
+        """Fill device blocks `block_ids` of one layer from the store (offload mode); which arrived.
+
+        Dumps still in flight are waited for first: a block freed on the device may have been
+        dumped a step ago."""
+        if self._dumps:
+            self._reap(wait=True)
+        t0 = time.perf_counter()
+        ids = [scoped_id(i, self.scope) for i in store_ids]
+        buf = host_buffer([len(ids), self.identity.page_bytes], torch.uint8)
+        bad: set[str] = set()
+        try:
+            self.store.wait(self.store.load(ids, layer, buf))
+        except TaskFailed as exc:
+            bad = set(exc.ids)
+            self._warn_once("offload", f"ucm offload: {len(bad)} block(s) failed to load from the store and are "
+                                       f"left out of attention (first: {exc}); size the store to hold the offloaded KV")
+        ok = [i not in bad for i in ids]
+        good = [k for k, g in enumerate(ok) if g]
+        if good:
+            rows = self._rows(layer)
+            dst = torch.tensor([block_ids[k] for k in good], dtype=torch.int64, device=rows.device)
+            src = buf if len(good) == len(ids) else buf.index_select(0, torch.tensor(good, dtype=torch.int64))
+            rows.index_copy_(0, dst, src.to(rows.device))
+        self.offload_loaded_blocks += len(good)
+        self.load_seconds += time.perf_counter() - t0
+        return ok
 
     def take_load_errors(self) -> set[int]:
         with self._lock:
@@ -302,4 +346,4 @@ class PrefixStoreWorker:
     def snapshot(self) -> dict:
         return {"loaded_blocks": self.loaded_blocks, "dumped_blocks": self.dumped_blocks,
                 "failed_loads": self.failed_loads, "failed_dumps": self.failed_dumps,
-                "load_seconds": self.load_seconds}
+                "load_seconds": self.load_seconds, "offload_loaded_blocks": self.offload_loaded_blocks}

@@ -31,6 +31,7 @@ class StepInfo:
 
     decode_by_last_block: dict[int, str] = field(default_factory=dict)
     finished: list[str] = field(default_factory=list)
+    offload_updates: list = field(default_factory=list)  # OffloadUpdate, offload mode only
 
 
 @dataclass
@@ -39,6 +40,7 @@ class DecodeRows:
     plan: StepPlan
     q_index: torch.Tensor | None = None  # [n] int64 token index of each row's query
     covers_batch: bool = False  # rows == 0..B-1: the step decodes every row of the batch
+    physical_table: torch.Tensor | None = None  # [n, M] the rows' own block ids (offload mode only)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -84,6 +86,7 @@ class SparseRuntime:
         self.model_config_file = model_config_file
         self.method: SparseMethod | None = None
         self.ops: SparseOps | None = None
+        self.offload = None  # OffloadWorker when the config offloads (set by the connector)
         self._step: StepInfo | None = None
         self._rows: DecodeRows | None = None
         self._rows_key: tuple | None = None
@@ -106,6 +109,8 @@ class SparseRuntime:
             from ucm.sparse.factory import build_sparse_method
 
             self.ops = self._ops_factory()
+            if self.offload is not None:  # middle blocks are scored through virtual ids past the device's
+                num_blocks += self.offload.extra_blocks(num_blocks)
             shapes = ModelShapes(self.num_layers, num_q_heads, num_kv_heads, head_dim, block_size, num_blocks, device)
             self.method = build_sparse_method(self.config, shapes, self.ops, model_name=self.model_name,
                                               device_kind=self.device_kind, model_config=self.model_config_file)
@@ -120,6 +125,13 @@ class SparseRuntime:
         if self.method is not None:
             for rid in info.finished:
                 self.method.finish(rid)
+        if self.offload is not None:
+            for rid in info.finished:
+                self.offload.drop(rid)
+            if info.offload_updates:
+                if self.method is None:
+                    raise RuntimeError("ucm offload: blocks left the device before the sparse method was built")
+                self.offload.apply(info.offload_updates, self.method.scorer.copy_blocks)
         self._step, self._rows, self._rows_key = info, None, None
         self._step_cache = {}
         self._step_requests_taken = False
@@ -175,7 +187,12 @@ class SparseRuntime:
         if rows is None:
             return None
         q = query.index_select(0, self._rows.q_index)  # a copy: scorers may keep it past this step
-        return rows, self.method.select(layer_index(layer_name), q, self._rows.plan)
+        layer = layer_index(layer_name)
+        sel = self.method.select(layer, q, self._rows.plan)
+        if self._rows.physical_table is not None:
+            plan = self._rows.plan
+            sel = self.offload.resolve(layer, plan.req_ids, sel, self._rows.physical_table, plan.seq_lens, block_size)
+        return rows, sel
 
     def _decode_rows(self, query_start_loc, seq_lens, block_table, block_size) -> torch.Tensor | None:
         key = (query_start_loc.data_ptr(), seq_lens.data_ptr(), block_table.data_ptr(), int(seq_lens.shape[0]))
@@ -198,9 +215,17 @@ class SparseRuntime:
         if not rows:
             return None
         idx = torch.tensor(rows, dtype=torch.int64, device=seq_lens.device)
-        plan = self.method.begin_step(rids, seq_lens.index_select(0, idx), block_table.index_select(0, idx))
+        table = block_table.index_select(0, idx)
+        physical = None
+        if self.offload is not None and any(rid in self.offload.requests for rid in rids):
+            physical = table.clone()
+            for r, rid in enumerate(rids):
+                res = self.offload.requests.get(rid)
+                if res is not None:
+                    res.scoring_row(table[r])
+        plan = self.method.begin_step(rids, seq_lens.index_select(0, idx), table)
         q_index = query_start_loc.index_select(0, idx).to(torch.int64)
-        self._rows = DecodeRows(idx, plan, q_index, covers_batch=rows == list(range(len(lens))))
+        self._rows = DecodeRows(idx, plan, q_index, covers_batch=rows == list(range(len(lens))), physical_table=physical)
         return idx
 
     def notify_kv(self, layer_name: str, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:

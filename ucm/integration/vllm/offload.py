@@ -1,0 +1,299 @@
+"""Offload mode inside vLLM: long requests hold a fixed budget of device blocks.
+
+The design (docs/store.md, "Offload mode") uses only the connector API, no scheduler subclass:
+
+* **Scheduler side** (`OffloadPlanner`, inside UCMConnector's scheduler instance): vLLM hands
+  every connector its KV cache manager (`bind_kv_cache_manager`). Each step, in
+  `build_connector_meta` (after this step's allocation, so what is freed is reused from the
+  next step on), a decoding request's full, committed blocks outside its windows are dumped to
+  the store (decode blocks: the prompt's were dumped while prefilling) and, once the step that
+  dumped them has been processed (the request's committed tokens passed it), replaced by vLLM's null block and
+  returned to the block pool - the mechanism vLLM's own sliding-window manager uses. `S` slot
+  blocks of the middle stay; they leave the prefix cache because their contents will change.
+* **Worker side** (`OffloadWorker`, driven by the `SparseRuntime`): before the step's forward,
+  the representations of the blocks that joined the middle are copied to virtual ids (their
+  device blocks may be rewritten by other requests from the next step on); selection scores the
+  middle through those ids; a selected block no slot holds is loaded into a free slot of that
+  layer (`ucm.sparse.offload.RequestResidency`) and the kernel reads physical ids only.
+
+A request whose slots cannot be exclusive (shared prefix blocks) or that would exceed the
+virtual-id capacity simply stays resident; nothing is freed that is not in the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from ucm.sparse.offload import OffloadPolicy, RequestResidency, VirtualBlocks
+from ucm.store import block_hash
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+    from ucm.integration.vllm.prefix_store import PrefixPlanner, SaveSpec
+
+logger = logging.getLogger("vllm.ucm")
+
+
+@dataclass
+class OffloadUpdate:
+    """Scheduler -> workers: blocks of one request that joined the middle this step."""
+
+    req_id: str
+    middle_physical: list[int]  # their device blocks (representations are copied from there)
+    middle_store_ids: list[str]
+    slot_positions: list[int] | None = None  # set on the request's first update
+    slot_physical: list[int] | None = None
+
+
+@dataclass
+class _Request:
+    request: Request
+    eligible: bool | None = None
+    ids: list[str] = field(default_factory=list)  # store ids of the full blocks, in order
+    saved_when: list[int] = field(default_factory=list)  # processed tokens once each full block's dump ran
+    slots: list[int] | None = None
+    middle_end: int = 0
+    max_held: int = 0  # most device blocks held since it was offloaded
+
+
+class OffloadPlanner:
+    """Scheduler-side: which blocks of which request to dump and free, and what to tell workers."""
+
+    def __init__(self, policy: OffloadPolicy, prefix: PrefixPlanner, num_device_blocks: int,
+                 max_model_len: int) -> None:
+        self.policy = policy
+        self.prefix = prefix
+        self.max_model_len = max_model_len
+        self.virtual_capacity = policy.virtual_capacity(num_device_blocks)
+        self.virtual_in_use = 0
+        self._manager: KVCacheManager | None = None
+        self._requests: dict[str, _Request] = {}
+        # counters (tests, stats)
+        self.offloaded_requests = 0
+        self.freed_blocks = 0
+        self.over_budget = 0  # requests seen holding more device blocks than their budget
+        # (most device blocks held, budget) of each offloaded request, kept after it leaves
+        self.held: dict[str, tuple[int, int]] = {}
+
+    def bind(self, manager: KVCacheManager) -> None:
+        coordinator = manager.coordinator
+        if len(coordinator.single_type_managers) != 1:
+            raise RuntimeError("offload needs a model with one KV cache group")
+        self._manager = manager
+
+    # ------------------------------------------------------------ lifecycle
+    def track(self, request: Request) -> None:
+        self._requests.setdefault(request.request_id, _Request(request))
+
+    def forget(self, req_id: str) -> None:
+        r = self._requests.pop(req_id, None)
+        if r is not None and r.slots is not None:
+            self.virtual_in_use -= r.middle_end - self.policy.init_blocks
+
+    def reset(self, req_id: str) -> None:
+        """The request was preempted (vLLM freed its blocks): it starts over as a new one."""
+        r = self._requests.get(req_id)
+        if r is not None:
+            self.forget(req_id)
+            self._requests[req_id] = _Request(r.request)
+
+    def max_tokens(self, request: Request) -> int:
+        return min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
+
+    def _blocks(self, req_id: str) -> list:
+        return self._manager.coordinator.single_type_managers[0].req_to_blocks.get(req_id, [])
+
+    # ------------------------------------------------------------ each step
+    def plan(self, scheduler_output: SchedulerOutput, saves: list[SaveSpec]) -> list[OffloadUpdate]:
+        """Dumps (appended to `saves`) and frees for the requests scheduled this step."""
+        from ucm.integration.vllm.prefix_store import SaveSpec
+
+        updates: list[OffloadUpdate] = []
+        if self._manager is None:
+            return updates
+        for rid in scheduler_output.num_scheduled_tokens:
+            r = self._requests.get(rid)
+            if r is None:
+                continue
+            req = r.request
+            processed = req.num_computed_tokens - getattr(req, "num_in_flight_tokens", 0)
+            if processed < req.num_prompt_tokens:
+                continue  # still prefilling
+            if r.eligible is None:
+                r.eligible = self._eligible(r)
+            if not r.eligible:
+                continue
+            blocks = self._blocks(rid)
+            after_step = req.num_computed_tokens + scheduler_output.num_scheduled_tokens[rid]
+            new_saves = self._extend_ids(r, processed, blocks, after_step)
+            if new_saves:
+                saves.append(SaveSpec([blocks[i].block_id for i in new_saves], [r.ids[i] for i in new_saves]))
+            update = self._advance(r, rid, processed, blocks)
+            if update is not None:
+                updates.append(update)
+            held = sum(1 for b in blocks if not b.is_null)
+            if r.slots is not None:
+                budget = self.policy.budget(self.max_tokens(req))
+                r.max_held = max(r.max_held, held)
+                self.held[rid] = (r.max_held, budget)
+                if len(self.held) > 4096:
+                    self.held.pop(next(iter(self.held)))
+                if held > budget:
+                    self.over_budget += 1
+        return updates
+
+    def _eligible(self, r: _Request) -> bool:
+        """Offload only requests whose middle can outgrow their slots."""
+        p = self.policy
+        n_max = self.max_tokens(r.request)
+        if p.middle_end(n_max) - p.init_blocks <= p.slots(n_max):
+            return False
+        prompt_ids = self.prefix.prompt_ids(r.request.request_id, r.request.prompt_token_ids)
+        if self.prefix.saved_blocks(r.request.request_id) < len(prompt_ids):
+            return False  # some prompt blocks were never dumped (e.g. a local hit on another engine's blocks)
+        r.ids = list(prompt_ids)
+        r.saved_when = [0] * len(prompt_ids)  # dumped while prefilling, by steps that have been processed
+        return True
+
+    def _extend_ids(self, r: _Request, processed: int, blocks: list, after_step: int) -> list[int]:
+        """Content ids for the decode blocks that are now full and committed; returns the indices to dump."""
+        bs = self.policy.block_size
+        full = min(processed // bs, len(blocks))
+        start = len(r.ids)
+        if full <= start:
+            return []
+        tokens = r.request.all_token_ids
+        for i in range(start, full):
+            r.ids.append(block_hash(r.ids[-1] if r.ids else self.prefix.root, tokens[i * bs:(i + 1) * bs]))
+            r.saved_when.append(after_step)  # this step dumps it
+        return list(range(start, full))
+
+    def _advance(self, r: _Request, rid: str, processed: int, blocks: list) -> OffloadUpdate | None:
+        p = self.policy
+        target = min(p.middle_end(processed), len(r.ids))
+        # only blocks whose dump has run (its step was processed) may leave the device
+        while target > p.init_blocks and r.saved_when[target - 1] > processed:
+            target -= 1
+        first_update = r.slots is None
+        start = p.init_blocks if first_update else r.middle_end
+        n_slots = p.slots(self.max_tokens(r.request))
+        if first_update and target - p.init_blocks <= n_slots:
+            return None  # nothing to free yet
+        room = self.virtual_capacity - self.virtual_in_use
+        target = min(target, start + room)
+        if target <= start:
+            return None
+        update = OffloadUpdate(rid, [blocks[i].block_id for i in range(start, target)], r.ids[start:target])
+        pool = self._manager.block_pool
+        if first_update:
+            exclusive = [i for i in range(p.init_blocks, target) if blocks[i].ref_cnt == 1 and not blocks[i].is_null]
+            if len(exclusive) < n_slots:
+                return None  # shared prefix blocks cannot be rewritten in place: stay resident
+            r.slots = exclusive[:n_slots]
+            update.slot_positions = list(r.slots)
+            update.slot_physical = [blocks[i].block_id for i in r.slots]
+            pool.evict_blocks({blocks[i].block_id for i in r.slots})  # their contents will change
+            self.offloaded_requests += 1
+        slot_set = set(r.slots)
+        freed = []
+        null = pool.null_block
+        for i in range(target - 1, start - 1, -1):  # tail first, as vLLM frees
+            if i in slot_set or blocks[i].is_null:
+                continue
+            freed.append(blocks[i])
+            blocks[i] = null
+        if freed:
+            pool.free_blocks(freed)
+            self.freed_blocks += len(freed)
+        self.virtual_in_use += target - start
+        r.middle_end = target
+        return update
+
+    def snapshot(self) -> dict:
+        return {"offloaded_requests": self.offloaded_requests, "freed_blocks": self.freed_blocks,
+                "over_budget": self.over_budget, "virtual_in_use": self.virtual_in_use,
+                "virtual_capacity": self.virtual_capacity,
+                "held": dict(self.held)}
+
+
+class OffloadWorker:
+    """Worker-side: residency of each offloaded request and loads from the store."""
+
+    def __init__(self, policy: OffloadPolicy, num_layers: int) -> None:
+        self.policy = policy
+        self.num_layers = num_layers
+        self.virtual: VirtualBlocks | None = None
+        self.requests: dict[str, RequestResidency] = {}
+        self._virtual_ids: dict[str, list[int]] = {}
+        self.loader: Callable[[int, list[str], list[int]], list[bool]] | None = None
+        self.loaded_blocks = 0
+        self.failed_loads = 0
+
+    def extra_blocks(self, num_device_blocks: int) -> int:
+        """Virtual ids to add to the scorer's side caches (after the device's block ids)."""
+        count = self.policy.virtual_capacity(num_device_blocks)
+        self.virtual = VirtualBlocks(num_device_blocks, count)
+        return count
+
+    def apply(self, updates: list[OffloadUpdate], copy_blocks: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """Before the forward: record this step's middle blocks and copy their representations."""
+        for u in updates:
+            if self.virtual is None:
+                raise RuntimeError("offload update before the sparse method was built")
+            res = self.requests.get(u.req_id)
+            if res is None:
+                if u.slot_positions is None:
+                    raise RuntimeError(f"offload: first update of {u.req_id} names no slots")
+                res = self.requests[u.req_id] = RequestResidency(self.num_layers, self.policy.init_blocks,
+                                                                 u.slot_positions, u.slot_physical)
+            ids = self.virtual.take(len(u.middle_physical))
+            self._virtual_ids.setdefault(u.req_id, []).extend(ids)
+            copy_blocks(torch.tensor(u.middle_physical, dtype=torch.int64), torch.tensor(ids, dtype=torch.int64))
+            res.extend_middle(ids, u.middle_store_ids)
+
+    def drop(self, req_id: str) -> None:
+        res = self.requests.pop(req_id, None)
+        if res is not None:
+            self.loaded_blocks += res.loads - res.failed_loads
+            self.failed_loads += res.failed_loads
+        ids = self._virtual_ids.pop(req_id, None)
+        if ids and self.virtual is not None:
+            self.virtual.give_back(ids)
+
+    def resolve(self, layer: int, req_ids: list[str], sel, physical_table: torch.Tensor, seq_lens: torch.Tensor,
+                block_size: int):
+        """`sel` with the offloaded rows' block ids made physical (loading what is missing)."""
+        import dataclasses
+
+        rows = [(r, self.requests[rid]) for r, rid in enumerate(req_ids) if rid in self.requests]
+        if not rows:
+            return sel
+        table = sel.block_table.clone()
+        lens = sel.seq_lens.clone()
+        kept_out = sel.blocks_kept.clone()
+        for r, res in rows:
+            kept = int(sel.blocks_kept[r])
+            logical = sel._logical[r, :kept].to(torch.int64).cpu()
+            phys = res.resolve(layer, logical, physical_table[r].cpu(), self.loader)
+            n = int(phys.numel())
+            table[r, :n] = phys.to(table.device, table.dtype)
+            table[r, n:] = 0
+            if n != kept:
+                seq = int(seq_lens[r])
+                last_len = seq - ((seq + block_size - 1) // block_size - 1) * block_size
+                lens[r] = (n - 1) * block_size + last_len
+                kept_out[r] = n
+        return dataclasses.replace(sel, block_table=table, seq_lens=lens, blocks_kept=kept_out)
+
+    def snapshot(self) -> dict:
+        live = list(self.requests.values())
+        return {"offloaded_requests": len(live), "loaded_blocks": self.loaded_blocks + sum(r.loads - r.failed_loads for r in live),
+                "failed_loads": self.failed_loads + sum(r.failed_loads for r in live),
+                "virtual_in_use": self.virtual.in_use if self.virtual else 0}
