@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import gc
-import json
 import math
-import os
 
 import pytest
 import torch

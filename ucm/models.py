@@ -63,12 +63,14 @@ def gguf_path(name: str = "smollm2") -> Path:
     return path
 
 
-def make_tiny_model(num_kv_heads: int = 2, seed: int = 0) -> Path:
+def make_tiny_model(num_kv_heads: int = 2, seed: int = 0, context: int = 8192) -> Path:
     """A tiny random Llama (hidden 128, 4 layers, 4 q heads, `num_kv_heads` KV heads, head dim
     32, fp32) with SmolLM2's tokenizer, for fast engine tests (tensor parallelism needs KV heads
     divisible by the rank count, which SmolLM2's 3 are not). Weights have std 0.3 so greedy
-    decoding is not degenerate. Deterministic in `seed`; cached like the packaged models."""
-    final = cache_dir() / "models" / f"tiny-llama-kv{num_kv_heads}-s{seed}"
+    decoding is not degenerate. `context` is its maximum length (benchmarks at 32K use it).
+    Deterministic in its arguments; cached like the packaged models."""
+    suffix = "" if context == 8192 else f"-ctx{context}"
+    final = cache_dir() / "models" / f"tiny-llama-kv{num_kv_heads}-s{seed}{suffix}"
     if (final / "config.json").is_file():
         return final
     import torch
@@ -77,7 +79,7 @@ def make_tiny_model(num_kv_heads: int = 2, seed: int = 0) -> Path:
     tok = AutoTokenizer.from_pretrained(fetch_model("smollm2"))
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=32, max_position_embeddings=8192,
+        num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=32, max_position_embeddings=context,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
         torch_dtype="float32",
     )

@@ -41,7 +41,7 @@ import torch
 from vllm.config import get_current_vllm_config_or_none
 
 from ucm.integration.vllm.plugin import ucm_sparse_requested
-from ucm.integration.vllm.wrapper_core import decoder_runtime, kv_written, notify_decode, rewrite_rows
+from ucm.integration.vllm.wrapper_core import KVWriteHook, decoder_runtime, kv_written, notify_decode, rewrite_rows
 
 logger = logging.getLogger("vllm.ucm")
 
@@ -64,7 +64,7 @@ def _refuse_unsupported(vllm_config, impl: AscendAttentionBackendImpl) -> None:
                          "own sparse decode) also rewrites the decode block table; enable one of the two")
 
 
-class UCMAscendAttentionBackendImpl(AscendAttentionBackendImpl):
+class UCMAscendAttentionBackendImpl(KVWriteHook, AscendAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._ucm_layer_name: str | None = None
@@ -95,12 +95,6 @@ class UCMAscendAttentionBackendImpl(AscendAttentionBackendImpl):
             n = attn_metadata.num_actual_tokens
             kv_written(rt, self._ucm_layer_name, key[:n], value[:n], attn_metadata.slot_mapping[:n])
         return out
-
-    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        rt = self._runtime(kv_cache, key.device)
-        if rt is not None:
-            kv_written(rt, layer.layer_name, key, value, slot_mapping)
 
     # ------------------------------------------------------------ attention
     def forward_impl(self, query, key, value, kv_cache, attn_metadata, output):

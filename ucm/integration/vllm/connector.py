@@ -245,6 +245,8 @@ class UCMConnector(KVConnectorBase_V1):
             self._tracked[new.req_id] = _Tracked(list(new.block_ids[0]), prompt)
             computed[new.req_id] = new.num_computed_tokens
             fresh.add(new.req_id)
+            if self.offload_planner is not None and self.offload_planner.reset(new.req_id):
+                meta.finished.append(new.req_id)  # rescheduled from scratch after offload
             prompts[new.req_id] = new.prompt_token_ids
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
@@ -254,9 +256,8 @@ class UCMConnector(KVConnectorBase_V1):
             new_ids = cached.new_block_ids[i]
             if rid in cached.resumed_req_ids:
                 tracked.blocks = list(new_ids[0]) if new_ids is not None else []
-                if self.offload_planner is not None:  # preempted: its blocks were freed, it starts over
-                    self.offload_planner.reset(rid)
-                    meta.finished.append(rid)
+                if self.offload_planner is not None and self.offload_planner.reset(rid):
+                    meta.finished.append(rid)  # preempted after offload: the workers drop its state
             elif new_ids is not None:
                 tracked.blocks.extend(new_ids[0])
             computed[rid] = cached.num_computed_tokens[i]

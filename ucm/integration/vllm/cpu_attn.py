@@ -16,21 +16,15 @@ from vllm import envs
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from ucm.integration.vllm.connector import find_runtime
-from ucm.integration.vllm.wrapper_core import decoder_runtime, kv_written, notify_decode, rewrite_rows
+from ucm.integration.vllm.wrapper_core import KVWriteHook, decoder_runtime, notify_decode, rewrite_rows
 
 
-class UCMCPUAttentionBackendImpl(CPUAttentionBackendImpl):
+class UCMCPUAttentionBackendImpl(KVWriteHook, CPUAttentionBackendImpl):
     def _runtime(self, kv_cache: torch.Tensor, device: torch.device):
         if kv_cache.numel() == 0:
             return None
         num_blocks, _, block_size, _ = kv_cache.shape  # [NB, Hkv, bs, 2 * D]
         return decoder_runtime(self, num_blocks, block_size, device)
-
-    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        rt = self._runtime(kv_cache, key.device)
-        if rt is not None:
-            kv_written(rt, layer.layer_name, key, value, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):

@@ -38,7 +38,7 @@ from vllm.config import get_current_vllm_config_or_none
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl, FlashAttentionMetadata
 
 from ucm.integration.vllm.plugin import ucm_sparse_requested
-from ucm.integration.vllm.wrapper_core import decoder_runtime, kv_written, notify_decode, rewrite_rows
+from ucm.integration.vllm.wrapper_core import KVWriteHook, decoder_runtime, notify_decode, rewrite_rows
 
 # custom ops that must stay outside captured piecewise graphs: ucm's Python runs inside them
 EAGER_OPS = ("vllm::unified_attention_with_output", "vllm::unified_kv_cache_update")
@@ -94,7 +94,7 @@ def refuse_unsupported(vllm_config, dcp_world_size: int = 1) -> None:
                                   "each request's tokens over ranks); run without it to use ucm")
 
 
-class UCMFlashAttentionImpl(FlashAttentionImpl):
+class UCMFlashAttentionImpl(KVWriteHook, FlashAttentionImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         vllm_config = get_current_vllm_config_or_none()
@@ -111,12 +111,6 @@ class UCMFlashAttentionImpl(FlashAttentionImpl):
         num_blocks, _, block_size, _ = kv_cache.shape  # [NB, Hkv, bs, 2 * D]
         return decoder_runtime(self, num_blocks, block_size, device, manager_block_size=self._ucm_manager_block_size,
                                platform="FlashAttention", splits=BLOCK_SPLIT)
-
-    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        rt = self._runtime(kv_cache, key.device)
-        if rt is not None:
-            kv_written(rt, layer.layer_name, key, value, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):

@@ -44,8 +44,10 @@ def find_connector():
     return c if isinstance(c, UCMConnector) else None
 
 
-def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int = 12, block_size: int = 32) -> dict:
-    """Generate once; returns {"answer", "correct", "kept", "total", "seconds"}."""
+def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int = 12, block_size: int = 32,
+                store_dir: str | None = None) -> dict:
+    """Generate once; returns {"answer", "correct", "kept", "total", "seconds"} (and "offload"
+    with the device blocks held when the config offloads; `store_dir` is then the store)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,7 +58,11 @@ def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int 
     from ucm.models import fetch_model
 
     path = str(fetch_model("smollm2"))
-    ktc = connector_config({"ucm_sparse_config": sparse_config}) if sparse_config is not None else None
+    extra = {"ucm_sparse_config": sparse_config} if sparse_config is not None else None
+    if extra is not None and store_dir is not None:
+        extra["ucm_connectors"] = [{"ucm_connector_name": "UcmNfsStore",
+                                    "ucm_connector_config": {"storage_backends": store_dir}}]
+    ktc = connector_config(extra) if extra is not None else None
     llm = LLM(model=path, dtype="float32", block_size=block_size, max_model_len=max(4096, tokens + 512),
               enforce_eager=True, distributed_executor_backend="uni", kv_transfer_config=ktc)
     ids, secret = needle_prompt(llm.get_tokenizer(), tokens, 0.5, seed=7)
@@ -73,4 +79,15 @@ def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int 
         kept, total = sum(snap["kept"]), sum(snap["total"])
         print(f"{method}: decode steps read {kept}/{total} blocks ({100 * kept / total:.0f}%) over all layers")
         print("per layer (kept/total, summed over steps): " + " ".join(f"{k}/{t}" for k, t in zip(snap["kept"], snap["total"])))
-    return {"answer": answer, "correct": secret in answer, "kept": snap["kept"], "total": snap["total"], "seconds": seconds}
+    result = {"answer": answer, "correct": secret in answer, "kept": snap["kept"], "total": snap["total"],
+              "seconds": seconds}
+    planner = getattr(llm.llm_engine.engine_core.engine_core.scheduler.connector, "offload_planner", None)
+    if planner is not None:
+        snap = planner.snapshot()
+        held = next(iter(snap["held"].values()), None)
+        blocks = -(-(len(ids) + max_tokens) // block_size)
+        if held is not None:
+            print(f"offload: the request held at most {held[0]} device blocks (budget {held[1]}) of its {blocks}; "
+                  f"{snap['freed_blocks']} blocks went back to vLLM's pool and were read from the store when selected")
+        result["offload"] = snap
+    return result

@@ -97,12 +97,15 @@ class OffloadPlanner:
         if r is not None and r.slots is not None:
             self.virtual_in_use -= r.middle_end - self.policy.init_blocks
 
-    def reset(self, req_id: str) -> None:
-        """The request was preempted (vLLM freed its blocks): it starts over as a new one."""
+    def reset(self, req_id: str) -> bool:
+        """The request was preempted (vLLM freed its blocks) and is scheduled again: it starts
+        over as a new one. True when it had been offloaded (the workers must drop its state)."""
         r = self._requests.get(req_id)
-        if r is not None:
-            self.forget(req_id)
-            self._requests[req_id] = _Request(r.request)
+        if r is None:
+            return False
+        self.forget(req_id)
+        self._requests[req_id] = _Request(r.request)
+        return r.slots is not None
 
     def max_tokens(self, request: Request) -> int:
         return min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
@@ -201,6 +204,10 @@ class OffloadPlanner:
             update.slot_physical = [blocks[i].block_id for i in r.slots]
             pool.evict_blocks({blocks[i].block_id for i in r.slots})  # their contents will change
             self.offloaded_requests += 1
+            if self.offloaded_requests == 1:
+                logger.info("ucm offload active: request %s keeps %d of its %d blocks on the device after this step "
+                            "(budget %d)", rid, len(blocks) - (target - start - n_slots), len(blocks),
+                            p.budget(self.max_tokens(r.request)))
         slot_set = set(r.slots)
         freed = []
         null = pool.null_block

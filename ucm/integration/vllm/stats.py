@@ -13,8 +13,8 @@ Payload (`data`, plain JSON-like values so it crosses process boundaries as msgp
 
     {"ranks": {"<tp rank>": {"method": "ESA", "sparse_steps": int, "sparse_rows": int,
                              "kept": [int per layer], "total": [int per layer],
-                             "store": {"loaded_blocks": int, "dumped_blocks": int,
-                                       "failed_loads": int, "failed_dumps": int}}},   # with a store
+                             "store": {"loaded_blocks": int, "dumped_blocks": int, "failed_loads": int,
+                                       "failed_dumps": int, "offload_loaded_blocks": int}}},  # with a store
      "requests": [request ids with a sparse decode row]}
 
 Tensor parallelism: every rank selects the same blocks (block scores are summed over the ranks
@@ -34,7 +34,7 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
-STORE_COUNTERS = ("loaded_blocks", "dumped_blocks", "failed_loads", "failed_dumps")
+STORE_COUNTERS = ("loaded_blocks", "dumped_blocks", "failed_loads", "failed_dumps", "offload_loaded_blocks")
 _SCALARS = ("sparse_steps", "sparse_rows")
 
 
@@ -121,6 +121,8 @@ class UCMKVConnectorStats(KVConnectorStats):
             out["ucm store dumped blocks"] = mine.get("dumped_blocks", 0)
             out["ucm store failed loads"] = sum(s.get("failed_loads", 0) for s in stores)
             out["ucm store failed dumps"] = sum(s.get("failed_dumps", 0) for s in stores)
+            if any(s.get("offload_loaded_blocks") for s in stores):
+                out["ucm offload loaded blocks"] = mine.get("offload_loaded_blocks", 0)
         if len(self.ranks) > 1:
             out["ucm tp ranks"] = len(self.ranks)
         return out

@@ -95,6 +95,17 @@ def rewrite_rows(covers_batch: bool, rows: torch.Tensor, sel, block_table: torch
     return out_table, out_lens
 
 
+class KVWriteHook:
+    """Mixin before a stock attention impl: after the stock cache write, the written keys go to
+    the runtime. The wrapper provides `_runtime(kv_cache, device)` (its layout's guard)."""
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        rt = self._runtime(kv_cache, key.device)
+        if rt is not None:
+            kv_written(rt, layer.layer_name, key, value, slot_mapping)
+
+
 def notify_decode(rt: SparseRuntime, layer_name: str, picked, query: torch.Tensor,
                   query_start_loc: torch.Tensor, output: torch.Tensor) -> None:
     """Test observers see each decode row's query and output (only when some are attached)."""
