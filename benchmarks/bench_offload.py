@@ -226,20 +226,24 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default="offload")
     args = ap.parse_args()
+    out_file = args.out_dir / f"{args.name}.json"
+    # a run of one part keeps the other part's last measurement (each part records its own command)
+    result: dict[str, Any] = json.loads(out_file.read_text()) if out_file.is_file() and args.part != "both" else {}
+    result["machine"] = machine()
+    command = "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="ucm-offload-bench-") as tmp:
         args.store_dir = args.store_dir or tmp
-        result: dict[str, Any] = {"machine": machine(),
-                                  "command": "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-                                  "load_before": load_now()}
-        if args.part in ("concurrency", "both"):
-            result["concurrency"] = bench_concurrency(args)
-            result["concurrency_gain"] = result["concurrency"]["concurrency_gain"]
-        if args.part in ("step", "both"):
-            result["step"] = bench_step(args)
-            result["offload_step_ratio"] = result["step"]["offload_step_ratio"]
-        result["load_after"] = load_now()
+        for part, fn, key, field in (("concurrency", bench_concurrency, "concurrency_gain", "concurrency_gain"),
+                                     ("step", bench_step, "offload_step_ratio", "offload_step_ratio")):
+            if args.part not in (part, "both"):
+                continue
+            before = load_now()
+            result[part] = fn(args)
+            result[part].update(command=command, load_before=before, load_after=load_now())
+            result[key] = result[part][field]
+    result.pop("command", None), result.pop("load_before", None), result.pop("load_after", None)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    out_file.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out_dir / f"{args.name}.png")
     print(json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=1)[:3000])
 

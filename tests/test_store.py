@@ -141,6 +141,21 @@ def test_round_trip_bit_exact(kind: str, dtype: torch.dtype, tmp_path: Path) -> 
         assert same_bits(mixed[1], shard_data(ids[3], 0, layout)) and same_bits(mixed[2], shard_data(ids[3], 1, layout))
 
 
+@pytest.mark.parametrize("kind", ["posix", "dram", "pipeline"])
+def test_read_now_matches_load_and_reports_misses(kind: str, tmp_path: Path) -> None:
+    """The synchronous read (offload's loads) returns what `load` returns, on the calling thread."""
+    with make_store(kind, tmp_path) as store:
+        ids = ids_for(3, kind)
+        for s in range(LAYOUT.num_shards):
+            store.wait(store.dump(ids[:2], s, torch.stack([shard_data(i, s) for i in ids[:2]])))
+        threads = threading.active_count()
+        dst = torch.zeros((3, *LAYOUT.shard_shape), dtype=LAYOUT.dtype)
+        failures = store.read_now([ids[1], ids[2], ids[0]], 2, dst)
+        assert list(failures) == [ids[2]] and isinstance(failures[ids[2]], BlockMissing)
+        assert same_bits(dst[0], shard_data(ids[1], 2)) and same_bits(dst[2], shard_data(ids[0], 2))
+        assert threading.active_count() == threads  # no pool thread was started for it
+
+
 @pytest.mark.parametrize("kind", ["posix", "dram"])
 def test_block_visible_only_when_every_shard_is_in(kind: str, tmp_path: Path) -> None:
     with make_store(kind, tmp_path) as store:

@@ -23,13 +23,6 @@ from ucm.integration.vllm.connector import find_runtime  # noqa: E402
 from tests.vllm_engine import BLOCK, METHODS, generate, make_llm, shutdown, sparse_extra  # noqa: E402
 
 @pytest.fixture(scope="module")
-def model_path() -> str:
-    from ucm.models import fetch_model
-
-    return str(fetch_model("smollm2"))
-
-
-@pytest.fixture(scope="module")
 def prompts(model_path):
     from transformers import AutoTokenizer
 

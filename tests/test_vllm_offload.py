@@ -42,13 +42,6 @@ def scheduler_connector(llm) -> UCMConnector:
 
 
 @pytest.fixture(scope="module")
-def model_path() -> str:
-    from ucm.models import fetch_model
-
-    return str(fetch_model("smollm2"))
-
-
-@pytest.fixture(scope="module")
 def prompts(model_path) -> list[list[int]]:
     from transformers import AutoTokenizer
 

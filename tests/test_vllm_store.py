@@ -38,13 +38,6 @@ def connector() -> UCMConnector:
 
 
 @pytest.fixture(scope="module")
-def model_path() -> str:
-    from ucm.models import fetch_model
-
-    return str(fetch_model("smollm2"))
-
-
-@pytest.fixture(scope="module")
 def prompt(model_path) -> list[int]:
     from transformers import AutoTokenizer
 

@@ -104,7 +104,12 @@ Loader = Callable[[int, list[str], list[int]], list[bool]]
 
 
 class RequestResidency:
-    """Where each block of one offloaded request is, per layer (worker side)."""
+    """Where each block of one offloaded request is, per layer (worker side).
+
+    `slot_of[layer, b - init]` is the slot holding middle block b in that layer (-1: in the store
+    only) and `holder[layer, s]` the middle block slot s holds (-1: unknown after a failed load).
+    Reads of held blocks are a gather; only misses go through Python.
+    """
 
     def __init__(self, num_layers: int, init_blocks: int, slot_positions: Sequence[int],
                  slot_physical: Sequence[int]) -> None:
@@ -114,8 +119,9 @@ class RequestResidency:
         self.middle_end = init_blocks
         self.slot_physical = torch.tensor(list(slot_physical), dtype=torch.int64)
         s = len(slot_positions)
-        # holder[layer, slot]: logical block that slot holds in that layer (its own block at first)
         self.holder = torch.tensor(list(slot_positions), dtype=torch.int64).repeat(num_layers, 1)
+        self.slot_of = torch.full((num_layers, 0), -1, dtype=torch.int64)
+        self._initial = list(slot_positions)
         self.last_use = torch.zeros(num_layers, s, dtype=torch.int64)
         self.virtual: list[int] = []  # virtual id of middle block init + i
         self.store_ids: list[str] = []  # store id of middle block init + i
@@ -134,6 +140,12 @@ class RequestResidency:
         self.virtual.extend(virtual_ids)
         self.store_ids.extend(store_ids)
         self.middle_end += len(virtual_ids)
+        grown = torch.full((self.slot_of.shape[0], len(self.virtual)), -1, dtype=torch.int64)
+        grown[:, : self.slot_of.shape[1]] = self.slot_of
+        for s, b in enumerate(self._initial):  # slots hold their own blocks until reused
+            if b - self.init < grown.shape[1] and b - self.init >= self.slot_of.shape[1]:
+                grown[:, b - self.init] = torch.where(self.holder[:, s] == b, s, grown[:, b - self.init])
+        self.slot_of = grown
 
     def scoring_row(self, row: torch.Tensor) -> torch.Tensor:
         """A block-table row with the middle blocks replaced by their virtual ids (in place)."""
@@ -141,51 +153,72 @@ class RequestResidency:
             row[self.init:self.middle_end] = torch.tensor(self.virtual, dtype=row.dtype, device=row.device)
         return row
 
-    def resolve(self, layer: int, logical: torch.Tensor, physical_row: torch.Tensor, loader: Loader) -> torch.Tensor:
-        """Physical ids for this layer's selected `logical` blocks (ascending); middle blocks no
-        slot holds are loaded from the store first. `physical_row` is the request's own block-table
-        row (valid outside the middle). Blocks that fail to load are dropped from the result
-        (counted in `failed_loads`), never read from a slot holding something else."""
+    def lookup(self, layer: int, logical: torch.Tensor, physical_row: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(physical ids with -1 for misses, middle mask, missing logical blocks) for this layer's
+        selected `logical` blocks; marks the held ones used. `physical_row` is the request's own
+        block-table row (valid outside the middle)."""
         self._tick += 1
-        out = physical_row.index_select(0, logical.clamp(min=0).to(physical_row.device)).to(torch.int64)
-        in_middle = (logical >= self.init) & (logical < self.middle_end)
-        if not bool(in_middle.any()):
-            return out
-        held = self.holder[layer]
-        mids = logical[in_middle]
-        hit = held[None, :] == mids[:, None]  # [m, S]
-        found = hit.any(1)
-        slot_of = hit.to(torch.int8).argmax(1)
-        needed_slots = slot_of[found]
-        self.last_use[layer, needed_slots] = self._tick
-        missing = mids[~found].tolist()
-        ok_mask = torch.ones(mids.numel(), dtype=torch.bool)
-        if missing:
-            busy = torch.zeros(self.num_slots, dtype=torch.bool)
-            busy[needed_slots] = True
-            free = [s for s in torch.argsort(self.last_use[layer]).tolist() if not busy[s]]
-            if len(free) < len(missing):
-                raise RuntimeError(f"offload: layer {layer} selected {len(missing)} blocks beyond its "
-                                   f"{self.num_slots} slots (slots are sized from the same ratio; this is a bug)")
-            slots = free[: len(missing)]
-            ids = [self.store_ids[b - self.init] for b in missing]
-            phys = self.slot_physical[slots].tolist()
-            ok = loader(layer, ids, phys)
-            self.loads += len(missing)
-            miss_rows = (~found).nonzero().flatten()
-            for j, (b, s, good) in enumerate(zip(missing, slots, ok)):
-                if good:
-                    self.holder[layer, s] = b
-                    self.last_use[layer, s] = self._tick
-                    slot_of[miss_rows[j]] = s
-                else:
-                    self.holder[layer, s] = -1  # its content is unknown now
-                    ok_mask[miss_rows[j]] = False
-                    self.failed_loads += 1
-        mid_phys = self.slot_physical[slot_of]
-        out[in_middle] = mid_phys
-        if not bool(ok_mask.all()):
-            keep = torch.ones_like(logical, dtype=torch.bool)
-            keep[in_middle.nonzero().flatten()[~ok_mask]] = False
-            out = out[keep]
+        out = physical_row.index_select(0, logical.clamp(min=0)).to(torch.int64)
+        mid = (logical >= self.init) & (logical < self.middle_end)
+        if not bool(mid.any()):
+            return out, mid, logical[:0]
+        slots = self.slot_of[layer].index_select(0, (logical[mid] - self.init))
+        held = slots >= 0
+        self.last_use[layer].index_fill_(0, slots[held], self._tick)
+        out[mid] = torch.where(held, self.slot_physical[slots.clamp(min=0)], -1)
+        return out, mid, logical[mid][~held]
+
+    def assign(self, layer: int, missing: list[int], busy_physical: torch.Tensor) -> list[int]:
+        """Slots for the `missing` middle blocks: least recently used first, never one this step
+        reads (`busy_physical`). Returns the slots' physical ids (the loads' destinations)."""
+        busy = torch.isin(self.slot_physical, busy_physical)
+        order = [s for s in torch.argsort(self.last_use[layer]).tolist() if not busy[s]]
+        if len(order) < len(missing):
+            raise RuntimeError(f"offload: layer {layer} selected {len(missing)} blocks beyond its "
+                               f"{self.num_slots} slots (slots are sized from the same ratio; this is a bug)")
+        chosen = order[: len(missing)]
+        for s, b in zip(chosen, missing):
+            old = int(self.holder[layer, s])
+            if old >= 0:
+                self.slot_of[layer, old - self.init] = -1
+            self.holder[layer, s] = -1  # unknown until the load lands
+            self.last_use[layer, s] = self._tick
+        self._pending = (layer, chosen, missing)
+        return self.slot_physical[chosen].tolist()
+
+    def commit(self, ok: Sequence[bool]) -> None:
+        """Record which of the loads `assign` planned arrived."""
+        layer, chosen, missing = self._pending
+        for s, b, good in zip(chosen, missing, ok):
+            self.loads += 1
+            if good:
+                self.holder[layer, s] = b
+                self.slot_of[layer, b - self.init] = s
+            else:
+                self.failed_loads += 1
+
+    def resolve(self, layer: int, logical: torch.Tensor, physical_row: torch.Tensor, loader: Loader) -> torch.Tensor:
+        """Physical ids for this layer's selected `logical` blocks (ascending), loading the middle
+        blocks no slot holds; blocks that fail to load are left out (one request; the worker
+        batches requests with lookup/assign/commit)."""
+        out, mid, missing = self.lookup(layer, logical, physical_row)
+        if missing.numel():
+            phys = self.assign(layer, missing.tolist(), out[out >= 0])
+            ok = loader(layer, [self.store_ids[b - self.init] for b in missing.tolist()], phys)
+            self.commit(ok)
+            out = fill_loaded(out, phys, ok)
         return out
+
+
+def fill_loaded(out: torch.Tensor, phys: Sequence[int], ok: Sequence[bool]) -> torch.Tensor:
+    """`out` (-1 where a block was missing, in ascending logical order, as `phys`) with the loaded
+    slots filled in and the blocks that failed to load removed."""
+    miss = (out < 0).nonzero().flatten()
+    out = out.clone()
+    out[miss] = torch.tensor(list(phys), dtype=out.dtype)
+    if all(ok):
+        return out
+    keep = torch.ones_like(out, dtype=torch.bool)
+    keep[miss[~torch.tensor(list(ok))]] = False
+    return out[keep]

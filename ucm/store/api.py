@@ -296,6 +296,22 @@ class KVStore(ABC):
             f.add_done_callback(_done)
         return task
 
+    def read_now(self, ids: Sequence[BlockId], shards: int | Sequence[int],
+                 dst: torch.Tensor | Sequence[torch.Tensor]) -> dict[BlockId, BaseException]:
+        """`load` + `wait` on the calling thread, without the pool: for a caller that would wait
+        at once anyway (offload's loads in the forward pass), where a hop to a store thread only
+        adds a wake-up and competes with the engine's own busy threads. Returns the failures."""
+        items = self._items(ids, shards, dst, "dst")
+        uniq = list(dict.fromkeys(ids))
+        self._begin_load(uniq)
+        try:
+            failures: dict[BlockId, BaseException] = {}
+            for block_id, exc in _run_chunk(self._read_run, items):
+                failures.setdefault(block_id, exc)
+            return failures
+        finally:
+            self._end_load(uniq)
+
     def dump(self, ids: Sequence[BlockId], shards: int | Sequence[int], src: torch.Tensor | Sequence[torch.Tensor]) -> Task:
         """Start writing shards from src; returns at once. Blocks already stored are skipped."""
         return self._submit("dump", self._items(ids, shards, src, "src"), self._write_run, src)

@@ -81,7 +81,9 @@ def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int 
         print("per layer (kept/total, summed over steps): " + " ".join(f"{k}/{t}" for k, t in zip(snap["kept"], snap["total"])))
     result = {"answer": answer, "correct": secret in answer, "kept": snap["kept"], "total": snap["total"],
               "seconds": seconds}
-    planner = getattr(llm.llm_engine.engine_core.engine_core.scheduler.connector, "offload_planner", None)
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # None with vLLM's engine-core process
+    connector = getattr(getattr(core, "scheduler", None), "connector", None)
+    planner = getattr(connector, "offload_planner", None)
     if planner is not None:
         snap = planner.snapshot()
         held = next(iter(snap["held"].values()), None)

@@ -276,21 +276,42 @@ class OffloadWorker:
 
     def resolve(self, layer: int, req_ids: list[str], sel, physical_table: torch.Tensor, seq_lens: torch.Tensor,
                 block_size: int):
-        """`sel` with the offloaded rows' block ids made physical (loading what is missing)."""
+        """`sel` with the offloaded rows' block ids made physical: held blocks are read in place,
+        the missing ones of every row are loaded in one store call for the layer."""
         import dataclasses
+
+        from ucm.sparse.offload import fill_loaded
 
         rows = [(r, self.requests[rid]) for r, rid in enumerate(req_ids) if rid in self.requests]
         if not rows:
             return sel
-        table = sel.block_table.clone()
-        lens = sel.seq_lens.clone()
-        kept_out = sel.blocks_kept.clone()
+        looked = []
+        ids: list[str] = []
+        dst: list[int] = []
         for r, res in rows:
             kept = int(sel.blocks_kept[r])
             logical = sel._logical[r, :kept].to(torch.int64).cpu()
-            phys = res.resolve(layer, logical, physical_table[r].cpu(), self.loader)
-            n = int(phys.numel())
-            table[r, :n] = phys.to(table.device, table.dtype)
+            out, _, missing = res.lookup(layer, logical, physical_table[r].cpu())
+            phys: list[int] = []
+            if missing.numel():
+                miss = missing.tolist()
+                phys = res.assign(layer, miss, out[out >= 0])
+                ids += [res.store_ids[b - res.init] for b in miss]
+                dst += phys
+            looked.append((r, res, kept, out, phys))
+        ok = self.loader(layer, ids, dst) if ids else []
+        table = sel.block_table.clone()
+        lens = sel.seq_lens.clone()
+        kept_out = sel.blocks_kept.clone()
+        at = 0
+        for r, res, kept, out, phys in looked:
+            if phys:
+                got = ok[at: at + len(phys)]
+                at += len(phys)
+                res.commit(got)
+                out = fill_loaded(out, phys, got)
+            n = int(out.numel())
+            table[r, :n] = out.to(table.device, table.dtype)
             table[r, n:] = 0
             if n != kept:
                 seq = int(seq_lens[r])

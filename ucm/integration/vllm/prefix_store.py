@@ -272,13 +272,12 @@ class PrefixStoreWorker:
         t0 = time.perf_counter()
         ids = [scoped_id(i, self.scope) for i in store_ids]
         buf = host_buffer([len(ids), self.identity.page_bytes], torch.uint8)
-        bad: set[str] = set()
-        try:
-            self.store.wait(self.store.load(ids, layer, buf))
-        except TaskFailed as exc:
-            bad = set(exc.ids)
+        failures = self.store.read_now(ids, layer, buf)
+        bad = set(failures)
+        if bad:
+            first = next(iter(failures.values()))
             self._warn_once("offload", f"ucm offload: {len(bad)} block(s) failed to load from the store and are "
-                                       f"left out of attention (first: {exc}); size the store to hold the offloaded KV")
+                                       f"left out of attention (first: {first}); size the store to hold the offloaded KV")
         ok = [i not in bad for i in ids]
         good = [k for k, g in enumerate(ok) if g]
         if good:
