@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
+from functools import cached_property
 from math import prod
 from typing import TypeVar
 
@@ -155,15 +156,15 @@ class BlockLayout:
         if not self.shard_shape or any(s < 1 for s in self.shard_shape):
             raise ValueError(f"shard_shape must be non-empty and positive, got {self.shard_shape}")
 
-    @property
+    @cached_property  # read per shard on every I/O path: computed once
     def shard_numel(self) -> int:
         return prod(self.shard_shape)
 
-    @property
+    @cached_property
     def shard_nbytes(self) -> int:
-        return self.shard_numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.shard_numel * self.dtype.itemsize
 
-    @property
+    @cached_property
     def block_nbytes(self) -> int:
         return self.num_shards * self.shard_nbytes
 
