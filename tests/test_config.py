@@ -642,8 +642,11 @@ def valid_sparse(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
         ratio = st.floats(0, 1, exclude_min=True)
         positive = ("retrieval_stride", "blk_repre_inner_token_merge")
         values = {k: ratio if "ratio" in k else st.integers(1 if k in positive else 0, 64) for k in keys}
+        values["offload"] = st.booleans()
         chosen = draw(st.lists(st.sampled_from(keys), unique=True))
         body = {k: draw(values[k]) for k in chosen}
+        if "offload_margin_blocks" in body:  # the margin is only valid with offload on
+            body["offload"] = True
     return method, body
 
 
@@ -686,3 +689,14 @@ def test_fuzz_one_wrong_typed_key_is_named(tmp_path_factory: pytest.TempPathFact
     base[key] = value
     path = write(tmp_path_factory.mktemp("wrong"), file, base)
     rejected(load_model_config, path, key)
+
+
+def test_offload_margin_needs_offload() -> None:
+    ok = parse_sparse_config({SPARSE_KEY: {"GSA": {"offload": True, "offload_margin_blocks": 6}}})
+    assert ok.offload and ok.offload_margin_blocks == 6
+    with pytest.raises(ConfigError, match="offload_margin_blocks has no effect without offload"):
+        parse_sparse_config({SPARSE_KEY: {"ESA": {"offload_margin_blocks": 6}}})
+    with pytest.raises(ConfigError, match="offload"):
+        parse_sparse_config({SPARSE_KEY: {"ESA": {"offload": 1}}})  # strict: a bool, not a number
+    with pytest.raises(ConfigError, match="offload"):
+        parse_sparse_config({SPARSE_KEY: {"GSAOnDevice": {"offload": True}}})  # ESA/GSA/KVStar only

@@ -39,7 +39,8 @@ class WindowedMethodConfig(_Strict):
 
     @model_validator(mode="after")
     def _margin_needs_offload(self) -> WindowedMethodConfig:
-        if "offload_margin_blocks" in self.model_fields_set and not self.offload:
+        default = type(self).model_fields["offload_margin_blocks"].default
+        if not self.offload and self.offload_margin_blocks != default:  # the default round-trips
             raise ValueError("offload_margin_blocks has no effect without offload: true")
         return self
 
