@@ -51,6 +51,9 @@ def block_targets(q: torch.Tensor, k: torch.Tensor, block_size: int, skip_first:
     per-head queries [Hq, nq, D], keys [Hq, nb * bs, D] and the target distribution [nq, nb']."""
     g = q.shape[1] // k.shape[1]
     nb = k.shape[0] // block_size
+    if nb <= skip_first + skip_last:
+        raise ValueError(f"{k.shape[0]} keys make {nb} blocks of {block_size}: too few to choose among; use longer "
+                         "prompts (--tokens)")
     kk = k[: nb * block_size].repeat_interleave(g, dim=1).transpose(0, 1)  # [Hq, n, D]
     qq = q.transpose(0, 1)  # [Hq, nq, D]
     att = torch.softmax(qq @ kk.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)  # [Hq, nq, n]
