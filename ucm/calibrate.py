@@ -68,33 +68,38 @@ def train_layer(samples: list[tuple[torch.Tensor, torch.Tensor]], init: torch.Te
     The scorer's block similarity is the best token's similarity summed over heads; softly: soft
     codes (tanh with a temperature annealed towards the sign), a smooth max over each block's
     tokens, a softmax over candidate blocks, cross-entropy against the true block mass
-    (`block_targets`). Returns (W, loss at start, loss at end)."""
+    (`block_targets`). Returns (W, loss of the initial W, loss of the trained W), both at the
+    schedule's final temperature so that they compare."""
     w = torch.nn.Parameter(init.clone())
     beta = torch.nn.Parameter(torch.tensor(4.0))
     opt = torch.optim.Adam([w, beta], lr=lr)
     bits = init.shape[1]
     prepared = [block_targets(q, k, block_size) for q, k in samples]
-    first = last = float("nan")
-    for step in range(steps):
-        tau = 1.0 - 0.8 * step / max(steps - 1, 1)  # sharpen the soft sign towards the hard one
-        total = 0.0
-        opt.zero_grad()
+    final_tau = 0.2  # the soft sign at the end of the schedule (1.0 -> 0.2)
+
+    def loss_at(weight: torch.Tensor, tau: float) -> torch.Tensor:
+        total = torch.zeros(())
         for qq, kk, target in prepared:
-            hq = torch.tanh(qq @ w / tau)
-            hk = torch.tanh(kk @ w / tau)
+            hq = torch.tanh(qq @ weight / tau)
+            hk = torch.tanh(kk @ weight / tau)
             sim = (hq @ hk.transpose(1, 2)).sum(0) / bits  # [nq, n]: summed over heads, like the scorer
             nq, n = sim.shape
-            blocks = sim.view(nq, n // block_size, block_size)
-            score = torch.logsumexp(8.0 * blocks, dim=-1) / 8.0  # smooth max over the block's tokens
+            score = torch.logsumexp(8.0 * sim.view(nq, n // block_size, block_size), dim=-1) / 8.0  # smooth max
             score = score[:, 1: n // block_size - 2]
-            loss = -(target * torch.log_softmax(beta * score, dim=-1)).sum(-1).mean()
-            (loss / len(prepared)).backward()
-            total += float(loss.detach()) / len(prepared)
+            total = total - (target * torch.log_softmax(beta * score, dim=-1)).sum(-1).mean()
+        return total / len(prepared)
+
+    with torch.no_grad():
+        first = float(loss_at(w, final_tau))
+    for step in range(steps):
+        tau = 1.0 - (1.0 - final_tau) * step / max(steps - 1, 1)  # sharpen the soft sign towards the hard one
+        opt.zero_grad()
+        loss_at(w, tau).backward()
         opt.step()
         with torch.no_grad():  # keep the columns on the unit sphere: only directions matter for signs
             w.div_(w.norm(dim=0, keepdim=True).clamp(min=1e-6))
-        first = total if step == 0 else first
-        last = total
+    with torch.no_grad():
+        last = float(loss_at(w, final_tau))
     return w.detach().clone(), first, last
 
 
