@@ -97,6 +97,14 @@ def test_registration_per_platform_kind(enum_name, device_type, expected, overri
         assert overrides.AttentionBackendEnum[name].get_path() == path
 
 
+def run_fresh(code: str):
+    """Run `code` in a fresh interpreter without vLLM's plugins; its last stdout line, as JSON."""
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "VLLM_PLUGINS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_cpu_registration_is_unchanged_and_never_imports_the_gpu_wrapper() -> None:
     code = (
         "import json, sys\n"
@@ -106,10 +114,7 @@ def test_cpu_registration_is_unchanged_and_never_imports_the_gpu_wrapper() -> No
         "print(json.dumps({'cpu': B.CPU_ATTN.get_path(), 'fa': B.FLASH_ATTN.get_path(),\n"
         "                  'fa_module': 'ucm.integration.vllm.flash_attn' in sys.modules}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "VLLM_PLUGINS": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = run_fresh(code)
     assert got == {"cpu": CPU_PATH, "fa": "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend",
                    "fa_module": False}
 
@@ -130,10 +135,7 @@ def test_core_imports_no_attention_backend() -> None:
         "import ucm.integration.vllm.wrapper_core\n"
         "print(json.dumps([before, backends()]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "VLLM_PLUGINS": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    before, after = json.loads(proc.stdout.strip().splitlines()[-1])
+    before, after = run_fresh(code)
     assert after == before
     assert not [m for m in after if m.rsplit(".", 1)[-1] in ("cpu_attn", "flash_attn")]
 
