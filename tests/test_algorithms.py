@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.paged import make_paged
+from ucm.config.errors import ConfigError
 from ucm.ops import TorchReferenceOps
 from ucm.sparse.base import ModelShapes, SparseMethod
 from ucm.sparse.factory import build_sparse_method
@@ -187,6 +188,24 @@ def test_dense_layers_and_index_reuse() -> None:
     assert sels[3] is sels[1]  # reused, not recomputed
     m.end_step(plan)
     assert m.stats.steps == 1 and 0 < m.stats.fraction_read < 1
+
+
+@pytest.mark.parametrize("name", ["ESA", "GSA", "KVStarMultiStep"])
+def test_windowed_methods_keep_their_dense_layers_dense(name: str) -> None:
+    g = torch.Generator().manual_seed(11)
+    batch = make_paged([30 * BS + 2, 17 * BS], BS, 2, 32, g)
+    shapes = ModelShapes(3, 8, 2, 32, BS, batch.k_cache.shape[0])
+    cfg = {k: dict(v, dense_layers=[1]) for k, v in METHOD_CONFIGS[name].items()}
+    m = build_sparse_method(cfg, shapes, OPS, host_ops=OPS)
+    write_prefill(m, batch, 3)
+    plan = m.begin_step(["a", "b"], batch.seq_lens, batch.block_table)
+    sels = [m.select(layer, torch.randn(2, 8, 32, generator=g), plan) for layer in range(3)]
+    assert sels[1].dense and sels[1].blocks_kept.tolist() == [31, 17]
+    for layer in (0, 2):
+        assert not sels[layer].dense and sels[layer].blocks_kept.tolist() == [math.ceil(0.25 * 31), math.ceil(0.25 * 17)]
+    m.end_step(plan)
+    with pytest.raises(ConfigError, match=f"{name}.dense_layers.*layer 3 does not exist"):
+        build_sparse_method({name: dict(cfg[name], dense_layers=[3])}, shapes, OPS, host_ops=OPS)
 
 
 def test_chunks_of_several_blocks() -> None:

@@ -643,10 +643,13 @@ def valid_sparse(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
         positive = ("retrieval_stride", "blk_repre_inner_token_merge")
         values = {k: ratio if "ratio" in k else st.integers(1 if k in positive else 0, 64) for k in keys}
         values["offload"] = st.booleans()
+        values["dense_layers"] = st.lists(st.integers(0, 127), unique=True, max_size=6)
         chosen = draw(st.lists(st.sampled_from(keys), unique=True))
         body = {k: draw(values[k]) for k in chosen}
         if "offload_margin_blocks" in body:  # the margin is only valid with offload on
             body["offload"] = True
+        if body.get("offload"):  # dense layers would keep every block on the device
+            body.pop("dense_layers", None)
     return method, body
 
 
@@ -689,6 +692,16 @@ def test_fuzz_one_wrong_typed_key_is_named(tmp_path_factory: pytest.TempPathFact
     base[key] = value
     path = write(tmp_path_factory.mktemp("wrong"), file, base)
     rejected(load_model_config, path, key)
+
+
+def test_dense_layers_are_unique_and_exclude_offload() -> None:
+    assert parse_sparse_config({SPARSE_KEY: {"KVStarMultiStep": {"dense_layers": [7, 2]}}}).dense_layers == [7, 2]
+    with pytest.raises(ConfigError, match="lists a layer twice"):
+        parse_sparse_config({SPARSE_KEY: {"ESA": {"dense_layers": [3, 3]}}})
+    with pytest.raises(ConfigError, match=r"ESA.dense_layers\[0\]"):
+        parse_sparse_config({SPARSE_KEY: {"ESA": {"dense_layers": [-1]}}})
+    with pytest.raises(ConfigError, match="cannot be combined with offload"):
+        parse_sparse_config({SPARSE_KEY: {"GSA": {"dense_layers": [1], "offload": True}}})
 
 
 def test_offload_margin_needs_offload() -> None:

@@ -36,12 +36,20 @@ class WindowedMethodConfig(_Strict):
     offload: bool = False
     #: slot blocks beyond the most a layer selects, keeping recently read blocks resident
     offload_margin_blocks: NonNegInt = 2
+    #: layers that read every block (0-based): the layers whose attention no block selection
+    #: captures, found with `ucm profile` (GSA on device sets the same through its model JSON)
+    dense_layers: list[NonNegInt] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _margin_needs_offload(self) -> WindowedMethodConfig:
+    def _check_combinations(self) -> WindowedMethodConfig:
         default = type(self).model_fields["offload_margin_blocks"].default
         if not self.offload and self.offload_margin_blocks != default:  # the default round-trips
             raise ValueError("offload_margin_blocks has no effect without offload: true")
+        if len(set(self.dense_layers)) != len(self.dense_layers):
+            raise ValueError(f"dense_layers lists a layer twice: {self.dense_layers}")
+        if self.offload and self.dense_layers:
+            raise ValueError("dense_layers cannot be combined with offload: true (a dense layer reads every "
+                             "block, so none could leave the device)")
         return self
 
 

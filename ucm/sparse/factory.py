@@ -53,7 +53,12 @@ def build_sparse_method(
         init_units=config.init_window_sz,
         local_units=config.local_window_sz,
     )
-    selector = BlockSelector([policy] * shapes.num_layers, shapes.block_size, ops)
+    for layer in config.dense_layers:
+        _check("inline", f"{config.method}.dense_layers", layer < shapes.num_layers,
+               f"layer {layer} does not exist: the model has {shapes.num_layers} layers (0-based)")
+    dense = LayerPolicy(ratio=1.0)
+    policies = [dense if layer in config.dense_layers else policy for layer in range(shapes.num_layers)]
+    selector = BlockSelector(policies, shapes.block_size, ops)
     scorer: BlockScorer
     if isinstance(config, ESAConfig):
         scorer = ESAScorer(shapes, ops)

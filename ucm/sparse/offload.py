@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 #: blocks kept beyond the local window at the tail: the one being written and one full block
@@ -108,7 +109,8 @@ class RequestResidency:
 
     `slot_of[layer, b - init]` is the slot holding middle block b in that layer (-1: in the store
     only) and `holder[layer, s]` the middle block slot s holds (-1: unknown after a failed load).
-    Reads of held blocks are a gather; only misses go through Python.
+    The state is NumPy: it is read per layer and request on every decode step, where arrays this
+    small cost a few microseconds per torch op but a fraction of that per NumPy op.
     """
 
     def __init__(self, num_layers: int, init_blocks: int, slot_positions: Sequence[int],
@@ -117,12 +119,12 @@ class RequestResidency:
             raise ValueError("one physical block per slot")
         self.init = init_blocks
         self.middle_end = init_blocks
-        self.slot_physical = torch.tensor(list(slot_physical), dtype=torch.int64)
+        self.slot_physical = np.asarray(list(slot_physical), dtype=np.int64)
         s = len(slot_positions)
-        self.holder = torch.tensor(list(slot_positions), dtype=torch.int64).repeat(num_layers, 1)
-        self.slot_of = torch.full((num_layers, 0), -1, dtype=torch.int64)
+        self.holder = np.tile(np.asarray(list(slot_positions), dtype=np.int64), (num_layers, 1))
+        self.slot_of = np.full((num_layers, 0), -1, dtype=np.int64)
         self._initial = list(slot_positions)
-        self.last_use = torch.zeros(num_layers, s, dtype=torch.int64)
+        self.last_use = np.zeros((num_layers, s), dtype=np.int64)
         self.virtual: list[int] = []  # virtual id of middle block init + i
         self.store_ids: list[str] = []  # store id of middle block init + i
         self.loads = 0
@@ -131,7 +133,7 @@ class RequestResidency:
 
     @property
     def num_slots(self) -> int:
-        return int(self.slot_physical.numel())
+        return int(self.slot_physical.size)
 
     def extend_middle(self, virtual_ids: Sequence[int], store_ids: Sequence[str]) -> None:
         """Blocks `[middle_end, middle_end + n)` joined the middle."""
@@ -140,11 +142,11 @@ class RequestResidency:
         self.virtual.extend(virtual_ids)
         self.store_ids.extend(store_ids)
         self.middle_end += len(virtual_ids)
-        grown = torch.full((self.slot_of.shape[0], len(self.virtual)), -1, dtype=torch.int64)
+        grown = np.full((self.slot_of.shape[0], len(self.virtual)), -1, dtype=np.int64)
         grown[:, : self.slot_of.shape[1]] = self.slot_of
         for s, b in enumerate(self._initial):  # slots hold their own blocks until reused
             if b - self.init < grown.shape[1] and b - self.init >= self.slot_of.shape[1]:
-                grown[:, b - self.init] = torch.where(self.holder[:, s] == b, s, grown[:, b - self.init])
+                grown[:, b - self.init] = np.where(self.holder[:, s] == b, s, grown[:, b - self.init])
         self.slot_of = grown
 
     def scoring_row(self, row: torch.Tensor) -> torch.Tensor:
@@ -153,72 +155,72 @@ class RequestResidency:
             row[self.init:self.middle_end] = torch.tensor(self.virtual, dtype=row.dtype, device=row.device)
         return row
 
-    def lookup(self, layer: int, logical: torch.Tensor, physical_row: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(physical ids with -1 for misses, middle mask, missing logical blocks) for this layer's
-        selected `logical` blocks; marks the held ones used. `physical_row` is the request's own
-        block-table row (valid outside the middle)."""
+    def lookup(self, layer: int, logical: np.ndarray, physical_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(physical ids with -1 for misses, missing logical blocks) for this layer's selected
+        `logical` blocks (ascending); marks the held ones used. `physical_row` is the request's
+        own block-table row (valid outside the middle)."""
         self._tick += 1
-        out = physical_row.index_select(0, logical.clamp(min=0)).to(torch.int64)
-        mid = (logical >= self.init) & (logical < self.middle_end)
-        if not bool(mid.any()):
-            return out, mid, logical[:0]
-        slots = self.slot_of[layer].index_select(0, (logical[mid] - self.init))
+        logical = np.asarray(logical, dtype=np.int64)
+        out = np.asarray(physical_row, dtype=np.int64)[np.maximum(logical, 0)]
+        lo, hi = np.searchsorted(logical, (self.init, self.middle_end))
+        if lo == hi:
+            return out, logical[:0]
+        mid = logical[lo:hi]
+        slots = self.slot_of[layer, mid - self.init]
         held = slots >= 0
-        self.last_use[layer].index_fill_(0, slots[held], self._tick)
-        out[mid] = torch.where(held, self.slot_physical[slots.clamp(min=0)], -1)
-        return out, mid, logical[mid][~held]
+        self.last_use[layer, slots[held]] = self._tick
+        out[lo:hi] = np.where(held, self.slot_physical[np.maximum(slots, 0)], -1)
+        return out, mid[~held]
 
-    def assign(self, layer: int, missing: list[int], busy_physical: torch.Tensor) -> list[int]:
+    def assign(self, layer: int, missing: Sequence[int], busy_physical: np.ndarray) -> list[int]:
         """Slots for the `missing` middle blocks: least recently used first, never one this step
         reads (`busy_physical`). Returns the slots' physical ids (the loads' destinations)."""
-        busy = torch.isin(self.slot_physical, busy_physical)
-        order = [s for s in torch.argsort(self.last_use[layer]).tolist() if not busy[s]]
-        if len(order) < len(missing):
+        missing = [int(b) for b in missing]
+        free = ~np.isin(self.slot_physical, busy_physical)
+        order = np.argsort(self.last_use[layer], kind="stable")
+        order = order[free[order]]
+        if order.size < len(missing):
             raise RuntimeError(f"offload: layer {layer} selected {len(missing)} blocks beyond its "
                                f"{self.num_slots} slots (slots are sized from the same ratio; this is a bug)")
         chosen = order[: len(missing)]
-        for s, b in zip(chosen, missing):
-            old = int(self.holder[layer, s])
-            if old >= 0:
-                self.slot_of[layer, old - self.init] = -1
-            self.holder[layer, s] = -1  # unknown until the load lands
-            self.last_use[layer, s] = self._tick
+        old = self.holder[layer, chosen]
+        self.slot_of[layer, old[old >= 0] - self.init] = -1
+        self.holder[layer, chosen] = -1  # unknown until the load lands
+        self.last_use[layer, chosen] = self._tick
         self._pending = (layer, chosen, missing)
         return self.slot_physical[chosen].tolist()
 
     def commit(self, ok: Sequence[bool]) -> None:
         """Record which of the loads `assign` planned arrived."""
         layer, chosen, missing = self._pending
-        for s, b, good in zip(chosen, missing, ok):
-            self.loads += 1
-            if good:
-                self.holder[layer, s] = b
-                self.slot_of[layer, b - self.init] = s
-            else:
-                self.failed_loads += 1
+        good = np.asarray(list(ok), dtype=bool)
+        self.loads += len(missing)
+        self.failed_loads += int((~good).sum())
+        slots, blocks = chosen[good], np.asarray(missing, dtype=np.int64)[good]
+        self.holder[layer, slots] = blocks
+        self.slot_of[layer, blocks - self.init] = slots
 
-    def resolve(self, layer: int, logical: torch.Tensor, physical_row: torch.Tensor, loader: Loader) -> torch.Tensor:
+    def resolve(self, layer: int, logical, physical_row, loader: Loader) -> np.ndarray:
         """Physical ids for this layer's selected `logical` blocks (ascending), loading the middle
         blocks no slot holds; blocks that fail to load are left out (one request; the worker
         batches requests with lookup/assign/commit)."""
-        out, mid, missing = self.lookup(layer, logical, physical_row)
-        if missing.numel():
-            phys = self.assign(layer, missing.tolist(), out[out >= 0])
+        out, missing = self.lookup(layer, np.asarray(logical), np.asarray(physical_row))
+        if missing.size:
+            phys = self.assign(layer, missing, out[out >= 0])
             ok = loader(layer, [self.store_ids[b - self.init] for b in missing.tolist()], phys)
             self.commit(ok)
             out = fill_loaded(out, phys, ok)
         return out
 
 
-def fill_loaded(out: torch.Tensor, phys: Sequence[int], ok: Sequence[bool]) -> torch.Tensor:
+def fill_loaded(out: np.ndarray, phys: Sequence[int], ok: Sequence[bool]) -> np.ndarray:
     """`out` (-1 where a block was missing, in ascending logical order, as `phys`) with the loaded
     slots filled in and the blocks that failed to load removed."""
-    miss = (out < 0).nonzero().flatten()
-    out = out.clone()
-    out[miss] = torch.tensor(list(phys), dtype=out.dtype)
+    out = out.copy()
+    miss = out < 0
+    out[miss] = phys
     if all(ok):
         return out
-    keep = torch.ones_like(out, dtype=torch.bool)
-    keep[miss[~torch.tensor(list(ok))]] = False
+    keep = np.ones(out.size, dtype=bool)
+    keep[np.flatnonzero(miss)[~np.asarray(list(ok), dtype=bool)]] = False
     return out[keep]

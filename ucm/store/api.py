@@ -191,6 +191,8 @@ def host_buffer(shape: Sequence[int], dtype: torch.dtype, pin_memory: bool | Non
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous host tensor (no copy), for byte-exact I/O of any dtype."""
+    if t.dtype == torch.uint8 and t.dim() == 1:  # already one (offload passes cache rows): no new views
+        return t
     return t.reshape(-1).view(torch.uint8)
 
 

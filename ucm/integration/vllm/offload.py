@@ -285,40 +285,44 @@ class OffloadWorker:
         rows = [(r, self.requests[rid]) for r, rid in enumerate(req_ids) if rid in self.requests]
         if not rows:
             return sel
+        logical_all = sel._logical.cpu().numpy()
+        kept_all = sel.blocks_kept.tolist()
+        physical_all = physical_table.cpu().numpy()
         looked = []
         ids: list[str] = []
         dst: list[int] = []
         for r, res in rows:
-            kept = int(sel.blocks_kept[r])
-            logical = sel._logical[r, :kept].to(torch.int64).cpu()
-            out, _, missing = res.lookup(layer, logical, physical_table[r].cpu())
+            out, missing = res.lookup(layer, logical_all[r, : kept_all[r]], physical_all[r])
             phys: list[int] = []
-            if missing.numel():
-                miss = missing.tolist()
-                phys = res.assign(layer, miss, out[out >= 0])
-                ids += [res.store_ids[b - res.init] for b in miss]
+            if missing.size:
+                phys = res.assign(layer, missing, out[out >= 0])
+                ids += [res.store_ids[b - res.init] for b in missing.tolist()]
                 dst += phys
-            looked.append((r, res, kept, out, phys))
+            looked.append((r, res, out, phys))
         ok = self.loader(layer, ids, dst) if ids else []
-        table = sel.block_table.clone()
-        lens = sel.seq_lens.clone()
-        kept_out = sel.blocks_kept.clone()
+        table = sel.block_table.cpu().numpy().copy()
+        lens = sel.seq_lens.tolist()
+        kept_out = list(kept_all)
         at = 0
-        for r, res, kept, out, phys in looked:
+        for r, res, out, phys in looked:
             if phys:
                 got = ok[at: at + len(phys)]
                 at += len(phys)
                 res.commit(got)
                 out = fill_loaded(out, phys, got)
-            n = int(out.numel())
-            table[r, :n] = out.to(table.device, table.dtype)
+            n = out.size
+            table[r, :n] = out
             table[r, n:] = 0
-            if n != kept:
+            if n != kept_all[r]:
                 seq = int(seq_lens[r])
                 last_len = seq - ((seq + block_size - 1) // block_size - 1) * block_size
                 lens[r] = (n - 1) * block_size + last_len
                 kept_out[r] = n
-        return dataclasses.replace(sel, block_table=table, seq_lens=lens, blocks_kept=kept_out)
+        dev = sel.block_table.device
+        return dataclasses.replace(
+            sel, block_table=torch.from_numpy(table).to(dev),
+            seq_lens=torch.tensor(lens, dtype=sel.seq_lens.dtype, device=sel.seq_lens.device),
+            blocks_kept=torch.tensor(kept_out, dtype=sel.blocks_kept.dtype, device=sel.blocks_kept.device))
 
     def snapshot(self) -> dict:
         live = list(self.requests.values())

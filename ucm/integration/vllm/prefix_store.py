@@ -265,27 +265,31 @@ class PrefixStoreWorker:
     def load_layer(self, layer: int, store_ids: list[str], block_ids: list[int]) -> list[bool]:
         """Fill device blocks `block_ids` of one layer from the store (offload mode); which arrived.
 
-        Dumps still in flight are waited for first: a block freed on the device may have been
-        dumped a step ago."""
+        A host cache is read into in place (each destination is an exclusive slot block that no
+        attention reads this step, so a failed read leaves nothing anyone looks at); a device
+        cache goes through one host buffer. Dumps still in flight are waited for first: a block
+        freed on the device may have been dumped a step ago."""
         if self._dumps:
             self._reap(wait=True)
         t0 = time.perf_counter()
         ids = [scoped_id(i, self.scope) for i in store_ids]
-        buf = host_buffer([len(ids), self.identity.page_bytes], torch.uint8)
-        failures = self.store.read_now(ids, layer, buf)
-        bad = set(failures)
-        if bad:
+        rows = self._rows(layer)
+        if rows.device.type == "cpu":
+            failures = self.store.read_now(ids, layer, [rows[b] for b in block_ids])
+        else:
+            buf = host_buffer([len(ids), self.identity.page_bytes], torch.uint8)
+            failures = self.store.read_now(ids, layer, buf)
+            good = [k for k, i in enumerate(ids) if i not in failures]
+            if good:
+                dst = torch.tensor([block_ids[k] for k in good], dtype=torch.int64, device=rows.device)
+                src = buf if len(good) == len(ids) else buf.index_select(0, torch.tensor(good, dtype=torch.int64))
+                rows.index_copy_(0, dst, src.to(rows.device, non_blocking=True))
+        if failures:
             first = next(iter(failures.values()))
-            self._warn_once("offload", f"ucm offload: {len(bad)} block(s) failed to load from the store and are "
+            self._warn_once("offload", f"ucm offload: {len(failures)} block(s) failed to load from the store and are "
                                        f"left out of attention (first: {first}); size the store to hold the offloaded KV")
-        ok = [i not in bad for i in ids]
-        good = [k for k, g in enumerate(ok) if g]
-        if good:
-            rows = self._rows(layer)
-            dst = torch.tensor([block_ids[k] for k in good], dtype=torch.int64, device=rows.device)
-            src = buf if len(good) == len(ids) else buf.index_select(0, torch.tensor(good, dtype=torch.int64))
-            rows.index_copy_(0, dst, src.to(rows.device))
-        self.offload_loaded_blocks += len(good)
+        ok = [i not in failures for i in ids]
+        self.offload_loaded_blocks += sum(ok)
         self.load_seconds += time.perf_counter() - t0
         return ok
 
