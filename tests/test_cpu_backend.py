@@ -467,3 +467,26 @@ def test_background_threads_run_kernels_on_one_thread() -> None:
     with ThreadPoolExecutor(1) as pool:  # the cap is per thread: other threads keep the full budget
         assert pool.submit(ns.thread_budget).result() == main_budget
     assert ns.thread_budget() == main_budget
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 4097, 128 * 1024 - 1, 128 * 1024, 512 * 1024 + 77, 3 << 20])
+@pytest.mark.parametrize("offsets", [(0, 0), (1, 0), (0, 7), (5, 31)])
+def test_host_copy_is_byte_exact_at_every_size_and_alignment(cpu: CpuOps, nbytes: int, offsets: tuple[int, int]) -> None:
+    """Below the streaming threshold it is memcpy; above, 32-byte-aligned streaming stores with a
+    memcpy head and tail: unaligned starts and odd lengths exercise both edges."""
+    g = gen(nbytes + offsets[0])
+    src_raw = torch.randint(0, 256, (nbytes + 64,), dtype=torch.uint8, generator=g)
+    dst_raw = torch.zeros(nbytes + 64, dtype=torch.uint8)
+    src = src_raw[offsets[0] : offsets[0] + nbytes]
+    dst = dst_raw[offsets[1] : offsets[1] + nbytes]
+    cpu.host_copy(dst, src)
+    assert torch.equal(dst, src)
+    assert not dst_raw[: offsets[1]].any() and not dst_raw[offsets[1] + nbytes :].any()  # nothing outside dst
+
+
+def test_host_copy_rejects_mismatched_buffers(cpu: CpuOps) -> None:
+    for ops in (cpu, TorchReferenceOps()):
+        with pytest.raises(ValueError, match="one size"):
+            ops.host_copy(torch.zeros(8, dtype=torch.uint8), torch.zeros(9, dtype=torch.uint8))
+        with pytest.raises(ValueError, match="uint8"):
+            ops.host_copy(torch.zeros(8, dtype=torch.float32), torch.zeros(8, dtype=torch.float32))

@@ -213,6 +213,15 @@ class CpuOps(TorchReferenceOps):
         ns = self._native()
         return ns.build_info() if ns is not None else ""
 
+    # ------------------------------------------------------------ host memory
+    def host_copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        ns = self._native()
+        if ns is None or not (_all_cpu(dst, src) and dst.is_contiguous() and src.is_contiguous()):
+            return super().host_copy(dst, src)
+        if dst.numel() != src.numel() or dst.dtype != torch.uint8 or src.dtype != torch.uint8:
+            return super().host_copy(dst, src)  # raises the contract's error
+        ns.host_copy(dst, src)
+
     # ---------------------------------------------------------------- hashing
     def sign_bits_pack(self, x: torch.Tensor) -> torch.Tensor:
         ns = self._native()

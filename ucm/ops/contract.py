@@ -33,6 +33,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Literal
 
+import numpy as np
 import torch
 
 BlockReduce = Literal["mean", "max", "min"]
@@ -170,6 +171,20 @@ class SparseOps(ABC):
         Backends whose kernels start their own thread teams (OpenMP on CPUs) limit them here,
         so asynchronous scoring does not oversubscribe the cores the engine's threads hold.
         """
+
+    # ------------------------------------------------------------ host memory
+    def host_copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst[:] = src for flat uint8 host tensors of equal size, on the calling thread only.
+
+        The KV store's DRAM stage moves blocks through this. Not `Tensor.copy_`, which fans out to
+        torch's intra-op threads (from several store workers on a busy machine their barriers cost
+        10-80x); NumPy copies on this thread and releases the GIL. Backends may bypass the CPU
+        caches for large copies: a store's bytes are not read again soon.
+        """
+        if dst.numel() != src.numel() or dst.dtype != torch.uint8 or src.dtype != torch.uint8:
+            raise ValueError(f"host_copy takes two uint8 tensors of one size, got {dst.dtype}[{dst.numel()}] "
+                             f"and {src.dtype}[{src.numel()}]")
+        np.copyto(dst.numpy(), src.numpy())
 
     # -------------------------------------------------------------- attention
     @abstractmethod

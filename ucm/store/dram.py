@@ -6,6 +6,7 @@ when CUDA is available, so that a later `.to(device, non_blocking=True)` is a re
 block is visible once all of its shards are in; partial blocks count towards the capacity and
 are evicted like the others. A reader keeps a reference to the buffer it copies from, so an
 eviction during a copy cannot tear it (the buffer is only reused once nobody holds it).
+Bytes move through the op contract's `host_copy` (the CPU backend's streams around the caches).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ucm.store.api import BlockId, BlockLayout, BlockMissing, KVStore, StoreFull, copy_bytes
+from ucm.ops.contract import SparseOps
+from ucm.store.api import BlockId, BlockLayout, BlockMissing, KVStore, StoreFull
 
 
 @dataclass
@@ -34,8 +36,14 @@ class _Entry:
 class DramStore(KVStore):
     """LRU cache of whole blocks in host memory."""
 
-    def __init__(self, layout: BlockLayout, capacity: int, *, workers: int = 1, pin_memory: bool | None = None) -> None:
+    def __init__(self, layout: BlockLayout, capacity: int, *, workers: int = 1, pin_memory: bool | None = None,
+                 ops: SparseOps | None = None) -> None:
         super().__init__(layout, workers)
+        if ops is None:
+            from ucm.ops.registry import get_ops
+
+            ops = get_ops("cpu")  # host memory is the CPU's, whatever the device
+        self._copy = ops.host_copy
         if capacity < layout.block_nbytes:
             raise StoreFull(f"max_cache_size {capacity} B is smaller than one block ({layout.block_nbytes} B)")
         self.capacity = capacity
@@ -73,7 +81,7 @@ class DramStore(KVStore):
             self.hits += 1
             buf = e.buf
         n = self.layout.shard_nbytes
-        copy_bytes(dst, buf[shard * n : (shard + 1) * n])
+        self._copy(dst, buf[shard * n : (shard + 1) * n])
 
     def _write(self, block_id: BlockId, shard: int, src: torch.Tensor) -> None:
         with self._lock:
@@ -85,7 +93,7 @@ class DramStore(KVStore):
                 return
             buf = e.buf
         n = self.layout.shard_nbytes
-        copy_bytes(buf[shard * n : (shard + 1) * n], src)
+        self._copy(buf[shard * n : (shard + 1) * n], src)
         with self._lock:
             if not e.filled[shard]:
                 e.filled[shard] = True

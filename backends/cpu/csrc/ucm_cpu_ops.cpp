@@ -938,6 +938,44 @@ std::tuple<at::Tensor, at::Tensor> paged_decode_attention(const at::Tensor& q, c
   return {out, lse};
 }
 
+// dst[:] = src for two flat uint8 host tensors, on the calling thread (the KV store's DRAM
+// stage calls it from its I/O workers). From `kStreamBytes` up, AVX2 streaming stores write
+// around the caches: glibc's memcpy switches to them only far above the store's typical
+// 0.5-4 MiB unit, and below that a copy runs at about half of memory bandwidth here because
+// every destination line is first read into the cache and later evicted.
+constexpr int64_t kStreamBytes = 128 * 1024;
+
+void host_copy(at::Tensor dst, at::Tensor src) {
+  TORCH_CHECK_VALUE(dst.device().is_cpu() && src.device().is_cpu(), "host_copy: host tensors only");
+  TORCH_CHECK_VALUE(dst.scalar_type() == at::kByte && src.scalar_type() == at::kByte, "host_copy: uint8 tensors only");
+  TORCH_CHECK_VALUE(dst.is_contiguous() && src.is_contiguous(), "host_copy: contiguous tensors only");
+  TORCH_CHECK_VALUE(dst.numel() == src.numel(), "host_copy: ", dst.numel(), " and ", src.numel(), " bytes");
+  auto* d = static_cast<uint8_t*>(dst.data_ptr());
+  const auto* s = static_cast<const uint8_t*>(src.data_ptr());
+  int64_t n = dst.numel();
+#if defined(__AVX2__)
+  if (n >= kStreamBytes) {
+    const int64_t head = static_cast<int64_t>((32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31);
+    std::memcpy(d, s, head);
+    int64_t i = head;
+    for (; i + 128 <= n; i += 128) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 32));
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 64));
+      const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 96));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), a);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 32), b);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 64), c);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 96), e);
+    }
+    _mm_sfence();  // streaming stores are weakly ordered: visible before the caller goes on
+    std::memcpy(d + i, s + i, n - i);
+    return;
+  }
+#endif
+  std::memcpy(d, s, n);
+}
+
 // Build facts the Python side reports (which instruction sets the kernels were compiled for).
 std::string build_info() {
   std::string s;
@@ -980,6 +1018,7 @@ TORCH_LIBRARY(ucm_cpu, m) {
       "kvstar_scores(Tensor q, Tensor sums, Tensor abs_sums, Tensor block_table, Tensor n_full, int kept_dims, "
       "float scale) -> Tensor",
       &kvstar_scores);
+  m.def("host_copy(Tensor(a!) dst, Tensor src) -> ()", &host_copy);
   m.def("build_info() -> str", &build_info);
   m.def("set_thread_cap(int cap) -> ()", &set_thread_cap);
   m.def("thread_budget() -> int", &thread_budget);
