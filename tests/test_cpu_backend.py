@@ -490,3 +490,17 @@ def test_host_copy_rejects_mismatched_buffers(cpu: CpuOps) -> None:
             ops.host_copy(torch.zeros(8, dtype=torch.uint8), torch.zeros(9, dtype=torch.uint8))
         with pytest.raises(ValueError, match="uint8"):
             ops.host_copy(torch.zeros(8, dtype=torch.float32), torch.zeros(8, dtype=torch.float32))
+
+
+def test_host_copy_many_copies_every_pair_or_none(cpu: CpuOps) -> None:
+    g = gen(99)
+    sizes = [0, 300, 200 * 1024 + 3, 64]
+    srcs = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in sizes]
+    dsts = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
+    cpu.host_copy_many(dsts, srcs)
+    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
+    fresh = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
+    with pytest.raises(ValueError, match="one size|bytes"):  # the last pair is short: nothing is copied
+        cpu.host_copy_many(fresh, srcs[:-1] + [torch.zeros(63, dtype=torch.uint8)])
+    if cpu.native_loaded:  # the native op checks every pair before it copies
+        assert not any(d.any() for d in fresh)

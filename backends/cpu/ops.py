@@ -222,6 +222,17 @@ class CpuOps(TorchReferenceOps):
             return super().host_copy(dst, src)  # raises the contract's error
         ns.host_copy(dst, src)
 
+    def host_copy_many(self, dsts, srcs) -> None:
+        ns = self._native()
+        dsts, srcs = list(dsts), list(srcs)
+        ok = len(dsts) == len(srcs) and all(
+            t.device.type == "cpu" and t.dtype == torch.uint8 and t.is_contiguous() for t in (*dsts, *srcs)
+        ) and all(d.numel() == s.numel() for d, s in zip(dsts, srcs))
+        if ns is None or not ok:
+            return super().host_copy_many(dsts, srcs)  # the torch path, or the contract's error
+        if dsts:
+            ns.host_copy_many(dsts, srcs)
+
     # ---------------------------------------------------------------- hashing
     def sign_bits_pack(self, x: torch.Tensor) -> torch.Tensor:
         ns = self._native()

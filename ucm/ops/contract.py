@@ -31,6 +31,7 @@ Conventions shared by every backend (bit-exactness depends on them):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -174,17 +175,28 @@ class SparseOps(ABC):
 
     # ------------------------------------------------------------ host memory
     def host_copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """dst[:] = src for flat uint8 host tensors of equal size, on the calling thread only.
+        """dst[:] = src for uint8 host tensors of equal size, on the calling thread only.
 
         The KV store's DRAM stage moves blocks through this. Not `Tensor.copy_`, which fans out to
         torch's intra-op threads (from several store workers on a busy machine their barriers cost
         10-80x); NumPy copies on this thread and releases the GIL. Backends may bypass the CPU
         caches for large copies: a store's bytes are not read again soon.
         """
-        if dst.numel() != src.numel() or dst.dtype != torch.uint8 or src.dtype != torch.uint8:
-            raise ValueError(f"host_copy takes two uint8 tensors of one size, got {dst.dtype}[{dst.numel()}] "
-                             f"and {src.dtype}[{src.numel()}]")
-        np.copyto(dst.numpy(), src.numpy())
+        self.host_copy_many([dst], [src])
+
+    def host_copy_many(self, dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> None:
+        """`host_copy` over pairs: one call for a whole store chunk (a backend runs it without the
+        GIL). Every pair is checked before the first byte moves: a bad pair copies nothing."""
+        if len(dsts) != len(srcs):
+            raise ValueError(f"host_copy_many: {len(dsts)} destinations but {len(srcs)} sources")
+        for d, s in zip(dsts, srcs):
+            if d.numel() != s.numel() or d.dtype != torch.uint8 or s.dtype != torch.uint8:
+                raise ValueError(f"host_copy takes uint8 tensors of one size, got {d.dtype}[{d.numel()}] "
+                                 f"and {s.dtype}[{s.numel()}]")
+            if d.device.type != "cpu" or s.device.type != "cpu":
+                raise ValueError(f"host_copy takes host tensors, got {d.device} and {s.device}")
+        for d, s in zip(dsts, srcs):
+            np.copyto(d.numpy(), s.numpy())
 
     # -------------------------------------------------------------- attention
     @abstractmethod

@@ -258,6 +258,14 @@ class KVStore(ABC):
         for k, src in enumerate(srcs):
             self._write(block_id, first + k, src)
 
+    def _read_items(self, chunk: list[Item]) -> list[tuple[BlockId, BaseException]]:
+        """One chunk of a load task, on a worker; returns (id, error) for each failed block.
+        Stores that move a chunk at once (the DRAM cache) override this."""
+        return _run_chunk(self._read_run, chunk)
+
+    def _write_items(self, chunk: list[Item]) -> list[tuple[BlockId, BaseException]]:
+        return _run_chunk(self._write_run, chunk)
+
     def _begin_load(self, ids: Sequence[BlockId]) -> None:
         """Hook: a load of these ids is starting (the POSIX store protects them from eviction)."""
 
@@ -271,7 +279,7 @@ class KVStore(ABC):
         uniq = list(dict.fromkeys(ids))
         self._begin_load(uniq)
         try:
-            task = self._submit("load", items, self._read_run, dst)
+            task = self._submit("load", items, self._read_items, dst)
         except BaseException:
             self._end_load(uniq)
             raise
@@ -299,7 +307,7 @@ class KVStore(ABC):
         self._begin_load(uniq)
         try:
             failures: dict[BlockId, BaseException] = {}
-            for block_id, exc in _run_chunk(self._read_run, items):
+            for block_id, exc in self._read_items(items):
                 failures.setdefault(block_id, exc)
             return failures
         finally:
@@ -307,7 +315,7 @@ class KVStore(ABC):
 
     def dump(self, ids: Sequence[BlockId], shards: int | Sequence[int], src: torch.Tensor | Sequence[torch.Tensor]) -> Task:
         """Start writing shards from src; returns at once. Blocks already stored are skipped."""
-        return self._submit("dump", self._items(ids, shards, src, "src"), self._write_run, src)
+        return self._submit("dump", self._items(ids, shards, src, "src"), self._write_items, src)
 
     def check(self, task: Task) -> bool:
         """True when the task has finished (successfully or not); never blocks or raises."""
@@ -375,7 +383,7 @@ class KVStore(ABC):
         per_chunk = max(1, _CHUNK_BYTES // max(1, self.layout.shard_nbytes))
         per_chunk = min(per_chunk, -(-len(items) // self.workers))  # at least one chunk per worker
         chunks = [items[i : i + per_chunk] for i in range(0, len(items), per_chunk)]
-        return Task(kind, len(items), [pool.submit(_run_chunk, fn, c) for c in chunks], keep)
+        return Task(kind, len(items), [pool.submit(fn, c) for c in chunks], keep)
 
 
 def _run_chunk(fn, chunk: list[Item]) -> list[tuple[BlockId, BaseException]]:

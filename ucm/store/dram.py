@@ -6,7 +6,8 @@ when CUDA is available, so that a later `.to(device, non_blocking=True)` is a re
 block is visible once all of its shards are in; partial blocks count towards the capacity and
 are evicted like the others. A reader keeps a reference to the buffer it copies from, so an
 eviction during a copy cannot tear it (the buffer is only reused once nobody holds it).
-Bytes move through the op contract's `host_copy` (the CPU backend's streams around the caches).
+Bytes move through the op contract's `host_copy_many`: one call per chunk of a task, which the
+CPU backend runs without the GIL, streaming around the caches.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ucm.ops.contract import SparseOps
-from ucm.store.api import BlockId, BlockLayout, BlockMissing, KVStore, StoreFull
+from ucm.store.api import BlockId, BlockLayout, BlockMissing, Item, KVStore, StoreFull
 
 
 @dataclass
@@ -43,7 +44,7 @@ class DramStore(KVStore):
             from ucm.ops.registry import get_ops
 
             ops = get_ops("cpu")  # host memory is the CPU's, whatever the device
-        self._copy = ops.host_copy
+        self._copy_many = ops.host_copy_many
         if capacity < layout.block_nbytes:
             raise StoreFull(f"max_cache_size {capacity} B is smaller than one block ({layout.block_nbytes} B)")
         self.capacity = capacity
@@ -72,32 +73,65 @@ class DramStore(KVStore):
         return out
 
     def _read(self, block_id: BlockId, shard: int, dst: torch.Tensor) -> None:
-        with self._lock:
-            e = self._entries.get(block_id)
-            if e is None or not e.complete():
-                self.misses += 1
-                raise BlockMissing(f"block {block_id} is not in the DRAM cache")
-            self._entries.move_to_end(block_id)
-            self.hits += 1
-            buf = e.buf
-        n = self.layout.shard_nbytes
-        self._copy(dst, buf[shard * n : (shard + 1) * n])
+        failures = self._read_items([(block_id, shard, dst)])
+        if failures:
+            raise failures[0][1]
 
     def _write(self, block_id: BlockId, shard: int, src: torch.Tensor) -> None:
-        with self._lock:
-            e = self._entries.get(block_id)
-            if e is None:
-                e = self._entries[block_id] = _Entry(self._take_buffer(), [False] * self.layout.num_shards)
-            elif e.complete():  # same id, same bytes
-                self._entries.move_to_end(block_id)
-                return
-            buf = e.buf
+        failures = self._write_items([(block_id, shard, src)])
+        if failures:
+            raise failures[0][1]
+
+    def _read_items(self, chunk: list[Item]) -> list[tuple[BlockId, BaseException]]:
+        """A whole chunk under one lock and one native copy call (no per-shard Python between copies)."""
         n = self.layout.shard_nbytes
-        self._copy(buf[shard * n : (shard + 1) * n], src)
+        failures: list[tuple[BlockId, BaseException]] = []
+        dsts, srcs, held = [], [], []
         with self._lock:
-            if not e.filled[shard]:
-                e.filled[shard] = True
-                e.count += 1
+            for block_id, shard, dst in chunk:
+                e = self._entries.get(block_id)
+                if e is None or not e.complete():
+                    self.misses += 1
+                    failures.append((block_id, BlockMissing(f"block {block_id} is not in the DRAM cache")))
+                    continue
+                self._entries.move_to_end(block_id)
+                self.hits += 1
+                held.append(e.buf)  # a held buffer is never handed to another block (see _take_buffer)
+                dsts.append(dst)
+                srcs.append(e.buf[shard * n : (shard + 1) * n])
+        self._copy_many(dsts, srcs)
+        del held
+        return failures
+
+    def _write_items(self, chunk: list[Item]) -> list[tuple[BlockId, BaseException]]:
+        n = self.layout.shard_nbytes
+        failures: list[tuple[BlockId, BaseException]] = []
+        dsts, srcs, filled, held = [], [], [], []
+        with self._lock:
+            for block_id, shard, src in chunk:
+                e = self._entries.get(block_id)
+                if e is None:
+                    try:
+                        buf = self._take_buffer()
+                    except StoreFull as exc:
+                        failures.append((block_id, exc))
+                        continue
+                    e = self._entries[block_id] = _Entry(buf, [False] * self.layout.num_shards)
+                elif e.complete():  # same id, same bytes
+                    self._entries.move_to_end(block_id)
+                    continue
+                held.append(e.buf)
+                dsts.append(e.buf[shard * n : (shard + 1) * n])
+                srcs.append(src)
+                filled.append((e, shard))
+        self._copy_many(dsts, srcs)
+        del held
+        with self._lock:
+            for e, shard in filled:
+                if not e.filled[shard]:
+                    e.filled[shard] = True
+                    e.count += 1
+        return failures
 
     def _take_buffer(self) -> torch.Tensor:
         """A block buffer: a new one while under the bound, else the least recently used one's."""

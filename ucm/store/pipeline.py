@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ucm.store.api import BlockId, BlockMissing, KVStore, StoreError
+from ucm.store.api import BlockId, BlockMissing, Item, KVStore, StoreError, _run_chunk
 from ucm.store.dram import DramStore
 
 log = logging.getLogger("ucm.store")
@@ -64,6 +64,18 @@ class PipelineStore(KVStore):
             pass
         self.backing._read(block_id, shard, dst)
         self._fill(block_id, shard, dst)
+
+    def _read_items(self, chunk: list[Item]) -> list[tuple[BlockId, BaseException]]:
+        """The cache's hits in one batched pass; only its misses go to the backing store."""
+        missed = {block_id for block_id, _ in self.cache._read_items(chunk)}
+        if not missed:
+            return []
+        return _run_chunk(self._read_backing_run, [item for item in chunk if item[0] in missed])
+
+    def _read_backing_run(self, block_id: BlockId, first: int, dsts: list[torch.Tensor]) -> None:
+        self.backing._read_run(block_id, first, dsts)
+        for k, dst in enumerate(dsts):
+            self._fill(block_id, first + k, dst)
 
     def _write(self, block_id: BlockId, shard: int, src: torch.Tensor) -> None:
         self._fill(block_id, shard, src)

@@ -945,14 +945,14 @@ std::tuple<at::Tensor, at::Tensor> paged_decode_attention(const at::Tensor& q, c
 // every destination line is first read into the cache and later evicted.
 constexpr int64_t kStreamBytes = 128 * 1024;
 
-void host_copy(at::Tensor dst, at::Tensor src) {
+void check_host_pair(const at::Tensor& dst, const at::Tensor& src) {
   TORCH_CHECK_VALUE(dst.device().is_cpu() && src.device().is_cpu(), "host_copy: host tensors only");
   TORCH_CHECK_VALUE(dst.scalar_type() == at::kByte && src.scalar_type() == at::kByte, "host_copy: uint8 tensors only");
   TORCH_CHECK_VALUE(dst.is_contiguous() && src.is_contiguous(), "host_copy: contiguous tensors only");
   TORCH_CHECK_VALUE(dst.numel() == src.numel(), "host_copy: ", dst.numel(), " and ", src.numel(), " bytes");
-  auto* d = static_cast<uint8_t*>(dst.data_ptr());
-  const auto* s = static_cast<const uint8_t*>(src.data_ptr());
-  int64_t n = dst.numel();
+}
+
+void copy_bytes(uint8_t* d, const uint8_t* s, int64_t n) {
 #if defined(__AVX2__)
   if (n >= kStreamBytes) {
     const int64_t head = static_cast<int64_t>((32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31);
@@ -974,6 +974,22 @@ void host_copy(at::Tensor dst, at::Tensor src) {
   }
 #endif
   std::memcpy(d, s, n);
+}
+
+void host_copy(at::Tensor dst, at::Tensor src) {
+  check_host_pair(dst, src);
+  copy_bytes(static_cast<uint8_t*>(dst.data_ptr()), static_cast<const uint8_t*>(src.data_ptr()), dst.numel());
+}
+
+// Every pair is checked before the first byte moves, so a bad pair copies nothing.
+void host_copy_many(std::vector<at::Tensor> dsts, std::vector<at::Tensor> srcs) {
+  TORCH_CHECK_VALUE(dsts.size() == srcs.size(), "host_copy_many: ", dsts.size(), " destinations but ", srcs.size(),
+                    " sources");
+  for (size_t k = 0; k < dsts.size(); ++k) check_host_pair(dsts[k], srcs[k]);
+  for (size_t k = 0; k < dsts.size(); ++k) {
+    copy_bytes(static_cast<uint8_t*>(dsts[k].data_ptr()), static_cast<const uint8_t*>(srcs[k].data_ptr()),
+               dsts[k].numel());
+  }
 }
 
 // Build facts the Python side reports (which instruction sets the kernels were compiled for).
@@ -1019,6 +1035,7 @@ TORCH_LIBRARY(ucm_cpu, m) {
       "float scale) -> Tensor",
       &kvstar_scores);
   m.def("host_copy(Tensor(a!) dst, Tensor src) -> ()", &host_copy);
+  m.def("host_copy_many(Tensor(a!)[] dsts, Tensor[] srcs) -> ()", &host_copy_many);
   m.def("build_info() -> str", &build_info);
   m.def("set_thread_cap(int cap) -> ()", &set_thread_cap);
   m.def("thread_budget() -> int", &thread_budget);
