@@ -32,6 +32,25 @@ def test_summary_picks_headline_cells_and_worst_drop() -> None:
     assert "| ESA@0.3 | 75 | (0) |" in md and "(25)" in md
 
 
+def test_headline_drop_uses_the_dense_layer_variant_where_it_ran() -> None:
+    rows = []
+    for i, (e, ed, g) in enumerate([(0, 100, 100), (100, 100, 0), (0, 100, 100), (100, 100, 100)]):
+        rows += [_row("niah", "dense", "dense", None, i, 100), _row("niah", "ESA@0.3", "ESA", 0.3, i, e),
+                 _row("niah", "ESA+dense@0.3", "ESA+dense", 0.3, i, ed),
+                 _row("niah", "GSAOnDevice@0.3", "GSAOnDevice", 0.3, i, g)]
+    s = summarize(rows, {"model": "m"})
+    assert s["worst_drop_by_setting"] == {"ESA@0.3": 50.0, "ESA+dense@0.3": 0.0, "GSAOnDevice@0.3": 25.0}
+    assert s["max_drop_vs_dense_at_0_3"] == 25.0  # ESA+dense replaces ESA; GSA on device always counts
+    assert s["max_drop_all_layers_sparse_at_0_3"] == 50.0
+
+
+def test_dense_layers_reach_windowed_methods_only(tmp_path) -> None:
+    grid = settings_grid(["ESA", "GSAOnDevice"], [0.3], dense_layers=[5, 6])
+    assert [s.label for s in grid] == ["dense", "ESA+dense@0.3", "GSAOnDevice@0.3"]
+    assert grid[1].extra_config(tmp_path)["ucm_sparse_config"]["ESA"]["dense_layers"] == [5, 6]
+    assert grid[2].dense_layers == () and list(grid[2].extra_config(tmp_path)["ucm_sparse_config"]["GSAOnDevice"]) == ["config_file"]
+
+
 def test_settings_grid_validates() -> None:
     grid = settings_grid(["ESA", "GSA"], [0.1, 0.3])
     assert [s.label for s in grid] == ["dense", "ESA@0.1", "ESA@0.3", "GSA@0.1", "GSA@0.3"]

@@ -13,6 +13,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 METHOD_NAMES = ("ESA", "GSA", "GSAOnDevice", "KVStarMultiStep")
@@ -68,8 +69,18 @@ def needle_prompt(tokenizer, target_tokens: int, depth: float, seed: int) -> tup
             return ids, secret
 
 
-def method_config(name: str, ratio: float, workdir: Path | None = None) -> dict:
-    """UCM-shaped config of `name` at keep ratio `ratio`.
+def model_dense_layers(model_config: str = "SmolLM2-135M-Instruct") -> list[int]:
+    """The layers a per-model JSON keeps dense (ratio 1), chosen with `ucm profile`. ESA, GSA and
+    KVStar take the same list as `dense_layers`, so every method spends its dense budget on the
+    layers no block selection captures (docs/accuracy.md)."""
+    from ucm.config.loader import load_model_config
+
+    ratios = load_model_config(model_config).config.top_k_ratio_per_layer
+    return [layer for layer, r in enumerate(ratios) if r >= 1]
+
+
+def method_config(name: str, ratio: float, workdir: Path | None = None, dense_layers: Sequence[int] = ()) -> dict:
+    """UCM-shaped config of `name` at keep ratio `ratio`; `dense_layers` for ESA, GSA and KVStar.
 
     GSAOnDevice reads its ratios from a per-model JSON: without `workdir` that is the shipped
     SmolLM2 JSON (its own per-layer ratios); with it, a copy written there with every sparse
@@ -91,6 +102,8 @@ def method_config(name: str, ratio: float, workdir: Path | None = None) -> dict:
         body.update(retrieval_stride=4, blk_repre_dim_prune_ratio=0.5, blk_repre_inner_token_merge=4)
     elif name == "ESA":
         body.update(retrieval_stride=4)
+    if dense_layers:
+        body["dense_layers"] = list(dense_layers)
     return {name: body}
 
 

