@@ -41,6 +41,6 @@ def generate(llm, prompts, max_tokens: int = 8) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def sparse_extra(name: str, ratio: float, tmp_dir) -> dict:
+def sparse_extra(name: str, ratio: float, tmp_dir, dense_layers=()) -> dict:
     """The connector's extra config for `name` at `ratio` (GSAOnDevice: every sparse layer at `ratio`)."""
-    return {"ucm_sparse_config": method_config(name, ratio, tmp_dir)}
+    return {"ucm_sparse_config": method_config(name, ratio, tmp_dir, dense_layers)}
