@@ -269,10 +269,10 @@ class PrefixStoreWorker:
         attention reads this step, so a failed read leaves nothing anyone looks at); a device
         cache goes through one host buffer. Dumps still in flight are waited for first: a block
         freed on the device may have been dumped a step ago."""
-        if self._dumps:
-            self._reap(wait=True)
         t0 = time.perf_counter()
         ids = [scoped_id(i, self.scope) for i in store_ids]
+        if self._dumps:
+            self._reap(wait_for=set(ids))
         rows = self._rows(layer)
         if rows.device.type == "cpu":
             failures = self.store.read_now(ids, layer, [rows[b] for b in block_ids])
@@ -317,13 +317,15 @@ class PrefixStoreWorker:
                 self.failed_dumps += len(ids)
                 self._warn_once("dump", f"ucm store: dump refused ({exc}); serving goes on without storing")
                 return
-            self._dumps.append((task, len(ids) if k == 0 else 0))  # blocks counted once, not per layer
+            self._dumps.append((task, len(ids) if k == 0 else 0, frozenset(ids)))  # blocks counted once, not per layer
 
-    def _reap(self, wait: bool = False) -> None:
+    def _reap(self, wait: bool = False, wait_for: set[str] | None = None) -> None:
+        """Collect finished dumps; `wait` waits for all, `wait_for` for those holding any of these ids."""
         keep = []
-        for task, n in self._dumps:
-            if not wait and not self.store.check(task):
-                keep.append((task, n))
+        for task, n, ids in self._dumps:
+            must = wait or (wait_for is not None and not ids.isdisjoint(wait_for))
+            if not must and not self.store.check(task):
+                keep.append((task, n, ids))
                 continue
             try:
                 self.store.wait(task)
