@@ -40,6 +40,7 @@ from ucm.store import (
     root_hash,
     scoped_id,
 )
+from ucm.store.staging import BlockStager
 
 logger = logging.getLogger("vllm.ucm")
 
@@ -197,6 +198,7 @@ class PrefixStoreWorker:
         self.scope = identity.scope(rank)
         self.store = build_store(spec, identity.block_layout())
         self.kv_caches: dict[int, torch.Tensor] = {}  # layer index -> that layer's cache
+        self.stager: BlockStager | None = None  # set by register(): copies on the cache's device
         self._dumps: list = []
         self._lock = threading.Lock()
         self._load_errors: set[int] = set()
@@ -217,6 +219,8 @@ class PrefixStoreWorker:
             if not kv.is_contiguous():
                 raise StoreError(f"layer {layer}: the KV cache is not contiguous; blocks cannot be moved as bytes")
         self.kv_caches = dict(kv_caches)
+        devices = {kv.device for kv in self.kv_caches.values()}
+        self.stager = BlockStager(next(iter(devices))) if devices else None
 
     def _rows(self, layer: int) -> torch.Tensor:
         kv = self.kv_caches[layer]
@@ -252,13 +256,11 @@ class PrefixStoreWorker:
                 self._load_errors |= failed
         if good:
             sel = torch.tensor(good, dtype=torch.int64)
-            dst = torch.tensor([phys[k] for k in good], dtype=torch.int64)
+            dst = [phys[k] for k in good]
             for layer, buf in bufs.items():
-                kv = self.kv_caches[layer]
-                rows = self._rows(layer)
-                rows.index_copy_(0, dst.to(kv.device), buf.index_select(0, sel).to(kv.device))
+                self.stager.scatter(self._rows(layer), dst, buf if len(good) == n else buf.index_select(0, sel))
                 if on_loaded is not None:
-                    on_loaded(layer, dst.to(kv.device))
+                    on_loaded(layer, torch.tensor(dst, dtype=torch.int64, device=self.kv_caches[layer].device))
         self.loaded_blocks += len(good)
         self.load_seconds += time.perf_counter() - t0
 
@@ -281,9 +283,8 @@ class PrefixStoreWorker:
             failures = self.store.read_now(ids, layer, buf)
             good = [k for k, i in enumerate(ids) if i not in failures]
             if good:
-                dst = torch.tensor([block_ids[k] for k in good], dtype=torch.int64, device=rows.device)
                 src = buf if len(good) == len(ids) else buf.index_select(0, torch.tensor(good, dtype=torch.int64))
-                rows.index_copy_(0, dst, src.to(rows.device, non_blocking=True))
+                self.stager.scatter(rows, [block_ids[k] for k in good], src)
         if failures:
             first = next(iter(failures.values()))
             self._warn_once("offload", f"ucm offload: {len(failures)} block(s) failed to load from the store and are "
@@ -304,13 +305,12 @@ class PrefixStoreWorker:
         self._reap()
         if not saves or not self.kv_caches:
             return
-        phys = torch.tensor([b for s in saves for b in s.block_ids], dtype=torch.int64)
+        phys = [b for s in saves for b in s.block_ids]
         ids = [scoped_id(i, self.scope) for s in saves for i in s.store_ids]
-        for k, layer in enumerate(self.kv_caches):
-            rows = self._rows(layer)
-            buf = host_buffer([len(ids), self.identity.page_bytes], torch.uint8)
-            torch.index_select(rows, 0, phys.to(rows.device), out=buf) if rows.device.type == "cpu" else \
-                buf.copy_(rows.index_select(0, phys.to(rows.device)))
+        staged = [(layer, *self.stager.gather(self._rows(layer), phys)) for layer in self.kv_caches]
+        for k, (layer, buf, ready) in enumerate(staged):
+            if ready is not None:
+                ready.synchronize()  # the device-to-host copy ran on the copy stream; the store reads host bytes
             try:
                 task = self.store.dump(ids, layer, buf)
             except StoreError as exc:
@@ -340,6 +340,8 @@ class PrefixStoreWorker:
         self._reap(wait=True)
 
     def close(self) -> None:
+        if self.stager is not None:
+            self.stager.synchronize()
         self.flush()
         self.store.close()
 
