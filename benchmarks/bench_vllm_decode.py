@@ -64,8 +64,12 @@ def shutdown() -> None:
     cleanup_dist_env_and_memory()
 
 
-def run_engine(llm, prompts: list[list[int]], new_tokens: int, skip: int, profile: Path | None) -> dict[str, Any]:
-    """Drive the engine step by step; per-step wall times split into prefill and decode."""
+def run_engine(llm, prompts: list[list[int]], new_tokens: int, skip: int, profile: Path | None,
+               settle=None) -> dict[str, Any]:
+    """Drive the engine step by step; per-step wall times split into prefill and decode.
+
+    `settle()`, when given, runs once when every request is decoding, before the timed steps
+    (its seconds are returned as `settle_s`, outside both prefill and decode)."""
     from vllm import SamplingParams
 
     engine = llm.llm_engine
@@ -76,8 +80,13 @@ def run_engine(llm, prompts: list[list[int]], new_tokens: int, skip: int, profil
     tokens: dict[str, list[int]] = {}
     prefill_s, decode_steps = 0.0, []
     profiler = None
+    settle_s = None
     while engine.has_unfinished_requests():
         all_decoding = all(n > 0 for n in produced.values())
+        if all_decoding and settle is not None and settle_s is None:
+            t0 = time.perf_counter()
+            settle()
+            settle_s = time.perf_counter() - t0
         if all_decoding and profile is not None and profiler is None and len(decode_steps) >= skip:
             import cProfile
 
@@ -105,6 +114,7 @@ def run_engine(llm, prompts: list[list[int]], new_tokens: int, skip: int, profil
         "step_ms_median": 1e3 * statistics.median(timed),
         "step_ms_min": 1e3 * min(timed),
         "tokens": [tokens[f"r{i}"] for i in range(len(prompts))],
+        **({"settle_s": settle_s} if settle_s is not None else {}),
     }
 
 
