@@ -1,5 +1,5 @@
 """The examples, run as a user would (slow: each starts vLLM-CPU and prefills ~3K tokens):
-they finish, print the answer and the blocks read; GSA on device finds the needle.
+they finish, print the answer and the blocks read; every sparse method finds the needle.
 
     pytest -m slow tests/test_examples.py
 """
@@ -25,7 +25,7 @@ def test_offline_example_runs_and_reports(name: str) -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "answer:" in proc.stdout and "decode steps read" in proc.stdout, proc.stdout[-2000:]
-    if name == "gsa_on_device":  # the mean-representation methods miss this needle at block 32 (docs/demo.md)
+    if name != "offload":  # every method finds this needle at block 32 with SmolLM2's dense layers 5-8
         assert "-> correct" in proc.stdout, proc.stdout[-2000:]
     if name == "offload":
         assert "offload: the request held at most" in proc.stdout
