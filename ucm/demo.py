@@ -12,8 +12,8 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 METHOD_NAMES = ("ESA", "GSA", "GSAOnDevice", "KVStarMultiStep")

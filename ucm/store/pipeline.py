@@ -57,13 +57,9 @@ class PipelineStore(KVStore):
         self.backing._end_load(ids)
 
     def _read(self, block_id: BlockId, shard: int, dst: torch.Tensor) -> None:
-        try:
-            self.cache._read(block_id, shard, dst)
-            return
-        except BlockMissing:
-            pass
-        self.backing._read(block_id, shard, dst)
-        self._fill(block_id, shard, dst)
+        failures = self._read_items([(block_id, shard, dst)])
+        if failures:
+            raise failures[0][1]
 
     def _read_items(self, chunk: list[Item]) -> list[tuple[BlockId, BaseException]]:
         """The cache's hits in one batched pass; only its misses go to the backing store."""

@@ -976,11 +976,6 @@ void copy_bytes(uint8_t* d, const uint8_t* s, int64_t n) {
   std::memcpy(d, s, n);
 }
 
-void host_copy(at::Tensor dst, at::Tensor src) {
-  check_host_pair(dst, src);
-  copy_bytes(static_cast<uint8_t*>(dst.data_ptr()), static_cast<const uint8_t*>(src.data_ptr()), dst.numel());
-}
-
 // Every pair is checked before the first byte moves, so a bad pair copies nothing.
 void host_copy_many(std::vector<at::Tensor> dsts, std::vector<at::Tensor> srcs) {
   TORCH_CHECK_VALUE(dsts.size() == srcs.size(), "host_copy_many: ", dsts.size(), " destinations but ", srcs.size(),
@@ -1034,7 +1029,6 @@ TORCH_LIBRARY(ucm_cpu, m) {
       "kvstar_scores(Tensor q, Tensor sums, Tensor abs_sums, Tensor block_table, Tensor n_full, int kept_dims, "
       "float scale) -> Tensor",
       &kvstar_scores);
-  m.def("host_copy(Tensor(a!) dst, Tensor src) -> ()", &host_copy);
   m.def("host_copy_many(Tensor(a!)[] dsts, Tensor[] srcs) -> ()", &host_copy_many);
   m.def("build_info() -> str", &build_info);
   m.def("set_thread_cap(int cap) -> ()", &set_thread_cap);

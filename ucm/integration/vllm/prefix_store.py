@@ -255,10 +255,9 @@ class PrefixStoreWorker:
             with self._lock:
                 self._load_errors |= failed
         if good:
-            sel = torch.tensor(good, dtype=torch.int64)
             dst = [phys[k] for k in good]
             for layer, buf in bufs.items():
-                self.stager.scatter(self._rows(layer), dst, buf if len(good) == n else buf.index_select(0, sel))
+                self._scatter_arrived(layer, phys, buf, good)
                 if on_loaded is not None:
                     on_loaded(layer, torch.tensor(dst, dtype=torch.int64, device=self.kv_caches[layer].device))
         self.loaded_blocks += len(good)
@@ -269,12 +268,12 @@ class PrefixStoreWorker:
 
         A host cache is read into in place (each destination is an exclusive slot block that no
         attention reads this step, so a failed read leaves nothing anyone looks at); a device
-        cache goes through one host buffer. Dumps still in flight are waited for first: a block
-        freed on the device may have been dumped a step ago."""
-        t0 = time.perf_counter()
+        cache goes through one host buffer. A dump still in flight of one of these blocks is waited
+        for first (a block freed on the device may have been dumped a step ago)."""
         ids = [scoped_id(i, self.scope) for i in store_ids]
         if self._dumps:
             self._reap(wait_for=set(ids))
+        t0 = time.perf_counter()
         rows = self._rows(layer)
         if rows.device.type == "cpu":
             failures = self.store.read_now(ids, layer, [rows[b] for b in block_ids])
@@ -283,8 +282,7 @@ class PrefixStoreWorker:
             failures = self.store.read_now(ids, layer, buf)
             good = [k for k, i in enumerate(ids) if i not in failures]
             if good:
-                src = buf if len(good) == len(ids) else buf.index_select(0, torch.tensor(good, dtype=torch.int64))
-                self.stager.scatter(rows, [block_ids[k] for k in good], src)
+                self._scatter_arrived(layer, block_ids, buf, good)
         if failures:
             first = next(iter(failures.values()))
             self._warn_once("offload", f"ucm offload: {len(failures)} block(s) failed to load from the store and are "
@@ -293,6 +291,11 @@ class PrefixStoreWorker:
         self.offload_loaded_blocks += sum(ok)
         self.load_seconds += time.perf_counter() - t0
         return ok
+
+    def _scatter_arrived(self, layer: int, block_ids: list[int], buf: torch.Tensor, good: list[int]) -> None:
+        """Blocks `block_ids[k]` of one layer from host rows `buf[k]`, for the k in `good` (those that arrived)."""
+        src = buf if len(good) == len(block_ids) else buf.index_select(0, torch.tensor(good, dtype=torch.int64))
+        self.stager.scatter(self._rows(layer), [block_ids[k] for k in good], src)
 
     def take_load_errors(self) -> set[int]:
         with self._lock:
