@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from ucm.config.loader import parse_sparse_config
 from ucm.ops import get_ops
 from ucm.sparse.base import ModelShapes
 from ucm.sparse.factory import build_sparse_method
-from ucm.sparse.offload import TAIL_SLACK, OffloadPolicy, RequestResidency, VirtualBlocks
+from ucm.sparse.offload import TAIL_SLACK, OffloadedRequest, OffloadPolicy, Residency, VirtualBlocks
 
 
 def policy(**kw) -> OffloadPolicy:
@@ -68,57 +69,151 @@ class RecordingLoader:
         return [i not in self.fail for i in ids]
 
 
-def residency(layers=2) -> RequestResidency:
-    # init 1 block; slots at logical 1, 2, 3 held in physical 51, 52, 53; middle 1..9
-    res = RequestResidency(layers, 1, [1, 2, 3], [51, 52, 53])
-    res.extend_middle([200 + i for i in range(9)], [f"id{1 + i}" for i in range(9)])
-    return res
+def residency(layers=2) -> tuple[Residency, OffloadedRequest]:
+    # virtual ids from 200; init 1 block; slots at logical 1, 2, 3 held in physical 51, 52, 53; middle 1..9
+    res = Residency(layers, 1, VirtualBlocks(200, 40), 100)
+    res.extend("r", [f"id{1 + i}" for i in range(9)], [1, 2, 3], [51, 52, 53])
+    return res, res.requests["r"]
+
+
+def select(req: OffloadedRequest, logical: list[int], physical_row=None) -> np.ndarray:
+    """The table a selection of these logical blocks yields: the scoring row's ids at them."""
+    row = torch.arange(50, 62) if physical_row is None else physical_row.clone()
+    req.scoring_row(row)
+    return row[logical].numpy()[None, :]
+
+
+def resolve_one(res, req, layer, logical, load):
+    table = select(req, logical)
+    out, kept = res.resolve(layer, table, np.array([table.shape[1]]), [req], load)
+    return out[0, : kept[0]]
 
 
 def test_scoring_row_points_the_middle_at_virtual_ids() -> None:
-    res = residency()
+    res, req = residency()
     row = torch.arange(50, 62, dtype=torch.int32)  # physical ids of logical 0..11
-    res.scoring_row(row)
+    req.scoring_row(row)
     assert row.tolist() == [50] + [200 + i for i in range(9)] + [60, 61]
 
 
 def test_resolve_reads_held_blocks_in_place_and_loads_only_the_missing() -> None:
-    res, load = residency(), RecordingLoader()
-    physical = torch.arange(50, 62)
+    res, req = residency()
+    load = RecordingLoader()
     # logical 0 (init), 2 (held by slot 1), 7 (missing), 11 (tail)
-    out = res.resolve(0, torch.tensor([0, 2, 7, 11]), physical, load)
+    out = resolve_one(res, req, 0, [0, 2, 7, 11], load)
     assert len(load.calls) == 1 and load.calls[0][0] == 0 and load.calls[0][1] == ["id7"]
     slot_phys = load.calls[0][2][0]
     assert slot_phys in (51, 53)  # a slot this step does not read (not 52, which holds block 2)
     assert out.tolist() == [50, 52, slot_phys, 61]
     # the same selection again reads everything in place; the other layer is independent
-    assert res.resolve(0, torch.tensor([0, 2, 7, 11]), physical, load).tolist() == out.tolist()
+    assert resolve_one(res, req, 0, [0, 2, 7, 11], load).tolist() == out.tolist()
     assert len(load.calls) == 1
-    res.resolve(1, torch.tensor([0, 2, 7, 11]), physical, load)
+    resolve_one(res, req, 1, [0, 2, 7, 11], load)
     assert len(load.calls) == 2 and load.calls[1][0] == 1
 
 
 def test_least_recently_used_slot_is_reused_first() -> None:
-    res, load = residency(layers=1), RecordingLoader()
-    physical = torch.arange(50, 62)
-    res.resolve(0, torch.tensor([0, 1, 11]), physical, load)  # touches slot 0 (block 1)
-    res.resolve(0, torch.tensor([0, 3, 11]), physical, load)  # touches slot 2 (block 3)
-    res.resolve(0, torch.tensor([0, 8, 11]), physical, load)  # block 8 must evict slot 1 (block 2, never read)
+    res, req = residency(layers=1)
+    load = RecordingLoader()
+    resolve_one(res, req, 0, [0, 1, 11], load)  # touches slot 0 (block 1)
+    resolve_one(res, req, 0, [0, 3, 11], load)  # touches slot 2 (block 3)
+    resolve_one(res, req, 0, [0, 8, 11], load)  # block 8 must evict slot 1 (block 2, never read)
     assert load.calls[-1][1:] == (["id8"], [52])
-    assert res.holder[0].tolist() == [1, 8, 3]
+    held = [int(res.holder[0, p]) for p in (51, 52, 53)]
+    assert [req.virtual.index(res.virtual.first + v) + 1 for v in held] == [1, 8, 3]
 
 
 def test_failed_load_is_left_out_and_the_slot_forgotten() -> None:
-    res, load = residency(layers=1), RecordingLoader(fail={"id6"})
-    out = res.resolve(0, torch.tensor([0, 5, 6, 11]), torch.arange(50, 62), load)
+    res, req = residency(layers=1)
+    out = resolve_one(res, req, 0, [0, 5, 6, 11], RecordingLoader(fail={"id6"}))
     assert len(out) == 3 and out[0] == 50 and out[-1] == 61
-    assert res.failed_loads == 1 and -1 in res.holder[0].tolist()
+    assert req.failed_loads == 1 and -1 in res.holder[0, [51, 52, 53]].tolist()
 
 
 def test_more_misses_than_slots_is_an_error() -> None:
-    res = residency(layers=1)
+    res, req = residency(layers=1)
     with pytest.raises(RuntimeError, match="slots"):
-        res.resolve(0, torch.tensor([4, 5, 6, 7]), torch.arange(50, 62), RecordingLoader())
+        resolve_one(res, req, 0, [4, 5, 6, 7], RecordingLoader())
+
+
+def test_rows_of_one_layer_load_in_one_call_and_resident_rows_pass_through() -> None:
+    res, a = residency(layers=1)
+    res.extend("b", ["b1", "b2", "b3", "b4"], [1], [70])
+    b = res.requests["b"]
+    rows = [select(a, [0, 4, 11])[0], torch.tensor([80, 81, 82]).numpy(), select(b, [0, 3, 11])[0]]
+    table = np.stack(rows)
+    load = RecordingLoader()
+    out, kept = res.resolve(0, table, np.array([3, 3, 3]), [a, None, b], load)
+    assert len(load.calls) == 1 and load.calls[0][1] == ["id4", "b3"]
+    assert out[1].tolist() == [80, 81, 82] and out[2, 1] == 70 and out[0, 1] in (51, 52, 53)
+    assert kept.tolist() == [3, 3, 3]
+
+
+def test_drop_returns_virtual_ids_and_clears_slots() -> None:
+    res, req = residency(layers=2)
+    resolve_one(res, req, 0, [0, 6, 11], RecordingLoader())
+    in_use = res.virtual.in_use
+    assert res.drop("r") is req and res.virtual.in_use == in_use - 9
+    assert (res.holder[:, [51, 52, 53]] == -1).all() and (res.slot_of == -1).all()
+    res.extend("s", ["s1", "s2"], [1], [51])  # the ids and the slot can serve another request
+    assert res.holder[0, 51] == res.requests["s"].virtual[0] - res.virtual.first
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_read_finds_the_block_it_selected(seed) -> None:
+    """A random walk of selections over 2 requests and 3 layers against a model of the device:
+    each (layer, device block) holds the store id last loaded into it. Whatever the sequence,
+    every entry attention reads holds the block the selection named, and no block is loaded
+    that a slot already held."""
+    rng = np.random.default_rng(seed)
+    layers, res = 3, Residency(3, 1, VirtualBlocks(1000, 200), 500)
+    reqs, device = {}, {}
+    for name, base, slots in (("a", 0, [10, 11, 12, 13, 14]), ("b", 100, [110, 111, 112, 113])):
+        n_mid = 30
+        ids = [f"{name}{i}" for i in range(1, n_mid + 1)]
+        positions = list(range(1, len(slots) + 1))
+        res.extend(name, ids, positions, slots)
+        reqs[name] = (res.requests[name], base, n_mid)
+        for layer in range(layers):
+            for pos, phys in zip(positions, slots):
+                device[layer, phys] = f"{name}{pos}"
+
+    calls = []
+
+    def loader(layer, ids, phys):
+        ok = [bool(rng.random() > 0.1) for _ in ids]
+        calls.append((layer, list(ids), ok))
+        for i, p, good in zip(ids, phys, ok):
+            device[layer, p] = i if good else "garbage"
+        return ok
+
+    loaded = 0
+    for _ in range(60):
+        layer = int(rng.integers(layers))
+        tables, owners, want = [], [], []
+        for name in ("a", "b"):
+            req, base, n_mid = reqs[name]
+            k = len(req.slot_physical) - int(rng.integers(0, 2))
+            mid = sorted(rng.choice(np.arange(1, n_mid + 1), size=k, replace=False).tolist())
+            tables.append(select(req, [0] + mid + [n_mid + 1], torch.arange(base, base + n_mid + 2))[0])
+            owners.append(req)
+            want.append([f"{name}{b}" for b in mid])
+        held_before = {(name, device.get((layer, p))) for name in reqs for p in reqs[name][0].slot_physical.tolist()}
+        calls.clear()
+        width = max(len(t) for t in tables)
+        table = np.stack([np.pad(t, (0, width - len(t))) for t in tables])  # padded rows, as selections are
+        out, kept = res.resolve(layer, table, np.array([len(t) for t in tables]), owners, loader)
+        failed = {i for _, ids, ok in calls for i, good in zip(ids, ok) if not good}
+        assert len(calls) <= 1  # one store call per layer, whatever the rows
+        for _, ids, _ in calls:
+            loaded += len(ids)
+            assert not {(i[0], i) for i in ids} & held_before  # never reloads what a slot holds
+        for r, name in enumerate(("a", "b")):
+            base, n_mid = reqs[name][1], reqs[name][2]
+            row = out[r, : kept[r]].tolist()
+            assert row[0] == base and row[-1] == base + n_mid + 1  # windows read in place
+            assert [device[layer, p] for p in row[1:-1]] == [w for w in want[r] if w not in failed]
+    assert loaded > 0
 
 
 @pytest.mark.parametrize("name", ["ESA", "GSA", "KVStarMultiStep"])

@@ -14,14 +14,14 @@ hold whichever middle blocks that layer read most recently; a selected block no 
 is loaded from the store into the least recently used slot that this step does not need.
 
 This module is the arithmetic both sides share (`OffloadPolicy`) and the worker's residency
-bookkeeping (`RequestResidency`, `VirtualBlocks`); it knows nothing of vLLM or of the store.
+bookkeeping (`Residency`, `VirtualBlocks`); it knows nothing of vLLM or of the store.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -104,123 +104,156 @@ class VirtualBlocks:
 Loader = Callable[[int, list[str], list[int]], list[bool]]
 
 
-class RequestResidency:
-    """Where each block of one offloaded request is, per layer (worker side).
+@dataclass
+class OffloadedRequest:
+    """One offloaded request as the worker sees it: its slot blocks and its middle."""
 
-    `slot_of[layer, b - init]` is the slot holding middle block b in that layer (-1: in the store
-    only) and `holder[layer, s]` the middle block slot s holds (-1: unknown after a failed load).
-    The state is NumPy: it is read per layer and request on every decode step, where arrays this
-    small cost a few microseconds per torch op but a fraction of that per NumPy op.
-    """
-
-    def __init__(self, num_layers: int, init_blocks: int, slot_positions: Sequence[int],
-                 slot_physical: Sequence[int]) -> None:
-        if len(slot_positions) != len(slot_physical):
-            raise ValueError("one physical block per slot")
-        self.init = init_blocks
-        self.middle_end = init_blocks
-        self.slot_physical = np.asarray(list(slot_physical), dtype=np.int64)
-        s = len(slot_positions)
-        self.holder = np.tile(np.asarray(list(slot_positions), dtype=np.int64), (num_layers, 1))
-        self.slot_of = np.full((num_layers, 0), -1, dtype=np.int64)
-        self._initial = list(slot_positions)
-        self.last_use = np.zeros((num_layers, s), dtype=np.int64)
-        self.virtual: list[int] = []  # virtual id of middle block init + i
-        self.store_ids: list[str] = []  # store id of middle block init + i
-        self.loads = 0
-        self.failed_loads = 0
-        self._tick = 0
+    init: int
+    slot_physical: np.ndarray  # [S] device blocks this request may load into
+    virtual: list[int] = field(default_factory=list)  # virtual id of middle block init + i
+    virtual_row: torch.Tensor | None = None  # the same as a tensor, for scoring tables
+    loads: int = 0
+    failed_loads: int = 0
 
     @property
-    def num_slots(self) -> int:
-        return int(self.slot_physical.size)
-
-    def extend_middle(self, virtual_ids: Sequence[int], store_ids: Sequence[str]) -> None:
-        """Blocks `[middle_end, middle_end + n)` joined the middle."""
-        if len(virtual_ids) != len(store_ids):
-            raise ValueError("one store id per virtual block")
-        self.virtual.extend(virtual_ids)
-        self.store_ids.extend(store_ids)
-        self.middle_end += len(virtual_ids)
-        grown = np.full((self.slot_of.shape[0], len(self.virtual)), -1, dtype=np.int64)
-        grown[:, : self.slot_of.shape[1]] = self.slot_of
-        for s, b in enumerate(self._initial):  # slots hold their own blocks until reused
-            if b - self.init < grown.shape[1] and b - self.init >= self.slot_of.shape[1]:
-                grown[:, b - self.init] = np.where(self.holder[:, s] == b, s, grown[:, b - self.init])
-        self.slot_of = grown
+    def middle_end(self) -> int:
+        return self.init + len(self.virtual)
 
     def scoring_row(self, row: torch.Tensor) -> torch.Tensor:
         """A block-table row with the middle blocks replaced by their virtual ids (in place)."""
         if self.virtual:
-            row[self.init:self.middle_end] = torch.tensor(self.virtual, dtype=row.dtype, device=row.device)
+            if self.virtual_row is None or self.virtual_row.numel() != len(self.virtual) \
+                    or self.virtual_row.dtype != row.dtype or self.virtual_row.device != row.device:
+                self.virtual_row = torch.tensor(self.virtual, dtype=row.dtype, device=row.device)
+            row[self.init:self.middle_end] = self.virtual_row
         return row
 
-    def lookup(self, layer: int, logical: np.ndarray, physical_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(physical ids with -1 for misses, missing logical blocks) for this layer's selected
-        `logical` blocks (ascending); marks the held ones used. `physical_row` is the request's
-        own block-table row (valid outside the middle)."""
+
+class Residency:
+    """Which slot holds which middle block, per layer, for every offloaded request of a worker.
+
+    Every middle block of every request has its own virtual id, and every slot is its own
+    device block, so the maps are global arrays: `slot_of[layer, v]` is the device block holding
+    virtual block v in that layer (-1: in the store only) and `holder[layer, p]` the virtual
+    block device block p holds (-1: none, or unknown after a failed load). A layer's selection
+    over all rows then resolves in a handful of NumPy operations whatever the batch; Python
+    runs per row only where a row misses blocks (a new retrieval's changes). Indices into both
+    arrays are offsets from the first virtual id.
+    """
+
+    def __init__(self, num_layers: int, init_blocks: int, virtual: VirtualBlocks, num_device_blocks: int) -> None:
+        self.init_blocks = init_blocks
+        self.virtual = virtual
+        self.slot_of = np.full((num_layers, virtual.count), -1, dtype=np.int64)
+        self.holder = np.full((num_layers, num_device_blocks), -1, dtype=np.int64)
+        self.last_use = np.zeros((num_layers, num_device_blocks), dtype=np.int64)
+        self.store_id = np.empty(virtual.count, dtype=object)
+        self.requests: dict[str, OffloadedRequest] = {}
+        self._tick = 0
+
+    # ---------------------------------------------------------------- membership
+    def extend(self, req_id: str, store_ids: Sequence[str], slot_positions: Sequence[int] | None = None,
+               slot_physical: Sequence[int] | None = None) -> list[int]:
+        """Blocks `[middle_end, middle_end + n)` of `req_id` joined its middle: their virtual ids.
+        The first call names the request's slots (logical positions in the middle and their
+        device blocks), which hold their own blocks in every layer until reused."""
+        req = self.requests.get(req_id)
+        new = req is None
+        if new:
+            if slot_positions is None or slot_physical is None or len(slot_positions) != len(slot_physical):
+                raise RuntimeError(f"offload: first update of {req_id} names no slots (one device block per slot)")
+            req = OffloadedRequest(self.init_blocks, np.asarray(list(slot_physical), dtype=np.int64))
+        ids = self.virtual.take(len(store_ids))
+        first = self.virtual.first
+        at = np.asarray(ids, dtype=np.int64) - first
+        self.store_id[at] = list(store_ids)
+        self.slot_of[:, at] = -1
+        req.virtual.extend(ids)
+        if new:
+            self.requests[req_id] = req
+            for pos, phys in zip(slot_positions, req.slot_physical.tolist()):
+                if not req.init <= pos < req.middle_end:
+                    raise RuntimeError(f"offload: slot at block {pos} is outside the middle of {req_id}")
+                v = req.virtual[pos - req.init] - first
+                self.slot_of[:, v] = phys
+                self.holder[:, phys] = v
+                self.last_use[:, phys] = 0
+        return ids
+
+    def drop(self, req_id: str) -> OffloadedRequest | None:
+        """Forget a request: its virtual ids go back, its slots hold nothing."""
+        req = self.requests.pop(req_id, None)
+        if req is None:
+            return None
+        at = np.asarray(req.virtual, dtype=np.int64) - self.virtual.first
+        self.slot_of[:, at] = -1
+        self.store_id[at] = None
+        self.holder[:, req.slot_physical] = -1
+        self.last_use[:, req.slot_physical] = 0
+        self.virtual.give_back(req.virtual)
+        return req
+
+    # ---------------------------------------------------------------- per layer
+    def resolve(self, layer: int, table: np.ndarray, kept: np.ndarray, owners: Sequence[OffloadedRequest | None],
+                loader: Loader) -> tuple[np.ndarray, np.ndarray]:
+        """(device block table, kept counts) for one layer's selection `table` [B, M] (the first
+        `kept[r]` entries of row r: device ids, and virtual ids for middle blocks), loading the
+        middle blocks no slot holds into that row's least recently used slots this step does
+        not read. Blocks that fail to load are left out of their row."""
         self._tick += 1
-        logical = np.asarray(logical, dtype=np.int64)
-        out = np.asarray(physical_row, dtype=np.int64)[np.maximum(logical, 0)]
-        lo, hi = np.searchsorted(logical, (self.init, self.middle_end))
-        if lo == hi:
-            return out, logical[:0]
-        mid = logical[lo:hi]
-        slots = self.slot_of[layer, mid - self.init]
-        held = slots >= 0
-        self.last_use[layer, slots[held]] = self._tick
-        out[lo:hi] = np.where(held, self.slot_physical[np.maximum(slots, 0)], -1)
-        return out, mid[~held]
-
-    def assign(self, layer: int, missing: Sequence[int], busy_physical: np.ndarray) -> list[int]:
-        """Slots for the `missing` middle blocks: least recently used first, never one this step
-        reads (`busy_physical`). Returns the slots' physical ids (the loads' destinations)."""
-        missing = [int(b) for b in missing]
-        free = ~np.isin(self.slot_physical, busy_physical)
-        order = np.argsort(self.last_use[layer], kind="stable")
-        order = order[free[order]]
-        if order.size < len(missing):
-            raise RuntimeError(f"offload: layer {layer} selected {len(missing)} blocks beyond its "
-                               f"{self.num_slots} slots (slots are sized from the same ratio; this is a bug)")
-        chosen = order[: len(missing)]
-        old = self.holder[layer, chosen]
-        self.slot_of[layer, old[old >= 0] - self.init] = -1
-        self.holder[layer, chosen] = -1  # unknown until the load lands
-        self.last_use[layer, chosen] = self._tick
-        self._pending = (layer, chosen, missing)
-        return self.slot_physical[chosen].tolist()
-
-    def commit(self, ok: Sequence[bool]) -> None:
-        """Record which of the loads `assign` planned arrived."""
-        layer, chosen, missing = self._pending
-        good = np.asarray(list(ok), dtype=bool)
-        self.loads += len(missing)
-        self.failed_loads += int((~good).sum())
-        slots, blocks = chosen[good], np.asarray(missing, dtype=np.int64)[good]
-        self.holder[layer, slots] = blocks
-        self.slot_of[layer, blocks - self.init] = slots
-
-    def resolve(self, layer: int, logical, physical_row, loader: Loader) -> np.ndarray:
-        """Physical ids for this layer's selected `logical` blocks (ascending), loading the middle
-        blocks no slot holds; blocks that fail to load are left out (one request; the worker
-        batches requests with lookup/assign/commit)."""
-        out, missing = self.lookup(layer, np.asarray(logical), np.asarray(physical_row))
-        if missing.size:
-            phys = self.assign(layer, missing, out[out >= 0])
-            ok = loader(layer, [self.store_ids[b - self.init] for b in missing.tolist()], phys)
-            self.commit(ok)
-            out = fill_loaded(out, phys, ok)
-        return out
-
-
-def fill_loaded(out: np.ndarray, phys: Sequence[int], ok: Sequence[bool]) -> np.ndarray:
-    """`out` (-1 where a block was missing, in ascending logical order, as `phys`) with the loaded
-    slots filled in and the blocks that failed to load removed."""
-    out = out.copy()
-    miss = out < 0
-    out[miss] = phys
-    if all(ok):
-        return out
-    keep = np.ones(out.size, dtype=bool)
-    keep[np.flatnonzero(miss)[~np.asarray(list(ok), dtype=bool)]] = False
-    return out[keep]
+        kept_in = kept
+        first, count = self.virtual.first, self.virtual.count
+        valid = np.arange(table.shape[1])[None, :] < kept[:, None]
+        v = table.astype(np.int64, copy=False) - first
+        virt = valid & (v >= 0) & (v < count)
+        if not virt.any():
+            return table, kept
+        at = v[virt]
+        phys = self.slot_of[layer, at]
+        held = phys >= 0
+        self.last_use[layer, phys[held]] = self._tick
+        out = table.astype(np.int64, copy=True)
+        out[virt] = phys
+        if held.all():
+            return out, kept
+        rows, cols = np.nonzero(virt)
+        miss_rows, miss_cols, miss_v = rows[~held], cols[~held], at[~held]
+        plan: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        for r in np.unique(miss_rows).tolist():
+            req = owners[r]
+            if req is None:
+                raise RuntimeError(f"offload: row {r} reads a virtual block but is not offloaded")
+            mine = miss_rows == r
+            need_v, need_c = miss_v[mine], miss_cols[mine]
+            cand = req.slot_physical
+            free = cand[~np.isin(cand, out[r, : kept[r]])]
+            chosen = free[np.argsort(self.last_use[layer, free], kind="stable")][: need_v.size]
+            if chosen.size < need_v.size:
+                raise RuntimeError(f"offload: layer {layer} selected {need_v.size} blocks beyond its "
+                                   f"{cand.size} slots (slots are sized from the same ratio; this is a bug)")
+            old = self.holder[layer, chosen]
+            self.slot_of[layer, old[old >= 0]] = -1
+            self.holder[layer, chosen] = -1  # unknown until the load lands
+            self.last_use[layer, chosen] = self._tick
+            plan.append((r, need_c, need_v, chosen))
+        dst = np.concatenate([p[3] for p in plan])
+        ok = np.asarray(loader(layer, self.store_id[np.concatenate([p[2] for p in plan])].tolist(), dst.tolist()),
+                        dtype=bool)
+        at_ok = 0
+        for r, need_c, need_v, chosen in plan:
+            got = ok[at_ok: at_ok + chosen.size]
+            at_ok += chosen.size
+            req = owners[r]
+            req.loads += chosen.size
+            self.holder[layer, chosen[got]] = need_v[got]
+            self.slot_of[layer, need_v[got]] = chosen[got]
+            out[r, need_c] = chosen
+            if not got.all():
+                if kept is kept_in:
+                    kept = kept.copy()
+                req.failed_loads += int((~got).sum())
+                row = np.delete(out[r, : kept[r]], need_c[~got])
+                out[r, : row.size] = row
+                out[r, row.size:] = 0
+                kept[r] = row.size
+        return out, kept

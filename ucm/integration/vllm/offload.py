@@ -14,7 +14,7 @@ The design (docs/store.md, "Offload mode") uses only the connector API, no sched
   the representations of the blocks that joined the middle are copied to virtual ids (their
   device blocks may be rewritten by other requests from the next step on); selection scores the
   middle through those ids; a selected block no slot holds is loaded into a free slot of that
-  layer (`ucm.sparse.offload.RequestResidency`) and the kernel reads physical ids only.
+  layer (`ucm.sparse.offload.Residency`) and the kernel reads physical ids only.
 
 A request whose slots cannot be exclusive (shared prefix blocks) or that would exceed the
 virtual-id capacity simply stays resident; nothing is freed that is not in the store.
@@ -26,9 +26,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 
-from ucm.sparse.offload import OffloadPolicy, RequestResidency, VirtualBlocks
+from ucm.sparse.offload import OffloadedRequest, OffloadPolicy, Residency, VirtualBlocks
 from ucm.store import block_hash
 
 if TYPE_CHECKING:
@@ -236,96 +237,62 @@ class OffloadWorker:
     def __init__(self, policy: OffloadPolicy, num_layers: int) -> None:
         self.policy = policy
         self.num_layers = num_layers
-        self.virtual: VirtualBlocks | None = None
-        self.requests: dict[str, RequestResidency] = {}
-        self._virtual_ids: dict[str, list[int]] = {}
+        self.residency: Residency | None = None
         self.loader: Callable[[int, list[str], list[int]], list[bool]] | None = None
         self.loaded_blocks = 0
         self.failed_loads = 0
 
+    @property
+    def requests(self) -> dict[str, OffloadedRequest]:
+        return self.residency.requests if self.residency is not None else {}
+
     def extra_blocks(self, num_device_blocks: int) -> int:
         """Virtual ids to add to the scorer's side caches (after the device's block ids)."""
         count = self.policy.virtual_capacity(num_device_blocks)
-        self.virtual = VirtualBlocks(num_device_blocks, count)
+        self.residency = Residency(self.num_layers, self.policy.init_blocks, VirtualBlocks(num_device_blocks, count),
+                                   num_device_blocks)
         return count
 
     def apply(self, updates: list[OffloadUpdate], copy_blocks: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
         """Before the forward: record this step's middle blocks and copy their representations."""
         for u in updates:
-            if self.virtual is None:
+            if self.residency is None:
                 raise RuntimeError("offload update before the sparse method was built")
-            res = self.requests.get(u.req_id)
-            if res is None:
-                if u.slot_positions is None:
-                    raise RuntimeError(f"offload: first update of {u.req_id} names no slots")
-                res = self.requests[u.req_id] = RequestResidency(self.num_layers, self.policy.init_blocks,
-                                                                 u.slot_positions, u.slot_physical)
-            ids = self.virtual.take(len(u.middle_physical))
-            self._virtual_ids.setdefault(u.req_id, []).extend(ids)
+            ids = self.residency.extend(u.req_id, u.middle_store_ids, u.slot_positions, u.slot_physical)
             copy_blocks(torch.tensor(u.middle_physical, dtype=torch.int64), torch.tensor(ids, dtype=torch.int64))
-            res.extend_middle(ids, u.middle_store_ids)
 
     def drop(self, req_id: str) -> None:
-        res = self.requests.pop(req_id, None)
-        if res is not None:
-            self.loaded_blocks += res.loads - res.failed_loads
-            self.failed_loads += res.failed_loads
-        ids = self._virtual_ids.pop(req_id, None)
-        if ids and self.virtual is not None:
-            self.virtual.give_back(ids)
+        req = self.residency.drop(req_id) if self.residency is not None else None
+        if req is not None:
+            self.loaded_blocks += req.loads - req.failed_loads
+            self.failed_loads += req.failed_loads
 
-    def resolve(self, layer: int, req_ids: list[str], sel, physical_table: torch.Tensor, seq_lens: torch.Tensor,
-                block_size: int):
-        """`sel` with the offloaded rows' block ids made physical: held blocks are read in place,
-        the missing ones of every row are loaded in one store call for the layer."""
+    def resolve(self, layer: int, req_ids: list[str], sel, seq_lens: torch.Tensor, block_size: int):
+        """`sel` with the offloaded rows' virtual block ids made physical: held blocks are read in
+        place, the missing ones of every row are loaded in one store call for the layer."""
         import dataclasses
 
-        from ucm.sparse.offload import fill_loaded
-
-        rows = [(r, self.requests[rid]) for r, rid in enumerate(req_ids) if rid in self.requests]
-        if not rows:
+        owners = [self.requests.get(rid) for rid in req_ids]
+        if not any(o is not None for o in owners):
             return sel
-        logical_all = sel._logical.cpu().numpy()
-        kept_all = sel.blocks_kept.tolist()
-        physical_all = physical_table.cpu().numpy()
-        looked = []
-        ids: list[str] = []
-        dst: list[int] = []
-        for r, res in rows:
-            out, missing = res.lookup(layer, logical_all[r, : kept_all[r]], physical_all[r])
-            phys: list[int] = []
-            if missing.size:
-                phys = res.assign(layer, missing, out[out >= 0])
-                ids += [res.store_ids[b - res.init] for b in missing.tolist()]
-                dst += phys
-            looked.append((r, res, out, phys))
-        ok = self.loader(layer, ids, dst) if ids else []
-        table = sel.block_table.cpu().numpy().copy()
-        lens = sel.seq_lens.tolist()
-        kept_out = list(kept_all)
-        at = 0
-        for r, res, out, phys in looked:
-            if phys:
-                got = ok[at: at + len(phys)]
-                at += len(phys)
-                res.commit(got)
-                out = fill_loaded(out, phys, got)
-            n = out.size
-            table[r, :n] = out
-            table[r, n:] = 0
-            if n != kept_all[r]:
+        table = sel.block_table.cpu().numpy()
+        kept = sel.blocks_kept.cpu().numpy()
+        out, kept_out = self.residency.resolve(layer, table, kept, owners, self.loader)
+        if out is table:
+            return sel
+        changes = {"block_table": torch.from_numpy(out.astype(table.dtype, copy=False)).to(sel.block_table.device)}
+        if kept_out is not kept:  # failed loads shortened rows
+            lens = sel.seq_lens.tolist()
+            for r in np.flatnonzero(kept_out != kept).tolist():
                 seq = int(seq_lens[r])
                 last_len = seq - ((seq + block_size - 1) // block_size - 1) * block_size
-                lens[r] = (n - 1) * block_size + last_len
-                kept_out[r] = n
-        dev = sel.block_table.device
-        return dataclasses.replace(
-            sel, block_table=torch.from_numpy(table).to(dev),
-            seq_lens=torch.tensor(lens, dtype=sel.seq_lens.dtype, device=sel.seq_lens.device),
-            blocks_kept=torch.tensor(kept_out, dtype=sel.blocks_kept.dtype, device=sel.blocks_kept.device))
+                lens[r] = (int(kept_out[r]) - 1) * block_size + last_len
+            changes["seq_lens"] = torch.tensor(lens, dtype=sel.seq_lens.dtype, device=sel.seq_lens.device)
+            changes["blocks_kept"] = torch.from_numpy(kept_out).to(sel.blocks_kept.device, sel.blocks_kept.dtype)
+        return dataclasses.replace(sel, **changes)
 
     def snapshot(self) -> dict:
         live = list(self.requests.values())
         return {"offloaded_requests": len(live), "loaded_blocks": self.loaded_blocks + sum(r.loads - r.failed_loads for r in live),
                 "failed_loads": self.failed_loads + sum(r.failed_loads for r in live),
-                "virtual_in_use": self.virtual.in_use if self.virtual else 0}
+                "virtual_in_use": self.residency.virtual.in_use if self.residency else 0}

@@ -209,6 +209,7 @@ class PrefixStoreWorker:
         self.failed_dumps = 0
         self.load_seconds = 0.0
         self.offload_loaded_blocks = 0
+        self.offload_load_seconds = 0.0
 
     def register(self, kv_caches: dict[int, torch.Tensor]) -> None:
         for layer, kv in kv_caches.items():
@@ -289,7 +290,9 @@ class PrefixStoreWorker:
                                        f"left out of attention (first: {first}); size the store to hold the offloaded KV")
         ok = [i not in failures for i in ids]
         self.offload_loaded_blocks += sum(ok)
-        self.load_seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.load_seconds += dt
+        self.offload_load_seconds += dt
         return ok
 
     def _scatter_arrived(self, layer: int, block_ids: list[int], buf: torch.Tensor, good: list[int]) -> None:
@@ -356,4 +359,5 @@ class PrefixStoreWorker:
     def snapshot(self) -> dict:
         return {"loaded_blocks": self.loaded_blocks, "dumped_blocks": self.dumped_blocks,
                 "failed_loads": self.failed_loads, "failed_dumps": self.failed_dumps,
-                "load_seconds": self.load_seconds, "offload_loaded_blocks": self.offload_loaded_blocks}
+                "load_seconds": self.load_seconds, "offload_loaded_blocks": self.offload_loaded_blocks,
+                "offload_load_seconds": self.offload_load_seconds}

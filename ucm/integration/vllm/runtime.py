@@ -40,7 +40,7 @@ class DecodeRows:
     plan: StepPlan
     q_index: torch.Tensor | None = None  # [n] int64 token index of each row's query
     covers_batch: bool = False  # rows == 0..B-1: the step decodes every row of the batch
-    physical_table: torch.Tensor | None = None  # [n, M] the rows' own block ids (offload mode only)
+    offloaded: bool = False  # some rows score their middle through virtual ids (offload mode)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -189,9 +189,9 @@ class SparseRuntime:
         q = query.index_select(0, self._rows.q_index)  # a copy: scorers may keep it past this step
         layer = layer_index(layer_name)
         sel = self.method.select(layer, q, self._rows.plan)
-        if self._rows.physical_table is not None:
+        if self._rows.offloaded:
             plan = self._rows.plan
-            sel = self.offload.resolve(layer, plan.req_ids, sel, self._rows.physical_table, plan.seq_lens, block_size)
+            sel = self.offload.resolve(layer, plan.req_ids, sel, plan.seq_lens, block_size)
         return rows, sel
 
     def _decode_rows(self, query_start_loc, seq_lens, block_table, block_size) -> torch.Tensor | None:
@@ -216,16 +216,16 @@ class SparseRuntime:
             return None
         idx = torch.tensor(rows, dtype=torch.int64, device=seq_lens.device)
         table = block_table.index_select(0, idx)
-        physical = None
-        if self.offload is not None and any(rid in self.offload.requests for rid in rids):
-            physical = table.clone()
+        offloaded = False
+        if self.offload is not None and self.offload.requests:
             for r, rid in enumerate(rids):
-                res = self.offload.requests.get(rid)
-                if res is not None:
-                    res.scoring_row(table[r])
+                req = self.offload.requests.get(rid)
+                if req is not None:
+                    req.scoring_row(table[r])
+                    offloaded = True
         plan = self.method.begin_step(rids, seq_lens.index_select(0, idx), table)
         q_index = query_start_loc.index_select(0, idx).to(torch.int64)
-        self._rows = DecodeRows(idx, plan, q_index, covers_batch=rows == list(range(len(lens))), physical_table=physical)
+        self._rows = DecodeRows(idx, plan, q_index, covers_batch=rows == list(range(len(lens))), offloaded=offloaded)
         return idx
 
     def notify_kv(self, layer_name: str, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
