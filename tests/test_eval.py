@@ -44,6 +44,24 @@ def test_headline_drop_uses_the_dense_layer_variant_where_it_ran() -> None:
     assert s["max_drop_all_layers_sparse_at_0_3"] == 50.0
 
 
+def test_stride_variants_are_named_and_left_out_of_the_headline(tmp_path) -> None:
+    grid = settings_grid(["ESA", "GSA", "KVStarMultiStep"], [0.3], dense_layers=[5], retrieval_stride=4)
+    assert [s.label for s in grid] == ["dense", "ESA+dense/s4@0.3", "GSA+dense@0.3", "KVStarMultiStep+dense/s4@0.3"]
+    cfg = grid[1].extra_config(tmp_path)["ucm_sparse_config"]["ESA"]
+    assert cfg["retrieval_stride"] == 4 and "retrieval_stride" not in grid[2].extra_config(tmp_path)["ucm_sparse_config"]["GSA"]
+    default = settings_grid(["ESA"], [0.3])[1].extra_config(tmp_path)["ucm_sparse_config"]["ESA"]
+    assert default["retrieval_stride"] == 1  # ucm's eval default: a fresh selection every step
+    with pytest.raises(ValueError, match="retrieval_stride"):
+        settings_grid(["ESA"], [0.3], retrieval_stride=0)
+    rows = []
+    for i, (e, e4) in enumerate([(100, 0), (100, 100)]):
+        rows += [_row("niah", "dense", "dense", None, i, 100), _row("niah", "ESA@0.3", "ESA", 0.3, i, e),
+                 {**_row("niah", "ESA/s4@0.3", "ESA/s4", 0.3, i, e4), "retrieval_stride": 4}]
+    s = summarize(rows, {"model": "m"})
+    assert s["worst_drop_by_setting"]["ESA/s4@0.3"] == 50.0  # reported ...
+    assert s["max_drop_vs_dense_at_0_3"] == 0.0 and s["max_drop_all_layers_sparse_at_0_3"] == 0.0  # ... not headline
+
+
 def test_dense_layers_reach_windowed_methods_only(tmp_path) -> None:
     grid = settings_grid(["ESA", "GSAOnDevice"], [0.3], dense_layers=[5, 6])
     assert [s.label for s in grid] == ["dense", "ESA+dense@0.3", "GSAOnDevice@0.3"]

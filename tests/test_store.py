@@ -262,6 +262,33 @@ def test_flipped_byte_is_a_miss_never_data(where: str, tmp_path: Path) -> None:
     assert same_bits(load_shard(store, [ids[1]], 2)[0], shard_data(ids[1], 2))
 
 
+def test_header_holds_crc32c_of_each_shard_and_an_old_format_is_a_miss(tmp_path: Path) -> None:
+    """The format as documented in ucm/store/posix.py, read back with struct: each shard's
+    checksum is the CRC-32C of its bytes on disk (checked against the standard test vector of
+    CRC-32C first, so a wrong polynomial cannot pass), and a version-1 file (zlib CRC-32) is a
+    miss, not data."""
+    import crc32c
+    import struct
+
+    assert crc32c.crc32c(b"123456789") == 0xE3069283  # RFC 3720's check value
+    store, ids = _stored(tmp_path)
+    raw = store.path(ids[0]).read_bytes()
+    _, version, hsize, stride, _, _, nshards, ndim = posix_mod._FIXED.unpack_from(raw)
+    assert version == 2 and nshards == LAYOUT.num_shards
+    table = struct.unpack_from(f"<{nshards}I", raw, posix_mod._FIXED.size + 8 * ndim)
+    for k in range(nshards):
+        payload = raw[hsize + k * stride: hsize + k * stride + LAYOUT.shard_nbytes]
+        assert payload == shard_data(ids[0], k).view(torch.uint8).numpy().tobytes()
+        assert table[k] == crc32c.crc32c(payload)
+    old = bytearray(raw)
+    struct.pack_into("<I", old, 8, 1)  # the version field
+    store.path(ids[0]).write_bytes(bytes(old))
+    fresh = PosixStore(tmp_path / "kv", LAYOUT)
+    with pytest.raises(TaskFailed) as err:
+        fresh.wait(fresh.load(ids[:1], 0, torch.empty((1, *LAYOUT.shard_shape), dtype=LAYOUT.dtype)))
+    assert isinstance(err.value.failures[ids[0]], BlockCorrupt) and "version 1" in str(err.value.failures[ids[0]])
+
+
 def test_truncated_file_is_a_miss(tmp_path: Path) -> None:
     store, ids = _stored(tmp_path)
     path = store.path(ids[0])

@@ -79,8 +79,17 @@ def model_dense_layers(model_config: str = "SmolLM2-135M-Instruct") -> list[int]
     return [layer for layer, r in enumerate(ratios) if r >= 1]
 
 
-def method_config(name: str, ratio: float, workdir: Path | None = None, dense_layers: Sequence[int] = ()) -> dict:
-    """UCM-shaped config of `name` at keep ratio `ratio`; `dense_layers` for ESA, GSA and KVStar.
+#: ESA and KVStar retrieve every decode step in ucm's own runs (UCM's defaults are 5 and 8): a
+#: selection made with an earlier step's query misses the blocks a later step copies from. On
+#: RULER niah_single_2 at 2K (25 samples, ratio 0.3, dense layers 5-8), stride 4 scored 80 and
+#: stride 2 84 against dense 96; stride 1 scored 96 for both (docs/accuracy.md).
+EVAL_RETRIEVAL_STRIDE = 1
+
+
+def method_config(name: str, ratio: float, workdir: Path | None = None, dense_layers: Sequence[int] = (),
+                  retrieval_stride: int | None = None) -> dict:
+    """UCM-shaped config of `name` at keep ratio `ratio`; `dense_layers` and `retrieval_stride`
+    (default `EVAL_RETRIEVAL_STRIDE`) for ESA and KVStar (`dense_layers` for GSA too).
 
     GSAOnDevice reads its ratios from a per-model JSON: without `workdir` that is the shipped
     SmolLM2 JSON (its own per-layer ratios); with it, a copy written there with every sparse
@@ -98,10 +107,11 @@ def method_config(name: str, ratio: float, workdir: Path | None = None, dense_la
         path.write_text(json.dumps(data))
         return {"GSAOnDevice": {"config_file": str(path)}}
     body = {"init_window_sz": 1, "local_window_sz": 2, "sparse_ratio": ratio, "min_blocks": 4}
+    stride = EVAL_RETRIEVAL_STRIDE if retrieval_stride is None else retrieval_stride
     if name == "KVStarMultiStep":
-        body.update(retrieval_stride=4, blk_repre_dim_prune_ratio=0.5, blk_repre_inner_token_merge=4)
+        body.update(retrieval_stride=stride, blk_repre_dim_prune_ratio=0.5, blk_repre_inner_token_merge=4)
     elif name == "ESA":
-        body.update(retrieval_stride=4)
+        body.update(retrieval_stride=stride)
     if dense_layers:
         body["dense_layers"] = list(dense_layers)
     return {name: body}

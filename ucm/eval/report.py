@@ -4,8 +4,9 @@ Headline cells are the (task, length) pairs where dense itself scores at least
 `HEADLINE_MIN` points: a task the model cannot do says nothing about sparsity.
 `max_drop_vs_dense_at_0_3` is the worst drop, in points, of any method at ratio 0.3 over the
 headline cells, each method as configured for the model (with its dense layers where that
-variant ran); `max_drop_all_layers_sparse_at_0_3` is the same for ESA/GSA/KVStar with every
-layer sparse.
+variant ran, and ucm's retrieval stride: settings run with `--retrieval-stride`, named
+"ESA+dense/s4" ..., are reported but left out); `max_drop_all_layers_sparse_at_0_3` is the same
+for ESA/GSA/KVStar with every layer sparse.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def summarize(rows: list[dict], meta: dict) -> dict:
     info: dict[str, tuple] = {}
     for r in rows:
         cells[(r["length"], r["task"], r["setting"])].append(float(r["score"]))
-        info[r["setting"]] = (r["method"], r["ratio"])
+        info[r["setting"]] = (r["method"], r["ratio"], r.get("retrieval_stride"))
     table = [{"length": L, "task": t, "setting": s, "method": info[s][0], "ratio": info[s][1],
               "samples": len(v), "score": mean(v)} for (L, t, s), v in sorted(cells.items())]
     dense = {(c["length"], c["task"]): c["score"] for c in table if c["setting"] == DENSE}
@@ -36,7 +37,8 @@ def summarize(rows: list[dict], meta: dict) -> dict:
             continue
         c["drop_vs_dense"] = dense[key] - c["score"]
         drops[c["setting"]] = max(drops.get(c["setting"], float("-inf")), c["drop_vs_dense"])
-    at_03 = {s: d for s, d in drops.items() if info[s][1] is not None and abs(info[s][1] - 0.3) < 1e-9}
+    at_03 = {s: d for s, d in drops.items()
+             if info[s][1] is not None and abs(info[s][1] - 0.3) < 1e-9 and info[s][2] is None}
     # the headline figure is each method as configured by default for the model: with the model's
     # dense layers where that variant was run ("ESA+dense"; GSA on device always keeps its JSON's)
     names = {info[s][0] for s in at_03}

@@ -41,11 +41,14 @@ class Setting:
     method: str
     ratio: float | None = None
     dense_layers: tuple[int, ...] = ()  # ESA / GSA / KVStar: layers kept dense (GSA on device: its JSON's)
+    retrieval_stride: int | None = None  # ESA / KVStar: None = ucm's default (`EVAL_RETRIEVAL_STRIDE`)
 
     @property
     def name(self) -> str:
-        """The method as results name it: "ESA+dense" when it keeps dense layers."""
-        return f"{self.method}+dense" if self.dense_layers else self.method
+        """The method as results name it: "ESA+dense" when it keeps dense layers, "ESA+dense/s4"
+        when it retrieves every 4 steps instead of the default."""
+        name = f"{self.method}+dense" if self.dense_layers else self.method
+        return name if self.retrieval_stride is None else f"{name}/s{self.retrieval_stride}"
 
     @property
     def label(self) -> str:
@@ -56,13 +59,21 @@ class Setting:
 
         if self.method == DENSE:
             return {}
-        return {"ucm_sparse_config": method_config(self.method, float(self.ratio), workdir, self.dense_layers)}
+        return {"ucm_sparse_config": method_config(self.method, float(self.ratio), workdir, self.dense_layers,
+                                                   self.retrieval_stride)}
 
 
-def settings_grid(methods: Iterable[str], ratios: Iterable[float], dense_layers: Iterable[int] = ()) -> list[Setting]:
+STRIDED = ("ESA", "KVStarMultiStep")  # the methods whose retrieval stride the eval sets
+
+
+def settings_grid(methods: Iterable[str], ratios: Iterable[float], dense_layers: Iterable[int] = (),
+                  retrieval_stride: int | None = None) -> list[Setting]:
     """Dense first (its engine fills the store the others load from), then method x ratio.
-    `dense_layers` go to the windowed methods (GSA on device keeps its model JSON's)."""
+    `dense_layers` go to the windowed methods (GSA on device keeps its model JSON's),
+    `retrieval_stride` to ESA and KVStar."""
     dense_layers = tuple(dense_layers)
+    if retrieval_stride is not None and retrieval_stride < 1:
+        raise ValueError(f"retrieval_stride {retrieval_stride} must be >= 1")
     out = [Setting(DENSE)]
     for m in methods:
         if m == DENSE:
@@ -72,7 +83,8 @@ def settings_grid(methods: Iterable[str], ratios: Iterable[float], dense_layers:
         for r in ratios:
             if not 0 < r <= 1:
                 raise ValueError(f"ratio {r} must be in (0, 1]")
-            out.append(Setting(m, float(r), () if m == "GSAOnDevice" else dense_layers))
+            out.append(Setting(m, float(r), () if m == "GSAOnDevice" else dense_layers,
+                               retrieval_stride if m in STRIDED else None))
     return out
 
 
@@ -87,6 +99,7 @@ class CellResult:
     prediction: str
     score: float
     prompt_tokens: int
+    retrieval_stride: int | None = None  # set when the setting overrides ucm's default
 
 
 class Results:
@@ -141,6 +154,7 @@ def run_eval(
     max_new_tokens: int | None = None,
     progress: bool = True,
     dense_layers: Iterable[int] = (),
+    retrieval_stride: int | None = None,
 ) -> dict:
     """Run every missing cell, then rebuild the summary; returns the summary dict."""
     from tqdm import tqdm
@@ -153,7 +167,8 @@ def run_eval(
     from ucm.models import cache_dir, fetch_model
 
     dense_layers = tuple(dense_layers)
-    tasks, lengths, grid = list(tasks), sorted(set(lengths)), settings_grid(methods, ratios, dense_layers)
+    tasks, lengths, grid = list(tasks), sorted(set(lengths)), settings_grid(methods, ratios, dense_layers,
+                                                                                         retrieval_stride)
     for t in tasks:
         if t not in ruler.TASKS:
             raise ValueError(f"unknown task {t!r}; valid: {', '.join(ruler.TASKS)}")
@@ -207,7 +222,8 @@ def run_eval(
                     texts = [o.outputs[0].text for o in outs]
                     scores = ruler.score_samples(t, texts, data[t])
                     results.add([CellResult(length, t, setting.label, setting.name, setting.ratio, s.index, text,
-                                            sc, s.num_tokens) for s, text, sc in zip(data[t], texts, scores)])
+                                            sc, s.num_tokens, setting.retrieval_stride)
+                                 for s, text, sc in zip(data[t], texts, scores)])
                 timings[f"{length}/{setting.label}"] = time.perf_counter() - t0
                 conn = find_connector()
                 if conn is not None:
@@ -244,6 +260,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dense-layers", choices=["model", "none"], default="model",
                    help="ESA/GSA/KVStar keep the model JSON's dense layers (as GSA on device does; results "
                         "name them ESA+dense ...) or run every layer sparse")
+    p.add_argument("--retrieval-stride", type=int, default=None,
+                   help="ESA/KVStar retrieve every N decode steps instead of every step (ucm's default); results "
+                        "name them ESA+dense/sN ... and leave them out of the headline figure")
     p.add_argument("--store-dir", type=Path, default=None,
                    help="where the dense engine's prompt KV is kept for the sparse engines (default: cache, removed after)")
     p.set_defaults(handler=_handle)
@@ -255,7 +274,8 @@ def _handle(args) -> int:
     summary = run_eval(args.out_dir, args.tasks, args.lengths, args.samples, args.methods, args.ratios, seed=args.seed,
                        store_dir=args.store_dir, kv_space_gib=args.kv_space_gib, max_num_seqs=args.max_num_seqs,
                        max_new_tokens=args.max_new_tokens,
-                       dense_layers=model_dense_layers() if args.dense_layers == "model" else ())
+                       dense_layers=model_dense_layers() if args.dense_layers == "model" else (),
+                       retrieval_stride=args.retrieval_stride)
     from ucm.eval.report import markdown
 
     print(markdown(summary))
