@@ -105,3 +105,8 @@ def test_eval_smoke_through_vllm(tmp_path) -> None:
     run_eval(out, tasks=["niah_single_1"], lengths=[1024], samples=2, methods=["ESA"], ratios=[0.3],
              store_dir=tmp_path / "store", progress=False)
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
+    # more samples later: only the new ones run, and a cell never holds a sample twice
+    run_eval(out, tasks=["niah_single_1"], lengths=[1024], samples=3, methods=["ESA"], ratios=[0.3],
+             store_dir=tmp_path / "store", progress=False)
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted((r["setting"], r["index"]) for r in rows) == [(s, i) for s in ("ESA@0.3", "dense") for i in range(3)]

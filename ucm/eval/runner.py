@@ -114,9 +114,11 @@ class Results:
                 if line.strip():
                     self.rows.append(json.loads(line))
 
+    def indices(self, length: int, setting: str, task: str) -> set[int]:
+        return {r["index"] for r in self.rows if r["length"] == length and r["setting"] == setting and r["task"] == task}
+
     def done(self, length: int, setting: str, task: str, n: int) -> bool:
-        got = {r["index"] for r in self.rows if r["length"] == length and r["setting"] == setting and r["task"] == task}
-        return len(got) >= n
+        return len(self.indices(length, setting, task)) >= n
 
     def add(self, rows: list[CellResult]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,14 +218,16 @@ def run_eval(
                 for t in tasks:  # one task at a time: its rows are saved as soon as it is done
                     if results.done(length, setting.label, t, samples):
                         continue
+                    have = results.indices(length, setting.label, t)  # more samples than an earlier run: only the new ones
+                    todo_samples = [s for s in data[t] if s.index not in have]
                     params = [SamplingParams(temperature=0, max_tokens=min(s.max_new_tokens, max_new_tokens or 1 << 30))
-                              for s in data[t]]
-                    outs = llm.generate([s.prompt for s in data[t]], params, use_tqdm=False)
+                              for s in todo_samples]
+                    outs = llm.generate([s.prompt for s in todo_samples], params, use_tqdm=False)
                     texts = [o.outputs[0].text for o in outs]
-                    scores = ruler.score_samples(t, texts, data[t])
+                    scores = ruler.score_samples(t, texts, todo_samples)
                     results.add([CellResult(length, t, setting.label, setting.name, setting.ratio, s.index, text,
                                             sc, s.num_tokens, setting.retrieval_stride)
-                                 for s, text, sc in zip(data[t], texts, scores)])
+                                 for s, text, sc in zip(todo_samples, texts, scores)])
                 timings[f"{length}/{setting.label}"] = time.perf_counter() - t0
                 conn = find_connector()
                 if conn is not None:
