@@ -37,12 +37,11 @@ from bench_vllm_decode import BLOCK, load_now, machine, shutdown  # noqa: E402
 def run(model: str, prompt: list[int], store: Path | None, new_tokens: int) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
-    from ucm.integration.vllm.offline import connector_config, find_connector
+    from ucm.integration.vllm.offline import connector_config, find_connector, posix_store
 
     ktc = None
     if store is not None:
-        ktc = connector_config({"ucm_connectors": [{"ucm_connector_name": "UcmNfsStore",
-                                                    "ucm_connector_config": {"storage_backends": str(store)}}]})
+        ktc = connector_config(posix_store(store))
     llm = LLM(model=model, dtype="float32", block_size=BLOCK, max_model_len=8192, enforce_eager=True,
               distributed_executor_backend="uni", kv_transfer_config=ktc, enable_prefix_caching=False, seed=0)
     try:

@@ -219,6 +219,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from ucm.demo import needle_prompt
+    from ucm.integration.vllm.offline import posix_store
     from ucm.models import fetch_model
 
     model_path = str(fetch_model("smollm2"))
@@ -246,8 +247,7 @@ def main() -> None:
     per_round: dict[str, list[dict]] = {n: [] for n in names}
     tokens: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        store = {"ucm_connectors": [{"ucm_connector_name": "UcmNfsStore",
-                                     "ucm_connector_config": {"storage_backends": str(Path(tmp) / "kv")}}]}
+        store = posix_store(Path(tmp) / "kv")
         configs = {n: {**store, **(sparse_extra(n, args.ratio, Path(tmp)) if n != "dense" else {})} for n in names}
         # the prompts are computed once (dense, dumped to the store); every timed engine loads them
         res = bench_one(model_path, store, max_model_len, prompts, args, None)

@@ -165,7 +165,7 @@ def run_eval(
 
     from ucm.eval import ruler
     from ucm.eval.report import write_report
-    from ucm.integration.vllm.offline import close_engine, find_connector
+    from ucm.integration.vllm.offline import close_engine, find_connector, posix_store
     from ucm.models import cache_dir, fetch_model
 
     dense_layers = tuple(dense_layers)
@@ -202,8 +202,7 @@ def run_eval(
             continue
         data = {t: ruler.generate(t, length, samples, tok, seed=seed) for t in tasks}
         store = Path(store_dir) if store_dir else cache_dir() / "eval-store" / f"{model}-{length}"
-        store_extra = {"ucm_connectors": [{"ucm_connector_name": "UcmNfsStore",
-                                           "ucm_connector_config": {"storage_backends": str(store)}}]}
+        store_extra = posix_store(store)
         if todo[0].method != DENSE:  # resuming: the dense engine's prompts may be gone; recompute what is missing
             logger.info("dense cells of length %d are done; sparse engines will recompute any prefix not in %s",
                         length, store)

@@ -59,7 +59,7 @@ def run_vllm_demo(tokens: int = 7000, depth: float = 0.5, ratio: float = 0.3, me
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from ucm.integration.vllm.offline import close_engine, find_connector
+    from ucm.integration.vllm.offline import close_engine, find_connector, posix_store
     from ucm.models import fetch_model
 
     model = str(fetch_model("smollm2"))
@@ -72,8 +72,7 @@ def run_vllm_demo(tokens: int = 7000, depth: float = 0.5, ratio: float = 0.3, me
           "its model JSON)", flush=True)
     rows: list[DemoRow] = []
     with tempfile.TemporaryDirectory(prefix="ucm-demo-") as tmp:
-        store = {"ucm_connectors": [{"ucm_connector_name": "UcmNfsStore",
-                                     "ucm_connector_config": {"storage_backends": str(store_dir or Path(tmp) / "kv")}}]}
+        store = posix_store(store_dir or Path(tmp) / "kv")
         for name in tqdm(("dense", *methods), desc="engines", unit="engine"):
             sparse = {} if name == "dense" else {
                 "ucm_sparse_config": method_config(name, ratio, Path(tmp), () if name == "GSAOnDevice" else dense_layers)}

@@ -19,6 +19,12 @@ def connector_config(extra: dict[str, Any], kv_load_failure_policy: str = "recom
                             kv_load_failure_policy=kv_load_failure_policy)
 
 
+def posix_store(path) -> dict:
+    """The `ucm_connectors` part of an extra config for a POSIX store at `path` (prefix reuse)."""
+    return {"ucm_connectors": [{"ucm_connector_name": "UcmNfsStore",
+                                "ucm_connector_config": {"storage_backends": str(path)}}]}
+
+
 def close_engine(llm=None) -> None:
     """Free an in-process engine so the next one can start (vLLM keeps process-wide state).
 
@@ -60,8 +66,7 @@ def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int 
     path = str(fetch_model("smollm2"))
     extra = {"ucm_sparse_config": sparse_config} if sparse_config is not None else None
     if extra is not None and store_dir is not None:
-        extra["ucm_connectors"] = [{"ucm_connector_name": "UcmNfsStore",
-                                    "ucm_connector_config": {"storage_backends": store_dir}}]
+        extra.update(posix_store(store_dir))
     ktc = connector_config(extra) if extra is not None else None
     llm = LLM(model=path, dtype="float32", block_size=block_size, max_model_len=max(4096, tokens + 512),
               enforce_eager=True, distributed_executor_backend="uni", kv_transfer_config=ktc)
