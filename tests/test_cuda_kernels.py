@@ -339,3 +339,19 @@ def test_registry_and_fallbacks(ops):
         from ucm.ops.registry import get_ops
 
         assert get_ops("cuda").name == "cuda"
+
+
+@pytest.mark.parametrize("merge", [32, 4])
+def test_block_sums_add_on_the_device(ops, merge: int) -> None:
+    """The representations' running sums on the backend's device (the contract's torch path on
+    CUDA tensors) equal the reference's on the CPU, recycled block included."""
+    g = _gen(5)
+    nb, bs, h, d = 8, 32, 3, 16
+    ref = (torch.zeros(nb, bs // merge, h, d), torch.zeros(nb, h, d))
+    dev = tuple(t.to(DEV) for t in ref)
+    for slots in (torch.arange(0, 80), torch.tensor([80, 81, -1, 200]), torch.tensor([33, 32])):
+        keys = torch.randn(len(slots), h, d, generator=g)
+        REF.block_sums_add(*ref, keys, slots, bs, merge)
+        ops.block_sums_add(*dev, keys.to(DEV), slots.to(DEV), bs, merge)
+    for a, b in zip(ref, dev):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
