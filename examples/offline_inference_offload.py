@@ -9,6 +9,9 @@ import tempfile
 
 from ucm.integration.vllm.offline import run_offline
 
+# a retrieval every 4 steps: with offload each changed selection is a load from the store, so
+# offload trades some accuracy for fewer loads (the other examples retrieve every step; see
+# docs/accuracy.md and docs/store.md)
 UCM_SPARSE_CONFIG = {"ESA": {"sparse_ratio": 0.3, "retrieval_stride": 4, "offload": True, "offload_margin_blocks": 2}}
 
 if __name__ == "__main__":
