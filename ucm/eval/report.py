@@ -99,7 +99,9 @@ def plot(summary: dict, path: Path) -> None:
     cells = summary["cells"]
     lengths = sorted({c["length"] for c in cells})
     headline = {(h["length"], h["task"]) for h in summary["headline_cells"]}
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths) + 2.5, 3.6), squeeze=False)
+    methods = sorted({c["method"] for c in cells if c["setting"] != DENSE})
+    colors = {m: plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")(i) for i, m in enumerate(methods)}
     for ax, L in zip(axes[0], lengths):
         tasks = sorted({t for (l2, t) in headline if l2 == L}) or sorted({c["task"] for c in cells if c["length"] == L})
         mark = "headline tasks" if any(l2 == L for l2, _ in headline) else "all tasks (dense < headline bar)"
@@ -115,15 +117,19 @@ def plot(summary: dict, path: Path) -> None:
                 by_method[c["method"]][read.get(f"{L}/{c['setting']}", c["ratio"])].append(c["score"])
         for m, pts in sorted(by_method.items()):
             xs = sorted(pts)
-            ax.plot(xs, [mean(pts[x]) for x in xs], marker="o", label=m)
+            variant = "/s" in m  # a non-default retrieval stride: context, not the headline
+            ax.plot(xs, [mean(pts[x]) for x in xs], marker="o", label=m, color=colors[m], linestyle="--" if variant else "-",
+                    linewidth=1.0 if variant else 1.8, alpha=0.55 if variant else 1.0)
         ax.set_title(f"{L} tokens ({mark})", fontsize=9)
         ax.set_xlabel("fraction of KV blocks read per decode step")
         ax.set_ylabel("RULER score (points)")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}  # every method of any panel, once
+    order = sorted(handles, key=lambda m: (m != "dense", m))
+    fig.legend([handles[m] for m in order], order, fontsize=8, loc="center right")
     fig.suptitle(f"{summary.get('model', '')}: sparse vs dense on RULER (vLLM-CPU)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
