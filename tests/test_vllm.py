@@ -144,7 +144,7 @@ def _needle_answers(model_path, extra, cases) -> dict:
 @pytest.mark.parametrize("name", METHODS)
 def test_needle_at_4k(name, model_path, tmp_path_factory, capsys) -> None:
     """The issue's passkey check at ~4K tokens, ratio 0.3, block 32, each method with SmolLM2's
-    dense layers 5-8 (reports every method; asserts where it held in docs/vllm.md)."""
+    dense layers 5-8 (ESA and KVStar retrieving every step): sparse answers wherever dense does."""
     from transformers import AutoTokenizer
 
     from ucm.demo import model_dense_layers
@@ -159,5 +159,4 @@ def test_needle_at_4k(name, model_path, tmp_path_factory, capsys) -> None:
                              results)
     with capsys.disabled():
         print(f"\nneedle@4K {name}: dense {dense} sparse@0.3 {sparse}")
-    if name in ("ESA", "GSA", "GSAOnDevice"):
-        assert all(sparse[s] for s in dense if dense[s])
+    assert all(sparse[s] for s in dense if dense[s])
