@@ -43,7 +43,9 @@ from bench_vllm_decode import BLOCK, load_now, machine, run_engine, shutdown  # 
 
 def store_connectors(root: Path, pipeline: str) -> list[dict]:
     if pipeline == "Posix":
-        return [{"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": str(root)}}]
+        from ucm.integration.vllm.offline import posix_store
+
+        return posix_store(root)["ucm_connectors"]
     return [{"ucm_connector_name": "UcmPipelineStore",
              "ucm_connector_config": {"store_pipeline": pipeline, "storage_backends": str(root),
                                       "max_cache_size": 2 << 30}}]

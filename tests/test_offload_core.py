@@ -243,3 +243,27 @@ def test_representation_copied_to_a_virtual_id_scores_the_same(name) -> None:
     for b, a, o in zip(before, scores(virtual), scores(original)):
         torch.testing.assert_close(a, b)
         assert not torch.allclose(o, b)
+
+
+def test_worker_shortens_a_row_whose_load_failed() -> None:
+    """The vLLM worker's step: a failed load drops the block from the row and the row's length
+    shrinks by one block (its partial last block stays), other rows untouched."""
+    from ucm.integration.vllm.offload import OffloadUpdate, OffloadWorker
+    from ucm.sparse.selection import Selection
+
+    worker = OffloadWorker(policy(), num_layers=1)
+    worker.extra_blocks(100)  # virtual ids from 100
+    worker.apply([OffloadUpdate("r", [5, 6, 7, 8], ["id1", "id2", "id3", "id4"], [1, 2], [5, 6])],
+                 lambda src, dst: None)
+    worker.loader = RecordingLoader(fail={"id4"})
+    v = worker.requests["r"].virtual  # virtual ids of logical 1..4
+    table = torch.tensor([[50, v[0], v[3], 60], [70, 71, 72, 0]], dtype=torch.int32)
+    seq_lens = torch.tensor([32 * 9 + 5, 32 * 2 + 1])
+    kept = torch.tensor([4, 3])
+    sel = Selection(unit_ids=table.clone(), unit_counts=kept.to(torch.int32), block_table=table,
+                    seq_lens=torch.tensor([32 * 3 + 5, 32 * 2 + 1], dtype=torch.int32), blocks_kept=kept,
+                    blocks_total=torch.tensor([10, 3]))
+    out = worker.resolve(0, ["r", "other"], sel, seq_lens, 32)
+    assert out.block_table[0, :3].tolist() == [50, 5, 60] and out.blocks_kept.tolist() == [3, 3]
+    assert out.seq_lens.tolist() == [32 * 2 + 5, 32 * 2 + 1] and out.seq_lens.dtype == torch.int32
+    assert out.block_table[1].tolist() == [70, 71, 72, 0]

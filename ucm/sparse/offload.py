@@ -111,7 +111,7 @@ class OffloadedRequest:
     init: int
     slot_physical: np.ndarray  # [S] device blocks this request may load into
     virtual: list[int] = field(default_factory=list)  # virtual id of middle block init + i
-    virtual_row: torch.Tensor | None = None  # the same as a tensor, for scoring tables
+    virtual_row: torch.Tensor | None = None  # `virtual` as a tensor, rebuilt when the middle grows
     loads: int = 0
     failed_loads: int = 0
 
@@ -122,10 +122,9 @@ class OffloadedRequest:
     def scoring_row(self, row: torch.Tensor) -> torch.Tensor:
         """A block-table row with the middle blocks replaced by their virtual ids (in place)."""
         if self.virtual:
-            if self.virtual_row is None or self.virtual_row.numel() != len(self.virtual) \
-                    or self.virtual_row.dtype != row.dtype or self.virtual_row.device != row.device:
-                self.virtual_row = torch.tensor(self.virtual, dtype=row.dtype, device=row.device)
-            row[self.init:self.middle_end] = self.virtual_row
+            if self.virtual_row is None or self.virtual_row.numel() != len(self.virtual):  # the middle grew
+                self.virtual_row = torch.tensor(self.virtual, dtype=torch.int64)
+            row[self.init:self.middle_end] = self.virtual_row  # copy_ casts and moves
         return row
 
 

@@ -19,6 +19,14 @@ import torch
 from ucm.ops.contract import SparseOps
 
 
+def kept_seq_lens(seq_lens: torch.Tensor, kept: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The length attention sees when a row reads `kept` of its blocks: `kept - 1` full blocks
+    plus its last, partial block (always kept); 0 for a row that reads none."""
+    n_blocks = (seq_lens + block_size - 1) // block_size
+    last_len = seq_lens - (n_blocks - 1).clamp(min=0) * block_size
+    return torch.where(kept > 0, (kept - 1) * block_size + last_len, 0)
+
+
 def _max_or_zero(x: torch.Tensor) -> int:
     return int(x.max()) if x.numel() else 0
 
@@ -281,8 +289,7 @@ class BlockSelector:
         kept = (logical >= 0).sum(1)
         table = plan.block_table.gather(1, logical.clamp(min=0).to(plan.block_table.device))
         table = torch.where(logical >= 0, table, 0).to(plan.block_table.dtype)
-        last_len = plan.seq_lens - (plan.n_blocks - 1).clamp(min=0) * self.block_size
-        new_lens = torch.where(kept > 0, (kept - 1) * self.block_size + last_len, 0)
+        new_lens = kept_seq_lens(plan.seq_lens, kept, self.block_size)
         return Selection(
             unit_ids=unit_ids,
             unit_counts=unit_counts,

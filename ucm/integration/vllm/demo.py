@@ -80,8 +80,10 @@ def run_vllm_demo(tokens: int = 7000, depth: float = 0.5, ratio: float = 0.3, me
             try:
                 text, rate, produced = _decode(llm, ids, max_new_tokens)
                 conn = find_connector()
-                snap = conn.runtime.snapshot() if conn is not None and conn.runtime is not None else None
-                loaded = conn.store_worker.snapshot()["loaded_blocks"] if conn is not None else 0
+                if conn is None:
+                    raise RuntimeError("ucm's connector is not running in this process (vLLM in one process expected)")
+                snap = conn.runtime.snapshot() if conn.runtime is not None else None
+                loaded = conn.store_worker.snapshot()["loaded_blocks"]
                 conn.flush_store()  # the dense engine's dumps are in before the next engine looks
             finally:
                 del llm

@@ -22,14 +22,15 @@ virtual-id capacity simply stays resident; nothing is freed that is not in the s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import torch
 
 from ucm.sparse.offload import OffloadedRequest, OffloadPolicy, Residency, VirtualBlocks
+from ucm.sparse.selection import kept_seq_lens
 from ucm.store import block_hash
 
 if TYPE_CHECKING:
@@ -270,8 +271,6 @@ class OffloadWorker:
     def resolve(self, layer: int, req_ids: list[str], sel, seq_lens: torch.Tensor, block_size: int):
         """`sel` with the offloaded rows' virtual block ids made physical: held blocks are read in
         place, the missing ones of every row are loaded in one store call for the layer."""
-        import dataclasses
-
         owners = [self.requests.get(rid) for rid in req_ids]
         if not any(o is not None for o in owners):
             return sel
@@ -282,13 +281,10 @@ class OffloadWorker:
             return sel
         changes = {"block_table": torch.from_numpy(out.astype(table.dtype, copy=False)).to(sel.block_table.device)}
         if kept_out is not kept:  # failed loads shortened rows
-            lens = sel.seq_lens.tolist()
-            for r in np.flatnonzero(kept_out != kept).tolist():
-                seq = int(seq_lens[r])
-                last_len = seq - ((seq + block_size - 1) // block_size - 1) * block_size
-                lens[r] = (int(kept_out[r]) - 1) * block_size + last_len
-            changes["seq_lens"] = torch.tensor(lens, dtype=sel.seq_lens.dtype, device=sel.seq_lens.device)
-            changes["blocks_kept"] = torch.from_numpy(kept_out).to(sel.blocks_kept.device, sel.blocks_kept.dtype)
+            kept_t = torch.from_numpy(kept_out).to(sel.blocks_kept.device, sel.blocks_kept.dtype)
+            lens = kept_seq_lens(seq_lens.to(torch.int64), kept_t.to(seq_lens.device, torch.int64), block_size)
+            changes["seq_lens"] = lens.to(sel.seq_lens.device, sel.seq_lens.dtype)
+            changes["blocks_kept"] = kept_t
         return dataclasses.replace(sel, **changes)
 
     def snapshot(self) -> dict:
