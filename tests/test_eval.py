@@ -62,6 +62,19 @@ def test_stride_variants_are_named_and_left_out_of_the_headline(tmp_path) -> Non
     assert s["max_drop_vs_dense_at_0_3"] == 0.0 and s["max_drop_all_layers_sparse_at_0_3"] == 0.0  # ... not headline
 
 
+def test_superseded_rows_are_reported_but_left_out_of_the_headline() -> None:
+    """Rows of an earlier configuration (e.g. other dense layers) stay in the table, not in the figure."""
+    rows = []
+    for i, (new, old) in enumerate([(100, 0), (100, 0)]):
+        rows += [_row("niah", "dense", "dense", None, i, 100),
+                 _row("niah", "ESA+dense@0.3", "ESA+dense", 0.3, i, new),
+                 {**_row("niah", "ESA+dense/L5-8@0.3", "ESA+dense/L5-8", 0.3, i, old), "superseded": "layers 5-8"}]
+    s = summarize(rows, {"model": "m"})
+    assert s["worst_drop_by_setting"] == {"ESA+dense@0.3": 0.0, "ESA+dense/L5-8@0.3": 100.0}
+    assert s["max_drop_vs_dense_at_0_3"] == 0.0
+    assert "| ESA+dense/L5-8@0.3 | 0 |" in markdown(s)
+
+
 def test_dense_layers_reach_windowed_methods_only(tmp_path) -> None:
     grid = settings_grid(["ESA", "GSAOnDevice"], [0.3], dense_layers=[5, 6])
     assert [s.label for s in grid] == ["dense", "ESA+dense@0.3", "GSAOnDevice@0.3"]

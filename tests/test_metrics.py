@@ -12,11 +12,13 @@ import torch
 from ucm.metrics import (
     attention_mass_recall,
     dense_block_mass,
+    head_mass_recall,
     oracle_normalised_recall,
     oracle_recall,
     relative_output_error,
     selection_mask,
     topk_overlap,
+    worst_head_normalised_recall,
 )
 from ucm.ops import TorchReferenceOps
 
@@ -210,6 +212,47 @@ def test_planted_mass_on_one_block() -> None:
     torch.testing.assert_close(oracle_normalised_recall(q, k, table, seq_lens, miss, one, scale), torch.zeros(b))
     mass = dense_block_mass(q, k, table, seq_lens, scale)
     assert mass.argmax(-1).tolist() == [[2] * 4, [4] * 4]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_per_head_recall_and_worst_head_match_numpy(seed: int) -> None:
+    """Per head: recall vs the NumPy mass, and each head's own optimum by brute force over subsets."""
+    q, k, table, seq_lens, scale = random_case(seed, b=2, m=5)
+    gen = torch.Generator().manual_seed(100 + seed)
+    ids, counts = random_selection(gen, seq_lens, k.shape[1], table.shape[1])
+    mass = np_block_mass(q.numpy(), k.numpy(), table.numpy(), seq_lens.numpy(), scale)
+    per_head = head_mass_recall(q, k, table, seq_lens, ids, counts, scale)
+    worst = worst_head_normalised_recall(q, k, table, seq_lens, ids, counts, scale)
+    for r in range(mass.shape[0]):
+        chosen = [int(i) for i in ids[r, : counts[r]] if i >= 0]
+        ratios = []
+        for h in range(mass.shape[1]):
+            got = sum(mass[r, h, j] for j in chosen)
+            assert per_head[r, h].item() == pytest.approx(got, abs=1e-5)
+            best = max((sum(mass[r, h, j] for j in sub) for sub in itertools.combinations(range(mass.shape[2]),
+                                                                                          int(counts[r]))), default=0.0)
+            ratios.append(min(got / best, 1.0) if best > 0 else 1.0)
+        assert worst[r].item() == pytest.approx(min(ratios), abs=1e-5)
+    torch.testing.assert_close(per_head.mean(-1), attention_mass_recall(q, k, table, seq_lens, ids, counts, scale))
+
+
+def test_worst_head_sees_a_starved_retrieval_head_the_mean_hides() -> None:
+    """One head of four puts ~all its mass on block 3, the others spread theirs evenly: dropping
+    block 3 keeps head-mean recall high while the worst-head figure falls to ~0."""
+    hkv, g, d, bs, m = 1, 4, 8, 4, 8
+    q = torch.zeros(1, hkv * g, d)
+    q[0, 0, 0] = 1.0  # head 0: the retrieval head; heads 1-3 have a zero query (uniform softmax)
+    k = torch.zeros(m, bs, hkv, d)
+    k[3, :, :, 0] = 1.0
+    table = torch.arange(m, dtype=torch.int32)[None]
+    seq_lens = torch.tensor([m * bs])
+    scale = 30.0
+    keep = torch.tensor([[0, 1, 2, 4, 5, 6, 7]], dtype=torch.int32)  # all but block 3
+    n = torch.tensor([7], dtype=torch.int32)
+    assert attention_mass_recall(q, k, table, seq_lens, keep, n, scale).item() > 0.65
+    assert worst_head_normalised_recall(q, k, table, seq_lens, keep, n, scale).item() < 1e-6
+    hit = torch.tensor([[0, 1, 2, 3, 4, 5, 6]], dtype=torch.int32)
+    assert worst_head_normalised_recall(q, k, table, seq_lens, hit, n, scale).item() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_padding_and_counts_are_respected() -> None:

@@ -34,3 +34,42 @@ def test_cli_smoke_two_prompts_one_method(tmp_path) -> None:
     assert 0.3 <= res["fraction_kept"] <= 0.4
     assert 0.0 < res["recall"] < 1.0 and res["recall"] <= res["oracle_normalised_recall"] <= 1.0
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_suggest_dense_layers_ranks_by_worst_head_mean_over_methods() -> None:
+    from ucm.profile import suggest_dense_layers
+
+    def rows(values):
+        return {"per_layer": {str(i): {"worst_head_normalised_recall": v} for i, v in enumerate(values)}}
+
+    methods = {"A": rows([0.9, 0.2, 0.8, 0.5]), "B": rows([0.9, 0.6, 0.1, 0.5])}  # means 0.9, 0.4, 0.45, 0.5
+    assert suggest_dense_layers(methods, 2) == [1, 2]
+    assert suggest_dense_layers(methods, 3) == [1, 2, 3]
+
+
+def test_cli_profiles_ruler_prompts_and_suggests_dense_layers(tmp_path) -> None:
+    from ucm.eval import ruler
+
+    missing = ruler.missing_dependencies()
+    if missing:
+        pytest.skip(f"--task needs {', '.join(missing)}: {ruler.INSTALL_HINT}")
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, "-m", "ucm.cli", "profile", "--task", "niah_single_2", "--tokens", "1024",
+                           "--prompts", "1", "--steps", "2", "--methods", "ESA", "--suggest-dense", "3",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["prompt_source"] == "RULER niah_single_2"
+    per_layer = res["methods"]["ESA"]["per_layer"]
+    worst = {int(k): v["worst_head_normalised_recall"] for k, v in per_layer.items()}
+    assert all(0.0 <= w <= 1.0 for w in worst.values())
+    # min over heads of got_h / best_h <= sum(got) / sum(best) <= the head-mean normalised recall
+    norm = {int(k): v["oracle_normalised_recall"] for k, v in per_layer.items()}
+    assert all(worst[k] <= norm[k] + 1e-5 for k in worst)
+    assert any(worst[k] < norm[k] - 0.05 for k in worst)
+    suggested = res["suggested_dense_layers"]
+    assert len(suggested) == 3 and sorted(suggested) == suggested
+    assert max(worst[k] for k in suggested) <= min(w for k, w in worst.items() if k not in suggested)
+    assert "layers to keep dense" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "ucm.cli", "profile", "--task", "nope"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "valid:" in bad.stderr

@@ -19,12 +19,14 @@ import torch
 
 __all__ = [
     "attention_mass_recall",
+    "head_mass_recall",
     "dense_block_mass",
     "oracle_normalised_recall",
     "oracle_recall",
     "relative_output_error",
     "selection_mask",
     "topk_overlap",
+    "worst_head_normalised_recall",
 ]
 
 
@@ -90,9 +92,52 @@ def attention_mass_recall(
     Per query head, the softmax mass on the selected blocks' tokens; averaged over heads. 1.0
     means the sparse step sees everything dense attention would weigh; an empty row gives 0.
     """
+    return head_mass_recall(q, k_cache, block_table, seq_lens, selected_ids, counts, scale).mean(-1)
+
+
+def head_mass_recall(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    selected_ids: torch.Tensor,
+    counts: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """`attention_mass_recall` per query head, before the head mean -> [B, Hq] float32."""
     mass = dense_block_mass(q, k_cache, block_table, seq_lens, scale)  # [B, Hq, M]
     mask = selection_mask(selected_ids.to(mass.device), counts.to(mass.device), mass.shape[-1])
-    return (mass * mask[:, None, :]).sum(-1).mean(-1)
+    return (mass * mask[:, None, :]).sum(-1)
+
+
+def worst_head_normalised_recall(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    selected_ids: torch.Tensor,
+    counts: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Min over query heads of (the head's recall / the best recall a selection of the same size
+    could give that head alone) -> [B] float32 in [0, 1].
+
+    Why: one selection serves every head of a layer, and the head mean hides a retrieval head.
+    SmolLM2's layer 18 has one head (of nine) that puts half its mass on the needle's block
+    while the others look at the first and last tokens; a selection that misses the needle still
+    reaches 0.9 mean recall, and the answer is wrong. A diffuse head scores near 1 here (no
+    selection of that size does much better for it), a concentrated head that lost its block
+    scores low. Rows where a head's own optimum is 0 count as 1 for that head.
+    """
+    mass = dense_block_mass(q, k_cache, block_table, seq_lens, scale)  # [B, Hq, M]
+    mask = selection_mask(selected_ids.to(mass.device), counts.to(mass.device), mass.shape[-1])
+    got = (mass * mask[:, None, :]).sum(-1)
+    m = mass.shape[-1]
+    k = counts.to(device=mass.device, dtype=torch.int64).clamp(0, m)
+    take = torch.arange(m, device=mass.device)[None, :] < k[:, None]  # [B, M]
+    best = (torch.sort(mass, dim=-1, descending=True).values * take[:, None, :]).sum(-1)
+    ratio = (got / best.clamp(min=torch.finfo(torch.float32).tiny)).clamp(max=1.0)
+    return torch.where(best > 0, ratio, torch.ones_like(ratio)).amin(-1)
 
 
 def oracle_recall(

