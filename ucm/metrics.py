@@ -105,9 +105,21 @@ def head_mass_recall(
     scale: float,
 ) -> torch.Tensor:
     """`attention_mass_recall` per query head, before the head mean -> [B, Hq] float32."""
-    mass = dense_block_mass(q, k_cache, block_table, seq_lens, scale)  # [B, Hq, M]
+    return _selected_mass(dense_block_mass(q, k_cache, block_table, seq_lens, scale), selected_ids, counts)
+
+
+def _selected_mass(mass: torch.Tensor, selected_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """mass [B, Hq, M] summed over the selected blocks of each row -> [B, Hq]."""
     mask = selection_mask(selected_ids.to(mass.device), counts.to(mass.device), mass.shape[-1])
     return (mass * mask[:, None, :]).sum(-1)
+
+
+def _best_mass(mass: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """mass [B, ..., M]: the largest sum of counts[b] blocks' mass -> [B, ...] (the oracle)."""
+    m = mass.shape[-1]
+    k = counts.to(device=mass.device, dtype=torch.int64).clamp(0, m)
+    take = torch.arange(m, device=mass.device) < k.view(-1, *([1] * (mass.dim() - 1)))
+    return (torch.sort(mass, dim=-1, descending=True).values * take).sum(-1)
 
 
 def worst_head_normalised_recall(
@@ -130,12 +142,7 @@ def worst_head_normalised_recall(
     scores low. Rows where a head's own optimum is 0 count as 1 for that head.
     """
     mass = dense_block_mass(q, k_cache, block_table, seq_lens, scale)  # [B, Hq, M]
-    mask = selection_mask(selected_ids.to(mass.device), counts.to(mass.device), mass.shape[-1])
-    got = (mass * mask[:, None, :]).sum(-1)
-    m = mass.shape[-1]
-    k = counts.to(device=mass.device, dtype=torch.int64).clamp(0, m)
-    take = torch.arange(m, device=mass.device)[None, :] < k[:, None]  # [B, M]
-    best = (torch.sort(mass, dim=-1, descending=True).values * take[:, None, :]).sum(-1)
+    got, best = _selected_mass(mass, selected_ids, counts), _best_mass(mass, counts)
     ratio = (got / best.clamp(min=torch.finfo(torch.float32).tiny)).clamp(max=1.0)
     return torch.where(best > 0, ratio, torch.ones_like(ratio)).amin(-1)
 
@@ -154,12 +161,7 @@ def oracle_recall(
     the counts[b] blocks with the largest head-averaged dense mass. The ceiling to judge a
     selector against: a selector cannot beat it with the same budget.
     """
-    mass = dense_block_mass(q, k_cache, block_table, seq_lens, scale).mean(1)  # [B, M]
-    m = mass.shape[-1]
-    ranked = torch.sort(mass, dim=-1, descending=True).values
-    k = counts.to(device=mass.device, dtype=torch.int64).clamp(0, m)
-    take = torch.arange(m, device=mass.device)[None, :] < k[:, None]
-    return (ranked * take).sum(-1)
+    return _best_mass(dense_block_mass(q, k_cache, block_table, seq_lens, scale).mean(1), counts)
 
 
 def oracle_normalised_recall(
