@@ -75,6 +75,36 @@ def test_superseded_rows_are_reported_but_left_out_of_the_headline() -> None:
     assert "| ESA+dense/L5-8@0.3 | 0 |" in markdown(s)
 
 
+def test_trained_hash_setting_uses_the_calibrated_json(tmp_path) -> None:
+    """--trained-hash: a GSAOnDevice+trained setting per ratio whose config loads the trained W."""
+    import torch
+
+    from ucm.config.loader import load_model_config
+    from ucm.sparse.hashing import save_trained_hash
+
+    shipped = load_model_config("SmolLM2-135M-Instruct").config.model_dump()
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    save_trained_hash(cal / "w.pt", [torch.randn(64, 128) for _ in range(30)])
+    (cal / "trained.json").write_text(json.dumps(dict(shipped, hash_weight_type="trained", hash_weight="w.pt")))
+    grid = settings_grid(["ESA"], [0.3], trained_hash=cal / "trained.json")
+    assert [s.label for s in grid] == ["dense", "ESA@0.3", "GSAOnDevice+trained@0.3"]
+    work = tmp_path / "work"
+    work.mkdir()
+    ref = grid[2].extra_config(work)["ucm_sparse_config"]["GSAOnDevice"]["config_file"]
+    loaded = load_model_config(ref)  # written elsewhere, the weight file still resolves
+    assert loaded.config.hash_weight_type == "trained" and loaded.config.hash_weight == str((cal / "w.pt").resolve())
+    dense = [i for i, r in enumerate(shipped["top_k_ratio_per_layer"]) if r >= 1]
+    assert [i for i, r in enumerate(loaded.config.top_k_ratio_per_layer) if r >= 1] == dense
+    assert set(r for r in loaded.config.top_k_ratio_per_layer if r < 1) == {0.3}
+    with pytest.raises(ValueError, match="nothing.json"):
+        settings_grid(["ESA"], [0.3], trained_hash=work / "nothing.json")
+    random_json = tmp_path / "random.json"
+    random_json.write_text(json.dumps(shipped))
+    with pytest.raises(ValueError, match="must be \"trained\""):
+        settings_grid(["ESA"], [0.3], trained_hash=random_json)
+
+
 def test_dense_layers_reach_windowed_methods_only(tmp_path) -> None:
     grid = settings_grid(["ESA", "GSAOnDevice"], [0.3], dense_layers=[5, 6])
     assert [s.label for s in grid] == ["dense", "ESA+dense@0.3", "GSAOnDevice@0.3"]

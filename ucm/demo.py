@@ -87,23 +87,30 @@ EVAL_RETRIEVAL_STRIDE = 1
 
 
 def method_config(name: str, ratio: float, workdir: Path | None = None, dense_layers: Sequence[int] = (),
-                  retrieval_stride: int | None = None) -> dict:
+                  retrieval_stride: int | None = None, model_config: str | Path | None = None) -> dict:
     """UCM-shaped config of `name` at keep ratio `ratio`; `dense_layers` and `retrieval_stride`
     (default `EVAL_RETRIEVAL_STRIDE`) for ESA and KVStar (`dense_layers` for GSA too).
 
     GSAOnDevice reads its ratios from a per-model JSON: without `workdir` that is the shipped
     SmolLM2 JSON (its own per-layer ratios); with it, a copy written there with every sparse
     layer at `ratio` and no length threshold, so all methods can be compared at one ratio.
+    `model_config` replaces the shipped JSON, e.g. with the trained one `ucm calibrate` writes.
     """
     if name == "GSAOnDevice":
+        source = str(model_config) if model_config is not None else "SmolLM2-135M-Instruct"
         if workdir is None:
-            return {"GSAOnDevice": {"config_file": "SmolLM2-135M-Instruct"}}
+            return {"GSAOnDevice": {"config_file": source}}
         from ucm.config.loader import load_model_config
 
-        data = load_model_config("SmolLM2-135M-Instruct").config.model_dump()
+        loaded = load_model_config(source)
+        data = loaded.config.model_dump()
+        # the copy lives elsewhere: trained weight files must not resolve against its directory
+        data.update({k: str(p.resolve()) for k, p in loaded.config.weight_paths(
+            loaded.path.parent if loaded.path else None).items()})
         data["top_k_ratio_per_layer"] = [1.0 if r >= 1 else ratio for r in data["top_k_ratio_per_layer"]]
         data["gpu_seq_len_threshold"] = 0
-        path = Path(workdir) / f"smollm2_gsa_on_device_{ratio:g}.json"
+        tag = "" if model_config is None else f"_{data['hash_weight_type']}"
+        path = Path(workdir) / f"smollm2_gsa_on_device{tag}_{ratio:g}.json"
         path.write_text(json.dumps(data))
         return {"GSAOnDevice": {"config_file": str(path)}}
     body = {"init_window_sz": 1, "local_window_sz": 2, "sparse_ratio": ratio, "min_blocks": 4}

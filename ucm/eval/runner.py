@@ -42,12 +42,16 @@ class Setting:
     ratio: float | None = None
     dense_layers: tuple[int, ...] = ()  # ESA / GSA / KVStar: layers kept dense (GSA on device: its JSON's)
     retrieval_stride: int | None = None  # ESA / KVStar: None = ucm's default (`EVAL_RETRIEVAL_STRIDE`)
+    hash_config: str | None = None  # GSA on device: a per-model JSON instead of the shipped one (trained W)
 
     @property
     def name(self) -> str:
         """The method as results name it: "ESA+dense" when it keeps dense layers, "ESA+dense/s4"
-        when it retrieves every 4 steps instead of the default."""
+        when it retrieves every 4 steps instead of the default, "GSAOnDevice+trained" with the
+        hash projections of `ucm calibrate`."""
         name = f"{self.method}+dense" if self.dense_layers else self.method
+        if self.hash_config is not None:
+            name = f"{name}+trained"
         return name if self.retrieval_stride is None else f"{name}/s{self.retrieval_stride}"
 
     @property
@@ -60,18 +64,25 @@ class Setting:
         if self.method == DENSE:
             return {}
         return {"ucm_sparse_config": method_config(self.method, float(self.ratio), workdir, self.dense_layers,
-                                                   self.retrieval_stride)}
+                                                   self.retrieval_stride, self.hash_config)}
 
 
 STRIDED = ("ESA", "KVStarMultiStep")  # the methods whose retrieval stride the eval sets
 
 
 def settings_grid(methods: Iterable[str], ratios: Iterable[float], dense_layers: Iterable[int] = (),
-                  retrieval_stride: int | None = None) -> list[Setting]:
+                  retrieval_stride: int | None = None, trained_hash: str | Path | None = None) -> list[Setting]:
     """Dense first (its engine fills the store the others load from), then method x ratio.
     `dense_layers` go to the windowed methods (GSA on device keeps its model JSON's),
-    `retrieval_stride` to ESA and KVStar."""
+    `retrieval_stride` to ESA and KVStar; `trained_hash` (a per-model JSON with
+    `hash_weight_type: "trained"`, as `ucm calibrate` writes it) adds GSAOnDevice+trained at
+    every ratio."""
     dense_layers = tuple(dense_layers)
+    if trained_hash is not None:
+        from ucm.config.loader import load_model_config
+
+        if load_model_config(trained_hash).config.hash_weight_type != "trained":  # also: the file loads
+            raise ValueError(f"{trained_hash}: hash_weight_type must be \"trained\" for --trained-hash")
     if retrieval_stride is not None and retrieval_stride < 1:
         raise ValueError(f"retrieval_stride {retrieval_stride} must be >= 1")
     out = [Setting(DENSE)]
@@ -85,6 +96,8 @@ def settings_grid(methods: Iterable[str], ratios: Iterable[float], dense_layers:
                 raise ValueError(f"ratio {r} must be in (0, 1]")
             out.append(Setting(m, float(r), () if m == "GSAOnDevice" else dense_layers,
                                retrieval_stride if m in STRIDED else None))
+    if trained_hash is not None:
+        out += [Setting("GSAOnDevice", float(r), hash_config=str(Path(trained_hash).resolve())) for r in ratios]
     return out
 
 
@@ -158,6 +171,7 @@ def run_eval(
     progress: bool = True,
     dense_layers: Iterable[int] = (),
     retrieval_stride: int | None = None,
+    trained_hash: Path | None = None,
 ) -> dict:
     """Run every missing cell, then rebuild the summary; returns the summary dict."""
     from tqdm import tqdm
@@ -172,7 +186,7 @@ def run_eval(
 
     dense_layers = tuple(dense_layers)
     tasks, lengths, grid = list(tasks), sorted(set(lengths)), settings_grid(methods, ratios, dense_layers,
-                                                                                         retrieval_stride)
+                                                                                         retrieval_stride, trained_hash)
     for t in tasks:
         if t not in ruler.TASKS:
             raise ValueError(f"unknown task {t!r}; valid: {', '.join(ruler.TASKS)}")
@@ -217,7 +231,8 @@ def run_eval(
             try:
                 t0 = time.perf_counter()
                 setting_dense = (list(setting.dense_layers) if setting.dense_layers else
-                                 model_dense_layers() if setting.method == "GSAOnDevice" else None)
+                                 model_dense_layers(setting.hash_config or "SmolLM2-135M-Instruct")
+                                 if setting.method == "GSAOnDevice" else None)
                 for t in tasks:  # one task at a time: its rows are saved as soon as it is done
                     if results.done(length, setting.label, t, samples):
                         continue
@@ -270,6 +285,9 @@ def add_parser(sub) -> None:
     p.add_argument("--retrieval-stride", type=int, default=None,
                    help="ESA/KVStar retrieve every N decode steps instead of every step (ucm's default); results "
                         "name them ESA+dense/sN ... and leave them out of the headline figure")
+    p.add_argument("--trained-hash", type=Path, default=None, metavar="JSON",
+                   help="also run GSA on device with trained hash projections: the per-model JSON `ucm calibrate` "
+                        "writes (results name it GSAOnDevice+trained)")
     p.add_argument("--store-dir", type=Path, default=None,
                    help="where the dense engine's prompt KV is kept for the sparse engines (default: cache, removed after)")
     p.set_defaults(handler=_handle)
@@ -282,7 +300,7 @@ def _handle(args) -> int:
                        store_dir=args.store_dir, kv_space_gib=args.kv_space_gib, max_num_seqs=args.max_num_seqs,
                        max_new_tokens=args.max_new_tokens,
                        dense_layers=model_dense_layers() if args.dense_layers == "model" else (),
-                       retrieval_stride=args.retrieval_stride)
+                       retrieval_stride=args.retrieval_stride, trained_hash=args.trained_hash)
     from ucm.eval.report import markdown
 
     print(markdown(summary))
