@@ -29,6 +29,10 @@ def test_calibrate_writes_loadable_trained_weights(tmp_path) -> None:
         assert 0.0 < mean["recall"] <= mean["oracle_normalised_recall"] <= 1.0
     loaded = load_model_config(tmp_path / res["config"])
     assert loaded.config.hash_weight_type == "trained"
+    # deployable as written: the shipped JSON's dense layers and thresholds, only W changed
+    shipped = load_model_config("SmolLM2-135M-Instruct").config
+    assert loaded.config.top_k_ratio_per_layer == shipped.top_k_ratio_per_layer
+    assert loaded.config.gpu_seq_len_threshold == shipped.gpu_seq_len_threshold
     shapes = ModelShapes(30, 9, 3, 64, 32, 64)
     method = build_sparse_method({"GSAOnDevice": {}}, shapes, get_ops("reference"), model_config=loaded)
     saved = torch.load(tmp_path / res["weights"], weights_only=True)["weight"]

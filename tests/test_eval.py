@@ -73,6 +73,10 @@ def test_superseded_rows_are_reported_but_left_out_of_the_headline() -> None:
     assert s["worst_drop_by_setting"] == {"ESA+dense@0.3": 0.0, "ESA+dense/L5-8@0.3": 100.0}
     assert s["max_drop_vs_dense_at_0_3"] == 0.0
     assert "| ESA+dense/L5-8@0.3 | 0 |" in markdown(s)
+    rows += [{**_row("niah", "GSAOnDevice+trained@0.3", "GSAOnDevice+trained", 0.3, i, 0), "hash_weights": "trained"}
+             for i in range(2)]
+    s = summarize(rows, {"model": "m"})
+    assert s["worst_drop_by_setting"]["GSAOnDevice+trained@0.3"] == 100.0 and s["max_drop_vs_dense_at_0_3"] == 0.0
 
 
 def test_trained_hash_setting_uses_the_calibrated_json(tmp_path) -> None:

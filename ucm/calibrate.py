@@ -147,11 +147,12 @@ def run_calibrate(
     out_dir.mkdir(parents=True, exist_ok=True)
     weight_file = out_dir / "smollm2_trained_hash.pt"
     save_trained_hash(weight_file, weights)
-    trained_cfg = dict(base, hash_weight_type="trained", hash_weight=weight_file.name,
-                       top_k_ratio_per_layer=[ratio] * layers, gpu_seq_len_threshold=0)
+    # the file to deploy: the shipped JSON (its dense layers and thresholds) with the trained W
     cfg_file = out_dir / "smollm2_135m_trained.json"
-    cfg_file.write_text(json.dumps(trained_cfg, indent=2))
+    cfg_file.write_text(json.dumps(dict(base, hash_weight_type="trained", hash_weight=weight_file.name), indent=2))
+    # the held-out comparison judges every layer: both projections with every layer sparse
     random_cfg = dict(base, top_k_ratio_per_layer=[ratio] * layers, gpu_seq_len_threshold=0)
+    trained_cfg = dict(random_cfg, hash_weight_type="trained", hash_weight=str(weight_file.resolve()))
 
     # held-out prompts: the same selector with random vs trained projections, judged on real attention
     merged: dict[str, dict[int, list]] = {}
@@ -159,7 +160,7 @@ def run_calibrate(
         state = runner.prefill(ids)
         methods = {
             "random": build_sparse_method({"GSAOnDevice": {}}, runner.shapes, ops, model_config=random_cfg, seed=seed),
-            "trained": build_sparse_method({"GSAOnDevice": {}}, runner.shapes, ops, model_config=load_model_config(cfg_file)),
+            "trained": build_sparse_method({"GSAOnDevice": {}}, runner.shapes, ops, model_config=trained_cfg),
         }
         prof = SelectionProfiler(methods, ops)
         runner.decode(state, None, 6, observers=[prof])

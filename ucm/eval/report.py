@@ -7,7 +7,8 @@ headline cells, each method as configured for the model (with its dense layers w
 variant ran, and ucm's retrieval stride: settings run with `--retrieval-stride`, named
 "ESA+dense/s4" ..., are reported but left out, as are rows marked `superseded`: earlier runs of
 a setting whose configuration has since changed, kept under their own name, e.g. the dense
-layers 5-8 of sessions 2-5, "ESA+dense/L5-8"); `max_drop_all_layers_sparse_at_0_3` is the same
+layers 5-8 of sessions 2-5, "ESA+dense/L5-8", and GSA on device with trained hash weights,
+"GSAOnDevice+trained": the weights are not shipped); `max_drop_all_layers_sparse_at_0_3` is the same
 for ESA/GSA/KVStar with every layer sparse.
 """
 
@@ -28,7 +29,8 @@ def summarize(rows: list[dict], meta: dict) -> dict:
     for r in rows:
         cells[(r["length"], r["task"], r["setting"])].append(float(r["score"]))
         # third: what makes the row a variant rather than the shipped setting (None: shipped)
-        info[r["setting"]] = (r["method"], r["ratio"], r.get("retrieval_stride") or r.get("superseded"))
+        info[r["setting"]] = (r["method"], r["ratio"],
+                              r.get("retrieval_stride") or r.get("superseded") or r.get("hash_weights"))
     table = [{"length": L, "task": t, "setting": s, "method": info[s][0], "ratio": info[s][1],
               "samples": len(v), "score": mean(v)} for (L, t, s), v in sorted(cells.items())]
     dense = {(c["length"], c["task"]): c["score"] for c in table if c["setting"] == DENSE}

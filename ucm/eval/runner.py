@@ -114,6 +114,7 @@ class CellResult:
     prompt_tokens: int
     retrieval_stride: int | None = None  # set when the setting overrides ucm's default
     dense_layers: list[int] | None = None  # the layers the setting kept dense (GSA on device: its JSON's)
+    hash_weights: str | None = None  # "trained": GSA on device with `ucm calibrate`'s W (not the shipped default)
 
 
 class Results:
@@ -244,7 +245,8 @@ def run_eval(
                     texts = [o.outputs[0].text for o in outs]
                     scores = ruler.score_samples(t, texts, todo_samples)
                     results.add([CellResult(length, t, setting.label, setting.name, setting.ratio, s.index, text,
-                                            sc, s.num_tokens, setting.retrieval_stride, setting_dense)
+                                            sc, s.num_tokens, setting.retrieval_stride, setting_dense,
+                                            "trained" if setting.hash_config else None)
                                  for s, text, sc in zip(todo_samples, texts, scores)])
                 timings[f"{length}/{setting.label}"] = time.perf_counter() - t0
                 conn = find_connector()
