@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,18 +38,12 @@ def parse_set(text: str) -> tuple[int, ...]:
     return layers
 
 
-def build_method(name: str, ratio: float, dense: tuple[int, ...], shapes, ops):
-    """`name` at `ratio` with exactly the layers `dense` kept dense (GSA on device: through its JSON)."""
-    from ucm.config.loader import load_model_config
+def build_method(name: str, ratio: float, dense: tuple[int, ...], shapes, ops, workdir: Path):
+    """`name` at `ratio` with exactly the layers `dense` kept dense (GSA on device: in a JSON copy)."""
     from ucm.demo import method_config
     from ucm.sparse.factory import build_sparse_method
 
-    if name == "GSAOnDevice":
-        data = load_model_config("SmolLM2-135M-Instruct").config.model_dump()
-        data["top_k_ratio_per_layer"] = [1.0 if layer in dense else ratio for layer in range(shapes.num_layers)]
-        data["gpu_seq_len_threshold"] = 0
-        return build_sparse_method({"GSAOnDevice": {}}, shapes, ops, model_config=data)
-    return build_sparse_method(method_config(name, ratio, dense_layers=dense), shapes, ops)
+    return build_sparse_method(method_config(name, ratio, workdir, dense), shapes, ops)
 
 
 def run(task: str, length: int, samples: int, methods: list[str], dense_sets: list[tuple[int, ...]], ratio: float,
@@ -70,6 +66,7 @@ def run(task: str, length: int, samples: int, methods: list[str], dense_sets: li
     labels = [",".join(map(str, s)) for s in dense_sets]
     per_sample = []
     t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="ucm-ablation-"))  # GSA on device's JSON copies
 
     def correct(state, method, sample) -> tuple[bool, str]:
         text = runner.decode(state, method, new_tokens).text
@@ -83,16 +80,17 @@ def run(task: str, length: int, samples: int, methods: list[str], dense_sets: li
             for name in methods:
                 res = {}
                 for label, dense in zip(labels, dense_sets):
-                    res[label] = correct(state, build_method(name, ratio, dense, runner.shapes, ops), sample)[0]
+                    res[label] = correct(state, build_method(name, ratio, dense, runner.shapes, ops, work), sample)[0]
                 if not res[labels[0]]:  # explain the first set's failure: one sparse layer at a time
                     others = [layer for layer in range(layers) if layer not in dense_sets[0]]
                     res["breaks_alone"] = [
                         layer for layer in others
                         if not correct(state, build_method(name, ratio, tuple(x for x in range(layers) if x != layer),
-                                                           runner.shapes, ops), sample)[0]
+                                                           runner.shapes, ops, work), sample)[0]
                     ]
                 row["methods"][name] = res
         per_sample.append(row)
+    shutil.rmtree(work, ignore_errors=True)
     usable = [r for r in per_sample if r["dense"]]
     summary = {}
     for name in methods:

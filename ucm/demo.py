@@ -94,7 +94,8 @@ def method_config(name: str, ratio: float, workdir: Path | None = None, dense_la
     GSAOnDevice reads its ratios from a per-model JSON: without `workdir` that is the shipped
     SmolLM2 JSON (its own per-layer ratios); with it, a copy written there with every sparse
     layer at `ratio` and no length threshold, so all methods can be compared at one ratio.
-    `model_config` replaces the shipped JSON, e.g. with the trained one `ucm calibrate` writes.
+    `model_config` replaces the shipped JSON, e.g. with the trained one `ucm calibrate` writes;
+    `dense_layers`, when given, replace its dense layers in the copy (layer ablations).
     """
     if name == "GSAOnDevice":
         source = str(model_config) if model_config is not None else "SmolLM2-135M-Instruct"
@@ -107,7 +108,8 @@ def method_config(name: str, ratio: float, workdir: Path | None = None, dense_la
         # the copy lives elsewhere: trained weight files must not resolve against its directory
         data.update({k: str(p.resolve()) for k, p in loaded.config.weight_paths(
             loaded.path.parent if loaded.path else None).items()})
-        data["top_k_ratio_per_layer"] = [1.0 if r >= 1 else ratio for r in data["top_k_ratio_per_layer"]]
+        keep = set(dense_layers) if dense_layers else {i for i, r in enumerate(data["top_k_ratio_per_layer"]) if r >= 1}
+        data["top_k_ratio_per_layer"] = [1.0 if i in keep else ratio for i in range(len(data["top_k_ratio_per_layer"]))]
         data["gpu_seq_len_threshold"] = 0
         tag = "" if model_config is None else f"_{data['hash_weight_type']}"
         path = Path(workdir) / f"smollm2_gsa_on_device{tag}_{ratio:g}.json"
