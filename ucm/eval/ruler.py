@@ -120,15 +120,17 @@ def missing_dependencies() -> list[str]:
     return [req for name, req in REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
 
 
-def _require() -> None:
+def require_dependencies() -> None:
+    """ImportError naming what to install when the generators cannot run."""
     missing = missing_dependencies()
     if missing:
         raise ImportError(f"RULER tasks need {', '.join(missing)}; install with: {INSTALL_HINT}")
 
 
-def _check_task(task: str) -> None:
+def check_task(task: str) -> None:
+    """ValueError listing the valid tasks for an unknown one (every entry point calls this)."""
     if task not in TASKS:
-        raise ValueError(f"unknown RULER task {task!r}; valid tasks: {', '.join(TASKS)}")
+        raise ValueError(f"unknown RULER task {task!r}; valid: {', '.join(TASKS)}")
 
 
 # --------------------------------------------------------------------------- sentence splitter
@@ -269,9 +271,9 @@ def _package_dir() -> Path:
 
 
 def _config(task: str) -> _Config:
-    _check_task(task)
+    check_task(task)
     if task not in _CONFIGS:
-        _require()
+        require_dependencies()
         import yaml
         from long_context_eval.data.synthetic.constants import TASKS as BASE
 
@@ -537,7 +539,7 @@ def generate(task: str, length: int, num_samples: int, tokenizer, seed: int = 42
     RNG states are left as they were. `template`: "base" (default) or "chat" (module
     docstring). With `cache`, samples are kept as JSONL under ``$UCM_CACHE_DIR/eval/ruler``.
     Raises ValueError for an unknown task (listing the valid ones) or a `length` too small."""
-    _check_task(task)
+    check_task(task)
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
     if not isinstance(length, int) or length <= 0:
@@ -681,7 +683,7 @@ def _metric(task: str, per_sample: bool):
 
 
 def _score_args(task: str, predictions: list[str], samples: list[Sample]):
-    _check_task(task)
+    check_task(task)
     if len(predictions) != len(samples):
         raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
     if not samples:

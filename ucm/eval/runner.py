@@ -189,8 +189,7 @@ def run_eval(
     tasks, lengths, grid = list(tasks), sorted(set(lengths)), settings_grid(methods, ratios, dense_layers,
                                                                                          retrieval_stride, trained_hash)
     for t in tasks:
-        if t not in ruler.TASKS:
-            raise ValueError(f"unknown task {t!r}; valid: {', '.join(ruler.TASKS)}")
+        ruler.check_task(t)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = str(fetch_model(model))
