@@ -111,6 +111,23 @@ def test_shipped_files_are_exactly_the_six_models_and_the_demo_model() -> None:
     assert sorted(p.name for p in builtin_config_dir().glob("*.json")) == sorted({**SHIPPED, **DEMO})
 
 
+def test_demo_model_ships_its_trained_hash_projections() -> None:
+    """The SmolLM2 JSON loads `ucm calibrate`'s W from beside it (packaged with it), one finite
+    [64, 128] projection per layer, trained away from the random orthogonal start."""
+    import torch
+
+    from ucm.sparse.hashing import load_trained_hash, random_orthogonal_hash
+
+    f = load_model_config("SmolLM2-135M-Instruct")
+    assert f.config.hash_weight_type == "trained"
+    path = f.config.weight_paths(f.path.parent)["hash_weight"]
+    assert path.parent == builtin_config_dir() and path.is_file()
+    w = load_trained_hash(path, 30, 64, 128, "hash_weight")
+    for layer in (0, 12, 29):
+        start = random_orthogonal_hash(64, 128, layer * 7)  # calibrate's initial W for the layer (seed 0)
+        assert 0 < (w[layer] - start).norm() < start.norm()  # moved, but from that start
+
+
 def test_demo_model_config() -> None:
     c = load_model_config("SmolLM2-135M-Instruct").config
     assert (c.num_hidden_layers, c.head_dim, c.hash_bits, c.chunk_size) == (30, 64, 128, 32)

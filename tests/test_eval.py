@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -77,36 +78,47 @@ def test_superseded_rows_are_reported_but_left_out_of_the_headline() -> None:
              for i in range(2)]
     s = summarize(rows, {"model": "m"})
     assert s["worst_drop_by_setting"]["GSAOnDevice+trained@0.3"] == 100.0 and s["max_drop_vs_dense_at_0_3"] == 0.0
+    shipped, variants = markdown(s).split("Variants")
+    assert "| ESA+dense@0.3 | 100 |" in shipped and "| dense | 100 |" in shipped
+    assert "L5-8" not in shipped and "trained" not in shipped.split("|", 1)[1]
+    assert "| ESA+dense/L5-8@0.3 | 0 |" in variants and "| GSAOnDevice+trained@0.3 | 0 |" in variants
+    assert "| dense | 100 |" in variants  # the reference beside them
 
 
-def test_trained_hash_setting_uses_the_calibrated_json(tmp_path) -> None:
-    """--trained-hash: a GSAOnDevice+trained setting per ratio whose config loads the trained W."""
+def test_hash_config_settings_load_their_projections(tmp_path) -> None:
+    """--hash-config JSON: GSAOnDevice+trained per ratio whose config loads that W; --hash-config
+    random: GSAOnDevice+random, the shipped JSON with random orthogonal W."""
     import torch
 
-    from ucm.config.loader import load_model_config
+    from ucm.config.loader import load_model_config, model_config_data
     from ucm.sparse.hashing import save_trained_hash
 
-    shipped = load_model_config("SmolLM2-135M-Instruct").config.model_dump()
+    shipped = model_config_data("SmolLM2-135M-Instruct", random_hash=True)
     cal = tmp_path / "cal"
     cal.mkdir()
     save_trained_hash(cal / "w.pt", [torch.randn(64, 128) for _ in range(30)])
     (cal / "trained.json").write_text(json.dumps(dict(shipped, hash_weight_type="trained", hash_weight="w.pt")))
-    grid = settings_grid(["ESA"], [0.3], trained_hash=cal / "trained.json")
+    grid = settings_grid(["ESA"], [0.3], hash_config=cal / "trained.json")
     assert [s.label for s in grid] == ["dense", "ESA@0.3", "GSAOnDevice+trained@0.3"]
     work = tmp_path / "work"
     work.mkdir()
     ref = grid[2].extra_config(work)["ucm_sparse_config"]["GSAOnDevice"]["config_file"]
     loaded = load_model_config(ref)  # written elsewhere, the weight file still resolves
-    assert loaded.config.hash_weight_type == "trained" and loaded.config.hash_weight == str((cal / "w.pt").resolve())
+    assert loaded.config.hash_weight_type == "trained"
+    assert (work / loaded.config.hash_weight).resolve() == (cal / "w.pt").resolve()
+    assert not Path(loaded.config.hash_weight).is_absolute()  # results folders name no machine's paths
     dense = [i for i, r in enumerate(shipped["top_k_ratio_per_layer"]) if r >= 1]
     assert [i for i, r in enumerate(loaded.config.top_k_ratio_per_layer) if r >= 1] == dense
     assert set(r for r in loaded.config.top_k_ratio_per_layer if r < 1) == {0.3}
     with pytest.raises(ValueError, match="nothing.json"):
-        settings_grid(["ESA"], [0.3], trained_hash=work / "nothing.json")
-    random_json = tmp_path / "random.json"
-    random_json.write_text(json.dumps(shipped))
-    with pytest.raises(ValueError, match="must be \"trained\""):
-        settings_grid(["ESA"], [0.3], trained_hash=random_json)
+        settings_grid(["ESA"], [0.3], hash_config=work / "nothing.json")
+
+    grid = settings_grid([], [0.2], hash_config="random")
+    assert [s.label for s in grid] == ["dense", "GSAOnDevice+random@0.2"]
+    ref = grid[1].extra_config(work)["ucm_sparse_config"]["GSAOnDevice"]["config_file"]
+    loaded = load_model_config(ref).config
+    assert loaded.hash_weight_type == "random" and loaded.hash_weight is None
+    assert [i for i, r in enumerate(loaded.top_k_ratio_per_layer) if r >= 1] == dense
 
 
 def test_dense_layers_reach_windowed_methods_only(tmp_path) -> None:

@@ -59,9 +59,9 @@ def test_every_method_at_ratio_one_equals_dense(needle, name: str) -> None:
     cfg = method_config(name, 1.0)
     model_config = None
     if name == "GSAOnDevice":  # the shipped SmolLM2 config with every layer at ratio 1
-        from ucm.config.loader import load_model_config
+        from ucm.config.loader import model_config_data
 
-        data = load_model_config("SmolLM2-135M-Instruct").config.model_dump()
+        data = model_config_data("SmolLM2-135M-Instruct")
         data["top_k_ratio_per_layer"] = [1.0] * data["num_hidden_layers"]
         data["gpu_seq_len_threshold"] = 0
         model_config = data

@@ -117,7 +117,7 @@ def run_calibrate(
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ucm.config.loader import load_model_config
+    from ucm.config.loader import model_config_data
     from ucm.demo import needle_prompt
     from ucm.hf_runner import PagedHFRunner
     from ucm.models import fetch_model
@@ -130,7 +130,7 @@ def run_calibrate(
     path = fetch_model("smollm2")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    base = load_model_config("SmolLM2-135M-Instruct").config.model_dump()
+    base = model_config_data("SmolLM2-135M-Instruct", random_hash=True)  # training starts from random W
     layers, dim, bits = base["num_hidden_layers"], base["head_dim"], base["hash_bits"]
     prompt_ids = [needle_prompt(tok, tokens, 0.5, seed=1000 + i)[0] for i in range(prompts + heldout)]
     runner = PagedHFRunner(model, tok, ops, block_size=block_size, max_tokens=max(map(len, prompt_ids)) + 64)

@@ -9,6 +9,7 @@ blocks read per step out of the total, and decode tokens/s.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -87,27 +88,30 @@ EVAL_RETRIEVAL_STRIDE = 1
 
 
 def method_config(name: str, ratio: float, workdir: Path | None = None, dense_layers: Sequence[int] = (),
-                  retrieval_stride: int | None = None, model_config: str | Path | None = None) -> dict:
+                  retrieval_stride: int | None = None, model_config: str | Path | dict | None = None) -> dict:
     """UCM-shaped config of `name` at keep ratio `ratio`; `dense_layers` and `retrieval_stride`
     (default `EVAL_RETRIEVAL_STRIDE`) for ESA and KVStar (`dense_layers` for GSA too).
 
     GSAOnDevice reads its ratios from a per-model JSON: without `workdir` that is the shipped
     SmolLM2 JSON (its own per-layer ratios); with it, a copy written there with every sparse
     layer at `ratio` and no length threshold, so all methods can be compared at one ratio.
-    `model_config` replaces the shipped JSON, e.g. with the trained one `ucm calibrate` writes;
+    `model_config` (a path, a name or the JSON's data) replaces the shipped JSON, e.g. with the
+    one `ucm calibrate` writes, or random projections (`ucm.config.loader.model_config_data(..., random_hash=True)`);
     `dense_layers`, when given, replace its dense layers in the copy (layer ablations).
     """
     if name == "GSAOnDevice":
-        source = str(model_config) if model_config is not None else "SmolLM2-135M-Instruct"
+        source = model_config if isinstance(model_config, dict) else \
+            str(model_config) if model_config is not None else "SmolLM2-135M-Instruct"
         if workdir is None:
+            if isinstance(source, dict):
+                raise ValueError("GSAOnDevice with an inline model config needs a workdir to write it to")
             return {"GSAOnDevice": {"config_file": source}}
-        from ucm.config.loader import load_model_config
+        from ucm.config.loader import model_config_data
 
-        loaded = load_model_config(source)
-        data = loaded.config.model_dump()
-        # the copy lives elsewhere: trained weight files must not resolve against its directory
-        data.update({k: str(p.resolve()) for k, p in loaded.config.weight_paths(
-            loaded.path.parent if loaded.path else None).items()})
+        data = model_config_data(source)  # the copy lives elsewhere: weight paths made absolute ...
+        for key in ("hash_weight", "hash_weight_kv_lora", "hash_weight_qk_rope"):
+            if data.get(key):  # ... then relative to the copy, so a results folder names no machine's paths
+                data[key] = os.path.relpath(data[key], Path(workdir).resolve())
         keep = set(dense_layers) if dense_layers else {i for i, r in enumerate(data["top_k_ratio_per_layer"]) if r >= 1}
         data["top_k_ratio_per_layer"] = [1.0 if i in keep else ratio for i in range(len(data["top_k_ratio_per_layer"]))]
         data["gpu_seq_len_threshold"] = 0

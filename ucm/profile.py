@@ -184,9 +184,9 @@ def suggest_dense_layers(methods: dict, count: int) -> list[int]:
 
 def _hata_all_sparse(ratio: float) -> dict:
     """The shipped SmolLM2 JSON with every layer sparse: the profile judges every layer."""
-    from ucm.config.loader import load_model_config
+    from ucm.config.loader import model_config_data
 
-    data = load_model_config("SmolLM2-135M-Instruct").config.model_dump()
+    data = model_config_data("SmolLM2-135M-Instruct")
     data["top_k_ratio_per_layer"] = [ratio] * data["num_hidden_layers"]
     data["gpu_seq_len_threshold"] = 0
     return data

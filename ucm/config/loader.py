@@ -140,6 +140,21 @@ def load_model_config(ref: str | Path | dict) -> ModelConfigFile:
     return loaded
 
 
+def model_config_data(ref: str | Path | dict, random_hash: bool = False) -> dict:
+    """A per-model config as plain data that loads the same anywhere: trained weight paths are
+    made absolute (a copy written elsewhere, or passed inline, must not resolve them against
+    another directory). `random_hash` swaps trained projections for random orthogonal ones:
+    what GSA on device does for a model nobody calibrated, and the baseline trained W is judged
+    against."""
+    loaded = load_model_config(ref)
+    data = loaded.config.model_dump()
+    data.update({k: str(p.resolve()) for k, p in loaded.config.weight_paths(
+        loaded.path.parent if loaded.path else None).items()})
+    if random_hash:
+        data.update(hash_weight_type="random", hash_weight=None, hash_weight_kv_lora=None, hash_weight_qk_rope=None)
+    return data
+
+
 def parse_sparse_config(obj: dict | str | Path, source: str | None = None) -> MethodConfig:
     """The one method config in `{"ucm_sparse_config": {METHOD: {...}}}` (or its inner dict).
 

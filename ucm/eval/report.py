@@ -7,9 +7,10 @@ headline cells, each method as configured for the model (with its dense layers w
 variant ran, and ucm's retrieval stride: settings run with `--retrieval-stride`, named
 "ESA+dense/s4" ..., are reported but left out, as are rows marked `superseded`: earlier runs of
 a setting whose configuration has since changed, kept under their own name, e.g. the dense
-layers 5-8 of sessions 2-5, "ESA+dense/L5-8", and GSA on device with trained hash weights,
-"GSAOnDevice+trained": the weights are not shipped); `max_drop_all_layers_sparse_at_0_3` is the same
-for ESA/GSA/KVStar with every layer sparse.
+layers 5-8 of sessions 2-5, "ESA+dense/L5-8", and GSA on device with other hash projections
+than the shipped JSON's, "GSAOnDevice+random" / "GSAOnDevice+trained" (`--hash-config`));
+`max_drop_all_layers_sparse_at_0_3` is the same for ESA/GSA/KVStar with every layer sparse.
+The markdown puts the shipped settings in one table and these variants in a second.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def summarize(rows: list[dict], meta: dict) -> dict:
         info[r["setting"]] = (r["method"], r["ratio"],
                               r.get("retrieval_stride") or r.get("superseded") or r.get("hash_weights"))
     table = [{"length": L, "task": t, "setting": s, "method": info[s][0], "ratio": info[s][1],
-              "samples": len(v), "score": mean(v)} for (L, t, s), v in sorted(cells.items())]
+              "samples": len(v), "score": mean(v), **({"variant": info[s][2]} if info[s][2] is not None else {})}
+             for (L, t, s), v in sorted(cells.items())]
     dense = {(c["length"], c["task"]): c["score"] for c in table if c["setting"] == DENSE}
     headline = sorted(k for k, v in dense.items() if v >= HEADLINE_MIN)
     drops: dict[str, float] = {}
@@ -46,8 +48,8 @@ def summarize(rows: list[dict], meta: dict) -> dict:
              if info[s][1] is not None and abs(info[s][1] - 0.3) < 1e-9 and info[s][2] is None}
     # the headline figure is each method as configured by default for the model: with the model's
     # dense layers where that variant was run ("ESA+dense"; GSA on device always keeps its JSON's)
-    names = {info[s][0] for s in at_03}
-    shipped = [d for s, d in at_03.items() if f"{info[s][0]}+dense" not in names]
+    shipped_methods = _shipped_methods(table)
+    shipped = [d for s, d in at_03.items() if info[s][0] in shipped_methods]
     all_sparse = [d for s, d in at_03.items() if not info[s][0].endswith("+dense") and info[s][0] != "GSAOnDevice"]
     per_length: dict[int, dict[str, int]] = defaultdict(dict)
     for c in table:
@@ -66,15 +68,18 @@ def summarize(rows: list[dict], meta: dict) -> dict:
     }
 
 
-def markdown(summary: dict) -> str:
-    cells = summary["cells"]
+def _shipped_methods(cells: list[dict]) -> set[str]:
+    """Methods as configured for the model: not a variant, and not the every-layer-sparse twin
+    of a method that keeps the model's dense layers ("ESA" when "ESA+dense" ran)."""
+    names = {c["method"] for c in cells}
+    return {c["method"] for c in cells if "variant" not in c and f"{c['method']}+dense" not in names}
+
+
+def _table(cells: list[dict], cols: list[tuple], headline: set) -> list[str]:
     settings = list(dict.fromkeys(c["setting"] for c in sorted(cells, key=lambda c: (c["method"] != DENSE,
                                                                                          c["method"], c["ratio"] or 0))))
-    cols = sorted({(c["length"], c["task"]) for c in cells})
     score = {(c["length"], c["task"], c["setting"]): c for c in cells}
-    head = "| setting | " + " | ".join(f"{t} @{L}" for L, t in cols) + " |"
-    lines = [head, "|" + "---|" * (len(cols) + 1)]
-    headline = {(h["length"], h["task"]) for h in summary["headline_cells"]}
+    lines = ["| setting | " + " | ".join(f"{t} @{L}" for L, t in cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for s in settings:
         row = []
         for L, t in cols:
@@ -84,10 +89,31 @@ def markdown(summary: dict) -> str:
                 text = f"({text})"
             row.append(text)
         lines.append(f"| {s} | " + " | ".join(row) + " |")
+    return lines
+
+
+def markdown(summary: dict) -> str:
+    """The shipped settings (dense first), then the variants and superseded runs beside dense."""
+    cells = summary["cells"]
+    cols = sorted({(c["length"], c["task"]) for c in cells}, key=lambda k: (k[0], k[1]))
+    headline = {(h["length"], h["task"]) for h in summary["headline_cells"]}
+    shipped_methods = _shipped_methods(cells)
+    shipped = [c for c in cells if c["method"] in shipped_methods]
+    variants = [c for c in cells if c["method"] not in shipped_methods or c["setting"] == DENSE]
     n = sorted({c["samples"] for c in cells})
     worst = summary["max_drop_vs_dense_at_0_3"]
-    lines += ["", f"Scores are RULER's metric in points; samples per cell: {', '.join(map(str, n))}. "
-              f"Parenthesised columns are cells where dense scores below {summary['headline_min_dense_score']:.0f} "
+    lines = ["Shipped settings (each method as configured for the model; these make the headline):", ""]
+    lines += _table(shipped, cols, headline)
+    if len(variants) > len([c for c in cells if c["setting"] == DENSE]):
+        lines += ["", "Variants (every layer sparse: no `+dense`; other retrieval strides `/sN`; other hash "
+                  "projections `+random` / `+trained`) and superseded runs (`/L5-8`: the dense layers of sessions "
+                  "2-5), reported but not headline:", ""]
+        lines += _table(variants, cols, headline)
+    samples = summary.get("tasks_and_samples_per_length", {})
+    per = "; ".join(f"{L}: " + ", ".join(f"{t} {k}" for t, k in sorted(v.items())) for L, v in samples.items())
+    lines += ["", f"Scores are RULER's metric in points; samples per cell: {', '.join(map(str, n))}"
+              + (f" (most per task and length: {per})" if per else "") + ". "
+              f"Parenthesised cells are where dense scores below {summary['headline_min_dense_score']:.0f} "
               "(not headline).",
               f"Worst drop vs dense at ratio 0.3 over headline cells: "
               f"{'n/a' if worst is None else f'{worst:.1f} points'}."]
@@ -106,6 +132,7 @@ def plot(summary: dict, path: Path) -> None:
     headline = {(h["length"], h["task"]) for h in summary["headline_cells"]}
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths) + 2.5, 3.6), squeeze=False)
     methods = sorted({c["method"] for c in cells if c["setting"] != DENSE})
+    shipped = _shipped_methods(cells)
     colors = {m: plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")(i) for i, m in enumerate(methods)}
     for ax, L in zip(axes[0], lengths):
         tasks = sorted({t for (l2, t) in headline if l2 == L}) or sorted({c["task"] for c in cells if c["length"] == L})
@@ -122,7 +149,7 @@ def plot(summary: dict, path: Path) -> None:
                 by_method[c["method"]][read.get(f"{L}/{c['setting']}", c["ratio"])].append(c["score"])
         for m, pts in sorted(by_method.items()):
             xs = sorted(pts)
-            variant = "/" in m  # another retrieval stride (/s4) or a superseded run (/L5-8): context
+            variant = m not in shipped  # every layer sparse, /s4, +random, /L5-8: context
             ax.plot(xs, [mean(pts[x]) for x in xs], marker="o", label=m, color=colors[m], linestyle="--" if variant else "-",
                     linewidth=1.0 if variant else 1.8, alpha=0.55 if variant else 1.0)
         ax.set_title(f"{L} tokens ({mark})", fontsize=9)

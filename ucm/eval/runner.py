@@ -42,16 +42,17 @@ class Setting:
     ratio: float | None = None
     dense_layers: tuple[int, ...] = ()  # ESA / GSA / KVStar: layers kept dense (GSA on device: its JSON's)
     retrieval_stride: int | None = None  # ESA / KVStar: None = ucm's default (`EVAL_RETRIEVAL_STRIDE`)
-    hash_config: str | None = None  # GSA on device: a per-model JSON instead of the shipped one (trained W)
+    hash_config: str | None = None  # GSA on device: "random", or a per-model JSON instead of the shipped one
+    hash_weights: str | None = None  # the hash_weight_type of `hash_config` ("random" / "trained"); None: shipped
 
     @property
     def name(self) -> str:
         """The method as results name it: "ESA+dense" when it keeps dense layers, "ESA+dense/s4"
-        when it retrieves every 4 steps instead of the default, "GSAOnDevice+trained" with the
-        hash projections of `ucm calibrate`."""
+        when it retrieves every 4 steps instead of the default, "GSAOnDevice+random" /
+        "GSAOnDevice+trained" with hash projections other than the shipped JSON's."""
         name = f"{self.method}+dense" if self.dense_layers else self.method
         if self.hash_config is not None:
-            name = f"{name}+trained"
+            name = f"{name}+{self.hash_weights}"
         return name if self.retrieval_stride is None else f"{name}/s{self.retrieval_stride}"
 
     @property
@@ -63,26 +64,39 @@ class Setting:
 
         if self.method == DENSE:
             return {}
+        model_config = self.hash_config
+        if model_config == RANDOM_HASH:
+            from ucm.config.loader import model_config_data
+
+            model_config = model_config_data(SHIPPED_MODEL_CONFIG, random_hash=True)
         return {"ucm_sparse_config": method_config(self.method, float(self.ratio), workdir, self.dense_layers,
-                                                   self.retrieval_stride, self.hash_config)}
+                                                   self.retrieval_stride, model_config)}
+
+
+RANDOM_HASH = "random"  # --hash-config random: the shipped JSON with random orthogonal projections
+SHIPPED_MODEL_CONFIG = "SmolLM2-135M-Instruct"
 
 
 STRIDED = ("ESA", "KVStarMultiStep")  # the methods whose retrieval stride the eval sets
 
 
 def settings_grid(methods: Iterable[str], ratios: Iterable[float], dense_layers: Iterable[int] = (),
-                  retrieval_stride: int | None = None, trained_hash: str | Path | None = None) -> list[Setting]:
+                  retrieval_stride: int | None = None, hash_config: str | Path | None = None) -> list[Setting]:
     """Dense first (its engine fills the store the others load from), then method x ratio.
     `dense_layers` go to the windowed methods (GSA on device keeps its model JSON's),
-    `retrieval_stride` to ESA and KVStar; `trained_hash` (a per-model JSON with
-    `hash_weight_type: "trained"`, as `ucm calibrate` writes it) adds GSAOnDevice+trained at
-    every ratio."""
+    `retrieval_stride` to ESA and KVStar; `hash_config` adds GSA on device at every ratio with
+    other hash projections: "random" (the shipped JSON, random orthogonal W) or a per-model
+    JSON (e.g. the one `ucm calibrate` writes), named "GSAOnDevice+<its hash_weight_type>"."""
     dense_layers = tuple(dense_layers)
-    if trained_hash is not None:
+    variant = None
+    if hash_config is not None:
         from ucm.config.loader import load_model_config
 
-        if load_model_config(trained_hash).config.hash_weight_type != "trained":  # also: the file loads
-            raise ValueError(f"{trained_hash}: hash_weight_type must be \"trained\" for --trained-hash")
+        if str(hash_config) == RANDOM_HASH:
+            hash_config, variant = RANDOM_HASH, RANDOM_HASH
+        else:
+            hash_config = str(Path(hash_config).resolve())
+            variant = load_model_config(hash_config).config.hash_weight_type  # also: the file and its W load
     if retrieval_stride is not None and retrieval_stride < 1:
         raise ValueError(f"retrieval_stride {retrieval_stride} must be >= 1")
     out = [Setting(DENSE)]
@@ -96,8 +110,8 @@ def settings_grid(methods: Iterable[str], ratios: Iterable[float], dense_layers:
                 raise ValueError(f"ratio {r} must be in (0, 1]")
             out.append(Setting(m, float(r), () if m == "GSAOnDevice" else dense_layers,
                                retrieval_stride if m in STRIDED else None))
-    if trained_hash is not None:
-        out += [Setting("GSAOnDevice", float(r), hash_config=str(Path(trained_hash).resolve())) for r in ratios]
+    if hash_config is not None:
+        out += [Setting("GSAOnDevice", float(r), hash_config=hash_config, hash_weights=variant) for r in ratios]
     return out
 
 
@@ -114,7 +128,7 @@ class CellResult:
     prompt_tokens: int
     retrieval_stride: int | None = None  # set when the setting overrides ucm's default
     dense_layers: list[int] | None = None  # the layers the setting kept dense (GSA on device: its JSON's)
-    hash_weights: str | None = None  # "trained": GSA on device with `ucm calibrate`'s W (not the shipped default)
+    hash_weights: str | None = None  # GSA on device with other projections than the shipped JSON's: "random" / "trained"
 
 
 class Results:
@@ -172,7 +186,7 @@ def run_eval(
     progress: bool = True,
     dense_layers: Iterable[int] = (),
     retrieval_stride: int | None = None,
-    trained_hash: Path | None = None,
+    hash_config: str | Path | None = None,
 ) -> dict:
     """Run every missing cell, then rebuild the summary; returns the summary dict."""
     from tqdm import tqdm
@@ -187,7 +201,7 @@ def run_eval(
 
     dense_layers = tuple(dense_layers)
     tasks, lengths, grid = list(tasks), sorted(set(lengths)), settings_grid(methods, ratios, dense_layers,
-                                                                                         retrieval_stride, trained_hash)
+                                                                                         retrieval_stride, hash_config)
     for t in tasks:
         ruler.check_task(t)
     out_dir = Path(out_dir)
@@ -231,7 +245,8 @@ def run_eval(
             try:
                 t0 = time.perf_counter()
                 setting_dense = (list(setting.dense_layers) if setting.dense_layers else
-                                 model_dense_layers(setting.hash_config or "SmolLM2-135M-Instruct")
+                                 model_dense_layers(SHIPPED_MODEL_CONFIG if setting.hash_config in (None, RANDOM_HASH)
+                                                    else setting.hash_config)
                                  if setting.method == "GSAOnDevice" else None)
                 for t in tasks:  # one task at a time: its rows are saved as soon as it is done
                     if results.done(length, setting.label, t, samples):
@@ -245,7 +260,7 @@ def run_eval(
                     scores = ruler.score_samples(t, texts, todo_samples)
                     results.add([CellResult(length, t, setting.label, setting.name, setting.ratio, s.index, text,
                                             sc, s.num_tokens, setting.retrieval_stride, setting_dense,
-                                            "trained" if setting.hash_config else None)
+                                            setting.hash_weights)
                                  for s, text, sc in zip(todo_samples, texts, scores)])
                 timings[f"{length}/{setting.label}"] = time.perf_counter() - t0
                 conn = find_connector()
@@ -286,9 +301,10 @@ def add_parser(sub) -> None:
     p.add_argument("--retrieval-stride", type=int, default=None,
                    help="ESA/KVStar retrieve every N decode steps instead of every step (ucm's default); results "
                         "name them ESA+dense/sN ... and leave them out of the headline figure")
-    p.add_argument("--trained-hash", type=Path, default=None, metavar="JSON",
-                   help="also run GSA on device with trained hash projections: the per-model JSON `ucm calibrate` "
-                        "writes (results name it GSAOnDevice+trained)")
+    p.add_argument("--hash-config", default=None, metavar="JSON|random",
+                   help="also run GSA on device with other hash projections: 'random' (the shipped JSON with random "
+                        "orthogonal W) or a per-model JSON such as `ucm calibrate` writes (results name it "
+                        "GSAOnDevice+random / GSAOnDevice+trained)")
     p.add_argument("--store-dir", type=Path, default=None,
                    help="where the dense engine's prompt KV is kept for the sparse engines (default: cache, removed after)")
     p.set_defaults(handler=_handle)
@@ -301,7 +317,7 @@ def _handle(args) -> int:
                        store_dir=args.store_dir, kv_space_gib=args.kv_space_gib, max_num_seqs=args.max_num_seqs,
                        max_new_tokens=args.max_new_tokens,
                        dense_layers=model_dense_layers() if args.dense_layers == "model" else (),
-                       retrieval_stride=args.retrieval_stride, trained_hash=args.trained_hash)
+                       retrieval_stride=args.retrieval_stride, hash_config=args.hash_config)
     from ucm.eval.report import markdown
 
     print(markdown(summary))
