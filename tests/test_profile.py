@@ -27,13 +27,20 @@ def test_ratio_one_selects_all_attention(tmp_path) -> None:
 def test_cli_smoke_two_prompts_one_method(tmp_path) -> None:
     out = tmp_path / "profile.json"
     proc = subprocess.run([sys.executable, "-m", "ucm.cli", "profile", "--tokens", "600", "--prompts", "2", "--steps",
-                           "2", "--methods", "GSAOnDevice", "--out", str(out), "--plot", str(tmp_path / "p.png")],
-                          capture_output=True, text=True, timeout=600)
+                           "2", "--methods", "GSAOnDevice,GSAOnDevice+random", "--out", str(out), "--plot",
+                           str(tmp_path / "p.png")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(out.read_text())["methods"]["GSAOnDevice"]["sparse_layers_mean"]
-    assert 0.3 <= res["fraction_kept"] <= 0.4
-    assert 0.0 < res["recall"] < 1.0 and res["recall"] <= res["oracle_normalised_recall"] <= 1.0
+    methods = json.loads(out.read_text())["methods"]
+    for name in ("GSAOnDevice", "GSAOnDevice+random"):  # shipped (trained) W and random W
+        res = methods[name]["sparse_layers_mean"]
+        assert 0.3 <= res["fraction_kept"] <= 0.4
+        assert 0.0 < res["recall"] < 1.0 and res["recall"] <= res["oracle_normalised_recall"] <= 1.0
+    trained, random_ = (methods[n]["per_layer"] for n in ("GSAOnDevice", "GSAOnDevice+random"))
+    assert any(trained[k]["recall"] != random_[k]["recall"] for k in trained)  # other projections, other blocks
     assert (tmp_path / "p.png").stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, "-m", "ucm.cli", "profile", "--methods", "ESA,XSA"], capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "unknown XSA" in bad.stderr and "GSAOnDevice+random" in bad.stderr
 
 
 def test_suggest_dense_layers_ranks_by_worst_head_mean_over_methods() -> None:

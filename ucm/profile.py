@@ -129,8 +129,9 @@ def run_profile(
         if runner is None or len(ids) + steps + block_size > runner.max_tokens:
             runner = PagedHFRunner(model, tok, ops, block_size=block_size, max_tokens=len(ids) + steps + 4 * block_size)
         state = runner.prefill(ids)
-        built = {name: build_sparse_method(method_config(name, ratio), runner.shapes, ops,
-                                           model_config=_hata_all_sparse(ratio) if name == "GSAOnDevice" else None)
+        built = {name: build_sparse_method(method_config(name.split("+")[0], ratio), runner.shapes, ops,
+                                           model_config=_hata_all_sparse(ratio, name == RANDOM_HASH_METHOD)
+                                           if name.startswith("GSAOnDevice") else None)
                  for name in methods}
         prof = SelectionProfiler(built, ops)
         runner.decode(state, None, steps, observers=[prof])
@@ -182,11 +183,21 @@ def suggest_dense_layers(methods: dict, count: int) -> list[int]:
     return sorted(ranked[:count])
 
 
-def _hata_all_sparse(ratio: float) -> dict:
+#: GSA on device with random orthogonal projections instead of the shipped JSON's trained ones
+RANDOM_HASH_METHOD = "GSAOnDevice+random"
+
+
+def profile_methods() -> tuple[str, ...]:
+    from ucm.config.sparse import METHODS
+
+    return (*METHODS, RANDOM_HASH_METHOD)
+
+
+def _hata_all_sparse(ratio: float, random_hash: bool = False) -> dict:
     """The shipped SmolLM2 JSON with every layer sparse: the profile judges every layer."""
     from ucm.config.loader import model_config_data
 
-    data = model_config_data("SmolLM2-135M-Instruct")
+    data = model_config_data("SmolLM2-135M-Instruct", random_hash=random_hash)
     data["top_k_ratio_per_layer"] = [ratio] * data["num_hidden_layers"]
     data["gpu_seq_len_threshold"] = 0
     return data
@@ -195,11 +206,11 @@ def _hata_all_sparse(ratio: float) -> dict:
 def print_summary(result: dict) -> None:
     print(f"\nselection quality at ratio {result['ratio']} ({result['prompts']} prompts x {result['decode_steps']} "
           f"steps, {result['prompt_tokens']} tokens, block {result['block_size']}), mean over layers:")
-    print(f"{'method':<16} {'recall':>7} {'oracle-norm':>12} {'worst head':>11} {'output err':>11} {'kept':>6}")
+    print(f"{'method':<19} {'recall':>7} {'oracle-norm':>12} {'worst head':>11} {'output err':>11} {'kept':>6}")
     for name, res in result["methods"].items():
         m = res["sparse_layers_mean"]
         if m:
-            print(f"{name:<16} {m['recall']:>7.3f} {m['oracle_normalised_recall']:>12.3f} "
+            print(f"{name:<19} {m['recall']:>7.3f} {m['oracle_normalised_recall']:>12.3f} "
                   f"{m.get('worst_head_normalised_recall', float('nan')):>11.3f} {m['output_error']:>11.3f} "
                   f"{m['fraction_kept']:>6.2f}")
     if result.get("suggested_dense_layers"):
@@ -239,7 +250,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--steps", type=int, default=8, help="decode steps per prompt")
     p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--methods", default="ESA,GSA,GSAOnDevice,KVStarMultiStep")
+    p.add_argument("--methods", default="ESA,GSA,GSAOnDevice,KVStarMultiStep",
+                   help=f"comma-separated; {RANDOM_HASH_METHOD}: the shipped JSON with random projections")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--backend", default=None)
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
@@ -254,6 +266,10 @@ def add_parser(sub) -> None:
 
 def _handle(args) -> int:
     methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = [m for m in methods if m not in profile_methods()]
+    if unknown or not methods:
+        raise SystemExit(f"ucm profile --methods: unknown {', '.join(unknown) or '(none given)'}; "
+                         f"valid: {', '.join(profile_methods())}")
     if args.task is not None:
         from ucm.eval import ruler
 
