@@ -108,7 +108,8 @@ def plot(result: dict, path: Path) -> None:
     names = list(result["samples_lost_vs_dense"])
     lost = [result["samples_lost_vs_dense"][n] for n in names]
     fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 3.4), constrained_layout=True)
-    ax.bar(range(len(names)), lost, color=["tab:green" if n.startswith("trained") else "tab:gray" for n in names])
+    bars = ax.bar(range(len(names)), lost, color=["tab:green" if n.startswith("trained") else "tab:gray" for n in names])
+    ax.bar_label(bars, fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     total = result["samples_per_task"] * len(result["tasks"])
     ax.set(ylabel=f"samples lost vs dense (of {total})",
