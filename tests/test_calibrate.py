@@ -38,3 +38,14 @@ def test_calibrate_writes_loadable_trained_weights(tmp_path) -> None:
     saved = torch.load(tmp_path / res["weights"], weights_only=True)["weight"]
     assert torch.equal(method.scorer.weights[7][0], saved[7])
     assert json.loads((tmp_path / "calibration.json").read_text())["bits"] == 128
+
+
+@pytest.mark.slow
+def test_shipped_projections_are_what_calibrate_makes(tmp_path) -> None:
+    """configs/smollm2_135m_hash.pt is reproducible: the recipe in docs/accuracy.md rewrites it
+    bit for bit (about 3 minutes on 2 cores)."""
+    from ucm.config.loader import model_config_data
+
+    shipped = torch.load(model_config_data("SmolLM2-135M-Instruct")["hash_weight"], weights_only=True)["weight"]
+    res = run_calibrate(tmp_path, prompts=4, heldout=1, tokens=1500, steps=60)
+    assert torch.equal(torch.load(tmp_path / res["weights"], weights_only=True)["weight"], shipped)
