@@ -106,12 +106,11 @@ def method_config(name: str, ratio: float, workdir: Path | None = None, dense_la
             if isinstance(source, dict):
                 raise ValueError("GSAOnDevice with an inline model config needs a workdir to write it to")
             return {"GSAOnDevice": {"config_file": source}}
-        from ucm.config.loader import model_config_data
+        from ucm.config.loader import load_model_config, model_config_data
 
         data = model_config_data(source)  # the copy lives elsewhere: weight paths made absolute ...
-        for key in ("hash_weight", "hash_weight_kv_lora", "hash_weight_qk_rope"):
-            if data.get(key):  # ... then relative to the copy, so a results folder names no machine's paths
-                data[key] = os.path.relpath(data[key], Path(workdir).resolve())
+        for key in load_model_config(data).config.weight_paths(None):  # ... then relative to the copy,
+            data[key] = os.path.relpath(data[key], Path(workdir).resolve())  # so results name no machine's paths
         keep = set(dense_layers) if dense_layers else {i for i, r in enumerate(data["top_k_ratio_per_layer"]) if r >= 1}
         data["top_k_ratio_per_layer"] = [1.0 if i in keep else ratio for i in range(len(data["top_k_ratio_per_layer"]))]
         data["gpu_seq_len_threshold"] = 0
