@@ -209,7 +209,7 @@ def bench_config(ops, shape: Shape, b: int, ctx: int, ratios, bw: float, rows: l
         def step(i):
             s = sets[i]
             dist = ops.hash_hamming_block_scores(s["q"], s["w"], s["codes"], s["table"], s["seq_lens"], "min")
-            _, _, tab, lens = ops.select_blocks(dist, kk, keep, s["table"], s["seq_lens"], shape.bs, largest=False)
+            tab, lens = ops.select_and_rewrite(dist, kk, keep, s["table"], s["seq_lens"], shape.bs, largest=False)
             return ops.paged_decode_attention(s["q"], s["k"], s["v"], tab, lens, scale)
 
         sel_tokens = min(ctx, k_blocks * shape.bs)
@@ -219,16 +219,16 @@ def bench_config(ops, shape: Shape, b: int, ctx: int, ratios, bw: float, rows: l
         if b == 8 and ratio == ratios[-1]:  # where the time goes, stage by stage
             dists = [ops.hash_hamming_block_scores(s["q"], s["w"], s["codes"], s["table"], s["seq_lens"], "min")
                      for s in sets]
-            sel = [ops.select_blocks(dists[i], kk, keep, sets[i]["table"], sets[i]["seq_lens"], shape.bs,
+            sel = [ops.select_and_rewrite(dists[i], kk, keep, sets[i]["table"], sets[i]["seq_lens"], shape.bs,
                                      largest=False) for i in range(n_sets)]
             stages = {
                 "stage_hash_score": (lambda i: ops.hash_hamming_block_scores(
                     sets[i]["q"], sets[i]["w"], sets[i]["codes"], sets[i]["table"], sets[i]["seq_lens"], "min"),
                     code_bytes),
-                "stage_select": (lambda i: ops.select_blocks(
+                "stage_select": (lambda i: ops.select_and_rewrite(
                     dists[i], kk, keep, sets[i]["table"], sets[i]["seq_lens"], shape.bs, largest=False), 0),
                 "stage_attn": (lambda i: ops.paged_decode_attention(
-                    sets[i]["q"], sets[i]["k"], sets[i]["v"], sel[i][2], sel[i][3], scale),
+                    sets[i]["q"], sets[i]["k"], sets[i]["v"], sel[i][0], sel[i][1], scale),
                     _kv_bytes(shape, b, sel_tokens)),
             }
             for name, (fn, nb_) in stages.items():
@@ -275,12 +275,12 @@ def bench_hamming_topk(ops, bw: float, rows: list) -> None:
     def score_topk(i):
         q, codes, table = sets[i]
         dist = ops.hamming_block_scores(q, codes, table, seq_lens, "min")
-        return ops.select_blocks(dist, kk, keep, table, seq_lens, bs, largest=False)
+        return ops.select_and_rewrite(dist, kk, keep, table, seq_lens, bs, largest=False)
 
     dists = [score(i) for i in range(n_sets)]
 
     def topk_only(i):
-        return ops.select_blocks(dists[i], kk, keep, sets[i][2], seq_lens, bs, largest=False)
+        return ops.select_and_rewrite(dists[i], kk, keep, sets[i][2], seq_lens, bs, largest=False)
 
     for kind, fn in (("hamming", score), ("hamming_topk", score_topk), ("topk_only", topk_only)):
         us = _graph_time(fn, n_sets)

@@ -61,6 +61,51 @@ def _sign_pack_kernel(
         tl.store(out_ptr + row * stride_ot + r[:, None] * stride_or + c[None, :], byte.to(tl.uint8), mask=om)
 
 
+def _hash_write_kernel(
+    x_ptr,
+    w_ptr,
+    slot_ptr,
+    code_ptr,
+    T,
+    D,
+    NBITS,
+    C,
+    stride_xt,
+    stride_xh,
+    stride_wd,
+    stride_cs,
+    stride_ch,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Hash keys into the paged code cache in one launch: program (token tile, KV head) projects
+    x [BLOCK_T, D] @ weight [D, NBITS] in float32, packs the sign bits into bytes and stores each
+    token's codes at its slot (slot < 0 skipped). The projection is the same float32 dot as the
+    query hash of `_qhash_planes_kernel`, so keys and queries are hashed alike."""
+    tb = tl.program_id(0)
+    h = tl.program_id(1)
+    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < T
+    col = tl.arange(0, BLOCK_N)
+    cm = col < NBITS
+    proj = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d < D
+        xt = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_xt + h * stride_xh + d[None, :],
+                     mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        wt = tl.load(w_ptr + d[:, None] * stride_wd + col[None, :], mask=dm[:, None] & cm[None, :], other=0.0)
+        proj += tl.dot(xt, wt.to(tl.float32), input_precision="ieee")
+    bits = ((proj >= 0) & cm[None, :]).to(tl.int32)
+    shift = tl.arange(0, 8)
+    byte = tl.sum(tl.reshape(bits, [BLOCK_T, BLOCK_N // 8, 8]) << shift[None, None, :], axis=2)
+    slot = tl.load(slot_ptr + t, mask=tm, other=-1).to(tl.int64)
+    c = tl.arange(0, BLOCK_N // 8)
+    om = (slot[:, None] >= 0) & (c[None, :] < C)
+    tl.store(code_ptr + slot[:, None] * stride_cs + h * stride_ch + c[None, :], byte.to(tl.uint8), mask=om)
+
+
 # ----------------------------------------------------------------------------------- scoring
 def _qplanes_kernel(
     q_ptr,
@@ -246,13 +291,14 @@ def _topk_kernel(
     REWRITE: tl.constexpr,
     LARGEST: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    RADIX_BITS: tl.constexpr,
 ):
     """Exact top-k of one row by radix selection on order-preserving integer keys.
 
     Key order = reference order: forced blocks first (above any score, +inf included), then
     score descending, NaN as -inf, ties to the lower index. The count-th largest key is found
-    bit by bit (33 passes
-    of a count), ties at the threshold are taken lowest index first through a prefix sum
+    RADIX_BITS bits per pass (9 passes of 16 counts for 4 bits; a pass is a serial reduction, so
+    fewer passes is less latency), ties at the threshold are taken lowest index first through a prefix sum
     (a one-pass all-pairs rank was tried: 3-20x slower on the H100), and the selected ids come out ascending by compaction. With REWRITE the row's sparse
     block table (physical ids of the selection) and its token count are written too, so
     attention can read the selected blocks in place.
@@ -282,10 +328,17 @@ def _topk_kernel(
     key = tl.where(forced, 4294967296, key)  # forced blocks outrank any score
     key = tl.where(valid, key, -1)
     thr = tl.zeros([], dtype=tl.int64)
-    for it in range(33):
-        cand = thr | (tl.full([], 1, tl.int64) << (tl.full([], 32, tl.int64) - it))
-        c = tl.sum((key >= cand).to(tl.int64), axis=0)
-        thr = tl.where(c >= cnt, cand, thr)
+    if cnt < n_b:
+        # the largest threshold with >= cnt keys at or above it, RADIX_BITS bits per pass: every
+        # candidate digit of a pass is counted at once (one [2^RADIX_BITS, BLOCK_M] reduction)
+        digit = tl.arange(0, 1 << RADIX_BITS).to(tl.int64)
+        for it in tl.static_range((33 + RADIX_BITS - 1) // RADIX_BITS):
+            shift = ((33 + RADIX_BITS - 1) // RADIX_BITS - 1 - it) * RADIX_BITS
+            cand = thr | (digit << shift)
+            c = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), axis=1)
+            thr = thr | (tl.max(tl.where(c >= cnt, digit, 0), axis=0) << shift)
+    else:  # the row keeps every valid block (a dense row): no ranking needed
+        thr = thr - 1
     above = key > thr
     need = cnt - tl.sum(above.to(tl.int64), axis=0)
     eq = key == thr
@@ -304,6 +357,82 @@ def _topk_kernel(
         last_len = seq_len - (n_b - 1) * BS
         new_len = cnt * BS - last_sel * (BS - last_len)
         tl.store(newlen_ptr + b, new_len.to(newlen_ptr.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------- representations
+def _sums_add_kernel(
+    key_ptr,
+    slot_ptr,
+    sums_ptr,
+    abs_ptr,
+    T,
+    BS,
+    MERGE,
+    R,
+    HD,
+    stride_kt,
+    HAS_ABS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Running per-block sums of written keys, deterministic and without atomics.
+
+    One program per written token. The tokens a call writes into one block are consecutive
+    (a block belongs to one request, whose tokens of a step are contiguous), so the first token
+    of each run of one group (`MERGE` offsets) sums the run in order and writes it once: stored
+    when the block is fresh (its offset 0 is written in this call, at token t - offset), added
+    otherwise. The first token of a block's run also zeroes a fresh block's groups the call does
+    not reach and writes the run's sum of |K| (KVStar's channel importance).
+    """
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // BS
+        off = slot % BS
+        grp = off // MERGE
+        prev = tl.load(slot_ptr + t - 1, mask=t > 0, other=-1).to(tl.int64)
+        prev_in_blk = (prev >= 0) & (prev // BS == blk)
+        prev_in_grp = prev_in_blk & ((prev % BS) // MERGE == grp)
+        u = t - off
+        first = tl.load(slot_ptr + u, mask=u >= 0, other=-1).to(tl.int64)
+        fresh = (u >= 0) & (first == blk * BS)
+        # the lengths of this token's runs in its block and group (leading matches, one vector load)
+        ahead = tl.arange(0, BLOCK_S)
+        sv = tl.load(slot_ptr + t + ahead, mask=(t + ahead < T) & (ahead < BS), other=-1).to(tl.int64)
+        in_blk = (sv >= 0) & (sv // BS == blk)
+        in_grp = in_blk & ((sv % BS) // MERGE == grp)
+        run_blk = tl.sum((tl.cumsum((in_blk == 0).to(tl.int32), axis=0) == 0).to(tl.int32), axis=0)
+        run_grp = tl.sum((tl.cumsum((in_grp == 0).to(tl.int32), axis=0) == 0).to(tl.int32), axis=0)
+        i0 = tl.arange(0, BLOCK)
+        row = sums_ptr + (blk * R + grp) * HD
+        if not prev_in_grp:
+            for o in range(0, HD, BLOCK):
+                i = o + i0
+                m = i < HD
+                acc = tl.zeros([BLOCK], dtype=tl.float32)
+                for j in range(0, run_grp):
+                    acc += tl.load(key_ptr + (t + j).to(tl.int64) * stride_kt + i, mask=m, other=0.0).to(tl.float32)
+                if not fresh:
+                    acc += tl.load(row + i, mask=m, other=0.0)
+                tl.store(row + i, acc, mask=m)
+        if not prev_in_blk:
+            last = off + run_blk - 1
+            if fresh:  # groups past the run start from zero too
+                for g in range(last // MERGE + 1, R):
+                    for o in range(0, HD, BLOCK):
+                        i = o + i0
+                        tl.store(sums_ptr + (blk * R + g) * HD + i, tl.zeros([BLOCK], dtype=tl.float32), mask=i < HD)
+            if HAS_ABS:
+                for o in range(0, HD, BLOCK):
+                    i = o + i0
+                    m = i < HD
+                    acc = tl.zeros([BLOCK], dtype=tl.float32)
+                    for j in range(0, run_blk):
+                        k = tl.load(key_ptr + (t + j).to(tl.int64) * stride_kt + i, mask=m, other=0.0)
+                        acc += tl.abs(k.to(tl.float32))
+                    if not fresh:
+                        acc += tl.load(abs_ptr + blk * HD + i, mask=m, other=0.0)
+                    tl.store(abs_ptr + blk * HD + i, acc, mask=m)
 
 
 # --------------------------------------------------------------------------------- attention
@@ -579,6 +708,7 @@ def _scores_dot_kernel(
 # ------------------------------------------------------------------------------------- build
 _KERNELS = (
     _sign_pack_kernel,
+    _hash_write_kernel,
     _qplanes_kernel,
     _qhash_planes_kernel,
     _hamming_kernel,
@@ -587,6 +717,7 @@ _KERNELS = (
     _attn_combine_kernel,
     _block_reduce_kernel,
     _scores_dot_kernel,
+    _sums_add_kernel,
 )
 
 

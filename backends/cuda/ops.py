@@ -100,40 +100,36 @@ class CudaOps(TorchReferenceOps):
     def hash_write(
         self, code_cache: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:
-        """Hash new keys and write their codes into the paged code cache, in one pass.
+        """Hash new keys and write their codes into the paged code cache in one launch.
 
         code_cache [NB, bs, Hkv, C] uint8, x [T, Hkv, D], weight [D, nbits], slot_mapping [T]
-        (negative = padding). The projection is the reference's float32 torch.matmul (so the
-        codes are bit-identical to it); sign test, packing and scatter are one kernel, so the
-        packed codes never make a round trip through memory.
+        (negative = padding). Projection, sign test, packing and scatter are one kernel
+        (`_hash_write_kernel`, float32 dot like the fused query hash): a projection within
+        rounding of 0 may give the other bit than `hash_encode`'s torch.matmul. Layouts the
+        kernel cannot address (a view of part of each code, MLA) take `paged_write(hash_encode)`.
         """
-        proj = torch.matmul(x.to(torch.float32), weight.to(device=x.device, dtype=torch.float32))
-        t = proj.shape[0]
-        mid = tuple(proj.shape[1:-1])
-        n = proj.shape[-1]
+        t = x.shape[0]
         c = code_cache.shape[-1]
+        nbits = weight.shape[1]
         fusable = (
-            self._can_run(code_cache, proj, slot_mapping)
-            and code_cache.dtype == torch.uint8
-            and tuple(code_cache.shape[2:-1]) == mid
-            and c == (n + 7) // 8
-            and code_cache.stride(-1) == 1
-            and code_cache.stride(0) == code_cache.shape[1] * code_cache.stride(1)
+            self._can_run(code_cache, x, weight, slot_mapping) and code_cache.dtype == torch.uint8
+            and x.dim() == 3 and code_cache.dim() == 4 and code_cache.shape[2] == x.shape[1]
+            and c == (nbits + 7) // 8 and nbits % 8 == 0 and code_cache.stride(-1) == 1
+            and code_cache.stride(2) == c and code_cache.stride(1) == code_cache.shape[2] * c
+            and code_cache.stride(0) == code_cache.shape[1] * code_cache.stride(1) and x.stride(-1) == 1
         )
-        r = math.prod(mid) if mid else 1
-        if fusable and len(mid) > 1:
-            fusable = all(code_cache.stride(2 + i) == c * math.prod(mid[i + 1 :]) for i in range(len(mid)))
-        if not fusable or t == 0:
-            self.paged_write(code_cache, self.sign_bits_pack(proj), slot_mapping)
+        if not fusable:
+            self.paged_write(code_cache, self.hash_encode(x, weight), slot_mapping)
             return
-        rows = proj.reshape(t, r, n)
-        stride_or = code_cache.stride(-2) if mid else 0
-        block_c = _pow2(c)
-        block_r = _pow2(r)
-        slots = slot_mapping.contiguous()
-        self._k.sign_pack_kernel[(t, 1)](
-            rows, code_cache, slots, r, n, c, rows.stride(0), rows.stride(1), code_cache.stride(1), stride_or,
-            HAS_SLOTS=True, BLOCK_R=block_r, BLOCK_C=block_c,
+        if t == 0:
+            return
+        wt = weight.to(device=x.device, dtype=torch.float32)
+        wt = wt if wt.stride(-1) == 1 else wt.contiguous()
+        block_t = 16
+        self._k.hash_write_kernel[(triton_cdiv(t, block_t), x.shape[1])](
+            x, wt, slot_mapping.contiguous(), code_cache, t, x.shape[2], nbits, c, x.stride(0), x.stride(1),
+            wt.stride(0), code_cache.stride(1), code_cache.stride(2),
+            BLOCK_T=block_t, BLOCK_D=min(64, _pow2(x.shape[2], 16)), BLOCK_N=_pow2(nbits, 16),
         )
 
     # ---------------------------------------------------------------- scoring
@@ -288,7 +284,7 @@ class CudaOps(TorchReferenceOps):
             return super().block_topk(scores, k, must_keep, n_blocks)
         return self._topk(scores, k, must_keep, n_blocks, None, None, 0, True)[:2]
 
-    def select_blocks(
+    def select_and_rewrite(
         self,
         scores: torch.Tensor,
         k: torch.Tensor,
@@ -297,25 +293,30 @@ class CudaOps(TorchReferenceOps):
         seq_lens: torch.Tensor,
         block_size: int,
         largest: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`block_topk` plus the sparse step's rewritten block table, in one kernel.
-
-        largest=False ranks smaller scores first (raw Hamming distances, same result as
-        negating them first) and saves the negation pass. Returns (ids, counts, sparse_table [B, M] physical ids of the selection (0 past the
-        count), sparse_lens [B]: the selection's token count, shorter by the partial tail when
-        the row's last block is selected). Attention over (sparse_table, sparse_lens) reads the
-        selected blocks in place, in order.
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One kernel: the radix top-k of each row and its rewritten block table and length
+        (no host read: safe inside a CUDA graph). largest=False ranks raw Hamming distances
+        without a negation pass."""
         if not self._can_run(scores, k, must_keep, block_table, seq_lens) or scores.dtype == torch.float64:
-            n_b = (seq_lens.to(torch.int64) + block_size - 1) // block_size
-            ids, counts = super().block_topk(scores if largest else -scores, k, must_keep, n_b)
-            table = torch.where(ids >= 0, block_table.gather(1, ids.clamp(min=0).to(torch.int64)), 0)
-            table = table.to(block_table.dtype)
-            last = ids.gather(1, (counts.to(torch.int64) - 1).clamp(min=0)[:, None])[:, 0]
-            tail = (n_b * block_size - seq_lens.to(torch.int64)) * ((last == n_b - 1) & (counts > 0))
-            lens = (counts.to(torch.int64) * block_size - tail).to(seq_lens.dtype)
-            return ids, counts, table, lens
-        return self._topk(scores, k, must_keep, None, block_table, seq_lens, block_size, largest)
+            return super().select_and_rewrite(scores, k, must_keep, block_table, seq_lens, block_size, largest)
+        return self._topk(scores, k, must_keep, None, block_table, seq_lens, block_size, largest)[2:]
+
+    def block_sums_add(self, sums, abs_sums, key, slot_mapping, block_size, merge) -> None:
+        """One launch, no host read, no atomics (deterministic: each run of a block's keys is
+        summed in order by its first token's program; see `_sums_add_kernel`)."""
+        t = int(slot_mapping.shape[0])
+        usable = (self._can_run(sums, key, slot_mapping) and sums.dtype == torch.float32 and sums.is_contiguous()
+                  and (abs_sums is None or (abs_sums.is_contiguous() and self._can_run(abs_sums)))
+                  and key.dim() == 3 and key.stride(-1) == 1 and key.stride(1) == key.shape[2])
+        if not usable:
+            return super().block_sums_add(sums, abs_sums, key, slot_mapping, block_size, merge)
+        if t == 0:
+            return
+        nb, r, h, d = sums.shape
+        self._k.sums_add_kernel[(t,)](key, slot_mapping.contiguous(), sums, abs_sums if abs_sums is not None else sums,
+                                      t, block_size, merge, r, h * d, key.stride(0),
+                                      HAS_ABS=abs_sums is not None, BLOCK=min(_pow2(h * d), 1024),
+                                      BLOCK_S=_pow2(block_size))
 
     def _topk(self, scores, k, must_keep, n_blocks, block_table, seq_lens, block_size, largest):
         b, m = scores.shape
@@ -349,6 +350,7 @@ class CudaOps(TorchReferenceOps):
             sc, kk, keep, nblk, ids, counts, tbl, seq_lens if rewrite else nblk, new_table, new_lens,
             m, max(block_size, 1), sc.stride(0), keep.stride(0), ids.stride(0), *strides,
             NB_FROM_LEN=rewrite, REWRITE=rewrite, LARGEST=largest, BLOCK_M=block_m, num_warps=warps,
+            RADIX_BITS=4 if block_m <= 2048 else 1,
         )
         if rewrite:
             return ids, counts, new_table, new_lens

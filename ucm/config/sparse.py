@@ -39,6 +39,11 @@ class WindowedMethodConfig(_Strict):
     #: layers that read every block (0-based): the layers whose attention no block selection
     #: captures, found with `ucm profile` (GSA on device sets the same through its model JSON)
     dense_layers: list[NonNegInt] = Field(default_factory=list)
+    #: decode steps with fewer decoding rows stay dense (selection costs about what it saves on a
+    #: single short row). Unset: 2 on the CUDA graph path (one row at 32K tokens was slower sparse
+    #: than dense on an H200, docs/cuda.md), 0 elsewhere (GSA on device: its JSON's
+    #: gpu_/npu_concurrency_threshold)
+    concurrency_threshold: NonNegInt | None = None
 
     @model_validator(mode="after")
     def _check_combinations(self) -> WindowedMethodConfig:

@@ -165,6 +165,52 @@ class SparseOps(ABC):
         even against +inf scores. counts[b] = min(n_b, M, max(k_b, forced)).
         """
 
+    def select_and_rewrite(
+        self,
+        scores: torch.Tensor,
+        k: torch.Tensor,
+        must_keep: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_size: int,
+        largest: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`block_topk` and the block table attention reads, in one op with static shapes (the
+        decode path under CUDA graphs calls this once per sparse layer).
+
+        scores [B, M] (largest=False ranks smaller first: raw Hamming distances), k [B],
+        must_keep [B, M] bool, block_table [B, M], seq_lens [B]; n_b = ceil(seq_lens / bs).
+        -> (table [B, M]: physical ids of the kept blocks in ascending logical order, 0 past
+        them, in block_table's dtype; lens [B]: the tokens attention reads, i.e. kept blocks * bs
+        less the unwritten tail of the row's last block when it is kept). A row with k >= n_b
+        comes back unchanged (its own table and length).
+        """
+        n_b = (seq_lens.to(torch.int64) + block_size - 1) // block_size
+        ranked = scores if largest else -scores
+        ids, counts = self.block_topk(ranked, k, must_keep, n_b)
+        table = block_table.gather(1, ids.clamp(min=0).to(torch.int64).to(block_table.device))
+        table = torch.where(ids.to(table.device) >= 0, table, 0).to(block_table.dtype)
+        counts = counts.to(torch.int64).to(seq_lens.device)
+        last = ids.to(torch.int64).gather(1, (counts - 1).clamp(min=0)[:, None])[:, 0].to(seq_lens.device)
+        tail = (n_b * block_size - seq_lens.to(torch.int64)) * ((last == n_b - 1) & (counts > 0))
+        return table, (counts * block_size - tail).to(seq_lens.dtype)
+
+    # ---------------------------------------------------------------- hashing, fused
+    def hash_write(self, code_cache: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+        """Hash keys and write their codes into a paged code cache: code_cache [NB, bs, Hkv, C]
+        uint8 (or a view of its last dim), x [T, Hkv, D], weight [D, 8C], slot_mapping [T]
+        (negative = padding). Same codes as `paged_write(hash_encode(x, weight))`."""
+        self.paged_write(code_cache, self.hash_encode(x, weight), slot_mapping)
+
+    def hash_hamming_block_scores(self, q: torch.Tensor, weight: torch.Tensor, k_codes: torch.Tensor,
+                                  block_table: torch.Tensor, seq_lens: torch.Tensor,
+                                  reduce: BlockReduce = "min") -> torch.Tensor:
+        """`hamming_block_scores(hash_encode(q, weight), ...)`: q [B, Hq, D] -> float32 [B, M]
+        block distances (smaller = closer). A backend may fuse the query hash into the scorer;
+        its projection may then round differently, flipping a query bit within rounding of 0."""
+        return self.hamming_block_scores(self.hash_encode(q, weight), k_codes, block_table, seq_lens, reduce)
+
     # -------------------------------------------------------------- threads
     def prepare_background_thread(self) -> None:
         """Called once on each background retrieval thread before it runs any op.

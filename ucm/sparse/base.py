@@ -62,6 +62,13 @@ class BlockScorer(ABC):
     host_scoring: bool = False
     #: how per-block scores combine into a selection unit (chunk) of several blocks
     unit_reduce: str = "max"
+    #: `batch_scores` runs with static shapes and no host read (the CUDA graph decode path)
+    batch_safe: bool = False
+    #: whether `batch_scores` ranks larger first (False: raw distances, smaller = closer)
+    batch_largest: bool = True
+    #: `batch_scores` is given the tokens of full blocks only (the partial last block has no
+    #: representation yet; it is always kept)
+    batch_full_blocks: bool = False
 
     def __init__(self, shapes: ModelShapes, ops: SparseOps) -> None:
         self.shapes = shapes
@@ -83,6 +90,12 @@ class BlockScorer(ABC):
 
         q is what `prepare_query` returned, restricted to these rows.
         """
+
+    def batch_scores(self, layer: int, q: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor) -> torch.Tensor:
+        """Block scores [B, M] of every row from its current query q [B, Hq, D] alone (no
+        per-request state), with static shapes and no host read; order as `batch_largest`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score a batch without per-request state")
 
     def prepare_query(self, layer: int, q: torch.Tensor, req_ids: Sequence[str]) -> torch.Tensor:
         """Called with every decode query [B, Hq, D]; returns what `score` receives for it.
@@ -176,10 +189,10 @@ class SparseMethod:
         retrieval_stride: int = 1,
         executor: ThreadPoolExecutor | None = None,
         seq_len_threshold: int = 0,
-        concurrency_threshold: int = 0,
+        concurrency_threshold: int | None = None,
     ) -> None:
         """Rows shorter than `seq_len_threshold` tokens, and whole steps with fewer than
-        `concurrency_threshold` decoding rows, stay dense."""
+        `concurrency_threshold` decoding rows, stay dense (None: the engine path's default, 0 here)."""
         if retrieval_stride < 1:
             raise ValueError(f"retrieval_stride must be >= 1, got {retrieval_stride}")
         self.name = name
@@ -231,7 +244,7 @@ class SparseMethod:
         if len(req_ids) != int(seq_lens.shape[0]) or block_table.shape[0] != len(req_ids):
             raise ValueError(f"{len(req_ids)} req_ids, {seq_lens.shape[0]} seq_lens, {block_table.shape[0]} table rows")
         eligible = seq_lens.to(torch.int64) >= self.seq_len_threshold
-        if len(req_ids) < self.concurrency_threshold:
+        if len(req_ids) < (self.concurrency_threshold or 0):
             eligible = torch.zeros_like(eligible)
         if sparse_rows is not None:
             eligible &= sparse_rows.to(eligible.device, torch.bool)

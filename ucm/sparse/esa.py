@@ -19,6 +19,7 @@ class MeanReprScorer(BlockScorer):
     """
 
     group_reduce = "mean"
+    batch_safe = True
 
     def __init__(self, shapes: ModelShapes, ops: SparseOps, repr_device: torch.device | None = None,
                  score_ops: SparseOps | None = None) -> None:
@@ -42,6 +43,14 @@ class MeanReprScorer(BlockScorer):
         s = self.score_ops.block_scores_dot(q.to(dev), reprs, block_table.to(dev), full_lens.to(dev), bs,
                                             self.group_reduce)
         return s.to(q.device)
+
+    batch_full_blocks = True
+
+    def batch_scores(self, layer: int, q: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor) -> torch.Tensor:
+        """`score` of full blocks, given their token counts (`batch_full_blocks`)."""
+        return self.score_ops.block_scores_dot(q, self.acc[layer].sums[:, 0], block_table, seq_lens,
+                                               self.shapes.block_size, self.group_reduce)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         for acc in self.acc:

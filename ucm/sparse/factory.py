@@ -30,6 +30,7 @@ def build_sparse_method(
     host_ops: SparseOps | None = None,
     model_config: ModelConfigFile | dict | None = None,
     seed: int = 0,
+    host_scoring: bool = True,
 ) -> SparseMethod:
     """The method named by `config` (a parsed config, or UCM's JSON dict/string/path).
 
@@ -37,6 +38,8 @@ def build_sparse_method(
     `model_name` finds the built-in GSAOnDevice config when the config names no file.
     `device_kind` picks the gpu_* or npu_* thresholds of a GSAOnDevice model config.
     `model_config` (a loaded per-model config or its dict) overrides both for GSAOnDevice.
+    `host_scoring=False` keeps GSA's representations and scoring on the device (the CUDA graph
+    decode path, where no step may wait on the host); it changes no other method.
     """
     if not isinstance(config, (ESAConfig, GSAConfig, KVStarConfig, GSAOnDeviceConfig)):
         config = parse_sparse_config(config)
@@ -63,7 +66,7 @@ def build_sparse_method(
     if isinstance(config, ESAConfig):
         scorer = ESAScorer(shapes, ops)
     elif isinstance(config, GSAConfig):
-        scorer = GSAScorer(shapes, ops, host_ops or get_ops("cpu"))
+        scorer = GSAScorer(shapes, ops, (host_ops or get_ops("cpu")) if host_scoring else None)
     else:
         if shapes.block_size % config.blk_repre_inner_token_merge:
             raise ConfigError(
@@ -74,7 +77,8 @@ def build_sparse_method(
         scorer = KVStarScorer(
             shapes, ops, config.blk_repre_dim_prune_ratio, config.blk_repre_inner_token_merge, config.retrieval_stride
         )
-    return SparseMethod(config.method, scorer, selector, config.retrieval_stride)
+    return SparseMethod(config.method, scorer, selector, config.retrieval_stride,
+                        concurrency_threshold=config.concurrency_threshold)
 
 
 def resolve_model_config(config: GSAOnDeviceConfig, model_name: str | None) -> ModelConfigFile:

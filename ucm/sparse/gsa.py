@@ -11,13 +11,19 @@ from ucm.sparse.esa import MeanReprScorer
 
 
 class GSAScorer(MeanReprScorer):
-    """Representations live in host memory; scoring uses the host's op backend.
+    """With `host_ops` (UCM's GSA) representations live in host memory and are scored there,
+    asynchronously; without, they live on the device and score like ESA's (the CUDA graph
+    decode path, where nothing may wait on the host).
 
     `host_ops` is the CPU implementation of the contract (passed in, never imported here).
     """
 
     group_reduce = "max"
-    host_scoring = True
 
-    def __init__(self, shapes: ModelShapes, ops: SparseOps, host_ops: SparseOps) -> None:
-        super().__init__(shapes, ops, repr_device=torch.device("cpu"), score_ops=host_ops)
+    def __init__(self, shapes: ModelShapes, ops: SparseOps, host_ops: SparseOps | None = None) -> None:
+        if host_ops is None:
+            super().__init__(shapes, ops)
+        else:
+            super().__init__(shapes, ops, repr_device=torch.device("cpu"), score_ops=host_ops)
+        self.host_scoring = host_ops is not None
+        self.batch_safe = host_ops is None

@@ -55,12 +55,28 @@ class HashScorer(BlockScorer):
         return torch.cat([self.ops.hash_encode(p, w) for p, w in zip(parts, self.weights[layer])], dim=-1)
 
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        self.ops.paged_write(self.codes[layer], self.encode(layer, key), slot_mapping)
+        if len(self.splits) == 1:  # one projection: hash, pack and scatter in one op
+            self.ops.hash_write(self.codes[layer], key, self.weights[layer][0], slot_mapping)
+        else:
+            self.ops.paged_write(self.codes[layer], self.encode(layer, key), slot_mapping)
 
     def score(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
               req_ids: Sequence[str]) -> torch.Tensor:
         dist = self.ops.hamming_block_scores(self.encode(layer, q), self.codes[layer], block_table, seq_lens, self.reduce)
         return -dist
+
+    batch_safe = True
+    batch_largest = False
+
+    def batch_scores(self, layer: int, q: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor) -> torch.Tensor:
+        """Raw block distances (smaller = closer); the query hash is fused into the scorer where
+        the backend can (one projection)."""
+        if len(self.splits) == 1:
+            return self.ops.hash_hamming_block_scores(q, self.weights[layer][0], self.codes[layer], block_table,
+                                                      seq_lens, self.reduce)
+        return self.ops.hamming_block_scores(self.encode(layer, q), self.codes[layer], block_table, seq_lens,
+                                             self.reduce)
 
     def memory_bytes(self) -> int:
         return sum(c.numel() for c in self.codes)

@@ -86,6 +86,28 @@ class KVStarScorer(BlockScorer):
             got = native(q, acc.sums, acc.abs_sums, block_table, n_full, self.kept_dims, self.scale / self.merge)
             if got is not None:
                 return got
+        out[:, :n] = self._mass(layer, q, block_table, n_full, n)
+        return out
+
+    batch_safe = True
+    batch_full_blocks = True
+
+    def batch_scores(self, layer: int, q: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor) -> torch.Tensor:
+        """The current query alone (a window of one) over every column of the table: static
+        shapes, no host read. `seq_lens` counts full blocks' tokens (`batch_full_blocks`)."""
+        m = block_table.shape[1]
+        n_full = (seq_lens.to(device=q.device, dtype=torch.int64) // self.shapes.block_size).clamp(max=m)
+        return self._mass(layer, q[:, None], block_table, n_full, m)
+
+    def _mass(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, n_full: torch.Tensor,
+              n: int) -> torch.Tensor:
+        """[B, n] attention mass of the queries q [B, W, Hq, D] on the first n columns' full
+        blocks (-inf past a row's n_full)."""
+        hkv = self.shapes.num_kv_heads
+        g = self.shapes.num_q_heads // hkv
+        b = block_table.shape[0]
+        acc = self.acc[layer]
         valid = torch.arange(n, device=q.device)[None] < n_full[:, None]  # [B, n]
         blocks = torch.where(valid, block_table[:, :n].to(device=q.device, dtype=torch.int64), 0)
         importance = (acc.abs_sums[blocks] * valid[:, :, None, None]).sum(1)  # [B, Hkv, D]: mean |K| up to a factor
@@ -105,8 +127,7 @@ class KVStarScorer(BlockScorer):
         logits = logits.masked_fill(~valid[:, None, None, :, None], -math.inf)
         probs = torch.softmax(logits.view(b, hkv, w * g, n * r), dim=-1).nan_to_num(0.0)
         mass = probs.view(b, hkv * w * g, n, r).sum(dim=(1, 3))  # [B, n]
-        out[:, :n] = torch.where(valid, mass, -math.inf)
-        return out
+        return torch.where(valid, mass, -math.inf)
 
     def finish(self, req_id: str) -> None:
         for key in [k for k in self._queries if k[0] == req_id]:

@@ -80,6 +80,16 @@ def _device_kind() -> str:
         return "gpu"
 
 
+def batch_path_platform() -> bool:
+    """Whether this platform's wrapper selects in batch mode: vLLM's CUDA platform (NVIDIA)."""
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cuda())
+    except Exception:  # no resolvable platform: the per-request path
+        return False
+
+
 class UCMConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -133,6 +143,7 @@ class UCMConnector(KVConnectorBase_V1):
                 ops_factory=get_ops,
                 device_kind=_device_kind(),
                 model_config_file=self.model_config_file,
+                batch_mode=batch_path_platform(),
             )
             if self.offload_policy is not None:
                 self.runtime.offload = OffloadWorker(self.offload_policy, self.runtime.num_layers)
@@ -322,12 +333,13 @@ class UCMConnector(KVConnectorBase_V1):
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any] | None) -> bool:
-        """With a sparse config, vLLM downgrades FULL cudagraph modes to PIECEWISE: attention
-        (and the KV-cache write) then run eagerly between the captured pieces, so ucm's per-step
-        block selection runs every step instead of being frozen into a replayed graph."""
+        """On NVIDIA GPUs ucm selects in batch mode (device kernels only), which FULL CUDA graphs
+        capture and replay: no downgrade. Elsewhere (vllm-ascend's graphs) the per-request path
+        runs Python every step, so vLLM downgrades FULL modes to PIECEWISE there, where attention
+        runs eagerly between the captured pieces."""
         from ucm.config.loader import SPARSE_KEY
 
-        return bool((extra_config or {}).get(SPARSE_KEY))
+        return bool((extra_config or {}).get(SPARSE_KEY)) and not batch_path_platform()
 
 
 def _store_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None, ucm_config) -> StoreIdentity:

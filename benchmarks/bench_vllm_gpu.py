@@ -1,0 +1,323 @@
+"""Decode speed of plain vLLM vs each ucm method inside real vLLM on the GPU, CUDA graphs on.
+
+What it measures: one engine per setting (plain vLLM, then each method at each ratio), all in
+one run on one GPU, each in its own process so memory is clean; a Qwen3-4B-shaped model with
+dummy weights (`load_format="dummy"`: speed depends on shapes, not on weights), bf16, block 128,
+prefix caching on, vLLM's FULL decode CUDA graphs (`cudagraph_mode` FULL_DECODE_ONLY, no
+torch.compile, the same for every engine). For every cell (context, batch) the engine first
+computes the prompts once (`max_tokens=1`), then times a 1-token and an (N+1)-token generate on
+the now-cached prompts: their difference over N is the decode step (best of `--repeats`).
+
+Per cell: decode ms/step, `engine_speedup` = plain vLLM's ms / the method's ms (same run),
+blocks read (ucm's own counters over the decode steps: kept / held blocks, dense layers
+included), and `fraction_of_bound`: the fewest bytes a decode step must move (KV of the blocks
+read + the weights + the method's block representations or hash codes) at the HBM read
+bandwidth measured in the same process, over the measured step.
+
+    python benchmarks/bench_vllm_gpu.py                        # the issue's matrix
+    python benchmarks/bench_vllm_gpu.py --contexts 32768 --batches 8 --settings dense ESA:0.3
+Writes benchmarks/results/vllm_gpu_decode.json (+ .png); `--out DIR` writes there instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+# Qwen3-4B's shape (config.json of Qwen/Qwen3-4B), positions widened for 128K contexts
+QWEN3_4B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728,
+    "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 151936, "max_position_embeddings": 135168, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645, "use_cache": True,
+}
+BLOCK = 128
+
+
+def model_dir(shape: dict, root: Path, name: str = "Qwen3-4B") -> Path:
+    """A model folder vLLM can load with dummy weights: config.json only. Its name matches
+    ucm's built-in GSA-on-device config for that model."""
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(shape))
+    return path
+
+
+def weight_bytes(shape: dict, dtype_bytes: int = 2) -> int:
+    """Bytes of weights a decode step reads: every layer's projections and MLP, the norms, the
+    LM head (the embedding table when tied); the embedding lookup itself reads a few rows."""
+    h, i, hd = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
+    q, kv = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h + 2 * hd
+    return dtype_bytes * (shape["num_hidden_layers"] * per_layer + shape["vocab_size"] * h + h)
+
+
+def side_bytes_per_block(setting: str, shape: dict, block: int = BLOCK) -> int:
+    """Bytes of block representations / codes the method reads per block and layer when it scores."""
+    hkv, hd = shape["num_key_value_heads"], shape["head_dim"]
+    method = setting.split(":")[0]
+    if method in ("ESA", "GSA"):
+        return hkv * hd * 4  # one float32 sum per KV head
+    if method == "KVStarMultiStep":
+        return (block // 2) * hkv * hd * 4 + hkv * hd * 4  # merged sums (merge 2) + |K| sums
+    if method == "GSAOnDevice":
+        return block * hkv * 16  # 128-bit codes per token and KV head
+    return 0
+
+
+def sparse_extra(setting: str, tmp: Path, shape: dict = QWEN3_4B) -> dict | None:
+    """The connector's extra config for a setting "dense" | "METHOD:RATIO"."""
+    if setting == "dense":
+        return None
+    method, ratio, *overrides = setting.split(":")  # METHOD:RATIO[:key=int...]
+    ratio = float(ratio)
+    keys = {k: int(v) for k, v in (o.split("=") for o in overrides)}
+    if method == "GSAOnDevice":  # the shipped Qwen3-4B JSON with its sparse layers at `ratio`
+        from ucm.config.loader import find_model_config
+
+        data = json.loads(Path(find_model_config("Qwen3-4B")).read_text())
+        layers = shape["num_hidden_layers"]
+        if layers != data["num_hidden_layers"]:  # another depth: its first and last layers dense
+            data.update(num_hidden_layers=layers, head_dim=shape["head_dim"], top_k_index_reuse=[-1] * layers,
+                        top_k_ratio_per_layer=[1 if i in (0, layers - 1) else ratio for i in range(layers)])
+        data["top_k_ratio_per_layer"] = [r if r >= 1 else ratio for r in data["top_k_ratio_per_layer"]]
+        if "concurrency_threshold" in keys:
+            data["gpu_concurrency_threshold"] = keys["concurrency_threshold"]
+        path = tmp / f"gsa_on_device_{layers}_{ratio}_{data['gpu_concurrency_threshold']}.json"
+        path.write_text(json.dumps(data))
+        return {"ucm_sparse_config": {"GSAOnDevice": {"config_file": str(path)}}}
+    return {"ucm_sparse_config": {method: {"sparse_ratio": ratio, "retrieval_stride": 1, **keys}}}
+
+
+def engine_kwargs(model: Path, extra: dict | None, max_model_len: int, max_batch: int, *,
+                  graphs: bool = True, capture_sizes: list[int] | None = None, mem: float = 0.80) -> dict:
+    kw = dict(model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+              block_size=BLOCK, max_model_len=max_model_len, max_num_seqs=max(max_batch, 1),
+              max_num_batched_tokens=32768, enable_prefix_caching=True, gpu_memory_utilization=mem,
+              seed=0, disable_log_stats=True)
+    if graphs:
+        kw["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
+                                    "cudagraph_capture_sizes": capture_sizes or sorted({1, 2, 4, 8, max_batch})}
+    else:
+        kw["enforce_eager"] = True
+    if extra is not None:
+        from vllm.config import KVTransferConfig
+
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.connector",
+            kv_role="kv_both", kv_connector_extra_config=extra)
+    return kw
+
+
+def prompts_for(context: int, batch: int, seed: int, vocab: int) -> list[dict]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(100, vocab - 100, (context,), generator=g).tolist()}
+            for _ in range(batch)]
+
+
+def hbm_read_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (bytes read + bytes written), median of 5."""
+    import torch
+
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(6):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * n / sorted(times[1:])[2]
+
+
+def ucm_counters() -> dict | None:
+    from ucm.integration.vllm.connector import find_runtime
+
+    rt = find_runtime()
+    return rt.snapshot() if rt is not None and rt.method is not None else None
+
+
+def run_engine(spec: dict) -> dict:
+    """One engine, every cell of `spec`: decode ms per cell and ucm's blocks read (in-process)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    tmp = Path(spec["tmp"])
+    shape = spec["shape"]
+    extra = sparse_extra(spec["setting"], tmp, shape)
+    max_batch = max(b for _, b in spec["cells"])
+    max_len = max(c for c, _ in spec["cells"]) + spec["new_tokens"] + 2 * BLOCK
+    t0 = time.perf_counter()
+    llm = LLM(**engine_kwargs(Path(spec["model"]), extra, max_len, max_batch))
+    start_s = time.perf_counter() - t0
+    bw = hbm_read_bandwidth()
+    n = spec["new_tokens"]
+    out = {"setting": spec["setting"], "engine_start_s": round(start_s, 1), "hbm_bytes_per_s": bw, "cells": []}
+
+    def gen(prompts, tokens):
+        sp = SamplingParams(max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0.0, detokenize=False)
+        t = time.perf_counter()
+        res = llm.generate(prompts, sp, use_tqdm=False)
+        return time.perf_counter() - t, res
+
+    for context, batch in spec["cells"]:
+        # the cells of one context share prompts (a smaller batch takes the first ones, cached)
+        prompts = prompts_for(context, max_batch, seed=context, vocab=shape["vocab_size"])[:batch]
+        t_fill, _ = gen(prompts, 1)  # computes the prompts into the prefix cache
+        best1 = min(gen(prompts, 1)[0] for _ in range(spec["repeats"]))
+        before = ucm_counters()
+        runs = [gen(prompts, n + 1) for _ in range(spec["repeats"])]
+        after = ucm_counters()
+        bestn = min(t for t, _ in runs)
+        tokens = [list(o.outputs[0].token_ids) for o in runs[0][1]]
+        cell = {"context": context, "batch": batch, "prefill_s": round(t_fill, 2),
+                "decode_ms": round((bestn - best1) / n * 1e3, 3), "first_tokens": [t[:8] for t in tokens]}
+        if before is not None and after is not None:
+            kept = sum(after["kept"]) - sum(before["kept"])
+            total = sum(after["total"]) - sum(before["total"])
+            cell["blocks_read"] = round(kept / total, 4) if total else None
+            cell["sparse_steps"] = after["sparse_steps"] - before["sparse_steps"]
+        out["cells"].append(cell)
+        print(f"[{spec['setting']}] {context}x{batch}: {cell['decode_ms']} ms/step "
+              f"blocks read {cell.get('blocks_read', 1.0)}", flush=True)
+    return out
+
+
+def run_child(spec: dict, log: Path) -> dict:
+    """`run_engine` in a fresh process (clean GPU memory between engines)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    with open(log, "a") as lf:
+        lf.write(f"\n===== {spec['setting']} =====\n")
+        lf.flush()
+        proc = subprocess.run([sys.executable, __file__, "--child", f.name], stdout=subprocess.PIPE, stderr=lf,
+                              text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = proc.stdout.strip().splitlines()
+    for line in lines[:-1]:
+        print(line, flush=True)
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"engine {spec['setting']} failed (exit {proc.returncode}); log tail:\n{tail}")
+    return json.loads(lines[-1])
+
+
+def bound_ms(setting: str, shape: dict, context: int, batch: int, blocks_read: float, bw: float) -> float:
+    layers, hkv, hd = shape["num_hidden_layers"], shape["num_key_value_heads"], shape["head_dim"]
+    kv_dense = batch * context * layers * 2 * hkv * hd * 2
+    blocks = batch * layers * math.ceil(context / BLOCK)
+    nbytes = kv_dense * blocks_read + weight_bytes(shape) + blocks * side_bytes_per_block(setting, shape)
+    return nbytes / bw * 1e3
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in result["cells"] if c["method"] != "dense"]
+    keys = sorted({(c["context"], c["batch"]) for c in cells})
+    series = sorted({(c["method"], c["ratio"]) for c in cells})
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)), 4.2))
+    width = 0.8 / max(len(series), 1)
+    for i, (m, r) in enumerate(series):
+        xs, ys = [], []
+        for j, key in enumerate(keys):
+            got = [c for c in cells if (c["context"], c["batch"]) == key and (c["method"], c["ratio"]) == (m, r)]
+            if got:
+                xs.append(j + (i - (len(series) - 1) / 2) * width)
+                ys.append(got[0]["engine_speedup"])
+        ax.bar(xs, ys, width, label=f"{m} {r}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(keys)), [f"{c // 1024}K x{b}" for c, b in keys])
+    ax.set_ylabel("decode speedup vs plain vLLM (same run)")
+    ax.set_title(f"ucm inside vLLM {result['vllm']} on {result['device']}, CUDA graphs")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 and 8 at 32K, 1 and 4 at 128K")
+    ap.add_argument("--settings", nargs="+",
+                    default=["dense", "ESA:0.3", "ESA:0.1", "GSAOnDevice:0.3", "GSAOnDevice:0.1"])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--name", default="vllm_gpu_decode")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(run_engine(json.loads(Path(args.child).read_text()))), flush=True)
+        return
+    import torch
+    import vllm
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="ucm-bench-gpu-"))
+    model = model_dir(QWEN3_4B, tmp)
+    cells = [(c, b) for c in args.contexts for b in (args.batches or ([1, 8] if c <= 32768 else [1, 4]))]
+    log = out_dir / f"{args.name}.log"
+    log.write_text("")
+    engines = {}
+    for setting in args.settings:
+        spec = {"setting": setting, "tmp": str(tmp), "model": str(model), "shape": QWEN3_4B, "cells": cells,
+                "new_tokens": args.new_tokens, "repeats": args.repeats}
+        engines[setting] = run_child(spec, log)
+    dense = {(c["context"], c["batch"]): c for c in engines["dense"]["cells"]}
+    bw = sorted(e["hbm_bytes_per_s"] for e in engines.values())[len(engines) // 2]
+    result = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
+              "command": "python benchmarks/bench_vllm_gpu.py " + " ".join(sys.argv[1:]),
+              "model": "Qwen3-4B shape, dummy weights, bf16, block 128", "hbm_bytes_per_s": round(bw),
+              "cudagraph_mode": "FULL_DECODE_ONLY", "new_tokens": args.new_tokens,
+              "engine_start_s": {s: e["engine_start_s"] for s, e in engines.items()}, "cells": []}
+    for setting, eng in engines.items():
+        method, ratio = (setting, 1.0) if setting == "dense" else (setting.split(":")[0], float(setting.split(":")[1]))
+        if setting.count(":") > 1:
+            method += "[" + ",".join(setting.split(":")[2:]) + "]"
+        for c in eng["cells"]:
+            d = dense[(c["context"], c["batch"])]
+            read = c.get("blocks_read") if method != "dense" else 1.0
+            read = 1.0 if read is None else read
+            bound = bound_ms(setting, QWEN3_4B, c["context"], c["batch"], read, bw)
+            result["cells"].append({
+                "method": method, "context": c["context"], "batch": c["batch"], "ratio": ratio, "cuda_graphs": True,
+                "dense_ms": d["decode_ms"], "decode_ms": c["decode_ms"],
+                "engine_speedup": round(d["decode_ms"] / c["decode_ms"], 3), "blocks_read": read,
+                "fraction_of_bound": round(bound / c["decode_ms"], 3), "bound_ms": round(bound, 3),
+                "sparse_steps": c.get("sparse_steps"), "prefill_s": c["prefill_s"],
+                "same_first_tokens_as_dense": c["first_tokens"] == d["first_tokens"],
+            })
+    path = out_dir / f"{args.name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out_dir / f"{args.name}.png")
+    print(f"{'method':<16}{'ratio':>6}{'ctx':>8}{'batch':>6}{'dense ms':>10}{'ms':>9}{'speedup':>9}{'read':>7}"
+          f"{'of bound':>9}")
+    for c in result["cells"]:
+        print(f"{c['method']:<16}{c['ratio']:>6}{c['context']:>8}{c['batch']:>6}{c['dense_ms']:>10.2f}"
+              f"{c['decode_ms']:>9.2f}{c['engine_speedup']:>9.2f}{c['blocks_read']:>7.3f}{c['fraction_of_bound']:>9.2f}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

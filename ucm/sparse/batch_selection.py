@@ -1,0 +1,177 @@
+"""Block selection for a whole attention batch with static shapes: the decode path that runs
+inside CUDA graphs.
+
+`SparseMethod` drives a selection per request (request ids, retrieval strides, asynchronous
+scoring, host reads of lengths). A captured CUDA graph replays kernels only: no Python runs per
+step, so nothing may depend on host values that change between steps. `BatchSelector` therefore
+derives everything from the attention batch's own device tensors (query_start_loc, seq_lens,
+block_table), whose addresses vLLM keeps fixed between capture and replay:
+
+    plan = batch.plan(query_start_loc, seq_lens, block_table)   # once per step
+    table, lens = batch.select(layer, query, plan)             # per sparse layer: score, top-k, rewrite
+    # after the step's last sparse layer the plan's kept-block counts go into device counters
+
+A row selects when it decodes (one query token) and its length reaches the method's
+`seq_len_threshold`; every other row (prefill, chunked prefill, speculative rows, padding) gets
+k = all of its blocks, so the kernel hands its own table and length back. A batch with fewer rows
+than the method's `concurrency_threshold` (default `BATCH_MIN_ROWS`) stays dense as a whole: a
+host decision on the batch's shape, which is fixed for a captured graph. Selection runs every step: there is no per-request state to keep
+a previous step's choice in (`retrieval_stride` applies to the per-request path only).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ucm.sparse.base import SparseMethod
+from ucm.sparse.selection import LayerPolicy
+
+#: rows a decode step needs before it selects, unless the method sets `concurrency_threshold`:
+#: on an H200 (Qwen3-4B shape, 32K tokens) one row decoded slower sparse than dense, eight rows
+#: faster (benchmarks/results/vllm_gpu_decode.json)
+BATCH_MIN_ROWS = 2
+
+
+@dataclass
+class BatchPlan:
+    """Per-step facts every layer shares; all tensors have the batch's static shapes."""
+
+    seq_lens: torch.Tensor  # [B]
+    block_table: torch.Tensor  # [B, M]
+    q_index: torch.Tensor | None  # [B] int64: each row's last query token (None: row b's is token b)
+    eligible: torch.Tensor  # [B] bool: rows that select this step
+    n_blocks: torch.Tensor  # [B] int64
+    full_lens: torch.Tensor  # [B] int64: tokens in full blocks (what representation scorers score)
+    budgets: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # policy -> (k, must)
+    results: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (table, lens)
+
+
+class BatchSelector:
+    """Runs a `SparseMethod`'s scorer and layer policies over whole batches (see module doc)."""
+
+    def __init__(self, method: SparseMethod) -> None:
+        scorer, selector = method.scorer, method.selector
+        if not scorer.batch_safe:
+            raise ValueError(f"{method.name}: its scorer ({type(scorer).__name__}) cannot score a batch without "
+                             "host reads, so it cannot run inside CUDA graphs")
+        self.method = method
+        self.scorer = scorer
+        self.ops = scorer.ops
+        self.policies: list[LayerPolicy] = selector.policies
+        self.block_size = selector.block_size
+        self.unit_blocks = selector.unit_blocks
+        self.unit_tokens = selector.unit_tokens
+        self.token_budget = selector.token_budget
+        self.seq_len_threshold = method.seq_len_threshold
+        ct = method.concurrency_threshold
+        self.min_rows = max(BATCH_MIN_ROWS if ct is None else ct, 1)
+        self.sparse_layers = [i for i, p in enumerate(self.policies) if not p.dense or self.token_budget is not None]
+        self.last_layer = max(self.sparse_layers) if self.sparse_layers else -1
+        dev = scorer.shapes.device
+        self._layer_ids = torch.tensor(self.sparse_layers, dtype=torch.int64, device=dev)
+        self._dense_layers = torch.tensor([int(i not in self.sparse_layers) for i in range(len(self.policies))],
+                                          dtype=torch.int64, device=dev)
+        # [layer, (blocks kept, blocks held)] over selecting rows, then [steps with a selecting row,
+        # selecting rows]; only ever added to on the device (read with `counters_to_host`)
+        self.blocks = torch.zeros(len(self.policies), 2, dtype=torch.int64, device=dev)
+        self.rows = torch.zeros(2, dtype=torch.int64, device=dev)
+
+    def layer_selects(self, layer: int) -> bool:
+        p = self.policies[layer]
+        return not p.dense or self.token_budget is not None
+
+    def batch_selects(self, num_rows: int) -> bool:
+        """Host decision on the batch's shape: fewer rows than the concurrency threshold stay dense."""
+        return bool(self.sparse_layers) and num_rows >= self.min_rows
+
+    # ------------------------------------------------------------------ plan
+    def plan(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+             max_query_len: int | None = None) -> BatchPlan:
+        """`max_query_len == 1` (the host knows it: a uniform decode batch) lets row b's query be
+        token b of the batch, read in place."""
+        b = seq_lens.shape[0]
+        lens = seq_lens.to(torch.int64)
+        if max_query_len == 1:
+            eligible, q_index = lens >= max(self.seq_len_threshold, 1), None
+        else:
+            starts = query_start_loc[: b + 1].to(torch.int64)
+            eligible = ((starts[1:] - starts[:-1]) == 1) & (lens >= max(self.seq_len_threshold, 1))
+            q_index = (starts[1:] - 1).clamp(min=0)
+        bs = self.block_size
+        return BatchPlan(seq_lens, block_table, q_index, eligible, (lens + bs - 1) // bs, (lens // bs) * bs)
+
+    def _budgets(self, policy: LayerPolicy, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k [B] in blocks, must_keep [B, M]) for a policy: `BlockSelector.budgets` with static
+        shapes (the table's width instead of the longest row)."""
+        key = (policy.ratio, policy.min_units, policy.init_units, policy.local_units, policy.must_select)
+        hit = plan.budgets.get(key)
+        if hit is not None:
+            return hit
+        ub = self.unit_blocks
+        m = plan.block_table.shape[1]
+        n = (plan.seq_lens.to(torch.int64) + self.unit_tokens - 1) // self.unit_tokens
+        if self.token_budget is not None:
+            k = torch.full_like(n, math.ceil(self.token_budget / self.unit_tokens))
+        else:
+            k = torch.ceil(n.to(torch.float64) * policy.ratio).to(torch.int64)
+        k = torch.clamp(k, min=policy.min_units)
+        k = torch.minimum(torch.where(plan.eligible, k, n), n)
+        idx = torch.arange(-(-m // ub), device=n.device)[None, :]
+        nn = n[:, None]
+        must = (idx < policy.init_units) | (idx >= nn - policy.local_units) | (idx == nn - 1)
+        for u in policy.must_select:
+            must |= idx == (u if u >= 0 else nn + u)
+        must &= idx < nn
+        if ub > 1:
+            k = k * ub
+            must = must.repeat_interleave(ub, dim=1)[:, :m]
+        plan.budgets[key] = (k, must)
+        return k, must
+
+    # ---------------------------------------------------------------- select
+    def select(self, layer: int, query: torch.Tensor, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block_table [B, M], seq_lens [B]) the layer's attention reads: selecting rows keep
+        their chosen blocks, every other row its own. Device kernels only."""
+        p = self.policies[layer]
+        if p.reuse_from >= 0:
+            out = plan.results[p.reuse_from]
+        else:
+            q = query[: plan.seq_lens.shape[0]] if plan.q_index is None else query.index_select(0, plan.q_index)
+            lens = plan.full_lens if self.scorer.batch_full_blocks else plan.seq_lens
+            scores = self.scorer.batch_scores(layer, q, plan.block_table, lens)
+            largest = self.scorer.batch_largest
+            if self.unit_blocks > 1:  # rank whole units: every block of a unit carries the unit's score
+                if not largest:
+                    scores, largest = -scores, True
+                m = plan.block_table.shape[1]
+                unit = self.method.selector.unit_scores(scores, self.scorer.unit_reduce)
+                scores = unit.repeat_interleave(self.unit_blocks, dim=1)[:, :m]
+            k, must = self._budgets(p, plan)
+            out = self.ops.select_and_rewrite(scores, k, must, plan.block_table, plan.seq_lens, self.block_size,
+                                              largest=largest)
+        plan.results[layer] = out
+        if layer == self.last_layer:
+            self._count(plan)
+        return out
+
+    def _count(self, plan: BatchPlan) -> None:
+        """Add this step's kept / held blocks per sparse layer and its selecting rows to the
+        device counters (a few kernels per step; nothing is read back here)."""
+        lens = torch.stack([plan.results[i][1] for i in self.sparse_layers]).to(torch.int64)  # [Ls, B]
+        elig = plan.eligible.to(torch.int64)
+        kept = (((lens + self.block_size - 1) // self.block_size) * elig).sum(1)
+        held = (plan.n_blocks * elig).sum()
+        self.blocks[:, 1].add_(held)
+        self.blocks[:, 0].add_(held * self._dense_layers)  # a dense layer reads what it holds
+        self.blocks[:, 0].index_add_(0, self._layer_ids, kept)
+        self.rows += torch.stack([elig.amax(), elig.sum()])
+
+    def counters_to_host(self) -> dict:
+        """The device counters as Python numbers (one host read: call it between steps)."""
+        blocks = self.blocks.tolist()
+        steps, rows = self.rows.tolist()
+        return {"kept": [k for k, _ in blocks], "total": [t for _, t in blocks], "sparse_steps": steps,
+                "sparse_rows": rows}
