@@ -174,8 +174,9 @@ def test_vllm_range_follows_vllm_ascend_where_it_is_installed() -> None:
 def test_vllm_range_without_vllm_ascend_is_unchanged() -> None:
     assert installed_vllm_ascend_version() is None
     assert check_vllm_version("0.32.1") == "0.32.1"
-    for v in ("0.23.0", "0.31.0", "0.33.0"):
-        with pytest.raises(RuntimeError, match=rf"supports vLLM >=0\.32,<0\.33; found {v}\. "):
+    assert check_vllm_version("0.26.0") == "0.26.0"  # the CUDA release the GPU machine runs
+    for v in ("0.23.0", "0.25.2", "0.33.0"):
+        with pytest.raises(RuntimeError, match=rf"supports vLLM >=0\.26,<0\.33; found {v}\. "):
             check_vllm_version(v)
 
 

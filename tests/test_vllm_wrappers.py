@@ -190,96 +190,68 @@ def test_flash_wrapper_subclasses_vllms_backend() -> None:
     assert ".".join(flash_attn.UCMFlashAttentionBackend.full_cls_name()) == FA_PATH
 
 
-def _flash_metadata(lens: list[int], qlens: list[int], table: list[list[int]]):
+def _flash_metadata(lens: list[int], qlens: list[int], table: list[list[int]], **kw):
     from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
 
     qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+    fields = {f.name for f in dataclasses.fields(FlashAttentionMetadata)}
+    cascade = {"use_cascade": False, "common_prefix_len": 0, "cu_prefix_query_lens": None, "prefix_kv_lens": None,
+               "suffix_kv_lens": None}  # vLLM 0.26's cascade fields (0.32 has none)
     return FlashAttentionMetadata(
         num_actual_tokens=int(qsl[-1]), max_query_len=max(qlens), query_start_loc=qsl, max_seq_len=max(lens),
         seq_lens=torch.tensor(lens, dtype=torch.int32), block_table=torch.tensor(table, dtype=torch.int32),
         slot_mapping=torch.arange(int(qsl[-1]), dtype=torch.int64), scheduler_metadata=torch.zeros(9, dtype=torch.int32),
-        max_num_splits=0, causal=True,
+        max_num_splits=0, causal=True, **{k: v for k, v in cascade.items() if k in fields}, **kw,
     )
 
 
 def test_flash_metadata_rewrite_on_a_real_flash_attention_metadata() -> None:
-    """Mixed batch: row 0 prefills (untouched), rows 1 and 2 decode sparsely."""
-    from ucm.integration.vllm.flash_attn import sparse_flash_metadata
+    from ucm.integration.vllm.flash_attn import plain_batch, sparse_flash_metadata
 
-    md = _flash_metadata([40, 300, 260], [8, 1, 1], [[1, 2, 0, 0, 0, 0, 0, 0, 0, 0],
-                                                     [3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
-                                                     [13, 14, 15, 16, 17, 18, 19, 20, 21, 0]])
+    md = _flash_metadata([40, 300, 260], [8, 1, 1], [[1, 2, 0, 0], [3, 4, 5, 6], [13, 14, 15, 16]])
     frozen = {f.name: (v.clone() if isinstance(v, torch.Tensor) else v)
               for f in dataclasses.fields(md) for v in [getattr(md, f.name)]}
-    sel = selection([[3, 4, 11, 12], [13, 19, 20, 21]], [108, 100])
-    new = sparse_flash_metadata(md, torch.tensor([1, 2]), sel, covers_batch=False)
+    table = torch.tensor([[1, 2, 0, 0], [3, 6, 0, 0], [13, 16, 0, 0]], dtype=torch.int32)
+    lens = torch.tensor([40, 108, 100], dtype=torch.int32)
+    new = sparse_flash_metadata(md, table, lens)
     assert type(new) is type(md) and new is not md
-    assert new.block_table.dtype == torch.int32 and new.seq_lens.dtype == torch.int32
-    assert new.block_table[:, :4].tolist() == [[1, 2, 0, 0], [3, 4, 11, 12], [13, 19, 20, 21]]
-    assert new.seq_lens.tolist() == [40, 108, 100]
+    assert new.block_table is table and new.seq_lens is lens
     assert new.max_seq_len == 300  # the batch's bound: >= every new length, no device sync
-    assert sparse_flash_metadata(md, torch.tensor([1, 2]), sel, False, max_seq_len=108).max_seq_len == 108
     assert new.scheduler_metadata is None  # FA3's plan was for the old lengths
-    for name in ("query_start_loc", "slot_mapping", "causal", "max_query_len", "num_actual_tokens", "max_num_splits",
-                 "dcp_context_kv_lens", "rswa_prefix_lens", "mm_prefix_query_range_tensor"):
+    for name in ("query_start_loc", "slot_mapping", "causal", "max_query_len", "num_actual_tokens", "max_num_splits"):
         assert getattr(new, name) is getattr(md, name), name
     for f in dataclasses.fields(md):  # the shared metadata is never written
         old, now = frozen[f.name], getattr(md, f.name)
         assert torch.equal(old, now) if isinstance(old, torch.Tensor) else old == now, f.name
-
-
-def test_flash_metadata_rewrite_pure_decode_uses_the_selection() -> None:
-    from ucm.integration.vllm.flash_attn import sparse_flash_metadata
-
-    md = _flash_metadata([300, 260], [1, 1], [list(range(1, 11)), list(range(11, 21))])
-    sel = selection([[1, 2, 9, 10, 0, 0, 0, 0, 0, 0], [11, 12, 19, 20, 0, 0, 0, 0, 0, 0]], [108, 100])
-    new = sparse_flash_metadata(md, torch.tensor([0, 1]), sel, covers_batch=True)
-    assert new.block_table is sel.block_table and new.seq_lens is sel.seq_lens
-
-
-def _compilation(**kw):
-    from vllm.config import CompilationConfig
-
-    return CompilationConfig(**kw)
+    assert plain_batch(md)
+    positional = next(n for n in ("mm_prefix_query_range_tensor", "mm_prefix_range_tensor")
+                      if n in {f.name for f in dataclasses.fields(md)})
+    assert not plain_batch(dataclasses.replace(md, **{positional: torch.zeros(1, 2, dtype=torch.int32)}))
+    assert not plain_batch(dataclasses.replace(md, causal=torch.ones(3, dtype=torch.bool)))
 
 
 def test_flash_refusals() -> None:
-    from vllm.config import CUDAGraphMode
-    from vllm.config.compilation import CompilationMode
-
     from ucm.integration.vllm.flash_attn import refuse_unsupported
 
-    def cfg(**kw):
-        return SimpleNamespace(compilation_config=_compilation(**kw))
-
-    refuse_unsupported(cfg(cudagraph_mode=CUDAGraphMode.NONE))
-    with pytest.raises(ValueError, match="FULL_AND_PIECEWISE replays decode attention"):
-        refuse_unsupported(cfg(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE))
-    piecewise = _compilation(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.PIECEWISE)
-    piecewise.set_splitting_ops_for_v1(all2all_backend="allgather_reducescatter")  # what VllmConfig does
-    refuse_unsupported(SimpleNamespace(compilation_config=piecewise))  # vLLM's default split: both ops eager
-    attention_only = _compilation(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.PIECEWISE,
-                                  splitting_ops=["vllm::unified_attention_with_output"])
-    with pytest.raises(ValueError, match="capture vllm::unified_kv_cache_update"):
-        refuse_unsupported(SimpleNamespace(compilation_config=attention_only))
-    with mock.patch("vllm.envs.VLLM_USE_BREAKABLE_CUDAGRAPH", True, create=True), \
-            pytest.raises(ValueError, match="VLLM_USE_BREAKABLE_CUDAGRAPH"):
-        refuse_unsupported(SimpleNamespace(compilation_config=piecewise))
+    refuse_unsupported(1)
     with pytest.raises(NotImplementedError, match="decode context parallelism"):
-        refuse_unsupported(cfg(cudagraph_mode=CUDAGraphMode.NONE), dcp_world_size=2)
+        refuse_unsupported(dcp_world_size=2)
 
 
 # ------------------------------------------------------------------ CUDA graphs: vLLM's own config logic
-@pytest.mark.parametrize("extra,nested,expected", [
-    (SPARSE, False, "PIECEWISE"),
-    ({}, False, "FULL_AND_PIECEWISE"),
-    (SPARSE, True, "PIECEWISE"),  # inside vLLM's MultiConnector
+@pytest.mark.parametrize("extra,nested,batch_path,expected", [
+    (SPARSE, False, True, "FULL_AND_PIECEWISE"),  # NVIDIA: ucm's batch path runs inside full graphs
+    (SPARSE, True, True, "FULL_AND_PIECEWISE"),  # inside vLLM's MultiConnector too
+    (SPARSE, False, False, "PIECEWISE"),  # a per-request path (vllm-ascend): attention stays eager
+    (SPARSE, True, False, "PIECEWISE"),
+    ({}, False, False, "FULL_AND_PIECEWISE"),  # no sparse config: nothing asked
 ])
-def test_vllm_config_downgrades_full_cudagraphs_for_ucm(extra, nested, expected) -> None:
+def test_vllm_config_keeps_full_cudagraphs_only_for_the_batch_path(extra, nested, batch_path, expected) -> None:
     """VllmConfig.__post_init__ asks the connector class (`requires_piecewise_for_cudagraph`)
     on platforms with static graphs; the CPU platform has none and rewrites the compilation
     config for itself, so those two platform hooks are switched for the CUDA platform's
-    behaviour (True, no rewrite). Everything else is vLLM's real logic."""
+    behaviour (True, no rewrite), and which path the platform takes is set by hand.
+    Everything else is vLLM's real logic."""
     from vllm.config import CompilationConfig, KVTransferConfig, VllmConfig
     from vllm.config.compilation import CompilationMode
     from vllm.platforms import current_platform
@@ -293,68 +265,96 @@ def test_vllm_config_downgrades_full_cudagraphs_for_ucm(extra, nested, expected)
         ktc = KVTransferConfig(kv_role="kv_both", **ours)
     platform = type(current_platform)
     with mock.patch.object(platform, "support_static_graph_mode", classmethod(lambda cls: True)), \
-            mock.patch.object(platform, "check_and_update_config", classmethod(lambda cls, cfg: None)):
+            mock.patch.object(platform, "check_and_update_config", classmethod(lambda cls, cfg: None)), \
+            mock.patch("ucm.integration.vllm.connector.batch_path_platform", lambda: batch_path):
         cfg = VllmConfig(compilation_config=CompilationConfig(mode=CompilationMode.VLLM_COMPILE,
                                                               cudagraph_mode="FULL_AND_PIECEWISE"),
                          kv_transfer_config=ktc)
     assert cfg.compilation_config.cudagraph_mode.name == expected
-    if expected == "PIECEWISE":  # and the FlashAttention wrapper accepts what vLLM settled on
-        from ucm.integration.vllm.flash_attn import refuse_unsupported
-
-        refuse_unsupported(cfg)
 
 
-def test_flash_wrapper_glue_with_the_kernel_replaced_by_a_recorder(monkeypatch) -> None:
+def _esa_runtime(batch_mode: bool):
+    from ucm.config.loader import parse_sparse_config
+    from ucm.integration.vllm.runtime import SparseRuntime
+    from ucm.ops.reference import TorchReferenceOps
+
+    config = parse_sparse_config({"ucm_sparse_config": {"ESA": {"sparse_ratio": 0.3, "retrieval_stride": 1,
+                                                                "min_blocks": 2}}})
+    return SparseRuntime(config, num_layers=4, model_name="m", ops_factory=TorchReferenceOps, batch_mode=batch_mode)
+
+
+def test_flash_wrapper_selects_in_batch_mode_with_the_kernel_replaced_by_a_recorder(monkeypatch) -> None:
     """The wrapper's own Python on CPU tensors: vLLM's FlashAttentionImpl is constructed for
     real (it needs no GPU to build); only the stock cache write and kernel (`super()` calls)
-    are replaced by recorders, and a stand-in runtime answers the selection."""
+    are replaced by recorders. A real batch-mode runtime (ESA, reference ops) selects; its
+    choice for each decode row equals the per-request engine's for the same keys and query,
+    and the prefill row keeps its own table."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+
+    from ucm.integration.vllm import flash_attn
+    from ucm.integration.vllm.runtime import StepInfo
+
+    seen: dict = {}
+    monkeypatch.setattr(FlashAttentionImpl, "do_kv_cache_update", lambda self, *a: seen.setdefault("write", a))
+    monkeypatch.setattr(FlashAttentionImpl, "forward",
+                        lambda self, layer, q, k, v, kv, md, out, *a: seen.__setitem__("md", md) or out)
+    runtime = _esa_runtime(batch_mode=True)
+    monkeypatch.setattr(wrapper_core, "find_runtime", lambda: runtime)
+    monkeypatch.setattr(flash_attn, "get_current_vllm_config_or_none",
+                        lambda: SimpleNamespace(cache_config=SimpleNamespace(block_size=4)))
+    monkeypatch.setattr(flash_attn, "ucm_sparse_requested", lambda cfg: True)
+    impl = flash_attn.UCMFlashAttentionImpl(num_heads=4, head_size=8, scale=0.1, num_kv_heads=2, alibi_slopes=None,
+                                            sliding_window=None, kv_cache_dtype="auto")
+    layer = SimpleNamespace(layer_name="model.layers.3.self_attn.attn")
+    bs, nb = 4, 64
+    kv_cache = torch.zeros(nb, 2, bs, 16)  # [NB, Hkv, bs, 2 * D]
+    g = torch.Generator().manual_seed(0)
+    lens, qlens = [9, 41, 38], [9, 1, 1]  # row 0 prefills; rows 1 and 2 decode
+    table = torch.randperm(nb, generator=g)[:33].view(3, 11).to(torch.int32)
+    slots = torch.cat([table[r, torch.arange(n) // bs].long() * bs + torch.arange(n) % bs for r, n in enumerate(lens)])
+    keys = torch.randn(slots.shape[0], 2, 8, generator=g)
+    impl.do_kv_cache_update(layer, keys, keys, kv_cache, slots)  # every key of the batch, as one write
+    assert "write" in seen and runtime.method is not None and runtime.batch is not None
+    md = _flash_metadata(lens, qlens, table.tolist())
+    query = torch.randn(11, 4, 8, generator=g)
+    impl.forward(layer, query, keys, keys, kv_cache, md, torch.zeros(11, 32))
+    got = seen["md"]
+    assert got is not md and got.scheduler_metadata is None
+    assert got.block_table[0, :3].tolist() == table[0, :3].tolist() and int(got.seq_lens[0]) == 9
+
+    legacy = _esa_runtime(batch_mode=False)
+    legacy.ensure_method(4, 2, 8, bs, nb, torch.device("cpu"))
+    legacy.begin_step(StepInfo({}))
+    legacy.on_kv_written(layer.layer_name, keys, slots)
+    plan = legacy.method.begin_step(["a", "b"], torch.tensor(lens[1:]), table[1:])
+    sel = legacy.method.select(3, query[[9, 10]], plan)
+    for i, r in enumerate((1, 2)):
+        n = int(sel.blocks_kept[i])
+        assert 0 < n < (lens[r] + bs - 1) // bs
+        assert got.block_table[r, :n].tolist() == sel.block_table[i, :n].tolist()
+        assert int(got.seq_lens[r]) == int(sel.seq_lens[i])
+    assert md.block_table.tolist() == table.tolist() and md.seq_lens.tolist() == lens  # shared metadata untouched
+    # a sliding-window layer stays stock: the kernel gets the shared metadata itself
+    windowed = flash_attn.UCMFlashAttentionImpl(num_heads=4, head_size=8, scale=0.1, num_kv_heads=2,
+                                                alibi_slopes=None, sliding_window=64, kv_cache_dtype="auto")
+    windowed.forward(layer, query, keys, keys, kv_cache, md, torch.zeros(11, 32))
+    assert seen["md"] is md
+
+
+def test_flash_wrapper_without_a_ucm_config_is_the_stock_impl(monkeypatch) -> None:
+    """No ucm config: forward and the cache write are FlashAttentionImpl's own, whatever runtime
+    exists (the plugin registers the wrapper for every engine on the CUDA platform)."""
     from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
 
     from ucm.integration.vllm import flash_attn
 
     seen: dict = {}
-    monkeypatch.setattr(FlashAttentionImpl, "do_kv_cache_update", lambda self, *a: seen.setdefault("write", a))
     monkeypatch.setattr(FlashAttentionImpl, "forward",
-                        lambda self, layer, q, k, v, kv, md, out, *a: seen.setdefault("md", md) and out)
-
-    class Runtime:
-        active, observers = True, []
-
-        def ensure_method(self, *args):
-            seen["shapes"] = args
-
-        def on_kv_written(self, name, key, slots):
-            seen["keys"] = (name, key.shape[0], slots.tolist())
-
-        def decode_selection(self, name, query, qsl, seq_lens, table, block_size):
-            seen["asked"] = (name, block_size)
-            return torch.tensor([1]), selection([[3, 9, 0, 0]], [40])
-
-        def decode_rows_cover_batch(self):
-            return False
-
-    runtime = Runtime()
-    monkeypatch.setattr(wrapper_core, "find_runtime", lambda: runtime)
-    impl = flash_attn.UCMFlashAttentionImpl(num_heads=4, head_size=32, scale=0.1, num_kv_heads=2, alibi_slopes=None,
+                        lambda self, layer, q, k, v, kv, md, out, *a: seen.__setitem__("md", md) or out)
+    monkeypatch.setattr(wrapper_core, "find_runtime", lambda: pytest.fail("a stock engine asked for ucm's runtime"))
+    impl = flash_attn.UCMFlashAttentionImpl(num_heads=4, head_size=8, scale=0.1, num_kv_heads=2, alibi_slopes=None,
                                             sliding_window=None, kv_cache_dtype="auto")
-    layer = SimpleNamespace(layer_name="model.layers.3.self_attn.attn")
-    kv_cache = torch.zeros(16, 2, 32, 64)  # [NB, Hkv, bs, 2 * D]
-    key = torch.randn(5, 2, 32)
-    impl.do_kv_cache_update(layer, key, key, kv_cache, torch.tensor([0, 1, 2]))
-    # padded keys pass through as vLLM gives them; the runtime keeps the first len(slots)
-    assert seen["keys"] == ("model.layers.3.self_attn.attn", 5, [0, 1, 2]) and "write" in seen
-    assert seen["shapes"] == (4, 2, 32, 32, 16, torch.device("cpu"))
-    md = _flash_metadata([40, 300], [8, 1], [[1, 2, 0, 0], [3, 4, 5, 9]])
-    out = torch.zeros(9, 4, 32)
-    impl.forward(layer, torch.randn(9, 4, 32), key, key, kv_cache, md, out)
-    assert seen["asked"] == ("model.layers.3.self_attn.attn", 32)
-    got = seen["md"]
-    assert got is not md and got.block_table.tolist() == [[1, 2, 0, 0], [3, 9, 0, 0]]
-    assert got.seq_lens.tolist() == [40, 40] and got.scheduler_metadata is None
-    assert md.block_table.tolist() == [[1, 2, 0, 0], [3, 4, 5, 9]] and md.seq_lens.tolist() == [40, 300]
-    # a sliding-window layer stays stock: the kernel gets the shared metadata itself
-    seen.clear()
-    windowed = flash_attn.UCMFlashAttentionImpl(num_heads=4, head_size=32, scale=0.1, num_kv_heads=2,
-                                                alibi_slopes=None, sliding_window=64, kv_cache_dtype="auto")
-    windowed.forward(layer, torch.randn(9, 4, 32), key, key, kv_cache, md, out)
-    assert seen["md"] is md and "asked" not in seen
+    md = _flash_metadata([9, 41], [9, 1], [[1, 2, 3, 0], [4, 5, 6, 7]])
+    impl.forward(SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), torch.randn(10, 4, 8), None, None,
+                 torch.zeros(8, 2, 4, 16), md, torch.zeros(10, 32))
+    assert seen["md"] is md

@@ -71,7 +71,7 @@ class BatchSelector:
         self.sparse_layers = [i for i, p in enumerate(self.policies) if not p.dense or self.token_budget is not None]
         self.last_layer = max(self.sparse_layers) if self.sparse_layers else -1
         dev = scorer.shapes.device
-        self._layer_ids = torch.tensor(self.sparse_layers, dtype=torch.int64, device=dev)
+        self._layer_ids: dict[tuple[int, ...], torch.Tensor] = {}  # selecting layers of a step -> their ids
         self._dense_layers = torch.tensor([int(i not in self.sparse_layers) for i in range(len(self.policies))],
                                           dtype=torch.int64, device=dev)
         # [layer, (blocks kept, blocks held)] over selecting rows, then [steps with a selecting row,
@@ -160,13 +160,17 @@ class BatchSelector:
     def _count(self, plan: BatchPlan) -> None:
         """Add this step's kept / held blocks per sparse layer and its selecting rows to the
         device counters (a few kernels per step; nothing is read back here)."""
-        lens = torch.stack([plan.results[i][1] for i in self.sparse_layers]).to(torch.int64)  # [Ls, B]
+        ran = tuple(i for i in self.sparse_layers if i in plan.results)  # layers an engine kept stock never ran
+        ids = self._layer_ids.get(ran)
+        if ids is None:
+            ids = self._layer_ids[ran] = torch.tensor(ran, dtype=torch.int64, device=self.blocks.device)
+        lens = torch.stack([plan.results[i][1] for i in ran]).to(torch.int64)  # [layers, B]
         elig = plan.eligible.to(torch.int64)
         kept = (((lens + self.block_size - 1) // self.block_size) * elig).sum(1)
         held = (plan.n_blocks * elig).sum()
         self.blocks[:, 1].add_(held)
         self.blocks[:, 0].add_(held * self._dense_layers)  # a dense layer reads what it holds
-        self.blocks[:, 0].index_add_(0, self._layer_ids, kept)
+        self.blocks[:, 0].index_add_(0, ids, kept)
         self.rows += torch.stack([elig.amax(), elig.sum()])
 
     def counters_to_host(self) -> dict:

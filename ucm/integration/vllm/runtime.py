@@ -62,7 +62,10 @@ def _tensor_parallel_sum():
     heads, and each rank holds a slice of the heads."""
     from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
 
-    if get_tensor_model_parallel_world_size() == 1:
+    try:
+        if get_tensor_model_parallel_world_size() == 1:
+            return None
+    except AssertionError:  # no tensor-parallel group: built outside a vLLM worker, one rank
         return None
     return lambda scores: tensor_model_parallel_all_reduce(scores.contiguous())
 

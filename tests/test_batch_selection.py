@@ -1,0 +1,117 @@
+"""The CUDA-graph decode path's selection (`BatchSelector`) against the per-request engine.
+
+For the same written keys and queries, every decoding row of a mixed batch must keep exactly
+the blocks (and read exactly the length) that `SparseMethod.select` gives it, for every method,
+on the torch reference and on the CUDA backend's kernels (Triton's interpreter on a CPU);
+prefill rows, rows under the length threshold and padding rows keep their own table. Shapes
+stay static and the counters count what was kept.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported (see test_cuda_kernels)
+
+from tests.test_algorithms import hata_model
+from ucm.ops.reference import TorchReferenceOps
+from ucm.sparse.base import ModelShapes
+from ucm.sparse.batch_selection import BATCH_MIN_ROWS, BatchSelector
+from ucm.sparse.factory import build_sparse_method
+
+BS, LAYERS, HQ, HKV, D, NB = 4, 3, 4, 2, 32, 96
+WINDOWED = {"init_window_sz": 1, "local_window_sz": 1, "sparse_ratio": 0.3, "min_blocks": 2, "retrieval_stride": 1}
+CONFIGS = {
+    "ESA": {"ESA": {**WINDOWED, "dense_layers": [1]}},
+    "GSA": {"GSA": WINDOWED},
+    "KVStarMultiStep": {"KVStarMultiStep": {**WINDOWED, "blk_repre_dim_prune_ratio": 0.5,
+                                            "blk_repre_inner_token_merge": 2}},
+    "GSAOnDevice": {"GSAOnDevice": {}},
+}
+
+
+def backends():
+    out = [pytest.param(TorchReferenceOps(), id="reference")]
+    if importlib.util.find_spec("triton") is not None:
+        from backends.cuda.ops import CudaOps
+
+        out.append(pytest.param(CudaOps(interpret=not torch.cuda.is_available()), id="cuda"))
+    return out
+
+
+def build(name: str, ops, shapes: ModelShapes, host_scoring: bool):
+    model = hata_model(LAYERS, [0.3, 1.0, 0.3], head_dim=D, chunk_size=BS) if name == "GSAOnDevice" else None
+    return build_sparse_method({"ucm_sparse_config": CONFIGS[name]}, shapes, ops, host_ops=TorchReferenceOps(),
+                               model_config=model, host_scoring=host_scoring)
+
+
+@pytest.mark.parametrize("ops", backends())
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("uniform", [False, True])
+def test_batch_selection_equals_the_per_request_engine(ops, name, uniform) -> None:
+    dev = torch.device("cpu")
+    shapes = ModelShapes(LAYERS, HQ, HKV, D, BS, NB, dev)
+    g = torch.Generator().manual_seed(7)
+    # rows: decode, decode, decode (short: under every budget), prefill (4 tokens), padding
+    lens = torch.tensor([37, 50, 6, 23, 0])
+    qlens = torch.tensor([1, 1, 1, 1, 0]) if uniform else torch.tensor([1, 1, 1, 4, 0])
+    qsl = torch.cat([torch.zeros(1, dtype=torch.long), qlens.cumsum(0)]).to(torch.int32)
+    m = 14
+    table = torch.randperm(NB, generator=g)[: 5 * m].view(5, m).to(torch.int32)
+    batch_method = build(name, ops, shapes, host_scoring=False)
+    engine = build(name, TorchReferenceOps(), shapes, host_scoring=True)  # the per-request path, reference ops
+    for layer in range(LAYERS):
+        for r in range(4):
+            n = int(lens[r])
+            slots = table[r, torch.arange(n) // BS].long() * BS + torch.arange(n) % BS
+            keys = torch.randn(n, HKV, D, generator=g)
+            for method in (batch_method, engine):
+                method.on_kv_written(layer, keys, slots)
+    query = torch.randn(int(qsl[-1]) + 2, HQ, D, generator=g)  # + padding tokens, as vLLM pads
+    sel = BatchSelector(batch_method)
+    plan = sel.plan(qsl, lens.to(torch.int32), table, max_query_len=1 if uniform else int(qlens.max()))
+    decode = [0, 1, 2] + ([3] if uniform else [])
+    q_rows = (qsl[1:] - 1).long()[decode]
+    step = engine.begin_step([f"r{r}" for r in decode], lens[decode], table[decode])
+    for layer in range(LAYERS):
+        if not sel.layer_selects(layer):
+            continue
+        got_table, got_lens = sel.select(layer, query, plan)
+        assert got_table.shape == table.shape and got_lens.shape == lens.shape
+        want = engine.select(layer, query[q_rows], step)
+        for i, r in enumerate(decode):
+            n = int(want.blocks_kept[i])
+            assert got_table[r, :n].tolist() == want.block_table[i, :n].tolist(), (name, layer, r)
+            assert int(got_lens[r]) == int(want.seq_lens[i])
+        assert int(got_lens[0]) < int(lens[0]) and int(got_lens[1]) < int(lens[1])  # long rows are cut
+        for r in ([] if uniform else [3]) + [2]:  # prefill and short rows: their own table and length
+            nb = (int(lens[r]) + BS - 1) // BS
+            assert got_table[r, :nb].tolist() == table[r, :nb].tolist() and int(got_lens[r]) == int(lens[r])
+        assert int(got_lens[4]) == 0
+    counters = sel.counters_to_host()
+    rows = len(decode)
+    assert counters["sparse_steps"] == 1 and counters["sparse_rows"] == rows
+    held = int(((lens[decode] + BS - 1) // BS).sum())
+    assert counters["total"] == [held] * LAYERS
+    assert all(0 < k <= held for k in counters["kept"]) and min(counters["kept"]) < held
+
+
+def test_small_batches_stay_dense_unless_the_method_says_otherwise() -> None:
+    shapes = ModelShapes(LAYERS, HQ, HKV, D, BS, NB)
+    default = BatchSelector(build("ESA", TorchReferenceOps(), shapes, host_scoring=False))
+    assert [default.batch_selects(n) for n in range(1, 4)] == [n >= BATCH_MIN_ROWS for n in range(1, 4)]
+    cfg = {"ucm_sparse_config": {"ESA": {**WINDOWED, "concurrency_threshold": 1}}}
+    one = BatchSelector(build_sparse_method(cfg, shapes, TorchReferenceOps()))
+    assert one.batch_selects(1)
+    assert not default.layer_selects(1) and default.layer_selects(0)  # ESA's dense layer
+
+
+def test_host_scoring_gsa_cannot_run_in_a_batch() -> None:
+    shapes = ModelShapes(LAYERS, HQ, HKV, D, BS, NB)
+    with pytest.raises(ValueError, match="cannot score a batch without host reads"):
+        BatchSelector(build("GSA", TorchReferenceOps(), shapes, host_scoring=True))
