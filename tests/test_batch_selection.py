@@ -38,7 +38,7 @@ CONFIGS = {
 def backends():
     out = [pytest.param(TorchReferenceOps(), id="reference")]
     if importlib.util.find_spec("triton") is not None:
-        from backends.cuda.ops import CudaOps
+        from ucm_backends.cuda.ops import CudaOps
 
         out.append(pytest.param(CudaOps(interpret=not torch.cuda.is_available()), id="cuda"))
     return out

@@ -143,7 +143,10 @@ def test_list_model_configs_loads_every_shipped_file() -> None:
         assert (c.model_name, c.num_hidden_layers, c.is_mla) == (name, layers, is_mla)
         assert c.hash_weight_type == "random" and c.chunk_size == 128 and c.chunk_repre_method == "max"
         assert (c.gpu_seq_len_threshold, c.npu_seq_len_threshold) == (2048, 2048)
-        assert (c.gpu_concurrency_threshold, c.npu_concurrency_threshold) == (1, 1)
+        # GQA models on the GPU: one decoding row stays dense (measured on an H200 with Qwen3-4B's
+        # shape: 0.95x of plain vLLM sparse at one 32K row; benchmarks/results/vllm_gpu_decode.json)
+        gpu = 1 if c.is_mla else 2
+        assert (c.gpu_concurrency_threshold, c.npu_concurrency_threshold) == (gpu, 1)
         dense = [i for i, r in enumerate(c.top_k_ratio_per_layer) if r == 1]
         assert dense == [0, 1, layers - 1]
         assert set(c.top_k_ratio_per_layer) == {1, 0.3}

@@ -360,79 +360,60 @@ def _topk_kernel(
 
 
 # --------------------------------------------------------------------------- representations
+def _sums_reset_kernel(
+    slot_ptr,
+    sums_ptr,
+    abs_ptr,
+    BS,
+    ROW,
+    ABS_ROW,
+    HAS_ABS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Zero the sums of every block whose first slot (offset 0) is written in this call: the
+    block was recycled. One program per written token; its own launch, so that every add of the
+    call (`_sums_add_kernel`, next launch) lands after the reset whatever the tokens' order."""
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if (slot >= 0) & (slot % BS == 0):
+        blk = slot // BS
+        for o in range(0, ROW, BLOCK):
+            i = o + tl.arange(0, BLOCK)
+            tl.store(sums_ptr + blk * ROW + i, tl.zeros([BLOCK], dtype=tl.float32), mask=i < ROW)
+        if HAS_ABS:
+            for o in range(0, ABS_ROW, BLOCK):
+                i = o + tl.arange(0, BLOCK)
+                tl.store(abs_ptr + blk * ABS_ROW + i, tl.zeros([BLOCK], dtype=tl.float32), mask=i < ABS_ROW)
+
+
 def _sums_add_kernel(
     key_ptr,
     slot_ptr,
     sums_ptr,
     abs_ptr,
-    T,
     BS,
     MERGE,
-    R,
     HD,
+    ROW,
     stride_kt,
     HAS_ABS: tl.constexpr,
     BLOCK: tl.constexpr,
-    BLOCK_S: tl.constexpr,
 ):
-    """Running per-block sums of written keys, deterministic and without atomics.
-
-    One program per written token. The tokens a call writes into one block are consecutive
-    (a block belongs to one request, whose tokens of a step are contiguous), so the first token
-    of each run of one group (`MERGE` offsets) sums the run in order and writes it once: stored
-    when the block is fresh (its offset 0 is written in this call, at token t - offset), added
-    otherwise. The first token of a block's run also zeroes a fresh block's groups the call does
-    not reach and writes the run's sum of |K| (KVStar's channel importance).
-    """
+    """Add one written key [Hkv * D] into its block's group sum (and |K| into the block's sum of
+    |K|) with atomics: the keys of one block in one call (a prefill chunk) add concurrently, in no
+    fixed order; a decode step writes one key per block, so its sums are exact and repeatable."""
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         blk = slot // BS
-        off = slot % BS
-        grp = off // MERGE
-        prev = tl.load(slot_ptr + t - 1, mask=t > 0, other=-1).to(tl.int64)
-        prev_in_blk = (prev >= 0) & (prev // BS == blk)
-        prev_in_grp = prev_in_blk & ((prev % BS) // MERGE == grp)
-        u = t - off
-        first = tl.load(slot_ptr + u, mask=u >= 0, other=-1).to(tl.int64)
-        fresh = (u >= 0) & (first == blk * BS)
-        # the lengths of this token's runs in its block and group (leading matches, one vector load)
-        ahead = tl.arange(0, BLOCK_S)
-        sv = tl.load(slot_ptr + t + ahead, mask=(t + ahead < T) & (ahead < BS), other=-1).to(tl.int64)
-        in_blk = (sv >= 0) & (sv // BS == blk)
-        in_grp = in_blk & ((sv % BS) // MERGE == grp)
-        run_blk = tl.sum((tl.cumsum((in_blk == 0).to(tl.int32), axis=0) == 0).to(tl.int32), axis=0)
-        run_grp = tl.sum((tl.cumsum((in_grp == 0).to(tl.int32), axis=0) == 0).to(tl.int32), axis=0)
-        i0 = tl.arange(0, BLOCK)
-        row = sums_ptr + (blk * R + grp) * HD
-        if not prev_in_grp:
-            for o in range(0, HD, BLOCK):
-                i = o + i0
-                m = i < HD
-                acc = tl.zeros([BLOCK], dtype=tl.float32)
-                for j in range(0, run_grp):
-                    acc += tl.load(key_ptr + (t + j).to(tl.int64) * stride_kt + i, mask=m, other=0.0).to(tl.float32)
-                if not fresh:
-                    acc += tl.load(row + i, mask=m, other=0.0)
-                tl.store(row + i, acc, mask=m)
-        if not prev_in_blk:
-            last = off + run_blk - 1
-            if fresh:  # groups past the run start from zero too
-                for g in range(last // MERGE + 1, R):
-                    for o in range(0, HD, BLOCK):
-                        i = o + i0
-                        tl.store(sums_ptr + (blk * R + g) * HD + i, tl.zeros([BLOCK], dtype=tl.float32), mask=i < HD)
+        grp = (slot % BS) // MERGE
+        for o in range(0, HD, BLOCK):
+            i = o + tl.arange(0, BLOCK)
+            m = i < HD
+            k = tl.load(key_ptr + t.to(tl.int64) * stride_kt + i, mask=m, other=0.0).to(tl.float32)
+            tl.atomic_add(sums_ptr + blk * ROW + grp * HD + i, k, mask=m, sem="relaxed")
             if HAS_ABS:
-                for o in range(0, HD, BLOCK):
-                    i = o + i0
-                    m = i < HD
-                    acc = tl.zeros([BLOCK], dtype=tl.float32)
-                    for j in range(0, run_blk):
-                        k = tl.load(key_ptr + (t + j).to(tl.int64) * stride_kt + i, mask=m, other=0.0)
-                        acc += tl.abs(k.to(tl.float32))
-                    if not fresh:
-                        acc += tl.load(abs_ptr + blk * HD + i, mask=m, other=0.0)
-                    tl.store(abs_ptr + blk * HD + i, acc, mask=m)
+                tl.atomic_add(abs_ptr + blk * HD + i, tl.abs(k), mask=m, sem="relaxed")
 
 
 # --------------------------------------------------------------------------------- attention
@@ -717,6 +698,7 @@ _KERNELS = (
     _attn_combine_kernel,
     _block_reduce_kernel,
     _scores_dot_kernel,
+    _sums_reset_kernel,
     _sums_add_kernel,
 )
 

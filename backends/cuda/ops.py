@@ -302,8 +302,8 @@ class CudaOps(TorchReferenceOps):
         return self._topk(scores, k, must_keep, None, block_table, seq_lens, block_size, largest)[2:]
 
     def block_sums_add(self, sums, abs_sums, key, slot_mapping, block_size, merge) -> None:
-        """One launch, no host read, no atomics (deterministic: each run of a block's keys is
-        summed in order by its first token's program; see `_sums_add_kernel`)."""
+        """Two launches, no host read (safe inside a CUDA graph): zero the blocks whose first slot
+        is written, then add every key with atomics (`_sums_reset_kernel`, `_sums_add_kernel`)."""
         t = int(slot_mapping.shape[0])
         usable = (self._can_run(sums, key, slot_mapping) and sums.dtype == torch.float32 and sums.is_contiguous()
                   and (abs_sums is None or (abs_sums.is_contiguous() and self._can_run(abs_sums)))
@@ -313,10 +313,13 @@ class CudaOps(TorchReferenceOps):
         if t == 0:
             return
         nb, r, h, d = sums.shape
-        self._k.sums_add_kernel[(t,)](key, slot_mapping.contiguous(), sums, abs_sums if abs_sums is not None else sums,
-                                      t, block_size, merge, r, h * d, key.stride(0),
-                                      HAS_ABS=abs_sums is not None, BLOCK=min(_pow2(h * d), 1024),
-                                      BLOCK_S=_pow2(block_size))
+        slots = slot_mapping.contiguous()
+        ab = abs_sums if abs_sums is not None else sums
+        block = min(_pow2(h * d), 1024)
+        self._k.sums_reset_kernel[(t,)](slots, sums, ab, block_size, r * h * d, h * d,
+                                        HAS_ABS=abs_sums is not None, BLOCK=block)
+        self._k.sums_add_kernel[(t,)](key, slots, sums, ab, block_size, merge, h * d, r * h * d, key.stride(0),
+                                      HAS_ABS=abs_sums is not None, BLOCK=block)
 
     def _topk(self, scores, k, must_keep, n_blocks, block_table, seq_lens, block_size, largest):
         b, m = scores.shape
