@@ -109,3 +109,86 @@ def test_corrupt_block_is_recomputed_not_read(model_path, prompt, tmp_path) -> N
     second, snap = run(model_path, store_extra(tmp_path), prompt)
     assert snap["failed_loads"] >= 1
     assert second == first
+
+
+# ------------------------------------------------------------------ what a block's id covers
+def _request(rid: str, tokens: list[int], **kw):
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    return Request(rid, tokens, SamplingParams(max_tokens=1), None, **kw)
+
+
+def _planner():
+    from ucm.integration.vllm.prefix_store import PrefixPlanner, StoreIdentity
+
+    return PrefixPlanner(StoreIdentity("m", "float32", BLOCK, 1024, 2, "CPU_ATTN", 1), None)
+
+
+def test_block_ids_cover_cache_salt_and_the_lora_adapter(tmp_path, caplog) -> None:
+    """Blocks computed under another salt or another adapter (another name, another path, or the
+    same path with other weights) never share an id; an unreadable adapter is never stored."""
+    from vllm.lora.request import LoRARequest
+
+    from ucm.store import prefix_block_hashes
+
+    tokens = list(range(100, 100 + 3 * BLOCK + 5))
+    planner = _planner()
+
+    def ids(rid, **kw):
+        p = planner.register(_request(rid, tokens, **kw))
+        return None if p is None else p.ids
+
+    plain = ids("plain")
+    assert plain == prefix_block_hashes(tokens, BLOCK, planner.identity.namespace)  # unsalted ids are unchanged
+    alice, bob = ids("a", cache_salt="alice"), ids("b", cache_salt="bob")
+    assert ids("a2", cache_salt="alice") == alice
+    assert len({tuple(plain), tuple(alice), tuple(bob)}) == 3
+    assert not set(alice) & set(bob) and not set(alice) & set(plain)  # the salt changes every block (the chain)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights v1")
+    lora = ids("l1", lora_request=LoRARequest("ad", 1, str(adapter)))
+    assert lora is not None and not set(lora) & set(plain)
+    assert ids("l2", lora_request=LoRARequest("ad", 1, str(adapter))) == lora
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights v2 (rewritten in place)")
+    rewritten = ids("l3", lora_request=LoRARequest("ad", 1, str(adapter)))
+    assert rewritten is not None and not set(rewritten) & set(lora)
+    assert ids("l4", lora_request=LoRARequest("other", 2, str(adapter))) not in (None, rewritten)
+    with caplog.at_level("WARNING", logger="vllm.ucm"):
+        assert ids("gone", lora_request=LoRARequest("gone", 3, str(tmp_path / "missing"))) is None
+        assert ids("gone2", lora_request=LoRARequest("gone", 3, str(tmp_path / "missing"))) is None
+    said = [r for r in caplog.records if "neither stored nor loaded" in r.getMessage()]
+    assert len(said) == 1 and "cannot be read" in said[0].getMessage()  # said once
+    assert planner.matched_tokens(_request("gone3", tokens, lora_request=LoRARequest("g", 4, "/nonexistent")), 0) == 0
+    plan = __import__("ucm.integration.vllm.prefix_store", fromlist=["StorePlan"]).StorePlan()
+    planner.plan_request("gone3", len(tokens), list(range(4)), 0, len(tokens), True, plan)
+    assert plan.saves == [] and plan.loads == []  # nothing stored for it either
+
+
+def test_a_salted_request_never_loads_another_salts_blocks(model_path, prompt, tmp_path) -> None:
+    """Real engines: blocks dumped for salt "alice" are not loaded for "bob" (they are recomputed
+    and dumped under bob's ids), and are loaded for "alice" again."""
+    from vllm import SamplingParams
+
+    def run_salted(salts: list[str]) -> list[tuple[int, int]]:
+        llm = make_llm(model_path, store_extra(tmp_path))
+        got = []
+        try:
+            for salt in salts:
+                before = dict(connector().store_worker.snapshot())
+                llm.generate([{"prompt_token_ids": prompt, "cache_salt": salt}],
+                             SamplingParams(max_tokens=2, temperature=0))
+                connector().flush_store()
+                after = connector().store_worker.snapshot()
+                got.append((after["loaded_blocks"] - before["loaded_blocks"],
+                            after["dumped_blocks"] - before["dumped_blocks"]))
+        finally:
+            shutdown(llm)
+        return got
+
+    full = len(prompt) // BLOCK
+    assert run_salted(["alice"]) == [(0, full)]
+    bob, alice = run_salted(["bob", "alice"])  # a fresh engine: nothing in its own prefix cache
+    assert bob == (0, full)
+    assert alice[0] == (len(prompt) - 1) // BLOCK and alice[1] == 0

@@ -90,11 +90,14 @@ def root_hash(namespace: str = "") -> BlockId:
     return h.hexdigest()
 
 
-def block_hash(parent: BlockId | None, token_ids: Sequence[int] | np.ndarray | torch.Tensor) -> BlockId:
-    """Id of a block: blake2b-128(parent id || token ids as little-endian int64).
+def block_hash(parent: BlockId | None, token_ids: Sequence[int] | np.ndarray | torch.Tensor,
+               extra: bytes = b"") -> BlockId:
+    """Id of a block: blake2b-128(parent id || token ids as little-endian int64 [|| extra]).
 
     The parent is fixed-length, so the encoding is unambiguous; a change in any earlier token
-    changes the parent and therefore this id and every later one.
+    changes the parent and therefore this id and every later one. `extra` is whatever else
+    determines the block's KV besides its tokens (an adapter, multimodal inputs, a salt): it is
+    appended after a separator and its length, so no token sequence can produce it.
     """
     parent = parent if parent is not None else root_hash()
     if isinstance(token_ids, torch.Tensor):
@@ -102,6 +105,8 @@ def block_hash(parent: BlockId | None, token_ids: Sequence[int] | np.ndarray | t
     tokens = np.ascontiguousarray(np.asarray(token_ids, dtype="<i8"))
     h = hashlib.blake2b(bytes.fromhex(parent), digest_size=_ID_BYTES, person=_PERSON)
     h.update(tokens.tobytes())
+    if extra:
+        h.update(b"\0extra\0" + len(extra).to_bytes(8, "little") + extra)
     return h.hexdigest()
 
 

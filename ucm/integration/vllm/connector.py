@@ -228,7 +228,7 @@ class UCMConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         if self.planner is None:
             return 0, False
-        return self.planner.matched_tokens(request.request_id, request.prompt_token_ids, num_computed_tokens), False
+        return self.planner.matched_tokens(request, num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if self.planner is not None:
@@ -250,7 +250,6 @@ class UCMConnector(KVConnectorBase_V1):
             return meta
         computed: dict[str, int] = {}
         fresh: set[str] = set()
-        prompts: dict[str, Any] = {}
         for new in scheduler_output.scheduled_new_reqs:
             prompt = len(new.prompt_token_ids) if new.prompt_token_ids is not None else 0
             self._tracked[new.req_id] = _Tracked(list(new.block_ids[0]), prompt)
@@ -258,7 +257,6 @@ class UCMConnector(KVConnectorBase_V1):
             fresh.add(new.req_id)
             if self.offload_planner is not None and self.offload_planner.reset(new.req_id):
                 meta.finished.append(new.req_id)  # rescheduled from scratch after offload
-            prompts[new.req_id] = new.prompt_token_ids
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             tracked = self._tracked.get(rid)
@@ -278,8 +276,8 @@ class UCMConnector(KVConnectorBase_V1):
                 tracked = self._tracked.get(rid)
                 if tracked is None or rid not in computed or computed[rid] >= tracked.prompt_len:
                     continue
-                self.planner.plan_request(rid, prompts.get(rid), tracked.prompt_len, tracked.blocks, computed[rid], n_sched,
-                                          rid in fresh, plan)
+                self.planner.plan_request(rid, tracked.prompt_len, tracked.blocks, computed[rid], n_sched, rid in fresh,
+                                          plan)
             meta.loads, meta.saves = plan.loads, plan.saves
         if self.offload_planner is not None:
             meta.offload = self.offload_planner.plan(scheduler_output, meta.saves)

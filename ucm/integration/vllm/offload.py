@@ -160,7 +160,9 @@ class OffloadPlanner:
         n_max = self.max_tokens(r.request)
         if p.middle_end(n_max) - p.init_blocks <= p.slots(n_max):
             return False
-        prompt_ids = self.prefix.prompt_ids(r.request.request_id, r.request.prompt_token_ids)
+        prompt_ids = self.prefix.prompt_ids(r.request.request_id)
+        if prompt_ids is None:
+            return False  # not in the store under a known identity: it cannot come back from there
         if self.prefix.saved_blocks(r.request.request_id) < len(prompt_ids):
             return False  # some prompt blocks were never dumped (e.g. a local hit on another engine's blocks)
         r.ids = list(prompt_ids)

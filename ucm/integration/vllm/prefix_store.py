@@ -15,15 +15,27 @@ vLLM, which recomputes it when `kv_load_failure_policy` is "recompute".
 
 Every tensor-parallel rank stores its own heads under its own scoped ids (`scoped_id`), and a
 block is a hit only when every rank has it.
+
+A block's id covers everything that determines its KV, as vLLM's own prefix-cache hash does:
+the engine's namespace (model, dtype, layout, block size, TP), the parent block, the tokens,
+and vLLM's extra keys for the block (`generate_block_hash_extra_keys`: the LoRA's name and
+path, multimodal inputs, `cache_salt`, prompt embeddings), plus a digest of the LoRA adapter's
+files (a name re-pointed at other weights, or weights rewritten in place, change every id).
+A request whose identity cannot be established (no prompt token ids, an unreadable adapter, a
+vLLM without that function) is neither stored nor loaded, and the log says so once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -34,9 +46,9 @@ from ucm.store import (
     StoreError,
     StoreSpec,
     TaskFailed,
+    block_hash,
     build_store,
     host_buffer,
-    prefix_block_hashes,
     root_hash,
     scoped_id,
 )
@@ -97,6 +109,62 @@ class _Prompt:
     load: tuple[int, int] | None = None  # (first block, count) to load when scheduled
 
 
+def _canonical(extra: Any) -> bytes:
+    """A stable byte encoding of vLLM's extra keys (tuples of str / int / bytes)."""
+    def enc(x):
+        if isinstance(x, (bytes, bytearray)):
+            return {"bytes": bytes(x).hex()}
+        if isinstance(x, (list, tuple)):
+            return [enc(v) for v in x]
+        if x is None or isinstance(x, (str, int, float, bool)):
+            return x
+        raise TypeError(f"unsupported block hash extra key {type(x).__name__}")
+
+    return json.dumps(enc(extra), separators=(",", ":")).encode()
+
+
+def adapter_digest(path: str, cache: dict) -> str | None:
+    """blake2b of a LoRA adapter's files (relative names and contents), cached by their sizes and
+    modification times; None when the adapter cannot be read."""
+    try:
+        root = Path(path)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        stamp = (path, tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+        if stamp in cache:
+            return cache[stamp]
+        h = hashlib.blake2b(digest_size=16)
+        for f in files:
+            h.update(os.path.relpath(f, root if root.is_dir() else root.parent).encode() + b"\0")
+            h.update(f.read_bytes())
+        cache[stamp] = h.hexdigest()
+        return cache[stamp]
+    except OSError:
+        return None
+
+
+def request_block_ids(request, block_size: int, namespace: str, digests: dict) -> tuple[list[str] | None, str]:
+    """(content ids of the request's full prompt blocks, "") or (None, why not)."""
+    tokens = request.prompt_token_ids
+    if tokens is None:
+        return None, "it has no prompt token ids (prompt embeddings only)"
+    try:
+        from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys
+    except ImportError:
+        return None, "this vLLM has no generate_block_hash_extra_keys"
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        digest = adapter_digest(str(lora.lora_path), digests)
+        if digest is None:
+            return None, f"its LoRA adapter {lora.lora_path!r} cannot be read"
+        namespace = f"{namespace}|lora={digest}"
+    parent, mm_idx, out = root_hash(namespace), 0, []
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        extra, mm_idx = generate_block_hash_extra_keys(request, start, start + block_size, mm_idx)
+        parent = block_hash(parent, tokens[start:start + block_size], _canonical(extra) if extra else b"")
+        out.append(parent)
+    return out, ""
+
+
 class PrefixPlanner:
     """Scheduler-side bookkeeping; `lookup_store` is None when no stage is visible to it."""
 
@@ -104,14 +172,24 @@ class PrefixPlanner:
         self.identity = identity
         self.lookup_store = lookup_store
         self._prompts: dict[str, _Prompt] = {}
+        self._digests: dict = {}  # LoRA adapter digests, by their files' sizes and times
+        self._said_unidentified = False
         self.hit_tokens = 0
         self.queried_tokens = 0
 
-    def _prompt(self, req_id: str, prompt_token_ids) -> _Prompt:
-        p = self._prompts.get(req_id)
+    def register(self, request) -> _Prompt | None:
+        """The request's prompt ids, computed once from the vLLM `Request` (the scheduler hands
+        it to `get_num_new_matched_tokens` before it schedules the request)."""
+        p = self._prompts.get(request.request_id)
         if p is None:
-            ids = prefix_block_hashes(list(prompt_token_ids or ()), self.identity.block_size, self.identity.namespace)
-            p = self._prompts[req_id] = _Prompt(ids)
+            ids, why = request_block_ids(request, self.identity.block_size, self.identity.namespace, self._digests)
+            if ids is None:
+                if not self._said_unidentified:
+                    self._said_unidentified = True
+                    logger.warning("ucm store: request %s is neither stored nor loaded: %s (said once)",
+                                   request.request_id, why)
+                return None
+            p = self._prompts[request.request_id] = _Prompt(ids)
         return p
 
     @property
@@ -119,18 +197,22 @@ class PrefixPlanner:
         """Parent id of every sequence's first block in this engine's namespace."""
         return root_hash(self.identity.namespace)
 
-    def prompt_ids(self, req_id: str, prompt_token_ids) -> list[str]:
-        """Content ids of the request's full prompt blocks."""
-        return self._prompt(req_id, prompt_token_ids).ids
+    def prompt_ids(self, req_id: str) -> list[str] | None:
+        """Content ids of the request's full prompt blocks (None: identity not established)."""
+        p = self._prompts.get(req_id)
+        return p.ids if p is not None else None
 
     def saved_blocks(self, req_id: str) -> int:
         """Leading prompt blocks known to be in the store (dumps issued, or loaded from it)."""
         p = self._prompts.get(req_id)
         return p.saved if p is not None else 0
 
-    def matched_tokens(self, req_id: str, prompt_token_ids, num_computed_tokens: int) -> int:
+    def matched_tokens(self, request, num_computed_tokens: int) -> int:
         """Tokens beyond `num_computed_tokens` (block-aligned) that the store can supply."""
-        p = self._prompt(req_id, prompt_token_ids)
+        p = self.register(request)
+        if p is None:
+            return 0
+        prompt_token_ids = request.prompt_token_ids
         p.load = None
         if self.lookup_store is None or not p.ids:
             return 0
@@ -159,10 +241,13 @@ class PrefixPlanner:
             return
         p.load = (p.first, num_external_tokens // self.identity.block_size)
 
-    def plan_request(self, req_id: str, prompt_token_ids, prompt_len: int, blocks: list[int], computed: int,
+    def plan_request(self, req_id: str, prompt_len: int, blocks: list[int], computed: int,
                      scheduled: int, new: bool, plan: StorePlan) -> None:
-        """Add this request's loads (when newly scheduled with a hit) and newly full prompt blocks."""
-        p = self._prompt(req_id, prompt_token_ids)
+        """Add this request's loads (when newly scheduled with a hit) and newly full prompt blocks;
+        nothing for a request whose identity was not established."""
+        p = self._prompts.get(req_id)
+        if p is None:
+            return
         bs = self.identity.block_size
         if new:
             if p.load is not None:
