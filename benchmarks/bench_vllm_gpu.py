@@ -315,7 +315,8 @@ def main() -> None:
           f"{'of bound':>9}")
     for c in result["cells"]:
         print(f"{c['method']:<16}{c['ratio']:>6}{c['context']:>8}{c['batch']:>6}{c['dense_ms']:>10.2f}"
-              f"{c['decode_ms']:>9.2f}{c['engine_speedup']:>9.2f}{c['blocks_read']:>7.3f}{c['fraction_of_bound']:>9.2f}")
+              f"{c['decode_ms']:>9.2f}{c['engine_speedup']:>9.2f}{c['blocks_read']:>7.3f}"
+              f"{c['fraction_of_bound']:>9.2f}")
     print(f"wrote {path}")
 
 
