@@ -601,3 +601,20 @@ def test_config_rejects_keys_that_would_do_nothing(name: str, cfg: dict, key: st
     with pytest.raises(ConfigError) as err:
         parse_extra_config(_conn(name, **cfg))
     assert err.value.key == f"ucm_connectors[0].ucm_connector_config.{key}"
+
+
+@pytest.mark.parametrize("bad", ["AB" * 16, "0x" + "ab" * 15, "ab" * 15 + "_a", " " + "ab" * 15 + "a",
+                                 "+" + "a" * 31, "\u0661" * 32, "ab" * 15, "ab" * 17, 12345])
+def test_non_canonical_ids_are_refused_at_the_api(tmp_path, bad) -> None:
+    """One block, one spelling: upper case, `0x`, `_`, spaces, a sign, Unicode digits and other
+    lengths are refused by dump and lookup before any file is named after them (an uppercase id
+    used to be stored, then called corrupt and deleted by another process's first load)."""
+    from ucm.store import BlockLayout, PosixStore
+
+    layout = BlockLayout(1, (64,), torch.uint8)
+    with PosixStore([tmp_path], layout) as store:
+        with pytest.raises(ValueError, match="lowercase hex digits"):
+            store.lookup([bad])
+        with pytest.raises(ValueError, match="lowercase hex digits"):
+            store.dump([bad], 0, [torch.zeros(64, dtype=torch.uint8)])
+    assert not list(tmp_path.rglob("*.blk")) and not list(tmp_path.rglob("*.tmp*"))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -136,13 +137,15 @@ def scoped_id(block_id: BlockId, scope: str) -> BlockId:
     return h.hexdigest()
 
 
-def _check_id(block_id: BlockId) -> None:
-    if not (isinstance(block_id, str) and len(block_id) == 2 * _ID_BYTES):
-        raise ValueError(f"block id must be {2 * _ID_BYTES} hex characters, got {block_id!r}")
-    try:
-        int(block_id, 16)
-    except ValueError:
-        raise ValueError(f"block id must be hex, got {block_id!r}") from None
+_CANONICAL_ID = re.compile(rf"[0-9a-f]{{{2 * _ID_BYTES}}}")
+
+
+def check_id(block_id: BlockId) -> None:
+    """Ids are canonical: exactly 2 * _ID_BYTES lowercase hex digits (what `hexdigest` gives).
+    Anything else (upper case, `0x`, `_`, spaces, a sign, other Unicode digits) is refused
+    here, before a file is named after it, so one block never has two spellings."""
+    if not (isinstance(block_id, str) and _CANONICAL_ID.fullmatch(block_id)):
+        raise ValueError(f"block id must be {2 * _ID_BYTES} lowercase hex digits, got {block_id!r}")
 
 
 # ---------------------------------------------------------------------------------- layout
@@ -350,7 +353,7 @@ class KVStore(ABC):
         ids = list(ids)
         n = len(ids)
         for block_id in ids:
-            _check_id(block_id)
+            check_id(block_id)
         shard_list = [int(shards)] * n if isinstance(shards, int) else [int(s) for s in shards]
         if len(shard_list) != n:
             raise ValueError(f"{n} ids but {len(shard_list)} shards")

@@ -46,7 +46,16 @@ import crc32c
 import numpy as np
 import torch
 
-from ucm.store.api import BlockCorrupt, BlockId, BlockLayout, BlockMissing, KVStore, StoreError, StoreFull
+from ucm.store.api import (
+    BlockCorrupt,
+    BlockId,
+    BlockLayout,
+    BlockMissing,
+    KVStore,
+    StoreError,
+    StoreFull,
+    check_id,
+)
 
 log = logging.getLogger("ucm.store")
 
@@ -210,7 +219,9 @@ class PosixStore(KVStore):
 
     # ------------------------------------------------------------------ paths
     def path(self, block_id: BlockId) -> Path:
-        """Where a block lives (ids spread over the roots by their leading bits)."""
+        """Where a block lives (ids spread over the roots by their leading bits); a non-canonical
+        id is refused (ValueError), so no block has two file names."""
+        check_id(block_id)
         return self.roots[int(block_id[:8], 16) % len(self.roots)] / f"{block_id}{SUFFIX}"
 
     def _bounce(self) -> memoryview:
