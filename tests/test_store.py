@@ -618,3 +618,20 @@ def test_non_canonical_ids_are_refused_at_the_api(tmp_path, bad) -> None:
         with pytest.raises(ValueError, match="lowercase hex digits"):
             store.dump([bad], 0, [torch.zeros(64, dtype=torch.uint8)])
     assert not list(tmp_path.rglob("*.blk")) and not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_storage_backends_are_expanded_normalised_and_never_listed_twice(monkeypatch, tmp_path) -> None:
+    """`~` is expanded (a literal `~` directory used to appear) and `/kv`, `/kv/` are one
+    directory, refused when listed twice (its capacity used to be counted twice)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    def spec(backends):
+        extra = {"ucm_connectors": [{"ucm_connector_name": "UcmNfsStore",
+                                     "ucm_connector_config": {"storage_backends": backends}}]}
+        return parse_extra_config(extra).stores[0].to_spec()
+
+    assert spec("~/kv").storage_backends == (str(tmp_path / "kv"),)
+    assert spec(["/a/kv/", "/b/kv"]).storage_backends == ("/a/kv", "/b/kv")
+    for twice in (["/kv", "/kv/"], ["~/kv", str(tmp_path / "kv")], ["/kv", "/x/../kv"]):
+        with pytest.raises(ConfigError, match="storage_backends.*names one directory twice"):
+            spec(twice)

@@ -9,6 +9,8 @@ accepted too. Unknown keys are errors that name the key.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -92,17 +94,26 @@ class StoreConnector(BaseModel):
             raise _StoreKeyError(key + "storage_backends", "must name at least one directory, none empty")
         if backends == "":
             raise _StoreKeyError(key + "storage_backends", "must not be empty")
+        roots = _roots(backends)
+        if len(set(roots)) != len(roots):
+            raise _StoreKeyError(key + "storage_backends", f"names one directory twice ({', '.join(roots)} after ~ "
+                                 "expansion and normalisation): its capacity would be counted twice")
         return self
 
     def to_spec(self) -> StoreSpec:
         """Plain values for `ucm.store.build_store` (which checks kv_block_size against the model)."""
         cfg = self.ucm_connector_config
-        backends = cfg.storage_backends
-        roots = () if backends is None else (backends,) if isinstance(backends, str) else tuple(backends)
+        roots = _roots(cfg.storage_backends)
         return StoreSpec(pipeline=self.pipeline, storage_backends=roots,  # type: ignore[arg-type]
                          storage_capacity=cfg.storage_capacity, max_cache_size=cfg.max_cache_size,
                          use_direct=cfg.use_direct, workers=cfg.transfer_stream_number,
                          kv_block_size=cfg.kv_block_size)
+
+
+def _roots(backends: str | list[str] | None) -> tuple[str, ...]:
+    """The store's directories, `~` expanded and normalised (`/kv` and `/kv/` are one)."""
+    listed = () if backends is None else (backends,) if isinstance(backends, str) else tuple(backends)
+    return tuple(os.path.normpath(os.path.expanduser(b)) for b in listed)
 
 
 @dataclass(frozen=True)
