@@ -161,3 +161,37 @@ def test_other_modules_can_register_subcommands(monkeypatch: pytest.MonkeyPatch,
     assert [name for name, _ in cli.SUBCOMMANDS].count("hello") == 1
     assert cli.main(["hello", "lazy"]) == 3
     assert capsys.readouterr().out == "hello lazy\n"
+
+
+@pytest.mark.parametrize("weights,why", [
+    ("shape", r"holds \(2, 64, 128\), expected a tensor of shape \(30, 64, 128\)"),
+    ("garbage", "cannot load hash weights"),
+    ("nan", "non-finite values"),
+    ("pickle", "cannot load hash weights"),
+])
+def test_configs_check_loads_trained_weights(tmp_path: Path, weights: str, why: str) -> None:
+    """A trained hash weight file that cannot serve the model fails the check, naming the key
+    (a pickle payload is refused by weights_only loading: no code runs)."""
+    import pickle
+
+    import torch
+
+    data = json.loads((builtin_config_dir() / "smollm2_135m.json").read_text())
+    data["hash_weight"] = "w.pt"
+    cfg = tmp_path / "model.json"
+    cfg.write_text(json.dumps(data))
+    w = tmp_path / "w.pt"
+    if weights == "shape":
+        torch.save({"weight": torch.randn(2, 64, 128)}, w)
+    elif weights == "garbage":
+        w.write_bytes(b"not a torch file")
+    elif weights == "nan":
+        t = torch.randn(30, 64, 128)
+        t[3, 1, 2] = float("nan")
+        torch.save({"weight": t}, w)
+    else:  # a pickle naming a global: weights_only loading refuses it
+        w.write_bytes(pickle.dumps(types.SimpleNamespace))
+    r = ucm("configs", "check", str(cfg))
+    assert r.returncode == 1 and "hash_weight" in r.stderr and __import__("re").search(why, r.stderr), r.stderr
+    torch.save({"weight": torch.randn(30, 64, 128)}, w)
+    assert ucm("configs", "check", str(cfg)).returncode == 0

@@ -105,6 +105,10 @@ def _configs_check(args: argparse.Namespace) -> int:
     for path in args.paths:
         try:
             result = check_config_file(path)
+            if isinstance(result, ModelConfigFile) and result.config.hash_weight_type == "trained":
+                from ucm.sparse.factory import hash_projections
+
+                hash_projections(result)  # the weight files load, with the right shape, finite
         except ConfigError as exc:
             return _fail(exc)
         if isinstance(result, ModelConfigFile):

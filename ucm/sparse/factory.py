@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
+
 from ucm.config.errors import ConfigError
 from ucm.config.loader import ModelConfigFile, find_model_config, load_model_config, parse_sparse_config
 from ucm.config.sparse import ESAConfig, GSAConfig, GSAOnDeviceConfig, KVStarConfig, MethodConfig
@@ -98,20 +100,11 @@ def _check(source: str, key: str, ok: bool, message: str) -> None:
         raise ConfigError(source, key, message)
 
 
-def _build_hata(
-    loaded: ModelConfigFile, shapes: ModelShapes, ops: SparseOps, device_kind: DeviceKind, seed: int
-) -> SparseMethod:
+def hash_projections(loaded: ModelConfigFile, seed: int = 0) -> list[list[torch.Tensor]]:
+    """Per layer, the hash projections of a per-model config: one [D, bits] (GQA) or two (MLA:
+    kv_lora, rope). Trained files are loaded and checked (readable, shape, finite values); a bad
+    one is a ConfigError naming the file and key (`ucm configs check` runs this too)."""
     m, src = loaded.config, loaded.source
-    _check(src, "num_hidden_layers", m.num_hidden_layers == shapes.num_layers,
-           f"{m.num_hidden_layers} but the model has {shapes.num_layers} layers")
-    _check(src, "head_dim", m.head_dim == shapes.head_dim, f"{m.head_dim} but the model's head dim is {shapes.head_dim}")
-    _check(src, "is_mla", m.is_mla == shapes.is_mla, f"{m.is_mla} but the model {'is' if shapes.is_mla else 'is not'} MLA")
-    if m.is_mla:
-        _check(src, "kv_lora_rank", m.kv_lora_rank == shapes.kv_lora_rank,
-               f"{m.kv_lora_rank} but the model's is {shapes.kv_lora_rank}")
-    _check(src, "chunk_size", m.chunk_size % shapes.block_size == 0,
-           f"{m.chunk_size} is not a multiple of the KV block size {shapes.block_size}")
-
     splits = [(m.kv_lora_rank, m.hash_bits_kv_lora, "hash_weight_kv_lora"),
               (m.qk_rope_head_dim, m.hash_bits_qk_rope, "hash_weight_qk_rope")] if m.is_mla \
         else [(m.head_dim, m.hash_bits, "hash_weight")]
@@ -126,7 +119,24 @@ def _build_hata(
         else:
             per_part.append([random_orthogonal_hash(dim, bits, seed * 1_000_003 + layer * 7 + part)
                              for layer in range(m.num_hidden_layers)])
-    weights = [[part[layer] for part in per_part] for layer in range(m.num_hidden_layers)]
+    return [[part[layer] for part in per_part] for layer in range(m.num_hidden_layers)]
+
+
+def _build_hata(
+    loaded: ModelConfigFile, shapes: ModelShapes, ops: SparseOps, device_kind: DeviceKind, seed: int
+) -> SparseMethod:
+    m, src = loaded.config, loaded.source
+    _check(src, "num_hidden_layers", m.num_hidden_layers == shapes.num_layers,
+           f"{m.num_hidden_layers} but the model has {shapes.num_layers} layers")
+    _check(src, "head_dim", m.head_dim == shapes.head_dim, f"{m.head_dim} but the model's head dim is {shapes.head_dim}")
+    _check(src, "is_mla", m.is_mla == shapes.is_mla, f"{m.is_mla} but the model {'is' if shapes.is_mla else 'is not'} MLA")
+    if m.is_mla:
+        _check(src, "kv_lora_rank", m.kv_lora_rank == shapes.kv_lora_rank,
+               f"{m.kv_lora_rank} but the model's is {shapes.kv_lora_rank}")
+    _check(src, "chunk_size", m.chunk_size % shapes.block_size == 0,
+           f"{m.chunk_size} is not a multiple of the KV block size {shapes.block_size}")
+
+    weights = hash_projections(loaded, seed)
 
     policies = [
         LayerPolicy(ratio=ratio, must_select=tuple(m.must_select_blocks), reuse_from=reuse)
