@@ -733,3 +733,23 @@ def test_offload_margin_needs_offload() -> None:
         parse_sparse_config({SPARSE_KEY: {"ESA": {"offload": 1}}})  # strict: a bool, not a number
     with pytest.raises(ConfigError, match="offload"):
         parse_sparse_config({SPARSE_KEY: {"GSAOnDevice": {"offload": True}}})  # ESA/GSA/KVStar only
+
+
+def test_a_model_folder_of_the_same_name_does_not_shadow_the_builtin_config(tmp_path, monkeypatch) -> None:
+    """`config_file: "Qwen3-4B"` names a model: a folder of that name in the working directory
+    (a downloaded model) used to be read as the file and fail with "Is a directory"."""
+    from ucm.config.loader import load_model_config
+
+    (tmp_path / "Qwen3-4B").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_model_config("Qwen3-4B").config.model_name == "Qwen/Qwen3-4B"
+
+
+def test_a_huge_json_integer_is_a_config_error(tmp_path) -> None:
+    from ucm.config.errors import ConfigError
+    from ucm.config.loader import load_model_config
+
+    bad = tmp_path / "huge.json"
+    bad.write_text('{"num_hidden_layers": ' + "9" * 5000 + "}")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_model_config(bad)

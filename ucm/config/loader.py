@@ -57,6 +57,8 @@ def _parse_json(text: str, source: str, where: str = "<file>") -> Any:
         raise ConfigError(source, exc.key, "appears more than once in the same object") from None
     except RecursionError:
         raise ConfigError(source, where, "not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer past Python's digit limit for int()
+        raise ConfigError(source, where, f"not valid JSON: {exc}") from None
 
 
 def _read_json(path: Path) -> Any:
@@ -100,7 +102,8 @@ def find_model_config(name: str) -> Path:
     if want in candidates:
         return candidates[want]
     names = sorted({p.stem for p in candidates.values()})
-    raise ConfigError(name, "<model>", f"no built-in GSAOnDevice config for this model; known: {', '.join(names)}")
+    raise ConfigError(name or repr(name), "<model>",
+                      f"no built-in GSAOnDevice config for this model; known: {', '.join(names)}")
 
 
 def _resolve_ref(ref: str | Path) -> Path:
@@ -114,9 +117,9 @@ def _resolve_ref(ref: str | Path) -> Path:
         shipped = builtin_config_dir() / p.name
         if shipped.is_file():
             return shipped
-    if p.suffix == ".json" or p.exists():
+    if p.suffix == ".json" or p.is_file():
         return p
-    return find_model_config(str(ref))
+    return find_model_config(str(ref))  # a model name, also where a folder of that name exists here
 
 
 def load_model_config(ref: str | Path | dict) -> ModelConfigFile:
