@@ -175,7 +175,10 @@ class BatchSelector:
 
     def counters_to_host(self) -> dict:
         """The device counters as Python numbers (one host read: call it between steps)."""
-        blocks = self.blocks.tolist()
-        steps, rows = self.rows.tolist()
-        return {"kept": [k for k, _ in blocks], "total": [t for _, t in blocks], "sparse_steps": steps,
-                "sparse_rows": rows}
+        return counters_dict(self.blocks.tolist(), self.rows.tolist())
+
+
+def counters_dict(blocks: list, rows: list) -> dict:
+    """`BatchSelector.blocks` / `.rows` as read on the host -> kept, total, sparse_steps, sparse_rows."""
+    return {"kept": [k for k, _ in blocks], "total": [t for _, t in blocks], "sparse_steps": rows[0],
+            "sparse_rows": rows[1]}

@@ -20,7 +20,7 @@ import torch
 from ucm.config.sparse import MethodConfig
 from ucm.ops.contract import SparseOps
 from ucm.sparse.base import ModelShapes, SparseMethod
-from ucm.sparse.batch_selection import BatchSelector
+from ucm.sparse.batch_selection import BatchSelector, counters_dict
 from ucm.sparse.selection import Selection, StepPlan
 
 logger = logging.getLogger("vllm.ucm")
@@ -326,9 +326,7 @@ class SparseRuntime:
         `LaggedRead`): a step is reported one call late, never twice."""
         if self._batch_host is None:
             self._batch_host = LaggedRead([self.batch.blocks, self.batch.rows])
-        blocks, (sparse_steps, sparse_rows) = self._batch_host.read()
-        return {"steps": self.steps + (self._step is not None), "sparse_steps": sparse_steps,
-                "sparse_rows": sparse_rows, "kept": [k for k, _ in blocks], "total": [t for _, t in blocks]}
+        return {"steps": self.steps + (self._step is not None), **counters_dict(*self._batch_host.read())}
 
     def take_interval_requests(self) -> set[str]:
         """Ids of the requests that had an eligible (sparse) decode row since the last call, the
