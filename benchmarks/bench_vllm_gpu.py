@@ -197,7 +197,30 @@ def run_engine(spec: dict) -> dict:
         out["cells"].append(cell)
         print(f"[{spec['setting']}] {context}x{batch}: {cell['decode_ms']} ms/step "
               f"blocks read {cell.get('blocks_read', 1.0)}", flush=True)
+    if spec.get("profile"):
+        out["profile"] = profile_decode(gen, prompts, spec["profile"], Path(spec["profile_out"]))
     return out
+
+
+def profile_decode(gen, prompts, steps: int, path: Path) -> dict:
+    """Device time per kernel over `steps` decode steps of the last cell (kernels inside CUDA
+    graphs included): the table goes to `path`, the per-step totals come back."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen(prompts, 1)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        gen(prompts, steps + 1)
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events)
+    lines = [f"{'us/step':>9} {'calls/step':>10} {'share':>6}  kernel"]
+    for e in events[:40]:
+        lines.append(f"{e.self_device_time_total / steps:9.1f} {e.count / steps:10.1f} "
+                     f"{e.self_device_time_total / total:6.1%}  {e.key[:150]}")
+    path.write_text("\n".join(lines) + f"\ntotal device time per step: {total / steps / 1e3:.3f} ms "
+                    f"(includes one 1-token prefill of the cached prompts)\n")
+    return {"device_ms_per_step": round(total / steps / 1e3, 3),
+            "kernels_per_step": round(sum(e.count for e in events) / steps, 1)}
 
 
 def run_child(spec: dict, log: Path) -> dict:
@@ -265,6 +288,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="vllm_gpu_decode")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also profile STEPS decode steps of the last cell per engine: kernel table to "
+                         "OUT/NAME_profile_SETTING.txt")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(run_engine(json.loads(Path(args.child).read_text()))), flush=True)
@@ -282,7 +308,8 @@ def main() -> None:
     engines = {}
     for setting in args.settings:
         spec = {"setting": setting, "tmp": str(tmp), "model": str(model), "shape": QWEN3_4B, "cells": cells,
-                "new_tokens": args.new_tokens, "repeats": args.repeats}
+                "new_tokens": args.new_tokens, "repeats": args.repeats, "profile": args.profile,
+                "profile_out": str(out_dir / f"{args.name}_profile_{setting.replace(':', '_')}.txt")}
         engines[setting] = run_child(spec, log)
     dense = {(c["context"], c["batch"]): c for c in engines["dense"]["cells"]}
     bw = sorted(e["hbm_bytes_per_s"] for e in engines.values())[len(engines) // 2]
@@ -291,6 +318,8 @@ def main() -> None:
               "model": "Qwen3-4B shape, dummy weights, bf16, block 128", "hbm_bytes_per_s": round(bw),
               "cudagraph_mode": "FULL_DECODE_ONLY", "new_tokens": args.new_tokens,
               "engine_start_s": {s: e["engine_start_s"] for s, e in engines.items()}, "cells": []}
+    if args.profile:
+        result["profile"] = {s: e.get("profile") for s, e in engines.items()}
     for setting, eng in engines.items():
         method, ratio = (setting, 1.0) if setting == "dense" else (setting.split(":")[0], float(setting.split(":")[1]))
         if setting.count(":") > 1:
