@@ -217,8 +217,23 @@ def profile_decode(gen, prompts, steps: int, path: Path) -> dict:
     for e in events[:40]:
         lines.append(f"{e.self_device_time_total / steps:9.1f} {e.count / steps:10.1f} "
                      f"{e.self_device_time_total / total:6.1%}  {e.key[:150]}")
+    import cProfile
+    import io
+    import pstats
+
+    host = cProfile.Profile()
+    t0 = time.perf_counter()
+    host.enable()
+    gen(prompts, steps + 1)
+    host.disable()
+    wall = time.perf_counter() - t0
+    text = io.StringIO()
+    stats = pstats.Stats(host, stream=text)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats("ucm", 25)
     path.write_text("\n".join(lines) + f"\ntotal device time per step: {total / steps / 1e3:.3f} ms "
-                    f"(includes one 1-token prefill of the cached prompts)\n")
+                    f"(includes one 1-token prefill of the cached prompts)\n"
+                    f"host, under cProfile: {wall / steps * 1e3:.3f} ms per step\n" + text.getvalue())
     return {"device_ms_per_step": round(total / steps / 1e3, 3),
             "kernels_per_step": round(sum(e.count for e in events) / steps, 1)}
 

@@ -345,11 +345,12 @@ def _topk_kernel(
     eq_rank = tl.cumsum(eq.to(tl.int64), axis=0)
     sel = above | (eq & (eq_rank <= need))
     pos = tl.cumsum(sel.to(tl.int64), axis=0) - 1
-    tl.store(ids_ptr + b * stride_ib + pos, idx, mask=sel)
     tail = (idx >= cnt) & im
-    tl.store(ids_ptr + b * stride_ib + idx, tl.full([BLOCK_M], -1, tl.int32), mask=tail)
-    tl.store(counts_ptr + b, cnt.to(tl.int32))
-    if REWRITE:
+    if not REWRITE:  # the rewrite reads no ids: it writes the table and the length only
+        tl.store(ids_ptr + b * stride_ib + pos, idx, mask=sel)
+        tl.store(ids_ptr + b * stride_ib + idx, tl.full([BLOCK_M], -1, tl.int32), mask=tail)
+        tl.store(counts_ptr + b, cnt.to(tl.int32))
+    else:
         phys = tl.load(table_ptr + b * stride_tb + idx, mask=sel, other=0)
         tl.store(newtab_ptr + b * stride_nb + pos, phys, mask=sel)
         tl.store(newtab_ptr + b * stride_nb + idx, tl.zeros([BLOCK_M], dtype=phys.dtype), mask=tail)

@@ -46,6 +46,17 @@ class CudaOps(TorchReferenceOps):
         self.interpret = _env_interpret() if interpret is None else bool(interpret)
         self._k = get_kernels(self.interpret)
         self._num_sms: int | None = None
+        # launch overrides (benchmarks/tune_selection_gpu.py sweeps them); None = the heuristics
+        self.topk_warps: int | None = None
+        self.topk_radix_bits: int | None = None
+        self.scores_block_m: int | None = None
+        self.scores_warps: int | None = None
+
+    def topk_launch(self, block_m: int) -> tuple[int, int]:
+        """(num_warps, radix bits per pass) of the top-k kernel for a row of block_m slots."""
+        warps = 4 if block_m <= 1024 else (8 if block_m <= 4096 else 16)
+        radix = 4 if block_m <= 2048 else 1
+        return self.topk_warps or warps, self.topk_radix_bits or radix
 
     # ---------------------------------------------------------------- helpers
     def _can_run(self, *tensors: torch.Tensor) -> bool:
@@ -264,11 +275,12 @@ class CudaOps(TorchReferenceOps):
         rc = repr_cache if repr_cache.stride(-1) == 1 else repr_cache.contiguous()
         tbl = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
         block_d = _pow2(d)
-        block_m = max(1, min(64, 8192 // block_d))
+        block_m = self.scores_block_m or self._scores_block_m(b, m, block_d, q.device)
         self._k.scores_dot_kernel[(triton_cdiv(m, block_m), b)](
             qc, rc, tbl, seq_lens, out, m, hkv, hq // hkv, d, block_size,
             qc.stride(0), qc.stride(1), rc.stride(0), rc.stride(1), tbl.stride(0), out.stride(0),
             MODE=0 if group_reduce == "mean" else 1, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_G=_pow2(hq // hkv),
+            num_warps=self.scores_warps or 4,
         )
         return out
 
@@ -283,6 +295,13 @@ class CudaOps(TorchReferenceOps):
         if not self._can_run(scores, k, must_keep, n_blocks) or scores.dtype == torch.float64:
             return super().block_topk(scores, k, must_keep, n_blocks)
         return self._topk(scores, k, must_keep, n_blocks, None, None, 0, True)[:2]
+
+    def _scores_block_m(self, b: int, m: int, block_d: int, device: torch.device) -> int:
+        """Blocks per program of the dot scorer: as many as fit a tile, but few enough that the
+        grid covers the GPU twice over (a decode batch has few rows)."""
+        cap = max(1, min(64, 8192 // block_d))
+        fill = max(1, (b * m) // (2 * self._sm_count(device)))
+        return max(4, min(cap, 1 << (fill.bit_length() - 1)))
 
     def select_and_rewrite(
         self,
@@ -324,9 +343,12 @@ class CudaOps(TorchReferenceOps):
     def _topk(self, scores, k, must_keep, n_blocks, block_table, seq_lens, block_size, largest):
         b, m = scores.shape
         dev = scores.device
-        ids = torch.empty(b, m, dtype=torch.int32, device=dev)
-        counts = torch.empty(b, dtype=torch.int32, device=dev)
         rewrite = block_table is not None
+        if rewrite:  # the kernel writes no ids / counts when it rewrites the table
+            ids = counts = None
+        else:
+            ids = torch.empty(b, m, dtype=torch.int32, device=dev)
+            counts = torch.empty(b, dtype=torch.int32, device=dev)
         if b == 0:
             extra = (torch.empty_like(block_table), torch.empty_like(seq_lens)) if rewrite else ()
             return (ids, counts, *extra)
@@ -343,17 +365,19 @@ class CudaOps(TorchReferenceOps):
             new_lens = torch.empty(b, dtype=seq_lens.dtype, device=dev)
             nblk = seq_lens
             strides = (tbl.stride(0), new_table.stride(0))
+            ids_arg, counts_arg, ids_stride = new_table, new_lens, 0  # unused pointers
         else:
             tbl = new_table = new_lens = ids  # unused pointers
             nblk = n_blocks.to(dev)
             strides = (0, 0)
+            ids_arg, counts_arg, ids_stride = ids, counts, ids.stride(0)
         block_m = _pow2(m, 16)
-        warps = 4 if block_m <= 1024 else (8 if block_m <= 4096 else 16)
+        warps, radix = self.topk_launch(block_m)
         self._k.topk_kernel[(b,)](
-            sc, kk, keep, nblk, ids, counts, tbl, seq_lens if rewrite else nblk, new_table, new_lens,
-            m, max(block_size, 1), sc.stride(0), keep.stride(0), ids.stride(0), *strides,
+            sc, kk, keep, nblk, ids_arg, counts_arg, tbl, seq_lens if rewrite else nblk, new_table, new_lens,
+            m, max(block_size, 1), sc.stride(0), keep.stride(0), ids_stride, *strides,
             NB_FROM_LEN=rewrite, REWRITE=rewrite, LARGEST=largest, BLOCK_M=block_m, num_warps=warps,
-            RADIX_BITS=4 if block_m <= 2048 else 1,
+            RADIX_BITS=radix,
         )
         if rewrite:
             return ids, counts, new_table, new_lens

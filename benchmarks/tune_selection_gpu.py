@@ -1,0 +1,176 @@
+"""Per-layer cost of ucm's decode selection on the GPU, and the launch settings that set it.
+
+The engine's decode step runs, per sparse layer, the method's representation / code write for
+the new keys, then `BatchSelector.select` (score every block, top-k, rewritten table) before
+FlashAttention. This times exactly that sequence, through the product's own objects
+(`build_sparse_method` + `BatchSelector` on `CudaOps`), for every layer of a Qwen3-4B-shaped
+model inside one CUDA graph, as vLLM's FULL decode graphs replay it: microseconds per layer
+include the gaps between kernels. Then it sweeps the launch settings of the two kernels that
+dominate (the dot scorer's blocks per program, the top-k's warps and radix width) one op at a
+time, so the defaults in `CudaOps` can be chosen from numbers.
+
+    python benchmarks/tune_selection_gpu.py --out DIR    # writes DIR/tune_selection_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+LAYERS, HQ, HKV, D, BS = 36, 32, 8, 128, 128
+
+
+def graph_us(fn, reps: int = 20) -> float:
+    """Median microseconds of one replay of a CUDA graph capturing `fn()`."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def build(name: str, ratio: float, ops, shapes):
+    from ucm.config.loader import find_model_config
+    from ucm.sparse.factory import build_sparse_method
+
+    if name == "GSAOnDevice":
+        data = json.loads(Path(find_model_config("Qwen3-4B")).read_text())
+        # every layer selects: the cost per selecting layer
+        data.update(num_hidden_layers=LAYERS, top_k_ratio_per_layer=[ratio] * LAYERS, top_k_index_reuse=[-1] * LAYERS)
+        return build_sparse_method({"ucm_sparse_config": {"GSAOnDevice": {}}}, shapes, ops, model_config=data,
+                                   host_scoring=False)
+    cfg = {name: {"sparse_ratio": ratio, "retrieval_stride": 1}}
+    return build_sparse_method({"ucm_sparse_config": cfg}, shapes, ops, host_scoring=False)
+
+
+def layer_path(ops, name: str, ratio: float, b: int, ctx: int) -> dict:
+    """Microseconds per layer of write + select over LAYERS layers in one graph."""
+    from ucm.sparse.base import ModelShapes
+    from ucm.sparse.batch_selection import BatchSelector
+
+    dev = torch.device("cuda")
+    m = math.ceil((ctx + 1) / BS)
+    nb = b * m + 8
+    shapes = ModelShapes(LAYERS, HQ, HKV, D, BS, nb, dev)
+    method = build(name, ratio, ops, shapes)
+    g = torch.Generator(device=dev).manual_seed(0)
+    table = torch.randperm(nb, device=dev, generator=g)[: b * m].view(b, m).to(torch.int32)
+    lens = torch.full((b,), ctx + 1, dtype=torch.int32, device=dev)
+    qsl = torch.arange(b + 1, dtype=torch.int32, device=dev)
+    # fill every layer's representations / codes with the prompt's keys (outside the timing)
+    pos = torch.arange(ctx, device=dev)
+    for layer in range(LAYERS):
+        for r in range(b):
+            slots = table[r, pos // BS].long() * BS + pos % BS
+            method.on_kv_written(layer, torch.randn(ctx, HKV, D, device=dev, dtype=torch.bfloat16, generator=g), slots)
+    sel = BatchSelector(method)
+    new_pos = torch.full((b,), ctx, device=dev)
+    new_slots = table.gather(1, (new_pos // BS)[:, None].to(torch.int64))[:, 0].long() * BS + new_pos % BS
+    keys = torch.randn(b, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
+    query = torch.randn(b, HQ, D, device=dev, dtype=torch.bfloat16, generator=g)
+
+    def write_only():
+        for layer in range(LAYERS):
+            method.on_kv_written(layer, keys, new_slots)
+
+    def step():
+        plan = sel.plan(qsl, lens, table, max_query_len=1)
+        for layer in range(LAYERS):
+            method.on_kv_written(layer, keys, new_slots)
+            if sel.layer_selects(layer):
+                sel.select(layer, query, plan)
+
+    total = graph_us(step)
+    write = graph_us(write_only)
+    return {"method": name, "ratio": ratio, "batch": b, "context": ctx, "blocks": m,
+            "us_per_layer": round(total / LAYERS, 2), "write_us_per_layer": round(write / LAYERS, 2)}
+
+
+def sweep_ops(ops, b: int, ctx: int) -> list[dict]:
+    """One op at a time, 36 calls per graph (as many as layers), each launch setting."""
+    dev = torch.device("cuda")
+    m = math.ceil((ctx + 1) / BS)
+    nb = b * m + 8
+    table = torch.randperm(nb, device=dev)[: b * m].view(b, m).to(torch.int32)
+    lens = torch.full((b,), ctx + 1, dtype=torch.int32, device=dev)
+    reps = torch.randn(nb, HKV, D, device=dev)
+    q = torch.randn(b, HQ, D, device=dev, dtype=torch.bfloat16)
+    scores = torch.randn(b, m, device=dev)
+    k = torch.full((b,), math.ceil(m * 0.3), dtype=torch.int64, device=dev)
+    must = torch.zeros(b, m, dtype=torch.bool, device=dev)
+    must[:, [0, m - 1]] = True
+    out = []
+    for bm in (4, 8, 16, 32, 64):
+        for w in (1, 2, 4, 8):
+            ops.scores_block_m, ops.scores_warps = bm, w
+            us = graph_us(lambda: [ops.block_scores_dot(q, reps, table, lens, BS) for _ in range(LAYERS)]) / LAYERS
+            out.append({"op": "block_scores_dot", "batch": b, "blocks": m, "block_m": bm, "warps": w, "us": round(us, 2)})
+    ops.scores_block_m = ops.scores_warps = None
+    us = graph_us(lambda: [ops.block_scores_dot(q, reps, table, lens, BS) for _ in range(LAYERS)]) / LAYERS
+    out.append({"op": "block_scores_dot", "batch": b, "blocks": m, "default": True, "us": round(us, 2)})
+    for radix in (1, 2, 4, 8):
+        for w in (1, 2, 4, 8, 16):
+            if radix == 8 and m > 512:
+                continue
+            ops.topk_warps, ops.topk_radix_bits = w, radix
+            us = graph_us(lambda: [ops.select_and_rewrite(scores, k, must, table, lens, BS) for _ in range(LAYERS)])
+            out.append({"op": "select_and_rewrite", "batch": b, "blocks": m, "radix_bits": radix, "warps": w,
+                        "us": round(us / LAYERS, 2)})
+    ops.topk_warps = ops.topk_radix_bits = None
+    kd = torch.full_like(k, m)
+    us = graph_us(lambda: [ops.select_and_rewrite(scores, kd, must, table, lens, BS) for _ in range(LAYERS)])
+    out.append({"op": "select_and_rewrite(k=n, dense rows)", "batch": b, "blocks": m, "us": round(us / LAYERS, 2)})
+    one = torch.zeros(1, device=dev)
+    us = graph_us(lambda: [one.add_(1) for _ in range(LAYERS)])
+    out.append({"op": "an empty torch kernel (launch floor)", "us": round(us / LAYERS, 2)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--skip-sweep", action="store_true")
+    args = ap.parse_args()
+    from ucm_backends.cuda.ops import CudaOps
+
+    ops = CudaOps()
+    cells = [(8, 32768), (4, 131072), (1, 32768)]
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": LAYERS,
+              "model": "Qwen3-4B shape (32 q heads, 8 KV heads, head dim 128), block 128", "paths": [], "ops": []}
+    for b, ctx in cells:
+        settings = [("ESA", 0.3), ("ESA", 0.1), ("GSAOnDevice", 0.3)]
+        if ctx <= 32768:  # KVStar's merged sums at 128K x 4 take ~38 GB: its torch path is timed at 32K only
+            settings.append(("KVStarMultiStep", 0.3))
+        for name, ratio in settings:
+            row = layer_path(ops, name, ratio, b, ctx)
+            result["paths"].append(row)
+            print(row, flush=True)
+            torch.cuda.empty_cache()
+    if not args.skip_sweep:
+        for b, ctx in cells[:2]:
+            for row in sweep_ops(ops, b, ctx):
+                result["ops"].append(row)
+                print(row, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tune_selection_gpu.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
