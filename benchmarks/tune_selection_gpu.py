@@ -124,15 +124,15 @@ def sweep_ops(ops, b: int, ctx: int) -> list[dict]:
     ops.scores_block_m = ops.scores_warps = None
     us = graph_us(lambda: [ops.block_scores_dot(q, reps, table, lens, BS) for _ in range(LAYERS)]) / LAYERS
     out.append({"op": "block_scores_dot", "batch": b, "blocks": m, "default": True, "us": round(us, 2)})
-    for radix in (1, 2, 4, 8):
-        for w in (1, 2, 4, 8, 16):
-            if radix == 8 and m > 512:
-                continue
-            ops.topk_warps, ops.topk_radix_bits = w, radix
+    for strategy in ("radix 1", "radix 2", "radix 4", "sort"):
+        for w in (2, 4, 8, 16):
+            ops.topk_warps, ops.topk_sort = w, strategy == "sort"
+            ops.topk_radix_bits = int(strategy.split()[1]) if strategy != "sort" else None
             us = graph_us(lambda: [ops.select_and_rewrite(scores, k, must, table, lens, BS) for _ in range(LAYERS)])
-            out.append({"op": "select_and_rewrite", "batch": b, "blocks": m, "radix_bits": radix, "warps": w,
+            out.append({"op": "select_and_rewrite", "batch": b, "blocks": m, "strategy": strategy, "warps": w,
                         "us": round(us / LAYERS, 2)})
     ops.topk_warps = ops.topk_radix_bits = None
+    ops.topk_sort = False
     kd = torch.full_like(k, m)
     us = graph_us(lambda: [ops.select_and_rewrite(scores, kd, must, table, lens, BS) for _ in range(LAYERS)])
     out.append({"op": "select_and_rewrite(k=n, dense rows)", "batch": b, "blocks": m, "us": round(us / LAYERS, 2)})

@@ -46,6 +46,14 @@ def ops():
         pytest.skip(f"Triton interpreter unavailable in this process: {exc}")
 
 
+@pytest.fixture(params=["radix", "sort"])
+def topk_ops(request, ops):
+    """The top-k kernel's two exact strategies (radix passes, one bitonic sort)."""
+    ops.topk_sort = request.param == "sort"
+    yield ops
+    ops.topk_sort = False
+
+
 def _gen(seed: int) -> torch.Generator:
     g = torch.Generator(device="cpu")
     g.manual_seed(seed)
@@ -199,7 +207,7 @@ TOPK_SHAPES = [(6, 1), (5, 13), (4, 64), (3, 130)] + ([(100, 257), (8, 1024), (2
 
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("b,m", TOPK_SHAPES)
-def test_block_topk(ops, b, m, ties):
+def test_block_topk(topk_ops, b, m, ties):
     g = _gen(b * 1000 + m + ties)
     scores, k, keep, n_blocks = _topk_inputs(b, m, g, ties)
     if m > 3:  # awkward values: signed zeros, infinities, NaN, forced blocks at both ends
@@ -207,38 +215,38 @@ def test_block_topk(ops, b, m, ties):
         scores[-1, -2:] = float("-inf")
         keep[0, 0] = keep[0, -1] = True
     scores, k, keep, n_blocks = (t.to(DEV) for t in (scores, k, keep, n_blocks))
-    ids, counts = ops.block_topk(scores, k, keep, n_blocks)
+    ids, counts = topk_ops.block_topk(scores, k, keep, n_blocks)
     rids, rcounts = REF.block_topk(scores, k, keep, n_blocks)
     assert ids.dtype == torch.int32 and counts.dtype == torch.int32
     assert torch.equal(counts, rcounts)
     assert torch.equal(ids, rids)
 
 
-def test_block_topk_forced_beats_inf_and_wide_n_blocks(ops):
+def test_block_topk_forced_beats_inf_and_wide_n_blocks(topk_ops):
     """Forced blocks win against +inf scores; n_blocks past the table width is clamped to M."""
     scores = torch.tensor([[float("inf"), 0.0, 0.0, 1.0], [3.0, float("inf"), float("nan"), 2.0]], device=DEV)
     keep = torch.tensor([[False, True, False, False], [False, False, True, False]], device=DEV)
     k = torch.tensor([1, 2], device=DEV)
     n_blocks = torch.tensor([4, 9], device=DEV)
-    got = ops.block_topk(scores, k, keep, n_blocks)
+    got = topk_ops.block_topk(scores, k, keep, n_blocks)
     want = REF.block_topk(scores, k, keep, n_blocks)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_block_topk_k_at_least_blocks(ops):
+def test_block_topk_k_at_least_blocks(topk_ops):
     g = _gen(5)
     scores = torch.randn(3, 10, generator=g).to(DEV)
     k = torch.tensor([10, 50, 3], device=DEV)
     keep = torch.zeros(3, 10, dtype=torch.bool, device=DEV)
     keep[2, :6] = True  # more forced blocks than k
     n_blocks = torch.tensor([10, 7, 9], device=DEV)
-    got = ops.block_topk(scores, k, keep, n_blocks)
+    got = topk_ops.block_topk(scores, k, keep, n_blocks)
     want = REF.block_topk(scores, k, keep, n_blocks)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("bs", [4, 16])
-def test_select_and_rewrite_rewrites_table(ops, bs):
+def test_select_and_rewrite_rewrites_table(topk_ops, bs):
     g = _gen(bs)
     lens = [bs * 9 + 3, bs * 4, 1, bs * 12, 0, bs * 5] if not BIG else [bs * 2000 + 3, bs * 4, 1, bs * 1200, 0, bs * 5]
     table, seq_lens, _ = _paged_table(lens, bs, 0, g)
@@ -249,10 +257,10 @@ def test_select_and_rewrite_rewrites_table(ops, bs):
     keep[torch.arange(b, device=DEV), (n_b - 1).clamp(min=0)] = True  # the last block, as a sparse step would
     keep[4] = False  # the empty row keeps nothing
     k = torch.tensor([3, 2, 5, 7, 3, 1000], device=DEV)  # the last row keeps all its blocks: it comes back as it was
-    tab, new_lens = ops.select_and_rewrite(scores, k, keep, table, seq_lens, bs)
+    tab, new_lens = topk_ops.select_and_rewrite(scores, k, keep, table, seq_lens, bs)
     rids, rcounts = REF.block_topk(scores, k, keep, n_b)
     rtab, rlens = REF.select_and_rewrite(scores, k, keep, table, seq_lens, bs)
-    dtab, dlens = ops.select_and_rewrite(-scores, k, keep, table, seq_lens, bs, largest=False)
+    dtab, dlens = topk_ops.select_and_rewrite(-scores, k, keep, table, seq_lens, bs, largest=False)
     assert torch.equal(tab, rtab) and torch.equal(new_lens, rlens)
     assert torch.equal(dtab, rtab) and torch.equal(dlens, rlens)
     for r in range(b):

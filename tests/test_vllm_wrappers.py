@@ -341,6 +341,47 @@ def test_flash_wrapper_selects_in_batch_mode_with_the_kernel_replaced_by_a_recor
     assert seen["md"] is md
 
 
+def test_flash_plan_ahead_once_per_step_and_lengths(monkeypatch) -> None:
+    """FA3's scheduler metadata for the rewritten lengths is planned with the builder's
+    arguments, once per lengths tensor (one per layer policy) for the whole step; nothing is
+    planned where vLLM planned nothing, nor for windowed models or quantized caches. The plan
+    itself is FA3's (CUDA only): the GPU engine tests check the attention it drives."""
+    from vllm.v1.attention.backends import fa_utils
+
+    from ucm.integration.vllm.flash_attn import plan_ahead, plan_ahead_possible
+
+    calls = []
+    monkeypatch.setattr(fa_utils, "get_scheduler_metadata",
+                        lambda **kw: calls.append(kw) or torch.full((9,), len(calls), dtype=torch.int32), raising=False)
+    md = _flash_metadata([40, 300, 260], [1, 1, 1], [[1, 2, 0, 0], [3, 4, 5, 6], [13, 14, 15, 16]])
+    md = dataclasses.replace(md, max_num_splits=32)
+    kv = torch.zeros(20, 2, 128, 16, dtype=torch.bfloat16)  # [NB, Hkv, bs, 2 * D]
+    policy_a, policy_b = torch.tensor([40, 108, 100], dtype=torch.int32), torch.tensor([40, 300, 100], dtype=torch.int32)
+    first = plan_ahead(md, policy_a, 4, 2, 8, kv)
+    for _ in range(3):  # later layers of the same policy reuse the step's plan
+        assert plan_ahead(md, policy_a, 4, 2, 8, kv) is first
+    second = plan_ahead(md, policy_b, 4, 2, 8, kv)
+    assert len(calls) == 2 and not torch.equal(first, second)
+    kw = calls[0]
+    assert kw["cache_seqlens"] is policy_a and kw["batch_size"] == 3 and kw["max_seqlen_q"] == 1
+    assert kw["max_seqlen_k"] == 300 and kw["num_splits"] == 32 and kw["page_size"] == 128
+    assert kw["qkv_dtype"] == torch.bfloat16 and kw["cu_seqlens_q"] is md.query_start_loc and kw["causal"] is True
+    assert (kw["num_heads_q"], kw["num_heads_kv"], kw["headdim"], kw["window_size"]) == (4, 2, 8, (-1, -1))
+    next_step = _flash_metadata([41, 301, 261], [1, 1, 1], [[1, 2, 0, 0], [3, 4, 5, 6], [13, 14, 15, 16]])
+    plan_ahead(next_step, policy_a, 4, 2, 8, kv)
+    assert len(calls) == 3  # a new step plans again
+    assert plan_ahead(dataclasses.replace(md, scheduler_metadata=None), policy_a, 4, 2, 8, kv) is None
+    assert len(calls) == 3
+
+    def config(window, cache_dtype):
+        return SimpleNamespace(model_config=SimpleNamespace(get_sliding_window=lambda: window),
+                               cache_config=SimpleNamespace(cache_dtype=cache_dtype))
+
+    assert plan_ahead_possible(config(None, "auto"))
+    assert not plan_ahead_possible(config(4096, "auto")) and not plan_ahead_possible(config(None, "fp8"))
+    assert not plan_ahead_possible(None)
+
+
 def test_flash_wrapper_without_a_ucm_config_is_the_stock_impl(monkeypatch) -> None:
     """No ucm config: forward and the cache write are FlashAttentionImpl's own, whatever runtime
     exists (the plugin registers the wrapper for every engine on the CUDA platform)."""

@@ -79,15 +79,17 @@ def _hash_write_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Hash keys into the paged code cache in one launch: program (token tile, KV head) projects
-    x [BLOCK_T, D] @ weight [D, NBITS] in float32, packs the sign bits into bytes and stores each
-    token's codes at its slot (slot < 0 skipped). The projection is the same float32 dot as the
-    query hash of `_qhash_planes_kernel`, so keys and queries are hashed alike."""
+    """Hash keys into the paged code cache in one launch: program (token tile, KV head, bit tile)
+    projects x [BLOCK_T, D] @ weight [D, BLOCK_N of NBITS] in float32, packs the sign bits into
+    bytes and stores each token's codes at its slot (slot < 0 skipped). The projection is the
+    same float32 dot as the query hash of `_qhash_planes_kernel`, so keys and queries are hashed
+    alike. Bit tiles (BLOCK_N a multiple of 8) keep wide codes (MLA's 576 bits) in shared memory."""
     tb = tl.program_id(0)
     h = tl.program_id(1)
+    n0 = tl.program_id(2) * BLOCK_N
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     tm = t < T
-    col = tl.arange(0, BLOCK_N)
+    col = n0 + tl.arange(0, BLOCK_N)
     cm = col < NBITS
     proj = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -101,7 +103,7 @@ def _hash_write_kernel(
     shift = tl.arange(0, 8)
     byte = tl.sum(tl.reshape(bits, [BLOCK_T, BLOCK_N // 8, 8]) << shift[None, None, :], axis=2)
     slot = tl.load(slot_ptr + t, mask=tm, other=-1).to(tl.int64)
-    c = tl.arange(0, BLOCK_N // 8)
+    c = n0 // 8 + tl.arange(0, BLOCK_N // 8)
     om = (slot[:, None] >= 0) & (c[None, :] < C)
     tl.store(code_ptr + slot[:, None] * stride_cs + h * stride_ch + c[None, :], byte.to(tl.uint8), mask=om)
 
@@ -292,8 +294,10 @@ def _topk_kernel(
     LARGEST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     RADIX_BITS: tl.constexpr,
+    SORT: tl.constexpr,
 ):
-    """Exact top-k of one row by radix selection on order-preserving integer keys.
+    """Exact top-k of one row by radix selection on order-preserving integer keys (or, with
+    SORT, by one bitonic sort of the keys with their indices: the same selection).
 
     Key order = reference order: forced blocks first (above any score, +inf included), then
     score descending, NaN as -inf, ties to the lower index. The count-th largest key is found
@@ -328,7 +332,12 @@ def _topk_kernel(
     key = tl.where(forced, 4294967296, key)  # forced blocks outrank any score
     key = tl.where(valid, key, -1)
     thr = tl.zeros([], dtype=tl.int64)
-    if cnt < n_b:
+    if SORT:  # one bitonic sort of (key, reversed index) packed into int64 (M < 2^16)
+        packed = ((key + 1) << 16) | (65535 - idx.to(tl.int64))
+        srt = tl.sort(packed, dim=0, descending=True)
+        cut = tl.sum(tl.where(idx == cnt - 1, srt, 0), axis=0)
+        sel = (packed >= cut) & valid & (cnt > 0)
+    elif cnt < n_b:
         # the largest threshold with >= cnt keys at or above it, RADIX_BITS bits per pass: every
         # candidate digit of a pass is counted at once (one [2^RADIX_BITS, BLOCK_M] reduction)
         digit = tl.arange(0, 1 << RADIX_BITS).to(tl.int64)
@@ -339,11 +348,12 @@ def _topk_kernel(
             thr = thr | (tl.max(tl.where(c >= cnt, digit, 0), axis=0) << shift)
     else:  # the row keeps every valid block (a dense row): no ranking needed
         thr = thr - 1
-    above = key > thr
-    need = cnt - tl.sum(above.to(tl.int64), axis=0)
-    eq = key == thr
-    eq_rank = tl.cumsum(eq.to(tl.int64), axis=0)
-    sel = above | (eq & (eq_rank <= need))
+    if not SORT:
+        above = key > thr
+        need = cnt - tl.sum(above.to(tl.int64), axis=0)
+        eq = key == thr
+        eq_rank = tl.cumsum(eq.to(tl.int64), axis=0)
+        sel = above | (eq & (eq_rank <= need))
     pos = tl.cumsum(sel.to(tl.int64), axis=0) - 1
     tail = (idx >= cnt) & im
     if not REWRITE:  # the rewrite reads no ids: it writes the table and the length only

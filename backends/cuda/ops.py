@@ -49,14 +49,17 @@ class CudaOps(TorchReferenceOps):
         # launch overrides (benchmarks/tune_selection_gpu.py sweeps them); None = the heuristics
         self.topk_warps: int | None = None
         self.topk_radix_bits: int | None = None
+        self.topk_sort = False
         self.scores_block_m: int | None = None
         self.scores_warps: int | None = None
 
-    def topk_launch(self, block_m: int) -> tuple[int, int]:
-        """(num_warps, radix bits per pass) of the top-k kernel for a row of block_m slots."""
-        warps = 4 if block_m <= 1024 else (8 if block_m <= 4096 else 16)
-        radix = 4 if block_m <= 2048 else 1
-        return self.topk_warps or warps, self.topk_radix_bits or radix
+    def topk_launch(self, block_m: int) -> tuple[int, int, bool]:
+        """(num_warps, radix bits per pass, sort instead) of the top-k kernel for a row of
+        block_m slots. Radix 2 with 8 warps was fastest on the H200 at 256 and 1024 blocks
+        (benchmarks/results/tune_selection_gpu.json)."""
+        warps = 8 if block_m <= 1024 else 16
+        sort = self.topk_sort if block_m <= 65536 else False
+        return self.topk_warps or warps, self.topk_radix_bits or 2, sort
 
     # ---------------------------------------------------------------- helpers
     def _can_run(self, *tensors: torch.Tensor) -> bool:
@@ -137,10 +140,11 @@ class CudaOps(TorchReferenceOps):
         wt = weight.to(device=x.device, dtype=torch.float32)
         wt = wt if wt.stride(-1) == 1 else wt.contiguous()
         block_t = 16
-        self._k.hash_write_kernel[(triton_cdiv(t, block_t), x.shape[1])](
+        block_n = min(_pow2(nbits, 16), 128)  # wider codes take several bit tiles (shared memory)
+        self._k.hash_write_kernel[(triton_cdiv(t, block_t), x.shape[1], triton_cdiv(nbits, block_n))](
             x, wt, slot_mapping.contiguous(), code_cache, t, x.shape[2], nbits, c, x.stride(0), x.stride(1),
             wt.stride(0), code_cache.stride(1), code_cache.stride(2),
-            BLOCK_T=block_t, BLOCK_D=min(64, _pow2(x.shape[2], 16)), BLOCK_N=_pow2(nbits, 16),
+            BLOCK_T=block_t, BLOCK_D=min(64, _pow2(x.shape[2], 16)), BLOCK_N=block_n,
         )
 
     # ---------------------------------------------------------------- scoring
@@ -275,12 +279,14 @@ class CudaOps(TorchReferenceOps):
         rc = repr_cache if repr_cache.stride(-1) == 1 else repr_cache.contiguous()
         tbl = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
         block_d = _pow2(d)
-        block_m = self.scores_block_m or self._scores_block_m(b, m, block_d, q.device)
+        # 4 blocks per program on one warp: fastest on the H200 at 32K x 8, 128K x 4 and 32K x 1
+        # of 20 settings (benchmarks/results/tune_selection_gpu.json)
+        block_m = self.scores_block_m or 4
         self._k.scores_dot_kernel[(triton_cdiv(m, block_m), b)](
             qc, rc, tbl, seq_lens, out, m, hkv, hq // hkv, d, block_size,
             qc.stride(0), qc.stride(1), rc.stride(0), rc.stride(1), tbl.stride(0), out.stride(0),
             MODE=0 if group_reduce == "mean" else 1, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_G=_pow2(hq // hkv),
-            num_warps=self.scores_warps or 4,
+            num_warps=self.scores_warps or 1,
         )
         return out
 
@@ -295,13 +301,6 @@ class CudaOps(TorchReferenceOps):
         if not self._can_run(scores, k, must_keep, n_blocks) or scores.dtype == torch.float64:
             return super().block_topk(scores, k, must_keep, n_blocks)
         return self._topk(scores, k, must_keep, n_blocks, None, None, 0, True)[:2]
-
-    def _scores_block_m(self, b: int, m: int, block_d: int, device: torch.device) -> int:
-        """Blocks per program of the dot scorer: as many as fit a tile, but few enough that the
-        grid covers the GPU twice over (a decode batch has few rows)."""
-        cap = max(1, min(64, 8192 // block_d))
-        fill = max(1, (b * m) // (2 * self._sm_count(device)))
-        return max(4, min(cap, 1 << (fill.bit_length() - 1)))
 
     def select_and_rewrite(
         self,
@@ -372,12 +371,12 @@ class CudaOps(TorchReferenceOps):
             strides = (0, 0)
             ids_arg, counts_arg, ids_stride = ids, counts, ids.stride(0)
         block_m = _pow2(m, 16)
-        warps, radix = self.topk_launch(block_m)
+        warps, radix, sort = self.topk_launch(block_m)
         self._k.topk_kernel[(b,)](
             sc, kk, keep, nblk, ids_arg, counts_arg, tbl, seq_lens if rewrite else nblk, new_table, new_lens,
             m, max(block_size, 1), sc.stride(0), keep.stride(0), ids_stride, *strides,
             NB_FROM_LEN=rewrite, REWRITE=rewrite, LARGEST=largest, BLOCK_M=block_m, num_warps=warps,
-            RADIX_BITS=radix,
+            RADIX_BITS=radix, SORT=sort,
         )
         if rewrite:
             return ids, counts, new_table, new_lens

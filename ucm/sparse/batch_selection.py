@@ -45,7 +45,8 @@ class BatchPlan:
     eligible: torch.Tensor  # [B] bool: rows that select this step
     n_blocks: torch.Tensor  # [B] int64
     full_lens: torch.Tensor  # [B] int64: tokens in full blocks (what representation scorers score)
-    budgets: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # policy -> (k, must)
+    # policy -> (k [B], must [B, M], lens [B]: the tokens each row reads under that policy)
+    budgets: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     results: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (table, lens)
 
 
@@ -103,9 +104,14 @@ class BatchSelector:
         bs = self.block_size
         return BatchPlan(seq_lens, block_table, q_index, eligible, (lens + bs - 1) // bs, (lens // bs) * bs)
 
-    def _budgets(self, policy: LayerPolicy, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k [B] in blocks, must_keep [B, M]) for a policy: `BlockSelector.budgets` with static
-        shapes (the table's width instead of the longest row)."""
+    def _budgets(self, policy: LayerPolicy, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k [B] in blocks, must_keep [B, M], lens [B]) for a policy: `BlockSelector.budgets`
+        with static shapes (the table's width instead of the longest row).
+
+        The tokens a row reads depend on its budget alone, not on which blocks win: it keeps
+        max(k, forced) of its blocks, the last one (partly written) always among them. So every
+        layer of a policy shares one `lens` tensor, and the attention kernel can plan its work
+        for it once per step (FA3's scheduler metadata) instead of once per layer."""
         key = (policy.ratio, policy.min_units, policy.init_units, policy.local_units, policy.must_select)
         hit = plan.budgets.get(key)
         if hit is not None:
@@ -128,8 +134,13 @@ class BatchSelector:
         if ub > 1:
             k = k * ub
             must = must.repeat_interleave(ub, dim=1)[:, :m]
-        plan.budgets[key] = (k, must)
-        return k, must
+        bs = self.block_size
+        nb = plan.n_blocks.clamp(max=m)
+        forced = (must & (torch.arange(m, device=nb.device)[None, :] < nb[:, None])).sum(1)
+        kept = torch.minimum(nb, torch.maximum(k, forced))
+        lens = (kept * bs - (nb * bs - plan.seq_lens.to(torch.int64)) * (nb > 0)).to(plan.seq_lens.dtype)
+        plan.budgets[key] = (k, must, lens)
+        return k, must, lens
 
     # ---------------------------------------------------------------- select
     def select(self, layer: int, query: torch.Tensor, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,9 +160,10 @@ class BatchSelector:
                 m = plan.block_table.shape[1]
                 unit = self.method.selector.unit_scores(scores, self.scorer.unit_reduce)
                 scores = unit.repeat_interleave(self.unit_blocks, dim=1)[:, :m]
-            k, must = self._budgets(p, plan)
-            out = self.ops.select_and_rewrite(scores, k, must, plan.block_table, plan.seq_lens, self.block_size,
-                                              largest=largest)
+            k, must, lens = self._budgets(p, plan)
+            table, _ = self.ops.select_and_rewrite(scores, k, must, plan.block_table, plan.seq_lens, self.block_size,
+                                                   largest=largest)
+            out = (table, lens)  # the op's lens equal the policy's (see `_budgets`): one tensor per policy
         plan.results[layer] = out
         if layer == self.last_layer:
             self._count(plan)

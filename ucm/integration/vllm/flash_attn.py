@@ -13,8 +13,10 @@ the GPU machine runs) and 0.32; the metadata fields that differ between them are
   kernel's `seqused_k`) read only the kept blocks. Nothing reads the device from the host, so
   vLLM's FULL (decode) CUDA graphs capture the whole sparse step and replay it; piecewise and
   eager modes run the same kernels. `max_seq_len` stays the batch's (an upper bound of every
-  new length), FA3's ahead-of-time `scheduler_metadata` (planned for the old lengths) is dropped
-  and FA3 schedules from `seqused_k` itself.
+  new length). FA3's ahead-of-time `scheduler_metadata` was planned for the old lengths: where
+  vLLM planned one, the wrapper plans one for the new lengths with FA3's own
+  `get_scheduler_metadata`, once per step and layer policy (every layer of a policy reads the
+  same lengths: `BatchSelector._budgets`), instead of FA3 planning inside every layer's call.
 * The key hook: after the stock cache write, the written keys update the method's block
   representations / hash codes (device kernels, captured with the write).
 * Stock for: encoder / cross attention; sliding-window, ALiBi and KV-sharing layers (positions
@@ -49,11 +51,44 @@ def plain_batch(md: FlashAttentionMetadata) -> bool:
     return all(getattr(md, name, None) is None for name in _POSITIONAL)
 
 
-def sparse_flash_metadata(md: FlashAttentionMetadata, block_table: torch.Tensor,
-                          seq_lens: torch.Tensor) -> FlashAttentionMetadata:
+def sparse_flash_metadata(md: FlashAttentionMetadata, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                          scheduler_metadata: torch.Tensor | None = None) -> FlashAttentionMetadata:
     """A copy of `md` (shared by every layer of the step, never written) that reads
-    `block_table` / `seq_lens`; FA3's ahead-of-time plan for the old lengths is dropped."""
-    return dataclasses.replace(md, block_table=block_table, seq_lens=seq_lens, scheduler_metadata=None)
+    `block_table` / `seq_lens`; FA3's ahead-of-time plan for the old lengths is replaced by
+    `scheduler_metadata` (one for the new lengths, or None: FA3 plans in the call)."""
+    return dataclasses.replace(md, block_table=block_table, seq_lens=seq_lens, scheduler_metadata=scheduler_metadata)
+
+
+def plan_ahead_possible(vllm_config) -> bool:
+    """Whether a sparse layer may plan FA3's schedule for its new lengths as vLLM's builder does:
+    no sliding window anywhere in the model (the builder plans with the model's one window) and
+    an unquantized KV cache (the plan's dtype is then the cache's own)."""
+    from vllm.utils.torch_utils import is_quantized_kv_cache
+
+    if vllm_config is None or getattr(vllm_config, "model_config", None) is None:
+        return False
+    return (vllm_config.model_config.get_sliding_window() is None
+            and not is_quantized_kv_cache(vllm_config.cache_config.cache_dtype))
+
+
+def plan_ahead(md: FlashAttentionMetadata, seq_lens: torch.Tensor, num_heads: int, num_kv_heads: int,
+               head_size: int, kv_cache: torch.Tensor) -> torch.Tensor | None:
+    """FA3's scheduler metadata for the batch reading `seq_lens`, made with the arguments vLLM's
+    FlashAttention builder uses, once per step and lengths tensor (cached on `md`, which every
+    layer of the step shares). None where vLLM planned nothing ahead (FA2, eager builds)."""
+    if md.scheduler_metadata is None:
+        return None
+    plans = md.__dict__.setdefault("_ucm_schedules", {})
+    key = seq_lens.data_ptr()
+    if key not in plans:
+        from vllm.v1.attention.backends.fa_utils import get_scheduler_metadata
+
+        plans[key] = get_scheduler_metadata(
+            batch_size=seq_lens.shape[0], max_seqlen_q=md.max_query_len, max_seqlen_k=md.max_seq_len,
+            num_heads_q=num_heads, num_heads_kv=num_kv_heads, headdim=head_size, cache_seqlens=seq_lens,
+            qkv_dtype=kv_cache.dtype, cu_seqlens_q=md.query_start_loc, page_size=kv_cache.shape[2],
+            causal=md.causal, window_size=(-1, -1), num_splits=md.max_num_splits)
+    return plans[key]
 
 
 def refuse_unsupported(dcp_world_size: int = 1) -> None:
@@ -70,6 +105,7 @@ class UCMFlashAttentionImpl(KVWriteHook, FlashAttentionImpl):
         vllm_config = get_current_vllm_config_or_none()
         self._ucm_sparse = vllm_config is not None and ucm_sparse_requested(vllm_config)
         self._ucm_manager_block_size = vllm_config.cache_config.block_size if vllm_config is not None else None
+        self._ucm_plan_ahead = self._ucm_sparse and plan_ahead_possible(vllm_config)
         # layers whose positions matter beyond the block table: always stock
         window = getattr(self, "sliding_window", None)
         self._ucm_dense_layer = ((window is not None and tuple(window) != (-1, -1)) or self.alibi_slopes is not None
@@ -92,7 +128,11 @@ class UCMFlashAttentionImpl(KVWriteHook, FlashAttentionImpl):
                 md = attn_metadata
                 got = rt.batch_selection(layer.layer_name, query, md, md.query_start_loc, md.seq_lens, md.block_table)
                 if got is not None:
-                    attn_metadata = sparse_flash_metadata(md, *got)
+                    table, lens = got
+                    schedule = None
+                    if self._ucm_plan_ahead:
+                        schedule = plan_ahead(md, lens, self.num_heads, self.num_kv_heads, self.head_size, kv_cache)
+                    attn_metadata = sparse_flash_metadata(md, table, lens, schedule)
         return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                output_block_scale)
 
