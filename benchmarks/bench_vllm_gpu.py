@@ -154,6 +154,12 @@ def ucm_counters() -> dict | None:
     return rt.snapshot() if rt is not None and rt.method is not None else None
 
 
+def engine_async_scheduling(llm) -> bool | None:
+    """Whether the engine overlaps scheduling with the GPU step (vLLM decides at start)."""
+    config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
+    return None if config is None else bool(config.scheduler_config.async_scheduling)
+
+
 def run_engine(spec: dict) -> dict:
     """One engine, every cell of `spec`: decode ms per cell and ucm's blocks read (in-process)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -169,7 +175,8 @@ def run_engine(spec: dict) -> dict:
     start_s = time.perf_counter() - t0
     bw = hbm_read_bandwidth()
     n = spec["new_tokens"]
-    out = {"setting": spec["setting"], "engine_start_s": round(start_s, 1), "hbm_bytes_per_s": bw, "cells": []}
+    out = {"setting": spec["setting"], "engine_start_s": round(start_s, 1), "hbm_bytes_per_s": bw, "cells": [],
+           "async_scheduling": engine_async_scheduling(llm)}
 
     def gen(prompts, tokens):
         sp = SamplingParams(max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0.0, detokenize=False)
@@ -332,7 +339,8 @@ def main() -> None:
               "command": "python benchmarks/bench_vllm_gpu.py " + " ".join(sys.argv[1:]),
               "model": "Qwen3-4B shape, dummy weights, bf16, block 128", "hbm_bytes_per_s": round(bw),
               "cudagraph_mode": "FULL_DECODE_ONLY", "new_tokens": args.new_tokens,
-              "engine_start_s": {s: e["engine_start_s"] for s, e in engines.items()}, "cells": []}
+              "engine_start_s": {s: e["engine_start_s"] for s, e in engines.items()},
+              "async_scheduling": {s: e.get("async_scheduling") for s, e in engines.items()}, "cells": []}
     if args.profile:
         result["profile"] = {s: e.get("profile") for s, e in engines.items()}
     for setting, eng in engines.items():
