@@ -111,6 +111,34 @@ def test_corrupt_block_is_recomputed_not_read(model_path, prompt, tmp_path) -> N
     assert second == first
 
 
+def test_fail_policy_fails_the_request_and_says_so(model_path, prompt, tmp_path, caplog) -> None:
+    """kv_load_failure_policy "fail": a block that fails its checksum fails the request (vLLM's
+    finish_reason "error", no tokens), the log says the request fails (not "recomputed"), and
+    ucm's own offline callers raise instead of returning an empty answer."""
+    from vllm import SamplingParams
+
+    from ucm.integration.vllm.offline import RequestFailed, checked
+
+    run(model_path, store_extra(tmp_path), prompt)
+    victim = sorted(tmp_path.glob("*.blk"))[1]
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    llm = make_llm(model_path, store_extra(tmp_path), kv_load_failure_policy="fail")
+    try:
+        with caplog.at_level("WARNING"):
+            outs = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=8, temperature=0))
+        snap = connector().store_worker.snapshot()
+    finally:
+        shutdown(llm)
+    assert snap["failed_loads"] >= 1
+    assert outs[0].outputs[0].finish_reason == "error" and not outs[0].outputs[0].token_ids
+    said = " ".join(r.getMessage() for r in caplog.records if "failed to load" in r.getMessage())
+    assert "fail their requests" in said and "recomputed" not in said
+    with pytest.raises(RequestFailed, match="kv_load_failure_policy"):
+        checked(outs)
+
+
 # ------------------------------------------------------------------ what a block's id covers
 def _request(rid: str, tokens: list[int], **kw):
     from vllm import SamplingParams

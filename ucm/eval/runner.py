@@ -195,7 +195,7 @@ def run_eval(
 
     from ucm.eval import ruler
     from ucm.eval.report import write_report
-    from ucm.integration.vllm.offline import close_engine, find_connector, posix_store
+    from ucm.integration.vllm.offline import checked, close_engine, find_connector, posix_store
     from ucm.demo import model_dense_layers
     from ucm.models import cache_dir, fetch_model
 
@@ -255,7 +255,7 @@ def run_eval(
                     todo_samples = [s for s in data[t] if s.index not in have]
                     params = [SamplingParams(temperature=0, max_tokens=min(s.max_new_tokens, max_new_tokens or 1 << 30))
                               for s in todo_samples]
-                    outs = llm.generate([s.prompt for s in todo_samples], params, use_tqdm=False)
+                    outs = checked(llm.generate([s.prompt for s in todo_samples], params, use_tqdm=False))
                     texts = [o.outputs[0].text for o in outs]
                     scores = ruler.score_samples(t, texts, todo_samples)
                     results.add([CellResult(length, t, setting.label, setting.name, setting.ratio, s.index, text,

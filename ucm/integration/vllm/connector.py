@@ -166,7 +166,8 @@ class UCMConnector(KVConnectorBase_V1):
         from vllm.distributed import get_tensor_model_parallel_rank
 
         spec = self.ucm_config.stores[0].to_spec()
-        self.store_worker = PrefixStoreWorker(spec, self._store_identity, get_tensor_model_parallel_rank())
+        recompute = self._vllm_config.kv_transfer_config.kv_load_failure_policy == "recompute"
+        self.store_worker = PrefixStoreWorker(spec, self._store_identity, get_tensor_model_parallel_rank(), recompute)
         self.store_worker.register({layer_index(name): kv for name, kv in kv_caches.items()})
         self._layer_names = {layer_index(name): name for name in kv_caches}
         if self.runtime is not None and self.runtime.offload is not None:

@@ -19,6 +19,23 @@ def connector_config(extra: dict[str, Any], kv_load_failure_policy: str = "recom
                             kv_load_failure_policy=kv_load_failure_policy)
 
 
+class RequestFailed(RuntimeError):
+    """A request the engine finished with an error instead of tokens."""
+
+
+def checked(outputs: list) -> list:
+    """`outputs` of `LLM.generate`, once none of their requests failed. vLLM finishes a request
+    it cannot serve (e.g. stored KV that fails to load under `kv_load_failure_policy` "fail")
+    with finish_reason "error" and no tokens, and raises nothing: ucm's own callers raise here
+    rather than print or score an empty answer."""
+    failed = [o.request_id for o in outputs if any(c.finish_reason == "error" for c in o.outputs)]
+    if failed:
+        raise RequestFailed(f"{len(failed)} of {len(outputs)} request(s) failed in the engine (finish_reason "
+                            f"'error', first: {failed[0]}); with a ucm store, a block that failed to load fails "
+                            "its request under kv_load_failure_policy 'fail' ('recompute' recomputes it)")
+    return outputs
+
+
 def posix_store(path) -> dict:
     """The `ucm_connectors` part of an extra config for a POSIX store at `path` (prefix reuse)."""
     return {"ucm_connectors": [{"ucm_connector_name": "UcmNfsStore",
@@ -72,7 +89,7 @@ def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int 
               enforce_eager=True, distributed_executor_backend="uni", kv_transfer_config=ktc)
     ids, secret = needle_prompt(llm.get_tokenizer(), tokens, 0.5, seed=7)
     t0 = time.perf_counter()
-    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=max_tokens, temperature=0))
+    out = checked(llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=max_tokens, temperature=0)))
     seconds = time.perf_counter() - t0
     answer = out[0].outputs[0].text
     runtime = find_runtime()

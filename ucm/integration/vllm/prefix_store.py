@@ -278,8 +278,11 @@ def lookup_store_for(spec: StoreSpec, identity: StoreIdentity) -> KVStore | None
 class PrefixStoreWorker:
     """Worker-side loads and dumps for one rank."""
 
-    def __init__(self, spec: StoreSpec, identity: StoreIdentity, rank: int) -> None:
+    def __init__(self, spec: StoreSpec, identity: StoreIdentity, rank: int, recompute_failures: bool = True) -> None:
+        """`recompute_failures`: vLLM's `kv_load_failure_policy` is "recompute" (a block that
+        fails to load is recomputed) rather than "fail" (its request fails)."""
         self.identity = identity
+        self.recompute_failures = recompute_failures
         self.scope = identity.scope(rank)
         self.store = build_store(spec, identity.block_layout())
         self.kv_caches: dict[int, torch.Tensor] = {}  # layer index -> that layer's cache
@@ -332,8 +335,9 @@ class PrefixStoreWorker:
                 self.store.wait(task)
             except TaskFailed as exc:
                 bad.update(exc.ids)
-                self._warn_once("load", f"ucm store: {len(exc.ids)} block(s) failed to load and will be recomputed "
-                                        f"(first: {exc})")
+                fate = ("will be recomputed" if self.recompute_failures else
+                        "fail their requests (kv_load_failure_policy 'fail'; 'recompute' recomputes them instead)")
+                self._warn_once("load", f"ucm store: {len(exc.ids)} block(s) failed to load and {fate} (first: {exc})")
         good = [k for k, i in enumerate(ids) if i not in bad]
         if bad:
             failed = {phys[k] for k, i in enumerate(ids) if i in bad}
