@@ -265,6 +265,33 @@ def test_stride_one_is_synchronous_for_esa_and_one_step_late_for_gsa() -> None:
     assert gsa == [[0, 4, 15], [0, 4, 15], [0, 11, 15]]
 
 
+def test_a_failing_background_retrieval_is_logged_where_it_fails(caplog) -> None:
+    """An error in the retrieval thread is logged with its traceback when it happens (a worker
+    that stops before consuming the future would otherwise say nothing) and still raises in the
+    step that consumes it."""
+    batch, q = planted([16 * BS], 4, 4, 32, [[5]])
+    shapes = ModelShapes(1, 4, 4, 32, BS, batch.k_cache.shape[0])
+    m = build_sparse_method({"GSA": {"sparse_ratio": 0.25}}, shapes, OPS, host_ops=OPS)
+    write_prefill(m, batch, 1)
+
+    def broken_score(*args, **kwargs):
+        raise FloatingPointError("scores went bad")
+
+    plan = m.begin_step(["a"], batch.seq_lens, batch.block_table)
+    m.select(0, q, plan)  # the first retrieval runs on the caller's thread
+    m.end_step(plan)
+    m.scorer.score = broken_score
+    with caplog.at_level("ERROR", logger="ucm.sparse.base"):
+        with pytest.raises(FloatingPointError):
+            for _ in range(3):  # later ones start in the background and are consumed a step later
+                plan = m.begin_step(["a"], batch.seq_lens, batch.block_table)
+                m.select(0, q, plan)
+                m.end_step(plan)
+    m.close()
+    failed = [r for r in caplog.records if "background retrieval failed" in r.getMessage()]
+    assert failed and failed[0].exc_info is not None and "scores went bad" in str(failed[0].exc_info[1])
+
+
 def test_growing_request_keeps_new_blocks_in_local_window() -> None:
     """Between retrievals the request grows; its newest blocks are read without rescoring."""
     g = torch.Generator().manual_seed(12)

@@ -55,6 +55,31 @@ def test_offload_over_two_ranks_matches_one_rank_sparse(method: str, tmp_path) -
     assert len(list(tmp_path.glob("*.blk"))) >= 2 * (1200 // 32)  # both ranks dumped the long prompt
 
 
+def test_a_worker_that_crashes_in_native_code_prints_its_traceback() -> None:
+    """A TP worker killed by a fatal signal raises nothing for vLLM to log: the engine only
+    sees a worker that stopped answering. With a ucm config each worker has faulthandler on
+    (`ucm.integration.vllm.fault_tracebacks`), so the crash prints the worker's Python stack."""
+    proc = subprocess.run([sys.executable, str(DRIVER), "--model", "tiny", "--tp", "2", "--method", "ESA",
+                           "--crash-workers"], capture_output=True, text=True, timeout=600, cwd=DRIVER.parent.parent)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "Fatal Python error: Segmentation fault" in log, log[-4000:]
+    assert "crash_in_native_code" in log, log[-4000:]
+
+
+def test_fault_tracebacks_are_enabled_once() -> None:
+    code = ("from ucm.integration.vllm.fault_tracebacks import enable_fault_tracebacks\n"
+            "first, second = enable_fault_tracebacks(), enable_fault_tracebacks()\n"
+            "print(first, second, flush=True)\n"
+            "import ctypes\n"
+            "def crash_here():\n"
+            "    ctypes.string_at(0)\n"
+            "crash_here()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["True", "False"]
+    assert proc.returncode != 0 and "crash_here" in proc.stderr and "Fatal Python error" in proc.stderr
+
+
 def test_multiprocess_engine_and_torch_compile() -> None:
     """vLLM's default engine process plus torch.compile: the plugin loads in the engine-core
     process, the connector's runtime activates there, and the needle is still found."""

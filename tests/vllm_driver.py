@@ -9,6 +9,13 @@ import os
 import random
 
 
+def crash_in_native_code(worker=None) -> None:
+    """Read address 0 through ctypes: a SIGSEGV in the worker process, no Python exception."""
+    import ctypes
+
+    ctypes.string_at(0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["smollm2", "tiny"], default="tiny")
@@ -19,7 +26,11 @@ def main() -> None:
     ap.add_argument("--multiprocess", action="store_true", help="vLLM's engine-core process")
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--offload", default=None, help="offload mode with a POSIX store in this directory")
+    ap.add_argument("--crash-workers", action="store_true",
+                    help="after the engine starts, make every worker crash in native code (a segfault)")
     args = ap.parse_args()
+    if args.crash_workers:
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc ships a function
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.multiprocess else "0"
@@ -48,6 +59,8 @@ def main() -> None:
     llm = LLM(model=path, dtype="float32", block_size=32, max_model_len=2048, enforce_eager=not args.compile,
               tensor_parallel_size=args.tp, distributed_executor_backend="mp" if args.tp > 1 else "uni",
               kv_transfer_config=ktc, seed=0)
+    if args.crash_workers:
+        llm.collective_rpc(crash_in_native_code)
     rng = random.Random(0)
     secret = None
     if args.model == "tiny":

@@ -15,6 +15,7 @@ integration calls, per step:
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from abc import ABC, abstractmethod
@@ -26,6 +27,8 @@ import torch
 
 from ucm.ops.contract import SparseOps
 from ucm.sparse.selection import BlockSelector, Selection, StepPlan, _max_or_zero
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -303,13 +306,19 @@ class SparseMethod:
         rids = [plan.req_ids[r] for r in rows]
 
         def work() -> torch.Tensor:
-            block_scores = self.scorer.score(layer, q_snap, table, lens, rids)
-            if self.score_reduce is not None:  # reduced across ranks when consumed (see _unit_scores)
-                return block_scores
-            unit = self.selector.unit_scores(block_scores, self.scorer.unit_reduce)
-            for i, rid in enumerate(rids):
-                self._notify(rid, layer, unit[i])
-            return unit
+            try:
+                block_scores = self.scorer.score(layer, q_snap, table, lens, rids)
+                if self.score_reduce is not None:  # reduced across ranks when consumed (see _unit_scores)
+                    return block_scores
+                unit = self.selector.unit_scores(block_scores, self.scorer.unit_reduce)
+                for i, rid in enumerate(rids):
+                    self._notify(rid, layer, unit[i])
+                return unit
+            except BaseException:
+                # logged where it happens: the step that consumes the future re-raises it, but a
+                # process that stops first (another rank's failure) would otherwise say nothing
+                log.exception("ucm %s: background retrieval failed (layer %d, requests %s)", self.name, layer, rids)
+                raise
 
         fut = self.executor.submit(work)
         holders = [len(rids)]

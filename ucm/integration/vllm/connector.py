@@ -30,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from ucm.config.errors import ConfigError
 from ucm.config.sparse import GSAOnDeviceConfig
 from ucm.integration.vllm.extra_config import parse_extra_config
+from ucm.integration.vllm.fault_tracebacks import enable_fault_tracebacks
 from ucm.integration.vllm.prefix_store import (
     LoadSpec,
     PrefixPlanner,
@@ -78,6 +79,21 @@ def _device_kind() -> str:
         return "npu" if current_platform.device_type == "npu" else "gpu"
     except Exception:  # a platform without device_type: the gpu_* thresholds apply
         return "gpu"
+
+
+def _prepare_cpu_kernels(sparse) -> None:
+    """Build (first use of this environment) or load the CPU backend's kernels now, at engine start,
+    when this worker's sparse method will run them (the CPU backend, or GSA's host scoring): a build
+    takes about half a minute and must not happen inside the first forward."""
+    from ucm.config.sparse import GSAConfig
+    from ucm.ops.registry import get_ops, select_backend_name
+
+    try:
+        uses_cpu = select_backend_name() == "cpu" or (isinstance(sparse, GSAConfig) and not batch_path_platform())
+    except Exception:  # noqa: BLE001 - no usable backend: the runtime says so when it builds the method
+        return
+    if uses_cpu:
+        get_ops("cpu")  # CpuOps() builds or loads the kernels (with a progress line when it builds)
 
 
 def batch_path_platform() -> bool:
@@ -132,6 +148,8 @@ class UCMConnector(KVConnectorBase_V1):
                     self.offload_planner = OffloadPlanner(self.offload_policy, self.planner, kv_cache_config.num_blocks,
                                                           vllm_config.model_config.max_model_len)
         self.runtime: SparseRuntime | None = None
+        if role == KVConnectorRole.WORKER:
+            enable_fault_tracebacks()  # a worker that crashes in native code says where
         if role == KVConnectorRole.WORKER and self.ucm_config.sparse is not None:
             from ucm.ops import get_ops
 
@@ -147,6 +165,7 @@ class UCMConnector(KVConnectorBase_V1):
             )
             if self.offload_policy is not None:
                 self.runtime.offload = OffloadWorker(self.offload_policy, self.runtime.num_layers)
+            _prepare_cpu_kernels(self.ucm_config.sparse)
 
     # ---------------------------------------------------------------- worker
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
