@@ -194,6 +194,66 @@ def test_block_ids_cover_cache_salt_and_the_lora_adapter(tmp_path, caplog) -> No
     assert plan.saves == [] and plan.loads == []  # nothing stored for it either
 
 
+def write_random_lora(folder: Path, model_path: str, rank: int = 8, seed: int = 0) -> Path:
+    """A PEFT LoRA adapter on every layer's k and v projections with random weights large enough
+    to change the model's tokens (the adapter a user might train, made here: nothing downloads)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * hidden // cfg["num_attention_heads"]
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(layers):
+        for proj in ("k_proj", "v_proj"):
+            name = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+            tensors[f"{name}.lora_A.weight"] = torch.randn(rank, hidden, generator=g) * 0.2
+            tensors[f"{name}.lora_B.weight"] = torch.randn(kv, rank, generator=g) * 0.2
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+        "target_modules": ["k_proj", "v_proj"], "bias": "none", "fan_in_fan_out": False,
+        "base_model_name_or_path": model_path}))
+    return folder
+
+
+def test_blocks_computed_under_a_lora_never_serve_the_base_model(model_path, prompt, tmp_path) -> None:
+    """Real engines with LoRA enabled (issue #18 item 1): a prompt run under an adapter on k/v
+    dumps its blocks; the same prompt without the adapter, in a fresh engine on the same store,
+    loads none of them and gives plain vLLM's tokens; under the adapter again it loads them."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    adapter = LoRARequest("kv-adapter", 1, str(write_random_lora(tmp_path / "adapter", model_path)))
+    store = tmp_path / "store"
+    params = SamplingParams(max_tokens=8, temperature=0)
+
+    def run_lora(lora, extra) -> tuple[list[int], dict | None]:
+        llm = make_llm(model_path, extra, enable_lora=True, max_lora_rank=8, max_loras=1)
+        try:
+            out = llm.generate([{"prompt_token_ids": prompt}], params, lora_request=lora)
+            c = find_connector()
+            snap = None
+            if c is not None:
+                c.flush_store()
+                snap = dict(c.store_worker.snapshot())
+        finally:
+            shutdown(llm)
+        return list(out[0].outputs[0].token_ids), snap
+
+    plain, _ = run_lora(None, None)
+    adapted, first = run_lora(adapter, store_extra(store))
+    assert adapted != plain  # the adapter matters, so loading its blocks for the base model would show
+    assert first["dumped_blocks"] == len(prompt) // BLOCK and first["loaded_blocks"] == 0
+    base, second = run_lora(None, store_extra(store))
+    assert second["loaded_blocks"] == 0 and base == plain
+    again, third = run_lora(adapter, store_extra(store))
+    assert third["loaded_blocks"] == (len(prompt) - 1) // BLOCK and again == adapted
+
+
 def test_a_salted_request_never_loads_another_salts_blocks(model_path, prompt, tmp_path) -> None:
     """Real engines: blocks dumped for salt "alice" are not loaded for "bob" (they are recomputed
     and dumped under bob's ids), and are loaded for "alice" again."""
