@@ -109,6 +109,12 @@ def _configs_check(args: argparse.Namespace) -> int:
                 from ucm.sparse.factory import hash_projections
 
                 hash_projections(result)  # the weight files load, with the right shape, finite
+            from ucm.config.bounds import check_against_model  # the engine's start-up check, same flags
+
+            model = result if isinstance(result, ModelConfigFile) else None
+            check_against_model(None if model else result, max_model_len=args.max_model_len,
+                                block_size=args.block_size, num_layers=args.num_layers, model_config=model,
+                                source=str(path), prefix="" if model else _sparse_prefix(path))
         except ConfigError as exc:
             return _fail(exc)
         if isinstance(result, ModelConfigFile):
@@ -117,6 +123,26 @@ def _configs_check(args: argparse.Namespace) -> int:
             what = f"{result.method} sparse config"
         print(f"ok  {path}: {what}")
     return 0
+
+
+def _sparse_prefix(path: str) -> str:
+    """How a sparse config file names its keys: under 'ucm_sparse_config' when it has that key."""
+    import json
+    from pathlib import Path
+
+    from ucm.config.loader import SPARSE_KEY
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    return SPARSE_KEY if isinstance(data, dict) and SPARSE_KEY in data else ""
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1 or len(text) > 12:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
 
 
 def _add_configs(sub: SubparsersAction) -> None:
@@ -130,6 +156,13 @@ def _add_configs(sub: SubparsersAction) -> None:
     check = actions.add_parser("check", help="validate config files; exit 1 at the first bad one",
                                description="Validate per-model configs and ucm_sparse_config files.")
     check.add_argument("paths", metavar="PATH", nargs="+", help="JSON files of either kind")
+    served = check.add_argument_group(
+        "deployment", "also check the configs against the engine they will run in (what the engine checks at "
+                      "start): windows and min_blocks fit max_model_len / block_size, chunk_size is a multiple of "
+                      "the block size, dense layers exist. Each check runs when its values are given.")
+    served.add_argument("--max-model-len", type=_positive_int, metavar="N", help="vLLM's max_model_len, in tokens")
+    served.add_argument("--block-size", type=_positive_int, metavar="B", help="vLLM's KV block size, in tokens")
+    served.add_argument("--num-layers", type=_positive_int, metavar="L", help="the model's number of layers")
     check.set_defaults(handler=_configs_check)
 
 

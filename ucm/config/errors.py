@@ -15,6 +15,15 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: key '{key}': {message}")
 
 
+class KeyedValueError(ValueError):
+    """A cross-field check in a schema validator failed on `key`: `from_validation_error` names
+    that key (pydantic alone would blame the whole object)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(message)
+
+
 def _loc_to_key(loc: tuple) -> str:
     key = ""
     for part in loc:
@@ -27,7 +36,12 @@ def _loc_to_key(loc: tuple) -> str:
 
 def _short_repr(value: object, limit: int = 80) -> str:
     """The offending value, cut short so a whole list or object does not flood the message."""
-    text = repr(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"  # str() may refuse it
+    try:
+        text = repr(value)
+    except ValueError:  # e.g. an integer inside a list past Python's digit limit for str()
+        text = f"<{type(value).__name__} too large to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

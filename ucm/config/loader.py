@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ucm.config.errors import ConfigError, from_validation_error
+from ucm.config.errors import ConfigError, _loc_to_key, from_validation_error
 from ucm.config.model import GSAOnDeviceModelConfig
 from ucm.config.sparse import METHODS, MethodConfig
 
@@ -47,18 +47,56 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class _LongInteger:
+    """A JSON integer past Python's default limit for int() (4300 digits). Kept as a marker, not
+    converted (int() would refuse with no word of the key), and reported under its key."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+
+_MAX_INT_DIGITS = 4300  # Python's default int/str conversion limit (sys.get_int_max_str_digits)
+
+
+def _parse_int(text: str) -> int | _LongInteger:
+    digits = len(text.lstrip("-"))
+    return int(text) if digits <= _MAX_INT_DIGITS else _LongInteger(digits)
+
+
+def _find_long_integer(data: Any) -> tuple[tuple, _LongInteger] | None:
+    """Where the first over-long integer sits in parsed JSON (a pydantic-style location)."""
+    stack: list[tuple[tuple, Any]] = [((), data)]
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, _LongInteger):
+            return loc, value
+        if isinstance(value, dict):
+            stack.extend(reversed([((*loc, k), v) for k, v in value.items()]))
+        elif isinstance(value, list):
+            stack.extend(reversed([((*loc, i), v) for i, v in enumerate(value)]))
+    return None
+
+
 def _parse_json(text: str, source: str, where: str = "<file>") -> Any:
-    """json.loads, but every failure (bad syntax, repeated key, absurd nesting) is a ConfigError."""
+    """json.loads, but every failure (bad syntax, repeated key, absurd nesting, an integer too
+    long to read) is a ConfigError."""
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         raise ConfigError(source, where, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except _DuplicateKey as exc:
         raise ConfigError(source, exc.key, "appears more than once in the same object") from None
     except RecursionError:
         raise ConfigError(source, where, "not valid JSON: nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer past Python's digit limit for int()
+    except ValueError as exc:  # any other refusal of the decoder
         raise ConfigError(source, where, f"not valid JSON: {exc}") from None
+    found = _find_long_integer(data)
+    if found is not None:
+        loc, long_int = found
+        raise ConfigError(source, _loc_to_key(loc) if loc else where,
+                          f"not valid JSON here: an integer of {long_int.digits} digits (at most {_MAX_INT_DIGITS} "
+                          "are read, and every bound is far below that)")
+    return data
 
 
 def _read_json(path: Path) -> Any:

@@ -11,9 +11,21 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ucm.config.sparse import NonNegInt, PosInt, Ratio
+from ucm.config.errors import KeyedValueError
+from ucm.config.sparse import (
+    MAX_BLOCKS,
+    MAX_CHUNK_SIZE,
+    MAX_HASH_BITS,
+    MAX_HEAD_DIM,
+    MAX_LAYERS,
+    MAX_TOKENS,
+    Concurrency,
+    Ratio,
+)
 
-Bits = Annotated[int, Field(ge=8, multiple_of=8)]
+Bits = Annotated[int, Field(ge=8, le=MAX_HASH_BITS, multiple_of=8)]
+Dim = Annotated[int, Field(ge=1, le=MAX_HEAD_DIM)]
+Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
 
 
 class GSAOnDeviceModelConfig(BaseModel):
@@ -22,25 +34,27 @@ class GSAOnDeviceModelConfig(BaseModel):
     model_name: Annotated[str, Field(min_length=1)]
     is_mla: bool
     hash_weight_type: Literal["random", "trained"]
-    num_hidden_layers: PosInt
+    num_hidden_layers: Annotated[int, Field(ge=1, le=MAX_LAYERS)]
     # Sparse decode runs only for requests at least this long, in steps with at least this many
     # decoding requests (below either, decode is weight-bound and stays dense). "npu_*" applies
     # on Ascend, "gpu_*" on every other device.
-    gpu_seq_len_threshold: NonNegInt
-    gpu_concurrency_threshold: NonNegInt
-    npu_seq_len_threshold: NonNegInt
-    npu_concurrency_threshold: NonNegInt
-    chunk_size: PosInt  # selection granularity in tokens: a multiple of the KV block size
+    gpu_seq_len_threshold: Tokens
+    gpu_concurrency_threshold: Concurrency
+    npu_seq_len_threshold: Tokens
+    npu_concurrency_threshold: Concurrency
+    # selection granularity in tokens: a multiple of the KV block size (checked against the
+    # served cache by ucm.config.bounds.check_against_model)
+    chunk_size: Annotated[int, Field(ge=1, le=MAX_CHUNK_SIZE)]
     # how a chunk's token similarities become its score: max similarity = min hamming distance
     chunk_repre_method: Literal["max", "min", "mean"]
-    head_dim: PosInt
+    head_dim: Dim
     hash_bits: Bits
     top_k_ratio_per_layer: list[Ratio]  # 1 = dense layer
-    top_k_index_reuse: list[Annotated[int, Field(ge=-1)]]  # -1, or an earlier sparse layer
-    must_select_blocks: list[int]  # chunk indices, negative from the end
+    top_k_index_reuse: list[Annotated[int, Field(ge=-1, le=MAX_LAYERS - 1)]]  # -1, or an earlier sparse layer
+    must_select_blocks: list[Annotated[int, Field(ge=-MAX_BLOCKS, le=MAX_BLOCKS)]]  # chunk indices, negative from the end
     hash_weight: str | None = None
-    kv_lora_rank: PosInt | None = None
-    qk_rope_head_dim: PosInt | None = None
+    kv_lora_rank: Dim | None = None
+    qk_rope_head_dim: Dim | None = None
     hash_bits_kv_lora: Bits | None = None
     hash_bits_qk_rope: Bits | None = None
     hash_weight_kv_lora: str | None = None
@@ -114,9 +128,4 @@ class GSAOnDeviceModelConfig(BaseModel):
         return out
 
 
-class _KeyError(ValueError):
-    """A cross-field check failed on `key`; the loader reports it with the file name."""
-
-    def __init__(self, key: str, message: str) -> None:
-        self.key = key
-        super().__init__(message)
+_KeyError = KeyedValueError  # a cross-field check failed on `key`; the loader reports it with the file name

@@ -13,9 +13,32 @@ from typing import Annotated, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Ratio = Annotated[float, Field(gt=0.0, le=1.0)]
+from ucm.config.errors import KeyedValueError
+
+# Upper bounds of every numeric key. No real model or deployment comes near them, and within
+# them every count the selection engine derives stays far inside int64 and every allocation
+# stays bounded: a value past one would otherwise pass here and fail (OverflowError, an
+# exabyte allocation) at the first decode step of a served engine. Bounds that depend on the
+# served model and cache (a window longer than `max_model_len / block_size`, a chunk that is
+# not a whole number of KV blocks) are checked by `ucm.config.bounds.check_against_model`.
+# docs/vllm.md lists them all.
+MAX_BLOCKS = 2**20  #: windows, min_blocks, offload margin, must-select chunk indices (KV blocks / chunks)
+MAX_RETRIEVAL_STRIDE = 1024  #: decode steps between retrievals (KVStar keeps this many queries)
+MAX_LAYERS = 1024  #: layer counts and layer indices
+MAX_CONCURRENCY = 2**16  #: decoding rows per step (concurrency thresholds)
+MAX_TOKENS = 2**26  #: token counts (sequence-length thresholds)
+MAX_BLOCK_SIZE = 4096  #: tokens of one KV block (KVStar's token-merge group divides it)
+MAX_CHUNK_SIZE = 2**16  #: tokens of one GSA-on-device selection chunk
+MAX_HEAD_DIM = 4096  #: head_dim, kv_lora_rank, qk_rope_head_dim
+MAX_HASH_BITS = 4096  #: hash code bits per token and KV head
+
+Ratio = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosInt = Annotated[int, Field(ge=1)]
+BlockCount = Annotated[int, Field(ge=0, le=MAX_BLOCKS)]
+Stride = Annotated[int, Field(ge=1, le=MAX_RETRIEVAL_STRIDE)]
+LayerIndex = Annotated[int, Field(ge=0, le=MAX_LAYERS - 1)]
+Concurrency = Annotated[int, Field(ge=0, le=MAX_CONCURRENCY)]
 
 
 class _Strict(BaseModel):
@@ -26,35 +49,35 @@ class WindowedMethodConfig(_Strict):
     """Keys shared by the representation-based methods (ESA, GSA, KVStar)."""
 
     method: ClassVar[str] = ""
-    init_window_sz: NonNegInt = 1
-    local_window_sz: NonNegInt = 2
+    init_window_sz: BlockCount = 1
+    local_window_sz: BlockCount = 2
     sparse_ratio: Ratio = 0.3
-    min_blocks: NonNegInt = 4
-    retrieval_stride: PosInt = 1
+    min_blocks: BlockCount = 4
+    retrieval_stride: Stride = 1
     #: offload mode: after prefill only the windows and a fixed number of slot blocks stay on
     #: the device, the rest lives in the KV store (needs `ucm_connectors`; see docs/store.md)
     offload: bool = False
     #: slot blocks beyond the most a layer selects, keeping recently read blocks resident
-    offload_margin_blocks: NonNegInt = 2
+    offload_margin_blocks: BlockCount = 2
     #: layers that read every block (0-based): the layers whose attention no block selection
     #: captures, found with `ucm profile` (GSA on device sets the same through its model JSON)
-    dense_layers: list[NonNegInt] = Field(default_factory=list)
+    dense_layers: list[LayerIndex] = Field(default_factory=list)
     #: decode steps with fewer decoding rows stay dense (selection costs about what it saves on a
     #: single short row). Unset: 2 on the CUDA graph path (one row at 32K tokens was slower sparse
     #: than dense on an H200, docs/cuda.md), 0 elsewhere (GSA on device: its JSON's
     #: gpu_/npu_concurrency_threshold)
-    concurrency_threshold: NonNegInt | None = None
+    concurrency_threshold: Concurrency | None = None
 
     @model_validator(mode="after")
     def _check_combinations(self) -> WindowedMethodConfig:
         default = type(self).model_fields["offload_margin_blocks"].default
         if not self.offload and self.offload_margin_blocks != default:  # the default round-trips
-            raise ValueError("offload_margin_blocks has no effect without offload: true")
+            raise KeyedValueError("offload_margin_blocks", "offload_margin_blocks has no effect without offload: true")
         if len(set(self.dense_layers)) != len(self.dense_layers):
-            raise ValueError(f"dense_layers lists a layer twice: {self.dense_layers}")
+            raise KeyedValueError("dense_layers", f"dense_layers lists a layer twice: {self.dense_layers}")
         if self.offload and self.dense_layers:
-            raise ValueError("dense_layers cannot be combined with offload: true (a dense layer reads every "
-                             "block, so none could leave the device)")
+            raise KeyedValueError("dense_layers", "dense_layers cannot be combined with offload: true (a dense "
+                                  "layer reads every block, so none could leave the device)")
         return self
 
 
@@ -62,7 +85,7 @@ class ESAConfig(WindowedMethodConfig):
     """ESA: block = mean of K per KV head; score = group-mean query . representation."""
 
     method: ClassVar[str] = "ESA"
-    retrieval_stride: PosInt = 5
+    retrieval_stride: Stride = 5
 
 
 class GSAConfig(WindowedMethodConfig):
@@ -76,9 +99,10 @@ class KVStarConfig(WindowedMethodConfig):
 
     method: ClassVar[str] = "KVStarMultiStep"
     sparse_ratio: Ratio = 0.25
-    retrieval_stride: PosInt = 8
+    retrieval_stride: Stride = 8
     blk_repre_dim_prune_ratio: Ratio = 0.25
-    blk_repre_inner_token_merge: PosInt = 2
+    #: tokens merged into one representation row; must divide the KV block size
+    blk_repre_inner_token_merge: Annotated[int, Field(ge=1, le=MAX_BLOCK_SIZE)] = 2
 
 
 class GSAOnDeviceConfig(_Strict):

@@ -27,8 +27,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from ucm.config.bounds import check_against_model
 from ucm.config.errors import ConfigError
+from ucm.config.loader import SPARSE_KEY
 from ucm.config.sparse import GSAOnDeviceConfig
+from ucm.integration.vllm.extra_config import SOURCE as EXTRA_SOURCE
 from ucm.integration.vllm.extra_config import parse_extra_config
 from ucm.integration.vllm.fault_tracebacks import enable_fault_tracebacks
 from ucm.integration.vllm.prefix_store import (
@@ -121,6 +124,11 @@ class UCMConnector(KVConnectorBase_V1):
                 raise ConfigError(self.model_config_file.source, "num_hidden_layers",
                                   f"{self.model_config_file.config.num_hidden_layers} but the served model has {layers}")
         sparse = self.ucm_config.sparse
+        if sparse is not None:  # windows, chunks, layers against this deployment: fail at start, not mid-decode
+            check_against_model(sparse, max_model_len=vllm_config.model_config.max_model_len,
+                                block_size=self.block_size,
+                                num_layers=vllm_config.model_config.get_total_num_hidden_layers(),
+                                model_config=self.model_config_file, source=EXTRA_SOURCE, prefix=SPARSE_KEY)
         self.offload_policy: OffloadPolicy | None = None
         if getattr(sparse, "offload", False):
             if not self.ucm_config.stores:
