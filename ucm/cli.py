@@ -1,5 +1,5 @@
 """The `ucm` command line: inspect the shipped per-model configs, validate config files, probe
-backends.
+backends, build the CPU kernels.
 
 Subcommands are registered as `(name, add_parser)` pairs in `SUBCOMMANDS` so that other modules
 can add theirs (`register_subcommand`, or a `"module:function"` string resolved only when the
@@ -181,8 +181,35 @@ def _add_backends(sub: SubparsersAction) -> None:
     p.set_defaults(handler=_backends)
 
 
+# ----------------------------------------------------------------------------- ucm build
+def _build(args: argparse.Namespace) -> int:
+    from ucm_backends.cpu.ops import build_native  # imports torch: only when asked
+
+    result = build_native(timeout=args.timeout)
+    print(f"folder:  {result.folder or '-'}")
+    if not result.ok:
+        print("status:  failed")
+        print(f"error: {result.error}", file=sys.stderr)
+        return 1
+    print(f"library: {result.library}")
+    print(f"kernels: {result.ns.build_info() or 'portable'}")
+    print(f"status:  {f'built in {result.seconds:.0f} s' if result.built else 'already built'}")
+    return 0
+
+
+def _add_build(sub: SubparsersAction) -> None:
+    p = sub.add_parser("build", help="compile the CPU backend's C++ kernels now (or say they are built)",
+                       description="Compile the CPU kernels for this ucm/torch/compiler/CPU into their own folder "
+                                   "(once; engines then only load them). Exit 1 when they cannot be built.")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="seconds to wait for another process building the same folder "
+                        "(default: $UCM_BUILD_LOCK_TIMEOUT, else 600)")
+    p.set_defaults(handler=_build)
+
+
 register_subcommand("configs", _add_configs)
 register_subcommand("backends", _add_backends)
+register_subcommand("build", _add_build)
 register_subcommand("demo", "ucm.demo:add_parser")
 register_subcommand("profile", "ucm.profile:add_parser")
 register_subcommand("calibrate", "ucm.calibrate:add_parser")

@@ -1,21 +1,41 @@
 """CPU backend: the op contract with C++/OpenMP kernels for the hot ops, torch for the rest.
 
-The kernels (csrc/ucm_cpu_ops.cpp) are JIT-built with `torch.utils.cpp_extension.load` the
-first time a native op runs, and registered as `torch.ops.ucm_cpu.*`. Building needs a C++
-compiler and ninja; when either is missing, the build fails, or `UCM_CPU_NATIVE=0`, the backend
-logs one warning, records the reason in `native_error`, and every op runs the inherited torch
-reference instead. Inputs the kernels do not take (non-CPU tensors, odd dtypes) also go to the
-reference, so results never depend on whether the extension is there.
+The kernels (csrc/ucm_cpu_ops.cpp) are compiled with `torch.utils.cpp_extension.load` once per
+build environment and registered as `torch.ops.ucm_cpu.*`. The build runs when the backend is
+constructed (`CpuOps()`; the vLLM connector constructs it at engine start, not in a forward) or by
+`ucm build`, with a progress line on stderr. Each environment builds in its own folder,
+`build_root()/<ucm version>-torch<torch version>-<hash>` (the hash covers torch's build and C++
+ABI, Python, the compiler, the CPU flags used and the kernel source), so two installs never
+rebuild over each other; a `built.json` there lets later processes load without locking or
+compiling. Builders of one folder take an flock (`build.lock`, recording pid, host, start time,
+command): a killed builder's lock is released by the kernel, a live one is waited for at most
+$UCM_BUILD_LOCK_TIMEOUT s (600) and then named in the error.
+
+Building needs a C++ compiler and ninja; when either is missing, the build fails or times out, or
+`UCM_CPU_NATIVE=0`, the backend logs one warning, records the reason in `native_error`, and every
+op runs the inherited torch reference instead. Inputs the kernels do not take (non-CPU tensors,
+odd dtypes) also go to the reference, so results never depend on whether the extension is there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
 import logging
 import os
+import re
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +56,9 @@ _BLOCK_REDUCE_CODES = {"mean": 0, "max": 1, "min": 2}
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Process-wide cache of the loaded extension (loading registers torch ops, which can happen only
-# once per process): ("ok", ops namespace) or ("error", reason). A cache, not configuration.
-_native_state: tuple[str, Any] | None = None
+# Process-wide cache of the build/load result (loading registers torch ops, which can happen only
+# once per process). A cache, not configuration.
+_native_result: BuildResult | None = None
 _native_lock = threading.Lock()
 _warned: set[str] = set()
 
@@ -85,10 +105,17 @@ def _compiler_accepts(compiler: str, flags: list[str]) -> bool:
         return proc.returncode == 0
 
 
+_ISA_FLAGS = (("-mavx2", "avx2"), ("-mpopcnt", "popcnt"))  # (compiler flag, its /proc/cpuinfo flag)
+LOCK_TIMEOUT_ENV_VAR = "UCM_BUILD_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT_S = 600.0
+_MARKER = "built.json"  # in a build folder: which extension built there and loads
+_LOCK_NAME = "build.lock"
+
+
 def build_configs(compiler: str) -> list[tuple[str, list[str], list[str]]]:
     """(extension name, cflags, ldflags) to try in order: tuned for this CPU first, then portable."""
     flags = cpu_flags()
-    isa = [f for f, cpu in (("-mavx2", "avx2"), ("-mpopcnt", "popcnt")) if cpu in flags]
+    isa = [f for f, cpu in _ISA_FLAGS if cpu in flags]
     omp = ["-fopenmp"] if _compiler_accepts(compiler, ["-fopenmp"]) else []
     configs = []
     if isa or omp:
@@ -99,60 +126,338 @@ def build_configs(compiler: str) -> list[tuple[str, list[str], list[str]]]:
 
 
 def build_root() -> Path:
-    """Where JIT builds live: $UCM_CACHE_DIR/torch_extensions, else ~/.cache/ucm/torch_extensions."""
+    """Where builds live, each in its own keyed folder (`build_folder`):
+    $UCM_CACHE_DIR/torch_extensions, else ~/.cache/ucm/torch_extensions."""
     base = os.environ.get(CACHE_ENV_VAR)
     root = Path(base) / "torch_extensions" if base else Path.home() / ".cache" / "ucm" / "torch_extensions"
     return root
 
 
-def _build_and_load() -> tuple[str, Any]:
-    """Compile (or reuse) the extension and register its ops; never raises."""
-    if not _SOURCE.is_file():
-        return "error", f"kernel source {_SOURCE} is missing"
-    compiler = find_compiler()
-    if compiler is None:
-        return "error", "no C++ compiler found (set CXX or install g++)"
+@functools.lru_cache(maxsize=None)
+def compiler_identity(compiler: str) -> str:
+    """'<resolved path>: <first line of --version>' (part of the build key)."""
     try:
-        from torch.utils import cpp_extension
-    except Exception as exc:  # noqa: BLE001  # pragma: no cover - torch without its extension builder
-        return "error", f"torch.utils.cpp_extension unavailable: {exc}"
-    if not cpp_extension.is_ninja_available():
-        return "error", "ninja is not installed (pip install ninja)"
+        proc = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        lines = (proc.stdout or proc.stderr).strip().splitlines()
+        version = lines[0] if lines else f"--version exited {proc.returncode}"
+    except (OSError, subprocess.SubprocessError) as exc:
+        version = f"--version failed: {type(exc).__name__}"
+    return f"{os.path.realpath(shutil.which(compiler) or compiler)}: {version}"
+
+
+def build_key_inputs(compiler: str) -> dict[str, Any]:
+    """Everything a build depends on: two environments that differ in any of these get different
+    folders (and never rebuild over each other); equal ones share one build."""
+    from ucm import __version__
+
+    flags = cpu_flags()
+    return {
+        "ucm": __version__,
+        "torch": torch.__version__,
+        "torch_git": getattr(torch.version, "git_version", ""),
+        "cxx11_abi": bool(torch.compiled_with_cxx11_abi()),
+        "python": "%d.%d" % sys.version_info[:2],
+        "compiler": compiler_identity(compiler),
+        "cpu_flags": sorted(cpu for _, cpu in _ISA_FLAGS if cpu in flags),
+        "source_sha256": hashlib.sha256(_SOURCE.read_bytes()).hexdigest(),
+    }
+
+
+def build_key(inputs: Mapping[str, Any]) -> str:
+    """Folder name of one build environment: '<ucm version>-torch<torch version>-<hash of all inputs>'."""
+    digest = hashlib.sha256(json.dumps(dict(inputs), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    name = f"{inputs.get('ucm', 'unknown')}-torch{inputs.get('torch', 'unknown')}-{digest}"
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+
+
+def build_folder(compiler: str | None = None) -> Path:
+    """This environment's build folder, `build_root() / build_key(...)`."""
+    compiler = compiler or find_compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    return build_root() / build_key(build_key_inputs(compiler))
+
+
+def _progress(message: str) -> None:
+    """A progress line: to this module's log where someone configured one for INFO, else stderr."""
+    if logger.isEnabledFor(logging.INFO) and logger.hasHandlers():
+        logger.info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the build lock
+def lock_timeout() -> float:
+    """Seconds to wait for another process's build: $UCM_BUILD_LOCK_TIMEOUT, else 600."""
+    raw = os.environ.get(LOCK_TIMEOUT_ENV_VAR, "").strip()
+    if raw:
+        try:
+            value = float(raw)
+            if value >= 0:
+                return value
+        except ValueError:
+            pass
+        logger.warning("ucm: ignoring %s=%r (not a number of seconds >= 0); waiting up to %g s",
+                       LOCK_TIMEOUT_ENV_VAR, raw, DEFAULT_LOCK_TIMEOUT_S)
+    return DEFAULT_LOCK_TIMEOUT_S
+
+
+class BuildLockTimeout(RuntimeError):
+    """Another process held the build lock longer than the timeout; the message names it."""
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        data = os.pread(fd, 1 << 16, 0)
+        holder = json.loads(data) if data.strip() else {}
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_holder(holder: Mapping[str, Any]) -> str:
+    """'pid 123 on host h (since 12:00:01, 40 s ago: python -m ...)' from a lock file's record."""
+    if not holder.get("pid"):
+        return "a process that has not recorded itself in the lock file yet"
+    started = holder.get("started")
+    when = ""
+    if isinstance(started, (int, float)):
+        when = f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}, {time.time() - started:.0f} s ago"
+    cmd = str(holder.get("command", ""))[:200]
+    detail = "; ".join(x for x in (when, f"command: {cmd}" if cmd else "") if x)
+    return f"pid {holder['pid']} on host {holder.get('host', '?')}" + (f" ({detail})" if detail else "")
+
+
+def _holder_is_dead(holder: Mapping[str, Any]) -> bool:
+    """True only when the holder certainly is gone: it ran on this host, in this pid namespace,
+    and its pid no longer exists. A holder elsewhere is never judged (its pid means nothing here)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    if holder.get("host") != socket.gethostname() or holder.get("pid_ns") != _pid_namespace():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: alive, someone else's
+        return False
+    return False
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st, fst = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+@contextlib.contextmanager
+def build_lock(path: Path, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+    """Exclusive `flock` on `path` (created if missing), recording who holds it (pid, host, start
+    time, command line) in the file.
+
+    The kernel drops an flock when its holder dies, so a killed build never blocks the next one.
+    A lock that is still held although its recorded holder is dead (a fork of the holder kept the
+    descriptor) is broken: the file is unlinked and a fresh one locked. A live holder is waited for,
+    with one progress line, for `timeout` seconds (default `lock_timeout()`); then
+    `BuildLockTimeout` names it."""
+    timeout = lock_timeout() if timeout is None else timeout
+    start = time.monotonic()
+    waited = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            if _holder_is_dead(holder) and _same_file(fd, path):
+                _progress(f"ucm: breaking the build lock {path}: its holder, {describe_holder(holder)}, is dead")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                os.close(fd)
+                continue
+            os.close(fd)
+            elapsed = time.monotonic() - start
+            if elapsed >= timeout:
+                raise BuildLockTimeout(
+                    f"gave up after {elapsed:.0f} s waiting for the build lock {path}, "
+                    f"held by {describe_holder(holder)}"
+                    f"; if that process is gone (another host), delete the lock file; {LOCK_TIMEOUT_ENV_VAR} sets the "
+                    f"wait (now {timeout:g} s)") from None
+            if not waited:
+                waited = True
+                _progress(f"ucm: waiting for {describe_holder(holder)} to finish building in {path.parent} "
+                          f"(giving up after {timeout:g} s; {LOCK_TIMEOUT_ENV_VAR} sets that)")
+            time.sleep(max(0.01, min(0.2, timeout - elapsed)))
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the file was unlinked (a broken lock) between our open and flock: lock the new one
+    if waited:
+        _progress(f"ucm: got the build lock after {time.monotonic() - start:.0f} s")
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "pid_ns": _pid_namespace(), "started": time.time(),
+            "command": " ".join(sys.argv)[:1000] or sys.executable}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield info
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # released cleanly: no holder on record
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _clear_stale_baton(ext_dir: Path) -> None:
+    """torch's cpp_extension guards a build folder with a `lock` file (created O_EXCL, removed at
+    the end) and waits, without limit, while one exists; a build killed midway leaves it behind.
+    Under our lock no other build of this folder runs, so a baton found now is such a leftover."""
+    baton = ext_dir / "lock"
+    if baton.exists():
+        _progress(f"ucm: removing {baton}, left by an interrupted build (torch would wait on it forever)")
+        baton.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- build and load
+@dataclass
+class BuildResult:
+    """What `build_native` did: ok with the loaded op namespace, or the reason it could not."""
+
+    ok: bool
+    folder: Path | None = None
+    extension: str | None = None
+    library: Path | None = None
+    built: bool = False  # compiled now (False: an existing build was loaded)
+    seconds: float = 0.0
+    error: str | None = None
+    ns: Any = field(default=None, repr=False)
+
+
+def _load_built(folder: Path) -> BuildResult | None:
+    """Load the build recorded in `folder`'s marker, or None when there is none (or it won't load)."""
+    try:
+        info = json.loads((folder / _MARKER).read_text())
+        name = str(info["extension"])
+        library = folder / name / str(info["library"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not library.is_file():
+        return None
+    start = time.monotonic()
+    try:
+        torch.ops.load_library(str(library))
+        ns = torch.ops.ucm_cpu
+        ns.build_info()  # resolves the ops: fails here, not mid-step, if registration broke
+    except Exception as exc:  # noqa: BLE001 - rebuild under the lock instead
+        logger.warning("ucm: could not load the CPU kernels built in %s (%s: %s); rebuilding",
+                       library, type(exc).__name__, exc)
+        return None
+    return BuildResult(True, folder, name, library, built=False, seconds=time.monotonic() - start, ns=ns)
+
+
+def _compile(folder: Path, compiler: str, cpp_extension: Any) -> BuildResult:
+    """Build the first config that compiles and loads, and record it in the marker (under the lock)."""
+    _progress(f"ucm: building CPU kernels (first use of this ucm/torch/compiler/CPU) in {folder} ...")
+    start = time.monotonic()
     failures = []
     for name, cflags, ldflags in build_configs(compiler):
-        build_dir = build_root() / name
+        ext_dir = folder / name
         try:
-            build_dir.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(
+            ext_dir.mkdir(parents=True, exist_ok=True)
+            _clear_stale_baton(ext_dir)
+            library = cpp_extension.load(
                 name=name,
                 sources=[str(_SOURCE)],
                 extra_cflags=cflags,
                 extra_ldflags=ldflags,
-                build_directory=str(build_dir),
+                build_directory=str(ext_dir),
                 is_python_module=False,
                 verbose=False,
             )
             ns = torch.ops.ucm_cpu
             ns.build_info()  # resolves the ops: fails here, not mid-step, if registration broke
-            return "ok", ns
         except Exception as exc:  # noqa: BLE001 - any build/load failure means "use the fallback"
             lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
             # the first compiler diagnostic says more than ninja's closing "build stopped" line
             detail = next((ln for ln in lines if "error:" in ln), lines[-1] if lines else "")
             failures.append(f"{name}: {type(exc).__name__}: {detail}"[:500])
-    return "error", "build failed: " + " | ".join(failures)
+            continue
+        seconds = time.monotonic() - start
+        library = Path(library) if isinstance(library, str) else ext_dir / f"{name}.so"
+        marker = {"extension": name, "library": library.name, "cflags": cflags, "ldflags": ldflags,
+                  "built_at": time.time(), "seconds": round(seconds, 1), "key": build_key_inputs(compiler)}
+        try:
+            tmp = folder / f"{_MARKER}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(marker, indent=1))
+            os.replace(tmp, folder / _MARKER)
+        except OSError as exc:  # the next process rebuilds (a ninja no-op): slower, not wrong
+            logger.warning("ucm: could not record the CPU kernel build in %s: %s", folder, exc)
+        _progress(f"ucm: building CPU kernels ... done in {seconds:.0f} s ({name})")
+        return BuildResult(True, folder, name, library, built=True, seconds=seconds, ns=ns)
+    seconds = time.monotonic() - start
+    _progress(f"ucm: building CPU kernels ... failed after {seconds:.0f} s")
+    return BuildResult(False, folder, seconds=seconds, error="build failed: " + " | ".join(failures))
+
+
+def build_native(timeout: float | None = None) -> BuildResult:
+    """Load this environment's kernels, compiling them first if no process has (under the build
+    lock, waiting at most `timeout` s, default `lock_timeout()`, for another builder). Never raises.
+    Loading registers torch ops, which can happen once per process: use `native_build()`."""
+    if not _SOURCE.is_file():
+        return BuildResult(False, error=f"kernel source {_SOURCE} is missing")
+    compiler = find_compiler()
+    if compiler is None:
+        return BuildResult(False, error="no C++ compiler found (set CXX or install g++)")
+    try:
+        folder = build_folder(compiler)
+    except Exception as exc:  # noqa: BLE001
+        return BuildResult(False, error=f"cannot name the build folder: {type(exc).__name__}: {exc}")
+    done = _load_built(folder)  # the common case: built before, no lock needed
+    if done is not None:
+        return done
+    try:
+        from torch.utils import cpp_extension
+    except Exception as exc:  # noqa: BLE001  # pragma: no cover - torch without its extension builder
+        return BuildResult(False, folder, error=f"torch.utils.cpp_extension unavailable: {exc}")
+    if not cpp_extension.is_ninja_available():
+        return BuildResult(False, folder, error="ninja is not installed (pip install ninja)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with build_lock(folder / _LOCK_NAME, timeout):
+            return _load_built(folder) or _compile(folder, compiler, cpp_extension)  # (built while we waited)
+    except BuildLockTimeout as exc:
+        return BuildResult(False, folder, error=str(exc))
+    except OSError as exc:
+        return BuildResult(False, folder, error=f"cannot lock the build folder {folder}: {exc}")
+
+
+def native_build() -> BuildResult:
+    """`build_native()` once per process (ops register once); later calls return the same result."""
+    global _native_result
+    with _native_lock:
+        if _native_result is None:
+            _native_result = build_native()
+        return _native_result
 
 
 def load_native() -> tuple[Any | None, str | None]:
     """(torch.ops.ucm_cpu namespace, None) once built, else (None, reason). Builds at most once."""
-    global _native_state
     if os.environ.get(NATIVE_ENV_VAR, "1").strip() == "0":
         return None, f"disabled by {NATIVE_ENV_VAR}=0"
-    with _native_lock:
-        if _native_state is None:
-            _native_state = _build_and_load()
-    status, payload = _native_state
-    return (payload, None) if status == "ok" else (None, payload)
+    result = native_build()
+    return (result.ns, None) if result.ok else (None, result.error)
 
 
 def _all_cpu(*tensors: torch.Tensor) -> bool:
@@ -171,11 +476,15 @@ class CpuOps(TorchReferenceOps):
     name = "cpu"
 
     def __init__(self, native: bool | None = None) -> None:
-        """native=None: use the kernels unless UCM_CPU_NATIVE=0; False: always the torch path."""
+        """native=None: use the kernels unless UCM_CPU_NATIVE=0; False: always the torch path.
+
+        Builds (first use in this environment) or loads the kernels now, so that the build happens
+        where the backend is set up, never inside a model's forward."""
         self._native_requested = native
         self._ns: Any | None = None
         self._native_error: str | None = None
         self._resolved = False
+        self._native()
 
     # ------------------------------------------------------------ native plumbing
     def _native(self) -> Any | None:
