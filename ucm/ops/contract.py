@@ -14,6 +14,7 @@ Paged layouts (device-neutral; integrations adapt their engine's layout to these
     k_cache / v_cache   [NB, bs, Hkv, D]  (MLA: Hkv = 1, D = kv_lora_rank + qk_rope_head_dim)
     code cache          [NB, bs, Hkv, C]  uint8
     representation      [NB, Hkv, D] or [NB, Hkv, R, D] float32, indexed by physical block
+                        (Quest keeps two [NB, Hkv, D]: the element-wise min and max of K)
     block_table         [B, M] int32/int64 physical block ids (entries past a row's end ignored)
     seq_lens            [B] int; row b owns n_b = ceil(seq_lens[b] / bs) blocks
 
@@ -30,6 +31,7 @@ Conventions shared by every backend (bit-exactness depends on them):
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Literal
@@ -127,6 +129,47 @@ class SparseOps(ABC):
             "max":  each query head is dotted, the max over the group is taken, summed over
                     KV heads (GSA).
         """
+
+    def block_scores_minmax(
+        self,
+        q: torch.Tensor,
+        mins: torch.Tensor,
+        maxs: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_size: int,
+        group_reduce: GroupReduce = "max",
+    ) -> torch.Tensor:
+        """Quest block scores: an upper bound of q . k over the keys of each block, from the
+        block's element-wise min / max of K (`block_minmax_update`).
+
+        q [B, Hq, D], mins / maxs [NB, Hkv, D] -> float32 [B, M]; -inf past n_b. For row b,
+        block column j < n_b (physical block p = block_table[b, j]) and query head h * G + g:
+            bound(h, g) = sum over channels c of max(q[b, h*G+g, c] * mins[p, h, c],
+                                                     q[b, h*G+g, c] * maxs[p, h, c])
+            "mean": bound averaged over the GQA group (sum / G), summed over KV heads;
+            "max":  the max of bound over the group, summed over KV heads.
+        A partial (last) block is scored from the keys written so far. Entries past a row's end
+        may hold any id (they are clamped, then masked).
+        """
+        b, hq, d = q.shape
+        hkv = mins.shape[1]
+        m = block_table.shape[1]
+        g = hq // hkv
+        ids = block_table.to(device=mins.device, dtype=torch.int64).clamp(0, max(mins.shape[0] - 1, 0))
+        lo = mins[ids].to(torch.float32)  # [B, M, Hkv, D]
+        hi = maxs[ids].to(torch.float32)
+        qg = q.to(device=mins.device, dtype=torch.float32).view(b, 1, hkv, g, d)
+        bound = torch.maximum(qg * lo[:, :, :, None], qg * hi[:, :, :, None]).sum(-1)  # [B, M, Hkv, G]
+        if group_reduce == "mean":
+            s = bound.mean(-1).sum(-1)
+        elif group_reduce == "max":
+            s = bound.amax(-1).sum(-1)
+        else:
+            raise ValueError(f"unknown group reduce {group_reduce!r}; valid: mean, max")
+        n_b = (seq_lens.to(device=mins.device, dtype=torch.int64) + block_size - 1) // block_size
+        valid = torch.arange(m, device=mins.device)[None, :] < n_b[:, None]
+        return torch.where(valid, s, -math.inf)
 
     @abstractmethod
     def block_softmax_mass(
@@ -247,6 +290,38 @@ class SparseOps(ABC):
         sums.view(n * r, h, d).index_add_(0, blocks * r + offsets // merge, key)
         if abs_sums is not None:
             abs_sums.index_add_(0, blocks, key.abs())
+
+    def block_minmax_update(self, mins: torch.Tensor, maxs: torch.Tensor, key: torch.Tensor,
+                            slot_mapping: torch.Tensor, block_size: int) -> None:
+        """Fold written keys into per-block running element-wise minima and maxima of K, in place
+        (every decode step, every layer: Quest's representation).
+
+        mins, maxs [NB, Hkv, D] float32; key [T, Hkv, D]; slot_mapping [T] (slot = block *
+        block_size + offset, negative = not written). As in `block_sums_add`, a block whose offset
+        0 is written restarts (blocks are recycled) before any key of the call is folded in: its
+        mins become +inf and its maxs -inf, then every key of the call written to it is taken in,
+        so after the call it holds exactly the min / max of the keys written since its offset 0.
+        A block never restarted keeps whatever it held (a scorer allocates zeros). NaN keys
+        propagate here and on the CPU backend; keys are expected finite.
+        """
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep].to(mins.device, torch.int64)
+        key = key[keep.to(key.device)].to(mins.device, torch.float32)
+        if slots.device.type == "cpu" and slots.numel() and int(slots.max()) >= mins.shape[0] * block_size:
+            raise ValueError(f"block_minmax_update: slot {int(slots.max())} is past {mins.shape[0]} blocks "
+                             f"of {block_size}")
+        blocks, offsets = slots // block_size, slots % block_size
+        fresh = blocks[offsets == 0]
+        if fresh.numel():
+            mins.index_fill_(0, fresh, math.inf)
+            maxs.index_fill_(0, fresh, -math.inf)
+        if not slots.numel():
+            return
+        n = mins.shape[0]
+        flat = key.reshape(key.shape[0], -1)
+        idx = blocks[:, None].expand(-1, flat.shape[1])
+        mins.view(n, -1).scatter_reduce_(0, idx, flat, "amin", include_self=True)
+        maxs.view(n, -1).scatter_reduce_(0, idx, flat, "amax", include_self=True)
 
     # ------------------------------------------------------------ host memory
     def host_copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
