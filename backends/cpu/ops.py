@@ -469,9 +469,9 @@ def _is_int(t: torch.Tensor) -> bool:
 
 
 class CpuOps(TorchReferenceOps):
-    """C++/OpenMP kernels for hashing, block reduction, Hamming and dot block scoring, top-k and
-    decode attention; everything else (and every input the kernels don't take) is the torch
-    reference."""
+    """C++/OpenMP kernels for hashing, block reduction, running block sums and min/max, Hamming,
+    dot and min/max (Quest) block scoring, top-k and decode attention; everything else (and every
+    input the kernels don't take) is the torch reference."""
 
     name = "cpu"
 
@@ -544,6 +544,15 @@ class CpuOps(TorchReferenceOps):
         if ns is None or not ok:
             return super().block_sums_add(sums, abs_sums, key, slot_mapping, block_size, merge)
         ns.block_sums_add(sums, abs_sums, key, slot_mapping, block_size, merge)  # its checks raise ValueError
+
+    def block_minmax_update(self, mins, maxs, key, slot_mapping, block_size) -> None:
+        ns = self._native()
+        ok = (_all_cpu(mins, maxs, key, slot_mapping) and mins.dtype == torch.float32 and maxs.dtype == torch.float32
+              and mins.dim() == 3 and maxs.shape == mins.shape and mins.is_contiguous() and maxs.is_contiguous()
+              and key.dtype in _FLOATS and _is_int(slot_mapping))
+        if ns is None or not ok:
+            return super().block_minmax_update(mins, maxs, key, slot_mapping, block_size)
+        ns.block_minmax_update(mins, maxs, key, slot_mapping, int(block_size))  # its checks raise ValueError
 
     # ---------------------------------------------------------------- hashing
     def sign_bits_pack(self, x: torch.Tensor) -> torch.Tensor:
@@ -667,6 +676,47 @@ class CpuOps(TorchReferenceOps):
         return ns.block_scores_dot(
             q.to(torch.float32),
             repr_cache,
+            block_table.to(torch.int64),
+            seq_lens.to(torch.int64),
+            int(block_size),
+            _GROUP_CODES[group_reduce],
+        )
+
+    def block_scores_minmax(
+        self,
+        q: torch.Tensor,
+        mins: torch.Tensor,
+        maxs: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_size: int,
+        group_reduce: GroupReduce = "max",
+    ) -> torch.Tensor:
+        if q.dim() != 3 or mins.dim() != 3 or maxs.shape != mins.shape:
+            raise ValueError(
+                f"block_scores_minmax: q must be [B, Hq, D] and mins / maxs [NB, Hkv, D] of one shape, got "
+                f"{tuple(q.shape)}, {tuple(mins.shape)} and {tuple(maxs.shape)}"
+            )
+        if q.shape[2] != mins.shape[2]:
+            raise ValueError(f"block_scores_minmax: head dims differ ({q.shape[2]} vs {mins.shape[2]})")
+        self._check_paged("block_scores_minmax", q.shape[1], mins.shape[1], block_table, seq_lens, q.shape[0])
+        if group_reduce not in _GROUP_CODES:
+            raise ValueError(f"unknown group reduce {group_reduce!r}; valid: mean, max")
+        ns = self._native()
+        if (
+            ns is None
+            or not _all_cpu(q, mins, maxs, block_table, seq_lens)
+            or mins.dtype != torch.float32
+            or maxs.dtype != torch.float32
+            or q.dtype not in _FLOATS
+            or not (_is_int(block_table) and _is_int(seq_lens))
+            or int(block_size) <= 0
+        ):
+            return super().block_scores_minmax(q, mins, maxs, block_table, seq_lens, block_size, group_reduce)
+        return ns.block_scores_minmax(
+            q.to(torch.float32),
+            mins,
+            maxs,
             block_table.to(torch.int64),
             seq_lens.to(torch.int64),
             int(block_size),

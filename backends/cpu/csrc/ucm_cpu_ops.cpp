@@ -1036,6 +1036,149 @@ void block_sums_add(at::Tensor sums, std::optional<at::Tensor> abs_sums, const a
   }
 }
 
+// Quest's running per-block element-wise min / max of K, in place. Blocks whose offset 0 is
+// written restart (+inf / -inf) before any key of the call is folded in, as the reference does.
+// Parallel over slices of the Hkv * D channels: each thread folds every token into its own
+// slice, so there are no races and the result does not depend on the thread count. NaN keys
+// propagate (a NaN is taken, and a NaN is never replaced), as torch's amin / amax.
+constexpr int64_t kMinMaxSlice = 64;  // floats per work item: 256 bytes, whole cache lines
+
+void block_minmax_update(at::Tensor mins, at::Tensor maxs, const at::Tensor& key, const at::Tensor& slot_mapping,
+                         int64_t block_size) {
+  TORCH_CHECK_VALUE(mins.dim() == 3 && mins.scalar_type() == at::kFloat && mins.is_contiguous() &&
+                        mins.device().is_cpu(),
+                    "block_minmax_update: mins must be a contiguous float32 CPU tensor [NB, H, D]");
+  TORCH_CHECK_VALUE(maxs.sizes() == mins.sizes() && maxs.scalar_type() == at::kFloat && maxs.is_contiguous() &&
+                        maxs.device().is_cpu(),
+                    "block_minmax_update: maxs must be a contiguous float32 CPU tensor shaped like mins");
+  TORCH_CHECK_VALUE(block_size > 0, "block_minmax_update: block_size must be positive");
+  const int64_t nb = mins.size(0), hd = mins.size(1) * mins.size(2);
+  TORCH_CHECK_VALUE(key.dim() == 3 && key.size(1) == mins.size(1) && key.size(2) == mins.size(2) &&
+                        slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0),
+                    "block_minmax_update: key must be [T, H, D] matching mins and slot_mapping [T]");
+  const at::Tensor k = key.to(at::kFloat).contiguous();
+  const at::Tensor sl = slot_mapping.to(at::kLong).contiguous();
+  const float* kp = k.data_ptr<float>();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  const int64_t t_len = k.size(0);
+  float* lo = mins.data_ptr<float>();
+  float* hi = maxs.data_ptr<float>();
+  for (int64_t t = 0; t < t_len; ++t) {
+    TORCH_CHECK_VALUE(sp[t] < nb * block_size, "block_minmax_update: slot ", sp[t], " is past ", nb, " blocks of ",
+                      block_size);
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < t_len; ++t) {
+    if (sp[t] < 0 || sp[t] % block_size != 0) continue;
+    const int64_t b = sp[t] / block_size;
+    std::fill(lo + b * hd, lo + (b + 1) * hd, inf);
+    std::fill(hi + b * hd, hi + (b + 1) * hd, -inf);
+  }
+  if (t_len == 0 || hd == 0) return;
+  const int64_t slices = (hd + kMinMaxSlice - 1) / kMinMaxSlice;
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (t_len * hd > 65536 && slices > 1)
+  for (int64_t s = 0; s < slices; ++s) {
+    const int64_t c0 = s * kMinMaxSlice;
+    const int64_t c1 = std::min<int64_t>(c0 + kMinMaxSlice, hd);
+    for (int64_t t = 0; t < t_len; ++t) {
+      if (sp[t] < 0) continue;
+      const int64_t b = sp[t] / block_size;
+      float* l = lo + b * hd;
+      float* h = hi + b * hd;
+      const float* x = kp + t * hd;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) {
+        const float v = x[c];
+        const bool nan = v != v;
+        l[c] = (v < l[c] || nan) ? v : l[c];
+        h[c] = (v > h[c] || nan) ? v : h[c];
+      }
+    }
+  }
+}
+
+// sum over channels of max(q * lo, q * hi): the largest q . k any key inside the box [lo, hi]
+// could reach.
+inline float minmax_bound(const float* q, const float* lo, const float* hi, int64_t d) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t c = 0; c < d; ++c) {
+    const float a = q[c] * lo[c];
+    const float b = q[c] * hi[c];
+    s += a > b ? a : b;
+  }
+  return s;
+}
+
+// Quest block scores. group_reduce: 0 = mean over the GQA group, 1 = max; summed over KV heads.
+// OpenMP over (row, block) pairs, -inf past a row's blocks.
+at::Tensor block_scores_minmax(const at::Tensor& q, const at::Tensor& mins, const at::Tensor& maxs,
+                               const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t block_size,
+                               int64_t group_reduce) {
+  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat &&
+                        maxs.scalar_type() == at::kFloat,
+                    "block_scores_minmax: q, mins and maxs must be float32 here");
+  TORCH_CHECK_VALUE(block_table.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
+                    "block_scores_minmax: block_table and seq_lens must be int64 here");
+  TORCH_CHECK_VALUE(q.dim() == 3 && mins.dim() == 3 && maxs.sizes() == mins.sizes() && block_table.dim() == 2 &&
+                        seq_lens.dim() == 1,
+                    "block_scores_minmax: expected q [B,Hq,D], mins/maxs [NB,Hkv,D], block_table [B,M], seq_lens [B]");
+  TORCH_CHECK_VALUE(block_size > 0, "block_scores_minmax: block_size must be positive");
+  TORCH_CHECK_VALUE(group_reduce == 0 || group_reduce == 1, "block_scores_minmax: bad group_reduce code");
+  const at::Tensor qc = q.contiguous();
+  const at::Tensor lc = mins.contiguous();
+  const at::Tensor hc = maxs.contiguous();
+  const at::Tensor tbl = block_table.contiguous();
+  const at::Tensor sl = seq_lens.contiguous();
+  const int64_t B = qc.size(0), hq = qc.size(1), d = qc.size(2);
+  const int64_t nb = lc.size(0), hkv = lc.size(1);
+  const int64_t M = tbl.size(1);
+  TORCH_CHECK_VALUE(lc.size(2) == d, "block_scores_minmax: head dims differ");
+  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "block_scores_minmax: Hq must be a multiple of Hkv");
+  TORCH_CHECK_VALUE(tbl.size(0) == B && sl.size(0) == B, "block_scores_minmax: batch sizes differ");
+  const int64_t g = hq / hkv;
+  at::Tensor out = at::empty({B, M}, qc.options().dtype(at::kFloat));
+  if (B == 0 || M == 0) return out;
+  const int64_t* t = tbl.data_ptr<int64_t>();
+  const int64_t* s = sl.data_ptr<int64_t>();
+  check_rows_in_range(t, s, B, M, block_size, nb, "block_scores_minmax");
+  const float* qp = qc.data_ptr<float>();
+  const float* lp = lc.data_ptr<float>();
+  const float* hp = hc.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const float gf = static_cast<float>(g);
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (B * M * hq * d > 32768)
+  for (int64_t item = 0; item < B * M; ++item) {
+    const int64_t b = item / M;
+    const int64_t j = item % M;
+    const int64_t len = std::min<int64_t>(std::max<int64_t>(s[b], 0), M * block_size);
+    const int64_t n_b = (len + block_size - 1) / block_size;
+    if (j >= n_b) {
+      o[item] = ninf;
+      continue;
+    }
+    const int64_t blk = std::max<int64_t>(t[item], 0);  // the reference clamps negative ids to 0
+    float total = 0.0f;
+    for (int64_t h = 0; h < hkv; ++h) {
+      const float* l = lp + (blk * hkv + h) * d;
+      const float* u = hp + (blk * hkv + h) * d;
+      float acc = group_reduce == 0 ? 0.0f : ninf;
+      for (int64_t gi = 0; gi < g; ++gi) {
+        const float v = minmax_bound(qp + (b * hq + h * g + gi) * d, l, u, d);
+        if (group_reduce == 0) {
+          acc += v;
+        } else if (v > acc || std::isnan(v)) {
+          acc = v;  // NaN propagates, as in torch's amax
+        }
+      }
+      total += group_reduce == 0 ? acc / gf : acc;
+    }
+    o[item] = total;
+  }
+  return out;
+}
+
 // Build facts the Python side reports (which instruction sets the kernels were compiled for).
 std::string build_info() {
   std::string s;
@@ -1083,6 +1226,13 @@ TORCH_LIBRARY(ucm_cpu, m) {
       "block_sums_add(Tensor(a!) sums, Tensor(b!)? abs_sums, Tensor key, Tensor slot_mapping, int block_size, "
       "int merge) -> ()",
       &block_sums_add);
+  m.def(
+      "block_minmax_update(Tensor(a!) mins, Tensor(b!) maxs, Tensor key, Tensor slot_mapping, int block_size) -> ()",
+      &block_minmax_update);
+  m.def(
+      "block_scores_minmax(Tensor q, Tensor mins, Tensor maxs, Tensor block_table, Tensor seq_lens, int block_size, "
+      "int group_reduce) -> Tensor",
+      &block_scores_minmax);
   m.def("build_info() -> str", &build_info);
   m.def("set_thread_cap(int cap) -> ()", &set_thread_cap);
   m.def("thread_budget() -> int", &thread_budget);
