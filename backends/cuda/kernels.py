@@ -427,6 +427,57 @@ def _sums_add_kernel(
                 tl.atomic_add(abs_ptr + blk * HD + i, tl.abs(k), mask=m, sem="relaxed")
 
 
+def _minmax_reset_kernel(
+    slot_ptr,
+    min_ptr,
+    max_ptr,
+    BS,
+    HD,
+    BLOCK: tl.constexpr,
+):
+    """Restart Quest's min / max of every block whose first slot (offset 0) is written in this
+    call (+inf / -inf: the block was recycled). One program per written token; its own launch,
+    so that every fold of the call (`_minmax_update_kernel`, next launch) lands after the reset
+    whatever the tokens' order."""
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if (slot >= 0) & (slot % BS == 0):
+        blk = slot // BS
+        for o in range(0, HD, BLOCK):
+            i = o + tl.arange(0, BLOCK)
+            m = i < HD
+            tl.store(min_ptr + blk * HD + i, tl.full([BLOCK], float("inf"), dtype=tl.float32), mask=m)
+            tl.store(max_ptr + blk * HD + i, tl.full([BLOCK], float("-inf"), dtype=tl.float32), mask=m)
+
+
+def _minmax_update_kernel(
+    key_ptr,
+    slot_ptr,
+    min_ptr,
+    max_ptr,
+    BS,
+    HD,
+    stride_kt,
+    BLOCK: tl.constexpr,
+):
+    """Fold one written key [Hkv * D] into its block's element-wise min / max with float32
+    atomics. Triton lowers a float atomic min / max to integer atomics on the bit pattern (signed
+    max / min for values with the sign bit clear, unsigned min / max for those with it set), which
+    orders every non-NaN float, -0.0 and +-inf included. Min and max are order-independent, so a
+    prefill chunk's keys of one block folding concurrently give exactly the sequential result.
+    NaN keys are not supported here (their bit pattern orders as a huge or tiny number)."""
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // BS
+        for o in range(0, HD, BLOCK):
+            i = o + tl.arange(0, BLOCK)
+            m = i < HD
+            k = tl.load(key_ptr + t.to(tl.int64) * stride_kt + i, mask=m, other=0.0).to(tl.float32)
+            tl.atomic_min(min_ptr + blk * HD + i, k, mask=m, sem="relaxed")
+            tl.atomic_max(max_ptr + blk * HD + i, k, mask=m, sem="relaxed")
+
+
 # --------------------------------------------------------------------------------- attention
 def _attn_split_kernel(
     q_ptr,
@@ -697,6 +748,66 @@ def _scores_dot_kernel(
     tl.store(out_ptr + b * stride_ob + j, total, mask=jm)
 
 
+def _scores_minmax_kernel(
+    q_ptr,
+    min_ptr,
+    max_ptr,
+    table_ptr,
+    seqlen_ptr,
+    out_ptr,
+    M,
+    Hkv: tl.constexpr,
+    G: tl.constexpr,
+    D,
+    BS,
+    stride_qb,
+    stride_qh,
+    stride_rb,
+    stride_rh,
+    stride_tb,
+    stride_ob,
+    MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Quest block scores: per query head, sum over channels of max(q * min, q * max) (the most
+    q . k can reach inside the block's box of keys), then mean (MODE 0) or max (MODE 1) over the
+    GQA group, summed over KV heads; -inf past n_b. BLOCK_M blocks per program; mins and maxs
+    share strides. The group's queries cannot be averaged first (the bound is not linear in q),
+    so each query head is bounded on its own against the tile already loaded."""
+    jb = tl.program_id(0)
+    b = tl.program_id(1)
+    j = jb * BLOCK_M + tl.arange(0, BLOCK_M)
+    jm = j < M
+    seq_len = tl.load(seqlen_ptr + b).to(tl.int32)
+    n_b = (seq_len + BS - 1) // BS
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    blk = tl.maximum(tl.load(table_ptr + b * stride_tb + j, mask=jm, other=0), 0).to(tl.int64)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for h in range(Hkv):
+        off = blk[:, None] * stride_rb + h * stride_rh + d[None, :]
+        tm = jm[:, None] & dm[None, :]
+        lo = tl.load(min_ptr + off, mask=tm, other=0.0).to(tl.float32)
+        hi = tl.load(max_ptr + off, mask=tm, other=0.0).to(tl.float32)
+        if MODE == 0:
+            acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        for gg in range(G):
+            qv = tl.load(q_ptr + b * stride_qb + (h * G + gg) * stride_qh + d, mask=dm, other=0.0).to(tl.float32)
+            bound = tl.sum(tl.maximum(lo * qv[None, :], hi * qv[None, :]), axis=1)
+            if MODE == 0:
+                acc += bound
+            else:
+                acc = tl.maximum(acc, bound)
+        if MODE == 0:
+            acc = acc / G
+        total += acc
+    total = tl.where(j < n_b, total, float("-inf"))
+    tl.store(out_ptr + b * stride_ob + j, total, mask=jm)
+
+
 # ------------------------------------------------------------------------------------- build
 _KERNELS = (
     _sign_pack_kernel,
@@ -711,6 +822,9 @@ _KERNELS = (
     _scores_dot_kernel,
     _sums_reset_kernel,
     _sums_add_kernel,
+    _minmax_reset_kernel,
+    _minmax_update_kernel,
+    _scores_minmax_kernel,
 )
 
 

@@ -339,6 +339,60 @@ class CudaOps(TorchReferenceOps):
         self._k.sums_add_kernel[(t,)](key, slots, sums, ab, block_size, merge, h * d, r * h * d, key.stride(0),
                                       HAS_ABS=abs_sums is not None, BLOCK=block)
 
+    def block_minmax_update(self, mins, maxs, key, slot_mapping, block_size) -> None:
+        """Two launches, no host read (safe inside a CUDA graph): restart the blocks whose first
+        slot is written, then fold every key in with float32 atomic min / max
+        (`_minmax_reset_kernel`, `_minmax_update_kernel`). Exact, whatever the order the keys of
+        one block land in."""
+        t = int(slot_mapping.shape[0])
+        usable = (self._can_run(mins, maxs, key, slot_mapping) and mins.dtype == torch.float32
+                  and maxs.dtype == torch.float32 and mins.dim() == 3 and maxs.shape == mins.shape
+                  and mins.is_contiguous() and maxs.is_contiguous() and key.dim() == 3
+                  and key.shape[1:] == mins.shape[1:] and key.stride(-1) == 1 and key.stride(1) == key.shape[2])
+        if not usable:
+            return super().block_minmax_update(mins, maxs, key, slot_mapping, block_size)
+        if t == 0:
+            return
+        hd = mins.shape[1] * mins.shape[2]
+        slots = slot_mapping.contiguous()
+        block = min(_pow2(hd), 1024)
+        self._k.minmax_reset_kernel[(t,)](slots, mins, maxs, block_size, hd, BLOCK=block)
+        self._k.minmax_update_kernel[(t,)](key, slots, mins, maxs, block_size, hd, key.stride(0), BLOCK=block)
+
+    def block_scores_minmax(
+        self,
+        q: torch.Tensor,
+        mins: torch.Tensor,
+        maxs: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_size: int,
+        group_reduce: GroupReduce = "max",
+    ) -> torch.Tensor:
+        """Quest scores in one launch (`_scores_minmax_kernel`), no host read."""
+        if group_reduce not in ("mean", "max"):
+            raise ValueError(f"unknown group reduce {group_reduce!r}; valid: mean, max")
+        if (not self._can_run(q, mins, maxs, block_table, seq_lens) or mins.dim() != 3 or maxs.shape != mins.shape
+                or mins.stride() != maxs.stride() or mins.stride(-1) != 1 or q.dim() != 3):
+            return super().block_scores_minmax(q, mins, maxs, block_table, seq_lens, block_size, group_reduce)
+        b, hq, d = q.shape
+        hkv = mins.shape[1]
+        m = block_table.shape[1]
+        out = torch.empty(b, m, dtype=torch.float32, device=q.device)
+        if b == 0 or m == 0:
+            return out
+        qc = q if q.stride(-1) == 1 else q.contiguous()
+        tbl = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+        # the dot scorer's launch (4 blocks per program on one warp); two tiles per head here
+        block_m = self.scores_block_m or 4
+        self._k.scores_minmax_kernel[(triton_cdiv(m, block_m), b)](
+            qc, mins, maxs, tbl, seq_lens, out, m, hkv, hq // hkv, d, block_size,
+            qc.stride(0), qc.stride(1), mins.stride(0), mins.stride(1), tbl.stride(0), out.stride(0),
+            MODE=0 if group_reduce == "mean" else 1, BLOCK_M=block_m, BLOCK_D=_pow2(d),
+            num_warps=self.scores_warps or 1,
+        )
+        return out
+
     def _topk(self, scores, k, must_keep, n_blocks, block_table, seq_lens, block_size, largest):
         b, m = scores.shape
         dev = scores.device
