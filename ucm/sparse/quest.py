@@ -1,0 +1,154 @@
+"""Quest: a block is the element-wise min and max of its keys per KV head; its score for a
+query head is sum over channels of max(q * min, q * max), an upper bound of q . k over every
+key of the block, combined over the GQA group (max or mean) and summed over KV heads.
+
+The bound is exact for the block's best key in every channel at once, so a block holding one
+key that points along the query ranks high even when its other keys are noise: the mean of K
+(ESA, GSA) dilutes such a key by the block size, the box keeps it.
+
+Both statistics run as keys are written (`block_minmax_update`: a block restarts when its
+offset 0 is written), like the sums of the mean-of-K methods, and a partial last block is
+scored from the keys written so far. Scoring is one op per layer on the device
+(`block_scores_minmax`) with static shapes and no host read, so Quest runs on the CUDA graph
+batch path as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ucm.config.errors import ConfigError
+from ucm.config.quest import QuestConfig
+from ucm.ops.contract import GroupReduce, SparseOps
+from ucm.sparse.base import BlockScorer, ModelShapes, SparseMethod
+from ucm.sparse.selection import BlockSelector, LayerPolicy
+
+__all__ = ["BlockMinMax", "QuestConfig", "QuestScorer", "build", "build_quest"]
+
+
+class BlockMinMax:
+    """Running element-wise min and max of the keys written to each physical block of one layer:
+    mins, maxs [NB, Hkv, D] float32 on `device`, folded in by `ops.block_minmax_update`.
+
+    Both start at 0 (a block never written scores 0 against any query, as a zero mean-of-K
+    would); a block's first write (its offset 0) restarts it."""
+
+    def __init__(self, shapes: ModelShapes, device: torch.device, ops: SparseOps) -> None:
+        n, h, d = shapes.num_blocks, shapes.num_kv_heads, shapes.head_dim
+        self.block_size = shapes.block_size
+        self.device = device
+        self.ops = ops
+        self.mins = torch.zeros(n, h, d, device=device)
+        self.maxs = torch.zeros(n, h, d, device=device)
+
+    def update(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Fold keys [T, Hkv, D] written at slot_mapping [T] (negative = padding) in."""
+        self.ops.block_minmax_update(self.mins, self.maxs, key, slot_mapping, self.block_size)
+
+    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """The statistics of blocks `src` into blocks `dst`."""
+        src, dst = src.to(self.device, torch.int64), dst.to(self.device, torch.int64)
+        self.mins.index_copy_(0, dst, self.mins.index_select(0, src))
+        self.maxs.index_copy_(0, dst, self.maxs.index_select(0, src))
+
+    def nbytes(self) -> int:
+        return (self.mins.numel() + self.maxs.numel()) * self.mins.element_size()
+
+
+class QuestScorer(BlockScorer):
+    """Quest's min / max representations per layer, scored on the backend's device.
+
+    `group_reduce` ("max" or "mean") combines a GQA group's per-head bounds. Every written block
+    is scored, the partial last one included (from its keys so far; it is always kept anyway).
+    """
+
+    batch_safe = True  # one op per layer, static shapes, no host read
+    batch_largest = True  # larger bound = more important
+    batch_full_blocks = False  # partial blocks have their (partial) statistics
+
+    def __init__(self, shapes: ModelShapes, ops: SparseOps, group_reduce: GroupReduce = "max",
+                 repr_device: torch.device | None = None) -> None:
+        super().__init__(shapes, ops)
+        if group_reduce not in ("mean", "max"):
+            raise ValueError(f"unknown group reduce {group_reduce!r}; valid: mean, max")
+        self.group_reduce: GroupReduce = group_reduce
+        self.repr_device = torch.device(repr_device or shapes.device)
+        self.stats = [BlockMinMax(shapes, self.repr_device, ops) for _ in range(shapes.num_layers)]
+
+    def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        self.stats[layer].update(key, slot_mapping)
+
+    def score(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+              req_ids: Sequence[str]) -> torch.Tensor:
+        dev = self.repr_device
+        st = self.stats[layer]
+        s = self.ops.block_scores_minmax(q.to(dev), st.mins, st.maxs, block_table.to(dev), seq_lens.to(dev),
+                                         self.shapes.block_size, self.group_reduce)
+        return s.to(q.device)
+
+    def batch_scores(self, layer: int, q: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor) -> torch.Tensor:
+        """`score` of every row's written blocks, partial last block included (no per-request
+        state: the CUDA graph decode path)."""
+        st = self.stats[layer]
+        return self.ops.block_scores_minmax(q, st.mins, st.maxs, block_table, seq_lens, self.shapes.block_size,
+                                            self.group_reduce)
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for st in self.stats:
+            st.copy(src, dst)
+
+    def memory_bytes(self) -> int:
+        return sum(st.nbytes() for st in self.stats)
+
+
+def _ops_of(ctx: Any) -> SparseOps | None:
+    """The backend a build context carries: the context itself when it is a `SparseOps`, else its
+    `ops` attribute (the registry's build context), else None."""
+    if ctx is None or isinstance(ctx, SparseOps):
+        return ctx
+    return getattr(ctx, "ops", None)
+
+
+def build_quest(config: QuestConfig | dict, shapes: ModelShapes, ctx: Any = None, *,
+                ops: SparseOps | None = None) -> SparseMethod:
+    """A ready-to-run Quest `SparseMethod`, assembled as `build_sparse_method` assembles ESA's:
+    the config's windows, ratio and minimum as every layer's policy (`dense_layers` dense), the
+    shared `BlockSelector`, a `QuestScorer` and the config's retrieval stride and concurrency
+    threshold.
+
+    config: a `QuestConfig` or the dict of its keys (`{"Quest": {...}}` or the inner dict).
+    ctx: the registry's build context (its `.ops` is used) or a `SparseOps`; `ops` overrides
+    both; neither given: the probed backend (`ucm.ops.get_ops()`).
+    """
+    if not isinstance(config, QuestConfig):
+        body = config.get(QuestConfig.method, config) if isinstance(config, dict) else config
+        config = QuestConfig.model_validate(body)
+    ops = ops or _ops_of(ctx)
+    if ops is None:
+        from ucm.ops.registry import get_ops
+
+        ops = get_ops()
+    for layer in config.dense_layers:
+        if layer >= shapes.num_layers:
+            raise ConfigError("inline", f"{config.method}.dense_layers",
+                              f"layer {layer} does not exist: the model has {shapes.num_layers} layers (0-based)")
+    policy = LayerPolicy(
+        ratio=config.sparse_ratio,
+        min_units=config.min_blocks,
+        init_units=config.init_window_sz,
+        local_units=config.local_window_sz,
+    )
+    dense = LayerPolicy(ratio=1.0)
+    policies = [dense if layer in config.dense_layers else policy for layer in range(shapes.num_layers)]
+    selector = BlockSelector(policies, shapes.block_size, ops)
+    scorer = QuestScorer(shapes, ops, config.group_reduce)
+    return SparseMethod(config.method, scorer, selector, config.retrieval_stride,
+                        concurrency_threshold=config.concurrency_threshold)
+
+
+#: the name the registry's builder paths use for a method module's builder ("ucm.sparse.quest:build")
+build = build_quest
