@@ -139,6 +139,87 @@ def test_fail_policy_fails_the_request_and_says_so(model_path, prompt, tmp_path,
         checked(outs)
 
 
+# ------------------------------------------------ request shapes: short, one token, aborted, preempted
+def _tokens(model_path, extra, prompts, max_tokens, **engine) -> tuple[list[list[int]], dict | None]:
+    """Greedy tokens of `prompts` in a fresh engine, and its store counters (None without one)."""
+    llm = make_llm(model_path, extra, **engine)
+    try:
+        tokens = generate(llm, prompts, max_tokens=max_tokens)
+        c = find_connector()
+        snap = None
+        if c is not None and c.store_worker is not None:
+            c.flush_store()
+            snap = dict(c.store_worker.snapshot())
+    finally:
+        shutdown(llm)
+    return tokens, snap
+
+
+def test_one_token_requests_and_a_prompt_shorter_than_a_block(model_path, prompt, tmp_path) -> None:
+    """max_tokens=1 (the request ends at its prefill) and a prompt that fills no block: the long
+    prompt's full blocks are dumped and served to a fresh engine; the short one stores nothing;
+    every token is plain vLLM's."""
+    short = prompt[: BLOCK - 7]
+    plain, _ = _tokens(model_path, None, [prompt, short], 1)
+    first, snap1 = _tokens(model_path, store_extra(tmp_path), [prompt, short], 1)
+    assert snap1["dumped_blocks"] == len(prompt) // BLOCK and snap1["loaded_blocks"] == 0
+    second, snap2 = _tokens(model_path, store_extra(tmp_path), [prompt, short], 1)
+    assert snap2["loaded_blocks"] == (len(prompt) - 1) // BLOCK and snap2["failed_loads"] == 0
+    assert first == second == plain
+
+
+def test_a_request_aborted_mid_decode_leaves_a_store_that_serves_the_next(model_path, prompt, tmp_path) -> None:
+    """A request aborted after a few decode steps: its prompt blocks are in the store, the engine
+    goes on serving, and a fresh engine loads them and gives plain vLLM's tokens."""
+    from vllm import SamplingParams
+
+    plain, _ = _tokens(model_path, None, [prompt], 8)
+    llm = make_llm(model_path, store_extra(tmp_path))
+    try:
+        engine = llm.llm_engine
+        engine.add_request("victim", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=200, temperature=0))
+        produced = 0
+        while produced < 4:
+            for out in engine.step():
+                produced = max(produced, len(out.outputs[0].token_ids))
+        engine.abort_request(["victim"])
+        assert not engine.has_unfinished_requests()
+        after = generate(llm, [prompt], max_tokens=8)
+        connector().flush_store()
+        dumped = connector().store_worker.snapshot()["dumped_blocks"]
+    finally:
+        shutdown(llm)
+    assert dumped == len(prompt) // BLOCK and after == plain
+    fresh, snap = _tokens(model_path, store_extra(tmp_path), [prompt], 8)
+    assert snap["loaded_blocks"] == (len(prompt) - 1) // BLOCK and fresh == plain
+
+
+def test_preempted_requests_with_a_store_give_plain_vllms_tokens(model_path, prompt, tmp_path, monkeypatch) -> None:
+    """A KV pool too small for the running requests' decode (num_gpu_blocks_override): vLLM
+    preempts and reschedules them; with the store (dumping, then loading a recomputed
+    request's prefix) the tokens equal plain vLLM's under the same pool."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    preempted = []
+    original = Scheduler._preempt_request
+
+    def counted(self, request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return original(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(Scheduler, "_preempt_request", counted)  # observed; vLLM's own preemption runs
+    prompts = [prompt, prompt[BLOCK:], list(reversed(prompt))]  # no shared blocks: each needs its own
+    held = max(-(-len(p) // BLOCK) for p in prompts)  # blocks one prompt holds
+    # vLLM admits a request once its whole prompt fits: two fit, their decode (2 blocks each) does not
+    engine = {"num_gpu_blocks_override": 2 * held + 2, "max_num_seqs": 3, "max_model_len": (held + 4) * BLOCK}
+    plain, _ = _tokens(model_path, None, prompts, 48, **engine)
+    assert preempted, "the pool was meant to force a preemption"
+    preempted.clear()
+    stored, snap = _tokens(model_path, store_extra(tmp_path), prompts, 48, **engine)
+    assert preempted and snap["failed_loads"] == 0
+    assert stored == plain
+
+
 # ------------------------------------------------------------------ what a block's id covers
 def _request(rid: str, tokens: list[int], **kw):
     from vllm import SamplingParams
