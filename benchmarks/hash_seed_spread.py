@@ -47,7 +47,7 @@ def run(length: int, samples: int, seeds: int, ratio: float, new_tokens: int, ba
     from ucm.hf_runner import PagedHFRunner
     from ucm.models import fetch_model
     from ucm.ops import get_ops
-    from ucm.sparse.factory import build_sparse_method
+    from ucm.sparse.gsa_on_device import build_from_model_config
 
     ops = get_ops(backend)
     path = fetch_model("smollm2")
@@ -55,11 +55,9 @@ def run(length: int, samples: int, seeds: int, ratio: float, new_tokens: int, ba
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     runner = PagedHFRunner(model, tok, ops, block_size=32, max_tokens=length + new_tokens + 64)
     trained, random_ = hata_config(ratio, False), hata_config(ratio, True)
-    settings = {"trained (shipped)": lambda: build_sparse_method({"GSAOnDevice": {}}, runner.shapes, ops,
-                                                                 model_config=trained)}
+    settings = {"trained (shipped)": lambda: build_from_model_config(trained, runner.shapes, ops)}
     for seed in range(seeds):
-        settings[f"random seed {seed}"] = (lambda s=seed: build_sparse_method({"GSAOnDevice": {}}, runner.shapes, ops,
-                                                                            model_config=random_, seed=s))
+        settings[f"random seed {seed}"] = (lambda s=seed: build_from_model_config(random_, runner.shapes, ops, seed=s))
     t0 = time.perf_counter()
     per_sample = []
     for task in tasks:

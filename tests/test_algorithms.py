@@ -10,6 +10,7 @@ import torch
 
 from tests.paged import make_paged
 from ucm.config.errors import ConfigError
+from ucm.methods import DemoRequest, get_method, method_names
 from ucm.ops import TorchReferenceOps
 from ucm.sparse.base import ModelShapes, SparseMethod
 from ucm.sparse.factory import build_sparse_method
@@ -40,23 +41,22 @@ def hata_model(layers: int, ratios=None, reuse=None, **over) -> dict:
     return cfg
 
 
-METHOD_CONFIGS = {
-    "ESA": {"ESA": {"init_window_sz": 1, "local_window_sz": 1, "sparse_ratio": 0.25, "min_blocks": 1, "retrieval_stride": 1}},
-    "GSA": {"GSA": {"init_window_sz": 1, "local_window_sz": 1, "sparse_ratio": 0.25, "min_blocks": 1}},
-    "KVStarMultiStep": {"KVStarMultiStep": {"init_window_sz": 1, "local_window_sz": 1, "sparse_ratio": 0.25,
-                                            "min_blocks": 1, "retrieval_stride": 1,
-                                            "blk_repre_dim_prune_ratio": 0.5, "blk_repre_inner_token_merge": 2}},
-    "GSAOnDevice": {"GSAOnDevice": {}},
-}
+def method_config(name: str, ratio: float = 0.25) -> dict:
+    """`name`'s config for these tests: its demo settings (`MethodSpec.demo_config`) with the
+    smallest windows, retrieving every step; a per-model JSON method's JSON is passed apart."""
+    spec = get_method(name)
+    if spec.model_json:
+        return {name: {}}
+    body = spec.demo_config(DemoRequest(ratio, retrieval_stride=1))
+    body.update(init_window_sz=1, local_window_sz=1, min_blocks=1)
+    return {name: body}
 
 
 def build(name: str, shapes: ModelShapes, ratio: float | None = None, **model_over) -> SparseMethod:
-    cfg = {k: dict(v) for k, v in METHOD_CONFIGS[name].items()}
-    if name == "GSAOnDevice":
+    cfg = method_config(name, 0.25 if ratio is None else ratio)
+    if get_method(name).model_json:
         ratios = [ratio or 0.25] * shapes.num_layers
         return build_sparse_method(cfg, shapes, OPS, model_config=hata_model(shapes.num_layers, ratios, **model_over))
-    if ratio is not None:
-        cfg[name]["sparse_ratio"] = ratio
     return build_sparse_method(cfg, shapes, OPS, host_ops=OPS)
 
 
@@ -81,7 +81,7 @@ def planted(seq_lens, hq, hkv, d, planted_blocks, seed=0):
     return batch, q
 
 
-@pytest.mark.parametrize("name", list(METHOD_CONFIGS))
+@pytest.mark.parametrize("name", method_names())
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (8, 1)])
 def test_selects_planted_blocks(name: str, hq: int, hkv: int) -> None:
     seq_lens = [16 * BS + 3, 12 * BS]
@@ -104,7 +104,7 @@ def test_selects_planted_blocks(name: str, hq: int, hkv: int) -> None:
     m.close()
 
 
-@pytest.mark.parametrize("name", list(METHOD_CONFIGS))
+@pytest.mark.parametrize("name", method_names())
 def test_ratio_one_equals_dense(name: str) -> None:
     g = torch.Generator().manual_seed(7)
     seq_lens = [45, 8, 3 * BS + 1]
@@ -123,7 +123,7 @@ def test_ratio_one_equals_dense(name: str) -> None:
     m.close()
 
 
-@pytest.mark.parametrize("name", list(METHOD_CONFIGS))
+@pytest.mark.parametrize("name", method_names())
 def test_sparse_output_is_attention_over_the_selected_blocks(name: str) -> None:
     """The rewritten table + lengths attend to exactly the kept logical blocks."""
     g = torch.Generator().manual_seed(8)
@@ -190,12 +190,12 @@ def test_dense_layers_and_index_reuse() -> None:
     assert m.stats.steps == 1 and 0 < m.stats.fraction_read < 1
 
 
-@pytest.mark.parametrize("name", ["ESA", "GSA", "KVStarMultiStep"])
+@pytest.mark.parametrize("name", method_names(windowed=True))
 def test_windowed_methods_keep_their_dense_layers_dense(name: str) -> None:
     g = torch.Generator().manual_seed(11)
     batch = make_paged([30 * BS + 2, 17 * BS], BS, 2, 32, g)
     shapes = ModelShapes(3, 8, 2, 32, BS, batch.k_cache.shape[0])
-    cfg = {k: dict(v, dense_layers=[1]) for k, v in METHOD_CONFIGS[name].items()}
+    cfg = {k: dict(v, dense_layers=[1]) for k, v in method_config(name).items()}
     m = build_sparse_method(cfg, shapes, OPS, host_ops=OPS)
     write_prefill(m, batch, 3)
     plan = m.begin_step(["a", "b"], batch.seq_lens, batch.block_table)
@@ -346,7 +346,7 @@ def test_block_accumulator_matches_block_reduce_and_restarts_recycled_blocks() -
     torch.testing.assert_close(acc.sums[3].sum(0), fresh.sum(0))
 
 
-@pytest.mark.parametrize("name", ["ESA", "GSA", "KVStarMultiStep"])
+@pytest.mark.parametrize("name", method_names(windowed=True))
 def test_a_finished_request_does_not_cancel_the_others_retrieval(name: str) -> None:
     """Rows of a batch share one async retrieval; finishing one request mid-retrieval must leave
     the others' result intact (it once cancelled the shared future: CancelledError in vLLM)."""

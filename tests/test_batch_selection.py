@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported (see test_cuda_kernels)
 
 from tests.test_algorithms import hata_model
+from ucm.methods import DemoRequest, get_method, method_names
 from ucm.ops.reference import TorchReferenceOps
 from ucm.sparse.base import ModelShapes
 from ucm.sparse.batch_selection import BATCH_MIN_ROWS, BatchSelector
@@ -26,13 +27,16 @@ from ucm.sparse.factory import build_sparse_method
 
 BS, LAYERS, HQ, HKV, D, NB = 4, 3, 4, 2, 32, 96
 WINDOWED = {"init_window_sz": 1, "local_window_sz": 1, "sparse_ratio": 0.3, "min_blocks": 2, "retrieval_stride": 1}
-CONFIGS = {
-    "ESA": {"ESA": {**WINDOWED, "dense_layers": [1]}},
-    "GSA": {"GSA": WINDOWED},
-    "KVStarMultiStep": {"KVStarMultiStep": {**WINDOWED, "blk_repre_dim_prune_ratio": 0.5,
-                                            "blk_repre_inner_token_merge": 2}},
-    "GSAOnDevice": {"GSAOnDevice": {}},
-}
+
+
+def method_config(name: str) -> dict:
+    """`name` with its demo settings (`MethodSpec.demo_config`) and small windows; a windowed
+    method keeps layer 1 dense (a per-model JSON method: its JSON's, `hata_model` below)."""
+    spec = get_method(name)
+    if spec.model_json:
+        return {name: {}}
+    body = spec.demo_config(DemoRequest(0.3, dense_layers=(1,), retrieval_stride=1))
+    return {name: {**body, **WINDOWED}}
 
 
 def backends():
@@ -45,13 +49,13 @@ def backends():
 
 
 def build(name: str, ops, shapes: ModelShapes, host_scoring: bool):
-    model = hata_model(LAYERS, [0.3, 1.0, 0.3], head_dim=D, chunk_size=BS) if name == "GSAOnDevice" else None
-    return build_sparse_method({"ucm_sparse_config": CONFIGS[name]}, shapes, ops, host_ops=TorchReferenceOps(),
+    model = hata_model(LAYERS, [0.3, 1.0, 0.3], head_dim=D, chunk_size=BS) if get_method(name).model_json else None
+    return build_sparse_method({"ucm_sparse_config": method_config(name)}, shapes, ops, host_ops=TorchReferenceOps(),
                                model_config=model, host_scoring=host_scoring)
 
 
 @pytest.mark.parametrize("ops", backends())
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", method_names())
 @pytest.mark.parametrize("uniform", [False, True])
 def test_batch_selection_equals_the_per_request_engine(ops, name, uniform) -> None:
     dev = torch.device("cpu")

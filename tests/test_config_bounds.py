@@ -25,6 +25,7 @@ from ucm.config.errors import ConfigError
 from ucm.config.loader import SPARSE_KEY, load_model_config, parse_sparse_config
 from ucm.config.model import GSAOnDeviceModelConfig
 from ucm.config.sparse import MAX_BLOCKS, METHODS, GSAOnDeviceConfig
+from ucm.methods import method_names
 from ucm.ops import TorchReferenceOps
 from ucm.sparse.base import ModelShapes, SparseMethod
 from ucm.sparse.factory import build_sparse_method
@@ -34,7 +35,7 @@ BS = 8  # KV block size of the tiny model
 LAYERS = 2
 MAX_LEN = 96  # max_model_len of the tiny deployment: 12 blocks
 SEQ_LENS = [MAX_LEN - 3, 3 * BS + 1]  # one request near the longest, one short
-WINDOWED = ["ESA", "GSA", "KVStarMultiStep"]
+WINDOWED = method_names(windowed=True)
 NEAR_2_63 = [2**63 - 1, 2**63, 2**64]
 
 
@@ -98,7 +99,7 @@ def write(dir_: Path, name: str, text: str) -> Path:
 @pytest.mark.parametrize("value", NEAR_2_63)
 @pytest.mark.parametrize(("method", "key"), [
     *[(m, k) for m in WINDOWED for k in ("min_blocks", "init_window_sz", "local_window_sz")],
-    ("KVStarMultiStep", "retrieval_stride"), ("ESA", "retrieval_stride"),
+    *[(m, "retrieval_stride") for m in method_names(strided=True)],
 ])
 def test_issue_values_are_rejected_when_the_file_loads(tmp_path: Path, method: str, key: str, value: int) -> None:
     path = write(tmp_path, "sparse.json", json.dumps({SPARSE_KEY: {method: {key: value}}}))
@@ -111,7 +112,7 @@ def test_issue_values_are_rejected_when_the_file_loads(tmp_path: Path, method: s
 @pytest.mark.parametrize("value", NEAR_2_63)
 @pytest.mark.parametrize(("method", "key"), [
     *[(m, k) for m in WINDOWED for k in ("min_blocks", "init_window_sz", "local_window_sz")],
-    ("KVStarMultiStep", "retrieval_stride"),
+    *[(m, "retrieval_stride") for m in method_names(strided=True)],
 ])
 def test_issue_values_never_reach_decode(method: str, key: str, value: int) -> None:
     """Built the way an engine builds it: the config fails, not the first decode step."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ucm.config.loader import parse_sparse_config
+from ucm.methods import method_names
 from ucm.ops import get_ops
 from ucm.sparse.base import ModelShapes
 from ucm.sparse.factory import build_sparse_method
@@ -216,7 +217,7 @@ def test_every_read_finds_the_block_it_selected(seed) -> None:
     assert loaded > 0
 
 
-@pytest.mark.parametrize("name", ["ESA", "GSA", "KVStarMultiStep"])
+@pytest.mark.parametrize("name", method_names(windowed=True))
 def test_representation_copied_to_a_virtual_id_scores_the_same(name) -> None:
     torch.manual_seed(0)
     shapes = ModelShapes(num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=8, num_blocks=24)

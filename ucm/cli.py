@@ -106,7 +106,7 @@ def _configs_check(args: argparse.Namespace) -> int:
         try:
             result = check_config_file(path)
             if isinstance(result, ModelConfigFile) and result.config.hash_weight_type == "trained":
-                from ucm.sparse.factory import hash_projections
+                from ucm.sparse.hashing import hash_projections
 
                 hash_projections(result)  # the weight files load, with the right shape, finite
             from ucm.config.bounds import check_against_model  # the engine's start-up check, same flags
@@ -118,7 +118,7 @@ def _configs_check(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             return _fail(exc)
         if isinstance(result, ModelConfigFile):
-            what = f"GSAOnDevice model config for {result.config.model_name}"
+            what = f"per-model config for {result.config.model_name}"
         else:
             what = f"{result.method} sparse config"
         print(f"ok  {path}: {what}")
@@ -147,7 +147,7 @@ def _positive_int(text: str) -> int:
 
 def _add_configs(sub: SubparsersAction) -> None:
     p = sub.add_parser("configs", help="list, show and validate sparse configs",
-                       description="Per-model GSAOnDevice configs and ucm_sparse_config files.")
+                       description="Per-model configs (hash settings of GSA on device) and ucm_sparse_config files.")
     actions = p.add_subparsers(dest="configs_action", metavar="ACTION", required=True)
     actions.add_parser("list", help="table of the shipped per-model configs").set_defaults(handler=_configs_list)
     show = actions.add_parser("show", help="print a per-model config as validated JSON")

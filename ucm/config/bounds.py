@@ -11,8 +11,8 @@ needs is known.
     windows (init_window_sz, local_window_sz), min_blocks and, with offload, offload_margin_blocks:
         at most ceil(max_model_len / block_size) blocks, the longest request's length
     dense_layers: each < the model's layer count
-    blk_repre_inner_token_merge (KVStar): divides the block size
-    GSA on device (per-model JSON): num_hidden_layers and head_dim equal the model's;
+    a method's `block_size_divisors` (KVStar: blk_repre_inner_token_merge): divide the block size
+    per-model JSON (GSA on device): num_hidden_layers and head_dim equal the model's;
         chunk_size a multiple of the block size and at most max_model_len; every
         must_select_blocks index within ceil(max_model_len / chunk_size) chunks
 """
@@ -23,7 +23,7 @@ import math
 
 from ucm.config.errors import ConfigError
 from ucm.config.loader import ModelConfigFile
-from ucm.config.sparse import GSAOnDeviceConfig, KVStarConfig, MethodConfig
+from ucm.config.sparse import MethodConfig, WindowedMethodConfig
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -48,9 +48,17 @@ def check_sparse_against_model(
     `{prefix}.{method}.{key}` (`prefix` as where the config sat, e.g. 'ucm_sparse_config')."""
     for name, value in (("max_model_len", max_model_len), ("block_size", block_size), ("num_layers", num_layers)):
         _positive(name, value)
-    if isinstance(config, GSAOnDeviceConfig):  # its numbers live in the per-model JSON
-        return
     where = f"{prefix}.{config.method}" if prefix else config.method
+    if isinstance(config, WindowedMethodConfig):  # a per-model JSON's method has its numbers there
+        _check_windows(config, where, max_model_len, block_size, num_layers, source)
+    for key in config.block_size_divisors:
+        value = getattr(config, key)
+        if block_size is not None and block_size % value:
+            raise ConfigError(source, f"{where}.{key}", f"{value} must divide the KV block size {block_size}")
+
+
+def _check_windows(config: WindowedMethodConfig, where: str, max_model_len: int | None, block_size: int | None,
+                   num_layers: int | None, source: str) -> None:
     if max_model_len is not None and block_size is not None:
         max_blocks = -(-max_model_len // block_size)
         keys = ["init_window_sz", "local_window_sz", "min_blocks"] + (["offload_margin_blocks"] if config.offload else [])
@@ -65,9 +73,6 @@ def check_sparse_against_model(
             if layer >= num_layers:
                 raise ConfigError(source, f"{where}.dense_layers[{i}]",
                                   f"layer {layer} does not exist: the model has {num_layers} layers (0-based)")
-    if isinstance(config, KVStarConfig) and block_size is not None and block_size % config.blk_repre_inner_token_merge:
-        raise ConfigError(source, f"{where}.blk_repre_inner_token_merge",
-                          f"{config.blk_repre_inner_token_merge} must divide the KV block size {block_size}")
 
 
 def check_model_config_against_model(

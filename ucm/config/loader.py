@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from ucm.config.errors import ConfigError, _loc_to_key, from_validation_error
 from ucm.config.model import GSAOnDeviceModelConfig
-from ucm.config.sparse import METHODS, MethodConfig
+from ucm.config.sparse import MethodConfig
+from ucm.methods import find_method, method_names
 
 SPARSE_KEY = "ucm_sparse_config"
 
@@ -141,7 +142,7 @@ def find_model_config(name: str) -> Path:
         return candidates[want]
     names = sorted({p.stem for p in candidates.values()})
     raise ConfigError(name or repr(name), "<model>",
-                      f"no built-in GSAOnDevice config for this model; known: {', '.join(names)}")
+                      f"no built-in per-model config for this model; known: {', '.join(names)}")
 
 
 def _resolve_ref(ref: str | Path) -> Path:
@@ -197,7 +198,8 @@ def model_config_data(ref: str | Path | dict, random_hash: bool = False) -> dict
 
 
 def parse_sparse_config(obj: dict | str | Path, source: str | None = None) -> MethodConfig:
-    """The one method config in `{"ucm_sparse_config": {METHOD: {...}}}` (or its inner dict).
+    """The one method config in `{"ucm_sparse_config": {METHOD: {...}}}` (or its inner dict),
+    an instance of the config class METHOD is registered with (`ucm.methods`).
 
     Accepts a dict, a JSON string, or a path to a JSON file.
     """
@@ -214,12 +216,14 @@ def parse_sparse_config(obj: dict | str | Path, source: str | None = None) -> Me
         data, prefix = data[SPARSE_KEY], SPARSE_KEY
     key = prefix or "<root>"
     if not isinstance(data, dict):
-        raise ConfigError(source, key, f"must be an object like {{\"ESA\": {{...}}}}, got {type(data).__name__}")
-    unknown = [k for k in data if k not in METHODS]
+        names = method_names()
+        raise ConfigError(source, key, f"must be an object like {{\"{names[0]}\": {{...}}}} (one of "
+                                       f"{', '.join(names)}), got {type(data).__name__}")
+    unknown = [k for k in data if find_method(k) is None]
     if unknown:
         shown = str(unknown[0]) or '""'  # an empty key must still show
         name = f"{prefix}.{shown}" if prefix else shown
-        raise ConfigError(source, name, f"unknown sparse method; valid methods: {', '.join(METHODS)}")
+        raise ConfigError(source, name, f"unknown sparse method; valid methods: {', '.join(method_names())}")
     if len(data) != 1:
         raise ConfigError(source, key, f"must name exactly one sparse method, got {len(data)}: {sorted(data)}")
     (method, body), = data.items()
@@ -227,14 +231,16 @@ def parse_sparse_config(obj: dict | str | Path, source: str | None = None) -> Me
     if not isinstance(body, dict):
         raise ConfigError(source, where, f"must be an object of settings, got {type(body).__name__}")
     try:
-        return METHODS[method].model_validate(body)
+        return find_method(method).config.model_validate(body)
     except ValidationError as exc:
         raise from_validation_error(source, exc, where) from None
 
 
 def is_sparse_config(data: Any) -> bool:
     """Whether parsed JSON looks like a method config (`ucm_sparse_config` or one method name)."""
-    return isinstance(data, dict) and (SPARSE_KEY in data or (len(data) == 1 and next(iter(data)) in METHODS))
+    if not isinstance(data, dict):
+        return False
+    return SPARSE_KEY in data or (len(data) == 1 and find_method(next(iter(data))) is not None)
 
 
 def check_config_file(path: str | Path) -> ModelConfigFile | MethodConfig:

@@ -1,19 +1,25 @@
-"""Typed configs of the four sparse methods, in UCM's user-facing JSON shape.
+"""Typed configs of ucm's sparse methods, in UCM's user-facing JSON shape, and their
+registration (`ucm.methods`).
 
     {"ucm_sparse_config": {"ESA": {"init_window_sz": 1, "local_window_sz": 2, ...}}}
 
 Exactly one method per config. Window sizes are in KV blocks. `sparse_ratio` is the fraction
 of a request's blocks read per decode step, windows included (so it is also the fraction of
 the KV bytes a sparse step reads).
+
+Each config class is registered below with its builder (a path into `ucm.sparse`, imported
+only when a method is built: parsing a config never imports torch).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Annotated, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ucm.config.errors import KeyedValueError
+from ucm.methods import MethodSpec, find_method, method_names, register_method
 
 # Upper bounds of every numeric key. No real model or deployment comes near them, and within
 # them every count the selection engine derives stays far inside int64 and every allocation
@@ -45,10 +51,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class WindowedMethodConfig(_Strict):
-    """Keys shared by the representation-based methods (ESA, GSA, KVStar)."""
+class SparseMethodConfig(_Strict):
+    """Base of every method's config: strict (unknown keys and wrong types are errors) and
+    frozen. `method` is the name the method is registered under (`ucm.methods`)."""
 
     method: ClassVar[str] = ""
+    #: keys whose value must divide the served KV block size (checked at engine start)
+    block_size_divisors: ClassVar[tuple[str, ...]] = ()
+
+
+MethodConfig = SparseMethodConfig  # the type of a parsed `ucm_sparse_config`
+
+
+class WindowedMethodConfig(SparseMethodConfig):
+    """Keys shared by the representation-based methods (ESA, GSA, KVStar): windows, a keep
+    ratio, a retrieval stride, dense layers, offload."""
     init_window_sz: BlockCount = 1
     local_window_sz: BlockCount = 2
     sparse_ratio: Ratio = 0.3
@@ -100,12 +117,13 @@ class KVStarConfig(WindowedMethodConfig):
     method: ClassVar[str] = "KVStarMultiStep"
     sparse_ratio: Ratio = 0.25
     retrieval_stride: Stride = 8
+    block_size_divisors: ClassVar[tuple[str, ...]] = ("blk_repre_inner_token_merge",)
     blk_repre_dim_prune_ratio: Ratio = 0.25
     #: tokens merged into one representation row; must divide the KV block size
     blk_repre_inner_token_merge: Annotated[int, Field(ge=1, le=MAX_BLOCK_SIZE)] = 2
 
 
-class GSAOnDeviceConfig(_Strict):
+class GSAOnDeviceConfig(SparseMethodConfig):
     """GSA on device (HATA): the hash settings live in a per-model JSON (`ucm configs list`).
 
     `config_file` is a path or a built-in model name; when omitted, the integration looks the
@@ -122,11 +140,44 @@ class GSAOnDeviceConfig(_Strict):
         return self
 
 
-MethodConfig = ESAConfig | GSAConfig | KVStarConfig | GSAOnDeviceConfig
+class _RegisteredConfigs(Mapping):
+    """A read-only view of the registry: method name -> config class (every registered
+    method, ucm's and third parties', sorted by name)."""
 
-METHODS: dict[str, type[_Strict]] = {
-    "ESA": ESAConfig,
-    "GSA": GSAConfig,
-    "GSAOnDevice": GSAOnDeviceConfig,
-    "KVStarMultiStep": KVStarConfig,
-}
+    def __getitem__(self, name: str) -> type[SparseMethodConfig]:
+        spec = find_method(name)
+        if spec is None:
+            raise KeyError(name)
+        return spec.config
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(method_names())
+
+    def __len__(self) -> int:
+        return len(method_names())
+
+    def __repr__(self) -> str:
+        return f"METHODS({dict(self)!r})"
+
+
+METHODS: Mapping[str, type[SparseMethodConfig]] = _RegisteredConfigs()
+
+# ----------------------------------------------------------------------------- the built-in methods
+#: what the demo, eval and profile run the windowed methods with, besides the ratio (and the
+#: stride and dense layers they choose): one initial block, two local blocks, at least four blocks
+_DEMO_WINDOWS = {"init_window_sz": 1, "local_window_sz": 2, "min_blocks": 4}
+
+register_method(MethodSpec(
+    ESAConfig, "ucm.sparse.esa:build", strided=True, demo=_DEMO_WINDOWS,
+    description="mean-of-K block representations, scored by the GQA-group mean query"))
+register_method(MethodSpec(
+    GSAConfig, "ucm.sparse.gsa:build", host_scoring=True, demo=_DEMO_WINDOWS,
+    description="per-head mean representations, max over the GQA group, top-k on the host"))
+register_method(MethodSpec(
+    KVStarConfig, "ucm.sparse.kvstar:build", strided=True,
+    demo={**_DEMO_WINDOWS, "blk_repre_dim_prune_ratio": 0.5, "blk_repre_inner_token_merge": 4},
+    description="channel-pruned, token-merged representations scored by the recent queries"))
+register_method(MethodSpec(
+    GSAOnDeviceConfig, "ucm.sparse.gsa_on_device:build", model_json=True,
+    demo="ucm.sparse.gsa_on_device:demo_config",
+    description="GSA on device (HATA): per-token hash codes, Hamming top-k; settings in a per-model JSON"))

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 
 import torch
 
+from ucm.config.sparse import ESAConfig
 from ucm.ops.contract import SparseOps
-from ucm.sparse.base import BlockAccumulator, BlockScorer, ModelShapes
+from ucm.sparse.base import BlockAccumulator, BlockScorer, ModelShapes, SparseMethod
+from ucm.sparse.factory import BuildContext, windowed_method
 
 
 class MeanReprScorer(BlockScorer):
@@ -62,3 +64,8 @@ class MeanReprScorer(BlockScorer):
 
 class ESAScorer(MeanReprScorer):
     group_reduce = "mean"
+
+
+def build(config: ESAConfig, shapes: ModelShapes, ctx: BuildContext) -> SparseMethod:
+    """ESA's builder (registered in `ucm.config.sparse`)."""
+    return windowed_method(config, shapes, ctx.ops, lambda: ESAScorer(shapes, ctx.ops))

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from ucm.config.sparse import GSAConfig
 from ucm.ops.contract import SparseOps
-from ucm.sparse.base import ModelShapes
+from ucm.sparse.base import ModelShapes, SparseMethod
 from ucm.sparse.esa import MeanReprScorer
+from ucm.sparse.factory import BuildContext, windowed_method
 
 
 class GSAScorer(MeanReprScorer):
@@ -27,3 +29,10 @@ class GSAScorer(MeanReprScorer):
             super().__init__(shapes, ops, repr_device=torch.device("cpu"), score_ops=host_ops)
         self.host_scoring = host_ops is not None
         self.batch_safe = host_ops is None
+
+
+def build(config: GSAConfig, shapes: ModelShapes, ctx: BuildContext) -> SparseMethod:
+    """GSA's builder (registered in `ucm.config.sparse`): host scoring unless `ctx.host_scoring`
+    is off (the CUDA graph path)."""
+    return windowed_method(config, shapes, ctx.ops,
+                           lambda: GSAScorer(shapes, ctx.ops, ctx.host() if ctx.host_scoring else None))

@@ -4,12 +4,21 @@ win. MLA hashes the kv_lora part and the rope part with separate projections."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
+from ucm.config.loader import ModelConfigFile, load_model_config, model_config_data
+from ucm.config.sparse import GSAOnDeviceConfig
+from ucm.methods import DemoRequest
 from ucm.ops.contract import SparseOps
-from ucm.sparse.base import BlockScorer, ModelShapes
+from ucm.sparse.base import BlockScorer, ModelShapes, SparseMethod
+from ucm.sparse.factory import BuildContext, DeviceKind, check
+from ucm.sparse.hashing import hash_projections
+from ucm.sparse.selection import BlockSelector, LayerPolicy
 
 # chunk_repre_method names a reduction of *similarity*; the op reduces *distance*
 _DISTANCE_REDUCE = {"max": "min", "min": "max", "mean": "mean"}
@@ -80,3 +89,77 @@ class HashScorer(BlockScorer):
 
     def memory_bytes(self) -> int:
         return sum(c.numel() for c in self.codes)
+
+
+# ----------------------------------------------------------------------------- building
+def build(config: GSAOnDeviceConfig, shapes: ModelShapes, ctx: BuildContext) -> SparseMethod:
+    """GSA on device's builder (registered in `ucm.config.sparse`): everything but the per-model
+    JSON's name comes from that JSON."""
+    return build_from_model_config(ctx.model_json(config), shapes, ctx.ops, ctx.device_kind, ctx.seed)
+
+
+def build_from_model_config(loaded: ModelConfigFile | dict | str | Path, shapes: ModelShapes, ops: SparseOps,
+                            device_kind: DeviceKind = "gpu", seed: int = 0) -> SparseMethod:
+    """GSA on device from a per-model config (loaded, its dict, a path or a model name), checked
+    against the model's shapes; `seed` seeds random projections."""
+    if not isinstance(loaded, ModelConfigFile):
+        loaded = load_model_config(loaded)
+    m, src = loaded.config, loaded.source
+    check(src, "num_hidden_layers", m.num_hidden_layers == shapes.num_layers,
+          f"{m.num_hidden_layers} but the model has {shapes.num_layers} layers")
+    check(src, "head_dim", m.head_dim == shapes.head_dim, f"{m.head_dim} but the model's head dim is {shapes.head_dim}")
+    check(src, "is_mla", m.is_mla == shapes.is_mla,
+          f"{m.is_mla} but the model {'is' if shapes.is_mla else 'is not'} MLA")
+    if m.is_mla:
+        check(src, "kv_lora_rank", m.kv_lora_rank == shapes.kv_lora_rank,
+              f"{m.kv_lora_rank} but the model's is {shapes.kv_lora_rank}")
+    check(src, "chunk_size", m.chunk_size % shapes.block_size == 0,
+          f"{m.chunk_size} is not a multiple of the KV block size {shapes.block_size}")
+
+    weights = hash_projections(loaded, seed)
+
+    policies = [
+        LayerPolicy(ratio=ratio, must_select=tuple(m.must_select_blocks), reuse_from=reuse)
+        for ratio, reuse in zip(m.top_k_ratio_per_layer, m.top_k_index_reuse)
+    ]
+    selector = BlockSelector(policies, shapes.block_size, ops, unit_blocks=m.chunk_size // shapes.block_size)
+    scorer = HashScorer(shapes, ops, weights, m.chunk_repre_method)
+    seq_thr, conc_thr = (
+        (m.npu_seq_len_threshold, m.npu_concurrency_threshold) if device_kind == "npu"
+        else (m.gpu_seq_len_threshold, m.gpu_concurrency_threshold)
+    )
+    return SparseMethod(GSAOnDeviceConfig.method, scorer, selector, 1, seq_len_threshold=seq_thr,
+                        concurrency_threshold=conc_thr)
+
+
+# ----------------------------------------------------------------------------- demo, eval, profile
+def demo_config(config_class: type[GSAOnDeviceConfig], request: DemoRequest) -> dict:
+    """The config the demo, eval and profile run GSA on device with (registered in
+    `ucm.config.sparse`). Its ratios live in a per-model JSON: without `request.workdir` that is
+    the shipped JSON of `request.model` (its own per-layer ratios); with it, a copy written there
+    with every sparse layer at `request.ratio` and no length threshold, so all methods can be
+    compared at one ratio. `request.model_config` (a path, a name or the JSON's data) replaces
+    the shipped JSON, e.g. with the one `ucm calibrate` writes, or random projections
+    (`ucm.config.loader.model_config_data(..., random_hash=True)`); `request.dense_layers`, when
+    given, replace its dense layers in the copy (layer ablations)."""
+    given = request.model_config
+    source = given if isinstance(given, dict) else str(given) if given is not None else request.model
+    if not source:
+        raise ValueError(f"{config_class.method} needs a per-model JSON: DemoRequest.model or .model_config")
+    if request.workdir is None:
+        if isinstance(source, dict):
+            raise ValueError(f"{config_class.method} with an inline model config needs a workdir to write it to")
+        return {"config_file": source}
+    workdir = Path(request.workdir)
+    data = model_config_data(source)  # the copy lives elsewhere: weight paths made absolute ...
+    for key in load_model_config(data).config.weight_paths(None):  # ... then relative to the copy,
+        data[key] = os.path.relpath(data[key], workdir.resolve())  # so results name no machine's paths
+    ratios = data["top_k_ratio_per_layer"]
+    keep = set(request.dense_layers) if request.dense_layers else {i for i, r in enumerate(ratios) if r >= 1}
+    data["top_k_ratio_per_layer"] = [1.0 if i in keep else request.ratio for i in range(len(ratios))]
+    data["gpu_seq_len_threshold"] = 0
+    stem = "".join(ch if ch.isalnum() else "_" for ch in data["model_name"].rsplit("/", 1)[-1].lower())
+    tag = "" if given is None else f"_{data['hash_weight_type']}"
+    path = workdir / f"{stem}_{config_class.method.lower()}{tag}_{request.ratio:g}.json"
+    path.write_text(json.dumps(data))
+    return {"config_file": str(path)}

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+from ucm.config.errors import ConfigError
+from ucm.config.loader import ModelConfigFile
+
 
 def random_orthogonal_hash(dim: int, bits: int, seed: int) -> torch.Tensor:
     """[dim, bits] with orthonormal columns (in groups of `dim` when bits > dim).
@@ -51,3 +54,25 @@ def load_trained_hash(path: Path, num_layers: int, dim: int, bits: int, key: str
 def save_trained_hash(path: Path, weights: list[torch.Tensor]) -> None:
     """Write per-layer projections in the format `load_trained_hash` reads."""
     torch.save({"weight": torch.stack([w.to(torch.float32).cpu() for w in weights])}, path)
+
+
+def hash_projections(loaded: ModelConfigFile, seed: int = 0) -> list[list[torch.Tensor]]:
+    """Per layer, the hash projections of a per-model config: one [D, bits] (GQA) or two (MLA:
+    kv_lora, rope). Trained files are loaded and checked (readable, shape, finite values); a bad
+    one is a ConfigError naming the file and key (`ucm configs check` runs this too)."""
+    m, src = loaded.config, loaded.source
+    splits = [(m.kv_lora_rank, m.hash_bits_kv_lora, "hash_weight_kv_lora"),
+              (m.qk_rope_head_dim, m.hash_bits_qk_rope, "hash_weight_qk_rope")] if m.is_mla \
+        else [(m.head_dim, m.hash_bits, "hash_weight")]
+    paths = m.weight_paths(loaded.path.parent if loaded.path else None)
+    per_part = []
+    for part, (dim, bits, key) in enumerate(splits):
+        if m.hash_weight_type == "trained":
+            try:
+                per_part.append(load_trained_hash(paths[key], m.num_hidden_layers, dim, bits, key))
+            except ValueError as exc:
+                raise ConfigError(src, key, str(exc)) from None
+        else:
+            per_part.append([random_orthogonal_hash(dim, bits, seed * 1_000_003 + layer * 7 + part)
+                             for layer in range(m.num_hidden_layers)])
+    return [[part[layer] for part in per_part] for layer in range(m.num_hidden_layers)]

@@ -16,8 +16,10 @@ from collections.abc import Sequence
 
 import torch
 
+from ucm.config.sparse import KVStarConfig
 from ucm.ops.contract import SparseOps
-from ucm.sparse.base import BlockAccumulator, BlockScorer, ModelShapes
+from ucm.sparse.base import BlockAccumulator, BlockScorer, ModelShapes, SparseMethod
+from ucm.sparse.factory import BuildContext, windowed_method
 
 
 class KVStarScorer(BlockScorer):
@@ -139,3 +141,9 @@ class KVStarScorer(BlockScorer):
 
     def memory_bytes(self) -> int:
         return sum(a.nbytes() for a in self.acc)
+
+
+def build(config: KVStarConfig, shapes: ModelShapes, ctx: BuildContext) -> SparseMethod:
+    """KVStar's builder (registered in `ucm.config.sparse`): the query window is the retrieval stride."""
+    return windowed_method(config, shapes, ctx.ops, lambda: KVStarScorer(
+        shapes, ctx.ops, config.blk_repre_dim_prune_ratio, config.blk_repre_inner_token_merge, config.retrieval_stride))

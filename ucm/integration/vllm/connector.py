@@ -30,7 +30,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from ucm.config.bounds import check_against_model
 from ucm.config.errors import ConfigError
 from ucm.config.loader import SPARSE_KEY
-from ucm.config.sparse import GSAOnDeviceConfig
 from ucm.integration.vllm.extra_config import SOURCE as EXTRA_SOURCE
 from ucm.integration.vllm.extra_config import parse_extra_config
 from ucm.integration.vllm.fault_tracebacks import enable_fault_tracebacks
@@ -45,6 +44,7 @@ from ucm.integration.vllm.prefix_store import (
 )
 from ucm.integration.vllm.offload import OffloadPlanner, OffloadUpdate, OffloadWorker
 from ucm.integration.vllm.runtime import SparseRuntime, StepInfo, layer_index
+from ucm.methods import spec_of
 from ucm.sparse.offload import OffloadPolicy
 from ucm.sparse.factory import resolve_model_config
 from ucm.integration.vllm.version import check_vllm_version
@@ -86,13 +86,12 @@ def _device_kind() -> str:
 
 def _prepare_cpu_kernels(sparse) -> None:
     """Build (first use of this environment) or load the CPU backend's kernels now, at engine start,
-    when this worker's sparse method will run them (the CPU backend, or GSA's host scoring): a build
-    takes about half a minute and must not happen inside the first forward."""
-    from ucm.config.sparse import GSAConfig
+    when this worker's sparse method will run them (the CPU backend, or a method's host scoring:
+    GSA): a build takes about half a minute and must not happen inside the first forward."""
     from ucm.ops.registry import get_ops, select_backend_name
 
     try:
-        uses_cpu = select_backend_name() == "cpu" or (isinstance(sparse, GSAConfig) and not batch_path_platform())
+        uses_cpu = select_backend_name() == "cpu" or (spec_of(sparse).host_scoring and not batch_path_platform())
     except Exception:  # noqa: BLE001 - no usable backend: the runtime says so when it builds the method
         return
     if uses_cpu:
@@ -117,7 +116,8 @@ class UCMConnector(KVConnectorBase_V1):
         self.ucm_config = parse_extra_config(extra)
         self.block_size = vllm_config.cache_config.block_size
         self.model_config_file = None
-        if isinstance(self.ucm_config.sparse, GSAOnDeviceConfig):  # resolve its model JSON now, not mid-forward
+        if self.ucm_config.sparse is not None and spec_of(self.ucm_config.sparse).model_json:
+            # a method with a per-model JSON (GSA on device): resolve and check it now, not mid-forward
             self.model_config_file = resolve_model_config(self.ucm_config.sparse, str(vllm_config.model_config.model))
             layers = vllm_config.model_config.get_total_num_hidden_layers()
             if self.model_config_file.config.num_hidden_layers != layers:
