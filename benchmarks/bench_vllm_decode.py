@@ -41,11 +41,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BLOCK = 32
-METHODS = ("ESA", "GSA", "GSAOnDevice", "KVStarMultiStep")
 
 
 def sparse_extra(name: str, ratio: float, tmp: Path) -> dict:
-    """The connector's extra config for `name` at `ratio` (GSAOnDevice: every sparse layer at `ratio`)."""
+    """The connector's extra config for `name` at `ratio` (a per-model JSON method: every sparse layer at `ratio`)."""
     from ucm.demo import method_config
 
     return {"ucm_sparse_config": method_config(name, ratio, tmp)}
@@ -208,7 +207,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--skip", type=int, default=3, help="decode steps dropped as warm-up")
     ap.add_argument("--ratio", type=float, default=0.3)
-    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    from ucm.methods import method_names
+
+    ap.add_argument("--methods", nargs="*", default=list(method_names()))
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every engine; ratios are medians over rounds")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense engine (profiling runs)")
     ap.add_argument("--profile-dir", type=Path, default=None, help="cProfile the decode steps of each engine here")

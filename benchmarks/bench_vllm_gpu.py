@@ -63,27 +63,37 @@ def weight_bytes(shape: dict, dtype_bytes: int = 2) -> int:
     return dtype_bytes * (shape["num_hidden_layers"] * per_layer + shape["vocab_size"] * h + h)
 
 
-def side_bytes_per_block(setting: str, shape: dict, block: int = BLOCK) -> int:
-    """Bytes of block representations / codes the method reads per block and layer when it scores."""
-    hkv, hd = shape["num_key_value_heads"], shape["head_dim"]
-    method = setting.split(":")[0]
-    if method in ("ESA", "GSA"):
-        return hkv * hd * 4  # one float32 sum per KV head
-    if method == "KVStarMultiStep":
-        return (block // 2) * hkv * hd * 4 + hkv * hd * 4  # merged sums (merge 2) + |K| sums
-    if method == "GSAOnDevice":
-        return block * hkv * 16  # 128-bit codes per token and KV head
-    return 0
+def side_bytes_per_block(setting: str, shape: dict, tmp: Path, block: int = BLOCK) -> float:
+    """Bytes of block representations / codes the method reads per block and layer when it scores:
+    the side caches of its scorer (device scoring, the CUDA graph path), built on the CPU for one block."""
+    extra = sparse_extra(setting, tmp, shape)
+    if extra is None:
+        return 0
+    from ucm.ops import get_ops
+    from ucm.sparse.base import ModelShapes
+    from ucm.sparse.factory import build_sparse_method
+
+    layers = shape["num_hidden_layers"]
+    shapes = ModelShapes(layers, shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"],
+                         block, 1)
+    ref = get_ops("reference")
+    method = build_sparse_method(extra, shapes, ref, host_ops=ref, host_scoring=False)
+    try:
+        return method.scorer.memory_bytes() / layers
+    finally:
+        method.close()
 
 
 def sparse_extra(setting: str, tmp: Path, shape: dict = QWEN3_4B) -> dict | None:
     """The connector's extra config for a setting "dense" | "METHOD:RATIO"."""
+    from ucm.methods import get_method
+
     if setting == "dense":
         return None
     method, ratio, *overrides = setting.split(":")  # METHOD:RATIO[:key=int...]
     ratio = float(ratio)
     keys = {k: int(v) for k, v in (o.split("=") for o in overrides)}
-    if method == "GSAOnDevice":  # the shipped Qwen3-4B JSON with its sparse layers at `ratio`
+    if get_method(method).model_json:  # the shipped Qwen3-4B JSON with its sparse layers at `ratio`
         from ucm.config.loader import find_model_config
 
         data = json.loads(Path(find_model_config("Qwen3-4B")).read_text())
@@ -94,9 +104,9 @@ def sparse_extra(setting: str, tmp: Path, shape: dict = QWEN3_4B) -> dict | None
         data["top_k_ratio_per_layer"] = [r if r >= 1 else ratio for r in data["top_k_ratio_per_layer"]]
         if "concurrency_threshold" in keys:
             data["gpu_concurrency_threshold"] = keys["concurrency_threshold"]
-        path = tmp / f"gsa_on_device_{layers}_{ratio}_{data['gpu_concurrency_threshold']}.json"
+        path = tmp / f"{method.lower()}_{layers}_{ratio}_{data['gpu_concurrency_threshold']}.json"
         path.write_text(json.dumps(data))
-        return {"ucm_sparse_config": {"GSAOnDevice": {"config_file": str(path)}}}
+        return {"ucm_sparse_config": {method: {"config_file": str(path)}}}
     return {"ucm_sparse_config": {method: {"sparse_ratio": ratio, "retrieval_stride": 1, **keys}}}
 
 
@@ -263,11 +273,11 @@ def run_child(spec: dict, log: Path) -> dict:
     return json.loads(lines[-1])
 
 
-def bound_ms(setting: str, shape: dict, context: int, batch: int, blocks_read: float, bw: float) -> float:
+def bound_ms(setting: str, shape: dict, context: int, batch: int, blocks_read: float, bw: float, tmp: Path) -> float:
     layers, hkv, hd = shape["num_hidden_layers"], shape["num_key_value_heads"], shape["head_dim"]
     kv_dense = batch * context * layers * 2 * hkv * hd * 2
     blocks = batch * layers * math.ceil(context / BLOCK)
-    nbytes = kv_dense * blocks_read + weight_bytes(shape) + blocks * side_bytes_per_block(setting, shape)
+    nbytes = kv_dense * blocks_read + weight_bytes(shape) + blocks * side_bytes_per_block(setting, shape, tmp)
     return nbytes / bw * 1e3
 
 
@@ -304,8 +314,9 @@ def main() -> None:
     ap.add_argument("--child")
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 and 8 at 32K, 1 and 4 at 128K")
-    ap.add_argument("--settings", nargs="+",
-                    default=["dense", "ESA:0.3", "ESA:0.1", "GSAOnDevice:0.3", "GSAOnDevice:0.1"])
+    ap.add_argument("--settings", nargs="+", default=None,
+                    help="dense | METHOD:RATIO[:key=int...] (default: dense, then every registered method "
+                         "at 0.3 and 0.1)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS))
@@ -320,6 +331,9 @@ def main() -> None:
     import torch
     import vllm
 
+    from ucm.methods import method_names
+
+    settings = args.settings or ["dense", *(f"{m}:{r}" for m in method_names() for r in (0.3, 0.1))]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="ucm-bench-gpu-"))
@@ -328,7 +342,7 @@ def main() -> None:
     log = out_dir / f"{args.name}.log"
     log.write_text("")
     engines = {}
-    for setting in args.settings:
+    for setting in settings:
         spec = {"setting": setting, "tmp": str(tmp), "model": str(model), "shape": QWEN3_4B, "cells": cells,
                 "new_tokens": args.new_tokens, "repeats": args.repeats, "profile": args.profile,
                 "profile_out": str(out_dir / f"{args.name}_profile_{setting.replace(':', '_')}.txt")}
@@ -351,7 +365,7 @@ def main() -> None:
             d = dense[(c["context"], c["batch"])]
             read = c.get("blocks_read") if method != "dense" else 1.0
             read = 1.0 if read is None else read
-            bound = bound_ms(setting, QWEN3_4B, c["context"], c["batch"], read, bw)
+            bound = bound_ms(setting, QWEN3_4B, c["context"], c["batch"], read, bw, tmp)
             result["cells"].append({
                 "method": method, "context": c["context"], "batch": c["batch"], "ratio": ratio, "cuda_graphs": True,
                 "dense_ms": d["decode_ms"], "decode_ms": c["decode_ms"],

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="niah_single_2", choices=ruler.TASKS)
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--samples", type=int, default=25)
-    p.add_argument("--methods", nargs="+", default=["ESA", "GSA"])
+    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--dense-sets", nargs="+", type=parse_set, default=[(5, 6, 7, 8), (7, 17, 18, 23)],
                    help="candidate dense-layer sets; the first one's failures are explained layer by layer")
     p.add_argument("--ratio", type=float, default=0.3)
@@ -170,11 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     missing = ruler.missing_dependencies()
     if missing:
         p.error(f"needs {', '.join(missing)}: {ruler.INSTALL_HINT}")
-    from ucm.config.sparse import METHODS
+    from ucm.methods import find_method, method_names
 
+    args.methods = list(method_names()) if args.methods is None else args.methods
     for m in args.methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; valid: {', '.join(METHODS)}")
+        if find_method(m) is None:
+            p.error(f"unknown method {m!r}; valid: {', '.join(method_names())}")
     if not 0 < args.ratio <= 1:
         p.error("--ratio must be in (0, 1]")
     result = run(args.task, args.length, args.samples, args.methods, args.dense_sets, args.ratio, args.new_tokens,

@@ -47,13 +47,14 @@ def graph_us(fn, reps: int = 20) -> float:
 
 def build(name: str, ratio: float, ops, shapes):
     from ucm.config.loader import find_model_config
+    from ucm.methods import get_method
     from ucm.sparse.factory import build_sparse_method
 
-    if name == "GSAOnDevice":
+    if get_method(name).model_json:
         data = json.loads(Path(find_model_config("Qwen3-4B")).read_text())
         # every layer selects: the cost per selecting layer
         data.update(num_hidden_layers=LAYERS, top_k_ratio_per_layer=[ratio] * LAYERS, top_k_index_reuse=[-1] * LAYERS)
-        return build_sparse_method({"ucm_sparse_config": {"GSAOnDevice": {}}}, shapes, ops, model_config=data,
+        return build_sparse_method({"ucm_sparse_config": {name: {}}}, shapes, ops, model_config=data,
                                    host_scoring=False)
     cfg = {name: {"sparse_ratio": ratio, "retrieval_stride": 1}}
     return build_sparse_method({"ucm_sparse_config": cfg}, shapes, ops, host_scoring=False)
@@ -153,12 +154,16 @@ def main() -> None:
     cells = [(8, 32768), (4, 131072), (1, 32768)]
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": LAYERS,
               "model": "Qwen3-4B shape (32 q heads, 8 KV heads, head dim 128), block 128", "paths": [], "ops": []}
+    from ucm.methods import method_names
+
     for b, ctx in cells:
-        settings = [("ESA", 0.3), ("ESA", 0.1), ("GSAOnDevice", 0.3)]
-        if ctx <= 32768:  # KVStar's merged sums at 128K x 4 take ~38 GB: its torch path is timed at 32K only
-            settings.append(("KVStarMultiStep", 0.3))
+        # every registered method at 0.3, the strided ones at 0.1 too
+        settings = [(m, 0.3) for m in method_names()] + [(m, 0.1) for m in method_names(strided=True)]
         for name, ratio in settings:
-            row = layer_path(ops, name, ratio, b, ctx)
+            try:
+                row = layer_path(ops, name, ratio, b, ctx)
+            except torch.cuda.OutOfMemoryError:  # e.g. KVStar's merged sums at 128K x 4 (~38 GB)
+                row = {"method": name, "ratio": ratio, "batch": b, "context": ctx, "skipped": "out of GPU memory"}
             result["paths"].append(row)
             print(row, flush=True)
             torch.cuda.empty_cache()

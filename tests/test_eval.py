@@ -10,6 +10,7 @@ import pytest
 
 from ucm.eval.report import markdown, summarize
 from ucm.eval.runner import Setting, settings_grid
+from ucm.methods import get_method, method_names
 
 
 def _row(task, setting, method, ratio, index, score, length=2048):
@@ -46,10 +47,14 @@ def test_headline_drop_uses_the_dense_layer_variant_where_it_ran() -> None:
 
 
 def test_stride_variants_are_named_and_left_out_of_the_headline(tmp_path) -> None:
-    grid = settings_grid(["ESA", "GSA", "KVStarMultiStep"], [0.3], dense_layers=[5], retrieval_stride=4)
-    assert [s.label for s in grid] == ["dense", "ESA+dense/s4@0.3", "GSA+dense@0.3", "KVStarMultiStep+dense/s4@0.3"]
-    cfg = grid[1].extra_config(tmp_path)["ucm_sparse_config"]["ESA"]
-    assert cfg["retrieval_stride"] == 4 and "retrieval_stride" not in grid[2].extra_config(tmp_path)["ucm_sparse_config"]["GSA"]
+    windowed = method_names(windowed=True)
+    assert method_names(strided=True) and method_names(windowed=True, strided=False)  # both kinds are tested
+    grid = settings_grid(windowed, [0.3], dense_layers=[5], retrieval_stride=4)
+    assert [s.label for s in grid] == ["dense", *(f"{m}+dense{'/s4' if get_method(m).strided else ''}@0.3"
+                                                  for m in windowed)]
+    for s in grid[1:]:  # the stride reaches the strided methods only
+        cfg = s.extra_config(tmp_path)["ucm_sparse_config"][s.method]
+        assert cfg.get("retrieval_stride") == (4 if get_method(s.method).strided else None), s.label
     default = settings_grid(["ESA"], [0.3])[1].extra_config(tmp_path)["ucm_sparse_config"]["ESA"]
     assert default["retrieval_stride"] == 1  # ucm's eval default: a fresh selection every step
     with pytest.raises(ValueError, match="retrieval_stride"):
@@ -98,11 +103,12 @@ def test_hash_config_settings_load_their_projections(tmp_path) -> None:
     cal.mkdir()
     save_trained_hash(cal / "w.pt", [torch.randn(64, 128) for _ in range(30)])
     (cal / "trained.json").write_text(json.dumps(dict(shipped, hash_weight_type="trained", hash_weight="w.pt")))
+    hashed = method_names(model_json=True)
     grid = settings_grid(["ESA"], [0.3], hash_config=cal / "trained.json")
-    assert [s.label for s in grid] == ["dense", "ESA@0.3", "GSAOnDevice+trained@0.3"]
+    assert [s.label for s in grid] == ["dense", "ESA@0.3", *(f"{m}+trained@0.3" for m in hashed)]
     work = tmp_path / "work"
     work.mkdir()
-    ref = grid[2].extra_config(work)["ucm_sparse_config"]["GSAOnDevice"]["config_file"]
+    ref = grid[2].extra_config(work)["ucm_sparse_config"][hashed[0]]["config_file"]
     loaded = load_model_config(ref)  # written elsewhere, the weight file still resolves
     assert loaded.config.hash_weight_type == "trained"
     assert (work / loaded.config.hash_weight).resolve() == (cal / "w.pt").resolve()
@@ -114,24 +120,27 @@ def test_hash_config_settings_load_their_projections(tmp_path) -> None:
         settings_grid(["ESA"], [0.3], hash_config=work / "nothing.json")
 
     grid = settings_grid([], [0.2], hash_config="random")
-    assert [s.label for s in grid] == ["dense", "GSAOnDevice+random@0.2"]
-    ref = grid[1].extra_config(work)["ucm_sparse_config"]["GSAOnDevice"]["config_file"]
+    assert [s.label for s in grid] == ["dense", *(f"{m}+random@0.2" for m in hashed)]
+    ref = grid[1].extra_config(work)["ucm_sparse_config"][hashed[0]]["config_file"]
     loaded = load_model_config(ref).config
     assert loaded.hash_weight_type == "random" and loaded.hash_weight is None
     assert [i for i, r in enumerate(loaded.top_k_ratio_per_layer) if r >= 1] == dense
 
 
 def test_dense_layers_reach_windowed_methods_only(tmp_path) -> None:
-    grid = settings_grid(["ESA", "GSAOnDevice"], [0.3], dense_layers=[5, 6])
-    assert [s.label for s in grid] == ["dense", "ESA+dense@0.3", "GSAOnDevice@0.3"]
-    assert grid[1].extra_config(tmp_path)["ucm_sparse_config"]["ESA"]["dense_layers"] == [5, 6]
-    assert grid[2].dense_layers == () and list(grid[2].extra_config(tmp_path)["ucm_sparse_config"]["GSAOnDevice"]) == ["config_file"]
+    windowed, hashed = method_names(windowed=True)[0], method_names(model_json=True)[0]
+    grid = settings_grid([windowed, hashed], [0.3], dense_layers=[5, 6])
+    assert [s.label for s in grid] == ["dense", f"{windowed}+dense@0.3", f"{hashed}@0.3"]
+    assert grid[1].extra_config(tmp_path)["ucm_sparse_config"][windowed]["dense_layers"] == [5, 6]
+    assert grid[2].dense_layers == () and list(grid[2].extra_config(tmp_path)["ucm_sparse_config"][hashed]) == \
+        ["config_file"]
 
 
 def test_settings_grid_validates() -> None:
-    grid = settings_grid(["ESA", "GSA"], [0.1, 0.3])
-    assert [s.label for s in grid] == ["dense", "ESA@0.1", "ESA@0.3", "GSA@0.1", "GSA@0.3"]
-    with pytest.raises(ValueError, match="valid: dense, ESA"):
+    a, b = method_names()[:2]
+    grid = settings_grid([a, b], [0.1, 0.3])
+    assert [s.label for s in grid] == ["dense", f"{a}@0.1", f"{a}@0.3", f"{b}@0.1", f"{b}@0.3"]
+    with pytest.raises(ValueError, match=f"valid: dense, {', '.join(method_names())}"):
         settings_grid(["XSA"], [0.3])
     with pytest.raises(ValueError, match="ratio"):
         settings_grid(["ESA"], [0])

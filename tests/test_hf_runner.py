@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucm.demo import METHOD_NAMES, method_config, needle_prompt
+from ucm.demo import DEMO_MODEL_CONFIG, method_config, needle_prompt
+from ucm.methods import get_method, method_names
 from ucm.hf_runner import PagedHFRunner
 from ucm.ops import get_ops
 from ucm.sparse.factory import build_sparse_method
@@ -53,15 +54,15 @@ def needle(smollm2):
     return runner, state, dense, secret
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", method_names())
 def test_every_method_at_ratio_one_equals_dense(needle, name: str) -> None:
     runner, state, dense, _ = needle
     cfg = method_config(name, 1.0)
     model_config = None
-    if name == "GSAOnDevice":  # the shipped SmolLM2 config with every layer at ratio 1
+    if get_method(name).model_json:  # the shipped SmolLM2 config with every layer at ratio 1
         from ucm.config.loader import model_config_data
 
-        data = model_config_data("SmolLM2-135M-Instruct")
+        data = model_config_data(DEMO_MODEL_CONFIG)
         data["top_k_ratio_per_layer"] = [1.0] * data["num_hidden_layers"]
         data["gpu_seq_len_threshold"] = 0
         model_config = data
@@ -72,7 +73,7 @@ def test_every_method_at_ratio_one_equals_dense(needle, name: str) -> None:
     assert res.blocks_kept == res.blocks_total
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", method_names())
 def test_ratio_point_three_reads_a_third_of_the_blocks(needle, name: str) -> None:
     runner, state, dense, secret = needle
     method = build_sparse_method(method_config(name, 0.3), runner.shapes, runner.ops)
@@ -86,7 +87,7 @@ def test_ratio_point_three_reads_a_third_of_the_blocks(needle, name: str) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", method_names())
 def test_needle_found_at_ratio_point_three(smollm2, name: str) -> None:
     """The demo's claim, at its default 3K tokens: every method still answers."""
     _, tok, model = smollm2

@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("transformers", reason="the model tests need the [test] extra (transformers)")
 
+from ucm.methods import method_names  # noqa: E402
 from ucm.profile import run_profile  # noqa: E402
 
 
@@ -26,21 +27,23 @@ def test_ratio_one_selects_all_attention(tmp_path) -> None:
 
 def test_cli_smoke_two_prompts_one_method(tmp_path) -> None:
     out = tmp_path / "profile.json"
+    hashed = method_names(model_json=True)[0]  # GSA on device: its shipped (trained) W and random W
+    variants = (hashed, f"{hashed}+random")
     proc = subprocess.run([sys.executable, "-m", "ucm.cli", "profile", "--tokens", "600", "--prompts", "2", "--steps",
-                           "2", "--methods", "GSAOnDevice,GSAOnDevice+random", "--out", str(out), "--plot",
+                           "2", "--methods", ",".join(variants), "--out", str(out), "--plot",
                            str(tmp_path / "p.png")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     methods = json.loads(out.read_text())["methods"]
-    for name in ("GSAOnDevice", "GSAOnDevice+random"):  # shipped (trained) W and random W
+    for name in variants:
         res = methods[name]["sparse_layers_mean"]
         assert 0.3 <= res["fraction_kept"] <= 0.4
         assert 0.0 < res["recall"] < 1.0 and res["recall"] <= res["oracle_normalised_recall"] <= 1.0
-    trained, random_ = (methods[n]["per_layer"] for n in ("GSAOnDevice", "GSAOnDevice+random"))
+    trained, random_ = (methods[n]["per_layer"] for n in variants)
     assert any(trained[k]["recall"] != random_[k]["recall"] for k in trained)  # other projections, other blocks
     assert (tmp_path / "p.png").stat().st_size > 10_000
     bad = subprocess.run([sys.executable, "-m", "ucm.cli", "profile", "--methods", "ESA,XSA"], capture_output=True,
                          text=True)
-    assert bad.returncode != 0 and "unknown XSA" in bad.stderr and "GSAOnDevice+random" in bad.stderr
+    assert bad.returncode != 0 and "unknown XSA" in bad.stderr and variants[1] in bad.stderr
 
 
 def test_suggest_dense_layers_ranks_by_worst_head_mean_over_methods() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from ucm.methods import get_method, method_names
 from ucm.integration.vllm.version import (
     ASCEND_SUPPORTED_RANGE,
     ASCEND_VLLM_RANGE,
@@ -193,7 +194,7 @@ def _npu_engine_ready() -> bool:
         return False
 
 
-NPU_METHODS = ("ESA", "GSA", "GSAOnDevice", "KVStarMultiStep")
+NPU_METHODS = method_names()
 NPU_BLOCK = 128  # vllm-ascend's attention kernel block size
 
 
@@ -241,7 +242,7 @@ class TestVllmAscendEngine:
         from ucm.demo import method_config
 
         cfg = method_config(name, 1.0, workdir)
-        if name == "GSAOnDevice":  # method_config lowers the GPU threshold; the NPU reads npu_*
+        if get_method(name).model_json:  # method_config lowers the GPU threshold; the NPU reads npu_*
             path = Path(cfg[name]["config_file"])
             data = json.loads(path.read_text())
             data["npu_seq_len_threshold"] = 0

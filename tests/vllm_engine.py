@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 
 from ucm.demo import method_config
+from ucm.methods import method_names
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BLOCK = 32
-METHODS = ("ESA", "GSA", "GSAOnDevice", "KVStarMultiStep")
+METHODS = method_names()  # every registered method, as the tests import it
 
 
 def make_llm(model_path: str, extra: dict | None, **kwargs):
@@ -42,5 +43,5 @@ def generate(llm, prompts, max_tokens: int = 8) -> list[list[int]]:
 
 
 def sparse_extra(name: str, ratio: float, tmp_dir, dense_layers=()) -> dict:
-    """The connector's extra config for `name` at `ratio` (GSAOnDevice: every sparse layer at `ratio`)."""
+    """The connector's extra config for `name` at `ratio` (a per-model JSON method: every sparse layer at `ratio`)."""
     return {"ucm_sparse_config": method_config(name, ratio, tmp_dir, dense_layers)}

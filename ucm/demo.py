@@ -1,4 +1,4 @@
-"""The needle demo: one long prompt, dense and every sparse method side by side.
+"""The needle demo: one long prompt, dense and every registered sparse method side by side.
 
 A passkey sits deep in a few thousand tokens of filler; the small real model (SmolLM2-135M,
 float32, on the CPU) is asked for it. One dense prefill is shared; each method then decodes
@@ -9,7 +9,6 @@ blocks read per step out of the total, and decode tokens/s.
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time
@@ -17,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-METHOD_NAMES = ("ESA", "GSA", "GSAOnDevice", "KVStarMultiStep")
+#: the per-model JSON of the model the demo, eval and profile run (methods with `model_json`)
+DEMO_MODEL_CONFIG = "SmolLM2-135M-Instruct"
 FILLER = (
     "The grass is green.",
     "The sky is blue.",
@@ -70,7 +70,7 @@ def needle_prompt(tokenizer, target_tokens: int, depth: float, seed: int) -> tup
             return ids, secret
 
 
-def model_dense_layers(model_config: str = "SmolLM2-135M-Instruct") -> list[int]:
+def model_dense_layers(model_config: str | Path = DEMO_MODEL_CONFIG) -> list[int]:
     """The layers a per-model JSON keeps dense (ratio 1), chosen with `ucm profile`. ESA, GSA and
     KVStar take the same list as `dense_layers`, so every method spends its dense budget on the
     layers no block selection captures (docs/accuracy.md)."""
@@ -89,51 +89,46 @@ EVAL_RETRIEVAL_STRIDE = 1
 
 def method_config(name: str, ratio: float, workdir: Path | None = None, dense_layers: Sequence[int] = (),
                   retrieval_stride: int | None = None, model_config: str | Path | dict | None = None) -> dict:
-    """UCM-shaped config of `name` at keep ratio `ratio`; `dense_layers` and `retrieval_stride`
-    (default `EVAL_RETRIEVAL_STRIDE`) for ESA and KVStar (`dense_layers` for GSA too).
+    """UCM-shaped config `{name: {...}}` of the registered method `name` at keep ratio `ratio`,
+    with the settings its registry entry gives the demo (`MethodSpec.demo_config`).
 
-    GSAOnDevice reads its ratios from a per-model JSON: without `workdir` that is the shipped
-    SmolLM2 JSON (its own per-layer ratios); with it, a copy written there with every sparse
-    layer at `ratio` and no length threshold, so all methods can be compared at one ratio.
-    `model_config` (a path, a name or the JSON's data) replaces the shipped JSON, e.g. with the
-    one `ucm calibrate` writes, or random projections (`ucm.config.loader.model_config_data(..., random_hash=True)`);
-    `dense_layers`, when given, replace its dense layers in the copy (layer ablations).
+    `dense_layers` go to the windowed methods; `retrieval_stride` (default
+    `EVAL_RETRIEVAL_STRIDE`) to the strided ones. A method with a per-model JSON (GSA on device)
+    reads its ratios there: without `workdir` it runs the shipped SmolLM2 JSON as it is; with
+    it, a copy written there with every sparse layer at `ratio`, so all methods compare at one
+    ratio. `model_config` (a path, a name or the JSON's data) replaces the shipped JSON, e.g. with
+    the one `ucm calibrate` writes, or random projections
+    (`ucm.config.loader.model_config_data(..., random_hash=True)`); `dense_layers`, when given,
+    replace its dense layers in the copy (layer ablations).
     """
-    if name == "GSAOnDevice":
-        source = model_config if isinstance(model_config, dict) else \
-            str(model_config) if model_config is not None else "SmolLM2-135M-Instruct"
-        if workdir is None:
-            if isinstance(source, dict):
-                raise ValueError("GSAOnDevice with an inline model config needs a workdir to write it to")
-            return {"GSAOnDevice": {"config_file": source}}
-        from ucm.config.loader import load_model_config, model_config_data
+    from ucm.methods import DemoRequest, get_method
 
-        data = model_config_data(source)  # the copy lives elsewhere: weight paths made absolute ...
-        for key in load_model_config(data).config.weight_paths(None):  # ... then relative to the copy,
-            data[key] = os.path.relpath(data[key], Path(workdir).resolve())  # so results name no machine's paths
-        keep = set(dense_layers) if dense_layers else {i for i, r in enumerate(data["top_k_ratio_per_layer"]) if r >= 1}
-        data["top_k_ratio_per_layer"] = [1.0 if i in keep else ratio for i in range(len(data["top_k_ratio_per_layer"]))]
-        data["gpu_seq_len_threshold"] = 0
-        tag = "" if model_config is None else f"_{data['hash_weight_type']}"
-        path = Path(workdir) / f"smollm2_gsa_on_device{tag}_{ratio:g}.json"
-        path.write_text(json.dumps(data))
-        return {"GSAOnDevice": {"config_file": str(path)}}
-    body = {"init_window_sz": 1, "local_window_sz": 2, "sparse_ratio": ratio, "min_blocks": 4}
     stride = EVAL_RETRIEVAL_STRIDE if retrieval_stride is None else retrieval_stride
-    if name == "KVStarMultiStep":
-        body.update(retrieval_stride=stride, blk_repre_dim_prune_ratio=0.5, blk_repre_inner_token_merge=4)
-    elif name == "ESA":
-        body.update(retrieval_stride=stride)
-    if dense_layers:
-        body["dense_layers"] = list(dense_layers)
-    return {name: body}
+    request = DemoRequest(ratio, Path(workdir) if workdir is not None else None, tuple(dense_layers), stride,
+                          DEMO_MODEL_CONFIG, model_config)
+    return {name: get_method(name).demo_config(request)}
+
+
+def demo_methods() -> tuple[str, ...]:
+    """Every registered method: what the demo, eval and profile run by default."""
+    from ucm.methods import method_names
+
+    return method_names()
+
+
+def check_methods(methods: Sequence[str], flag: str) -> None:
+    """SystemExit naming the unknown ones (and the valid ones) when `methods` names one not registered."""
+    valid = demo_methods()
+    bad = [m for m in methods if m not in valid]
+    if bad or not methods:
+        raise SystemExit(f"error: {flag}: unknown method(s) {bad or '(none given)'}; valid: {', '.join(valid)}")
 
 
 def run_demo(
     tokens: int = 3000,
     depth: float = 0.5,
     ratio: float = 0.3,
-    methods: tuple[str, ...] = METHOD_NAMES,
+    methods: Sequence[str] | None = None,
     max_new_tokens: int = 12,
     block_size: int = 16,
     backend: str | None = None,
@@ -163,6 +158,7 @@ def run_demo(
     print(f"dense prefill: {time.perf_counter() - t0:.1f} s (shared by every method)", flush=True)
     runner.decode(state, None, 3)  # warm-up: kernels built and caches touched before timing
     rows = []
+    methods = demo_methods() if methods is None else tuple(methods)
     for name in tqdm(("dense", *methods), desc="decoding", unit="method", file=sys.stderr):
         method = None
         if name != "dense":
@@ -222,7 +218,8 @@ def add_parser(sub) -> None:
                         "batch 1; 3000 in the slower core engine)")
     p.add_argument("--depth", type=float, default=0.5, help="where the needle sits, 0..1 (default 0.5)")
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of blocks read per step (default 0.3)")
-    p.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated methods")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated methods (default: all of {','.join(demo_methods())})")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 24 in vLLM, 12 in the core engine")
     p.add_argument("--block-size", type=int, default=16,
                    help="core engine: KV block size in tokens (default 16; vLLM-CPU runs 32)")
@@ -232,10 +229,8 @@ def add_parser(sub) -> None:
 
 
 def _handle(args) -> int:
-    methods = tuple(m for m in args.methods.split(",") if m)
-    bad = [m for m in methods if m not in METHOD_NAMES]
-    if bad:
-        raise SystemExit(f"error: unknown method(s) {bad}; valid: {', '.join(METHOD_NAMES)}")
+    methods = demo_methods() if args.methods is None else tuple(m for m in args.methods.split(",") if m)
+    check_methods(methods, "--methods")
     if not 0.0 < args.ratio <= 1.0 or not 0.0 <= args.depth <= 1.0:
         raise SystemExit("error: --ratio must be in (0, 1] and --depth in [0, 1]")
     engine = args.engine or ("vllm" if _vllm_installed() else "core")

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -88,7 +89,7 @@ def run_profile(
     prompts: int = 3,
     steps: int = 8,
     ratio: float = 0.3,
-    methods: tuple[str, ...] = ("ESA", "GSA", "GSAOnDevice", "KVStarMultiStep"),
+    methods: Sequence[str] | None = None,
     block_size: int = 32,
     backend: str | None = None,
     out: Path | None = None,
@@ -96,7 +97,7 @@ def run_profile(
     task: str | None = None,
     suggest_dense: int = 0,
 ) -> dict:
-    """Profile `methods` with every layer sparse at `ratio`.
+    """Profile `methods` (default: every registered method) with every layer sparse at `ratio`.
 
     Prompts are ucm's built-in needle haystack, or with `task` the first `prompts` samples of a
     RULER task at `tokens` tokens (needs the [eval] extra): the essay haystack is where the
@@ -106,11 +107,14 @@ def run_profile(
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ucm.demo import method_config, needle_prompt
+    from ucm.demo import demo_methods, method_config, needle_prompt
     from ucm.hf_runner import PagedHFRunner
+    from ucm.methods import base_method, get_method
     from ucm.models import fetch_model
     from ucm.ops import get_ops
     from ucm.sparse.factory import build_sparse_method
+
+    methods = demo_methods() if methods is None else tuple(methods)
 
     ops = get_ops(backend)
     path = fetch_model("smollm2")
@@ -129,9 +133,9 @@ def run_profile(
         if runner is None or len(ids) + steps + block_size > runner.max_tokens:
             runner = PagedHFRunner(model, tok, ops, block_size=block_size, max_tokens=len(ids) + steps + 4 * block_size)
         state = runner.prefill(ids)
-        built = {name: build_sparse_method(method_config(name.split("+")[0], ratio), runner.shapes, ops,
-                                           model_config=_hata_all_sparse(ratio, name == RANDOM_HASH_METHOD)
-                                           if name.startswith("GSAOnDevice") else None)
+        built = {name: build_sparse_method(method_config(base_method(name), ratio), runner.shapes, ops,
+                                           model_config=_model_json_all_sparse(ratio, name.endswith(RANDOM_HASH))
+                                           if get_method(base_method(name)).model_json else None)
                  for name in methods}
         prof = SelectionProfiler(built, ops)
         runner.decode(state, None, steps, observers=[prof])
@@ -183,21 +187,25 @@ def suggest_dense_layers(methods: dict, count: int) -> list[int]:
     return sorted(ranked[:count])
 
 
-#: GSA on device with random orthogonal projections instead of the shipped JSON's trained ones
-RANDOM_HASH_METHOD = "GSAOnDevice+random"
+#: a method with a per-model JSON (GSA on device) run with random orthogonal hash projections
+#: instead of the shipped JSON's trained ones: "<method>+random"
+RANDOM_HASH = "+random"
 
 
 def profile_methods() -> tuple[str, ...]:
-    from ucm.config.sparse import METHODS
+    """What `--methods` accepts: every registered method, and "<method>+random" for those with a
+    per-model JSON."""
+    from ucm.methods import method_names
 
-    return (*METHODS, RANDOM_HASH_METHOD)
+    return (*method_names(), *(name + RANDOM_HASH for name in method_names(model_json=True)))
 
 
-def _hata_all_sparse(ratio: float, random_hash: bool = False) -> dict:
-    """The shipped SmolLM2 JSON with every layer sparse: the profile judges every layer."""
+def _model_json_all_sparse(ratio: float, random_hash: bool = False) -> dict:
+    """The demo model's shipped per-model JSON with every layer sparse: the profile judges every layer."""
     from ucm.config.loader import model_config_data
+    from ucm.demo import DEMO_MODEL_CONFIG
 
-    data = model_config_data("SmolLM2-135M-Instruct", random_hash=random_hash)
+    data = model_config_data(DEMO_MODEL_CONFIG, random_hash=random_hash)
     data["top_k_ratio_per_layer"] = [ratio] * data["num_hidden_layers"]
     data["gpu_seq_len_threshold"] = 0
     return data
@@ -250,8 +258,9 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--steps", type=int, default=8, help="decode steps per prompt")
     p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--methods", default="ESA,GSA,GSAOnDevice,KVStarMultiStep",
-                   help=f"comma-separated; {RANDOM_HASH_METHOD}: the shipped JSON with random projections")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated, of {','.join(profile_methods())} (default: every method but the "
+                        f"'{RANDOM_HASH}' ones: per-model JSON methods with random hash projections)")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--backend", default=None)
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
@@ -265,9 +274,9 @@ def add_parser(sub) -> None:
 
 
 def _handle(args) -> int:
-    methods = tuple(m for m in args.methods.split(",") if m)
-    unknown = [m for m in methods if m not in profile_methods()]
-    if unknown or not methods:
+    methods = None if args.methods is None else tuple(m for m in args.methods.split(",") if m)
+    unknown = [m for m in methods or () if m not in profile_methods()]
+    if unknown or methods == ():
         raise SystemExit(f"ucm profile --methods: unknown {', '.join(unknown) or '(none given)'}; "
                          f"valid: {', '.join(profile_methods())}")
     if args.task is not None:

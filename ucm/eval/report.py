@@ -50,7 +50,8 @@ def summarize(rows: list[dict], meta: dict) -> dict:
     # dense layers where that variant was run ("ESA+dense"; GSA on device always keeps its JSON's)
     shipped_methods = _shipped_methods(table)
     shipped = [d for s, d in at_03.items() if info[s][0] in shipped_methods]
-    all_sparse = [d for s, d in at_03.items() if not info[s][0].endswith("+dense") and info[s][0] != "GSAOnDevice"]
+    all_sparse = [d for s, d in at_03.items()
+                  if not info[s][0].endswith("+dense") and not _keeps_model_json(info[s][0])]
     per_length: dict[int, dict[str, int]] = defaultdict(dict)
     for c in table:
         per_length[c["length"]][c["task"]] = max(per_length[c["length"]].get(c["task"], 0), c["samples"])
@@ -66,6 +67,15 @@ def summarize(rows: list[dict], meta: dict) -> dict:
         "max_drop_all_layers_sparse_at_0_3": max(all_sparse) if all_sparse else None,
         "cells": table,
     }
+
+
+def _keeps_model_json(method: str) -> bool:
+    """Whether results of `method` kept a per-model JSON's dense layers (a registered method with
+    `model_json`, e.g. GSA on device); a method no longer registered counts as not."""
+    from ucm.methods import base_method, find_method
+
+    spec = find_method(base_method(method))
+    return spec is not None and spec.model_json
 
 
 def _shipped_methods(cells: list[dict]) -> set[str]:

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ucm.config.sparse import METHODS
+from ucm.methods import find_method, method_names
 
 logger = logging.getLogger("ucm.eval")
 
@@ -40,9 +40,9 @@ class Setting:
 
     method: str
     ratio: float | None = None
-    dense_layers: tuple[int, ...] = ()  # ESA / GSA / KVStar: layers kept dense (GSA on device: its JSON's)
-    retrieval_stride: int | None = None  # ESA / KVStar: None = ucm's default (`EVAL_RETRIEVAL_STRIDE`)
-    hash_config: str | None = None  # GSA on device: "random", or a per-model JSON instead of the shipped one
+    dense_layers: tuple[int, ...] = ()  # windowed methods: layers kept dense (per-model JSON methods: its own)
+    retrieval_stride: int | None = None  # strided methods: None = ucm's default (`EVAL_RETRIEVAL_STRIDE`)
+    hash_config: str | None = None  # per-model JSON methods: "random", or a per-model JSON instead of the shipped one
     hash_weights: str | None = None  # the hash_weight_type of `hash_config` ("random" / "trained"); None: shipped
 
     @property
@@ -54,6 +54,12 @@ class Setting:
         if self.hash_config is not None:
             name = f"{name}+{self.hash_weights}"
         return name if self.retrieval_stride is None else f"{name}/s{self.retrieval_stride}"
+
+    @property
+    def keeps_model_json(self) -> bool:
+        """A method with a per-model JSON (GSA on device): it keeps that JSON's dense layers."""
+        spec = find_method(self.method)
+        return spec is not None and spec.model_json
 
     @property
     def label(self) -> str:
@@ -77,16 +83,14 @@ RANDOM_HASH = "random"  # --hash-config random: the shipped JSON with random ort
 SHIPPED_MODEL_CONFIG = "SmolLM2-135M-Instruct"
 
 
-STRIDED = ("ESA", "KVStarMultiStep")  # the methods whose retrieval stride the eval sets
-
-
 def settings_grid(methods: Iterable[str], ratios: Iterable[float], dense_layers: Iterable[int] = (),
                   retrieval_stride: int | None = None, hash_config: str | Path | None = None) -> list[Setting]:
     """Dense first (its engine fills the store the others load from), then method x ratio.
-    `dense_layers` go to the windowed methods (GSA on device keeps its model JSON's),
-    `retrieval_stride` to ESA and KVStar; `hash_config` adds GSA on device at every ratio with
-    other hash projections: "random" (the shipped JSON, random orthogonal W) or a per-model
-    JSON (e.g. the one `ucm calibrate` writes), named "GSAOnDevice+<its hash_weight_type>"."""
+    `dense_layers` go to the windowed methods (a method with a per-model JSON, GSA on device,
+    keeps that JSON's), `retrieval_stride` to the strided ones (the registry's `strided`: ESA
+    and KVStar); `hash_config` adds every per-model JSON method at every ratio with other hash
+    projections: "random" (the shipped JSON, random orthogonal W) or a per-model JSON (e.g. the
+    one `ucm calibrate` writes), named "<method>+<its hash_weight_type>"."""
     dense_layers = tuple(dense_layers)
     variant = None
     if hash_config is not None:
@@ -103,15 +107,17 @@ def settings_grid(methods: Iterable[str], ratios: Iterable[float], dense_layers:
     for m in methods:
         if m == DENSE:
             continue
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; valid: {DENSE}, {', '.join(METHODS)}")
+        spec = find_method(m)
+        if spec is None:
+            raise ValueError(f"unknown method {m!r}; valid: {DENSE}, {', '.join(method_names())}")
         for r in ratios:
             if not 0 < r <= 1:
                 raise ValueError(f"ratio {r} must be in (0, 1]")
-            out.append(Setting(m, float(r), () if m == "GSAOnDevice" else dense_layers,
-                               retrieval_stride if m in STRIDED else None))
+            out.append(Setting(m, float(r), () if spec.model_json else dense_layers,
+                               retrieval_stride if spec.strided else None))
     if hash_config is not None:
-        out += [Setting("GSAOnDevice", float(r), hash_config=hash_config, hash_weights=variant) for r in ratios]
+        out += [Setting(m, float(r), hash_config=hash_config, hash_weights=variant)
+                for m in method_names(model_json=True) for r in ratios]
     return out
 
 
@@ -175,7 +181,7 @@ def run_eval(
     tasks: Iterable[str] = DEFAULT_TASKS,
     lengths: Iterable[int] = (2048,),
     samples: int = 25,
-    methods: Iterable[str] = METHODS,
+    methods: Iterable[str] | None = None,
     ratios: Iterable[float] = DEFAULT_RATIOS,
     model: str = "smollm2",
     seed: int = 42,
@@ -188,7 +194,8 @@ def run_eval(
     retrieval_stride: int | None = None,
     hash_config: str | Path | None = None,
 ) -> dict:
-    """Run every missing cell, then rebuild the summary; returns the summary dict."""
+    """Run every missing cell, then rebuild the summary; returns the summary dict. `methods`
+    defaults to every registered method."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
     from vllm import SamplingParams
@@ -200,6 +207,7 @@ def run_eval(
     from ucm.models import cache_dir, fetch_model
 
     dense_layers = tuple(dense_layers)
+    methods = method_names() if methods is None else methods
     tasks, lengths, grid = list(tasks), sorted(set(lengths)), settings_grid(methods, ratios, dense_layers,
                                                                                          retrieval_stride, hash_config)
     for t in tasks:
@@ -247,7 +255,7 @@ def run_eval(
                 setting_dense = (list(setting.dense_layers) if setting.dense_layers else
                                  model_dense_layers(SHIPPED_MODEL_CONFIG if setting.hash_config in (None, RANDOM_HASH)
                                                     else setting.hash_config)
-                                 if setting.method == "GSAOnDevice" else None)
+                                 if setting.keeps_model_json else None)
                 for t in tasks:  # one task at a time: its rows are saved as soon as it is done
                     if results.done(length, setting.label, t, samples):
                         continue
@@ -289,22 +297,24 @@ def add_parser(sub) -> None:
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     p.add_argument("--lengths", nargs="+", type=int, default=[2048], help="prompt lengths in tokens")
     p.add_argument("--samples", type=int, default=25, help="samples per task and length")
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"sparse methods (default: all of {' '.join(method_names())})")
     p.add_argument("--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS))
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap RULER's tokens_to_generate (speed)")
     p.add_argument("--kv-space-gib", type=int, default=4, help="vLLM-CPU KV cache size")
     p.add_argument("--max-num-seqs", type=int, default=8, help="vLLM's decode batch")
     p.add_argument("--dense-layers", choices=["model", "none"], default="model",
-                   help="ESA/GSA/KVStar keep the model JSON's dense layers (as GSA on device does; results "
-                        "name them ESA+dense ...) or run every layer sparse")
+                   help="windowed methods keep the model JSON's dense layers (as the per-model JSON methods do; "
+                        "results name them ESA+dense ...) or run every layer sparse")
     p.add_argument("--retrieval-stride", type=int, default=None,
-                   help="ESA/KVStar retrieve every N decode steps instead of every step (ucm's default); results "
-                        "name them ESA+dense/sN ... and leave them out of the headline figure")
+                   help=f"strided methods ({', '.join(method_names(strided=True))}) retrieve every N decode steps "
+                        "instead of every step (ucm's default); results name them ESA+dense/sN ... and leave them "
+                        "out of the headline figure")
     p.add_argument("--hash-config", default=None, metavar="JSON|random",
-                   help="also run GSA on device with other hash projections: 'random' (the shipped JSON with random "
-                        "orthogonal W) or a per-model JSON such as `ucm calibrate` writes (results name it "
-                        "GSAOnDevice+random / GSAOnDevice+trained)")
+                   help=f"also run the per-model JSON methods ({', '.join(method_names(model_json=True))}) with other "
+                        "hash projections: 'random' (the shipped JSON with random orthogonal W) or a per-model JSON "
+                        "such as `ucm calibrate` writes (results name them <method>+random / <method>+trained)")
     p.add_argument("--store-dir", type=Path, default=None,
                    help="where the dense engine's prompt KV is kept for the sparse engines (default: cache, removed after)")
     p.set_defaults(handler=_handle)

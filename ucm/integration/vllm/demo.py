@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from ucm.demo import METHOD_NAMES, DemoRow, method_config, model_dense_layers, needle_prompt, print_table, write_rows
+from ucm.demo import DemoRow, demo_methods, method_config, model_dense_layers, needle_prompt, print_table, write_rows
 
 BLOCK_SIZE = 32  # vLLM-CPU needs a multiple of 32
 
@@ -50,7 +51,7 @@ def _decode(llm, ids: list[int], max_new_tokens: int) -> tuple[str, float, int]:
     return text, decode_tokens / decode_s if decode_s > 0 else float("nan"), produced
 
 
-def run_vllm_demo(tokens: int = 7000, depth: float = 0.5, ratio: float = 0.3, methods: tuple[str, ...] = METHOD_NAMES,
+def run_vllm_demo(tokens: int = 7000, depth: float = 0.5, ratio: float = 0.3, methods: Sequence[str] | None = None,
                   max_new_tokens: int = 24, seed: int = 7, out: Path | None = None,
                   store_dir: Path | None = None) -> list[DemoRow]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -60,7 +61,10 @@ def run_vllm_demo(tokens: int = 7000, depth: float = 0.5, ratio: float = 0.3, me
     from transformers import AutoTokenizer
 
     from ucm.integration.vllm.offline import close_engine, find_connector, posix_store
+    from ucm.methods import get_method
     from ucm.models import fetch_model
+
+    methods = demo_methods() if methods is None else tuple(methods)
 
     model = str(fetch_model("smollm2"))
     ids, passkey = needle_prompt(AutoTokenizer.from_pretrained(model), tokens, depth, seed)
@@ -68,14 +72,15 @@ def run_vllm_demo(tokens: int = 7000, depth: float = 0.5, ratio: float = 0.3, me
     max_model_len = -(-(len(ids) + max_new_tokens + BLOCK_SIZE) // 1024) * 1024
     n_blocks = -(-len(ids) // BLOCK_SIZE)
     print(f"prompt: {len(ids)} tokens, magic number {passkey} at depth {depth:.0%}; vLLM-CPU, block size "
-          f"{BLOCK_SIZE}; keep ratio {ratio}; ESA/GSA/KVStar keep layers {dense_layers} dense (GSA on device: "
-          "its model JSON)", flush=True)
+          f"{BLOCK_SIZE}; keep ratio {ratio}; windowed methods keep layers {dense_layers} dense (methods with a "
+          "per-model JSON: its own)", flush=True)
     rows: list[DemoRow] = []
     with tempfile.TemporaryDirectory(prefix="ucm-demo-") as tmp:
         store = posix_store(store_dir or Path(tmp) / "kv")
         for name in tqdm(("dense", *methods), desc="engines", unit="engine"):
             sparse = {} if name == "dense" else {
-                "ucm_sparse_config": method_config(name, ratio, Path(tmp), () if name == "GSAOnDevice" else dense_layers)}
+                "ucm_sparse_config": method_config(name, ratio, Path(tmp),
+                                                   () if get_method(name).model_json else dense_layers)}
             llm = _engine(model, {**store, **sparse}, max_model_len)
             try:
                 text, rate, produced = _decode(llm, ids, max_new_tokens)
