@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import string
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -663,6 +664,9 @@ def valid_sparse(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
         ratio = st.floats(0, 1, exclude_min=True)
         positive = ("retrieval_stride", "blk_repre_inner_token_merge")
         values = {k: ratio if "ratio" in k else st.integers(1 if k in positive else 0, 64) for k in keys}
+        for k, field in METHODS[method].model_fields.items():  # a method's choice keys: one of their values
+            if typing.get_origin(field.annotation) is typing.Literal:
+                values[k] = st.sampled_from(typing.get_args(field.annotation))
         values["offload"] = st.booleans()
         values["dense_layers"] = st.lists(st.integers(0, 127), unique=True, max_size=6)
         chosen = draw(st.lists(st.sampled_from(keys), unique=True))

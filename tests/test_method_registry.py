@@ -30,6 +30,7 @@ from ucm.config.errors import ConfigError
 from ucm.config.loader import SPARSE_KEY, check_config_file, is_sparse_config, parse_sparse_config
 from ucm.config.sparse import METHODS, SparseMethodConfig, WindowedMethodConfig
 from ucm.methods import (
+    BUILTIN_MODULES,
     DemoRequest,
     MethodSpec,
     find_method,
@@ -289,8 +290,9 @@ def test_an_installed_distribution_registers_through_the_entry_point(tmp_path: P
                           env={**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{root}"})
     assert proc.returncode == 0, proc.stderr
     names, cls, ratio = json.loads(proc.stdout.strip().splitlines()[-1])
-    ours = {s.name for s in methods() if s is not TOY}  # ucm's methods (and none registered in this process only)
-    assert set(names) == ours | {"PluginToy"} and (cls, ratio) == ("PluginConfig", 0.5)
+    builtin = {s.name for s in methods() if s.config.__module__ in BUILTIN_MODULES}
+    assert "PluginToy" in names and builtin <= set(names) and NAME not in names  # ToyNorm: this process only
+    assert (cls, ratio) == ("PluginConfig", 0.5)
     assert "sparse-method plugin 'broken'" in proc.stderr and "ModuleNotFoundError" in proc.stderr
 
 
