@@ -39,7 +39,7 @@ from typing import Any
 logger = logging.getLogger("ucm.methods")
 
 #: modules whose import registers ucm's built-in methods (light: no torch)
-BUILTIN_MODULES: tuple[str, ...] = ("ucm.config.sparse",)
+BUILTIN_MODULES: tuple[str, ...] = ("ucm.config.sparse", "ucm.config.quest")
 #: entry-point group through which installed distributions add methods
 ENTRY_POINT_GROUP = "ucm.methods"
 

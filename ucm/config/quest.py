@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from ucm.config.sparse import Stride, WindowedMethodConfig
+from ucm.config.sparse import _DEMO_WINDOWS, Stride, WindowedMethodConfig
+from ucm.methods import MethodSpec, register_method
 
 
 class QuestConfig(WindowedMethodConfig):
@@ -25,3 +26,8 @@ class QuestConfig(WindowedMethodConfig):
     method: ClassVar[str] = "Quest"
     retrieval_stride: Stride = 1
     group_reduce: Literal["mean", "max"] = "max"
+
+
+register_method(MethodSpec(
+    QuestConfig, "ucm.sparse.quest:build", strided=True, demo=_DEMO_WINDOWS,
+    description="Quest: per-block element-wise min/max of K; score = sum_c max(q*min, q*max), max/mean over the GQA group"))
