@@ -61,6 +61,45 @@ inline void check_rows_in_range(const int64_t* t, const int64_t* s, int64_t B, i
   }
 }
 
+// The arguments of a block scorer over per-block representations [NB, Hkv, D] (ESA/GSA means,
+// Quest's min/max), checked once: q [B, Hq, D] and the representations float32, block_table
+// [B, M] and seq_lens [B] int64 with every block a row reads in the cache, group_reduce 0 or 1.
+struct BlockScoreArgs {
+  at::Tensor q, table, lens;
+  int64_t B, hq, d, nb, hkv, M, g;
+};
+
+inline BlockScoreArgs check_block_score_args(const char* op, const at::Tensor& q, const at::Tensor& repr,
+                                             const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                             int64_t block_size, int64_t group_reduce) {
+  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat && repr.scalar_type() == at::kFloat, op,
+                    ": q and the block representations must be float32 here");
+  TORCH_CHECK_VALUE(block_table.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong, op,
+                    ": block_table and seq_lens must be int64 here");
+  TORCH_CHECK_VALUE(q.dim() == 3 && repr.dim() == 3 && block_table.dim() == 2 && seq_lens.dim() == 1, op,
+                    ": expected q [B,Hq,D], representations [NB,Hkv,D], block_table [B,M], seq_lens [B]");
+  TORCH_CHECK_VALUE(block_size > 0, op, ": block_size must be positive");
+  TORCH_CHECK_VALUE(group_reduce == 0 || group_reduce == 1, op, ": bad group_reduce code");
+  BlockScoreArgs a;
+  a.q = q.contiguous();
+  a.table = block_table.contiguous();
+  a.lens = seq_lens.contiguous();
+  a.B = a.q.size(0);
+  a.hq = a.q.size(1);
+  a.d = a.q.size(2);
+  a.nb = repr.size(0);
+  a.hkv = repr.size(1);
+  a.M = a.table.size(1);
+  TORCH_CHECK_VALUE(repr.size(2) == a.d, op, ": head dims differ");
+  TORCH_CHECK_VALUE(a.hkv > 0 && a.hq % a.hkv == 0, op, ": Hq must be a multiple of Hkv");
+  TORCH_CHECK_VALUE(a.table.size(0) == a.B && a.lens.size(0) == a.B, op, ": batch sizes differ");
+  a.g = a.hq / a.hkv;
+  if (a.B > 0 && a.M > 0) {
+    check_rows_in_range(a.table.data_ptr<int64_t>(), a.lens.data_ptr<int64_t>(), a.B, a.M, block_size, a.nb, op);
+  }
+  return a;
+}
+
 inline int popcount64(uint64_t v) {
 #if defined(__GNUC__) || defined(__clang__)
   return __builtin_popcountll(v);  // one `popcnt` with -mpopcnt, a bit-trick sequence otherwise
@@ -725,30 +764,15 @@ at::Tensor kvstar_scores(const at::Tensor& q, const at::Tensor& sums, const at::
 // group_reduce: 0 = mean (ESA), 1 = max (GSA).
 at::Tensor block_scores_dot(const at::Tensor& q, const at::Tensor& repr_cache, const at::Tensor& block_table,
                             const at::Tensor& seq_lens, int64_t block_size, int64_t group_reduce) {
-  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat && repr_cache.scalar_type() == at::kFloat,
-                    "block_scores_dot: q and repr_cache must be float32 here");
-  TORCH_CHECK_VALUE(block_table.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
-                    "block_scores_dot: block_table and seq_lens must be int64 here");
-  TORCH_CHECK_VALUE(q.dim() == 3 && repr_cache.dim() == 3 && block_table.dim() == 2 && seq_lens.dim() == 1,
-                    "block_scores_dot: expected q [B,Hq,D], repr_cache [NB,Hkv,D], block_table [B,M], seq_lens [B]");
-  TORCH_CHECK_VALUE(block_size > 0, "block_scores_dot: block_size must be positive");
-  TORCH_CHECK_VALUE(group_reduce == 0 || group_reduce == 1, "block_scores_dot: bad group_reduce code");
-  const at::Tensor qc = q.contiguous();
+  const BlockScoreArgs a =
+      check_block_score_args("block_scores_dot", q, repr_cache, block_table, seq_lens, block_size, group_reduce);
+  const at::Tensor& qc = a.q;
   const at::Tensor rc = repr_cache.contiguous();
-  const at::Tensor tbl = block_table.contiguous();
-  const at::Tensor sl = seq_lens.contiguous();
-  const int64_t B = qc.size(0), hq = qc.size(1), d = qc.size(2);
-  const int64_t nb = rc.size(0), hkv = rc.size(1);
-  const int64_t M = tbl.size(1);
-  TORCH_CHECK_VALUE(rc.size(2) == d, "block_scores_dot: head dims differ");
-  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "block_scores_dot: Hq must be a multiple of Hkv");
-  TORCH_CHECK_VALUE(tbl.size(0) == B && sl.size(0) == B, "block_scores_dot: batch sizes differ");
-  const int64_t g = hq / hkv;
+  const int64_t B = a.B, hq = a.hq, d = a.d, hkv = a.hkv, M = a.M, g = a.g;
   at::Tensor out = at::empty({B, M}, qc.options().dtype(at::kFloat));
   if (B == 0 || M == 0) return out;
-  const int64_t* t = tbl.data_ptr<int64_t>();
-  const int64_t* s = sl.data_ptr<int64_t>();
-  check_rows_in_range(t, s, B, M, block_size, nb, "block_scores_dot");
+  const int64_t* t = a.table.data_ptr<int64_t>();
+  const int64_t* s = a.lens.data_ptr<int64_t>();
   const float* qp = qc.data_ptr<float>();
   const float* rp = rc.data_ptr<float>();
   float* o = out.data_ptr<float>();
@@ -1115,33 +1139,18 @@ inline float minmax_bound(const float* q, const float* lo, const float* hi, int6
 at::Tensor block_scores_minmax(const at::Tensor& q, const at::Tensor& mins, const at::Tensor& maxs,
                                const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t block_size,
                                int64_t group_reduce) {
-  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat &&
-                        maxs.scalar_type() == at::kFloat,
-                    "block_scores_minmax: q, mins and maxs must be float32 here");
-  TORCH_CHECK_VALUE(block_table.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
-                    "block_scores_minmax: block_table and seq_lens must be int64 here");
-  TORCH_CHECK_VALUE(q.dim() == 3 && mins.dim() == 3 && maxs.sizes() == mins.sizes() && block_table.dim() == 2 &&
-                        seq_lens.dim() == 1,
-                    "block_scores_minmax: expected q [B,Hq,D], mins/maxs [NB,Hkv,D], block_table [B,M], seq_lens [B]");
-  TORCH_CHECK_VALUE(block_size > 0, "block_scores_minmax: block_size must be positive");
-  TORCH_CHECK_VALUE(group_reduce == 0 || group_reduce == 1, "block_scores_minmax: bad group_reduce code");
-  const at::Tensor qc = q.contiguous();
+  TORCH_CHECK_VALUE(maxs.scalar_type() == mins.scalar_type() && maxs.sizes() == mins.sizes(),
+                    "block_scores_minmax: mins and maxs must have one dtype and shape");
+  const BlockScoreArgs a =
+      check_block_score_args("block_scores_minmax", q, mins, block_table, seq_lens, block_size, group_reduce);
+  const at::Tensor& qc = a.q;
   const at::Tensor lc = mins.contiguous();
   const at::Tensor hc = maxs.contiguous();
-  const at::Tensor tbl = block_table.contiguous();
-  const at::Tensor sl = seq_lens.contiguous();
-  const int64_t B = qc.size(0), hq = qc.size(1), d = qc.size(2);
-  const int64_t nb = lc.size(0), hkv = lc.size(1);
-  const int64_t M = tbl.size(1);
-  TORCH_CHECK_VALUE(lc.size(2) == d, "block_scores_minmax: head dims differ");
-  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "block_scores_minmax: Hq must be a multiple of Hkv");
-  TORCH_CHECK_VALUE(tbl.size(0) == B && sl.size(0) == B, "block_scores_minmax: batch sizes differ");
-  const int64_t g = hq / hkv;
+  const int64_t B = a.B, hq = a.hq, d = a.d, hkv = a.hkv, M = a.M, g = a.g;
   at::Tensor out = at::empty({B, M}, qc.options().dtype(at::kFloat));
   if (B == 0 || M == 0) return out;
-  const int64_t* t = tbl.data_ptr<int64_t>();
-  const int64_t* s = sl.data_ptr<int64_t>();
-  check_rows_in_range(t, s, B, M, block_size, nb, "block_scores_minmax");
+  const int64_t* t = a.table.data_ptr<int64_t>();
+  const int64_t* s = a.lens.data_ptr<int64_t>();
   const float* qp = qc.data_ptr<float>();
   const float* lp = lc.data_ptr<float>();
   const float* hp = hc.data_ptr<float>();
