@@ -61,6 +61,13 @@ inline void check_rows_in_range(const int64_t* t, const int64_t* s, int64_t B, i
   }
 }
 
+// Whether column j of row b is one of the row's blocks: j < ceil(seq_len / bs), the length
+// clamped to [0, M * bs] (a row cannot own more blocks than its table holds).
+inline bool block_in_row(const int64_t* s, int64_t b, int64_t j, int64_t M, int64_t bs) {
+  const int64_t len = std::min<int64_t>(std::max<int64_t>(s[b], 0), M * bs);
+  return j < (len + bs - 1) / bs;
+}
+
 // The arguments of a block scorer over per-block representations [NB, Hkv, D] (ESA/GSA means,
 // Quest's min/max), checked once: q [B, Hq, D] and the representations float32, block_table
 // [B, M] and seq_lens [B] int64 with every block a row reads in the cache, group_reduce 0 or 1.
@@ -795,9 +802,7 @@ at::Tensor block_scores_dot(const at::Tensor& q, const at::Tensor& repr_cache, c
   for (int64_t item = 0; item < B * M; ++item) {
     const int64_t b = item / M;
     const int64_t j = item % M;
-    const int64_t len = std::min<int64_t>(std::max<int64_t>(s[b], 0), M * block_size);
-    const int64_t n_b = (len + block_size - 1) / block_size;
-    if (j >= n_b) {
+    if (!block_in_row(s, b, j, M, block_size)) {
       o[item] = ninf;
       continue;
     }
@@ -1161,9 +1166,7 @@ at::Tensor block_scores_minmax(const at::Tensor& q, const at::Tensor& mins, cons
   for (int64_t item = 0; item < B * M; ++item) {
     const int64_t b = item / M;
     const int64_t j = item % M;
-    const int64_t len = std::min<int64_t>(std::max<int64_t>(s[b], 0), M * block_size);
-    const int64_t n_b = (len + block_size - 1) / block_size;
-    if (j >= n_b) {
+    if (!block_in_row(s, b, j, M, block_size)) {
       o[item] = ninf;
       continue;
     }
