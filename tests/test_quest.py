@@ -170,24 +170,6 @@ def test_selects_planted_blocks(needle: bool, group_reduce: str, hq: int, hkv: i
     m.close()
 
 
-def test_ratio_one_equals_dense() -> None:
-    g = torch.Generator().manual_seed(7)
-    seq_lens = [45, 8, 3 * BS + 1]
-    batch = make_paged(seq_lens, BS, 2, 32, g)
-    shapes = ModelShapes(2, 8, 2, 32, BS, batch.k_cache.shape[0])
-    m = build_quest({**WINDOWS, "sparse_ratio": 1.0}, shapes, OPS)
-    write_prefill(m, batch, 2)
-    plan = m.begin_step(["a", "b", "c"], batch.seq_lens, batch.block_table)
-    q = torch.randn(3, 8, 32, generator=g)
-    dense, _ = OPS.paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens, 0.2)
-    for layer in range(2):
-        sel = m.select(layer, q, plan)
-        out, _ = OPS.paged_decode_attention(q, batch.k_cache, batch.v_cache, sel.block_table, sel.seq_lens, 0.2)
-        torch.testing.assert_close(out, dense)
-    m.end_step(plan)
-    m.close()
-
-
 def _backends():
     out = [pytest.param(TorchReferenceOps(), id="reference")]
     if importlib.util.find_spec("triton") is not None:
