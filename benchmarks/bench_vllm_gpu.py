@@ -17,6 +17,8 @@ bandwidth measured in the same process, over the measured step.
     python benchmarks/bench_vllm_gpu.py                        # the issue's matrix
     python benchmarks/bench_vllm_gpu.py --contexts 32768 --batches 8 --settings dense ESA:0.3
 Writes benchmarks/results/vllm_gpu_decode.json (+ .png); `--out DIR` writes there instead.
+The 32K and 128K matrices fit one device call each; `--merge A.json B.json` joins such runs
+(cells of each run keep their own run's dense baseline) into NAME.json + .png.
 """
 
 from __future__ import annotations
@@ -309,6 +311,24 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def merge_runs(paths: list[Path]) -> dict:
+    """One result from several runs of this script on the same device and builds; each cell's
+    speedup stays the one measured against the dense engine of its own run."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    first = runs[0]
+    for r in runs[1:]:
+        for key in ("device", "vllm", "torch", "model", "cudagraph_mode"):
+            if r.get(key) != first.get(key):
+                raise ValueError(f"cannot merge runs with different {key}: {first.get(key)!r} vs {r.get(key)!r}")
+    merged = {k: v for k, v in first.items() if k not in ("cells", "command", "engine_start_s", "async_scheduling")}
+    merged["command"] = " && ".join(r["command"] for r in runs)
+    merged["runs"] = [{"command": r["command"], "hbm_bytes_per_s": r.get("hbm_bytes_per_s"),
+                       "new_tokens": r.get("new_tokens"), "engine_start_s": r.get("engine_start_s"),
+                       "async_scheduling": r.get("async_scheduling")} for r in runs]
+    merged["cells"] = [c for r in runs for c in r["cells"]]
+    return merged
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child")
@@ -324,7 +344,15 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also profile STEPS decode steps of the last cell per engine: kernel table to "
                          "OUT/NAME_profile_SETTING.txt")
+    ap.add_argument("--merge", nargs="+", metavar="RUN_JSON", help="join earlier runs' JSON into OUT/NAME.json")
     args = ap.parse_args()
+    if args.merge:
+        merged = merge_runs([Path(p) for p in args.merge])
+        out = Path(args.out) / f"{args.name}.json"
+        out.write_text(json.dumps(merged, indent=1) + "\n")
+        plot(merged, out.with_suffix(".png"))
+        print(f"wrote {out}")
+        return
     if args.child:
         print(json.dumps(run_engine(json.loads(Path(args.child).read_text()))), flush=True)
         return

@@ -32,8 +32,8 @@ def install_attention_check(stats: dict) -> None:
     made = {}
     real_rewrite = flash_attn.sparse_flash_metadata
 
-    def recording_rewrite(md, block_table, seq_lens):
-        new = real_rewrite(md, block_table, seq_lens)
+    def recording_rewrite(md, block_table, seq_lens, *rest):
+        new = real_rewrite(md, block_table, seq_lens, *rest)
         made["md"] = new
         return new
 
