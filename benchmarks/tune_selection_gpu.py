@@ -132,8 +132,7 @@ def sweep_ops(ops, b: int, ctx: int) -> list[dict]:
             us = graph_us(lambda: [ops.select_and_rewrite(scores, k, must, table, lens, BS) for _ in range(LAYERS)])
             out.append({"op": "select_and_rewrite", "batch": b, "blocks": m, "strategy": strategy, "warps": w,
                         "us": round(us / LAYERS, 2)})
-    ops.topk_warps = ops.topk_radix_bits = None
-    ops.topk_sort = False
+    ops.topk_warps = ops.topk_radix_bits = ops.topk_sort = None
     kd = torch.full_like(k, m)
     us = graph_us(lambda: [ops.select_and_rewrite(scores, kd, must, table, lens, BS) for _ in range(LAYERS)])
     out.append({"op": "select_and_rewrite(k=n, dense rows)", "batch": b, "blocks": m, "us": round(us / LAYERS, 2)})

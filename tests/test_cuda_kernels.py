@@ -51,7 +51,7 @@ def topk_ops(request, ops):
     """The top-k kernel's two exact strategies (radix passes, one bitonic sort)."""
     ops.topk_sort = request.param == "sort"
     yield ops
-    ops.topk_sort = False
+    ops.topk_sort = None
 
 
 def _gen(seed: int) -> torch.Generator:

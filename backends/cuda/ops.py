@@ -49,16 +49,18 @@ class CudaOps(TorchReferenceOps):
         # launch overrides (benchmarks/tune_selection_gpu.py sweeps them); None = the heuristics
         self.topk_warps: int | None = None
         self.topk_radix_bits: int | None = None
-        self.topk_sort = False
+        self.topk_sort: bool | None = None
         self.scores_block_m: int | None = None
         self.scores_warps: int | None = None
 
     def topk_launch(self, block_m: int) -> tuple[int, int, bool]:
         """(num_warps, radix bits per pass, sort instead) of the top-k kernel for a row of
-        block_m slots. Radix 2 with 8 warps was fastest on the H200 at 256 and 1024 blocks
-        (benchmarks/results/tune_selection_gpu.json)."""
-        warps = 8 if block_m <= 1024 else 16
-        sort = self.topk_sort if block_m <= 65536 else False
+        block_m slots. On the H200 (benchmarks/results/gpu_runs/2026-12-03_s10/tune_selection_gpu.json)
+        the bitonic sort on 16 warps was fastest at 512 slots (5.2 us vs 9.4 for radix 2 on 8
+        warps), radix 2 on 8 warps at 2048 slots (15.6 us vs 32 for the sort)."""
+        sort = block_m <= 512 if self.topk_sort is None else self.topk_sort
+        sort = sort and block_m <= 65536
+        warps = 16 if sort or block_m > 1024 else 8
         return self.topk_warps or warps, self.topk_radix_bits or 2, sort
 
     # ---------------------------------------------------------------- helpers
