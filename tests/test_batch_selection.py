@@ -14,6 +14,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported (see test_cuda_kernels)
@@ -87,6 +89,8 @@ def test_batch_selection_equals_the_per_request_engine(ops, name, uniform) -> No
             continue
         got_table, got_lens = sel.select(layer, query, plan)
         assert got_table.shape == table.shape and got_lens.shape == lens.shape
+        bound = sel.max_len(layer, int(lens.max()), 1 if uniform else int(qlens.max()))
+        assert int(got_lens.max()) <= bound <= int(lens.max())
         want = engine.select(layer, query[q_rows], step)
         for i, r in enumerate(decode):
             n = int(want.blocks_kept[i])
@@ -103,6 +107,35 @@ def test_batch_selection_equals_the_per_request_engine(ops, name, uniform) -> No
     held = int(((lens[decode] + BS - 1) // BS).sum())
     assert counters["total"] == [held] * LAYERS
     assert all(0 < k <= held for k in counters["kept"]) and min(counters["kept"]) < held
+
+
+@settings(max_examples=60, deadline=None)
+@given(ratio=st.sampled_from([0.05, 0.1, 0.3, 0.5, 0.999]), init=st.integers(0, 3), local=st.integers(0, 3),
+       min_blocks=st.integers(0, 6), threshold=st.sampled_from([0, 9, 33]),
+       lens=st.lists(st.integers(0, 14 * BS), min_size=1, max_size=6))
+def test_max_len_bounds_every_length_a_decode_step_reads(ratio, init, local, min_blocks, threshold, lens) -> None:
+    """The host bound FA3 sizes its work by is never below a length the selection gives, whatever
+    the rows' lengths, and it is below the batch's own bound once rows are long."""
+    shapes = ModelShapes(LAYERS, HQ, HKV, D, BS, NB)
+    body = {"init_window_sz": init, "local_window_sz": local, "sparse_ratio": ratio, "min_blocks": min_blocks,
+            "retrieval_stride": 1, "dense_layers": [1], "concurrency_threshold": 1}
+    method = build_sparse_method({"ucm_sparse_config": {"ESA": body}}, shapes, TorchReferenceOps())
+    method.seq_len_threshold = threshold
+    sel = BatchSelector(method)
+    b, m = len(lens), 14
+    seq = torch.tensor(lens, dtype=torch.int32)
+    table = torch.arange(b * m, dtype=torch.int32).view(b, m) % NB
+    qsl = torch.arange(b + 1, dtype=torch.int32)
+    plan = sel.plan(qsl, seq, table, max_query_len=1)
+    query = torch.randn(b, HQ, D)
+    longest = max(lens)
+    for layer in (0, 2):
+        _, got = sel.select(layer, query, plan)
+        bound = sel.max_len(layer, longest, 1)
+        assert int(got.max()) <= bound <= longest
+        if longest == m * BS and ratio <= 0.3 and init + local + 1 + min_blocks < 0.3 * m and threshold < BS * m // 2:
+            assert bound < longest
+        assert sel.max_len(layer, longest, 4) == longest  # mixed steps: prefill rows keep their length
 
 
 def test_small_batches_stay_dense_unless_the_method_says_otherwise() -> None:

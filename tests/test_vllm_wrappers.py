@@ -321,6 +321,11 @@ def test_flash_wrapper_selects_in_batch_mode_with_the_kernel_replaced_by_a_recor
     got = seen["md"]
     assert got is not md and got.scheduler_metadata is None
     assert got.block_table[0, :3].tolist() == table[0, :3].tolist() and int(got.seq_lens[0]) == 9
+    assert got.max_seq_len == md.max_seq_len  # a prefill row keeps its length: the batch's bound stands
+    decode_md = _flash_metadata(lens[1:], qlens[1:], table[1:].tolist())
+    impl.forward(layer, query[9:], keys, keys, kv_cache, decode_md, torch.zeros(2, 32))
+    bounded = seen["md"]  # a decode-only step: FA sizes its work by the kept lengths' bound
+    assert int(bounded.seq_lens.max()) <= bounded.max_seq_len < decode_md.max_seq_len
 
     legacy = _esa_runtime(batch_mode=False)
     legacy.ensure_method(4, 2, 8, bs, nb, torch.device("cpu"))
@@ -357,20 +362,20 @@ def test_flash_plan_ahead_once_per_step_and_lengths(monkeypatch) -> None:
     md = dataclasses.replace(md, max_num_splits=32)
     kv = torch.zeros(20, 2, 128, 16, dtype=torch.bfloat16)  # [NB, Hkv, bs, 2 * D]
     policy_a, policy_b = torch.tensor([40, 108, 100], dtype=torch.int32), torch.tensor([40, 300, 100], dtype=torch.int32)
-    first = plan_ahead(md, policy_a, 4, 2, 8, kv)
+    first = plan_ahead(md, policy_a, 120, 4, 2, 8, kv)
     for _ in range(3):  # later layers of the same policy reuse the step's plan
-        assert plan_ahead(md, policy_a, 4, 2, 8, kv) is first
-    second = plan_ahead(md, policy_b, 4, 2, 8, kv)
+        assert plan_ahead(md, policy_a, 120, 4, 2, 8, kv) is first
+    second = plan_ahead(md, policy_b, 300, 4, 2, 8, kv)
     assert len(calls) == 2 and not torch.equal(first, second)
     kw = calls[0]
     assert kw["cache_seqlens"] is policy_a and kw["batch_size"] == 3 and kw["max_seqlen_q"] == 1
-    assert kw["max_seqlen_k"] == 300 and kw["num_splits"] == 32 and kw["page_size"] == 128
+    assert kw["max_seqlen_k"] == 120 and calls[1]["max_seqlen_k"] == 300 and kw["num_splits"] == 32 and kw["page_size"] == 128
     assert kw["qkv_dtype"] == torch.bfloat16 and kw["cu_seqlens_q"] is md.query_start_loc and kw["causal"] is True
     assert (kw["num_heads_q"], kw["num_heads_kv"], kw["headdim"], kw["window_size"]) == (4, 2, 8, (-1, -1))
     next_step = _flash_metadata([41, 301, 261], [1, 1, 1], [[1, 2, 0, 0], [3, 4, 5, 6], [13, 14, 15, 16]])
-    plan_ahead(next_step, policy_a, 4, 2, 8, kv)
+    plan_ahead(next_step, policy_a, 120, 4, 2, 8, kv)
     assert len(calls) == 3  # a new step plans again
-    assert plan_ahead(dataclasses.replace(md, scheduler_metadata=None), policy_a, 4, 2, 8, kv) is None
+    assert plan_ahead(dataclasses.replace(md, scheduler_metadata=None), policy_a, 120, 4, 2, 8, kv) is None
     assert len(calls) == 3
 
     def config(window, cache_dtype):

@@ -142,6 +142,29 @@ class BatchSelector:
         plan.budgets[key] = (k, must, lens)
         return k, must, lens
 
+    def max_len(self, layer: int, max_seq_len: int, max_query_len: int | None) -> int:
+        """A host upper bound of every length `select` gives for `layer` in a step whose rows are
+        at most `max_seq_len` tokens long, from the policy alone (no device read). Attention
+        kernels size their work by it (FA3's split and scheduling heuristics): the batch's
+        `max_seq_len` would plan for reading every block. Only uniform decode steps
+        (`max_query_len == 1`) get a tighter bound: elsewhere non-decode rows keep their length."""
+        if max_query_len != 1 or max_seq_len <= 0:
+            return max_seq_len
+        p = self.policies[layer]
+        if p.reuse_from >= 0:
+            p = self.policies[p.reuse_from]
+        ut = self.unit_tokens
+        n = -(-max_seq_len // ut)  # units of the longest row; every row's budget grows with its units
+        if self.token_budget is not None:
+            k = math.ceil(self.token_budget / ut)
+        else:
+            k = math.ceil(n * p.ratio)
+        k = min(max(k, p.min_units), n)
+        forced = min(n, p.init_units + p.local_units + 1 + len(p.must_select))
+        bound = max(k, forced) * ut
+        short = max(self.seq_len_threshold - 1, 0)  # rows under the threshold keep their own length
+        return min(max_seq_len, max(bound, short))
+
     # ---------------------------------------------------------------- select
     def select(self, layer: int, query: torch.Tensor, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """(block_table [B, M], seq_lens [B]) the layer's attention reads: selecting rows keep

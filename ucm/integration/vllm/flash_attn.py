@@ -12,8 +12,8 @@ the GPU machine runs) and 0.32; the metadata fields that differ between them are
   on a copy of the step's `FlashAttentionMetadata` whose `block_table` and `seq_lens` (the
   kernel's `seqused_k`) read only the kept blocks. Nothing reads the device from the host, so
   vLLM's FULL (decode) CUDA graphs capture the whole sparse step and replay it; piecewise and
-  eager modes run the same kernels. `max_seq_len` stays the batch's (an upper bound of every
-  new length). FA3's ahead-of-time `scheduler_metadata` was planned for the old lengths: where
+  eager modes run the same kernels. `max_seq_len` becomes a host bound of the kept lengths
+  (`BatchSelector.max_len`, from the layer's policy and the batch's own bound). FA3's ahead-of-time `scheduler_metadata` was planned for the old lengths: where
   vLLM planned one, the wrapper plans one for the new lengths with FA3's own
   `get_scheduler_metadata`, once per step and layer policy (every layer of a policy reads the
   same lengths: `BatchSelector._budgets`), instead of FA3 planning inside every layer's call.
@@ -52,11 +52,14 @@ def plain_batch(md: FlashAttentionMetadata) -> bool:
 
 
 def sparse_flash_metadata(md: FlashAttentionMetadata, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                          scheduler_metadata: torch.Tensor | None = None) -> FlashAttentionMetadata:
+                          scheduler_metadata: torch.Tensor | None = None,
+                          max_seq_len: int | None = None) -> FlashAttentionMetadata:
     """A copy of `md` (shared by every layer of the step, never written) that reads
     `block_table` / `seq_lens`; FA3's ahead-of-time plan for the old lengths is replaced by
-    `scheduler_metadata` (one for the new lengths, or None: FA3 plans in the call)."""
-    return dataclasses.replace(md, block_table=block_table, seq_lens=seq_lens, scheduler_metadata=scheduler_metadata)
+    `scheduler_metadata` (one for the new lengths, or None: FA3 plans in the call), and
+    `max_seq_len` by a bound of the new lengths where one is given."""
+    return dataclasses.replace(md, block_table=block_table, seq_lens=seq_lens, scheduler_metadata=scheduler_metadata,
+                               max_seq_len=md.max_seq_len if max_seq_len is None else max_seq_len)
 
 
 def plan_ahead_possible(vllm_config) -> bool:
@@ -71,20 +74,21 @@ def plan_ahead_possible(vllm_config) -> bool:
             and not is_quantized_kv_cache(vllm_config.cache_config.cache_dtype))
 
 
-def plan_ahead(md: FlashAttentionMetadata, seq_lens: torch.Tensor, num_heads: int, num_kv_heads: int,
-               head_size: int, kv_cache: torch.Tensor) -> torch.Tensor | None:
-    """FA3's scheduler metadata for the batch reading `seq_lens`, made with the arguments vLLM's
-    FlashAttention builder uses, once per step and lengths tensor (cached on `md`, which every
-    layer of the step shares). None where vLLM planned nothing ahead (FA2, eager builds)."""
+def plan_ahead(md: FlashAttentionMetadata, seq_lens: torch.Tensor, max_seq_len: int, num_heads: int,
+               num_kv_heads: int, head_size: int, kv_cache: torch.Tensor) -> torch.Tensor | None:
+    """FA3's scheduler metadata for the batch reading `seq_lens` (at most `max_seq_len` tokens a
+    row), made with the arguments vLLM's FlashAttention builder uses, once per step and lengths
+    tensor (cached on `md`, which every layer of the step shares). None where vLLM planned
+    nothing ahead (FA2, eager builds)."""
     if md.scheduler_metadata is None:
         return None
     plans = md.__dict__.setdefault("_ucm_schedules", {})
-    key = seq_lens.data_ptr()
+    key = (seq_lens.data_ptr(), max_seq_len)
     if key not in plans:
         from vllm.v1.attention.backends.fa_utils import get_scheduler_metadata
 
         plans[key] = get_scheduler_metadata(
-            batch_size=seq_lens.shape[0], max_seqlen_q=md.max_query_len, max_seqlen_k=md.max_seq_len,
+            batch_size=seq_lens.shape[0], max_seqlen_q=md.max_query_len, max_seqlen_k=max_seq_len,
             num_heads_q=num_heads, num_heads_kv=num_kv_heads, headdim=head_size, cache_seqlens=seq_lens,
             qkv_dtype=kv_cache.dtype, cu_seqlens_q=md.query_start_loc, page_size=kv_cache.shape[2],
             causal=md.causal, window_size=(-1, -1), num_splits=md.max_num_splits)
@@ -129,10 +133,14 @@ class UCMFlashAttentionImpl(KVWriteHook, FlashAttentionImpl):
                 got = rt.batch_selection(layer.layer_name, query, md, md.query_start_loc, md.seq_lens, md.block_table)
                 if got is not None:
                     table, lens = got
+                    # FA3 sizes its splits by max_seq_len (in FULL graphs the captured one, vLLM's
+                    # max_model_len): give it the bound of the kept lengths, not of every block
+                    max_len = rt.batch_max_len(layer.layer_name, md.max_seq_len, md.max_query_len)
                     schedule = None
                     if self._ucm_plan_ahead:
-                        schedule = plan_ahead(md, lens, self.num_heads, self.num_kv_heads, self.head_size, kv_cache)
-                    attn_metadata = sparse_flash_metadata(md, table, lens, schedule)
+                        schedule = plan_ahead(md, lens, max_len, self.num_heads, self.num_kv_heads, self.head_size,
+                                              kv_cache)
+                    attn_metadata = sparse_flash_metadata(md, table, lens, schedule, max_len)
         return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                output_block_scale)
 

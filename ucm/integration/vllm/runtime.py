@@ -216,6 +216,11 @@ class SparseRuntime:
                                                       getattr(attn_metadata, "max_query_len", None))
         return sel.select(layer, query, plan)
 
+    def batch_max_len(self, layer_name: str, max_seq_len: int, max_query_len: int | None) -> int:
+        """A host upper bound of the lengths `batch_selection` gives this layer in a step whose
+        longest row has `max_seq_len` tokens (`BatchSelector.max_len`)."""
+        return self.batch.max_len(layer_index(layer_name), max_seq_len, max_query_len)
+
     def decode_selection(
         self, layer_name: str, query: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
         block_table: torch.Tensor, block_size: int,
