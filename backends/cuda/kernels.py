@@ -808,6 +808,259 @@ def _scores_minmax_kernel(
     tl.store(out_ptr + b * stride_ob + j, total, mask=jm)
 
 
+# ------------------------------------------------------------------------------------ KVStar
+def _kvstar_write_kernel(
+    key_ptr,
+    slot_ptr,
+    reps_ptr,
+    abs_ptr,
+    T,
+    BS,
+    MERGE,
+    R,
+    HD,
+    stride_kt,
+    RNE_BF16: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Add the written keys into KVStar's channel-major representations [NB, Hkv * D, R] (any
+    float dtype) and their |K| into abs_sums [NB, Hkv * D] float32, after `_sums_reset_kernel`.
+
+    One program per written token; only the group's leader (the first token of the call written
+    to the same group of `MERGE` slots) works: it sums the group's keys of the call in float32 and
+    does one read-modify-write of the group's representation, rounded once. No two programs write
+    one representation, so a prefill chunk needs no atomics on the (bfloat16) storage and a group
+    split across calls (decode) accumulates in place. Members are found by scanning the call's
+    slots (T per program, L1-resident: ~T^2 compares per call, cheap up to prefill chunks of a
+    few thousand tokens); a token whose predecessor is in its group (vLLM's order) skips the scan.
+    The leaders of one block add their groups' |K| into the block's abs_sums with float32 atomics.
+    The representation stores are 2-byte and strided by R (channel-major), read-modify-write of
+    HD values per group: small next to the scorer's reads, which this layout makes contiguous.
+    RNE_BF16 (interpreter only): Triton 3.6's interpreter truncates float32 -> bfloat16, the GPU
+    rounds to nearest even; the value is rounded by hand first so both store the same bits.
+    """
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        grp = slot // MERGE
+        prev = tl.load(slot_ptr + t - 1, mask=t > 0, other=-1).to(tl.int64)
+        may_lead = (prev < 0) | (tl.maximum(prev, 0) // MERGE != grp)
+        if may_lead:
+            first = tl.zeros([], dtype=tl.int32) + T
+            last = tl.zeros([], dtype=tl.int32) - 1
+            for j0 in range(0, T, BLOCK_T):
+                j = j0 + tl.arange(0, BLOCK_T)
+                sj = tl.load(slot_ptr + j, mask=j < T, other=-1).to(tl.int64)
+                match = (sj >= 0) & (tl.maximum(sj, 0) // MERGE == grp)
+                first = tl.minimum(first, tl.min(tl.where(match, j, T), axis=0))
+                last = tl.maximum(last, tl.max(tl.where(match, j, -1), axis=0))
+            if first == t:
+                blk = slot // BS
+                r = (slot % BS) // MERGE
+                for c0 in range(0, HD, BLOCK_C):
+                    c = c0 + tl.arange(0, BLOCK_C)
+                    cm = c < HD
+                    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+                    aacc = tl.zeros([BLOCK_C], dtype=tl.float32)
+                    kt = key_ptr + t.to(tl.int64) * stride_kt + c
+                    for j in range(t, last + 1):
+                        sj = tl.load(slot_ptr + j).to(tl.int64)
+                        mj = (sj >= 0) & (tl.maximum(sj, 0) // MERGE == grp)
+                        k = tl.load(kt + (j - t) * stride_kt, mask=cm & mj, other=0.0).to(tl.float32)
+                        acc += k
+                        aacc += tl.abs(k)
+                    rp = reps_ptr + (blk * HD + c) * R + r
+                    new = tl.load(rp, mask=cm, other=0.0).to(tl.float32) + acc
+                    if RNE_BF16:  # round to nearest even by hand: the interpreter's cast truncates
+                        bits = new.to(tl.int32, bitcast=True)
+                        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+                        new = bits.to(tl.float32, bitcast=True)
+                    tl.store(rp, new.to(reps_ptr.dtype.element_ty), mask=cm)
+                    tl.atomic_add(abs_ptr + blk * HD + c, aacc, mask=cm, sem="relaxed")
+
+
+def _kvstar_channels_kernel(
+    abs_ptr,
+    table_ptr,
+    seqlen_ptr,
+    kept_ptr,
+    M,
+    NB,
+    BS,
+    D,
+    KEPT,
+    stride_ab,
+    stride_ah,
+    stride_tb,
+    HKV: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """KVStar's kept channels of one (row, KV head): the KEPT channels with the largest sum of
+    abs_sums over the row's full blocks (n_b = min(seq_len // BS, M)), ties to the lower channel,
+    written ascending to kept [B, Hkv, KEPT] int32. One bitonic sort of (importance bits, reversed
+    channel) packed in int64 (importances are >= 0, so their float bits order as integers)."""
+    pid = tl.program_id(0)
+    b = pid // HKV
+    h = pid % HKV
+    n = tl.minimum(tl.load(seqlen_ptr + b).to(tl.int32) // BS, M)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    imp = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j0 in range(0, n, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        jm = j < n
+        blk = tl.load(table_ptr + b * stride_tb + j, mask=jm, other=0).to(tl.int64)
+        blk = tl.minimum(tl.maximum(blk, 0), NB - 1)
+        a = tl.load(abs_ptr + blk[:, None] * stride_ab + h * stride_ah + d[None, :], mask=jm[:, None] & dm[None, :],
+                    other=0.0)
+        imp += tl.sum(a, axis=0)
+    bits = imp.to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(dm, bits + 1, 0)  # invalid channels below every real one
+    packed = (key << 16) | (65535 - d).to(tl.int64)
+    srt = tl.sort(packed, dim=0, descending=True)
+    cut = tl.sum(tl.where(d == KEPT - 1, srt, 0), axis=0)
+    sel = packed >= cut
+    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(kept_ptr + pid * KEPT + pos, d, mask=sel)
+
+
+def _kvstar_logits_kernel(
+    q_ptr,
+    reps_ptr,
+    kept_ptr,
+    table_ptr,
+    seqlen_ptr,
+    lse_ptr,
+    scale_log2,
+    M,
+    NB,
+    BS,
+    R,
+    G,
+    WG,
+    HQ,
+    KEPT,
+    stride_qb,
+    stride_qw,
+    stride_qh,
+    stride_rb,
+    stride_rh,
+    stride_rc,
+    stride_tb,
+    stride_lb,
+    stride_lh,
+    HKV: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    RC: tl.constexpr,
+    BT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Per (tile of BT blocks, row x KV head, chunk of BLOCK_G of the head's W * G queries): the
+    log2-sum-exp of each query's scaled logits over each block's R representations, on the kept
+    channels only, into lse [B, W * Hq, M] (query (w, h * G + g) at row w * Hq + h * G + g).
+
+    The tile is [BLOCK_K kept channels, BT blocks x RC representations]: with the channel-major
+    layout each (block, channel) run of R values is contiguous (128 bytes for R = 64 bfloat16), so
+    the program reads exactly the kept channels of its blocks. Logits come from one `tl.dot` per
+    channel chunk ([BLOCK_G, BLOCK_K] x [BLOCK_K, BT * RC], float32 accumulators); representations
+    wider than RC (R > RC, then BT = 1) are walked in chunks with an online max / sum per block.
+    Tiles past the row's full blocks do nothing; kernel 3 only reads columns j < n_b."""
+    jt0 = tl.program_id(0) * BT
+    pid = tl.program_id(1)
+    b = pid // HKV
+    h = pid % HKV
+    n = tl.minimum(tl.load(seqlen_ptr + b).to(tl.int32) // BS, M)
+    if jt0 < n:
+        rows = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)
+        rm = rows < WG
+        w = rows // G
+        g = rows % G
+        col = tl.arange(0, BT * RC)
+        jc = jt0 + col // RC
+        rr = col % RC
+        jcm = jc < n
+        blk = tl.load(table_ptr + b * stride_tb + jc, mask=jcm, other=0).to(tl.int64)
+        blk = tl.minimum(tl.maximum(blk, 0), NB - 1)
+        rbase = reps_ptr + blk * stride_rb + h * stride_rh
+        qbase = q_ptr + b.to(tl.int64) * stride_qb + w * stride_qw + (h * G + g) * stride_qh
+        m_blk = tl.full([BLOCK_G, BT], float("-inf"), dtype=tl.float32)
+        s_blk = tl.zeros([BLOCK_G, BT], dtype=tl.float32)
+        for r0 in range(0, R, RC):
+            r = r0 + rr
+            cm = jcm & (r < R)
+            acc = tl.zeros([BLOCK_G, BT * RC], dtype=tl.float32)
+            for k0 in range(0, KEPT, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                km = kk < KEPT
+                ch = tl.load(kept_ptr + pid * KEPT + kk, mask=km, other=0)
+                qt = tl.load(qbase[:, None] + ch[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                rt = tl.load(rbase[None, :] + ch[:, None] * stride_rc + r[None, :], mask=km[:, None] & cm[None, :],
+                             other=0.0)
+                acc += tl.dot(qt.to(tl.float32), rt.to(tl.float32), input_precision=PREC)
+            x = tl.where(cm[None, :], acc * scale_log2, float("-inf"))
+            x3 = tl.reshape(x, [BLOCK_G, BT, RC])
+            m_new = tl.maximum(m_blk, tl.max(x3, axis=2))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_blk = s_blk * tl.exp2(m_blk - m_safe) + tl.sum(tl.exp2(x3 - m_safe[:, :, None]), axis=2)
+            m_blk = m_new
+        lse = tl.where(s_blk > 0, m_blk + tl.log2(tl.where(s_blk > 0, s_blk, 1.0)), float("-inf"))
+        jb = jt0 + tl.arange(0, BT)
+        out = lse_ptr + b.to(tl.int64) * stride_lb + (w * HQ + h * G + g)[:, None] * stride_lh + jb[None, :]
+        tl.store(out, lse, mask=rm[:, None] & (jb < n)[None, :])
+
+
+def _kvstar_mass_kernel(
+    lse_ptr,
+    seqlen_ptr,
+    out_ptr,
+    M,
+    BS,
+    WHQ,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    BLOCK_H: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """Per row: each query's softmax over all its blocks from their log2-sum-exps (max and sum
+    over the row's n_b full blocks), then a block's score = sum over the W * Hq queries of
+    2^(lse - max) / sum; -inf for columns j >= n_b. Queries go BLOCK_H at a time, the scores
+    accumulating in `out` (this program alone writes the row)."""
+    b = tl.program_id(0)
+    n = tl.minimum(tl.load(seqlen_ptr + b).to(tl.int32) // BS, M)
+    row = lse_ptr + b.to(tl.int64) * stride_lb
+    for h0 in range(0, WHQ, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        hm = hh < WHQ
+        mx = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        sm = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for j0 in range(0, n, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            x = tl.load(row + hh[:, None] * stride_lh + j[None, :], mask=hm[:, None] & (j < n)[None, :],
+                        other=float("-inf"))
+            m_new = tl.maximum(mx, tl.max(x, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            sm = sm * tl.exp2(mx - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
+            mx = m_new
+        m_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        inv = tl.where(sm > 0, 1.0 / tl.where(sm > 0, sm, 1.0), 0.0)
+        for j0 in range(0, n, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            jm = j < n
+            x = tl.load(row + hh[:, None] * stride_lh + j[None, :], mask=hm[:, None] & jm[None, :],
+                        other=float("-inf"))
+            p = tl.sum(tl.exp2(x - m_safe[:, None]) * inv[:, None], axis=0)
+            prev = tl.load(out_ptr + b * stride_ob + j, mask=jm & (h0 > 0), other=0.0)
+            tl.store(out_ptr + b * stride_ob + j, prev + p, mask=jm)
+    for j0 in range(0, M, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        tl.store(out_ptr + b * stride_ob + j, tl.full([BLOCK_J], float("-inf"), dtype=tl.float32),
+                 mask=(j >= n) & (j < M))
+
+
 # ------------------------------------------------------------------------------------- build
 _KERNELS = (
     _sign_pack_kernel,
@@ -825,6 +1078,10 @@ _KERNELS = (
     _minmax_reset_kernel,
     _minmax_update_kernel,
     _scores_minmax_kernel,
+    _kvstar_write_kernel,
+    _kvstar_channels_kernel,
+    _kvstar_logits_kernel,
+    _kvstar_mass_kernel,
 )
 
 

@@ -24,6 +24,7 @@ from .kernels import get_kernels
 _REDUCE_CODE = {"min": 0, "mean": 1, "max": 2}
 _BLOCK_REDUCE_CODE = {"mean": 0, "max": 1, "min": 2}
 _LOG2E = 1.4426950408889634
+_KVSTAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -52,6 +53,9 @@ class CudaOps(TorchReferenceOps):
         self.topk_sort: bool | None = None
         self.scores_block_m: int | None = None
         self.scores_warps: int | None = None
+        self.kvstar_block_n: int | None = None
+        self.kvstar_block_k: int | None = None
+        self.kvstar_warps: int | None = None
 
     def topk_launch(self, block_m: int) -> tuple[int, int, bool]:
         """(num_warps, radix bits per pass, sort instead) of the top-k kernel for a row of
@@ -392,6 +396,83 @@ class CudaOps(TorchReferenceOps):
             qc.stride(0), qc.stride(1), mins.stride(0), mins.stride(1), tbl.stride(0), out.stride(0),
             MODE=0 if group_reduce == "mean" else 1, BLOCK_M=block_m, BLOCK_D=_pow2(d),
             num_warps=self.scores_warps or 1,
+        )
+        return out
+
+    # ---------------------------------------------------------------- KVStar
+    def kvstar_reps_dtype(self, device: torch.device) -> torch.dtype | None:
+        """bfloat16 channel-major representations where the kernels run: the scorer reads 2 bytes
+        per kept channel and representation (half of float32 sums, and only the kept channels)."""
+        return torch.bfloat16 if torch.device(device).type == ("cpu" if self.interpret else "cuda") else None
+
+    def kvstar_reps_add(self, reps, abs_sums, key, slot_mapping, block_size, merge) -> None:
+        """Two launches, no host read (safe inside a CUDA graph): zero the recycled blocks
+        (`_sums_reset_kernel`), then one read-modify-write per group of the call by its leader
+        token, rounded once (`_kvstar_write_kernel`: no atomics on the bfloat16 storage)."""
+        t = int(slot_mapping.shape[0])
+        usable = (self._can_run(reps, abs_sums, key, slot_mapping) and reps.dim() == 4 and reps.is_contiguous()
+                  and reps.dtype in _KVSTAR_DTYPES and abs_sums.dtype == torch.float32 and abs_sums.is_contiguous()
+                  and abs_sums.shape == reps.shape[:3] and key.dim() == 3 and key.shape[1:] == reps.shape[1:3]
+                  and key.stride(-1) == 1 and key.stride(1) == key.shape[2]
+                  and merge >= 1 and block_size % merge == 0 and block_size // merge == reps.shape[3])
+        if not usable:
+            return super().kvstar_reps_add(reps, abs_sums, key, slot_mapping, block_size, merge)
+        if t == 0:
+            return
+        _, h, d, r = reps.shape
+        slots = slot_mapping.contiguous()
+        self._k.sums_reset_kernel[(t,)](slots, reps, abs_sums, block_size, h * d * r, h * d,
+                                        HAS_ABS=True, BLOCK=min(_pow2(h * d * r), 1024))
+        self._k.kvstar_write_kernel[(t,)](key, slots, reps, abs_sums, t, block_size, merge, r, h * d, key.stride(0),
+                                          RNE_BF16=self.interpret and reps.dtype == torch.bfloat16,
+                                          BLOCK_T=min(_pow2(t), 1024), BLOCK_C=min(_pow2(h * d), 1024))
+
+    def kvstar_block_mass(self, q, reps, abs_sums, block_table, seq_lens, block_size, kept_dims, scale):
+        """Three launches, no host read: kept channels per (row, KV head) (`_kvstar_channels_kernel`),
+        per-block log2-sum-exps over the kept channels of the representations
+        (`_kvstar_logits_kernel`), the softmax mass per block (`_kvstar_mass_kernel`)."""
+        d = q.shape[-1]
+        if not 1 <= int(kept_dims) <= d:
+            raise ValueError(f"kvstar_block_mass: kept_dims must be in [1, {d}], got {kept_dims}")
+        usable = (self._can_run(q, reps, abs_sums, block_table, seq_lens) and q.dim() == 4 and reps.dim() == 4
+                  and reps.dtype in _KVSTAR_DTYPES and q.dtype in _KVSTAR_DTYPES
+                  and abs_sums.dtype == torch.float32 and abs_sums.shape == reps.shape[:3] and reps.shape[2] == d
+                  and q.shape[2] % reps.shape[1] == 0 and q.stride(-1) == 1 and reps.stride(-1) == 1
+                  and abs_sums.stride(-1) == 1 and block_table.dim() == 2 and not block_table.is_floating_point())
+        if not usable:
+            return super().kvstar_block_mass(q, reps, abs_sums, block_table, seq_lens, block_size, kept_dims, scale)
+        b, w, hq, _ = q.shape
+        nb, hkv, _, r = reps.shape
+        m = block_table.shape[1]
+        kept_dims = int(kept_dims)
+        out = torch.empty(b, m, dtype=torch.float32, device=q.device)
+        if b == 0 or m == 0:
+            return out
+        g = hq // hkv
+        tbl = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+        kept = torch.empty(b, hkv, kept_dims, dtype=torch.int32, device=q.device)
+        lse = torch.empty(b, w * hq, m, dtype=torch.float32, device=q.device)
+        block_d = _pow2(d)
+        self._k.kvstar_channels_kernel[(b * hkv,)](
+            abs_sums, tbl, seq_lens, kept, m, nb, block_size, d, kept_dims, abs_sums.stride(0), abs_sums.stride(1),
+            tbl.stride(0), HKV=hkv, BLOCK_J=max(1, min(64, 8192 // block_d)), BLOCK_D=block_d,
+        )
+        # a [kept-channel chunk, BT blocks x RC representations] tile per step: 256 columns = 4 blocks
+        # of R = 64 (block 128, merge 2); at least two blocks per tile, wide R walked in chunks
+        block_n = self.kvstar_block_n or 256
+        rc = min(_pow2(r), block_n // 2)
+        wg = w * g
+        block_g = min(_pow2(wg, 16), 64)
+        block_k = self.kvstar_block_k or min(32, _pow2(kept_dims, 16))
+        self._k.kvstar_logits_kernel[(triton_cdiv(m, block_n // rc), b * hkv, triton_cdiv(wg, block_g))](
+            q, reps, kept, tbl, seq_lens, lse, float(scale) * _LOG2E, m, nb, block_size, r, g, wg, hq, kept_dims,
+            q.stride(0), q.stride(1), q.stride(2), reps.stride(0), reps.stride(1), reps.stride(2), tbl.stride(0),
+            lse.stride(0), lse.stride(1), HKV=hkv, BLOCK_G=block_g, BLOCK_K=block_k, RC=rc, BT=block_n // rc,
+            PREC="ieee" if self.interpret else "tf32", num_warps=self.kvstar_warps or 4,
+        )
+        self._k.kvstar_mass_kernel[(b,)](
+            lse, seq_lens, out, m, block_size, w * hq, lse.stride(0), lse.stride(1), out.stride(0),
+            BLOCK_H=min(_pow2(w * hq), 32), BLOCK_J=min(_pow2(m, 16), 256), num_warps=8,
         )
         return out
 

@@ -9,12 +9,14 @@ Shapes (one letter per dimension, used in every docstring below):
     D   head dim (MLA: kv_lora + rope)      NB  physical blocks  bs   tokens per block
     M   block-table width                   C   code bytes per token and KV head (= ceil(bits/8))
     R   representations per block (KVStar merges tokens; ESA/GSA have R = 1)
+    W   queries per row (KVStar's window of recent decode queries)
 
 Paged layouts (device-neutral; integrations adapt their engine's layout to these):
     k_cache / v_cache   [NB, bs, Hkv, D]  (MLA: Hkv = 1, D = kv_lora_rank + qk_rope_head_dim)
     code cache          [NB, bs, Hkv, C]  uint8
     representation      [NB, Hkv, D] or [NB, Hkv, R, D] float32, indexed by physical block
-                        (Quest keeps two [NB, Hkv, D]: the element-wise min and max of K)
+                        (Quest keeps two [NB, Hkv, D]: the element-wise min and max of K;
+                        KVStar's channel-major reps are [NB, Hkv, D, R], see `kvstar_reps_add`)
     block_table         [B, M] int32/int64 physical block ids (entries past a row's end ignored)
     seq_lens            [B] int; row b owns n_b = ceil(seq_lens[b] / bs) blocks
 
@@ -322,6 +324,47 @@ class SparseOps(ABC):
         idx = blocks[:, None].expand(-1, flat.shape[1])
         mins.view(n, -1).scatter_reduce_(0, idx, flat, "amin", include_self=True)
         maxs.view(n, -1).scatter_reduce_(0, idx, flat, "amax", include_self=True)
+
+    # ------------------------------------------------------------------ KVStar
+    def kvstar_reps_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The dtype this backend keeps KVStar's representations in on `device`, in the
+        channel-major layout of `kvstar_reps_add` / `kvstar_block_mass`; None (the default): KVStar
+        keeps float32 row-major sums (`block_sums_add`, [NB, R, Hkv, D]) and scores them in torch
+        (or a backend's own native path). A backend whose scorer reads only the kept channels
+        returns a dtype here (the CUDA backend: bfloat16, half the bytes of float32 sums)."""
+        return None
+
+    @abstractmethod
+    def kvstar_reps_add(self, reps: torch.Tensor, abs_sums: torch.Tensor, key: torch.Tensor,
+                        slot_mapping: torch.Tensor, block_size: int, merge: int) -> None:
+        """`block_sums_add` into KVStar's channel-major representations, in place (every layer, as
+        K is written; no host read on an accelerator).
+
+        reps [NB, Hkv, D, R] (any float dtype; R = block_size // merge; reps[p, h, c, r] is the sum
+        of channel c of head h over the keys at offsets [r * merge, (r + 1) * merge) of block p, so
+        one channel's R values are contiguous); abs_sums [NB, Hkv, D] float32 (sums of |K| per
+        block); key [T, Hkv, D]; slot_mapping [T] (negative = not written). A block whose offset 0
+        is written restarts from zero before any key of the call is added. Each representation
+        the call touches becomes dtype(float32(old) + float32 sum of the call's keys of its group),
+        rounded once per call.
+        """
+
+    @abstractmethod
+    def kvstar_block_mass(self, q: torch.Tensor, reps: torch.Tensor, abs_sums: torch.Tensor,
+                          block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                          kept_dims: int, scale: float) -> torch.Tensor:
+        """KVStar's block scores from channel-major representations (`kvstar_reps_add`).
+
+        q [B, W, Hq, D] (a window of W queries per row), reps [NB, Hkv, D, R], abs_sums [NB, Hkv, D]
+        -> float32 [B, M]. Only full blocks are scored: n_b = min(seq_lens[b] // block_size, M).
+        For row b and KV head h, the kept channels are the kept_dims (1..D) channels with the
+        largest sum of abs_sums[p, h, :] over the row's full blocks p. Every query (w, h * G + g),
+        zeroed outside its head's kept channels, takes a softmax over the logits
+        scale * <q, reps[p, h, :, r]> of all n_b * R representations of the row; a block's score
+        is the probability mass its R representations receive, summed over the W * Hq queries.
+        -inf for columns j >= n_b (every column of a row without a full block). Entries past a
+        row's end may hold any id. Channels tied in importance may be kept either way.
+        """
 
     # ------------------------------------------------------------ host memory
     def host_copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:

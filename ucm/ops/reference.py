@@ -188,6 +188,54 @@ class TorchReferenceOps(SparseOps):
         mass = probs.view(b, nq, hkv, g, m, r).sum(dim=(1, 2, 3, 5))
         return torch.where(valid_block_mask(seq_lens, bsz, m), mass, -math.inf)
 
+    # ----------------------------------------------------------------- KVStar
+    def kvstar_reps_add(self, reps: torch.Tensor, abs_sums: torch.Tensor, key: torch.Tensor,
+                        slot_mapping: torch.Tensor, block_size: int, merge: int) -> None:
+        nb, h, d, r = reps.shape
+        if merge < 1 or block_size % merge or block_size // merge != r:
+            raise ValueError(f"kvstar_reps_add: reps hold {r} representations per block, not "
+                             f"block_size {block_size} // merge {merge}")
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep].to(reps.device, torch.int64)
+        key = key[keep.to(key.device)].to(reps.device, torch.float32)
+        if slots.device.type == "cpu" and slots.numel() and int(slots.max()) >= nb * block_size:
+            raise ValueError(f"kvstar_reps_add: slot {int(slots.max())} is past {nb} blocks of {block_size}")
+        blocks = slots // block_size
+        fresh = blocks[slots % block_size == 0]
+        if fresh.numel():
+            reps.index_fill_(0, fresh, 0.0)
+            abs_sums.index_fill_(0, fresh, 0.0)
+        if not slots.numel():
+            return
+        groups, inv = torch.unique(slots // merge, return_inverse=True)  # group id = block * R + r
+        total = torch.zeros(groups.numel(), h, d, device=reps.device).index_add_(0, inv, key)
+        gb, gr = groups // r, groups % r
+        reps[gb, :, :, gr] = (reps[gb, :, :, gr].to(torch.float32) + total).to(reps.dtype)  # [U, Hkv, D]
+        abs_sums.index_add_(0, blocks, key.abs())
+
+    def kvstar_block_mass(self, q: torch.Tensor, reps: torch.Tensor, abs_sums: torch.Tensor,
+                          block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                          kept_dims: int, scale: float) -> torch.Tensor:
+        b, w, hq, d = q.shape
+        nb, hkv, _, r = reps.shape
+        g = hq // hkv
+        m = block_table.shape[1]
+        dev = reps.device
+        if not 1 <= kept_dims <= d:
+            raise ValueError(f"kvstar_block_mass: kept_dims must be in [1, {d}], got {kept_dims}")
+        n_full = (seq_lens.to(dev, torch.int64) // block_size).clamp(max=m)
+        valid = torch.arange(m, device=dev)[None] < n_full[:, None]  # [B, M]
+        blocks = torch.where(valid, _safe_ids(block_table.to(dev), nb), 0)
+        importance = (abs_sums[blocks].to(torch.float32) * valid[:, :, None, None]).sum(1)  # [B, Hkv, D]
+        dims = importance.topk(kept_dims, dim=-1).indices
+        keep = torch.zeros(b, hkv, d, device=dev).scatter_(2, dims, 1.0)
+        qm = q.to(dev, torch.float32).view(b, w, hkv, g, d) * keep[:, None, :, None]  # pruned queries
+        logits = torch.einsum("bwhgd,bmhdr->bhwgmr", qm, reps[blocks].to(torch.float32)) * scale
+        logits = logits.masked_fill(~valid[:, None, None, None, :, None], -math.inf)
+        probs = torch.softmax(logits.reshape(b, hkv, w, g, m * r), dim=-1).nan_to_num(0.0)
+        mass = probs.view(b, hkv * w * g, m, r).sum(dim=(1, 3))
+        return torch.where(valid, mass, -math.inf)
+
     # -------------------------------------------------------------- selection
     def block_topk(
         self,

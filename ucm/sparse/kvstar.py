@@ -22,6 +22,36 @@ from ucm.sparse.base import BlockAccumulator, BlockScorer, ModelShapes, SparseMe
 from ucm.sparse.factory import BuildContext, windowed_method
 
 
+class ChannelMajorReps:
+    """KVStar's per-block state in the op contract's channel-major layout (`kvstar_reps_add`,
+    `kvstar_block_mass`), for backends that score from it (`SparseOps.kvstar_reps_dtype`):
+
+    reps [NB, Hkv, D, R] in the backend's dtype (sums of `merge` consecutive keys, one channel's R
+    values contiguous, so a scorer reads only the kept channels) and abs_sums [NB, Hkv, D] float32
+    (sums of |K|, the channels' importance). The same interface as `BlockAccumulator`.
+    """
+
+    def __init__(self, shapes: ModelShapes, merge: int, dtype: torch.dtype, ops: SparseOps) -> None:
+        bs = shapes.block_size
+        self.block_size, self.merge, self.groups = bs, merge, bs // merge
+        self.device = shapes.device
+        self.ops = ops
+        n, h, d = shapes.num_blocks, shapes.num_kv_heads, shapes.head_dim
+        self.reps = torch.zeros(n, h, d, self.groups, dtype=dtype, device=self.device)
+        self.abs_sums = torch.zeros(n, h, d, device=self.device)
+
+    def add(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        self.ops.kvstar_reps_add(self.reps, self.abs_sums, key, slot_mapping, self.block_size, self.merge)
+
+    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        src, dst = src.to(self.device, torch.int64), dst.to(self.device, torch.int64)
+        self.reps.index_copy_(0, dst, self.reps.index_select(0, src))
+        self.abs_sums.index_copy_(0, dst, self.abs_sums.index_select(0, src))
+
+    def nbytes(self) -> int:
+        return self.reps.numel() * self.reps.element_size() + self.abs_sums.numel() * 4
+
+
 class KVStarScorer(BlockScorer):
     def __init__(self, shapes: ModelShapes, ops: SparseOps, prune_ratio: float, merge: int, window: int) -> None:
         super().__init__(shapes, ops)
@@ -36,8 +66,14 @@ class KVStarScorer(BlockScorer):
         self.window = window
         self.kept_dims = max(1, math.ceil(prune_ratio * shapes.head_dim))
         self.scale = 1.0 / math.sqrt(shapes.head_dim)
-        self.acc = [BlockAccumulator(shapes, merge, shapes.device, absolute=True, ops=ops)
-                    for _ in range(shapes.num_layers)]
+        # the backend's channel-major layout when it scores from one (only the kept channels are
+        # read, in its dtype), else float32 row-major sums scored by `_mass` / a native op
+        dtype = ops.kvstar_reps_dtype(shapes.device)
+        self.channel_major = dtype is not None
+        self.acc: list[ChannelMajorReps] | list[BlockAccumulator] = [
+            ChannelMajorReps(shapes, merge, dtype, ops) if self.channel_major
+            else BlockAccumulator(shapes, merge, shapes.device, absolute=True, ops=ops)
+            for _ in range(shapes.num_layers)]
         self._queries: dict[tuple[str, int], deque] = {}
 
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -73,8 +109,10 @@ class KVStarScorer(BlockScorer):
         layer instead of a dozen small ops and a materialised channel gather per row. Same
         quantity as `block_softmax_mass` over the pruned representations."""
         bs = self.shapes.block_size
-        hkv = self.shapes.num_kv_heads
-        g = self.shapes.num_q_heads // hkv
+        acc = self.acc[layer]
+        if self.channel_major:
+            return self.ops.kvstar_block_mass(q, acc.reps, acc.abs_sums, block_table.to(q.device),
+                                              seq_lens.to(q.device), bs, self.kept_dims, self.scale / self.merge)
         b, m = block_table.shape
         out = torch.full((b, m), -math.inf, device=q.device)
         # the partial last block has no representation (it is always kept)
@@ -82,7 +120,6 @@ class KVStarScorer(BlockScorer):
         n = int(n_full.max()) if b else 0
         if n == 0:
             return out
-        acc = self.acc[layer]
         native = getattr(self.ops, "kvstar_scores", None)
         if native is not None:
             got = native(q, acc.sums, acc.abs_sums, block_table, n_full, self.kept_dims, self.scale / self.merge)
@@ -98,6 +135,10 @@ class KVStarScorer(BlockScorer):
                      seq_lens: torch.Tensor) -> torch.Tensor:
         """The current query alone (a window of one) over every column of the table: static
         shapes, no host read. `seq_lens` counts full blocks' tokens (`batch_full_blocks`)."""
+        if self.channel_major:  # the backend's fused op: reads only the kept channels
+            acc = self.acc[layer]
+            return self.ops.kvstar_block_mass(q[:, None], acc.reps, acc.abs_sums, block_table, seq_lens,
+                                              self.shapes.block_size, self.kept_dims, self.scale / self.merge)
         m = block_table.shape[1]
         n_full = (seq_lens.to(device=q.device, dtype=torch.int64) // self.shapes.block_size).clamp(max=m)
         return self._mass(layer, q[:, None], block_table, n_full, m)
@@ -105,7 +146,8 @@ class KVStarScorer(BlockScorer):
     def _mass(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, n_full: torch.Tensor,
               n: int) -> torch.Tensor:
         """[B, n] attention mass of the queries q [B, W, Hq, D] on the first n columns' full
-        blocks (-inf past a row's n_full)."""
+        blocks (-inf past a row's n_full), from row-major sums (the op contract's
+        `kvstar_block_mass` is the same quantity over channel-major representations)."""
         hkv = self.shapes.num_kv_heads
         g = self.shapes.num_q_heads // hkv
         b = block_table.shape[0]
