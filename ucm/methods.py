@@ -115,10 +115,9 @@ class MethodSpec:
     @property
     def windowed(self) -> bool:
         """Its config has the shared window/ratio keys (`WindowedMethodConfig`): init and local
-        windows, `sparse_ratio`, `min_blocks`, `dense_layers`, offload."""
-        from ucm.config.sparse import WindowedMethodConfig
-
-        return issubclass(self.config, WindowedMethodConfig)
+        windows, `sparse_ratio`, `min_blocks`, `dense_layers`, offload. Read from the config
+        class's `windowed` flag: this module sits below `ucm.config` and never imports it."""
+        return bool(getattr(self.config, "windowed", False))
 
     def build(self, config: Any, shapes: Any, ctx: Any) -> Any:
         """The ready-to-run `SparseMethod` of a parsed `config` for the model's `shapes`."""

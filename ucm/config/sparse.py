@@ -58,6 +58,8 @@ class SparseMethodConfig(_Strict):
     method: ClassVar[str] = ""
     #: keys whose value must divide the served KV block size (checked at engine start)
     block_size_divisors: ClassVar[tuple[str, ...]] = ()
+    #: it has WindowedMethodConfig's keys (`MethodSpec.windowed`, `method_names(windowed=True)`)
+    windowed: ClassVar[bool] = False
 
 
 MethodConfig = SparseMethodConfig  # the type of a parsed `ucm_sparse_config`
@@ -66,6 +68,7 @@ MethodConfig = SparseMethodConfig  # the type of a parsed `ucm_sparse_config`
 class WindowedMethodConfig(SparseMethodConfig):
     """Keys shared by the representation-based methods (ESA, GSA, KVStar): windows, a keep
     ratio, a retrieval stride, dense layers, offload."""
+    windowed: ClassVar[bool] = True
     init_window_sz: BlockCount = 1
     local_window_sz: BlockCount = 2
     sparse_ratio: Ratio = 0.3
