@@ -957,6 +957,7 @@ def _kvstar_logits_kernel(
     RC: tl.constexpr,
     BT: tl.constexpr,
     PREC: tl.constexpr,
+    DOT_BF16: tl.constexpr,
 ):
     """Per (tile of BT blocks, row x KV head, chunk of BLOCK_G of the head's W * G queries): the
     log2-sum-exp of each query's scaled logits over each block's R representations, on the kept
@@ -965,9 +966,10 @@ def _kvstar_logits_kernel(
     The tile is [BLOCK_K kept channels, BT blocks x RC representations]: with the channel-major
     layout each (block, channel) run of R values is contiguous (128 bytes for R = 64 bfloat16), so
     the program reads exactly the kept channels of its blocks. Logits come from one `tl.dot` per
-    channel chunk ([BLOCK_G, BLOCK_K] x [BLOCK_K, BT * RC], float32 accumulators); representations
-    wider than RC (R > RC, then BT = 1) are walked in chunks with an online max / sum per block.
-    Tiles past the row's full blocks do nothing; kernel 3 only reads columns j < n_b."""
+    channel chunk ([BLOCK_G, BLOCK_K] x [BLOCK_K, BT * RC], float32 accumulators: bfloat16
+    operands when the queries are bfloat16 (exact, as the model's), else float32 with PREC);
+    representations wider than RC are walked in chunks with an online max / sum per block.
+    Tiles past the row's full blocks do nothing; `_kvstar_mass_kernel` only reads columns j < n_b."""
     jt0 = tl.program_id(0) * BT
     pid = tl.program_id(1)
     b = pid // HKV
@@ -999,7 +1001,10 @@ def _kvstar_logits_kernel(
                 qt = tl.load(qbase[:, None] + ch[None, :], mask=rm[:, None] & km[None, :], other=0.0)
                 rt = tl.load(rbase[None, :] + ch[:, None] * stride_rc + r[None, :], mask=km[:, None] & cm[None, :],
                              other=0.0)
-                acc += tl.dot(qt.to(tl.float32), rt.to(tl.float32), input_precision=PREC)
+                if DOT_BF16:  # bfloat16 queries and representations: exact products, float32 sums
+                    acc += tl.dot(qt, rt)
+                else:
+                    acc += tl.dot(qt.to(tl.float32), rt.to(tl.float32), input_precision=PREC)
             x = tl.where(cm[None, :], acc * scale_log2, float("-inf"))
             x3 = tl.reshape(x, [BLOCK_G, BT, RC])
             m_new = tl.maximum(m_blk, tl.max(x3, axis=2))

@@ -455,7 +455,7 @@ class CudaOps(TorchReferenceOps):
         block_d = _pow2(d)
         self._k.kvstar_channels_kernel[(b * hkv,)](
             abs_sums, tbl, seq_lens, kept, m, nb, block_size, d, kept_dims, abs_sums.stride(0), abs_sums.stride(1),
-            tbl.stride(0), HKV=hkv, BLOCK_J=max(1, min(64, 8192 // block_d)), BLOCK_D=block_d,
+            tbl.stride(0), HKV=hkv, BLOCK_J=max(1, min(128, 16384 // block_d)), BLOCK_D=block_d, num_warps=8,
         )
         # a [kept-channel chunk, BT blocks x RC representations] tile per step: 256 columns = 4 blocks
         # of R = 64 (block 128, merge 2); at least two blocks per tile, wide R walked in chunks
@@ -469,6 +469,7 @@ class CudaOps(TorchReferenceOps):
             q.stride(0), q.stride(1), q.stride(2), reps.stride(0), reps.stride(1), reps.stride(2), tbl.stride(0),
             lse.stride(0), lse.stride(1), HKV=hkv, BLOCK_G=block_g, BLOCK_K=block_k, RC=rc, BT=block_n // rc,
             PREC="ieee" if self.interpret else "tf32", num_warps=self.kvstar_warps or 4,
+            DOT_BF16=not self.interpret and q.dtype == torch.bfloat16 and reps.dtype == torch.bfloat16,
         )
         self._k.kvstar_mass_kernel[(b,)](
             lse, seq_lens, out, m, block_size, w * hq, lse.stride(0), lse.stride(1), out.stride(0),
