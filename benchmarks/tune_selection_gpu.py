@@ -7,7 +7,8 @@ FlashAttention. This times exactly that sequence, through the product's own obje
 model inside one CUDA graph, as vLLM's FULL decode graphs replay it: microseconds per layer
 include the gaps between kernels. Then it sweeps the launch settings of the two kernels that
 dominate (the dot scorer's blocks per program, the top-k's warps and radix width) one op at a
-time, so the defaults in `CudaOps` can be chosen from numbers.
+time, so the defaults in `CudaOps` can be chosen from numbers; KVStar's fused scorer
+(`kvstar_block_mass`) the same way, next to its bandwidth bound at 4.3 TB/s.
 
     python benchmarks/tune_selection_gpu.py --out DIR    # writes DIR/tune_selection_gpu.json
 """
@@ -136,6 +137,26 @@ def sweep_ops(ops, b: int, ctx: int) -> list[dict]:
     kd = torch.full_like(k, m)
     us = graph_us(lambda: [ops.select_and_rewrite(scores, kd, must, table, lens, BS) for _ in range(LAYERS)])
     out.append({"op": "select_and_rewrite(k=n, dense rows)", "batch": b, "blocks": m, "us": round(us / LAYERS, 2)})
+    # KVStar's fused scorer (bf16 channel-major reps, merge 2 -> R = 64, 32 of 128 channels kept):
+    # its tile width (blocks x representations per program), channel chunk and warps
+    reps = torch.randn(nb, HKV, D, BS // 2, device=dev).to(torch.bfloat16)
+    abs_sums = torch.rand(nb, HKV, D, device=dev)
+    q4 = q[:, None]
+    kv_bytes = b * (m - 1) * HKV * (32 * (BS // 2) * 2 + D * 4)  # kept reps + abs_sums of the full blocks
+    for bn in (128, 256, 512):
+        for bk in (16, 32):
+            for w in (4, 8):
+                ops.kvstar_block_n, ops.kvstar_block_k, ops.kvstar_warps = bn, bk, w
+                us = graph_us(lambda: [ops.kvstar_block_mass(q4, reps, abs_sums, table, lens, BS, 32, 0.0625)
+                                       for _ in range(LAYERS)]) / LAYERS
+                out.append({"op": "kvstar_block_mass", "batch": b, "blocks": m, "block_n": bn, "block_k": bk,
+                            "warps": w, "us": round(us, 2), "bound_us": round(kv_bytes / 4.3e6, 2)})
+    ops.kvstar_block_n = ops.kvstar_block_k = ops.kvstar_warps = None
+    us = graph_us(lambda: [ops.kvstar_block_mass(q4, reps, abs_sums, table, lens, BS, 32, 0.0625)
+                           for _ in range(LAYERS)]) / LAYERS
+    out.append({"op": "kvstar_block_mass", "batch": b, "blocks": m, "default": True, "us": round(us, 2),
+                "bound_us": round(kv_bytes / 4.3e6, 2)})
+    del reps, abs_sums
     one = torch.zeros(1, device=dev)
     us = graph_us(lambda: [one.add_(1) for _ in range(LAYERS)])
     out.append({"op": "an empty torch kernel (launch floor)", "us": round(us / LAYERS, 2)})
