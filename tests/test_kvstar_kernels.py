@@ -58,6 +58,15 @@ def ops():
         pytest.skip(f"Triton interpreter unavailable in this process: {exc}")
 
 
+@pytest.fixture(params=["scan", "sort"])
+def write_ops(request, ops):
+    """The writer's two ways of finding a group's keys in a call: the in-kernel scan (decode,
+    short prefills) and the stable sort of group ids (long prefills)."""
+    ops.kvstar_scan_max = 1 << 30 if request.param == "scan" else 0
+    yield ops
+    ops.kvstar_scan_max = 4096
+
+
 # ------------------------------------------------------------------------------ NumPy oracles
 def round_to(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     """float32 values rounded (nearest even) to `dtype`, back as float32."""
@@ -229,7 +238,7 @@ def test_reference_block_mass_is_the_scorers_row_major_mass(merge, prune) -> Non
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("key_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("merge", [1, 2, 4])
-def test_kernel_reps_add_writes_the_oracles_bits(ops, dtype, key_dtype, merge) -> None:
+def test_kernel_reps_add_writes_the_oracles_bits(write_ops, dtype, key_dtype, merge) -> None:
     """Recycled blocks, partial and shuffled prefills, padding, a slot written twice, decode
     steps that complete groups: the same bits as the oracle (one rounding per group and call,
     in token order) and |K| sums within float32 atomics' order."""
@@ -240,14 +249,14 @@ def test_kernel_reps_add_writes_the_oracles_bits(ops, dtype, key_dtype, merge) -
     want_r, want_a = reps.float().numpy().copy(), abs_sums.numpy().copy()
     reps, abs_sums = reps.to(DEV), abs_sums.to(DEV)
     for slots, key in write_calls(bs, h, d, g, key_dtype):
-        ops.kvstar_reps_add(reps, abs_sums, key.to(DEV), slots.to(DEV), bs, merge)
+        write_ops.kvstar_reps_add(reps, abs_sums, key.to(DEV), slots.to(DEV), bs, merge)
         np_reps_add(want_r, want_a, key.float().numpy(), slots.numpy(), bs, merge, dtype)
     assert torch.equal(reps.float().cpu(), torch.from_numpy(want_r))
     torch.testing.assert_close(abs_sums.cpu(), torch.from_numpy(want_a), rtol=1e-6, atol=1e-5)
 
 
 @needs_triton
-def test_kernel_reps_add_large_prefill_and_key_views(ops) -> None:
+def test_kernel_reps_add_large_prefill_and_key_views(write_ops) -> None:
     """A prefill of several rows in vLLM's order (consecutive slots, blocks scattered) taken from
     a strided view of a fused qkv tensor, then decode: the layout equals the reference's sums."""
     hkv, d, bs, merge = 2, 32, 16, 2
@@ -261,13 +270,13 @@ def test_kernel_reps_add_large_prefill_and_key_views(ops) -> None:
     reps = torch.zeros(nb, hkv, d, bs // merge, dtype=torch.bfloat16, device=DEV)
     abs_sums = torch.zeros(nb, hkv, d, device=DEV)
     sums, abs_rm = torch.zeros(nb, bs // merge, hkv, d), torch.zeros(nb, hkv, d)
-    ops.kvstar_reps_add(reps, abs_sums, key.to(DEV), slots.to(DEV), bs, merge)
+    write_ops.kvstar_reps_add(reps, abs_sums, key.to(DEV), slots.to(DEV), bs, merge)
     REF.block_sums_add(sums, abs_rm, key, slots, bs, merge)
     for step in range(3):
         pos = torch.tensor(lens) + step
         new = table.gather(1, (pos // bs)[:, None].long())[:, 0].long() * bs + pos % bs
         k = torch.randn(len(lens), hkv, d, generator=g).to(torch.bfloat16)
-        ops.kvstar_reps_add(reps, abs_sums, k.to(DEV), new.to(DEV), bs, merge)
+        write_ops.kvstar_reps_add(reps, abs_sums, k.to(DEV), new.to(DEV), bs, merge)
         REF.block_sums_add(sums, abs_rm, k, new, bs, merge)
     want = sums.permute(0, 2, 3, 1)
     # within bfloat16 rounding: once for a prefill group, at most twice for a decode-built one

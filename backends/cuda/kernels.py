@@ -812,6 +812,9 @@ def _scores_minmax_kernel(
 def _kvstar_write_kernel(
     key_ptr,
     slot_ptr,
+    grp_ptr,
+    order_ptr,
+    end_ptr,
     reps_ptr,
     abs_ptr,
     T,
@@ -820,6 +823,7 @@ def _kvstar_write_kernel(
     R,
     HD,
     stride_kt,
+    SORTED: tl.constexpr,
     RNE_BF16: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -827,57 +831,73 @@ def _kvstar_write_kernel(
     """Add the written keys into KVStar's channel-major representations [NB, Hkv * D, R] (any
     float dtype) and their |K| into abs_sums [NB, Hkv * D] float32, after `_sums_reset_kernel`.
 
-    One program per written token; only the group's leader (the first token of the call written
-    to the same group of `MERGE` slots) works: it sums the group's keys of the call in float32 and
-    does one read-modify-write of the group's representation, rounded once. No two programs write
-    one representation, so a prefill chunk needs no atomics on the (bfloat16) storage and a group
-    split across calls (decode) accumulates in place. Members are found by scanning the call's
-    slots (T per program, L1-resident: ~T^2 compares per call, cheap up to prefill chunks of a
-    few thousand tokens); a token whose predecessor is in its group (vLLM's order) skips the scan.
-    The leaders of one block add their groups' |K| into the block's abs_sums with float32 atomics.
-    The representation stores are 2-byte and strided by R (channel-major), read-modify-write of
-    HD values per group: small next to the scorer's reads, which this layout makes contiguous.
+    Every group of `MERGE` slots written in the call has one leader program, which sums the
+    group's keys of the call in float32, in token order, and does one read-modify-write of the
+    group's representation, rounded once: no two programs write one representation, so a prefill
+    chunk needs no atomics on the (bfloat16) storage, and a group split across calls (decode)
+    accumulates in place. The leaders of one block add their groups' |K| into the block's
+    abs_sums with float32 atomics. Finding a group's members:
+      * SORTED == False (small calls: decode, short prefills): program t is token t; it leads if no
+        earlier token of the call is in its group, found by scanning the call's slots (T per
+        program, L1-resident); a token whose predecessor is in its group (vLLM's order) skips the
+        scan. Members are the matching tokens up to the last one the scan saw.
+      * SORTED (long prefills, where T^2 compares would cost): the call's group ids sorted stably
+        (grp, with the token order `order` and each position's end of run `end`); program i leads
+        if position i starts a run, and its members are positions i .. end[i] - 1.
+    The representation stores are 2-byte and strided by R (channel-major), one read-modify-write
+    of HD values per group: small next to the scorer's reads, which this layout makes contiguous.
     RNE_BF16 (interpreter only): Triton 3.6's interpreter truncates float32 -> bfloat16, the GPU
     rounds to nearest even; the value is rounded by hand first so both store the same bits.
     """
     t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:
-        grp = slot // MERGE
-        prev = tl.load(slot_ptr + t - 1, mask=t > 0, other=-1).to(tl.int64)
-        may_lead = (prev < 0) | (tl.maximum(prev, 0) // MERGE != grp)
-        if may_lead:
+    if SORTED:
+        g = tl.load(grp_ptr + t).to(tl.int64)
+        gp = tl.load(grp_ptr + t - 1, mask=t > 0, other=-1).to(tl.int64)
+        lead = (g >= 0) & (gp != g)
+        last = tl.load(end_ptr + t).to(tl.int32) - 1
+    else:
+        s = tl.load(slot_ptr + t).to(tl.int64)
+        sp = tl.load(slot_ptr + t - 1, mask=t > 0, other=-1).to(tl.int64)
+        g = tl.where(s >= 0, tl.maximum(s, 0) // MERGE, -1)
+        lead = (g >= 0) & (tl.where(sp >= 0, tl.maximum(sp, 0) // MERGE, -1) != g)
+        last = t
+        if lead:
             first = tl.zeros([], dtype=tl.int32) + T
             last = tl.zeros([], dtype=tl.int32) - 1
             for j0 in range(0, T, BLOCK_T):
                 j = j0 + tl.arange(0, BLOCK_T)
                 sj = tl.load(slot_ptr + j, mask=j < T, other=-1).to(tl.int64)
-                match = (sj >= 0) & (tl.maximum(sj, 0) // MERGE == grp)
+                match = (sj >= 0) & (tl.maximum(sj, 0) // MERGE == g)
                 first = tl.minimum(first, tl.min(tl.where(match, j, T), axis=0))
                 last = tl.maximum(last, tl.max(tl.where(match, j, -1), axis=0))
-            if first == t:
-                blk = slot // BS
-                r = (slot % BS) // MERGE
-                for c0 in range(0, HD, BLOCK_C):
-                    c = c0 + tl.arange(0, BLOCK_C)
-                    cm = c < HD
-                    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-                    aacc = tl.zeros([BLOCK_C], dtype=tl.float32)
-                    kt = key_ptr + t.to(tl.int64) * stride_kt + c
-                    for j in range(t, last + 1):
-                        sj = tl.load(slot_ptr + j).to(tl.int64)
-                        mj = (sj >= 0) & (tl.maximum(sj, 0) // MERGE == grp)
-                        k = tl.load(kt + (j - t) * stride_kt, mask=cm & mj, other=0.0).to(tl.float32)
-                        acc += k
-                        aacc += tl.abs(k)
-                    rp = reps_ptr + (blk * HD + c) * R + r
-                    new = tl.load(rp, mask=cm, other=0.0).to(tl.float32) + acc
-                    if RNE_BF16:  # round to nearest even by hand: the interpreter's cast truncates
-                        bits = new.to(tl.int32, bitcast=True)
-                        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-                        new = bits.to(tl.float32, bitcast=True)
-                    tl.store(rp, new.to(reps_ptr.dtype.element_ty), mask=cm)
-                    tl.atomic_add(abs_ptr + blk * HD + c, aacc, mask=cm, sem="relaxed")
+            lead = first == t
+    if lead:
+        blk = g // R
+        r = g % R
+        for c0 in range(0, HD, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cm = c < HD
+            acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+            aacc = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for j in range(t, last + 1):
+                if SORTED:
+                    tok = tl.load(order_ptr + j).to(tl.int64)
+                    mj = tok >= 0
+                else:
+                    tok = tl.zeros([], dtype=tl.int64) + j
+                    sj = tl.load(slot_ptr + j).to(tl.int64)
+                    mj = (sj >= 0) & (tl.maximum(sj, 0) // MERGE == g)
+                k = tl.load(key_ptr + tok * stride_kt + c, mask=cm & mj, other=0.0).to(tl.float32)
+                acc += k
+                aacc += tl.abs(k)
+            rp = reps_ptr + (blk * HD + c) * R + r
+            new = tl.load(rp, mask=cm, other=0.0).to(tl.float32) + acc
+            if RNE_BF16:  # round to nearest even by hand: the interpreter's cast truncates
+                bits = new.to(tl.int32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+                new = bits.to(tl.float32, bitcast=True)
+            tl.store(rp, new.to(reps_ptr.dtype.element_ty), mask=cm)
+            tl.atomic_add(abs_ptr + blk * HD + c, aacc, mask=cm, sem="relaxed")
 
 
 def _kvstar_channels_kernel(

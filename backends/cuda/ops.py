@@ -56,6 +56,9 @@ class CudaOps(TorchReferenceOps):
         self.kvstar_block_n: int | None = None
         self.kvstar_block_k: int | None = None
         self.kvstar_warps: int | None = None
+        #: calls of up to this many tokens find KVStar's groups by an in-kernel scan (T^2 compares,
+        #: one launch), longer ones by a sort
+        self.kvstar_scan_max = 4096
 
     def topk_launch(self, block_m: int) -> tuple[int, int, bool]:
         """(num_warps, radix bits per pass, sort instead) of the top-k kernel for a row of
@@ -408,7 +411,8 @@ class CudaOps(TorchReferenceOps):
     def kvstar_reps_add(self, reps, abs_sums, key, slot_mapping, block_size, merge) -> None:
         """Two launches, no host read (safe inside a CUDA graph): zero the recycled blocks
         (`_sums_reset_kernel`), then one read-modify-write per group of the call by its leader
-        token, rounded once (`_kvstar_write_kernel`: no atomics on the bfloat16 storage)."""
+        token, rounded once (`_kvstar_write_kernel`: no atomics on the bfloat16 storage). Calls
+        longer than `kvstar_scan_max` tokens (prefills) sort the group ids first."""
         t = int(slot_mapping.shape[0])
         usable = (self._can_run(reps, abs_sums, key, slot_mapping) and reps.dim() == 4 and reps.is_contiguous()
                   and reps.dtype in _KVSTAR_DTYPES and abs_sums.dtype == torch.float32 and abs_sums.is_contiguous()
@@ -423,9 +427,18 @@ class CudaOps(TorchReferenceOps):
         slots = slot_mapping.contiguous()
         self._k.sums_reset_kernel[(t,)](slots, reps, abs_sums, block_size, h * d * r, h * d,
                                         HAS_ABS=True, BLOCK=min(_pow2(h * d * r), 1024))
-        self._k.kvstar_write_kernel[(t,)](key, slots, reps, abs_sums, t, block_size, merge, r, h * d, key.stride(0),
-                                          RNE_BF16=self.interpret and reps.dtype == torch.bfloat16,
-                                          BLOCK_T=min(_pow2(t), 1024), BLOCK_C=min(_pow2(h * d), 1024))
+        sort = t > self.kvstar_scan_max
+        if sort:  # long prefills: runs of one group from a stable sort (3 torch ops) instead of T^2 compares
+            groups = torch.where(slots >= 0, slots.clamp(min=0) // merge, -1)
+            grp, order = torch.sort(groups, stable=True)
+            end = torch.searchsorted(grp, grp, right=True)
+        else:
+            grp = order = end = slots  # unused
+        self._k.kvstar_write_kernel[(t,)](
+            key, slots, grp, order, end, reps, abs_sums, t, block_size, merge, r, h * d, key.stride(0),
+            SORTED=sort, RNE_BF16=self.interpret and reps.dtype == torch.bfloat16,
+            BLOCK_T=min(_pow2(t), 1024), BLOCK_C=min(_pow2(h * d), 1024),
+        )
 
     def kvstar_block_mass(self, q, reps, abs_sums, block_table, seq_lens, block_size, kept_dims, scale):
         """Three launches, no host read: kept channels per (row, KV head) (`_kvstar_channels_kernel`),
