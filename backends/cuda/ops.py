@@ -443,7 +443,10 @@ class CudaOps(TorchReferenceOps):
     def kvstar_block_mass(self, q, reps, abs_sums, block_table, seq_lens, block_size, kept_dims, scale):
         """Three launches, no host read: kept channels per (row, KV head) (`_kvstar_channels_kernel`),
         per-block log2-sum-exps over the kept channels of the representations
-        (`_kvstar_logits_kernel`), the softmax mass per block (`_kvstar_mass_kernel`)."""
+        (`_kvstar_logits_kernel`), the softmax mass per block (`_kvstar_mass_kernel`). Logits are
+        float32-accumulated dots: bf16 operands for bf16 queries; with half-precision reps, tf32 for
+        float32 / fp16 queries on the GPU (exact for the values of a bf16 / fp16 model, as
+        `KVStarScorer`'s float32 windows hold); IEEE float32 with float32 reps."""
         d = q.shape[-1]
         if not 1 <= int(kept_dims) <= d:
             raise ValueError(f"kvstar_block_mass: kept_dims must be in [1, {d}], got {kept_dims}")
@@ -481,7 +484,7 @@ class CudaOps(TorchReferenceOps):
             q, reps, kept, tbl, seq_lens, lse, float(scale) * _LOG2E, m, nb, block_size, r, g, wg, hq, kept_dims,
             q.stride(0), q.stride(1), q.stride(2), reps.stride(0), reps.stride(1), reps.stride(2), tbl.stride(0),
             lse.stride(0), lse.stride(1), HKV=hkv, BLOCK_G=block_g, BLOCK_K=block_k, RC=rc, BT=block_n // rc,
-            PREC="ieee" if self.interpret else "tf32", num_warps=self.kvstar_warps or 4,
+            PREC="ieee" if self.interpret or reps.dtype == torch.float32 else "tf32", num_warps=self.kvstar_warps or 4,
             DOT_BF16=not self.interpret and q.dtype == torch.bfloat16 and reps.dtype == torch.bfloat16,
         )
         self._k.kvstar_mass_kernel[(b,)](
