@@ -146,12 +146,15 @@ def sweep_ops(ops, b: int, ctx: int) -> list[dict]:
     for bn in (128, 256, 512):
         for bk in (16, 32):
             for w in (4, 8):
-                ops.kvstar_block_n, ops.kvstar_block_k, ops.kvstar_warps = bn, bk, w
-                us = graph_us(lambda: [ops.kvstar_block_mass(q4, reps, abs_sums, table, lens, BS, 32, 0.0625)
-                                       for _ in range(LAYERS)]) / LAYERS
-                out.append({"op": "kvstar_block_mass", "batch": b, "blocks": m, "block_n": bn, "block_k": bk,
-                            "warps": w, "us": round(us, 2), "bound_us": round(kv_bytes / 4.3e6, 2)})
-    ops.kvstar_block_n = ops.kvstar_block_k = ops.kvstar_warps = None
+                for tpp in (1, 2, 4, 8):
+                    ops.kvstar_block_n, ops.kvstar_block_k, ops.kvstar_warps = bn, bk, w
+                    ops.kvstar_tiles_per_prog = tpp
+                    us = graph_us(lambda: [ops.kvstar_block_mass(q4, reps, abs_sums, table, lens, BS, 32, 0.0625)
+                                           for _ in range(LAYERS)]) / LAYERS
+                    out.append({"op": "kvstar_block_mass", "batch": b, "blocks": m, "block_n": bn, "block_k": bk,
+                                "warps": w, "tiles_per_prog": tpp, "us": round(us, 2),
+                                "bound_us": round(kv_bytes / 4.3e6, 2)})
+    ops.kvstar_block_n = ops.kvstar_block_k = ops.kvstar_warps = ops.kvstar_tiles_per_prog = None
     us = graph_us(lambda: [ops.kvstar_block_mass(q4, reps, abs_sums, table, lens, BS, 32, 0.0625)
                            for _ in range(LAYERS)]) / LAYERS
     out.append({"op": "kvstar_block_mass", "batch": b, "blocks": m, "default": True, "us": round(us, 2),

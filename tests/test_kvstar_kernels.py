@@ -322,6 +322,29 @@ def test_kernel_block_mass_matches_the_reference(ops, qdtype, rdtype, hq, hkv, d
 
 
 @needs_triton
+@pytest.mark.parametrize("hq,hkv,d,bs,merge,kept,w,lens", [MASS_CASES[0], MASS_CASES[3], MASS_CASES[5]])
+def test_kernel_block_mass_launch_settings(ops, hq, hkv, d, bs, merge, kept, w, lens) -> None:
+    """Programs walking several tiles (loads pipelined across tiles), channel chunks of 16 (several
+    per tile when more than 16 channels are kept), narrow and wide tiles: the reference's scores."""
+    g = gen(hq * d + bs)
+    table, sl, nb = random_table(lens, bs, 5, g, extra_cols=2)
+    reps = torch.randn(nb, hkv, d, bs // merge, generator=g).to(torch.bfloat16)
+    abs_sums = torch.rand(nb, hkv, d, generator=g) * 4
+    q = torch.randn(len(lens), w, hq, d, generator=g).to(torch.bfloat16)
+    want = REF.kvstar_block_mass(q, reps, abs_sums, table, sl, bs, kept, 0.2)
+    valid = torch.isfinite(want)
+    try:
+        for tpp, bk, bn in ((3, 16, 256), (2, 16, 32), (1, None, 512)):
+            ops.kvstar_tiles_per_prog, ops.kvstar_block_k, ops.kvstar_block_n = tpp, bk, bn
+            got = ops.kvstar_block_mass(q.to(DEV), reps.to(DEV), abs_sums.to(DEV), table.to(DEV), sl.to(DEV), bs,
+                                        kept, 0.2).cpu()
+            assert torch.equal(torch.isfinite(got), valid)
+            torch.testing.assert_close(got[valid], want[valid], rtol=2e-4, atol=1e-6)
+    finally:
+        ops.kvstar_tiles_per_prog = ops.kvstar_block_k = ops.kvstar_block_n = None
+
+
+@needs_triton
 def test_kernel_block_mass_without_full_blocks_and_empty_batch(ops) -> None:
     reps = torch.randn(6, 2, 16, 4).to(DEV, torch.bfloat16)
     abs_sums = torch.rand(6, 2, 16, device=DEV)

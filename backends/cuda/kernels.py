@@ -974,51 +974,68 @@ def _kvstar_logits_kernel(
     HKV: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NK: tl.constexpr,
     RC: tl.constexpr,
+    NR: tl.constexpr,
     BT: tl.constexpr,
+    TPP: tl.constexpr,
     PREC: tl.constexpr,
     DOT_BF16: tl.constexpr,
 ):
-    """Per (tile of BT blocks, row x KV head, chunk of BLOCK_G of the head's W * G queries): the
-    log2-sum-exp of each query's scaled logits over each block's R representations, on the kept
-    channels only, into lse [B, W * Hq, M] (query (w, h * G + g) at row w * Hq + h * G + g).
+    """Per (TPP tiles of BT blocks, row x KV head, chunk of BLOCK_G of the head's W * G queries):
+    the log2-sum-exp of each query's scaled logits over each block's R representations, on the
+    kept channels only, into lse [B, W * Hq, M] (query (w, h * G + g) at row w * Hq + h * G + g).
 
-    The tile is [BLOCK_K kept channels, BT blocks x RC representations]: with the channel-major
+    A tile is [BLOCK_K kept channels, BT blocks x RC representations]: with the channel-major
     layout each (block, channel) run of R values is contiguous (128 bytes for R = 64 bfloat16), so
     the program reads exactly the kept channels of its blocks. Logits come from one `tl.dot` per
     channel chunk ([BLOCK_G, BLOCK_K] x [BLOCK_K, BT * RC], float32 accumulators: bfloat16
     operands when the queries are bfloat16 (exact, as the model's), else float32 with PREC);
-    representations wider than RC are walked in chunks with an online max / sum per block.
-    Tiles past the row's full blocks do nothing; `_kvstar_mass_kernel` only reads columns j < n_b."""
-    jt0 = tl.program_id(0) * BT
+    representations wider than RC are walked in NR chunks with an online max / sum per block.
+    The channel and representation chunks are unrolled (NK = cdiv(KEPT, BLOCK_K), NR = cdiv(R,
+    RC)), so the tile loop is the innermost loop and the compiler can pipeline its loads across
+    tiles when a program walks several (TPP > 1). Tiles past the row's full blocks do nothing;
+    `_kvstar_mass_kernel` only reads columns j < n_b."""
     pid = tl.program_id(1)
     b = pid // HKV
     h = pid % HKV
     n = tl.minimum(tl.load(seqlen_ptr + b).to(tl.int32) // BS, M)
-    if jt0 < n:
-        rows = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)
-        rm = rows < WG
-        w = rows // G
-        g = rows % G
-        col = tl.arange(0, BT * RC)
+    lo = tl.program_id(0) * (TPP * BT)
+    hi = tl.minimum(lo + TPP * BT, n)
+    rows = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)
+    rm = rows < WG
+    w = rows // G
+    g = rows % G
+    qbase = q_ptr + b.to(tl.int64) * stride_qb + w * stride_qw + (h * G + g) * stride_qh
+    kbase = kept_ptr + pid * KEPT
+    col = tl.arange(0, BT * RC)
+    rr = col % RC
+    out_rows = lse_ptr + b.to(tl.int64) * stride_lb + (w * HQ + h * G + g) * stride_lh
+    if NK == 1:  # one channel chunk (kept <= BLOCK_K): the queries' tile is loaded once
+        kk = tl.arange(0, BLOCK_K)
+        ch1 = tl.load(kbase + kk, mask=kk < KEPT, other=0)
+        qt1 = tl.load(qbase[:, None] + ch1[None, :], mask=rm[:, None] & (kk < KEPT)[None, :], other=0.0)
+    for jt0 in range(lo, hi, BT):
         jc = jt0 + col // RC
-        rr = col % RC
         jcm = jc < n
         blk = tl.load(table_ptr + b * stride_tb + jc, mask=jcm, other=0).to(tl.int64)
         blk = tl.minimum(tl.maximum(blk, 0), NB - 1)
         rbase = reps_ptr + blk * stride_rb + h * stride_rh
-        qbase = q_ptr + b.to(tl.int64) * stride_qb + w * stride_qw + (h * G + g) * stride_qh
         m_blk = tl.full([BLOCK_G, BT], float("-inf"), dtype=tl.float32)
         s_blk = tl.zeros([BLOCK_G, BT], dtype=tl.float32)
-        for r0 in range(0, R, RC):
-            r = r0 + rr
+        for ri in tl.static_range(NR):
+            r = ri * RC + rr
             cm = jcm & (r < R)
             acc = tl.zeros([BLOCK_G, BT * RC], dtype=tl.float32)
-            for k0 in range(0, KEPT, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
+            for ki in tl.static_range(NK):
+                kk = ki * BLOCK_K + tl.arange(0, BLOCK_K)
                 km = kk < KEPT
-                ch = tl.load(kept_ptr + pid * KEPT + kk, mask=km, other=0)
-                qt = tl.load(qbase[:, None] + ch[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                if NK == 1:
+                    ch = ch1
+                    qt = qt1
+                else:
+                    ch = tl.load(kbase + kk, mask=km, other=0)
+                    qt = tl.load(qbase[:, None] + ch[None, :], mask=rm[:, None] & km[None, :], other=0.0)
                 rt = tl.load(rbase[None, :] + ch[:, None] * stride_rc + r[None, :], mask=km[:, None] & cm[None, :],
                              other=0.0)
                 if DOT_BF16:  # bfloat16 queries and representations: exact products, float32 sums
@@ -1033,8 +1050,7 @@ def _kvstar_logits_kernel(
             m_blk = m_new
         lse = tl.where(s_blk > 0, m_blk + tl.log2(tl.where(s_blk > 0, s_blk, 1.0)), float("-inf"))
         jb = jt0 + tl.arange(0, BT)
-        out = lse_ptr + b.to(tl.int64) * stride_lb + (w * HQ + h * G + g)[:, None] * stride_lh + jb[None, :]
-        tl.store(out, lse, mask=rm[:, None] & (jb < n)[None, :])
+        tl.store(out_rows[:, None] + jb[None, :], lse, mask=rm[:, None] & (jb < n)[None, :])
 
 
 def _kvstar_mass_kernel(

@@ -56,6 +56,7 @@ class CudaOps(TorchReferenceOps):
         self.kvstar_block_n: int | None = None
         self.kvstar_block_k: int | None = None
         self.kvstar_warps: int | None = None
+        self.kvstar_tiles_per_prog: int | None = None
         #: calls of up to this many tokens find KVStar's groups by an in-kernel scan (T^2 compares,
         #: one launch), longer ones by a sort
         self.kvstar_scan_max = 4096
@@ -480,10 +481,17 @@ class CudaOps(TorchReferenceOps):
         wg = w * g
         block_g = min(_pow2(wg, 16), 64)
         block_k = self.kvstar_block_k or min(32, _pow2(kept_dims, 16))
-        self._k.kvstar_logits_kernel[(triton_cdiv(m, block_n // rc), b * hkv, triton_cdiv(wg, block_g))](
+        bt = block_n // rc
+        # tiles per program: several let the loads of the next tile pipeline under this one's math;
+        # about 8 programs per SM remain (a guess until tuned on the H200: tune_selection_gpu.py)
+        tiles = triton_cdiv(m, bt) * b * hkv
+        tpp = self.kvstar_tiles_per_prog or max(1, min(8, tiles // (8 * self._sm_count(q.device))))
+        grid = (triton_cdiv(triton_cdiv(m, bt), tpp), b * hkv, triton_cdiv(wg, block_g))
+        self._k.kvstar_logits_kernel[grid](
             q, reps, kept, tbl, seq_lens, lse, float(scale) * _LOG2E, m, nb, block_size, r, g, wg, hq, kept_dims,
             q.stride(0), q.stride(1), q.stride(2), reps.stride(0), reps.stride(1), reps.stride(2), tbl.stride(0),
-            lse.stride(0), lse.stride(1), HKV=hkv, BLOCK_G=block_g, BLOCK_K=block_k, RC=rc, BT=block_n // rc,
+            lse.stride(0), lse.stride(1), HKV=hkv, BLOCK_G=block_g, BLOCK_K=block_k,
+            NK=triton_cdiv(kept_dims, block_k), RC=rc, NR=triton_cdiv(r, rc), BT=bt, TPP=tpp,
             PREC="ieee" if self.interpret or reps.dtype == torch.float32 else "tf32", num_warps=self.kvstar_warps or 4,
             DOT_BF16=not self.interpret and q.dtype == torch.bfloat16 and reps.dtype == torch.bfloat16,
         )
