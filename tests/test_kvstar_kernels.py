@@ -322,10 +322,14 @@ def test_kernel_block_mass_matches_the_reference(ops, qdtype, rdtype, hq, hkv, d
 
 
 @needs_triton
-@pytest.mark.parametrize("hq,hkv,d,bs,merge,kept,w,lens", [MASS_CASES[0], MASS_CASES[3], MASS_CASES[5]])
+@pytest.mark.parametrize("hq,hkv,d,bs,merge,kept,w,lens", [
+    MASS_CASES[0], MASS_CASES[3], MASS_CASES[5],
+    pytest.param(4, 2, 16, 2, 1, 4, 1, [1100, 700], id="rows-of-550-blocks-two-passes"),
+])
 def test_kernel_block_mass_launch_settings(ops, hq, hkv, d, bs, merge, kept, w, lens) -> None:
     """Programs walking several tiles (loads pipelined across tiles), channel chunks of 16 (several
-    per tile when more than 16 channels are kept), narrow and wide tiles: the reference's scores."""
+    per tile when more than 16 channels are kept), narrow and wide tiles, rows wider than the
+    softmax kernel's tile (two passes over the row): the reference's scores."""
     g = gen(hq * d + bs)
     table, sl, nb = random_table(lens, bs, 5, g, extra_cols=2)
     reps = torch.randn(nb, hkv, d, bs // merge, generator=g).to(torch.bfloat16)

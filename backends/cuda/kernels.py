@@ -1065,41 +1065,58 @@ def _kvstar_mass_kernel(
     stride_ob,
     BLOCK_H: tl.constexpr,
     BLOCK_J: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):
     """Per row: each query's softmax over all its blocks from their log2-sum-exps (max and sum
     over the row's n_b full blocks), then a block's score = sum over the W * Hq queries of
-    2^(lse - max) / sum; -inf for columns j >= n_b. Queries go BLOCK_H at a time, the scores
-    accumulating in `out` (this program alone writes the row)."""
+    2^(lse - max) / sum; -inf for columns j >= n_b. Queries go BLOCK_H at a time. ONE_TILE
+    (M <= BLOCK_J: up to 64K tokens at block 128): one load per query chunk, the scores summed in
+    registers; else two passes over the row per chunk, the scores accumulating in `out` (this
+    program alone writes the row). Deterministic: no atomics."""
     b = tl.program_id(0)
     n = tl.minimum(tl.load(seqlen_ptr + b).to(tl.int32) // BS, M)
     row = lse_ptr + b.to(tl.int64) * stride_lb
-    for h0 in range(0, WHQ, BLOCK_H):
-        hh = h0 + tl.arange(0, BLOCK_H)
-        hm = hh < WHQ
-        mx = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-        sm = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for j0 in range(0, n, BLOCK_J):
-            j = j0 + tl.arange(0, BLOCK_J)
-            x = tl.load(row + hh[:, None] * stride_lh + j[None, :], mask=hm[:, None] & (j < n)[None, :],
+    if ONE_TILE:
+        j = tl.arange(0, BLOCK_J)
+        jm = j < n
+        total = tl.zeros([BLOCK_J], dtype=tl.float32)
+        for h0 in range(0, WHQ, BLOCK_H):
+            hh = h0 + tl.arange(0, BLOCK_H)
+            x = tl.load(row + hh[:, None] * stride_lh + j[None, :], mask=(hh < WHQ)[:, None] & jm[None, :],
                         other=float("-inf"))
-            m_new = tl.maximum(mx, tl.max(x, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            sm = sm * tl.exp2(mx - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
-            mx = m_new
-        m_safe = tl.where(mx == float("-inf"), 0.0, mx)
-        inv = tl.where(sm > 0, 1.0 / tl.where(sm > 0, sm, 1.0), 0.0)
-        for j0 in range(0, n, BLOCK_J):
+            mx = tl.max(x, axis=1)
+            e = tl.exp2(x - tl.where(mx == float("-inf"), 0.0, mx)[:, None])
+            sm = tl.sum(e, axis=1)
+            total += tl.sum(e * tl.where(sm > 0, 1.0 / tl.where(sm > 0, sm, 1.0), 0.0)[:, None], axis=0)
+        tl.store(out_ptr + b * stride_ob + j, tl.where(jm, total, float("-inf")), mask=j < M)
+    else:
+        for h0 in range(0, WHQ, BLOCK_H):
+            hh = h0 + tl.arange(0, BLOCK_H)
+            hm = hh < WHQ
+            mx = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+            sm = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for j0 in range(0, n, BLOCK_J):
+                j = j0 + tl.arange(0, BLOCK_J)
+                x = tl.load(row + hh[:, None] * stride_lh + j[None, :], mask=hm[:, None] & (j < n)[None, :],
+                            other=float("-inf"))
+                m_new = tl.maximum(mx, tl.max(x, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                sm = sm * tl.exp2(mx - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
+                mx = m_new
+            m_safe = tl.where(mx == float("-inf"), 0.0, mx)
+            inv = tl.where(sm > 0, 1.0 / tl.where(sm > 0, sm, 1.0), 0.0)
+            for j0 in range(0, n, BLOCK_J):
+                j = j0 + tl.arange(0, BLOCK_J)
+                jm = j < n
+                x = tl.load(row + hh[:, None] * stride_lh + j[None, :], mask=hm[:, None] & jm[None, :],
+                            other=float("-inf"))
+                p = tl.sum(tl.exp2(x - m_safe[:, None]) * inv[:, None], axis=0)
+                prev = tl.load(out_ptr + b * stride_ob + j, mask=jm & (h0 > 0), other=0.0)
+                tl.store(out_ptr + b * stride_ob + j, prev + p, mask=jm)
+        for j0 in range(0, M, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
-            jm = j < n
-            x = tl.load(row + hh[:, None] * stride_lh + j[None, :], mask=hm[:, None] & jm[None, :],
-                        other=float("-inf"))
-            p = tl.sum(tl.exp2(x - m_safe[:, None]) * inv[:, None], axis=0)
-            prev = tl.load(out_ptr + b * stride_ob + j, mask=jm & (h0 > 0), other=0.0)
-            tl.store(out_ptr + b * stride_ob + j, prev + p, mask=jm)
-    for j0 in range(0, M, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        tl.store(out_ptr + b * stride_ob + j, tl.full([BLOCK_J], float("-inf"), dtype=tl.float32),
-                 mask=(j >= n) & (j < M))
+            tl.store(out_ptr + b * stride_ob + j, tl.full([BLOCK_J], float("-inf"), dtype=tl.float32),
+                     mask=(j >= n) & (j < M))
 
 
 # ------------------------------------------------------------------------------------- build

@@ -495,9 +495,10 @@ class CudaOps(TorchReferenceOps):
             PREC="ieee" if self.interpret or reps.dtype == torch.float32 else "tf32", num_warps=self.kvstar_warps or 4,
             DOT_BF16=not self.interpret and q.dtype == torch.bfloat16 and reps.dtype == torch.bfloat16,
         )
+        block_j = min(_pow2(m, 16), 512)
         self._k.kvstar_mass_kernel[(b,)](
             lse, seq_lens, out, m, block_size, w * hq, lse.stride(0), lse.stride(1), out.stride(0),
-            BLOCK_H=min(_pow2(w * hq), 32), BLOCK_J=min(_pow2(m, 16), 256), num_warps=8,
+            BLOCK_H=min(_pow2(w * hq), 8192 // block_j), BLOCK_J=block_j, ONE_TILE=m <= block_j, num_warps=8,
         )
         return out
 
