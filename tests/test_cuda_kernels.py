@@ -37,13 +37,8 @@ REF = TorchReferenceOps()
 
 
 @pytest.fixture(scope="module")
-def ops():
-    from ucm_backends.cuda.ops import CudaOps
-
-    try:
-        return CudaOps(interpret=not ON_GPU)
-    except RuntimeError as exc:  # triton was imported before TRITON_INTERPRET=1 was set
-        pytest.skip(f"Triton interpreter unavailable in this process: {exc}")
+def ops(cuda_ops):
+    return cuda_ops
 
 
 @pytest.fixture(params=["radix", "sort"])
