@@ -105,11 +105,14 @@ def _make_paged(shape: Shape, b: int, ctx: int, gen: torch.Generator):
     nb = b * n_b
     dev = "cuda"
     k = torch.randn(nb, shape.bs, shape.hkv, shape.d, device=dev, dtype=torch.bfloat16, generator=gen)
-    v = k[..., : shape.dv] if shape.mla else torch.randn(
-        nb, shape.bs, shape.hkv, shape.dv, device=dev, dtype=torch.bfloat16, generator=gen
+    v = (
+        k[..., : shape.dv]
+        if shape.mla
+        else torch.randn(nb, shape.bs, shape.hkv, shape.dv, device=dev, dtype=torch.bfloat16, generator=gen)
     )
-    codes = torch.randint(0, 256, (nb, shape.bs, shape.hkv, shape.nbits // 8), device=dev, dtype=torch.uint8,
-                          generator=gen)
+    codes = torch.randint(
+        0, 256, (nb, shape.bs, shape.hkv, shape.nbits // 8), device=dev, dtype=torch.uint8, generator=gen
+    )
     table = torch.randperm(nb, device=dev, generator=gen).to(torch.int32).view(b, n_b)
     seq_lens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
     q = torch.randn(b, shape.hq, shape.d, device=dev, dtype=torch.bfloat16, generator=gen)
@@ -161,8 +164,14 @@ def bench_config(ops, shape: Shape, b: int, ctx: int, ratios, bw: float, rows: l
 
     def record(kind: str, ratio: float | None, us: float, nbytes: int, extra: dict | None = None) -> None:
         row = {
-            "shape": shape.name, "batch": b, "context": ctx, "kind": kind, "ratio": ratio,
-            "time_us": round(us, 2), "bytes": nbytes, "tb_per_s": round(nbytes / (us * 1e-6) / 1e12, 3),
+            "shape": shape.name,
+            "batch": b,
+            "context": ctx,
+            "kind": kind,
+            "ratio": ratio,
+            "time_us": round(us, 2),
+            "bytes": nbytes,
+            "tb_per_s": round(nbytes / (us * 1e-6) / 1e12, 3),
             "fraction_of_bound": round((nbytes / bw) / (us * 1e-6), 3),
             "speedup_vs_sdpa": round(sdpa_us / us, 3) if sdpa_us else None,
         }
@@ -217,33 +226,64 @@ def bench_config(ops, shape: Shape, b: int, ctx: int, ratios, bw: float, rows: l
         us = _graph_time(step, n_sets)
         record("sparse_step", ratio, us, nbytes, {"selected_blocks": k_blocks})
         if b == 8 and ratio == ratios[-1]:  # where the time goes, stage by stage
-            dists = [ops.hash_hamming_block_scores(s["q"], s["w"], s["codes"], s["table"], s["seq_lens"], "min")
-                     for s in sets]
-            sel = [ops.select_and_rewrite(dists[i], kk, keep, sets[i]["table"], sets[i]["seq_lens"], shape.bs,
-                                     largest=False) for i in range(n_sets)]
+            dists = [
+                ops.hash_hamming_block_scores(s["q"], s["w"], s["codes"], s["table"], s["seq_lens"], "min")
+                for s in sets
+            ]
+            sel = [
+                ops.select_and_rewrite(
+                    dists[i], kk, keep, sets[i]["table"], sets[i]["seq_lens"], shape.bs, largest=False
+                )
+                for i in range(n_sets)
+            ]
             stages = {
-                "stage_hash_score": (lambda i: ops.hash_hamming_block_scores(
-                    sets[i]["q"], sets[i]["w"], sets[i]["codes"], sets[i]["table"], sets[i]["seq_lens"], "min"),
-                    code_bytes),
-                "stage_select": (lambda i: ops.select_and_rewrite(
-                    dists[i], kk, keep, sets[i]["table"], sets[i]["seq_lens"], shape.bs, largest=False), 0),
-                "stage_attn": (lambda i: ops.paged_decode_attention(
-                    sets[i]["q"], sets[i]["k"], sets[i]["v"], sel[i][0], sel[i][1], scale),
-                    _kv_bytes(shape, b, sel_tokens)),
+                "stage_hash_score": (
+                    lambda i: ops.hash_hamming_block_scores(
+                        sets[i]["q"], sets[i]["w"], sets[i]["codes"], sets[i]["table"], sets[i]["seq_lens"], "min"
+                    ),
+                    code_bytes,
+                ),
+                "stage_select": (
+                    lambda i: ops.select_and_rewrite(
+                        dists[i], kk, keep, sets[i]["table"], sets[i]["seq_lens"], shape.bs, largest=False
+                    ),
+                    0,
+                ),
+                "stage_attn": (
+                    lambda i: ops.paged_decode_attention(
+                        sets[i]["q"], sets[i]["k"], sets[i]["v"], sel[i][0], sel[i][1], scale
+                    ),
+                    _kv_bytes(shape, b, sel_tokens),
+                ),
             }
             for name, (fn, nb_) in stages.items():
                 record(name, ratio, _graph_time(fn, n_sets), nb_)
             if not shape.mla:  # attention tile / split / pipelining variants on the sparse table
                 for bn, st, mult in ((64, 3, 1), (128, 2, 1), (64, 2, 2), (32, 3, 1)):
+
                     def attn_v(i, bn=bn, st=st, mult=mult):
                         n_sp = None
                         if mult != 1:
                             n_sp = max(1, mult * math.ceil(3 * 132 / (b * shape.hkv)))
-                        return ops.paged_decode_attention(sets[i]["q"], sets[i]["k"], sets[i]["v"], sel[i][2],
-                                                          sel[i][3], scale, num_splits=n_sp, block_n=bn, num_stages=st)
+                        return ops.paged_decode_attention(
+                            sets[i]["q"],
+                            sets[i]["k"],
+                            sets[i]["v"],
+                            sel[i][2],
+                            sel[i][3],
+                            scale,
+                            num_splits=n_sp,
+                            block_n=bn,
+                            num_stages=st,
+                        )
+
                     try:
-                        record(f"attn_n{bn}_s{st}_x{mult}", ratio, _graph_time(attn_v, n_sets),
-                               _kv_bytes(shape, b, sel_tokens))
+                        record(
+                            f"attn_n{bn}_s{st}_x{mult}",
+                            ratio,
+                            _graph_time(attn_v, n_sets),
+                            _kv_bytes(shape, b, sel_tokens),
+                        )
                     except Exception as exc:  # noqa: BLE001
                         print(f"  variant failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
 
@@ -286,13 +326,23 @@ def bench_hamming_topk(ops, bw: float, rows: list) -> None:
         us = _graph_time(fn, n_sets)
         nbytes = code_bytes if kind != "topk_only" else b * n_b * 4
         row = {
-            "shape": "hamming-b100", "batch": b, "context": tokens, "kind": kind, "ratio": None,
-            "time_us": round(us, 2), "bytes": nbytes, "tb_per_s": round(nbytes / (us * 1e-6) / 1e12, 3),
-            "fraction_of_bound": round((nbytes / bw) / (us * 1e-6), 3), "speedup_vs_sdpa": None,
+            "shape": "hamming-b100",
+            "batch": b,
+            "context": tokens,
+            "kind": kind,
+            "ratio": None,
+            "time_us": round(us, 2),
+            "bytes": nbytes,
+            "tb_per_s": round(nbytes / (us * 1e-6) / 1e12, 3),
+            "fraction_of_bound": round((nbytes / bw) / (us * 1e-6), 3),
+            "speedup_vs_sdpa": None,
         }
         rows.append(row)
-        print(f"  {kind:14s} {us:9.1f} us  {nbytes / 1e6:8.1f} MB  {row['tb_per_s']:.2f} TB/s  "
-              f"bound {row['fraction_of_bound']:.2f}", flush=True)
+        print(
+            f"  {kind:14s} {us:9.1f} us  {nbytes / 1e6:8.1f} MB  {row['tb_per_s']:.2f} TB/s  "
+            f"bound {row['fraction_of_bound']:.2f}",
+            flush=True,
+        )
 
 
 def plot(json_path: str, png_path: str) -> None:
@@ -303,7 +353,9 @@ def plot(json_path: str, png_path: str) -> None:
     import matplotlib.pyplot as plt
 
     data = json.load(open(json_path))
-    rows = [r for r in data["results"] if r["speedup_vs_sdpa"] is not None and r["kind"] in ("paged_dense", "sparse_step")]
+    rows = [
+        r for r in data["results"] if r["speedup_vs_sdpa"] is not None and r["kind"] in ("paged_dense", "sparse_step")
+    ]
     shapes = sorted({r["shape"] for r in rows})
     fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.5), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
@@ -315,8 +367,11 @@ def plot(json_path: str, png_path: str) -> None:
         for ki, (kind, ratio) in enumerate(kinds):
             ys = []
             for c, b in confs:
-                hit = [r for r in sub if r["context"] == c and r["batch"] == b and r["kind"] == kind
-                       and r["ratio"] == ratio]
+                hit = [
+                    r
+                    for r in sub
+                    if r["context"] == c and r["batch"] == b and r["kind"] == kind and r["ratio"] == ratio
+                ]
                 ys.append(hit[0]["speedup_vs_sdpa"] if hit else 0)
             xs = [i + (ki - (len(kinds) - 1) / 2) * width for i in range(len(confs))]
             ax.bar(xs, ys, width, label="dense paged" if ratio is None else f"sparse r={ratio}")
@@ -383,8 +438,10 @@ def main() -> None:
     print(f"wrote {json_path}")
     print("\nshape      batch ctx   kind         ratio   time_us  frac_bound  speedup_vs_sdpa")
     for r in rows:
-        print(f"{r['shape']:10s} {r['batch']:4d} {r['context'] // 1024:4d}K {r['kind']:12s} {str(r['ratio'] or ''):5s}"
-              f" {r['time_us']:9.1f}  {r['fraction_of_bound']:6.2f}  {r['speedup_vs_sdpa']}")
+        print(
+            f"{r['shape']:10s} {r['batch']:4d} {r['context'] // 1024:4d}K {r['kind']:12s} {str(r['ratio'] or ''):5s}"
+            f" {r['time_us']:9.1f}  {r['fraction_of_bound']:6.2f}  {r['speedup_vs_sdpa']}"
+        )
 
 
 if __name__ == "__main__":

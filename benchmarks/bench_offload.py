@@ -46,9 +46,16 @@ def store_connectors(root: Path, pipeline: str) -> list[dict]:
         from ucm.integration.vllm.offline import posix_store
 
         return posix_store(root)["ucm_connectors"]
-    return [{"ucm_connector_name": "UcmPipelineStore",
-             "ucm_connector_config": {"store_pipeline": pipeline, "storage_backends": str(root),
-                                      "max_cache_size": 2 << 30}}]
+    return [
+        {
+            "ucm_connector_name": "UcmPipelineStore",
+            "ucm_connector_config": {
+                "store_pipeline": pipeline,
+                "storage_backends": str(root),
+                "max_cache_size": 2 << 30,
+            },
+        }
+    ]
 
 
 def esa_extra(ratio: float, offload: bool, root: Path | None, pipeline: str = "Posix") -> dict:
@@ -66,8 +73,15 @@ def make_llm(model_path: str, extra: dict | None, **kwargs):
     from ucm.integration.vllm.offline import connector_config
 
     ktc = connector_config(extra) if extra is not None else None
-    args = dict(model=model_path, dtype="float32", block_size=BLOCK, enforce_eager=True,
-                distributed_executor_backend="uni", kv_transfer_config=ktc, seed=0)
+    args = dict(
+        model=model_path,
+        dtype="float32",
+        block_size=BLOCK,
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        kv_transfer_config=ktc,
+        seed=0,
+    )
     args.update(kwargs)
     return LLM(**args)
 
@@ -94,11 +108,21 @@ def run_queue(llm, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
             for r in sched.running:
                 if getattr(r, "num_preemptions", 0):
                     preempted.add(r.request_id)
-            timeline.append((round(time.perf_counter() - t0, 3), decoding, len(sched.running),
-                             round(sched.kv_cache_manager.usage, 4)))
-    return {"peak_decoding": max(d for _, d, _, _ in timeline), "seconds": time.perf_counter() - t0,
-            "steps": len(timeline), "preempted_requests": len(preempted),
-            "timeline": timeline[:: max(1, len(timeline) // 400)]}
+            timeline.append(
+                (
+                    round(time.perf_counter() - t0, 3),
+                    decoding,
+                    len(sched.running),
+                    round(sched.kv_cache_manager.usage, 4),
+                )
+            )
+    return {
+        "peak_decoding": max(d for _, d, _, _ in timeline),
+        "seconds": time.perf_counter() - t0,
+        "steps": len(timeline),
+        "preempted_requests": len(preempted),
+        "timeline": timeline[:: max(1, len(timeline) // 400)],
+    }
 
 
 def bench_concurrency(args) -> dict[str, Any]:
@@ -109,17 +133,25 @@ def bench_concurrency(args) -> dict[str, Any]:
     model = str(make_tiny_model(context=context))
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 40000) for _ in range(args.context)] for _ in range(args.offload_requests)]
-    common = dict(max_model_len=context, num_gpu_blocks_override=args.kv_blocks, max_num_seqs=64,
-                  max_num_batched_tokens=2048)
-    out: dict[str, Any] = {"model": "tiny random Llama (4 layers, 2 KV heads, head dim 32, fp32)",
-                           "context_tokens": args.context, "new_tokens": args.new_tokens,
-                           "kv_blocks": args.kv_blocks, "block_size": BLOCK, "ratio": args.ratio}
+    common = dict(
+        max_model_len=context, num_gpu_blocks_override=args.kv_blocks, max_num_seqs=64, max_num_batched_tokens=2048
+    )
+    out: dict[str, Any] = {
+        "model": "tiny random Llama (4 layers, 2 KV heads, head dim 32, fp32)",
+        "context_tokens": args.context,
+        "new_tokens": args.new_tokens,
+        "kv_blocks": args.kv_blocks,
+        "block_size": BLOCK,
+        "ratio": args.ratio,
+    }
     blocks_per_request = -(-(args.context + args.new_tokens) // BLOCK)
     policy = OffloadPolicy(BLOCK, 1, 2, args.ratio, 4, 2)
     out["blocks_per_request_dense"] = blocks_per_request
     out["offload_budget_blocks"] = policy.budget(args.context + args.new_tokens)
-    for name, extra, n in (("dense", None, args.dense_requests),
-                           ("offload", esa_extra(args.ratio, True, Path(args.store_dir) / "concurrency"), args.offload_requests)):
+    for name, extra, n in (
+        ("dense", None, args.dense_requests),
+        ("offload", esa_extra(args.ratio, True, Path(args.store_dir) / "concurrency"), args.offload_requests),
+    ):
         print(f"[concurrency] {name}: {n} requests of {args.context} tokens, {args.kv_blocks} KV blocks", flush=True)
         llm = make_llm(model, extra, **common)
         try:
@@ -159,9 +191,16 @@ def bench_step(args) -> dict[str, Any]:
     model = str(fetch_model("smollm2"))
     tok = AutoTokenizer.from_pretrained(model)
     prompts = [needle_prompt(tok, args.step_tokens, 0.2 + 0.2 * i, seed=11 + i)[0] for i in range(args.batch)]
-    out: dict[str, Any] = {"model": "SmolLM2-135M (float32)", "batch": args.batch, "context_tokens": args.step_tokens,
-                           "prompt_lens": [len(p) for p in prompts], "new_tokens": args.step_new_tokens,
-                           "ratio": args.ratio, "store_pipeline": "Cache|Posix", "rounds": args.rounds}
+    out: dict[str, Any] = {
+        "model": "SmolLM2-135M (float32)",
+        "batch": args.batch,
+        "context_tokens": args.step_tokens,
+        "prompt_lens": [len(p) for p in prompts],
+        "new_tokens": args.step_new_tokens,
+        "ratio": args.ratio,
+        "store_pipeline": "Cache|Posix",
+        "rounds": args.rounds,
+    }
     root = Path(args.store_dir) / "step"
     shutil.rmtree(root, ignore_errors=True)
     prompt_store = {"ucm_connectors": store_connectors(root, "Posix")}  # the sparse engines' prompt KV only
@@ -201,7 +240,8 @@ def bench_step(args) -> dict[str, Any]:
     out["sparse_vs_dense_step"] = out["sparse_step_ms_median"] / results["dense"][0]["step_ms_median"]
     out["offload_tokens_match_sparse"] = all(t == tokens["sparse"][0] for t in tokens["sparse"] + tokens["offload"])
     out["every_engine_after_the_first_loaded_its_prompts"] = all(
-        r["prompt_blocks_loaded"] > 0 for n in ("sparse", "offload") for r in results[n])
+        r["prompt_blocks_loaded"] > 0 for n in ("sparse", "offload") for r in results[n]
+    )
     return out
 
 
@@ -218,12 +258,18 @@ def plot(result: dict, path: Path) -> None:
         if key == "concurrency":
             for name, color in (("dense", "#888"), ("offload", "#3a7")):
                 tl = r[name]["timeline"]
-                ax.plot([t for t, *_ in tl], [d for _, d, _, _ in tl], color=color,
-                        label=f"{name}: peak {r[name]['peak_decoding']}")
+                ax.plot(
+                    [t for t, *_ in tl],
+                    [d for _, d, _, _ in tl],
+                    color=color,
+                    label=f"{name}: peak {r[name]['peak_decoding']}",
+                )
             ax.set_xlabel("seconds")
             ax.set_ylabel("requests decoding at once")
-            ax.set_title(f"{r['context_tokens']}-token requests in {r['kv_blocks']} KV blocks: "
-                         f"{r['concurrency_gain']:.2f}x", fontsize=9)
+            ax.set_title(
+                f"{r['context_tokens']}-token requests in {r['kv_blocks']} KV blocks: {r['concurrency_gain']:.2f}x",
+                fontsize=9,
+            )
             ax.legend()
         else:
             names = ["dense", "sparse", "offload"]
@@ -232,11 +278,19 @@ def plot(result: dict, path: Path) -> None:
             for n, color in (("sparse", "#37a"), ("offload", "#3a7")):  # every round, as dots
                 ax.scatter([names.index(n)] * len(r[n]), [x["step_ms_median"] for x in r[n]], color="k", s=8, zorder=3)
             for b in bars:
-                ax.annotate(f"{b.get_height():.1f} ms", (b.get_x() + b.get_width() / 2, b.get_height()),
-                            ha="center", va="bottom", fontsize=9)
+                ax.annotate(
+                    f"{b.get_height():.1f} ms",
+                    (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=9,
+                )
             ax.set_ylabel("median decode step (ms); dots: each round")
-            ax.set_title(f"SmolLM2 batch {r['batch']}, ~{r['context_tokens']} tokens, ESA {r['ratio']}: "
-                         f"offload/sparse {r['offload_step_ratio']:.2f}x", fontsize=9)
+            ax.set_title(
+                f"SmolLM2 batch {r['batch']}, ~{r['context_tokens']} tokens, ESA {r['ratio']}: "
+                f"offload/sparse {r['offload_step_ratio']:.2f}x",
+                fontsize=9,
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -265,8 +319,10 @@ def main() -> None:
     command = "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="ucm-offload-bench-") as tmp:
         args.store_dir = args.store_dir or tmp
-        for part, fn, key, field in (("concurrency", bench_concurrency, "concurrency_gain", "concurrency_gain"),
-                                     ("step", bench_step, "offload_step_ratio", "offload_step_ratio")):
+        for part, fn, key, field in (
+            ("concurrency", bench_concurrency, "concurrency_gain", "concurrency_gain"),
+            ("step", bench_step, "offload_step_ratio", "offload_step_ratio"),
+        ):
             if args.part not in (part, "both"):
                 continue
             before = load_now()

@@ -42,8 +42,17 @@ def run(model: str, prompt: list[int], store: Path | None, new_tokens: int) -> d
     ktc = None
     if store is not None:
         ktc = connector_config(posix_store(store))
-    llm = LLM(model=model, dtype="float32", block_size=BLOCK, max_model_len=8192, enforce_eager=True,
-              distributed_executor_backend="uni", kv_transfer_config=ktc, enable_prefix_caching=False, seed=0)
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        block_size=BLOCK,
+        max_model_len=8192,
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        kv_transfer_config=ktc,
+        enable_prefix_caching=False,
+        seed=0,
+    )
     try:
         engine = llm.llm_engine
         engine.add_request("r", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=new_tokens, temperature=0))
@@ -78,10 +87,14 @@ def main() -> None:
 
     model = str(fetch_model("smollm2"))
     prompt = needle_prompt(AutoTokenizer.from_pretrained(model), args.tokens, 0.5, seed=7)[0]
-    result: dict[str, Any] = {"machine": machine(),
-                              "command": "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-                              "model": "SmolLM2-135M (float32)", "block_size": BLOCK, "prompt_tokens": len(prompt),
-                              "load_before": load_now()}
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "command": "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "model": "SmolLM2-135M (float32)",
+        "block_size": BLOCK,
+        "prompt_tokens": len(prompt),
+        "load_before": load_now(),
+    }
     with tempfile.TemporaryDirectory(prefix="ucm-prefix-bench-") as tmp:
         for name, store in (("no_store", None), ("store_first", Path(tmp)), ("store_second", Path(tmp))):
             print(f"[prefix] {name}", flush=True)

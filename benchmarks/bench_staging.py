@@ -61,8 +61,9 @@ def main() -> None:
     block_ids = prefix_block_hashes(range(n), 1)
     store.wait(store.dump(block_ids, 0, src))
     staged = host_buffer([n, PAGE], torch.uint8)
-    rows: dict[str, list[float]] = {k: [] for k in ("h2d copy", "scatter", "store load + scatter",
-                                                     "d2h copy", "gather")}
+    rows: dict[str, list[float]] = {
+        k: [] for k in ("h2d copy", "scatter", "store load + scatter", "d2h copy", "gather")
+    }
     for _ in range(args.reps):
         rows["h2d copy"].append(nbytes / timed(lambda: dense_dev.copy_(src, non_blocking=True), sync) / 1e9)
         rows["scatter"].append(nbytes / timed(lambda: stager.scatter(cache, ids, src), sync) / 1e9)
@@ -88,7 +89,10 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "bytes": nbytes, "block_bytes": PAGE, "blocks": n, "reps": args.reps,
+        "bytes": nbytes,
+        "block_bytes": PAGE,
+        "blocks": n,
+        "reps": args.reps,
         "median_gbps": med,
         "ratios": {
             "scatter / h2d copy": round(med["scatter"] / med["h2d copy"], 3),
@@ -97,8 +101,8 @@ def main() -> None:
         },
         "gbps": rows,
         "notes": "GB/s = 1e9 B/s, medians of the reps; plain copies move one contiguous pinned buffer, "
-                 "the staging path gathers/scatters the same bytes as 512 KiB blocks at random cache ids "
-                 "on its own stream (pinned host buffers, events).",
+        "the staging path gathers/scatters the same bytes as 512 KiB blocks at random cache ids "
+        "on its own stream (pinned host buffers, events).",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

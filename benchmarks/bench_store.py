@@ -115,9 +115,13 @@ class PosixBench:
         self._ids: list[str] = []
 
     def dump(self, rep: int) -> None:
-        self._store = store = PosixStore(self.work / f"store{rep}", self.layout, workers=self.workers, use_direct=self.direct)
+        self._store = store = PosixStore(
+            self.work / f"store{rep}", self.layout, workers=self.workers, use_direct=self.direct
+        )
         self.used_direct = store.direct
-        self._ids = prefix_block_hashes(range(self.n_blocks * BLOCK_TOKENS), BLOCK_TOKENS, namespace=f"{rep}{time.time()}")
+        self._ids = prefix_block_hashes(
+            range(self.n_blocks * BLOCK_TOKENS), BLOCK_TOKENS, namespace=f"{rep}{time.time()}"
+        )
         t0 = time.perf_counter()
         for task in [store.dump(self._ids, layer, self.src[layer]) for layer in range(LAYERS)]:
             store.wait(task)
@@ -145,9 +149,13 @@ class PosixBench:
         shutil.rmtree(store.roots[0])
 
     def summary(self) -> dict:
-        return {"dump_gbps": self.dump_gbps, "load_gbps": self.load_gbps,
-                "load_block_major_gbps": self.load_block_major_gbps, "o_direct": self.used_direct,
-                "workers": self.workers}
+        return {
+            "dump_gbps": self.dump_gbps,
+            "load_gbps": self.load_gbps,
+            "load_block_major_gbps": self.load_block_major_gbps,
+            "o_direct": self.used_direct,
+            "workers": self.workers,
+        }
 
 
 def bench_dram(layout: BlockLayout, n_blocks: int, workers: int, reps: int) -> dict:
@@ -190,8 +198,15 @@ def bench_dram(layout: BlockLayout, n_blocks: int, workers: int, reps: int) -> d
         loads.append(nbytes / (t2 - t1) / 1e9)
         cache.close()
         del cache
-    return {"torch_copy_gbps": memcpy, "numpy_copyto_gbps": npcopy, "numpy_512k_pieces_gbps": pieces, "dump_gbps": dumps, "load_gbps": loads,
-            "workers": workers, "pinned": torch.cuda.is_available()}
+    return {
+        "torch_copy_gbps": memcpy,
+        "numpy_copyto_gbps": npcopy,
+        "numpy_512k_pieces_gbps": pieces,
+        "dump_gbps": dumps,
+        "load_gbps": loads,
+        "workers": workers,
+        "pinned": torch.cuda.is_available(),
+    }
 
 
 def med(xs: list[float]) -> float:
@@ -257,34 +272,59 @@ def main() -> None:
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "device": {"cpu": cpu_name(), "cores": os.cpu_count(), "filesystem": fs, "torch": torch.__version__},
         "loadavg_1_5_15": {"before": load_before, "after": load_after},
-        "layout": {"shards(layers)": LAYERS, "shard_shape": list(layout.shard_shape), "dtype": "bfloat16",
-                   "shard_bytes": layout.shard_nbytes, "block_bytes": layout.block_nbytes},
-        "bytes_per_measurement": nbytes, "blocks": n_blocks, "reps": args.reps,
+        "layout": {
+            "shards(layers)": LAYERS,
+            "shard_shape": list(layout.shard_shape),
+            "dtype": "bfloat16",
+            "shard_bytes": layout.shard_nbytes,
+            "block_bytes": layout.block_nbytes,
+        },
+        "bytes_per_measurement": nbytes,
+        "blocks": n_blocks,
+        "reps": args.reps,
         "median_gbps": rows,
         "ratios": {
-            "dump / dd write (goal >= 0.9)": round(rows["PosixStore dump (O_DIRECT)"] / rows["dd write (direct, bs=512K)"], 3),
-            "load / dd read (goal >= 0.9)": round(rows["PosixStore load (O_DIRECT)"] / rows["dd read (direct, bs=512K)"], 3),
-            "load block-major / dd read (goal >= 0.9)":
-                round(rows["PosixStore load (O_DIRECT, block-major)"] / rows["dd read (direct, bs=512K)"], 3),
+            "dump / dd write (goal >= 0.9)": round(
+                rows["PosixStore dump (O_DIRECT)"] / rows["dd write (direct, bs=512K)"], 3
+            ),
+            "load / dd read (goal >= 0.9)": round(
+                rows["PosixStore load (O_DIRECT)"] / rows["dd read (direct, bs=512K)"], 3
+            ),
+            "load block-major / dd read (goal >= 0.9)": round(
+                rows["PosixStore load (O_DIRECT, block-major)"] / rows["dd read (direct, bs=512K)"], 3
+            ),
             "dram dump / best copy (goal >= 0.8)": round(rows["DramStore dump"] / best_copy, 3),
             "dram load / best copy (goal >= 0.8)": round(rows["DramStore load"] / best_copy, 3),
             "dram dump / torch copy_": round(rows["DramStore dump"] / rows["torch copy_"], 3),
             "dram load / torch copy_": round(rows["DramStore load"] / rows["torch copy_"], 3),
         },
-        "dd_bs512K": raw.summary(), "dd_bs4M": raw_big.summary(), "posix_direct": posix.summary(),
-        "posix_buffered_page_cache": buffered.summary(), "dram": dram,
+        "dd_bs512K": raw.summary(),
+        "dd_bs4M": raw_big.summary(),
+        "posix_direct": posix.summary(),
+        "posix_buffered_page_cache": buffered.summary(),
+        "dram": dram,
         "notes": "GB/s = 1e9 B/s; medians of the reps, dd and store runs interleaved in each rep. dd times are "
-                 "dd's own; store times run from the first dump/load call to the last wait (36 calls, one per "
-                 "layer; 'block-major' = one call reading each block file front to back). Buffered POSIX "
-                 "numbers mostly measure the page cache and are not compared with direct dd. DRAM: the cache "
-                 "is full before timing (steady state, buffers reused); its 512 KiB copies go below glibc's "
-                 "non-temporal-store threshold, which a single bulk copy does not (see docs/store.md).",
+        "dd's own; store times run from the first dump/load call to the last wait (36 calls, one per "
+        "layer; 'block-major' = one call reading each block file front to back). Buffered POSIX "
+        "numbers mostly measure the page cache and are not compared with direct dd. DRAM: the cache "
+        "is full before timing (steady state, buffers reused); its 512 KiB copies go below glibc's "
+        "non-temporal-store threshold, which a single bulk copy does not (see docs/store.md).",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"median_gbps": rows, "ratios": result["ratios"], "loadavg": result["loadavg_1_5_15"],
-                      "o_direct": posix.used_direct, "dd": raw.mode}, indent=2))
+    print(
+        json.dumps(
+            {
+                "median_gbps": rows,
+                "ratios": result["ratios"],
+                "loadavg": result["loadavg_1_5_15"],
+                "o_direct": posix.used_direct,
+                "dd": raw.mode,
+            },
+            indent=2,
+        )
+    )
     plot(rows, result, out.with_suffix(".png"))
 
 
@@ -300,7 +340,10 @@ def plot(rows: dict[str, float], result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     disk = list(rows)[:7]  # the buffered rows measure the page cache: in the JSON, not on the plot
     mem = list(rows)[9:]
-    for ax, names, title in ((axes[0], disk, f"disk ({result['device']['filesystem']})"), (axes[1], mem, "host memory")):
+    for ax, names, title in (
+        (axes[0], disk, f"disk ({result['device']['filesystem']})"),
+        (axes[1], mem, "host memory"),
+    ):
         names = names[::-1]
         vals = [rows[n] for n in names]
         colors = ["#999999" if n.startswith(("dd", "torch", "numpy")) else "#3b75af" for n in names]
@@ -311,8 +354,10 @@ def plot(rows: dict[str, float], result: dict, path: Path) -> None:
         ax.set_xlim(0, max(vals) * 1.18)
         ax.set_title(title)
     la = result["loadavg_1_5_15"]["before"]
-    fig.suptitle(f"ucm.store, 512 KiB shards x 36 layers, {result['bytes_per_measurement'] / 2**30:.2f} GiB "
-                 f"per run; {result['device']['cores']} cores, load {la[0]}")
+    fig.suptitle(
+        f"ucm.store, 512 KiB shards x 36 layers, {result['bytes_per_measurement'] / 2**30:.2f} GiB "
+        f"per run; {result['device']['cores']} cores, load {la[0]}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")

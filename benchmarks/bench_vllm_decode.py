@@ -56,11 +56,24 @@ def make_llm(model_path: str, extra: dict | None, max_model_len: int, batch: int
 
     ktc = None
     if extra is not None:
-        ktc = KVTransferConfig(kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.connector",
-                               kv_role="kv_both", kv_connector_extra_config=extra)
-    return LLM(model=model_path, dtype="float32", block_size=BLOCK, max_model_len=max_model_len, enforce_eager=True,
-               distributed_executor_backend="uni", kv_transfer_config=ktc, max_num_seqs=batch,
-               enable_prefix_caching=False, seed=0)
+        ktc = KVTransferConfig(
+            kv_connector="UCMConnector",
+            kv_connector_module_path="ucm.integration.vllm.connector",
+            kv_role="kv_both",
+            kv_connector_extra_config=extra,
+        )
+    return LLM(
+        model=model_path,
+        dtype="float32",
+        block_size=BLOCK,
+        max_model_len=max_model_len,
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        kv_transfer_config=ktc,
+        max_num_seqs=batch,
+        enable_prefix_caching=False,
+        seed=0,
+    )
 
 
 def shutdown() -> None:
@@ -71,8 +84,9 @@ def shutdown() -> None:
     cleanup_dist_env_and_memory()
 
 
-def run_engine(llm, prompts: list[list[int]], new_tokens: int, skip: int, profile: Path | None,
-               settle=None) -> dict[str, Any]:
+def run_engine(
+    llm, prompts: list[list[int]], new_tokens: int, skip: int, profile: Path | None, settle=None
+) -> dict[str, Any]:
     """Drive the engine step by step; per-step wall times split into prefill and decode.
 
     `settle()`, when given, runs once when every request is decoding, before the timed steps
@@ -125,8 +139,14 @@ def run_engine(llm, prompts: list[list[int]], new_tokens: int, skip: int, profil
     }
 
 
-def bench_one(model_path: str, extra: dict | None, max_model_len: int, prompts: list[list[int]],
-              args: argparse.Namespace, prof: Path | None) -> dict[str, Any]:
+def bench_one(
+    model_path: str,
+    extra: dict | None,
+    max_model_len: int,
+    prompts: list[list[int]],
+    args: argparse.Namespace,
+    prof: Path | None,
+) -> dict[str, Any]:
     """One engine, start to shutdown; no reference to it survives (a late collection of an old
     engine would tear down the next engine's process groups)."""
     llm = make_llm(model_path, extra, max_model_len, args.batch)
@@ -173,8 +193,15 @@ def machine() -> dict[str, Any]:
             model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "vllm": vllm.__version__, "torch_threads": torch.get_num_threads()}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "vllm": vllm.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def plot(result: dict, path: Path) -> None:
@@ -193,8 +220,11 @@ def plot(result: dict, path: Path) -> None:
             label += f"\n{result['methods'][name]['decode_speedup']:.2f}x"
         ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=9)
     ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"vLLM-CPU decode, SmolLM2-135M fp32, batch {result['batch']}, "
-                 f"~{result['context_tokens']} tokens, ratio {result['ratio']}", fontsize=9)
+    ax.set_title(
+        f"vLLM-CPU decode, SmolLM2-135M fp32, batch {result['batch']}, "
+        f"~{result['context_tokens']} tokens, ratio {result['ratio']}",
+        fontsize=9,
+    )
     ax.set_ylim(0, max(vals) * 1.25)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -225,23 +255,34 @@ def main() -> None:
 
     model_path = str(fetch_model("smollm2"))
     tok = AutoTokenizer.from_pretrained(model_path)
-    prompts = [needle_prompt(tok, args.tokens, 0.2 + 0.6 * i / max(args.batch - 1, 1), seed=11 + i)[0]
-               for i in range(args.batch)]
+    prompts = [
+        needle_prompt(tok, args.tokens, 0.2 + 0.6 * i / max(args.batch - 1, 1), seed=11 + i)[0]
+        for i in range(args.batch)
+    ]
     max_model_len = 8192  # SmolLM2's max_position_embeddings
     if max(len(p) for p in prompts) + args.new_tokens > max_model_len:
-        raise SystemExit(f"prompts of {max(len(p) for p in prompts)} + {args.new_tokens} new tokens exceed {max_model_len}")
+        raise SystemExit(
+            f"prompts of {max(len(p) for p in prompts)} + {args.new_tokens} new tokens exceed {max_model_len}"
+        )
     result: dict[str, Any] = {
         "machine": machine(),
         "command": "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "load_before": load_now(),
-        "model": "SmolLM2-135M (float32)", "block_size": BLOCK, "batch": args.batch,
-        "context_tokens": args.tokens, "prompt_lens": [len(p) for p in prompts], "new_tokens": args.new_tokens,
-        "max_model_len": max_model_len, "ratio": args.ratio,
-        "timing": ("LLMEngine.step() loop; decode tok/s = batch x decode steps / their wall time, where a decode "
-                   f"step is one taken after every request produced its first token; first {args.skip} decode "
-                   "steps dropped; ignore_eos. One engine computes the prompts and dumps them to a POSIX store; "
-                   f"then {args.rounds} rounds of one engine per setting, each loading the prompts from the store; "
-                   "decode_speedup = median over rounds of method / dense tok/s in the same round"),
+        "model": "SmolLM2-135M (float32)",
+        "block_size": BLOCK,
+        "batch": args.batch,
+        "context_tokens": args.tokens,
+        "prompt_lens": [len(p) for p in prompts],
+        "new_tokens": args.new_tokens,
+        "max_model_len": max_model_len,
+        "ratio": args.ratio,
+        "timing": (
+            "LLMEngine.step() loop; decode tok/s = batch x decode steps / their wall time, where a decode "
+            f"step is one taken after every request produced its first token; first {args.skip} decode "
+            "steps dropped; ignore_eos. One engine computes the prompts and dumps them to a POSIX store; "
+            f"then {args.rounds} rounds of one engine per setting, each loading the prompts from the store; "
+            "decode_speedup = median over rounds of method / dense tok/s in the same round"
+        ),
         "methods": {},
     }
     names = ([] if args.no_dense else ["dense"]) + list(args.methods)
@@ -256,17 +297,23 @@ def main() -> None:
         result["prefill_engine"] = res
         print(f"prefill engine: {res['prefill_s']:.1f} s prefill", flush=True)
         for k in range(args.rounds):
-            order = names[k % len(names):] + names[: k % len(names)]  # each engine first once in a while
+            order = names[k % len(names) :] + names[: k % len(names)]  # each engine first once in a while
             for name in order:
                 prof = args.profile_dir / f"{name}.prof" if args.profile_dir and k == 0 else None
                 res = bench_one(model_path, configs[name], max_model_len, prompts, args, prof)
                 tokens.setdefault(name, res.pop("tokens"))
                 per_round[name].append(res)
-                print(f"round {k}, {name}: {res['decode_tok_s']:.2f} tok/s decode (median step "
-                      f"{res['step_ms_median']:.1f} ms), prompt loaded in {res['prefill_s']:.1f} s", flush=True)
+                print(
+                    f"round {k}, {name}: {res['decode_tok_s']:.2f} tok/s decode (median step "
+                    f"{res['step_ms_median']:.1f} ms), prompt loaded in {res['prefill_s']:.1f} s",
+                    flush=True,
+                )
     for name, runs in per_round.items():
-        entry = {key: statistics.median(r[key] for r in runs)
-                 for key in ("decode_tok_s", "step_ms_median", "prefill_s") if runs}
+        entry = {
+            key: statistics.median(r[key] for r in runs)
+            for key in ("decode_tok_s", "step_ms_median", "prefill_s")
+            if runs
+        }
         entry.update({k: v for k, v in runs[0].items() if k.startswith(("blocks_", "fraction_", "sparse_steps"))})
         entry["rounds"] = runs
         if name == "dense":

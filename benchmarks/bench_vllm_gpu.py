@@ -38,11 +38,26 @@ RESULTS = HERE / "results"
 
 # Qwen3-4B's shape (config.json of Qwen/Qwen3-4B), positions widened for 128K contexts
 QWEN3_4B = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728,
-    "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-    "vocab_size": 151936, "max_position_embeddings": 135168, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-    "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645, "use_cache": True,
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 2560,
+    "intermediate_size": 9728,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 135168,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "use_cache": True,
 }
 BLOCK = 128
 
@@ -76,8 +91,9 @@ def side_bytes_per_block(setting: str, shape: dict, tmp: Path, block: int = BLOC
     from ucm.sparse.factory import build_sparse_method
 
     layers = shape["num_hidden_layers"]
-    shapes = ModelShapes(layers, shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"],
-                         block, 1)
+    shapes = ModelShapes(
+        layers, shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"], block, 1
+    )
     ref = get_ops("reference")
     method = build_sparse_method(extra, shapes, ref, host_ops=ref, host_scoring=False)
     try:
@@ -101,8 +117,12 @@ def sparse_extra(setting: str, tmp: Path, shape: dict = QWEN3_4B) -> dict | None
         data = json.loads(Path(find_model_config("Qwen3-4B")).read_text())
         layers = shape["num_hidden_layers"]
         if layers != data["num_hidden_layers"]:  # another depth: its first and last layers dense
-            data.update(num_hidden_layers=layers, head_dim=shape["head_dim"], top_k_index_reuse=[-1] * layers,
-                        top_k_ratio_per_layer=[1 if i in (0, layers - 1) else ratio for i in range(layers)])
+            data.update(
+                num_hidden_layers=layers,
+                head_dim=shape["head_dim"],
+                top_k_index_reuse=[-1] * layers,
+                top_k_ratio_per_layer=[1 if i in (0, layers - 1) else ratio for i in range(layers)],
+            )
         data["top_k_ratio_per_layer"] = [r if r >= 1 else ratio for r in data["top_k_ratio_per_layer"]]
         if "concurrency_threshold" in keys:
             data["gpu_concurrency_threshold"] = keys["concurrency_threshold"]
@@ -112,23 +132,47 @@ def sparse_extra(setting: str, tmp: Path, shape: dict = QWEN3_4B) -> dict | None
     return {"ucm_sparse_config": {method: {"sparse_ratio": ratio, "retrieval_stride": 1, **keys}}}
 
 
-def engine_kwargs(model: Path, extra: dict | None, max_model_len: int, max_batch: int, *,
-                  graphs: bool = True, capture_sizes: list[int] | None = None, mem: float = 0.80) -> dict:
-    kw = dict(model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              block_size=BLOCK, max_model_len=max_model_len, max_num_seqs=max(max_batch, 1),
-              max_num_batched_tokens=32768, enable_prefix_caching=True, gpu_memory_utilization=mem,
-              seed=0, disable_log_stats=True)
+def engine_kwargs(
+    model: Path,
+    extra: dict | None,
+    max_model_len: int,
+    max_batch: int,
+    *,
+    graphs: bool = True,
+    capture_sizes: list[int] | None = None,
+    mem: float = 0.80,
+) -> dict:
+    kw = dict(
+        model=str(model),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype="bfloat16",
+        block_size=BLOCK,
+        max_model_len=max_model_len,
+        max_num_seqs=max(max_batch, 1),
+        max_num_batched_tokens=32768,
+        enable_prefix_caching=True,
+        gpu_memory_utilization=mem,
+        seed=0,
+        disable_log_stats=True,
+    )
     if graphs:
-        kw["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
-                                    "cudagraph_capture_sizes": capture_sizes or sorted({1, 2, 4, 8, max_batch})}
+        kw["compilation_config"] = {
+            "mode": 0,
+            "cudagraph_mode": "FULL_DECODE_ONLY",
+            "cudagraph_capture_sizes": capture_sizes or sorted({1, 2, 4, 8, max_batch}),
+        }
     else:
         kw["enforce_eager"] = True
     if extra is not None:
         from vllm.config import KVTransferConfig
 
         kw["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.connector",
-            kv_role="kv_both", kv_connector_extra_config=extra)
+            kv_connector="UCMConnector",
+            kv_connector_module_path="ucm.integration.vllm.connector",
+            kv_role="kv_both",
+            kv_connector_extra_config=extra,
+        )
     return kw
 
 
@@ -136,8 +180,9 @@ def prompts_for(context: int, batch: int, seed: int, vocab: int) -> list[dict]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return [{"prompt_token_ids": torch.randint(100, vocab - 100, (context,), generator=g).tolist()}
-            for _ in range(batch)]
+    return [
+        {"prompt_token_ids": torch.randint(100, vocab - 100, (context,), generator=g).tolist()} for _ in range(batch)
+    ]
 
 
 def hbm_read_bandwidth() -> float:
@@ -187,8 +232,13 @@ def run_engine(spec: dict) -> dict:
     start_s = time.perf_counter() - t0
     bw = hbm_read_bandwidth()
     n = spec["new_tokens"]
-    out = {"setting": spec["setting"], "engine_start_s": round(start_s, 1), "hbm_bytes_per_s": bw, "cells": [],
-           "async_scheduling": engine_async_scheduling(llm)}
+    out = {
+        "setting": spec["setting"],
+        "engine_start_s": round(start_s, 1),
+        "hbm_bytes_per_s": bw,
+        "cells": [],
+        "async_scheduling": engine_async_scheduling(llm),
+    }
 
     def gen(prompts, tokens):
         sp = SamplingParams(max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0.0, detokenize=False)
@@ -206,16 +256,24 @@ def run_engine(spec: dict) -> dict:
         after = ucm_counters()
         bestn = min(t for t, _ in runs)
         tokens = [list(o.outputs[0].token_ids) for o in runs[0][1]]
-        cell = {"context": context, "batch": batch, "prefill_s": round(t_fill, 2),
-                "decode_ms": round((bestn - best1) / n * 1e3, 3), "first_tokens": [t[:8] for t in tokens]}
+        cell = {
+            "context": context,
+            "batch": batch,
+            "prefill_s": round(t_fill, 2),
+            "decode_ms": round((bestn - best1) / n * 1e3, 3),
+            "first_tokens": [t[:8] for t in tokens],
+        }
         if before is not None and after is not None:
             kept = sum(after["kept"]) - sum(before["kept"])
             total = sum(after["total"]) - sum(before["total"])
             cell["blocks_read"] = round(kept / total, 4) if total else None
             cell["sparse_steps"] = after["sparse_steps"] - before["sparse_steps"]
         out["cells"].append(cell)
-        print(f"[{spec['setting']}] {context}x{batch}: {cell['decode_ms']} ms/step "
-              f"blocks read {cell.get('blocks_read', 1.0)}", flush=True)
+        print(
+            f"[{spec['setting']}] {context}x{batch}: {cell['decode_ms']} ms/step "
+            f"blocks read {cell.get('blocks_read', 1.0)}",
+            flush=True,
+        )
     if spec.get("profile"):
         out["profile"] = profile_decode(gen, prompts, spec["profile"], Path(spec["profile_out"]))
     return out
@@ -234,8 +292,10 @@ def profile_decode(gen, prompts, steps: int, path: Path) -> dict:
     total = sum(e.self_device_time_total for e in events)
     lines = [f"{'us/step':>9} {'calls/step':>10} {'share':>6}  kernel"]
     for e in events[:40]:
-        lines.append(f"{e.self_device_time_total / steps:9.1f} {e.count / steps:10.1f} "
-                     f"{e.self_device_time_total / total:6.1%}  {e.key[:150]}")
+        lines.append(
+            f"{e.self_device_time_total / steps:9.1f} {e.count / steps:10.1f} "
+            f"{e.self_device_time_total / total:6.1%}  {e.key[:150]}"
+        )
     import cProfile
     import io
     import pstats
@@ -250,11 +310,15 @@ def profile_decode(gen, prompts, steps: int, path: Path) -> dict:
     stats = pstats.Stats(host, stream=text)
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumulative").print_stats("ucm", 25)
-    path.write_text("\n".join(lines) + f"\ntotal device time per step: {total / steps / 1e3:.3f} ms "
-                    f"(includes one 1-token prefill of the cached prompts)\n"
-                    f"host, under cProfile: {wall / steps * 1e3:.3f} ms per step\n" + text.getvalue())
-    return {"device_ms_per_step": round(total / steps / 1e3, 3),
-            "kernels_per_step": round(sum(e.count for e in events) / steps, 1)}
+    path.write_text(
+        "\n".join(lines) + f"\ntotal device time per step: {total / steps / 1e3:.3f} ms "
+        f"(includes one 1-token prefill of the cached prompts)\n"
+        f"host, under cProfile: {wall / steps * 1e3:.3f} ms per step\n" + text.getvalue()
+    )
+    return {
+        "device_ms_per_step": round(total / steps / 1e3, 3),
+        "kernels_per_step": round(sum(e.count for e in events) / steps, 1),
+    }
 
 
 def run_child(spec: dict, log: Path) -> dict:
@@ -264,8 +328,13 @@ def run_child(spec: dict, log: Path) -> dict:
     with open(log, "a") as lf:
         lf.write(f"\n===== {spec['setting']} =====\n")
         lf.flush()
-        proc = subprocess.run([sys.executable, __file__, "--child", f.name], stdout=subprocess.PIPE, stderr=lf,
-                              text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", f.name],
+            stdout=subprocess.PIPE,
+            stderr=lf,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     lines = proc.stdout.strip().splitlines()
     for line in lines[:-1]:
         print(line, flush=True)
@@ -322,9 +391,16 @@ def merge_runs(paths: list[Path]) -> dict:
                 raise ValueError(f"cannot merge runs with different {key}: {first.get(key)!r} vs {r.get(key)!r}")
     merged = {k: v for k, v in first.items() if k not in ("cells", "command", "engine_start_s", "async_scheduling")}
     merged["command"] = " && ".join(r["command"] for r in runs)
-    merged["runs"] = [{"command": r["command"], "hbm_bytes_per_s": r.get("hbm_bytes_per_s"),
-                       "new_tokens": r.get("new_tokens"), "engine_start_s": r.get("engine_start_s"),
-                       "async_scheduling": r.get("async_scheduling")} for r in runs]
+    merged["runs"] = [
+        {
+            "command": r["command"],
+            "hbm_bytes_per_s": r.get("hbm_bytes_per_s"),
+            "new_tokens": r.get("new_tokens"),
+            "engine_start_s": r.get("engine_start_s"),
+            "async_scheduling": r.get("async_scheduling"),
+        }
+        for r in runs
+    ]
     merged["cells"] = [c for r in runs for c in r["cells"]]
     return merged
 
@@ -334,16 +410,24 @@ def main() -> None:
     ap.add_argument("--child")
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 and 8 at 32K, 1 and 4 at 128K")
-    ap.add_argument("--settings", nargs="+", default=None,
-                    help="dense | METHOD:RATIO[:key=int...] (default: dense, then every registered method "
-                         "at 0.3 and 0.1)")
+    ap.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        help="dense | METHOD:RATIO[:key=int...] (default: dense, then every registered method at 0.3 and 0.1)",
+    )
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="vllm_gpu_decode")
-    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                    help="also profile STEPS decode steps of the last cell per engine: kernel table to "
-                         "OUT/NAME_profile_SETTING.txt")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also profile STEPS decode steps of the last cell per engine: kernel table to "
+        "OUT/NAME_profile_SETTING.txt",
+    )
     ap.add_argument("--merge", nargs="+", metavar="RUN_JSON", help="join earlier runs' JSON into OUT/NAME.json")
     args = ap.parse_args()
     if args.merge:
@@ -371,18 +455,33 @@ def main() -> None:
     log.write_text("")
     engines = {}
     for setting in settings:
-        spec = {"setting": setting, "tmp": str(tmp), "model": str(model), "shape": QWEN3_4B, "cells": cells,
-                "new_tokens": args.new_tokens, "repeats": args.repeats, "profile": args.profile,
-                "profile_out": str(out_dir / f"{args.name}_profile_{setting.replace(':', '_')}.txt")}
+        spec = {
+            "setting": setting,
+            "tmp": str(tmp),
+            "model": str(model),
+            "shape": QWEN3_4B,
+            "cells": cells,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "profile": args.profile,
+            "profile_out": str(out_dir / f"{args.name}_profile_{setting.replace(':', '_')}.txt"),
+        }
         engines[setting] = run_child(spec, log)
     dense = {(c["context"], c["batch"]): c for c in engines["dense"]["cells"]}
     bw = sorted(e["hbm_bytes_per_s"] for e in engines.values())[len(engines) // 2]
-    result = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
-              "command": "python benchmarks/bench_vllm_gpu.py " + " ".join(sys.argv[1:]),
-              "model": "Qwen3-4B shape, dummy weights, bf16, block 128", "hbm_bytes_per_s": round(bw),
-              "cudagraph_mode": "FULL_DECODE_ONLY", "new_tokens": args.new_tokens,
-              "engine_start_s": {s: e["engine_start_s"] for s, e in engines.items()},
-              "async_scheduling": {s: e.get("async_scheduling") for s, e in engines.items()}, "cells": []}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "command": "python benchmarks/bench_vllm_gpu.py " + " ".join(sys.argv[1:]),
+        "model": "Qwen3-4B shape, dummy weights, bf16, block 128",
+        "hbm_bytes_per_s": round(bw),
+        "cudagraph_mode": "FULL_DECODE_ONLY",
+        "new_tokens": args.new_tokens,
+        "engine_start_s": {s: e["engine_start_s"] for s, e in engines.items()},
+        "async_scheduling": {s: e.get("async_scheduling") for s, e in engines.items()},
+        "cells": [],
+    }
     if args.profile:
         result["profile"] = {s: e.get("profile") for s, e in engines.items()}
     for setting, eng in engines.items():
@@ -394,23 +493,37 @@ def main() -> None:
             read = c.get("blocks_read") if method != "dense" else 1.0
             read = 1.0 if read is None else read
             bound = bound_ms(setting, QWEN3_4B, c["context"], c["batch"], read, bw, tmp)
-            result["cells"].append({
-                "method": method, "context": c["context"], "batch": c["batch"], "ratio": ratio, "cuda_graphs": True,
-                "dense_ms": d["decode_ms"], "decode_ms": c["decode_ms"],
-                "engine_speedup": round(d["decode_ms"] / c["decode_ms"], 3), "blocks_read": read,
-                "fraction_of_bound": round(bound / c["decode_ms"], 3), "bound_ms": round(bound, 3),
-                "sparse_steps": c.get("sparse_steps"), "prefill_s": c["prefill_s"],
-                "same_first_tokens_as_dense": c["first_tokens"] == d["first_tokens"],
-            })
+            result["cells"].append(
+                {
+                    "method": method,
+                    "context": c["context"],
+                    "batch": c["batch"],
+                    "ratio": ratio,
+                    "cuda_graphs": True,
+                    "dense_ms": d["decode_ms"],
+                    "decode_ms": c["decode_ms"],
+                    "engine_speedup": round(d["decode_ms"] / c["decode_ms"], 3),
+                    "blocks_read": read,
+                    "fraction_of_bound": round(bound / c["decode_ms"], 3),
+                    "bound_ms": round(bound, 3),
+                    "sparse_steps": c.get("sparse_steps"),
+                    "prefill_s": c["prefill_s"],
+                    "same_first_tokens_as_dense": c["first_tokens"] == d["first_tokens"],
+                }
+            )
     path = out_dir / f"{args.name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out_dir / f"{args.name}.png")
-    print(f"{'method':<16}{'ratio':>6}{'ctx':>8}{'batch':>6}{'dense ms':>10}{'ms':>9}{'speedup':>9}{'read':>7}"
-          f"{'of bound':>9}")
+    print(
+        f"{'method':<16}{'ratio':>6}{'ctx':>8}{'batch':>6}{'dense ms':>10}{'ms':>9}{'speedup':>9}{'read':>7}"
+        f"{'of bound':>9}"
+    )
     for c in result["cells"]:
-        print(f"{c['method']:<16}{c['ratio']:>6}{c['context']:>8}{c['batch']:>6}{c['dense_ms']:>10.2f}"
-              f"{c['decode_ms']:>9.2f}{c['engine_speedup']:>9.2f}{c['blocks_read']:>7.3f}"
-              f"{c['fraction_of_bound']:>9.2f}")
+        print(
+            f"{c['method']:<16}{c['ratio']:>6}{c['context']:>8}{c['batch']:>6}{c['dense_ms']:>10.2f}"
+            f"{c['decode_ms']:>9.2f}{c['engine_speedup']:>9.2f}{c['blocks_read']:>7.3f}"
+            f"{c['fraction_of_bound']:>9.2f}"
+        )
     print(f"wrote {path}")
 
 

@@ -38,8 +38,15 @@ def hata_config(ratio: float, random_hash: bool) -> dict:
     return data
 
 
-def run(length: int, samples: int, seeds: int, ratio: float, new_tokens: int, backend: str | None,
-        tasks: tuple[str, ...] = TASKS) -> dict:
+def run(
+    length: int,
+    samples: int,
+    seeds: int,
+    ratio: float,
+    new_tokens: int,
+    backend: str | None,
+    tasks: tuple[str, ...] = TASKS,
+) -> dict:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -57,7 +64,7 @@ def run(length: int, samples: int, seeds: int, ratio: float, new_tokens: int, ba
     trained, random_ = hata_config(ratio, False), hata_config(ratio, True)
     settings = {"trained (shipped)": lambda: build_from_model_config(trained, runner.shapes, ops)}
     for seed in range(seeds):
-        settings[f"random seed {seed}"] = (lambda s=seed: build_from_model_config(random_, runner.shapes, ops, seed=s))
+        settings[f"random seed {seed}"] = lambda s=seed: build_from_model_config(random_, runner.shapes, ops, seed=s)
     t0 = time.perf_counter()
     per_sample = []
     for task in tasks:
@@ -73,8 +80,10 @@ def run(length: int, samples: int, seeds: int, ratio: float, new_tokens: int, ba
                 row["correct"][name] = ruler.score_samples(task, [text], [sample])[0] >= 100.0
             per_sample.append(row)
     names = ["dense", *settings]
-    score = {name: {t: 100.0 * sum(r["correct"][name] for r in per_sample if r["task"] == t) / samples for t in tasks}
-             for name in names}
+    score = {
+        name: {t: 100.0 * sum(r["correct"][name] for r in per_sample if r["task"] == t) / samples for t in tasks}
+        for name in names
+    }
     lost = {name: sum(r["correct"]["dense"] and not r["correct"][name] for r in per_sample) for name in settings}
     gained = {name: sum(r["correct"][name] and not r["correct"]["dense"] for r in per_sample) for name in settings}
     return {
@@ -106,13 +115,17 @@ def plot(result: dict, path: Path) -> None:
     names = list(result["samples_lost_vs_dense"])
     lost = [result["samples_lost_vs_dense"][n] for n in names]
     fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 3.4), constrained_layout=True)
-    bars = ax.bar(range(len(names)), lost, color=["tab:green" if n.startswith("trained") else "tab:gray" for n in names])
+    bars = ax.bar(
+        range(len(names)), lost, color=["tab:green" if n.startswith("trained") else "tab:gray" for n in names]
+    )
     ax.bar_label(bars, fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     total = result["samples_per_task"] * len(result["tasks"])
-    ax.set(ylabel=f"samples lost vs dense (of {total})",
-           title=f"GSA on device at {result['length']} tokens, ratio {result['ratio']}: trained vs random W "
-                 f"({', '.join(result['tasks'])})")
+    ax.set(
+        ylabel=f"samples lost vs dense (of {total})",
+        title=f"GSA on device at {result['length']} tokens, ratio {result['ratio']}: trained vs random W "
+        f"({', '.join(result['tasks'])})",
+    )
     ax.title.set_fontsize(9)
     ax.set_ylim(0, max(lost + [1]) + 0.5)
     ax.grid(axis="y", alpha=0.3)

@@ -46,8 +46,16 @@ def build_method(name: str, ratio: float, dense: tuple[int, ...], shapes, ops, w
     return build_sparse_method(method_config(name, ratio, workdir, dense), shapes, ops)
 
 
-def run(task: str, length: int, samples: int, methods: list[str], dense_sets: list[tuple[int, ...]], ratio: float,
-        new_tokens: int, backend: str | None) -> dict:
+def run(
+    task: str,
+    length: int,
+    samples: int,
+    methods: list[str],
+    dense_sets: list[tuple[int, ...]],
+    ratio: float,
+    new_tokens: int,
+    backend: str | None,
+) -> dict:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -84,9 +92,15 @@ def run(task: str, length: int, samples: int, methods: list[str], dense_sets: li
                 if not res[labels[0]]:  # explain the first set's failure: one sparse layer at a time
                     others = [layer for layer in range(layers) if layer not in dense_sets[0]]
                     res["breaks_alone"] = [
-                        layer for layer in others
-                        if not correct(state, build_method(name, ratio, tuple(x for x in range(layers) if x != layer),
-                                                           runner.shapes, ops, work), sample)[0]
+                        layer
+                        for layer in others
+                        if not correct(
+                            state,
+                            build_method(
+                                name, ratio, tuple(x for x in range(layers) if x != layer), runner.shapes, ops, work
+                            ),
+                            sample,
+                        )[0]
                     ]
                 row["methods"][name] = res
         per_sample.append(row)
@@ -131,16 +145,21 @@ def plot(result: dict, path: Path, layers: int = 30) -> None:
         xs = [x + (i - (len(methods) - 1) / 2) * width for x in range(layers)]
         axes[0].bar(xs, [counts.get(str(x), 0) for x in range(layers)], width=width, label=name)
     first = result["dense_sets"][0]
-    axes[0].set(title=f"this layer alone sparse breaks the answer (samples dense {{{first}}} gets wrong)",
-                xlabel="layer", ylabel="samples", xticks=range(layers))
+    axes[0].set(
+        title=f"this layer alone sparse breaks the answer (samples dense {{{first}}} gets wrong)",
+        xlabel="layer",
+        ylabel="samples",
+        xticks=range(layers),
+    )
     axes[0].legend(fontsize=8)
     n = result["dense_correct"]
     sets = result["dense_sets"]
     for i, name in enumerate(methods):
         vals = [100.0 * result["methods"][name]["correct_of_dense_correct"][s] / max(n, 1) for s in sets]
         axes[1].bar([x + (i - (len(methods) - 1) / 2) * width for x in range(len(sets))], vals, width=width, label=name)
-    axes[1].set(title=f"correct, % of the {n} dense answers, ratio {result['ratio']}",
-                xticks=range(len(sets)), ylim=(0, 105))
+    axes[1].set(
+        title=f"correct, % of the {n} dense answers, ratio {result['ratio']}", xticks=range(len(sets)), ylim=(0, 105)
+    )
     axes[1].set_xticklabels([f"dense {s}" for s in sets], fontsize=8)
     axes[1].legend(fontsize=8)
     for ax in axes:
@@ -159,8 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--samples", type=int, default=25)
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
-    p.add_argument("--dense-sets", nargs="+", type=parse_set, default=[(5, 6, 7, 8), (7, 17, 18, 23)],
-                   help="candidate dense-layer sets; the first one's failures are explained layer by layer")
+    p.add_argument(
+        "--dense-sets",
+        nargs="+",
+        type=parse_set,
+        default=[(5, 6, 7, 8), (7, 17, 18, 23)],
+        help="candidate dense-layer sets; the first one's failures are explained layer by layer",
+    )
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--backend", default=None)
@@ -178,15 +202,18 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown method {m!r}; valid: {', '.join(method_names())}")
     if not 0 < args.ratio <= 1:
         p.error("--ratio must be in (0, 1]")
-    result = run(args.task, args.length, args.samples, args.methods, args.dense_sets, args.ratio, args.new_tokens,
-                 args.backend)
+    result = run(
+        args.task, args.length, args.samples, args.methods, args.dense_sets, args.ratio, args.new_tokens, args.backend
+    )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"{args.name}.json"
     out.write_text(json.dumps(result, indent=2))
     plot(result, args.out_dir / f"{args.name}.png")
     for name, res in result["methods"].items():
-        print(f"{name}: correct of {result['dense_correct']} dense-correct: {res['correct_of_dense_correct']}; "
-              f"layers breaking alone: {res['layers_breaking_alone']}")
+        print(
+            f"{name}: correct of {result['dense_correct']} dense-correct: {res['correct_of_dense_correct']}; "
+            f"layers breaking alone: {res['layers_breaking_alone']}"
+        )
     print(f"wrote {out}")
     return 0
 

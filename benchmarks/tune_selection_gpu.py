@@ -55,8 +55,9 @@ def build(name: str, ratio: float, ops, shapes):
         data = json.loads(Path(find_model_config("Qwen3-4B")).read_text())
         # every layer selects: the cost per selecting layer
         data.update(num_hidden_layers=LAYERS, top_k_ratio_per_layer=[ratio] * LAYERS, top_k_index_reuse=[-1] * LAYERS)
-        return build_sparse_method({"ucm_sparse_config": {name: {}}}, shapes, ops, model_config=data,
-                                   host_scoring=False)
+        return build_sparse_method(
+            {"ucm_sparse_config": {name: {}}}, shapes, ops, model_config=data, host_scoring=False
+        )
     cfg = {name: {"sparse_ratio": ratio, "retrieval_stride": 1}}
     return build_sparse_method({"ucm_sparse_config": cfg}, shapes, ops, host_scoring=False)
 
@@ -100,8 +101,15 @@ def layer_path(ops, name: str, ratio: float, b: int, ctx: int) -> dict:
 
     total = graph_us(step)
     write = graph_us(write_only)
-    return {"method": name, "ratio": ratio, "batch": b, "context": ctx, "blocks": m,
-            "us_per_layer": round(total / LAYERS, 2), "write_us_per_layer": round(write / LAYERS, 2)}
+    return {
+        "method": name,
+        "ratio": ratio,
+        "batch": b,
+        "context": ctx,
+        "blocks": m,
+        "us_per_layer": round(total / LAYERS, 2),
+        "write_us_per_layer": round(write / LAYERS, 2),
+    }
 
 
 def sweep_ops(ops, b: int, ctx: int) -> list[dict]:
@@ -122,7 +130,9 @@ def sweep_ops(ops, b: int, ctx: int) -> list[dict]:
         for w in (1, 2):
             ops.scores_block_m, ops.scores_warps = bm, w
             us = graph_us(lambda: [ops.block_scores_dot(q, reps, table, lens, BS) for _ in range(LAYERS)]) / LAYERS
-            out.append({"op": "block_scores_dot", "batch": b, "blocks": m, "block_m": bm, "warps": w, "us": round(us, 2)})
+            out.append(
+                {"op": "block_scores_dot", "batch": b, "blocks": m, "block_m": bm, "warps": w, "us": round(us, 2)}
+            )
     ops.scores_block_m = ops.scores_warps = None
     us = graph_us(lambda: [ops.block_scores_dot(q, reps, table, lens, BS) for _ in range(LAYERS)]) / LAYERS
     out.append({"op": "block_scores_dot", "batch": b, "blocks": m, "default": True, "us": round(us, 2)})
@@ -131,8 +141,16 @@ def sweep_ops(ops, b: int, ctx: int) -> list[dict]:
             ops.topk_warps, ops.topk_sort = w, strategy == "sort"
             ops.topk_radix_bits = int(strategy.split()[1]) if strategy != "sort" else None
             us = graph_us(lambda: [ops.select_and_rewrite(scores, k, must, table, lens, BS) for _ in range(LAYERS)])
-            out.append({"op": "select_and_rewrite", "batch": b, "blocks": m, "strategy": strategy, "warps": w,
-                        "us": round(us / LAYERS, 2)})
+            out.append(
+                {
+                    "op": "select_and_rewrite",
+                    "batch": b,
+                    "blocks": m,
+                    "strategy": strategy,
+                    "warps": w,
+                    "us": round(us / LAYERS, 2),
+                }
+            )
     ops.topk_warps = ops.topk_radix_bits = ops.topk_sort = None
     kd = torch.full_like(k, m)
     us = graph_us(lambda: [ops.select_and_rewrite(scores, kd, must, table, lens, BS) for _ in range(LAYERS)])
@@ -149,16 +167,45 @@ def sweep_ops(ops, b: int, ctx: int) -> list[dict]:
                 for tpp in (1, 2, 4, 8):
                     ops.kvstar_block_n, ops.kvstar_block_k, ops.kvstar_warps = bn, bk, w
                     ops.kvstar_tiles_per_prog = tpp
-                    us = graph_us(lambda: [ops.kvstar_block_mass(q4, reps, abs_sums, table, lens, BS, 32, 0.0625)
-                                           for _ in range(LAYERS)]) / LAYERS
-                    out.append({"op": "kvstar_block_mass", "batch": b, "blocks": m, "block_n": bn, "block_k": bk,
-                                "warps": w, "tiles_per_prog": tpp, "us": round(us, 2),
-                                "bound_us": round(kv_bytes / 4.3e6, 2)})
+                    us = (
+                        graph_us(
+                            lambda: [
+                                ops.kvstar_block_mass(q4, reps, abs_sums, table, lens, BS, 32, 0.0625)
+                                for _ in range(LAYERS)
+                            ]
+                        )
+                        / LAYERS
+                    )
+                    out.append(
+                        {
+                            "op": "kvstar_block_mass",
+                            "batch": b,
+                            "blocks": m,
+                            "block_n": bn,
+                            "block_k": bk,
+                            "warps": w,
+                            "tiles_per_prog": tpp,
+                            "us": round(us, 2),
+                            "bound_us": round(kv_bytes / 4.3e6, 2),
+                        }
+                    )
     ops.kvstar_block_n = ops.kvstar_block_k = ops.kvstar_warps = ops.kvstar_tiles_per_prog = None
-    us = graph_us(lambda: [ops.kvstar_block_mass(q4, reps, abs_sums, table, lens, BS, 32, 0.0625)
-                           for _ in range(LAYERS)]) / LAYERS
-    out.append({"op": "kvstar_block_mass", "batch": b, "blocks": m, "default": True, "us": round(us, 2),
-                "bound_us": round(kv_bytes / 4.3e6, 2)})
+    us = (
+        graph_us(
+            lambda: [ops.kvstar_block_mass(q4, reps, abs_sums, table, lens, BS, 32, 0.0625) for _ in range(LAYERS)]
+        )
+        / LAYERS
+    )
+    out.append(
+        {
+            "op": "kvstar_block_mass",
+            "batch": b,
+            "blocks": m,
+            "default": True,
+            "us": round(us, 2),
+            "bound_us": round(kv_bytes / 4.3e6, 2),
+        }
+    )
     del reps, abs_sums
     one = torch.zeros(1, device=dev)
     us = graph_us(lambda: [one.add_(1) for _ in range(LAYERS)])
@@ -175,8 +222,14 @@ def main() -> None:
 
     ops = CudaOps()
     cells = [(8, 32768), (4, 131072), (1, 32768)]
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": LAYERS,
-              "model": "Qwen3-4B shape (32 q heads, 8 KV heads, head dim 128), block 128", "paths": [], "ops": []}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "layers": LAYERS,
+        "model": "Qwen3-4B shape (32 q heads, 8 KV heads, head dim 128), block 128",
+        "paths": [],
+        "ops": [],
+    }
     from ucm.methods import method_names
 
     for b, ctx in cells:

@@ -14,7 +14,16 @@ from ucm.demo_vllm import run_offline
 # the blocks a later step copies from (RULER niah_single_2 at 2K: stride 4 scored 80, stride 1
 # 96 = dense); larger strides trade that for fewer retrievals, e.g. with offload.
 
-UCM_SPARSE_CONFIG = {"ESA": {"init_window_sz": 1, "local_window_sz": 2, "min_blocks": 4, "sparse_ratio": 0.3, "dense_layers": [7, 17, 18, 23], "retrieval_stride": 1}}
+UCM_SPARSE_CONFIG = {
+    "ESA": {
+        "init_window_sz": 1,
+        "local_window_sz": 2,
+        "min_blocks": 4,
+        "sparse_ratio": 0.3,
+        "dense_layers": [7, 17, 18, 23],
+        "retrieval_stride": 1,
+    }
+}
 
 if __name__ == "__main__":
     run_offline(UCM_SPARSE_CONFIG)

@@ -11,7 +11,15 @@ from ucm.demo_vllm import run_offline
 # which a shared block selection starves (`ucm profile --task niah_single_2`, docs/accuracy.md);
 # the same layers GSA on device keeps dense through its model JSON
 
-UCM_SPARSE_CONFIG = {"GSA": {"init_window_sz": 1, "local_window_sz": 2, "min_blocks": 4, "sparse_ratio": 0.3, "dense_layers": [7, 17, 18, 23]}}
+UCM_SPARSE_CONFIG = {
+    "GSA": {
+        "init_window_sz": 1,
+        "local_window_sz": 2,
+        "min_blocks": 4,
+        "sparse_ratio": 0.3,
+        "dense_layers": [7, 17, 18, 23],
+    }
+}
 
 if __name__ == "__main__":
     run_offline(UCM_SPARSE_CONFIG)

@@ -14,7 +14,17 @@ from ucm.demo_vllm import run_offline
 # the blocks a later step copies from (RULER niah_single_2 at 2K: stride 4 scored 80, stride 1
 # 96 = dense); larger strides trade that for fewer retrievals, e.g. with offload.
 
-UCM_SPARSE_CONFIG = {"KVStarMultiStep": {"init_window_sz": 1, "local_window_sz": 2, "sparse_ratio": 0.3, "dense_layers": [7, 17, 18, 23], "retrieval_stride": 1, "blk_repre_dim_prune_ratio": 0.5, "blk_repre_inner_token_merge": 4}}
+UCM_SPARSE_CONFIG = {
+    "KVStarMultiStep": {
+        "init_window_sz": 1,
+        "local_window_sz": 2,
+        "sparse_ratio": 0.3,
+        "dense_layers": [7, 17, 18, 23],
+        "retrieval_stride": 1,
+        "blk_repre_dim_prune_ratio": 0.5,
+        "blk_repre_inner_token_merge": 4,
+    }
+}
 
 if __name__ == "__main__":
     run_offline(UCM_SPARSE_CONFIG)

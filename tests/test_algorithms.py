@@ -150,7 +150,9 @@ def test_attention_sink_kept_by_init_window() -> None:
     """A block the query ignores is still read when it is in the init window."""
     batch, q = planted([16 * BS], 4, 4, 32, [[9]])
     shapes = ModelShapes(1, 4, 4, 32, BS, batch.k_cache.shape[0])
-    cfg = {"ESA": {"init_window_sz": 2, "local_window_sz": 1, "sparse_ratio": 0.25, "min_blocks": 1, "retrieval_stride": 1}}
+    cfg = {
+        "ESA": {"init_window_sz": 2, "local_window_sz": 1, "sparse_ratio": 0.25, "min_blocks": 1, "retrieval_stride": 1}
+    }
     m = build_sparse_method(cfg, shapes, OPS)
     write_prefill(m, batch, 1)
     sel = m.select(0, q, m.begin_step(["a"], batch.seq_lens, batch.block_table))
@@ -164,12 +166,16 @@ def test_short_rows_and_thresholds_stay_dense() -> None:
     shapes = ModelShapes(1, 8, 2, 32, BS, batch.k_cache.shape[0])
     m = build("GSAOnDevice", shapes, gpu_seq_len_threshold=10 * BS)
     write_prefill(m, batch, 1)
-    plan = m.begin_step(["a", "b", "c"], batch.seq_lens, batch.block_table, sparse_rows=torch.tensor([True, True, False]))
+    plan = m.begin_step(
+        ["a", "b", "c"], batch.seq_lens, batch.block_table, sparse_rows=torch.tensor([True, True, False])
+    )
     sel = m.select(0, torch.randn(3, 8, 32, generator=g), plan)
     assert sel.blocks_kept.tolist() == [3, 5, 20]  # row 0 below the length threshold, row 2 forced dense
     m2 = build("GSAOnDevice", shapes, gpu_concurrency_threshold=4)  # 3 rows < 4: whole step dense
     write_prefill(m2, batch, 1)
-    sel = m2.select(0, torch.randn(3, 8, 32, generator=g), m2.begin_step(["a", "b", "c"], batch.seq_lens, batch.block_table))
+    sel = m2.select(
+        0, torch.randn(3, 8, 32, generator=g), m2.begin_step(["a", "b", "c"], batch.seq_lens, batch.block_table)
+    )
     assert sel.blocks_kept.tolist() == [3, 20, 20]
 
 
@@ -177,8 +183,9 @@ def test_dense_layers_and_index_reuse() -> None:
     g = torch.Generator().manual_seed(10)
     batch = make_paged([30 * BS + 2, 17 * BS], BS, 2, 32, g)
     shapes = ModelShapes(4, 8, 2, 32, BS, batch.k_cache.shape[0])
-    m = build_sparse_method({"GSAOnDevice": {}}, shapes, OPS,
-                            model_config=hata_model(4, [1, 0.2, 0.3, 0.2], [-1, -1, -1, 1]))
+    m = build_sparse_method(
+        {"GSAOnDevice": {}}, shapes, OPS, model_config=hata_model(4, [1, 0.2, 0.3, 0.2], [-1, -1, -1, 1])
+    )
     write_prefill(m, batch, 4)
     plan = m.begin_step(["a", "b"], batch.seq_lens, batch.block_table)
     sels = [m.select(layer, torch.randn(2, 8, 32, generator=g), plan) for layer in range(4)]
@@ -202,7 +209,10 @@ def test_windowed_methods_keep_their_dense_layers_dense(name: str) -> None:
     sels = [m.select(layer, torch.randn(2, 8, 32, generator=g), plan) for layer in range(3)]
     assert sels[1].dense and sels[1].blocks_kept.tolist() == [31, 17]
     for layer in (0, 2):
-        assert not sels[layer].dense and sels[layer].blocks_kept.tolist() == [math.ceil(0.25 * 31), math.ceil(0.25 * 17)]
+        assert not sels[layer].dense and sels[layer].blocks_kept.tolist() == [
+            math.ceil(0.25 * 31),
+            math.ceil(0.25 * 17),
+        ]
     m.end_step(plan)
     with pytest.raises(ConfigError, match=f"{name}.dense_layers.*layer 3 does not exist"):
         build_sparse_method({name: dict(cfg[name], dense_layers=[3])}, shapes, OPS, host_ops=OPS)
@@ -223,8 +233,16 @@ def test_mla_hash_selects_planted_blocks() -> None:
     lora, rope = 48, 16
     batch, q = planted([20 * BS + 4], 16, 1, lora + rope, [[6, 13]])
     shapes = ModelShapes(1, 16, 1, lora + rope, BS, batch.k_cache.shape[0], kv_lora_rank=lora, qk_rope_head_dim=rope)
-    cfg = hata_model(1, is_mla=True, head_dim=lora + rope, hash_bits=64, kv_lora_rank=lora, qk_rope_head_dim=rope,
-                     hash_bits_kv_lora=48, hash_bits_qk_rope=16)
+    cfg = hata_model(
+        1,
+        is_mla=True,
+        head_dim=lora + rope,
+        hash_bits=64,
+        kv_lora_rank=lora,
+        qk_rope_head_dim=rope,
+        hash_bits_kv_lora=48,
+        hash_bits_qk_rope=16,
+    )
     m = build_sparse_method({"GSAOnDevice": {}}, shapes, OPS, model_config=cfg)
     assert m.scorer.code_bytes == 8
     write_prefill(m, batch, 1)
@@ -240,8 +258,15 @@ def _moving_target_run(name: str, stride: int, steps: int) -> list[list[int]]:
     for j, qq in ((4, qa), (11, qb)):
         batch.k_cache[int(batch.block_table[0, j])] = 3.0 * qq[0][None]
     shapes = ModelShapes(1, 4, 4, 32, BS, batch.k_cache.shape[0])
-    cfg = {name: {"init_window_sz": 1, "local_window_sz": 1, "sparse_ratio": 3 / 16, "min_blocks": 1,
-                  "retrieval_stride": stride}}
+    cfg = {
+        name: {
+            "init_window_sz": 1,
+            "local_window_sz": 1,
+            "sparse_ratio": 3 / 16,
+            "min_blocks": 1,
+            "retrieval_stride": stride,
+        }
+    }
     m = build_sparse_method(cfg, shapes, OPS, host_ops=OPS)
     write_prefill(m, batch, 1)
     kept = []
@@ -296,9 +321,13 @@ def test_growing_request_keeps_new_blocks_in_local_window() -> None:
     """Between retrievals the request grows; its newest blocks are read without rescoring."""
     g = torch.Generator().manual_seed(12)
     batch = make_paged([10 * BS + 3], BS, 2, 32, g, extra_blocks=10)
-    table = torch.cat([batch.block_table, torch.arange(batch.k_cache.shape[0] - 10, batch.k_cache.shape[0])[None].int()], 1)
+    table = torch.cat(
+        [batch.block_table, torch.arange(batch.k_cache.shape[0] - 10, batch.k_cache.shape[0])[None].int()], 1
+    )
     shapes = ModelShapes(1, 8, 2, 32, BS, batch.k_cache.shape[0])
-    cfg = {"ESA": {"init_window_sz": 1, "local_window_sz": 2, "sparse_ratio": 0.3, "min_blocks": 1, "retrieval_stride": 8}}
+    cfg = {
+        "ESA": {"init_window_sz": 1, "local_window_sz": 2, "sparse_ratio": 0.3, "min_blocks": 1, "retrieval_stride": 8}
+    }
     m = build_sparse_method(cfg, shapes, OPS)
     write_prefill(m, batch, 1)
     for step, length in enumerate([10 * BS + 3, 11 * BS + 1, 12 * BS + 1]):
@@ -355,8 +384,15 @@ def test_a_finished_request_does_not_cancel_the_others_retrieval(name: str) -> N
 
     batch, q = planted([16 * BS, 16 * BS], 4, 4, 32, [[5], [9]])
     shapes = ModelShapes(1, 4, 4, 32, BS, batch.k_cache.shape[0])
-    cfg = {name: {"init_window_sz": 1, "local_window_sz": 1, "sparse_ratio": 3 / 16, "min_blocks": 1,
-                  "retrieval_stride": 2}}
+    cfg = {
+        name: {
+            "init_window_sz": 1,
+            "local_window_sz": 1,
+            "sparse_ratio": 3 / 16,
+            "min_blocks": 1,
+            "retrieval_stride": 2,
+        }
+    }
     m = build_sparse_method(cfg, shapes, OPS, host_ops=OPS)
     m._executor = ThreadPoolExecutor(1)
     gate = threading.Event()

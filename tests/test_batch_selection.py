@@ -52,8 +52,14 @@ def backends():
 
 def build(name: str, ops, shapes: ModelShapes, host_scoring: bool):
     model = hata_model(LAYERS, [0.3, 1.0, 0.3], head_dim=D, chunk_size=BS) if get_method(name).model_json else None
-    return build_sparse_method({"ucm_sparse_config": method_config(name)}, shapes, ops, host_ops=TorchReferenceOps(),
-                               model_config=model, host_scoring=host_scoring)
+    return build_sparse_method(
+        {"ucm_sparse_config": method_config(name)},
+        shapes,
+        ops,
+        host_ops=TorchReferenceOps(),
+        model_config=model,
+        host_scoring=host_scoring,
+    )
 
 
 @pytest.mark.parametrize("ops", backends())
@@ -110,15 +116,27 @@ def test_batch_selection_equals_the_per_request_engine(ops, name, uniform) -> No
 
 
 @settings(max_examples=60, deadline=None)
-@given(ratio=st.sampled_from([0.05, 0.1, 0.3, 0.5, 0.999]), init=st.integers(0, 3), local=st.integers(0, 3),
-       min_blocks=st.integers(0, 6), threshold=st.sampled_from([0, 9, 33]),
-       lens=st.lists(st.integers(0, 14 * BS), min_size=1, max_size=6))
+@given(
+    ratio=st.sampled_from([0.05, 0.1, 0.3, 0.5, 0.999]),
+    init=st.integers(0, 3),
+    local=st.integers(0, 3),
+    min_blocks=st.integers(0, 6),
+    threshold=st.sampled_from([0, 9, 33]),
+    lens=st.lists(st.integers(0, 14 * BS), min_size=1, max_size=6),
+)
 def test_max_len_bounds_every_length_a_decode_step_reads(ratio, init, local, min_blocks, threshold, lens) -> None:
     """The host bound FA3 sizes its work by is never below a length the selection gives, whatever
     the rows' lengths, and it is below the batch's own bound once rows are long."""
     shapes = ModelShapes(LAYERS, HQ, HKV, D, BS, NB)
-    body = {"init_window_sz": init, "local_window_sz": local, "sparse_ratio": ratio, "min_blocks": min_blocks,
-            "retrieval_stride": 1, "dense_layers": [1], "concurrency_threshold": 1}
+    body = {
+        "init_window_sz": init,
+        "local_window_sz": local,
+        "sparse_ratio": ratio,
+        "min_blocks": min_blocks,
+        "retrieval_stride": 1,
+        "dense_layers": [1],
+        "concurrency_threshold": 1,
+    }
     method = build_sparse_method({"ucm_sparse_config": {"ESA": body}}, shapes, TorchReferenceOps())
     method.seq_len_threshold = threshold
     sel = BatchSelector(method)

@@ -18,8 +18,9 @@ SHIPPED_FILES = sorted(p.name for p in builtin_config_dir().glob("*.json"))
 
 
 def ucm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ucm.cli", *args], capture_output=True, text=True, timeout=120,
-                          cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "ucm.cli", *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
 
 
 def test_help_lists_the_subcommands() -> None:
@@ -141,8 +142,9 @@ def test_version() -> None:
     assert r.returncode == 0 and r.stdout.startswith("ucm ")
 
 
-def test_other_modules_can_register_subcommands(monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_other_modules_can_register_subcommands(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A subcommand from another module, by function or by lazy "module:function" path."""
     monkeypatch.setattr(cli, "SUBCOMMANDS", list(cli.SUBCOMMANDS))
 
@@ -163,12 +165,15 @@ def test_other_modules_can_register_subcommands(monkeypatch: pytest.MonkeyPatch,
     assert capsys.readouterr().out == "hello lazy\n"
 
 
-@pytest.mark.parametrize("weights,why", [
-    ("shape", r"holds \(2, 64, 128\), expected a tensor of shape \(30, 64, 128\)"),
-    ("garbage", "cannot load hash weights"),
-    ("nan", "non-finite values"),
-    ("pickle", "cannot load hash weights"),
-])
+@pytest.mark.parametrize(
+    "weights,why",
+    [
+        ("shape", r"holds \(2, 64, 128\), expected a tensor of shape \(30, 64, 128\)"),
+        ("garbage", "cannot load hash weights"),
+        ("nan", "non-finite values"),
+        ("pickle", "cannot load hash weights"),
+    ],
+)
 def test_configs_check_loads_trained_weights(tmp_path: Path, weights: str, why: str) -> None:
     """A trained hash weight file that cannot serve the model fails the check, naming the key
     (a pickle payload is refused by weights_only loading: no code runs)."""

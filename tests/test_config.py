@@ -40,8 +40,11 @@ SHIPPED = {
 DEMO = {"smollm2_135m.json": ("HuggingFaceTB/SmolLM2-135M-Instruct", 30, False)}
 MLA_KEYS = ("kv_lora_rank", "qk_rope_head_dim", "hash_bits_kv_lora", "hash_bits_qk_rope")
 # UCM_FUZZ_EXAMPLES=3000 for a longer hunt; the default keeps the file at a few seconds.
-FAST = settings(max_examples=int(os.environ.get("UCM_FUZZ_EXAMPLES", "120")), deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(
+    max_examples=int(os.environ.get("UCM_FUZZ_EXAMPLES", "120")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -77,8 +80,17 @@ def gqa(n: int = 6, **over: Any) -> dict[str, Any]:
 
 def mla(n: int = 6, **over: Any) -> dict[str, Any]:
     """A small valid MLA config (DeepSeek widths)."""
-    cfg = gqa(n, model_name="test/mla", is_mla=True, head_dim=576, hash_bits=576, kv_lora_rank=512,
-              qk_rope_head_dim=64, hash_bits_kv_lora=512, hash_bits_qk_rope=64)
+    cfg = gqa(
+        n,
+        model_name="test/mla",
+        is_mla=True,
+        head_dim=576,
+        hash_bits=576,
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        hash_bits_kv_lora=512,
+        hash_bits_qk_rope=64,
+    )
     cfg.update(over)
     return cfg
 
@@ -116,7 +128,6 @@ def test_shipped_files_are_exactly_the_six_models_and_the_demo_model() -> None:
 def test_demo_model_ships_its_trained_hash_projections() -> None:
     """The SmolLM2 JSON loads `ucm calibrate`'s W from beside it (packaged with it), one finite
     [64, 128] projection per layer, trained away from the random orthogonal start."""
-    import torch
 
     from ucm.sparse.hashing import load_trained_hash, random_orthogonal_hash
 
@@ -245,8 +256,9 @@ def test_ratio_outside_zero_one(tmp_path: Path, bad: float) -> None:
     model_rejected(tmp_path, gqa(top_k_ratio_per_layer=ratios), "top_k_ratio_per_layer[2]")
 
 
-@pytest.mark.parametrize("key", ["gpu_seq_len_threshold", "gpu_concurrency_threshold", "npu_seq_len_threshold",
-                                 "npu_concurrency_threshold"])
+@pytest.mark.parametrize(
+    "key", ["gpu_seq_len_threshold", "gpu_concurrency_threshold", "npu_seq_len_threshold", "npu_concurrency_threshold"]
+)
 def test_negative_threshold(tmp_path: Path, key: str) -> None:
     model_rejected(tmp_path, gqa(**{key: -1}), key)
 
@@ -355,8 +367,11 @@ def test_mla_hash_bits_is_not_the_sum(tmp_path: Path) -> None:
 
 
 def test_mla_with_the_gqa_weight_key(tmp_path: Path) -> None:
-    model_rejected(tmp_path, mla(hash_weight_type="trained", hash_weight="w.bin", hash_weight_kv_lora="a",
-                                 hash_weight_qk_rope="b"), "hash_weight")
+    model_rejected(
+        tmp_path,
+        mla(hash_weight_type="trained", hash_weight="w.bin", hash_weight_kv_lora="a", hash_weight_qk_rope="b"),
+        "hash_weight",
+    )
 
 
 @pytest.mark.parametrize(("make", "key"), [(gqa, "hash_bits"), (mla, "hash_bits_kv_lora"), (mla, "hash_bits_qk_rope")])
@@ -409,10 +424,19 @@ def test_trained_with_weight_files_next_to_the_json_loads(tmp_path: Path) -> Non
     (tmp_path / "rope.bin").write_bytes(b"\0")
     g = load_model_config(write(tmp_path, "g.json", gqa(hash_weight_type="trained", hash_weight="weights/hash.bin")))
     assert g.config.weight_paths(g.path.parent) == {"hash_weight": tmp_path / "weights" / "hash.bin"}
-    m = load_model_config(write(tmp_path, "m.json", mla(hash_weight_type="trained", hash_weight_kv_lora="kv.bin",
-                                                        hash_weight_qk_rope=str(tmp_path / "rope.bin"))))
-    assert m.config.weight_paths(m.path.parent) == {"hash_weight_kv_lora": tmp_path / "kv.bin",
-                                                    "hash_weight_qk_rope": tmp_path / "rope.bin"}
+    m = load_model_config(
+        write(
+            tmp_path,
+            "m.json",
+            mla(
+                hash_weight_type="trained", hash_weight_kv_lora="kv.bin", hash_weight_qk_rope=str(tmp_path / "rope.bin")
+            ),
+        )
+    )
+    assert m.config.weight_paths(m.path.parent) == {
+        "hash_weight_kv_lora": tmp_path / "kv.bin",
+        "hash_weight_qk_rope": tmp_path / "rope.bin",
+    }
 
 
 @pytest.mark.parametrize("text", ["{", '{"model_name": }', "", "not json", '{"a": 1,}'])
@@ -524,8 +548,11 @@ def test_invalid_sparse_json_file(tmp_path: Path) -> None:
     ],
 )
 def test_method_key_rejected(tmp_path: Path, method: str, key: str, value: Any) -> None:
-    want = f"{SPARSE_KEY}.{method}.{key}" if method != "GSAOnDevice" or key != "config_file" or value == 3 \
+    want = (
+        f"{SPARSE_KEY}.{method}.{key}"
+        if method != "GSAOnDevice" or key != "config_file" or value == 3
         else f"{SPARSE_KEY}.{method}"
+    )
     err = sparse_rejected(tmp_path, {SPARSE_KEY: {method: {key: value}}}, want)
     if want.endswith(method):  # a cross-field check: the message still says which setting
         assert key in str(err)
@@ -580,8 +607,10 @@ def test_fuzz_inline_values_raise_only_config_errors(value: Any) -> None:
 
 
 @FAST
-@given(text=st.text(max_size=40) | json_values.map(json.dumps) | near_valid_model_dicts().map(json.dumps),
-       raw=st.binary(max_size=16))
+@given(
+    text=st.text(max_size=40) | json_values.map(json.dumps) | near_valid_model_dicts().map(json.dumps),
+    raw=st.binary(max_size=16),
+)
 def test_fuzz_files_raise_only_config_errors(tmp_path_factory: pytest.TempPathFactory, text: str, raw: bytes) -> None:
     dir_ = tmp_path_factory.mktemp("fuzz", numbered=True)
     _only_config_errors(load_model_config, write(dir_, "t.json", text))
@@ -628,8 +657,16 @@ def valid_model_dicts(draw: st.DrawFn) -> dict[str, Any]:
     )
     if is_mla:
         kv, rope, hkv, hrope = draw(st.integers(1, 1024)), draw(st.integers(1, 128)), draw(bits), draw(bits)
-        data.update(is_mla=True, head_dim=kv + rope, hash_bits=hkv + hrope, kv_lora_rank=kv, qk_rope_head_dim=rope,
-                    hash_bits_kv_lora=hkv, hash_bits_qk_rope=hrope, hash_weight=None)
+        data.update(
+            is_mla=True,
+            head_dim=kv + rope,
+            hash_bits=hkv + hrope,
+            kv_lora_rank=kv,
+            qk_rope_head_dim=rope,
+            hash_bits_kv_lora=hkv,
+            hash_bits_qk_rope=hrope,
+            hash_weight=None,
+        )
         if trained:
             data.update(hash_weight_kv_lora="kv.bin", hash_weight_qk_rope=draw(st.sampled_from(["rope.bin", "kv.bin"])))
     return data
@@ -701,15 +738,19 @@ WRONG = {
     "str": st.booleans() | st.lists(st.text(max_size=3), max_size=2) | _others,
     "bool": st.integers() | st.text(max_size=5) | st.floats() | st.lists(st.booleans(), max_size=2) | st.none(),
     "int": st.text(max_size=5) | st.booleans() | st.floats() | st.lists(st.integers(), max_size=2) | st.none(),
-    "list": st.text(max_size=5) | _others | st.booleans() | st.none()
+    "list": st.text(max_size=5)
+    | _others
+    | st.booleans()
+    | st.none()
     | st.lists(st.text(max_size=3) | st.none() | st.lists(st.integers(), max_size=1), min_size=1, max_size=3),
 }
 
 
 @FAST
 @given(file=st.sampled_from(sorted(SHIPPED)), key=field_names, data=st.data())
-def test_fuzz_one_wrong_typed_key_is_named(tmp_path_factory: pytest.TempPathFactory, file: str, key: str,
-                                           data: st.DataObject) -> None:
+def test_fuzz_one_wrong_typed_key_is_named(
+    tmp_path_factory: pytest.TempPathFactory, file: str, key: str, data: st.DataObject
+) -> None:
     base = json.loads((builtin_config_dir() / file).read_text())
     value = data.draw(WRONG[_kind(key)], label="value")
     if value is None and GSAOnDeviceModelConfig.model_fields[key].default is None and not base["is_mla"]:

@@ -50,13 +50,28 @@ def mla_shapes(num_blocks: int) -> ModelShapes:
 def model_json(mla: bool = False, **over: Any) -> dict[str, Any]:
     """A valid per-model config of the tiny model: chunks of two blocks, two sparse layers."""
     cfg: dict[str, Any] = {
-        "model_name": "test/tiny", "is_mla": mla, "hash_weight_type": "random", "num_hidden_layers": LAYERS,
-        "gpu_seq_len_threshold": 0, "gpu_concurrency_threshold": 0,
-        "npu_seq_len_threshold": 0, "npu_concurrency_threshold": 0,
-        "chunk_size": 2 * BS, "chunk_repre_method": "max", "head_dim": 32, "hash_bits": 64,
-        "top_k_ratio_per_layer": [0.5, 0.25], "top_k_index_reuse": [-1, -1], "must_select_blocks": [0, -1],
-        "hash_weight": None, "kv_lora_rank": None, "qk_rope_head_dim": None,
-        "hash_bits_kv_lora": None, "hash_bits_qk_rope": None, "hash_weight_kv_lora": None, "hash_weight_qk_rope": None,
+        "model_name": "test/tiny",
+        "is_mla": mla,
+        "hash_weight_type": "random",
+        "num_hidden_layers": LAYERS,
+        "gpu_seq_len_threshold": 0,
+        "gpu_concurrency_threshold": 0,
+        "npu_seq_len_threshold": 0,
+        "npu_concurrency_threshold": 0,
+        "chunk_size": 2 * BS,
+        "chunk_repre_method": "max",
+        "head_dim": 32,
+        "hash_bits": 64,
+        "top_k_ratio_per_layer": [0.5, 0.25],
+        "top_k_index_reuse": [-1, -1],
+        "must_select_blocks": [0, -1],
+        "hash_weight": None,
+        "kv_lora_rank": None,
+        "qk_rope_head_dim": None,
+        "hash_bits_kv_lora": None,
+        "hash_bits_qk_rope": None,
+        "hash_weight_kv_lora": None,
+        "hash_weight_qk_rope": None,
     }
     if mla:
         cfg.update(kv_lora_rank=24, qk_rope_head_dim=8, hash_bits_kv_lora=48, hash_bits_qk_rope=16)
@@ -97,10 +112,13 @@ def write(dir_: Path, name: str, text: str) -> Path:
 
 # ----------------------------------------------------------------------------- the issue's values
 @pytest.mark.parametrize("value", NEAR_2_63)
-@pytest.mark.parametrize(("method", "key"), [
-    *[(m, k) for m in WINDOWED for k in ("min_blocks", "init_window_sz", "local_window_sz")],
-    *[(m, "retrieval_stride") for m in method_names(strided=True)],
-])
+@pytest.mark.parametrize(
+    ("method", "key"),
+    [
+        *[(m, k) for m in WINDOWED for k in ("min_blocks", "init_window_sz", "local_window_sz")],
+        *[(m, "retrieval_stride") for m in method_names(strided=True)],
+    ],
+)
 def test_issue_values_are_rejected_when_the_file_loads(tmp_path: Path, method: str, key: str, value: int) -> None:
     path = write(tmp_path, "sparse.json", json.dumps({SPARSE_KEY: {method: {key: value}}}))
     with pytest.raises(ConfigError) as err:
@@ -110,10 +128,13 @@ def test_issue_values_are_rejected_when_the_file_loads(tmp_path: Path, method: s
 
 
 @pytest.mark.parametrize("value", NEAR_2_63)
-@pytest.mark.parametrize(("method", "key"), [
-    *[(m, k) for m in WINDOWED for k in ("min_blocks", "init_window_sz", "local_window_sz")],
-    *[(m, "retrieval_stride") for m in method_names(strided=True)],
-])
+@pytest.mark.parametrize(
+    ("method", "key"),
+    [
+        *[(m, k) for m in WINDOWED for k in ("min_blocks", "init_window_sz", "local_window_sz")],
+        *[(m, "retrieval_stride") for m in method_names(strided=True)],
+    ],
+)
 def test_issue_values_never_reach_decode(method: str, key: str, value: int) -> None:
     """Built the way an engine builds it: the config fails, not the first decode step."""
     shapes = gqa_shapes(num_blocks())
@@ -132,11 +153,18 @@ def test_gsa_on_device_huge_chunk_size_is_rejected(tmp_path: Path, chunk_size: i
         decode_steps(build_sparse_method({"GSAOnDevice": {"config_file": str(path)}}, shapes, OPS))
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("gpu_seq_len_threshold", 2**64), ("gpu_concurrency_threshold", 2**63), ("num_hidden_layers", 2**40),
-    ("hash_bits", 8 * 2**40), ("head_dim", 2**63), ("must_select_blocks", [0, 2**63]),
-    ("top_k_index_reuse", [-1, 2**63]),
-])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("gpu_seq_len_threshold", 2**64),
+        ("gpu_concurrency_threshold", 2**63),
+        ("num_hidden_layers", 2**40),
+        ("hash_bits", 8 * 2**40),
+        ("head_dim", 2**63),
+        ("must_select_blocks", [0, 2**63]),
+        ("top_k_index_reuse", [-1, 2**63]),
+    ],
+)
 def test_gsa_on_device_huge_keys_are_rejected(tmp_path: Path, key: str, value: Any) -> None:
     path = write(tmp_path, "tiny.json", json.dumps(model_json(**{key: value})))
     with pytest.raises(ConfigError) as err:
@@ -145,9 +173,12 @@ def test_gsa_on_device_huge_keys_are_rejected(tmp_path: Path, key: str, value: A
 
 
 def test_every_numeric_key_has_an_upper_bound() -> None:
-    unbounded = [f"{cls.__name__}.{name}" for cls in (*METHODS.values(), GSAOnDeviceModelConfig)
-                 for name, field in cls.model_fields.items()
-                 if _is_numeric(field.annotation) and _limits(field)[1] is None]
+    unbounded = [
+        f"{cls.__name__}.{name}"
+        for cls in (*METHODS.values(), GSAOnDeviceModelConfig)
+        for name, field in cls.model_fields.items()
+        if _is_numeric(field.annotation) and _limits(field)[1] is None
+    ]
     assert not unbounded
 
 
@@ -159,8 +190,9 @@ def test_integers_past_python_digit_limit_are_named_by_key(tmp_path: Path, digit
         parse_sparse_config(sparse)
     assert (err.value.source, err.value.key) == (str(sparse), f"{SPARSE_KEY}.ESA.min_blocks")
     assert len(str(err.value)) < 300  # the value is described, not printed
-    text = json.dumps(model_json()).replace('"must_select_blocks": [0, -1]', '"must_select_blocks": [0, -9%s]'
-                                            % ("9" * digits))
+    text = json.dumps(model_json()).replace(
+        '"must_select_blocks": [0, -1]', '"must_select_blocks": [0, -9%s]' % ("9" * digits)
+    )
     model = write(tmp_path, "m.json", text)
     with pytest.raises(ConfigError) as err:
         load_model_config(model)
@@ -211,9 +243,12 @@ def test_offload_margin_is_bounded_only_with_offload() -> None:
         check_against_model(cfg, max_model_len=MAX_LEN, block_size=BS)
 
 
-@pytest.mark.parametrize(("over", "key", "why"), [
-    ({"dense_layers": [1, 2]}, "ESA.dense_layers[1]", "layer 2 does not exist"),
-])
+@pytest.mark.parametrize(
+    ("over", "key", "why"),
+    [
+        ({"dense_layers": [1, 2]}, "ESA.dense_layers[1]", "layer 2 does not exist"),
+    ],
+)
 def test_layers_are_checked_against_the_model(over: dict, key: str, why: str) -> None:
     cfg = parse_sparse_config({"ESA": over})
     with pytest.raises(ConfigError, match=re.escape(f"key '{key}': {why}")):
@@ -226,21 +261,33 @@ def test_kvstar_merge_must_divide_the_block_size() -> None:
         check_against_model(cfg, block_size=BS)
 
 
-@pytest.mark.parametrize(("over", "key", "why"), [
-    ({"chunk_size": 12}, "chunk_size", "not a multiple of the KV block size 8"),
-    ({"chunk_size": 128}, "chunk_size", "longer than max_model_len 96"),
-    ({"must_select_blocks": [0, 6]}, "must_select_blocks[1]", "outside the 6 chunks"),
-    ({"must_select_blocks": [-7]}, "must_select_blocks[0]", "outside the 6 chunks"),
-    ({"num_hidden_layers": 3, "top_k_ratio_per_layer": [1, 1, 1], "top_k_index_reuse": [-1, -1, -1]},
-     "num_hidden_layers", "3 but the model has 2 layers"),
-    ({"head_dim": 64}, "head_dim", "64 but the model's head dim is 32"),
-])
+@pytest.mark.parametrize(
+    ("over", "key", "why"),
+    [
+        ({"chunk_size": 12}, "chunk_size", "not a multiple of the KV block size 8"),
+        ({"chunk_size": 128}, "chunk_size", "longer than max_model_len 96"),
+        ({"must_select_blocks": [0, 6]}, "must_select_blocks[1]", "outside the 6 chunks"),
+        ({"must_select_blocks": [-7]}, "must_select_blocks[0]", "outside the 6 chunks"),
+        (
+            {"num_hidden_layers": 3, "top_k_ratio_per_layer": [1, 1, 1], "top_k_index_reuse": [-1, -1, -1]},
+            "num_hidden_layers",
+            "3 but the model has 2 layers",
+        ),
+        ({"head_dim": 64}, "head_dim", "64 but the model's head dim is 32"),
+    ],
+)
 def test_model_config_is_checked_against_the_model(tmp_path: Path, over: dict, key: str, why: str) -> None:
     path = write(tmp_path, "tiny.json", json.dumps(model_json(**over)))
     loaded = load_model_config(path)
     with pytest.raises(ConfigError) as err:
-        check_against_model(GSAOnDeviceConfig(config_file=str(path)), max_model_len=MAX_LEN, block_size=BS,
-                            num_layers=LAYERS, head_dim=32, model_config=loaded)
+        check_against_model(
+            GSAOnDeviceConfig(config_file=str(path)),
+            max_model_len=MAX_LEN,
+            block_size=BS,
+            num_layers=LAYERS,
+            head_dim=32,
+            model_config=loaded,
+        )
     assert (err.value.source, err.value.key) == (str(path), key) and why in str(err.value)
 
 
@@ -248,8 +295,9 @@ def test_shipped_model_configs_fit_a_common_deployment() -> None:
     from ucm.config.loader import list_model_configs
 
     for loaded in list_model_configs():
-        check_against_model(None, max_model_len=4096, block_size=16, model_config=loaded,
-                            num_layers=loaded.config.num_hidden_layers)
+        check_against_model(
+            None, max_model_len=4096, block_size=16, model_config=loaded, num_layers=loaded.config.num_hidden_layers
+        )
 
 
 # ----------------------------------------------------------------------------- CLI and engine start
@@ -273,17 +321,21 @@ def _fake_vllm_config(extra: dict, max_model_len: int = MAX_LEN, block_size: int
     return SimpleNamespace(
         kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra, kv_load_failure_policy="recompute"),
         cache_config=SimpleNamespace(block_size=block_size),
-        model_config=SimpleNamespace(max_model_len=max_model_len, model="test/tiny",
-                                     get_total_num_hidden_layers=lambda: LAYERS),
+        model_config=SimpleNamespace(
+            max_model_len=max_model_len, model="test/tiny", get_total_num_hidden_layers=lambda: LAYERS
+        ),
         parallel_config=None,
     )
 
 
-@pytest.mark.parametrize(("sparse", "key"), [
-    ({"ESA": {"local_window_sz": 13}}, "ucm_sparse_config.ESA.local_window_sz"),
-    ({"KVStarMultiStep": {"min_blocks": 2**63}}, "ucm_sparse_config.KVStarMultiStep.min_blocks"),
-    ({"GSA": {"dense_layers": [2]}}, "ucm_sparse_config.GSA.dense_layers[0]"),
-])
+@pytest.mark.parametrize(
+    ("sparse", "key"),
+    [
+        ({"ESA": {"local_window_sz": 13}}, "ucm_sparse_config.ESA.local_window_sz"),
+        ({"KVStarMultiStep": {"min_blocks": 2**63}}, "ucm_sparse_config.KVStarMultiStep.min_blocks"),
+        ({"GSA": {"dense_layers": [2]}}, "ucm_sparse_config.GSA.dense_layers[0]"),
+    ],
+)
 def test_the_connector_refuses_at_engine_start(sparse: dict, key: str) -> None:
     pytest.importorskip("vllm")
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
@@ -329,13 +381,34 @@ LIST_KEYS = {"dense_layers", "top_k_ratio_per_layer", "top_k_index_reuse", "must
 
 def test_the_fuzzed_keys_are_every_numeric_key() -> None:
     assert set(SPARSE_FIELDS["KVStarMultiStep"]) == {
-        "init_window_sz", "local_window_sz", "sparse_ratio", "min_blocks", "retrieval_stride", "offload_margin_blocks",
-        "dense_layers", "concurrency_threshold", "blk_repre_dim_prune_ratio", "blk_repre_inner_token_merge"}
+        "init_window_sz",
+        "local_window_sz",
+        "sparse_ratio",
+        "min_blocks",
+        "retrieval_stride",
+        "offload_margin_blocks",
+        "dense_layers",
+        "concurrency_threshold",
+        "blk_repre_dim_prune_ratio",
+        "blk_repre_inner_token_merge",
+    }
     assert set(MODEL_FIELDS) == {
-        "num_hidden_layers", "gpu_seq_len_threshold", "gpu_concurrency_threshold", "npu_seq_len_threshold",
-        "npu_concurrency_threshold", "chunk_size", "head_dim", "hash_bits", "top_k_ratio_per_layer",
-        "top_k_index_reuse", "must_select_blocks", "kv_lora_rank", "qk_rope_head_dim", "hash_bits_kv_lora",
-        "hash_bits_qk_rope"}
+        "num_hidden_layers",
+        "gpu_seq_len_threshold",
+        "gpu_concurrency_threshold",
+        "npu_seq_len_threshold",
+        "npu_concurrency_threshold",
+        "chunk_size",
+        "head_dim",
+        "hash_bits",
+        "top_k_ratio_per_layer",
+        "top_k_index_reuse",
+        "must_select_blocks",
+        "kv_lora_rank",
+        "qk_rope_head_dim",
+        "hash_bits_kv_lora",
+        "hash_bits_qk_rope",
+    }
 
 
 def _int(v: int) -> tuple[str, Any]:
@@ -344,13 +417,19 @@ def _int(v: int) -> tuple[str, Any]:
 
 # (JSON text, the same value in Python) pairs: the JSON text can hold integers Python's str()
 # and int() refuse (past 4300 digits), so both are built from the digit count
-_ints = (st.integers(-3, 20) | st.integers(-MAX_BLOCKS - 2, MAX_BLOCKS + 2) | st.integers(-(2**200), 2**200)
-         | st.sampled_from([2**31, 2**32, 2**63 - 1, 2**63, 2**64, -(2**63), -(2**63) - 1])).map(_int)
-_huge = (st.integers(1, 4400).map(lambda n: ("1" + "0" * n, 10**n))
-         | st.integers(1, 4400).map(lambda n: ("-" + "9" * n, -(10**n - 1))))
-_floats = (st.floats(allow_nan=True, allow_infinity=True)
-           | st.sampled_from([5e-324, 1e-300, 0.5, 1.0, 1.0000000000000002, 0.0, -0.0, 1e308])
-           ).map(lambda f: (json.dumps(f), f)) | st.sampled_from([("1e400", float("inf")), ("-1e999", float("-inf"))])
+_ints = (
+    st.integers(-3, 20)
+    | st.integers(-MAX_BLOCKS - 2, MAX_BLOCKS + 2)
+    | st.integers(-(2**200), 2**200)
+    | st.sampled_from([2**31, 2**32, 2**63 - 1, 2**63, 2**64, -(2**63), -(2**63) - 1])
+).map(_int)
+_huge = st.integers(1, 4400).map(lambda n: ("1" + "0" * n, 10**n)) | st.integers(1, 4400).map(
+    lambda n: ("-" + "9" * n, -(10**n - 1))
+)
+_floats = (
+    st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from([5e-324, 1e-300, 0.5, 1.0, 1.0000000000000002, 0.0, -0.0, 1e308])
+).map(lambda f: (json.dumps(f), f)) | st.sampled_from([("1e400", float("inf")), ("-1e999", float("-inf"))])
 _bools = st.booleans().map(lambda b: (json.dumps(b), b))
 
 
@@ -404,15 +483,18 @@ def _names(exc: ConfigError, keys: list[str]) -> bool:
     return any(re.search(rf"(?<![A-Za-z_]){re.escape(k)}(?![A-Za-z_])", text) for k in keys)
 
 
-FUZZ = settings(max_examples=200, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                       HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @FUZZ
 @given(method=st.sampled_from(WINDOWED), data=st.data(), inline=st.booleans())
-def test_fuzz_method_config_numbers(tmp_path_factory: pytest.TempPathFactory, method: str, data: st.DataObject,
-                                    inline: bool) -> None:
+def test_fuzz_method_config_numbers(
+    tmp_path_factory: pytest.TempPathFactory, method: str, data: st.DataObject, inline: bool
+) -> None:
     """Any numbers in any numeric keys of ESA/GSA/KVStar: a ConfigError naming the source and a
     changed key, or a method that runs its first decode steps."""
     fields = SPARSE_FIELDS[method]
@@ -426,13 +508,17 @@ def test_fuzz_method_config_numbers(tmp_path_factory: pytest.TempPathFactory, me
     if inline:
         source, ref = "inline", {SPARSE_KEY: {method: values}}
     else:
-        path = write(tmp_path_factory.mktemp("fuzz"), "sparse.json", '{"%s": {"%s": %s}}'
-                     % (SPARSE_KEY, method, _obj_text(texts)))
+        path = write(
+            tmp_path_factory.mktemp("fuzz"),
+            "sparse.json",
+            '{"%s": {"%s": %s}}' % (SPARSE_KEY, method, _obj_text(texts)),
+        )
         source, ref = str(path), path
     try:
         cfg = parse_sparse_config(ref)
-        check_against_model(cfg, max_model_len=MAX_LEN, block_size=BS, num_layers=LAYERS, source=source,
-                            prefix=SPARSE_KEY)
+        check_against_model(
+            cfg, max_model_len=MAX_LEN, block_size=BS, num_layers=LAYERS, source=source, prefix=SPARSE_KEY
+        )
         built = build_sparse_method(cfg, gqa_shapes(num_blocks()), OPS, host_ops=OPS)
     except ConfigError as exc:
         assert exc.source == source, exc
@@ -446,8 +532,9 @@ def test_fuzz_method_config_numbers(tmp_path_factory: pytest.TempPathFactory, me
 
 @FUZZ
 @given(mla=st.booleans(), data=st.data(), inline=st.booleans())
-def test_fuzz_model_config_numbers(tmp_path_factory: pytest.TempPathFactory, mla: bool, data: st.DataObject,
-                                   inline: bool) -> None:
+def test_fuzz_model_config_numbers(
+    tmp_path_factory: pytest.TempPathFactory, mla: bool, data: st.DataObject, inline: bool
+) -> None:
     """Any numbers in any numeric keys of a GSA-on-device model JSON (and its per-layer lists):
     a ConfigError naming the file and a changed key, or a method that runs its first decode steps."""
     base = model_json(mla=mla)
@@ -464,8 +551,14 @@ def test_fuzz_model_config_numbers(tmp_path_factory: pytest.TempPathFactory, mla
     shapes = (mla_shapes if mla else gqa_shapes)(num_blocks())
     try:
         loaded = load_model_config(ref)
-        check_against_model(GSAOnDeviceConfig(), max_model_len=MAX_LEN, block_size=BS, num_layers=LAYERS,
-                            head_dim=32, model_config=loaded)
+        check_against_model(
+            GSAOnDeviceConfig(),
+            max_model_len=MAX_LEN,
+            block_size=BS,
+            num_layers=LAYERS,
+            head_dim=32,
+            model_config=loaded,
+        )
         built = build_sparse_method({"GSAOnDevice": {}}, shapes, OPS, model_config=loaded)
     except ConfigError as exc:
         assert exc.source == source, exc

@@ -363,9 +363,11 @@ def test_block_sums_add(cpu: CpuOps, merge: int, absolute: bool, dtype: torch.dt
     state = {}
     for name in ("ref", "cpu"):
         state[name] = (torch.zeros(nb, bs // merge, h, d), torch.zeros(nb, h, d) if absolute else None)
-    calls = [torch.cat([torch.arange(0, 70), torch.tensor([-1, -1])]),  # blocks 0, 1 and part of 2
-             torch.tensor([70, 71, -1, 140]),  # decode: block 2 grows, block 4 starts
-             torch.tensor([33, 32, 34])]  # block 1 recycled: offset 0 written after offset 1
+    calls = [
+        torch.cat([torch.arange(0, 70), torch.tensor([-1, -1])]),  # blocks 0, 1 and part of 2
+        torch.tensor([70, 71, -1, 140]),  # decode: block 2 grows, block 4 starts
+        torch.tensor([33, 32, 34]),
+    ]  # block 1 recycled: offset 0 written after offset 1
     for slots in calls:
         keys = torch.randn(len(slots), h, d, generator=g).to(dtype)
         REF.block_sums_add(*state["ref"], keys, slots, bs, merge)
@@ -461,8 +463,10 @@ def test_fused_select_rewrite_and_kvstar_scores_match_the_reference_paths(cpu: C
     g = gen(77)
     batch = make_paged([40 * 16 + 5, 23 * 16, 7], 16, 2, 32, g)
     shapes = ModelShapes(2, 8, 2, 32, 16, batch.k_cache.shape[0])
-    for cfg in ({"ESA": {"sparse_ratio": 0.3, "retrieval_stride": 1}},
-                {"KVStarMultiStep": {"sparse_ratio": 0.3, "retrieval_stride": 1, "blk_repre_inner_token_merge": 4}}):
+    for cfg in (
+        {"ESA": {"sparse_ratio": 0.3, "retrieval_stride": 1}},
+        {"KVStarMultiStep": {"sparse_ratio": 0.3, "retrieval_stride": 1, "blk_repre_inner_token_merge": 4}},
+    ):
         sels = []
         for ops in (cpu, REF):
             m = build_sparse_method(cfg, shapes, ops, host_ops=ops)
@@ -498,7 +502,9 @@ def test_background_threads_run_kernels_on_one_thread() -> None:
 
 @pytest.mark.parametrize("nbytes", [0, 1, 4097, 128 * 1024 - 1, 128 * 1024, 512 * 1024 + 77, 3 << 20])
 @pytest.mark.parametrize("offsets", [(0, 0), (1, 0), (0, 7), (5, 31)])
-def test_host_copy_is_byte_exact_at_every_size_and_alignment(cpu: CpuOps, nbytes: int, offsets: tuple[int, int]) -> None:
+def test_host_copy_is_byte_exact_at_every_size_and_alignment(
+    cpu: CpuOps, nbytes: int, offsets: tuple[int, int]
+) -> None:
     """Below the streaming threshold it is memcpy; above, 32-byte-aligned streaming stores with a
     memcpy head and tail: unaligned starts and odd lengths exercise both edges."""
     g = gen(nbytes + offsets[0])

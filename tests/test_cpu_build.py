@@ -49,8 +49,9 @@ def _env(cache: Path | None = None, **extra: str) -> dict[str, str]:
 
 
 def _ucm_build(env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ucm.cli", "build"], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ucm.cli", "build"], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def _report(out: str) -> dict[str, str]:
@@ -194,9 +195,11 @@ def test_live_holder_makes_the_build_wait_then_give_up_naming_it(tmp_cache: Path
         assert _report(r.stdout)["status"] == "failed"
 
         # the engine's path: CpuOps() gives up the same way and runs the torch reference ops
-        code = ("from ucm_backends.cpu.ops import CpuOps; import torch; ops = CpuOps(); "
-                "print(ops.native_loaded); print(ops.native_error); "
-                "print(ops.sign_bits_pack(torch.ones(2, 8)).tolist())")
+        code = (
+            "from ucm_backends.cpu.ops import CpuOps; import torch; ops = CpuOps(); "
+            "print(ops.native_loaded); print(ops.native_error); "
+            "print(ops.sign_bits_pack(torch.ones(2, 8)).tolist())"
+        )
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
         assert p.returncode == 0, p.stderr
         loaded, error, packed = p.stdout.splitlines()

@@ -148,8 +148,11 @@ def test_hamming_block_scores(ops, reduce, hq, hkv, c, bs, lens):
     assert torch.equal(got, want), (got, want)
 
 
-@pytest.mark.parametrize("hq,hkv,d,nbits,bs,lens", [(8, 2, 16, 64, 4, [9, 30]), (16, 1, 40, 96, 4, [13])]
-                         + ([(32, 8, 128, 128, 128, [32768, 300]), (128, 1, 576, 576, 64, [3000])] if BIG else []))
+@pytest.mark.parametrize(
+    "hq,hkv,d,nbits,bs,lens",
+    [(8, 2, 16, 64, 4, [9, 30]), (16, 1, 40, 96, 4, [13])]
+    + ([(32, 8, 128, 128, 128, [32768, 300]), (128, 1, 576, 576, 64, [3000])] if BIG else []),
+)
 def test_hash_hamming_block_scores_fused(ops, hq, hkv, d, nbits, bs, lens):
     """Fused query hash + scoring equals hash_encode then the reference scorer.
 

@@ -14,15 +14,27 @@ from ucm.methods import get_method, method_names
 
 
 def _row(task, setting, method, ratio, index, score, length=2048):
-    return {"length": length, "task": task, "setting": setting, "method": method, "ratio": ratio, "index": index,
-            "prediction": "", "score": score, "prompt_tokens": 1900}
+    return {
+        "length": length,
+        "task": task,
+        "setting": setting,
+        "method": method,
+        "ratio": ratio,
+        "index": index,
+        "prediction": "",
+        "score": score,
+        "prompt_tokens": 1900,
+    }
 
 
 def test_summary_picks_headline_cells_and_worst_drop() -> None:
     rows = []
     for i, (d, e, g) in enumerate([(100, 100, 0), (100, 0, 100), (100, 100, 100), (100, 100, 100)]):
-        rows += [_row("niah", "dense", "dense", None, i, d), _row("niah", "ESA@0.3", "ESA", 0.3, i, e),
-                 _row("niah", "GSA@0.1", "GSA", 0.1, i, g)]
+        rows += [
+            _row("niah", "dense", "dense", None, i, d),
+            _row("niah", "ESA@0.3", "ESA", 0.3, i, e),
+            _row("niah", "GSA@0.1", "GSA", 0.1, i, g),
+        ]
     for i in range(4):  # a task dense cannot do: never headline, never counted
         rows += [_row("vt", "dense", "dense", None, i, 25), _row("vt", "ESA@0.3", "ESA", 0.3, i, 0)]
     s = summarize(rows, {"model": "m"})
@@ -37,9 +49,12 @@ def test_summary_picks_headline_cells_and_worst_drop() -> None:
 def test_headline_drop_uses_the_dense_layer_variant_where_it_ran() -> None:
     rows = []
     for i, (e, ed, g) in enumerate([(0, 100, 100), (100, 100, 0), (0, 100, 100), (100, 100, 100)]):
-        rows += [_row("niah", "dense", "dense", None, i, 100), _row("niah", "ESA@0.3", "ESA", 0.3, i, e),
-                 _row("niah", "ESA+dense@0.3", "ESA+dense", 0.3, i, ed),
-                 _row("niah", "GSAOnDevice@0.3", "GSAOnDevice", 0.3, i, g)]
+        rows += [
+            _row("niah", "dense", "dense", None, i, 100),
+            _row("niah", "ESA@0.3", "ESA", 0.3, i, e),
+            _row("niah", "ESA+dense@0.3", "ESA+dense", 0.3, i, ed),
+            _row("niah", "GSAOnDevice@0.3", "GSAOnDevice", 0.3, i, g),
+        ]
     s = summarize(rows, {"model": "m"})
     assert s["worst_drop_by_setting"] == {"ESA@0.3": 50.0, "ESA+dense@0.3": 0.0, "GSAOnDevice@0.3": 25.0}
     assert s["max_drop_vs_dense_at_0_3"] == 25.0  # ESA+dense replaces ESA; GSA on device always counts
@@ -50,8 +65,10 @@ def test_stride_variants_are_named_and_left_out_of_the_headline(tmp_path) -> Non
     windowed = method_names(windowed=True)
     assert method_names(strided=True) and method_names(windowed=True, strided=False)  # both kinds are tested
     grid = settings_grid(windowed, [0.3], dense_layers=[5], retrieval_stride=4)
-    assert [s.label for s in grid] == ["dense", *(f"{m}+dense{'/s4' if get_method(m).strided else ''}@0.3"
-                                                  for m in windowed)]
+    assert [s.label for s in grid] == [
+        "dense",
+        *(f"{m}+dense{'/s4' if get_method(m).strided else ''}@0.3" for m in windowed),
+    ]
     for s in grid[1:]:  # the stride reaches the strided methods only
         cfg = s.extra_config(tmp_path)["ucm_sparse_config"][s.method]
         assert cfg.get("retrieval_stride") == (4 if get_method(s.method).strided else None), s.label
@@ -61,8 +78,11 @@ def test_stride_variants_are_named_and_left_out_of_the_headline(tmp_path) -> Non
         settings_grid(["ESA"], [0.3], retrieval_stride=0)
     rows = []
     for i, (e, e4) in enumerate([(100, 0), (100, 100)]):
-        rows += [_row("niah", "dense", "dense", None, i, 100), _row("niah", "ESA@0.3", "ESA", 0.3, i, e),
-                 {**_row("niah", "ESA/s4@0.3", "ESA/s4", 0.3, i, e4), "retrieval_stride": 4}]
+        rows += [
+            _row("niah", "dense", "dense", None, i, 100),
+            _row("niah", "ESA@0.3", "ESA", 0.3, i, e),
+            {**_row("niah", "ESA/s4@0.3", "ESA/s4", 0.3, i, e4), "retrieval_stride": 4},
+        ]
     s = summarize(rows, {"model": "m"})
     assert s["worst_drop_by_setting"]["ESA/s4@0.3"] == 50.0  # reported ...
     assert s["max_drop_vs_dense_at_0_3"] == 0.0 and s["max_drop_all_layers_sparse_at_0_3"] == 0.0  # ... not headline
@@ -72,15 +92,19 @@ def test_superseded_rows_are_reported_but_left_out_of_the_headline() -> None:
     """Rows of an earlier configuration (e.g. other dense layers) stay in the table, not in the figure."""
     rows = []
     for i, (new, old) in enumerate([(100, 0), (100, 0)]):
-        rows += [_row("niah", "dense", "dense", None, i, 100),
-                 _row("niah", "ESA+dense@0.3", "ESA+dense", 0.3, i, new),
-                 {**_row("niah", "ESA+dense/L5-8@0.3", "ESA+dense/L5-8", 0.3, i, old), "superseded": "layers 5-8"}]
+        rows += [
+            _row("niah", "dense", "dense", None, i, 100),
+            _row("niah", "ESA+dense@0.3", "ESA+dense", 0.3, i, new),
+            {**_row("niah", "ESA+dense/L5-8@0.3", "ESA+dense/L5-8", 0.3, i, old), "superseded": "layers 5-8"},
+        ]
     s = summarize(rows, {"model": "m"})
     assert s["worst_drop_by_setting"] == {"ESA+dense@0.3": 0.0, "ESA+dense/L5-8@0.3": 100.0}
     assert s["max_drop_vs_dense_at_0_3"] == 0.0
     assert "| ESA+dense/L5-8@0.3 | 0 |" in markdown(s)
-    rows += [{**_row("niah", "GSAOnDevice+trained@0.3", "GSAOnDevice+trained", 0.3, i, 0), "hash_weights": "trained"}
-             for i in range(2)]
+    rows += [
+        {**_row("niah", "GSAOnDevice+trained@0.3", "GSAOnDevice+trained", 0.3, i, 0), "hash_weights": "trained"}
+        for i in range(2)
+    ]
     s = summarize(rows, {"model": "m"})
     assert s["worst_drop_by_setting"]["GSAOnDevice+trained@0.3"] == 100.0 and s["max_drop_vs_dense_at_0_3"] == 0.0
     shipped, variants = markdown(s).split("Variants")
@@ -132,8 +156,9 @@ def test_dense_layers_reach_windowed_methods_only(tmp_path) -> None:
     grid = settings_grid([windowed, hashed], [0.3], dense_layers=[5, 6])
     assert [s.label for s in grid] == ["dense", f"{windowed}+dense@0.3", f"{hashed}@0.3"]
     assert grid[1].extra_config(tmp_path)["ucm_sparse_config"][windowed]["dense_layers"] == [5, 6]
-    assert grid[2].dense_layers == () and list(grid[2].extra_config(tmp_path)["ucm_sparse_config"][hashed]) == \
-        ["config_file"]
+    assert grid[2].dense_layers == () and list(grid[2].extra_config(tmp_path)["ucm_sparse_config"][hashed]) == [
+        "config_file"
+    ]
 
 
 def test_settings_grid_validates() -> None:
@@ -156,10 +181,23 @@ def test_eval_smoke_through_vllm(tmp_path) -> None:
     from ucm.eval.runner import run_eval
 
     out = tmp_path / "eval"
-    summary = run_eval(out, tasks=["niah_single_1"], lengths=[1024], samples=2, methods=["ESA"], ratios=[0.3],
-                       store_dir=tmp_path / "store", progress=False)
+    summary = run_eval(
+        out,
+        tasks=["niah_single_1"],
+        lengths=[1024],
+        samples=2,
+        methods=["ESA"],
+        ratios=[0.3],
+        store_dir=tmp_path / "store",
+        progress=False,
+    )
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert sorted((r["setting"], r["index"]) for r in rows) == [("ESA@0.3", 0), ("ESA@0.3", 1), ("dense", 0), ("dense", 1)]
+    assert sorted((r["setting"], r["index"]) for r in rows) == [
+        ("ESA@0.3", 0),
+        ("ESA@0.3", 1),
+        ("dense", 0),
+        ("dense", 1),
+    ]
     assert all(r["prompt_tokens"] <= 1024 for r in rows)
     # the sparse engine decoded over the dense engine's stored prefill instead of recomputing it
     assert summary["store"]["1024/dense"]["dumped_blocks"] > 0
@@ -170,11 +208,27 @@ def test_eval_smoke_through_vllm(tmp_path) -> None:
     assert cells["dense"]["samples"] == 2 and cells["dense"]["score"] >= 50  # SmolLM2 finds a needle at 1K
     assert (out / "results.md").exists() and (out / "accuracy.png").stat().st_size > 10_000
     # resumable: a second run finds every cell done and adds nothing
-    run_eval(out, tasks=["niah_single_1"], lengths=[1024], samples=2, methods=["ESA"], ratios=[0.3],
-             store_dir=tmp_path / "store", progress=False)
+    run_eval(
+        out,
+        tasks=["niah_single_1"],
+        lengths=[1024],
+        samples=2,
+        methods=["ESA"],
+        ratios=[0.3],
+        store_dir=tmp_path / "store",
+        progress=False,
+    )
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
     # more samples later: only the new ones run, and a cell never holds a sample twice
-    run_eval(out, tasks=["niah_single_1"], lengths=[1024], samples=3, methods=["ESA"], ratios=[0.3],
-             store_dir=tmp_path / "store", progress=False)
+    run_eval(
+        out,
+        tasks=["niah_single_1"],
+        lengths=[1024],
+        samples=3,
+        methods=["ESA"],
+        ratios=[0.3],
+        store_dir=tmp_path / "store",
+        progress=False,
+    )
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert sorted((r["setting"], r["index"]) for r in rows) == [(s, i) for s in ("ESA@0.3", "dense") for i in range(3)]

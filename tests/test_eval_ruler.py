@@ -138,7 +138,7 @@ def test_chat_template_wraps_the_task_and_starts_the_answer(smollm2_tokenizer) -
     (s,) = ruler.generate("niah_single_2", LENGTH, 1, tok, template="chat", cache=False)
     head = tok.apply_chat_template([{"role": "user", "content": "X"}], tokenize=False, add_generation_prompt=True)
     assert s.prompt.startswith(head[: head.index("X")])
-    assert s.prompt.endswith(head[head.index("X") + 1:] + s.answer_prefix)
+    assert s.prompt.endswith(head[head.index("X") + 1 :] + s.answer_prefix)
     assert s.answer_prefix == s.answer_prefix.strip()
     assert s.num_tokens == len(tok(s.prompt, add_special_tokens=False)["input_ids"])
     assert 0.85 * LENGTH <= s.num_tokens <= LENGTH - s.max_new_tokens
@@ -164,8 +164,10 @@ def test_length_too_small_is_an_error(smollm2_tokenizer) -> None:
 
 
 def test_unknown_task_lists_the_valid_ones() -> None:
-    for call in (lambda: ruler.generate("niah_single_9", LENGTH, 1, None),
-                 lambda: ruler.score("niah_single_9", ["x"], [])):
+    for call in (
+        lambda: ruler.generate("niah_single_9", LENGTH, 1, None),
+        lambda: ruler.score("niah_single_9", ["x"], []),
+    ):
         with pytest.raises(ValueError) as e:
             call()
         assert all(t in str(e.value) for t in ruler.TASKS)
@@ -270,7 +272,11 @@ def test_sentence_splitter_without_nltk_data(smollm2_tokenizer, tmp_path) -> Non
     env = {**os.environ, "NLTK_DATA": str(empty)}
     proc = subprocess.run(
         [sys.executable, "-c", script, str(empty), smollm2_tokenizer.name_or_path],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -20,8 +20,13 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["esa", "gsa", "gsa_on_device", "kvstar", "offload"])
 def test_offline_example_runs_and_reports(name: str) -> None:
-    proc = subprocess.run([sys.executable, str(EXAMPLES / f"offline_inference_{name}.py")], capture_output=True,
-                          text=True, timeout=900, cwd=EXAMPLES.parent)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"offline_inference_{name}.py")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=EXAMPLES.parent,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "answer:" in proc.stdout and "decode steps read" in proc.stdout, proc.stdout[-2000:]

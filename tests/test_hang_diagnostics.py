@@ -32,8 +32,19 @@ def stalled_kvstar(release: threading.Event):
     g = torch.Generator().manual_seed(3)
     batch = make_paged([12 * BS], BS, 2, 16, g)
     shapes = ModelShapes(2, 4, 2, 16, BS, batch.k_cache.shape[0])
-    m = build_sparse_method({"KVStarMultiStep": {"sparse_ratio": 0.25, "retrieval_stride": 2, "init_window_sz": 1,
-                                                 "local_window_sz": 1, "min_blocks": 2}}, shapes, TorchReferenceOps())
+    m = build_sparse_method(
+        {
+            "KVStarMultiStep": {
+                "sparse_ratio": 0.25,
+                "retrieval_stride": 2,
+                "init_window_sz": 1,
+                "local_window_sz": 1,
+                "min_blocks": 2,
+            }
+        },
+        shapes,
+        TorchReferenceOps(),
+    )
     for layer in range(2):
         m.on_kv_written(layer, batch.keys(0), batch.slots(0))
     score = m.scorer.score
@@ -68,9 +79,11 @@ def test_a_stalled_background_retrieval_fails_the_step_naming_request_and_layer(
         waited = time.monotonic() - t0
         assert 0.3 <= waited < 5.0
         msg = str(err.value)
-        assert msg.startswith("ucm KVStarMultiStep: request 'req-7', layer 0: its background retrieval (started at "
-                              "its decode step 2, waited for at step 3) did not finish within 0.3 s "
-                              "(UCM_WAIT_TIMEOUT_S); it is still running on thread ucm-KVStarMultiStep-retrieval"), msg
+        assert msg.startswith(
+            "ucm KVStarMultiStep: request 'req-7', layer 0: its background retrieval (started at "
+            "its decode step 2, waited for at step 3) did not finish within 0.3 s "
+            "(UCM_WAIT_TIMEOUT_S); it is still running on thread ucm-KVStarMultiStep-retrieval"
+        ), msg
     finally:
         release.set()
         m.close()
@@ -87,8 +100,9 @@ def test_close_does_not_wait_forever_for_a_stalled_retrieval(caplog) -> None:
     with caplog.at_level("ERROR", logger="ucm.sparse.base"):
         m.close()
     assert time.monotonic() - t0 < 5.0
-    assert any("is still running after 0.3 s (UCM_WAIT_TIMEOUT_S); left behind" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "is still running after 0.3 s (UCM_WAIT_TIMEOUT_S); left behind" in r.getMessage() for r in caplog.records
+    )
     assert thread.is_alive()
     release.set()
     thread.join(10)
@@ -113,20 +127,28 @@ def test_a_stalled_store_dump_fails_the_wait_naming_layer_and_blocks(tmp_path) -
     """A dump that does not land (the POSIX store's pause before it publishes a block) fails an
     offload load of those blocks and a flush after UCM_WAIT_TIMEOUT_S; once it lands, both work."""
     layers, blocks, page = 2, 16, 2 * 16 * 64 * 2
-    ident = StoreIdentity(model="t", dtype="fp16", block_size=16, page_bytes=page, num_layers=layers,
-                          layout="test", tp_size=1)
+    ident = StoreIdentity(
+        model="t", dtype="fp16", block_size=16, page_bytes=page, num_layers=layers, layout="test", tp_size=1
+    )
     worker = PrefixStoreWorker(StoreSpec(pipeline="Posix", storage_backends=(str(tmp_path),)), ident, rank=0)
     g = torch.Generator().manual_seed(5)
-    caches = {layer: torch.randint(0, 256, (blocks, page), dtype=torch.uint8, generator=g)
-              .view(torch.float16).view(blocks, 1, 16, 128) for layer in range(layers)}
+    caches = {
+        layer: torch.randint(0, 256, (blocks, page), dtype=torch.uint8, generator=g)
+        .view(torch.float16)
+        .view(blocks, 1, 16, 128)
+        for layer in range(layers)
+    }
     worker.register(caches)
     ids = prefix_block_hashes(list(range(3 * 16)), 16)
     worker.store._pause_before_publish = 1.0  # per block, when its last shard (layer 1) lands
     worker.wait_timeout_s = 0.2
     worker.save([SaveSpec(block_ids=[1, 2, 3], store_ids=ids)])
-    with pytest.raises(WaitTimeout, match=r"^ucm store \(TP rank 0\): the dump of 3 block\(s\) of layer 1 before "
-                                          r"layer 0 loads them back \(offload\) did not finish within 0.2 s "
-                                          r"\(UCM_WAIT_TIMEOUT_S\)"):
+    with pytest.raises(
+        WaitTimeout,
+        match=r"^ucm store \(TP rank 0\): the dump of 3 block\(s\) of layer 1 before "
+        r"layer 0 loads them back \(offload\) did not finish within 0.2 s "
+        r"\(UCM_WAIT_TIMEOUT_S\)",
+    ):
         worker.load_layer(0, ids, [10, 11, 12])
     with pytest.raises(WaitTimeout, match=r"the dump of 3 block\(s\) of layer \d \(flush\) did not finish"):
         worker.flush()
@@ -152,8 +174,9 @@ def test_timeouts_from_the_environment(monkeypatch) -> None:
 
 
 def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_the_step_watchdog_dumps_every_thread_of_a_step_that_runs_too_long() -> None:
@@ -186,9 +209,11 @@ def test_the_step_watchdog_dumps_every_thread_of_a_step_that_runs_too_long() -> 
     lines = proc.stderr.splitlines()
     tagged = [ln for ln in lines if ln.startswith("[ucm hang pid ")]
     assert tagged and len(tagged) == len([ln for ln in lines if ln.strip()]), proc.stderr
-    assert re.fullmatch(r"\[ucm hang pid \d+\] ucm: worker step 2 has run for \d\.\d s \(UCM_HANG_DUMP_S=0\.3\); "
-                        r"the Python stack of every thread of this process follows \(most recent call first\)",
-                        tagged[0]), tagged[0]
+    assert re.fullmatch(
+        r"\[ucm hang pid \d+\] ucm: worker step 2 has run for \d\.\d s \(UCM_HANG_DUMP_S=0\.3\); "
+        r"the Python stack of every thread of this process follows \(most recent call first\)",
+        tagged[0],
+    ), tagged[0]
     body = "\n".join(tagged)
     assert "quick step" not in body
     assert "in stuck_in_this_step" in body and "in helper_thread_parked" in body

@@ -27,8 +27,9 @@ def test_configs_keep_the_shipped_dense_layers_and_differ_only_in_projections() 
         assert set(cfg["top_k_ratio_per_layer"]) == {0.2, 1.0} and cfg["gpu_seq_len_threshold"] == 0
     assert trained["hash_weight_type"] == "trained" and Path(trained["hash_weight"]).is_file()
     assert random_["hash_weight_type"] == "random" and random_["hash_weight"] is None
-    assert {k: v for k, v in trained.items() if "hash_weight" not in k} == \
-        {k: v for k, v in random_.items() if "hash_weight" not in k}
+    assert {k: v for k, v in trained.items() if "hash_weight" not in k} == {
+        k: v for k, v in random_.items() if "hash_weight" not in k
+    }
 
 
 def test_seed_spread_smoke_is_consistent(tmp_path) -> None:
@@ -36,8 +37,12 @@ def test_seed_spread_smoke_is_consistent(tmp_path) -> None:
     if missing:
         pytest.skip(f"needs {', '.join(missing)}: {ruler.INSTALL_HINT}")
     out = tmp_path / "spread.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--length", "1024", "--samples", "1", "--seeds", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--length", "1024", "--samples", "1", "--seeds", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert len(res["per_sample"]) == 2 and res["tasks"] == ["niah_single_1", "niah_single_2"]

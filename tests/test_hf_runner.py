@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ucm.demo import DEMO_MODEL_CONFIG, method_config, needle_prompt
-from ucm.methods import get_method, method_names
 from ucm.hf_runner import PagedHFRunner
+from ucm.methods import get_method, method_names
 from ucm.ops import get_ops
 from ucm.sparse.factory import build_sparse_method
 
@@ -38,7 +38,7 @@ def test_dense_paged_runner_matches_transformers_generate(smollm2) -> None:
     path, tok, model = smollm2
     ids = chat_ids(tok, "Name three colours of the rainbow and explain why the sky is blue.")
     reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    want = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    want = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :].tolist()
     runner = PagedHFRunner(model, tok, get_ops("cpu"), block_size=16, max_tokens=len(ids) + 32)
     got = runner.generate(ids, max_new_tokens=16).tokens
     assert got == want

@@ -30,29 +30,83 @@ RUN = "import sys; from importlinter.cli import lint_imports_command; sys.exit(l
 # (what is planted, the file, the lines appended to it, the contract ids it must break, what the
 # report must show; {line}: the line number of the planted import)
 PLANTED = [
-    ("an algorithm imports vLLM", "ucm/sparse/selection.py", "import vllm", {"core-engine-free"},
-     "ucm.sparse.selection -> vllm (l.{line})"),
-    ("an algorithm imports a backend", "ucm/sparse/selection.py", "from ucm_backends.cpu import ops",
-     {"core-engine-free", "backends-through-registry"}, "ucm.sparse.selection -> ucm_backends.cpu.ops (l.{line})"),
-    ("the plugin imports the demo face (issue 19)", "ucm/integration/vllm/offline.py",
-     "from ucm.models import fetch_model", {"layers"}, "ucm.integration.vllm.offline -> ucm.models (l.{line})"),
-    ("the plugin imports a kernel toolkit", "ucm/integration/vllm/cpu_attn.py", "import triton",
-     {"backends-through-registry"}, "ucm.integration.vllm.cpu_attn -> triton (l.{line})"),
-    ("the registry imports the config layer (the old methods <-> config cycle)", "ucm/methods.py",
-     "def _f():\n    from ucm.config.sparse import WindowedMethodConfig", {"layers", "registry-light", "acyclic"},
-     "ucm.methods -> ucm.config.sparse (l.{line})"),
-    ("the store imports the selection engine", "ucm/store/posix.py", "import ucm.sparse.selection", {"layers"},
-     "ucm.store.posix -> ucm.sparse.selection (l.{line})"),
-    ("config parsing imports torch", "ucm/config/loader.py", "import torch", {"config-light"},
-     "ucm.config.loader -> torch (l.{line})"),
-    ("the core demo imports the vLLM demo (a cycle inside one layer)", "ucm/demo.py",
-     "def _f():\n    from ucm.demo_vllm import run_vllm_demo", {"acyclic"}, "No cycles are allowed in ucm."),
-    ("a backend imports another", "ucm_backends/cuda/ops.py", "from ucm_backends.cpu import probe",
-     {"backends-independent"}, "ucm_backends.cuda.ops -> ucm_backends.cpu.probe (l.{line})"),
-    ("a backend imports an algorithm", "ucm_backends/cpu/ops.py", "import ucm.sparse.selection",
-     {"backends-contract-only"}, "ucm_backends.cpu.ops -> ucm.sparse.selection (l.{line})"),
-    ("a new module in no layer", "ucm/scratch.py", "import json", {"layers"},
-     "The following modules are not listed as layers:\n\n- ucm.scratch\n"),
+    (
+        "an algorithm imports vLLM",
+        "ucm/sparse/selection.py",
+        "import vllm",
+        {"core-engine-free"},
+        "ucm.sparse.selection -> vllm (l.{line})",
+    ),
+    (
+        "an algorithm imports a backend",
+        "ucm/sparse/selection.py",
+        "from ucm_backends.cpu import ops",
+        {"core-engine-free", "backends-through-registry"},
+        "ucm.sparse.selection -> ucm_backends.cpu.ops (l.{line})",
+    ),
+    (
+        "the plugin imports the demo face (issue 19)",
+        "ucm/integration/vllm/offline.py",
+        "from ucm.models import fetch_model",
+        {"layers"},
+        "ucm.integration.vllm.offline -> ucm.models (l.{line})",
+    ),
+    (
+        "the plugin imports a kernel toolkit",
+        "ucm/integration/vllm/cpu_attn.py",
+        "import triton",
+        {"backends-through-registry"},
+        "ucm.integration.vllm.cpu_attn -> triton (l.{line})",
+    ),
+    (
+        "the registry imports the config layer (the old methods <-> config cycle)",
+        "ucm/methods.py",
+        "def _f():\n    from ucm.config.sparse import WindowedMethodConfig",
+        {"layers", "registry-light", "acyclic"},
+        "ucm.methods -> ucm.config.sparse (l.{line})",
+    ),
+    (
+        "the store imports the selection engine",
+        "ucm/store/posix.py",
+        "import ucm.sparse.selection",
+        {"layers"},
+        "ucm.store.posix -> ucm.sparse.selection (l.{line})",
+    ),
+    (
+        "config parsing imports torch",
+        "ucm/config/loader.py",
+        "import torch",
+        {"config-light"},
+        "ucm.config.loader -> torch (l.{line})",
+    ),
+    (
+        "the core demo imports the vLLM demo (a cycle inside one layer)",
+        "ucm/demo.py",
+        "def _f():\n    from ucm.demo_vllm import run_vllm_demo",
+        {"acyclic"},
+        "No cycles are allowed in ucm.",
+    ),
+    (
+        "a backend imports another",
+        "ucm_backends/cuda/ops.py",
+        "from ucm_backends.cpu import probe",
+        {"backends-independent"},
+        "ucm_backends.cuda.ops -> ucm_backends.cpu.probe (l.{line})",
+    ),
+    (
+        "a backend imports an algorithm",
+        "ucm_backends/cpu/ops.py",
+        "import ucm.sparse.selection",
+        {"backends-contract-only"},
+        "ucm_backends.cpu.ops -> ucm.sparse.selection (l.{line})",
+    ),
+    (
+        "a new module in no layer",
+        "ucm/scratch.py",
+        "import json",
+        {"layers"},
+        "The following modules are not listed as layers:\n\n- ucm.scratch\n",
+    ),
 ]
 
 
@@ -60,8 +114,14 @@ def _lint(cwd: Path) -> tuple[int, str, set[str]]:
     """(exit code, output, names of the broken contracts) of lint-imports run in `cwd`."""
     path = os.pathsep.join(p for p in (str(cwd), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "COLUMNS": "400"}  # COLUMNS: one contract a line, unwrapped
-    proc = subprocess.run([sys.executable, "-c", RUN, "--no-cache", "--config", str(ROOT / "pyproject.toml")],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN, "--no-cache", "--config", str(ROOT / "pyproject.toml")],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = proc.stdout + proc.stderr
     return proc.returncode, out, set(re.findall(r"^(.+?) BROKEN(?: \(.*\))?$", out, re.MULTILINE))
 
@@ -91,8 +151,9 @@ def test_an_untouched_copy_keeps_every_contract(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("what", "path", "lines", "ids", "shows"), PLANTED, ids=[p[0] for p in PLANTED])
-def test_a_planted_import_fails_lint_imports(tmp_path: Path, what: str, path: str, lines: str, ids: set[str],
-                                             shows: str) -> None:
+def test_a_planted_import_fails_lint_imports(
+    tmp_path: Path, what: str, path: str, lines: str, ids: set[str], shows: str
+) -> None:
     tree = _copy(tmp_path)
     target = tree / path
     source = target.read_text().rstrip("\n") if target.exists() else ""

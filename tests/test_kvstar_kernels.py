@@ -66,8 +66,9 @@ def round_to(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dtype).to(torch.float32).numpy()
 
 
-def np_reps_add(reps: np.ndarray, abs_sums: np.ndarray, key: np.ndarray, slots: np.ndarray, bs: int, merge: int,
-                dtype: torch.dtype) -> None:
+def np_reps_add(
+    reps: np.ndarray, abs_sums: np.ndarray, key: np.ndarray, slots: np.ndarray, bs: int, merge: int, dtype: torch.dtype
+) -> None:
     """The contract read literally (values held as float32): restart every block whose offset 0
     is in the call; per group of the call, the float32 sum of its keys in token order, added to
     the old value and rounded once to `dtype`; |K| per block (float64, then float32)."""
@@ -128,7 +129,7 @@ def random_table(lens: list[int], bs: int, nb_extra: int, gen_: torch.Generator,
     table = torch.full((len(lens), m), -1, dtype=torch.int32)
     at = 0
     for i, k in enumerate(n):
-        table[i, :k] = perm[at: at + k].to(torch.int32)
+        table[i, :k] = perm[at : at + k].to(torch.int32)
         at += k
     return table, torch.tensor(lens, dtype=torch.int32), nb
 
@@ -137,8 +138,12 @@ def random_table(lens: list[int], bs: int, nb_extra: int, gen_: torch.Generator,
 # a slot written twice, decode steps completing groups, a recycled block (offset 0 again)
 def write_calls(bs: int, h: int, d: int, gen_: torch.Generator, dtype: torch.dtype):
     calls = []
-    pre = [torch.arange(3 * bs, 4 * bs), torch.arange(5 * bs, 5 * bs + bs // 2 + 1),
-           (6 * bs + torch.randperm(bs, generator=gen_))[: bs - 1], torch.tensor([-1, 9 * bs + 2, 9 * bs + 2])]
+    pre = [
+        torch.arange(3 * bs, 4 * bs),
+        torch.arange(5 * bs, 5 * bs + bs // 2 + 1),
+        (6 * bs + torch.randperm(bs, generator=gen_))[: bs - 1],
+        torch.tensor([-1, 9 * bs + 2, 9 * bs + 2]),
+    ]
     calls.append(torch.cat(pre))
     for step in range(3):
         calls.append(torch.tensor([5 * bs + bs // 2 + 1 + step, -1, 6 * bs + bs - 1 if step == 0 else -1]))
@@ -184,11 +189,14 @@ def test_reference_reps_add_validation() -> None:
         REF.kvstar_reps_add(reps, abs_sums, torch.zeros(1, 1, 4), torch.tensor([4 * 8]), 8, 2)
 
 
-@pytest.mark.parametrize("hq,hkv,d,bs,merge,kept,w,lens", [
-    (4, 4, 16, 8, 2, 5, 1, [40, 7, 24]),  # G = 1; a row without a full block
-    (8, 2, 16, 8, 1, 16, 2, [33, 17]),  # G = 4, every channel kept, a window of 2
-    (4, 1, 24, 16, 4, 1, 1, [64, 0, 20]),  # one channel kept; an empty row
-])
+@pytest.mark.parametrize(
+    "hq,hkv,d,bs,merge,kept,w,lens",
+    [
+        (4, 4, 16, 8, 2, 5, 1, [40, 7, 24]),  # G = 1; a row without a full block
+        (8, 2, 16, 8, 1, 16, 2, [33, 17]),  # G = 4, every channel kept, a window of 2
+        (4, 1, 24, 16, 4, 1, 1, [64, 0, 20]),  # one channel kept; an empty row
+    ],
+)
 def test_reference_block_mass_matches_the_numpy_oracle(hq, hkv, d, bs, merge, kept, w, lens) -> None:
     g = gen(hq + d)
     table, sl, nb = random_table(lens, bs, 3, g)
@@ -256,10 +264,9 @@ def test_kernel_reps_add_large_prefill_and_key_views(write_ops) -> None:
     g = gen(11)
     lens = [100, 37, 64]
     table, _, nb = random_table(lens, bs, 4, g)
-    slots = torch.cat([table[r, torch.arange(n) // bs].long() * bs + torch.arange(n) % bs
-                       for r, n in enumerate(lens)])
+    slots = torch.cat([table[r, torch.arange(n) // bs].long() * bs + torch.arange(n) % bs for r, n in enumerate(lens)])
     qkv = torch.randn(len(slots), (4 + 2 * hkv) * d, generator=g).to(torch.bfloat16)
-    key = qkv[:, 4 * d: (4 + hkv) * d].view(-1, hkv, d)  # rows strided by the fused width
+    key = qkv[:, 4 * d : (4 + hkv) * d].view(-1, hkv, d)  # rows strided by the fused width
     reps = torch.zeros(nb, hkv, d, bs // merge, dtype=torch.bfloat16, device=DEV)
     abs_sums = torch.zeros(nb, hkv, d, device=DEV)
     sums, abs_rm = torch.zeros(nb, bs // merge, hkv, d), torch.zeros(nb, hkv, d)
@@ -273,7 +280,7 @@ def test_kernel_reps_add_large_prefill_and_key_views(write_ops) -> None:
         REF.block_sums_add(sums, abs_rm, k, new, bs, merge)
     want = sums.permute(0, 2, 3, 1)
     # within bfloat16 rounding: once for a prefill group, at most twice for a decode-built one
-    torch.testing.assert_close(reps.float().cpu(), want, rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(reps.float().cpu(), want, rtol=2**-7, atol=1e-6)
     torch.testing.assert_close(abs_sums.cpu(), abs_rm, rtol=1e-6, atol=1e-5)
 
 
@@ -289,8 +296,9 @@ MASS_CASES = [
 
 
 @needs_triton
-@pytest.mark.parametrize("qdtype,rdtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
-                                           (torch.float16, torch.float32)])
+@pytest.mark.parametrize(
+    "qdtype,rdtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)]
+)
 @pytest.mark.parametrize("hq,hkv,d,bs,merge,kept,w,lens", MASS_CASES)
 def test_kernel_block_mass_matches_the_reference(ops, qdtype, rdtype, hq, hkv, d, bs, merge, kept, w, lens) -> None:
     g = gen(hq * d + bs)
@@ -315,10 +323,15 @@ def test_kernel_block_mass_matches_the_reference(ops, qdtype, rdtype, hq, hkv, d
 
 
 @needs_triton
-@pytest.mark.parametrize("hq,hkv,d,bs,merge,kept,w,lens", [
-    MASS_CASES[0], MASS_CASES[3], MASS_CASES[5],
-    pytest.param(4, 2, 16, 2, 1, 4, 1, [1100, 700], id="rows-of-550-blocks-two-passes"),
-])
+@pytest.mark.parametrize(
+    "hq,hkv,d,bs,merge,kept,w,lens",
+    [
+        MASS_CASES[0],
+        MASS_CASES[3],
+        MASS_CASES[5],
+        pytest.param(4, 2, 16, 2, 1, 4, 1, [1100, 700], id="rows-of-550-blocks-two-passes"),
+    ],
+)
 def test_kernel_block_mass_launch_settings(ops, hq, hkv, d, bs, merge, kept, w, lens) -> None:
     """Programs walking several tiles (loads pipelined across tiles), channel chunks of 16 (several
     per tile when more than 16 channels are kept), narrow and wide tiles, rows wider than the
@@ -333,8 +346,9 @@ def test_kernel_block_mass_launch_settings(ops, hq, hkv, d, bs, merge, kept, w, 
     try:
         for tpp, bk, bn in ((3, 16, 256), (2, 16, 32), (1, None, 512)):
             ops.kvstar_tiles_per_prog, ops.kvstar_block_k, ops.kvstar_block_n = tpp, bk, bn
-            got = ops.kvstar_block_mass(q.to(DEV), reps.to(DEV), abs_sums.to(DEV), table.to(DEV), sl.to(DEV), bs,
-                                        kept, 0.2).cpu()
+            got = ops.kvstar_block_mass(
+                q.to(DEV), reps.to(DEV), abs_sums.to(DEV), table.to(DEV), sl.to(DEV), bs, kept, 0.2
+            ).cpu()
             assert torch.equal(torch.isfinite(got), valid)
             torch.testing.assert_close(got[valid], want[valid], rtol=2e-4, atol=1e-6)
     finally:
@@ -349,8 +363,9 @@ def test_kernel_block_mass_without_full_blocks_and_empty_batch(ops) -> None:
     table = torch.tensor([[0, 1, 2], [3, -1, -1]], dtype=torch.int32, device=DEV)
     got = ops.kvstar_block_mass(q, reps, abs_sums, table, torch.tensor([7, 0], device=DEV), 8, 4, 0.1)
     assert torch.equal(got.cpu(), torch.full((2, 3), -math.inf))
-    empty = ops.kvstar_block_mass(q[:0], reps, abs_sums, table[:0], torch.zeros(0, dtype=torch.int32, device=DEV),
-                                  8, 4, 0.1)
+    empty = ops.kvstar_block_mass(
+        q[:0], reps, abs_sums, table[:0], torch.zeros(0, dtype=torch.int32, device=DEV), 8, 4, 0.1
+    )
     assert empty.shape == (0, 3)
     with pytest.raises(ValueError, match="kept_dims"):
         ops.kvstar_block_mass(q, reps, abs_sums, table, torch.tensor([8, 8], device=DEV), 8, 17, 0.1)
@@ -370,17 +385,27 @@ def test_kernel_kept_channels_follow_the_importance(ops) -> None:
     table = torch.tensor([[0, 1, 2, 3]], dtype=torch.int32)
     lens = torch.tensor([4 * bs])
     for kept, seen in ((d - 1, False), (d, True)):
-        got = ops.kvstar_block_mass(q.to(DEV), reps.to(DEV, torch.bfloat16), abs_sums.to(DEV), table.to(DEV),
-                                    lens.to(DEV), bs, kept, 1.0).cpu()
+        got = ops.kvstar_block_mass(
+            q.to(DEV), reps.to(DEV, torch.bfloat16), abs_sums.to(DEV), table.to(DEV), lens.to(DEV), bs, kept, 1.0
+        ).cpu()
         want = REF.kvstar_block_mass(q, reps, abs_sums, table, lens, bs, kept, 1.0)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert (got[0, 1] > got[0, 0]) == seen
     abs_sums[3, 0, 5] = 100.0  # ... until a full block makes it the most important
-    got = ops.kvstar_block_mass(q.to(DEV), reps.to(DEV, torch.bfloat16), abs_sums.to(DEV), table.to(DEV),
-                                lens.to(DEV), bs, 1, 1.0).cpu()
+    got = ops.kvstar_block_mass(
+        q.to(DEV), reps.to(DEV, torch.bfloat16), abs_sums.to(DEV), table.to(DEV), lens.to(DEV), bs, 1, 1.0
+    ).cpu()
     assert got[0, 1] > got[0, 0]
-    got = ops.kvstar_block_mass(q.to(DEV), reps.to(DEV, torch.bfloat16), abs_sums.to(DEV), table.to(DEV),
-                                torch.tensor([3 * bs + 5], device=DEV), bs, 1, 1.0).cpu()  # block 3 is not full
+    got = ops.kvstar_block_mass(
+        q.to(DEV),
+        reps.to(DEV, torch.bfloat16),
+        abs_sums.to(DEV),
+        table.to(DEV),
+        torch.tensor([3 * bs + 5], device=DEV),
+        bs,
+        1,
+        1.0,
+    ).cpu()  # block 3 is not full
     torch.testing.assert_close(got[0, :3], torch.full((3,), float(hq) / 3))
 
 
@@ -426,14 +451,23 @@ def test_scorer_layout_and_memory(ops) -> None:
     cm.acc[1].reps[4].fill_(3.0)
     cm.acc[1].abs_sums[4].fill_(2.0)
     cm.copy_blocks(torch.tensor([4]), torch.tensor([7]))
-    assert torch.equal(cm.acc[1].reps[7], cm.acc[1].reps[4]) and torch.equal(cm.acc[1].abs_sums[7],
-                                                                            cm.acc[1].abs_sums[4])
+    assert torch.equal(cm.acc[1].reps[7], cm.acc[1].reps[4]) and torch.equal(
+        cm.acc[1].abs_sums[7], cm.acc[1].abs_sums[4]
+    )
 
 
 BS, LAYERS, HQ, HKV, D, NB = 16, 2, 8, 2, 64, 96
-CONFIG = {"KVStarMultiStep": {"init_window_sz": 1, "local_window_sz": 1, "sparse_ratio": 0.3, "min_blocks": 2,
-                              "retrieval_stride": 1, "blk_repre_dim_prune_ratio": 0.25,
-                              "blk_repre_inner_token_merge": 2}}
+CONFIG = {
+    "KVStarMultiStep": {
+        "init_window_sz": 1,
+        "local_window_sz": 1,
+        "sparse_ratio": 0.3,
+        "min_blocks": 2,
+        "retrieval_stride": 1,
+        "blk_repre_dim_prune_ratio": 0.25,
+        "blk_repre_inner_token_merge": 2,
+    }
+}
 
 
 def _write(methods, lens, table, g) -> None:
@@ -516,8 +550,9 @@ def test_channel_major_scorer_selects_like_the_row_major_one() -> None:
             m.end_step(p)
     full = (torch.tensor(lens) // BS * BS).to(torch.int32)
     q = torch.randn(3, HQ, D, generator=g)
-    torch.testing.assert_close(cm.scorer.batch_scores(0, q, table, full), rm.scorer.batch_scores(0, q, table, full),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        cm.scorer.batch_scores(0, q, table, full), rm.scorer.batch_scores(0, q, table, full), rtol=1e-5, atol=1e-6
+    )
     cm.close()
     rm.close()
 
@@ -533,8 +568,11 @@ def test_batch_scores_replay_in_a_cuda_graph(ops) -> None:
     table = torch.randperm(nb, device=DEV, generator=g)[: b * m].view(b, m).to(torch.int32)
     pos = torch.arange(m * bs - 7, device=DEV)
     for r in range(b):
-        scorer.on_kv_written(0, torch.randn(len(pos), hkv, d, device=DEV, dtype=torch.bfloat16, generator=g),
-                             table[r, pos // bs].long() * bs + pos % bs)
+        scorer.on_kv_written(
+            0,
+            torch.randn(len(pos), hkv, d, device=DEV, dtype=torch.bfloat16, generator=g),
+            table[r, pos // bs].long() * bs + pos % bs,
+        )
     new_pos = torch.full((b,), m * bs - 7, device=DEV)
     slots = table.gather(1, (new_pos // bs)[:, None].long())[:, 0].long() * bs + new_pos % bs
     key = torch.randn(b, hkv, d, device=DEV, dtype=torch.bfloat16, generator=g)
@@ -564,6 +602,7 @@ def test_batch_scores_replay_in_a_cuda_graph(ops) -> None:
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
-    want = REF.kvstar_block_mass(q[:, None], scorer.acc[0].reps, scorer.acc[0].abs_sums, table, full, bs,
-                                 scorer.kept_dims, scorer.scale / 2)
+    want = REF.kvstar_block_mass(
+        q[:, None], scorer.acc[0].reps, scorer.acc[0].abs_sums, table, full, bs, scorer.kept_dims, scorer.scale / 2
+    )
     torch.testing.assert_close(out, want, rtol=2e-4, atol=1e-6)

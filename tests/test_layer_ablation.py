@@ -33,9 +33,30 @@ def test_ablation_smoke_is_consistent(tmp_path) -> None:
     missing = ruler.missing_dependencies()
     if missing:
         pytest.skip(f"needs {', '.join(missing)}: {ruler.INSTALL_HINT}")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--length", "1024", "--samples", "1", "--methods", "GSAOnDevice",
-                           "--dense-sets", "0", "7,17,18,23", "--ratio", "0.1", "--out-dir", str(tmp_path),
-                           "--name", "abl"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--length",
+            "1024",
+            "--samples",
+            "1",
+            "--methods",
+            "GSAOnDevice",
+            "--dense-sets",
+            "0",
+            "7,17,18,23",
+            "--ratio",
+            "0.1",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "abl",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "abl.json").read_text())
     assert res["dense_sets"] == ["0", "7,17,18,23"] and res["samples"] == 1

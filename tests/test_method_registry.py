@@ -64,14 +64,16 @@ class ToyNormScorer(BlockScorer):
 
     def __init__(self, shapes: ModelShapes, ops: SparseOps) -> None:
         super().__init__(shapes, ops)
-        self.acc = [BlockAccumulator(shapes, shapes.block_size, shapes.device, ops=ops)
-                    for _ in range(shapes.num_layers)]
+        self.acc = [
+            BlockAccumulator(shapes, shapes.block_size, shapes.device, ops=ops) for _ in range(shapes.num_layers)
+        ]
 
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.acc[layer].add(key, slot_mapping)
 
-    def score(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-              req_ids: Sequence[str]) -> torch.Tensor:
+    def score(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
+    ) -> torch.Tensor:
         bs = self.shapes.block_size
         norms = (self.acc[layer].sums[:, 0] / bs).norm(dim=-1).sum(-1)  # [NB]
         ids = block_table.to(torch.int64).clamp(0, norms.shape[0] - 1)
@@ -91,8 +93,12 @@ def build_toy(config: ToyNormConfig, shapes: ModelShapes, ctx: BuildContext) -> 
     return windowed_method(config, shapes, ctx.ops, lambda: ToyNormScorer(shapes, ctx.ops))
 
 
-TOY = MethodSpec(ToyNormConfig, build_toy, description="blocks by the L2 norm of their mean key",
-                 demo={"init_window_sz": 1, "local_window_sz": 1, "min_blocks": 1})
+TOY = MethodSpec(
+    ToyNormConfig,
+    build_toy,
+    description="blocks by the L2 norm of their mean key",
+    demo={"init_window_sz": 1, "local_window_sz": 1, "min_blocks": 1},
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +110,19 @@ def toy() -> MethodSpec:
 
 
 # ----------------------------------------------------------------------------- the reference of its rule
-def reference_kept(block_keys: Callable[[int], torch.Tensor], table_row: Sequence[int], seq_len: int, bs: int,
-                   cfg: ToyNormConfig) -> list[int]:
+def reference_kept(
+    block_keys: Callable[[int], torch.Tensor], table_row: Sequence[int], seq_len: int, bs: int, cfg: ToyNormConfig
+) -> list[int]:
     """The logical blocks ToyNorm reads, from the raw keys: the windows and the last block, then
     the highest-scoring other full blocks up to max(ceil(ratio * blocks), min_blocks)."""
     n, full = -(-seq_len // bs), seq_len // bs
     k = min(max(math.ceil(n * cfg.sparse_ratio), cfg.min_blocks), n)
     must = {j for j in range(n) if j < cfg.init_window_sz or j >= n - cfg.local_window_sz or j == n - 1}
-    score = {j: float(block_keys(int(table_row[j])).double().mean(0).norm(dim=-1).sum())
-             for j in range(full) if j not in must}
+    score = {
+        j: float(block_keys(int(table_row[j])).double().mean(0).norm(dim=-1).sum())
+        for j in range(full)
+        if j not in must
+    }
     best = sorted(score, key=lambda j: -score[j])[: max(k - len(must), 0)]
     return sorted(must | set(best))
 
@@ -149,7 +159,8 @@ def test_the_demo_and_the_eval_ask_the_registry(toy, tmp_path: Path) -> None:
 
     assert NAME in demo_methods() and NAME in profile_methods()
     assert method_config(NAME, 0.3, tmp_path, dense_layers=(2,)) == {
-        NAME: {"init_window_sz": 1, "local_window_sz": 1, "min_blocks": 1, "sparse_ratio": 0.3, "dense_layers": [2]}}
+        NAME: {"init_window_sz": 1, "local_window_sz": 1, "min_blocks": 1, "sparse_ratio": 0.3, "dense_layers": [2]}
+    }
     grid = settings_grid([NAME], [0.3], dense_layers=[4], retrieval_stride=2)
     assert [s.label for s in grid] == ["dense", f"{NAME}+dense@0.3"]  # not strided: no stride reaches it
     assert grid[1].extra_config(tmp_path)[SPARSE_KEY][NAME]["dense_layers"] == [4]
@@ -165,8 +176,17 @@ def test_selection_through_the_core_engine_matches_the_reference(toy, backend: s
     batch = make_paged(seq_lens, bs, 2, 32, g)
     batch.k_cache.mul_(torch.rand(batch.k_cache.shape[0], 1, 1, 1, generator=g) * 3)  # blocks of different norms
     shapes = ModelShapes(layers, 8, 2, 32, bs, batch.k_cache.shape[0])
-    cfg = {SPARSE_KEY: {NAME: {"sparse_ratio": ratio, "init_window_sz": 1, "local_window_sz": 2, "min_blocks": 3,
-                               "retrieval_stride": 1}}}
+    cfg = {
+        SPARSE_KEY: {
+            NAME: {
+                "sparse_ratio": ratio,
+                "init_window_sz": 1,
+                "local_window_sz": 2,
+                "min_blocks": 3,
+                "retrieval_stride": 1,
+            }
+        }
+    }
     method = build_sparse_method(cfg, shapes, get_ops(backend))
     parsed = parse_sparse_config(cfg)
     assert method.name == NAME and isinstance(method.scorer, ToyNormScorer)
@@ -268,7 +288,8 @@ def test_an_installed_distribution_registers_through_the_entry_point(tmp_path: P
     """A distribution on sys.path whose `ucm.methods` entry point names its module: a fresh
     process knows the method without importing it (what vLLM's worker processes rely on); a
     plugin that fails to import is logged and skipped."""
-    (tmp_path / "toy_plugin.py").write_text(textwrap.dedent('''
+    (tmp_path / "toy_plugin.py").write_text(
+        textwrap.dedent("""
         from typing import ClassVar
         from ucm.config.sparse import WindowedMethodConfig
         from ucm.methods import MethodSpec, register_method
@@ -277,17 +298,26 @@ def test_an_installed_distribution_registers_through_the_entry_point(tmp_path: P
             method: ClassVar[str] = "PluginToy"
 
         register_method(MethodSpec(PluginConfig, "tests.test_method_registry:build_toy"))
-    '''))
+    """)
+    )
     dist = tmp_path / "toy_plugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-plugin\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[ucm.methods]\ntoy = toy_plugin\nbroken = no_such_module_here\n")
-    code = ("import json; from ucm.config.loader import parse_sparse_config; from ucm.methods import method_names;"
-            "cfg = parse_sparse_config({'PluginToy': {'sparse_ratio': 0.5}});"
-            "print(json.dumps([method_names(), type(cfg).__name__, cfg.sparse_ratio]))")
+    code = (
+        "import json; from ucm.config.loader import parse_sparse_config; from ucm.methods import method_names;"
+        "cfg = parse_sparse_config({'PluginToy': {'sparse_ratio': 0.5}});"
+        "print(json.dumps([method_names(), type(cfg).__name__, cfg.sparse_ratio]))"
+    )
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
-                          env={**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{root}"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env={**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{root}"},
+    )
     assert proc.returncode == 0, proc.stderr
     names, cls, ratio = json.loads(proc.stdout.strip().splitlines()[-1])
     builtin = {s.name for s in methods() if s.config.__module__ in BUILTIN_MODULES}
@@ -299,8 +329,9 @@ def test_an_installed_distribution_registers_through_the_entry_point(tmp_path: P
 # ----------------------------------------------------------------------------- the registry's rules
 def test_registration_is_idempotent_and_a_name_is_taken_once(toy) -> None:
     assert register_method(TOY) is toy  # the same spec again: a no-op
-    assert register_method(MethodSpec(ToyNormConfig, build_toy, description=TOY.description,
-                                      demo=dict(TOY.demo))) is toy  # an equal one too
+    assert (
+        register_method(MethodSpec(ToyNormConfig, build_toy, description=TOY.description, demo=dict(TOY.demo))) is toy
+    )  # an equal one too
     with pytest.raises(ValueError, match=f"{NAME!r} is already registered"):
         register_method(MethodSpec(ToyNormConfig, build_toy, strided=True))
 
@@ -364,8 +395,10 @@ def test_lookups_and_queries() -> None:
 
 def test_parsing_a_config_imports_no_torch() -> None:
     """The registry names builders by path: the config layer knows every method without torch."""
-    code = ("import sys; from ucm.config.loader import parse_sparse_config; from ucm.methods import method_names;"
-            "[parse_sparse_config({n: {}}) for n in method_names()];"
-            "print(len(method_names()), 'torch' in sys.modules)")
+    code = (
+        "import sys; from ucm.config.loader import parse_sparse_config; from ucm.methods import method_names;"
+        "[parse_sparse_config({n: {}}) for n in method_names()];"
+        "print(len(method_names()), 'torch' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.split()[1] == "False", proc.stdout + proc.stderr

@@ -229,8 +229,13 @@ def test_per_head_recall_and_worst_head_match_numpy(seed: int) -> None:
         for h in range(mass.shape[1]):
             got = sum(mass[r, h, j] for j in chosen)
             assert per_head[r, h].item() == pytest.approx(got, abs=1e-5)
-            best = max((sum(mass[r, h, j] for j in sub) for sub in itertools.combinations(range(mass.shape[2]),
-                                                                                          int(counts[r]))), default=0.0)
+            best = max(
+                (
+                    sum(mass[r, h, j] for j in sub)
+                    for sub in itertools.combinations(range(mass.shape[2]), int(counts[r]))
+                ),
+                default=0.0,
+            )
             ratios.append(min(got / best, 1.0) if best > 0 else 1.0)
         assert worst[r].item() == pytest.approx(min(ratios), abs=1e-5)
     torch.testing.assert_close(per_head.mean(-1), attention_mass_recall(q, k, table, seq_lens, ids, counts, scale))

@@ -43,8 +43,13 @@ def test_middle_end_keeps_the_local_window_and_the_block_in_flight() -> None:
 
 
 def test_config_key_builds_the_policy() -> None:
-    cfg = parse_sparse_config({"ucm_sparse_config": {"GSA": {"offload": True, "offload_margin_blocks": 5,
-                                                             "sparse_ratio": 0.25, "local_window_sz": 3}}})
+    cfg = parse_sparse_config(
+        {
+            "ucm_sparse_config": {
+                "GSA": {"offload": True, "offload_margin_blocks": 5, "sparse_ratio": 0.25, "local_window_sz": 3}
+            }
+        }
+    )
     p = OffloadPolicy.from_config(cfg, 64)
     assert (p.block_size, p.ratio, p.local_blocks, p.margin_blocks) == (64, 0.25, 3, 5)
 
@@ -221,7 +226,9 @@ def test_every_read_finds_the_block_it_selected(seed) -> None:
 def test_representation_copied_to_a_virtual_id_scores_the_same(name) -> None:
     torch.manual_seed(0)
     shapes = ModelShapes(num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=8, num_blocks=24)
-    method = build_sparse_method({"ucm_sparse_config": {name: {}}}, shapes, get_ops("reference"), host_ops=get_ops("reference"))
+    method = build_sparse_method(
+        {"ucm_sparse_config": {name: {}}}, shapes, get_ops("reference"), host_ops=get_ops("reference")
+    )
     keys = torch.randn(8 * 6, 2, 16)
     slots = torch.arange(8 * 6)  # blocks 0..5
     for layer in range(2):
@@ -254,16 +261,22 @@ def test_worker_shortens_a_row_whose_load_failed() -> None:
 
     worker = OffloadWorker(policy(), num_layers=1)
     worker.extra_blocks(100)  # virtual ids from 100
-    worker.apply([OffloadUpdate("r", [5, 6, 7, 8], ["id1", "id2", "id3", "id4"], [1, 2], [5, 6])],
-                 lambda src, dst: None)
+    worker.apply(
+        [OffloadUpdate("r", [5, 6, 7, 8], ["id1", "id2", "id3", "id4"], [1, 2], [5, 6])], lambda src, dst: None
+    )
     worker.loader = RecordingLoader(fail={"id4"})
     v = worker.requests["r"].virtual  # virtual ids of logical 1..4
     table = torch.tensor([[50, v[0], v[3], 60], [70, 71, 72, 0]], dtype=torch.int32)
     seq_lens = torch.tensor([32 * 9 + 5, 32 * 2 + 1])
     kept = torch.tensor([4, 3])
-    sel = Selection(unit_ids=table.clone(), unit_counts=kept.to(torch.int32), block_table=table,
-                    seq_lens=torch.tensor([32 * 3 + 5, 32 * 2 + 1], dtype=torch.int32), blocks_kept=kept,
-                    blocks_total=torch.tensor([10, 3]))
+    sel = Selection(
+        unit_ids=table.clone(),
+        unit_counts=kept.to(torch.int32),
+        block_table=table,
+        seq_lens=torch.tensor([32 * 3 + 5, 32 * 2 + 1], dtype=torch.int32),
+        blocks_kept=kept,
+        blocks_total=torch.tensor([10, 3]),
+    )
     out = worker.resolve(0, ["r", "other"], sel, seq_lens, 32)
     assert out.block_table[0, :3].tolist() == [50, 5, 60] and out.blocks_kept.tolist() == [3, 3]
     assert out.seq_lens.tolist() == [32 * 2 + 5, 32 * 2 + 1] and out.seq_lens.dtype == torch.int32

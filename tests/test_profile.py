@@ -29,9 +29,29 @@ def test_cli_smoke_two_prompts_one_method(tmp_path) -> None:
     out = tmp_path / "profile.json"
     hashed = method_names(model_json=True)[0]  # GSA on device: its shipped (trained) W and random W
     variants = (hashed, f"{hashed}+random")
-    proc = subprocess.run([sys.executable, "-m", "ucm.cli", "profile", "--tokens", "600", "--prompts", "2", "--steps",
-                           "2", "--methods", ",".join(variants), "--out", str(out), "--plot",
-                           str(tmp_path / "p.png")], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ucm.cli",
+            "profile",
+            "--tokens",
+            "600",
+            "--prompts",
+            "2",
+            "--steps",
+            "2",
+            "--methods",
+            ",".join(variants),
+            "--out",
+            str(out),
+            "--plot",
+            str(tmp_path / "p.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     methods = json.loads(out.read_text())["methods"]
     for name in variants:
@@ -41,8 +61,9 @@ def test_cli_smoke_two_prompts_one_method(tmp_path) -> None:
     trained, random_ = (methods[n]["per_layer"] for n in variants)
     assert any(trained[k]["recall"] != random_[k]["recall"] for k in trained)  # other projections, other blocks
     assert (tmp_path / "p.png").stat().st_size > 10_000
-    bad = subprocess.run([sys.executable, "-m", "ucm.cli", "profile", "--methods", "ESA,XSA"], capture_output=True,
-                         text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "ucm.cli", "profile", "--methods", "ESA,XSA"], capture_output=True, text=True
+    )
     assert bad.returncode != 0 and "unknown XSA" in bad.stderr and variants[1] in bad.stderr
 
 
@@ -64,9 +85,31 @@ def test_cli_profiles_ruler_prompts_and_suggests_dense_layers(tmp_path) -> None:
     if missing:
         pytest.skip(f"--task needs {', '.join(missing)}: {ruler.INSTALL_HINT}")
     out = tmp_path / "profile.json"
-    proc = subprocess.run([sys.executable, "-m", "ucm.cli", "profile", "--task", "niah_single_2", "--tokens", "1024",
-                           "--prompts", "1", "--steps", "2", "--methods", "ESA", "--suggest-dense", "3",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ucm.cli",
+            "profile",
+            "--task",
+            "niah_single_2",
+            "--tokens",
+            "1024",
+            "--prompts",
+            "1",
+            "--steps",
+            "2",
+            "--methods",
+            "ESA",
+            "--suggest-dense",
+            "3",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["prompt_source"] == "RULER niah_single_2"

@@ -46,8 +46,13 @@ def test_config_defaults_and_checks() -> None:
     assert cfg.method == "Quest" and cfg.group_reduce == "max" and cfg.retrieval_stride == 1
     assert cfg.sparse_ratio == 0.3 and cfg.init_window_sz == 1 and cfg.local_window_sz == 2
     assert QuestConfig.model_validate({"group_reduce": "mean", "dense_layers": [0]}).group_reduce == "mean"
-    for bad in ({"group_reduce": "sum"}, {"group_reduce": 1}, {"sparse_ratio": 0.0}, {"unknown": 1},
-                {"retrieval_stride": 0}):
+    for bad in (
+        {"group_reduce": "sum"},
+        {"group_reduce": 1},
+        {"sparse_ratio": 0.0},
+        {"unknown": 1},
+        {"retrieval_stride": 0},
+    ):
         with pytest.raises(ValidationError):
             QuestConfig.model_validate(bad)
 
@@ -258,7 +263,7 @@ def structured(seed: int, hq: int, hkv: int, d: int = 64, lens=(640, 517, 800), 
     batch = make_paged(list(lens), 16, hkv, d, g)
     batch.k_cache.add_(1.5 * torch.randn(hkv, d, generator=g))
     grp = hq // hkv
-    q = (torch.randn(len(lens), hkv, 1, d, generator=g) + 0.7 * torch.randn(len(lens), hkv, grp, d, generator=g))
+    q = torch.randn(len(lens), hkv, 1, d, generator=g) + 0.7 * torch.randn(len(lens), hkv, grp, d, generator=g)
     q = q.reshape(len(lens), hq, d)
     flat = batch.k_cache.view(-1, hkv, d)
     for r, n in enumerate(lens):
@@ -280,8 +285,9 @@ def selection_recall(scorer, batch: PagedBatch, q: torch.Tensor, ratio: float) -
     n_b = (batch.seq_lens.long() + bs - 1) // bs
     last = torch.arange(s.shape[1])[None, :] == (n_b - 1)[:, None]
     ids, counts = OPS.block_topk(s, torch.ceil(n_b * ratio).long(), last, n_b)
-    recall = oracle_normalised_recall(q, batch.k_cache, batch.block_table, batch.seq_lens, ids, counts,
-                                      q.shape[-1] ** -0.5)
+    recall = oracle_normalised_recall(
+        q, batch.k_cache, batch.block_table, batch.seq_lens, ids, counts, q.shape[-1] ** -0.5
+    )
     return float(recall.mean())
 
 

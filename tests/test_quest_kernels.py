@@ -53,8 +53,9 @@ def np_minmax_update(mins: np.ndarray, maxs: np.ndarray, key: np.ndarray, slots:
                 maxs[blk, h, c] = max(float(maxs[blk, h, c]), v)
 
 
-def np_scores_minmax(q: np.ndarray, mins: np.ndarray, maxs: np.ndarray, table: np.ndarray, lens: np.ndarray,
-                     bs: int, group_reduce: str) -> np.ndarray:
+def np_scores_minmax(
+    q: np.ndarray, mins: np.ndarray, maxs: np.ndarray, table: np.ndarray, lens: np.ndarray, bs: int, group_reduce: str
+) -> np.ndarray:
     b, hq, d = q.shape
     hkv = mins.shape[1]
     g = hq // hkv
@@ -183,8 +184,11 @@ def test_mean_is_the_group_sum_over_g_and_max_dominates_it(g, scale, seed) -> No
 
 # ------------------------------------------------------------------------------ backends
 def _backends():
-    out = [pytest.param("reference", id="reference"), pytest.param("cpu", id="cpu"),
-           pytest.param("cpu-fallback", id="cpu-fallback")]
+    out = [
+        pytest.param("reference", id="reference"),
+        pytest.param("cpu", id="cpu"),
+        pytest.param("cpu-fallback", id="cpu-fallback"),
+    ]
     if HAS_TRITON:
         out.append(pytest.param("cuda", id="cuda-gpu" if ON_GPU else "cuda-interpreter"))
     return out
@@ -231,8 +235,9 @@ def test_backend_minmax_update_edge_calls(backend) -> None:
     ops, dev = backend
     mins = torch.full((3, 2, 4), 5.0, device=dev)
     maxs = torch.full((3, 2, 4), -5.0, device=dev)
-    ops.block_minmax_update(mins, maxs, torch.zeros(0, 2, 4, device=dev), torch.zeros(0, dtype=torch.long,
-                                                                                        device=dev), 4)
+    ops.block_minmax_update(
+        mins, maxs, torch.zeros(0, 2, 4, device=dev), torch.zeros(0, dtype=torch.long, device=dev), 4
+    )
     ops.block_minmax_update(mins, maxs, torch.ones(2, 2, 4, device=dev), torch.tensor([-1, -1], device=dev), 4)
     assert (mins == 5).all() and (maxs == -5).all()  # nothing written: nothing changes
     ops.block_minmax_update(mins, maxs, torch.ones(1, 2, 4, device=dev), torch.tensor([5], device=dev), 4)
@@ -263,26 +268,26 @@ def test_backend_scores_equal_the_reference(backend, group_reduce, hq, hkv, d, b
     table = torch.full((len(lens), m), -1, dtype=torch.int32)
     at = 0
     for r, k in enumerate(n):
-        table[r, :k] = perm[at:at + k].to(torch.int32)
+        table[r, :k] = perm[at : at + k].to(torch.int32)
         at += k
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     lo = torch.randn(nb, hkv, d, generator=g)
     hi = lo + torch.rand(nb, hkv, d, generator=g)
     q = torch.randn(len(lens), hq, d, generator=g)
     want = REF.block_scores_minmax(q, lo, hi, table, seq_lens, bs, group_reduce)
-    got = ops.block_scores_minmax(q.to(dev), lo.to(dev), hi.to(dev), table.to(dev), seq_lens.to(dev), bs,
-                                  group_reduce)
+    got = ops.block_scores_minmax(q.to(dev), lo.to(dev), hi.to(dev), table.to(dev), seq_lens.to(dev), bs, group_reduce)
     assert got.dtype == torch.float32 and got.shape == want.shape
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-3)
     # int64 tables and lengths, a bf16 query, a non-contiguous query: the same scores
     qb = q.to(torch.bfloat16)
-    got = ops.block_scores_minmax(qb.to(dev), lo.to(dev), hi.to(dev), table.long().to(dev), seq_lens.long().to(dev),
-                                  bs, group_reduce)
-    torch.testing.assert_close(got.cpu(), REF.block_scores_minmax(qb, lo, hi, table, seq_lens, bs, group_reduce),
-                               rtol=1e-4, atol=1e-3)
+    got = ops.block_scores_minmax(
+        qb.to(dev), lo.to(dev), hi.to(dev), table.long().to(dev), seq_lens.long().to(dev), bs, group_reduce
+    )
+    torch.testing.assert_close(
+        got.cpu(), REF.block_scores_minmax(qb, lo, hi, table, seq_lens, bs, group_reduce), rtol=1e-4, atol=1e-3
+    )
     qt = q.transpose(0, 1).contiguous().transpose(0, 1)
-    got = ops.block_scores_minmax(qt.to(dev), lo.to(dev), hi.to(dev), table.to(dev), seq_lens.to(dev), bs,
-                                  group_reduce)
+    got = ops.block_scores_minmax(qt.to(dev), lo.to(dev), hi.to(dev), table.to(dev), seq_lens.to(dev), bs, group_reduce)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-3)
 
 
@@ -370,5 +375,9 @@ def test_cpu_large_prefill_runs_threaded_and_matches(cpu) -> None:
     lens = torch.tensor([38 * bs, 37 * bs + 5, 100, 1])
     q = torch.randn(4, 32, d, generator=g)
     for mode in ("mean", "max"):
-        torch.testing.assert_close(cpu.block_scores_minmax(q, *got, table, lens, bs, mode),
-                                   REF.block_scores_minmax(q, *ref, table, lens, bs, mode), rtol=1e-4, atol=1e-2)
+        torch.testing.assert_close(
+            cpu.block_scores_minmax(q, *got, table, lens, bs, mode),
+            REF.block_scores_minmax(q, *ref, table, lens, bs, mode),
+            rtol=1e-4,
+            atol=1e-2,
+        )

@@ -74,9 +74,7 @@ def test_hamming_block_scores(seq_lens, bs, hq, hkv, d, reduce) -> None:
                 assert got[r, j] == math.inf
                 continue
             phys = int(batch.block_table[r, j])
-            dists = [
-                sum(np_popcount(qc[r, h] ^ kc[phys, t - j * bs, h // grp]) for h in range(hq)) for t in toks
-            ]
+            dists = [sum(np_popcount(qc[r, h] ^ kc[phys, t - j * bs, h // grp]) for h in range(hq)) for t in toks]
             want = {"min": min, "max": max, "mean": lambda v: sum(v) / len(v)}[reduce](dists)
             assert got[r, j] == pytest.approx(want, rel=1e-6)
 
@@ -152,7 +150,10 @@ def np_topk(scores, k, must, n):
     for r in range(scores.shape[0]):
         valid = list(range(n[r]))
         forced = [j for j in valid if must[r, j]]
-        rest = sorted((j for j in valid if not must[r, j]), key=lambda j: (-(scores[r, j] if not np.isnan(scores[r, j]) else -np.inf), j))
+        rest = sorted(
+            (j for j in valid if not must[r, j]),
+            key=lambda j: (-(scores[r, j] if not np.isnan(scores[r, j]) else -np.inf), j),
+        )
         count = min(n[r], max(k[r], len(forced)))
         out.append(sorted(forced + rest[: count - len(forced)]))
     return out
@@ -209,8 +210,9 @@ def test_block_topk_forced_beats_infinite_scores_and_counts_fit_the_table() -> N
         torch.tensor([[math.inf, 0.0, 1.0]]), torch.tensor([1]), torch.tensor([[False, False, True]]), torch.tensor([3])
     )
     assert ids.tolist() == [[2, -1, -1]] and counts.tolist() == [1]
-    ids, counts = OPS.block_topk(torch.zeros(1, 2), torch.tensor([5]), torch.zeros(1, 2, dtype=torch.bool),
-                                 torch.tensor([9]))
+    ids, counts = OPS.block_topk(
+        torch.zeros(1, 2), torch.tensor([5]), torch.zeros(1, 2, dtype=torch.bool), torch.tensor([9])
+    )
     assert ids.tolist() == [[0, 1]] and counts.tolist() == [2]
 
 

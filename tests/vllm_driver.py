@@ -49,11 +49,18 @@ def main() -> None:
     ap.add_argument("--multiprocess", action="store_true", help="vLLM's engine-core process")
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--offload", default=None, help="offload mode with a POSIX store in this directory")
-    ap.add_argument("--crash-workers", action="store_true",
-                    help="after the engine starts, make every worker crash in native code (a segfault)")
+    ap.add_argument(
+        "--crash-workers",
+        action="store_true",
+        help="after the engine starts, make every worker crash in native code (a segfault)",
+    )
     ap.add_argument("--retrieval-stride", type=int, default=1, help="of the strided methods (default 1)")
-    ap.add_argument("--stall-retrieval-rank", type=int, default=None,
-                    help="after the engine starts, make this TP rank's background retrievals hang")
+    ap.add_argument(
+        "--stall-retrieval-rank",
+        type=int,
+        default=None,
+        help="after the engine starts, make this TP rank's background retrievals hang",
+    )
     args = ap.parse_args()
     if args.crash_workers or args.stall_retrieval_rank is not None:
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc ships a function
@@ -78,13 +85,26 @@ def main() -> None:
         extra = {"ucm_sparse_config": cfg}
         if args.offload:
             body["offload"] = True
-            extra["ucm_connectors"] = [{"ucm_connector_name": "UcmNfsStore",
-                                        "ucm_connector_config": {"storage_backends": args.offload}}]
-        ktc = KVTransferConfig(kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.connector",
-                               kv_role="kv_both", kv_connector_extra_config=extra)
-    llm = LLM(model=path, dtype="float32", block_size=32, max_model_len=2048, enforce_eager=not args.compile,
-              tensor_parallel_size=args.tp, distributed_executor_backend="mp" if args.tp > 1 else "uni",
-              kv_transfer_config=ktc, seed=0)
+            extra["ucm_connectors"] = [
+                {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": args.offload}}
+            ]
+        ktc = KVTransferConfig(
+            kv_connector="UCMConnector",
+            kv_connector_module_path="ucm.integration.vllm.connector",
+            kv_role="kv_both",
+            kv_connector_extra_config=extra,
+        )
+    llm = LLM(
+        model=path,
+        dtype="float32",
+        block_size=32,
+        max_model_len=2048,
+        enforce_eager=not args.compile,
+        tensor_parallel_size=args.tp,
+        distributed_executor_backend="mp" if args.tp > 1 else "uni",
+        kv_transfer_config=ktc,
+        seed=0,
+    )
     if args.crash_workers:
         llm.collective_rpc(crash_in_native_code)
     if args.stall_retrieval_rank is not None:
@@ -98,10 +118,20 @@ def main() -> None:
 
         ids, secret = needle_prompt(llm.get_tokenizer(), 1500, 0.5, seed=3)
         prompts = [ids]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(max_tokens=args.max_tokens, temperature=0))
-    print("UCM_DRIVER " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs],
-                                      "texts": [o.outputs[0].text for o in outs], "secret": secret}), flush=True)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    )
+    print(
+        "UCM_DRIVER "
+        + json.dumps(
+            {
+                "tokens": [list(o.outputs[0].token_ids) for o in outs],
+                "texts": [o.outputs[0].text for o in outs],
+                "secret": secret,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

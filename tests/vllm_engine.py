@@ -22,9 +22,18 @@ def make_llm(model_path: str, extra: dict | None, **kwargs):
 
     policy = kwargs.pop("kv_load_failure_policy", "fail")
     ktc = connector_config(extra, policy) if extra is not None else None
-    args = dict(model=model_path, dtype="float32", block_size=BLOCK, max_model_len=2048, enforce_eager=True,
-                distributed_executor_backend="uni", kv_transfer_config=ktc, max_num_seqs=4,
-                max_num_batched_tokens=512, seed=0)
+    args = dict(
+        model=model_path,
+        dtype="float32",
+        block_size=BLOCK,
+        max_model_len=2048,
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        kv_transfer_config=ktc,
+        max_num_seqs=4,
+        max_num_batched_tokens=512,
+        seed=0,
+    )
     args.update(kwargs)
     return LLM(**args)
 
@@ -38,7 +47,9 @@ def shutdown(llm) -> None:
 def generate(llm, prompts, max_tokens: int = 8) -> list[list[int]]:
     from vllm import SamplingParams
 
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=max_tokens, temperature=0))
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=max_tokens, temperature=0)
+    )
     return [list(o.outputs[0].token_ids) for o in outs]
 
 

@@ -91,21 +91,36 @@ def main(spec_path: str) -> None:
         install_attention_check(attention)
     if spec.get("dummy_range"):
         widen_dummy_weights(-spec["dummy_range"], spec["dummy_range"])
-    extra = sparse_extra(spec["setting"], Path(spec["tmp"]), json.loads((Path(spec["model"]) / "config.json").read_text()))
-    kw = engine_kwargs(Path(spec["model"]), extra, spec["max_model_len"], spec["max_batch"], graphs=spec["graphs"],
-                       capture_sizes=spec.get("capture_sizes"), mem=spec.get("mem", 0.5))
+    extra = sparse_extra(
+        spec["setting"], Path(spec["tmp"]), json.loads((Path(spec["model"]) / "config.json").read_text())
+    )
+    kw = engine_kwargs(
+        Path(spec["model"]),
+        extra,
+        spec["max_model_len"],
+        spec["max_batch"],
+        graphs=spec["graphs"],
+        capture_sizes=spec.get("capture_sizes"),
+        mem=spec.get("mem", 0.5),
+    )
     kw.update(spec.get("engine", {}))
     llm = LLM(**kw)
-    params = [SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False,
-                             logprobs=1) for n in spec["max_tokens"]]
+    params = [
+        SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False, logprobs=1)
+        for n in spec["max_tokens"]
+    ]
     outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params, use_tqdm=False)
     tokens, logprobs = [], []
     for o in outs:
         c = o.outputs[0]
         tokens.append(list(c.token_ids))
         logprobs.append([float(lp[t].logprob) for t, lp in zip(c.token_ids, c.logprobs)])
-    print(json.dumps({"tokens": tokens, "logprobs": logprobs, "counters": ucm_counters(),
-                      "attention": attention or None}), flush=True)
+    print(
+        json.dumps(
+            {"tokens": tokens, "logprobs": logprobs, "counters": ucm_counters(), "attention": attention or None}
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

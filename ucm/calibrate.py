@@ -40,8 +40,9 @@ class QKCollector(RunObserver):
         self.data.setdefault(layer, []).append((query[pick].float().clone(), key[:start].float().clone()))
 
 
-def block_targets(q: torch.Tensor, k: torch.Tensor, block_size: int, skip_first: int = 1,
-                  skip_last: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def block_targets(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, skip_first: int = 1, skip_last: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What selection should reproduce: for each query, the attention mass (summed over every
     head, as the hash scorer sums distances over heads) of each *candidate* block.
 
@@ -52,17 +53,24 @@ def block_targets(q: torch.Tensor, k: torch.Tensor, block_size: int, skip_first:
     g = q.shape[1] // k.shape[1]
     nb = k.shape[0] // block_size
     if nb <= skip_first + skip_last:
-        raise ValueError(f"{k.shape[0]} keys make {nb} blocks of {block_size}: too few to choose among; use longer "
-                         "prompts (--tokens)")
+        raise ValueError(
+            f"{k.shape[0]} keys make {nb} blocks of {block_size}: too few to choose among; use longer "
+            "prompts (--tokens)"
+        )
     kk = k[: nb * block_size].repeat_interleave(g, dim=1).transpose(0, 1)  # [Hq, n, D]
     qq = q.transpose(0, 1)  # [Hq, nq, D]
     att = torch.softmax(qq @ kk.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)  # [Hq, nq, n]
-    mass = att.sum(0).view(q.shape[0], nb, block_size).sum(-1)[:, skip_first: nb - skip_last]
+    mass = att.sum(0).view(q.shape[0], nb, block_size).sum(-1)[:, skip_first : nb - skip_last]
     return qq, kk, mass / mass.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
-def train_layer(samples: list[tuple[torch.Tensor, torch.Tensor]], init: torch.Tensor, steps: int, lr: float = 0.01,
-                block_size: int = 32) -> tuple[torch.Tensor, float, float]:
+def train_layer(
+    samples: list[tuple[torch.Tensor, torch.Tensor]],
+    init: torch.Tensor,
+    steps: int,
+    lr: float = 0.01,
+    block_size: int = 32,
+) -> tuple[torch.Tensor, float, float]:
     """Train one layer's projection so that hash similarity ranks *blocks* as attention does.
 
     The scorer's block similarity is the best token's similarity summed over heads; softly: soft
@@ -85,7 +93,7 @@ def train_layer(samples: list[tuple[torch.Tensor, torch.Tensor]], init: torch.Te
             sim = (hq @ hk.transpose(1, 2)).sum(0) / bits  # [nq, n]: summed over heads, like the scorer
             nq, n = sim.shape
             score = torch.logsumexp(8.0 * sim.view(nq, n // block_size, block_size), dim=-1) / 8.0  # smooth max
-            score = score[:, 1: n // block_size - 2]
+            score = score[:, 1 : n // block_size - 2]
             total = total - (target * torch.log_softmax(beta * score, dim=-1)).sum(-1).mean()
         return total / len(prepared)
 
@@ -188,9 +196,11 @@ def run_calibrate(
     }
     (out_dir / "calibration.json").write_text(json.dumps(result, indent=2))
     r, t = summary["random"]["sparse_layers_mean"], summary["trained"]["sparse_layers_mean"]
-    print(f"held-out oracle-normalised recall at ratio {ratio}, {bits} bits: random {r['oracle_normalised_recall']:.3f}"
-          f" -> trained {t['oracle_normalised_recall']:.3f}; output error {r['output_error']:.3f} -> "
-          f"{t['output_error']:.3f}")
+    print(
+        f"held-out oracle-normalised recall at ratio {ratio}, {bits} bits: random {r['oracle_normalised_recall']:.3f}"
+        f" -> trained {t['oracle_normalised_recall']:.3f}; output error {r['output_error']:.3f} -> "
+        f"{t['output_error']:.3f}"
+    )
     print(f"wrote {weight_file}, {cfg_file} (use it as GSAOnDevice.config_file) and {out_dir / 'calibration.json'}")
     return result
 

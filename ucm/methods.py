@@ -205,8 +205,9 @@ def _load_entry_points() -> None:
                 obj()
             # a module: importing it registered its methods
         except Exception as exc:  # noqa: BLE001 - one broken plugin must not take every engine down
-            logger.warning("ucm: sparse-method plugin %r (%s) failed to load: %s: %s", ep.name, ep.value,
-                           type(exc).__name__, exc)
+            logger.warning(
+                "ucm: sparse-method plugin %r (%s) failed to load: %s: %s", ep.name, ep.value, type(exc).__name__, exc
+            )
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
@@ -216,8 +217,10 @@ def register_method(spec: MethodSpec) -> MethodSpec:
         raise TypeError(f"register_method takes a MethodSpec, got {type(spec).__name__}")
     name = getattr(spec.config, "method", None)
     if not isinstance(name, str) or not _NAME.match(name) or name.lower() in _RESERVED:
-        raise ValueError(f"{getattr(spec.config, '__name__', spec.config)!r}.method must be a name of letters, "
-                         f"digits and '_' starting with a letter (not 'dense'), got {name!r}")
+        raise ValueError(
+            f"{getattr(spec.config, '__name__', spec.config)!r}.method must be a name of letters, "
+            f"digits and '_' starting with a letter (not 'dense'), got {name!r}"
+        )
     if not callable(getattr(spec.config, "model_validate", None)):
         raise TypeError(f"the config of {name!r} must be a pydantic model class (ucm.config.sparse.SparseMethodConfig)")
     for what, target in (("builder", spec.builder), ("demo", spec.demo)):
@@ -229,8 +232,10 @@ def register_method(spec: MethodSpec) -> MethodSpec:
         if old is not None:
             if old._same(spec):
                 return old
-            raise ValueError(f"sparse method {name!r} is already registered with another spec "
-                             f"({old.config.__module__}.{old.config.__qualname__}); pick another name")
+            raise ValueError(
+                f"sparse method {name!r} is already registered with another spec "
+                f"({old.config.__module__}.{old.config.__qualname__}); pick another name"
+            )
         _REGISTRY[name] = spec
     return spec
 
@@ -276,8 +281,10 @@ def spec_of(config: Any) -> MethodSpec:
     """The spec of a parsed method config (an instance of a registered config class)."""
     spec = find_method(getattr(type(config), "method", None))
     if spec is None or not isinstance(config, spec.config):
-        raise TypeError(f"{type(config).__name__} is not the config class of a registered sparse method; "
-                        f"registered: {', '.join(method_names())}")
+        raise TypeError(
+            f"{type(config).__name__} is not the config class of a registered sparse method; "
+            f"registered: {', '.join(method_names())}"
+        )
     return spec
 
 

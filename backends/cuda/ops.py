@@ -11,7 +11,6 @@ check the kernels against the reference that way.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -112,8 +111,19 @@ class CudaOps(TorchReferenceOps):
         block_r = 1 << (block_r.bit_length() - 1)
         grid = (1, triton_cdiv(r, block_r))
         self._k.sign_pack_kernel[grid](
-            rows, out, out, r, n, c, rows.stride(0), rows.stride(1), 0, out.stride(0),
-            HAS_SLOTS=False, BLOCK_R=block_r, BLOCK_C=block_c,
+            rows,
+            out,
+            out,
+            r,
+            n,
+            c,
+            rows.stride(0),
+            rows.stride(1),
+            0,
+            out.stride(0),
+            HAS_SLOTS=False,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
         )
         return out.view(*x.shape[:-1], c)
 
@@ -136,11 +146,18 @@ class CudaOps(TorchReferenceOps):
         c = code_cache.shape[-1]
         nbits = weight.shape[1]
         fusable = (
-            self._can_run(code_cache, x, weight, slot_mapping) and code_cache.dtype == torch.uint8
-            and x.dim() == 3 and code_cache.dim() == 4 and code_cache.shape[2] == x.shape[1]
-            and c == (nbits + 7) // 8 and nbits % 8 == 0 and code_cache.stride(-1) == 1
-            and code_cache.stride(2) == c and code_cache.stride(1) == code_cache.shape[2] * c
-            and code_cache.stride(0) == code_cache.shape[1] * code_cache.stride(1) and x.stride(-1) == 1
+            self._can_run(code_cache, x, weight, slot_mapping)
+            and code_cache.dtype == torch.uint8
+            and x.dim() == 3
+            and code_cache.dim() == 4
+            and code_cache.shape[2] == x.shape[1]
+            and c == (nbits + 7) // 8
+            and nbits % 8 == 0
+            and code_cache.stride(-1) == 1
+            and code_cache.stride(2) == c
+            and code_cache.stride(1) == code_cache.shape[2] * c
+            and code_cache.stride(0) == code_cache.shape[1] * code_cache.stride(1)
+            and x.stride(-1) == 1
         )
         if not fusable:
             self.paged_write(code_cache, self.hash_encode(x, weight), slot_mapping)
@@ -152,9 +169,22 @@ class CudaOps(TorchReferenceOps):
         block_t = 16
         block_n = min(_pow2(nbits, 16), 128)  # wider codes take several bit tiles (shared memory)
         self._k.hash_write_kernel[(triton_cdiv(t, block_t), x.shape[1], triton_cdiv(nbits, block_n))](
-            x, wt, slot_mapping.contiguous(), code_cache, t, x.shape[2], nbits, c, x.stride(0), x.stride(1),
-            wt.stride(0), code_cache.stride(1), code_cache.stride(2),
-            BLOCK_T=block_t, BLOCK_D=min(64, _pow2(x.shape[2], 16)), BLOCK_N=block_n,
+            x,
+            wt,
+            slot_mapping.contiguous(),
+            code_cache,
+            t,
+            x.shape[2],
+            nbits,
+            c,
+            x.stride(0),
+            x.stride(1),
+            wt.stride(0),
+            code_cache.stride(1),
+            code_cache.stride(2),
+            BLOCK_T=block_t,
+            BLOCK_D=min(64, _pow2(x.shape[2], 16)),
+            BLOCK_N=block_n,
         )
 
     # ---------------------------------------------------------------- scoring
@@ -171,8 +201,17 @@ class CudaOps(TorchReferenceOps):
         p = g.bit_length()
         planes = torch.empty(b, 2 * p, hkv * w, dtype=torch.int32, device=q_codes.device)
         self._k.qplanes_kernel[(b, hkv)](
-            qw, planes, g, w, qw.stride(0), qw.stride(1), planes.stride(0), planes.stride(1),
-            P=p, WBITS=wbits, BLOCK_G=_pow2(g),
+            qw,
+            planes,
+            g,
+            w,
+            qw.stride(0),
+            qw.stride(1),
+            planes.stride(0),
+            planes.stride(1),
+            P=p,
+            WBITS=wbits,
+            BLOCK_G=_pow2(g),
         )
         return planes, p
 
@@ -208,8 +247,21 @@ class CudaOps(TorchReferenceOps):
         wt = weight if weight.stride(-1) == 1 else weight.contiguous()
         if b > 0:
             self._k.qhash_planes_kernel[(b, hkv, w)](
-                qc, wt, planes, g, d, nbits, qc.stride(0), qc.stride(1), wt.stride(0),
-                planes.stride(0), planes.stride(1), W=w, P=p, BLOCK_G=_pow2(g, 16), BLOCK_D=64,
+                qc,
+                wt,
+                planes,
+                g,
+                d,
+                nbits,
+                qc.stride(0),
+                qc.stride(1),
+                wt.stride(0),
+                planes.stride(0),
+                planes.stride(1),
+                W=w,
+                P=p,
+                BLOCK_G=_pow2(g, 16),
+                BLOCK_D=64,
             )
         return self._hamming_from_planes(planes, p, kw, block_table, seq_lens, reduce)
 
@@ -259,10 +311,27 @@ class CudaOps(TorchReferenceOps):
         warps = 4 if tile <= 4096 else 8
         grid = (triton_cdiv(m, bpp), b)
         self._k.hamming_kernel[grid](
-            kw, planes, tbl, seq_lens, out, m, bs, cols, kw.stride(0), kw.stride(1),
-            planes.stride(0), planes.stride(1), tbl.stride(0), out.stride(0),
-            P=p, REDUCE=_REDUCE_CODE[reduce], USE_ASM=not self.interpret,
-            BLOCK_T=block_t, BLOCK_COLS=block_cols, BLOCKS_PER_PROG=bpp, num_warps=warps,
+            kw,
+            planes,
+            tbl,
+            seq_lens,
+            out,
+            m,
+            bs,
+            cols,
+            kw.stride(0),
+            kw.stride(1),
+            planes.stride(0),
+            planes.stride(1),
+            tbl.stride(0),
+            out.stride(0),
+            P=p,
+            REDUCE=_REDUCE_CODE[reduce],
+            USE_ASM=not self.interpret,
+            BLOCK_T=block_t,
+            BLOCK_COLS=block_cols,
+            BLOCKS_PER_PROG=bpp,
+            num_warps=warps,
         )
         return out
 
@@ -293,9 +362,26 @@ class CudaOps(TorchReferenceOps):
         # of 20 settings (benchmarks/results/tune_selection_gpu.json)
         block_m = self.scores_block_m or 4
         self._k.scores_dot_kernel[(triton_cdiv(m, block_m), b)](
-            qc, rc, tbl, seq_lens, out, m, hkv, hq // hkv, d, block_size,
-            qc.stride(0), qc.stride(1), rc.stride(0), rc.stride(1), tbl.stride(0), out.stride(0),
-            MODE=0 if group_reduce == "mean" else 1, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_G=_pow2(hq // hkv),
+            qc,
+            rc,
+            tbl,
+            seq_lens,
+            out,
+            m,
+            hkv,
+            hq // hkv,
+            d,
+            block_size,
+            qc.stride(0),
+            qc.stride(1),
+            rc.stride(0),
+            rc.stride(1),
+            tbl.stride(0),
+            out.stride(0),
+            MODE=0 if group_reduce == "mean" else 1,
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+            BLOCK_G=_pow2(hq // hkv),
             num_warps=self.scores_warps or 1,
         )
         return out
@@ -333,9 +419,15 @@ class CudaOps(TorchReferenceOps):
         """Two launches, no host read (safe inside a CUDA graph): zero the blocks whose first slot
         is written, then add every key with atomics (`_sums_reset_kernel`, `_sums_add_kernel`)."""
         t = int(slot_mapping.shape[0])
-        usable = (self._can_run(sums, key, slot_mapping) and sums.dtype == torch.float32 and sums.is_contiguous()
-                  and (abs_sums is None or (abs_sums.is_contiguous() and self._can_run(abs_sums)))
-                  and key.dim() == 3 and key.stride(-1) == 1 and key.stride(1) == key.shape[2])
+        usable = (
+            self._can_run(sums, key, slot_mapping)
+            and sums.dtype == torch.float32
+            and sums.is_contiguous()
+            and (abs_sums is None or (abs_sums.is_contiguous() and self._can_run(abs_sums)))
+            and key.dim() == 3
+            and key.stride(-1) == 1
+            and key.stride(1) == key.shape[2]
+        )
         if not usable:
             return super().block_sums_add(sums, abs_sums, key, slot_mapping, block_size, merge)
         if t == 0:
@@ -344,10 +436,22 @@ class CudaOps(TorchReferenceOps):
         slots = slot_mapping.contiguous()
         ab = abs_sums if abs_sums is not None else sums
         block = min(_pow2(h * d), 1024)
-        self._k.sums_reset_kernel[(t,)](slots, sums, ab, block_size, r * h * d, h * d,
-                                        HAS_ABS=abs_sums is not None, BLOCK=block)
-        self._k.sums_add_kernel[(t,)](key, slots, sums, ab, block_size, merge, h * d, r * h * d, key.stride(0),
-                                      HAS_ABS=abs_sums is not None, BLOCK=block)
+        self._k.sums_reset_kernel[(t,)](
+            slots, sums, ab, block_size, r * h * d, h * d, HAS_ABS=abs_sums is not None, BLOCK=block
+        )
+        self._k.sums_add_kernel[(t,)](
+            key,
+            slots,
+            sums,
+            ab,
+            block_size,
+            merge,
+            h * d,
+            r * h * d,
+            key.stride(0),
+            HAS_ABS=abs_sums is not None,
+            BLOCK=block,
+        )
 
     def block_minmax_update(self, mins, maxs, key, slot_mapping, block_size) -> None:
         """Two launches, no host read (safe inside a CUDA graph): restart the blocks whose first
@@ -355,10 +459,19 @@ class CudaOps(TorchReferenceOps):
         (`_minmax_reset_kernel`, `_minmax_update_kernel`). Exact, whatever the order the keys of
         one block land in."""
         t = int(slot_mapping.shape[0])
-        usable = (self._can_run(mins, maxs, key, slot_mapping) and mins.dtype == torch.float32
-                  and maxs.dtype == torch.float32 and mins.dim() == 3 and maxs.shape == mins.shape
-                  and mins.is_contiguous() and maxs.is_contiguous() and key.dim() == 3
-                  and key.shape[1:] == mins.shape[1:] and key.stride(-1) == 1 and key.stride(1) == key.shape[2])
+        usable = (
+            self._can_run(mins, maxs, key, slot_mapping)
+            and mins.dtype == torch.float32
+            and maxs.dtype == torch.float32
+            and mins.dim() == 3
+            and maxs.shape == mins.shape
+            and mins.is_contiguous()
+            and maxs.is_contiguous()
+            and key.dim() == 3
+            and key.shape[1:] == mins.shape[1:]
+            and key.stride(-1) == 1
+            and key.stride(1) == key.shape[2]
+        )
         if not usable:
             return super().block_minmax_update(mins, maxs, key, slot_mapping, block_size)
         if t == 0:
@@ -382,8 +495,14 @@ class CudaOps(TorchReferenceOps):
         """Quest scores in one launch (`_scores_minmax_kernel`), no host read."""
         if group_reduce not in ("mean", "max"):
             raise ValueError(f"unknown group reduce {group_reduce!r}; valid: mean, max")
-        if (not self._can_run(q, mins, maxs, block_table, seq_lens) or mins.dim() != 3 or maxs.shape != mins.shape
-                or mins.stride() != maxs.stride() or mins.stride(-1) != 1 or q.dim() != 3):
+        if (
+            not self._can_run(q, mins, maxs, block_table, seq_lens)
+            or mins.dim() != 3
+            or maxs.shape != mins.shape
+            or mins.stride() != maxs.stride()
+            or mins.stride(-1) != 1
+            or q.dim() != 3
+        ):
             return super().block_scores_minmax(q, mins, maxs, block_table, seq_lens, block_size, group_reduce)
         b, hq, d = q.shape
         hkv = mins.shape[1]
@@ -396,9 +515,26 @@ class CudaOps(TorchReferenceOps):
         # the dot scorer's launch (4 blocks per program on one warp); two tiles per head here
         block_m = self.scores_block_m or 4
         self._k.scores_minmax_kernel[(triton_cdiv(m, block_m), b)](
-            qc, mins, maxs, tbl, seq_lens, out, m, hkv, hq // hkv, d, block_size,
-            qc.stride(0), qc.stride(1), mins.stride(0), mins.stride(1), tbl.stride(0), out.stride(0),
-            MODE=0 if group_reduce == "mean" else 1, BLOCK_M=block_m, BLOCK_D=_pow2(d),
+            qc,
+            mins,
+            maxs,
+            tbl,
+            seq_lens,
+            out,
+            m,
+            hkv,
+            hq // hkv,
+            d,
+            block_size,
+            qc.stride(0),
+            qc.stride(1),
+            mins.stride(0),
+            mins.stride(1),
+            tbl.stride(0),
+            out.stride(0),
+            MODE=0 if group_reduce == "mean" else 1,
+            BLOCK_M=block_m,
+            BLOCK_D=_pow2(d),
             num_warps=self.scores_warps or 1,
         )
         return out
@@ -415,19 +551,31 @@ class CudaOps(TorchReferenceOps):
         token, rounded once (`_kvstar_write_kernel`: no atomics on the bfloat16 storage). Calls
         longer than `kvstar_scan_max` tokens (prefills) sort the group ids first."""
         t = int(slot_mapping.shape[0])
-        usable = (self._can_run(reps, abs_sums, key, slot_mapping) and reps.dim() == 4 and reps.is_contiguous()
-                  and reps.dtype in _KVSTAR_DTYPES and abs_sums.dtype == torch.float32 and abs_sums.is_contiguous()
-                  and abs_sums.shape == reps.shape[:3] and key.dim() == 3 and key.shape[1:] == reps.shape[1:3]
-                  and key.stride(-1) == 1 and key.stride(1) == key.shape[2]
-                  and merge >= 1 and block_size % merge == 0 and block_size // merge == reps.shape[3])
+        usable = (
+            self._can_run(reps, abs_sums, key, slot_mapping)
+            and reps.dim() == 4
+            and reps.is_contiguous()
+            and reps.dtype in _KVSTAR_DTYPES
+            and abs_sums.dtype == torch.float32
+            and abs_sums.is_contiguous()
+            and abs_sums.shape == reps.shape[:3]
+            and key.dim() == 3
+            and key.shape[1:] == reps.shape[1:3]
+            and key.stride(-1) == 1
+            and key.stride(1) == key.shape[2]
+            and merge >= 1
+            and block_size % merge == 0
+            and block_size // merge == reps.shape[3]
+        )
         if not usable:
             return super().kvstar_reps_add(reps, abs_sums, key, slot_mapping, block_size, merge)
         if t == 0:
             return
         _, h, d, r = reps.shape
         slots = slot_mapping.contiguous()
-        self._k.sums_reset_kernel[(t,)](slots, reps, abs_sums, block_size, h * d * r, h * d,
-                                        HAS_ABS=True, BLOCK=min(_pow2(h * d * r), 1024))
+        self._k.sums_reset_kernel[(t,)](
+            slots, reps, abs_sums, block_size, h * d * r, h * d, HAS_ABS=True, BLOCK=min(_pow2(h * d * r), 1024)
+        )
         sort = t > self.kvstar_scan_max
         if sort:  # long prefills: runs of one group from a stable sort (3 torch ops) instead of T^2 compares
             groups = torch.where(slots >= 0, slots.clamp(min=0) // merge, -1)
@@ -436,9 +584,23 @@ class CudaOps(TorchReferenceOps):
         else:
             grp = order = end = slots  # unused
         self._k.kvstar_write_kernel[(t,)](
-            key, slots, grp, order, end, reps, abs_sums, t, block_size, merge, r, h * d, key.stride(0),
-            SORTED=sort, RNE_BF16=self.interpret and reps.dtype == torch.bfloat16,
-            BLOCK_T=min(_pow2(t), 1024), BLOCK_C=min(_pow2(h * d), 1024),
+            key,
+            slots,
+            grp,
+            order,
+            end,
+            reps,
+            abs_sums,
+            t,
+            block_size,
+            merge,
+            r,
+            h * d,
+            key.stride(0),
+            SORTED=sort,
+            RNE_BF16=self.interpret and reps.dtype == torch.bfloat16,
+            BLOCK_T=min(_pow2(t), 1024),
+            BLOCK_C=min(_pow2(h * d), 1024),
         )
 
     def kvstar_block_mass(self, q, reps, abs_sums, block_table, seq_lens, block_size, kept_dims, scale):
@@ -451,11 +613,22 @@ class CudaOps(TorchReferenceOps):
         d = q.shape[-1]
         if not 1 <= int(kept_dims) <= d:
             raise ValueError(f"kvstar_block_mass: kept_dims must be in [1, {d}], got {kept_dims}")
-        usable = (self._can_run(q, reps, abs_sums, block_table, seq_lens) and q.dim() == 4 and reps.dim() == 4
-                  and reps.dtype in _KVSTAR_DTYPES and q.dtype in _KVSTAR_DTYPES
-                  and abs_sums.dtype == torch.float32 and abs_sums.shape == reps.shape[:3] and reps.shape[2] == d
-                  and q.shape[2] % reps.shape[1] == 0 and q.stride(-1) == 1 and reps.stride(-1) == 1
-                  and abs_sums.stride(-1) == 1 and block_table.dim() == 2 and not block_table.is_floating_point())
+        usable = (
+            self._can_run(q, reps, abs_sums, block_table, seq_lens)
+            and q.dim() == 4
+            and reps.dim() == 4
+            and reps.dtype in _KVSTAR_DTYPES
+            and q.dtype in _KVSTAR_DTYPES
+            and abs_sums.dtype == torch.float32
+            and abs_sums.shape == reps.shape[:3]
+            and reps.shape[2] == d
+            and q.shape[2] % reps.shape[1] == 0
+            and q.stride(-1) == 1
+            and reps.stride(-1) == 1
+            and abs_sums.stride(-1) == 1
+            and block_table.dim() == 2
+            and not block_table.is_floating_point()
+        )
         if not usable:
             return super().kvstar_block_mass(q, reps, abs_sums, block_table, seq_lens, block_size, kept_dims, scale)
         b, w, hq, _ = q.shape
@@ -471,8 +644,22 @@ class CudaOps(TorchReferenceOps):
         lse = torch.empty(b, w * hq, m, dtype=torch.float32, device=q.device)
         block_d = _pow2(d)
         self._k.kvstar_channels_kernel[(b * hkv,)](
-            abs_sums, tbl, seq_lens, kept, m, nb, block_size, d, kept_dims, abs_sums.stride(0), abs_sums.stride(1),
-            tbl.stride(0), HKV=hkv, BLOCK_J=max(1, min(128, 16384 // block_d)), BLOCK_D=block_d, num_warps=8,
+            abs_sums,
+            tbl,
+            seq_lens,
+            kept,
+            m,
+            nb,
+            block_size,
+            d,
+            kept_dims,
+            abs_sums.stride(0),
+            abs_sums.stride(1),
+            tbl.stride(0),
+            HKV=hkv,
+            BLOCK_J=max(1, min(128, 16384 // block_d)),
+            BLOCK_D=block_d,
+            num_warps=8,
         )
         # a [kept-channel chunk, BT blocks x RC representations] tile per step: 256 columns = 4 blocks
         # of R = 64 (block 128, merge 2); at least two blocks per tile, wide R walked in chunks
@@ -488,17 +675,57 @@ class CudaOps(TorchReferenceOps):
         tpp = self.kvstar_tiles_per_prog or max(1, min(8, tiles // (8 * self._sm_count(q.device))))
         grid = (triton_cdiv(triton_cdiv(m, bt), tpp), b * hkv, triton_cdiv(wg, block_g))
         self._k.kvstar_logits_kernel[grid](
-            q, reps, kept, tbl, seq_lens, lse, float(scale) * _LOG2E, m, nb, block_size, r, g, wg, hq, kept_dims,
-            q.stride(0), q.stride(1), q.stride(2), reps.stride(0), reps.stride(1), reps.stride(2), tbl.stride(0),
-            lse.stride(0), lse.stride(1), HKV=hkv, BLOCK_G=block_g, BLOCK_K=block_k,
-            NK=triton_cdiv(kept_dims, block_k), RC=rc, NR=triton_cdiv(r, rc), BT=bt, TPP=tpp,
-            PREC="ieee" if self.interpret or reps.dtype == torch.float32 else "tf32", num_warps=self.kvstar_warps or 4,
+            q,
+            reps,
+            kept,
+            tbl,
+            seq_lens,
+            lse,
+            float(scale) * _LOG2E,
+            m,
+            nb,
+            block_size,
+            r,
+            g,
+            wg,
+            hq,
+            kept_dims,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            reps.stride(0),
+            reps.stride(1),
+            reps.stride(2),
+            tbl.stride(0),
+            lse.stride(0),
+            lse.stride(1),
+            HKV=hkv,
+            BLOCK_G=block_g,
+            BLOCK_K=block_k,
+            NK=triton_cdiv(kept_dims, block_k),
+            RC=rc,
+            NR=triton_cdiv(r, rc),
+            BT=bt,
+            TPP=tpp,
+            PREC="ieee" if self.interpret or reps.dtype == torch.float32 else "tf32",
+            num_warps=self.kvstar_warps or 4,
             DOT_BF16=not self.interpret and q.dtype == torch.bfloat16 and reps.dtype == torch.bfloat16,
         )
         block_j = min(_pow2(m, 16), 512)
         self._k.kvstar_mass_kernel[(b,)](
-            lse, seq_lens, out, m, block_size, w * hq, lse.stride(0), lse.stride(1), out.stride(0),
-            BLOCK_H=min(_pow2(w * hq), 8192 // block_j), BLOCK_J=block_j, ONE_TILE=m <= block_j, num_warps=8,
+            lse,
+            seq_lens,
+            out,
+            m,
+            block_size,
+            w * hq,
+            lse.stride(0),
+            lse.stride(1),
+            out.stride(0),
+            BLOCK_H=min(_pow2(w * hq), 8192 // block_j),
+            BLOCK_J=block_j,
+            ONE_TILE=m <= block_j,
+            num_warps=8,
         )
         return out
 
@@ -536,10 +763,29 @@ class CudaOps(TorchReferenceOps):
         block_m = _pow2(m, 16)
         warps, radix, sort = self.topk_launch(block_m)
         self._k.topk_kernel[(b,)](
-            sc, kk, keep, nblk, ids_arg, counts_arg, tbl, seq_lens if rewrite else nblk, new_table, new_lens,
-            m, max(block_size, 1), sc.stride(0), keep.stride(0), ids_stride, *strides,
-            NB_FROM_LEN=rewrite, REWRITE=rewrite, LARGEST=largest, BLOCK_M=block_m, num_warps=warps,
-            RADIX_BITS=radix, SORT=sort,
+            sc,
+            kk,
+            keep,
+            nblk,
+            ids_arg,
+            counts_arg,
+            tbl,
+            seq_lens if rewrite else nblk,
+            new_table,
+            new_lens,
+            m,
+            max(block_size, 1),
+            sc.stride(0),
+            keep.stride(0),
+            ids_stride,
+            *strides,
+            NB_FROM_LEN=rewrite,
+            REWRITE=rewrite,
+            LARGEST=largest,
+            BLOCK_M=block_m,
+            num_warps=warps,
+            RADIX_BITS=radix,
+            SORT=sort,
         )
         if rewrite:
             return ids, counts, new_table, new_lens
@@ -618,23 +864,64 @@ class CudaOps(TorchReferenceOps):
         warps = 8 if wide else 4
         prec = "ieee" if fp32 else None
         self._k.attn_split_kernel[(hkv * n_hchunk, b, num_splits)](
-            qc, k_cache, v_cache, tbl, seq_lens, opart, lpart, out, lse,
-            float(scale) * _LOG2E, g, bs,
-            qc.stride(0), qc.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            qc,
+            k_cache,
+            v_cache,
+            tbl,
+            seq_lens,
+            opart,
+            lpart,
+            out,
+            lse,
+            float(scale) * _LOG2E,
+            g,
+            bs,
+            qc.stride(0),
+            qc.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
             tbl.stride(0),
-            hq * num_splits, num_splits, 1,
-            out.stride(0), out.stride(1), hq,
-            NUM_SPLITS=num_splits, N_HCHUNK=n_hchunk, DA=da, DB=db, DV=dv, SHARED_KV=shared,
-            BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DA=_pow2(da, 16), BLOCK_DB=_pow2(db, 16),
-            BLOCK_DV=_pow2(dv, 16), PREC=prec,
-            UPCAST=self.interpret and q.dtype == torch.bfloat16, num_warps=warps, num_stages=num_stages,
+            hq * num_splits,
+            num_splits,
+            1,
+            out.stride(0),
+            out.stride(1),
+            hq,
+            NUM_SPLITS=num_splits,
+            N_HCHUNK=n_hchunk,
+            DA=da,
+            DB=db,
+            DV=dv,
+            SHARED_KV=shared,
+            BLOCK_H=block_h,
+            BLOCK_N=block_n,
+            BLOCK_DA=_pow2(da, 16),
+            BLOCK_DB=_pow2(db, 16),
+            BLOCK_DV=_pow2(dv, 16),
+            PREC=prec,
+            UPCAST=self.interpret and q.dtype == torch.bfloat16,
+            num_warps=warps,
+            num_stages=num_stages,
         )
         if num_splits > 1:
             self._k.attn_combine_kernel[(b, hq)](
-                opart, lpart, out, lse, hq, hq * num_splits, num_splits, out.stride(0), out.stride(1),
-                NUM_SPLITS=num_splits, DV=dv, BLOCK_S=_pow2(num_splits), BLOCK_DV=_pow2(dv),
+                opart,
+                lpart,
+                out,
+                lse,
+                hq,
+                hq * num_splits,
+                num_splits,
+                out.stride(0),
+                out.stride(1),
+                NUM_SPLITS=num_splits,
+                DV=dv,
+                BLOCK_S=_pow2(num_splits),
+                BLOCK_DV=_pow2(dv),
             )
         return out, lse
 
@@ -665,8 +952,20 @@ class CudaOps(TorchReferenceOps):
             ids = block_ids.contiguous()
             vl = valid_lens.to(k_cache.device).contiguous()
             self._k.block_reduce_kernel[(n, h * r, triton_cdiv(d, block_d))](
-                k_cache, ids, vl, out, h, r, d, group, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                METHOD=_BLOCK_REDUCE_CODE[method], BLOCK_G=block_g, BLOCK_D=block_d,
+                k_cache,
+                ids,
+                vl,
+                out,
+                h,
+                r,
+                d,
+                group,
+                k_cache.stride(0),
+                k_cache.stride(1),
+                k_cache.stride(2),
+                METHOD=_BLOCK_REDUCE_CODE[method],
+                BLOCK_G=block_g,
+                BLOCK_D=block_d,
             )
         return out.squeeze(2) if merge <= 0 else out
 

@@ -57,22 +57,35 @@ def check_sparse_against_model(
             raise ConfigError(source, f"{where}.{key}", f"{value} must divide the KV block size {block_size}")
 
 
-def _check_windows(config: WindowedMethodConfig, where: str, max_model_len: int | None, block_size: int | None,
-                   num_layers: int | None, source: str) -> None:
+def _check_windows(
+    config: WindowedMethodConfig,
+    where: str,
+    max_model_len: int | None,
+    block_size: int | None,
+    num_layers: int | None,
+    source: str,
+) -> None:
     if max_model_len is not None and block_size is not None:
         max_blocks = -(-max_model_len // block_size)
-        keys = ["init_window_sz", "local_window_sz", "min_blocks"] + (["offload_margin_blocks"] if config.offload else [])
+        keys = ["init_window_sz", "local_window_sz", "min_blocks"] + (
+            ["offload_margin_blocks"] if config.offload else []
+        )
         for key in keys:
             value = getattr(config, key)
             if value > max_blocks:
-                raise ConfigError(source, f"{where}.{key}",
-                                  f"{value} blocks is more than the {max_blocks} blocks of "
-                                  f"{_longest(max_model_len, block_size)}")
+                raise ConfigError(
+                    source,
+                    f"{where}.{key}",
+                    f"{value} blocks is more than the {max_blocks} blocks of {_longest(max_model_len, block_size)}",
+                )
     if num_layers is not None:
         for i, layer in enumerate(config.dense_layers):
             if layer >= num_layers:
-                raise ConfigError(source, f"{where}.dense_layers[{i}]",
-                                  f"layer {layer} does not exist: the model has {num_layers} layers (0-based)")
+                raise ConfigError(
+                    source,
+                    f"{where}.dense_layers[{i}]",
+                    f"layer {layer} does not exist: the model has {num_layers} layers (0-based)",
+                )
 
 
 def check_model_config_against_model(
@@ -85,8 +98,12 @@ def check_model_config_against_model(
 ) -> None:
     """A GSA-on-device per-model config against the deployment (see the module doc); errors
     name the config's file."""
-    for name, value in (("max_model_len", max_model_len), ("block_size", block_size), ("num_layers", num_layers),
-                        ("head_dim", head_dim)):
+    for name, value in (
+        ("max_model_len", max_model_len),
+        ("block_size", block_size),
+        ("num_layers", num_layers),
+        ("head_dim", head_dim),
+    ):
         _positive(name, value)
     m, src = loaded.config, loaded.source
     if num_layers is not None and m.num_hidden_layers != num_layers:
@@ -98,14 +115,21 @@ def check_model_config_against_model(
     if max_model_len is None:
         return
     if m.chunk_size > max_model_len:
-        raise ConfigError(src, "chunk_size", f"{m.chunk_size} tokens is longer than max_model_len {max_model_len}: "
-                                             "every request would be one chunk, always read whole")
+        raise ConfigError(
+            src,
+            "chunk_size",
+            f"{m.chunk_size} tokens is longer than max_model_len {max_model_len}: "
+            "every request would be one chunk, always read whole",
+        )
     max_chunks = math.ceil(max_model_len / m.chunk_size)
     for i, u in enumerate(m.must_select_blocks):
         if not -max_chunks <= u < max_chunks:
-            raise ConfigError(src, f"must_select_blocks[{i}]",
-                              f"chunk {u} is outside the {max_chunks} chunks of the longest request "
-                              f"(max_model_len {max_model_len} / chunk_size {m.chunk_size})")
+            raise ConfigError(
+                src,
+                f"must_select_blocks[{i}]",
+                f"chunk {u} is outside the {max_chunks} chunks of the longest request "
+                f"(max_model_len {max_model_len} / chunk_size {m.chunk_size})",
+            )
 
 
 def check_against_model(
@@ -123,8 +147,15 @@ def check_against_model(
     on device, its resolved per-model config `model_config`. Raises ConfigError naming the
     source and the key of the first value the deployment cannot run."""
     if config is not None:
-        check_sparse_against_model(config, max_model_len=max_model_len, block_size=block_size, num_layers=num_layers,
-                                   source=source, prefix=prefix)
+        check_sparse_against_model(
+            config,
+            max_model_len=max_model_len,
+            block_size=block_size,
+            num_layers=num_layers,
+            source=source,
+            prefix=prefix,
+        )
     if model_config is not None:
-        check_model_config_against_model(model_config, max_model_len=max_model_len, block_size=block_size,
-                                         num_layers=num_layers, head_dim=head_dim)
+        check_model_config_against_model(
+            model_config, max_model_len=max_model_len, block_size=block_size, num_layers=num_layers, head_dim=head_dim
+        )

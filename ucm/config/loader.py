@@ -94,9 +94,12 @@ def _parse_json(text: str, source: str, where: str = "<file>") -> Any:
     found = _find_long_integer(data)
     if found is not None:
         loc, long_int = found
-        raise ConfigError(source, _loc_to_key(loc) if loc else where,
-                          f"not valid JSON here: an integer of {long_int.digits} digits (at most {_MAX_INT_DIGITS} "
-                          "are read, and every bound is far below that)")
+        raise ConfigError(
+            source,
+            _loc_to_key(loc) if loc else where,
+            f"not valid JSON here: an integer of {long_int.digits} digits (at most {_MAX_INT_DIGITS} "
+            "are read, and every bound is far below that)",
+        )
     return data
 
 
@@ -141,8 +144,9 @@ def find_model_config(name: str) -> Path:
     if want in candidates:
         return candidates[want]
     names = sorted({p.stem for p in candidates.values()})
-    raise ConfigError(name or repr(name), "<model>",
-                      f"no built-in per-model config for this model; known: {', '.join(names)}")
+    raise ConfigError(
+        name or repr(name), "<model>", f"no built-in per-model config for this model; known: {', '.join(names)}"
+    )
 
 
 def _resolve_ref(ref: str | Path) -> Path:
@@ -190,8 +194,12 @@ def model_config_data(ref: str | Path | dict, random_hash: bool = False) -> dict
     against."""
     loaded = load_model_config(ref)
     data = loaded.config.model_dump()
-    data.update({k: str(p.resolve()) for k, p in loaded.config.weight_paths(
-        loaded.path.parent if loaded.path else None).items()})
+    data.update(
+        {
+            k: str(p.resolve())
+            for k, p in loaded.config.weight_paths(loaded.path.parent if loaded.path else None).items()
+        }
+    )
     if random_hash:
         data.update(hash_weight_type="random", hash_weight=None, hash_weight_kv_lora=None, hash_weight_qk_rope=None)
     return data
@@ -217,8 +225,11 @@ def parse_sparse_config(obj: dict | str | Path, source: str | None = None) -> Me
     key = prefix or "<root>"
     if not isinstance(data, dict):
         names = method_names()
-        raise ConfigError(source, key, f"must be an object like {{\"{names[0]}\": {{...}}}} (one of "
-                                       f"{', '.join(names)}), got {type(data).__name__}")
+        raise ConfigError(
+            source,
+            key,
+            f'must be an object like {{"{names[0]}": {{...}}}} (one of {", ".join(names)}), got {type(data).__name__}',
+        )
     unknown = [k for k in data if find_method(k) is None]
     if unknown:
         shown = str(unknown[0]) or '""'  # an empty key must still show
@@ -226,7 +237,7 @@ def parse_sparse_config(obj: dict | str | Path, source: str | None = None) -> Me
         raise ConfigError(source, name, f"unknown sparse method; valid methods: {', '.join(method_names())}")
     if len(data) != 1:
         raise ConfigError(source, key, f"must name exactly one sparse method, got {len(data)}: {sorted(data)}")
-    (method, body), = data.items()
+    ((method, body),) = data.items()
     where = f"{prefix}.{method}" if prefix else method
     if not isinstance(body, dict):
         raise ConfigError(source, where, f"must be an object of settings, got {type(body).__name__}")

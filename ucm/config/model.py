@@ -51,7 +51,9 @@ class GSAOnDeviceModelConfig(BaseModel):
     hash_bits: Bits
     top_k_ratio_per_layer: list[Ratio]  # 1 = dense layer
     top_k_index_reuse: list[Annotated[int, Field(ge=-1, le=MAX_LAYERS - 1)]]  # -1, or an earlier sparse layer
-    must_select_blocks: list[Annotated[int, Field(ge=-MAX_BLOCKS, le=MAX_BLOCKS)]]  # chunk indices, negative from the end
+    must_select_blocks: list[
+        Annotated[int, Field(ge=-MAX_BLOCKS, le=MAX_BLOCKS)]
+    ]  # chunk indices, negative from the end
     hash_weight: str | None = None
     kv_lora_rank: Dim | None = None
     qk_rope_head_dim: Dim | None = None

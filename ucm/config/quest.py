@@ -28,6 +28,12 @@ class QuestConfig(WindowedMethodConfig):
     group_reduce: Literal["mean", "max"] = "max"
 
 
-register_method(MethodSpec(
-    QuestConfig, "ucm.sparse.quest:build", strided=True, demo=_DEMO_WINDOWS,
-    description="Quest: per-block element-wise min/max of K; score = sum_c max(q*min, q*max), max/mean over the GQA group"))
+register_method(
+    MethodSpec(
+        QuestConfig,
+        "ucm.sparse.quest:build",
+        strided=True,
+        demo=_DEMO_WINDOWS,
+        description="Quest: per-block element-wise min/max of K; score = sum_c max(q*min, q*max), max/mean over the GQA group",
+    )
+)

@@ -68,6 +68,7 @@ MethodConfig = SparseMethodConfig  # the type of a parsed `ucm_sparse_config`
 class WindowedMethodConfig(SparseMethodConfig):
     """Keys shared by the representation-based methods (ESA, GSA, KVStar): windows, a keep
     ratio, a retrieval stride, dense layers, offload."""
+
     windowed: ClassVar[bool] = True
     init_window_sz: BlockCount = 1
     local_window_sz: BlockCount = 2
@@ -96,8 +97,11 @@ class WindowedMethodConfig(SparseMethodConfig):
         if len(set(self.dense_layers)) != len(self.dense_layers):
             raise KeyedValueError("dense_layers", f"dense_layers lists a layer twice: {self.dense_layers}")
         if self.offload and self.dense_layers:
-            raise KeyedValueError("dense_layers", "dense_layers cannot be combined with offload: true (a dense "
-                                  "layer reads every block, so none could leave the device)")
+            raise KeyedValueError(
+                "dense_layers",
+                "dense_layers cannot be combined with offload: true (a dense "
+                "layer reads every block, so none could leave the device)",
+            )
         return self
 
 
@@ -170,17 +174,39 @@ METHODS: Mapping[str, type[SparseMethodConfig]] = _RegisteredConfigs()
 #: stride and dense layers they choose): one initial block, two local blocks, at least four blocks
 _DEMO_WINDOWS = {"init_window_sz": 1, "local_window_sz": 2, "min_blocks": 4}
 
-register_method(MethodSpec(
-    ESAConfig, "ucm.sparse.esa:build", strided=True, demo=_DEMO_WINDOWS,
-    description="mean-of-K block representations, scored by the GQA-group mean query"))
-register_method(MethodSpec(
-    GSAConfig, "ucm.sparse.gsa:build", host_scoring=True, demo=_DEMO_WINDOWS,
-    description="per-head mean representations, max over the GQA group, top-k on the host"))
-register_method(MethodSpec(
-    KVStarConfig, "ucm.sparse.kvstar:build", strided=True,
-    demo={**_DEMO_WINDOWS, "blk_repre_dim_prune_ratio": 0.5, "blk_repre_inner_token_merge": 4},
-    description="channel-pruned, token-merged representations scored by the recent queries"))
-register_method(MethodSpec(
-    GSAOnDeviceConfig, "ucm.sparse.gsa_on_device:build", model_json=True,
-    demo="ucm.sparse.gsa_on_device:demo_config",
-    description="GSA on device (HATA): per-token hash codes, Hamming top-k; settings in a per-model JSON"))
+register_method(
+    MethodSpec(
+        ESAConfig,
+        "ucm.sparse.esa:build",
+        strided=True,
+        demo=_DEMO_WINDOWS,
+        description="mean-of-K block representations, scored by the GQA-group mean query",
+    )
+)
+register_method(
+    MethodSpec(
+        GSAConfig,
+        "ucm.sparse.gsa:build",
+        host_scoring=True,
+        demo=_DEMO_WINDOWS,
+        description="per-head mean representations, max over the GQA group, top-k on the host",
+    )
+)
+register_method(
+    MethodSpec(
+        KVStarConfig,
+        "ucm.sparse.kvstar:build",
+        strided=True,
+        demo={**_DEMO_WINDOWS, "blk_repre_dim_prune_ratio": 0.5, "blk_repre_inner_token_merge": 4},
+        description="channel-pruned, token-merged representations scored by the recent queries",
+    )
+)
+register_method(
+    MethodSpec(
+        GSAOnDeviceConfig,
+        "ucm.sparse.gsa_on_device:build",
+        model_json=True,
+        demo="ucm.sparse.gsa_on_device:demo_config",
+        description="GSA on device (HATA): per-token hash codes, Hamming top-k; settings in a per-model JSON",
+    )
+)

@@ -30,11 +30,24 @@ def summarize(rows: list[dict], meta: dict) -> dict:
     for r in rows:
         cells[(r["length"], r["task"], r["setting"])].append(float(r["score"]))
         # third: what makes the row a variant rather than the shipped setting (None: shipped)
-        info[r["setting"]] = (r["method"], r["ratio"],
-                              r.get("retrieval_stride") or r.get("superseded") or r.get("hash_weights"))
-    table = [{"length": L, "task": t, "setting": s, "method": info[s][0], "ratio": info[s][1],
-              "samples": len(v), "score": mean(v), **({"variant": info[s][2]} if info[s][2] is not None else {})}
-             for (L, t, s), v in sorted(cells.items())]
+        info[r["setting"]] = (
+            r["method"],
+            r["ratio"],
+            r.get("retrieval_stride") or r.get("superseded") or r.get("hash_weights"),
+        )
+    table = [
+        {
+            "length": L,
+            "task": t,
+            "setting": s,
+            "method": info[s][0],
+            "ratio": info[s][1],
+            "samples": len(v),
+            "score": mean(v),
+            **({"variant": info[s][2]} if info[s][2] is not None else {}),
+        }
+        for (L, t, s), v in sorted(cells.items())
+    ]
     dense = {(c["length"], c["task"]): c["score"] for c in table if c["setting"] == DENSE}
     headline = sorted(k for k, v in dense.items() if v >= HEADLINE_MIN)
     drops: dict[str, float] = {}
@@ -44,14 +57,16 @@ def summarize(rows: list[dict], meta: dict) -> dict:
             continue
         c["drop_vs_dense"] = dense[key] - c["score"]
         drops[c["setting"]] = max(drops.get(c["setting"], float("-inf")), c["drop_vs_dense"])
-    at_03 = {s: d for s, d in drops.items()
-             if info[s][1] is not None and abs(info[s][1] - 0.3) < 1e-9 and info[s][2] is None}
+    at_03 = {
+        s: d for s, d in drops.items() if info[s][1] is not None and abs(info[s][1] - 0.3) < 1e-9 and info[s][2] is None
+    }
     # the headline figure is each method as configured by default for the model: with the model's
     # dense layers where that variant was run ("ESA+dense"; GSA on device always keeps its JSON's)
     shipped_methods = _shipped_methods(table)
     shipped = [d for s, d in at_03.items() if info[s][0] in shipped_methods]
-    all_sparse = [d for s, d in at_03.items()
-                  if not info[s][0].endswith("+dense") and not _keeps_model_json(info[s][0])]
+    all_sparse = [
+        d for s, d in at_03.items() if not info[s][0].endswith("+dense") and not _keeps_model_json(info[s][0])
+    ]
     per_length: dict[int, dict[str, int]] = defaultdict(dict)
     for c in table:
         per_length[c["length"]][c["task"]] = max(per_length[c["length"]].get(c["task"], 0), c["samples"])
@@ -61,7 +76,9 @@ def summarize(rows: list[dict], meta: dict) -> dict:
         "settings": sorted(info, key=lambda s: (info[s][0] != DENSE, info[s][0], info[s][1] or 0)),
         "headline_min_dense_score": HEADLINE_MIN,
         "headline_cells": [{"length": L, "task": t, "dense": dense[(L, t)]} for L, t in headline],
-        "dense_fails": [{"length": L, "task": t, "dense": v} for (L, t), v in sorted(dense.items()) if v < HEADLINE_MIN],
+        "dense_fails": [
+            {"length": L, "task": t, "dense": v} for (L, t), v in sorted(dense.items()) if v < HEADLINE_MIN
+        ],
         "worst_drop_by_setting": drops,
         "max_drop_vs_dense_at_0_3": max(shipped) if shipped else None,
         "max_drop_all_layers_sparse_at_0_3": max(all_sparse) if all_sparse else None,
@@ -86,8 +103,11 @@ def _shipped_methods(cells: list[dict]) -> set[str]:
 
 
 def _table(cells: list[dict], cols: list[tuple], headline: set) -> list[str]:
-    settings = list(dict.fromkeys(c["setting"] for c in sorted(cells, key=lambda c: (c["method"] != DENSE,
-                                                                                         c["method"], c["ratio"] or 0))))
+    settings = list(
+        dict.fromkeys(
+            c["setting"] for c in sorted(cells, key=lambda c: (c["method"] != DENSE, c["method"], c["ratio"] or 0))
+        )
+    )
     score = {(c["length"], c["task"], c["setting"]): c for c in cells}
     lines = ["| setting | " + " | ".join(f"{t} @{L}" for L, t in cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for s in settings:
@@ -115,18 +135,25 @@ def markdown(summary: dict) -> str:
     lines = ["Shipped settings (each method as configured for the model; these make the headline):", ""]
     lines += _table(shipped, cols, headline)
     if len(variants) > len([c for c in cells if c["setting"] == DENSE]):
-        lines += ["", "Variants (every layer sparse: no `+dense`; other retrieval strides `/sN`; other hash "
-                  "projections `+random` / `+trained`) and superseded runs (`/L5-8`: the dense layers of sessions "
-                  "2-5), reported but not headline:", ""]
+        lines += [
+            "",
+            "Variants (every layer sparse: no `+dense`; other retrieval strides `/sN`; other hash "
+            "projections `+random` / `+trained`) and superseded runs (`/L5-8`: the dense layers of sessions "
+            "2-5), reported but not headline:",
+            "",
+        ]
         lines += _table(variants, cols, headline)
     samples = summary.get("tasks_and_samples_per_length", {})
     per = "; ".join(f"{L}: " + ", ".join(f"{t} {k}" for t, k in sorted(v.items())) for L, v in samples.items())
-    lines += ["", f"Scores are RULER's metric in points; samples per cell: {', '.join(map(str, n))}"
-              + (f" (most per task and length: {per})" if per else "") + ". "
-              f"Parenthesised cells are where dense scores below {summary['headline_min_dense_score']:.0f} "
-              "(not headline).",
-              f"Worst drop vs dense at ratio 0.3 over headline cells: "
-              f"{'n/a' if worst is None else f'{worst:.1f} points'}."]
+    lines += [
+        "",
+        f"Scores are RULER's metric in points; samples per cell: {', '.join(map(str, n))}"
+        + (f" (most per task and length: {per})" if per else "")
+        + ". "
+        f"Parenthesised cells are where dense scores below {summary['headline_min_dense_score']:.0f} "
+        "(not headline).",
+        f"Worst drop vs dense at ratio 0.3 over headline cells: {'n/a' if worst is None else f'{worst:.1f} points'}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -160,8 +187,16 @@ def plot(summary: dict, path: Path) -> None:
         for m, pts in sorted(by_method.items()):
             xs = sorted(pts)
             variant = m not in shipped  # every layer sparse, /s4, +random, /L5-8: context
-            ax.plot(xs, [mean(pts[x]) for x in xs], marker="o", label=m, color=colors[m], linestyle="--" if variant else "-",
-                    linewidth=1.0 if variant else 1.8, alpha=0.55 if variant else 1.0)
+            ax.plot(
+                xs,
+                [mean(pts[x]) for x in xs],
+                marker="o",
+                label=m,
+                color=colors[m],
+                linestyle="--" if variant else "-",
+                linewidth=1.0 if variant else 1.8,
+                alpha=0.55 if variant else 1.0,
+            )
         ax.set_title(f"{L} tokens ({mark})", fontsize=9)
         ax.set_xlabel("fraction of KV blocks read per decode step")
         ax.set_ylabel("RULER score (points)")

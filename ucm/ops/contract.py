@@ -241,16 +241,23 @@ class SparseOps(ABC):
         return table, (counts * block_size - tail).to(seq_lens.dtype)
 
     # ---------------------------------------------------------------- hashing, fused
-    def hash_write(self, code_cache: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+    def hash_write(
+        self, code_cache: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
         """Hash keys and write their codes into a paged code cache: code_cache [NB, bs, Hkv, C]
         uint8 (or a view of its last dim), x [T, Hkv, D], weight [D, 8C], slot_mapping [T]
         (negative = padding). Same codes as `paged_write(hash_encode(x, weight))`."""
         self.paged_write(code_cache, self.hash_encode(x, weight), slot_mapping)
 
-    def hash_hamming_block_scores(self, q: torch.Tensor, weight: torch.Tensor, k_codes: torch.Tensor,
-                                  block_table: torch.Tensor, seq_lens: torch.Tensor,
-                                  reduce: BlockReduce = "min") -> torch.Tensor:
+    def hash_hamming_block_scores(
+        self,
+        q: torch.Tensor,
+        weight: torch.Tensor,
+        k_codes: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        reduce: BlockReduce = "min",
+    ) -> torch.Tensor:
         """`hamming_block_scores(hash_encode(q, weight), ...)`: q [B, Hq, D] -> float32 [B, M]
         block distances (smaller = closer). A backend may fuse the query hash into the scorer;
         its projection may then round differently, flipping a query bit within rounding of 0."""
@@ -265,8 +272,15 @@ class SparseOps(ABC):
         """
 
     # ------------------------------------------------------- representations
-    def block_sums_add(self, sums: torch.Tensor, abs_sums: torch.Tensor | None, key: torch.Tensor,
-                       slot_mapping: torch.Tensor, block_size: int, merge: int) -> None:
+    def block_sums_add(
+        self,
+        sums: torch.Tensor,
+        abs_sums: torch.Tensor | None,
+        key: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_size: int,
+        merge: int,
+    ) -> None:
         """Accumulate written keys into per-block running sums, in place (every decode step, every
         layer: ESA/GSA/KVStar representations).
 
@@ -293,8 +307,9 @@ class SparseOps(ABC):
         if abs_sums is not None:
             abs_sums.index_add_(0, blocks, key.abs())
 
-    def block_minmax_update(self, mins: torch.Tensor, maxs: torch.Tensor, key: torch.Tensor,
-                            slot_mapping: torch.Tensor, block_size: int) -> None:
+    def block_minmax_update(
+        self, mins: torch.Tensor, maxs: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor, block_size: int
+    ) -> None:
         """Fold written keys into per-block running element-wise minima and maxima of K, in place
         (every decode step, every layer: Quest's representation).
 
@@ -310,8 +325,9 @@ class SparseOps(ABC):
         slots = slot_mapping[keep].to(mins.device, torch.int64)
         key = key[keep.to(key.device)].to(mins.device, torch.float32)
         if slots.device.type == "cpu" and slots.numel() and int(slots.max()) >= mins.shape[0] * block_size:
-            raise ValueError(f"block_minmax_update: slot {int(slots.max())} is past {mins.shape[0]} blocks "
-                             f"of {block_size}")
+            raise ValueError(
+                f"block_minmax_update: slot {int(slots.max())} is past {mins.shape[0]} blocks of {block_size}"
+            )
         blocks, offsets = slots // block_size, slots % block_size
         fresh = blocks[offsets == 0]
         if fresh.numel():
@@ -335,8 +351,15 @@ class SparseOps(ABC):
         return None
 
     @abstractmethod
-    def kvstar_reps_add(self, reps: torch.Tensor, abs_sums: torch.Tensor, key: torch.Tensor,
-                        slot_mapping: torch.Tensor, block_size: int, merge: int) -> None:
+    def kvstar_reps_add(
+        self,
+        reps: torch.Tensor,
+        abs_sums: torch.Tensor,
+        key: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_size: int,
+        merge: int,
+    ) -> None:
         """`block_sums_add` into KVStar's channel-major representations, in place (every layer, as
         K is written; no host read on an accelerator).
 
@@ -350,9 +373,17 @@ class SparseOps(ABC):
         """
 
     @abstractmethod
-    def kvstar_block_mass(self, q: torch.Tensor, reps: torch.Tensor, abs_sums: torch.Tensor,
-                          block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
-                          kept_dims: int, scale: float) -> torch.Tensor:
+    def kvstar_block_mass(
+        self,
+        q: torch.Tensor,
+        reps: torch.Tensor,
+        abs_sums: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_size: int,
+        kept_dims: int,
+        scale: float,
+    ) -> torch.Tensor:
         """KVStar's block scores from channel-major representations (`kvstar_reps_add`).
 
         q [B, W, Hq, D] (a window of W queries per row), reps [NB, Hkv, D, R], abs_sums [NB, Hkv, D]
@@ -384,8 +415,9 @@ class SparseOps(ABC):
             raise ValueError(f"host_copy_many: {len(dsts)} destinations but {len(srcs)} sources")
         for d, s in zip(dsts, srcs):
             if d.numel() != s.numel() or d.dtype != torch.uint8 or s.dtype != torch.uint8:
-                raise ValueError(f"host_copy takes uint8 tensors of one size, got {d.dtype}[{d.numel()}] "
-                                 f"and {s.dtype}[{s.numel()}]")
+                raise ValueError(
+                    f"host_copy takes uint8 tensors of one size, got {d.dtype}[{d.numel()}] and {s.dtype}[{s.numel()}]"
+                )
             if d.device.type != "cpu" or s.device.type != "cpu":
                 raise ValueError(f"host_copy takes host tensors, got {d.device} and {s.device}")
         for d, s in zip(dsts, srcs):

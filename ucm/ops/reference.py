@@ -181,7 +181,9 @@ class TorchReferenceOps(SparseOps):
         qg = q.to(torch.float32).view(b, nq, hkv, g, d)
         logits = torch.einsum("bqhgd,bmhrd->bqhgmr", qg, reps) * scale
         # representation r of block j is valid iff token j*bs + r*(bs/R) < seq_len
-        first_tok = torch.arange(m, device=q.device)[:, None] * bsz + torch.arange(r, device=q.device)[None] * (bsz // r)
+        first_tok = torch.arange(m, device=q.device)[:, None] * bsz + torch.arange(r, device=q.device)[None] * (
+            bsz // r
+        )
         valid = first_tok[None] < seq_lens.to(torch.int64)[:, None, None]  # [B, M, R]
         logits = torch.where(valid[:, None, None, None], logits, -math.inf)
         probs = torch.softmax(logits.reshape(b, nq, hkv, g, m * r), dim=-1).nan_to_num(0.0)
@@ -189,12 +191,21 @@ class TorchReferenceOps(SparseOps):
         return torch.where(valid_block_mask(seq_lens, bsz, m), mass, -math.inf)
 
     # ----------------------------------------------------------------- KVStar
-    def kvstar_reps_add(self, reps: torch.Tensor, abs_sums: torch.Tensor, key: torch.Tensor,
-                        slot_mapping: torch.Tensor, block_size: int, merge: int) -> None:
+    def kvstar_reps_add(
+        self,
+        reps: torch.Tensor,
+        abs_sums: torch.Tensor,
+        key: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_size: int,
+        merge: int,
+    ) -> None:
         nb, h, d, r = reps.shape
         if merge < 1 or block_size % merge or block_size // merge != r:
-            raise ValueError(f"kvstar_reps_add: reps hold {r} representations per block, not "
-                             f"block_size {block_size} // merge {merge}")
+            raise ValueError(
+                f"kvstar_reps_add: reps hold {r} representations per block, not "
+                f"block_size {block_size} // merge {merge}"
+            )
         keep = slot_mapping >= 0
         slots = slot_mapping[keep].to(reps.device, torch.int64)
         key = key[keep.to(key.device)].to(reps.device, torch.float32)
@@ -213,9 +224,17 @@ class TorchReferenceOps(SparseOps):
         reps[gb, :, :, gr] = (reps[gb, :, :, gr].to(torch.float32) + total).to(reps.dtype)  # [U, Hkv, D]
         abs_sums.index_add_(0, blocks, key.abs())
 
-    def kvstar_block_mass(self, q: torch.Tensor, reps: torch.Tensor, abs_sums: torch.Tensor,
-                          block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
-                          kept_dims: int, scale: float) -> torch.Tensor:
+    def kvstar_block_mass(
+        self,
+        q: torch.Tensor,
+        reps: torch.Tensor,
+        abs_sums: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_size: int,
+        kept_dims: int,
+        scale: float,
+    ) -> torch.Tensor:
         b, w, hq, d = q.shape
         nb, hkv, _, r = reps.shape
         g = hq // hkv

@@ -97,8 +97,9 @@ class BlockScorer(ABC):
         q is what `prepare_query` returned, restricted to these rows.
         """
 
-    def batch_scores(self, layer: int, q: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor) -> torch.Tensor:
+    def batch_scores(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
+    ) -> torch.Tensor:
         """Block scores [B, M] of every row from its current query q [B, Hq, D] alone (no
         per-request state), with static shapes and no host read; order as `batch_largest`."""
         raise NotImplementedError(f"{type(self).__name__} cannot score a batch without per-request state")
@@ -124,7 +125,6 @@ class BlockScorer(ABC):
         raise NotImplementedError(f"{type(self).__name__} keeps no copyable per-block state; it cannot offload")
 
 
-
 class BlockAccumulator:
     """Running per-block sums of written keys, in groups of `merge` tokens (merge = block size:
     one group). A block's sums restart when its first slot is written (blocks are recycled).
@@ -134,8 +134,14 @@ class BlockAccumulator:
     per block [NB, Hkv, D] (KVStar's channel importance).
     """
 
-    def __init__(self, shapes: ModelShapes, merge: int, device: torch.device, absolute: bool = False,
-                 ops: SparseOps | None = None) -> None:
+    def __init__(
+        self,
+        shapes: ModelShapes,
+        merge: int,
+        device: torch.device,
+        absolute: bool = False,
+        ops: SparseOps | None = None,
+    ) -> None:
         bs = shapes.block_size
         if merge < 1 or bs % merge:
             raise ValueError(f"merge={merge} must divide the block size {bs}")
@@ -230,8 +236,9 @@ class SparseMethod:
     @property
     def executor(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.thread_name,
-                                                initializer=self._start_thread)
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=self.thread_name, initializer=self._start_thread
+            )
         return self._executor
 
     @property
@@ -255,8 +262,13 @@ class SparseMethod:
             for thread in self._executor_threads:
                 thread.join(self.wait_timeout_s)
                 if thread.is_alive():
-                    log.error("ucm %s: the retrieval thread %s is still running after %s s (%s); left behind",
-                              self.name, thread.name, self.wait_timeout_s, WAIT_TIMEOUT_ENV)
+                    log.error(
+                        "ucm %s: the retrieval thread %s is still running after %s s (%s); left behind",
+                        self.name,
+                        thread.name,
+                        self.wait_timeout_s,
+                        WAIT_TIMEOUT_ENV,
+                    )
             self._executor_threads = []
 
     # --------------------------------------------------------------- lifecycle
@@ -357,9 +369,11 @@ class SparseMethod:
     def _late_retrieval(self, rid: str, layer: int, pending: _RowFuture) -> str:
         state = self._requests.get(rid)
         now = state.decode_steps if state is not None else "?"
-        return (f"ucm {self.name}: request {rid!r}, layer {layer}: its background retrieval (started at its decode "
-                f"step {pending.started_step}, waited for at step {now}) did not finish within "
-                f"{self.wait_timeout_s:g} s ({WAIT_TIMEOUT_ENV}); it is still running on thread {self.thread_name}")
+        return (
+            f"ucm {self.name}: request {rid!r}, layer {layer}: its background retrieval (started at its decode "
+            f"step {pending.started_step}, waited for at step {now}) did not finish within "
+            f"{self.wait_timeout_s:g} s ({WAIT_TIMEOUT_ENV}); it is still running on thread {self.thread_name}"
+        )
 
     def _unit_scores(self, layer: int, q: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         sparse = plan.sparse_list

@@ -56,8 +56,10 @@ class BatchSelector:
     def __init__(self, method: SparseMethod) -> None:
         scorer, selector = method.scorer, method.selector
         if not scorer.batch_safe:
-            raise ValueError(f"{method.name}: its scorer ({type(scorer).__name__}) cannot score a batch without "
-                             "host reads, so it cannot run inside CUDA graphs")
+            raise ValueError(
+                f"{method.name}: its scorer ({type(scorer).__name__}) cannot score a batch without "
+                "host reads, so it cannot run inside CUDA graphs"
+            )
         self.method = method
         self.scorer = scorer
         self.ops = scorer.ops
@@ -73,8 +75,9 @@ class BatchSelector:
         self.last_layer = max(self.sparse_layers) if self.sparse_layers else -1
         dev = scorer.shapes.device
         self._layer_ids: dict[tuple[int, ...], torch.Tensor] = {}  # selecting layers of a step -> their ids
-        self._dense_layers = torch.tensor([int(i not in self.sparse_layers) for i in range(len(self.policies))],
-                                          dtype=torch.int64, device=dev)
+        self._dense_layers = torch.tensor(
+            [int(i not in self.sparse_layers) for i in range(len(self.policies))], dtype=torch.int64, device=dev
+        )
         # [layer, (blocks kept, blocks held)] over selecting rows, then [steps with a selecting row,
         # selecting rows]; only ever added to on the device (read with `counters_to_host`)
         self.blocks = torch.zeros(len(self.policies), 2, dtype=torch.int64, device=dev)
@@ -89,8 +92,13 @@ class BatchSelector:
         return bool(self.sparse_layers) and num_rows >= self.min_rows
 
     # ------------------------------------------------------------------ plan
-    def plan(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-             max_query_len: int | None = None) -> BatchPlan:
+    def plan(
+        self,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_table: torch.Tensor,
+        max_query_len: int | None = None,
+    ) -> BatchPlan:
         """`max_query_len == 1` (the host knows it: a uniform decode batch) lets row b's query be
         token b of the batch, read in place."""
         b = seq_lens.shape[0]
@@ -184,8 +192,9 @@ class BatchSelector:
                 unit = self.method.selector.unit_scores(scores, self.scorer.unit_reduce)
                 scores = unit.repeat_interleave(self.unit_blocks, dim=1)[:, :m]
             k, must, lens = self._budgets(p, plan)
-            table, _ = self.ops.select_and_rewrite(scores, k, must, plan.block_table, plan.seq_lens, self.block_size,
-                                                   largest=largest)
+            table, _ = self.ops.select_and_rewrite(
+                scores, k, must, plan.block_table, plan.seq_lens, self.block_size, largest=largest
+            )
             out = (table, lens)  # the op's lens equal the policy's (see `_budgets`): one tensor per policy
         plan.results[layer] = out
         if layer == self.last_layer:
@@ -215,5 +224,9 @@ class BatchSelector:
 
 def counters_dict(blocks: list, rows: list) -> dict:
     """`BatchSelector.blocks` / `.rows` as read on the host -> kept, total, sparse_steps, sparse_rows."""
-    return {"kept": [k for k, _ in blocks], "total": [t for _, t in blocks], "sparse_steps": rows[0],
-            "sparse_rows": rows[1]}
+    return {
+        "kept": [k for k, _ in blocks],
+        "total": [t for _, t in blocks],
+        "sparse_steps": rows[0],
+        "sparse_rows": rows[1],
+    }

@@ -23,36 +23,47 @@ class MeanReprScorer(BlockScorer):
     group_reduce = "mean"
     batch_safe = True
 
-    def __init__(self, shapes: ModelShapes, ops: SparseOps, repr_device: torch.device | None = None,
-                 score_ops: SparseOps | None = None) -> None:
+    def __init__(
+        self,
+        shapes: ModelShapes,
+        ops: SparseOps,
+        repr_device: torch.device | None = None,
+        score_ops: SparseOps | None = None,
+    ) -> None:
         super().__init__(shapes, ops)
         self.repr_device = torch.device(repr_device or shapes.device)
         self.score_ops = score_ops or ops
         # one running sum of K per block and head; for the full blocks that are scored, the sum
         # ranks exactly as the mean (a common factor of 1 / block_size)
-        self.acc = [BlockAccumulator(shapes, shapes.block_size, self.repr_device, ops=self.score_ops)
-                    for _ in range(shapes.num_layers)]
+        self.acc = [
+            BlockAccumulator(shapes, shapes.block_size, self.repr_device, ops=self.score_ops)
+            for _ in range(shapes.num_layers)
+        ]
 
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.acc[layer].add(key, slot_mapping)
 
-    def score(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-              req_ids: Sequence[str]) -> torch.Tensor:
+    def score(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
+    ) -> torch.Tensor:
         bs = self.shapes.block_size
         dev = self.repr_device
         full_lens = (seq_lens // bs) * bs  # the partial last block has no representation yet (it is always kept)
         reprs = self.acc[layer].sums[:, 0]  # [NB, Hkv, D]
-        s = self.score_ops.block_scores_dot(q.to(dev), reprs, block_table.to(dev), full_lens.to(dev), bs,
-                                            self.group_reduce)
+        s = self.score_ops.block_scores_dot(
+            q.to(dev), reprs, block_table.to(dev), full_lens.to(dev), bs, self.group_reduce
+        )
         return s.to(q.device)
 
     batch_full_blocks = True
 
-    def batch_scores(self, layer: int, q: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor) -> torch.Tensor:
+    def batch_scores(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
+    ) -> torch.Tensor:
         """`score` of full blocks, given their token counts (`batch_full_blocks`)."""
-        return self.score_ops.block_scores_dot(q, self.acc[layer].sums[:, 0], block_table, seq_lens,
-                                               self.shapes.block_size, self.group_reduce)
+        return self.score_ops.block_scores_dot(
+            q, self.acc[layer].sums[:, 0], block_table, seq_lens, self.shapes.block_size, self.group_reduce
+        )
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         for acc in self.acc:

@@ -80,8 +80,9 @@ def build_sparse_method(
     return spec.build(config, shapes, ctx)
 
 
-def windowed_method(config: WindowedMethodConfig, shapes: ModelShapes, ops: SparseOps,
-                    scorer: Callable[[], BlockScorer]) -> SparseMethod:
+def windowed_method(
+    config: WindowedMethodConfig, shapes: ModelShapes, ops: SparseOps, scorer: Callable[[], BlockScorer]
+) -> SparseMethod:
     """A windowed method (`WindowedMethodConfig`): its windows, ratio and dense layers drive the
     shared selection engine; `scorer()` makes its block scorer."""
     policy = LayerPolicy(
@@ -91,22 +92,31 @@ def windowed_method(config: WindowedMethodConfig, shapes: ModelShapes, ops: Spar
         local_units=config.local_window_sz,
     )
     for layer in config.dense_layers:
-        check("inline", f"{config.method}.dense_layers", layer < shapes.num_layers,
-              f"layer {layer} does not exist: the model has {shapes.num_layers} layers (0-based)")
+        check(
+            "inline",
+            f"{config.method}.dense_layers",
+            layer < shapes.num_layers,
+            f"layer {layer} does not exist: the model has {shapes.num_layers} layers (0-based)",
+        )
     dense = LayerPolicy(ratio=1.0)
     policies = [dense if layer in config.dense_layers else policy for layer in range(shapes.num_layers)]
     selector = BlockSelector(policies, shapes.block_size, ops)
     check_block_size_divisors(config, shapes)
-    return SparseMethod(config.method, scorer(), selector, config.retrieval_stride,
-                        concurrency_threshold=config.concurrency_threshold)
+    return SparseMethod(
+        config.method, scorer(), selector, config.retrieval_stride, concurrency_threshold=config.concurrency_threshold
+    )
 
 
 def check_block_size_divisors(config: MethodConfig, shapes: ModelShapes) -> None:
     """The config's `block_size_divisors` keys divide the KV block size (a ConfigError naming the key)."""
     for key in config.block_size_divisors:
         value = getattr(config, key)
-        check("inline", f"{config.method}.{key}", shapes.block_size % value == 0,
-              f"{value} must divide the KV block size {shapes.block_size}")
+        check(
+            "inline",
+            f"{config.method}.{key}",
+            shapes.block_size % value == 0,
+            f"{value} must divide the KV block size {shapes.block_size}",
+        )
 
 
 def resolve_model_config(config: MethodConfig, model_name: str | None) -> ModelConfigFile:
@@ -117,8 +127,9 @@ def resolve_model_config(config: MethodConfig, model_name: str | None) -> ModelC
     if config_file is not None:
         return load_model_config(config_file)
     if not model_name:
-        raise ConfigError("inline", f"{config.method}.config_file",
-                          "name a per-model config file or model (see `ucm configs list`)")
+        raise ConfigError(
+            "inline", f"{config.method}.config_file", "name a per-model config file or model (see `ucm configs list`)"
+        )
     return load_model_config(find_model_config(str(model_name).rstrip("/")))
 
 

@@ -34,5 +34,6 @@ class GSAScorer(MeanReprScorer):
 def build(config: GSAConfig, shapes: ModelShapes, ctx: BuildContext) -> SparseMethod:
     """GSA's builder (registered in `ucm.config.sparse`): host scoring unless `ctx.host_scoring`
     is off (the CUDA graph path)."""
-    return windowed_method(config, shapes, ctx.ops,
-                           lambda: GSAScorer(shapes, ctx.ops, ctx.host() if ctx.host_scoring else None))
+    return windowed_method(
+        config, shapes, ctx.ops, lambda: GSAScorer(shapes, ctx.ops, ctx.host() if ctx.host_scoring else None)
+    )

@@ -37,7 +37,9 @@ class HashScorer(BlockScorer):
         """`weights[layer]` is one projection [D, bits] (GQA), or two (MLA: kv_lora, rope)."""
         super().__init__(shapes, ops)
         if chunk_repre_method not in _DISTANCE_REDUCE:
-            raise ValueError(f"chunk_repre_method must be one of {sorted(_DISTANCE_REDUCE)}, got {chunk_repre_method!r}")
+            raise ValueError(
+                f"chunk_repre_method must be one of {sorted(_DISTANCE_REDUCE)}, got {chunk_repre_method!r}"
+            )
         if len(weights) != shapes.num_layers:
             raise ValueError(f"{len(weights)} hash weights for {shapes.num_layers} layers")
         self.reduce = _DISTANCE_REDUCE[chunk_repre_method]
@@ -53,8 +55,14 @@ class HashScorer(BlockScorer):
             self.weights.append([w.to(shapes.device, torch.float32) for w in ws])
         self.code_bytes = sum(w.shape[1] for w in self.weights[0]) // 8
         self.codes = [
-            torch.zeros(shapes.num_blocks, shapes.block_size, shapes.num_kv_heads, self.code_bytes,
-                        dtype=torch.uint8, device=shapes.device)
+            torch.zeros(
+                shapes.num_blocks,
+                shapes.block_size,
+                shapes.num_kv_heads,
+                self.code_bytes,
+                dtype=torch.uint8,
+                device=shapes.device,
+            )
             for _ in range(shapes.num_layers)
         ]
 
@@ -69,23 +77,29 @@ class HashScorer(BlockScorer):
         else:
             self.ops.paged_write(self.codes[layer], self.encode(layer, key), slot_mapping)
 
-    def score(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-              req_ids: Sequence[str]) -> torch.Tensor:
-        dist = self.ops.hamming_block_scores(self.encode(layer, q), self.codes[layer], block_table, seq_lens, self.reduce)
+    def score(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
+    ) -> torch.Tensor:
+        dist = self.ops.hamming_block_scores(
+            self.encode(layer, q), self.codes[layer], block_table, seq_lens, self.reduce
+        )
         return -dist
 
     batch_safe = True
     batch_largest = False
 
-    def batch_scores(self, layer: int, q: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor) -> torch.Tensor:
+    def batch_scores(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
+    ) -> torch.Tensor:
         """Raw block distances (smaller = closer); the query hash is fused into the scorer where
         the backend can (one projection)."""
         if len(self.splits) == 1:
-            return self.ops.hash_hamming_block_scores(q, self.weights[layer][0], self.codes[layer], block_table,
-                                                      seq_lens, self.reduce)
-        return self.ops.hamming_block_scores(self.encode(layer, q), self.codes[layer], block_table, seq_lens,
-                                             self.reduce)
+            return self.ops.hash_hamming_block_scores(
+                q, self.weights[layer][0], self.codes[layer], block_table, seq_lens, self.reduce
+            )
+        return self.ops.hamming_block_scores(
+            self.encode(layer, q), self.codes[layer], block_table, seq_lens, self.reduce
+        )
 
     def memory_bytes(self) -> int:
         return sum(c.numel() for c in self.codes)
@@ -98,23 +112,41 @@ def build(config: GSAOnDeviceConfig, shapes: ModelShapes, ctx: BuildContext) -> 
     return build_from_model_config(ctx.model_json(config), shapes, ctx.ops, ctx.device_kind, ctx.seed)
 
 
-def build_from_model_config(loaded: ModelConfigFile | dict | str | Path, shapes: ModelShapes, ops: SparseOps,
-                            device_kind: DeviceKind = "gpu", seed: int = 0) -> SparseMethod:
+def build_from_model_config(
+    loaded: ModelConfigFile | dict | str | Path,
+    shapes: ModelShapes,
+    ops: SparseOps,
+    device_kind: DeviceKind = "gpu",
+    seed: int = 0,
+) -> SparseMethod:
     """GSA on device from a per-model config (loaded, its dict, a path or a model name), checked
     against the model's shapes; `seed` seeds random projections."""
     if not isinstance(loaded, ModelConfigFile):
         loaded = load_model_config(loaded)
     m, src = loaded.config, loaded.source
-    check(src, "num_hidden_layers", m.num_hidden_layers == shapes.num_layers,
-          f"{m.num_hidden_layers} but the model has {shapes.num_layers} layers")
+    check(
+        src,
+        "num_hidden_layers",
+        m.num_hidden_layers == shapes.num_layers,
+        f"{m.num_hidden_layers} but the model has {shapes.num_layers} layers",
+    )
     check(src, "head_dim", m.head_dim == shapes.head_dim, f"{m.head_dim} but the model's head dim is {shapes.head_dim}")
-    check(src, "is_mla", m.is_mla == shapes.is_mla,
-          f"{m.is_mla} but the model {'is' if shapes.is_mla else 'is not'} MLA")
+    check(
+        src, "is_mla", m.is_mla == shapes.is_mla, f"{m.is_mla} but the model {'is' if shapes.is_mla else 'is not'} MLA"
+    )
     if m.is_mla:
-        check(src, "kv_lora_rank", m.kv_lora_rank == shapes.kv_lora_rank,
-              f"{m.kv_lora_rank} but the model's is {shapes.kv_lora_rank}")
-    check(src, "chunk_size", m.chunk_size % shapes.block_size == 0,
-          f"{m.chunk_size} is not a multiple of the KV block size {shapes.block_size}")
+        check(
+            src,
+            "kv_lora_rank",
+            m.kv_lora_rank == shapes.kv_lora_rank,
+            f"{m.kv_lora_rank} but the model's is {shapes.kv_lora_rank}",
+        )
+    check(
+        src,
+        "chunk_size",
+        m.chunk_size % shapes.block_size == 0,
+        f"{m.chunk_size} is not a multiple of the KV block size {shapes.block_size}",
+    )
 
     weights = hash_projections(loaded, seed)
 
@@ -125,11 +157,13 @@ def build_from_model_config(loaded: ModelConfigFile | dict | str | Path, shapes:
     selector = BlockSelector(policies, shapes.block_size, ops, unit_blocks=m.chunk_size // shapes.block_size)
     scorer = HashScorer(shapes, ops, weights, m.chunk_repre_method)
     seq_thr, conc_thr = (
-        (m.npu_seq_len_threshold, m.npu_concurrency_threshold) if device_kind == "npu"
+        (m.npu_seq_len_threshold, m.npu_concurrency_threshold)
+        if device_kind == "npu"
         else (m.gpu_seq_len_threshold, m.gpu_concurrency_threshold)
     )
-    return SparseMethod(GSAOnDeviceConfig.method, scorer, selector, 1, seq_len_threshold=seq_thr,
-                        concurrency_threshold=conc_thr)
+    return SparseMethod(
+        GSAOnDeviceConfig.method, scorer, selector, 1, seq_len_threshold=seq_thr, concurrency_threshold=conc_thr
+    )
 
 
 # ----------------------------------------------------------------------------- demo, eval, profile

@@ -61,9 +61,14 @@ def hash_projections(loaded: ModelConfigFile, seed: int = 0) -> list[list[torch.
     kv_lora, rope). Trained files are loaded and checked (readable, shape, finite values); a bad
     one is a ConfigError naming the file and key (`ucm configs check` runs this too)."""
     m, src = loaded.config, loaded.source
-    splits = [(m.kv_lora_rank, m.hash_bits_kv_lora, "hash_weight_kv_lora"),
-              (m.qk_rope_head_dim, m.hash_bits_qk_rope, "hash_weight_qk_rope")] if m.is_mla \
+    splits = (
+        [
+            (m.kv_lora_rank, m.hash_bits_kv_lora, "hash_weight_kv_lora"),
+            (m.qk_rope_head_dim, m.hash_bits_qk_rope, "hash_weight_qk_rope"),
+        ]
+        if m.is_mla
         else [(m.head_dim, m.hash_bits, "hash_weight")]
+    )
     paths = m.weight_paths(loaded.path.parent if loaded.path else None)
     per_part = []
     for part, (dim, bits, key) in enumerate(splits):
@@ -73,6 +78,10 @@ def hash_projections(loaded: ModelConfigFile, seed: int = 0) -> list[list[torch.
             except ValueError as exc:
                 raise ConfigError(src, key, str(exc)) from None
         else:
-            per_part.append([random_orthogonal_hash(dim, bits, seed * 1_000_003 + layer * 7 + part)
-                             for layer in range(m.num_hidden_layers)])
+            per_part.append(
+                [
+                    random_orthogonal_hash(dim, bits, seed * 1_000_003 + layer * 7 + part)
+                    for layer in range(m.num_hidden_layers)
+                ]
+            )
     return [[part[layer] for part in per_part] for layer in range(m.num_hidden_layers)]

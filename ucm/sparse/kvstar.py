@@ -71,9 +71,11 @@ class KVStarScorer(BlockScorer):
         dtype = ops.kvstar_reps_dtype(shapes.device)
         self.channel_major = dtype is not None
         self.acc: list[ChannelMajorReps] | list[BlockAccumulator] = [
-            ChannelMajorReps(shapes, merge, dtype, ops) if self.channel_major
+            ChannelMajorReps(shapes, merge, dtype, ops)
+            if self.channel_major
             else BlockAccumulator(shapes, merge, shapes.device, absolute=True, ops=ops)
-            for _ in range(shapes.num_layers)]
+            for _ in range(shapes.num_layers)
+        ]
         self._queries: dict[tuple[str, int], deque] = {}
 
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -95,15 +97,19 @@ class KVStarScorer(BlockScorer):
             wins.append(win)
         if all(len(w) == self.window for w in wins):  # steady state: one stack for the batch
             flat = [t for w in wins for t in w]
-            return torch.stack(flat).view(q.shape[0], self.window, *q.shape[1:]) if flat else \
-                torch.zeros(0, self.window, *q.shape[1:], dtype=torch.float32, device=q.device)
+            return (
+                torch.stack(flat).view(q.shape[0], self.window, *q.shape[1:])
+                if flat
+                else torch.zeros(0, self.window, *q.shape[1:], dtype=torch.float32, device=q.device)
+            )
         out = torch.zeros(q.shape[0], self.window, *q.shape[1:], dtype=torch.float32, device=q.device)
         for r, win in enumerate(wins):
-            out[r, self.window - len(win):] = torch.stack(tuple(win))
+            out[r, self.window - len(win) :] = torch.stack(tuple(win))
         return out
 
-    def score(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-              req_ids: Sequence[str]) -> torch.Tensor:
+    def score(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
+    ) -> torch.Tensor:
         """The attention mass of the recent queries on each full block, computed for all rows
         at once (padded to the longest row): one gather, one top-k and one batched matmul per
         layer instead of a dozen small ops and a materialised channel gather per row. Same
@@ -111,8 +117,16 @@ class KVStarScorer(BlockScorer):
         bs = self.shapes.block_size
         acc = self.acc[layer]
         if self.channel_major:
-            return self.ops.kvstar_block_mass(q, acc.reps, acc.abs_sums, block_table.to(q.device),
-                                              seq_lens.to(q.device), bs, self.kept_dims, self.scale / self.merge)
+            return self.ops.kvstar_block_mass(
+                q,
+                acc.reps,
+                acc.abs_sums,
+                block_table.to(q.device),
+                seq_lens.to(q.device),
+                bs,
+                self.kept_dims,
+                self.scale / self.merge,
+            )
         b, m = block_table.shape
         out = torch.full((b, m), -math.inf, device=q.device)
         # the partial last block has no representation (it is always kept)
@@ -131,20 +145,30 @@ class KVStarScorer(BlockScorer):
     batch_safe = True
     batch_full_blocks = True
 
-    def batch_scores(self, layer: int, q: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor) -> torch.Tensor:
+    def batch_scores(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
+    ) -> torch.Tensor:
         """The current query alone (a window of one) over every column of the table: static
         shapes, no host read. `seq_lens` counts full blocks' tokens (`batch_full_blocks`)."""
         if self.channel_major:  # the backend's fused op: reads only the kept channels
             acc = self.acc[layer]
-            return self.ops.kvstar_block_mass(q[:, None], acc.reps, acc.abs_sums, block_table, seq_lens,
-                                              self.shapes.block_size, self.kept_dims, self.scale / self.merge)
+            return self.ops.kvstar_block_mass(
+                q[:, None],
+                acc.reps,
+                acc.abs_sums,
+                block_table,
+                seq_lens,
+                self.shapes.block_size,
+                self.kept_dims,
+                self.scale / self.merge,
+            )
         m = block_table.shape[1]
         n_full = (seq_lens.to(device=q.device, dtype=torch.int64) // self.shapes.block_size).clamp(max=m)
         return self._mass(layer, q[:, None], block_table, n_full, m)
 
-    def _mass(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, n_full: torch.Tensor,
-              n: int) -> torch.Tensor:
+    def _mass(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, n_full: torch.Tensor, n: int
+    ) -> torch.Tensor:
         """[B, n] attention mass of the queries q [B, W, Hq, D] on the first n columns' full
         blocks (-inf past a row's n_full), from row-major sums (the op contract's
         `kvstar_block_mass` is the same quantity over channel-major representations)."""
@@ -187,5 +211,15 @@ class KVStarScorer(BlockScorer):
 
 def build(config: KVStarConfig, shapes: ModelShapes, ctx: BuildContext) -> SparseMethod:
     """KVStar's builder (registered in `ucm.config.sparse`): the query window is the retrieval stride."""
-    return windowed_method(config, shapes, ctx.ops, lambda: KVStarScorer(
-        shapes, ctx.ops, config.blk_repre_dim_prune_ratio, config.blk_repre_inner_token_merge, config.retrieval_stride))
+    return windowed_method(
+        config,
+        shapes,
+        ctx.ops,
+        lambda: KVStarScorer(
+            shapes,
+            ctx.ops,
+            config.blk_repre_dim_prune_ratio,
+            config.blk_repre_inner_token_merge,
+            config.retrieval_stride,
+        ),
+    )

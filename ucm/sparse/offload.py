@@ -49,8 +49,14 @@ class OffloadPolicy:
     @classmethod
     def from_config(cls, config, block_size: int) -> OffloadPolicy:
         """From an ESA/GSA/KVStar config with `offload` set."""
-        return cls(block_size, config.init_window_sz, config.local_window_sz, config.sparse_ratio, config.min_blocks,
-                   config.offload_margin_blocks)
+        return cls(
+            block_size,
+            config.init_window_sz,
+            config.local_window_sz,
+            config.sparse_ratio,
+            config.min_blocks,
+            config.offload_margin_blocks,
+        )
 
     def blocks(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -88,8 +94,10 @@ class VirtualBlocks:
 
     def take(self, n: int) -> list[int]:
         if n > len(self._free):
-            raise RuntimeError(f"offload: {n} virtual blocks wanted, {len(self._free)} of {self.count} left "
-                               "(the scheduler's accounting and the worker's disagree)")
+            raise RuntimeError(
+                f"offload: {n} virtual blocks wanted, {len(self._free)} of {self.count} left "
+                "(the scheduler's accounting and the worker's disagree)"
+            )
         out = [self._free.pop() for _ in range(n)]
         return out
 
@@ -124,7 +132,7 @@ class OffloadedRequest:
         if self.virtual:
             if self.virtual_row is None or self.virtual_row.numel() != len(self.virtual):  # the middle grew
                 self.virtual_row = torch.tensor(self.virtual, dtype=torch.int64)
-            row[self.init:self.middle_end] = self.virtual_row  # copy_ casts and moves
+            row[self.init : self.middle_end] = self.virtual_row  # copy_ casts and moves
         return row
 
 
@@ -151,8 +159,13 @@ class Residency:
         self._tick = 0
 
     # ---------------------------------------------------------------- membership
-    def extend(self, req_id: str, store_ids: Sequence[str], slot_positions: Sequence[int] | None = None,
-               slot_physical: Sequence[int] | None = None) -> list[int]:
+    def extend(
+        self,
+        req_id: str,
+        store_ids: Sequence[str],
+        slot_positions: Sequence[int] | None = None,
+        slot_physical: Sequence[int] | None = None,
+    ) -> list[int]:
         """Blocks `[middle_end, middle_end + n)` of `req_id` joined its middle: their virtual ids.
         The first call names the request's slots (logical positions in the middle and their
         device blocks), which hold their own blocks in every layer until reused."""
@@ -193,8 +206,9 @@ class Residency:
         return req
 
     # ---------------------------------------------------------------- per layer
-    def resolve(self, layer: int, table: np.ndarray, kept: np.ndarray, owners: Sequence[OffloadedRequest | None],
-                loader: Loader) -> tuple[np.ndarray, np.ndarray]:
+    def resolve(
+        self, layer: int, table: np.ndarray, kept: np.ndarray, owners: Sequence[OffloadedRequest | None], loader: Loader
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(device block table, kept counts) for one layer's selection `table` [B, M] (the first
         `kept[r]` entries of row r: device ids, and virtual ids for middle blocks), loading the
         middle blocks no slot holds into that row's least recently used slots this step does
@@ -228,19 +242,22 @@ class Residency:
             free = cand[~np.isin(cand, out[r, : kept[r]])]
             chosen = free[np.argsort(self.last_use[layer, free], kind="stable")][: need_v.size]
             if chosen.size < need_v.size:
-                raise RuntimeError(f"offload: layer {layer} selected {need_v.size} blocks beyond its "
-                                   f"{cand.size} slots (slots are sized from the same ratio; this is a bug)")
+                raise RuntimeError(
+                    f"offload: layer {layer} selected {need_v.size} blocks beyond its "
+                    f"{cand.size} slots (slots are sized from the same ratio; this is a bug)"
+                )
             old = self.holder[layer, chosen]
             self.slot_of[layer, old[old >= 0]] = -1
             self.holder[layer, chosen] = -1  # unknown until the load lands
             self.last_use[layer, chosen] = self._tick
             plan.append((r, need_c, need_v, chosen))
         dst = np.concatenate([p[3] for p in plan])
-        ok = np.asarray(loader(layer, self.store_id[np.concatenate([p[2] for p in plan])].tolist(), dst.tolist()),
-                        dtype=bool)
+        ok = np.asarray(
+            loader(layer, self.store_id[np.concatenate([p[2] for p in plan])].tolist(), dst.tolist()), dtype=bool
+        )
         at_ok = 0
         for r, need_c, need_v, chosen in plan:
-            got = ok[at_ok: at_ok + chosen.size]
+            got = ok[at_ok : at_ok + chosen.size]
             at_ok += chosen.size
             req = owners[r]
             req.loads += chosen.size
@@ -253,6 +270,6 @@ class Residency:
                 req.failed_loads += int((~got).sum())
                 row = np.delete(out[r, : kept[r]], need_c[~got])
                 out[r, : row.size] = row
-                out[r, row.size:] = 0
+                out[r, row.size :] = 0
                 kept[r] = row.size
         return out, kept

@@ -69,8 +69,13 @@ class QuestScorer(BlockScorer):
     batch_largest = True  # larger bound = more important
     batch_full_blocks = False  # partial blocks have their (partial) statistics
 
-    def __init__(self, shapes: ModelShapes, ops: SparseOps, group_reduce: GroupReduce = "max",
-                 repr_device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        shapes: ModelShapes,
+        ops: SparseOps,
+        group_reduce: GroupReduce = "max",
+        repr_device: torch.device | None = None,
+    ) -> None:
         super().__init__(shapes, ops)
         if group_reduce not in ("mean", "max"):
             raise ValueError(f"unknown group reduce {group_reduce!r}; valid: mean, max")
@@ -81,21 +86,31 @@ class QuestScorer(BlockScorer):
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.stats[layer].update(key, slot_mapping)
 
-    def score(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-              req_ids: Sequence[str]) -> torch.Tensor:
+    def score(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
+    ) -> torch.Tensor:
         dev = self.repr_device
         st = self.stats[layer]
-        s = self.ops.block_scores_minmax(q.to(dev), st.mins, st.maxs, block_table.to(dev), seq_lens.to(dev),
-                                         self.shapes.block_size, self.group_reduce)
+        s = self.ops.block_scores_minmax(
+            q.to(dev),
+            st.mins,
+            st.maxs,
+            block_table.to(dev),
+            seq_lens.to(dev),
+            self.shapes.block_size,
+            self.group_reduce,
+        )
         return s.to(q.device)
 
-    def batch_scores(self, layer: int, q: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor) -> torch.Tensor:
+    def batch_scores(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
+    ) -> torch.Tensor:
         """`score` of every row's written blocks, partial last block included (no per-request
         state: the CUDA graph decode path)."""
         st = self.stats[layer]
-        return self.ops.block_scores_minmax(q, st.mins, st.maxs, block_table, seq_lens, self.shapes.block_size,
-                                            self.group_reduce)
+        return self.ops.block_scores_minmax(
+            q, st.mins, st.maxs, block_table, seq_lens, self.shapes.block_size, self.group_reduce
+        )
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         for st in self.stats:
@@ -113,8 +128,9 @@ def _ops_of(ctx: Any) -> SparseOps | None:
     return getattr(ctx, "ops", None)
 
 
-def build_quest(config: QuestConfig | dict, shapes: ModelShapes, ctx: Any = None, *,
-                ops: SparseOps | None = None) -> SparseMethod:
+def build_quest(
+    config: QuestConfig | dict, shapes: ModelShapes, ctx: Any = None, *, ops: SparseOps | None = None
+) -> SparseMethod:
     """A ready-to-run Quest `SparseMethod`, assembled as `build_sparse_method` assembles ESA's:
     the config's windows, ratio and minimum as every layer's policy (`dense_layers` dense), the
     shared `BlockSelector`, a `QuestScorer` and the config's retrieval stride and concurrency
@@ -134,8 +150,11 @@ def build_quest(config: QuestConfig | dict, shapes: ModelShapes, ctx: Any = None
         ops = get_ops()
     for layer in config.dense_layers:
         if layer >= shapes.num_layers:
-            raise ConfigError("inline", f"{config.method}.dense_layers",
-                              f"layer {layer} does not exist: the model has {shapes.num_layers} layers (0-based)")
+            raise ConfigError(
+                "inline",
+                f"{config.method}.dense_layers",
+                f"layer {layer} does not exist: the model has {shapes.num_layers} layers (0-based)",
+            )
     policy = LayerPolicy(
         ratio=config.sparse_ratio,
         min_units=config.min_blocks,
@@ -146,8 +165,9 @@ def build_quest(config: QuestConfig | dict, shapes: ModelShapes, ctx: Any = None
     policies = [dense if layer in config.dense_layers else policy for layer in range(shapes.num_layers)]
     selector = BlockSelector(policies, shapes.block_size, ops)
     scorer = QuestScorer(shapes, ops, config.group_reduce)
-    return SparseMethod(config.method, scorer, selector, config.retrieval_stride,
-                        concurrency_threshold=config.concurrency_threshold)
+    return SparseMethod(
+        config.method, scorer, selector, config.retrieval_stride, concurrency_threshold=config.concurrency_threshold
+    )
 
 
 #: the name the registry's builder paths use for a method module's builder ("ucm.sparse.quest:build")

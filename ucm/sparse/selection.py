@@ -139,7 +139,9 @@ class BlockSelector:
         return p.reuse_from < 0 and not (p.dense and self.token_budget is None)
 
     # ------------------------------------------------------------------ plan
-    def plan(self, seq_lens: torch.Tensor, block_table: torch.Tensor, sparse_rows: torch.Tensor | None = None) -> StepPlan:
+    def plan(
+        self, seq_lens: torch.Tensor, block_table: torch.Tensor, sparse_rows: torch.Tensor | None = None
+    ) -> StepPlan:
         """Once per step: lengths in blocks and units, and which rows may go sparse."""
         seq_lens = seq_lens.to(torch.int64)
         n_blocks = (seq_lens + self.block_size - 1) // self.block_size
@@ -253,19 +255,38 @@ class BlockSelector:
         plan._budget_cache[key] = (k, must)
         return k, must
 
-    def _fused(self, unit_scores: torch.Tensor, k: torch.Tensor, must: torch.Tensor, plan: StepPlan) -> Selection | None:
+    def _fused(
+        self, unit_scores: torch.Tensor, k: torch.Tensor, must: torch.Tensor, plan: StepPlan
+    ) -> Selection | None:
         """top-k + rewrite in one backend call where the backend has one (same result as
         `block_topk` then `rewrite`); None to take the two-step path."""
         fn = getattr(self.ops, "select_rewrite", None)
         if fn is None:
             return None
-        out = fn(unit_scores, k, must, plan.n_units, plan.block_table, plan.seq_lens, plan.n_blocks,
-                 self.unit_blocks, self.block_size)
+        out = fn(
+            unit_scores,
+            k,
+            must,
+            plan.n_units,
+            plan.block_table,
+            plan.seq_lens,
+            plan.n_blocks,
+            self.unit_blocks,
+            self.block_size,
+        )
         if out is None:
             return None
         ids, counts, table, lens, kept, logical = out
-        return Selection(unit_ids=ids, unit_counts=counts, block_table=table, seq_lens=lens.to(plan.seq_lens.dtype),
-                         blocks_kept=kept, blocks_total=plan.n_blocks, dense=False, _logical=logical)
+        return Selection(
+            unit_ids=ids,
+            unit_counts=counts,
+            block_table=table,
+            seq_lens=lens.to(plan.seq_lens.dtype),
+            blocks_kept=kept,
+            blocks_total=plan.n_blocks,
+            dense=False,
+            _logical=logical,
+        )
 
     def rewrite(self, plan: StepPlan, unit_ids: torch.Tensor, unit_counts: torch.Tensor) -> Selection:
         """Expand units to blocks and compact the kept blocks into a new block table."""

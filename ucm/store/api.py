@@ -91,8 +91,9 @@ def root_hash(namespace: str = "") -> BlockId:
     return h.hexdigest()
 
 
-def block_hash(parent: BlockId | None, token_ids: Sequence[int] | np.ndarray | torch.Tensor,
-               extra: bytes = b"") -> BlockId:
+def block_hash(
+    parent: BlockId | None, token_ids: Sequence[int] | np.ndarray | torch.Tensor, extra: bytes = b""
+) -> BlockId:
     """Id of a block: blake2b-128(parent id || token ids as little-endian int64 [|| extra]).
 
     The parent is fixed-length, so the encoding is unambiguous; a change in any earlier token
@@ -281,7 +282,9 @@ class KVStore(ABC):
         """Hook: the load started by `_begin_load` is over."""
 
     # ---- public API
-    def load(self, ids: Sequence[BlockId], shards: int | Sequence[int], dst: torch.Tensor | Sequence[torch.Tensor]) -> Task:
+    def load(
+        self, ids: Sequence[BlockId], shards: int | Sequence[int], dst: torch.Tensor | Sequence[torch.Tensor]
+    ) -> Task:
         """Start reading shards into dst; returns at once."""
         items = self._items(ids, shards, dst, "dst")
         uniq = list(dict.fromkeys(ids))
@@ -305,8 +308,9 @@ class KVStore(ABC):
             f.add_done_callback(_done)
         return task
 
-    def read_now(self, ids: Sequence[BlockId], shards: int | Sequence[int],
-                 dst: torch.Tensor | Sequence[torch.Tensor]) -> dict[BlockId, BaseException]:
+    def read_now(
+        self, ids: Sequence[BlockId], shards: int | Sequence[int], dst: torch.Tensor | Sequence[torch.Tensor]
+    ) -> dict[BlockId, BaseException]:
         """`load` + `wait` on the calling thread, without the pool: for a caller that would wait
         at once anyway (offload's loads in the forward pass), where a hop to a store thread only
         adds a wake-up and competes with the engine's own busy threads. Returns the failures."""
@@ -321,7 +325,9 @@ class KVStore(ABC):
         finally:
             self._end_load(uniq)
 
-    def dump(self, ids: Sequence[BlockId], shards: int | Sequence[int], src: torch.Tensor | Sequence[torch.Tensor]) -> Task:
+    def dump(
+        self, ids: Sequence[BlockId], shards: int | Sequence[int], src: torch.Tensor | Sequence[torch.Tensor]
+    ) -> Task:
         """Start writing shards from src; returns at once. Blocks already stored are skipped."""
         return self._submit("dump", self._items(ids, shards, src, "src"), self._write_items, src)
 
@@ -373,9 +379,13 @@ class KVStore(ABC):
         out: list[Item] = []
         for block_id, s, r in zip(ids, shard_list, rows):
             if r.dtype != lay.dtype or r.numel() != lay.shard_numel:
-                raise ValueError(f"{what} tensors must hold {lay.shard_shape} {lay.dtype}, got {tuple(r.shape)} {r.dtype}")
+                raise ValueError(
+                    f"{what} tensors must hold {lay.shard_shape} {lay.dtype}, got {tuple(r.shape)} {r.dtype}"
+                )
             if r.device.type != "cpu":
-                raise ValueError(f"{what} tensors must be host tensors (got {r.device}); stage device data in pinned memory")
+                raise ValueError(
+                    f"{what} tensors must be host tensors (got {r.device}); stage device data in pinned memory"
+                )
             if not r.is_contiguous():
                 raise ValueError(f"{what} tensors must be contiguous")
             out.append((block_id, s, as_bytes(r)))

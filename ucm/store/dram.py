@@ -37,8 +37,15 @@ class _Entry:
 class DramStore(KVStore):
     """LRU cache of whole blocks in host memory."""
 
-    def __init__(self, layout: BlockLayout, capacity: int, *, workers: int = 1, pin_memory: bool | None = None,
-                 ops: SparseOps | None = None) -> None:
+    def __init__(
+        self,
+        layout: BlockLayout,
+        capacity: int,
+        *,
+        workers: int = 1,
+        pin_memory: bool | None = None,
+        ops: SparseOps | None = None,
+    ) -> None:
         super().__init__(layout, workers)
         if ops is None:
             from ucm.ops.registry import get_ops

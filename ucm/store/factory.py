@@ -13,8 +13,11 @@ from ucm.store.posix import PosixStore
 Pipeline = Literal["Cache|Posix", "Posix", "Cache", "Empty"]
 
 #: the stage stack each UCM connector name stands for (UcmPipelineStore: store_pipeline picks)
-CONNECTOR_PIPELINES: dict[str, Pipeline] = {"UcmNfsStore": "Posix", "UcmDramStore": "Cache",
-                                            "UcmPipelineStore": "Cache|Posix"}
+CONNECTOR_PIPELINES: dict[str, Pipeline] = {
+    "UcmNfsStore": "Posix",
+    "UcmDramStore": "Cache",
+    "UcmPipelineStore": "Cache|Posix",
+}
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,10 @@ class StoreSpec:
 def build_store(spec: StoreSpec, layout: BlockLayout) -> KVStore:
     """A store for one model layout; raises StoreError when the spec cannot serve it."""
     if spec.kv_block_size is not None and spec.kv_block_size != layout.block_nbytes:
-        raise StoreError(f"kv_block_size is {spec.kv_block_size} B but a block of this model is "
-                         f"{layout.block_nbytes} B ({layout.num_shards} x {layout.shard_shape} {layout.dtype})")
+        raise StoreError(
+            f"kv_block_size is {spec.kv_block_size} B but a block of this model is "
+            f"{layout.block_nbytes} B ({layout.num_shards} x {layout.shard_shape} {layout.dtype})"
+        )
     stages = spec.pipeline.split("|")
     if spec.pipeline == "Empty":
         return EmptyStore(layout, spec.workers)
@@ -42,8 +47,13 @@ def build_store(spec: StoreSpec, layout: BlockLayout) -> KVStore:
     if "Posix" in stages:
         if not spec.storage_backends:
             raise StoreError(f"store_pipeline {spec.pipeline!r} needs storage_backends (a directory)")
-        posix = PosixStore(spec.storage_backends, layout, workers=spec.workers, capacity=spec.storage_capacity,
-                           use_direct=spec.use_direct)
+        posix = PosixStore(
+            spec.storage_backends,
+            layout,
+            workers=spec.workers,
+            capacity=spec.storage_capacity,
+            use_direct=spec.use_direct,
+        )
     if "Cache" in stages:
         if spec.max_cache_size is None:
             raise StoreError(f"store_pipeline {spec.pipeline!r} needs max_cache_size (bytes of host memory)")

@@ -87,4 +87,3 @@ class PipelineStore(KVStore):
         super().close()
         self.cache.close()
         self.backing.close()
-

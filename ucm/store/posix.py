@@ -227,8 +227,9 @@ class PosixStore(KVStore):
             return
         except OSError as exc:
             if exc.errno in _WRITE_REFUSED:
-                log.info("ucm.store: cannot write the marker %s (%s); the directory is used unmarked",
-                         marker, exc.strerror)
+                log.info(
+                    "ucm.store: cannot write the marker %s (%s); the directory is used unmarked", marker, exc.strerror
+                )
                 return
             raise _io_error("create the store marker", marker, exc, writing=False) from exc
         try:
@@ -251,8 +252,11 @@ class PosixStore(KVStore):
         if works is None:
             works = self._probe_direct_read(root)
         if works is None:
-            log.warning("ucm.store: cannot probe O_DIRECT in %s (it takes no writes and holds no block to read); "
-                        "use_direct falls back to buffered I/O", root)
+            log.warning(
+                "ucm.store: cannot probe O_DIRECT in %s (it takes no writes and holds no block to read); "
+                "use_direct falls back to buffered I/O",
+                root,
+            )
             return False
         if not works:
             log.warning("ucm.store: %s does not support O_DIRECT; use_direct falls back to buffered I/O", root)
@@ -347,8 +351,16 @@ class PosixStore(KVStore):
     # ------------------------------------------------------------------ header
     def _pack_header(self, block_id: BlockId, crcs: Sequence[int]) -> bytes:
         lay = self.layout
-        head = _FIXED.pack(MAGIC, VERSION, self.header_size, self.stride, bytes.fromhex(block_id),
-                           _dtype_name(lay.dtype).encode(), lay.num_shards, len(lay.shard_shape))
+        head = _FIXED.pack(
+            MAGIC,
+            VERSION,
+            self.header_size,
+            self.stride,
+            bytes.fromhex(block_id),
+            _dtype_name(lay.dtype).encode(),
+            lay.num_shards,
+            len(lay.shard_shape),
+        )
         head += struct.pack(f"<{len(lay.shard_shape)}Q", *lay.shard_shape)
         head += struct.pack(f"<{lay.num_shards}I", *crcs)
         head += struct.pack("<I", _checksum(head))
@@ -402,8 +414,9 @@ class PosixStore(KVStore):
         if key in self._foreign_noted:
             return
         self._foreign_noted.add(key)
-        log.warning("ucm.store: %s is not a regular file (a symbolic link?): not a block of this store, left alone",
-                    key)
+        log.warning(
+            "ucm.store: %s is not a regular file (a symbolic link?): not a block of this store, left alone", key
+        )
 
     def _begin_load(self, ids: Sequence[BlockId]) -> None:
         with self._lock:
@@ -540,8 +553,10 @@ class PosixStore(KVStore):
                     _refresh_stamp(final)
                     return  # (a file of the wrong size is not a block: it is replaced on publish)
                 if kind == "foreign":
-                    raise StoreError(f"{final} is not a regular file (a symbolic link?): not created by this store, "
-                                     "left alone; the block was not stored")
+                    raise StoreError(
+                        f"{final} is not a regular file (a symbolic link?): not created by this store, "
+                        "left alone; the block was not stored"
+                    )
                 pending = self._pending[block_id] = self._new_temp(block_id, final)
         try:
             self._write_at(pending.tmp, src, self.header_size + shard * self.stride)
@@ -660,8 +675,11 @@ class PosixStore(KVStore):
 
     def _scan(self) -> list[tuple[int, int, BlockId, str]]:
         """(mtime_ns, size, id, path) of every published block in every root."""
-        return [(st.st_mtime_ns, st.st_size, entry.name[: -len(SUFFIX)], entry.path)
-                for r in self.roots for entry, st in self._block_entries(r)]
+        return [
+            (st.st_mtime_ns, st.st_size, entry.name[: -len(SUFFIX)], entry.path)
+            for r in self.roots
+            for entry, st in self._block_entries(r)
+        ]
 
     def used_bytes(self) -> int:
         """Bytes of published blocks in the directories now (a scan)."""
@@ -690,7 +708,9 @@ class PosixStore(KVStore):
                             continue
                         total -= size
                 if total > self.capacity:
-                    log.warning("ucm.store: %d B stored over a %d B capacity: the rest is being read", total, self.capacity)
+                    log.warning(
+                        "ucm.store: %d B stored over a %d B capacity: the rest is being read", total, self.capacity
+                    )
             self._used = total
 
 
@@ -734,8 +754,9 @@ def _check_marker(marker: Path) -> None:
         fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise StoreError(f"{marker} is a symbolic link, not a store marker; "
-                             "give the store a directory of its own") from None
+            raise StoreError(
+                f"{marker} is a symbolic link, not a store marker; give the store a directory of its own"
+            ) from None
         raise _io_error("read the store marker", marker, exc, writing=False) from exc
     try:
         text = os.read(fd, 4096)
@@ -746,8 +767,10 @@ def _check_marker(marker: Path) -> None:
     ours = MARKER_TEXT.split(b"\n", 1)[0]
     first = text.split(b"\n", 1)[0]
     if first != ours and not MARKER_TEXT.startswith(text):
-        raise StoreError(f"{marker} says {first[:80]!r}, not {ours!r}: the directory holds another store format "
-                         "or another program's files; give this store a directory of its own")
+        raise StoreError(
+            f"{marker} says {first[:80]!r}, not {ours!r}: the directory holds another store format "
+            "or another program's files; give this store a directory of its own"
+        )
 
 
 def _probe_verdict(root: Path, exc: OSError) -> bool | None:

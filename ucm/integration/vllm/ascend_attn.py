@@ -57,11 +57,15 @@ def _refuse_unsupported(vllm_config, impl: AscendAttentionBackendImpl) -> None:
             "compilation_config cudagraph_mode PIECEWISE)."
         )
     if ((vllm_config.additional_config or {}).get("xlite_graph_config") or {}).get("enabled"):
-        raise ValueError("ucm sparse attention on vllm-ascend: additional_config xlite_graph_config runs the model "
-                         "outside vLLM's attention layers; disable it to use ucm")
+        raise ValueError(
+            "ucm sparse attention on vllm-ascend: additional_config xlite_graph_config runs the model "
+            "outside vLLM's attention layers; disable it to use ucm"
+        )
     if impl.enable_hamming_sparse:
-        raise ValueError("ucm sparse attention on vllm-ascend: additional_config enable_hamming_sparse (vllm-ascend's "
-                         "own sparse decode) also rewrites the decode block table; enable one of the two")
+        raise ValueError(
+            "ucm sparse attention on vllm-ascend: additional_config enable_hamming_sparse (vllm-ascend's "
+            "own sparse decode) also rewrites the decode block table; enable one of the two"
+        )
 
 
 class UCMAscendAttentionBackendImpl(KVWriteHook, AscendAttentionBackendImpl):
@@ -77,16 +81,24 @@ class UCMAscendAttentionBackendImpl(KVWriteHook, AscendAttentionBackendImpl):
         if kv_cache is None or len(kv_cache) < 2 or kv_cache[0].numel() == 0:
             return None
         num_blocks, block_size = kv_cache[0].shape[:2]  # key cache [NB, bs, Hkv, D]
-        return decoder_runtime(self, num_blocks, block_size, device,
-                               manager_block_size=self.vllm_config.cache_config.block_size,
-                               platform="vllm-ascend", splits="vllm-ascend splits blocks")
+        return decoder_runtime(
+            self,
+            num_blocks,
+            block_size,
+            device,
+            manager_block_size=self.vllm_config.cache_config.block_size,
+            platform="vllm-ascend",
+            splits="vllm-ascend splits blocks",
+        )
 
     # ------------------------------------------------------------ cache writes
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None,
-                output_block_scale=None):
+    def forward(
+        self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None, output_block_scale=None
+    ):
         self._ucm_layer_name = layer.layer_name  # reshape_and_cache / forward_impl are not given the layer
-        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                               output_block_scale)
+        return super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+        )
 
     def reshape_and_cache(self, query, key, value, kv_cache, attn_metadata, output):
         out = super().reshape_and_cache(query, key, value, kv_cache, attn_metadata, output)
@@ -103,8 +115,14 @@ class UCMAscendAttentionBackendImpl(KVWriteHook, AscendAttentionBackendImpl):
         if rt is not None:
             block_size = kv_cache[0].shape[1]
             seq_lens = _device_seq_lens(rt, attn_metadata)
-            picked = rt.decode_selection(self._ucm_layer_name, query, attn_metadata.query_start_loc, seq_lens,
-                                         attn_metadata.block_tables, block_size)
+            picked = rt.decode_selection(
+                self._ucm_layer_name,
+                query,
+                attn_metadata.query_start_loc,
+                seq_lens,
+                attn_metadata.block_tables,
+                block_size,
+            )
             if picked is not None:
                 attn_metadata = _sparse_metadata(attn_metadata, *picked, rt=rt)
         out = super().forward_impl(query, key, value, kv_cache, attn_metadata, output)
@@ -138,8 +156,9 @@ def _sparse_metadata(md, rows: torch.Tensor, sel, rt):
     seq_lens = cache.get(key)
     if seq_lens is None:
         seq_lens = cache[key] = torch.tensor(lens, dtype=md.seq_lens.dtype, device=md.seq_lens.device)
-    return dataclasses.replace(md, block_tables=block_tables, seq_lens=seq_lens, seq_lens_cpu=seq_lens,
-                               seq_lens_list=lens)
+    return dataclasses.replace(
+        md, block_tables=block_tables, seq_lens=seq_lens, seq_lens_cpu=seq_lens, seq_lens_list=lens
+    )
 
 
 class UCMAscendAttentionBackend(AscendAttentionBackend):
@@ -150,6 +169,8 @@ class UCMAscendAttentionBackend(AscendAttentionBackend):
             return UCMAscendAttentionBackendImpl
         # context parallelism swaps in another impl with its own decode metadata (not wrapped)
         if ucm_sparse_requested(get_current_vllm_config_or_none()):
-            raise NotImplementedError(f"ucm sparse attention on vllm-ascend does not wrap {impl.__name__} "
-                                      "(prefill/decode context parallelism); run without it to use ucm")
+            raise NotImplementedError(
+                f"ucm sparse attention on vllm-ascend does not wrap {impl.__name__} "
+                "(prefill/decode context parallelism); run without it to use ucm"
+            )
         return impl

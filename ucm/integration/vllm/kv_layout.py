@@ -26,7 +26,8 @@ class CpuKVLayout:
         if isa not in self.VERIFIED_ISAS:
             raise NotImplementedError(
                 f"reading keys back from vLLM-CPU's {isa!r} KV layout is not implemented "
-                f"(verified: {', '.join(self.VERIFIED_ISAS)}); sparse decode cannot use blocks loaded from a store here")
+                f"(verified: {', '.join(self.VERIFIED_ISAS)}); sparse decode cannot use blocks loaded from a store here"
+            )
         self.isa = isa
 
     @staticmethod

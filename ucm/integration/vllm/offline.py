@@ -16,9 +16,13 @@ def connector_config(extra: dict[str, Any], kv_load_failure_policy: str = "recom
     """vLLM's KVTransferConfig for UCMConnector with UCM's extra config (sparse and/or store)."""
     from vllm.config import KVTransferConfig
 
-    return KVTransferConfig(kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.connector",
-                            kv_role="kv_both", kv_connector_extra_config=extra,
-                            kv_load_failure_policy=kv_load_failure_policy)
+    return KVTransferConfig(
+        kv_connector="UCMConnector",
+        kv_connector_module_path="ucm.integration.vllm.connector",
+        kv_role="kv_both",
+        kv_connector_extra_config=extra,
+        kv_load_failure_policy=kv_load_failure_policy,
+    )
 
 
 class RequestFailed(RuntimeError):
@@ -32,16 +36,21 @@ def checked(outputs: list) -> list:
     rather than print or score an empty answer."""
     failed = [o.request_id for o in outputs if any(c.finish_reason == "error" for c in o.outputs)]
     if failed:
-        raise RequestFailed(f"{len(failed)} of {len(outputs)} request(s) failed in the engine (finish_reason "
-                            f"'error', first: {failed[0]}); with a ucm store, a block that failed to load fails "
-                            "its request under kv_load_failure_policy 'fail' ('recompute' recomputes it)")
+        raise RequestFailed(
+            f"{len(failed)} of {len(outputs)} request(s) failed in the engine (finish_reason "
+            f"'error', first: {failed[0]}); with a ucm store, a block that failed to load fails "
+            "its request under kv_load_failure_policy 'fail' ('recompute' recomputes it)"
+        )
     return outputs
 
 
 def posix_store(path) -> dict:
     """The `ucm_connectors` part of an extra config for a POSIX store at `path` (prefix reuse)."""
-    return {"ucm_connectors": [{"ucm_connector_name": "UcmNfsStore",
-                                "ucm_connector_config": {"storage_backends": str(path)}}]}
+    return {
+        "ucm_connectors": [
+            {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": str(path)}}
+        ]
+    }
 
 
 def close_engine(llm=None) -> None:

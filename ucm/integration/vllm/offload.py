@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -68,8 +69,9 @@ class _Request:
 class OffloadPlanner:
     """Scheduler-side: which blocks of which request to dump and free, and what to tell workers."""
 
-    def __init__(self, policy: OffloadPolicy, prefix: PrefixPlanner, num_device_blocks: int,
-                 max_model_len: int) -> None:
+    def __init__(
+        self, policy: OffloadPolicy, prefix: PrefixPlanner, num_device_blocks: int, max_model_len: int
+    ) -> None:
         self.policy = policy
         self.prefix = prefix
         self.max_model_len = max_model_len
@@ -178,7 +180,7 @@ class OffloadPlanner:
             return []
         tokens = r.request.all_token_ids
         for i in range(start, full):
-            r.ids.append(block_hash(r.ids[-1] if r.ids else self.prefix.root, tokens[i * bs:(i + 1) * bs]))
+            r.ids.append(block_hash(r.ids[-1] if r.ids else self.prefix.root, tokens[i * bs : (i + 1) * bs]))
             r.saved_when.append(after_step)  # this step dumps it
         return list(range(start, full))
 
@@ -209,9 +211,14 @@ class OffloadPlanner:
             pool.evict_blocks({blocks[i].block_id for i in r.slots})  # their contents will change
             self.offloaded_requests += 1
             if self.offloaded_requests == 1:
-                logger.info("ucm offload active: request %s keeps %d of its %d blocks on the device after this step "
-                            "(budget %d)", rid, len(blocks) - (target - start - n_slots), len(blocks),
-                            p.budget(self.max_tokens(r.request)))
+                logger.info(
+                    "ucm offload active: request %s keeps %d of its %d blocks on the device after this step "
+                    "(budget %d)",
+                    rid,
+                    len(blocks) - (target - start - n_slots),
+                    len(blocks),
+                    p.budget(self.max_tokens(r.request)),
+                )
         slot_set = set(r.slots)
         freed = []
         null = pool.null_block
@@ -228,10 +235,14 @@ class OffloadPlanner:
         return update
 
     def snapshot(self) -> dict:
-        return {"offloaded_requests": self.offloaded_requests, "freed_blocks": self.freed_blocks,
-                "over_budget": self.over_budget, "virtual_in_use": self.virtual_in_use,
-                "virtual_capacity": self.virtual_capacity,
-                "held": dict(self.held)}
+        return {
+            "offloaded_requests": self.offloaded_requests,
+            "freed_blocks": self.freed_blocks,
+            "over_budget": self.over_budget,
+            "virtual_in_use": self.virtual_in_use,
+            "virtual_capacity": self.virtual_capacity,
+            "held": dict(self.held),
+        }
 
 
 class OffloadWorker:
@@ -252,8 +263,9 @@ class OffloadWorker:
     def extra_blocks(self, num_device_blocks: int) -> int:
         """Virtual ids to add to the scorer's side caches (after the device's block ids)."""
         count = self.policy.virtual_capacity(num_device_blocks)
-        self.residency = Residency(self.num_layers, self.policy.init_blocks, VirtualBlocks(num_device_blocks, count),
-                                   num_device_blocks)
+        self.residency = Residency(
+            self.num_layers, self.policy.init_blocks, VirtualBlocks(num_device_blocks, count), num_device_blocks
+        )
         return count
 
     def apply(self, updates: list[OffloadUpdate], copy_blocks: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
@@ -291,6 +303,9 @@ class OffloadWorker:
 
     def snapshot(self) -> dict:
         live = list(self.requests.values())
-        return {"offloaded_requests": len(live), "loaded_blocks": self.loaded_blocks + sum(r.loads - r.failed_loads for r in live),
-                "failed_loads": self.failed_loads + sum(r.failed_loads for r in live),
-                "virtual_in_use": self.residency.virtual.in_use if self.residency else 0}
+        return {
+            "offloaded_requests": len(live),
+            "loaded_blocks": self.loaded_blocks + sum(r.loads - r.failed_loads for r in live),
+            "failed_loads": self.failed_loads + sum(r.failed_loads for r in live),
+            "virtual_in_use": self.residency.virtual.in_use if self.residency else 0,
+        }

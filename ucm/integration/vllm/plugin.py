@@ -30,8 +30,7 @@ WRAPPERS = {
 }
 # vllm-ascend's stock backend class path -> ucm's subclass of it
 ASCEND_WRAPPERS = {
-    "vllm_ascend.attention.attention_v1.AscendAttentionBackend":
-        "ucm.integration.vllm.ascend_attn.UCMAscendAttentionBackend",
+    "vllm_ascend.attention.attention_v1.AscendAttentionBackend": "ucm.integration.vllm.ascend_attn.UCMAscendAttentionBackend",
 }
 CONNECTOR_MODULE = "ucm.integration.vllm.connector"
 
@@ -69,16 +68,24 @@ def register(platform=None) -> None:
 
         for name, path in WRAPPERS[kind].items():
             register_backend(AttentionBackendEnum[name], path)
-        logger.debug("ucm: registered attention wrappers for vLLM %s on %s: %s", version, kind,
-                     ", ".join(WRAPPERS[kind]))
+        logger.debug(
+            "ucm: registered attention wrappers for vLLM %s on %s: %s", version, kind, ", ".join(WRAPPERS[kind])
+        )
     elif kind == "ascend":
         platform_cls = install_ascend(ASCEND_WRAPPERS, platform)
-        logger.debug("ucm: %s.get_attn_backend_cls maps %s (vLLM %s)", platform_cls.__name__,
-                     ", ".join(f"{k} -> {v}" for k, v in ASCEND_WRAPPERS.items()), version)
+        logger.debug(
+            "ucm: %s.get_attn_backend_cls maps %s (vLLM %s)",
+            platform_cls.__name__,
+            ", ".join(f"{k} -> {v}" for k, v in ASCEND_WRAPPERS.items()),
+            version,
+        )
     else:
-        logger.info("ucm: no attention wrapper for the %r platform (ucm wraps vLLM-CPU, vLLM-CUDA FlashAttention "
-                    "and vllm-ascend); "
-                    "ucm's sparse attention stays off here", kind)
+        logger.info(
+            "ucm: no attention wrapper for the %r platform (ucm wraps vLLM-CPU, vLLM-CUDA FlashAttention "
+            "and vllm-ascend); "
+            "ucm's sparse attention stays off here",
+            kind,
+        )
 
 
 def install_ascend(wrappers: dict[str, str], platform=None) -> type:
@@ -103,8 +110,11 @@ def install_ascend(wrappers: dict[str, str], platform=None) -> type:
         from vllm.config import get_current_vllm_config_or_none
 
         if ucm_sparse_requested(get_current_vllm_config_or_none()):
-            logger.warning("ucm: vllm-ascend chose %s, which ucm does not wrap (only %s): these layers decode "
-                           "densely", path, ", ".join(wrappers))
+            logger.warning(
+                "ucm: vllm-ascend chose %s, which ucm does not wrap (only %s): these layers decode densely",
+                path,
+                ", ".join(wrappers),
+            )
         return path
 
     get_attn_backend_cls._ucm_wrappers = wrappers  # type: ignore[attr-defined]
@@ -122,5 +132,8 @@ def ucm_sparse_requested(vllm_config) -> bool:
     extra = ktc.kv_connector_extra_config or {}
     entries = [{"kv_connector_module_path": ktc.kv_connector_module_path, "kv_connector_extra_config": extra}]
     entries += [c for c in extra.get("connectors", []) if isinstance(c, dict)]
-    return any(e.get("kv_connector_module_path") == CONNECTOR_MODULE
-               and (e.get("kv_connector_extra_config") or {}).get(SPARSE_KEY) for e in entries)
+    return any(
+        e.get("kv_connector_module_path") == CONNECTOR_MODULE
+        and (e.get("kv_connector_extra_config") or {}).get(SPARSE_KEY)
+        for e in entries
+    )

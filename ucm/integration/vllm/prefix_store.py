@@ -35,9 +35,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -74,8 +75,10 @@ class StoreIdentity:
 
     @property
     def namespace(self) -> str:
-        return (f"{self.model}|{self.dtype}|{self.layout}|block={self.block_size}|page={self.page_bytes}"
-                f"|layers={self.num_layers}|tp={self.tp_size}")
+        return (
+            f"{self.model}|{self.dtype}|{self.layout}|block={self.block_size}|page={self.page_bytes}"
+            f"|layers={self.num_layers}|tp={self.tp_size}"
+        )
 
     def scope(self, rank: int) -> str:
         return f"tp{rank}/{self.tp_size}"
@@ -114,6 +117,7 @@ class _Prompt:
 
 def _canonical(extra: Any) -> bytes:
     """A stable byte encoding of vLLM's extra keys (tuples of str / int / bytes)."""
+
     def enc(x):
         if isinstance(x, (bytes, bytearray)):
             return {"bytes": bytes(x).hex()}
@@ -163,7 +167,7 @@ def request_block_ids(request, block_size: int, namespace: str, digests: dict) -
     parent, mm_idx, out = root_hash(namespace), 0, []
     for start in range(0, len(tokens) - block_size + 1, block_size):
         extra, mm_idx = generate_block_hash_extra_keys(request, start, start + block_size, mm_idx)
-        parent = block_hash(parent, tokens[start:start + block_size], _canonical(extra) if extra else b"")
+        parent = block_hash(parent, tokens[start : start + block_size], _canonical(extra) if extra else b"")
         out.append(parent)
     return out, ""
 
@@ -189,8 +193,9 @@ class PrefixPlanner:
             if ids is None:
                 if not self._said_unidentified:
                     self._said_unidentified = True
-                    logger.warning("ucm store: request %s is neither stored nor loaded: %s (said once)",
-                                   request.request_id, why)
+                    logger.warning(
+                        "ucm store: request %s is neither stored nor loaded: %s (said once)", request.request_id, why
+                    )
                 return None
             p = self._prompts[request.request_id] = _Prompt(ids)
         return p
@@ -244,8 +249,9 @@ class PrefixPlanner:
             return
         p.load = (p.first, num_external_tokens // self.identity.block_size)
 
-    def plan_request(self, req_id: str, prompt_len: int, blocks: list[int], computed: int,
-                     scheduled: int, new: bool, plan: StorePlan) -> None:
+    def plan_request(
+        self, req_id: str, prompt_len: int, blocks: list[int], computed: int, scheduled: int, new: bool, plan: StorePlan
+    ) -> None:
         """Add this request's loads (when newly scheduled with a hit) and newly full prompt blocks;
         nothing for a request whose identity was not established."""
         p = self._prompts.get(req_id)
@@ -256,7 +262,7 @@ class PrefixPlanner:
             if p.load is not None:
                 first, n = p.load
                 if first + n <= len(blocks):
-                    plan.loads.append(LoadSpec(req_id, blocks[first:first + n], p.ids[first:first + n]))
+                    plan.loads.append(LoadSpec(req_id, blocks[first : first + n], p.ids[first : first + n]))
                 p.saved = first + n
                 p.load = None
             else:
@@ -264,7 +270,7 @@ class PrefixPlanner:
         full = min(computed + scheduled, prompt_len) // bs
         full = min(full, len(p.ids), len(blocks))
         if full > p.saved:
-            plan.saves.append(SaveSpec(blocks[p.saved:full], p.ids[p.saved:full]))
+            plan.saves.append(SaveSpec(blocks[p.saved : full], p.ids[p.saved : full]))
             p.saved = full
 
     def forget(self, req_id: str) -> None:
@@ -308,8 +314,9 @@ class PrefixStoreWorker:
         for layer, kv in kv_caches.items():
             page = kv[0].numel() * kv.element_size()
             if page != self.identity.page_bytes:
-                raise StoreError(f"layer {layer}: a KV block is {page} B but the store was set up for "
-                                 f"{self.identity.page_bytes} B")
+                raise StoreError(
+                    f"layer {layer}: a KV block is {page} B but the store was set up for {self.identity.page_bytes} B"
+                )
             if not kv.is_contiguous():
                 raise StoreError(f"layer {layer}: the KV cache is not contiguous; blocks cannot be moved as bytes")
         self.kv_caches = dict(kv_caches)
@@ -340,8 +347,11 @@ class PrefixStoreWorker:
                 self._wait(task, f"the load of {n} prefix block(s) into layer {layer}")
             except TaskFailed as exc:
                 bad.update(exc.ids)
-                fate = ("will be recomputed" if self.recompute_failures else
-                        "fail their requests (kv_load_failure_policy 'fail'; 'recompute' recomputes them instead)")
+                fate = (
+                    "will be recomputed"
+                    if self.recompute_failures
+                    else "fail their requests (kv_load_failure_policy 'fail'; 'recompute' recomputes them instead)"
+                )
                 self._warn_once("load", f"ucm store: {len(exc.ids)} block(s) failed to load and {fate} (first: {exc})")
         good = [k for k, i in enumerate(ids) if i not in bad]
         if bad:
@@ -380,8 +390,11 @@ class PrefixStoreWorker:
                 self._scatter_arrived(layer, block_ids, buf, good)
         if failures:
             first = next(iter(failures.values()))
-            self._warn_once("offload", f"ucm offload: {len(failures)} block(s) failed to load from the store and are "
-                                       f"left out of attention (first: {first}); size the store to hold the offloaded KV")
+            self._warn_once(
+                "offload",
+                f"ucm offload: {len(failures)} block(s) failed to load from the store and are "
+                f"left out of attention (first: {first}); size the store to hold the offloaded KV",
+            )
         ok = [i not in failures for i in ids]
         self.offload_loaded_blocks += sum(ok)
         dt = time.perf_counter() - t0
@@ -459,9 +472,11 @@ class PrefixStoreWorker:
         try:
             self.store.wait(task, self.wait_timeout_s)
         except TimeoutError as exc:  # the task is still running (its own failures come as TaskFailed)
-            raise WaitTimeout(f"ucm store (TP rank {self.rank}): {what} did not finish within "
-                              f"{self.wait_timeout_s:g} s ({WAIT_TIMEOUT_ENV}); the store's threads are still at it "
-                              f"({type(self.store).__name__})") from exc
+            raise WaitTimeout(
+                f"ucm store (TP rank {self.rank}): {what} did not finish within "
+                f"{self.wait_timeout_s:g} s ({WAIT_TIMEOUT_ENV}); the store's threads are still at it "
+                f"({type(self.store).__name__})"
+            ) from exc
 
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
@@ -469,7 +484,12 @@ class PrefixStoreWorker:
             logger.warning(message)
 
     def snapshot(self) -> dict:
-        return {"loaded_blocks": self.loaded_blocks, "dumped_blocks": self.dumped_blocks,
-                "failed_loads": self.failed_loads, "failed_dumps": self.failed_dumps,
-                "load_seconds": self.load_seconds, "offload_loaded_blocks": self.offload_loaded_blocks,
-                "offload_load_seconds": self.offload_load_seconds}
+        return {
+            "loaded_blocks": self.loaded_blocks,
+            "dumped_blocks": self.dumped_blocks,
+            "failed_loads": self.failed_loads,
+            "failed_dumps": self.failed_dumps,
+            "load_seconds": self.load_seconds,
+            "offload_loaded_blocks": self.offload_loaded_blocks,
+            "offload_load_seconds": self.offload_load_seconds,
+        }

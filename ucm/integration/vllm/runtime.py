@@ -115,8 +115,9 @@ class SparseRuntime:
         self.observers: list = []
 
     # ---------------------------------------------------------------- setup
-    def ensure_method(self, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int, num_blocks: int,
-                      device: torch.device) -> SparseMethod:
+    def ensure_method(
+        self, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int, num_blocks: int, device: torch.device
+    ) -> SparseMethod:
         if self.method is None:
             from ucm.sparse.factory import build_sparse_method
 
@@ -124,21 +125,40 @@ class SparseRuntime:
             if self.offload is not None:  # middle blocks are scored through virtual ids past the device's
                 num_blocks += self.offload.extra_blocks(num_blocks)
             shapes = ModelShapes(self.num_layers, num_q_heads, num_kv_heads, head_dim, block_size, num_blocks, device)
-            self.method = build_sparse_method(self.config, shapes, self.ops, model_name=self.model_name,
-                                              device_kind=self.device_kind, model_config=self.model_config_file,
-                                              host_scoring=not self.batch_mode)
+            self.method = build_sparse_method(
+                self.config,
+                shapes,
+                self.ops,
+                model_name=self.model_name,
+                device_kind=self.device_kind,
+                model_config=self.model_config_file,
+                host_scoring=not self.batch_mode,
+            )
             self.method.score_reduce = _tensor_parallel_sum()
             if self.batch_mode:
                 if self.method.score_reduce is not None:
-                    raise NotImplementedError("ucm's CUDA graph decode path runs on one tensor-parallel rank so far "
-                                              "(block scores are not summed over ranks there); run with TP=1")
+                    raise NotImplementedError(
+                        "ucm's CUDA graph decode path runs on one tensor-parallel rank so far "
+                        "(block scores are not summed over ranks there); run with TP=1"
+                    )
                 self.batch = BatchSelector(self.method)
                 if getattr(self.config, "retrieval_stride", 1) > 1:
-                    logger.info("ucm %s: retrieval_stride %d applies to the per-request path; the CUDA graph path "
-                                "selects every step", self.method.name, self.config.retrieval_stride)
-            logger.info("ucm %s active: %d layers, %d q / %d kv heads per rank, block %d, %d blocks; side caches %.1f MiB",
-                        self.method.name, self.num_layers, num_q_heads, num_kv_heads, block_size, num_blocks,
-                        self.method.scorer.memory_bytes() / 2**20)
+                    logger.info(
+                        "ucm %s: retrieval_stride %d applies to the per-request path; the CUDA graph path "
+                        "selects every step",
+                        self.method.name,
+                        self.config.retrieval_stride,
+                    )
+            logger.info(
+                "ucm %s active: %d layers, %d q / %d kv heads per rank, block %d, %d blocks; side caches %.1f MiB",
+                self.method.name,
+                self.num_layers,
+                num_q_heads,
+                num_kv_heads,
+                block_size,
+                num_blocks,
+                self.method.scorer.memory_bytes() / 2**20,
+            )
         return self.method
 
     # ---------------------------------------------------------------- steps
@@ -197,8 +217,15 @@ class SparseRuntime:
         if self.method is not None:
             self.method.on_kv_written(layer, key, slot_mapping)
 
-    def batch_selection(self, layer_name: str, query: torch.Tensor, attn_metadata, query_start_loc: torch.Tensor,
-                        seq_lens: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def batch_selection(
+        self,
+        layer_name: str,
+        query: torch.Tensor,
+        attn_metadata,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_table: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(block_table, seq_lens) this layer's kernel reads for the whole batch, or None (stock).
 
         Device work only (safe to capture in a CUDA graph): the step's plan is made at its first
@@ -212,8 +239,9 @@ class SparseRuntime:
             return None
         plan = attn_metadata.__dict__.get("_ucm_plan")
         if plan is None:
-            plan = attn_metadata._ucm_plan = sel.plan(query_start_loc, seq_lens, block_table,
-                                                      getattr(attn_metadata, "max_query_len", None))
+            plan = attn_metadata._ucm_plan = sel.plan(
+                query_start_loc, seq_lens, block_table, getattr(attn_metadata, "max_query_len", None)
+            )
         return sel.select(layer, query, plan)
 
     def batch_max_len(self, layer_name: str, max_seq_len: int, max_query_len: int | None) -> int:
@@ -222,8 +250,13 @@ class SparseRuntime:
         return self.batch.max_len(layer_index(layer_name), max_seq_len, max_query_len)
 
     def decode_selection(
-        self, layer_name: str, query: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-        block_table: torch.Tensor, block_size: int,
+        self,
+        layer_name: str,
+        query: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_table: torch.Tensor,
+        block_size: int,
     ) -> tuple[torch.Tensor, Selection] | None:
         """(decode rows, their selection) for this layer, or None when the step stays dense."""
         if self._step is None or self.method is None:
@@ -278,8 +311,15 @@ class SparseRuntime:
         for ob in self.observers:
             ob.on_kv(layer_name, key[:n], value[:n], slot_mapping)
 
-    def notify_decode(self, layer_name: str, rows: torch.Tensor, sel: Selection, query: torch.Tensor,
-                      query_start_loc: torch.Tensor, output: torch.Tensor) -> None:
+    def notify_decode(
+        self,
+        layer_name: str,
+        rows: torch.Tensor,
+        sel: Selection,
+        query: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        output: torch.Tensor,
+    ) -> None:
         at = query_start_loc.index_select(0, rows).to(torch.int64)
         for ob in self.observers:
             ob.on_decode(layer_name, rows, sel, query.index_select(0, at), output.index_select(0, at))
@@ -292,8 +332,13 @@ class SparseRuntime:
         self._last_log = now
         st = self.method.stats
         per_layer = " ".join(f"{k}/{t}" for k, t in zip(st.kept, st.total) if t)
-        logger.info("ucm %s: %d sparse decode steps; blocks read %.1f%% of held; kept/total per layer: %s",
-                    self.method.name, st.steps, 100 * st.fraction_read, per_layer)
+        logger.info(
+            "ucm %s: %d sparse decode steps; blocks read %.1f%% of held; kept/total per layer: %s",
+            self.method.name,
+            st.steps,
+            100 * st.fraction_read,
+            per_layer,
+        )
 
     def counters(self) -> dict:
         """Cumulative counters, the step in flight included as far as it has run (its layers
@@ -318,13 +363,16 @@ class SparseRuntime:
             sparse_rows += sum(plan.sparse_list)
             layers = list(plan.selections)
             if layers:  # one host read for all layers
-                sums = torch.stack([torch.stack([plan.selections[i].blocks_kept.sum(), plan.selections[i].blocks_total.sum()])
-                                    for i in layers]).tolist()
+                sums = torch.stack(
+                    [
+                        torch.stack([plan.selections[i].blocks_kept.sum(), plan.selections[i].blocks_total.sum()])
+                        for i in layers
+                    ]
+                ).tolist()
                 for i, (k, t) in zip(layers, sums):
                     kept[i] += int(k)
                     total[i] += int(t)
-        return {"steps": steps, "sparse_steps": sparse_steps, "sparse_rows": sparse_rows, "kept": kept,
-                "total": total}
+        return {"steps": steps, "sparse_steps": sparse_steps, "sparse_rows": sparse_rows, "kept": kept, "total": total}
 
     def _batch_counters(self) -> dict:
         """The batch path's device counters, read without waiting for the device (see

@@ -57,8 +57,11 @@ def _merge_rank(mine: dict[str, Any], other: dict[str, Any]) -> None:
 
 
 def _rank_is_empty(r: dict[str, Any]) -> bool:
-    return (not any(r.get(k, 0) for k in _SCALARS) and not any(r.get("total", []))
-            and not any((r.get("store") or {}).values()))
+    return (
+        not any(r.get(k, 0) for k in _SCALARS)
+        and not any(r.get("total", []))
+        and not any((r.get("store") or {}).values())
+    )
 
 
 @dataclass

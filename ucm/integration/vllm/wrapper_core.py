@@ -28,9 +28,16 @@ from ucm.integration.vllm.runtime import SparseRuntime
 DECODER = "decoder"
 
 
-def decoder_runtime(impl, num_blocks: int, block_size: int, device: torch.device, *,
-                    manager_block_size: int | None = None, platform: str = "",
-                    splits: str = "") -> SparseRuntime | None:
+def decoder_runtime(
+    impl,
+    num_blocks: int,
+    block_size: int,
+    device: torch.device,
+    *,
+    manager_block_size: int | None = None,
+    platform: str = "",
+    splits: str = "",
+) -> SparseRuntime | None:
     """The active runtime, with its method ready for `impl`'s heads, or None (stay stock).
 
     `impl` is the stock attention impl (num_heads, num_kv_heads, head_size, attn_type);
@@ -61,8 +68,9 @@ def check_block_size(block_size: int, manager_block_size: int, platform: str, sp
         )
 
 
-def kv_written(rt: SparseRuntime, layer_name: str, key: torch.Tensor, value: torch.Tensor,
-               slot_mapping: torch.Tensor) -> None:
+def kv_written(
+    rt: SparseRuntime, layer_name: str, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """After the platform wrote `key`/`value` at `slot_mapping`: the keys go to the method
     (hash codes / block representations are built from the keys, not from the cache layout)."""
     rt.on_kv_written(layer_name, key, slot_mapping)
@@ -70,8 +78,9 @@ def kv_written(rt: SparseRuntime, layer_name: str, key: torch.Tensor, value: tor
         rt.notify_kv(layer_name, key, value, slot_mapping)
 
 
-def rewrite_rows(covers_batch: bool, rows: torch.Tensor, sel, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def rewrite_rows(
+    covers_batch: bool, rows: torch.Tensor, sel, block_table: torch.Tensor, seq_lens: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`(block_table, seq_lens)` for the kernel, the decode `rows` reading only `sel`'s blocks.
 
     When the step decodes every row of the batch in order (`covers_batch`) and the selection's
@@ -106,8 +115,9 @@ class KVWriteHook:
             kv_written(rt, layer.layer_name, key, value, slot_mapping)
 
 
-def notify_decode(rt: SparseRuntime, layer_name: str, picked, query: torch.Tensor,
-                  query_start_loc: torch.Tensor, output: torch.Tensor) -> None:
+def notify_decode(
+    rt: SparseRuntime, layer_name: str, picked, query: torch.Tensor, query_start_loc: torch.Tensor, output: torch.Tensor
+) -> None:
     """Test observers see each decode row's query and output (only when some are attached)."""
     if picked is not None and rt.observers:
         rt.notify_decode(layer_name, picked[0], picked[1], query, query_start_loc, output)
