@@ -81,23 +81,29 @@ def weight_bytes(shape: dict, dtype_bytes: int = 2) -> int:
 
 
 def side_bytes_per_block(setting: str, shape: dict, tmp: Path, block: int = BLOCK) -> float:
-    """Bytes of block representations / codes the method reads per block and layer when it scores:
-    the side caches of its scorer (device scoring, the CUDA graph path), built on the CPU for one block."""
+    """Bytes of block representations / codes the method reads per block and layer when it scores
+    in the CUDA graph path (`BlockScorer.read_bytes_per_block`), from its scorer built for one
+    block with the CUDA backend where a GPU is present (its layouts: KVStar's bfloat16
+    channel-major representations), else with the reference backend."""
     extra = sparse_extra(setting, tmp, shape)
     if extra is None:
         return 0
+    import torch
+
     from ucm.ops import get_ops
     from ucm.sparse.base import ModelShapes
     from ucm.sparse.factory import build_sparse_method
 
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
     layers = shape["num_hidden_layers"]
     shapes = ModelShapes(
-        layers, shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"], block, 1
+        layers, shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"], block, 1, device
     )
-    ref = get_ops("reference")
-    method = build_sparse_method(extra, shapes, ref, host_ops=ref, host_scoring=False)
+    ops = get_ops("cuda" if on_gpu else "reference")
+    method = build_sparse_method(extra, shapes, ops, host_ops=get_ops("reference"), host_scoring=False)
     try:
-        return method.scorer.memory_bytes() / layers
+        return method.scorer.read_bytes_per_block()
     finally:
         method.close()
 
@@ -382,7 +388,8 @@ def plot(result: dict, path: Path) -> None:
 
 def merge_runs(paths: list[Path]) -> dict:
     """One result from several runs of this script on the same device and builds; each cell's
-    speedup stays the one measured against the dense engine of its own run."""
+    speedup stays the one measured against the dense engine of its own run, and a cell that
+    several runs measured is the first run's (list the newest run first)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     first = runs[0]
     for r in runs[1:]:
@@ -401,7 +408,15 @@ def merge_runs(paths: list[Path]) -> dict:
         }
         for r in runs
     ]
-    merged["cells"] = [c for r in runs for c in r["cells"]]
+    # a cell measured by several runs keeps the first run's measurement; `run` indexes `runs`
+    cells, seen = [], set()
+    for i, r in enumerate(runs):
+        for c in r["cells"]:
+            key = (c["method"], c["context"], c["batch"], c["ratio"])
+            if key not in seen:
+                seen.add(key)
+                cells.append({**c, "run": i})
+    merged["cells"] = cells
     return merged
 
 

@@ -119,6 +119,11 @@ class BlockScorer(ABC):
         """Bytes of side caches (representations, codes) this scorer holds."""
         return 0
 
+    def read_bytes_per_block(self) -> float:
+        """Bytes `batch_scores` reads per block and layer (what a bandwidth bound counts): by
+        default the whole side cache of a block."""
+        return self.memory_bytes() / (self.shapes.num_layers * self.shapes.num_blocks)
+
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the per-block state of blocks `src` to ids `dst` (every layer), so a block's
         representation outlives its device block (offload mode scores middle blocks there)."""

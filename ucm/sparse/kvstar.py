@@ -208,6 +208,15 @@ class KVStarScorer(BlockScorer):
     def memory_bytes(self) -> int:
         return sum(a.nbytes() for a in self.acc)
 
+    def read_bytes_per_block(self) -> float:
+        """The fused op reads a block's float32 |K| sums (channel importance) and only the kept
+        channels of its channel-major representations."""
+        if not self.channel_major:
+            return super().read_bytes_per_block()
+        acc = self.acc[0]
+        hkv, d = self.shapes.num_kv_heads, self.shapes.head_dim
+        return hkv * (d * acc.abs_sums.element_size() + self.kept_dims * acc.groups * acc.reps.element_size())
+
 
 def build(config: KVStarConfig, shapes: ModelShapes, ctx: BuildContext) -> SparseMethod:
     """KVStar's builder (registered in `ucm.config.sparse`): the query window is the retrieval stride."""

@@ -1,0 +1,70 @@
+"""`bench_vllm_gpu.py`'s bookkeeping: joining device runs (`--merge`) and the side-cache bytes
+its bandwidth bound counts per block."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (the cuda_ops fixture)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from bench_vllm_gpu import QWEN3_4B, merge_runs, side_bytes_per_block  # noqa: E402  (benchmarks is no package)
+
+HEAD = {"device": "H200", "vllm": "0.26.0", "torch": "2.11", "model": "m", "cudagraph_mode": "FULL"}
+
+
+def cell(method, ratio, ms, context=32768, batch=8):
+    return {"method": method, "context": context, "batch": batch, "ratio": ratio, "decode_ms": ms}
+
+
+def write(tmp_path, name, cells, **extra):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({**HEAD, "command": name, "cells": cells, **extra}))
+    return path
+
+
+def test_a_cell_measured_twice_keeps_the_first_runs_and_says_which(tmp_path) -> None:
+    new = write(tmp_path, "new", [cell("dense", 1.0, 20.0), cell("ESA", 0.1, 6.5)])
+    old = write(tmp_path, "old", [cell("dense", 1.0, 21.0), cell("ESA", 0.1, 7.0), cell("ESA", 0.3, 10.0)])
+    merged = merge_runs([new, old])
+    got = {(c["method"], c["ratio"]): (c["decode_ms"], c["run"]) for c in merged["cells"]}
+    assert got == {("dense", 1.0): (20.0, 0), ("ESA", 0.1): (6.5, 0), ("ESA", 0.3): (10.0, 1)}
+    assert [r["command"] for r in merged["runs"]] == ["new", "old"]
+
+
+def test_runs_of_different_builds_are_refused(tmp_path) -> None:
+    a = write(tmp_path, "a", [cell("dense", 1.0, 20.0)])
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps({**HEAD, "vllm": "0.32.0", "command": "b", "cells": []}))
+    with pytest.raises(ValueError, match="vllm"):
+        merge_runs([a, b])
+
+
+def test_side_bytes_of_a_mean_key_scorer_are_one_float32_key_per_kv_head(tmp_path) -> None:
+    # ESA scores each block by its mean key: Hkv x D float32 per block and layer
+    want = QWEN3_4B["num_key_value_heads"] * QWEN3_4B["head_dim"] * 4
+    assert side_bytes_per_block("ESA:0.3", QWEN3_4B, tmp_path) == want
+    assert side_bytes_per_block("dense", QWEN3_4B, tmp_path) == 0
+
+
+def test_kvstar_counts_only_the_channels_its_kernel_reads(cuda_ops) -> None:
+    from ucm.sparse.base import ModelShapes
+    from ucm.sparse.factory import build_sparse_method
+
+    shapes = ModelShapes(2, 32, 8, 128, 128, 4, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = {"KVStarMultiStep": {"sparse_ratio": 0.3, "blk_repre_dim_prune_ratio": 0.5, "blk_repre_inner_token_merge": 4}}
+    method = build_sparse_method(cfg, shapes, cuda_ops, host_scoring=False)
+    try:
+        # per KV head: 128 float32 |K| sums, then 64 kept channels x 32 merged keys in bfloat16
+        assert method.scorer.read_bytes_per_block() == 8 * (128 * 4 + 64 * 32 * 2)
+        # the side cache it holds is larger: every channel of the representations
+        assert method.scorer.memory_bytes() / (2 * 4) > method.scorer.read_bytes_per_block()
+    finally:
+        method.close()
