@@ -126,3 +126,18 @@ def test_cli_profiles_ruler_prompts_and_suggests_dense_layers(tmp_path) -> None:
     assert "layers to keep dense" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "ucm.cli", "profile", "--task", "nope"], capture_output=True, text=True)
     assert bad.returncode != 0 and "valid:" in bad.stderr
+
+
+def test_shipped_means_leave_out_exactly_the_dense_layers() -> None:
+    from ucm.profile import add_shipped_means, shipped_dense_layers
+
+    def row(x):
+        return {"oracle_normalised_recall": x, "recall": x / 2}
+
+    result = {"methods": {"M": {"per_layer": {"0": row(1.0), "1": row(0.5), "2": row(0.8), "3": row(0.6)}}}}
+    add_shipped_means(result, [1, 3])
+    assert result["shipped_dense_layers"] == [1, 3]
+    got = result["methods"]["M"]["shipped_sparse_layers_mean"]
+    assert got == {"oracle_normalised_recall": 0.9, "recall": 0.45}
+    # the demo model's JSON keeps its retrieval-head layers dense (ratio 1 in top_k_ratio_per_layer)
+    assert shipped_dense_layers() == [7, 17, 18, 23]

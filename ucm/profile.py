@@ -169,6 +169,7 @@ def run_profile(
     }
     if suggest_dense > 0:
         result["suggested_dense_layers"] = suggest_dense_layers(result["methods"], suggest_dense)
+    add_shipped_means(result, shipped_dense_layers())
     print_summary(result)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,6 +179,26 @@ def run_profile(
         plot_profile(result, plot)
         print(f"wrote {plot}")
     return result
+
+
+def shipped_dense_layers() -> list[int]:
+    """The layers the demo model's shipped per-model JSON keeps dense (ratio 1)."""
+    from ucm.config.loader import model_config_data
+    from ucm.demo import DEMO_MODEL_CONFIG
+
+    ratios = model_config_data(DEMO_MODEL_CONFIG)["top_k_ratio_per_layer"]
+    return [i for i, r in enumerate(ratios) if r >= 1]
+
+
+def add_shipped_means(result: dict, dense_layers: list[int]) -> None:
+    """Beside each method's mean over every layer (all profiled sparse), its mean over the layers
+    the shipped settings run sparse: what the product's selection achieves where it selects."""
+    result["shipped_dense_layers"] = list(dense_layers)
+    for res in result["methods"].values():
+        rows = [row for layer, row in res["per_layer"].items() if int(layer) not in dense_layers]
+        res["shipped_sparse_layers_mean"] = (
+            {key: sum(row[key] for row in rows) / len(rows) for key in rows[0]} if rows else {}
+        )
 
 
 def suggest_dense_layers(methods: dict, count: int) -> list[int]:
@@ -231,6 +252,13 @@ def print_summary(result: dict) -> None:
                 f"{m.get('worst_head_normalised_recall', float('nan')):>11.3f} {m['output_error']:>11.3f} "
                 f"{m['fraction_kept']:>6.2f}"
             )
+    dense = result.get("shipped_dense_layers")
+    if dense:
+        print(f"oracle-normalised recall over the layers the shipped settings run sparse (all but {dense}):")
+        for name, res in result["methods"].items():
+            m = res.get("shipped_sparse_layers_mean")
+            if m:
+                print(f"{name:<19} {m['oracle_normalised_recall']:>12.3f}")
     if result.get("suggested_dense_layers"):
         print(f"layers to keep dense (lowest worst-head recall): {result['suggested_dense_layers']}")
 
