@@ -142,39 +142,6 @@ def test_paged_write(ops, seed: int) -> None:
         assert torch.equal(cpu(dcache), ref_cache)
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_gather_and_scatter_blocks(ops, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    cache = torch.randn(9, 8, 2, 16, generator=gen).to(torch.float16)
-    ids = torch.randperm(9, generator=gen)[: 1 + seed % 5].to(torch.int32)
-    got = ops.gather_blocks(dev(cache), dev(ids))
-    assert torch.equal(cpu(got), REF.gather_blocks(cache, ids))
-    src = torch.randn(ids.shape[0], 8, 2, 16, generator=gen).to(torch.float16)
-    ref_cache = cache.clone()
-    REF.scatter_blocks(ref_cache, ids, src)
-    dcache = dev(cache)
-    ops.scatter_blocks(dcache, dev(ids), dev(src))
-    assert torch.equal(cpu(dcache), ref_cache)
-
-
-# ---------------------------------------------------------------------- representations
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("method", ["mean", "max", "min"])
-def test_block_reduce(ops, seed: int, method: str) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    bs = [8, 16, 128][seed % 3]
-    k = torch.randn(7, bs, 2, 64, generator=gen).to([torch.float32, torch.float16, torch.bfloat16][seed % 3])
-    n = 1 + seed % 6
-    ids = torch.randperm(7, generator=gen)[:n]
-    valid = torch.randint(1, bs + 1, (n,), generator=gen)
-    valid[0] = bs
-    for merge in (0, bs // 4, bs):
-        got = cpu(ops.block_reduce(dev(k), dev(ids), dev(valid), method, merge))
-        ref = REF.block_reduce(k, ids, valid, method, merge)
-        assert got.dtype == torch.float32 and got.shape == ref.shape
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-
-
 # ------------------------------------------------------------------------------ scoring
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("reduce", ["min", "mean", "max"])
@@ -204,22 +171,6 @@ def test_block_scores_dot(ops, seed: int, group_reduce: str) -> None:
     ref = REF.block_scores_dot(*args, case["bs"], group_reduce)
     assert torch.equal(torch.isinf(got), torch.isinf(ref))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_block_softmax_mass(ops, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    case = random_paged_case(gen)
-    nq = 1 + seed % 4
-    r = [1, 2, 4][seed % 3]
-    q = torch.randn(case["b"], nq, case["hkv"] * case["g"], case["d"], generator=gen)
-    repr_cache = torch.randn(case["nb"], case["hkv"], r, case["d"], generator=gen)
-    scale = 1.0 / math.sqrt(case["d"])
-    args = (q, repr_cache, case["table"], case["seq_lens"])
-    got = cpu(ops.block_softmax_mass(*map(dev, args), case["bs"], scale))
-    ref = REF.block_softmax_mass(*args, case["bs"], scale)
-    assert torch.equal(torch.isinf(got), torch.isinf(ref))
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- selection

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from ucm_backends.cpu import ops as cpu_module
 from ucm_backends.cpu.ops import CpuOps
 
+from ucm.ops.contract import GroupReduceCode, ReduceCode
 from ucm.ops.reference import TorchReferenceOps
 
 REF = TorchReferenceOps()
@@ -60,6 +61,17 @@ def test_native_extension_loaded(cpu: CpuOps) -> None:
         assert "avx2" in cpu.build_info
     if "popcnt" in flags:
         assert "popcnt" in cpu.build_info
+
+
+def test_native_mode_codes_are_the_contracts_enums(cpu: CpuOps) -> None:
+    """The C++ switches' reduce codes, echoed by the extension, are `ReduceCode` /
+    `GroupReduceCode`: the one numbering the Python side passes."""
+    ns = cpu._native()
+    if ns is None:
+        pytest.skip(f"native kernels unavailable: {cpu.native_error}")
+    assert list(ns.reduce_codes()) == [ReduceCode.MIN, ReduceCode.MEAN, ReduceCode.MAX]
+    assert list(ns.group_reduce_codes()) == [GroupReduceCode.MEAN, GroupReduceCode.MAX]
+    assert len(ReduceCode) == 3 and len(GroupReduceCode) == 2  # every code is echoed
 
 
 def test_registry_builds_cpu_backend() -> None:
@@ -308,36 +320,6 @@ def test_hamming_topk_pipeline(cpu: CpuOps) -> None:
 
 
 # ------------------------------------------------------------------------------ float-valued ops
-@pytest.mark.parametrize("method", ["mean", "max", "min"])
-@pytest.mark.parametrize("merge", [0, 1, 4, 16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_block_reduce(cpu: CpuOps, method: str, merge: int, dtype: torch.dtype) -> None:
-    g = gen(merge * 7 + len(method))
-    nb, bs, hkv, d = 12, 16, 2, 40
-    kc = torch.randn(nb, bs, hkv, d, generator=g).to(dtype)
-    kc[3, 5, 0, 7] = float("nan")  # NaN propagates like amax/amin/sum
-    ids = torch.tensor([3, 0, 11, 3, 7, 5])
-    lens = torch.tensor([16, 1, 9, 4, 0, 17])  # full, one token, partial, 0 (all groups empty), > bs
-    out = cpu.block_reduce(kc, ids, lens, method, merge)  # type: ignore[arg-type]
-    ref = REF.block_reduce(kc, ids, lens, method, merge)  # type: ignore[arg-type]
-    assert out.shape == ref.shape and out.dtype == torch.float32
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6, equal_nan=True)
-
-
-def test_block_reduce_mla_and_validation(cpu: CpuOps) -> None:
-    g = gen(9)
-    kc = torch.randn(5, 8, 1, 576, generator=g)
-    ids, lens = torch.tensor([4, 1], dtype=torch.int32), torch.tensor([8, 3], dtype=torch.int32)
-    for method in ("mean", "max", "min"):
-        torch.testing.assert_close(cpu.block_reduce(kc, ids, lens, method), REF.block_reduce(kc, ids, lens, method))
-    with pytest.raises(ValueError, match="divide"):
-        cpu.block_reduce(kc, ids, lens, "mean", merge=3)
-    with pytest.raises(ValueError, match="method"):
-        cpu.block_reduce(kc, ids, lens, "median")  # type: ignore[arg-type]
-    with pytest.raises(IndexError):
-        cpu.block_reduce(kc, torch.tensor([5, 0]), lens)
-
-
 @pytest.mark.parametrize("group_reduce", ["mean", "max"])
 @pytest.mark.parametrize("hq,hkv,d", [(8, 8, 64), (32, 8, 128), (16, 2, 32), (16, 1, 576)])
 def test_block_scores_dot(cpu: CpuOps, group_reduce: str, hq: int, hkv: int, d: int) -> None:
@@ -372,7 +354,7 @@ def test_block_sums_add(cpu: CpuOps, merge: int, absolute: bool, dtype: torch.dt
         keys = torch.randn(len(slots), h, d, generator=g).to(dtype)
         REF.block_sums_add(*state["ref"], keys, slots, bs, merge)
         cpu.block_sums_add(*state["cpu"], keys, slots, bs, merge)
-        for a, b in zip(state["ref"], state["cpu"]):
+        for a, b in zip(state["ref"], state["cpu"], strict=True):
             if a is not None:
                 torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert state["cpu"][0][1].abs().sum() > 0 and state["cpu"][0][3].abs().sum() == 0
@@ -477,7 +459,7 @@ def test_fused_select_rewrite_and_kvstar_scores_match_the_reference_paths(cpu: C
             q = torch.randn(3, 8, 32, generator=gen(5))
             sels.append([m.select(layer, q, plan) for layer in range(2)])
             m.close()
-        for fast, ref in zip(*sels):
+        for fast, ref in zip(*sels, strict=True):
             assert torch.equal(fast.block_table, ref.block_table.to(fast.block_table.dtype))
             assert torch.equal(fast.seq_lens.long(), ref.seq_lens.long())
             assert torch.equal(fast.blocks_kept.long(), ref.blocks_kept.long())
@@ -498,42 +480,3 @@ def test_background_threads_run_kernels_on_one_thread() -> None:
     with ThreadPoolExecutor(1) as pool:  # the cap is per thread: other threads keep the full budget
         assert pool.submit(ns.thread_budget).result() == main_budget
     assert ns.thread_budget() == main_budget
-
-
-@pytest.mark.parametrize("nbytes", [0, 1, 4097, 128 * 1024 - 1, 128 * 1024, 512 * 1024 + 77, 3 << 20])
-@pytest.mark.parametrize("offsets", [(0, 0), (1, 0), (0, 7), (5, 31)])
-def test_host_copy_is_byte_exact_at_every_size_and_alignment(
-    cpu: CpuOps, nbytes: int, offsets: tuple[int, int]
-) -> None:
-    """Below the streaming threshold it is memcpy; above, 32-byte-aligned streaming stores with a
-    memcpy head and tail: unaligned starts and odd lengths exercise both edges."""
-    g = gen(nbytes + offsets[0])
-    src_raw = torch.randint(0, 256, (nbytes + 64,), dtype=torch.uint8, generator=g)
-    dst_raw = torch.zeros(nbytes + 64, dtype=torch.uint8)
-    src = src_raw[offsets[0] : offsets[0] + nbytes]
-    dst = dst_raw[offsets[1] : offsets[1] + nbytes]
-    cpu.host_copy(dst, src)
-    assert torch.equal(dst, src)
-    assert not dst_raw[: offsets[1]].any() and not dst_raw[offsets[1] + nbytes :].any()  # nothing outside dst
-
-
-def test_host_copy_rejects_mismatched_buffers(cpu: CpuOps) -> None:
-    for ops in (cpu, TorchReferenceOps()):
-        with pytest.raises(ValueError, match="one size"):
-            ops.host_copy(torch.zeros(8, dtype=torch.uint8), torch.zeros(9, dtype=torch.uint8))
-        with pytest.raises(ValueError, match="uint8"):
-            ops.host_copy(torch.zeros(8, dtype=torch.float32), torch.zeros(8, dtype=torch.float32))
-
-
-def test_host_copy_many_copies_every_pair_or_none(cpu: CpuOps) -> None:
-    g = gen(99)
-    sizes = [0, 300, 200 * 1024 + 3, 64]
-    srcs = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in sizes]
-    dsts = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
-    cpu.host_copy_many(dsts, srcs)
-    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
-    fresh = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
-    with pytest.raises(ValueError, match="one size|bytes"):  # the last pair is short: nothing is copied
-        cpu.host_copy_many(fresh, srcs[:-1] + [torch.zeros(63, dtype=torch.uint8)])
-    if cpu.native_loaded:  # the native op checks every pair before it copies
-        assert not any(d.any() for d in fresh)

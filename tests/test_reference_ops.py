@@ -79,25 +79,6 @@ def test_hamming_block_scores(seq_lens, bs, hq, hkv, d, reduce) -> None:
             assert got[r, j] == pytest.approx(want, rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["mean", "max", "min"])
-@pytest.mark.parametrize("merge", [0, 2, 4])
-def test_block_reduce(method: str, merge: int) -> None:
-    g = torch.Generator().manual_seed(2)
-    k = torch.randn(6, 8, 2, 4, generator=g)
-    ids = torch.tensor([4, 0, 5])
-    lens = torch.tensor([8, 3, 1])
-    got = OPS.block_reduce(k, ids, lens, method, merge=merge).numpy()
-    fn = {"mean": np.mean, "max": np.max, "min": np.min}[method]
-    kn = k.numpy()
-    group = merge or 8
-    for i, (b, n) in enumerate(zip(ids.tolist(), lens.tolist())):
-        for r in range(8 // group):
-            toks = [t for t in range(r * group, (r + 1) * group) if t < n]
-            want = fn(kn[b, toks], axis=0) if toks else np.zeros((2, 4))
-            have = got[i] if merge == 0 else got[i, :, r]
-            np.testing.assert_allclose(have, want, rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.parametrize("group_reduce", ["mean", "max"])
 def test_block_scores_dot(group_reduce: str) -> None:
     g = torch.Generator().manual_seed(3)
@@ -120,29 +101,6 @@ def test_block_scores_dot(group_reduce: str) -> None:
             else:
                 want = sum(max(qn[r, h, i] @ rep[h] for i in range(hq // hkv)) for h in range(hkv))
             assert got[r, j] == pytest.approx(float(want), rel=1e-5, abs=1e-5)
-
-
-def test_block_softmax_mass() -> None:
-    g = torch.Generator().manual_seed(4)
-    hq, hkv, d, bs, merge = 4, 2, 8, 4, 2
-    r_per = bs // merge
-    reps = torch.randn(6, hkv, r_per, d, generator=g)
-    table = torch.tensor([[5, 2, 0]])
-    lens = torch.tensor([9])  # blocks 0,1 full; block 2 holds 1 token -> 1 of 2 reps valid
-    q = torch.randn(1, 3, hq, d, generator=g)
-    got = OPS.block_softmax_mass(q, reps, table, lens, bs, 0.5).numpy()
-    qn, rn = q.numpy(), reps.numpy()
-    valid = [(j, r) for j in range(3) for r in range(r_per) if j * bs + r * merge < 9]
-    want = np.zeros(3)
-    for qi in range(3):
-        for h in range(hq):
-            logits = np.array([0.5 * qn[0, qi, h] @ rn[int(table[0, j]), h // 2, r] for j, r in valid])
-            p = np.exp(logits - logits.max())
-            p /= p.sum()
-            for (j, _), pv in zip(valid, p):
-                want[j] += pv
-    np.testing.assert_allclose(got[0], want, rtol=1e-5)
-    assert got.sum() == pytest.approx(3 * hq, rel=1e-5)  # all mass lands somewhere
 
 
 def np_topk(scores, k, must, n):
@@ -191,18 +149,13 @@ def test_paged_decode_attention_matches_sdpa(seq_lens, bs, hq, hkv, d) -> None:
         torch.testing.assert_close(lse[r], torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
 
 
-def test_paged_write_and_block_copies() -> None:
+def test_paged_write() -> None:
     cache = torch.zeros(4, 2, 3)
     vals = torch.arange(12, dtype=torch.float32).view(4, 3)
     OPS.paged_write(cache, vals, torch.tensor([7, -1, 0, 3]))
     flat = cache.view(8, 3)
     assert flat[7].tolist() == [0, 1, 2] and flat[0].tolist() == [6, 7, 8] and flat[3].tolist() == [9, 10, 11]
     assert flat[[1, 2, 4, 5, 6]].abs().sum() == 0  # the -1 slot wrote nothing
-    got = OPS.gather_blocks(cache, torch.tensor([3, 0]))
-    assert torch.equal(got[0], cache[3]) and torch.equal(got[1], cache[0])
-    other = torch.zeros_like(cache)
-    OPS.scatter_blocks(other, torch.tensor([3, 0]), got)
-    assert torch.equal(other[3], cache[3]) and torch.equal(other[0], cache[0]) and other[1:3].abs().sum() == 0
 
 
 def test_block_topk_forced_beats_infinite_scores_and_counts_fit_the_table() -> None:
@@ -227,3 +180,23 @@ def test_stale_table_entries_past_a_rows_end_are_ignored() -> None:
     w = torch.randn(16, 16, generator=g)
     s = OPS.hamming_block_scores(OPS.hash_encode(q, w), OPS.hash_encode(batch.k_cache, w), table, batch.seq_lens)
     assert torch.isinf(s[0, 2:]).all()
+
+
+def test_mode_codes_name_every_literal_once() -> None:
+    """`reduce_code` / `group_reduce_code` map exactly the contract's Literal names to distinct
+    codes, and reject anything else with the valid names."""
+    from typing import get_args
+
+    from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce_code
+
+    assert sorted(c.name.lower() for c in {reduce_code(n) for n in get_args(BlockReduce)}) == sorted(
+        get_args(BlockReduce)
+    )
+    assert sorted(c.name.lower() for c in {group_reduce_code(n) for n in get_args(GroupReduce)}) == sorted(
+        get_args(GroupReduce)
+    )
+    for bad in ("sum", "MIN", "", None):
+        with pytest.raises(ValueError, match="valid: mean, max, min"):
+            reduce_code(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="valid: mean, max"):
+        group_reduce_code("min")
