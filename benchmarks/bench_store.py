@@ -97,7 +97,7 @@ class DD:
 
 class PosixBench:
     """Dump then load every layer's shards of n_blocks blocks: one call per layer (as the connector
-    will: `dump(ids, layer, gather_blocks(...))`), all waited at the end. Buffers are 4 KiB-aligned
+    will: `dump(ids, layer, cache.index_select(0, ids))`), all waited at the end. Buffers are 4 KiB-aligned
     host buffers (`host_buffer`), so O_DIRECT reads and writes them in place."""
 
     def __init__(self, work: Path, layout: BlockLayout, n_blocks: int, workers: int, direct: bool) -> None:

@@ -1,8 +1,7 @@
 """Quest's two ops (`block_minmax_update`, `block_scores_minmax`): the torch reference against
 loop-by-loop NumPy oracles written from the contract's definitions, properties of the bound
-(hypothesis), and every backend (the CPU kernels, the CUDA kernels: on a GPU, else under
-Triton's CPU interpreter) against the reference. Min / max are exact, so running statistics
-must match bit for bit; scores within float32 summation-order tolerances.
+(hypothesis), and the CPU kernels' own validation, NaN handling and threaded paths. Every
+backend against the reference: tests/test_ops_conformance.py.
 """
 
 from __future__ import annotations
@@ -150,7 +149,7 @@ def test_bound_is_an_upper_bound_and_tight_on_one_key(hkv, g, n, splits, seed) -
     slots = torch.arange(bs, bs + n)  # block 1, from offset 0
     mins, maxs = torch.zeros(3, hkv, d), torch.zeros(3, hkv, d)
     cuts = sorted({min(c, n) for c in splits} | {0, n})
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in zip(cuts, cuts[1:], strict=False):
         REF.block_minmax_update(mins, maxs, key[a:b], slots[a:b], bs)
     assert torch.equal(mins[1], key.amin(0)) and torch.equal(maxs[1], key.amax(0))
     q = torch.randn(1, hkv * g, d, generator=r)
@@ -180,135 +179,6 @@ def test_mean_is_the_group_sum_over_g_and_max_dominates_it(g, scale, seed) -> No
     # a scaled query scales the bound (max(q*a, q*b) is positively homogeneous in q)
     twice = REF.block_scores_minmax(2 * q, lo, hi, table, lens, bs, "mean")
     torch.testing.assert_close(twice[valid], 2 * mean[valid], rtol=1e-5, atol=1e-4)
-
-
-# ------------------------------------------------------------------------------ backends
-def _backends():
-    out = [
-        pytest.param("reference", id="reference"),
-        pytest.param("cpu", id="cpu"),
-        pytest.param("cpu-fallback", id="cpu-fallback"),
-    ]
-    if HAS_TRITON:
-        out.append(pytest.param("cuda", id="cuda-gpu" if ON_GPU else "cuda-interpreter"))
-    return out
-
-
-@pytest.fixture(scope="module", params=_backends())
-def backend(request):
-    """(ops, device) of one backend."""
-    name = request.param
-    if name == "reference":
-        return REF, torch.device("cpu")
-    if name.startswith("cpu"):
-        from ucm_backends.cpu.ops import CpuOps
-
-        return CpuOps(native=False if name == "cpu-fallback" else None), torch.device("cpu")
-    from ucm_backends.cuda.ops import CudaOps
-
-    try:
-        return CudaOps(interpret=not ON_GPU), torch.device("cuda" if ON_GPU else "cpu")
-    except RuntimeError as exc:  # triton was imported before TRITON_INTERPRET=1 was set
-        pytest.skip(f"Triton interpreter unavailable in this process: {exc}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("h,d", [(2, 16), (1, 72), (3, 40)])
-def test_backend_minmax_update_equals_the_reference(backend, dtype, h, d) -> None:
-    """A prefill of whole and partial blocks, decode steps, a recycled block (offset 0 after
-    offset 1 in one call), padding slots and a slot written twice: bit-identical statistics."""
-    ops, dev = backend
-    g = gen(h * d)
-    nb, bs = 7, 8
-    ref = (torch.zeros(nb, h, d), torch.zeros(nb, h, d))
-    got = tuple(t.to(dev) for t in ref)
-    for slots in UPDATE_CALLS:
-        key = torch.randn(len(slots), h, d, generator=g).to(dtype)
-        key[0, 0, :2] = torch.tensor([-0.0, float("inf")], dtype=dtype)
-        REF.block_minmax_update(*ref, key, slots, bs)
-        ops.block_minmax_update(*got, key.to(dev), slots.to(dev), bs)
-        for a, b in zip(ref, got):
-            assert torch.equal(b.cpu(), a)
-
-
-def test_backend_minmax_update_edge_calls(backend) -> None:
-    ops, dev = backend
-    mins = torch.full((3, 2, 4), 5.0, device=dev)
-    maxs = torch.full((3, 2, 4), -5.0, device=dev)
-    ops.block_minmax_update(
-        mins, maxs, torch.zeros(0, 2, 4, device=dev), torch.zeros(0, dtype=torch.long, device=dev), 4
-    )
-    ops.block_minmax_update(mins, maxs, torch.ones(2, 2, 4, device=dev), torch.tensor([-1, -1], device=dev), 4)
-    assert (mins == 5).all() and (maxs == -5).all()  # nothing written: nothing changes
-    ops.block_minmax_update(mins, maxs, torch.ones(1, 2, 4, device=dev), torch.tensor([5], device=dev), 4)
-    assert (mins[1] == 1).all() and (maxs[1] == 1).all()  # mid-block write, no restart: folded into what was there
-    key = torch.arange(8.0, device=dev).view(1, 2, 4)
-    ops.block_minmax_update(mins, maxs, key, torch.tensor([8], dtype=torch.int32, device=dev), 4)
-    assert torch.equal(mins[2], key[0]) and torch.equal(maxs[2], key[0])  # restarted: the one key
-
-
-SCORE_CASES = [
-    # (hq, hkv, d, bs, lens)
-    (4, 4, 16, 4, [13, 1, 0]),
-    (8, 2, 40, 8, [9, 30]),
-    (16, 1, 72, 4, [21]),  # MLA-like: one KV head, wide
-    (9, 3, 64, 16, [100, 17, 16]),  # SmolLM2-135M's group of 3
-]
-
-
-@pytest.mark.parametrize("group_reduce", ["mean", "max"])
-@pytest.mark.parametrize("hq,hkv,d,bs,lens", SCORE_CASES)
-def test_backend_scores_equal_the_reference(backend, group_reduce, hq, hkv, d, bs, lens) -> None:
-    ops, dev = backend
-    g = gen(hq + d + bs)
-    n = [-(-s // bs) for s in lens]
-    m = max(n) + 1
-    nb = sum(n) + 3
-    perm = torch.randperm(nb, generator=g)
-    table = torch.full((len(lens), m), -1, dtype=torch.int32)
-    at = 0
-    for r, k in enumerate(n):
-        table[r, :k] = perm[at : at + k].to(torch.int32)
-        at += k
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-    lo = torch.randn(nb, hkv, d, generator=g)
-    hi = lo + torch.rand(nb, hkv, d, generator=g)
-    q = torch.randn(len(lens), hq, d, generator=g)
-    want = REF.block_scores_minmax(q, lo, hi, table, seq_lens, bs, group_reduce)
-    got = ops.block_scores_minmax(q.to(dev), lo.to(dev), hi.to(dev), table.to(dev), seq_lens.to(dev), bs, group_reduce)
-    assert got.dtype == torch.float32 and got.shape == want.shape
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-3)
-    # int64 tables and lengths, a bf16 query, a non-contiguous query: the same scores
-    qb = q.to(torch.bfloat16)
-    got = ops.block_scores_minmax(
-        qb.to(dev), lo.to(dev), hi.to(dev), table.long().to(dev), seq_lens.long().to(dev), bs, group_reduce
-    )
-    torch.testing.assert_close(
-        got.cpu(), REF.block_scores_minmax(qb, lo, hi, table, seq_lens, bs, group_reduce), rtol=1e-4, atol=1e-3
-    )
-    qt = q.transpose(0, 1).contiguous().transpose(0, 1)
-    got = ops.block_scores_minmax(qt.to(dev), lo.to(dev), hi.to(dev), table.to(dev), seq_lens.to(dev), bs, group_reduce)
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-3)
-
-
-def test_backend_scores_of_written_statistics(backend) -> None:
-    """The two ops together on one backend: statistics written through the backend's update,
-    scored by its scorer, equal the reference's pipeline."""
-    ops, dev = backend
-    g = gen(3)
-    nb, bs, hq, hkv, d = 6, 4, 8, 2, 24
-    ref = (torch.zeros(nb, hkv, d), torch.zeros(nb, hkv, d))
-    got = tuple(t.to(dev) for t in ref)
-    slots = torch.tensor([8, 9, 10, 11, 12, 13, 20, 21, 22, 4])  # blocks 2, 3 (partial), 5, 1 (one key)
-    key = torch.randn(len(slots), hkv, d, generator=g)
-    REF.block_minmax_update(*ref, key, slots, bs)
-    ops.block_minmax_update(*got, key.to(dev), slots.to(dev), bs)
-    table, lens = torch.tensor([[2, 3, 0, 0], [5, 1, 0, 0]]), torch.tensor([6, 5])
-    q = torch.randn(2, hq, d, generator=g)
-    for mode in ("mean", "max"):
-        want = REF.block_scores_minmax(q, *ref, table, lens, bs, mode)
-        have = ops.block_scores_minmax(q.to(dev), *got, table.to(dev), lens.to(dev), bs, mode)
-        torch.testing.assert_close(have.cpu(), want, rtol=1e-4, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------ the CPU kernels

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ucm.ops.contract import BlockReduce, GroupReduce
+from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce_code
 from ucm.ops.reference import TorchReferenceOps
 
 logger = logging.getLogger(__name__)
@@ -50,9 +50,6 @@ NATIVE_ENV_VAR = "UCM_CPU_NATIVE"
 CACHE_ENV_VAR = "UCM_CACHE_DIR"
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "ucm_cpu_ops.cpp"
 
-_REDUCE_CODES = {"min": 0, "mean": 1, "max": 2}
-_GROUP_CODES = {"mean": 0, "max": 1}
-_BLOCK_REDUCE_CODES = {"mean": 0, "max": 1, "min": 2}
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -156,7 +153,7 @@ def build_key_inputs(compiler: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_git": getattr(torch.version, "git_version", ""),
         "cxx11_abi": bool(torch.compiled_with_cxx11_abi()),
-        "python": "%d.%d" % sys.version_info[:2],
+        "python": "{}.{}".format(*sys.version_info[:2]),
         "compiler": compiler_identity(compiler),
         "cpu_flags": sorted(cpu for _, cpu in _ISA_FLAGS if cpu in flags),
         "source_sha256": hashlib.sha256(_SOURCE.read_bytes()).hexdigest(),
@@ -489,9 +486,9 @@ def _is_int(t: torch.Tensor) -> bool:
 
 
 class CpuOps(TorchReferenceOps):
-    """C++/OpenMP kernels for hashing, block reduction, running block sums and min/max, Hamming,
-    dot and min/max (Quest) block scoring, top-k and decode attention; everything else (and every
-    input the kernels don't take) is the torch reference."""
+    """C++/OpenMP kernels for hashing, running block sums and min/max, Hamming, dot and min/max
+    (Quest) block scoring, top-k and decode attention; everything else (and every input the
+    kernels don't take) is the torch reference."""
 
     name = "cpu"
 
@@ -542,20 +539,6 @@ class CpuOps(TorchReferenceOps):
         ns = self._native()
         return ns.build_info() if ns is not None else ""
 
-    # ------------------------------------------------------------ host memory
-    def host_copy_many(self, dsts, srcs) -> None:
-        ns = self._native()
-        dsts, srcs = list(dsts), list(srcs)
-        ok = (
-            len(dsts) == len(srcs)
-            and all(t.device.type == "cpu" and t.dtype == torch.uint8 and t.is_contiguous() for t in (*dsts, *srcs))
-            and all(d.numel() == s.numel() for d, s in zip(dsts, srcs))
-        )
-        if ns is None or not ok:
-            return super().host_copy_many(dsts, srcs)  # the torch path, or the contract's error
-        if dsts:
-            ns.host_copy_many(dsts, srcs)
-
     # -------------------------------------------------------- representations
     def block_sums_add(self, sums, abs_sums, key, slot_mapping, block_size, merge) -> None:
         ns = self._native()
@@ -605,41 +588,6 @@ class CpuOps(TorchReferenceOps):
         proj = torch.matmul(x.to(torch.float32), weight.to(device=x.device, dtype=torch.float32))
         return self.sign_bits_pack(proj)
 
-    # -------------------------------------------------------- representations
-    def block_reduce(
-        self,
-        k_cache: torch.Tensor,
-        block_ids: torch.Tensor,
-        valid_lens: torch.Tensor,
-        method: BlockReduce = "mean",
-        merge: int = 0,
-    ) -> torch.Tensor:
-        if k_cache.dim() != 4:
-            raise ValueError(f"block_reduce: k_cache must be [NB, bs, Hkv, D], got {tuple(k_cache.shape)}")
-        if block_ids.dim() != 1 or valid_lens.shape != block_ids.shape:
-            raise ValueError(
-                f"block_reduce: block_ids and valid_lens must both be [n], got {tuple(block_ids.shape)} and "
-                f"{tuple(valid_lens.shape)}"
-            )
-        bs = k_cache.shape[1]
-        group = merge if merge > 0 else bs
-        if group <= 0 or bs % group:
-            raise ValueError(f"merge={merge} must divide the block size {bs}")
-        if method not in _BLOCK_REDUCE_CODES:
-            raise ValueError(f"unknown block reduce method {method!r}; valid: mean, max, min")
-        ns = self._native()
-        if (
-            ns is None
-            or not _all_cpu(k_cache, block_ids, valid_lens)
-            or k_cache.dtype not in _ATTN_DTYPES
-            or not (_is_int(block_ids) and _is_int(valid_lens))
-        ):
-            return super().block_reduce(k_cache, block_ids, valid_lens, method, merge)
-        out = ns.block_reduce(
-            k_cache, block_ids.to(torch.int64), valid_lens.to(torch.int64), _BLOCK_REDUCE_CODES[method], int(group)
-        )
-        return out.squeeze(2) if merge <= 0 else out
-
     # ---------------------------------------------------------------- scoring
     @staticmethod
     def _check_paged(name: str, hq: int, hkv: int, block_table: torch.Tensor, seq_lens: torch.Tensor, b: int) -> None:
@@ -668,8 +616,7 @@ class CpuOps(TorchReferenceOps):
         self._check_paged(
             "hamming_block_scores", q_codes.shape[1], k_codes.shape[2], block_table, seq_lens, q_codes.shape[0]
         )
-        if reduce not in _REDUCE_CODES:
-            raise ValueError(f"unknown block reduce {reduce!r}; valid: mean, max, min")
+        code = reduce_code(reduce)
         ns = self._native()
         if (
             ns is None
@@ -681,7 +628,7 @@ class CpuOps(TorchReferenceOps):
         ):
             return super().hamming_block_scores(q_codes, k_codes, block_table, seq_lens, reduce)
         return ns.hamming_block_scores(
-            q_codes, k_codes, block_table.to(torch.int64), seq_lens.to(torch.int64), _REDUCE_CODES[reduce]
+            q_codes, k_codes, block_table.to(torch.int64), seq_lens.to(torch.int64), int(code)
         )
 
     def block_scores_dot(
@@ -699,8 +646,7 @@ class CpuOps(TorchReferenceOps):
                 f"{tuple(repr_cache.shape)}"
             )
         self._check_paged("block_scores_dot", q.shape[1], repr_cache.shape[1], block_table, seq_lens, q.shape[0])
-        if group_reduce not in _GROUP_CODES:
-            raise ValueError(f"unknown group reduce {group_reduce!r}; valid: mean, max")
+        code = group_reduce_code(group_reduce)
         ns = self._native()
         if (
             ns is None
@@ -717,7 +663,7 @@ class CpuOps(TorchReferenceOps):
             block_table.to(torch.int64),
             seq_lens.to(torch.int64),
             int(block_size),
-            _GROUP_CODES[group_reduce],
+            int(code),
         )
 
     def block_scores_minmax(
@@ -738,8 +684,7 @@ class CpuOps(TorchReferenceOps):
         if q.shape[2] != mins.shape[2]:
             raise ValueError(f"block_scores_minmax: head dims differ ({q.shape[2]} vs {mins.shape[2]})")
         self._check_paged("block_scores_minmax", q.shape[1], mins.shape[1], block_table, seq_lens, q.shape[0])
-        if group_reduce not in _GROUP_CODES:
-            raise ValueError(f"unknown group reduce {group_reduce!r}; valid: mean, max")
+        code = group_reduce_code(group_reduce)
         ns = self._native()
         if (
             ns is None
@@ -758,7 +703,7 @@ class CpuOps(TorchReferenceOps):
             block_table.to(torch.int64),
             seq_lens.to(torch.int64),
             int(block_size),
-            _GROUP_CODES[group_reduce],
+            int(code),
         )
 
     # -------------------------------------------------------------- selection

@@ -227,7 +227,8 @@ def _hamming_kernel(
 
     Reads the block's codes in place through the block table as [bs, Hkv * W] words, one
     contiguous chunk per block. The GQA group is folded in through the query bit planes, so
-    [B, Hq, tokens] never exists. REDUCE: 0 min, 1 mean, 2 max. +inf past the row's blocks.
+    [B, Hq, tokens] never exists. REDUCE: a `ReduceCode` (0 min, 1 mean, 2 max). +inf past the
+    row's blocks.
     """
     jb = tl.program_id(0)
     b = tl.program_id(1)
@@ -305,10 +306,11 @@ def _topk_kernel(
     Key order = reference order: forced blocks first (above any score, +inf included), then
     score descending, NaN as -inf, ties to the lower index. The count-th largest key is found
     RADIX_BITS bits per pass (9 passes of 16 counts for 4 bits; a pass is a serial reduction, so
-    fewer passes is less latency), ties at the threshold are taken lowest index first through a prefix sum
-    (a one-pass all-pairs rank was tried: 3-20x slower on the H100), and the selected ids come out ascending by compaction. With REWRITE the row's sparse
-    block table (physical ids of the selection) and its token count are written too, so
-    attention can read the selected blocks in place.
+    fewer passes is less latency), ties at the threshold are taken lowest index first through a
+    prefix sum (a one-pass all-pairs rank was tried: 3-20x slower on the H100), and the selected
+    ids come out ascending by compaction. With REWRITE the row's sparse block table (physical ids
+    of the selection) and its token count are written too, so attention can read the selected
+    blocks in place.
     """
     b = tl.program_id(0)
     idx = tl.arange(0, BLOCK_M)
@@ -645,55 +647,6 @@ def _attn_combine_kernel(
     tl.store(lse_ptr + b * Hq + hh, lse)
 
 
-# --------------------------------------------------------------------------- representations
-def _block_reduce_kernel(
-    k_ptr,
-    ids_ptr,
-    vlen_ptr,
-    out_ptr,
-    H,
-    R,
-    D,
-    GROUP,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    METHOD: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Reduce one (block, head, token group) of K over its valid tokens; empty groups -> 0.
-
-    METHOD: 0 mean, 1 max, 2 min. out is [n, H, R, D] float32 contiguous.
-    """
-    i = tl.program_id(0)
-    hr = tl.program_id(1)
-    dblk = tl.program_id(2)
-    h = hr // R
-    r = hr % R
-    blk = tl.load(ids_ptr + i).to(tl.int64)
-    vlen = tl.load(vlen_ptr + i).to(tl.int32)
-    g = tl.arange(0, BLOCK_G)
-    d = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
-    tok = r * GROUP + g
-    valid = (g < GROUP) & (tok < vlen)
-    dm = d < D
-    x = tl.load(
-        k_ptr + blk * stride_kb + tok[:, None] * stride_kt + h * stride_kh + d[None, :],
-        mask=valid[:, None] & dm[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    cnt = tl.sum(valid.to(tl.int32), axis=0)
-    if METHOD == 0:
-        res = tl.sum(x, axis=0) / tl.maximum(cnt, 1).to(tl.float32)
-    elif METHOD == 1:
-        res = tl.max(tl.where(valid[:, None], x, float("-inf")), axis=0)
-    else:
-        res = tl.min(tl.where(valid[:, None], x, float("inf")), axis=0)
-    res = tl.where(cnt > 0, res, 0.0)
-    tl.store(out_ptr + ((i.to(tl.int64) * H + h) * R + r) * D + d, res, mask=dm)
-
-
 def _scores_dot_kernel(
     q_ptr,
     rep_ptr,
@@ -716,7 +669,8 @@ def _scores_dot_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    """Dot-product block scores (ESA mean / GSA max over the GQA group); -inf past n_b."""
+    """Dot-product block scores (ESA mean / GSA max over the GQA group: MODE, a `GroupReduceCode`);
+    -inf past n_b."""
     jb = tl.program_id(0)
     b = tl.program_id(1)
     j = jb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -774,7 +728,7 @@ def _scores_minmax_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Quest block scores: per query head, sum over channels of max(q * min, q * max) (the most
-    q . k can reach inside the block's box of keys), then mean (MODE 0) or max (MODE 1) over the
+    q . k can reach inside the block's box of keys), then mean (MODE 0) or max (MODE 1: a `GroupReduceCode`) over the
     GQA group, summed over KV heads; -inf past n_b. BLOCK_M blocks per program; mins and maxs
     share strides. The group's queries cannot be averaged first (the bound is not linear in q),
     so each query head is bounded on its own against the tile already loaded."""
@@ -1140,7 +1094,6 @@ _KERNELS = (
     _topk_kernel,
     _attn_split_kernel,
     _attn_combine_kernel,
-    _block_reduce_kernel,
     _scores_dot_kernel,
     _sums_reset_kernel,
     _sums_add_kernel,

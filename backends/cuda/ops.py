@@ -15,13 +15,11 @@ import os
 
 import torch
 
-from ucm.ops.contract import BlockReduce, GroupReduce
+from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce_code
 from ucm.ops.reference import TorchReferenceOps
 
 from .kernels import get_kernels
 
-_REDUCE_CODE = {"min": 0, "mean": 1, "max": 2}
-_BLOCK_REDUCE_CODE = {"mean": 0, "max": 1, "min": 2}
 _LOG2E = 1.4426950408889634
 _KVSTAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -273,8 +271,7 @@ class CudaOps(TorchReferenceOps):
         seq_lens: torch.Tensor,
         reduce: BlockReduce = "min",
     ) -> torch.Tensor:
-        if reduce not in _REDUCE_CODE:
-            raise ValueError(f"unknown block reduce {reduce!r}; valid: mean, max, min")
+        reduce_code(reduce)  # ValueError for an unknown name, before any fallback
         if not self._can_run(q_codes, k_codes, block_table, seq_lens):
             return super().hamming_block_scores(q_codes, k_codes, block_table, seq_lens, reduce)
         hkv = k_codes.shape[2]
@@ -294,8 +291,7 @@ class CudaOps(TorchReferenceOps):
         reduce: str,
     ) -> torch.Tensor:
         """Launch the scorer on query planes and key codes viewed as words [NB, bs, Hkv, W]."""
-        if reduce not in _REDUCE_CODE:
-            raise ValueError(f"unknown block reduce {reduce!r}; valid: mean, max, min")
+        code = reduce_code(reduce)
         nb, bs, hkv = kw.shape[:3]
         b, m = block_table.shape
         out = torch.empty(b, m, dtype=torch.float32, device=kw.device)
@@ -326,7 +322,7 @@ class CudaOps(TorchReferenceOps):
             tbl.stride(0),
             out.stride(0),
             P=p,
-            REDUCE=_REDUCE_CODE[reduce],
+            REDUCE=int(code),
             USE_ASM=not self.interpret,
             BLOCK_T=block_t,
             BLOCK_COLS=block_cols,
@@ -344,8 +340,7 @@ class CudaOps(TorchReferenceOps):
         block_size: int,
         group_reduce: GroupReduce = "mean",
     ) -> torch.Tensor:
-        if group_reduce not in ("mean", "max"):
-            raise ValueError(f"unknown group reduce {group_reduce!r}; valid: mean, max")
+        code = group_reduce_code(group_reduce)
         if not self._can_run(q, repr_cache, block_table, seq_lens) or repr_cache.dim() != 3:
             return super().block_scores_dot(q, repr_cache, block_table, seq_lens, block_size, group_reduce)
         b, hq, d = q.shape
@@ -378,7 +373,7 @@ class CudaOps(TorchReferenceOps):
             rc.stride(1),
             tbl.stride(0),
             out.stride(0),
-            MODE=0 if group_reduce == "mean" else 1,
+            MODE=int(code),
             BLOCK_M=block_m,
             BLOCK_D=block_d,
             BLOCK_G=_pow2(hq // hkv),
@@ -493,8 +488,7 @@ class CudaOps(TorchReferenceOps):
         group_reduce: GroupReduce = "max",
     ) -> torch.Tensor:
         """Quest scores in one launch (`_scores_minmax_kernel`), no host read."""
-        if group_reduce not in ("mean", "max"):
-            raise ValueError(f"unknown group reduce {group_reduce!r}; valid: mean, max")
+        code = group_reduce_code(group_reduce)
         if (
             not self._can_run(q, mins, maxs, block_table, seq_lens)
             or mins.dim() != 3
@@ -532,7 +526,7 @@ class CudaOps(TorchReferenceOps):
             mins.stride(1),
             tbl.stride(0),
             out.stride(0),
-            MODE=0 if group_reduce == "mean" else 1,
+            MODE=int(code),
             BLOCK_M=block_m,
             BLOCK_D=_pow2(d),
             num_warps=self.scores_warps or 1,
@@ -924,50 +918,6 @@ class CudaOps(TorchReferenceOps):
                 BLOCK_DV=_pow2(dv),
             )
         return out, lse
-
-    # -------------------------------------------------------- representations
-    def block_reduce(
-        self,
-        k_cache: torch.Tensor,
-        block_ids: torch.Tensor,
-        valid_lens: torch.Tensor,
-        method: BlockReduce = "mean",
-        merge: int = 0,
-    ) -> torch.Tensor:
-        if method not in _BLOCK_REDUCE_CODE:
-            raise ValueError(f"unknown block reduce method {method!r}; valid: mean, max, min")
-        bs = k_cache.shape[1]
-        group = merge if merge > 0 else bs
-        if bs % group:
-            raise ValueError(f"merge={merge} must divide the block size {bs}")
-        if not self._can_run(k_cache, block_ids, valid_lens) or k_cache.dim() != 4 or k_cache.stride(-1) != 1:
-            return super().block_reduce(k_cache, block_ids, valid_lens, method, merge)
-        n = block_ids.shape[0]
-        h, d = k_cache.shape[2], k_cache.shape[3]
-        r = bs // group
-        out = torch.empty(n, h, r, d, dtype=torch.float32, device=k_cache.device)
-        if n > 0:
-            block_g = _pow2(group)
-            block_d = min(_pow2(d), max(16, 8192 // block_g))
-            ids = block_ids.contiguous()
-            vl = valid_lens.to(k_cache.device).contiguous()
-            self._k.block_reduce_kernel[(n, h * r, triton_cdiv(d, block_d))](
-                k_cache,
-                ids,
-                vl,
-                out,
-                h,
-                r,
-                d,
-                group,
-                k_cache.stride(0),
-                k_cache.stride(1),
-                k_cache.stride(2),
-                METHOD=_BLOCK_REDUCE_CODE[method],
-                BLOCK_G=block_g,
-                BLOCK_D=block_d,
-            )
-        return out.squeeze(2) if merge <= 0 else out
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -14,7 +14,8 @@ Shapes (one letter per dimension, used in every docstring below):
 Paged layouts (device-neutral; integrations adapt their engine's layout to these):
     k_cache / v_cache   [NB, bs, Hkv, D]  (MLA: Hkv = 1, D = kv_lora_rank + qk_rope_head_dim)
     code cache          [NB, bs, Hkv, C]  uint8
-    representation      [NB, Hkv, D] or [NB, Hkv, R, D] float32, indexed by physical block
+    representation      [NB, Hkv, D] float32 (or running sums [NB, R, Hkv, D], `block_sums_add`),
+                        indexed by physical block
                         (Quest keeps two [NB, Hkv, D]: the element-wise min and max of K;
                         KVStar's channel-major reps are [NB, Hkv, D, R], see `kvstar_reps_add`)
     block_table         [B, M] int32/int64 physical block ids (entries past a row's end ignored)
@@ -35,14 +36,46 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from enum import IntEnum
 from typing import Literal
 
-import numpy as np
 import torch
 
 BlockReduce = Literal["mean", "max", "min"]
 GroupReduce = Literal["mean", "max"]
+
+
+class ReduceCode(IntEnum):
+    """A `BlockReduce` name as the integer the kernels receive: the one numbering of it (the C++
+    `Reduce` enum echoes it through `reduce_codes()`, the Triton scorer takes it as `REDUCE`)."""
+
+    MIN = 0
+    MEAN = 1
+    MAX = 2
+
+
+class GroupReduceCode(IntEnum):
+    """A `GroupReduce` name as the integer the kernels receive (C++ `GroupReduce`, echoed by
+    `group_reduce_codes()`; the Triton scorers' `MODE`)."""
+
+    MEAN = 0
+    MAX = 1
+
+
+def reduce_code(name: str) -> ReduceCode:
+    """The kernels' code of a `BlockReduce` name; ValueError naming the valid ones otherwise."""
+    for code in ReduceCode:
+        if code.name.lower() == name:
+            return code
+    raise ValueError(f"unknown block reduce {name!r}; valid: mean, max, min")
+
+
+def group_reduce_code(name: str) -> GroupReduceCode:
+    """The kernels' code of a `GroupReduce` name; ValueError naming the valid ones otherwise."""
+    for code in GroupReduceCode:
+        if code.name.lower() == name:
+            return code
+    raise ValueError(f"unknown group reduce {name!r}; valid: mean, max")
 
 
 class SparseOps(ABC):
@@ -67,33 +100,6 @@ class SparseOps(ABC):
 
         cache [NB, bs, ...], values [T, ...], slot_mapping [T] (slot = block * bs + offset;
         negative slots are padding and skipped, as in vLLM).
-        """
-
-    @abstractmethod
-    def gather_blocks(self, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-        """cache [NB, ...], block_ids [n] -> [n, ...] (a copy; used to offload blocks)."""
-
-    @abstractmethod
-    def scatter_blocks(self, cache: torch.Tensor, block_ids: torch.Tensor, src: torch.Tensor) -> None:
-        """cache[block_ids] = src in place (used to load offloaded blocks back)."""
-
-    # -------------------------------------------------------- representations
-    @abstractmethod
-    def block_reduce(
-        self,
-        k_cache: torch.Tensor,
-        block_ids: torch.Tensor,
-        valid_lens: torch.Tensor,
-        method: BlockReduce = "mean",
-        merge: int = 0,
-    ) -> torch.Tensor:
-        """Per-block, per-head reduction of K over the block's first valid_lens tokens.
-
-        k_cache [NB, bs, Hkv, D], block_ids [n], valid_lens [n] (1..bs) -> float32:
-            merge == 0: [n, Hkv, D] (reduce over all valid tokens)
-            merge  > 0: [n, Hkv, bs // merge, D], each of the bs // merge groups of `merge`
-                        consecutive tokens reduced separately (KVStar's token merging);
-                        groups with no valid token are 0.
         """
 
     # ---------------------------------------------------------------- scoring
@@ -173,25 +179,6 @@ class SparseOps(ABC):
         valid = torch.arange(m, device=mins.device)[None, :] < n_b[:, None]
         return torch.where(valid, s, -math.inf)
 
-    @abstractmethod
-    def block_softmax_mass(
-        self,
-        q: torch.Tensor,
-        repr_cache: torch.Tensor,
-        block_table: torch.Tensor,
-        seq_lens: torch.Tensor,
-        block_size: int,
-        scale: float,
-    ) -> torch.Tensor:
-        """Attention mass each block receives from a window of queries (KVStar).
-
-        q [B, Nq, Hq, D], repr_cache [NB, Hkv, R, D] -> float32 [B, M].
-        For every (row, query, head) a softmax over all R * n_b representations of the row
-        (scaled logits); a block's score is its probability mass summed over queries, heads
-        and its R representations. In a row's partial last block only the first
-        ceil(last_len * R / bs) representations hold tokens; the rest are masked. -inf past n_b.
-        """
-
     # -------------------------------------------------------------- selection
     @abstractmethod
     def block_topk(
@@ -264,7 +251,7 @@ class SparseOps(ABC):
         return self.hamming_block_scores(self.hash_encode(q, weight), k_codes, block_table, seq_lens, reduce)
 
     # -------------------------------------------------------------- threads
-    def prepare_background_thread(self) -> None:
+    def prepare_background_thread(self) -> None:  # noqa: B027  (an optional hook: most backends need nothing)
         """Called once on each background retrieval thread before it runs any op.
 
         Backends whose kernels start their own thread teams (OpenMP on CPUs) limit them here,
@@ -396,32 +383,6 @@ class SparseOps(ABC):
         -inf for columns j >= n_b (every column of a row without a full block). Entries past a
         row's end may hold any id. Channels tied in importance may be kept either way.
         """
-
-    # ------------------------------------------------------------ host memory
-    def host_copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """dst[:] = src for uint8 host tensors of equal size, on the calling thread only.
-
-        The KV store's DRAM stage moves blocks through this. Not `Tensor.copy_`, which fans out to
-        torch's intra-op threads (from several store workers on a busy machine their barriers cost
-        10-80x); NumPy copies on this thread and releases the GIL. Backends may bypass the CPU
-        caches for large copies: a store's bytes are not read again soon.
-        """
-        self.host_copy_many([dst], [src])
-
-    def host_copy_many(self, dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> None:
-        """`host_copy` over pairs: one call for a whole store chunk (a backend runs it without the
-        GIL). Every pair is checked before the first byte moves: a bad pair copies nothing."""
-        if len(dsts) != len(srcs):
-            raise ValueError(f"host_copy_many: {len(dsts)} destinations but {len(srcs)} sources")
-        for d, s in zip(dsts, srcs):
-            if d.numel() != s.numel() or d.dtype != torch.uint8 or s.dtype != torch.uint8:
-                raise ValueError(
-                    f"host_copy takes uint8 tensors of one size, got {d.dtype}[{d.numel()}] and {s.dtype}[{s.numel()}]"
-                )
-            if d.device.type != "cpu" or s.device.type != "cpu":
-                raise ValueError(f"host_copy takes host tensors, got {d.device} and {s.device}")
-        for d, s in zip(dsts, srcs):
-            np.copyto(d.numpy(), s.numpy())
 
     # -------------------------------------------------------------- attention
     @abstractmethod

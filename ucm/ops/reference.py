@@ -74,44 +74,6 @@ class TorchReferenceOps(SparseOps):
         flat = cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:])
         flat.index_copy_(0, slots, values[keep].to(cache.dtype))
 
-    def gather_blocks(self, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-        return cache.index_select(0, block_ids.to(torch.int64))
-
-    def scatter_blocks(self, cache: torch.Tensor, block_ids: torch.Tensor, src: torch.Tensor) -> None:
-        cache.index_copy_(0, block_ids.to(torch.int64), src.to(cache.dtype))
-
-    # -------------------------------------------------------- representations
-    def block_reduce(
-        self,
-        k_cache: torch.Tensor,
-        block_ids: torch.Tensor,
-        valid_lens: torch.Tensor,
-        method: BlockReduce = "mean",
-        merge: int = 0,
-    ) -> torch.Tensor:
-        bs = k_cache.shape[1]
-        blocks = k_cache.index_select(0, block_ids.to(torch.int64)).to(torch.float32)  # [n, bs, H, D]
-        group = merge if merge > 0 else bs
-        if bs % group:
-            raise ValueError(f"merge={merge} must divide the block size {bs}")
-        n, _, h, d = blocks.shape
-        r = bs // group
-        valid = torch.arange(bs, device=blocks.device)[None, :] < valid_lens.to(blocks.device)[:, None]
-        valid = valid.view(n, r, group, 1, 1)
-        x = blocks.view(n, r, group, h, d)
-        if method == "mean":
-            count = valid.sum(2).clamp(min=1).to(torch.float32)
-            out = torch.where(valid, x, 0.0).sum(2) / count
-        elif method == "max":
-            out = torch.where(valid, x, -math.inf).amax(2)
-        elif method == "min":
-            out = torch.where(valid, x, math.inf).amin(2)
-        else:
-            raise ValueError(f"unknown block reduce method {method!r}; valid: mean, max, min")
-        out = torch.where(valid.any(2), out, 0.0)  # empty groups are 0, never +-inf
-        out = out.permute(0, 2, 1, 3)  # [n, H, r, D]
-        return out.squeeze(2).contiguous() if merge <= 0 else out.contiguous()
-
     # ---------------------------------------------------------------- scoring
     def hamming_block_scores(
         self,
@@ -162,33 +124,6 @@ class TorchReferenceOps(SparseOps):
         else:
             raise ValueError(f"unknown group reduce {group_reduce!r}; valid: mean, max")
         return torch.where(valid_block_mask(seq_lens, block_size, block_table.shape[1]), s, -math.inf)
-
-    def block_softmax_mass(
-        self,
-        q: torch.Tensor,
-        repr_cache: torch.Tensor,
-        block_table: torch.Tensor,
-        seq_lens: torch.Tensor,
-        block_size: int,
-        scale: float,
-    ) -> torch.Tensor:
-        b, nq, hq, d = q.shape
-        _, hkv, r, _ = repr_cache.shape
-        m = block_table.shape[1]
-        g = hq // hkv
-        bsz = block_size
-        reps = repr_cache[_safe_ids(block_table, repr_cache.shape[0])].to(torch.float32)  # [B, M, Hkv, R, D]
-        qg = q.to(torch.float32).view(b, nq, hkv, g, d)
-        logits = torch.einsum("bqhgd,bmhrd->bqhgmr", qg, reps) * scale
-        # representation r of block j is valid iff token j*bs + r*(bs/R) < seq_len
-        first_tok = torch.arange(m, device=q.device)[:, None] * bsz + torch.arange(r, device=q.device)[None] * (
-            bsz // r
-        )
-        valid = first_tok[None] < seq_lens.to(torch.int64)[:, None, None]  # [B, M, R]
-        logits = torch.where(valid[:, None, None, None], logits, -math.inf)
-        probs = torch.softmax(logits.reshape(b, nq, hkv, g, m * r), dim=-1).nan_to_num(0.0)
-        mass = probs.view(b, nq, hkv, g, m, r).sum(dim=(1, 2, 3, 5))
-        return torch.where(valid_block_mask(seq_lens, bsz, m), mass, -math.inf)
 
     # ----------------------------------------------------------------- KVStar
     def kvstar_reps_add(

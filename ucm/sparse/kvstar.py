@@ -113,7 +113,7 @@ class KVStarScorer(BlockScorer):
         """The attention mass of the recent queries on each full block, computed for all rows
         at once (padded to the longest row): one gather, one top-k and one batched matmul per
         layer instead of a dozen small ops and a materialised channel gather per row. Same
-        quantity as `block_softmax_mass` over the pruned representations."""
+        quantity as `kvstar_block_mass` over the pruned representations."""
         bs = self.shapes.block_size
         acc = self.acc[layer]
         if self.channel_major:

@@ -12,8 +12,9 @@ Tensors crossing the API are host (CPU) tensors. `load`/`dump` take, for n items
     shards n shard indices, or one int for all
     dst/src a batched contiguous tensor [n, *shard_shape] or a list of n contiguous tensors of
            shard_shape (any layout with the same numel is accepted; bytes are copied as-is).
-A layer's blocks are therefore one call: `dump(ids, layer, gather_blocks(cache, block_ids))` and
-`scatter_blocks(cache, block_ids, buf)` after `wait(load(ids, layer, buf))`.
+A layer's blocks are therefore one call: `dump(ids, layer, cache.index_select(0, block_ids))` and
+`cache.index_copy_(0, block_ids, buf)` after `wait(load(ids, layer, buf))` (`BlockStager` does
+both for a device cache, on its own stream).
 
 Tasks run on a thread pool (`workers` threads, UCM's `transferStreamNumber`); the tensors must stay
 alive and untouched until the task is done (the Task keeps a reference). `wait` raises `TaskFailed`
@@ -275,10 +276,10 @@ class KVStore(ABC):
     def _write_items(self, chunk: list[Item]) -> list[tuple[BlockId, BaseException]]:
         return _run_chunk(self._write_run, chunk)
 
-    def _begin_load(self, ids: Sequence[BlockId]) -> None:
+    def _begin_load(self, ids: Sequence[BlockId]) -> None:  # noqa: B027  (an optional hook)
         """Hook: a load of these ids is starting (the POSIX store protects them from eviction)."""
 
-    def _end_load(self, ids: Sequence[BlockId]) -> None:
+    def _end_load(self, ids: Sequence[BlockId]) -> None:  # noqa: B027  (an optional hook)
         """Hook: the load started by `_begin_load` is over."""
 
     # ---- public API
@@ -377,7 +378,7 @@ class KVStore(ABC):
             if len(rows) != n:
                 raise ValueError(f"{n} ids but {len(rows)} {what} tensors")
         out: list[Item] = []
-        for block_id, s, r in zip(ids, shard_list, rows):
+        for block_id, s, r in zip(ids, shard_list, rows, strict=True):
             if r.dtype != lay.dtype or r.numel() != lay.shard_numel:
                 raise ValueError(
                     f"{what} tensors must hold {lay.shard_shape} {lay.dtype}, got {tuple(r.shape)} {r.dtype}"

@@ -46,7 +46,7 @@ class PipelineStore(KVStore):
         hits = self.cache.lookup(ids)
         miss_at = [i for i, h in enumerate(hits) if not h]
         if miss_at:
-            for i, h in zip(miss_at, self.backing.lookup([ids[i] for i in miss_at])):
+            for i, h in zip(miss_at, self.backing.lookup([ids[i] for i in miss_at]), strict=True):
                 hits[i] = h
         return hits
 

@@ -68,6 +68,15 @@ inline bool block_in_row(const int64_t* s, int64_t b, int64_t j, int64_t M, int6
   return j < (len + bs - 1) / bs;
 }
 
+// Reduce codes over a block's token distances and over a GQA group's query heads: the values of
+// ucm.ops.contract.ReduceCode / GroupReduceCode, which the Python side passes (never names);
+// `reduce_codes()` / `group_reduce_codes()` echo them so a test holds the two sides equal.
+enum Reduce : int64_t { kMin = 0, kMean = 1, kMax = 2 };
+enum GroupReduce : int64_t { kGroupMean = 0, kGroupMax = 1 };
+
+std::vector<int64_t> reduce_codes() { return {kMin, kMean, kMax}; }
+std::vector<int64_t> group_reduce_codes() { return {kGroupMean, kGroupMax}; }
+
 // The arguments of a block scorer over per-block representations [NB, Hkv, D] (ESA/GSA means,
 // Quest's min/max), checked once: q [B, Hq, D] and the representations float32, block_table
 // [B, M] and seq_lens [B] int64 with every block a row reads in the cache, group_reduce 0 or 1.
@@ -86,7 +95,7 @@ inline BlockScoreArgs check_block_score_args(const char* op, const at::Tensor& q
   TORCH_CHECK_VALUE(q.dim() == 3 && repr.dim() == 3 && block_table.dim() == 2 && seq_lens.dim() == 1, op,
                     ": expected q [B,Hq,D], representations [NB,Hkv,D], block_table [B,M], seq_lens [B]");
   TORCH_CHECK_VALUE(block_size > 0, op, ": block_size must be positive");
-  TORCH_CHECK_VALUE(group_reduce == 0 || group_reduce == 1, op, ": bad group_reduce code");
+  TORCH_CHECK_VALUE(group_reduce == kGroupMean || group_reduce == kGroupMax, op, ": bad group_reduce code");
   BlockScoreArgs a;
   a.q = q.contiguous();
   a.table = block_table.contiguous();
@@ -200,94 +209,7 @@ at::Tensor sign_bits_pack(const at::Tensor& x) {
   return out;
 }
 
-// -------------------------------------------------------------------------------- block_reduce
-
-// method: 0 = mean, 1 = max, 2 = min. One (block, kv head) per work item; the block's tokens are
-// split into bs / group groups of `group` consecutive tokens (group == bs when not merging), each
-// reduced over its valid tokens; groups without a valid token are 0. NaN propagates through
-// max/min like torch's amax/amin.
-template <typename T>
-void reduce_blocks(const T* kc, const int64_t* ids, const int64_t* lens, float* out, int64_t n, int64_t bs,
-                   int64_t hkv, int64_t d, int64_t group, int64_t method) {
-  const int64_t r = bs / group;
-#pragma omp parallel for schedule(static) num_threads(num_threads()) if (n * bs * hkv * d > 65536)
-  for (int64_t item = 0; item < n * hkv; ++item) {
-    const int64_t i = item / hkv;
-    const int64_t h = item % hkv;
-    const int64_t valid = std::min<int64_t>(std::max<int64_t>(lens[i], 0), bs);
-    const T* blk = kc + ids[i] * bs * hkv * d;
-    for (int64_t ri = 0; ri < r; ++ri) {
-      float* o = out + ((i * hkv + h) * r + ri) * d;  // out is [n, Hkv, r, D]
-      const int64_t cnt = std::min<int64_t>(std::max<int64_t>(valid - ri * group, 0), group);
-      if (cnt == 0) {
-        for (int64_t e = 0; e < d; ++e) o[e] = 0.0f;
-        continue;
-      }
-      const T* first = blk + ((ri * group) * hkv + h) * d;
-      for (int64_t e = 0; e < d; ++e) o[e] = static_cast<float>(first[e]);
-      for (int64_t t = 1; t < cnt; ++t) {
-        const T* x = blk + ((ri * group + t) * hkv + h) * d;
-        if (method == 0) {
-          for (int64_t e = 0; e < d; ++e) o[e] += static_cast<float>(x[e]);
-        } else if (method == 1) {
-          for (int64_t e = 0; e < d; ++e) {
-            const float v = static_cast<float>(x[e]);
-            if (v > o[e] || std::isnan(v)) o[e] = v;
-          }
-        } else {
-          for (int64_t e = 0; e < d; ++e) {
-            const float v = static_cast<float>(x[e]);
-            if (v < o[e] || std::isnan(v)) o[e] = v;
-          }
-        }
-      }
-      if (method == 0) {
-        const float c = static_cast<float>(cnt);
-        for (int64_t e = 0; e < d; ++e) o[e] /= c;
-      }
-    }
-  }
-}
-
-// Returns [n, Hkv, bs / group, D] float32; the Python side squeezes the group axis when merge == 0.
-at::Tensor block_reduce(const at::Tensor& k_cache, const at::Tensor& block_ids, const at::Tensor& valid_lens,
-                        int64_t method, int64_t group) {
-  TORCH_CHECK_VALUE(k_cache.dim() == 4 && block_ids.dim() == 1 && valid_lens.dim() == 1,
-                    "block_reduce: expected k_cache [NB,bs,Hkv,D], block_ids [n], valid_lens [n]");
-  TORCH_CHECK_VALUE(block_ids.scalar_type() == at::kLong && valid_lens.scalar_type() == at::kLong,
-                    "block_reduce: block_ids and valid_lens must be int64 here");
-  TORCH_CHECK_VALUE(method >= 0 && method <= 2, "block_reduce: bad method code ", method);
-  const at::Tensor kc = k_cache.contiguous();
-  const at::Tensor ids = block_ids.contiguous();
-  const at::Tensor lens = valid_lens.contiguous();
-  const int64_t nb = kc.size(0), bs = kc.size(1), hkv = kc.size(2), d = kc.size(3);
-  const int64_t n = ids.size(0);
-  TORCH_CHECK_VALUE(lens.size(0) == n, "block_reduce: block_ids and valid_lens lengths differ");
-  TORCH_CHECK_VALUE(group > 0 && bs % group == 0, "block_reduce: group ", group, " must divide the block size ", bs);
-  const int64_t* ip = ids.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_INDEX(ip[i] >= 0 && ip[i] < nb, "block_reduce: block id ", ip[i], " is out of range for ", nb,
-                      " cache blocks");
-  }
-  at::Tensor out = at::empty({n, hkv, bs / group, d}, kc.options().dtype(at::kFloat));
-  if (n == 0 || hkv == 0 || d == 0) return out;
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  float* o = out.data_ptr<float>();
-  switch (kc.scalar_type()) {
-    case at::kFloat: reduce_blocks<float>(kc.data_ptr<float>(), ip, lp, o, n, bs, hkv, d, group, method); break;
-    case at::kHalf: reduce_blocks<at::Half>(kc.data_ptr<at::Half>(), ip, lp, o, n, bs, hkv, d, group, method); break;
-    case at::kBFloat16:
-      reduce_blocks<at::BFloat16>(kc.data_ptr<at::BFloat16>(), ip, lp, o, n, bs, hkv, d, group, method);
-      break;
-    default: TORCH_CHECK_VALUE(false, "block_reduce: unsupported cache dtype ", kc.scalar_type());
-  }
-  return out;
-}
-
 // ------------------------------------------------------------------------ hamming_block_scores
-
-// Reduce codes: 0 = min, 1 = mean, 2 = max (the Python side maps the names).
-enum Reduce : int64_t { kMin = 0, kMean = 1, kMax = 2 };
 
 // Codes are read as W whole little-endian uint64 words plus, when C % 8 != 0, one zero-padded
 // tail word (the query side is padded the same way, so padding never counts). `WT` > 0 fixes W
@@ -449,7 +371,8 @@ at::Tensor hamming_block_scores(const at::Tensor& q_codes, const at::Tensor& k_c
   TORCH_CHECK_VALUE(q_codes.dim() == 3 && k_codes.dim() == 4 && block_table.dim() == 2 && seq_lens.dim() == 1,
                     "hamming_block_scores: expected q_codes [B,Hq,C], k_codes [NB,bs,Hkv,C], block_table [B,M], "
                     "seq_lens [B]");
-  TORCH_CHECK_VALUE(reduce >= 0 && reduce <= 2, "hamming_block_scores: bad reduce code ", reduce);
+  TORCH_CHECK_VALUE(reduce == kMin || reduce == kMean || reduce == kMax, "hamming_block_scores: bad reduce code ",
+                    reduce);
   const at::Tensor q = q_codes.contiguous();
   const at::Tensor k = k_codes.contiguous();
   const at::Tensor tbl = block_table.contiguous();
@@ -768,7 +691,7 @@ at::Tensor kvstar_scores(const at::Tensor& q, const at::Tensor& sums, const at::
   return out;
 }
 
-// group_reduce: 0 = mean (ESA), 1 = max (GSA).
+// group_reduce: kGroupMean (ESA) or kGroupMax (GSA).
 at::Tensor block_scores_dot(const at::Tensor& q, const at::Tensor& repr_cache, const at::Tensor& block_table,
                             const at::Tensor& seq_lens, int64_t block_size, int64_t group_reduce) {
   const BlockScoreArgs a =
@@ -785,7 +708,7 @@ at::Tensor block_scores_dot(const at::Tensor& q, const at::Tensor& repr_cache, c
   float* o = out.data_ptr<float>();
   // ESA: average each GQA group's queries once per row: [B, Hkv, D].
   std::vector<float> qmean;
-  if (group_reduce == 0) {
+  if (group_reduce == kGroupMean) {
     qmean.assign(static_cast<size_t>(B * hkv * d), 0.0f);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < hkv; ++h) {
@@ -809,7 +732,7 @@ at::Tensor block_scores_dot(const at::Tensor& q, const at::Tensor& repr_cache, c
     const float* rep = rp + std::max<int64_t>(t[item], 0) * hkv * d;
     float total = 0.0f;
     for (int64_t h = 0; h < hkv; ++h) {
-      if (group_reduce == 0) {
+      if (group_reduce == kGroupMean) {
         total += dot_f32(qmean.data() + (b * hkv + h) * d, rep + h * d, d);
       } else {
         float best = -std::numeric_limits<float>::infinity();
@@ -968,55 +891,6 @@ std::tuple<at::Tensor, at::Tensor> paged_decode_attention(const at::Tensor& q, c
   return {out, lse};
 }
 
-// dst[:] = src for two flat uint8 host tensors, on the calling thread (the KV store's DRAM
-// stage calls it from its I/O workers). From `kStreamBytes` up, AVX2 streaming stores write
-// around the caches: glibc's memcpy switches to them only far above the store's typical
-// 0.5-4 MiB unit, and below that a copy runs at about half of memory bandwidth here because
-// every destination line is first read into the cache and later evicted.
-constexpr int64_t kStreamBytes = 128 * 1024;
-
-void check_host_pair(const at::Tensor& dst, const at::Tensor& src) {
-  TORCH_CHECK_VALUE(dst.device().is_cpu() && src.device().is_cpu(), "host_copy: host tensors only");
-  TORCH_CHECK_VALUE(dst.scalar_type() == at::kByte && src.scalar_type() == at::kByte, "host_copy: uint8 tensors only");
-  TORCH_CHECK_VALUE(dst.is_contiguous() && src.is_contiguous(), "host_copy: contiguous tensors only");
-  TORCH_CHECK_VALUE(dst.numel() == src.numel(), "host_copy: ", dst.numel(), " and ", src.numel(), " bytes");
-}
-
-void copy_bytes(uint8_t* d, const uint8_t* s, int64_t n) {
-#if defined(__AVX2__)
-  if (n >= kStreamBytes) {
-    const int64_t head = static_cast<int64_t>((32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31);
-    std::memcpy(d, s, head);
-    int64_t i = head;
-    for (; i + 128 <= n; i += 128) {
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 32));
-      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 64));
-      const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 96));
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), a);
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 32), b);
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 64), c);
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 96), e);
-    }
-    _mm_sfence();  // streaming stores are weakly ordered: visible before the caller goes on
-    std::memcpy(d + i, s + i, n - i);
-    return;
-  }
-#endif
-  std::memcpy(d, s, n);
-}
-
-// Every pair is checked before the first byte moves, so a bad pair copies nothing.
-void host_copy_many(std::vector<at::Tensor> dsts, std::vector<at::Tensor> srcs) {
-  TORCH_CHECK_VALUE(dsts.size() == srcs.size(), "host_copy_many: ", dsts.size(), " destinations but ", srcs.size(),
-                    " sources");
-  for (size_t k = 0; k < dsts.size(); ++k) check_host_pair(dsts[k], srcs[k]);
-  for (size_t k = 0; k < dsts.size(); ++k) {
-    copy_bytes(static_cast<uint8_t*>(dsts[k].data_ptr()), static_cast<const uint8_t*>(srcs[k].data_ptr()),
-               dsts[k].numel());
-  }
-}
-
 // Running per-block key sums (ESA/GSA/KVStar representations), in place: one call per layer and
 // step instead of a dozen small torch ops. Fresh blocks (offset 0 written) are zeroed before any
 // key of the call is added, as the reference does.
@@ -1139,7 +1013,7 @@ inline float minmax_bound(const float* q, const float* lo, const float* hi, int6
   return s;
 }
 
-// Quest block scores. group_reduce: 0 = mean over the GQA group, 1 = max; summed over KV heads.
+// Quest block scores. group_reduce: kGroupMean over the GQA group or kGroupMax; summed over KV heads.
 // OpenMP over (row, block) pairs, -inf past a row's blocks.
 at::Tensor block_scores_minmax(const at::Tensor& q, const at::Tensor& mins, const at::Tensor& maxs,
                                const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t block_size,
@@ -1175,16 +1049,16 @@ at::Tensor block_scores_minmax(const at::Tensor& q, const at::Tensor& mins, cons
     for (int64_t h = 0; h < hkv; ++h) {
       const float* l = lp + (blk * hkv + h) * d;
       const float* u = hp + (blk * hkv + h) * d;
-      float acc = group_reduce == 0 ? 0.0f : ninf;
+      float acc = group_reduce == kGroupMean ? 0.0f : ninf;
       for (int64_t gi = 0; gi < g; ++gi) {
         const float v = minmax_bound(qp + (b * hq + h * g + gi) * d, l, u, d);
-        if (group_reduce == 0) {
+        if (group_reduce == kGroupMean) {
           acc += v;
         } else if (v > acc || std::isnan(v)) {
           acc = v;  // NaN propagates, as in torch's amax
         }
       }
-      total += group_reduce == 0 ? acc / gf : acc;
+      total += group_reduce == kGroupMean ? acc / gf : acc;
     }
     o[item] = total;
   }
@@ -1227,13 +1101,10 @@ TORCH_LIBRARY(ucm_cpu, m) {
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
       "float scale) -> (Tensor, Tensor)",
       &paged_decode_attention);
-  m.def("block_reduce(Tensor k_cache, Tensor block_ids, Tensor valid_lens, int method, int group) -> Tensor",
-        &block_reduce);
   m.def(
       "kvstar_scores(Tensor q, Tensor sums, Tensor abs_sums, Tensor block_table, Tensor n_full, int kept_dims, "
       "float scale) -> Tensor",
       &kvstar_scores);
-  m.def("host_copy_many(Tensor(a!)[] dsts, Tensor[] srcs) -> ()", &host_copy_many);
   m.def(
       "block_sums_add(Tensor(a!) sums, Tensor(b!)? abs_sums, Tensor key, Tensor slot_mapping, int block_size, "
       "int merge) -> ()",
@@ -1246,6 +1117,8 @@ TORCH_LIBRARY(ucm_cpu, m) {
       "int group_reduce) -> Tensor",
       &block_scores_minmax);
   m.def("build_info() -> str", &build_info);
+  m.def("reduce_codes() -> int[]", &reduce_codes);
+  m.def("group_reduce_codes() -> int[]", &group_reduce_codes);
   m.def("set_thread_cap(int cap) -> ()", &set_thread_cap);
   m.def("thread_budget() -> int", &thread_budget);
 }

@@ -1,0 +1,1062 @@
+"""One conformance suite for the op contract, parametrised over every backend.
+
+Each case builds its inputs on the host from seeded generators, runs the backend on its device
+and the torch reference (`TorchReferenceOps`) on the host, and compares on the host: bit for bit
+for codes, ids, counts and min/max statistics, within the dtype's tolerance for floats. Cases
+that have a loop-by-loop NumPy oracle (written from the contract's text) check every backend
+against that oracle too, the reference included.
+
+Backends:
+  * reference      the oracle itself (the NumPy-oracle cases are its tests);
+  * cpu            the C++/OpenMP kernels (JIT-built once per machine);
+  * cpu-fallback   `CpuOps(native=False)`: the CPU backend's validation over the torch path;
+  * cuda           the Triton kernels on a GPU, else under Triton's CPU interpreter
+                   (TRITON_INTERPRET=1, set below before triton is first imported);
+  * ascend         torch_npu on an NPU; skipped with the registry probe's reason elsewhere.
+
+Case sizes: `gpu` cases (full-size shapes) run only where the kernels are compiled for a GPU;
+`native` cases (CPU-sized shapes, hypothesis searches) skip the Triton interpreter, which runs
+the small cases. Launch variants of the CUDA kernels (both top-k strategies, split attention)
+run inside the cases that exercise them. Backend-specific behaviour (build folders and locks,
+fallback decisions, validation messages, graph capture) stays in the per-backend test files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported (see conftest's cuda_ops)
+
+from tests.paged import make_paged
+from ucm.ops import TorchReferenceOps, probe
+from ucm.ops.contract import SparseOps
+
+REF = TorchReferenceOps()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+ON_GPU = HAS_TRITON and torch.cuda.is_available()
+HYP = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@dataclass
+class Backend:
+    name: str
+    ops: SparseOps
+    device: torch.device
+    interpreted: bool = False  # Triton's CPU interpreter: small cases only
+    gpu: bool = False  # compiled GPU kernels: the full-size cases too
+    exact_mean: bool = True  # Hamming "mean" bit-exact (Ascend: within an ulp)
+    topk_variants: list[Callable[[], None]] = field(default_factory=lambda: [lambda: None])
+    attention_kwargs: list[dict] = field(default_factory=lambda: [{}])
+
+    def to(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device)
+
+    def need(self, tier: str) -> None:
+        """Skip a `gpu` case off the GPU and a `native` case in the interpreter."""
+        if tier == "gpu" and not self.gpu:
+            pytest.skip("a full-size case: runs on the GPU machine only")
+        if tier == "native" and self.interpreted:
+            pytest.skip("CPU-sized case: Triton's interpreter runs the small cases")
+
+    def each_topk_variant(self) -> Iterator[None]:
+        """Run the enclosed block once per top-k strategy of this backend (CUDA: radix, sort)."""
+        try:
+            for setup in self.topk_variants:
+                setup()
+                yield
+        finally:
+            if hasattr(self.ops, "topk_sort"):
+                self.ops.topk_sort = None
+
+
+def _cuda_backend(request) -> Backend:
+    ops = request.getfixturevalue("cuda_ops")  # skips without triton / interpreter
+    dev = torch.device("cuda" if ON_GPU else "cpu")
+
+    def radix() -> None:
+        ops.topk_sort = False
+
+    def sort() -> None:
+        ops.topk_sort = True
+
+    return Backend(
+        "cuda",
+        ops,
+        dev,
+        interpreted=not ON_GPU,
+        gpu=ON_GPU,
+        topk_variants=[radix, sort],
+        attention_kwargs=[{}, {"num_splits": 1}, {"num_splits": 3}],
+    )
+
+
+@pytest.fixture(scope="module", params=["reference", "cpu", "cpu-fallback", "cuda", "ascend"])
+def backend(request) -> Backend:
+    name = request.param
+    if name == "reference":
+        return Backend(name, REF, torch.device("cpu"))
+    if name.startswith("cpu"):
+        from ucm_backends.cpu.ops import CpuOps
+
+        return Backend(name, CpuOps(native=False if name == "cpu-fallback" else None), torch.device("cpu"))
+    if name == "cuda":
+        return _cuda_backend(request)
+    result = probe("ascend")
+    if not result.available:
+        pytest.skip(f"needs an Ascend NPU with torch_npu: {result.reason}")
+    from ucm.ops import get_ops
+
+    return Backend(
+        name, get_ops("ascend"), torch.device(os.environ.get("UCM_ASCEND_TEST_DEVICE", "npu")), exact_mean=False
+    )
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def host(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu")
+
+
+def rand_codes(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+
+
+def paged_case(g: torch.Generator, seq_lens: list[int], bs: int, extra_width: int = 0, nb_pool: int | None = None):
+    """A block table with random physical blocks per row (repeats allowed) and -1 past each row's end."""
+    b = len(seq_lens)
+    n = [max(0, math.ceil(s / bs)) for s in seq_lens]
+    m = max(n + [1]) + extra_width
+    nb = nb_pool or max(8, sum(n) + 3)
+    table = torch.full((b, m), -1, dtype=torch.int64)
+    for r, nr in enumerate(n):
+        table[r, :nr] = torch.randint(0, nb, (min(nr, m),), generator=g)
+    return table, torch.tensor(seq_lens, dtype=torch.int64), nb
+
+
+def shuffled_table(seq_lens: list[int], bs: int, nb_extra: int, g: torch.Generator):
+    """Distinct shuffled physical blocks per row, int32, -1 past each row's blocks, one spare column."""
+    n = [math.ceil(s / bs) for s in seq_lens]
+    m = max(max(n), 1) + 1
+    total = sum(n) + nb_extra
+    perm = torch.randperm(total, generator=g)
+    table = torch.full((len(seq_lens), m), -1, dtype=torch.int32)
+    at = 0
+    for i, k in enumerate(n):
+        table[i, :k] = perm[at : at + k].to(torch.int32)
+        at += k
+    return table, torch.tensor(seq_lens, dtype=torch.int32), total
+
+
+def unpack_bits(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [..., C] -> bool bits [..., 8C] (bit i of byte j is element 8j + i)."""
+    bits = (codes[..., None].to(torch.int32) >> torch.arange(8, device=codes.device)) & 1
+    return bits.flatten(-2).bool()
+
+
+# ------------------------------------------------------------------------------ NumPy oracles
+def np_pack(x: np.ndarray) -> np.ndarray:
+    n = x.shape[-1]
+    out = np.zeros((*x.shape[:-1], (n + 7) // 8), dtype=np.uint8)
+    for idx in np.ndindex(*x.shape[:-1]):
+        for i in range(n):
+            if x[idx + (i,)] >= 0:
+                out[idx + (i // 8,)] |= np.uint8(1 << (i % 8))
+    return out
+
+
+def np_popcount(x: np.ndarray) -> int:
+    return int(sum(bin(int(v)).count("1") for v in x.ravel()))
+
+
+def np_topk(scores, k, must, n):
+    out = []
+    for r in range(scores.shape[0]):
+        valid = list(range(n[r]))
+        forced = [j for j in valid if must[r, j]]
+        rest = sorted(
+            (j for j in valid if not must[r, j]),
+            key=lambda j: (-(scores[r, j] if not np.isnan(scores[r, j]) else -np.inf), j),
+        )
+        count = min(n[r], max(k[r], len(forced)))
+        out.append(sorted(forced + rest[: count - len(forced)]))
+    return out
+
+
+ORACLE_CASES = [
+    # (seq_lens, block_size, Hq, Hkv, D)
+    ([37, 5, 64], 8, 4, 4, 16),  # GQA 1, lengths not multiples of the block
+    ([3], 8, 8, 2, 32),  # shorter than one block, GQA 4
+    ([40, 17, 1], 4, 16, 2, 8),  # GQA 8, a one-token row
+    ([24, 33], 8, 4, 1, 72),  # MLA-like: one KV head, wide
+]
+
+
+# ------------------------------------------------------------------------------------- hashing
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 16, 17, 64])
+def test_sign_bits_pack_matches_the_bitwise_definition(backend: Backend, n: int) -> None:
+    x = torch.randn(3, 2, n, generator=gen(n))
+    x[0, 0, 0] = 0.0  # zero packs as 1
+    x[0, 1, 0] = -0.0  # so does negative zero (-0.0 >= 0)
+    got = host(backend.ops.sign_bits_pack(backend.to(x)))
+    assert got.dtype == torch.uint8 and got.shape == (3, 2, (n + 7) // 8)
+    np.testing.assert_array_equal(got.numpy(), np_pack(x.numpy()))
+
+
+def test_sign_bits_pack_documented_example(backend: Backend) -> None:
+    x = torch.tensor([5, 4, 3, 2, 0, -1, -2, 4, 3, 2, 1, 0, -1, -2], dtype=torch.float32)
+    assert host(backend.ops.sign_bits_pack(backend.to(x))).tolist() == [159, 15]
+    assert host(backend.ops.sign_bits_pack(backend.to(x.view(2, 7)))).tolist() == [[31], [31]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 16, 64, 100, 128, 576])
+def test_sign_bits_pack(backend: Backend, dtype: torch.dtype, n: int) -> None:
+    """Signed zeros, NaN (a 0 bit), infinities and a tiny negative, every dtype."""
+    if backend.interpreted and (dtype in (torch.float64, torch.float16) or n in (8, 9, 64)):
+        pytest.skip("the interpreter runs float32 / bfloat16 at a few widths")
+    x = torch.randn(3, 5, n, generator=gen(n)).to(dtype)
+    x[0, 0] = 0.0
+    x[0, 1] = -0.0
+    x[0, 2] = float("nan")
+    x[1, 0, ::2] = float("-inf")
+    x[1, 1, ::3] = float("inf")
+    x[2, 0, : min(n, 4)] = torch.tensor([0.0, -0.0, float("nan"), -1e-30][: min(n, 4)]).to(dtype)
+    out = host(backend.ops.sign_bits_pack(backend.to(x)))
+    assert out.dtype == torch.uint8 and out.shape == (3, 5, (n + 7) // 8)
+    assert torch.equal(out, REF.sign_bits_pack(x))
+
+
+def test_sign_bits_pack_noncontiguous_1d_and_empty(backend: Backend) -> None:
+    x = torch.randn(40, 24, generator=gen(1)).t()  # [24, 40], not contiguous
+    assert torch.equal(host(backend.ops.sign_bits_pack(backend.to(x))), REF.sign_bits_pack(x))
+    v = torch.randn(13, generator=gen(2))
+    assert torch.equal(host(backend.ops.sign_bits_pack(backend.to(v))), REF.sign_bits_pack(v))
+    assert backend.ops.sign_bits_pack(backend.to(torch.randn(0, 16))).shape == (0, 2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sign_bits_pack_random_shapes(backend: Backend, seed: int) -> None:
+    backend.need("native")
+    g = gen(seed)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        lead = tuple(int(s) for s in torch.randint(1, 6, (int(torch.randint(0, 3, (), generator=g)),), generator=g))
+        n = int(torch.randint(1, 300, (), generator=g))
+        x = torch.randn(*lead, n, generator=g).to(dtype)
+        x.view(-1)[:: max(1, n // 3)] = 0.0
+        x.view(-1)[1 :: max(2, n // 2)] = -0.0
+        got = backend.ops.sign_bits_pack(backend.to(x))
+        assert got.device.type == backend.device.type and got.dtype == torch.uint8
+        assert torch.equal(host(got), REF.sign_bits_pack(x))
+
+
+@HYP
+@given(
+    lead=st.lists(st.integers(0, 4), min_size=0, max_size=2),
+    n=st.integers(1, 80),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sign_bits_pack_hypothesis(backend: Backend, lead: list[int], n: int, seed: int) -> None:
+    backend.need("native")
+    x = torch.randn(*lead, n, generator=gen(seed))
+    x = torch.where(torch.rand(x.shape, generator=gen(seed + 1)) < 0.1, torch.zeros_like(x), x)
+    assert torch.equal(host(backend.ops.sign_bits_pack(backend.to(x))), REF.sign_bits_pack(x))
+
+
+@pytest.mark.parametrize("nbits", [128, 100, 576])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hash_encode_on_integer_data(backend: Backend, nbits: int, dtype: torch.dtype) -> None:
+    """Integer-valued inputs make the float32 projection exact in any order: equal codes."""
+    if backend.interpreted and nbits == 576:
+        pytest.skip("the interpreter runs the narrower codes")
+    g = gen(nbits)
+    x = torch.randint(-3, 4, (4, 8, 64), generator=g).to(dtype)
+    w = torch.randint(-2, 3, (64, nbits), generator=g).to(torch.float32)
+    assert torch.equal(host(backend.ops.hash_encode(backend.to(x), backend.to(w))), REF.hash_encode(x, w))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_hash_encode_random_data(backend: Backend, seed: int) -> None:
+    """Random data: a bit may differ only where the projection is within rounding of zero."""
+    g = gen(seed)
+    x = torch.randn(5, 4, 128, generator=g).to(torch.bfloat16)
+    w = torch.randn(128, 128, generator=g)
+    got = host(backend.ops.hash_encode(backend.to(x), backend.to(w)))
+    proj = x.to(torch.float32) @ w
+    differ = unpack_bits(got ^ REF.hash_encode(x, w))
+    assert not bool((differ & ~(proj.abs() < 1e-3 * proj.abs().amax())).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hkv,d,nbits", [(2, 32, 64), (1, 72, 576), (4, 16, 20)])
+def test_hash_write_matches_encode_plus_write(backend: Backend, dtype, hkv, d, nbits) -> None:
+    g = gen(hkv * d + nbits)
+    bs = 8
+    t, nb = (333, 64) if backend.gpu else (13, 5)
+    x = torch.randn(t, hkv, d, generator=g).to(dtype)
+    w = torch.randn(d, nbits, generator=g)
+    slots = torch.randperm(nb * bs, generator=g)[:t]
+    slots[::4] = -1
+    c = (nbits + 7) // 8
+    cache = rand_codes((nb, bs, hkv, c), g)
+    want = cache.clone()
+    REF.paged_write(want, REF.hash_encode(x, w), slots)
+    got = backend.to(cache)
+    backend.ops.hash_write(got, backend.to(x), backend.to(w), backend.to(slots))
+    # a fused kernel's float32 dot sums in another order than torch.matmul: a bit may differ
+    # only where the projection is within rounding of 0
+    got_bits, want_bits = unpack_bits(host(got)), unpack_bits(want)
+    proj = torch.zeros(nb * bs, hkv, nbits)
+    keep = slots >= 0
+    proj[slots[keep]] = torch.matmul(x[keep].float(), w)
+    near_zero = proj.abs().view(nb, bs, hkv, nbits) <= 1e-4 * proj.abs().amax().clamp(min=1)
+    near_zero = torch.nn.functional.pad(near_zero, (0, 8 * c - nbits), value=False)  # padding bits are 0 in both
+    assert torch.equal(got_bits | near_zero, want_bits | near_zero)
+    assert (got_bits != want_bits).float().mean() < 1e-3
+
+
+# ------------------------------------------------------------------------------------ paged cache
+@pytest.mark.parametrize("seed", range(3))
+def test_paged_write(backend: Backend, seed: int) -> None:
+    g = gen(seed)
+    nb, bs, h, d = 6, [4, 16][seed % 2], 2, 32
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.uint8):
+        if dtype == torch.uint8:
+            cache = torch.randint(0, 256, (nb, bs, h, 4), generator=g, dtype=torch.uint8)
+            values = torch.randint(0, 256, (10, h, 4), generator=g, dtype=torch.uint8)
+        else:
+            cache = torch.randn(nb, bs, h, d, generator=g).to(dtype)
+            values = torch.randn(10, h, d, generator=g).to(dtype)
+        slots = torch.randperm(nb * bs, generator=g)[:10]
+        slots[::4] = -1  # padding slots are skipped
+        want = cache.clone()
+        REF.paged_write(want, values, slots)
+        got = backend.to(cache)
+        backend.ops.paged_write(got, backend.to(values), backend.to(slots))
+        assert torch.equal(host(got), want)
+
+
+def test_paged_write_matches_the_definition(backend: Backend) -> None:
+    cache = backend.to(torch.zeros(4, 2, 3))
+    vals = torch.arange(12, dtype=torch.float32).view(4, 3)
+    backend.ops.paged_write(cache, backend.to(vals), backend.to(torch.tensor([7, -1, 0, 3])))
+    flat = host(cache).view(8, 3)
+    assert flat[7].tolist() == [0, 1, 2] and flat[0].tolist() == [6, 7, 8] and flat[3].tolist() == [9, 10, 11]
+    assert flat[[1, 2, 4, 5, 6]].abs().sum() == 0  # the -1 slot wrote nothing
+
+
+# ------------------------------------------------------------------------------------- hamming
+def assert_hamming_equal(backend: Backend, got: torch.Tensor, want: torch.Tensor, reduce: str) -> None:
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    if reduce == "mean" and not backend.exact_mean:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)  # a division: an ulp allowed
+    else:
+        assert torch.equal(got, want), (got, want)
+
+
+@pytest.mark.parametrize("seq_lens,bs,hq,hkv,d", ORACLE_CASES)
+@pytest.mark.parametrize("reduce", ["min", "mean", "max"])
+def test_hamming_block_scores_match_the_numpy_oracle(backend: Backend, seq_lens, bs, hq, hkv, d, reduce) -> None:
+    backend.need("native")
+    g = gen(1)
+    batch = make_paged(seq_lens, bs, hkv, d, g)
+    w = torch.randn(d, 24, generator=g)
+    k_codes = REF.hash_encode(batch.k_cache, w)  # [NB, bs, Hkv, 3]
+    q_codes = REF.hash_encode(torch.randn(len(seq_lens), hq, d, generator=g), w)
+    got = backend.ops.hamming_block_scores(
+        *map(backend.to, (q_codes, k_codes, batch.block_table, batch.seq_lens)), reduce
+    )
+    got = host(got).numpy()
+    grp = hq // hkv
+    kc, qc = k_codes.numpy(), q_codes.numpy()
+    for r, n in enumerate(seq_lens):
+        for j in range(batch.block_table.shape[1]):
+            toks = list(range(j * bs, min((j + 1) * bs, n)))
+            if not toks:
+                assert got[r, j] == math.inf
+                continue
+            phys = int(batch.block_table[r, j])
+            dists = [sum(np_popcount(qc[r, h] ^ kc[phys, t - j * bs, h // grp]) for h in range(hq)) for t in toks]
+            want = {"min": min, "max": max, "mean": lambda v: sum(v) / len(v)}[reduce](dists)
+            assert got[r, j] == pytest.approx(want, rel=1e-6)
+
+
+HAMMING_CASES = [
+    # (tier, Hq, Hkv, C, bs, seq_lens, table): table "any" = random ids with repeats, -1 past the
+    # row, two spare columns, int64 and int32; "shuffled" = distinct ids, int32, one spare column
+    ("any", 4, 1, 16, 8, [1, 17, 40], "shuffled"),  # G=4 on one KV head, partial blocks
+    ("any", 8, 8, 16, 8, [24, 3], "shuffled"),  # G=1 (plain MHA)
+    ("any", 8, 2, 4, 4, [9], "shuffled"),  # tiny codes
+    ("any", 16, 1, 72, 4, [10, 7], "shuffled"),  # MLA: 576-bit codes, 16 q heads on one latent head
+    ("any", 4, 2, 6, 4, [11, 1], "shuffled"),  # code width not a multiple of 4: byte words
+    ("native", 8, 8, 16, 16, [50, 16, 1], "any"),  # GQA 1; not a multiple / one block / shorter
+    ("native", 32, 8, 16, 32, [300, 0, 31, 257], "any"),  # GQA 4, an empty row
+    ("native", 16, 2, 16, 8, [64, 5, 23], "any"),  # GQA 8
+    ("native", 16, 1, 72, 16, [100, 7], "any"),  # MLA: one latent head, 72-byte codes
+    ("native", 4, 1, 72, 64, [1000], "any"),
+    ("native", 8, 2, 5, 16, [40, 3], "any"),  # code width not a multiple of 8 (byte path)
+    ("native", 6, 3, 13, 4, [21, 9, 0], "any"),  # odd widths and an odd group
+    ("native", 4, 4, 8, 128, [128, 129, 40], "any"),
+    ("native", 128, 1, 72, 16, [70, 16], "any"),  # MLA with 128 query heads (bit-plane path)
+    ("native", 20, 4, 16, 8, [33, 8], "any"),  # G = 5, the smallest bit-plane group
+    ("native", 28, 4, 11, 8, [33], "any"),  # G = 7, byte tail
+    ("gpu", 32, 8, 16, 128, [32769, 1000, 128, 4097], "shuffled"),
+    ("gpu", 128, 1, 72, 64, [5000, 63], "shuffled"),
+    ("gpu", 32, 4, 16, 16, [3333, 16], "shuffled"),
+]
+
+
+@pytest.mark.parametrize("reduce", ["min", "mean", "max"])
+@pytest.mark.parametrize(
+    "case", HAMMING_CASES, ids=lambda c: f"{c[0]}-hq{c[1]}-hkv{c[2]}-c{c[3]}-bs{c[4]}-b{len(c[5])}"
+)
+def test_hamming_block_scores(backend: Backend, case, reduce: str) -> None:
+    tier, hq, hkv, c, bs, lens, kind = case
+    backend.need(tier)
+    g = gen(hq * 1000 + c * 7 + bs)
+    if kind == "shuffled":
+        table, seq_lens, nb = shuffled_table(lens, bs, 3, g)
+        tables = [table]
+    else:
+        table, seq_lens, nb = paged_case(g, lens, bs, extra_width=2)
+        tables = [table, table.to(torch.int32)]
+    q = rand_codes((len(lens), hq, c), g)
+    k = rand_codes((nb, bs, hkv, c), g)
+    for tbl in tables:
+        got = backend.ops.hamming_block_scores(*map(backend.to, (q, k, tbl, seq_lens)), reduce)
+        assert_hamming_equal(backend, host(got), REF.hamming_block_scores(q, k, tbl, seq_lens, reduce), reduce)
+
+
+def test_hamming_edge_rows(backend: Backend) -> None:
+    """seq_len past M*bs is capped at the table; a negative length is an empty row. (A negative id
+    inside a row is outside the contract; the CPU backend's clamping is tested in its own file.)"""
+    g = gen(7)
+    q = rand_codes((3, 8, 16), g)
+    k = rand_codes((10, 4, 2, 16), g)
+    table = torch.tensor([[3, 4, 5], [9, 8, 7], [0, 1, 2]])
+    seq_lens = torch.tensor([10, 50, -3])
+    for reduce in ("min", "mean", "max"):
+        got = host(backend.ops.hamming_block_scores(*map(backend.to, (q, k, table, seq_lens)), reduce))
+        assert_hamming_equal(backend, got, REF.hamming_block_scores(q, k, table, seq_lens, reduce), reduce)
+
+
+def test_hamming_all_identical_codes(backend: Backend) -> None:
+    """Distance 0 everywhere (and ties everywhere downstream)."""
+    q = torch.full((2, 4, 16), 0xA5, dtype=torch.uint8)
+    k = torch.full((6, 8, 4, 16), 0xA5, dtype=torch.uint8)
+    table, seq_lens, _ = paged_case(gen(3), [20, 9], 8, nb_pool=6)
+    got = host(backend.ops.hamming_block_scores(*map(backend.to, (q, k, table, seq_lens)), "min"))
+    assert torch.equal(got, REF.hamming_block_scores(q, k, table, seq_lens, "min"))
+
+
+def test_stale_table_entries_past_a_rows_end_are_ignored(backend: Backend) -> None:
+    g = gen(6)
+    batch = make_paged([10], 8, 2, 16, g)
+    table = torch.cat([batch.block_table, torch.tensor([[10_000, -7]], dtype=torch.int32)], 1)
+    q = torch.randn(1, 4, 16, generator=g)
+    out, _ = backend.ops.paged_decode_attention(
+        *map(backend.to, (q, batch.k_cache, batch.v_cache, table, batch.seq_lens)), 0.25
+    )
+    ref, _ = REF.paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens, 0.25)
+    torch.testing.assert_close(host(out), ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn(16, 16, generator=g)
+    qc, kc = REF.hash_encode(q, w), REF.hash_encode(batch.k_cache, w)
+    s = host(backend.ops.hamming_block_scores(*map(backend.to, (qc, kc, table, batch.seq_lens))))
+    assert torch.isinf(s[0, 2:]).all()
+    assert torch.equal(s, REF.hamming_block_scores(qc, kc, table, batch.seq_lens))
+
+
+@HYP
+@given(
+    g_ratio=st.sampled_from([1, 2, 3, 4, 5, 8, 16]),
+    hkv=st.integers(1, 3),
+    c=st.sampled_from([1, 3, 8, 16, 24, 72]),
+    bs=st.sampled_from([1, 4, 16, 32]),
+    lens=st.lists(st.integers(0, 150), min_size=1, max_size=4),
+    reduce=st.sampled_from(["min", "mean", "max"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_hamming_hypothesis(backend: Backend, g_ratio, hkv, c, bs, lens, reduce, seed) -> None:
+    backend.need("native")
+    g = gen(seed)
+    table, seq_lens, nb = paged_case(g, lens, bs, extra_width=1)
+    q = rand_codes((len(lens), hkv * g_ratio, c), g)
+    k = rand_codes((nb, bs, hkv, c), g)
+    got = host(backend.ops.hamming_block_scores(*map(backend.to, (q, k, table, seq_lens)), reduce))
+    assert_hamming_equal(backend, got, REF.hamming_block_scores(q, k, table, seq_lens, reduce), reduce)
+
+
+@pytest.mark.parametrize(
+    "tier,hq,hkv,d,nbits,bs,lens",
+    [
+        ("any", 8, 2, 16, 64, 4, [9, 30]),
+        ("any", 16, 1, 40, 96, 4, [13]),
+        ("gpu", 32, 8, 128, 128, 128, [32768, 300]),
+        ("gpu", 128, 1, 576, 576, 64, [3000]),
+    ],
+)
+def test_hash_hamming_block_scores(backend: Backend, tier, hq, hkv, d, nbits, bs, lens) -> None:
+    """Query hash + scoring (fused on CUDA) equals hash_encode then the reference scorer.
+    Integer-valued inputs make every projection exact in any summation order, so the codes
+    (and the distances) must agree bit for bit, zeros included."""
+    backend.need(tier)
+    g = gen(hq + nbits)
+    table, seq_lens, nb = shuffled_table(lens, bs, 2, g)
+    q = torch.randint(-2, 3, (len(lens), hq, d), generator=g).to(torch.bfloat16)
+    w = torch.randint(-2, 3, (d, nbits), generator=g).to(torch.float32)
+    k = rand_codes((nb, bs, hkv, nbits // 8), g)
+    for reduce in ("min", "mean"):
+        got = host(backend.ops.hash_hamming_block_scores(*map(backend.to, (q, w, k, table, seq_lens)), reduce))
+        want = REF.hamming_block_scores(REF.hash_encode(q, w), k, table, seq_lens, reduce)
+        assert_hamming_equal(backend, got, want, reduce)
+
+
+# ------------------------------------------------------------------------------- dot scoring
+@pytest.mark.parametrize("group_reduce", ["mean", "max"])
+def test_block_scores_dot_match_the_numpy_oracle(backend: Backend, group_reduce: str) -> None:
+    g = gen(3)
+    hq, hkv, d, bs = 8, 2, 16, 4
+    reps = torch.randn(10, hkv, d, generator=g)
+    table = torch.tensor([[3, 1, 7, 0], [9, 2, 0, 0]])
+    lens = torch.tensor([13, 8])
+    q = torch.randn(2, hq, d, generator=g)
+    got = host(backend.ops.block_scores_dot(*map(backend.to, (q, reps, table, lens)), bs, group_reduce)).numpy()
+    qn, rn = q.numpy().reshape(2, hkv, hq // hkv, d), reps.numpy()
+    for r in range(2):
+        n_b = -(-int(lens[r]) // bs)
+        for j in range(4):
+            if j >= n_b:
+                assert got[r, j] == -math.inf
+                continue
+            rep = rn[int(table[r, j])]
+            if group_reduce == "mean":
+                want = sum(qn[r, h].mean(0) @ rep[h] for h in range(hkv))
+            else:
+                want = sum(max(qn[r, h, i] @ rep[h] for i in range(hq // hkv)) for h in range(hkv))
+            assert got[r, j] == pytest.approx(float(want), rel=1e-5, abs=1e-5)
+
+
+DOT_CASES = [
+    # (tier, hq, hkv, d, lens, bs, table)
+    ("any", 4, 2, 16, [9, 30], 8, "shuffled"),
+    ("any", 16, 1, 40, [5], 4, "shuffled"),
+    ("native", 8, 8, 64, [200, 1, 0, 48], 16, "any"),
+    ("native", 32, 8, 128, [200, 1, 0, 48], 16, "any"),
+    ("native", 16, 2, 32, [200, 1, 0, 48], 16, "any"),
+    ("native", 16, 1, 576, [200, 1, 0, 48], 16, "any"),
+    ("gpu", 32, 8, 128, [32768, 700, 1], 128, "shuffled"),
+    ("gpu", 128, 1, 576, [4000], 64, "shuffled"),
+]
+
+
+@pytest.mark.parametrize("group_reduce", ["mean", "max"])
+@pytest.mark.parametrize("case", DOT_CASES, ids=lambda c: f"{c[0]}-hq{c[1]}-hkv{c[2]}-d{c[3]}-b{len(c[4])}")
+def test_block_scores_dot(backend: Backend, case, group_reduce: str) -> None:
+    tier, hq, hkv, d, lens, bs, kind = case
+    backend.need(tier)
+    g = gen(hq + d)
+    if kind == "shuffled":
+        table, seq_lens, nb = shuffled_table(lens, bs, 2, g)
+    else:
+        table, seq_lens, nb = paged_case(g, lens, bs, extra_width=1)
+    q = torch.randn(len(lens), hq, d, generator=g)
+    reps = torch.randn(nb, hkv, d, generator=g)
+    got = host(backend.ops.block_scores_dot(*map(backend.to, (q, reps, table, seq_lens)), bs, group_reduce))
+    want = REF.block_scores_dot(q, reps, table, seq_lens, bs, group_reduce)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------ top-k
+def assert_topk_equal(backend: Backend, scores, k, must, n_blocks) -> None:
+    rids, rcounts = REF.block_topk(scores, k, must, n_blocks)
+    for _ in backend.each_topk_variant():
+        ids, counts = backend.ops.block_topk(*map(backend.to, (scores, k, must, n_blocks)))
+        assert ids.dtype == torch.int32 and counts.dtype == torch.int32
+        assert torch.equal(host(ids), rids), (ids, rids)
+        assert torch.equal(host(counts), rcounts), (counts, rcounts)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_block_topk_matches_the_definition(backend: Backend, seed: int) -> None:
+    g = gen(seed)
+    b, m = 5, 12
+    scores = torch.randint(0, 4, (b, m), generator=g).to(torch.float32)  # many ties
+    scores[0, 3] = float("nan")
+    k = torch.tensor([0, 3, 12, 20, 5])
+    must = torch.rand(b, m, generator=g) < 0.2
+    n = torch.tensor([12, 7, 12, 3, 0])
+    want = np_topk(scores.numpy(), k.tolist(), must.numpy(), n.tolist())
+    for _ in backend.each_topk_variant():
+        ids, counts = (host(t) for t in backend.ops.block_topk(*map(backend.to, (scores, k, must, n))))
+        for r in range(b):
+            assert counts[r] == len(want[r])
+            assert ids[r, : counts[r]].tolist() == want[r]
+            assert (ids[r, counts[r] :] == -1).all()
+
+
+TOPK_SHAPES = [("any", 6, 1), ("any", 5, 13), ("any", 4, 64), ("any", 3, 130)]
+TOPK_SHAPES += [("gpu", 100, 257), ("gpu", 8, 1024), ("gpu", 2, 8192)]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("tier,b,m", TOPK_SHAPES)
+def test_block_topk(backend: Backend, tier, b, m, ties) -> None:
+    backend.need(tier)
+    g = gen(b * 1000 + m + ties)
+    if ties:
+        scores = torch.randint(-3, 3, (b, m), generator=g).to(torch.float32)
+    else:
+        scores = torch.randn(b, m, generator=g)
+    n_blocks = torch.randint(0, m + 1, (b,), generator=g)
+    n_blocks[0] = m
+    k = torch.randint(0, m + 3, (b,), generator=g)
+    keep = torch.rand(b, m, generator=g) < 0.1
+    if m > 3:  # awkward values: signed zeros, infinities, NaN, forced blocks at both ends
+        scores[0, :4] = torch.tensor([-0.0, 0.0, float("inf"), float("nan")])
+        scores[-1, -2:] = float("-inf")
+        keep[0, 0] = keep[0, -1] = True
+    assert_topk_equal(backend, scores, k, keep, n_blocks)
+
+
+def test_block_topk_random(backend: Backend) -> None:
+    g = gen(11)
+    b, m = 16, 64
+    scores = torch.randn(b, m, generator=g)
+    must = torch.rand(b, m, generator=g) < 0.1
+    k = torch.randint(0, m + 8, (b,), generator=g)
+    n_blocks = torch.randint(0, m + 1, (b,), generator=g)
+    assert_topk_equal(backend, scores, k, must, n_blocks)
+    assert_topk_equal(backend, scores.double(), k.to(torch.int32), must, n_blocks.to(torch.int32))
+
+
+def test_block_topk_ties_nan_inf(backend: Backend) -> None:
+    g = gen(12)
+    b, m = 12, 40
+    scores = torch.randint(-3, 3, (b, m), generator=g).to(torch.float32)  # lots of ties
+    scores[0, ::3] = float("nan")
+    scores[1, :] = float("nan")
+    scores[2, 5:9] = float("-inf")
+    scores[3, ::4] = -0.0
+    scores[4, 7] = float("inf")  # a non-forced +inf must not displace a forced block
+    must = torch.rand(b, m, generator=g) < 0.15
+    must[1, 3] = True
+    must[4, 20] = True
+    k = torch.tensor([5, 3, 40, 50, 1, 0, 0, 7, 39, 1, 12, 100])
+    n_blocks = torch.tensor([40, 40, 30, 40, 40, 25, 0, 8, 40, 1, 100, 33])  # incl. n_b > M
+    assert_topk_equal(backend, scores, k, must, n_blocks)
+
+
+def test_block_topk_forced_only_and_large_k(backend: Backend) -> None:
+    scores = torch.linspace(0, 1, 20).repeat(4, 1)
+    must = torch.zeros(4, 20, dtype=torch.bool)
+    must[:, [0, 19]] = True
+    must[2, 15:] = True
+    k = torch.tensor([0, 0, 3, 25])  # k = 0 with forced blocks, k < forced, k >= M
+    n_blocks = torch.tensor([20, 10, 20, 20])  # row 1: a forced block past n_b is ignored
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert_topk_equal(backend, scores.to(dtype), k, must, n_blocks)
+
+
+def test_block_topk_forced_beats_inf_and_wide_n_blocks(backend: Backend) -> None:
+    """Forced blocks win against +inf scores; n_blocks past the table width is clamped to M."""
+    scores = torch.tensor([[float("inf"), 0.0, 0.0, 1.0], [3.0, float("inf"), float("nan"), 2.0]])
+    keep = torch.tensor([[False, True, False, False], [False, False, True, False]])
+    assert_topk_equal(backend, scores, torch.tensor([1, 2]), keep, torch.tensor([4, 9]))
+    assert_topk_equal(
+        backend,
+        torch.tensor([[math.inf, 0.0, 1.0]]),
+        torch.tensor([1]),
+        torch.tensor([[False, False, True]]),
+        torch.tensor([3]),
+    )
+    assert_topk_equal(
+        backend, torch.zeros(1, 2), torch.tensor([5]), torch.zeros(1, 2, dtype=torch.bool), torch.tensor([9])
+    )
+
+
+def test_block_topk_k_at_least_blocks(backend: Backend) -> None:
+    g = gen(5)
+    scores = torch.randn(3, 10, generator=g)
+    keep = torch.zeros(3, 10, dtype=torch.bool)
+    keep[2, :6] = True  # more forced blocks than k
+    assert_topk_equal(backend, scores, torch.tensor([10, 50, 3]), keep, torch.tensor([10, 7, 9]))
+
+
+def test_block_topk_empty(backend: Backend) -> None:
+    assert_topk_equal(
+        backend,
+        torch.zeros(0, 5),
+        torch.zeros(0, dtype=torch.int64),
+        torch.zeros(0, 5, dtype=torch.bool),
+        torch.zeros(0, dtype=torch.int64),
+    )
+    assert_topk_equal(
+        backend, torch.zeros(2, 0), torch.tensor([1, 0]), torch.zeros(2, 0, dtype=torch.bool), torch.tensor([0, 0])
+    )
+
+
+@HYP
+@given(
+    b=st.integers(1, 5),
+    m=st.integers(1, 70),
+    levels=st.integers(1, 6),
+    nan_p=st.floats(0, 0.3),
+    forced_p=st.floats(0, 0.5),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_block_topk_hypothesis(backend: Backend, b, m, levels, nan_p, forced_p, seed) -> None:
+    backend.need("native")
+    g = gen(seed)
+    scores = torch.randint(0, levels, (b, m), generator=g).to(torch.float32)
+    scores = torch.where(torch.rand(b, m, generator=g) < nan_p, float("nan"), scores)
+    must = torch.rand(b, m, generator=g) < forced_p
+    k = torch.randint(0, m + 3, (b,), generator=g)
+    n_blocks = torch.randint(0, m + 2, (b,), generator=g)
+    assert_topk_equal(backend, scores, k, must, n_blocks)
+
+
+@pytest.mark.parametrize("bs", [4, 16])
+def test_select_and_rewrite_rewrites_the_table(backend: Backend, bs: int) -> None:
+    g = gen(bs)
+    if backend.gpu:
+        lens = [bs * 2000 + 3, bs * 4, 1, bs * 1200, 0, bs * 5]
+    else:
+        lens = [bs * 9 + 3, bs * 4, 1, bs * 12, 0, bs * 5]
+    table, seq_lens, _ = shuffled_table(lens, bs, 0, g)
+    b, m = table.shape
+    scores = torch.randn(b, m, generator=g)
+    keep = torch.zeros(b, m, dtype=torch.bool)
+    n_b = (seq_lens.long() + bs - 1) // bs
+    keep[torch.arange(b), (n_b - 1).clamp(min=0)] = True  # the last block, as a sparse step would
+    keep[4] = False  # the empty row keeps nothing
+    k = torch.tensor([3, 2, 5, 7, 3, 1000])  # the last row keeps all its blocks: it comes back as it was
+    rids, rcounts = REF.block_topk(scores, k, keep, n_b)
+    rtab, rlens = REF.select_and_rewrite(scores, k, keep, table, seq_lens, bs)
+    for r in range(b):  # the reference against the definition
+        c = int(rcounts[r])
+        sel = rids[r, :c].long()
+        assert torch.equal(rtab[r, :c], table[r, sel]) and not rtab[r, c:].any()
+        assert int(rlens[r]) == sum(min(bs, int(seq_lens[r]) - int(j) * bs) for j in sel)
+    assert torch.equal(rtab[5, : int(n_b[5])], table[5, : int(n_b[5])]) and int(rlens[5]) == int(seq_lens[5])
+    assert int(rlens[4]) == 0
+    args = tuple(map(backend.to, (keep, table, seq_lens)))
+    for _ in backend.each_topk_variant():
+        tab, new_lens = backend.ops.select_and_rewrite(backend.to(scores), backend.to(k), *args, bs)
+        assert torch.equal(host(tab), rtab) and torch.equal(host(new_lens), rlens)
+        dtab, dlens = backend.ops.select_and_rewrite(backend.to(-scores), backend.to(k), *args, bs, largest=False)
+        assert torch.equal(host(dtab), rtab) and torch.equal(host(dlens), rlens)
+
+
+def test_hamming_topk_pipeline(backend: Backend) -> None:
+    """The decode step: Hamming distances -> negate -> top-k with sink/recent blocks forced."""
+    g = gen(5)
+    bs, hq, hkv, c = 16, 16, 4, 16
+    lens = [700, 123, 16, 5] if not backend.interpreted else [70, 23, 16, 5]
+    table, seq_lens, nb = paged_case(g, lens, bs)
+    q = rand_codes((len(lens), hq, c), g)
+    k = rand_codes((nb, bs, hkv, c), g)
+    n_blocks = (seq_lens + bs - 1) // bs
+    must = torch.zeros(table.shape, dtype=torch.bool)
+    must[:, 0] = True
+    must[torch.arange(len(lens)), (n_blocks - 1).clamp(min=0)] = True
+    budget = (n_blocks.float() * 0.3).ceil().long()
+    scores = -host(backend.ops.hamming_block_scores(*map(backend.to, (q, k, table, seq_lens)), "min"))
+    assert torch.equal(scores, -REF.hamming_block_scores(q, k, table, seq_lens, "min"))
+    assert_topk_equal(backend, scores, budget, must, n_blocks)
+
+
+def test_sparse_step_end_to_end(backend: Backend) -> None:
+    """Hash -> score -> select on the backend's device equals the reference's selection
+    (integer-valued data: exact projections)."""
+    g = gen(11)
+    bs, hkv, grp, d = 8, 2, 2, 16
+    lens = torch.tensor([37, 64, 9])
+    table, seq_lens, nb = shuffled_table(lens.tolist(), bs, 2, g)
+    w = torch.randint(-2, 3, (d, 64), generator=g).to(torch.float32)
+    k = torch.randint(-3, 4, (nb, bs, hkv, d), generator=g).to(torch.float32)
+    q = torch.randint(-3, 4, (3, hkv * grp, d), generator=g).to(torch.float32)
+
+    def step(o, *args):
+        q_, k_, w_, table_, seq_lens_ = args
+        dist = o.hamming_block_scores(o.hash_encode(q_, w_), o.hash_encode(k_, w_), table_, seq_lens_, "min")
+        n_blocks = (seq_lens_.to(torch.int64) + bs - 1) // bs
+        keep = torch.zeros_like(dist, dtype=torch.bool)
+        keep[:, 0] = True
+        return o.block_topk(-dist, torch.full_like(n_blocks, 2), keep, n_blocks)
+
+    ids, counts = step(backend.ops, *map(backend.to, (q, k, w, table, seq_lens)))
+    rids, rcounts = step(REF, q, k, w, table, seq_lens)
+    assert torch.equal(host(ids), rids) and torch.equal(host(counts), rcounts)
+
+
+# --------------------------------------------------------------------------- representations
+@pytest.mark.parametrize("merge", [32, 4, 1])
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_sums_add(backend: Backend, merge: int, absolute: bool, dtype: torch.dtype) -> None:
+    """A prefill of whole and partial blocks, then decode steps that finish blocks and recycle
+    one (its offset 0 written again, after another key of the same call), with slots of -1:
+    the backend accumulates the reference's sums."""
+    g = gen(7)
+    nb, bs, h, d = 6, 32, 3, 16
+    ref = (torch.zeros(nb, bs // merge, h, d), torch.zeros(nb, h, d) if absolute else None)
+    got = tuple(None if t is None else backend.to(t) for t in ref)
+    calls = [
+        torch.cat([torch.arange(0, 70), torch.tensor([-1, -1])]),  # blocks 0, 1 and part of 2
+        torch.tensor([70, 71, -1, 140]),  # decode: block 2 grows, block 4 starts
+        torch.tensor([33, 32, 34]),  # block 1 recycled: offset 0 written after offset 1
+    ]
+    for slots in calls:
+        keys = torch.randn(len(slots), h, d, generator=g).to(dtype)
+        REF.block_sums_add(*ref, keys, slots, bs, merge)
+        backend.ops.block_sums_add(*got, backend.to(keys), backend.to(slots), bs, merge)
+        for a, b in zip(ref, got, strict=True):
+            if a is not None:
+                torch.testing.assert_close(host(b), a, rtol=1e-5, atol=1e-5)
+    assert host(got[0][1]).abs().sum() > 0 and host(got[0][3]).abs().sum() == 0
+    if backend.name != "cuda":  # the host-side range check (the CUDA kernels skip it: it would sync)
+        with pytest.raises(ValueError, match="past"):
+            backend.ops.block_sums_add(*got, torch.zeros(1, h, d), torch.tensor([nb * bs]), bs, merge)
+
+
+@pytest.mark.parametrize("merge", [1, 4])
+def test_block_sums_add_from_random_state(backend: Backend, merge: int) -> None:
+    """Fresh blocks (offset 0 written) restart, padding slots are skipped, several keys of one
+    block in one call all land; with and without |K| sums."""
+    g = gen(11 + merge)
+    nb, bs, h, d = 6, 8, 2, 16
+    sums = torch.randn(nb, bs // merge, h, d, generator=g)
+    abs_sums = torch.randn(nb, h, d, generator=g)
+    slots = torch.tensor([8, 9, 10, 11, 12, 13, 14, 15, 26, 27, -1, 40, 41, 42, 7])
+    key = torch.randn(slots.shape[0], h, d, generator=g)
+    want, want_abs = sums.clone(), abs_sums.clone()
+    REF.block_sums_add(want, want_abs, key, slots, bs, merge)
+    got, got_abs = backend.to(sums), backend.to(abs_sums)
+    backend.ops.block_sums_add(got, got_abs, backend.to(key), backend.to(slots), bs, merge)
+    torch.testing.assert_close(host(got), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(host(got_abs), want_abs, rtol=1e-5, atol=1e-5)
+    backend.ops.block_sums_add(got, None, backend.to(key), backend.to(slots), bs, merge)
+    REF.block_sums_add(want, None, key, slots, bs, merge)
+    torch.testing.assert_close(host(got), want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- attention
+@pytest.mark.parametrize("seq_lens,bs,hq,hkv,d", ORACLE_CASES)
+def test_paged_decode_attention_matches_sdpa(backend: Backend, seq_lens, bs, hq, hkv, d) -> None:
+    g = gen(5)
+    batch = make_paged(seq_lens, bs, hkv, d, g)
+    q = torch.randn(len(seq_lens), hq, d, generator=g)
+    out, lse = backend.ops.paged_decode_attention(
+        *map(backend.to, (q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens)), 0.3
+    )
+    out, lse = host(out), host(lse)
+    for r in range(len(seq_lens)):
+        k = batch.keys(r).repeat_interleave(hq // hkv, dim=1).transpose(0, 1)  # [Hq, n, D]
+        v = batch.values(r).repeat_interleave(hq // hkv, dim=1).transpose(0, 1)
+        want = torch.nn.functional.scaled_dot_product_attention(q[r][:, None], k, v, scale=0.3)[:, 0]
+        torch.testing.assert_close(out[r], want, rtol=2e-5, atol=2e-5)
+        logits = torch.einsum("hd,hnd->hn", q[r], k) * 0.3
+        torch.testing.assert_close(lse[r], torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
+
+
+ATTN_CASES = [
+    # (tier, hq, hkv, d, dv, bs, lens, shared_latent, table)
+    ("any", 4, 1, 16, 16, 4, [1, 9, 23], False, "shuffled"),
+    ("any", 8, 8, 32, 32, 8, [17, 40], False, "shuffled"),  # G=1
+    ("any", 8, 2, 16, 32, 4, [13], False, "shuffled"),  # Dv != D
+    ("any", 16, 1, 48, 32, 4, [21, 6], True, "shuffled"),  # MLA-like: V = first 32 dims of the latent
+    ("any", 4, 2, 24, 24, 4, [10, 0], False, "shuffled"),  # non-power-of-two head dim, an empty row
+    ("native", 8, 8, 64, 64, 16, [100, 0, 16, 3], False, "any"),
+    ("native", 32, 8, 64, 64, 16, [100, 0, 16, 3], False, "any"),
+    ("native", 16, 2, 32, 48, 16, [100, 0, 16, 3], False, "any"),
+    ("native", 8, 1, 576, 512, 16, [100, 0, 16, 3], False, "any"),
+    ("gpu", 32, 8, 128, 128, 128, [32768, 1000, 130, 1], False, "shuffled"),
+    ("gpu", 32, 4, 128, 128, 16, [5000, 77], False, "shuffled"),
+    ("gpu", 16, 1, 576, 512, 64, [4097, 64], True, "shuffled"),
+    ("gpu", 128, 1, 576, 512, 64, [3000, 1], True, "shuffled"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "case", ATTN_CASES, ids=lambda c: f"{c[0]}-hq{c[1]}-hkv{c[2]}-d{c[3]}-dv{c[4]}-bs{c[5]}-b{len(c[6])}"
+)
+def test_paged_decode_attention(backend: Backend, dtype: torch.dtype, case) -> None:
+    tier, hq, hkv, d, dv, bs, lens, shared, kind = case
+    backend.need(tier)
+    g = gen(hq * d + bs + len(lens))
+    if kind == "shuffled":
+        table, seq_lens, nb = shuffled_table(lens, bs, 2, g)
+    else:
+        table, seq_lens, nb = paged_case(g, lens, bs, extra_width=1)
+    q = torch.randn(len(lens), hq, d, generator=g).to(dtype)
+    k = torch.randn(nb, bs, hkv, d, generator=g).to(dtype)
+    v = k[..., :dv] if shared else torch.randn(nb, bs, hkv, dv, generator=g).to(dtype)
+    scale = d**-0.5
+    rout, rlse = REF.paged_decode_attention(*(t.float() for t in (q, k, v)), table, seq_lens, scale)
+    tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+    for kw in backend.attention_kwargs:
+        if backend.interpreted and dtype == torch.float16 and kw.get("num_splits") == 3:
+            continue  # covered by bf16 on the interpreter
+        out, lse = backend.ops.paged_decode_attention(*map(backend.to, (q, k, v, table, seq_lens)), scale, **kw)
+        assert out.dtype == dtype and out.shape == rout.shape and lse.dtype == torch.float32
+        torch.testing.assert_close(host(out).float(), rout, rtol=tol, atol=tol)
+        torch.testing.assert_close(host(lse), rlse, rtol=1e-4, atol=max(tol, 1e-4))
+
+
+def test_paged_decode_attention_over_a_rewritten_table(backend: Backend) -> None:
+    """Attention over the backend's own selection equals the reference over the same selection."""
+    g = gen(77)
+    bs, hq, hkv, d = 4, 4, 2, 16
+    table, seq_lens, nb = shuffled_table([37, 18], bs, 0, g)
+    q = torch.randn(2, hq, d, generator=g).to(torch.bfloat16)
+    k = torch.randn(nb, bs, hkv, d, generator=g).to(torch.bfloat16)
+    v = torch.randn(nb, bs, hkv, d, generator=g).to(torch.bfloat16)
+    scores = torch.randn(2, table.shape[1], generator=g)
+    keep = torch.zeros(2, table.shape[1], dtype=torch.bool)
+    keep[0, 9] = keep[1, 4] = True  # each row's partial last block
+    tab, new_lens = backend.ops.select_and_rewrite(
+        *map(backend.to, (scores, torch.tensor([4, 2]), keep, table, seq_lens)), bs
+    )
+    out, lse = backend.ops.paged_decode_attention(*map(backend.to, (q, k, v)), tab, new_lens, d**-0.5)
+    tab, new_lens = host(tab), host(new_lens)
+    rout, rlse = REF.paged_decode_attention(q.float(), k.float(), v.float(), tab, new_lens, d**-0.5)
+    torch.testing.assert_close(host(out).float(), rout, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(host(lse), rlse, rtol=1e-4, atol=2e-2)
+
+
+# ------------------------------------------------------------------------------------- Quest
+QUEST_UPDATE_CALLS = [
+    torch.cat([torch.arange(0, 21), torch.tensor([-1, -1])]),  # a prefill: blocks 0, 1, part of 2
+    torch.tensor([21, 22, -1, 40]),  # decode: block 2 grows, block 5 starts
+    torch.tensor([9, 8, 10]),  # block 1 recycled: its offset 0 written after offset 1 of the same call
+    torch.tensor([23, 23]),  # one slot written twice in one call
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h,d", [(2, 16), (1, 72), (3, 40)])
+def test_block_minmax_update(backend: Backend, dtype, h, d) -> None:
+    """A prefill of whole and partial blocks, decode steps, a recycled block (offset 0 after
+    offset 1 in one call), padding slots and a slot written twice: bit-identical statistics."""
+    g = gen(h * d)
+    nb, bs = 7, 8
+    ref = (torch.zeros(nb, h, d), torch.zeros(nb, h, d))
+    got = tuple(backend.to(t) for t in ref)
+    for slots in QUEST_UPDATE_CALLS:
+        key = torch.randn(len(slots), h, d, generator=g).to(dtype)
+        key[0, 0, :2] = torch.tensor([-0.0, float("inf")], dtype=dtype)
+        REF.block_minmax_update(*ref, key, slots, bs)
+        backend.ops.block_minmax_update(*got, backend.to(key), backend.to(slots), bs)
+        for a, b in zip(ref, got, strict=True):
+            assert torch.equal(host(b), a)
+
+
+def test_block_minmax_update_edge_calls(backend: Backend) -> None:
+    ops, dev = backend.ops, backend.device
+    mins = torch.full((3, 2, 4), 5.0, device=dev)
+    maxs = torch.full((3, 2, 4), -5.0, device=dev)
+    ops.block_minmax_update(
+        mins, maxs, torch.zeros(0, 2, 4, device=dev), torch.zeros(0, dtype=torch.long, device=dev), 4
+    )
+    ops.block_minmax_update(mins, maxs, torch.ones(2, 2, 4, device=dev), torch.tensor([-1, -1], device=dev), 4)
+    assert (host(mins) == 5).all() and (host(maxs) == -5).all()  # nothing written: nothing changes
+    ops.block_minmax_update(mins, maxs, torch.ones(1, 2, 4, device=dev), torch.tensor([5], device=dev), 4)
+    assert (host(mins[1]) == 1).all() and (host(maxs[1]) == 1).all()  # mid-block write: folded in
+    key = torch.arange(8.0, device=dev).view(1, 2, 4)
+    ops.block_minmax_update(mins, maxs, key, torch.tensor([8], dtype=torch.int32, device=dev), 4)
+    assert torch.equal(host(mins[2]), host(key[0])) and torch.equal(host(maxs[2]), host(key[0]))  # restarted
+
+
+QUEST_SCORE_CASES = [
+    # (hq, hkv, d, bs, lens)
+    (4, 4, 16, 4, [13, 1, 0]),
+    (8, 2, 40, 8, [9, 30]),
+    (16, 1, 72, 4, [21]),  # MLA-like: one KV head, wide
+    (9, 3, 64, 16, [100, 17, 16]),  # SmolLM2-135M's group of 3
+]
+
+
+@pytest.mark.parametrize("group_reduce", ["mean", "max"])
+@pytest.mark.parametrize("hq,hkv,d,bs,lens", QUEST_SCORE_CASES)
+def test_block_scores_minmax(backend: Backend, group_reduce, hq, hkv, d, bs, lens) -> None:
+    g = gen(hq + d + bs)
+    table, seq_lens, nb = shuffled_table(lens, bs, 3, g)
+    lo = torch.randn(nb, hkv, d, generator=g)
+    hi = lo + torch.rand(nb, hkv, d, generator=g)
+    q = torch.randn(len(lens), hq, d, generator=g)
+    want = REF.block_scores_minmax(q, lo, hi, table, seq_lens, bs, group_reduce)
+    dlo, dhi = backend.to(lo), backend.to(hi)
+
+    def run(q_, table_, lens_):
+        return host(
+            backend.ops.block_scores_minmax(
+                backend.to(q_), dlo, dhi, *map(backend.to, (table_, lens_)), bs, group_reduce
+            )
+        )
+
+    got = run(q, table, seq_lens)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    # int64 tables and lengths, a bf16 query, a non-contiguous query: the same scores
+    qb = q.to(torch.bfloat16)
+    torch.testing.assert_close(
+        run(qb, table.long(), seq_lens.long()),
+        REF.block_scores_minmax(qb, lo, hi, table, seq_lens, bs, group_reduce),
+        rtol=1e-4,
+        atol=1e-3,
+    )
+    qt = q.transpose(0, 1).contiguous().transpose(0, 1)
+    torch.testing.assert_close(run(qt, table, seq_lens), want, rtol=1e-4, atol=1e-3)
+
+
+def test_block_scores_of_written_minmax_statistics(backend: Backend) -> None:
+    """Statistics written through the backend's update, scored by its scorer, equal the
+    reference's pipeline."""
+    g = gen(3)
+    nb, bs, hq, hkv, d = 6, 4, 8, 2, 24
+    ref = (torch.zeros(nb, hkv, d), torch.zeros(nb, hkv, d))
+    got = tuple(backend.to(t) for t in ref)
+    slots = torch.tensor([8, 9, 10, 11, 12, 13, 20, 21, 22, 4])  # blocks 2, 3 (partial), 5, 1 (one key)
+    key = torch.randn(len(slots), hkv, d, generator=g)
+    REF.block_minmax_update(*ref, key, slots, bs)
+    backend.ops.block_minmax_update(*got, backend.to(key), backend.to(slots), bs)
+    table, lens = torch.tensor([[2, 3, 0, 0], [5, 1, 0, 0]]), torch.tensor([6, 5])
+    q = torch.randn(2, hq, d, generator=g)
+    for mode in ("mean", "max"):
+        want = REF.block_scores_minmax(q, *ref, table, lens, bs, mode)
+        have = backend.ops.block_scores_minmax(backend.to(q), *got, backend.to(table), backend.to(lens), bs, mode)
+        torch.testing.assert_close(host(have), want, rtol=1e-4, atol=1e-3)
+
+
+def test_mode_codes_name_every_literal_once() -> None:
+    """`reduce_code` / `group_reduce_code` map exactly the contract's Literal names to distinct
+    codes, and reject anything else with the valid names."""
+    from typing import get_args
+
+    from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce_code
+
+    assert sorted(c.name.lower() for c in {reduce_code(n) for n in get_args(BlockReduce)}) == sorted(
+        get_args(BlockReduce)
+    )
+    assert sorted(c.name.lower() for c in {group_reduce_code(n) for n in get_args(GroupReduce)}) == sorted(
+        get_args(GroupReduce)
+    )
+    for bad in ("sum", "MIN", "", None):
+        with pytest.raises(ValueError, match="valid: mean, max, min"):
+            reduce_code(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="valid: mean, max"):
+        group_reduce_code("min")
