@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             warmup=3,
             repeats=args.repeats,
         )
-        for name, t in timings.items():
+        for t in timings.values():
             t["gb_per_s"] = code_bytes / t["median_s"] / 1e9
             t["speedup_vs_reference"] = timings["reference"]["median_s"] / t["median_s"]
             t["speedup_vs_reference_best"] = timings["reference"]["min_s"] / t["min_s"]
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, fn in impls.items():
             slow = not name.startswith("cpu")
             timings[name] = time_fn(fn, warmup=1 if slow else 3, repeats=args.ref_repeats if slow else args.repeats)
-        for name, t in timings.items():
+        for t in timings.values():
             t["gb_per_s"] = nbytes / t["median_s"] / 1e9
             t["speedup_vs_reference"] = timings["reference"]["median_s"] / t["median_s"]
             t["speedup_vs_reference_best"] = timings["reference"]["min_s"] / t["min_s"]
@@ -335,7 +335,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 ys.append(r["timings"][n]["median_s"] * 1e3)
                 sp.append(r["timings"][n]["speedup_vs_reference"])
         bars = ax.bar(xs, ys, width, label=n)
-        for bar, s in zip(bars, sp):
+        for bar, s in zip(bars, sp, strict=True):
             ax.annotate(
                 f"{s:.1f}x",
                 (bar.get_x() + bar.get_width() / 2, bar.get_height()),

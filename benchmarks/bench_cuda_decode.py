@@ -215,7 +215,7 @@ def bench_config(ops, shape: Shape, b: int, ctx: int, ratios, bw: float, rows: l
         k_blocks = max(3, round(ratio * n_b))
         kk = torch.full((b,), k_blocks, dtype=torch.int64, device="cuda")
 
-        def step(i):
+        def step(i, kk=kk):
             s = sets[i]
             dist = ops.hash_hamming_block_scores(s["q"], s["w"], s["codes"], s["table"], s["seq_lens"], "min")
             tab, lens = ops.select_and_rewrite(dist, kk, keep, s["table"], s["seq_lens"], shape.bs, largest=False)
@@ -244,13 +244,13 @@ def bench_config(ops, shape: Shape, b: int, ctx: int, ratios, bw: float, rows: l
                     code_bytes,
                 ),
                 "stage_select": (
-                    lambda i: ops.select_and_rewrite(
+                    lambda i, dists=dists, kk=kk: ops.select_and_rewrite(
                         dists[i], kk, keep, sets[i]["table"], sets[i]["seq_lens"], shape.bs, largest=False
                     ),
                     0,
                 ),
                 "stage_attn": (
-                    lambda i: ops.paged_decode_attention(
+                    lambda i, sel=sel: ops.paged_decode_attention(
                         sets[i]["q"], sets[i]["k"], sets[i]["v"], sel[i][0], sel[i][1], scale
                     ),
                     _kv_bytes(shape, b, sel_tokens),
@@ -261,7 +261,7 @@ def bench_config(ops, shape: Shape, b: int, ctx: int, ratios, bw: float, rows: l
             if not shape.mla:  # attention tile / split / pipelining variants on the sparse table
                 for bn, st, mult in ((64, 3, 1), (128, 2, 1), (64, 2, 2), (32, 3, 1)):
 
-                    def attn_v(i, bn=bn, st=st, mult=mult):
+                    def attn_v(i, bn=bn, st=st, mult=mult, sel=sel):
                         n_sp = None
                         if mult != 1:
                             n_sp = max(1, mult * math.ceil(3 * 132 / (b * shape.hkv)))
@@ -269,8 +269,8 @@ def bench_config(ops, shape: Shape, b: int, ctx: int, ratios, bw: float, rows: l
                             sets[i]["q"],
                             sets[i]["k"],
                             sets[i]["v"],
-                            sel[i][2],
-                            sel[i][3],
+                            sel[i][0],
+                            sel[i][1],
                             scale,
                             num_splits=n_sp,
                             block_n=bn,
@@ -358,7 +358,7 @@ def plot(json_path: str, png_path: str) -> None:
     ]
     shapes = sorted({r["shape"] for r in rows})
     fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.5), squeeze=False)
-    for ax, shape in zip(axes[0], shapes):
+    for ax, shape in zip(axes[0], shapes, strict=True):
         sub = [r for r in rows if r["shape"] == shape]
         confs = sorted({(r["context"], r["batch"]) for r in sub})
         labels = [f"{c // 1024}K b{b}" for c, b in confs]

@@ -232,7 +232,9 @@ def bench_step(args) -> dict[str, Any]:
         print(f"[step] {name}: median decode step {res['step_ms_median']:.1f} ms", flush=True)
     for name, runs_of in results.items():
         out[name] = runs_of[0] if name == "dense" else runs_of
-    pairs = [o["step_ms_median"] / s["step_ms_median"] for s, o in zip(results["sparse"], results["offload"])]
+    pairs = [
+        o["step_ms_median"] / s["step_ms_median"] for s, o in zip(results["sparse"], results["offload"], strict=True)
+    ]
     out["offload_step_ratio_per_round"] = pairs
     out["offload_step_ratio"] = statistics.median(pairs)
     out["sparse_step_ms_median"] = statistics.median(r["step_ms_median"] for r in results["sparse"])
@@ -253,7 +255,7 @@ def plot(result: dict, path: Path) -> None:
 
     panels = [k for k in ("concurrency", "step") if k in result]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, key in zip(axes[0], panels):
+    for ax, key in zip(axes[0], panels, strict=True):
         r = result[key]
         if key == "concurrency":
             for name, color in (("dense", "#888"), ("offload", "#3a7")):
@@ -275,7 +277,7 @@ def plot(result: dict, path: Path) -> None:
             names = ["dense", "sparse", "offload"]
             vals = [r["dense"]["step_ms_median"], r["sparse_step_ms_median"], r["offload_step_ms_median"]]
             bars = ax.bar(names, vals, color=["#888", "#37a", "#3a7"])
-            for n, color in (("sparse", "#37a"), ("offload", "#3a7")):  # every round, as dots
+            for n in ("sparse", "offload"):  # every round, as dots
                 ax.scatter([names.index(n)] * len(r[n]), [x["step_ms_median"] for x in r[n]], color="k", s=8, zorder=3)
             for b in bars:
                 ax.annotate(

@@ -214,7 +214,7 @@ def plot(result: dict, path: Path) -> None:
     vals = [result["dense"]["decode_tok_s"]] + [m["decode_tok_s"] for m in result["methods"].values()]
     fig, ax = plt.subplots(figsize=(7, 4))
     bars = ax.bar(names, vals, color=["#888"] + ["#3a7"] * (len(names) - 1))
-    for b, name in zip(bars, names):
+    for b, name in zip(bars, names, strict=True):
         label = f"{b.get_height():.1f}"
         if name != "dense":
             label += f"\n{result['methods'][name]['decode_speedup']:.2f}x"
@@ -320,10 +320,12 @@ def main() -> None:
             result["dense"] = entry
             continue
         if "dense" in per_round:
-            ratios = [r["decode_tok_s"] / d["decode_tok_s"] for r, d in zip(runs, per_round["dense"])]
+            ratios = [r["decode_tok_s"] / d["decode_tok_s"] for r, d in zip(runs, per_round["dense"], strict=True)]
             entry["decode_speedup_per_round"] = ratios
             entry["decode_speedup"] = statistics.median(ratios)
-            entry["first_tokens_match_dense"] = sum(a[:8] == b[:8] for a, b in zip(tokens[name], tokens["dense"]))
+            entry["first_tokens_match_dense"] = sum(
+                a[:8] == b[:8] for a, b in zip(tokens[name], tokens["dense"], strict=True)
+            )
         result["methods"][name] = entry
     result["load_after"] = load_now()
     if "dense" in result and result["methods"]:

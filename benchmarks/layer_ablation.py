@@ -87,7 +87,7 @@ def run(
         if ok:  # a sample dense gets wrong says nothing about sparsity
             for name in methods:
                 res = {}
-                for label, dense in zip(labels, dense_sets):
+                for label, dense in zip(labels, dense_sets, strict=True):
                     res[label] = correct(state, build_method(name, ratio, dense, runner.shapes, ops, work), sample)[0]
                 if not res[labels[0]]:  # explain the first set's failure: one sparse layer at a time
                     others = [layer for layer in range(layers) if layer not in dense_sets[0]]

@@ -113,14 +113,27 @@ def layer_path(ops, name: str, ratio: float, b: int, ctx: int) -> dict:
 
 
 def sweep_ops(ops, b: int, ctx: int) -> list[dict]:
-    """One op at a time, 36 calls per graph (as many as layers), each launch setting."""
+    """One op at a time, 36 calls per graph (as many as layers), each launch setting. Each sweep
+    allocates its own inputs beside the shared table, so they are freed before the next one."""
     dev = torch.device("cuda")
     m = math.ceil((ctx + 1) / BS)
     nb = b * m + 8
     table = torch.randperm(nb, device=dev)[: b * m].view(b, m).to(torch.int32)
     lens = torch.full((b,), ctx + 1, dtype=torch.int32, device=dev)
-    reps = torch.randn(nb, HKV, D, device=dev)
     q = torch.randn(b, HQ, D, device=dev, dtype=torch.bfloat16)
+    out = _sweep_dot_and_topk(ops, q, table, lens, nb)
+    out += _sweep_kvstar(ops, q, table, lens, nb)
+    one = torch.zeros(1, device=dev)
+    us = graph_us(lambda: [one.add_(1) for _ in range(LAYERS)])
+    out.append({"op": "an empty torch kernel (launch floor)", "us": round(us / LAYERS, 2)})
+    return out
+
+
+def _sweep_dot_and_topk(ops, q: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, nb: int) -> list[dict]:
+    """The dot scorer's blocks per program and warps; the top-k's strategy and warps."""
+    dev = table.device
+    b, m = table.shape
+    reps = torch.randn(nb, HKV, D, device=dev)
     scores = torch.randn(b, m, device=dev)
     k = torch.full((b,), math.ceil(m * 0.3), dtype=torch.int64, device=dev)
     must = torch.zeros(b, m, dtype=torch.bool, device=dev)
@@ -155,8 +168,16 @@ def sweep_ops(ops, b: int, ctx: int) -> list[dict]:
     kd = torch.full_like(k, m)
     us = graph_us(lambda: [ops.select_and_rewrite(scores, kd, must, table, lens, BS) for _ in range(LAYERS)])
     out.append({"op": "select_and_rewrite(k=n, dense rows)", "batch": b, "blocks": m, "us": round(us / LAYERS, 2)})
-    # KVStar's fused scorer (bf16 channel-major reps, merge 2 -> R = 64, 32 of 128 channels kept):
-    # its tile width (blocks x representations per program), channel chunk and warps
+    return out
+
+
+def _sweep_kvstar(ops, q: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, nb: int) -> list[dict]:
+    """KVStar's fused scorer (bf16 channel-major reps, merge 2 -> R = 64, 32 of 128 channels kept):
+    its tile width (blocks x representations per program), channel chunk and warps. Its tensors
+    are freed on return."""
+    dev = table.device
+    b, m = table.shape
+    out = []
     reps = torch.randn(nb, HKV, D, BS // 2, device=dev).to(torch.bfloat16)
     abs_sums = torch.rand(nb, HKV, D, device=dev)
     q4 = q[:, None]
@@ -206,10 +227,6 @@ def sweep_ops(ops, b: int, ctx: int) -> list[dict]:
             "bound_us": round(kv_bytes / 4.3e6, 2),
         }
     )
-    del reps, abs_sums
-    one = torch.zeros(1, device=dev)
-    us = graph_us(lambda: [one.add_(1) for _ in range(LAYERS)])
-    out.append({"op": "an empty torch kernel (launch floor)", "us": round(us / LAYERS, 2)})
     return out
 
 
