@@ -4,8 +4,9 @@ Random orthogonal projections preserve angles only on average. Here each layer's
 [D, bits] is trained so that hamming similarity ranks keys the way attention does: queries and
 keys come from real prefills; a soft sign (tanh) makes codes differentiable, and the loss is
 a cross-entropy between the true attention mass of each candidate block and a softmax over
-the blocks' soft hash similarity (the best token's, summed over heads, as the scorer ranks). W starts from the random orthogonal projection ucm uses by
-default, so training only moves away from it when that helps. The result is saved in the
+the blocks' soft hash similarity (the best token's, summed over heads, as the scorer ranks).
+W starts from the random orthogonal projection ucm uses by default, so training only moves
+away from it when that helps. The result is saved in the
 format `hash_weight_type: "trained"` loads, together with a per-model JSON pointing at it, and
 judged against the random projection on held-out prompts by block-selection recall.
 """

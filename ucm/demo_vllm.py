@@ -189,7 +189,7 @@ def run_offline(
         method = next(iter(sparse_config))
         kept, total = sum(snap["kept"]), sum(snap["total"])
         print(f"{method}: decode steps read {kept}/{total} blocks ({100 * kept / total:.0f}%) over all layers")
-        per_layer = " ".join(f"{k}/{t}" for k, t in zip(snap["kept"], snap["total"]))
+        per_layer = " ".join(f"{k}/{t}" for k, t in zip(snap["kept"], snap["total"], strict=True))
         print(f"per layer (kept/total, summed over steps): {per_layer}")
     result = {
         "answer": answer,

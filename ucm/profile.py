@@ -76,7 +76,7 @@ class SelectionProfiler(RunObserver):
             rows = {}
             for layer in sorted(layers):
                 vals = torch.tensor(layers[layer])
-                rows[layer] = dict(zip(METRICS, vals.mean(0).tolist()))
+                rows[layer] = dict(zip(METRICS, vals.mean(0).tolist(), strict=True))
             sparse = [r for r in rows.values() if r["fraction_kept"] < 0.999]
             mean = {k: sum(r[k] for r in sparse) / len(sparse) for k in rows[min(rows)]} if sparse else {}
             out[name] = {"per_layer": rows, "sparse_layers_mean": mean}

@@ -34,6 +34,8 @@ register_method(
         "ucm.sparse.quest:build",
         strided=True,
         demo=_DEMO_WINDOWS,
-        description="Quest: per-block element-wise min/max of K; score = sum_c max(q*min, q*max), max/mean over the GQA group",
+        description=(
+            "Quest: per-block element-wise min/max of K; score = sum_c max(q*min, q*max), max/mean over the GQA group"
+        ),
     )
 )

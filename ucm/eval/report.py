@@ -171,7 +171,7 @@ def plot(summary: dict, path: Path) -> None:
     methods = sorted({c["method"] for c in cells if c["setting"] != DENSE})
     shipped = _shipped_methods(cells)
     colors = {m: plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")(i) for i, m in enumerate(methods)}
-    for ax, L in zip(axes[0], lengths):
+    for ax, L in zip(axes[0], lengths, strict=True):
         tasks = sorted({t for (l2, t) in headline if l2 == L}) or sorted({c["task"] for c in cells if c["length"] == L})
         mark = "headline tasks" if any(l2 == L for l2, _ in headline) else "all tasks (dense < headline bar)"
         dense = [c["score"] for c in cells if c["length"] == L and c["setting"] == DENSE and c["task"] in tasks]

@@ -343,7 +343,7 @@ def run_eval(
                                 setting_dense,
                                 setting.hash_weights,
                             )
-                            for s, text, sc in zip(todo_samples, texts, scores)
+                            for s, text, sc in zip(todo_samples, texts, scores, strict=True)
                         ]
                     )
                 timings[f"{length}/{setting.label}"] = time.perf_counter() - t0

@@ -112,7 +112,7 @@ class BlockScorer(ABC):
         """
         return q
 
-    def finish(self, req_id: str) -> None:
+    def finish(self, req_id: str) -> None:  # noqa: B027 (an optional hook: stateless scorers keep the no-op)
         """Drop per-request state."""
 
     def memory_bytes(self) -> int:

@@ -15,8 +15,9 @@ A row selects when it decodes (one query token) and its length reaches the metho
 `seq_len_threshold`; every other row (prefill, chunked prefill, speculative rows, padding) gets
 k = all of its blocks, so the kernel hands its own table and length back. A batch with fewer rows
 than the method's `concurrency_threshold` (default `BATCH_MIN_ROWS`) stays dense as a whole: a
-host decision on the batch's shape, which is fixed for a captured graph. Selection runs every step: there is no per-request state to keep
-a previous step's choice in (`retrieval_stride` applies to the per-request path only).
+host decision on the batch's shape, which is fixed for a captured graph. Selection runs every
+step: there is no per-request state to keep a previous step's choice in (`retrieval_stride`
+applies to the per-request path only).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ class HashScorer(BlockScorer):
         for layer, ws in enumerate(weights):
             if len(ws) != len(self.splits):
                 raise ValueError(f"layer {layer}: {len(ws)} projections, expected {len(self.splits)}")
-            for w, d in zip(ws, self.splits):
+            for w, d in zip(ws, self.splits, strict=True):
                 if w.shape[0] != d or w.shape[1] % 8:
                     raise ValueError(f"layer {layer}: projection {tuple(w.shape)} must be [{d}, multiple of 8]")
             self.weights.append([w.to(shapes.device, torch.float32) for w in ws])
@@ -69,7 +69,7 @@ class HashScorer(BlockScorer):
     def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Codes of keys or queries [..., D] -> [..., code_bytes] (parts concatenated for MLA)."""
         parts = torch.split(x, self.splits, dim=-1)
-        return torch.cat([self.ops.hash_encode(p, w) for p, w in zip(parts, self.weights[layer])], dim=-1)
+        return torch.cat([self.ops.hash_encode(p, w) for p, w in zip(parts, self.weights[layer], strict=True)], dim=-1)
 
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if len(self.splits) == 1:  # one projection: hash, pack and scatter in one op
@@ -152,7 +152,7 @@ def build_from_model_config(
 
     policies = [
         LayerPolicy(ratio=ratio, must_select=tuple(m.must_select_blocks), reuse_from=reuse)
-        for ratio, reuse in zip(m.top_k_ratio_per_layer, m.top_k_index_reuse)
+        for ratio, reuse in zip(m.top_k_ratio_per_layer, m.top_k_index_reuse, strict=True)
     ]
     selector = BlockSelector(policies, shapes.block_size, ops, unit_blocks=m.chunk_size // shapes.block_size)
     scorer = HashScorer(shapes, ops, weights, m.chunk_repre_method)

@@ -183,7 +183,7 @@ class Residency:
         req.virtual.extend(ids)
         if new:
             self.requests[req_id] = req
-            for pos, phys in zip(slot_positions, req.slot_physical.tolist()):
+            for pos, phys in zip(slot_positions, req.slot_physical.tolist(), strict=True):
                 if not req.init <= pos < req.middle_end:
                     raise RuntimeError(f"offload: slot at block {pos} is outside the middle of {req_id}")
                 v = req.virtual[pos - req.init] - first

@@ -149,7 +149,7 @@ def _sparse_metadata(md, rows: torch.Tensor, sel, rt):
     own (fresh) table when it has the batch's shape, as on the CPU."""
     block_tables, _ = rewrite_rows(rt.decode_rows_cover_batch(), rows, sel, md.block_tables)
     lens = list(md.seq_lens_list)
-    for r, n in zip(rows.tolist(), sel.seq_lens.tolist()):
+    for r, n in zip(rows.tolist(), sel.seq_lens.tolist(), strict=True):
         lens[r] = n
     cache = rt.step_cache()
     key = ("ascend_lens", tuple(lens))

@@ -13,10 +13,11 @@ the GPU machine runs) and 0.32; the metadata fields that differ between them are
   kernel's `seqused_k`) read only the kept blocks. Nothing reads the device from the host, so
   vLLM's FULL (decode) CUDA graphs capture the whole sparse step and replay it; piecewise and
   eager modes run the same kernels. `max_seq_len` becomes a host bound of the kept lengths
-  (`BatchSelector.max_len`, from the layer's policy and the batch's own bound). FA3's ahead-of-time `scheduler_metadata` was planned for the old lengths: where
-  vLLM planned one, the wrapper plans one for the new lengths with FA3's own
-  `get_scheduler_metadata`, once per step and layer policy (every layer of a policy reads the
-  same lengths: `BatchSelector._budgets`), instead of FA3 planning inside every layer's call.
+  (`BatchSelector.max_len`, from the layer's policy and the batch's own bound). FA3's
+  ahead-of-time `scheduler_metadata` was planned for the old lengths: where vLLM planned one,
+  the wrapper plans one for the new lengths with FA3's own `get_scheduler_metadata`, once per
+  step and layer policy (every layer of a policy reads the same lengths:
+  `BatchSelector._budgets`), instead of FA3 planning inside every layer's call.
 * The key hook: after the stock cache write, the written keys update the method's block
   representations / hash codes (device kernels, captured with the write).
 * Stock for: encoder / cross attention; sliding-window, ALiBi and KV-sharing layers (positions

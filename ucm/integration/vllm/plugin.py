@@ -30,7 +30,9 @@ WRAPPERS = {
 }
 # vllm-ascend's stock backend class path -> ucm's subclass of it
 ASCEND_WRAPPERS = {
-    "vllm_ascend.attention.attention_v1.AscendAttentionBackend": "ucm.integration.vllm.ascend_attn.UCMAscendAttentionBackend",
+    "vllm_ascend.attention.attention_v1.AscendAttentionBackend": (
+        "ucm.integration.vllm.ascend_attn.UCMAscendAttentionBackend"
+    ),
 }
 CONNECTOR_MODULE = "ucm.integration.vllm.connector"
 

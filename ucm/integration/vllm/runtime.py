@@ -54,7 +54,7 @@ def layer_index(layer_name: str) -> int:
 
 
 def _eligible_requests(plan: StepPlan) -> list[str]:
-    return [rid for rid, sparse in zip(plan.req_ids, plan.sparse_list) if sparse]
+    return [rid for rid, sparse in zip(plan.req_ids, plan.sparse_list, strict=True) if sparse]
 
 
 def _tensor_parallel_sum():
@@ -283,7 +283,7 @@ class SparseRuntime:
         qlens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
         lens = seq_lens.tolist()
         rows, rids = [], []
-        for r, (ql, n) in enumerate(zip(qlens, lens)):
+        for r, (ql, n) in enumerate(zip(qlens, lens, strict=True)):
             if ql != 1 or n <= 0:
                 continue
             rid = info.decode_by_last_block.get(int(block_table[r, (n - 1) // block_size]))
@@ -331,7 +331,7 @@ class SparseRuntime:
             return
         self._last_log = now
         st = self.method.stats
-        per_layer = " ".join(f"{k}/{t}" for k, t in zip(st.kept, st.total) if t)
+        per_layer = " ".join(f"{k}/{t}" for k, t in zip(st.kept, st.total, strict=True) if t)
         logger.info(
             "ucm %s: %d sparse decode steps; blocks read %.1f%% of held; kept/total per layer: %s",
             self.method.name,
@@ -369,7 +369,7 @@ class SparseRuntime:
                         for i in layers
                     ]
                 ).tolist()
-                for i, (k, t) in zip(layers, sums):
+                for i, (k, t) in zip(layers, sums, strict=True):
                     kept[i] += int(k)
                     total[i] += int(t)
         return {"steps": steps, "sparse_steps": sparse_steps, "sparse_rows": sparse_rows, "kept": kept, "total": total}
@@ -425,7 +425,7 @@ class LaggedRead:
         if self.event is None or self.event.query():
             if self.event is not None:
                 self.last = [h.tolist() for h in self.host]
-            for h, t in zip(self.host, self.tensors):
+            for h, t in zip(self.host, self.tensors, strict=True):
                 h.copy_(t, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()

@@ -113,7 +113,7 @@ class UCMKVConnectorStats(KVConnectorStats):
             "ucm sparse requests": len(self.data["requests"]),
         }
         if sum(total):
-            per_layer = [100.0 * k / t for k, t in zip(kept, total) if t]
+            per_layer = [100.0 * k / t for k, t in zip(kept, total, strict=True) if t]
             out["ucm blocks read %"] = round(100.0 * sum(kept) / sum(total), 1)
             out["ucm min layer read %"] = round(min(per_layer), 1)
             out["ucm max layer read %"] = round(max(per_layer), 1)
