@@ -185,7 +185,7 @@ def test_every_numeric_key_has_an_upper_bound() -> None:
 # ----------------------------------------------------------------------------- huge integers
 @pytest.mark.parametrize("digits", [4300, 4301, 20_000])
 def test_integers_past_python_digit_limit_are_named_by_key(tmp_path: Path, digits: int) -> None:
-    sparse = write(tmp_path, "s.json", '{"%s": {"ESA": {"min_blocks": 1%s}}}' % (SPARSE_KEY, "0" * digits))
+    sparse = write(tmp_path, "s.json", '{"' + SPARSE_KEY + '": {"ESA": {"min_blocks": 1' + "0" * digits + "}}}")
     with pytest.raises(ConfigError) as err:
         parse_sparse_config(sparse)
     assert (err.value.source, err.value.key) == (str(sparse), f"{SPARSE_KEY}.ESA.min_blocks")
@@ -511,7 +511,7 @@ def test_fuzz_method_config_numbers(
         path = write(
             tmp_path_factory.mktemp("fuzz"),
             "sparse.json",
-            '{"%s": {"%s": %s}}' % (SPARSE_KEY, method, _obj_text(texts)),
+            '{"' + SPARSE_KEY + '": {"' + method + '": ' + _obj_text(texts) + "}}",
         )
         source, ref = str(path), path
     try:

@@ -8,6 +8,7 @@ the sentence splitter without NLTK data; the on-disk cache.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -97,7 +98,7 @@ def test_vt_answers_form_the_assignment_chain(smollm2_tokenizer) -> None:
         assert len(s.answers) == 5 and all(re.fullmatch(r"[A-Z]{5}", v) for v in s.answers)
         value = re.search(r"\b(\d{5})\b", s.answer_prefix).group(1)  # the value asked about
         assert f"VAR {s.answers[0]} = {value}" in s.prompt
-        for prev, var in zip(s.answers, s.answers[1:]):
+        for prev, var in itertools.pairwise(s.answers):
             assert f"VAR {var} = VAR {prev}" in s.prompt
 
 
@@ -114,7 +115,7 @@ def test_deterministic_for_a_seed_and_different_across_seeds(smollm2_tokenizer, 
     first = generated(tok, task, seed=42)
     assert ruler.generate(task, LENGTH, N, tok, seed=42, cache=False) == first
     other = generated(tok, task, seed=43)
-    assert all(a.prompt != b.prompt for a, b in zip(first, other))
+    assert all(a.prompt != b.prompt for a, b in zip(first, other, strict=True))
     if family(task) != "qa":  # a QA sample's question is the data set's index-th (as in RULER)
         assert [s.answers for s in first] != [s.answers for s in other]
 

@@ -280,7 +280,7 @@ def test_it_decodes_inside_vllm_reading_fewer_blocks(toy, model_path: str, tmp_p
     assert len(tokens) == 6
     assert snap["sparse_steps"] > 0 and check.checked >= 30  # every layer of every decode row
     assert sum(snap["kept"]) < 0.5 * sum(snap["total"])
-    assert all(k < t for k, t in zip(snap["kept"], snap["total"]))
+    assert all(k < t for k, t in zip(snap["kept"], snap["total"], strict=True))
 
 
 # ----------------------------------------------------------------------------- an installed plugin

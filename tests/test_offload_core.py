@@ -181,7 +181,7 @@ def test_every_read_finds_the_block_it_selected(seed) -> None:
         res.extend(name, ids, positions, slots)
         reqs[name] = (res.requests[name], base, n_mid)
         for layer in range(layers):
-            for pos, phys in zip(positions, slots):
+            for pos, phys in zip(positions, slots, strict=True):
                 device[layer, phys] = f"{name}{pos}"
 
     calls = []
@@ -189,7 +189,7 @@ def test_every_read_finds_the_block_it_selected(seed) -> None:
     def loader(layer, ids, phys):
         ok = [bool(rng.random() > 0.1) for _ in ids]
         calls.append((layer, list(ids), ok))
-        for i, p, good in zip(ids, phys, ok):
+        for i, p, good in zip(ids, phys, ok, strict=True):
             device[layer, p] = i if good else "garbage"
         return ok
 
@@ -209,7 +209,7 @@ def test_every_read_finds_the_block_it_selected(seed) -> None:
         width = max(len(t) for t in tables)
         table = np.stack([np.pad(t, (0, width - len(t))) for t in tables])  # padded rows, as selections are
         out, kept = res.resolve(layer, table, np.array([len(t) for t in tables]), owners, loader)
-        failed = {i for _, ids, ok in calls for i, good in zip(ids, ok) if not good}
+        failed = {i for _, ids, ok in calls for i, good in zip(ids, ok, strict=True) if not good}
         assert len(calls) <= 1  # one store call per layer, whatever the rows
         for _, ids, _ in calls:
             loaded += len(ids)
@@ -248,7 +248,7 @@ def test_representation_copied_to_a_virtual_id_scores_the_same(name) -> None:
     # blocks 2 and 3 recycled by another request: their device state changes, the copies must not
     for layer in range(2):
         method.on_kv_written(layer, torch.randn(16, 2, 16), torch.arange(16, 32))
-    for b, a, o in zip(before, scores(virtual), scores(original)):
+    for b, a, o in zip(before, scores(virtual), scores(original), strict=True):
         torch.testing.assert_close(a, b)
         assert not torch.allclose(o, b)
 

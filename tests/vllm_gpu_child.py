@@ -114,7 +114,7 @@ def main(spec_path: str) -> None:
     for o in outs:
         c = o.outputs[0]
         tokens.append(list(c.token_ids))
-        logprobs.append([float(lp[t].logprob) for t, lp in zip(c.token_ids, c.logprobs)])
+        logprobs.append([float(lp[t].logprob) for t, lp in zip(c.token_ids, c.logprobs, strict=True)])
     print(
         json.dumps(
             {"tokens": tokens, "logprobs": logprobs, "counters": ucm_counters(), "attention": attention or None}
