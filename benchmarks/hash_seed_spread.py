@@ -5,7 +5,7 @@ Why: with random orthogonal W, a RULER cell of 25 samples can lose or keep a bor
 depending on the seed alone (one sample is 4 points, twice the accuracy goal). This decodes the
 same samples dense, with the shipped (trained) W, and with random W from several seeds, all at
 the shipped dense layers and one keep ratio, and counts the samples each setting loses against
-dense. It decided that the SmolLM2 JSON ships `ucm calibrate`'s W (docs/accuracy.md, session 7).
+dense. Its result is why the SmolLM2 JSON ships `ucm calibrate`'s W (docs/history.md).
 
 Runs on the core engine (`PagedHFRunner`, the real SmolLM2 on ucm's paged cache, dense prefill
 computed once per sample), CPU by default. Writes benchmarks/results/hash_seed_spread.json and .png.

@@ -2,8 +2,7 @@
 for every sample a set gets wrong, the layers whose sparsity alone breaks the answer.
 
 Why: a per-model JSON spends its dense budget on a few layers, and the choice decides accuracy
-(docs/accuracy.md, session 6: layers 5-8, chosen by head-mean recall at 2K, left SmolLM2 at 76
-on niah_single_2 at 4K where dense scores 96; layers 7, 17, 18, 23 at the same budget score 96).
+(two sets of four layers for SmolLM2 differ by 20 points on one task: docs/history.md).
 `ucm profile --task ... --suggest-dense N` screens layers by worst-head recall; this confirms on
 answers: for each sample the first set gets wrong, it decodes with every other layer dense and
 one layer sparse, so a layer that breaks the answer on its own is named.

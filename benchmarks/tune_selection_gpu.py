@@ -139,7 +139,7 @@ def _sweep_dot_and_topk(ops, q: torch.Tensor, table: torch.Tensor, lens: torch.T
     must = torch.zeros(b, m, dtype=torch.bool, device=dev)
     must[:, [0, m - 1]] = True
     out = []
-    for bm in (2, 4, 8, 16):  # 32 / 64 on 1-8 warps: 7.5-28 us at 32K x 8 (results/gpu_runs/profile_2026-12-03)
+    for bm in (2, 4, 8, 16):  # 32 and 64 were slower on every warp count (docs/history.md)
         for w in (1, 2):
             ops.scores_block_m, ops.scores_warps = bm, w
             us = graph_us(lambda: [ops.block_scores_dot(q, reps, table, lens, BS) for _ in range(LAYERS)]) / LAYERS

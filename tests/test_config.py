@@ -783,7 +783,7 @@ def test_offload_margin_needs_offload() -> None:
 
 def test_a_model_folder_of_the_same_name_does_not_shadow_the_builtin_config(tmp_path, monkeypatch) -> None:
     """`config_file: "Qwen3-4B"` names a model: a folder of that name in the working directory
-    (a downloaded model) used to be read as the file and fail with "Is a directory"."""
+    (a downloaded model) is not read as the file (which would fail with "Is a directory")."""
     from ucm.config.loader import load_model_config
 
     (tmp_path / "Qwen3-4B").mkdir()

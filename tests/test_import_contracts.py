@@ -45,7 +45,7 @@ PLANTED = [
         "ucm.sparse.selection -> ucm_backends.cpu.ops (l.{line})",
     ),
     (
-        "the plugin imports the demo face (issue 19)",
+        "the plugin imports the demo face",
         "ucm/integration/vllm/offline.py",
         "from ucm.models import fetch_model",
         {"layers"},
@@ -59,7 +59,7 @@ PLANTED = [
         "ucm.integration.vllm.cpu_attn -> triton (l.{line})",
     ),
     (
-        "the registry imports the config layer (the old methods <-> config cycle)",
+        "the registry imports the config layer (a methods <-> config cycle)",
         "ucm/methods.py",
         "def _f():\n    from ucm.config.sparse import WindowedMethodConfig",
         {"layers", "registry-light", "acyclic"},

@@ -205,7 +205,7 @@ def suggest_dense_layers(methods: dict, count: int) -> list[int]:
     """The `count` layers with the lowest worst-head normalised recall, averaged over methods.
 
     Why this and not the head-mean recall: a layer whose one retrieval head loses its block
-    breaks the answer while its head mean stays high (docs/accuracy.md, session 6)."""
+    breaks the answer while its head mean stays high (the measurements: docs/history.md)."""
     per_layer: dict[int, list[float]] = defaultdict(list)
     for res in methods.values():
         for layer, row in res["per_layer"].items():

@@ -6,8 +6,8 @@ Headline cells are the (task, length) pairs where dense itself scores at least
 headline cells, each method as configured for the model (with its dense layers where that
 variant ran, and ucm's retrieval stride: settings run with `--retrieval-stride`, named
 "ESA+dense/s4" ..., are reported but left out, as are rows marked `superseded`: earlier runs of
-a setting whose configuration has since changed, kept under their own name, e.g. the dense
-layers 5-8 of sessions 2-5, "ESA+dense/L5-8", and GSA on device with other hash projections
+a setting whose configuration has since changed, kept under their own name, e.g. the former
+dense layers 5-8, "ESA+dense/L5-8", and GSA on device with other hash projections
 than the shipped JSON's, "GSAOnDevice+random" / "GSAOnDevice+trained" (`--hash-config`));
 `max_drop_all_layers_sparse_at_0_3` is the same for ESA/GSA/KVStar with every layer sparse.
 The markdown puts the shipped settings in one table and these variants in a second.
