@@ -313,6 +313,11 @@ def add_parser(sub) -> None:
         help="with --trace-sample: windowed methods keep the SmolLM2 JSON's dense layers, as `ucm eval` "
         "runs them (model), or run every layer sparse (none)",
     )
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="with --trace-sample: a packaged model (ucm.models.MODELS), e.g. qwen2.5-coder-0.5b",
+    )
     p.set_defaults(handler=_handle)
 
 
@@ -340,6 +345,7 @@ def _handle_trace(args, methods) -> int:
         backend=args.backend,
         out=args.out,
         plot=args.plot,
+        model=args.model,
     )
     print(
         f"{task} #{args.trace_sample}: needle blocks {res['needle_blocks']}; dense {res['dense_text']!r}; "
@@ -490,12 +496,13 @@ def copy_source_blocks(
 ) -> list[int | None]:
     """Per generated token t (t >= 1, the decode step t - 1 produced it): the prompt block holding
     the value's next character to copy, while the answer so far is a prefix of the value; None
-    once it has all of it or left it."""
+    once it has all of it or left it (leading blanks and colons of the answer are skipped)."""
     from ucm.eval.divergence import token_span
 
     out: list[int | None] = []
     for t in range(1, len(tokens)):
-        so_far = tokenizer.decode(list(tokens[:t]), skip_special_tokens=True).lstrip()
+        so_far = tokenizer.decode(list(tokens[:t]), skip_special_tokens=True)
+        so_far = so_far[len(so_far) - len(so_far.lstrip(" :\n\t")) :]  # RULER answers often open with ": "
         if len(so_far) < len(value) and value.startswith(so_far):
             c = value_char_start + len(so_far)
             out.append(token_span(offsets, c, c + 1)[0] // bs)
@@ -518,14 +525,16 @@ def trace_sample(
     config: dict | None = None,
     out: Path | None = None,
     plot: Path | None = None,
+    model: str = "smollm2",
 ) -> dict:
     """Trace one RULER sample through the core engine (HF runner over ucm's paged cache, the
     selection code vLLM runs): a dense greedy decode, then the method's decode with a
     `SelectionTracer`, and per decode step and layer whether the needle's blocks were read and
     how much of the dense attention mass the read blocks held (per KV head).
 
-    `dense_layers`: the windowed methods' dense layers (None: the SmolLM2 JSON's, as `ucm eval`
-    runs them by default; () for every layer sparse). `config` replaces the method's config
+    `dense_layers`: the windowed methods' dense layers (None: as `ucm eval` runs them by default,
+    the SmolLM2 JSON's for SmolLM2 and none for a model without a shipped JSON; () for every layer
+    sparse). `model`: a packaged model (`ucm.models.MODELS`). `config` replaces the method's config
     (UCM's shape, e.g. `{"ESA": {...}}`) to trace a variant."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -534,25 +543,28 @@ def trace_sample(
     from ucm.eval.divergence import first_divergence, needle_spans, span_blocks
     from ucm.hf_runner import PagedHFRunner
     from ucm.methods import get_method
-    from ucm.models import fetch_model
+    from ucm.models import MODELS, fetch_model
     from ucm.ops import get_ops
     from ucm.sparse.factory import build_sparse_method
 
     t0 = time.perf_counter()
     ops = get_ops(backend)
-    path = fetch_model("smollm2")
+    path = fetch_model(model)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     sample = ruler.generate(task, tokens, index + 1, tok, seed=seed)[index]
     enc = tok(sample.prompt, return_offsets_mapping=True)
     ids = list(enc.input_ids)
     spans = needle_spans(sample.prompt, sample.answers, enc.offset_mapping)
     needle = span_blocks(spans, block_size)
     spec = get_method(method)
+    if spec.model_json and MODELS[model].model_config is None:
+        raise ValueError(f"{method} needs a per-model JSON, which ucm ships for smollm2 only, not {model!r}")
     if dense_layers is None:
-        dense_layers = () if spec.model_json else model_dense_layers()
+        json_name = MODELS[model].model_config
+        dense_layers = () if spec.model_json or json_name is None else model_dense_layers(json_name)
     cfg = config or method_config(method, ratio, dense_layers=dense_layers)
-    runner = PagedHFRunner(model, tok, ops, block_size=block_size, max_tokens=len(ids) + steps + 2 * block_size)
+    runner = PagedHFRunner(hf_model, tok, ops, block_size=block_size, max_tokens=len(ids) + steps + 2 * block_size)
     state = runner.prefill(ids)
     stop = [tok.eos_token_id] if tok.eos_token_id is not None else []
     dense = runner.decode(state, None, steps, stop_ids=stop)
@@ -570,7 +582,7 @@ def trace_sample(
             layer for layer, r in enumerate(tracer.steps[div - 1]) if not r["dense"] and not all(r["needle_kept"])
         ]
     result = {
-        "model": "SmolLM2-135M-Instruct (float32)",
+        "model": f"{Path(str(path)).name} (float32)",
         "engine": "core (ucm.hf_runner.PagedHFRunner: transformers model, ucm's paged cache and selection engine)",
         "backend": ops.name,
         "task": task,
