@@ -169,6 +169,8 @@ def _cell_text(text: str | None) -> str:
     """A snippet of an answer for a markdown cell: visible whitespace, no pipes."""
     if text is None:
         return ""
+    if text == "":
+        return "(end)"  # this answer stopped where the other goes on
     return "`" + text.replace("\n", "\\n").replace("|", "/").replace("`", "'") + "`"
 
 
