@@ -151,3 +151,13 @@ def test_sticky_keeps_the_blocks_ranked_first_in_recent_steps(name: str) -> None
     assert 5 in kept[0][0] and 5 not in kept[0][1]
     assert [5 in s for s in kept[2]] == [True, True, True, False], kept[2]
     assert all(11 in s for s in kept[0][1:] + kept[2][1:])
+
+
+def test_the_batch_path_refuses_the_variants() -> None:
+    from ucm.sparse.batch_selection import BatchSelector
+
+    shapes = ModelShapes(2, 8, 2, 32, BS, 64)
+    BatchSelector(build_sparse_method({"ESA": {}}, shapes, OPS))  # the default runs there
+    for body in ({"kv_head_combine": "rank"}, {"sticky_steps": 4}):
+        with pytest.raises(ValueError, match="per-request path only"):
+            BatchSelector(build_sparse_method({"Quest": body}, shapes, OPS))
