@@ -314,6 +314,14 @@ def add_parser(sub) -> None:
         "runs them (model), or run every layer sparse (none)",
     )
     p.add_argument(
+        "--method-key",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --trace-sample: set a key of the method's config (JSON value), e.g. kv_head_combine=rank "
+        "or sticky_steps=8; repeatable",
+    )
+    p.add_argument(
         "--model",
         default="smollm2",
         help="with --trace-sample: a packaged model (ucm.models.MODELS), e.g. qwen2.5-coder-0.5b",
@@ -333,6 +341,23 @@ def _handle_trace(args, methods) -> int:
         ruler.require_dependencies()
     except (ValueError, ImportError) as exc:
         raise SystemExit(f"ucm profile --trace-sample: {exc}") from None
+    config = None
+    if args.method_key:
+        from ucm.demo import method_config, model_dense_layers
+        from ucm.methods import get_method
+        from ucm.models import MODELS
+
+        json_name = MODELS[args.model].model_config if args.model in MODELS else None
+        keep = () if args.dense_layers == "none" or get_method(method).model_json or json_name is None else None
+        config = method_config(method, args.ratio, dense_layers=model_dense_layers(json_name) if keep is None else ())
+        for item in args.method_key:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SystemExit(f"ucm profile --method-key: {item!r} is not KEY=VALUE")
+            try:
+                config[method][key] = json.loads(value)
+            except json.JSONDecodeError:
+                config[method][key] = value  # a bare string, e.g. rank
     res = trace_sample(
         task,
         args.tokens,
@@ -341,6 +366,7 @@ def _handle_trace(args, methods) -> int:
         args.ratio,
         args.steps,
         dense_layers=() if args.dense_layers == "none" else None,
+        config=config,
         block_size=args.block_size,
         backend=args.backend,
         out=args.out,
