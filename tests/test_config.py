@@ -699,7 +699,7 @@ def valid_sparse(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     else:
         keys = list(METHODS[method].model_fields)
         ratio = st.floats(0, 1, exclude_min=True)
-        positive = ("retrieval_stride", "blk_repre_inner_token_merge")
+        positive = ("retrieval_stride", "blk_repre_inner_token_merge", "sticky_top")
         values = {k: ratio if "ratio" in k else st.integers(1 if k in positive else 0, 64) for k in keys}
         for k, field in METHODS[method].model_fields.items():  # a method's choice keys: one of their values
             if typing.get_origin(field.annotation) is typing.Literal:

@@ -324,7 +324,89 @@ def add_parser(sub) -> None:
         metavar="N",
         help="also print the N layers to keep dense (lowest worst-head recall)",
     )
+    p.add_argument(
+        "--trace-sample",
+        type=int,
+        default=None,
+        metavar="INDEX",
+        help="instead: trace RULER sample INDEX of --task (default niah_multikey_3) at --tokens with the one "
+        "method of --methods (default ESA) at --ratio for --steps decode steps: per step and layer, whether "
+        "the needle's blocks were read and the attention-mass recall per KV head (JSON to --out, heatmaps "
+        "to --plot)",
+    )
+    p.add_argument(
+        "--dense-layers",
+        choices=["model", "none"],
+        default="model",
+        help="with --trace-sample: windowed methods keep the SmolLM2 JSON's dense layers, as `ucm eval` "
+        "runs them (model), or run every layer sparse (none)",
+    )
+    p.add_argument(
+        "--method-key",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --trace-sample: set a key of the method's config (JSON value), e.g. kv_head_combine=rank "
+        "or sticky_steps=8; repeatable",
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="with --trace-sample: a packaged model (ucm.models.MODELS), e.g. qwen2.5-coder-0.5b",
+    )
     p.set_defaults(handler=_handle)
+
+
+def _handle_trace(args, methods) -> int:
+    from ucm.eval import ruler
+
+    task = args.task or "niah_multikey_3"
+    method = (methods or ("ESA",))[0]
+    if methods and len(methods) != 1:
+        raise SystemExit("ucm profile --trace-sample: name one method in --methods")
+    try:
+        ruler.check_task(task)
+        ruler.require_dependencies()
+    except (ValueError, ImportError) as exc:
+        raise SystemExit(f"ucm profile --trace-sample: {exc}") from None
+    config = None
+    if args.method_key:
+        from ucm.demo import method_config, model_dense_layers
+        from ucm.methods import get_method
+        from ucm.models import MODELS
+
+        json_name = MODELS[args.model].model_config if args.model in MODELS else None
+        keep = () if args.dense_layers == "none" or get_method(method).model_json or json_name is None else None
+        config = method_config(method, args.ratio, dense_layers=model_dense_layers(json_name) if keep is None else ())
+        for item in args.method_key:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SystemExit(f"ucm profile --method-key: {item!r} is not KEY=VALUE")
+            try:
+                config[method][key] = json.loads(value)
+            except json.JSONDecodeError:
+                config[method][key] = value  # a bare string, e.g. rank
+    res = trace_sample(
+        task,
+        args.tokens,
+        args.trace_sample,
+        method,
+        args.ratio,
+        args.steps,
+        dense_layers=() if args.dense_layers == "none" else None,
+        config=config,
+        block_size=args.block_size,
+        backend=args.backend,
+        out=args.out,
+        plot=args.plot,
+        model=args.model,
+    )
+    print(
+        f"{task} #{args.trace_sample}: needle blocks {res['needle_blocks']}; dense {res['dense_text']!r}; "
+        f"{method}@{args.ratio:g} {res['sparse_text']!r}; first divergent token {res['first_divergent_token']}; "
+        f"sparse layers missing the needle there: {res['sparse_layers_missing_needle_at_divergence']}"
+    )
+    return 0
 
 
 def _handle(args) -> int:
@@ -335,6 +417,8 @@ def _handle(args) -> int:
             f"ucm profile --methods: unknown {', '.join(unknown) or '(none given)'}; "
             f"valid: {', '.join(profile_methods())}"
         )
+    if args.trace_sample is not None:
+        return _handle_trace(args, methods)
     if args.task is not None:
         from ucm.eval import ruler
 
@@ -359,3 +443,301 @@ def _handle(args) -> int:
         args.suggest_dense,
     )
     return 0
+
+
+# --------------------------------------------------------------------------- trace of one sample
+
+
+def layer_record(
+    mass: torch.Tensor, kept: Sequence[int], needle_blocks: Sequence[int], num_kv_heads: int, dense: bool
+) -> dict:
+    """What one decode layer's selection held, judged by its dense attention.
+
+    mass [Hq, N]: the dense softmax mass per query head and logical block (each head sums to 1);
+    kept: the logical blocks the selection read. Per KV head (the mean over its GQA group of query
+    heads): `recall_kv`, the mass on the kept blocks, and `needle_mass_kv`, the mass on the needle
+    blocks; `recall_min_q`, the worst query head's recall; `needle_kept`, per needle block, whether
+    the selection read it."""
+    hq, n = mass.shape
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[torch.as_tensor([b for b in kept if 0 <= b < n], dtype=torch.long)] = True
+    needle = torch.zeros(n, dtype=torch.bool)
+    needle[torch.as_tensor([b for b in needle_blocks if 0 <= b < n], dtype=torch.long)] = True
+    per_q = (mass * keep).sum(-1)  # [Hq]
+    group = hq // num_kv_heads
+    return {
+        "dense": dense,
+        "kept": int(keep.sum()),
+        "total": n,
+        "needle_kept": [bool(keep[b]) if 0 <= b < n else False for b in needle_blocks],
+        "recall_kv": [round(x, 5) for x in per_q.view(num_kv_heads, group).mean(-1).tolist()],
+        "recall_min_q": round(float(per_q.min()), 5),
+        "needle_mass_kv": [round(x, 5) for x in (mass * needle).sum(-1).view(num_kv_heads, group).mean(-1).tolist()],
+    }
+
+
+def score_rank(unit_scores: torch.Tensor, blocks: Sequence[int]) -> list[int | None]:
+    """0-based rank of each block among a row's scored units (0 = the method's top block; ties
+    counted in the block's favour); None for a block without a finite score (e.g. the partial
+    last block, which mean-of-K methods do not score)."""
+    s = unit_scores.to(torch.float32)
+    out: list[int | None] = []
+    for b in blocks:
+        if b >= s.shape[0] or not torch.isfinite(s[b]):
+            out.append(None)
+        else:
+            out.append(int((s > s[b]).sum()))
+    return out
+
+
+class SelectionTracer(RunObserver):
+    """Observer of a sparse `PagedHFRunner.decode` (pass `tracer.wrap(method)` as its method): per
+    decode step and layer, the dense attention mass per block of that step's query over the whole
+    cache, the blocks the method read (recorded from its plan when the step ends) and the rank
+    the method's scores gave the needle blocks."""
+
+    def __init__(self, needle_blocks: Sequence[int], num_kv_heads: int, block_size: int) -> None:
+        self.needle_blocks = list(needle_blocks)
+        self.num_kv_heads = num_kv_heads
+        self.block_size = block_size
+        self._mass: dict[int, torch.Tensor] = {}
+        self._ranks: dict[int, list[int | None]] = {}
+        self._step = -1
+        self.steps: list[list[dict]] = []  # [step][layer] -> layer_record + "needle_rank"
+
+    def on_decode(self, step, layer, q, k_cache, v_cache, block_table, seq_lens, scale) -> None:
+        self._step = step
+        n = int(-(-int(seq_lens[0]) // self.block_size))
+        self._mass[layer] = metrics.dense_block_mass(q, k_cache, block_table, seq_lens, scale)[0, :, :n].cpu()
+
+    def _on_scores(self, req_id: str, layer: int, unit_scores: torch.Tensor) -> None:
+        self._ranks[layer] = score_rank(unit_scores.cpu(), self.needle_blocks)
+
+    def record(self, plan) -> None:
+        rows = []
+        for layer in sorted(self._mass):
+            sel = plan.selections.get(layer)
+            kept = sel._logical[0, : int(sel.blocks_kept[0])].tolist() if sel is not None else []
+            rec = layer_record(
+                self._mass[layer], kept, self.needle_blocks, self.num_kv_heads, bool(sel is not None and sel.dense)
+            )
+            rec["needle_rank"] = self._ranks.get(layer)
+            rows.append(rec)
+        self.steps.append(rows)
+        self._mass, self._ranks = {}, {}
+
+    def wrap(self, method: SparseMethod) -> _TracedMethod:
+        method.retrieval_listeners.append(self._on_scores)
+        return _TracedMethod(method, self)
+
+
+class _TracedMethod:
+    """A sparse method whose steps the tracer records as they end; everything else is the method's."""
+
+    def __init__(self, method: SparseMethod, tracer: SelectionTracer) -> None:
+        self._method, self._tracer = method, tracer
+
+    def __getattr__(self, name):
+        return getattr(self._method, name)
+
+    def end_step(self, plan) -> None:
+        self._tracer.record(plan)
+        self._method.end_step(plan)
+
+
+def copy_source_blocks(
+    tokenizer, tokens: Sequence[int], value: str, value_char_start: int, offsets: Sequence[tuple[int, int]], bs: int
+) -> list[int | None]:
+    """Per generated token t (t >= 1, the decode step t - 1 produced it): the prompt block holding
+    the value's next character to copy, while the answer so far is a prefix of the value; None
+    once it has all of it or left it (leading blanks and colons of the answer are skipped)."""
+    from ucm.eval.divergence import token_span
+
+    out: list[int | None] = []
+    for t in range(1, len(tokens)):
+        so_far = tokenizer.decode(list(tokens[:t]), skip_special_tokens=True)
+        so_far = so_far[len(so_far) - len(so_far.lstrip(" :\n\t")) :]  # RULER answers often open with ": "
+        if len(so_far) < len(value) and value.startswith(so_far):
+            c = value_char_start + len(so_far)
+            out.append(token_span(offsets, c, c + 1)[0] // bs)
+        else:
+            out.append(None)
+    return out
+
+
+def trace_sample(
+    task: str = "niah_multikey_3",
+    tokens: int = 4096,
+    index: int = 0,
+    method: str = "ESA",
+    ratio: float = 0.3,
+    steps: int = 48,
+    dense_layers: Sequence[int] | None = None,
+    block_size: int = 32,
+    seed: int = 42,
+    backend: str | None = None,
+    config: dict | None = None,
+    out: Path | None = None,
+    plot: Path | None = None,
+    model: str = "smollm2",
+) -> dict:
+    """Trace one RULER sample through the core engine (HF runner over ucm's paged cache, the
+    selection code vLLM runs): a dense greedy decode, then the method's decode with a
+    `SelectionTracer`, and per decode step and layer whether the needle's blocks were read and
+    how much of the dense attention mass the read blocks held (per KV head).
+
+    `dense_layers`: the windowed methods' dense layers (None: as `ucm eval` runs them by default,
+    the SmolLM2 JSON's for SmolLM2 and none for a model without a shipped JSON; () for every layer
+    sparse). `model`: a packaged model (`ucm.models.MODELS`). `config` replaces the method's config
+    (UCM's shape, e.g. `{"ESA": {...}}`) to trace a variant."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ucm.demo import method_config, model_dense_layers
+    from ucm.eval import ruler
+    from ucm.eval.divergence import first_divergence, needle_spans, span_blocks
+    from ucm.hf_runner import PagedHFRunner
+    from ucm.methods import get_method
+    from ucm.models import MODELS, fetch_model
+    from ucm.ops import get_ops
+    from ucm.sparse.factory import build_sparse_method
+
+    t0 = time.perf_counter()
+    ops = get_ops(backend)
+    path = fetch_model(model)
+    tok = AutoTokenizer.from_pretrained(path)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    sample = ruler.generate(task, tokens, index + 1, tok, seed=seed)[index]
+    enc = tok(sample.prompt, return_offsets_mapping=True)
+    ids = list(enc.input_ids)
+    spans = needle_spans(sample.prompt, sample.answers, enc.offset_mapping)
+    needle = span_blocks(spans, block_size)
+    spec = get_method(method)
+    if spec.model_json and MODELS[model].model_config is None:
+        raise ValueError(f"{method} needs a per-model JSON, which ucm ships for smollm2 only, not {model!r}")
+    if dense_layers is None:
+        json_name = MODELS[model].model_config
+        dense_layers = () if spec.model_json or json_name is None else model_dense_layers(json_name)
+    cfg = config or method_config(method, ratio, dense_layers=dense_layers)
+    runner = PagedHFRunner(hf_model, tok, ops, block_size=block_size, max_tokens=len(ids) + steps + 2 * block_size)
+    state = runner.prefill(ids)
+    stop = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    dense = runner.decode(state, None, steps, stop_ids=stop)
+    built = build_sparse_method(cfg, runner.shapes, ops)
+    tracer = SelectionTracer(needle, runner.shapes.num_kv_heads, block_size)
+    sparse = runner.decode(state, tracer.wrap(built), steps, stop_ids=stop, observers=[tracer])
+    built.close()
+    div = first_divergence(sparse.tokens, dense.tokens)
+    value = sample.answers[0]
+    vstart = sample.prompt.find(value)
+    source = copy_source_blocks(tok, dense.tokens, value, vstart, enc.offset_mapping, block_size)
+    layers_dropped = None
+    if div is not None and 1 <= div <= len(tracer.steps):
+        layers_dropped = [
+            layer for layer, r in enumerate(tracer.steps[div - 1]) if not r["dense"] and not all(r["needle_kept"])
+        ]
+    result = {
+        "model": f"{Path(str(path)).name} (float32)",
+        "engine": "core (ucm.hf_runner.PagedHFRunner: transformers model, ucm's paged cache and selection engine)",
+        "backend": ops.name,
+        "task": task,
+        "tokens": tokens,
+        "seed": seed,
+        "index": index,
+        "prompt_tokens": len(ids),
+        "block_size": block_size,
+        "method": method,
+        "ratio": ratio,
+        "config": cfg,
+        "answers": list(sample.answers),
+        "needle_spans": spans,
+        "needle_blocks": needle,
+        "dense_text": dense.text,
+        "sparse_text": sparse.text,
+        "dense_correct": ruler.score_samples(task, [dense.text], [sample])[0] >= 100,
+        "sparse_correct": ruler.score_samples(task, [sparse.text], [sample])[0] >= 100,
+        "dense_tokens": dense.tokens,
+        "sparse_tokens": sparse.tokens,
+        "first_divergent_token": div,
+        "first_divergent_step": None if div is None else div - 1,  # decode step s produces token s + 1
+        "sparse_layers_missing_needle_at_divergence": layers_dropped,
+        "copy_source_block_per_step": source,
+        "fraction_read": sparse.fraction_read,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "command": "ucm profile " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["profile"] else "trace_sample()",
+        "steps": tracer.steps,
+    }
+    result["summary"] = trace_summary(result)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result) + "\n")
+    if plot is not None:
+        plot_trace(result, plot)
+    return result
+
+
+def trace_summary(result: dict) -> dict:
+    """Per sparse layer over the decode steps: how often the needle was read in full, the mean and
+    worst mass recall (worst KV head), and the mean needle mass (best KV head: a layer that
+    copies from the needle shows here)."""
+    per_layer: dict[int, dict] = {}
+    steps = result["steps"]
+    for layer in range(len(steps[0]) if steps else 0):
+        rows = [s[layer] for s in steps]
+        if rows[0]["dense"]:
+            continue
+        per_layer[layer] = {
+            "needle_kept_fraction": sum(all(r["needle_kept"]) for r in rows) / len(rows),
+            "recall_worst_kv_mean": sum(min(r["recall_kv"]) for r in rows) / len(rows),
+            "recall_worst_kv_min": min(min(r["recall_kv"]) for r in rows),
+            "needle_mass_best_kv_mean": sum(max(r["needle_mass_kv"]) for r in rows) / len(rows),
+        }
+    return {
+        "per_sparse_layer": per_layer,
+        "needle_kept_fraction_all": (
+            sum(v["needle_kept_fraction"] for v in per_layer.values()) / len(per_layer) if per_layer else None
+        ),
+    }
+
+
+def plot_trace(result: dict, path: Path) -> None:
+    """steps x layers heatmaps: needle read (all of its blocks / part / none; dense layers apart),
+    the worst KV head's mass recall, and the needle's share of the best KV head's attention."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    steps = result["steps"]
+    n_layers = len(steps[0])
+    kept = np.full((n_layers, len(steps)), np.nan)
+    recall = np.zeros((n_layers, len(steps)))
+    nmass = np.zeros((n_layers, len(steps)))
+    for s, rows in enumerate(steps):
+        for layer, r in enumerate(rows):
+            if not r["dense"]:
+                kept[layer, s] = sum(r["needle_kept"]) / max(len(r["needle_kept"]), 1)
+            recall[layer, s] = min(r["recall_kv"])
+            nmass[layer, s] = max(r["needle_mass_kv"])
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5), constrained_layout=True)
+    panels = [
+        (kept, "needle blocks read (fraction; blank = dense layer)", "RdYlGn"),
+        (recall, "attention-mass recall of the read blocks (worst KV head)", "viridis"),
+        (nmass, "attention mass on the needle blocks (best KV head)", "magma"),
+    ]
+    div = result.get("first_divergent_step")
+    for ax, (data, title, cmap) in zip(axes, panels, strict=True):
+        im = ax.imshow(data, aspect="auto", origin="lower", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        ax.set(title=title, xlabel="decode step", ylabel="layer")
+        if div is not None:
+            ax.axvline(div - 0.5, color="red", linestyle="--", linewidth=1.2)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(
+        f"{result['method']} @ {result['ratio']} on {result['task']} #{result['index']} ({result['prompt_tokens']} "
+        f"tokens, needle blocks {result['needle_blocks']}): dense {result['dense_text'][:40]!r} / sparse "
+        f"{result['sparse_text'][:40]!r}; red line: first divergent step",
+        fontsize=9,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -14,7 +14,7 @@ only when a method is built: parsing a config never imports torch).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -88,6 +88,16 @@ class WindowedMethodConfig(SparseMethodConfig):
     #: than dense on an H200, docs/cuda.md), 0 elsewhere (GSA on device: its JSON's
     #: gpu_/npu_concurrency_threshold)
     concurrency_threshold: Concurrency | None = None
+    #: how the KV heads' scores make one ranking: "sum" (the scorer's sum over KV heads), or
+    #: "rank": each KV head scored alone, a block ranked by its best rank in any head, so a
+    #: retrieval head's blocks survive the other heads' vote (ESA, GSA, Quest; one scoring per KV
+    #: head; issue #20: `ucm profile --trace-sample`, docs/accuracy.md)
+    kv_head_combine: Literal["sum", "rank"] = "sum"
+    #: > 0: a layer also keeps (within its budget) the `sticky_top` best blocks of each of its previous
+    #: `sticky_steps` retrievals, so a block ranked first a few steps ago survives a step whose
+    #: query points elsewhere (long verbatim copies, issue #20). 0: a fresh selection only
+    sticky_steps: Annotated[int, Field(ge=0, le=64)] = 0
+    sticky_top: Annotated[int, Field(ge=1, le=64)] = 2
 
     @model_validator(mode="after")
     def _check_combinations(self) -> WindowedMethodConfig:

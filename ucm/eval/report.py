@@ -20,8 +20,13 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
+from ucm.eval.divergence import divergence_rows
+
 HEADLINE_MIN = 50.0
 DENSE = "dense"
+#: the per-sample divergence table lists every compared prediction up to this many, else only
+#: those that differ from dense
+DIVERGENCE_ROWS_ALL = 200
 
 
 def summarize(rows: list[dict], meta: dict) -> dict:
@@ -83,6 +88,8 @@ def summarize(rows: list[dict], meta: dict) -> dict:
         "max_drop_vs_dense_at_0_3": max(shipped) if shipped else None,
         "max_drop_all_layers_sparse_at_0_3": max(all_sparse) if all_sparse else None,
         "cells": table,
+        # per sparse prediction with recorded token ids: where it leaves dense, where the needle is
+        "divergence": [d for d in divergence_rows(rows) if d["compared"]],
     }
 
 
@@ -154,7 +161,56 @@ def markdown(summary: dict) -> str:
         "(not headline).",
         f"Worst drop vs dense at ratio 0.3 over headline cells: {'n/a' if worst is None else f'{worst:.1f} points'}.",
     ]
+    lines += divergence_markdown(summary.get("divergence", []))
     return "\n".join(lines) + "\n"
+
+
+def _cell_text(text: str | None) -> str:
+    """A snippet of an answer for a markdown cell: visible whitespace, no pipes."""
+    if text is None:
+        return ""
+    if text == "":
+        return "(end)"  # this answer stopped where the other goes on
+    return "`" + text.replace("\n", "\\n").replace("|", "/").replace("`", "'") + "`"
+
+
+def _blank(x) -> str:
+    return "" if x is None else str(x)
+
+
+def divergence_markdown(rows: list[dict]) -> list[str]:
+    """Per sample: where each sparse answer first leaves dense's (token, character, what each says
+    from there) and the prompt blocks holding the expected value."""
+    if not rows:
+        return []
+    rows = sorted(rows, key=lambda d: (d["length"], d["task"], d["index"], d["setting"]))
+    differing = [d for d in rows if not d["identical"]]
+    shown = rows if len(rows) <= DIVERGENCE_ROWS_ALL else differing
+    lines = [
+        "",
+        "Where sparse answers leave dense's, per sample (first divergent generated token and character; "
+        "the blocks of the prompt that hold the expected value, block = token // block size): "
+        f"{len(rows) - len(differing)} of {len(rows)} sparse predictions are token-identical to dense"
+        + ("." if shown is rows else "; the table lists the others."),
+        "",
+        "| sample | setting | correct (dense) | first divergent token | char | dense from there | sparse from there "
+        "| needle blocks |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def yes(x):
+        return "?" if x is None else ("yes" if x else "no")
+
+    for d in shown:
+        tok = "identical" if d["identical"] else str(d["first_divergent_token"])
+        blocks = d.get("needle_blocks")
+        lines.append(
+            f"| {d['task']} @{d['length']} #{d['index']} | {d['setting']} | {yes(d['correct'])} "
+            f"({yes(d['dense_correct'])}) | {tok} | {_blank(d['first_divergent_char'])} "
+            f"| {_cell_text(d['dense_from_there'])} | {_cell_text(d['sparse_from_there'])} "
+            f"| {'' if blocks is None else ', '.join(map(str, blocks))} |"
+        )
+    return lines
 
 
 def plot(summary: dict, path: Path) -> None:

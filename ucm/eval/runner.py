@@ -151,6 +151,9 @@ class CellResult:
     hash_weights: str | None = (
         None  # GSA on device with other projections than the shipped JSON's: "random" / "trained"
     )
+    token_ids: list[int] | None = None  # the generated token ids (the report finds where sparse leaves dense)
+    needle_spans: list[dict] | None = None  # each expected value's [token_start, token_end) in the prompt
+    needle_blocks: list[int] | None = None  # the KV blocks (token // block size) holding those spans
 
 
 class Results:
@@ -179,6 +182,20 @@ class Results:
             for r in rows:
                 f.write(json.dumps(asdict(r)) + "\n")
                 self.rows.append(asdict(r))
+
+
+def _needles(tokenizer, sample, prompt_token_ids) -> tuple[list[dict] | None, list[int] | None]:
+    """(spans, blocks) of the sample's expected values in its prompt, from the tokenizer's character
+    offsets; (None, None) when the tokenizer's ids are not the ones the engine ran (then a token
+    index would point at the wrong place)."""
+    from ucm.eval.divergence import needle_spans, span_blocks
+
+    enc = tokenizer(sample.prompt, return_offsets_mapping=True)
+    if prompt_token_ids is not None and list(enc.input_ids) != list(prompt_token_ids):
+        logger.warning("sample %d of %s: the tokenizer's ids differ from the engine's", sample.index, sample.task)
+        return None, None
+    spans = needle_spans(sample.prompt, sample.answers, enc.offset_mapping)
+    return spans, span_blocks(spans, BLOCK_SIZE)
 
 
 def _engine(model_path: str, length: int, extra: dict, kv_space_gib: int, max_num_seqs: int):
@@ -327,6 +344,7 @@ def run_eval(
                     outs = checked(llm.generate([s.prompt for s in todo_samples], params, use_tqdm=False))
                     texts = [o.outputs[0].text for o in outs]
                     scores = ruler.score_samples(t, texts, todo_samples)
+                    needles = [_needles(tok, s, o.prompt_token_ids) for s, o in zip(todo_samples, outs, strict=True)]
                     results.add(
                         [
                             CellResult(
@@ -342,8 +360,10 @@ def run_eval(
                                 setting.retrieval_stride,
                                 setting_dense,
                                 setting.hash_weights,
+                                list(o.outputs[0].token_ids),
+                                *needle,
                             )
-                            for s, text, sc in zip(todo_samples, texts, scores, strict=True)
+                            for s, o, text, sc, needle in zip(todo_samples, outs, texts, scores, needles, strict=True)
                         ]
                     )
                 timings[f"{length}/{setting.label}"] = time.perf_counter() - t0

@@ -75,6 +75,10 @@ class BlockScorer(ABC):
     #: `batch_scores` is given the tokens of full blocks only (the partial last block has no
     #: representation yet; it is always kept)
     batch_full_blocks: bool = False
+    #: `score` is a sum over KV heads of a term that is 0 when that head's query heads are all 0
+    #: (ESA, GSA, Quest): `score` with one GQA group's queries kept and the rest zeroed is that KV
+    #: head's own score, which `kv_head_combine="rank"` needs
+    kv_heads_additive: bool = False
 
     def __init__(self, shapes: ModelShapes, ops: SparseOps) -> None:
         self.shapes = shapes
@@ -183,6 +187,8 @@ class _RequestState:
     decode_steps: int = 0
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [U] unit scores
     pending: dict[int, _RowFuture] = field(default_factory=dict)
+    # layer -> the top units of this layer's last `sticky_steps` + 1 fresh retrievals (oldest first)
+    sticky: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
 
 RetrievalListener = Callable[[str, int, torch.Tensor], None]
@@ -209,11 +215,30 @@ class SparseMethod:
         executor: ThreadPoolExecutor | None = None,
         seq_len_threshold: int = 0,
         concurrency_threshold: int | None = None,
+        kv_head_combine: str = "sum",
+        sticky_steps: int = 0,
+        sticky_top: int = 2,
     ) -> None:
         """Rows shorter than `seq_len_threshold` tokens, and whole steps with fewer than
-        `concurrency_threshold` decoding rows, stay dense (None: the engine path's default, 0 here)."""
+        `concurrency_threshold` decoding rows, stay dense (None: the engine path's default, 0 here).
+        `kv_head_combine`: "sum" ranks blocks by the scorer's score (summed over KV heads); "rank"
+        scores every KV head on its own and ranks a block by its best rank in any head
+        (`combine_kv_head_ranks`), so a retrieval head's blocks are not outvoted by the other heads
+        (scorers with `kv_heads_additive` only; costs one scoring per KV head). `sticky_steps` > 0:
+        a layer also keeps (within its budget) the `sticky_top` best units of each of its previous
+        `sticky_steps` retrievals, so a block the method ranked first a few steps ago is not lost
+        to one step whose query points elsewhere (a long verbatim copy, issue #20)."""
         if retrieval_stride < 1:
             raise ValueError(f"retrieval_stride must be >= 1, got {retrieval_stride}")
+        if kv_head_combine not in ("sum", "rank"):
+            raise ValueError(f"unknown kv_head_combine {kv_head_combine!r}; valid: sum, rank")
+        if kv_head_combine != "sum" and not scorer.kv_heads_additive:
+            raise ValueError(f"{name}: kv_head_combine={kv_head_combine!r} needs a scorer whose score adds up KV heads")
+        self.kv_head_combine = kv_head_combine
+        if sticky_steps < 0 or sticky_top < 1:
+            raise ValueError(f"sticky_steps ({sticky_steps}) must be >= 0 and sticky_top ({sticky_top}) >= 1")
+        self.sticky_steps = sticky_steps
+        self.sticky_top = sticky_top
         self.name = name
         self.scorer = scorer
         self.selector = selector
@@ -325,6 +350,22 @@ class SparseMethod:
             scores = torch.zeros(plan.batch, _max_or_zero(plan.n_units), device=q.device)
         return self.selector.select(layer, plan, scores)
 
+    def _block_scores(
+        self, layer: int, q: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, rids: Sequence[str]
+    ) -> torch.Tensor:
+        """The scorer's block scores [b, M], or with `kv_head_combine="rank"` each KV head's scores
+        (its GQA group's queries alone) combined by rank."""
+        if self.kv_head_combine == "sum":
+            return self.scorer.score(layer, q, table, lens, rids)
+        hkv = self.shapes.num_kv_heads
+        g = q.shape[1] // hkv
+        per_head = []
+        for h in range(hkv):
+            qh = torch.zeros_like(q)
+            qh[:, h * g : (h + 1) * g] = q[:, h * g : (h + 1) * g]
+            per_head.append(self.scorer.score(layer, qh, table, lens, rids))
+        return combine_kv_head_ranks(torch.stack(per_head, 1))
+
     def _score_rows(self, layer: int, q: torch.Tensor, plan: StepPlan, rows: list[int]) -> torch.Tensor:
         if len(rows) == plan.batch:  # every row, in order: no gathering
             table, lens, qr, rids = plan.block_table, plan.seq_lens, q, plan.req_ids
@@ -334,7 +375,7 @@ class SparseMethod:
             lens = plan.seq_lens.index_select(0, idx)
             qr = q.index_select(0, idx.to(q.device))
             rids = [plan.req_ids[r] for r in rows]
-        block_scores = self.scorer.score(layer, qr, table, lens, rids)
+        block_scores = self._block_scores(layer, qr, table, lens, rids)
         if self.score_reduce is not None:
             block_scores = self.score_reduce(block_scores)
         return self.selector.unit_scores(block_scores, self.scorer.unit_reduce)
@@ -348,7 +389,7 @@ class SparseMethod:
 
         def work() -> torch.Tensor:
             try:
-                block_scores = self.scorer.score(layer, q_snap, table, lens, rids)
+                block_scores = self._block_scores(layer, q_snap, table, lens, rids)
                 if self.score_reduce is not None:  # reduced across ranks when consumed (see _unit_scores)
                     return block_scores
                 unit = self.selector.unit_scores(block_scores, self.scorer.unit_reduce)
@@ -417,7 +458,8 @@ class SparseMethod:
         if fresh is not None and len(sync_rows) == plan.batch and fresh.shape[1] >= width:
             # every row was scored just now: the scores are the output (no per-row copies)
             out = fresh[:, :width] if fresh.shape[1] > width else fresh
-            return out.to(q.device, torch.float32)
+            out = out.to(q.device, torch.float32)
+            return self._stick(layer, plan, out.clone(), sync_rows) if self.sticky_steps else out
         out = torch.full((plan.batch, width), -math.inf, device=q.device)
         for r, rid in enumerate(plan.req_ids):
             if not sparse[r]:
@@ -425,7 +467,43 @@ class SparseMethod:
             s = requests[rid].scores[layer]
             n = min(int(s.shape[0]), width)
             out[r, :n] = s[:n]
+        return self._stick(layer, plan, out, sync_rows) if self.sticky_steps else out
+
+    def _stick(self, layer: int, plan: StepPlan, out: torch.Tensor, fresh_rows: list[int]) -> torch.Tensor:
+        """Raise to +inf, in `out` [B, U] (this step's unit scores, a copy), the units each sparse row
+        ranked in its `sticky_top` in any of its previous `sticky_steps` retrievals of this layer; then
+        remember this step's top units of the freshly scored rows (from their own scores)."""
+        fresh = set(fresh_rows)
+        for r, rid in enumerate(plan.req_ids):
+            if not plan.sparse_list[r]:
+                continue
+            hist = self._requests[rid].sticky.setdefault(layer, [])
+            if r in fresh:
+                row = out[r]
+                n = min(self.sticky_top, int(torch.isfinite(row).sum()))
+                top = torch.topk(row, n).indices if n else row.new_zeros(0, dtype=torch.long)
+                hist.append(top)
+                del hist[: -(self.sticky_steps + 1)]  # this step and the `sticky_steps` before it
+            for ids in hist[:-1] if r in fresh else hist:  # this step's own top units win by score already
+                keep = ids[ids < out.shape[1]]
+                out[r, keep] = torch.where(torch.isfinite(out[r, keep]), math.inf, out[r, keep])
         return out
+
+
+def combine_kv_head_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Per-KV-head block scores [b, H, M] (-inf: not a block) -> one score per block [b, M].
+
+    Each head ranks the blocks (0 = its best); a block's combined score orders by its best rank
+    in any head, ties by its mean rank: the top-k then takes the heads' top blocks in turn, so
+    every head keeps its own best blocks however its score scale compares with the others'.
+    Blocks that are -inf in every head stay -inf."""
+    b, h, m = scores.shape
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(m, device=scores.device).expand(b, h, m))
+    ranks = ranks.to(torch.float32)
+    combined = -(ranks.amin(1) + ranks.mean(1) / (m + 1))
+    return torch.where(torch.isfinite(scores).any(1), combined, -math.inf)
 
 
 class _RowFuture:

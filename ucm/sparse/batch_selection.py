@@ -16,8 +16,8 @@ A row selects when it decodes (one query token) and its length reaches the metho
 k = all of its blocks, so the kernel hands its own table and length back. A batch with fewer rows
 than the method's `concurrency_threshold` (default `BATCH_MIN_ROWS`) stays dense as a whole: a
 host decision on the batch's shape, which is fixed for a captured graph. Selection runs every
-step: there is no per-request state to keep a previous step's choice in (`retrieval_stride`
-applies to the per-request path only).
+step: there is no per-request state to keep a previous step's choice in (`retrieval_stride`,
+`sticky_steps` and `kv_head_combine` apply to the per-request path only).
 """
 
 from __future__ import annotations
@@ -60,6 +60,11 @@ class BatchSelector:
             raise ValueError(
                 f"{method.name}: its scorer ({type(scorer).__name__}) cannot score a batch without "
                 "host reads, so it cannot run inside CUDA graphs"
+            )
+        if getattr(method, "kv_head_combine", "sum") != "sum" or getattr(method, "sticky_steps", 0):
+            raise ValueError(
+                f"{method.name}: kv_head_combine / sticky_steps run on the per-request path only, not in "
+                "the batch (CUDA graph) selection"
             )
         self.method = method
         self.scorer = scorer

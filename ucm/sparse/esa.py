@@ -22,6 +22,7 @@ class MeanReprScorer(BlockScorer):
 
     group_reduce = "mean"
     batch_safe = True
+    kv_heads_additive = True
 
     def __init__(
         self,

@@ -102,8 +102,23 @@ def windowed_method(
     policies = [dense if layer in config.dense_layers else policy for layer in range(shapes.num_layers)]
     selector = BlockSelector(policies, shapes.block_size, ops)
     check_block_size_divisors(config, shapes)
+    built = scorer()
+    check(
+        "inline",
+        f"{config.method}.kv_head_combine",
+        config.kv_head_combine == "sum" or built.kv_heads_additive,
+        f"{config.kv_head_combine!r} needs a scorer that adds up KV heads (ESA, GSA, Quest); {config.method} "
+        "supports 'sum' only",
+    )
     return SparseMethod(
-        config.method, scorer(), selector, config.retrieval_stride, concurrency_threshold=config.concurrency_threshold
+        config.method,
+        built,
+        selector,
+        config.retrieval_stride,
+        concurrency_threshold=config.concurrency_threshold,
+        kv_head_combine=config.kv_head_combine,
+        sticky_steps=config.sticky_steps,
+        sticky_top=config.sticky_top,
     )
 
 

@@ -66,6 +66,7 @@ class QuestScorer(BlockScorer):
     """
 
     batch_safe = True  # one op per layer, static shapes, no host read
+    kv_heads_additive = True  # a sum over KV heads of bounds that are 0 for a zero query
     batch_largest = True  # larger bound = more important
     batch_full_blocks = False  # partial blocks have their (partial) statistics
 
@@ -166,7 +167,14 @@ def build_quest(
     selector = BlockSelector(policies, shapes.block_size, ops)
     scorer = QuestScorer(shapes, ops, config.group_reduce)
     return SparseMethod(
-        config.method, scorer, selector, config.retrieval_stride, concurrency_threshold=config.concurrency_threshold
+        config.method,
+        scorer,
+        selector,
+        config.retrieval_stride,
+        concurrency_threshold=config.concurrency_threshold,
+        kv_head_combine=config.kv_head_combine,
+        sticky_steps=config.sticky_steps,
+        sticky_top=config.sticky_top,
     )
 
 
