@@ -50,7 +50,7 @@ def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [rows[0], ["-" * w for w in widths], *rows[1:]]
     for row in lines:
-        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n")
 
 
 def _fail(exc: Exception) -> int:
@@ -316,6 +316,7 @@ register_subcommand("build", _add_build)
 register_subcommand("demo", _add_demo)
 register_subcommand("profile", "ucm.profile:add_parser")
 register_subcommand("calibrate", "ucm.calibrate:add_parser")
+register_subcommand("configure", "ucm.configure:add_parser")
 register_subcommand("eval", "ucm.eval.runner:add_parser")
 
 
