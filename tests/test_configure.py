@@ -178,3 +178,31 @@ def test_configure_writes_a_config_the_engine_runs(tmp_path, model_path) -> None
         assert torch.equal(runtime.method.scorer.weights[5][0].cpu(), saved[5])
     finally:
         shutdown(llm)
+
+
+# ----------------------------------------------------------------------------- --model on a local folder
+def test_profile_and_calibrate_take_a_local_model_folder(tmp_path) -> None:
+    """A model ucm ships no JSON for (the tiny random Llama, 4 layers, head dim 32): the profile
+    runs GSA on device on the generic fallback, calibrate trains its 4 projections, and both
+    name the model in their outputs."""
+    pytest.importorskip("transformers", reason="the model tests need the [test] extra (transformers)")
+    import torch
+
+    from ucm.calibrate import run_calibrate
+    from ucm.models import make_tiny_model
+    from ucm.profile import run_profile
+
+    folder = make_tiny_model()
+    res = run_profile(tokens=500, prompts=1, steps=2, ratio=0.3, methods=("GSAOnDevice", "ESA"), model=str(folder))
+    assert res["model_name"] == folder.name and str(folder) in res["model"]
+    for name in ("GSAOnDevice", "ESA"):
+        assert sorted(res["methods"][name]["per_layer"]) == [0, 1, 2, 3]
+        mean = res["methods"][name]["sparse_layers_mean"]
+        assert 0.25 <= mean["fraction_kept"] <= 0.45 and 0.0 < mean["recall"] <= mean["oracle_normalised_recall"] <= 1
+    cal = run_calibrate(tmp_path, prompts=1, heldout=1, tokens=400, steps=2, queries_per_prompt=8, model=str(folder))
+    assert cal["model_name"] == folder.name
+    assert cal["weights"] == "tiny_llama_kv2_s0_trained_hash.pt" and cal["config"] == "tiny_llama_kv2_s0_trained.json"
+    loaded = load_model_config(tmp_path / cal["config"]).config
+    assert (loaded.num_hidden_layers, loaded.head_dim, loaded.hash_weight_type) == (4, 32, "trained")
+    w = torch.load(tmp_path / cal["weights"], weights_only=True)["weight"]
+    assert w.shape == (4, 32, 128)

@@ -228,7 +228,8 @@ def _model_json_all_sparse(ratio: float, random_hash: bool, model, shapes) -> di
 
 def print_summary(result: dict) -> None:
     print(
-        f"\nselection quality at ratio {result['ratio']} ({result['prompts']} prompts x {result['decode_steps']} "
+        f"\nselection quality of {result.get('model_name', 'SmolLM2-135M-Instruct')} at ratio {result['ratio']} "
+        f"({result['prompts']} prompts x {result['decode_steps']} "
         f"steps, {result['prompt_tokens']} tokens, block {result['block_size']}), mean over layers:"
     )
     print(f"{'method':<19} {'recall':>7} {'oracle-norm':>12} {'worst head':>11} {'output err':>11} {'kept':>6}")
