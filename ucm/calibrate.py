@@ -125,12 +125,15 @@ def run_calibrate(
     model: str | Path = "smollm2",
     base: dict | None = None,
     file_stem: str | None = None,
+    announce_files: bool = True,
 ) -> dict:
     """Train `model`'s hash projections (a packaged model's name or a local HF folder) and judge
     them against random ones on held-out prompts. The JSON written next to the weights is `base`
     (default: the model's shipped JSON, else the engine's generic fallback) with the trained W;
     files are named `<file_stem>_trained_hash.pt` / `<config stem>_trained.json` (default: the
-    model's registry key / its per-model JSON's stem, so SmolLM2's keep their names)."""
+    model's registry key / its per-model JSON's stem, so SmolLM2's keep their names).
+    `announce_files=False` leaves out the closing "wrote ..." line (`ucm configure` writes its
+    own files from these)."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -216,7 +219,8 @@ def run_calibrate(
         f" -> trained {t['oracle_normalised_recall']:.3f}; output error {r['output_error']:.3f} -> "
         f"{t['output_error']:.3f}"
     )
-    print(f"wrote {weight_file}, {cfg_file} (use it as GSAOnDevice.config_file) and {out_dir / 'calibration.json'}")
+    if announce_files:
+        print(f"wrote {weight_file}, {cfg_file} (use it as GSAOnDevice.config_file) and {out_dir / 'calibration.json'}")
     return result
 
 

@@ -146,6 +146,7 @@ def run_configure(
             model=model,
             base=base,
             file_stem=stem,
+            announce_files=False,
         )
         weight_file = out_dir / f"{stem}_hash.pt"
         shutil.copyfile(Path(tmp) / calib["weights"], weight_file)
