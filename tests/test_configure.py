@@ -206,3 +206,22 @@ def test_profile_and_calibrate_take_a_local_model_folder(tmp_path) -> None:
     assert (loaded.num_hidden_layers, loaded.head_dim, loaded.hash_weight_type) == (4, 32, "trained")
     w = torch.load(tmp_path / cal["weights"], weights_only=True)["weight"]
     assert w.shape == (4, 32, 128)
+
+
+def test_measured_qwen_config_fits_the_packaged_model() -> None:
+    """configs/qwen2_5_coder_0_5b_instruct.json (written by `ucm configure`) matches the
+    converted Qwen2.5-Coder-0.5B's own config.json, and the engine's lookup by its folder name
+    finds it (a served `.../Qwen2.5-Coder-0.5B-Instruct` no longer falls back)."""
+    from ucm.models import model_dir
+
+    folder = model_dir("qwen2.5-coder-0.5b")
+    if not (folder / "config.json").is_file():
+        pytest.skip("Qwen2.5-Coder-0.5B is not converted here (ucm eval --model qwen2.5-coder-0.5b converts it)")
+    hf = json.loads((folder / "config.json").read_text())
+    got = resolve_model_config(GSAOnDeviceConfig(), str(folder), lambda: pytest.fail("fell back"))
+    assert got.origin == "built-in qwen2_5_coder_0_5b_instruct.json"
+    cfg = got.config
+    assert cfg.num_hidden_layers == hf["num_hidden_layers"]
+    assert cfg.head_dim == hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+    dense = [i for i, r in enumerate(cfg.top_k_ratio_per_layer) if r >= 1]
+    assert 1 <= len(dense) <= dense_budget(cfg.num_hidden_layers)
