@@ -38,6 +38,8 @@ SHIPPED = {
 }
 # the demo's small real model (block size 32 on the CPU, so chunks of 32 tokens)
 DEMO = {"smollm2_135m.json": ("HuggingFaceTB/SmolLM2-135M-Instruct", 30, False)}
+# written by `ucm configure` for the second packaged model (benchmarks/results/accuracy/fallback/configured/)
+MEASURED = {"qwen2_5_coder_0_5b_instruct.json": ("Qwen2.5-Coder-0.5B-Instruct", 24, False)}
 MLA_KEYS = ("kv_lora_rank", "qk_rope_head_dim", "hash_bits_kv_lora", "hash_bits_qk_rope")
 # UCM_FUZZ_EXAMPLES=3000 for a longer hunt; the default keeps the file at a few seconds.
 FAST = settings(
@@ -121,8 +123,20 @@ def sparse_rejected(tmp_path: Path, data: Any, key: str, name: str = "bad_sparse
 
 
 # ----------------------------------------------------------------------------- shipped files
-def test_shipped_files_are_exactly_the_six_models_and_the_demo_model() -> None:
-    assert sorted(p.name for p in builtin_config_dir().glob("*.json")) == sorted({**SHIPPED, **DEMO})
+def test_shipped_files_are_exactly_the_six_models_the_demo_model_and_the_measured_one() -> None:
+    assert sorted(p.name for p in builtin_config_dir().glob("*.json")) == sorted({**SHIPPED, **DEMO, **MEASURED})
+
+
+def test_measured_config_loads_with_its_trained_weights() -> None:
+    from ucm.sparse.hashing import hash_projections
+
+    for file, (name, layers, is_mla) in MEASURED.items():
+        loaded = load_model_config(builtin_config_dir() / file)
+        cfg = loaded.config
+        assert (cfg.model_name, cfg.num_hidden_layers, cfg.is_mla) == (name, layers, is_mla)
+        assert cfg.hash_weight_type == "trained" and load_model_config(name).path.name == file
+        weights = hash_projections(loaded)
+        assert len(weights) == layers and tuple(weights[0][0].shape) == (cfg.head_dim, cfg.hash_bits)
 
 
 def test_demo_model_ships_its_trained_hash_projections() -> None:

@@ -232,3 +232,23 @@ def test_eval_smoke_through_vllm(tmp_path) -> None:
     )
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert sorted((r["setting"], r["index"]) for r in rows) == [(s, i) for s in ("ESA@0.3", "dense") for i in range(3)]
+
+
+def test_a_model_without_a_shipped_json_runs_gsa_on_device_only_with_its_own(tmp_path) -> None:
+    """On a packaged model ucm ships no eval JSON for, the SmolLM2-JSON settings (plain
+    GSAOnDevice, --hash-config random) are refused before anything loads, naming the way out;
+    --hash-config JSON (a model's own, e.g. from `ucm configure`) with --methods dense is not."""
+    from ucm.config.fallback import generic_model_config
+    from ucm.eval.runner import _own_json, run_eval
+
+    with pytest.raises(ValueError, match="pass one with --hash-config JSON"):
+        run_eval(tmp_path, ["niah_single_2"], [4096], 1, ["GSAOnDevice"], [0.3], model="qwen2.5-coder-0.5b")
+    with pytest.raises(ValueError, match=r"GSAOnDevice\+random need"):
+        run_eval(
+            tmp_path, ["niah_single_2"], [4096], 1, ["dense"], [0.3], model="qwen2.5-coder-0.5b", hash_config="random"
+        )
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps(generic_model_config("Qwen2.5-Coder-0.5B-Instruct", 24, 64, 32)))
+    grid = settings_grid(["dense"], [0.3], hash_config=own)
+    assert [s.label for s in grid] == ["dense", *(f"{m}+random@0.3" for m in method_names(model_json=True))]
+    assert [_own_json(s) for s in grid] == [False] + [True] * (len(grid) - 1)

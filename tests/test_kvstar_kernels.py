@@ -485,7 +485,7 @@ def _same_up_to_ties(got: list[int], want: list[int], scores: torch.Tensor, rtol
     assert len(extra) == len(missing), (got, want)
     a = sorted(float(scores[j]) for j in extra)
     b = sorted(float(scores[j]) for j in missing)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         assert abs(x - y) <= rtol * max(abs(x), abs(y)), (got, want, a, b)
 
 
@@ -516,7 +516,7 @@ def test_batch_selector_on_the_kernels_picks_the_reference_blocks(ops, uniform) 
         got_t, got_l = (x.cpu() for x in sel_k.select(layer, query.to(DEV), plan_k))
         want_t, want_l = sel_r.select(layer, query, plan_r)
         scores = on_ref.scorer.batch_scores(layer, query, table, full)
-        for r, n in enumerate(lens):
+        for r, _n in enumerate(lens):
             kept = (int(want_l[r]) + BS - 1) // BS
             assert (int(got_l[r]) + BS - 1) // BS == kept
             got_cols = [int((table[r] == p).nonzero()[0]) for p in got_t[r, :kept].tolist()]
@@ -544,9 +544,9 @@ def test_channel_major_scorer_selects_like_the_row_major_one() -> None:
         plans = [m.begin_step(ids, sl, table) for m in (cm, rm)]
         q = torch.randn(3, HQ, D, generator=g)
         for layer in range(LAYERS):
-            got, want = (m.select(layer, q, p) for m, p in zip((cm, rm), plans))
+            got, want = (m.select(layer, q, p) for m, p in zip((cm, rm), plans, strict=False))
             assert torch.equal(got.seq_lens, want.seq_lens) and torch.equal(got.block_table, want.block_table)
-        for m, p in zip((cm, rm), plans):
+        for m, p in zip((cm, rm), plans, strict=False):
             m.end_step(p)
     full = (torch.tensor(lens) // BS * BS).to(torch.int32)
     q = torch.randn(3, HQ, D, generator=g)

@@ -97,7 +97,7 @@ def test_hash_chain_same_prefix_same_ids_and_a_change_propagates() -> None:
     changed = list(tokens)
     changed[20] += 1  # block 1
     other = prefix_block_hashes(changed, 16)
-    assert other[0] == ids[0] and all(a != b for a, b in zip(other[1:], ids[1:]))
+    assert other[0] == ids[0] and all(a != b for a, b in zip(other[1:], ids[1:], strict=False))
     assert prefix_block_hashes(tokens, 16, namespace="another-model") != ids
     # every input form hashes alike
     assert prefix_block_hashes(torch.tensor(tokens), 16) == prefix_block_hashes(np.array(tokens, np.int32), 16) == ids
@@ -141,7 +141,7 @@ def test_round_trip_bit_exact(kind: str, dtype: torch.dtype, tmp_path: Path) -> 
         assert store.lookup(ids) == [True] * 5
         for s in range(3):
             got = load_shard(store, ids[::-1], s, layout)
-            for row, block_id in zip(got, ids[::-1]):
+            for row, block_id in zip(got, ids[::-1], strict=False):
                 assert same_bits(row, shard_data(block_id, s, layout))
         # mixed shards in one call
         mixed = torch.empty((3, *layout.shard_shape), dtype=dtype)
@@ -486,7 +486,7 @@ def test_concurrent_writers_and_readers_threads_and_processes(tmp_path: Path) ->
                 except TaskFailed as exc:
                     assert set(exc.missing) == set(exc.ids)  # only misses, never I/O errors
                     continue
-                assert all(same_bits(o, shard_data(i, 1)) for o, i in zip(out, shared))
+                assert all(same_bits(o, shard_data(i, 1)) for o, i in zip(out, shared, strict=False))
         except Exception as exc:  # noqa: BLE001 - handed to the main thread
             errors.append(exc)
 
@@ -497,14 +497,14 @@ def test_concurrent_writers_and_readers_threads_and_processes(tmp_path: Path) ->
         t.join()
     outs = [p.communicate(timeout=60) for p in procs]
     assert not errors, errors
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=False):
         assert p.returncode == 0 and out.split() == ["ok", shared[5]], err  # same ids in every process
     everything = shared + [i for k in range(4) for i in ids_for(2, f"thread{k}")]
     everything += [i for k in range(3) for i in ids_for(3, f"own{k}")]
     assert store.lookup(everything) == [True] * len(everything)
     for s in range(4):
         got = load_shard(store, everything, s)
-        assert all(same_bits(g, shard_data(i, s)) for g, i in zip(got, everything))
+        assert all(same_bits(g, shard_data(i, s)) for g, i in zip(got, everything, strict=False))
     assert len(blk_files(root)) == len(everything) and tmp_files(root) == []
 
 
@@ -577,7 +577,7 @@ def test_pipeline_hit_path_and_fill(tmp_path: Path) -> None:
         p.unlink()  # the disk forgets; the cache still serves
     hits = cache.hits
     got = load_shard(pipe, ids, 3)
-    assert all(same_bits(g, shard_data(i, 3)) for g, i in zip(got, ids)) and cache.hits == hits + 3
+    assert all(same_bits(g, shard_data(i, 3)) for g, i in zip(got, ids, strict=False)) and cache.hits == hits + 3
     assert pipe.lookup(ids_for(1, "new")) == [False]
 
 

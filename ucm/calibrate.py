@@ -6,8 +6,8 @@ keys come from real prefills; a soft sign (tanh) makes codes differentiable, and
 a cross-entropy between the true attention mass of each candidate block and a softmax over
 the blocks' soft hash similarity (the best token's, summed over heads, as the scorer ranks).
 W starts from the random orthogonal projection ucm uses by default, so training only moves
-away from it when that helps. The result is saved in the
-format `hash_weight_type: "trained"` loads, together with a per-model JSON pointing at it, and
+away from it when that helps. The result is saved in the format `hash_weight_type: "trained"`
+loads, together with a per-model JSON pointing at it, and
 judged against the random projection on held-out prompts by block-selection recall.
 """
 
@@ -122,27 +122,43 @@ def run_calibrate(
     ratio: float = 0.3,
     block_size: int = 32,
     seed: int = 0,
+    model: str | Path = "smollm2",
+    base: dict | None = None,
+    file_stem: str | None = None,
+    announce_files: bool = True,
 ) -> dict:
+    """Train `model`'s hash projections (a packaged model's name or a local HF folder) and judge
+    them against random ones on held-out prompts. The JSON written next to the weights is `base`
+    (default: the model's shipped JSON, else the engine's generic fallback) with the trained W;
+    files are named `<file_stem>_trained_hash.pt` / `<config stem>_trained.json` (default: the
+    model's registry key / its per-model JSON's stem, so SmolLM2's keep their names).
+    `announce_files=False` leaves out the closing "wrote ..." line (`ucm configure` writes its
+    own files from these)."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ucm.config.loader import model_config_data
     from ucm.demo import needle_prompt
     from ucm.hf_runner import PagedHFRunner
-    from ucm.models import fetch_model
+    from ucm.models import per_model_data, resolve_model
     from ucm.ops import get_ops
     from ucm.profile import SelectionProfiler
     from ucm.sparse.gsa_on_device import build_from_model_config
 
     t0 = time.perf_counter()
     ops = get_ops()
-    path = fetch_model("smollm2")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    base = model_config_data("SmolLM2-135M-Instruct", random_hash=True)  # training starts from random W
-    layers, dim, bits = base["num_hidden_layers"], base["head_dim"], base["hash_bits"]
+    ref = resolve_model(model)
+    tok = AutoTokenizer.from_pretrained(ref.path)
+    hf_model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32)
     prompt_ids = [needle_prompt(tok, tokens, 0.5, seed=1000 + i)[0] for i in range(prompts + heldout)]
-    runner = PagedHFRunner(model, tok, ops, block_size=block_size, max_tokens=max(map(len, prompt_ids)) + 64)
+    runner = PagedHFRunner(hf_model, tok, ops, block_size=block_size, max_tokens=max(map(len, prompt_ids)) + 64)
+    shapes = runner.shapes
+    if base is None:
+        base = per_model_data(ref, shapes.num_layers, shapes.head_dim, shapes.block_size)
+    # training starts from random W
+    base = dict(base, hash_weight_type="random", hash_weight=None)
+    if base.get("is_mla"):
+        raise ValueError(f"{ref.name}: calibrating MLA models (two projections per layer) is not supported")
+    layers, dim, bits = base["num_hidden_layers"], base["head_dim"], base["hash_bits"]
 
     collector = QKCollector(queries_per_prompt, seed)
     for ids in tqdm(prompt_ids[:prompts], desc="collecting q/k", unit="prompt", file=sys.stderr):
@@ -154,10 +170,10 @@ def run_calibrate(
         weights.append(w)
         losses.append((first, last))
     out_dir.mkdir(parents=True, exist_ok=True)
-    weight_file = out_dir / "smollm2_trained_hash.pt"
+    weight_file = out_dir / f"{file_stem or ref.key}_trained_hash.pt"
     save_trained_hash(weight_file, weights)
-    # the file to deploy: the shipped JSON (its dense layers and thresholds) with the trained W
-    cfg_file = out_dir / "smollm2_135m_trained.json"
+    # the file to deploy: the base JSON (its dense layers and thresholds) with the trained W
+    cfg_file = out_dir / f"{file_stem or ref.config_stem}_trained.json"
     cfg_file.write_text(json.dumps(dict(base, hash_weight_type="trained", hash_weight=weight_file.name), indent=2))
     # the held-out comparison judges every layer: both projections with every layer sparse
     random_cfg = dict(base, top_k_ratio_per_layer=[ratio] * layers, gpu_seq_len_threshold=0)
@@ -181,7 +197,8 @@ def run_calibrate(
     judge.samples = merged
     summary = judge.summary()
     result = {
-        "model": "SmolLM2-135M-Instruct (float32)",
+        "model": ref.label,
+        "model_name": ref.name,
         "bits": bits,
         "train_prompts": prompts,
         "heldout_prompts": heldout,
@@ -202,12 +219,16 @@ def run_calibrate(
         f" -> trained {t['oracle_normalised_recall']:.3f}; output error {r['output_error']:.3f} -> "
         f"{t['output_error']:.3f}"
     )
-    print(f"wrote {weight_file}, {cfg_file} (use it as GSAOnDevice.config_file) and {out_dir / 'calibration.json'}")
+    if announce_files:
+        print(f"wrote {weight_file}, {cfg_file} (use it as GSAOnDevice.config_file) and {out_dir / 'calibration.json'}")
     return result
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("calibrate", help="train GSA-on-device hash projections on the model's own q/k (SmolLM2, CPU)")
+    from ucm.profile import add_model_argument
+
+    p = sub.add_parser("calibrate", help="train GSA-on-device hash projections on the model's own q/k (CPU)")
+    add_model_argument(p)
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--prompts", type=int, default=4, help="training prompts")
     p.add_argument("--heldout", type=int, default=2, help="held-out prompts for the random-vs-trained comparison")
@@ -218,5 +239,8 @@ def add_parser(sub) -> None:
 
 
 def _handle(args) -> int:
-    run_calibrate(args.out_dir, args.prompts, args.heldout, args.tokens, args.steps, ratio=args.ratio)
+    from ucm.profile import check_model_argument
+
+    check_model_argument(args.model, "calibrate")
+    run_calibrate(args.out_dir, args.prompts, args.heldout, args.tokens, args.steps, ratio=args.ratio, model=args.model)
     return 0

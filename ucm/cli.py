@@ -316,6 +316,7 @@ register_subcommand("build", _add_build)
 register_subcommand("demo", _add_demo)
 register_subcommand("profile", "ucm.profile:add_parser")
 register_subcommand("calibrate", "ucm.calibrate:add_parser")
+register_subcommand("configure", "ucm.configure:add_parser")
 register_subcommand("eval", "ucm.eval.runner:add_parser")
 
 

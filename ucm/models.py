@@ -222,3 +222,68 @@ def fetch_model(name: str = "smollm2") -> Path:
     plain.load_state_dict(quantized.state_dict())
     plain.to(torch.float32)
     return _publish(final, lambda tmp: (plain.save_pretrained(tmp), tok.save_pretrained(tmp)))
+
+
+def _slug(name: str) -> str:
+    """A file stem from a model name: 'Qwen2.5-Coder-0.5B-Instruct' -> 'qwen2_5_coder_0_5b_instruct'."""
+    out = "".join(ch if ch.isalnum() else "_" for ch in name.rsplit("/", 1)[-1].lower())
+    return "_".join(part for part in out.split("_") if part) or "model"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model the apps (`ucm profile`, `calibrate`, `configure`) run: a packaged one or a local
+    HF folder, with the names its outputs carry."""
+
+    path: Path  # the HF folder (config.json + weights + tokenizer)
+    name: str  # the per-model JSON's `model_name`: the shipped JSON's, else the folder's name
+    key: str  # a short file stem: the registry key, or the folder name as a slug
+    config_stem: str  # the per-model JSON's file stem: the shipped JSON's, else `key`
+    shipped_config: Path | None  # the per-model JSON ucm ships for this model, if any
+
+    @property
+    def label(self) -> str:
+        """How results name the model: the JSON's model name, with where it was loaded from."""
+        return f"{self.name} (float32, {self.path})"
+
+
+def resolve_model(ref: str | Path = "smollm2") -> ModelRef:
+    """`ref` is a packaged model's registry name (`MODELS`; converted on first use) or a local
+    Hugging Face model folder with config.json and weights. Its shipped per-model JSON, if ucm
+    has one, is found by the registry entry or by the folder's name (`ucm configs list`)."""
+    from ucm.config.errors import ConfigError
+    from ucm.config.loader import find_model_config, load_model_config
+
+    if str(ref) in MODELS:
+        spec = MODELS[str(ref)]
+        path, key, lookup = fetch_model(spec.name), _slug(spec.name), spec.model_config or spec.hf_name
+    else:
+        path = Path(ref).expanduser()
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"--model {ref}: neither a packaged model ({', '.join(MODELS)}) nor a Hugging Face model "
+                "folder (no config.json there)"
+            )
+        path = path.resolve()
+        key = lookup = None
+    try:
+        shipped = find_model_config(lookup or path.name)
+    except ConfigError:
+        shipped = None
+    if shipped is not None:
+        name = load_model_config(shipped).config.model_name
+        return ModelRef(path, name, key or _slug(path.name), shipped.stem, shipped)
+    key = key or _slug(path.name)
+    return ModelRef(path, path.name, key, _slug(path.name), None)
+
+
+def per_model_data(model: ModelRef, num_layers: int, head_dim: int, block_size: int, random_hash: bool = False) -> dict:
+    """The per-model JSON data GSA on device runs `model` with: its shipped JSON (trained weight
+    paths absolute; `random_hash` swaps in random projections), else the generic fallback the
+    engine would use (`ucm.config.fallback`), from the model's shapes."""
+    from ucm.config.fallback import generic_model_config
+    from ucm.config.loader import model_config_data
+
+    if model.shipped_config is not None:
+        return model_config_data(model.shipped_config, random_hash=random_hash)
+    return generic_model_config(model.name, num_layers, head_dim, block_size)

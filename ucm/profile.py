@@ -95,6 +95,8 @@ def run_profile(
     plot: Path | None = None,
     task: str | None = None,
     suggest_dense: int = 0,
+    model: str | Path = "smollm2",
+    quiet: bool = False,
 ) -> dict:
     """Profile `methods` (default: every registered method) with every layer sparse at `ratio`.
 
@@ -102,23 +104,25 @@ def run_profile(
     RULER task at `tokens` tokens (needs the [eval] extra): the essay haystack is where the
     retrieval heads of the model show. `suggest_dense` > 0 adds the layers a per-model JSON
     should keep dense: the ones whose worst head loses most (lowest worst-head recall, mean over
-    the methods)."""
+    the methods). `model` is a packaged model's name or a local HF folder (`ucm.models.resolve_model`);
+    GSA on device runs it with its shipped JSON, else with the engine's generic fallback, every
+    layer sparse. `quiet` skips the printed summary (`ucm configure` prints its own)."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ucm.demo import demo_methods, method_config, needle_prompt
     from ucm.hf_runner import PagedHFRunner
     from ucm.methods import base_method, get_method
-    from ucm.models import fetch_model
+    from ucm.models import resolve_model
     from ucm.ops import get_ops
     from ucm.sparse.factory import build_sparse_method
 
     methods = demo_methods() if methods is None else tuple(methods)
 
     ops = get_ops(backend)
-    path = fetch_model("smollm2")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ref = resolve_model(model)
+    tok = AutoTokenizer.from_pretrained(ref.path)
+    hf_model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32)
     runner = None
     merged: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
     t0 = time.perf_counter()
@@ -130,14 +134,17 @@ def run_profile(
         prompt_ids = [needle_prompt(tok, tokens, 0.5, seed=seed)[0] for seed in range(prompts)]
     for ids in tqdm(prompt_ids, desc="profiling", unit="prompt", file=sys.stderr):
         if runner is None or len(ids) + steps + block_size > runner.max_tokens:
-            runner = PagedHFRunner(model, tok, ops, block_size=block_size, max_tokens=len(ids) + steps + 4 * block_size)
+            runner = PagedHFRunner(
+                hf_model, tok, ops, block_size=block_size, max_tokens=len(ids) + steps + 4 * block_size
+            )
+        shapes = runner.shapes
         state = runner.prefill(ids)
         built = {
             name: build_sparse_method(
                 method_config(base_method(name), ratio),
                 runner.shapes,
                 ops,
-                model_config=_model_json_all_sparse(ratio, name.endswith(RANDOM_HASH))
+                model_config=_model_json_all_sparse(ratio, name.endswith(RANDOM_HASH), ref, shapes)
                 if get_method(base_method(name)).model_json
                 else None,
             )
@@ -154,7 +161,8 @@ def run_profile(
     summary_prof = SelectionProfiler({}, ops)
     summary_prof.samples = merged
     result = {
-        "model": "SmolLM2-135M-Instruct (float32)",
+        "model": ref.label,
+        "model_name": ref.name,
         "backend": ops.name,
         "prompt_tokens": tokens,
         "prompts": prompts,
@@ -169,8 +177,10 @@ def run_profile(
     }
     if suggest_dense > 0:
         result["suggested_dense_layers"] = suggest_dense_layers(result["methods"], suggest_dense)
-    add_shipped_means(result, shipped_dense_layers())
-    print_summary(result)
+    if ref.shipped_config is not None:
+        add_shipped_means(result, shipped_dense_layers(ref.shipped_config))
+    if not quiet:
+        print_summary(result)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
@@ -181,12 +191,12 @@ def run_profile(
     return result
 
 
-def shipped_dense_layers() -> list[int]:
-    """The layers the demo model's shipped per-model JSON keeps dense (ratio 1)."""
+def shipped_dense_layers(config=None) -> list[int]:
+    """The layers a shipped per-model JSON (default: the demo model's) keeps dense (ratio 1)."""
     from ucm.config.loader import model_config_data
     from ucm.demo import DEMO_MODEL_CONFIG
 
-    ratios = model_config_data(DEMO_MODEL_CONFIG)["top_k_ratio_per_layer"]
+    ratios = model_config_data(config or DEMO_MODEL_CONFIG)["top_k_ratio_per_layer"]
     return [i for i, r in enumerate(ratios) if r >= 1]
 
 
@@ -227,12 +237,12 @@ def profile_methods() -> tuple[str, ...]:
     return (*method_names(), *(name + RANDOM_HASH for name in method_names(model_json=True)))
 
 
-def _model_json_all_sparse(ratio: float, random_hash: bool = False) -> dict:
-    """The demo model's shipped per-model JSON with every layer sparse: the profile judges every layer."""
-    from ucm.config.loader import model_config_data
-    from ucm.demo import DEMO_MODEL_CONFIG
+def _model_json_all_sparse(ratio: float, random_hash: bool, model, shapes) -> dict:
+    """The model's per-model JSON (shipped, else the generic fallback) with every layer sparse:
+    the profile judges every layer."""
+    from ucm.models import per_model_data
 
-    data = model_config_data(DEMO_MODEL_CONFIG, random_hash=random_hash)
+    data = per_model_data(model, shapes.num_layers, shapes.head_dim, shapes.block_size, random_hash=random_hash)
     data["top_k_ratio_per_layer"] = [ratio] * data["num_hidden_layers"]
     data["gpu_seq_len_threshold"] = 0
     return data
@@ -240,7 +250,8 @@ def _model_json_all_sparse(ratio: float, random_hash: bool = False) -> dict:
 
 def print_summary(result: dict) -> None:
     print(
-        f"\nselection quality at ratio {result['ratio']} ({result['prompts']} prompts x {result['decode_steps']} "
+        f"\nselection quality of {result.get('model_name', 'SmolLM2-135M-Instruct')} at ratio {result['ratio']} "
+        f"({result['prompts']} prompts x {result['decode_steps']} "
         f"steps, {result['prompt_tokens']} tokens, block {result['block_size']}), mean over layers:"
     )
     print(f"{'method':<19} {'recall':>7} {'oracle-norm':>12} {'worst head':>11} {'output err':>11} {'kept':>6}")
@@ -296,7 +307,8 @@ def plot_profile(result: dict, path: Path) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("profile", help="per-layer selection quality of every method vs dense attention (SmolLM2, CPU)")
+    p = sub.add_parser("profile", help="per-layer selection quality of every method vs dense attention (CPU)")
+    add_model_argument(p)
     p.add_argument("--tokens", type=int, default=3000)
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--steps", type=int, default=8, help="decode steps per prompt")
@@ -429,6 +441,7 @@ def _handle(args) -> int:
             raise SystemExit(f"ucm profile --task: {exc}") from None
     if args.suggest_dense < 0:
         raise SystemExit("ucm profile: --suggest-dense must be >= 0")
+    check_model_argument(args.model, "profile")
     run_profile(
         args.tokens,
         args.prompts,
@@ -441,6 +454,7 @@ def _handle(args) -> int:
         args.plot,
         args.task,
         args.suggest_dense,
+        args.model,
     )
     return 0
 
@@ -741,3 +755,27 @@ def plot_trace(result: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def check_model_argument(value: str, command: str) -> None:
+    """Fail at once (before any model loads) on a --model that is neither a packaged model nor a folder
+    with config.json."""
+    from ucm.models import MODELS
+
+    if value not in MODELS and not (Path(value).expanduser() / "config.json").is_file():
+        raise SystemExit(
+            f"ucm {command} --model {value}: neither a packaged model ({', '.join(MODELS)}) nor a Hugging Face "
+            "model folder (no config.json there)"
+        )
+
+
+def add_model_argument(p) -> None:
+    """`--model NAME|PATH`, shared by profile, calibrate and configure."""
+    from ucm.models import MODELS
+
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help=f"a packaged model ({', '.join(MODELS)}) or a local Hugging Face model folder (config.json + "
+        "weights + tokenizer); default smollm2",
+    )

@@ -25,10 +25,21 @@ class ModelConfigFile:
 
     config: GSAOnDeviceModelConfig
     path: Path | None
+    #: where it came from, as the engine logs it: "built-in <file>", "file <path>", or the generic
+    #: fallback's line (`ucm.config.fallback`); "" where nobody resolved it for a served model
+    origin: str = ""
 
     @property
     def source(self) -> str:
         return str(self.path) if self.path else "inline"
+
+    def describe(self) -> str:
+        """`origin`, else "built-in <file>" / "file <path>" / "inline" from the path."""
+        if self.origin:
+            return self.origin
+        if self.path is None:
+            return "inline"
+        return f"built-in {self.path.name}" if is_builtin(self.path) else f"file {self.path}"
 
 
 class _DuplicateKey(ValueError):
@@ -118,6 +129,14 @@ def _read_json(path: Path) -> Any:
 def builtin_config_dir() -> Path:
     """Where the shipped per-model JSON files live (package `ucm.model_configs`)."""
     return Path(str(resources.files("ucm.model_configs")))
+
+
+def is_builtin(path: Path) -> bool:
+    """Whether `path` is one of the shipped per-model configs."""
+    try:
+        return path.resolve().parent == builtin_config_dir().resolve()
+    except OSError:
+        return False
 
 
 def list_model_configs() -> list[ModelConfigFile]:

