@@ -361,17 +361,15 @@ def add_parser(sub) -> None:
         help="with --trace-sample: set a key of the method's config (JSON value), e.g. kv_head_combine=rank "
         "or sticky_steps=8; repeatable",
     )
-    p.add_argument(
-        "--model",
-        default="smollm2",
-        help="with --trace-sample: a packaged model (ucm.models.MODELS), e.g. qwen2.5-coder-0.5b",
-    )
     p.set_defaults(handler=_handle)
 
 
 def _handle_trace(args, methods) -> int:
     from ucm.eval import ruler
+    from ucm.models import MODELS
 
+    if args.model not in MODELS:
+        raise SystemExit(f"ucm profile --trace-sample: --model must be a packaged model ({', '.join(MODELS)})")
     task = args.task or "niah_multikey_3"
     method = (methods or ("ESA",))[0]
     if methods and len(methods) != 1:
