@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,3 +53,21 @@ def make_paged(
     k = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
     v = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
     return PagedBatch(k, v, table, torch.tensor(seq_lens, dtype=torch.int32), block_size)
+
+
+def rand_codes(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """Random uint8 hash codes."""
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+
+
+def paged_case(g: torch.Generator, seq_lens: list[int], bs: int, extra_width: int = 0, nb_pool: int | None = None):
+    """A block table with random physical blocks per row (repeats allowed) and -1 past each row's end:
+    (table [B, M], seq_lens [B], blocks in the pool)."""
+    b = len(seq_lens)
+    n = [max(0, math.ceil(s / bs)) for s in seq_lens]
+    m = max(n + [1]) + extra_width
+    nb = nb_pool or max(8, sum(n) + 3)
+    table = torch.full((b, m), -1, dtype=torch.int64)
+    for r, nr in enumerate(n):
+        table[r, :nr] = torch.randint(0, nb, (min(nr, m),), generator=g)
+    return table, torch.tensor(seq_lens, dtype=torch.int64), nb

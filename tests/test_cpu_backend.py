@@ -10,7 +10,6 @@ The native extension is JIT-built once per machine (cached under $UCM_CACHE_DIR 
 from __future__ import annotations
 
 import logging
-import math
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from hypothesis import HealthCheck, settings
 from ucm_backends.cpu import ops as cpu_module
 from ucm_backends.cpu.ops import CpuOps
 
+from tests.paged import paged_case, rand_codes
 from ucm.ops.contract import GroupReduceCode, ReduceCode
 from ucm.ops.reference import TorchReferenceOps
 
@@ -34,22 +34,6 @@ def cpu() -> CpuOps:
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def rand_codes(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
-
-
-def paged_case(g: torch.Generator, seq_lens: list[int], bs: int, extra_width: int = 0, nb_pool: int | None = None):
-    """A block table with distinct random physical blocks per row and -1 past each row's end."""
-    b = len(seq_lens)
-    n = [max(0, math.ceil(s / bs)) for s in seq_lens]
-    m = max(n + [1]) + extra_width
-    nb = nb_pool or max(8, sum(n) + 3)
-    table = torch.full((b, m), -1, dtype=torch.int64)
-    for r, nr in enumerate(n):
-        table[r, :nr] = torch.randint(0, nb, (min(nr, m),), generator=g)
-    return table, torch.tensor(seq_lens, dtype=torch.int64), nb
 
 
 # ------------------------------------------------------------------------------------- loading

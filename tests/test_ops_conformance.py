@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported (see conftest's cuda_ops)
 
-from tests.paged import make_paged
+from tests.paged import make_paged, paged_case, rand_codes
 from ucm.ops import TorchReferenceOps, probe
 from ucm.ops.contract import SparseOps
 
@@ -128,22 +128,6 @@ def gen(seed: int) -> torch.Generator:
 
 def host(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu")
-
-
-def rand_codes(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
-
-
-def paged_case(g: torch.Generator, seq_lens: list[int], bs: int, extra_width: int = 0, nb_pool: int | None = None):
-    """A block table with random physical blocks per row (repeats allowed) and -1 past each row's end."""
-    b = len(seq_lens)
-    n = [max(0, math.ceil(s / bs)) for s in seq_lens]
-    m = max(n + [1]) + extra_width
-    nb = nb_pool or max(8, sum(n) + 3)
-    table = torch.full((b, m), -1, dtype=torch.int64)
-    for r, nr in enumerate(n):
-        table[r, :nr] = torch.randint(0, nb, (min(nr, m),), generator=g)
-    return table, torch.tensor(seq_lens, dtype=torch.int64), nb
 
 
 def shuffled_table(seq_lens: list[int], bs: int, nb_extra: int, g: torch.Generator):
