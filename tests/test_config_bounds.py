@@ -391,6 +391,8 @@ def test_the_fuzzed_keys_are_every_numeric_key() -> None:
         "concurrency_threshold",
         "blk_repre_dim_prune_ratio",
         "blk_repre_inner_token_merge",
+        "sticky_steps",
+        "sticky_top",
     }
     assert set(MODEL_FIELDS) == {
         "num_hidden_layers",
