@@ -112,7 +112,10 @@ def test_a_worker_that_crashes_in_native_code_prints_its_traceback() -> None:
     assert "RuntimeError: cancelled" in log[-4000:]  # all the driver says: the worker stopped answering
     report = failure_report(log)  # what a failing test prints: the worker's stack and exit code come first
     workers = report.split("--- end of the log ---")[0]
-    assert "crash_in_native_code" in workers and re.search(r"died unexpectedly \(exit code: -11\)", workers), report
+    # vLLM reads the exit code when the worker's sentinel fires, which can be before the process is
+    # reaped: then it prints "None" for the code (seen in CI); the signal itself is shown above
+    died = re.search(r"died unexpectedly \(exit code: (-11|None)\)", workers)
+    assert "crash_in_native_code" in workers and died, report
 
 
 def test_a_hung_worker_prints_its_stacks_and_its_bounded_wait_fails_the_step() -> None:
