@@ -55,9 +55,9 @@ def ops(cuda_ops):
 def write_ops(request, ops):
     """The writer's two ways of finding a group's keys in a call: the in-kernel scan (decode,
     short prefills) and the stable sort of group ids (long prefills)."""
-    ops.kvstar_scan_max = 1 << 30 if request.param == "scan" else 0
+    ops.write_scan_max = 1 << 30 if request.param == "scan" else 0
     yield ops
-    ops.kvstar_scan_max = 4096
+    ops.write_scan_max = 4096
 
 
 # ------------------------------------------------------------------------------ NumPy oracles

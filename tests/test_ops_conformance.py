@@ -787,6 +787,22 @@ def test_sparse_step_end_to_end(backend: Backend) -> None:
 
 
 # --------------------------------------------------------------------------- representations
+def write_paths(backend: Backend):
+    """Each way the backend finds a block's keys in a representation write: the CUDA kernels scan
+    the call's slots (decode, short prefills) or sort its block ids (long prefills); one pass
+    elsewhere. Yields the path's name, restoring the backend's setting after."""
+    limit = getattr(backend.ops, "write_scan_max", None)
+    if limit is None:
+        yield "one"
+        return
+    try:
+        for name, value in (("scan", 1 << 30), ("sort", 0)):
+            backend.ops.write_scan_max = value
+            yield name
+    finally:
+        backend.ops.write_scan_max = limit
+
+
 @pytest.mark.parametrize("merge", [32, 4, 1])
 @pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -794,23 +810,24 @@ def test_block_sums_add(backend: Backend, merge: int, absolute: bool, dtype: tor
     """A prefill of whole and partial blocks, then decode steps that finish blocks and recycle
     one (its offset 0 written again, after another key of the same call), with slots of -1:
     the backend accumulates the reference's sums."""
-    g = gen(7)
     nb, bs, h, d = 6, 32, 3, 16
-    ref = (torch.zeros(nb, bs // merge, h, d), torch.zeros(nb, h, d) if absolute else None)
-    got = tuple(None if t is None else backend.to(t) for t in ref)
     calls = [
         torch.cat([torch.arange(0, 70), torch.tensor([-1, -1])]),  # blocks 0, 1 and part of 2
         torch.tensor([70, 71, -1, 140]),  # decode: block 2 grows, block 4 starts
         torch.tensor([33, 32, 34]),  # block 1 recycled: offset 0 written after offset 1
     ]
-    for slots in calls:
-        keys = torch.randn(len(slots), h, d, generator=g).to(dtype)
-        REF.block_sums_add(*ref, keys, slots, bs, merge)
-        backend.ops.block_sums_add(*got, backend.to(keys), backend.to(slots), bs, merge)
-        for a, b in zip(ref, got, strict=True):
-            if a is not None:
-                torch.testing.assert_close(host(b), a, rtol=1e-5, atol=1e-5)
-    assert host(got[0][1]).abs().sum() > 0 and host(got[0][3]).abs().sum() == 0
+    for _ in write_paths(backend):
+        g = gen(7)
+        ref = (torch.zeros(nb, bs // merge, h, d), torch.zeros(nb, h, d) if absolute else None)
+        got = tuple(None if t is None else backend.to(t) for t in ref)
+        for slots in calls:
+            keys = torch.randn(len(slots), h, d, generator=g).to(dtype)
+            REF.block_sums_add(*ref, keys, slots, bs, merge)
+            backend.ops.block_sums_add(*got, backend.to(keys), backend.to(slots), bs, merge)
+            for a, b in zip(ref, got, strict=True):
+                if a is not None:
+                    torch.testing.assert_close(host(b), a, rtol=1e-5, atol=1e-5)
+        assert host(got[0][1]).abs().sum() > 0 and host(got[0][3]).abs().sum() == 0
     if backend.name != "cuda":  # the host-side range check (the CUDA kernels skip it: it would sync)
         with pytest.raises(ValueError, match="past"):
             backend.ops.block_sums_add(*got, torch.zeros(1, h, d), torch.tensor([nb * bs]), bs, merge)
@@ -936,17 +953,18 @@ QUEST_UPDATE_CALLS = [
 def test_block_minmax_update(backend: Backend, dtype, h, d) -> None:
     """A prefill of whole and partial blocks, decode steps, a recycled block (offset 0 after
     offset 1 in one call), padding slots and a slot written twice: bit-identical statistics."""
-    g = gen(h * d)
     nb, bs = 7, 8
-    ref = (torch.zeros(nb, h, d), torch.zeros(nb, h, d))
-    got = tuple(backend.to(t) for t in ref)
-    for slots in QUEST_UPDATE_CALLS:
-        key = torch.randn(len(slots), h, d, generator=g).to(dtype)
-        key[0, 0, :2] = torch.tensor([-0.0, float("inf")], dtype=dtype)
-        REF.block_minmax_update(*ref, key, slots, bs)
-        backend.ops.block_minmax_update(*got, backend.to(key), backend.to(slots), bs)
-        for a, b in zip(ref, got, strict=True):
-            assert torch.equal(host(b), a)
+    for _ in write_paths(backend):
+        g = gen(h * d)
+        ref = (torch.zeros(nb, h, d), torch.zeros(nb, h, d))
+        got = tuple(backend.to(t) for t in ref)
+        for slots in QUEST_UPDATE_CALLS:
+            key = torch.randn(len(slots), h, d, generator=g).to(dtype)
+            key[0, 0, :2] = torch.tensor([-0.0, float("inf")], dtype=dtype)
+            REF.block_minmax_update(*ref, key, slots, bs)
+            backend.ops.block_minmax_update(*got, backend.to(key), backend.to(slots), bs)
+            for a, b in zip(ref, got, strict=True):
+                assert torch.equal(host(b), a)
 
 
 def test_block_minmax_update_edge_calls(backend: Backend) -> None:

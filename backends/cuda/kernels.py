@@ -376,111 +376,148 @@ def _topk_kernel(
 
 
 # --------------------------------------------------------------------------- representations
-def _sums_reset_kernel(
-    slot_ptr,
-    sums_ptr,
-    abs_ptr,
-    BS,
-    ROW,
-    ABS_ROW,
-    HAS_ABS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Zero the sums of every block whose first slot (offset 0) is written in this call: the
-    block was recycled. One program per written token; its own launch, so that every add of the
-    call (`_sums_add_kernel`, next launch) lands after the reset whatever the tokens' order."""
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if (slot >= 0) & (slot % BS == 0):
-        blk = slot // BS
-        for o in range(0, ROW, BLOCK):
-            i = o + tl.arange(0, BLOCK)
-            tl.store(sums_ptr + blk * ROW + i, tl.zeros([BLOCK], dtype=tl.float32), mask=i < ROW)
-        if HAS_ABS:
-            for o in range(0, ABS_ROW, BLOCK):
-                i = o + tl.arange(0, BLOCK)
-                tl.store(abs_ptr + blk * ABS_ROW + i, tl.zeros([BLOCK], dtype=tl.float32), mask=i < ABS_ROW)
-
-
-def _sums_add_kernel(
+def _reps_write_kernel(
     key_ptr,
     slot_ptr,
-    sums_ptr,
-    abs_ptr,
+    srt_ptr,
+    order_ptr,
+    end_ptr,
+    a_ptr,
+    b_ptr,
+    T,
     BS,
     MERGE,
-    HD,
-    ROW,
-    stride_kt,
-    HAS_ABS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Add one written key [Hkv * D] into its block's group sum (and |K| into the block's sum of
-    |K|) with atomics: the keys of one block in one call (a prefill chunk) add concurrently, in no
-    fixed order; a decode step writes one key per block, so its sums are exact and repeatable."""
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:
-        blk = slot // BS
-        grp = (slot % BS) // MERGE
-        for o in range(0, HD, BLOCK):
-            i = o + tl.arange(0, BLOCK)
-            m = i < HD
-            k = tl.load(key_ptr + t.to(tl.int64) * stride_kt + i, mask=m, other=0.0).to(tl.float32)
-            tl.atomic_add(sums_ptr + blk * ROW + grp * HD + i, k, mask=m, sem="relaxed")
-            if HAS_ABS:
-                tl.atomic_add(abs_ptr + blk * HD + i, tl.abs(k), mask=m, sem="relaxed")
-
-
-def _minmax_reset_kernel(
-    slot_ptr,
-    min_ptr,
-    max_ptr,
-    BS,
-    HD,
-    BLOCK: tl.constexpr,
-):
-    """Restart Quest's min / max of every block whose first slot (offset 0) is written in this
-    call (+inf / -inf: the block was recycled). One program per written token; its own launch,
-    so that every fold of the call (`_minmax_update_kernel`, next launch) lands after the reset
-    whatever the tokens' order."""
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if (slot >= 0) & (slot % BS == 0):
-        blk = slot // BS
-        for o in range(0, HD, BLOCK):
-            i = o + tl.arange(0, BLOCK)
-            m = i < HD
-            tl.store(min_ptr + blk * HD + i, tl.full([BLOCK], float("inf"), dtype=tl.float32), mask=m)
-            tl.store(max_ptr + blk * HD + i, tl.full([BLOCK], float("-inf"), dtype=tl.float32), mask=m)
-
-
-def _minmax_update_kernel(
-    key_ptr,
-    slot_ptr,
-    min_ptr,
-    max_ptr,
-    BS,
+    R,
     HD,
     stride_kt,
-    BLOCK: tl.constexpr,
+    KIND: tl.constexpr,
+    HAS_B: tl.constexpr,
+    SORTED: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
-    """Fold one written key [Hkv * D] into its block's element-wise min / max with float32
-    atomics. Triton lowers a float atomic min / max to integer atomics on the bit pattern (signed
-    max / min for values with the sign bit clear, unsigned min / max for those with it set), which
-    orders every non-NaN float, -0.0 and +-inf included. Min and max are order-independent, so a
-    prefill chunk's keys of one block folding concurrently give exactly the sequential result.
-    NaN keys are not supported here (their bit pattern orders as a huge or tiny number)."""
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:
-        blk = slot // BS
-        for o in range(0, HD, BLOCK):
-            i = o + tl.arange(0, BLOCK)
-            m = i < HD
-            k = tl.load(key_ptr + t.to(tl.int64) * stride_kt + i, mask=m, other=0.0).to(tl.float32)
-            tl.atomic_min(min_ptr + blk * HD + i, k, mask=m, sem="relaxed")
-            tl.atomic_max(max_ptr + blk * HD + i, k, mask=m, sem="relaxed")
+    """Fold the keys [T, Hkv * D] written at slots [T] into their blocks' representations, in one
+    launch (no host read: inside CUDA graphs). A block whose first slot (offset 0) is written in
+    the call was recycled: it restarts. KIND picks the representation:
+      0: group sums a = sums [NB, R, HD] float32 (R = BS // MERGE), HAS_B: b = sums of |K| [NB, HD];
+      1: Quest's bounds a = mins, b = maxs [NB, HD] float32 (+inf / -inf on restart);
+      2: KVStar's channel-major a = reps [NB, HD, R] (any float dtype), b = |K| sums [NB, HD]:
+         each group's keys of the call summed in float32 in token order, added to the stored
+         value and rounded once.
+
+    Grid (T, cdiv(HD, BLOCK_C)): every block written in the call has one leader program per
+    channel chunk, which reads all of the call's keys of its block and does one read-modify-
+    write per representation: no two programs write one value, so there are no atomics, no
+    reset launch, and the result does not depend on the order programs run in. Finding a
+    block's keys:
+      * SORTED == False (decode, short prefills): program i is token i; it leads if no earlier
+        token of the call is in its block, found by a vectorised scan of the call's slots (a token
+        whose predecessor is in its block, vLLM's order, skips it). Members: the tokens up to
+        the last one in the block, in token order.
+      * SORTED (long prefills): the block ids sorted stably (srt, with the token order `order`
+        and each position's end of run `end`); position i leads if a run starts there.
+    RNE_BF16 (interpreter only): Triton 3.6's interpreter truncates float32 -> bfloat16, the GPU
+    rounds to nearest even; the value is rounded by hand first so both store the same bits."""
+    i = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < HD
+    if SORTED:
+        blk = tl.load(srt_ptr + i).to(tl.int64)
+        prev = tl.load(srt_ptr + i - 1, mask=i > 0, other=-1).to(tl.int64)
+        lead = (blk >= 0) & (prev != blk)
+        last = tl.load(end_ptr + i).to(tl.int32) - 1
+    else:
+        s = tl.load(slot_ptr + i).to(tl.int64)
+        sp = tl.load(slot_ptr + i - 1, mask=i > 0, other=-1).to(tl.int64)
+        blk = tl.where(s >= 0, tl.maximum(s, 0) // BS, -1)
+        lead = (blk >= 0) & (tl.where(sp >= 0, tl.maximum(sp, 0) // BS, -1) != blk)
+        last = tl.zeros([], dtype=tl.int32) + i
+        if lead:
+            first = tl.zeros([], dtype=tl.int32) + T
+            last = tl.zeros([], dtype=tl.int32) - 1
+            for j0 in range(0, T, BLOCK_T):
+                j = j0 + tl.arange(0, BLOCK_T)
+                sj = tl.load(slot_ptr + j, mask=j < T, other=-1).to(tl.int64)
+                match = (sj >= 0) & (tl.maximum(sj, 0) // BS == blk)
+                first = tl.minimum(first, tl.min(tl.where(match, j, T), axis=0))
+                last = tl.maximum(last, tl.max(tl.where(match, j, -1), axis=0))
+            lead = first == i
+    if lead:
+        # restart: is the block's offset 0 among the members?
+        fresh = tl.zeros([], dtype=tl.int32)
+        for p0 in range(i, last + 1, BLOCK_T):
+            p = p0 + tl.arange(0, BLOCK_T)
+            pm = p <= last
+            if SORTED:
+                tok = tl.load(order_ptr + p, mask=pm, other=0).to(tl.int64)
+            else:
+                tok = p.to(tl.int64)
+            sp = tl.load(slot_ptr + tok, mask=pm, other=-1).to(tl.int64)
+            hit = pm & (sp >= 0) & (tl.maximum(sp, 0) // BS == blk) & (tl.maximum(sp, 0) % BS == 0)
+            fresh = tl.maximum(fresh, tl.max(hit.to(tl.int32), axis=0))
+        if KIND == 0:
+            if fresh > 0:
+                for g in range(0, R):
+                    tl.store(a_ptr + (blk * R + g) * HD + c, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cm)
+            aacc = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for p in range(i, last + 1):
+                if SORTED:
+                    tok = tl.load(order_ptr + p).to(tl.int64)
+                else:
+                    tok = tl.zeros([], dtype=tl.int64) + p
+                sj = tl.load(slot_ptr + tok).to(tl.int64)
+                if (sj >= 0) & (tl.maximum(sj, 0) // BS == blk):
+                    k = tl.load(key_ptr + tok * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
+                    ap = a_ptr + (blk * R + (sj % BS) // MERGE) * HD + c
+                    tl.store(ap, tl.load(ap, mask=cm, other=0.0) + k, mask=cm)
+                    aacc += tl.abs(k)
+            if HAS_B:
+                old = tl.load(b_ptr + blk * HD + c, mask=cm & (fresh == 0), other=0.0)
+                tl.store(b_ptr + blk * HD + c, old + aacc, mask=cm)
+        elif KIND == 1:
+            mn = tl.load(a_ptr + blk * HD + c, mask=cm & (fresh == 0), other=float("inf"))
+            mx = tl.load(b_ptr + blk * HD + c, mask=cm & (fresh == 0), other=float("-inf"))
+            for p in range(i, last + 1):
+                if SORTED:
+                    tok = tl.load(order_ptr + p).to(tl.int64)
+                else:
+                    tok = tl.zeros([], dtype=tl.int64) + p
+                sj = tl.load(slot_ptr + tok).to(tl.int64)
+                if (sj >= 0) & (tl.maximum(sj, 0) // BS == blk):
+                    k = tl.load(key_ptr + tok * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
+                    mn = tl.minimum(mn, k)
+                    mx = tl.maximum(mx, k)
+            tl.store(a_ptr + blk * HD + c, mn, mask=cm)
+            tl.store(b_ptr + blk * HD + c, mx, mask=cm)
+        else:
+            r = tl.arange(0, BLOCK_R)
+            acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)
+            occ = tl.zeros([BLOCK_R], dtype=tl.int32)
+            aacc = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for p in range(i, last + 1):
+                if SORTED:
+                    tok = tl.load(order_ptr + p).to(tl.int64)
+                else:
+                    tok = tl.zeros([], dtype=tl.int64) + p
+                sj = tl.load(slot_ptr + tok).to(tl.int64)
+                if (sj >= 0) & (tl.maximum(sj, 0) // BS == blk):
+                    k = tl.load(key_ptr + tok * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
+                    here = r == (sj % BS) // MERGE
+                    acc += tl.where(here[None, :], k[:, None], 0.0)
+                    occ = occ | here.to(tl.int32)
+                    aacc += tl.abs(k)
+            rp = a_ptr + (blk * HD + c[:, None]) * R + r[None, :]
+            put = cm[:, None] & (r < R)[None, :] & ((occ > 0) | (fresh > 0))[None, :]
+            new = tl.load(rp, mask=put & (fresh == 0), other=0.0).to(tl.float32) + acc
+            if RNE_BF16:  # round to nearest even by hand: the interpreter's cast truncates
+                bits = new.to(tl.int32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+                new = bits.to(tl.float32, bitcast=True)
+            tl.store(rp, new.to(a_ptr.dtype.element_ty), mask=put)
+            old = tl.load(b_ptr + blk * HD + c, mask=cm & (fresh == 0), other=0.0)
+            tl.store(b_ptr + blk * HD + c, old + aacc, mask=cm)
 
 
 # --------------------------------------------------------------------------------- attention
@@ -766,107 +803,16 @@ def _scores_minmax_kernel(
 
 
 # ------------------------------------------------------------------------------------ KVStar
-def _kvstar_write_kernel(
-    key_ptr,
-    slot_ptr,
-    grp_ptr,
-    order_ptr,
-    end_ptr,
-    reps_ptr,
-    abs_ptr,
-    T,
-    BS,
-    MERGE,
-    R,
-    HD,
-    stride_kt,
-    SORTED: tl.constexpr,
-    RNE_BF16: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """Add the written keys into KVStar's channel-major representations [NB, Hkv * D, R] (any
-    float dtype) and their |K| into abs_sums [NB, Hkv * D] float32, after `_sums_reset_kernel`.
-
-    Every group of `MERGE` slots written in the call has one leader program, which sums the
-    group's keys of the call in float32, in token order, and does one read-modify-write of the
-    group's representation, rounded once: no two programs write one representation, so a prefill
-    chunk needs no atomics on the (bfloat16) storage, and a group split across calls (decode)
-    accumulates in place. The leaders of one block add their groups' |K| into the block's
-    abs_sums with float32 atomics. Finding a group's members:
-      * SORTED == False (small calls: decode, short prefills): program t is token t; it leads if no
-        earlier token of the call is in its group, found by scanning the call's slots (T per
-        program, L1-resident); a token whose predecessor is in its group (vLLM's order) skips the
-        scan. Members are the matching tokens up to the last one the scan saw.
-      * SORTED (long prefills, where T^2 compares would cost): the call's group ids sorted stably
-        (grp, with the token order `order` and each position's end of run `end`); program i leads
-        if position i starts a run, and its members are positions i .. end[i] - 1.
-    The representation stores are 2-byte and strided by R (channel-major), one read-modify-write
-    of HD values per group: small next to the scorer's reads, which this layout makes contiguous.
-    RNE_BF16 (interpreter only): Triton 3.6's interpreter truncates float32 -> bfloat16, the GPU
-    rounds to nearest even; the value is rounded by hand first so both store the same bits.
-    """
-    t = tl.program_id(0)
-    if SORTED:
-        g = tl.load(grp_ptr + t).to(tl.int64)
-        gp = tl.load(grp_ptr + t - 1, mask=t > 0, other=-1).to(tl.int64)
-        lead = (g >= 0) & (gp != g)
-        last = tl.load(end_ptr + t).to(tl.int32) - 1
-    else:
-        s = tl.load(slot_ptr + t).to(tl.int64)
-        sp = tl.load(slot_ptr + t - 1, mask=t > 0, other=-1).to(tl.int64)
-        g = tl.where(s >= 0, tl.maximum(s, 0) // MERGE, -1)
-        lead = (g >= 0) & (tl.where(sp >= 0, tl.maximum(sp, 0) // MERGE, -1) != g)
-        last = t
-        if lead:
-            first = tl.zeros([], dtype=tl.int32) + T
-            last = tl.zeros([], dtype=tl.int32) - 1
-            for j0 in range(0, T, BLOCK_T):
-                j = j0 + tl.arange(0, BLOCK_T)
-                sj = tl.load(slot_ptr + j, mask=j < T, other=-1).to(tl.int64)
-                match = (sj >= 0) & (tl.maximum(sj, 0) // MERGE == g)
-                first = tl.minimum(first, tl.min(tl.where(match, j, T), axis=0))
-                last = tl.maximum(last, tl.max(tl.where(match, j, -1), axis=0))
-            lead = first == t
-    if lead:
-        blk = g // R
-        r = g % R
-        for c0 in range(0, HD, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            cm = c < HD
-            acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-            aacc = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for j in range(t, last + 1):
-                if SORTED:
-                    tok = tl.load(order_ptr + j).to(tl.int64)
-                    mj = tok >= 0
-                else:
-                    tok = tl.zeros([], dtype=tl.int64) + j
-                    sj = tl.load(slot_ptr + j).to(tl.int64)
-                    mj = (sj >= 0) & (tl.maximum(sj, 0) // MERGE == g)
-                k = tl.load(key_ptr + tok * stride_kt + c, mask=cm & mj, other=0.0).to(tl.float32)
-                acc += k
-                aacc += tl.abs(k)
-            rp = reps_ptr + (blk * HD + c) * R + r
-            new = tl.load(rp, mask=cm, other=0.0).to(tl.float32) + acc
-            if RNE_BF16:  # round to nearest even by hand: the interpreter's cast truncates
-                bits = new.to(tl.int32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-                new = bits.to(tl.float32, bitcast=True)
-            tl.store(rp, new.to(reps_ptr.dtype.element_ty), mask=cm)
-            tl.atomic_add(abs_ptr + blk * HD + c, aacc, mask=cm, sem="relaxed")
-
-
-def _kvstar_channels_kernel(
+def _kvstar_importance_kernel(
     abs_ptr,
     table_ptr,
     seqlen_ptr,
-    kept_ptr,
+    part_ptr,
     M,
     NB,
     BS,
     D,
-    KEPT,
+    S,
     stride_ab,
     stride_ah,
     stride_tb,
@@ -874,26 +820,48 @@ def _kvstar_channels_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """KVStar's kept channels of one (row, KV head): the KEPT channels with the largest sum of
-    abs_sums over the row's full blocks (n_b = min(seq_len // BS, M)), ties to the lower channel,
-    written ascending to kept [B, Hkv, KEPT] int32. One bitonic sort of (importance bits, reversed
-    channel) packed in int64 (importances are >= 0, so their float bits order as integers)."""
-    pid = tl.program_id(0)
+    """Per (chunk s of BLOCK_J block-table columns, row x KV head): the sum of abs_sums over the
+    chunk's full blocks (columns j < n_b = min(seq_len // BS, M)) into part [B * Hkv, S, D]
+    (zeros past n_b). Many small programs instead of one per (row, head): the table gather is
+    latency-bound, so the reads spread over the SMs; `_kvstar_channels_kernel` adds the S parts
+    in a fixed order (deterministic, no atomics)."""
+    s = tl.program_id(0)
+    pid = tl.program_id(1)
     b = pid // HKV
     h = pid % HKV
     n = tl.minimum(tl.load(seqlen_ptr + b).to(tl.int32) // BS, M)
+    j = s * BLOCK_J + tl.arange(0, BLOCK_J)
+    jm = j < n
     d = tl.arange(0, BLOCK_D)
     dm = d < D
-    imp = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j0 in range(0, n, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        jm = j < n
-        blk = tl.load(table_ptr + b * stride_tb + j, mask=jm, other=0).to(tl.int64)
-        blk = tl.minimum(tl.maximum(blk, 0), NB - 1)
-        a = tl.load(
-            abs_ptr + blk[:, None] * stride_ab + h * stride_ah + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0
-        )
-        imp += tl.sum(a, axis=0)
+    blk = tl.load(table_ptr + b * stride_tb + j, mask=jm, other=0).to(tl.int64)
+    blk = tl.minimum(tl.maximum(blk, 0), NB - 1)
+    m2 = jm[:, None] & dm[None, :]
+    a = tl.load(abs_ptr + blk[:, None] * stride_ab + h * stride_ah + d[None, :], mask=m2, other=0.0)
+    tl.store(part_ptr + (pid.to(tl.int64) * S + s) * D + d, tl.sum(a, axis=0), mask=dm)
+
+
+def _kvstar_channels_kernel(
+    part_ptr,
+    kept_ptr,
+    D,
+    S,
+    KEPT,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """KVStar's kept channels of one (row, KV head): the KEPT channels with the largest sum of
+    |K| over the row's full blocks (the S parts of `_kvstar_importance_kernel`, added in order),
+    ties to the lower channel, written ascending to kept [B, Hkv, KEPT] int32. One bitonic sort
+    of (importance bits, reversed channel) packed in int64 (importances are >= 0, so their
+    float bits order as integers)."""
+    pid = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    sv = tl.arange(0, BLOCK_S)
+    m2 = (sv < S)[:, None] & dm[None, :]
+    parts = tl.load(part_ptr + (pid.to(tl.int64) * S + sv[:, None]) * D + d[None, :], mask=m2, other=0.0)
+    imp = tl.sum(parts, axis=0)
     bits = imp.to(tl.int32, bitcast=True).to(tl.int64)
     key = tl.where(dm, bits + 1, 0)  # invalid channels below every real one
     packed = (key << 16) | (65535 - d).to(tl.int64)
@@ -1095,12 +1063,9 @@ _KERNELS = (
     _attn_split_kernel,
     _attn_combine_kernel,
     _scores_dot_kernel,
-    _sums_reset_kernel,
-    _sums_add_kernel,
-    _minmax_reset_kernel,
-    _minmax_update_kernel,
+    _reps_write_kernel,
     _scores_minmax_kernel,
-    _kvstar_write_kernel,
+    _kvstar_importance_kernel,
     _kvstar_channels_kernel,
     _kvstar_logits_kernel,
     _kvstar_mass_kernel,

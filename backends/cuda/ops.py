@@ -54,9 +54,9 @@ class CudaOps(TorchReferenceOps):
         self.kvstar_block_k: int | None = None
         self.kvstar_warps: int | None = None
         self.kvstar_tiles_per_prog: int | None = None
-        #: calls of up to this many tokens find KVStar's groups by an in-kernel scan (T^2 compares,
-        #: one launch), longer ones by a sort
-        self.kvstar_scan_max = 4096
+        #: representation writes of up to this many tokens find each block's keys by an in-kernel
+        #: scan (T^2 / BLOCK_T vector compares), longer ones (prefills) by a sort
+        self.write_scan_max = 4096
 
     def topk_launch(self, block_m: int) -> tuple[int, int, bool]:
         """(num_warps, radix bits per pass, sort instead) of the top-k kernel for a row of
@@ -411,9 +411,8 @@ class CudaOps(TorchReferenceOps):
         return self._topk(scores, k, must_keep, None, block_table, seq_lens, block_size, largest)[2:]
 
     def block_sums_add(self, sums, abs_sums, key, slot_mapping, block_size, merge) -> None:
-        """Two launches, no host read (safe inside a CUDA graph): zero the blocks whose first slot
-        is written, then add every key with atomics (`_sums_reset_kernel`, `_sums_add_kernel`)."""
-        t = int(slot_mapping.shape[0])
+        """One launch, no host read (safe inside a CUDA graph): `_reps_write_kernel`, one leader
+        program per written block and channel chunk (restart + sums in registers, no atomics)."""
         usable = (
             self._can_run(sums, key, slot_mapping)
             and sums.dtype == torch.float32
@@ -425,35 +424,13 @@ class CudaOps(TorchReferenceOps):
         )
         if not usable:
             return super().block_sums_add(sums, abs_sums, key, slot_mapping, block_size, merge)
-        if t == 0:
-            return
         nb, r, h, d = sums.shape
-        slots = slot_mapping.contiguous()
-        ab = abs_sums if abs_sums is not None else sums
-        block = min(_pow2(h * d), 1024)
-        self._k.sums_reset_kernel[(t,)](
-            slots, sums, ab, block_size, r * h * d, h * d, HAS_ABS=abs_sums is not None, BLOCK=block
-        )
-        self._k.sums_add_kernel[(t,)](
-            key,
-            slots,
-            sums,
-            ab,
-            block_size,
-            merge,
-            h * d,
-            r * h * d,
-            key.stride(0),
-            HAS_ABS=abs_sums is not None,
-            BLOCK=block,
-        )
+        self._reps_write(0, sums, abs_sums, key, slot_mapping, block_size, merge, r, h * d)
 
     def block_minmax_update(self, mins, maxs, key, slot_mapping, block_size) -> None:
-        """Two launches, no host read (safe inside a CUDA graph): restart the blocks whose first
-        slot is written, then fold every key in with float32 atomic min / max
-        (`_minmax_reset_kernel`, `_minmax_update_kernel`). Exact, whatever the order the keys of
-        one block land in."""
-        t = int(slot_mapping.shape[0])
+        """One launch, no host read (safe inside a CUDA graph): `_reps_write_kernel`, one leader
+        program per written block and channel chunk folds the call's keys of its block in
+        registers and stores each bound once. Exact, whatever the order of the keys."""
         usable = (
             self._can_run(mins, maxs, key, slot_mapping)
             and mins.dtype == torch.float32
@@ -469,13 +446,47 @@ class CudaOps(TorchReferenceOps):
         )
         if not usable:
             return super().block_minmax_update(mins, maxs, key, slot_mapping, block_size)
+        self._reps_write(1, mins, maxs, key, slot_mapping, block_size, block_size, 1, mins.shape[1] * mins.shape[2])
+
+    def _reps_write(self, kind, a, b, key, slot_mapping, block_size, merge, r, hd) -> None:
+        """Launch `_reps_write_kernel` (kind 0 sums, 1 min / max, 2 KVStar's channel-major reps).
+        Calls longer than `write_scan_max` tokens (prefills) find each block's keys by a stable
+        sort of the block ids (3 torch ops) instead of the in-kernel scan."""
+        t = int(slot_mapping.shape[0])
         if t == 0:
             return
-        hd = mins.shape[1] * mins.shape[2]
         slots = slot_mapping.contiguous()
-        block = min(_pow2(hd), 1024)
-        self._k.minmax_reset_kernel[(t,)](slots, mins, maxs, block_size, hd, BLOCK=block)
-        self._k.minmax_update_kernel[(t,)](key, slots, mins, maxs, block_size, hd, key.stride(0), BLOCK=block)
+        sort = t > self.write_scan_max
+        if sort:
+            blocks = torch.where(slots >= 0, slots.clamp(min=0) // block_size, -1)
+            srt, order = torch.sort(blocks, stable=True)
+            end = torch.searchsorted(srt, srt, right=True)
+        else:
+            srt = order = end = slots  # unused
+        block_r = _pow2(r) if kind == 2 else 1
+        block_c = min(_pow2(hd), 128, max(16, 4096 // block_r))
+        self._k.reps_write_kernel[(t, triton_cdiv(hd, block_c))](
+            key,
+            slots,
+            srt,
+            order,
+            end,
+            a,
+            b if b is not None else a,
+            t,
+            block_size,
+            merge,
+            r,
+            hd,
+            key.stride(0),
+            KIND=kind,
+            HAS_B=b is not None,
+            SORTED=sort,
+            RNE_BF16=self.interpret and a.dtype == torch.bfloat16,
+            BLOCK_T=256,  # fixed: one compiled variant whatever the call's length
+            BLOCK_C=block_c,
+            BLOCK_R=block_r,
+        )
 
     def block_scores_minmax(
         self,
@@ -540,11 +551,10 @@ class CudaOps(TorchReferenceOps):
         return torch.bfloat16 if torch.device(device).type == ("cpu" if self.interpret else "cuda") else None
 
     def kvstar_reps_add(self, reps, abs_sums, key, slot_mapping, block_size, merge) -> None:
-        """Two launches, no host read (safe inside a CUDA graph): zero the recycled blocks
-        (`_sums_reset_kernel`), then one read-modify-write per group of the call by its leader
-        token, rounded once (`_kvstar_write_kernel`: no atomics on the bfloat16 storage). Calls
-        longer than `kvstar_scan_max` tokens (prefills) sort the group ids first."""
-        t = int(slot_mapping.shape[0])
+        """One launch, no host read (safe inside a CUDA graph): `_reps_write_kernel` with one
+        leader program per written block and channel chunk: each group's keys of the call summed
+        in float32, one rounding into the stored representation (no atomics on the bfloat16
+        storage), the block's |K| sums stored once."""
         usable = (
             self._can_run(reps, abs_sums, key, slot_mapping)
             and reps.dim() == 4
@@ -563,42 +573,12 @@ class CudaOps(TorchReferenceOps):
         )
         if not usable:
             return super().kvstar_reps_add(reps, abs_sums, key, slot_mapping, block_size, merge)
-        if t == 0:
-            return
         _, h, d, r = reps.shape
-        slots = slot_mapping.contiguous()
-        self._k.sums_reset_kernel[(t,)](
-            slots, reps, abs_sums, block_size, h * d * r, h * d, HAS_ABS=True, BLOCK=min(_pow2(h * d * r), 1024)
-        )
-        sort = t > self.kvstar_scan_max
-        if sort:  # long prefills: runs of one group from a stable sort (3 torch ops) instead of T^2 compares
-            groups = torch.where(slots >= 0, slots.clamp(min=0) // merge, -1)
-            grp, order = torch.sort(groups, stable=True)
-            end = torch.searchsorted(grp, grp, right=True)
-        else:
-            grp = order = end = slots  # unused
-        self._k.kvstar_write_kernel[(t,)](
-            key,
-            slots,
-            grp,
-            order,
-            end,
-            reps,
-            abs_sums,
-            t,
-            block_size,
-            merge,
-            r,
-            h * d,
-            key.stride(0),
-            SORTED=sort,
-            RNE_BF16=self.interpret and reps.dtype == torch.bfloat16,
-            BLOCK_T=min(_pow2(t), 1024),
-            BLOCK_C=min(_pow2(h * d), 1024),
-        )
+        self._reps_write(2, reps, abs_sums, key, slot_mapping, block_size, merge, r, h * d)
 
     def kvstar_block_mass(self, q, reps, abs_sums, block_table, seq_lens, block_size, kept_dims, scale):
-        """Three launches, no host read: kept channels per (row, KV head) (`_kvstar_channels_kernel`),
+        """Four launches, no host read: kept channels per (row, KV head) (`_kvstar_importance_kernel`
+        partial |K| sums, `_kvstar_channels_kernel`),
         per-block log2-sum-exps over the kept channels of the representations
         (`_kvstar_logits_kernel`), the softmax mass per block (`_kvstar_mass_kernel`). Logits are
         float32-accumulated dots: bf16 operands for bf16 queries; with half-precision reps, tf32 for
@@ -637,27 +617,35 @@ class CudaOps(TorchReferenceOps):
         kept = torch.empty(b, hkv, kept_dims, dtype=torch.int32, device=q.device)
         lse = torch.empty(b, w * hq, m, dtype=torch.float32, device=q.device)
         block_d = _pow2(d)
-        self._k.kvstar_channels_kernel[(b * hkv,)](
+        # channel importance in two launches: partial sums over chunks of the table (spread over
+        # the SMs), then per (row, head) the parts added in order and the top kept channels
+        block_j = max(16, _pow2(triton_cdiv(m, 64)))
+        parts = triton_cdiv(m, block_j)
+        part = torch.empty(b * hkv, parts, d, dtype=torch.float32, device=q.device)
+        self._k.kvstar_importance_kernel[(parts, b * hkv)](
             abs_sums,
             tbl,
             seq_lens,
-            kept,
+            part,
             m,
             nb,
             block_size,
             d,
-            kept_dims,
+            parts,
             abs_sums.stride(0),
             abs_sums.stride(1),
             tbl.stride(0),
             HKV=hkv,
-            BLOCK_J=max(1, min(128, 16384 // block_d)),
+            BLOCK_J=block_j,
             BLOCK_D=block_d,
-            num_warps=8,
+            num_warps=4,
         )
-        # a [kept-channel chunk, BT blocks x RC representations] tile per step: 256 columns = 4 blocks
+        self._k.kvstar_channels_kernel[(b * hkv,)](
+            part, kept, d, parts, kept_dims, BLOCK_S=_pow2(parts), BLOCK_D=block_d, num_warps=4
+        )
+        # a [kept-channel chunk, BT blocks x RC representations] tile per step: 128 columns = 2 blocks
         # of R = 64 (block 128, merge 2); at least two blocks per tile, wide R walked in chunks
-        block_n = self.kvstar_block_n or 256
+        block_n = self.kvstar_block_n or 128  # the H200 sweep: 51 us vs 57 at 256 (32K x 8)
         rc = min(_pow2(r), block_n // 2)
         wg = w * g
         block_g = min(_pow2(wg, 16), 64)
