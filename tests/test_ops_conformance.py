@@ -285,10 +285,13 @@ def test_hash_encode_random_data(backend: Backend, seed: int) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hkv,d,nbits", [(2, 32, 64), (1, 72, 576), (4, 16, 20)])
-def test_hash_write_matches_encode_plus_write(backend: Backend, dtype, hkv, d, nbits) -> None:
+@pytest.mark.parametrize("few", [False, True], ids=["many", "few"])
+def test_hash_write_matches_encode_plus_write(backend: Backend, dtype, hkv, d, nbits, few) -> None:
+    """A prefill-sized call and a small decode batch (the CUDA kernel's path without `tl.dot`)."""
     g = gen(hkv * d + nbits)
     bs = 8
     t, nb = (333, 64) if backend.gpu else (13, 5)
+    t = 3 if few else t
     x = torch.randn(t, hkv, d, generator=g).to(dtype)
     w = torch.randn(d, nbits, generator=g)
     slots = torch.randperm(nb * bs, generator=g)[:t]

@@ -78,12 +78,15 @@ def _hash_write_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SMALL: tl.constexpr,
 ):
     """Hash keys into the paged code cache in one launch: program (token tile, KV head, bit tile)
     projects x [BLOCK_T, D] @ weight [D, BLOCK_N of NBITS] in float32, packs the sign bits into
-    bytes and stores each token's codes at its slot (slot < 0 skipped). The projection is the
-    same float32 dot as the query hash of `_qhash_planes_kernel`, so keys and queries are hashed
-    alike. Bit tiles (BLOCK_N a multiple of 8) keep wide codes (MLA's 576 bits) in shared memory."""
+    bytes and stores each token's codes at its slot (slot < 0 skipped). The projection is a
+    float32 dot like the query hash of `_qhash_planes_kernel`, so keys and queries are hashed
+    alike. Bit tiles (BLOCK_N a multiple of 8) keep wide codes (MLA's 576 bits) in shared memory.
+    SMALL (a few tokens: small decode batches): products summed over D chunks without `tl.dot`,
+    whose 16-row minimum would do 16x the work for one token."""
     tb = tl.program_id(0)
     h = tl.program_id(1)
     n0 = tl.program_id(2) * BLOCK_N
@@ -101,7 +104,10 @@ def _hash_write_kernel(
             other=0.0,
         ).to(tl.float32)
         wt = tl.load(w_ptr + d[:, None] * stride_wd + col[None, :], mask=dm[:, None] & cm[None, :], other=0.0)
-        proj += tl.dot(xt, wt.to(tl.float32), input_precision="ieee")
+        if SMALL:
+            proj += tl.sum(xt[:, :, None] * wt.to(tl.float32)[None, :, :], axis=1)
+        else:
+            proj += tl.dot(xt, wt.to(tl.float32), input_precision="ieee")
     bits = ((proj >= 0) & cm[None, :]).to(tl.int32)
     shift = tl.arange(0, 8)
     byte = tl.sum(tl.reshape(bits, [BLOCK_T, BLOCK_N // 8, 8]) << shift[None, None, :], axis=2)
@@ -703,41 +709,44 @@ def _scores_dot_kernel(
     stride_ob,
     MODE: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
     """Dot-product block scores (ESA mean / GSA max over the GQA group: MODE, a `GroupReduceCode`);
-    -inf past n_b."""
+    -inf past n_b. A program reads its BLOCK_M blocks' representations of every KV head as one
+    [BLOCK_M, Hkv, D] tile (one load: all of its bytes in flight at once, which is what a
+    gather of 4 KB rows from anywhere in the cache is bound by)."""
     jb = tl.program_id(0)
     b = tl.program_id(1)
     j = jb * BLOCK_M + tl.arange(0, BLOCK_M)
     jm = j < M
     seq_len = tl.load(seqlen_ptr + b).to(tl.int32)
     n_b = (seq_len + BS - 1) // BS
+    h = tl.arange(0, BLOCK_H)
+    hm = h < Hkv
     d = tl.arange(0, BLOCK_D)
     dm = d < D
-    g = tl.arange(0, BLOCK_G)
-    gm = g < G
+    hd = hm[:, None] & dm[None, :]
     blk = tl.maximum(tl.load(table_ptr + b * stride_tb + j, mask=jm, other=0), 0).to(tl.int64)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for h in range(Hkv):
-        rep = tl.load(
-            rep_ptr + blk[:, None] * stride_rb + h * stride_rh + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0
-        ).to(tl.float32)
-        qg = tl.load(
-            q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
-            mask=gm[:, None] & dm[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if MODE == 0:
-            qm = tl.sum(qg, axis=0) / G
-            total += tl.sum(rep * qm[None, :], axis=1)
-        else:
-            best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            for gg in range(G):
-                qv = tl.load(q_ptr + b * stride_qb + (h * G + gg) * stride_qh + d, mask=dm, other=0.0).to(tl.float32)
-                best = tl.maximum(best, tl.sum(rep * qv[None, :], axis=1))
-            total += best
+    rep = tl.load(
+        rep_ptr + blk[:, None, None] * stride_rb + (h * stride_rh)[None, :, None] + d[None, None, :],
+        mask=jm[:, None, None] & hd[None, :, :],
+        other=0.0,
+    ).to(tl.float32)
+    qrow = q_ptr + b * stride_qb + d[None, :]
+    if MODE == 0:
+        qm = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        for gg in range(G):
+            qm += tl.load(qrow + (h * G + gg)[:, None] * stride_qh, mask=hd, other=0.0).to(tl.float32)
+        qm = qm / G
+        total = tl.sum(tl.sum(rep * qm[None, :, :], axis=2), axis=1)
+    else:
+        best = tl.full([BLOCK_M, BLOCK_H], float("-inf"), dtype=tl.float32)
+        for gg in range(G):
+            qv = tl.load(qrow + (h * G + gg)[:, None] * stride_qh, mask=hd, other=0.0).to(tl.float32)
+            best = tl.maximum(best, tl.sum(rep * qv[None, :, :], axis=2))
+        total = tl.sum(tl.where(hm[None, :], best, 0.0), axis=1)
     total = tl.where(j < n_b, total, float("-inf"))
     tl.store(out_ptr + b * stride_ob + j, total, mask=jm)
 

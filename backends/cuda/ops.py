@@ -164,7 +164,8 @@ class CudaOps(TorchReferenceOps):
             return
         wt = weight.to(device=x.device, dtype=torch.float32)
         wt = wt if wt.stride(-1) == 1 else wt.contiguous()
-        block_t = 16
+        small = t <= 4  # decode of a few rows: no 16-row dot tile
+        block_t = _pow2(t) if small else 16
         block_n = min(_pow2(nbits, 16), 128)  # wider codes take several bit tiles (shared memory)
         self._k.hash_write_kernel[(triton_cdiv(t, block_t), x.shape[1], triton_cdiv(nbits, block_n))](
             x,
@@ -181,8 +182,9 @@ class CudaOps(TorchReferenceOps):
             code_cache.stride(1),
             code_cache.stride(2),
             BLOCK_T=block_t,
-            BLOCK_D=min(64, _pow2(x.shape[2], 16)),
+            BLOCK_D=min(16 if small else 64, _pow2(x.shape[2], 16)),
             BLOCK_N=block_n,
+            SMALL=small,
         )
 
     # ---------------------------------------------------------------- scoring
@@ -353,9 +355,9 @@ class CudaOps(TorchReferenceOps):
         rc = repr_cache if repr_cache.stride(-1) == 1 else repr_cache.contiguous()
         tbl = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
         block_d = _pow2(d)
-        # 4 blocks per program on one warp: fastest on the H200 at 32K x 8, 128K x 4 and 32K x 1
-        # of 20 settings (benchmarks/results/tune_selection_gpu.json)
-        block_m = self.scores_block_m or 4
+        block_h = _pow2(hkv)
+        # a [blocks, Hkv, D] tile per program of ~4096 values (4 blocks at the Qwen3-4B shape)
+        block_m = self.scores_block_m or max(1, min(4, 4096 // (block_h * block_d)))
         self._k.scores_dot_kernel[(triton_cdiv(m, block_m), b)](
             qc,
             rc,
@@ -375,9 +377,10 @@ class CudaOps(TorchReferenceOps):
             out.stride(0),
             MODE=int(code),
             BLOCK_M=block_m,
+            BLOCK_H=block_h,
             BLOCK_D=block_d,
             BLOCK_G=_pow2(hq // hkv),
-            num_warps=self.scores_warps or 1,
+            num_warps=self.scores_warps or 4,
         )
         return out
 
