@@ -460,8 +460,8 @@ def _reps_write_kernel(
                 tok = tl.load(order_ptr + p, mask=pm, other=0).to(tl.int64)
             else:
                 tok = p.to(tl.int64)
-            sp = tl.load(slot_ptr + tok, mask=pm, other=-1).to(tl.int64)
-            hit = pm & (sp >= 0) & (tl.maximum(sp, 0) // BS == blk) & (tl.maximum(sp, 0) % BS == 0)
+            sv = tl.load(slot_ptr + tok, mask=pm, other=-1).to(tl.int64)
+            hit = pm & (sv >= 0) & (tl.maximum(sv, 0) // BS == blk) & (tl.maximum(sv, 0) % BS == 0)
             fresh = tl.maximum(fresh, tl.max(hit.to(tl.int32), axis=0))
         if KIND == 0:
             if fresh > 0:

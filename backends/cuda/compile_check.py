@@ -1,0 +1,187 @@
+"""Compile every Triton kernel of `CudaOps` for a GPU target, on a machine without a GPU.
+
+Triton's interpreter (TRITON_INTERPRET=1) checks what the kernels compute, but it runs them as
+Python: a kernel it accepts can still be refused by Triton's compiler (a loop-carried value that
+changes type, a scalar where a block is needed, ...), and on the GPU that is an engine that fails
+at its first sparse step. This module drives each op of `CudaOps` with the launch shapes of the
+GPU engine (decode batches of 1 and 8, prefill chunks on both write paths, 32K and 128K block
+tables of a Qwen3-4B-shaped model, an MLA-shaped and an MHA-shaped model) on CPU tensors, and
+turns every launch into a compile for the target (`JITFunction.warmup` under a driver that names
+the target): no kernel runs and nothing is computed, so the ops' outputs are meaningless here.
+
+Triton's CUDA compiler (its bundled ptxas) is all it needs. It must run in a process without
+TRITON_INTERPRET: the interpreter replaces triton.language's own jit functions at import.
+
+    python -m ucm_backends.cuda.compile_check [--arch 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+
+@dataclass
+class CompileReport:
+    """What a compile pass saw: each (kernel, constexpr values) compiled once, and the failures."""
+
+    arch: int
+    compiled: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+class _TargetDriver:
+    """The part of Triton's driver interface `JITFunction.run` reads, naming a fixed target."""
+
+    def __init__(self, arch: int) -> None:
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+class _CompileOnly:
+    """`kernel[grid](*args, **kwargs)` that compiles for the target instead of launching."""
+
+    def __init__(self, name: str, fn, report: CompileReport) -> None:
+        self.name, self.fn, self.report = name, fn, report
+
+    def __getitem__(self, grid) -> Callable[..., None]:
+        def compile_only(*args, **kwargs) -> None:
+            # every call compiles (Triton's own cache skips repeats): integer arguments equal to 1
+            # or divisible by 16 are specialised too, so one set of constexprs can be two variants
+            label = f"{self.name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+            try:
+                self.fn.warmup(*args, grid=grid, **kwargs)
+            except Exception as exc:  # noqa: BLE001  (every failure is reported, the pass goes on)
+                first = str(exc).strip().splitlines()
+                failure = f"{label}: {type(exc).__name__}: {first[-1] if first else ''}"
+                if failure not in self.report.failures:
+                    self.report.failures.append(failure)
+            else:
+                if label not in self.report.compiled:
+                    self.report.compiled.append(label)
+
+        return compile_only
+
+
+def _compile_only_ops(report: CompileReport):
+    """A `CudaOps` that takes CPU tensors and whose kernel launches compile for the target."""
+    import triton
+
+    from . import kernels
+    from .ops import CudaOps
+
+    class CompileOnlyOps(CudaOps):
+        def _can_run(self, *tensors: torch.Tensor) -> bool:
+            return all(t.device.type == "cpu" for t in tensors)
+
+        def _sm_count(self, device: torch.device) -> int:
+            return 132
+
+    ops = CompileOnlyOps(interpret=False)
+    ops._k = SimpleNamespace(
+        **{
+            fn.__name__.lstrip("_"): _CompileOnly(fn.__name__, triton.runtime.jit.JITFunction(fn), report)
+            for fn in kernels._KERNELS
+        }
+    )
+    return ops
+
+
+def _exercise(ops) -> None:
+    """Every op with the launch shapes the engine gives it (values are irrelevant: nothing runs)."""
+    bf16 = torch.bfloat16
+    hq, hkv, d, bs, nb = 32, 8, 128, 128, 1100
+    for batch, m, dtype in ((1, 257, bf16), (8, 257, bf16), (4, 1025, bf16), (8, 257, torch.float16)):
+        q = torch.randn(batch, hq, d, dtype=dtype)
+        table = torch.randint(0, nb, (batch, m), dtype=torch.int32)
+        lens = torch.full((batch,), (m - 1) * bs + 5, dtype=torch.int32)
+        for reduce in ("mean", "max"):
+            ops.block_scores_dot(q, torch.zeros(nb, hkv, d), table, lens, bs, reduce)
+            ops.block_scores_minmax(q, torch.zeros(nb, hkv, d), torch.zeros(nb, hkv, d), table, lens, bs, reduce)
+        scores = torch.randn(batch, m)
+        keep = torch.zeros(batch, m, dtype=torch.bool)
+        budget = torch.full((batch,), m // 3, dtype=torch.int32)
+        for largest in (True, False):
+            ops.select_and_rewrite(scores, budget, keep, table, lens, bs, largest)
+        ops.block_topk(scores, budget, keep, torch.full((batch,), m, dtype=torch.int32))
+        weight = torch.randn(d, 128)
+        codes = torch.zeros(nb, bs, hkv, 16, dtype=torch.uint8)
+        for reduce in ("min", "mean", "max"):
+            ops.hash_hamming_block_scores(q, weight, codes, table, lens, reduce)
+        ops.hamming_block_scores(torch.zeros(batch, hq, 16, dtype=torch.uint8), codes, table, lens, "min")
+        reps = torch.zeros(nb, hkv, d, bs // 2, dtype=bf16)
+        ops.kvstar_block_mass(q[:, None], reps, torch.zeros(nb, hkv, d), table, lens, bs, 32, 0.088)
+        k_cache = torch.zeros(nb, bs, hkv, d, dtype=dtype)
+        ops.paged_decode_attention(q, k_cache, k_cache, table, lens, 0.088)
+    # representation writes: decode batches (the in-kernel scan), a prefill chunk, a long one (sort)
+    for t in (1, 8, 300, 5000):
+        key = torch.randn(t, hkv, d, dtype=bf16)
+        slots = torch.arange(t, dtype=torch.int64)
+        ops.block_sums_add(torch.zeros(nb, 1, hkv, d), None, key, slots, bs, bs)
+        ops.block_sums_add(torch.zeros(nb, bs // 2, hkv, d), torch.zeros(nb, hkv, d), key, slots, bs, 2)
+        ops.block_minmax_update(torch.zeros(nb, hkv, d), torch.zeros(nb, hkv, d), key, slots, bs)
+        ops.kvstar_reps_add(torch.zeros(nb, hkv, d, bs // 2, dtype=bf16), torch.zeros(nb, hkv, d), key, slots, bs, 2)
+        ops.hash_write(torch.zeros(nb, bs, hkv, 16, dtype=torch.uint8), key, torch.randn(d, 128), slots)
+    ops.sign_bits_pack(torch.randn(8, hkv, 128))
+    ops.hash_encode(torch.randn(8, hkv, d, dtype=bf16), torch.randn(d, 128))
+    # MLA-shaped (one latent head of 576, 128 query heads) and MHA-shaped (G = 1) models
+    for hq_, hkv_, d_, bits in ((128, 1, 576, 576), (16, 16, 64, 64)):
+        q = torch.randn(8, hq_, d_, dtype=bf16)
+        table = torch.randint(0, nb, (8, 257), dtype=torch.int32)
+        lens = torch.full((8,), 256 * bs + 5, dtype=torch.int32)
+        ops.block_scores_dot(q, torch.zeros(nb, hkv_, d_), table, lens, bs, "mean")
+        ops.block_scores_minmax(q, torch.zeros(nb, hkv_, d_), torch.zeros(nb, hkv_, d_), table, lens, bs, "max")
+        codes = torch.zeros(nb, bs, hkv_, bits // 8, dtype=torch.uint8)
+        ops.hash_hamming_block_scores(q, torch.randn(d_, bits), codes, table, lens, "min")
+        key = torch.randn(8, hkv_, d_, dtype=bf16)
+        ops.hash_write(codes, key, torch.randn(d_, bits), torch.arange(8))
+        ops.block_sums_add(torch.zeros(nb, 1, hkv_, d_), None, key, torch.arange(8), bs, bs)
+
+
+def compile_all(arch: int = 90) -> CompileReport:
+    """Compile every kernel launch of the exercised ops for sm_`arch`; the report lists both."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("compile_check needs a process without TRITON_INTERPRET=1")
+    from triton.runtime.driver import driver
+
+    report = CompileReport(arch)
+    previous = driver._active  # None until a real driver was asked for (none exists without a GPU)
+    driver.set_active(_TargetDriver(arch))
+    try:
+        _exercise(_compile_only_ops(report))
+    finally:
+        driver.set_active(previous)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
+    args = ap.parse_args(argv)
+    report = compile_all(args.arch)
+    for line in report.compiled:
+        print("ok  ", line)
+    for line in report.failures:
+        print("FAIL", line)
+    print(f"sm_{report.arch}: {len(report.compiled)} kernel variants compiled, {len(report.failures)} failed")
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
