@@ -467,53 +467,36 @@ def _reps_write_kernel(
             if fresh > 0:
                 for g in range(0, R):
                     tl.store(a_ptr + (blk * R + g) * HD + c, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cm)
-            aacc = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for p in range(i, last + 1):
-                if SORTED:
-                    tok = tl.load(order_ptr + p).to(tl.int64)
-                else:
-                    tok = tl.zeros([], dtype=tl.int64) + p
-                sj = tl.load(slot_ptr + tok).to(tl.int64)
-                if (sj >= 0) & (tl.maximum(sj, 0) // BS == blk):
-                    k = tl.load(key_ptr + tok * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
-                    ap = a_ptr + (blk * R + (sj % BS) // MERGE) * HD + c
-                    tl.store(ap, tl.load(ap, mask=cm, other=0.0) + k, mask=cm)
-                    aacc += tl.abs(k)
-            if HAS_B:
-                old = tl.load(b_ptr + blk * HD + c, mask=cm & (fresh == 0), other=0.0)
-                tl.store(b_ptr + blk * HD + c, old + aacc, mask=cm)
-        elif KIND == 1:
+        if KIND == 1:
             mn = tl.load(a_ptr + blk * HD + c, mask=cm & (fresh == 0), other=float("inf"))
             mx = tl.load(b_ptr + blk * HD + c, mask=cm & (fresh == 0), other=float("-inf"))
-            for p in range(i, last + 1):
-                if SORTED:
-                    tok = tl.load(order_ptr + p).to(tl.int64)
-                else:
-                    tok = tl.zeros([], dtype=tl.int64) + p
-                sj = tl.load(slot_ptr + tok).to(tl.int64)
-                if (sj >= 0) & (tl.maximum(sj, 0) // BS == blk):
-                    k = tl.load(key_ptr + tok * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
+        r = tl.arange(0, BLOCK_R)
+        acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)  # KIND 2: the call's sum per group
+        occ = tl.zeros([BLOCK_R], dtype=tl.int32)  # KIND 2: the groups the call writes
+        aacc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for p in range(i, last + 1):
+            if SORTED:
+                tok = tl.load(order_ptr + p).to(tl.int64)
+            else:
+                tok = tl.zeros([], dtype=tl.int64) + p
+            sj = tl.load(slot_ptr + tok).to(tl.int64)
+            if (sj >= 0) & (tl.maximum(sj, 0) // BS == blk):
+                k = tl.load(key_ptr + tok * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
+                if KIND == 0:
+                    ap = a_ptr + (blk * R + (sj % BS) // MERGE) * HD + c
+                    tl.store(ap, tl.load(ap, mask=cm, other=0.0) + k, mask=cm)
+                elif KIND == 1:
                     mn = tl.minimum(mn, k)
                     mx = tl.maximum(mx, k)
-            tl.store(a_ptr + blk * HD + c, mn, mask=cm)
-            tl.store(b_ptr + blk * HD + c, mx, mask=cm)
-        else:
-            r = tl.arange(0, BLOCK_R)
-            acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)
-            occ = tl.zeros([BLOCK_R], dtype=tl.int32)
-            aacc = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for p in range(i, last + 1):
-                if SORTED:
-                    tok = tl.load(order_ptr + p).to(tl.int64)
                 else:
-                    tok = tl.zeros([], dtype=tl.int64) + p
-                sj = tl.load(slot_ptr + tok).to(tl.int64)
-                if (sj >= 0) & (tl.maximum(sj, 0) // BS == blk):
-                    k = tl.load(key_ptr + tok * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
                     here = r == (sj % BS) // MERGE
                     acc += tl.where(here[None, :], k[:, None], 0.0)
                     occ = occ | here.to(tl.int32)
-                    aacc += tl.abs(k)
+                aacc += tl.abs(k)
+        if KIND == 1:
+            tl.store(a_ptr + blk * HD + c, mn, mask=cm)
+            tl.store(b_ptr + blk * HD + c, mx, mask=cm)
+        if KIND == 2:
             rp = a_ptr + (blk * HD + c[:, None]) * R + r[None, :]
             put = cm[:, None] & (r < R)[None, :] & ((occ > 0) | (fresh > 0))[None, :]
             new = tl.load(rp, mask=put & (fresh == 0), other=0.0).to(tl.float32) + acc
@@ -522,6 +505,7 @@ def _reps_write_kernel(
                 bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
                 new = bits.to(tl.float32, bitcast=True)
             tl.store(rp, new.to(a_ptr.dtype.element_ty), mask=put)
+        if HAS_B and KIND != 1:  # |K| sums of the block, stored once
             old = tl.load(b_ptr + blk * HD + c, mask=cm & (fresh == 0), other=0.0)
             tl.store(b_ptr + blk * HD + c, old + aacc, mask=cm)
 
