@@ -11,6 +11,7 @@ import torch
 
 from tests.paged import make_paged
 from ucm.config.errors import ConfigError
+from ucm.methods import method_names
 from ucm.ops import TorchReferenceOps
 from ucm.sparse.base import ModelShapes, combine_kv_head_ranks
 from ucm.sparse.factory import build_sparse_method
@@ -32,6 +33,21 @@ def test_combine_ranks_by_best_head_rank_then_mean_rank() -> None:
     assert torch.argsort(combine_kv_head_ranks(one)[0], descending=True).tolist() == [2, 3, 0, 1]
 
 
+def _additive_methods() -> list[str]:
+    """The registered windowed methods whose scorer adds up KV heads (those "rank" applies to)."""
+    shapes = ModelShapes(1, 4, 2, 8, BS, 4)
+    names = []
+    for name in method_names(windowed=True):
+        m = build_sparse_method({name: {"sparse_ratio": 0.3}}, shapes, OPS, host_ops=OPS)
+        if m.scorer.kv_heads_additive:
+            names.append(name)
+        m.close()
+    return names
+
+
+ADDITIVE = _additive_methods()
+
+
 def _retrieval_head_case(hq=6, hkv=3, d=16, seed=0):
     """KV head 2 has one block (17) of keys along its queries, at a small scale; KV heads 0 and 1
     have large keys along their queries in other blocks. Summed, the big heads outvote block 7."""
@@ -51,7 +67,7 @@ def _retrieval_head_case(hq=6, hkv=3, d=16, seed=0):
     return batch, q, ModelShapes(1, hq, hkv, d, BS, batch.k_cache.shape[0])
 
 
-@pytest.mark.parametrize("name", ["ESA", "GSA", "Quest"])
+@pytest.mark.parametrize("name", ADDITIVE)
 def test_rank_keeps_the_retrieval_heads_block_that_the_sum_drops(name: str) -> None:
     batch, q, shapes = _retrieval_head_case()
     kept = {}
@@ -78,7 +94,7 @@ def test_rank_keeps_the_retrieval_heads_block_that_the_sum_drops(name: str) -> N
     assert 17 in kept["rank"], kept
 
 
-@pytest.mark.parametrize("name", ["ESA", "GSA", "Quest"])
+@pytest.mark.parametrize("name", ADDITIVE)
 def test_per_head_scores_are_each_heads_own(name: str) -> None:
     """What "rank" combines: the scorer's score with one GQA group's queries kept and the rest
     zeroed is the score of that KV head alone (the op on that head's slice of queries and
@@ -118,7 +134,8 @@ def test_rank_is_refused_for_scorers_that_do_not_add_up_heads() -> None:
         build_sparse_method({"ESA": {"kv_head_combine": "max"}}, shapes, OPS)
 
 
-@pytest.mark.parametrize("name", ["ESA", "Quest", "KVStarMultiStep"])
+# methods that score on the host apply a retrieval a step later: the steps below assume it is at once
+@pytest.mark.parametrize("name", method_names(windowed=True, host_scoring=False))
 def test_sticky_keeps_the_blocks_ranked_first_in_recent_steps(name: str) -> None:
     """Step 0's query points at block 5, steps 1-3 the opposite way, at block 11: with sticky_steps=2 block 5 is
     still read at steps 1 and 2 (it was a top block of a retrieval at most 2 retrievals ago) and

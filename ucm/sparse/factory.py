@@ -108,8 +108,8 @@ def windowed_method(
         "inline",
         f"{config.method}.kv_head_combine",
         config.kv_head_combine == "sum" or built.kv_heads_additive,
-        f"{config.kv_head_combine!r} needs a scorer that adds up KV heads (ESA, GSA, Quest); {config.method} "
-        "supports 'sum' only",
+        f"{config.kv_head_combine!r} needs a scorer whose score adds up KV heads; {config.method}'s does not: "
+        "it supports 'sum' only",
     )
     return SparseMethod(
         config.method,
