@@ -15,7 +15,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (the
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_vllm_gpu import QWEN3_4B, merge_runs, side_bytes_per_block  # noqa: E402  (benchmarks is no package)
+from bench_vllm_gpu import (  # noqa: E402  (benchmarks is no package)
+    QWEN3_4B,
+    dense_baseline,
+    merge_runs,
+    side_bytes_per_block,
+)
 
 HEAD = {"device": "H200", "vllm": "0.26.0", "torch": "2.11", "model": "m", "cudagraph_mode": "FULL"}
 
@@ -37,6 +42,19 @@ def test_a_cell_measured_twice_keeps_the_first_runs_and_says_which(tmp_path) -> 
     got = {(c["method"], c["ratio"]): (c["decode_ms"], c["run"]) for c in merged["cells"]}
     assert got == {("dense", 1.0): (20.0, 0), ("ESA", 0.1): (6.5, 0), ("ESA", 0.3): (10.0, 1)}
     assert [r["command"] for r in merged["runs"]] == ["new", "old"]
+
+
+def test_two_dense_engines_give_the_mean_baseline_and_their_spread() -> None:
+    first = {"cells": [{**cell("dense", 1.0, 10.0), "first_tokens": [1, 2]}, cell("dense", 1.0, 5.0, batch=1)]}
+    again = {"cells": [{**cell("dense", 1.0, 10.5), "first_tokens": [9]}, cell("dense", 1.0, 5.2, batch=1)]}
+    base = dense_baseline([first, again])
+    eight, one = base[(32768, 8)], base[(32768, 1)]
+    assert eight["decode_ms"] == pytest.approx(10.25) and eight["runs_ms"] == [10.0, 10.5]
+    assert eight["spread"] == pytest.approx(0.5 / 10.25)
+    assert eight["first_tokens"] == [1, 2]  # the first engine's
+    assert one["decode_ms"] == pytest.approx(5.1) and one["spread"] == pytest.approx(0.2 / 5.1)
+    alone = dense_baseline([first])[(32768, 8)]
+    assert alone["decode_ms"] == 10.0 and alone["spread"] is None
 
 
 def test_runs_of_different_builds_are_refused(tmp_path) -> None:
@@ -68,3 +86,45 @@ def test_kvstar_counts_only_the_channels_its_kernel_reads(cuda_ops) -> None:
         assert method.scorer.memory_bytes() / (2 * 4) > method.scorer.read_bytes_per_block()
     finally:
         method.close()
+
+
+def test_a_run_with_dense_again_assembles_cells_against_the_mean(tmp_path, monkeypatch) -> None:
+    """The run's bookkeeping end to end with the engines replaced by their results (each engine
+    needs a CUDA GPU and vLLM's CUDA build): dense twice, ESA once, two cells."""
+    import bench_vllm_gpu as bench
+
+    steps = {"dense": {8: 12.0, 1: 5.0}, "ESA:0.3": {8: 8.0, 1: 5.1}, "dense (again)": {8: 12.6, 1: 5.3}}
+    started = []
+
+    def fake_engine(spec, log):
+        label = "dense (again)" if spec["setting"] == "dense" and "dense" in started else spec["setting"]
+        started.append(label)
+        cells = [
+            {
+                "context": c,
+                "batch": b,
+                "decode_ms": steps[label][b],
+                "prefill_s": 1.0,
+                "first_tokens": [7],
+                **({"blocks_read": 0.31, "sparse_steps": 40} if label == "ESA:0.3" else {}),
+            }
+            for c, b in spec["cells"]
+        ]
+        return {"setting": spec["setting"], "engine_start_s": 60.0, "hbm_bytes_per_s": 4.3e12, "cells": cells}
+
+    monkeypatch.setattr(bench, "run_child", fake_engine)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test device")
+    argv = ["bench", "--contexts", "32768", "--batches", "1", "8", "--settings", "dense", "ESA:0.3"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--dense-again", "--out", str(tmp_path), "--name", "run"])
+    bench.main()
+    assert started == ["dense", "ESA:0.3", "dense (again)"]
+    result = json.loads((tmp_path / "run.json").read_text())
+    cells = {(c["method"], c["batch"]): c for c in result["cells"]}
+    assert set(cells) == {("dense", 1), ("dense", 8), ("ESA", 1), ("ESA", 8)}  # the second dense is no row
+    esa8 = cells[("ESA", 8)]
+    assert esa8["dense_ms"] == pytest.approx(12.3) and esa8["dense_ms_runs"] == [12.0, 12.6]
+    assert esa8["engine_speedup"] == pytest.approx(12.3 / 8.0, abs=1e-3)
+    assert esa8["dense_spread"] == pytest.approx(0.6 / 12.3)
+    assert cells[("dense", 8)]["decode_ms"] == pytest.approx(12.3) and cells[("dense", 8)]["engine_speedup"] == 1.0
+    assert cells[("ESA", 1)]["engine_speedup"] == pytest.approx(5.15 / 5.1, abs=1e-3)
+    assert (tmp_path / "run.png").exists()
