@@ -393,6 +393,7 @@ def test_the_fuzzed_keys_are_every_numeric_key() -> None:
         "blk_repre_inner_token_merge",
         "sticky_steps",
         "sticky_top",
+        "bound_guard_top",
     }
     assert set(MODEL_FIELDS) == {
         "num_hidden_layers",

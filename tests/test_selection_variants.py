@@ -175,6 +175,48 @@ def test_the_batch_path_refuses_the_variants() -> None:
 
     shapes = ModelShapes(2, 8, 2, 32, BS, 64)
     BatchSelector(build_sparse_method({"ESA": {}}, shapes, OPS))  # the default runs there
-    for body in ({"kv_head_combine": "rank"}, {"sticky_steps": 4}):
+    for body in ({"kv_head_combine": "rank"}, {"sticky_steps": 4}, {"bound_guard_top": 2}):
         with pytest.raises(ValueError, match="per-request path only"):
             BatchSelector(build_sparse_method({"Quest": body}, shapes, OPS))
+
+
+def _spike_case(hq=4, hkv=2, d=16, n_blocks=24, seed=7):
+    """Block 9 holds one key along the query among small noise; blocks 2..8 hold every key at a
+    third of that along the query: their mean of K beats block 9's (diluted by the block size),
+    while block 9's min / max box bounds q . k by its one big key."""
+    g = torch.Generator().manual_seed(seed)
+    batch = make_paged([n_blocks * BS], BS, hkv, d, g)
+    batch.k_cache.mul_(0.01)
+    q = torch.randn(1, hkv, d, generator=g).repeat_interleave(hq // hkv, dim=1)
+    along = q[0, :: hq // hkv] / q[0, :: hq // hkv].norm(dim=-1, keepdim=True)  # [Hkv, D]
+    for j in range(2, 9):
+        batch.k_cache[int(batch.block_table[0, j])] = 1.0 * along[None]
+    batch.k_cache[int(batch.block_table[0, 9]), 3] = 3.0 * along
+    return batch, q, ModelShapes(1, hq, hkv, d, BS, batch.k_cache.shape[0])
+
+
+@pytest.mark.parametrize("name", method_names(windowed=True, host_scoring=False))
+def test_bound_guard_keeps_the_one_key_block_the_mean_drops(name: str) -> None:
+    batch, q, shapes = _spike_case()
+    kept = {}
+    for top in (0, 1):
+        body = {"sparse_ratio": 0.25, "init_window_sz": 1, "local_window_sz": 1, "min_blocks": 1}
+        body.update(retrieval_stride=1, bound_guard_top=top)
+        m = build_sparse_method({name: body}, shapes, OPS, host_ops=OPS)
+        m.on_kv_written(0, batch.keys(0), batch.slots(0))
+        plan = m.begin_step(["a"], batch.seq_lens, batch.block_table)
+        kept[top] = m.select(0, q, plan).logical_blocks(0)
+        m.end_step(plan)
+        m.close()
+    assert len(kept[0]) == len(kept[1]) == math.ceil(0.25 * 24)  # the guard spends the same budget
+    assert 9 in kept[1], kept
+    if name == "ESA":  # the mean of K alone drops it: what the guard is for
+        assert 9 not in kept[0], kept
+
+
+def test_bound_guard_is_refused_with_offload_and_out_of_range() -> None:
+    shapes = ModelShapes(2, 8, 2, 32, BS, 64)
+    with pytest.raises(ConfigError, match="bound_guard_top"):
+        build_sparse_method({"ESA": {"bound_guard_top": 2, "offload": True}}, shapes, OPS)
+    with pytest.raises(ConfigError, match="bound_guard_top"):
+        build_sparse_method({"ESA": {"bound_guard_top": 65}}, shapes, OPS)

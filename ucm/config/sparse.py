@@ -98,6 +98,12 @@ class WindowedMethodConfig(SparseMethodConfig):
     #: query points elsewhere (long verbatim copies, issue #20). 0: a fresh selection only
     sticky_steps: Annotated[int, Field(ge=0, le=64)] = 0
     sticky_top: Annotated[int, Field(ge=1, le=64)] = 2
+    #: > 0: a layer also keeps (within its budget) the `bound_guard_top` blocks with the highest
+    #: Quest bound for the current query (each block's element-wise min / max of K, kept as keys
+    #: are written: 2 x Hkv x D float32 more per block and layer). The bound sees one key along
+    #: the query that a mean of K dilutes by the block size: the block a copying head reads
+    #: (issue #20). 0: off
+    bound_guard_top: Annotated[int, Field(ge=0, le=64)] = 0
 
     @model_validator(mode="after")
     def _check_combinations(self) -> WindowedMethodConfig:
@@ -106,6 +112,10 @@ class WindowedMethodConfig(SparseMethodConfig):
             raise KeyedValueError("offload_margin_blocks", "offload_margin_blocks has no effect without offload: true")
         if len(set(self.dense_layers)) != len(self.dense_layers):
             raise KeyedValueError("dense_layers", f"dense_layers lists a layer twice: {self.dense_layers}")
+        if self.offload and self.bound_guard_top:
+            raise KeyedValueError(
+                "bound_guard_top", "bound_guard_top cannot be combined with offload: true (not supported yet)"
+            )
         if self.offload and self.dense_layers:
             raise KeyedValueError(
                 "dense_layers",

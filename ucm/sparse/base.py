@@ -218,6 +218,8 @@ class SparseMethod:
         kv_head_combine: str = "sum",
         sticky_steps: int = 0,
         sticky_top: int = 2,
+        bound_guard: BlockScorer | None = None,
+        bound_guard_top: int = 0,
     ) -> None:
         """Rows shorter than `seq_len_threshold` tokens, and whole steps with fewer than
         `concurrency_threshold` decoding rows, stay dense (None: the engine path's default, 0 here).
@@ -227,7 +229,10 @@ class SparseMethod:
         (scorers with `kv_heads_additive` only; costs one scoring per KV head). `sticky_steps` > 0:
         a layer also keeps (within its budget) the `sticky_top` best units of each of its previous
         `sticky_steps` retrievals, so a block the method ranked first a few steps ago is not lost
-        to one step whose query points elsewhere (a long verbatim copy, issue #20)."""
+        to one step whose query points elsewhere (a long verbatim copy, issue #20). `bound_guard`
+        (a scorer fed the same keys, Quest's bound) with `bound_guard_top` > 0: every step, each
+        sparse row also keeps (within its budget) the guard's `bound_guard_top` best units for the
+        current query."""
         if retrieval_stride < 1:
             raise ValueError(f"retrieval_stride must be >= 1, got {retrieval_stride}")
         if kv_head_combine not in ("sum", "rank"):
@@ -239,6 +244,10 @@ class SparseMethod:
             raise ValueError(f"sticky_steps ({sticky_steps}) must be >= 0 and sticky_top ({sticky_top}) >= 1")
         self.sticky_steps = sticky_steps
         self.sticky_top = sticky_top
+        if bound_guard_top < 0 or (bound_guard_top > 0) != (bound_guard is not None):
+            raise ValueError(f"bound_guard_top={bound_guard_top} needs a guard scorer exactly when it is > 0")
+        self.bound_guard = bound_guard
+        self.bound_guard_top = bound_guard_top
         self.name = name
         self.scorer = scorer
         self.selector = selector
@@ -325,6 +334,8 @@ class SparseMethod:
 
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.scorer.on_kv_written(layer, key, slot_mapping)
+        if self.bound_guard is not None:
+            self.bound_guard.on_kv_written(layer, key, slot_mapping)
 
     def end_step(self, plan: StepPlan) -> None:
         for rid in plan.req_ids:
@@ -343,9 +354,11 @@ class SparseMethod:
         """The blocks layer `layer` reads this step for every row of the plan."""
         if not self.selector.needs_scores(layer):
             return self.selector.select(layer, plan, None)
-        q = self.scorer.prepare_query(layer, q, plan.req_ids)
+        prepared = self.scorer.prepare_query(layer, q, plan.req_ids)
         if any(plan.sparse_list):
-            scores = self._unit_scores(layer, q, plan)
+            scores = self._unit_scores(layer, prepared, plan)
+            if self.bound_guard_top:
+                scores = self._guard(layer, q, plan, scores)
         else:  # every row is below the thresholds: the budgets already keep all units
             scores = torch.zeros(plan.batch, _max_or_zero(plan.n_units), device=q.device)
         return self.selector.select(layer, plan, scores)
@@ -468,6 +481,32 @@ class SparseMethod:
             n = min(int(s.shape[0]), width)
             out[r, :n] = s[:n]
         return self._stick(layer, plan, out, sync_rows) if self.sticky_steps else out
+
+    def _guard(self, layer: int, q: torch.Tensor, plan: StepPlan, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` [B, U] (a copy) with each sparse row's `bound_guard_top` best units by the guard
+        scorer, for this step's query q [B, Hq, D], raised to +inf (they take budget slots first)."""
+        rows = [r for r, sparse in enumerate(plan.sparse_list) if sparse]
+        if len(rows) == plan.batch:
+            table, lens, qr, rids = plan.block_table, plan.seq_lens, q, plan.req_ids
+        else:
+            idx = torch.tensor(rows, dtype=torch.long, device=plan.seq_lens.device)
+            table = plan.block_table.index_select(0, idx.to(plan.block_table.device))
+            lens = plan.seq_lens.index_select(0, idx)
+            qr = q.index_select(0, idx.to(q.device))
+            rids = [plan.req_ids[r] for r in rows]
+        block_scores = self.bound_guard.score(layer, qr, table, lens, rids)
+        if self.score_reduce is not None:
+            block_scores = self.score_reduce(block_scores)
+        units = self.selector.unit_scores(block_scores, self.bound_guard.unit_reduce).to(scores.device)
+        out = scores.clone()
+        width = out.shape[1]
+        for i, r in enumerate(rows):
+            row = units[i, :width]
+            n = min(self.bound_guard_top, int(torch.isfinite(row).sum()))
+            if n:
+                top = torch.topk(row, n).indices
+                out[r, top] = torch.where(torch.isfinite(out[r, top]), math.inf, out[r, top])
+        return out
 
     def _stick(self, layer: int, plan: StepPlan, out: torch.Tensor, fresh_rows: list[int]) -> torch.Tensor:
         """Raise to +inf, in `out` [B, U] (this step's unit scores, a copy), the units each sparse row

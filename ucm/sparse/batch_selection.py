@@ -17,7 +17,7 @@ k = all of its blocks, so the kernel hands its own table and length back. A batc
 than the method's `concurrency_threshold` (default `BATCH_MIN_ROWS`) stays dense as a whole: a
 host decision on the batch's shape, which is fixed for a captured graph. Selection runs every
 step: there is no per-request state to keep a previous step's choice in (`retrieval_stride`,
-`sticky_steps` and `kv_head_combine` apply to the per-request path only).
+`sticky_steps`, `bound_guard_top` and `kv_head_combine` apply to the per-request path only).
 """
 
 from __future__ import annotations
@@ -61,10 +61,11 @@ class BatchSelector:
                 f"{method.name}: its scorer ({type(scorer).__name__}) cannot score a batch without "
                 "host reads, so it cannot run inside CUDA graphs"
             )
-        if getattr(method, "kv_head_combine", "sum") != "sum" or getattr(method, "sticky_steps", 0):
+        variants = (getattr(method, "sticky_steps", 0), getattr(method, "bound_guard_top", 0))
+        if getattr(method, "kv_head_combine", "sum") != "sum" or any(variants):
             raise ValueError(
-                f"{method.name}: kv_head_combine / sticky_steps run on the per-request path only, not in "
-                "the batch (CUDA graph) selection"
+                f"{method.name}: kv_head_combine / sticky_steps / bound_guard_top run on the per-request path "
+                "only, not in the batch (CUDA graph) selection"
             )
         self.method = method
         self.scorer = scorer

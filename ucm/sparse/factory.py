@@ -111,6 +111,11 @@ def windowed_method(
         f"{config.kv_head_combine!r} needs a scorer whose score adds up KV heads; {config.method}'s does not: "
         "it supports 'sum' only",
     )
+    guard = None
+    if config.bound_guard_top:
+        from ucm.sparse.quest import QuestScorer
+
+        guard = QuestScorer(shapes, ops, "max", repr_device=getattr(built, "repr_device", None))
     return SparseMethod(
         config.method,
         built,
@@ -120,6 +125,8 @@ def windowed_method(
         kv_head_combine=config.kv_head_combine,
         sticky_steps=config.sticky_steps,
         sticky_top=config.sticky_top,
+        bound_guard=guard,
+        bound_guard_top=config.bound_guard_top,
     )
 
 

@@ -166,6 +166,9 @@ def build_quest(
     policies = [dense if layer in config.dense_layers else policy for layer in range(shapes.num_layers)]
     selector = BlockSelector(policies, shapes.block_size, ops)
     scorer = QuestScorer(shapes, ops, config.group_reduce)
+    # the bound guard is Quest's own bound for the current query (with a retrieval stride > 1 it
+    # is the one part of the selection that follows every step)
+    guard = QuestScorer(shapes, ops, "max") if config.bound_guard_top else None
     return SparseMethod(
         config.method,
         scorer,
@@ -175,6 +178,8 @@ def build_quest(
         kv_head_combine=config.kv_head_combine,
         sticky_steps=config.sticky_steps,
         sticky_top=config.sticky_top,
+        bound_guard=guard,
+        bound_guard_top=config.bound_guard_top,
     )
 
 
