@@ -88,6 +88,35 @@ def test_stride_variants_are_named_and_left_out_of_the_headline(tmp_path) -> Non
     assert s["max_drop_vs_dense_at_0_3"] == 0.0 and s["max_drop_all_layers_sparse_at_0_3"] == 0.0  # ... not headline
 
 
+def test_method_key_variants_are_named_configured_and_left_out_of_the_headline(tmp_path) -> None:
+    from ucm.methods import method_key_values
+
+    keys = method_key_values(["bound_guard_top=8", "kv_head_combine=rank"])
+    assert keys == {"bound_guard_top": 8, "kv_head_combine": "rank"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        method_key_values(["bound_guard_top"])
+    grid = settings_grid(["ESA", "Quest"], [0.3], dense_layers=[5], method_keys=keys)
+    assert [s.label for s in grid] == [
+        "dense",
+        'ESA+dense[bound_guard_top=8,kv_head_combine="rank"]@0.3',
+        'Quest+dense[bound_guard_top=8,kv_head_combine="rank"]@0.3',
+    ]
+    cfg = grid[1].extra_config(tmp_path)["ucm_sparse_config"]["ESA"]
+    assert cfg["bound_guard_top"] == 8 and cfg["kv_head_combine"] == "rank" and cfg["dense_layers"] == [5]
+    with pytest.raises(ValueError, match="no config key 'nonsense'"):
+        settings_grid(["ESA"], [0.3], method_keys={"nonsense": 1})
+    rows = []
+    for i, (e, g) in enumerate([(100, 0), (100, 100)]):
+        rows += [
+            _row("niah", "dense", "dense", None, i, 100),
+            _row("niah", "ESA@0.3", "ESA", 0.3, i, e),
+            {**_row("niah", "ESA[b=8]@0.3", "ESA[b=8]", 0.3, i, g), "method_keys": {"b": 8}},
+        ]
+    s = summarize(rows, {"model": "m"})
+    assert s["worst_drop_by_setting"]["ESA[b=8]@0.3"] == 50.0  # reported ...
+    assert s["max_drop_vs_dense_at_0_3"] == 0.0  # ... not headline
+
+
 def test_superseded_rows_are_reported_but_left_out_of_the_headline() -> None:
     """Rows of an earlier configuration (e.g. other dense layers) stay in the table, not in the figure."""
     rows = []

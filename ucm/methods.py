@@ -292,3 +292,21 @@ def base_method(name: str) -> str:
     """The method a result's setting name starts with: "ESA+dense/s4" -> "ESA" (the eval's
     and profile's variants add '+...' and '/...' to the method's name)."""
     return re.split(r"[+/@]", name, maxsplit=1)[0]
+
+
+def method_key_values(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (the CLIs' `--method-key`) as a dict of method config keys: the value is
+    read as JSON (8, true, "x"), else kept as a bare string (rank). ValueError names an item
+    without '='."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--method-key {item!r} is not KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

@@ -388,14 +388,12 @@ def _handle_trace(args, methods) -> int:
         json_name = MODELS[args.model].model_config if args.model in MODELS else None
         keep = () if args.dense_layers == "none" or get_method(method).model_json or json_name is None else None
         config = method_config(method, args.ratio, dense_layers=model_dense_layers(json_name) if keep is None else ())
-        for item in args.method_key:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise SystemExit(f"ucm profile --method-key: {item!r} is not KEY=VALUE")
-            try:
-                config[method][key] = json.loads(value)
-            except json.JSONDecodeError:
-                config[method][key] = value  # a bare string, e.g. rank
+        from ucm.methods import method_key_values
+
+        try:
+            config[method].update(method_key_values(args.method_key))
+        except ValueError as exc:
+            raise SystemExit(f"ucm profile: {exc}") from None
     res = trace_sample(
         task,
         args.tokens,

@@ -38,7 +38,7 @@ def summarize(rows: list[dict], meta: dict) -> dict:
         info[r["setting"]] = (
             r["method"],
             r["ratio"],
-            r.get("retrieval_stride") or r.get("superseded") or r.get("hash_weights"),
+            r.get("retrieval_stride") or r.get("superseded") or r.get("hash_weights") or r.get("method_keys"),
         )
     table = [
         {

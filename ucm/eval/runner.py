@@ -23,8 +23,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from ucm.methods import find_method, method_names
+from ucm.methods import find_method, method_key_values, method_names
 
 logger = logging.getLogger("ucm.eval")
 
@@ -44,6 +45,7 @@ class Setting:
     retrieval_stride: int | None = None  # strided methods: None = ucm's default (`EVAL_RETRIEVAL_STRIDE`)
     hash_config: str | None = None  # per-model JSON methods: "random", or a per-model JSON instead of the shipped one
     hash_weights: str | None = None  # the hash_weight_type of `hash_config` ("random" / "trained"); None: shipped
+    method_keys: tuple[tuple[str, str], ...] = ()  # --method-key: (config key, JSON value) set on the method
 
     @property
     def name(self) -> str:
@@ -53,6 +55,8 @@ class Setting:
         name = f"{self.method}+dense" if self.dense_layers else self.method
         if self.hash_config is not None:
             name = f"{name}+{self.hash_weights}"
+        if self.method_keys:
+            name += "[" + ",".join(f"{k}={v}" for k, v in self.method_keys) + "]"
         return name if self.retrieval_stride is None else f"{name}/s{self.retrieval_stride}"
 
     @property
@@ -75,11 +79,11 @@ class Setting:
             from ucm.config.loader import model_config_data
 
             model_config = model_config_data(SHIPPED_MODEL_CONFIG, random_hash=True)
-        return {
-            "ucm_sparse_config": method_config(
-                self.method, float(self.ratio), workdir, self.dense_layers, self.retrieval_stride, model_config
-            )
-        }
+        config = method_config(
+            self.method, float(self.ratio), workdir, self.dense_layers, self.retrieval_stride, model_config
+        )
+        config[self.method].update({k: json.loads(v) for k, v in self.method_keys})
+        return {"ucm_sparse_config": config}
 
 
 RANDOM_HASH = "random"  # --hash-config random: the shipped JSON with random orthogonal projections
@@ -99,13 +103,16 @@ def settings_grid(
     dense_layers: Iterable[int] = (),
     retrieval_stride: int | None = None,
     hash_config: str | Path | None = None,
+    method_keys: dict[str, Any] | None = None,
 ) -> list[Setting]:
     """Dense first (its engine fills the store the others load from), then method x ratio.
     `dense_layers` go to the windowed methods (a method with a per-model JSON, GSA on device,
     keeps that JSON's), `retrieval_stride` to the strided ones (the registry's `strided`: ESA
     and KVStar); `hash_config` adds every per-model JSON method at every ratio with other hash
     projections: "random" (the shipped JSON, random orthogonal W) or a per-model JSON (e.g. the
-    one `ucm calibrate` writes), named "<method>+<its hash_weight_type>"."""
+    one `ucm calibrate` writes), named "<method>+<its hash_weight_type>". `method_keys` (config key
+    -> value) are set on every sparse method of the grid, which must all have those keys; the
+    settings are named "<method>[key=value,...]"."""
     dense_layers = tuple(dense_layers)
     variant = None
     if hash_config is not None:
@@ -118,6 +125,7 @@ def settings_grid(
             variant = load_model_config(hash_config).config.hash_weight_type  # also: the file and its W load
     if retrieval_stride is not None and retrieval_stride < 1:
         raise ValueError(f"retrieval_stride {retrieval_stride} must be >= 1")
+    keys = tuple(sorted((k, json.dumps(v)) for k, v in (method_keys or {}).items()))
     out = [Setting(DENSE)]
     for m in methods:
         if m == DENSE:
@@ -125,12 +133,19 @@ def settings_grid(
         spec = find_method(m)
         if spec is None:
             raise ValueError(f"unknown method {m!r}; valid: {DENSE}, {', '.join(method_names())}")
+        unknown = [k for k, _ in keys if k not in spec.config.model_fields]
+        if unknown:
+            raise ValueError(f"{m} has no config key {', '.join(map(repr, unknown))} (--method-key)")
         for r in ratios:
             if not 0 < r <= 1:
                 raise ValueError(f"ratio {r} must be in (0, 1]")
             out.append(
                 Setting(
-                    m, float(r), () if spec.model_json else dense_layers, retrieval_stride if spec.strided else None
+                    m,
+                    float(r),
+                    () if spec.model_json else dense_layers,
+                    retrieval_stride if spec.strided else None,
+                    method_keys=keys,
                 )
             )
     if hash_config is not None:
@@ -161,6 +176,7 @@ class CellResult:
     token_ids: list[int] | None = None  # the generated token ids (the report finds where sparse leaves dense)
     needle_spans: list[dict] | None = None  # each expected value's [token_start, token_end) in the prompt
     needle_blocks: list[int] | None = None  # the KV blocks (token // block size) holding those spans
+    method_keys: dict[str, Any] | None = None  # --method-key values the setting set on the method
 
 
 class Results:
@@ -244,6 +260,7 @@ def run_eval(
     dense_layers: Iterable[int] = (),
     retrieval_stride: int | None = None,
     hash_config: str | Path | None = None,
+    method_keys: dict[str, Any] | None = None,
 ) -> dict:
     """Run every missing cell, then rebuild the summary; returns the summary dict. `methods`
     defaults to every registered method."""
@@ -256,7 +273,7 @@ def run_eval(
     tasks, lengths, grid = (
         list(tasks),
         sorted(set(lengths)),
-        settings_grid(methods, ratios, dense_layers, retrieval_stride, hash_config),
+        settings_grid(methods, ratios, dense_layers, retrieval_stride, hash_config, method_keys),
     )
     if MODELS[model].model_config != SHIPPED_MODEL_CONFIG:
         # the per-model JSON methods (and --hash-config random) read the SmolLM2 JSON: its layer
@@ -372,6 +389,7 @@ def run_eval(
                                 setting.hash_weights,
                                 list(o.outputs[0].token_ids),
                                 *needle,
+                                {k: json.loads(v) for k, v in setting.method_keys} or None,
                             )
                             for s, o, text, sc, needle in zip(todo_samples, outs, texts, scores, needles, strict=True)
                         ]
@@ -450,6 +468,14 @@ def add_parser(sub) -> None:
         "such as `ucm calibrate` writes (results name them <method>+random / <method>+trained)",
     )
     p.add_argument(
+        "--method-key",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a config key of every sparse method run (JSON value), e.g. bound_guard_top=8; "
+        "repeatable; results name them ESA+dense[bound_guard_top=8] ... (variants, not headline)",
+    )
+    p.add_argument(
         "--store-dir",
         type=Path,
         default=None,
@@ -463,6 +489,10 @@ def _handle(args) -> int:
     from ucm.models import MODELS
 
     model_json = MODELS[args.model].model_config
+    try:
+        method_keys = method_key_values(args.method_key)
+    except ValueError as exc:
+        raise SystemExit(f"ucm eval: {exc}") from None
     summary = run_eval(
         args.out_dir,
         args.tasks,
@@ -479,6 +509,7 @@ def _handle(args) -> int:
         dense_layers=model_dense_layers(model_json) if args.dense_layers == "model" and model_json else (),
         retrieval_stride=args.retrieval_stride,
         hash_config=args.hash_config,
+        method_keys=method_keys,
     )
     from ucm.eval.report import markdown
 
