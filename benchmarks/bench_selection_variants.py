@@ -1,7 +1,8 @@
 """What the issue-#20 selection variants cost: time of one layer's selection (`SparseMethod.select`:
 scoring, top-k, block-table rewrite) for ESA and Quest with the default (`kv_head_combine="sum"`,
-no sticky keep), `kv_head_combine="rank"` and `sticky_steps=8, sticky_top=2`, on one backend, at
-a few context lengths, batch 1 and 4, ratio 0.3. Blocks read are the same for all three (the
+no sticky keep), `kv_head_combine="rank"`, `sticky_steps=8, sticky_top=2` and `bound_guard_top=8`
+(the guard's own key writes are not timed: they run as keys are written), on one backend, at a
+few context lengths, batch 1 and 4, ratio 0.3. Blocks read are the same for all of them (the
 variants work inside the budget); the script checks that too.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_selection_variants.py --out benchmarks/results/selection_variants.json
@@ -27,6 +28,7 @@ VARIANTS = {
     "default": {},
     "kv_head_combine=rank": {"kv_head_combine": "rank"},
     "sticky_steps=8,sticky_top=2": {"sticky_steps": 8, "sticky_top": 2},
+    "bound_guard_top=8": {"bound_guard_top": 8},
 }
 
 
