@@ -379,15 +379,20 @@ class SparseMethod:
             per_head.append(self.scorer.score(layer, qh, table, lens, rids))
         return combine_kv_head_ranks(torch.stack(per_head, 1))
 
-    def _score_rows(self, layer: int, q: torch.Tensor, plan: StepPlan, rows: list[int]) -> torch.Tensor:
+    @staticmethod
+    def _rows(
+        q: torch.Tensor, plan: StepPlan, rows: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[str]]:
+        """(block_table, seq_lens, q, req_ids) of these rows of the plan (no copies for all rows)."""
         if len(rows) == plan.batch:  # every row, in order: no gathering
-            table, lens, qr, rids = plan.block_table, plan.seq_lens, q, plan.req_ids
-        else:
-            idx = torch.tensor(rows, dtype=torch.long, device=plan.seq_lens.device)
-            table = plan.block_table.index_select(0, idx.to(plan.block_table.device))
-            lens = plan.seq_lens.index_select(0, idx)
-            qr = q.index_select(0, idx.to(q.device))
-            rids = [plan.req_ids[r] for r in rows]
+            return plan.block_table, plan.seq_lens, q, plan.req_ids
+        idx = torch.tensor(rows, dtype=torch.long, device=plan.seq_lens.device)
+        table = plan.block_table.index_select(0, idx.to(plan.block_table.device))
+        qr = q.index_select(0, idx.to(q.device))
+        return table, plan.seq_lens.index_select(0, idx), qr, [plan.req_ids[r] for r in rows]
+
+    def _score_rows(self, layer: int, q: torch.Tensor, plan: StepPlan, rows: list[int]) -> torch.Tensor:
+        table, lens, qr, rids = self._rows(q, plan, rows)
         block_scores = self._block_scores(layer, qr, table, lens, rids)
         if self.score_reduce is not None:
             block_scores = self.score_reduce(block_scores)
@@ -486,14 +491,7 @@ class SparseMethod:
         """`scores` [B, U] (a copy) with each sparse row's `bound_guard_top` best units by the guard
         scorer, for this step's query q [B, Hq, D], raised to +inf (they take budget slots first)."""
         rows = [r for r, sparse in enumerate(plan.sparse_list) if sparse]
-        if len(rows) == plan.batch:
-            table, lens, qr, rids = plan.block_table, plan.seq_lens, q, plan.req_ids
-        else:
-            idx = torch.tensor(rows, dtype=torch.long, device=plan.seq_lens.device)
-            table = plan.block_table.index_select(0, idx.to(plan.block_table.device))
-            lens = plan.seq_lens.index_select(0, idx)
-            qr = q.index_select(0, idx.to(q.device))
-            rids = [plan.req_ids[r] for r in rows]
+        table, lens, qr, rids = self._rows(q, plan, rows)
         block_scores = self.bound_guard.score(layer, qr, table, lens, rids)
         if self.score_reduce is not None:
             block_scores = self.score_reduce(block_scores)
