@@ -726,6 +726,7 @@ def valid_sparse(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
             body["offload"] = True
         if body.get("offload"):  # dense layers would keep every block on the device
             body.pop("dense_layers", None)
+            body.pop("bound_guard_top", None)  # the bound guard does not run with offload
     return method, body
 
 
