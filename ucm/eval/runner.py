@@ -60,6 +60,11 @@ class Setting:
         return name if self.retrieval_stride is None else f"{name}/s{self.retrieval_stride}"
 
     @property
+    def method_key_values(self) -> dict[str, Any]:
+        """`method_keys` as the config values they set."""
+        return {k: json.loads(v) for k, v in self.method_keys}
+
+    @property
     def keeps_model_json(self) -> bool:
         """A method with a per-model JSON (GSA on device): it keeps that JSON's dense layers."""
         spec = find_method(self.method)
@@ -82,7 +87,7 @@ class Setting:
         config = method_config(
             self.method, float(self.ratio), workdir, self.dense_layers, self.retrieval_stride, model_config
         )
-        config[self.method].update({k: json.loads(v) for k, v in self.method_keys})
+        config[self.method].update(self.method_key_values)
         return {"ucm_sparse_config": config}
 
 
@@ -389,7 +394,7 @@ def run_eval(
                                 setting.hash_weights,
                                 list(o.outputs[0].token_ids),
                                 *needle,
-                                {k: json.loads(v) for k, v in setting.method_keys} or None,
+                                setting.method_key_values or None,
                             )
                             for s, o, text, sc, needle in zip(todo_samples, outs, texts, scores, needles, strict=True)
                         ]

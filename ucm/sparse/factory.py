@@ -111,11 +111,9 @@ def windowed_method(
         f"{config.kv_head_combine!r} needs a scorer whose score adds up KV heads; {config.method}'s does not: "
         "it supports 'sum' only",
     )
-    guard = None
-    if config.bound_guard_top:
-        from ucm.sparse.quest import QuestScorer
+    from ucm.sparse.quest import bound_guard_scorer
 
-        guard = QuestScorer(shapes, ops, "max", repr_device=getattr(built, "repr_device", None))
+    guard = bound_guard_scorer(config, shapes, ops, getattr(built, "repr_device", None))
     return SparseMethod(
         config.method,
         built,

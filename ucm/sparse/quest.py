@@ -26,7 +26,7 @@ from ucm.ops.contract import GroupReduce, SparseOps
 from ucm.sparse.base import BlockScorer, ModelShapes, SparseMethod
 from ucm.sparse.selection import BlockSelector, LayerPolicy
 
-__all__ = ["BlockMinMax", "QuestConfig", "QuestScorer", "build", "build_quest"]
+__all__ = ["BlockMinMax", "QuestConfig", "QuestScorer", "bound_guard_scorer", "build", "build_quest"]
 
 
 class BlockMinMax:
@@ -121,6 +121,14 @@ class QuestScorer(BlockScorer):
         return sum(st.nbytes() for st in self.stats)
 
 
+def bound_guard_scorer(
+    config: Any, shapes: ModelShapes, ops: SparseOps, repr_device: torch.device | None = None
+) -> QuestScorer | None:
+    """The scorer a windowed method's `bound_guard_top` keeps its top blocks by (Quest's bound,
+    max over the GQA group), or None when the config leaves the guard off."""
+    return QuestScorer(shapes, ops, "max", repr_device=repr_device) if config.bound_guard_top else None
+
+
 def _ops_of(ctx: Any) -> SparseOps | None:
     """The backend a build context carries: the context itself when it is a `SparseOps`, else its
     `ops` attribute (the registry's build context), else None."""
@@ -168,7 +176,7 @@ def build_quest(
     scorer = QuestScorer(shapes, ops, config.group_reduce)
     # the bound guard is Quest's own bound for the current query (with a retrieval stride > 1 it
     # is the one part of the selection that follows every step)
-    guard = QuestScorer(shapes, ops, "max") if config.bound_guard_top else None
+    guard = bound_guard_scorer(config, shapes, ops)
     return SparseMethod(
         config.method,
         scorer,
