@@ -51,13 +51,14 @@ def ops(cuda_ops):
     return cuda_ops
 
 
-@pytest.fixture(params=["scan", "sort"])
+@pytest.fixture(params=["scan-once", "scan", "sort"])
 def write_ops(request, ops):
-    """The writer's two ways of finding a group's keys in a call: the in-kernel scan (decode,
-    short prefills) and the stable sort of group ids (long prefills)."""
-    ops.write_scan_max = 1 << 30 if request.param == "scan" else 0
+    """The writer's ways of finding a group's keys in a call: the in-kernel scan in one vector
+    (decode) or in chunks (short prefills), and the stable sort of group ids (long prefills)."""
+    ops.write_scan_max = 0 if request.param == "sort" else 1 << 30
+    ops.write_scan_once = request.param != "scan"
     yield ops
-    ops.write_scan_max = 4096
+    ops.write_scan_max, ops.write_scan_once = 4096, True
 
 
 # ------------------------------------------------------------------------------ NumPy oracles

@@ -792,18 +792,19 @@ def test_sparse_step_end_to_end(backend: Backend) -> None:
 # --------------------------------------------------------------------------- representations
 def write_paths(backend: Backend):
     """Each way the backend finds a block's keys in a representation write: the CUDA kernels scan
-    the call's slots (decode, short prefills) or sort its block ids (long prefills); one pass
-    elsewhere. Yields the path's name, restoring the backend's setting after."""
+    the call's slots in one vector (decode), in chunks (short prefills) or sort its block ids
+    (long prefills); one pass elsewhere. Yields the path's name, restoring the backend's setting
+    after."""
     limit = getattr(backend.ops, "write_scan_max", None)
     if limit is None:
         yield "one"
         return
     try:
-        for name, value in (("scan", 1 << 30), ("sort", 0)):
-            backend.ops.write_scan_max = value
+        for name, value, once in (("scan-once", 1 << 30, True), ("scan", 1 << 30, False), ("sort", 0, True)):
+            backend.ops.write_scan_max, backend.ops.write_scan_once = value, once
             yield name
     finally:
-        backend.ops.write_scan_max = limit
+        backend.ops.write_scan_max, backend.ops.write_scan_once = limit, True
 
 
 @pytest.mark.parametrize("merge", [32, 4, 1])
@@ -818,6 +819,7 @@ def test_block_sums_add(backend: Backend, merge: int, absolute: bool, dtype: tor
         torch.cat([torch.arange(0, 70), torch.tensor([-1, -1])]),  # blocks 0, 1 and part of 2
         torch.tensor([70, 71, -1, 140]),  # decode: block 2 grows, block 4 starts
         torch.tensor([33, 32, 34]),  # block 1 recycled: offset 0 written after offset 1
+        torch.tensor([72, 141, -1, 73, 142]),  # two blocks' keys interleaved (not vLLM's order)
     ]
     for _ in write_paths(backend):
         g = gen(7)

@@ -399,6 +399,7 @@ def _reps_write_kernel(
     KIND: tl.constexpr,
     HAS_B: tl.constexpr,
     SORTED: tl.constexpr,
+    SCAN_ONCE: tl.constexpr,
     RNE_BF16: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -421,7 +422,9 @@ def _reps_write_kernel(
       * SORTED == False (decode, short prefills): program i is token i; it leads if no earlier
         token of the call is in its block, found by a vectorised scan of the call's slots (a token
         whose predecessor is in its block, vLLM's order, skips it). Members: the tokens up to
-        the last one in the block, in token order.
+        the last one in the block, in token order. SCAN_ONCE (the call fits one BLOCK_T vector:
+        decode batches): every program scans at once, with no load that waits on another, so a
+        decode step's write costs the key, the slots and the stored values' round trips only.
       * SORTED (long prefills): the block ids sorted stably (srt, with the token order `order`
         and each position's end of run `end`); position i leads if a run starts there.
     RNE_BF16 (interpreter only): Triton 3.6's interpreter truncates float32 -> bfloat16, the GPU
@@ -429,40 +432,54 @@ def _reps_write_kernel(
     i = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < HD
+    # token i's key: read before anything is known about its block, so that at decode (one key
+    # per block) the key, the slots and the stored representation are the only round trips
+    k_i = tl.load(key_ptr + i * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
+    fresh = tl.zeros([], dtype=tl.int32)  # is the block's offset 0 among the members (restart)?
     if SORTED:
         blk = tl.load(srt_ptr + i).to(tl.int64)
         prev = tl.load(srt_ptr + i - 1, mask=i > 0, other=-1).to(tl.int64)
         lead = (blk >= 0) & (prev != blk)
         last = tl.load(end_ptr + i).to(tl.int32) - 1
+        s = tl.zeros([], dtype=tl.int64) - 1  # unused: members are read through `order`
     else:
         s = tl.load(slot_ptr + i).to(tl.int64)
-        sp = tl.load(slot_ptr + i - 1, mask=i > 0, other=-1).to(tl.int64)
         blk = tl.where(s >= 0, tl.maximum(s, 0) // BS, -1)
-        lead = (blk >= 0) & (tl.where(sp >= 0, tl.maximum(sp, 0) // BS, -1) != blk)
-        last = tl.zeros([], dtype=tl.int32) + i
-        if lead:
-            first = tl.zeros([], dtype=tl.int32) + T
-            last = tl.zeros([], dtype=tl.int32) - 1
-            for j0 in range(0, T, BLOCK_T):
-                j = j0 + tl.arange(0, BLOCK_T)
-                sj = tl.load(slot_ptr + j, mask=j < T, other=-1).to(tl.int64)
-                match = (sj >= 0) & (tl.maximum(sj, 0) // BS == blk)
-                first = tl.minimum(first, tl.min(tl.where(match, j, T), axis=0))
-                last = tl.maximum(last, tl.max(tl.where(match, j, -1), axis=0))
-            lead = first == i
+        if SCAN_ONCE:  # the whole call in one vector (decode): one pass, no dependent load
+            j = tl.arange(0, BLOCK_T)
+            sv = tl.load(slot_ptr + j, mask=j < T, other=-1).to(tl.int64)
+            match = (sv >= 0) & (tl.maximum(sv, 0) // BS == blk)
+            lead = (blk >= 0) & (tl.min(tl.where(match, j, T), axis=0) == i)
+            last = tl.max(tl.where(match, j, -1), axis=0)
+            fresh = tl.max((match & (tl.maximum(sv, 0) % BS == 0)).to(tl.int32), axis=0)
+        else:
+            sp = tl.load(slot_ptr + i - 1, mask=i > 0, other=-1).to(tl.int64)
+            lead = (blk >= 0) & (tl.where(sp >= 0, tl.maximum(sp, 0) // BS, -1) != blk)
+            last = tl.zeros([], dtype=tl.int32) + i
+            if lead:
+                first = tl.zeros([], dtype=tl.int32) + T
+                last = tl.zeros([], dtype=tl.int32) - 1
+                for j0 in range(0, T, BLOCK_T):
+                    j = j0 + tl.arange(0, BLOCK_T)
+                    sv = tl.load(slot_ptr + j, mask=j < T, other=-1).to(tl.int64)
+                    match = (sv >= 0) & (tl.maximum(sv, 0) // BS == blk)
+                    first = tl.minimum(first, tl.min(tl.where(match, j, T), axis=0))
+                    last = tl.maximum(last, tl.max(tl.where(match, j, -1), axis=0))
+                    hit = match & (tl.maximum(sv, 0) % BS == 0)
+                    fresh = tl.maximum(fresh, tl.max(hit.to(tl.int32), axis=0))
+                lead = first == i
     if lead:
-        # restart: is the block's offset 0 among the members?
-        fresh = tl.zeros([], dtype=tl.int32)
-        for p0 in range(i, last + 1, BLOCK_T):
-            p = p0 + tl.arange(0, BLOCK_T)
-            pm = p <= last
-            if SORTED:
+        if SORTED:  # restart: the run's members are the sorted positions i..last
+            for p0 in range(i, last + 1, BLOCK_T):
+                p = p0 + tl.arange(0, BLOCK_T)
+                pm = p <= last
                 tok = tl.load(order_ptr + p, mask=pm, other=0).to(tl.int64)
-            else:
-                tok = p.to(tl.int64)
-            sv = tl.load(slot_ptr + tok, mask=pm, other=-1).to(tl.int64)
-            hit = pm & (sv >= 0) & (tl.maximum(sv, 0) // BS == blk) & (tl.maximum(sv, 0) % BS == 0)
-            fresh = tl.maximum(fresh, tl.max(hit.to(tl.int32), axis=0))
+                sv = tl.load(slot_ptr + tok, mask=pm, other=-1).to(tl.int64)
+                hit = pm & (sv >= 0) & (tl.maximum(sv, 0) % BS == 0)
+                fresh = tl.maximum(fresh, tl.max(hit.to(tl.int32), axis=0))
+        # the stored values this program updates, read before its first store
+        if HAS_B and KIND != 1:
+            b_old = tl.load(b_ptr + blk * HD + c, mask=cm & (fresh == 0), other=0.0)
         if KIND == 0:
             if fresh > 0:
                 for g in range(0, R):
@@ -477,11 +494,15 @@ def _reps_write_kernel(
         for p in range(i, last + 1):
             if SORTED:
                 tok = tl.load(order_ptr + p).to(tl.int64)
-            else:
-                tok = tl.zeros([], dtype=tl.int64) + p
-            sj = tl.load(slot_ptr + tok).to(tl.int64)
-            if (sj >= 0) & (tl.maximum(sj, 0) // BS == blk):
+                sj = tl.load(slot_ptr + tok).to(tl.int64)
                 k = tl.load(key_ptr + tok * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
+            elif p == i:  # the leader's own key, already read
+                sj = s
+                k = k_i
+            else:
+                sj = tl.load(slot_ptr + p).to(tl.int64)
+                k = tl.load(key_ptr + p * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
+            if (sj >= 0) & (tl.maximum(sj, 0) // BS == blk):
                 if KIND == 0:
                     ap = a_ptr + (blk * R + (sj % BS) // MERGE) * HD + c
                     tl.store(ap, tl.load(ap, mask=cm, other=0.0) + k, mask=cm)
@@ -506,8 +527,7 @@ def _reps_write_kernel(
                 new = bits.to(tl.float32, bitcast=True)
             tl.store(rp, new.to(a_ptr.dtype.element_ty), mask=put)
         if HAS_B and KIND != 1:  # |K| sums of the block, stored once
-            old = tl.load(b_ptr + blk * HD + c, mask=cm & (fresh == 0), other=0.0)
-            tl.store(b_ptr + blk * HD + c, old + aacc, mask=cm)
+            tl.store(b_ptr + blk * HD + c, b_old + aacc, mask=cm)
 
 
 # --------------------------------------------------------------------------------- attention
@@ -755,42 +775,47 @@ def _scores_minmax_kernel(
     stride_ob,
     MODE: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Quest block scores: per query head, sum over channels of max(q * min, q * max) (the most
-    q . k can reach inside the block's box of keys), then mean (MODE 0) or max (MODE 1: a `GroupReduceCode`) over the
-    GQA group, summed over KV heads; -inf past n_b. BLOCK_M blocks per program; mins and maxs
-    share strides. The group's queries cannot be averaged first (the bound is not linear in q),
-    so each query head is bounded on its own against the tile already loaded."""
+    q . k can reach inside the block's box of keys), then mean (MODE 0) or max (MODE 1: a
+    `GroupReduceCode`) over the GQA group, summed over KV heads; -inf past n_b. A program reads
+    its BLOCK_M blocks' mins and maxs of every KV head as two [BLOCK_M, Hkv, D] tiles (one load
+    each, all bytes in flight at once, as the dot scorer); mins and maxs share strides. The
+    group's queries cannot be averaged first (the bound is not linear in q), so each query head
+    of the group is bounded on its own against the loaded tiles."""
     jb = tl.program_id(0)
     b = tl.program_id(1)
     j = jb * BLOCK_M + tl.arange(0, BLOCK_M)
     jm = j < M
     seq_len = tl.load(seqlen_ptr + b).to(tl.int32)
     n_b = (seq_len + BS - 1) // BS
+    h = tl.arange(0, BLOCK_H)
+    hm = h < Hkv
     d = tl.arange(0, BLOCK_D)
     dm = d < D
+    hd = hm[:, None] & dm[None, :]
     blk = tl.maximum(tl.load(table_ptr + b * stride_tb + j, mask=jm, other=0), 0).to(tl.int64)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for h in range(Hkv):
-        off = blk[:, None] * stride_rb + h * stride_rh + d[None, :]
-        tm = jm[:, None] & dm[None, :]
-        lo = tl.load(min_ptr + off, mask=tm, other=0.0).to(tl.float32)
-        hi = tl.load(max_ptr + off, mask=tm, other=0.0).to(tl.float32)
+    off = blk[:, None, None] * stride_rb + (h * stride_rh)[None, :, None] + d[None, None, :]
+    tm = jm[:, None, None] & hd[None, :, :]
+    lo = tl.load(min_ptr + off, mask=tm, other=0.0).to(tl.float32)
+    hi = tl.load(max_ptr + off, mask=tm, other=0.0).to(tl.float32)
+    qrow = q_ptr + b * stride_qb + d[None, :]
+    if MODE == 0:
+        acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    else:
+        acc = tl.full([BLOCK_M, BLOCK_H], float("-inf"), dtype=tl.float32)
+    for gg in range(G):
+        qv = tl.load(qrow + (h * G + gg)[:, None] * stride_qh, mask=hd, other=0.0).to(tl.float32)
+        bound = tl.sum(tl.maximum(lo * qv[None, :, :], hi * qv[None, :, :]), axis=2)
         if MODE == 0:
-            acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc += bound
         else:
-            acc = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        for gg in range(G):
-            qv = tl.load(q_ptr + b * stride_qb + (h * G + gg) * stride_qh + d, mask=dm, other=0.0).to(tl.float32)
-            bound = tl.sum(tl.maximum(lo * qv[None, :], hi * qv[None, :]), axis=1)
-            if MODE == 0:
-                acc += bound
-            else:
-                acc = tl.maximum(acc, bound)
-        if MODE == 0:
-            acc = acc / G
-        total += acc
+            acc = tl.maximum(acc, bound)
+    if MODE == 0:
+        acc = acc / G
+    total = tl.sum(tl.where(hm[None, :], acc, 0.0), axis=1)
     total = tl.where(j < n_b, total, float("-inf"))
     tl.store(out_ptr + b * stride_ob + j, total, mask=jm)
 

@@ -22,6 +22,7 @@ from .kernels import get_kernels
 
 _LOG2E = 1.4426950408889634
 _KVSTAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_REPS_SCAN_BLOCK = 256  # tokens `_reps_write_kernel` scans per vector (decode batches: in one pass)
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -57,6 +58,9 @@ class CudaOps(TorchReferenceOps):
         #: representation writes of up to this many tokens find each block's keys by an in-kernel
         #: scan (T^2 / BLOCK_T vector compares), longer ones (prefills) by a sort
         self.write_scan_max = 4096
+        #: calls of up to `_REPS_SCAN_BLOCK` tokens (decode batches) scan in one vector, every
+        #: program at once (False: the chunked scan of longer calls, for tests)
+        self.write_scan_once = True
 
     def topk_launch(self, block_m: int) -> tuple[int, int, bool]:
         """(num_warps, radix bits per pass, sort instead) of the top-k kernel for a row of
@@ -485,8 +489,9 @@ class CudaOps(TorchReferenceOps):
             KIND=kind,
             HAS_B=b is not None,
             SORTED=sort,
+            SCAN_ONCE=not sort and self.write_scan_once and t <= _REPS_SCAN_BLOCK,
             RNE_BF16=self.interpret and a.dtype == torch.bfloat16,
-            BLOCK_T=256,  # fixed: one compiled variant whatever the call's length
+            BLOCK_T=_REPS_SCAN_BLOCK,  # fixed: two compiled variants whatever the call's length
             BLOCK_C=block_c,
             BLOCK_R=block_r,
         )
@@ -520,8 +525,10 @@ class CudaOps(TorchReferenceOps):
             return out
         qc = q if q.stride(-1) == 1 else q.contiguous()
         tbl = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
-        # the dot scorer's launch (4 blocks per program on one warp); two tiles per head here
-        block_m = self.scores_block_m or 4
+        # the dot scorer's launch: [blocks, Hkv, D] tiles of ~4096 values (two of them: mins and
+        # maxs, 2 blocks at the Qwen3-4B shape) on 4 warps
+        block_h, block_d = _pow2(hkv), _pow2(d)
+        block_m = self.scores_block_m or max(1, min(4, 4096 // (2 * block_h * block_d)))
         self._k.scores_minmax_kernel[(triton_cdiv(m, block_m), b)](
             qc,
             mins,
@@ -542,8 +549,9 @@ class CudaOps(TorchReferenceOps):
             out.stride(0),
             MODE=int(code),
             BLOCK_M=block_m,
-            BLOCK_D=_pow2(d),
-            num_warps=self.scores_warps or 1,
+            BLOCK_H=block_h,
+            BLOCK_D=block_d,
+            num_warps=self.scores_warps or 4,
         )
         return out
 
