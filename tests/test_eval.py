@@ -232,6 +232,7 @@ def test_eval_smoke_through_vllm(tmp_path) -> None:
     assert summary["store"]["1024/dense"]["dumped_blocks"] > 0
     dumped, loaded = summary["store"]["1024/dense"]["dumped_blocks"], summary["store"]["1024/ESA@0.3"]["loaded_blocks"]
     assert dumped - 2 <= loaded <= dumped  # every full block but (at most) the one holding each prompt's last token
+    assert summary["prefill"] == {"1024/dense": "computed", "1024/ESA@0.3": "loaded"}
     assert 0.2 < summary["blocks_read"]["1024/ESA@0.3"] < 0.6
     cells = {c["setting"]: c for c in summary["cells"]}
     assert cells["dense"]["samples"] == 2 and cells["dense"]["score"] >= 50  # SmolLM2 finds a needle at 1K

@@ -408,8 +408,14 @@ def run_eval(
                         meta.setdefault("blocks_read", {})[f"{length}/{setting.label}"] = sum(snap["kept"]) / sum(
                             snap["total"]
                         )
-                    if conn.store_worker is not None:
-                        meta.setdefault("store", {})[f"{length}/{setting.label}"] = conn.store_worker.snapshot()
+                    stored = conn.store_worker.snapshot() if conn.store_worker is not None else None
+                    if stored is not None:
+                        meta.setdefault("store", {})[f"{length}/{setting.label}"] = stored
+                    # what `seconds_per_engine` includes: an engine that found no prompts in the
+                    # store (the dense one; any engine of a resumed run) computed their prefill
+                    meta.setdefault("prefill", {})[f"{length}/{setting.label}"] = (
+                        "loaded" if stored and stored["loaded_blocks"] else "computed"
+                    )
             finally:
                 del llm
                 conn = None
