@@ -264,13 +264,20 @@ def test_eval_smoke_through_vllm(tmp_path) -> None:
     assert sorted((r["setting"], r["index"]) for r in rows) == [(s, i) for s in ("ESA@0.3", "dense") for i in range(3)]
 
 
-def test_a_model_without_a_shipped_json_runs_gsa_on_device_only_with_its_own(tmp_path) -> None:
-    """On a packaged model ucm ships no eval JSON for, the SmolLM2-JSON settings (plain
+def test_a_model_without_a_shipped_json_runs_gsa_on_device_only_with_its_own(tmp_path, monkeypatch) -> None:
+    """On a packaged model ucm ships no per-model JSON for, the settings that need one (plain
     GSAOnDevice, --hash-config random) are refused before anything loads, naming the way out;
     --hash-config JSON (a model's own, e.g. from `ucm configure`) with --methods dense is not."""
+    import dataclasses
+
     from ucm.config.fallback import generic_model_config
     from ucm.eval.runner import _own_json, run_eval
+    from ucm.models import MODELS
 
+    # every packaged model ships a JSON now: take one away
+    monkeypatch.setitem(
+        MODELS, "qwen2.5-coder-0.5b", dataclasses.replace(MODELS["qwen2.5-coder-0.5b"], model_config=None)
+    )
     with pytest.raises(ValueError, match="pass one with --hash-config JSON"):
         run_eval(tmp_path, ["niah_single_2"], [4096], 1, ["GSAOnDevice"], [0.3], model="qwen2.5-coder-0.5b")
     with pytest.raises(ValueError, match=r"GSAOnDevice\+random need"):
@@ -282,3 +289,19 @@ def test_a_model_without_a_shipped_json_runs_gsa_on_device_only_with_its_own(tmp
     grid = settings_grid(["dense"], [0.3], hash_config=own)
     assert [s.label for s in grid] == ["dense", *(f"{m}+random@0.3" for m in method_names(model_json=True))]
     assert [_own_json(s) for s in grid] == [False] + [True] * (len(grid) - 1)
+
+
+def test_settings_of_another_model_use_its_shipped_json(tmp_path) -> None:
+    """--hash-config random on a model other than SmolLM2 randomises that model's own JSON (its
+    layer count and dense layers), not SmolLM2's."""
+    from ucm.models import MODELS
+
+    name = MODELS["qwen2.5-coder-0.5b"].model_config
+    grid = settings_grid(["GSAOnDevice"], [0.3], hash_config="random", model_config=name)
+    assert [s.label for s in grid] == ["dense", "GSAOnDevice@0.3", "GSAOnDevice+random@0.3"]
+    assert {s.model_config for s in grid} == {name}
+    extra = grid[-1].extra_config(tmp_path)
+    written = json.loads(Path(extra["ucm_sparse_config"]["GSAOnDevice"]["config_file"]).read_text())
+    assert written["num_hidden_layers"] == 24 and written["hash_weight_type"] == "random"
+    assert [i for i, r in enumerate(written["top_k_ratio_per_layer"]) if r >= 1] == [0, 3, 7]
+    assert settings_grid(["ESA"], [0.3])[1].model_config == "SmolLM2-135M-Instruct"  # the default model

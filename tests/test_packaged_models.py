@@ -86,13 +86,17 @@ def test_a_missing_package_names_the_pip_line(tmp_path, monkeypatch) -> None:
         models.gguf_path("no-such-model")
 
 
-def test_eval_refuses_per_model_json_methods_on_a_model_without_its_json(tmp_path) -> None:
+def test_eval_refuses_per_model_json_methods_on_a_model_without_its_json(tmp_path, monkeypatch) -> None:
+    import dataclasses
+
     from ucm.eval.runner import run_eval
     from ucm.methods import method_names
 
     model_json = method_names(model_json=True)
     if not model_json:
         pytest.skip("no registered method reads a per-model JSON")
+    # every packaged model ships its JSON: a copy of Qwen's entry without one
+    monkeypatch.setitem(MODELS, QWEN, dataclasses.replace(MODELS[QWEN], model_config=None))
     with pytest.raises(ValueError, match="per-model JSON"):
         run_eval(tmp_path, methods=model_json, ratios=[0.3], model=QWEN, progress=False)
     with pytest.raises(ValueError, match="unknown model"):

