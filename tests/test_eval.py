@@ -300,8 +300,10 @@ def test_settings_of_another_model_use_its_shipped_json(tmp_path) -> None:
     grid = settings_grid(["GSAOnDevice"], [0.3], hash_config="random", model_config=name)
     assert [s.label for s in grid] == ["dense", "GSAOnDevice@0.3", "GSAOnDevice+random@0.3"]
     assert {s.model_config for s in grid} == {name}
-    extra = grid[-1].extra_config(tmp_path)
-    written = json.loads(Path(extra["ucm_sparse_config"]["GSAOnDevice"]["config_file"]).read_text())
-    assert written["num_hidden_layers"] == 24 and written["hash_weight_type"] == "random"
-    assert [i for i, r in enumerate(written["top_k_ratio_per_layer"]) if r >= 1] == [0, 3, 7]
+    for setting, weights in ((grid[1], "trained"), (grid[2], "random")):  # shipped, then --hash-config random
+        (tmp_path / weights).mkdir()
+        extra = setting.extra_config(tmp_path / weights)
+        written = json.loads(Path(extra["ucm_sparse_config"]["GSAOnDevice"]["config_file"]).read_text())
+        assert written["num_hidden_layers"] == 24 and written["hash_weight_type"] == weights
+        assert [i for i, r in enumerate(written["top_k_ratio_per_layer"]) if r >= 1] == [0, 3, 7]
     assert settings_grid(["ESA"], [0.3])[1].model_config == "SmolLM2-135M-Instruct"  # the default model

@@ -387,7 +387,12 @@ def _handle_trace(args, methods) -> int:
 
         json_name = MODELS[args.model].model_config if args.model in MODELS else None
         keep = () if args.dense_layers == "none" or get_method(method).model_json or json_name is None else None
-        config = method_config(method, args.ratio, dense_layers=model_dense_layers(json_name) if keep is None else ())
+        config = method_config(
+            method,
+            args.ratio,
+            dense_layers=model_dense_layers(json_name) if keep is None else (),
+            model_config=json_name if get_method(method).model_json else None,
+        )
         from ucm.methods import method_key_values
 
         try:
@@ -630,7 +635,9 @@ def trace_sample(
     if dense_layers is None:
         json_name = MODELS[model].model_config
         dense_layers = () if spec.model_json or json_name is None else model_dense_layers(json_name)
-    cfg = config or method_config(method, ratio, dense_layers=dense_layers)
+    cfg = config or method_config(
+        method, ratio, dense_layers=dense_layers, model_config=MODELS[model].model_config if spec.model_json else None
+    )
     runner = PagedHFRunner(hf_model, tok, ops, block_size=block_size, max_tokens=len(ids) + steps + 2 * block_size)
     state = runner.prefill(ids)
     stop = [tok.eos_token_id] if tok.eos_token_id is not None else []

@@ -86,6 +86,8 @@ class Setting:
             from ucm.config.loader import model_config_data
 
             model_config = model_config_data(self.model_config, random_hash=True)
+        elif model_config is None and self.keeps_model_json:
+            model_config = self.model_config  # the evaluated model's shipped JSON
         config = method_config(
             self.method, float(self.ratio), workdir, self.dense_layers, self.retrieval_stride, model_config
         )
