@@ -334,7 +334,7 @@ def run_eval(
         if old.get("model", model) != model:
             raise ValueError(f"{out_dir} holds results of model {old['model']!r}, not {model!r}: use another --out-dir")
         timings.update(old.get("seconds_per_engine", {}))
-        for key in ("blocks_read", "store"):
+        for key in ("blocks_read", "store", "prefill"):
             if old.get(key):
                 meta[key] = dict(old[key])
         if old.get("dense_layers") and "dense_layers" not in meta:
