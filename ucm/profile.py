@@ -391,7 +391,7 @@ def _handle_trace(args, methods) -> int:
             method,
             args.ratio,
             dense_layers=model_dense_layers(json_name) if keep is None else (),
-            model_config=json_name if get_method(method).model_json else None,
+            model_config=json_name,  # read by the per-model JSON methods only
         )
         from ucm.methods import method_key_values
 
@@ -635,9 +635,7 @@ def trace_sample(
     if dense_layers is None:
         json_name = MODELS[model].model_config
         dense_layers = () if spec.model_json or json_name is None else model_dense_layers(json_name)
-    cfg = config or method_config(
-        method, ratio, dense_layers=dense_layers, model_config=MODELS[model].model_config if spec.model_json else None
-    )
+    cfg = config or method_config(method, ratio, dense_layers=dense_layers, model_config=MODELS[model].model_config)
     runner = PagedHFRunner(hf_model, tok, ops, block_size=block_size, max_tokens=len(ids) + steps + 2 * block_size)
     state = runner.prefill(ids)
     stop = [tok.eos_token_id] if tok.eos_token_id is not None else []

@@ -432,17 +432,16 @@ def _reps_write_kernel(
     i = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < HD
-    # token i's key: read before anything is known about its block, so that at decode (one key
-    # per block) the key, the slots and the stored representation are the only round trips
-    k_i = tl.load(key_ptr + i * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
     fresh = tl.zeros([], dtype=tl.int32)  # is the block's offset 0 among the members (restart)?
     if SORTED:
         blk = tl.load(srt_ptr + i).to(tl.int64)
         prev = tl.load(srt_ptr + i - 1, mask=i > 0, other=-1).to(tl.int64)
         lead = (blk >= 0) & (prev != blk)
         last = tl.load(end_ptr + i).to(tl.int32) - 1
-        s = tl.zeros([], dtype=tl.int64) - 1  # unused: members are read through `order`
     else:
+        # token i's key: read before anything is known about its block, so that at decode (one
+        # key per block) the key, the slots and the stored representation are the only round trips
+        k_i = tl.load(key_ptr + i * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
         s = tl.load(slot_ptr + i).to(tl.int64)
         blk = tl.where(s >= 0, tl.maximum(s, 0) // BS, -1)
         if SCAN_ONCE:  # the whole call in one vector (decode): one pass, no dependent load

@@ -86,8 +86,8 @@ class Setting:
             from ucm.config.loader import model_config_data
 
             model_config = model_config_data(self.model_config, random_hash=True)
-        elif model_config is None and self.keeps_model_json:
-            model_config = self.model_config  # the evaluated model's shipped JSON
+        elif model_config is None:
+            model_config = self.model_config  # the evaluated model's shipped JSON (GSA on device reads it)
         config = method_config(
             self.method, float(self.ratio), workdir, self.dense_layers, self.retrieval_stride, model_config
         )
@@ -111,7 +111,7 @@ def settings_grid(
     retrieval_stride: int | None = None,
     hash_config: str | Path | None = None,
     method_keys: dict[str, Any] | None = None,
-    model_config: str | None = None,
+    model_config: str | None = SHIPPED_MODEL_CONFIG,
 ) -> list[Setting]:
     """Dense first (its engine fills the store the others load from), then method x ratio.
     `dense_layers` go to the windowed methods (a method with a per-model JSON, GSA on device,
@@ -121,8 +121,7 @@ def settings_grid(
     one `ucm calibrate` writes), named "<method>+<its hash_weight_type>". `method_keys` (config key
     -> value) are set on every sparse method of the grid, which must all have those keys; the
     settings are named "<method>[key=value,...]". `model_config` names the evaluated model's
-    shipped per-model JSON (default: SmolLM2's)."""
-    model_config = model_config or SHIPPED_MODEL_CONFIG
+    shipped per-model JSON (default: SmolLM2's; None: the model has none)."""
     dense_layers = tuple(dense_layers)
     variant = None
     if hash_config is not None:
