@@ -859,6 +859,56 @@ def test_block_sums_add_from_random_state(backend: Backend, merge: int) -> None:
     torch.testing.assert_close(host(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["sums", "minmax", "kvstar"])
+def test_reps_write_layers(backend: Backend, kind: str) -> None:
+    """Every layer's representations from its paged key cache in one call (vLLM 0.26's
+    FlashAttention layout, [NB, Hkv, bs, 2D] with K first in the last dimension, seen as
+    [NB, bs, Hkv, D]) equal the per-layer op given the keys themselves: decode calls with
+    padding, a recycled block, several keys of one block, a call past one scan vector (300
+    tokens) and a call with no tokens (changes nothing)."""
+    g = gen(23)
+    layers, nb, bs, h, d = 3, 12, 16, 2, 8
+    merge = {"sums": 4, "minmax": bs, "kvstar": 8}[kind]
+    raw = [torch.randn(nb, h, bs, 2 * d, generator=g).to(torch.bfloat16) for _ in range(layers)]
+    calls = [
+        torch.tensor([3 * bs + 5, -1, 1 * bs, 1 * bs + 1, 4 * bs + 15, 5 * bs + 7]),
+        torch.tensor([3 * bs + 6, 1 * bs + 2, -1]),
+        torch.tensor([1 * bs, 9 * bs + 3]),  # block 1 recycled
+        torch.arange(6 * bs, 6 * bs + 300) % (nb * bs),  # past one scan vector (blocks 6.. wrap to 0)
+        torch.tensor([], dtype=torch.int64),
+    ]
+
+    def fresh() -> tuple[list, list]:
+        gg = gen(29)
+        if kind == "sums":
+            return [torch.randn(nb, bs // merge, h, d, generator=gg) for _ in range(layers)], [
+                torch.randn(nb, h, d, generator=gg) for _ in range(layers)
+            ]
+        a = [torch.randn(nb, h, d, generator=gg) for _ in range(layers)]
+        if kind == "kvstar":
+            a = [x[..., None].repeat(1, 1, 1, bs // merge).to(torch.bfloat16) for x in a]
+        return a, [torch.randn(nb, h, d, generator=gg) for _ in range(layers)]
+
+    want_a, want_b = fresh()
+    got = tuple([backend.to(t) for t in ts] for ts in fresh())
+    caches = [backend.to(r).transpose(1, 2)[..., :d] for r in raw]
+    launches = getattr(backend.ops, "layered_writes", 0)
+    for slots in calls:
+        for i in range(layers):
+            keys = raw[i].transpose(1, 2)[..., :d][slots.clamp(min=0) // bs, slots.clamp(min=0) % bs]
+            if kind == "sums":
+                REF.block_sums_add(want_a[i], want_b[i], keys, slots, bs, merge)
+            elif kind == "minmax":
+                REF.block_minmax_update(want_a[i], want_b[i], keys, slots, bs)
+            else:
+                REF.kvstar_reps_add(want_a[i], want_b[i], keys, slots, bs, merge)
+        backend.ops.reps_write_layers(kind, *got, caches, backend.to(slots), bs, merge)
+        for w, o in zip(want_a + want_b, got[0] + got[1], strict=True):
+            torch.testing.assert_close(host(o).float(), w.float(), rtol=1e-5, atol=1e-5)
+    if backend.name == "cuda":  # the three decode calls in one launch each; 300 tokens layer by layer
+        assert backend.ops.layered_writes - launches == 3
+
+
 # ---------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("seq_lens,bs,hq,hkv,d", ORACLE_CASES)
 def test_paged_decode_attention_matches_sdpa(backend: Backend, seq_lens, bs, hq, hkv, d) -> None:

@@ -420,6 +420,19 @@ def test_flash_wrapper_selects_in_batch_mode_with_the_kernel_replaced_by_a_recor
     windowed.forward(layer, query, keys, keys, kv_cache, md, torch.zeros(11, 32))
     assert seen["md"] is md
 
+    # the next step's write waits for the step's last layer (layer 3 of 4, armed by the first
+    # step) and reads the keys from the cache: the stock write now really writes, as vLLM's does
+    def stock_write(self, layer_, key, value, cache, slot_mapping) -> None:
+        cache.transpose(1, 2)[..., :8][slot_mapping // bs, slot_mapping % bs] = key
+
+    monkeypatch.setattr(FlashAttentionImpl, "do_kv_cache_update", stock_write)
+    step2 = torch.tensor([int(table[1, 41 // bs]) * bs + 41 % bs, int(table[2, 38 // bs]) * bs + 38 % bs])
+    keys2 = torch.randn(2, 2, 8, generator=g)
+    impl.do_kv_cache_update(layer, keys2, keys2, kv_cache, step2)
+    legacy.on_kv_written(layer.layer_name, keys2, step2)
+    assert runtime.deferred.batched_steps == 1
+    torch.testing.assert_close(runtime.method.scorer.acc[3].sums, legacy.method.scorer.acc[3].sums)
+
 
 def test_flash_plan_ahead_once_per_step_and_lengths(monkeypatch) -> None:
     """FA3's scheduler metadata for the rewritten lengths is planned with the builder's

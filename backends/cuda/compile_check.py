@@ -138,6 +138,16 @@ def _exercise(ops) -> None:
         ops.block_minmax_update(torch.zeros(nb, hkv, d), torch.zeros(nb, hkv, d), key, slots, bs)
         ops.kvstar_reps_add(torch.zeros(nb, hkv, d, bs // 2, dtype=bf16), torch.zeros(nb, hkv, d), key, slots, bs, 2)
         ops.hash_write(torch.zeros(nb, bs, hkv, 16, dtype=torch.uint8), key, torch.randn(d, 128), slots)
+    # a decode step's writes of every layer in one launch, keys read from vLLM 0.26's cache layout
+    caches = [torch.zeros(nb, hkv, bs, 2 * d, dtype=bf16).transpose(1, 2)[..., :d] for _ in range(2)]
+    for t in (1, 8):
+        slots = torch.arange(t, dtype=torch.int64)
+        sums = [torch.zeros(nb, bs // 2, hkv, d) for _ in caches]
+        ops.reps_write_layers("sums", sums, [None, None], caches, slots, bs, 2)
+        bounds = [torch.zeros(nb, hkv, d) for _ in caches]
+        ops.reps_write_layers("minmax", bounds, [torch.zeros(nb, hkv, d) for _ in caches], caches, slots, bs, bs)
+        reps = [torch.zeros(nb, hkv, d, bs // 2, dtype=bf16) for _ in caches]
+        ops.reps_write_layers("kvstar", reps, [torch.zeros(nb, hkv, d) for _ in caches], caches, slots, bs, 2)
     ops.sign_bits_pack(torch.randn(8, hkv, 128))
     ops.hash_encode(torch.randn(8, hkv, d, dtype=bf16), torch.randn(d, 128))
     # MLA-shaped (one latent head of 576, 128 query heads) and MHA-shaped (G = 1) models

@@ -396,10 +396,16 @@ def _reps_write_kernel(
     R,
     HD,
     stride_kt,
+    tab_ptr,
+    L,
+    DH,
+    stride_ko,
+    stride_kh,
     KIND: tl.constexpr,
     HAS_B: tl.constexpr,
     SORTED: tl.constexpr,
     SCAN_ONCE: tl.constexpr,
+    LAYERED: tl.constexpr,
     RNE_BF16: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -427,11 +433,22 @@ def _reps_write_kernel(
         decode step's write costs the key, the slots and the stored values' round trips only.
       * SORTED (long prefills): the block ids sorted stably (srt, with the token order `order`
         and each position's end of run `end`); position i leads if a run starts there.
+    LAYERED (with SCAN_ONCE): every layer of a step in one launch, grid (T, chunks, L). Program
+    (i, ., l) reads layer l's key cache, a and b through the addresses tab[l], tab[L + l] and
+    tab[2L + l] (key_ptr, a_ptr, b_ptr give only their dtypes), and token i's key from the cache
+    at its slot: cache[slot // BS, slot % BS, h, d] at strides (stride_kt, stride_ko, stride_kh, 1),
+    channel c = h * DH + d.
     RNE_BF16 (interpreter only): Triton 3.6's interpreter truncates float32 -> bfloat16, the GPU
     rounds to nearest even; the value is rounded by hand first so both store the same bits."""
     i = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < HD
+    if LAYERED:
+        lay = tl.program_id(2)
+        key_ptr = tl.load(tab_ptr + lay).to(tl.pointer_type(key_ptr.dtype.element_ty))
+        a_ptr = tl.load(tab_ptr + L + lay).to(tl.pointer_type(a_ptr.dtype.element_ty))
+        b_ptr = tl.load(tab_ptr + 2 * L + lay).to(tl.pointer_type(b_ptr.dtype.element_ty))
+        c_off = (c // DH).to(tl.int64) * stride_kh + c % DH  # a channel's place in a cache token
     fresh = tl.zeros([], dtype=tl.int32)  # is the block's offset 0 among the members (restart)?
     if SORTED:
         blk = tl.load(srt_ptr + i).to(tl.int64)
@@ -441,8 +458,14 @@ def _reps_write_kernel(
     else:
         # token i's key: read before anything is known about its block, so that at decode (one
         # key per block) the key, the slots and the stored representation are the only round trips
-        k_i = tl.load(key_ptr + i * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
         s = tl.load(slot_ptr + i).to(tl.int64)
+        if LAYERED:  # the key where the step wrote it: in the layer's cache, at its slot
+            sc = tl.maximum(s, 0)
+            k_i = tl.load(
+                key_ptr + (sc // BS) * stride_kt + (sc % BS) * stride_ko + c_off, mask=cm & (s >= 0), other=0.0
+            ).to(tl.float32)
+        else:
+            k_i = tl.load(key_ptr + i * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
         blk = tl.where(s >= 0, tl.maximum(s, 0) // BS, -1)
         if SCAN_ONCE:  # the whole call in one vector (decode): one pass, no dependent load
             j = tl.arange(0, BLOCK_T)
@@ -498,6 +521,12 @@ def _reps_write_kernel(
             elif p == i:  # the leader's own key, already read
                 sj = s
                 k = k_i
+            elif LAYERED:
+                sj = tl.load(slot_ptr + p).to(tl.int64)
+                sc = tl.maximum(sj, 0)
+                k = tl.load(
+                    key_ptr + (sc // BS) * stride_kt + (sc % BS) * stride_ko + c_off, mask=cm & (sj >= 0), other=0.0
+                ).to(tl.float32)
             else:
                 sj = tl.load(slot_ptr + p).to(tl.int64)
                 k = tl.load(key_ptr + p * stride_kt + c, mask=cm, other=0.0).to(tl.float32)

@@ -61,6 +61,8 @@ class CudaOps(TorchReferenceOps):
         #: calls of up to `_REPS_SCAN_BLOCK` tokens (decode batches) scan in one vector, every
         #: program at once (False: the chunked scan of longer calls, for tests)
         self.write_scan_once = True
+        self._tables: dict[tuple[int, ...], torch.Tensor] = {}  # `reps_write_layers`' address tables
+        self.layered_writes = 0  # `reps_write_layers` calls done in one launch (tests, diagnostics)
 
     def topk_launch(self, block_m: int) -> tuple[int, int, bool]:
         """(num_warps, radix bits per pass, sort instead) of the top-k kernel for a row of
@@ -455,15 +457,73 @@ class CudaOps(TorchReferenceOps):
             return super().block_minmax_update(mins, maxs, key, slot_mapping, block_size)
         self._reps_write(1, mins, maxs, key, slot_mapping, block_size, block_size, 1, mins.shape[1] * mins.shape[2])
 
-    def _reps_write(self, kind, a, b, key, slot_mapping, block_size, merge, r, hd) -> None:
+    def reps_write_layers(self, kind, a, b, k_caches, slot_mapping, block_size, merge) -> None:
+        """Every layer in one launch (`_reps_write_kernel` with LAYERED: grid (T, chunks, layers),
+        each program reading its layer's tensors through a table of addresses) for calls of up to
+        `_REPS_SCAN_BLOCK` tokens (decode steps); longer calls, mixed shapes or dtypes, and a
+        table first needed while a CUDA graph is being captured go layer by layer (the contract's
+        loop). The address table is made once per set of tensors and kept (a captured graph
+        reads it at replay); a call with no tokens only makes the table (outside a capture,
+        ahead of the steps a graph captures)."""
+        code = {"sums": 0, "minmax": 1, "kvstar": 2}.get(kind)
+        t = int(slot_mapping.shape[0])
+        if code is None or not a or t > _REPS_SCAN_BLOCK or not self.write_scan_once:
+            return super().reps_write_layers(kind, a, b, k_caches, slot_mapping, block_size, merge)
+        a0, b0, k0 = a[0], b[0], k_caches[0]
+        nb, bs, h, d = k0.shape if k0.dim() == 4 else (0, 0, 0, 0)
+        if code == 0:
+            r = a0.shape[1] if a0.dim() == 4 else 0
+            a_ok = a0.dtype == torch.float32 and a0.shape == (nb, r, h, d) and r * merge == block_size
+        elif code == 1:
+            r = 1
+            a_ok = a0.dtype == torch.float32 and a0.shape == (nb, h, d) and b0 is not None and b0.dtype == a0.dtype
+        else:
+            r = a0.shape[3] if a0.dim() == 4 else 0
+            a_ok = a0.dtype in _KVSTAR_DTYPES and a0.shape == (nb, h, d, r) and r * merge == block_size
+            a_ok = a_ok and b0 is not None
+        b_ok = b0 is None or (b0.dtype == torch.float32 and b0.shape[0] == nb and b0.numel() == nb * h * d)
+        usable = (
+            a_ok
+            and b_ok
+            and bs == block_size
+            and k0.stride(-1) == 1
+            and self._can_run(slot_mapping, *a, *k_caches)
+            and all(x.shape == a0.shape and x.dtype == a0.dtype and x.is_contiguous() for x in a)
+            and all((y is None) == (b0 is None) for y in b)
+            and all(y.shape == b0.shape and y.is_contiguous() and self._can_run(y) for y in b if y is not None)
+            and all(c.shape == k0.shape and c.stride() == k0.stride() and c.dtype == k0.dtype for c in k_caches)
+        )
+        tab = self._address_table(a, b, k_caches) if usable else None
+        if tab is None:
+            return super().reps_write_layers(kind, a, b, k_caches, slot_mapping, block_size, merge)
+        self._reps_write(code, a0, b0, k0, slot_mapping, block_size, merge, r, h * d, layers=(tab, len(a), d))
+        self.layered_writes += t > 0
+
+    def _address_table(self, a, b, k_caches) -> torch.Tensor | None:
+        """[3L] int64 on the tensors' device: the key caches', a's and b's addresses (b = a's where
+        b is None), made once per set of tensors; None while a CUDA graph is being captured
+        (the copy to the device cannot be captured)."""
+        ptrs = tuple(x.data_ptr() for x in k_caches) + tuple(x.data_ptr() for x in a)
+        ptrs += tuple((y if y is not None else x).data_ptr() for x, y in zip(a, b, strict=True))
+        tab = self._tables.get(ptrs)
+        if tab is None:
+            dev = a[0].device
+            if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            tab = self._tables[ptrs] = torch.tensor(ptrs, dtype=torch.int64).to(dev)
+        return tab
+
+    def _reps_write(self, kind, a, b, key, slot_mapping, block_size, merge, r, hd, layers=None) -> None:
         """Launch `_reps_write_kernel` (kind 0 sums, 1 min / max, 2 KVStar's channel-major reps).
         Calls longer than `write_scan_max` tokens (prefills) find each block's keys by a stable
-        sort of the block ids (3 torch ops) instead of the in-kernel scan."""
+        sort of the block ids (3 torch ops) instead of the in-kernel scan. `layers` = (address
+        table, number of layers, head dim): every layer at once, `key` a layer's key cache
+        [NB, bs, Hkv, D] (the caller checked that the call fits one scan vector)."""
         t = int(slot_mapping.shape[0])
         if t == 0:
             return
         slots = slot_mapping.contiguous()
-        sort = t > self.write_scan_max
+        sort = t > self.write_scan_max and layers is None
         if sort:
             blocks = torch.where(slots >= 0, slots.clamp(min=0) // block_size, -1)
             srt, order = torch.sort(blocks, stable=True)
@@ -472,7 +532,8 @@ class CudaOps(TorchReferenceOps):
             srt = order = end = slots  # unused
         block_r = _pow2(r) if kind == 2 else 1
         block_c = min(_pow2(hd), 128, max(16, 4096 // block_r))
-        self._k.reps_write_kernel[(t, triton_cdiv(hd, block_c))](
+        tab, n_layers, dh = layers if layers is not None else (slots, 1, hd)
+        self._k.reps_write_kernel[(t, triton_cdiv(hd, block_c), n_layers)](
             key,
             slots,
             srt,
@@ -486,10 +547,16 @@ class CudaOps(TorchReferenceOps):
             r,
             hd,
             key.stride(0),
+            tab,
+            n_layers,
+            dh,
+            key.stride(1) if layers is not None else 0,
+            key.stride(2) if layers is not None else 0,
             KIND=kind,
             HAS_B=b is not None,
             SORTED=sort,
             SCAN_ONCE=not sort and self.write_scan_once and t <= _REPS_SCAN_BLOCK,
+            LAYERED=layers is not None,
             RNE_BF16=self.interpret and a.dtype == torch.bfloat16,
             BLOCK_T=_REPS_SCAN_BLOCK,  # fixed: two compiled variants whatever the call's length
             BLOCK_C=block_c,

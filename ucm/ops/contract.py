@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import Literal
 
@@ -43,6 +44,9 @@ import torch
 
 BlockReduce = Literal["mean", "max", "min"]
 GroupReduce = Literal["mean", "max"]
+#: which per-layer representation update `reps_write_layers` applies: `block_sums_add`,
+#: `block_minmax_update` or `kvstar_reps_add`
+RepsKind = Literal["sums", "minmax", "kvstar"]
 
 
 class ReduceCode(IntEnum):
@@ -327,6 +331,42 @@ class SparseOps(ABC):
         idx = blocks[:, None].expand(-1, flat.shape[1])
         mins.view(n, -1).scatter_reduce_(0, idx, flat, "amin", include_self=True)
         maxs.view(n, -1).scatter_reduce_(0, idx, flat, "amax", include_self=True)
+
+    def reps_write_layers(
+        self,
+        kind: RepsKind,
+        a: Sequence[torch.Tensor],
+        b: Sequence[torch.Tensor | None],
+        k_caches: Sequence[torch.Tensor],
+        slot_mapping: torch.Tensor,
+        block_size: int,
+        merge: int,
+    ) -> None:
+        """One step's keys folded into every layer's representations at once, read from where
+        the step wrote them (a decode step's representation writes: one launch on a backend with
+        a kernel, not one per layer).
+
+        k_caches[l] [NB, bs, Hkv, D] (any strides) is layer l's paged key cache, already holding
+        the step's keys at slot_mapping [T] (negative = not written). The result is, for every
+        l, that of `block_sums_add(a[l], b[l], keys, slot_mapping, block_size, merge)` ("sums"),
+        `block_minmax_update(a[l], b[l], keys, slot_mapping, block_size)` ("minmax") or
+        `kvstar_reps_add(a[l], b[l], keys, slot_mapping, block_size, merge)` ("kvstar"), where
+        keys [T, Hkv, D] are the cache's values at the slots. A call with no tokens changes
+        nothing (a backend may prepare what calls with these tensors need: the CUDA backend's
+        table of their addresses, made before a CUDA graph captures a call).
+        """
+        if kind not in ("sums", "minmax", "kvstar"):
+            raise ValueError(f"reps_write_layers: unknown kind {kind!r}; valid: sums, minmax, kvstar")
+        slots = slot_mapping.to(torch.int64).clamp(min=0)
+        for a_l, b_l, cache in zip(a, b, k_caches, strict=True):
+            at = slots.to(cache.device)
+            key = cache[at // block_size, at % block_size]  # [T, Hkv, D]; padding slots read block 0, ignored
+            if kind == "sums":
+                self.block_sums_add(a_l, b_l, key, slot_mapping, block_size, merge)
+            elif kind == "minmax":
+                self.block_minmax_update(a_l, b_l, key, slot_mapping, block_size)
+            else:
+                self.kvstar_reps_add(a_l, b_l, key, slot_mapping, block_size, merge)
 
     # ------------------------------------------------------------------ KVStar
     def kvstar_reps_dtype(self, device: torch.device) -> torch.dtype | None:

@@ -108,6 +108,17 @@ class BlockScorer(ABC):
         per-request state), with static shapes and no host read; order as `batch_largest`."""
         raise NotImplementedError(f"{type(self).__name__} cannot score a batch without per-request state")
 
+    #: `write_from_caches` works (the representations live where the key caches do)
+    writes_from_caches: bool = False
+
+    def write_from_caches(
+        self, layers: Sequence[int], k_caches: Sequence[torch.Tensor], slot_mapping: torch.Tensor
+    ) -> None:
+        """`on_kv_written` for several layers at once, their keys read from their paged key
+        caches [NB, bs, Hkv, D] (already written at slot_mapping): one `reps_write_layers` op.
+        Only where `writes_from_caches`."""
+        raise NotImplementedError(f"{type(self).__name__} writes layer by layer")
+
     def prepare_query(self, layer: int, q: torch.Tensor, req_ids: Sequence[str]) -> torch.Tensor:
         """Called with every decode query [B, Hq, D]; returns what `score` receives for it.
 
@@ -336,6 +347,18 @@ class SparseMethod:
         self.scorer.on_kv_written(layer, key, slot_mapping)
         if self.bound_guard is not None:
             self.bound_guard.on_kv_written(layer, key, slot_mapping)
+
+    @property
+    def writes_from_caches(self) -> bool:
+        """Whether `write_from_caches` can stand for `on_kv_written` of several layers."""
+        return self.scorer.writes_from_caches and self.bound_guard is None
+
+    def write_from_caches(
+        self, layers: Sequence[int], k_caches: Sequence[torch.Tensor], slot_mapping: torch.Tensor
+    ) -> None:
+        """`on_kv_written` of `layers`, their keys read from their key caches (`BlockScorer.
+        write_from_caches`; no tokens: the op only prepares)."""
+        self.scorer.write_from_caches(layers, k_caches, slot_mapping)
 
     def end_step(self, plan: StepPlan) -> None:
         for rid in plan.req_ids:

@@ -44,6 +44,22 @@ class MeanReprScorer(BlockScorer):
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.acc[layer].add(key, slot_mapping)
 
+    @property
+    def writes_from_caches(self) -> bool:
+        return self.repr_device == self.shapes.device
+
+    def write_from_caches(self, layers, k_caches, slot_mapping) -> None:
+        accs = [self.acc[i] for i in layers]
+        self.score_ops.reps_write_layers(
+            "sums",
+            [a.sums for a in accs],
+            [a.abs_sums for a in accs],
+            k_caches,
+            slot_mapping,
+            self.shapes.block_size,
+            accs[0].merge,
+        )
+
     def score(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
     ) -> torch.Tensor:

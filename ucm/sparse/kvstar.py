@@ -81,6 +81,18 @@ class KVStarScorer(BlockScorer):
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.acc[layer].add(key, slot_mapping)
 
+    writes_from_caches = True  # representations on the model's device
+
+    def write_from_caches(self, layers, k_caches, slot_mapping) -> None:
+        accs = [self.acc[i] for i in layers]
+        if self.channel_major:
+            a, kind = [x.reps for x in accs], "kvstar"
+        else:
+            a, kind = [x.sums for x in accs], "sums"
+        self.ops.reps_write_layers(
+            kind, a, [x.abs_sums for x in accs], k_caches, slot_mapping, self.shapes.block_size, self.merge
+        )
+
     def prepare_query(self, layer: int, q: torch.Tensor, req_ids: Sequence[str]) -> torch.Tensor:
         """[B, Hq, D] -> [B, window, Hq, D]: the recent queries, zero-padded at the front.
 

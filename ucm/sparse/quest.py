@@ -87,6 +87,17 @@ class QuestScorer(BlockScorer):
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.stats[layer].update(key, slot_mapping)
 
+    @property
+    def writes_from_caches(self) -> bool:
+        return self.repr_device == self.shapes.device
+
+    def write_from_caches(self, layers, k_caches, slot_mapping) -> None:
+        stats = [self.stats[i] for i in layers]
+        bs = self.shapes.block_size
+        self.ops.reps_write_layers(
+            "minmax", [s.mins for s in stats], [s.maxs for s in stats], k_caches, slot_mapping, bs, bs
+        )
+
     def score(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
     ) -> torch.Tensor:

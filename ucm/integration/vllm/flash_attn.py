@@ -164,6 +164,19 @@ class UCMFlashAttentionImpl(KVWriteHook, FlashAttentionImpl):
             splits=BLOCK_SPLIT,
         )
 
+    def _key_cache(self, kv_cache: torch.Tensor) -> torch.Tensor | None:
+        """The keys of the cache as [NB, bs, Hkv, D] (a view): vLLM 0.26 packs K and V into the
+        last dimension of [NB, Hkv, bs, 2 * D]; a layout of [2, NB, bs, Hkv, D] has K first.
+        None for a quantized cache (its values are not the keys)."""
+        d = self.head_size
+        if not kv_cache.dtype.is_floating_point or kv_cache.dtype.itemsize < 2:
+            return None
+        if kv_cache.dim() == 4 and kv_cache.shape[-1] == 2 * d:
+            return kv_cache.transpose(1, 2)[..., :d]
+        if kv_cache.dim() == 5 and kv_cache.shape[0] == 2 and kv_cache.shape[-1] == d:
+            return kv_cache[0]
+        return None
+
     def forward(
         self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None
     ):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ucm.config.sparse import MethodConfig
+from ucm.integration.vllm.deferred_writes import DeferredWrites
 from ucm.ops.contract import SparseOps
 from ucm.sparse.base import ModelShapes, SparseMethod
 from ucm.sparse.batch_selection import BatchSelector, counters_dict
@@ -96,6 +97,7 @@ class SparseRuntime:
         self.method: SparseMethod | None = None
         self.batch_mode = batch_mode
         self.batch: BatchSelector | None = None
+        self.deferred: DeferredWrites | None = None  # batch mode: one representation write per step
         self._batch_host: LaggedRead | None = None
         self.ops: SparseOps | None = None
         self.offload = None  # OffloadWorker when the config offloads (set by the connector)
@@ -142,6 +144,8 @@ class SparseRuntime:
                         "(block scores are not summed over ranks there); run with TP=1"
                     )
                 self.batch = BatchSelector(self.method)
+                if self.method.writes_from_caches:
+                    self.deferred = DeferredWrites(self.method.write_from_caches, self.num_layers - 1)
                 if getattr(self.config, "retrieval_stride", 1) > 1:
                     logger.info(
                         "ucm %s: retrieval_stride %d applies to the per-request path; the CUDA graph path "
@@ -206,11 +210,19 @@ class SparseRuntime:
         return self._rows is not None and self._rows.covers_batch
 
     # ---------------------------------------------------------------- layers
-    def on_kv_written(self, layer_name: str, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def on_kv_written(
+        self, layer_name: str, key: torch.Tensor, slot_mapping: torch.Tensor, key_cache: torch.Tensor | None = None
+    ) -> None:
+        """`key_cache`: the layer's paged key cache [NB, bs, Hkv, D] the keys were just written
+        to (where the wrapper can give it): in batch mode the step's writes then wait for its
+        last layer and go in one op (`DeferredWrites`)."""
         if self.method is None or (self._step is None and not self.batch_mode):
             return
+        layer = layer_index(layer_name)
+        if self.deferred is not None and key_cache is not None and self.deferred.defer(layer, key_cache, slot_mapping):
+            return
         n = slot_mapping.shape[0]
-        self.method.on_kv_written(layer_index(layer_name), key[:n], slot_mapping)
+        self.method.on_kv_written(layer, key[:n], slot_mapping)
 
     def on_kv_loaded(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Keys of blocks that came from a KV store rather than from the attention layer."""

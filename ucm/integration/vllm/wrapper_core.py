@@ -69,11 +69,18 @@ def check_block_size(block_size: int, manager_block_size: int, platform: str, sp
 
 
 def kv_written(
-    rt: SparseRuntime, layer_name: str, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+    rt: SparseRuntime,
+    layer_name: str,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    key_cache: torch.Tensor | None = None,
 ) -> None:
     """After the platform wrote `key`/`value` at `slot_mapping`: the keys go to the method
-    (hash codes / block representations are built from the keys, not from the cache layout)."""
-    rt.on_kv_written(layer_name, key, slot_mapping)
+    (hash codes / block representations are built from the keys, not from the cache layout;
+    `key_cache`, the layer's cache as [NB, bs, Hkv, D] where the wrapper gives it, lets the
+    batch path write every layer's representations at the step's last layer)."""
+    rt.on_kv_written(layer_name, key, slot_mapping, key_cache)
     if rt.observers:
         rt.notify_kv(layer_name, key, value, slot_mapping)
 
@@ -106,13 +113,18 @@ def rewrite_rows(
 
 class KVWriteHook:
     """Mixin before a stock attention impl: after the stock cache write, the written keys go to
-    the runtime. The wrapper provides `_runtime(kv_cache, device)` (its layout's guard)."""
+    the runtime. The wrapper provides `_runtime(kv_cache, device)` (its layout's guard) and may
+    provide `_key_cache(kv_cache)` (its layout's keys as [NB, bs, Hkv, D], or None)."""
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         rt = self._runtime(kv_cache, key.device)
         if rt is not None:
-            kv_written(rt, layer.layer_name, key, value, slot_mapping)
+            key_cache = self._key_cache(kv_cache) if rt.deferred is not None else None
+            kv_written(rt, layer.layer_name, key, value, slot_mapping, key_cache)
+
+    def _key_cache(self, kv_cache: torch.Tensor) -> torch.Tensor | None:
+        return None
 
 
 def notify_decode(
