@@ -1,7 +1,7 @@
 """`DeferredWrites`: in batch (CUDA graph) mode a step's representation writes wait for its last
 layer and go in one `write_from_caches` call, reading the keys from the layers' key caches. After
-every step the representations equal those of a scorer written layer by layer with the keys
-themselves (prefill, decode, a recycled block, a cache allocated again mid-run)."""
+every step the representations (hash codes for GSA on device) equal those of a scorer written
+layer by layer with the keys themselves (prefill, decode, a recycled block, a cache allocated again mid-run)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ucm.integration.vllm.deferred_writes import DeferredWrites
 from ucm.ops.reference import TorchReferenceOps
 from ucm.sparse.base import ModelShapes
 from ucm.sparse.esa import ESAScorer
+from ucm.sparse.gsa_on_device import HashScorer
 from ucm.sparse.kvstar import KVStarScorer
 from ucm.sparse.quest import QuestScorer
 
@@ -25,12 +26,17 @@ def scorers():
         "ESA": lambda: ESAScorer(SHAPES, REF),
         "Quest": lambda: QuestScorer(SHAPES, REF),
         "KVStar": lambda: KVStarScorer(SHAPES, REF, 0.5, 2, window=1),
+        "GSAOnDevice": lambda: HashScorer(
+            SHAPES, REF, [[torch.randn(D, 16, generator=torch.Generator().manual_seed(i))] for i in range(LAYERS)]
+        ),
     }
 
 
 def state(scorer) -> list[torch.Tensor]:
     if isinstance(scorer, QuestScorer):
         return [t for s in scorer.stats for t in (s.mins, s.maxs)]
+    if isinstance(scorer, HashScorer):
+        return scorer.codes
     return [t for a in scorer.acc for t in (a.sums, a.abs_sums) if t is not None]
 
 

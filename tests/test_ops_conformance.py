@@ -909,6 +909,37 @@ def test_reps_write_layers(backend: Backend, kind: str) -> None:
         assert backend.ops.layered_writes - launches == 3
 
 
+def test_hash_write_layers(backend: Backend) -> None:
+    """Every layer's hash codes from its paged key cache in one call (vLLM 0.26's layout, as in
+    `test_reps_write_layers`) equal `hash_write` of each layer given the keys: decode calls of 1
+    and 6 tokens with padding (the kernel's two projection paths), 300 tokens (layer by layer)
+    and no tokens. Integer-valued keys and weights: exact projections, no sign at rounding."""
+    g = gen(31)
+    layers, nb, bs, h, d, bits = 3, 12, 16, 2, 16, 64
+    raw = [torch.randint(-3, 4, (nb, h, bs, 2 * d), generator=g).to(torch.bfloat16) for _ in range(layers)]
+    weights = [torch.randint(-2, 3, (d, bits), generator=g).to(torch.float32) for _ in range(layers)]
+    calls = [
+        torch.tensor([3 * bs + 5]),
+        torch.tensor([3 * bs + 6, -1, 1 * bs, 1 * bs + 1, 4 * bs + 15, 5 * bs + 7]),
+        torch.arange(6 * bs, 6 * bs + 300) % (nb * bs),
+        torch.tensor([], dtype=torch.int64),
+    ]
+    want = [torch.zeros(nb, bs, h, bits // 8, dtype=torch.uint8) for _ in range(layers)]
+    got = [backend.to(w) for w in want]
+    caches = [backend.to(r).transpose(1, 2)[..., :d] for r in raw]
+    launches = getattr(backend.ops, "layered_writes", 0)
+    for slots in calls:
+        for i in range(layers):
+            keys = raw[i].transpose(1, 2)[..., :d][slots.clamp(min=0) // bs, slots.clamp(min=0) % bs]
+            REF.hash_write(want[i], keys, weights[i], slots)
+        backend.ops.hash_write_layers(got, caches, [backend.to(w) for w in weights], backend.to(slots))
+        for w, o in zip(want, got, strict=True):
+            assert torch.equal(host(o), w)
+    assert any(int(w.sum()) for w in want)
+    if backend.name == "cuda":  # the two decode calls in one launch each
+        assert backend.ops.layered_writes - launches == 2
+
+
 # ---------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("seq_lens,bs,hq,hkv,d", ORACLE_CASES)
 def test_paged_decode_attention_matches_sdpa(backend: Backend, seq_lens, bs, hq, hkv, d) -> None:

@@ -148,6 +148,8 @@ def _exercise(ops) -> None:
         ops.reps_write_layers("minmax", bounds, [torch.zeros(nb, hkv, d) for _ in caches], caches, slots, bs, bs)
         reps = [torch.zeros(nb, hkv, d, bs // 2, dtype=bf16) for _ in caches]
         ops.reps_write_layers("kvstar", reps, [torch.zeros(nb, hkv, d) for _ in caches], caches, slots, bs, 2)
+        codes = [torch.zeros(nb, bs, hkv, 16, dtype=torch.uint8) for _ in caches]
+        ops.hash_write_layers(codes, caches, [torch.randn(d, 128) for _ in caches], slots)
     ops.sign_bits_pack(torch.randn(8, hkv, 128))
     ops.hash_encode(torch.randn(8, hkv, d, dtype=bf16), torch.randn(d, 128))
     # MLA-shaped (one latent head of 576, 128 query heads) and MHA-shaped (G = 1) models

@@ -75,10 +75,16 @@ def _hash_write_kernel(
     stride_wd,
     stride_cs,
     stride_ch,
+    tab_ptr,
+    L,
+    HKV,
+    BS,
+    stride_xo,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SMALL: tl.constexpr,
+    LAYERED: tl.constexpr,
 ):
     """Hash keys into the paged code cache in one launch: program (token tile, KV head, bit tile)
     projects x [BLOCK_T, D] @ weight [D, BLOCK_N of NBITS] in float32, packs the sign bits into
@@ -86,12 +92,28 @@ def _hash_write_kernel(
     float32 dot like the query hash of `_qhash_planes_kernel`, so keys and queries are hashed
     alike. Bit tiles (BLOCK_N a multiple of 8) keep wide codes (MLA's 576 bits) in shared memory.
     SMALL (a few tokens: small decode batches): products summed over D chunks without `tl.dot`,
-    whose 16-row minimum would do 16x the work for one token."""
+    whose 16-row minimum would do 16x the work for one token.
+    LAYERED: every layer of a decode step in one launch, axis 1 = layer * HKV + head; layer l's key
+    cache, weight and code cache come from the addresses tab[l], tab[L + l], tab[2L + l] (x_ptr,
+    w_ptr, code_ptr give their dtypes) and token t's key from the cache at its slot:
+    cache[slot // BS, slot % BS, h, :] at strides (stride_xt, stride_xo, stride_xh, 1)."""
     tb = tl.program_id(0)
     h = tl.program_id(1)
     n0 = tl.program_id(2) * BLOCK_N
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     tm = t < T
+    slot = tl.load(slot_ptr + t, mask=tm, other=-1).to(tl.int64)
+    if LAYERED:
+        lay = h // HKV
+        h = h % HKV
+        x_ptr = tl.load(tab_ptr + lay).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        w_ptr = tl.load(tab_ptr + L + lay).to(tl.pointer_type(w_ptr.dtype.element_ty))
+        code_ptr = tl.load(tab_ptr + 2 * L + lay).to(tl.pointer_type(code_ptr.dtype.element_ty))
+        sc = tl.maximum(slot, 0)
+        x_row = (sc // BS) * stride_xt + (sc % BS) * stride_xo
+        tm = tm & (slot >= 0)
+    else:
+        x_row = t.to(tl.int64) * stride_xt
     col = n0 + tl.arange(0, BLOCK_N)
     cm = col < NBITS
     proj = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
@@ -99,7 +121,7 @@ def _hash_write_kernel(
         d = d0 + tl.arange(0, BLOCK_D)
         dm = d < D
         xt = tl.load(
-            x_ptr + t[:, None].to(tl.int64) * stride_xt + h * stride_xh + d[None, :],
+            x_ptr + x_row[:, None] + h * stride_xh + d[None, :],
             mask=tm[:, None] & dm[None, :],
             other=0.0,
         ).to(tl.float32)
@@ -111,7 +133,6 @@ def _hash_write_kernel(
     bits = ((proj >= 0) & cm[None, :]).to(tl.int32)
     shift = tl.arange(0, 8)
     byte = tl.sum(tl.reshape(bits, [BLOCK_T, BLOCK_N // 8, 8]) << shift[None, None, :], axis=2)
-    slot = tl.load(slot_ptr + t, mask=tm, other=-1).to(tl.int64)
     c = n0 // 8 + tl.arange(0, BLOCK_N // 8)
     om = (slot[:, None] >= 0) & (c[None, :] < C)
     tl.store(code_ptr + slot[:, None] * stride_cs + h * stride_ch + c[None, :], byte.to(tl.uint8), mask=om)

@@ -170,28 +170,69 @@ class CudaOps(TorchReferenceOps):
             return
         wt = weight.to(device=x.device, dtype=torch.float32)
         wt = wt if wt.stride(-1) == 1 else wt.contiguous()
+        self._hash_write(x, wt, slot_mapping, code_cache, t)
+
+    def _hash_write(self, x, wt, slot_mapping, code_cache, t, layers=None) -> None:
+        """Launch `_hash_write_kernel`; `layers` = (address table, number of layers, block size):
+        every layer at once, x a layer's key cache [NB, bs, Hkv, D]."""
+        nbits, hkv = wt.shape[1], x.shape[-2]
         small = t <= 4  # decode of a few rows: no 16-row dot tile
         block_t = _pow2(t) if small else 16
         block_n = min(_pow2(nbits, 16), 128)  # wider codes take several bit tiles (shared memory)
-        self._k.hash_write_kernel[(triton_cdiv(t, block_t), x.shape[1], triton_cdiv(nbits, block_n))](
+        tab, n_layers, bs = layers if layers is not None else (slot_mapping, 1, 1)
+        self._k.hash_write_kernel[(triton_cdiv(t, block_t), n_layers * hkv, triton_cdiv(nbits, block_n))](
             x,
             wt,
             slot_mapping.contiguous(),
             code_cache,
             t,
-            x.shape[2],
+            x.shape[-1],
             nbits,
-            c,
+            code_cache.shape[-1],
             x.stride(0),
-            x.stride(1),
+            x.stride(-2),
             wt.stride(0),
             code_cache.stride(1),
             code_cache.stride(2),
+            tab,
+            n_layers,
+            hkv,
+            bs,
+            x.stride(1) if layers is not None else 0,
             BLOCK_T=block_t,
-            BLOCK_D=min(16 if small else 64, _pow2(x.shape[2], 16)),
+            BLOCK_D=min(16 if small else 64, _pow2(x.shape[-1], 16)),
             BLOCK_N=block_n,
             SMALL=small,
+            LAYERED=layers is not None,
         )
+
+    def hash_write_layers(self, code_caches, k_caches, weights, slot_mapping) -> None:
+        """Every layer in one launch (`_hash_write_kernel` with LAYERED, through a table of the
+        key caches', weights' and code caches' addresses made once per set of tensors) for calls
+        of up to `_REPS_SCAN_BLOCK` tokens; the contract's loop otherwise. A call with no tokens
+        only makes the table (outside a capture)."""
+        t = int(slot_mapping.shape[0])
+        if not code_caches or t > _REPS_SCAN_BLOCK:
+            return super().hash_write_layers(code_caches, k_caches, weights, slot_mapping)
+        c0, k0, w0 = code_caches[0], k_caches[0], weights[0]
+        nb, bs, h, d = k0.shape if k0.dim() == 4 else (0, 0, 0, 0)
+        nbits = w0.shape[1] if w0.dim() == 2 else 0
+        usable = (
+            self._can_run(slot_mapping, *code_caches, *k_caches, *weights)
+            and nbits % 8 == 0
+            and w0.shape == (d, nbits)
+            and c0.shape == (nb, bs, h, nbits // 8)
+            and k0.stride(-1) == 1
+            and all(w.shape == w0.shape and w.dtype == torch.float32 and w.is_contiguous() for w in weights)
+            and all(c.shape == c0.shape and c.dtype == torch.uint8 and c.is_contiguous() for c in code_caches)
+            and all(k.shape == k0.shape and k.stride() == k0.stride() and k.dtype == k0.dtype for k in k_caches)
+        )
+        tab = self._address_table(k_caches, weights, code_caches) if usable else None
+        if tab is None:
+            return super().hash_write_layers(code_caches, k_caches, weights, slot_mapping)
+        if t:
+            self._hash_write(k0, w0, slot_mapping, c0, t, layers=(tab, len(k_caches), bs))
+            self.layered_writes += 1
 
     # ---------------------------------------------------------------- scoring
     def hamming_query_planes(self, q_codes: torch.Tensor, hkv: int) -> tuple[torch.Tensor, int]:
@@ -493,21 +534,21 @@ class CudaOps(TorchReferenceOps):
             and all(y.shape == b0.shape and y.is_contiguous() and self._can_run(y) for y in b if y is not None)
             and all(c.shape == k0.shape and c.stride() == k0.stride() and c.dtype == k0.dtype for c in k_caches)
         )
-        tab = self._address_table(a, b, k_caches) if usable else None
+        tab = self._address_table(k_caches, a, b) if usable else None
         if tab is None:
             return super().reps_write_layers(kind, a, b, k_caches, slot_mapping, block_size, merge)
         self._reps_write(code, a0, b0, k0, slot_mapping, block_size, merge, r, h * d, layers=(tab, len(a), d))
         self.layered_writes += t > 0
 
-    def _address_table(self, a, b, k_caches) -> torch.Tensor | None:
-        """[3L] int64 on the tensors' device: the key caches', a's and b's addresses (b = a's where
+    def _address_table(self, first, a, b) -> torch.Tensor | None:
+        """[3L] int64 on the tensors' device: the addresses of `first`, `a` and `b` (b = a's where
         b is None), made once per set of tensors; None while a CUDA graph is being captured
         (the copy to the device cannot be captured)."""
-        ptrs = tuple(x.data_ptr() for x in k_caches) + tuple(x.data_ptr() for x in a)
+        ptrs = tuple(x.data_ptr() for x in first) + tuple(x.data_ptr() for x in a)
         ptrs += tuple((y if y is not None else x).data_ptr() for x, y in zip(a, b, strict=True))
         tab = self._tables.get(ptrs)
         if tab is None:
-            dev = a[0].device
+            dev = first[0].device
             if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return None
             tab = self._tables[ptrs] = torch.tensor(ptrs, dtype=torch.int64).to(dev)

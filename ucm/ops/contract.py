@@ -240,6 +240,23 @@ class SparseOps(ABC):
         (negative = padding). Same codes as `paged_write(hash_encode(x, weight))`."""
         self.paged_write(code_cache, self.hash_encode(x, weight), slot_mapping)
 
+    def hash_write_layers(
+        self,
+        code_caches: Sequence[torch.Tensor],
+        k_caches: Sequence[torch.Tensor],
+        weights: Sequence[torch.Tensor],
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """`hash_write(code_caches[l], keys_l, weights[l], slot_mapping)` for every layer l at
+        once, keys_l read from layer l's paged key cache k_caches[l] [NB, bs, Hkv, D] (any
+        strides), which already holds the step's keys at slot_mapping (as `reps_write_layers`).
+        A call with no tokens changes nothing (a backend may prepare for these tensors)."""
+        slots = slot_mapping.to(torch.int64).clamp(min=0)
+        for codes, cache, weight in zip(code_caches, k_caches, weights, strict=True):
+            bs = cache.shape[1]
+            at = slots.to(cache.device)
+            self.hash_write(codes, cache[at // bs, at % bs], weight, slot_mapping)
+
     def hash_hamming_block_scores(
         self,
         q: torch.Tensor,

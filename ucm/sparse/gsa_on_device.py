@@ -77,6 +77,15 @@ class HashScorer(BlockScorer):
         else:
             self.ops.paged_write(self.codes[layer], self.encode(layer, key), slot_mapping)
 
+    @property
+    def writes_from_caches(self) -> bool:
+        return len(self.splits) == 1  # MLA's two projections write layer by layer
+
+    def write_from_caches(self, layers, k_caches, slot_mapping) -> None:
+        self.ops.hash_write_layers(
+            [self.codes[i] for i in layers], k_caches, [self.weights[i][0] for i in layers], slot_mapping
+        )
+
     def score(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
     ) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""A decode step's representation writes for every layer in one op, at the step's last layer.
+"""A decode step's representation writes for every layer in one op, at the step's last layer
+(block representations: ESA, GSA, Quest, KVStar; hash codes: GSA on device).
 
 In batch (CUDA graph) mode each attention layer's cache-write hook would update its layer's
 block representations with one kernel launch: 36 launches a step for a 36-layer model, each a
