@@ -110,3 +110,23 @@ def test_arms_at_the_next_step_when_the_hint_layer_never_writes() -> None:
         for want, got in zip(state(direct), state(deferred), strict=True):
             torch.testing.assert_close(got, want)
     assert dw.last_layer == LAYERS - 2 and dw.batched_steps == 2
+
+
+def test_layers_with_another_slot_mapping_are_written_with_their_own() -> None:
+    """Two KV cache groups in one step (layers 0-1 with one slot mapping, layer 2 with another):
+    each group's deferred writes use its own slots."""
+    direct, deferred = ESAScorer(SHAPES, REF), ESAScorer(SHAPES, REF)
+    dw = DeferredWrites(deferred.write_from_caches, LAYERS - 1)
+    caches, g = new_caches(), torch.Generator().manual_seed(2)
+    for i in range(4):
+        for layer in range(LAYERS):
+            slots = torch.tensor([5 + i, BS + 5 + i]) if layer < 2 else torch.tensor([6 * BS + i, -1])
+            keys = torch.randn(2, H, D, generator=g)
+            ok = slots >= 0
+            caches[layer][slots[ok] // BS, slots[ok] % BS] = keys[ok]
+            direct.on_kv_written(layer, keys, slots)
+            if not dw.defer(layer, caches[layer], slots):
+                deferred.on_kv_written(layer, keys, slots)
+        for want, got in zip(state(direct), state(deferred), strict=True):
+            torch.testing.assert_close(got, want)
+    assert dw.batched_steps == 3

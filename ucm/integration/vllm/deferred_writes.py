@@ -17,6 +17,9 @@ one step in `block_size` where the newest token completes its block, that block'
 normaliser comes from the block's other keys. The last layer writes before any layer of the
 next step scores.
 
+Layers whose hooks bring another slot mapping (another KV cache group) close the pending group:
+its layers are written with their own slots, and a new group starts.
+
 The first step records each layer's key cache and writes layer by layer; at its last layer
 (`last_layer_hint`, the model's last layer; else the next step's first hook) the recorded set is
 armed: `write_all` with no tokens lets the op prepare (the GPU op's address table is made there,
@@ -50,6 +53,7 @@ class DeferredWrites:
         self.last_layer = -1
         self._prev = -1  # the layer of the previous hook (a lower or equal one starts a step)
         self._pending: list[int] = []  # layers of the step in flight whose writes wait
+        self._slots: torch.Tensor | None = None  # their slot mapping
         self.batched_steps = 0  # steps written in one op (tests and logs)
 
     def defer(self, layer: int, key_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
@@ -67,13 +71,17 @@ class DeferredWrites:
         self._prev = layer
         known = self.caches.get(layer)
         if self.ready and known is not None and same_view(known, key_cache):
+            if self._pending and not same_view(self._slots, slot_mapping):  # another KV cache group
+                self._flush()
+            if not self._pending:
+                self._slots = slot_mapping
             self._pending.append(layer)
             if layer == self.last_layer:
-                self._flush(slot_mapping)
+                self._flush()
                 self.batched_steps += 1
             return True
         if self.ready:  # a cache moved: write what waits, record it, go on layer by layer
-            self._flush(slot_mapping)
+            self._flush()
             self.ready = False
         self.caches[layer] = key_cache
         if layer >= self._hint:
@@ -85,7 +93,7 @@ class DeferredWrites:
         layers = sorted(self.caches)
         self._write_all(layers, [self.caches[i] for i in layers], slot_mapping[:0])  # prepare only
 
-    def _flush(self, slot_mapping: torch.Tensor) -> None:
+    def _flush(self) -> None:
         if self._pending:
             layers, self._pending = self._pending, []
-            self._write_all(layers, [self.caches[i] for i in layers], slot_mapping)
+            self._write_all(layers, [self.caches[i] for i in layers], self._slots)
