@@ -112,7 +112,7 @@ def layer_path(ops, name: str, ratio: float, b: int, ctx: int) -> dict:
     }
 
 
-def sweep_ops(ops, b: int, ctx: int) -> list[dict]:
+def sweep_ops(ops, b: int, ctx: int, kvstar: bool = True) -> list[dict]:
     """One op at a time, 36 calls per graph (as many as layers), each launch setting. Each sweep
     allocates its own inputs beside the shared table, so they are freed before the next one."""
     dev = torch.device("cuda")
@@ -122,7 +122,8 @@ def sweep_ops(ops, b: int, ctx: int) -> list[dict]:
     lens = torch.full((b,), ctx + 1, dtype=torch.int32, device=dev)
     q = torch.randn(b, HQ, D, device=dev, dtype=torch.bfloat16)
     out = _sweep_dot_and_topk(ops, q, table, lens, nb)
-    out += _sweep_kvstar(ops, q, table, lens, nb)
+    if kvstar:
+        out += _sweep_kvstar(ops, q, table, lens, nb)
     one = torch.zeros(1, device=dev)
     us = graph_us(lambda: [one.add_(1) for _ in range(LAYERS)])
     out.append({"op": "an empty torch kernel (launch floor)", "us": round(us / LAYERS, 2)})
@@ -149,7 +150,8 @@ def _sweep_dot_and_topk(ops, q: torch.Tensor, table: torch.Tensor, lens: torch.T
     ops.scores_block_m = ops.scores_warps = None
     us = graph_us(lambda: [ops.block_scores_dot(q, reps, table, lens, BS) for _ in range(LAYERS)]) / LAYERS
     out.append({"op": "block_scores_dot", "batch": b, "blocks": m, "default": True, "us": round(us, 2)})
-    for strategy in ("radix 2", "radix 4", "sort"):  # radix 1 and 8 were slower everywhere
+    # compare-radix 1 and 8 were slower everywhere (s10); "radix 8" is now the histogram passes
+    for strategy in ("radix 8", "radix 2", "radix 4", "sort"):
         for w in (1, 2, 4, 8, 16):
             ops.topk_warps, ops.topk_sort = w, strategy == "sort"
             ops.topk_radix_bits = int(strategy.split()[1]) if strategy != "sort" else None
@@ -234,6 +236,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--skip-kvstar-sweep", action="store_true", help="sweep the scorer and top-k only")
+    ap.add_argument("--methods", nargs="*", help="time the layer path of these methods only (default: all)")
     args = ap.parse_args()
     from ucm_backends.cuda.ops import CudaOps
 
@@ -252,6 +256,7 @@ def main() -> None:
     for b, ctx in cells:
         # every registered method at 0.3, the strided ones at 0.1 too
         settings = [(m, 0.3) for m in method_names()] + [(m, 0.1) for m in method_names(strided=True)]
+        settings = [(m, r) for m, r in settings if args.methods is None or m in args.methods]
         for name, ratio in settings:
             try:
                 row = layer_path(ops, name, ratio, b, ctx)
@@ -262,7 +267,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     if not args.skip_sweep:
         for b, ctx in cells[:2]:
-            for row in sweep_ops(ops, b, ctx):
+            for row in sweep_ops(ops, b, ctx, kvstar=not args.skip_kvstar_sweep):
                 result["ops"].append(row)
                 print(row, flush=True)
     out = Path(args.out)

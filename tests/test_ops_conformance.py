@@ -70,25 +70,29 @@ class Backend:
             pytest.skip("CPU-sized case: Triton's interpreter runs the small cases")
 
     def each_topk_variant(self) -> Iterator[None]:
-        """Run the enclosed block once per top-k strategy of this backend (CUDA: radix, sort)."""
+        """Run the enclosed block once per top-k strategy of this backend (CUDA: 8-bit histogram
+        radix, 2-bit compare radix, sort)."""
         try:
             for setup in self.topk_variants:
                 setup()
                 yield
         finally:
             if hasattr(self.ops, "topk_sort"):
-                self.ops.topk_sort = None
+                self.ops.topk_sort = self.ops.topk_radix_bits = None
 
 
 def _cuda_backend(request) -> Backend:
     ops = request.getfixturevalue("cuda_ops")  # skips without triton / interpreter
     dev = torch.device("cuda" if ON_GPU else "cpu")
 
+    def histogram() -> None:
+        ops.topk_sort, ops.topk_radix_bits = False, 8
+
     def radix() -> None:
-        ops.topk_sort = False
+        ops.topk_sort, ops.topk_radix_bits = False, 2
 
     def sort() -> None:
-        ops.topk_sort = True
+        ops.topk_sort, ops.topk_radix_bits = True, None
 
     return Backend(
         "cuda",
@@ -96,7 +100,7 @@ def _cuda_backend(request) -> Backend:
         dev,
         interpreted=not ON_GPU,
         gpu=ON_GPU,
-        topk_variants=[radix, sort],
+        topk_variants=[histogram, radix, sort],
         attention_kwargs=[{}, {"num_splits": 1}, {"num_splits": 3}],
     )
 

@@ -326,9 +326,11 @@ def _topk_kernel(
     BLOCK_M: tl.constexpr,
     RADIX_BITS: tl.constexpr,
     SORT: tl.constexpr,
+    HIST: tl.constexpr,
 ):
     """Exact top-k of one row by radix selection on order-preserving integer keys (or, with
-    SORT, by one bitonic sort of the keys with their indices: the same selection).
+    SORT, by one bitonic sort of the keys with their indices; with HIST, by radix selection with
+    8-bit digits counted by `tl.histogram`: the same selection).
 
     Key order = reference order: forced blocks first (above any score, +inf included), then
     score descending, NaN as -inf, ties to the lower index. The count-th largest key is found
@@ -353,7 +355,7 @@ def _topk_kernel(
     if not LARGEST:  # smaller is better (raw Hamming distances): rank -x, as a caller would
         x = -x
     forced = (tl.load(keep_ptr + b * stride_kb + idx, mask=im, other=0) != 0) & valid
-    n_forced = tl.sum(forced.to(tl.int64), axis=0)
+    n_forced = tl.sum(forced.to(tl.int32), axis=0).to(tl.int64)  # counts and prefix sums: 32-bit
     kb = tl.load(k_ptr + b).to(tl.int64)
     cnt = tl.minimum(n_b, tl.maximum(kb, n_forced))
     x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0
@@ -369,6 +371,27 @@ def _topk_kernel(
         srt = tl.sort(packed, dim=0, descending=True)
         cut = tl.sum(tl.where(idx == cnt - 1, srt, 0), axis=0)
         sel = (packed >= cut) & valid & (cnt > 0)
+    elif HIST:
+        # forced blocks are all kept (cnt >= n_forced); the other rem = cnt - n_forced come from
+        # the unforced keys (< 2^32), whose rem-th largest value is found 8 bits per pass: a
+        # 256-bin histogram of the pass's digit over the keys that match the threshold's higher
+        # digits, then the largest digit with >= rem keys at or above it (4 passes)
+        rem = cnt - n_forced
+        if cnt >= n_b:  # the row keeps every valid block (a dense row): no ranking needed
+            thr = thr - 1
+        elif rem > 0:
+            free = valid & (key < 4294967296)
+            bins = tl.arange(0, 256)
+            for it in tl.static_range(4):
+                shift = 24 - 8 * it
+                match = free & ((key >> (shift + 8)) == (thr >> (shift + 8)))
+                hist = tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
+                at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+                digit = tl.max(tl.where(at_or_above >= rem, bins, 0), axis=0)
+                rem -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+                thr = thr | (digit.to(tl.int64) << shift)
+        else:  # the forced blocks fill the row's budget
+            thr = thr + 4294967296
     elif cnt < n_b:
         # the largest threshold with >= cnt keys at or above it, RADIX_BITS bits per pass: every
         # candidate digit of a pass is counted at once (one [2^RADIX_BITS, BLOCK_M] reduction)
@@ -382,11 +405,11 @@ def _topk_kernel(
         thr = thr - 1
     if not SORT:
         above = key > thr
-        need = cnt - tl.sum(above.to(tl.int64), axis=0)
+        need = (cnt - tl.sum(above.to(tl.int32), axis=0)).to(tl.int32)
         eq = key == thr
-        eq_rank = tl.cumsum(eq.to(tl.int64), axis=0)
+        eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
         sel = above | (eq & (eq_rank <= need))
-    pos = tl.cumsum(sel.to(tl.int64), axis=0) - 1
+    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     tail = (idx >= cnt) & im
     if not REWRITE:  # the rewrite reads no ids: it writes the table and the length only
         tl.store(ids_ptr + b * stride_ib + pos, idx, mask=sel)

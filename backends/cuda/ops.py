@@ -66,13 +66,18 @@ class CudaOps(TorchReferenceOps):
 
     def topk_launch(self, block_m: int) -> tuple[int, int, bool]:
         """(num_warps, radix bits per pass, sort instead) of the top-k kernel for a row of
-        block_m slots. On the H200 (benchmarks/results/gpu_runs/2026-12-03_s10/tune_selection_gpu.json)
-        the bitonic sort on 16 warps was fastest at 512 slots (5.2 us vs 9.4 for radix 2 on 8
-        warps), radix 2 on 8 warps at 2048 slots (15.6 us vs 32 for the sort)."""
-        sort = block_m <= 512 if self.topk_sort is None else self.topk_sort
-        sort = sort and block_m <= 65536
-        warps = 16 if sort or block_m > 1024 else 8
-        return self.topk_warps or warps, self.topk_radix_bits or 2, sort
+        block_m slots; 8 radix bits = 4 passes of a 256-bin `tl.histogram` (HIST). On the H200,
+        36 calls in a graph (benchmarks/results/gpu_runs/2026-12-04_s15/tune_selection_gpu.json):
+        512 slots, the bitonic sort on 16 warps 5.24 us (histogram 7.41 on 8 warps, 2-bit compare
+        radix 9.26); 2048 slots, the histogram on 8 warps 13.89 us (2-bit radix 15.54 on 8, the
+        sort 32.24 on 16)."""
+        if self.topk_sort is None and self.topk_radix_bits is None:
+            sort = block_m <= 512
+            return self.topk_warps or (16 if sort else 8), 8, sort
+        sort = bool(self.topk_sort) and block_m <= 65536
+        bits = self.topk_radix_bits or 8
+        warps = 16 if sort or (bits != 8 and block_m > 1024) else 8
+        return self.topk_warps or warps, bits, sort
 
     # ---------------------------------------------------------------- helpers
     def _can_run(self, *tensors: torch.Tensor) -> bool:
@@ -887,6 +892,7 @@ class CudaOps(TorchReferenceOps):
             num_warps=warps,
             RADIX_BITS=radix,
             SORT=sort,
+            HIST=not sort and radix == 8,
         )
         if rewrite:
             return ids, counts, new_table, new_lens
