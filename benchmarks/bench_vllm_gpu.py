@@ -6,7 +6,8 @@ dummy weights (`load_format="dummy"`: speed depends on shapes, not on weights), 
 prefix caching on, vLLM's FULL decode CUDA graphs (`cudagraph_mode` FULL_DECODE_ONLY, no
 torch.compile, the same for every engine). For every cell (context, batch) the engine first
 computes the prompts once (`max_tokens=1`), then times a 1-token and an (N+1)-token generate on
-the now-cached prompts: their difference over N is the decode step (best of `--repeats`).
+the now-cached prompts: their difference over N is the decode step (best of `--repeats`); vLLM's
+per-request token timestamps give the same steps a second way (`decode_ms_timestamps`).
 
 Per cell: decode ms/step, `engine_speedup` = plain vLLM's ms / the method's ms (same run),
 blocks read (ucm's own counters over the decode steps: kept / held blocks, dense layers
@@ -163,7 +164,7 @@ def engine_kwargs(
         enable_prefix_caching=True,
         gpu_memory_utilization=mem,
         seed=0,
-        disable_log_stats=True,
+        disable_log_stats=False,  # per-request stats: the token timestamps `step_ms_from_timestamps` reads
     )
     if graphs:
         kw["compilation_config"] = {
@@ -220,6 +221,25 @@ def ucm_counters() -> dict | None:
     return rt.snapshot() if rt is not None and rt.method is not None else None
 
 
+def step_ms_from_timestamps(outputs) -> float | None:
+    """Decode ms per step from vLLM's own per-request stats: (last - first token's engine-core
+    timestamp) / (tokens - 1), the median over the requests of one generate call. It counts decode
+    steps only (the first token's prefill is before the first timestamp), without the difference
+    of two timed calls. None where the engine kept no stats."""
+    per = []
+    for o in outputs:
+        m = getattr(o, "metrics", None)
+        n = len(o.outputs[0].token_ids)
+        if m is None or n < 2 or not getattr(m, "last_token_ts", 0.0):
+            continue
+        per.append((m.last_token_ts - m.first_token_ts) / (n - 1))
+    if not per:
+        return None
+    per.sort()
+    mid = len(per) // 2
+    return 1e3 * (per[mid] if len(per) % 2 else (per[mid - 1] + per[mid]) / 2)
+
+
 def engine_async_scheduling(llm) -> bool | None:
     """Whether the engine overlaps scheduling with the GPU step (vLLM decides at start)."""
     config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
@@ -271,6 +291,11 @@ def run_engine(spec: dict) -> dict:
             "batch": batch,
             "prefill_s": round(t_fill, 2),
             "decode_ms": round((bestn - best1) / n * 1e3, 3),
+            # the same steps from the engine's token timestamps (best of the repeats), a check on
+            # the difference of two calls' wall times above
+            "decode_ms_timestamps": min(
+                (ms for ms in (step_ms_from_timestamps(res) for _, res in runs) if ms is not None), default=None
+            ),
             "first_tokens": [t[:8] for t in tokens],
         }
         if before is not None and after is not None:
@@ -279,8 +304,11 @@ def run_engine(spec: dict) -> dict:
             cell["blocks_read"] = round(kept / total, 4) if total else None
             cell["sparse_steps"] = after["sparse_steps"] - before["sparse_steps"]
         out["cells"].append(cell)
+        if cell["decode_ms_timestamps"] is not None:
+            cell["decode_ms_timestamps"] = round(cell["decode_ms_timestamps"], 3)
         print(
             f"[{spec['setting']}] {context}x{batch}: {cell['decode_ms']} ms/step "
+            f"({cell['decode_ms_timestamps']} by token timestamps) "
             f"blocks read {cell.get('blocks_read', 1.0)}",
             flush=True,
         )

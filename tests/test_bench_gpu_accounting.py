@@ -20,6 +20,7 @@ from bench_vllm_gpu import (  # noqa: E402  (benchmarks is no package)
     dense_baseline,
     merge_runs,
     side_bytes_per_block,
+    step_ms_from_timestamps,
 )
 
 HEAD = {"device": "H200", "vllm": "0.26.0", "torch": "2.11", "model": "m", "cudagraph_mode": "FULL"}
@@ -128,3 +129,38 @@ def test_a_run_with_dense_again_assembles_cells_against_the_mean(tmp_path, monke
     assert cells[("dense", 8)]["decode_ms"] == pytest.approx(12.3) and cells[("dense", 8)]["engine_speedup"] == 1.0
     assert cells[("ESA", 1)]["engine_speedup"] == pytest.approx(5.15 / 5.1, abs=1e-3)
     assert (tmp_path / "run.png").exists()
+
+
+def test_decode_step_from_token_timestamps_of_a_real_engine(model_path) -> None:
+    """vLLM's per-request stats (kept with `disable_log_stats=False`, as the benchmark's engines
+    run) give each request's first and last token time; their gap over the tokens after the
+    first is one decode step, shorter than the whole call per token and longer than zero."""
+    import time
+
+    from vllm import SamplingParams
+
+    from tests.vllm_engine import make_llm, shutdown
+
+    llm = make_llm(model_path, None, disable_log_stats=False)
+    try:
+        prompts = [{"prompt_token_ids": list(range(100 + i, 400 + i))} for i in range(3)]
+        sp = SamplingParams(max_tokens=9, min_tokens=9, ignore_eos=True, temperature=0.0)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        wall_ms = (time.perf_counter() - t) * 1e3
+        for o in outs:
+            m = o.metrics
+            assert m is not None and m.last_token_ts > m.first_token_ts > 0
+        step = step_ms_from_timestamps(outs)
+        assert step is not None and 0 < step < wall_ms / 8
+        assert step_ms_from_timestamps(outs[:1]) == pytest.approx(
+            (outs[0].metrics.last_token_ts - outs[0].metrics.first_token_ts) / 8 * 1e3
+        )
+    finally:
+        shutdown(llm)
+    quiet = make_llm(model_path, None, disable_log_stats=True)
+    try:
+        outs = quiet.generate(prompts, sp, use_tqdm=False)
+        assert step_ms_from_timestamps(outs) is None  # no stats kept: no number made up
+    finally:
+        shutdown(quiet)
