@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -233,11 +234,7 @@ def step_ms_from_timestamps(outputs) -> float | None:
         if m is None or n < 2 or not getattr(m, "last_token_ts", 0.0):
             continue
         per.append((m.last_token_ts - m.first_token_ts) / (n - 1))
-    if not per:
-        return None
-    per.sort()
-    mid = len(per) // 2
-    return 1e3 * (per[mid] if len(per) % 2 else (per[mid - 1] + per[mid]) / 2)
+    return 1e3 * statistics.median(per) if per else None
 
 
 def engine_async_scheduling(llm) -> bool | None:
@@ -294,7 +291,8 @@ def run_engine(spec: dict) -> dict:
             # the same steps from the engine's token timestamps (best of the repeats), a check on
             # the difference of two calls' wall times above
             "decode_ms_timestamps": min(
-                (ms for ms in (step_ms_from_timestamps(res) for _, res in runs) if ms is not None), default=None
+                (round(ms, 3) for ms in map(step_ms_from_timestamps, (res for _, res in runs)) if ms is not None),
+                default=None,
             ),
             "first_tokens": [t[:8] for t in tokens],
         }
@@ -304,8 +302,6 @@ def run_engine(spec: dict) -> dict:
             cell["blocks_read"] = round(kept / total, 4) if total else None
             cell["sparse_steps"] = after["sparse_steps"] - before["sparse_steps"]
         out["cells"].append(cell)
-        if cell["decode_ms_timestamps"] is not None:
-            cell["decode_ms_timestamps"] = round(cell["decode_ms_timestamps"], 3)
         print(
             f"[{spec['setting']}] {context}x{batch}: {cell['decode_ms']} ms/step "
             f"({cell['decode_ms_timestamps']} by token timestamps) "

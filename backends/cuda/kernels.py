@@ -326,11 +326,10 @@ def _topk_kernel(
     BLOCK_M: tl.constexpr,
     RADIX_BITS: tl.constexpr,
     SORT: tl.constexpr,
-    HIST: tl.constexpr,
 ):
     """Exact top-k of one row by radix selection on order-preserving integer keys (or, with
-    SORT, by one bitonic sort of the keys with their indices; with HIST, by radix selection with
-    8-bit digits counted by `tl.histogram`: the same selection).
+    SORT, by one bitonic sort of the keys with their indices; with RADIX_BITS = 8, by 8-bit digits
+    counted with `tl.histogram`: the same selection).
 
     Key order = reference order: forced blocks first (above any score, +inf included), then
     score descending, NaN as -inf, ties to the lower index. The count-th largest key is found
@@ -371,7 +370,7 @@ def _topk_kernel(
         srt = tl.sort(packed, dim=0, descending=True)
         cut = tl.sum(tl.where(idx == cnt - 1, srt, 0), axis=0)
         sel = (packed >= cut) & valid & (cnt > 0)
-    elif HIST:
+    elif RADIX_BITS == 8:
         # forced blocks are all kept (cnt >= n_forced); the other rem = cnt - n_forced come from
         # the unforced keys (< 2^32), whose rem-th largest value is found 8 bits per pass: a
         # 256-bin histogram of the pass's digit over the keys that match the threshold's higher

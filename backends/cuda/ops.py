@@ -66,7 +66,7 @@ class CudaOps(TorchReferenceOps):
 
     def topk_launch(self, block_m: int) -> tuple[int, int, bool]:
         """(num_warps, radix bits per pass, sort instead) of the top-k kernel for a row of
-        block_m slots; 8 radix bits = 4 passes of a 256-bin `tl.histogram` (HIST). On the H200,
+        block_m slots; 8 radix bits = 4 passes of a 256-bin `tl.histogram`. On the H200,
         36 calls in a graph (benchmarks/results/gpu_runs/2026-12-04_s15/tune_selection_gpu.json):
         512 slots, the bitonic sort on 16 warps 5.24 us (histogram 7.41 on 8 warps, 2-bit compare
         radix 9.26); 2048 slots, the histogram on 8 warps 13.89 us (2-bit radix 15.54 on 8, the
@@ -892,7 +892,6 @@ class CudaOps(TorchReferenceOps):
             num_warps=warps,
             RADIX_BITS=radix,
             SORT=sort,
-            HIST=not sort and radix == 8,
         )
         if rewrite:
             return ids, counts, new_table, new_lens
