@@ -55,6 +55,7 @@ class CudaOps(TorchReferenceOps):
         self.kvstar_block_k: int | None = None
         self.kvstar_warps: int | None = None
         self.kvstar_tiles_per_prog: int | None = None
+        self.kvstar_stages: int | None = None
         #: representation writes of up to this many tokens find each block's keys by an in-kernel
         #: scan (T^2 / BLOCK_T vector compares), longer ones (prefills) by a sort
         self.write_scan_max = 4096
@@ -815,6 +816,7 @@ class CudaOps(TorchReferenceOps):
             TPP=tpp,
             PREC="ieee" if self.interpret or reps.dtype == torch.float32 else "tf32",
             num_warps=self.kvstar_warps or 4,
+            **({"num_stages": self.kvstar_stages} if self.kvstar_stages else {}),
             DOT_BF16=not self.interpret and q.dtype == torch.bfloat16 and reps.dtype == torch.bfloat16,
         )
         block_j = min(_pow2(m, 16), 512)
