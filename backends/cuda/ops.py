@@ -776,10 +776,12 @@ class CudaOps(TorchReferenceOps):
         block_g = min(_pow2(wg, 16), 64)
         block_k = self.kvstar_block_k or min(32, _pow2(kept_dims, 16))
         bt = block_n // rc
-        # tiles per program: several let the loads of the next tile pipeline under this one's math;
-        # about 8 programs per SM remain (a guess until tuned on the H200: tune_selection_gpu.py)
+        # tiles per program: several let the loads of the next tile pipeline under this one's math
+        # (two stages: one tile in flight while one is scored). H200, 32K x 8, 36 calls in a graph
+        # (gpu_runs/2026-12-05_s16/kvstar_grid.json): 8 tiles x 2 stages 43.1 us, 4 x 2 44.7, the
+        # former 7 x 3 52.2; 8 warps 60-94, 16-32 tiles 52-82
         tiles = triton_cdiv(m, bt) * b * hkv
-        tpp = self.kvstar_tiles_per_prog or max(1, min(8, tiles // (8 * self._sm_count(q.device))))
+        tpp = self.kvstar_tiles_per_prog or max(1, min(8, tiles // (6 * self._sm_count(q.device))))
         grid = (triton_cdiv(triton_cdiv(m, bt), tpp), b * hkv, triton_cdiv(wg, block_g))
         self._k.kvstar_logits_kernel[grid](
             q,
@@ -816,7 +818,7 @@ class CudaOps(TorchReferenceOps):
             TPP=tpp,
             PREC="ieee" if self.interpret or reps.dtype == torch.float32 else "tf32",
             num_warps=self.kvstar_warps or 4,
-            **({"num_stages": self.kvstar_stages} if self.kvstar_stages else {}),
+            num_stages=self.kvstar_stages or 2,
             DOT_BF16=not self.interpret and q.dtype == torch.bfloat16 and reps.dtype == torch.bfloat16,
         )
         block_j = min(_pow2(m, 16), 512)
