@@ -461,7 +461,11 @@ def _reps_write_kernel(
       1: Quest's bounds a = mins, b = maxs [NB, HD] float32 (+inf / -inf on restart);
       2: KVStar's channel-major a = reps [NB, HD, R] (any float dtype), b = |K| sums [NB, HD]:
          each group's keys of the call summed in float32 in token order, added to the stored
-         value and rounded once.
+         value and rounded once. The leader sums one group at a time, at the group's first
+         member, over the members up to the group's last (known from the slots in registers
+         with SCAN_ONCE: a decode key alone in its block is one load and one store; else up to
+         the block's last member), so it holds [BLOCK_C] vectors and a [BLOCK_R] mask of the
+         groups done, never a [channels, R] tile: any order of keys, one rounding per group.
 
     Grid (T, cdiv(HD, BLOCK_C)): every block written in the call has one leader program per
     channel chunk, which reads all of the call's keys of its block and does one read-modify-
@@ -552,51 +556,73 @@ def _reps_write_kernel(
         if KIND == 1:
             mn = tl.load(a_ptr + blk * HD + c, mask=cm & (fresh == 0), other=float("inf"))
             mx = tl.load(b_ptr + blk * HD + c, mask=cm & (fresh == 0), other=float("-inf"))
-        r = tl.arange(0, BLOCK_R)
-        acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)  # KIND 2: the call's sum per group
-        occ = tl.zeros([BLOCK_R], dtype=tl.int32)  # KIND 2: the groups the call writes
+        if KIND == 2:
+            if fresh > 0:  # a recycled block restarts: every group of these channels from zero
+                for g in range(0, R):
+                    tl.store(a_ptr + (blk * HD + c) * R + g, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cm)
+            rv = tl.arange(0, BLOCK_R)
+            done = tl.zeros([BLOCK_R], dtype=tl.int32)  # the groups summed so far
         aacc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for p in range(i, last + 1):
-            if SORTED:
-                tok = tl.load(order_ptr + p).to(tl.int64)
-                sj = tl.load(slot_ptr + tok).to(tl.int64)
-                k = tl.load(key_ptr + tok * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
-            elif p == i:  # the leader's own key, already read
-                sj = s
-                k = k_i
-            elif LAYERED:
-                sj = tl.load(slot_ptr + p).to(tl.int64)
-                sc = tl.maximum(sj, 0)
-                k = tl.load(
-                    key_ptr + (sc // BS) * stride_kt + (sc % BS) * stride_ko + c_off, mask=cm & (sj >= 0), other=0.0
-                ).to(tl.float32)
-            else:
-                sj = tl.load(slot_ptr + p).to(tl.int64)
-                k = tl.load(key_ptr + p * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
-            if (sj >= 0) & (tl.maximum(sj, 0) // BS == blk):
-                if KIND == 0:
-                    ap = a_ptr + (blk * R + (sj % BS) // MERGE) * HD + c
-                    tl.store(ap, tl.load(ap, mask=cm, other=0.0) + k, mask=cm)
-                elif KIND == 1:
-                    mn = tl.minimum(mn, k)
-                    mx = tl.maximum(mx, k)
+            if KIND == 2:  # at a group's first member: its keys summed (positions p..q_end - 1)
+                if SORTED:
+                    sp = tl.load(slot_ptr + tl.load(order_ptr + p).to(tl.int64)).to(tl.int64)
                 else:
-                    here = r == (sj % BS) // MERGE
-                    acc += tl.where(here[None, :], k[:, None], 0.0)
-                    occ = occ | here.to(tl.int32)
-                aacc += tl.abs(k)
+                    sp = tl.where(p == i, s, tl.load(slot_ptr + p).to(tl.int64))
+                gj = (tl.maximum(sp, 0) % BS) // MERGE
+                first = (sp >= 0) & (tl.maximum(sp, 0) // BS == blk)
+                first = first & (tl.sum(tl.where(rv == gj, done, 0), axis=0) == 0)
+                done = done | ((rv == gj) & first).to(tl.int32)
+                q_end = tl.where(first, last + 1, p)
+                if SCAN_ONCE:  # the group's last member, from the call's slots in registers
+                    in_g = match & ((tl.maximum(sv, 0) % BS) // MERGE == gj)
+                    q_end = tl.where(first, tl.max(tl.where(in_g, j, -1), axis=0) + 1, p)
+                gsum = tl.zeros([BLOCK_C], dtype=tl.float32)
+            else:
+                q_end = p + 1
+            for q in range(p, q_end):
+                if SORTED:
+                    tok = tl.load(order_ptr + q).to(tl.int64)
+                    sj = tl.load(slot_ptr + tok).to(tl.int64)
+                    k = tl.load(key_ptr + tok * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
+                elif q == i:  # the leader's own key, already read
+                    sj = s
+                    k = k_i
+                elif LAYERED:
+                    sj = tl.load(slot_ptr + q).to(tl.int64)
+                    sc = tl.maximum(sj, 0)
+                    k = tl.load(
+                        key_ptr + (sc // BS) * stride_kt + (sc % BS) * stride_ko + c_off,
+                        mask=cm & (sj >= 0),
+                        other=0.0,
+                    ).to(tl.float32)
+                else:
+                    sj = tl.load(slot_ptr + q).to(tl.int64)
+                    k = tl.load(key_ptr + q * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
+                if (sj >= 0) & (tl.maximum(sj, 0) // BS == blk):
+                    if KIND == 0:
+                        ap = a_ptr + (blk * R + (sj % BS) // MERGE) * HD + c
+                        tl.store(ap, tl.load(ap, mask=cm, other=0.0) + k, mask=cm)
+                        aacc += tl.abs(k)
+                    elif KIND == 1:
+                        mn = tl.minimum(mn, k)
+                        mx = tl.maximum(mx, k)
+                        aacc += tl.abs(k)
+                    elif (sj % BS) // MERGE == gj:  # KIND 2: a key of the group being summed
+                        gsum += k
+                        aacc += tl.abs(k)
+            if KIND == 2:
+                if q_end > p:  # the group's stored value + the call's float32 sum, rounded once
+                    gp = a_ptr + (blk * HD + c) * R + gj
+                    new = tl.load(gp, mask=cm & (fresh == 0), other=0.0).to(tl.float32) + gsum
+                    if RNE_BF16:  # round to nearest even by hand: the interpreter's cast truncates
+                        bits = new.to(tl.int32, bitcast=True)
+                        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+                        new = bits.to(tl.float32, bitcast=True)
+                    tl.store(gp, new.to(a_ptr.dtype.element_ty), mask=cm)
         if KIND == 1:
             tl.store(a_ptr + blk * HD + c, mn, mask=cm)
             tl.store(b_ptr + blk * HD + c, mx, mask=cm)
-        if KIND == 2:
-            rp = a_ptr + (blk * HD + c[:, None]) * R + r[None, :]
-            put = cm[:, None] & (r < R)[None, :] & ((occ > 0) | (fresh > 0))[None, :]
-            new = tl.load(rp, mask=put & (fresh == 0), other=0.0).to(tl.float32) + acc
-            if RNE_BF16:  # round to nearest even by hand: the interpreter's cast truncates
-                bits = new.to(tl.int32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-                new = bits.to(tl.float32, bitcast=True)
-            tl.store(rp, new.to(a_ptr.dtype.element_ty), mask=put)
         if HAS_B and KIND != 1:  # |K| sums of the block, stored once
             tl.store(b_ptr + blk * HD + c, b_old + aacc, mask=cm)
 

@@ -579,8 +579,8 @@ class CudaOps(TorchReferenceOps):
             end = torch.searchsorted(srt, srt, right=True)
         else:
             srt = order = end = slots  # unused
-        block_r = _pow2(r) if kind == 2 else 1
-        block_c = min(_pow2(hd), 128, max(16, 4096 // block_r))
+        block_c = min(_pow2(hd), 128)
+        block_r = _pow2(r) if kind == 2 else 1  # KIND 2's mask of the groups summed
         tab, n_layers, dh = layers if layers is not None else (slots, 1, hd)
         self._k.reps_write_kernel[(t, triton_cdiv(hd, block_c), n_layers)](
             key,
