@@ -83,11 +83,6 @@ def main() -> None:
         for name, fn in calls:
             us = graph_us(lambda f=fn: [f() for _ in range(LAYERS)]) / LAYERS
             print(json.dumps({"op": name, "us_per_call_in_graph": round(us, 2)}), flush=True)
-        name, fn = calls[-1]
-        ops.kvstar_all_rows = True  # the epilogue over all 16 rows of the dot, as before session 16
-        us = graph_us(lambda: [fn() for _ in range(LAYERS)]) / LAYERS
-        ops.kvstar_all_rows = False
-        print(json.dumps({"op": name + " (epilogue on all 16 rows)", "us_per_call_in_graph": round(us, 2)}), flush=True)
     if args.kvstar_grid:
         name, fn = calls[-1]
         for w in (4, 8):

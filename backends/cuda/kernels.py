@@ -1014,7 +1014,6 @@ def _kvstar_logits_kernel(
     stride_lh,
     HKV: tl.constexpr,
     BLOCK_G: tl.constexpr,
-    G_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NK: tl.constexpr,
     RC: tl.constexpr,
@@ -1037,11 +1036,7 @@ def _kvstar_logits_kernel(
     The channel and representation chunks are unrolled (NK = cdiv(KEPT, BLOCK_K), NR = cdiv(R,
     RC)), so the tile loop is the innermost loop and the compiler can pipeline its loads across
     tiles when a program walks several (TPP > 1). Tiles past the row's full blocks do nothing;
-    `_kvstar_mass_kernel` only reads columns j < n_b.
-
-    G_ROWS < BLOCK_G (fewer queries than the 16 rows a `tl.dot` needs: one decode query of a
-    4-query GQA group): the softmax epilogue runs on the first G_ROWS rows only, taken out of the
-    accumulator by a sum with zeros (exact), so exp2 and the reductions skip the padding rows."""
+    `_kvstar_mass_kernel` only reads columns j < n_b."""
     pid = tl.program_id(1)
     b = pid // HKV
     h = pid % HKV
@@ -1056,10 +1051,7 @@ def _kvstar_logits_kernel(
     kbase = kept_ptr + pid * KEPT
     col = tl.arange(0, BT * RC)
     rr = col % RC
-    # the rows the epilogue scores (all BLOCK_G, or the first G_ROWS when that is all there are)
-    rows_e = tl.program_id(2) * BLOCK_G + tl.arange(0, G_ROWS)
-    w_e = rows_e // G
-    out_rows = lse_ptr + b.to(tl.int64) * stride_lb + (w_e * HQ + h * G + rows_e % G) * stride_lh
+    out_rows = lse_ptr + b.to(tl.int64) * stride_lb + (w * HQ + h * G + g) * stride_lh
     if NK == 1:  # one channel chunk (kept <= BLOCK_K): the queries' tile is loaded once
         kk = tl.arange(0, BLOCK_K)
         ch1 = tl.load(kbase + kk, mask=kk < KEPT, other=0)
@@ -1070,8 +1062,8 @@ def _kvstar_logits_kernel(
         blk = tl.load(table_ptr + b * stride_tb + jc, mask=jcm, other=0).to(tl.int64)
         blk = tl.minimum(tl.maximum(blk, 0), NB - 1)
         rbase = reps_ptr + blk * stride_rb + h * stride_rh
-        m_blk = tl.full([G_ROWS, BT], float("-inf"), dtype=tl.float32)
-        s_blk = tl.zeros([G_ROWS, BT], dtype=tl.float32)
+        m_blk = tl.full([BLOCK_G, BT], float("-inf"), dtype=tl.float32)
+        s_blk = tl.zeros([BLOCK_G, BT], dtype=tl.float32)
         for ri in tl.static_range(NR):
             r = ri * RC + rr
             cm = jcm & (r < R)
@@ -1092,21 +1084,15 @@ def _kvstar_logits_kernel(
                     acc += tl.dot(qt, rt)
                 else:
                     acc += tl.dot(qt.to(tl.float32), rt.to(tl.float32), input_precision=PREC)
-            if G_ROWS < BLOCK_G:  # rows [0, G_ROWS) of the accumulator, the padding rows dropped
-                acc3 = tl.reshape(acc, [BLOCK_G // G_ROWS, G_ROWS, BT * RC])
-                first = tl.arange(0, BLOCK_G // G_ROWS)[:, None, None] == 0
-                acc_e = tl.sum(tl.where(first, acc3, 0.0), axis=0)
-            else:
-                acc_e = acc
-            x = tl.where(cm[None, :], acc_e * scale_log2, float("-inf"))
-            x3 = tl.reshape(x, [G_ROWS, BT, RC])
+            x = tl.where(cm[None, :], acc * scale_log2, float("-inf"))
+            x3 = tl.reshape(x, [BLOCK_G, BT, RC])
             m_new = tl.maximum(m_blk, tl.max(x3, axis=2))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             s_blk = s_blk * tl.exp2(m_blk - m_safe) + tl.sum(tl.exp2(x3 - m_safe[:, :, None]), axis=2)
             m_blk = m_new
         lse = tl.where(s_blk > 0, m_blk + tl.log2(tl.where(s_blk > 0, s_blk, 1.0)), float("-inf"))
         jb = jt0 + tl.arange(0, BT)
-        tl.store(out_rows[:, None] + jb[None, :], lse, mask=(rows_e < WG)[:, None] & (jb < n)[None, :])
+        tl.store(out_rows[:, None] + jb[None, :], lse, mask=rm[:, None] & (jb < n)[None, :])
 
 
 def _kvstar_mass_kernel(

@@ -56,8 +56,6 @@ class CudaOps(TorchReferenceOps):
         self.kvstar_warps: int | None = None
         self.kvstar_tiles_per_prog: int | None = None
         self.kvstar_stages: int | None = None
-        #: True: the logits epilogue scores every row of the dot's 16 (the padding rows too)
-        self.kvstar_all_rows = False
         #: representation writes of up to this many tokens find each block's keys by an in-kernel
         #: scan (T^2 / BLOCK_T vector compares), longer ones (prefills) by a sort
         self.write_scan_max = 4096
@@ -812,7 +810,6 @@ class CudaOps(TorchReferenceOps):
             lse.stride(1),
             HKV=hkv,
             BLOCK_G=block_g,
-            G_ROWS=block_g if self.kvstar_all_rows else min(block_g, _pow2(wg)),
             BLOCK_K=block_k,
             NK=triton_cdiv(kept_dims, block_k),
             RC=rc,
