@@ -1018,6 +1018,7 @@ def _kvstar_logits_kernel(
     NK: tl.constexpr,
     RC: tl.constexpr,
     NR: tl.constexpr,
+    PAD_R: tl.constexpr,
     BT: tl.constexpr,
     TPP: tl.constexpr,
     PREC: tl.constexpr,
@@ -1084,7 +1085,10 @@ def _kvstar_logits_kernel(
                     acc += tl.dot(qt, rt)
                 else:
                     acc += tl.dot(qt.to(tl.float32), rt.to(tl.float32), input_precision=PREC)
-            x = tl.where(cm[None, :], acc * scale_log2, float("-inf"))
+            if PAD_R:  # R is not a multiple of RC: the chunk's columns past R count for nothing
+                x = tl.where(cm[None, :], acc * scale_log2, float("-inf"))
+            else:  # every column is a representation (a block past n_b is scored, never stored)
+                x = acc * scale_log2
             x3 = tl.reshape(x, [BLOCK_G, BT, RC])
             m_new = tl.maximum(m_blk, tl.max(x3, axis=2))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -814,6 +814,7 @@ class CudaOps(TorchReferenceOps):
             NK=triton_cdiv(kept_dims, block_k),
             RC=rc,
             NR=triton_cdiv(r, rc),
+            PAD_R=r % rc != 0,
             BT=bt,
             TPP=tpp,
             PREC="ieee" if self.interpret or reps.dtype == torch.float32 else "tf32",
