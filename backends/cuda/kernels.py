@@ -938,7 +938,7 @@ def _kvstar_importance_kernel(
     """Per (chunk s of BLOCK_J block-table columns, row x KV head): the sum of abs_sums over the
     chunk's full blocks (columns j < n_b = min(seq_len // BS, M)) into part [B * Hkv, S, D]
     (zeros past n_b). Many small programs instead of one per (row, head): the table gather is
-    latency-bound, so the reads spread over the SMs; `_kvstar_channels_kernel` adds the S parts
+    latency-bound, so the reads spread over the SMs; `_kvstar_logits_kernel` adds the S parts
     in a fixed order (deterministic, no atomics)."""
     s = tl.program_id(0)
     pid = tl.program_id(1)
@@ -956,41 +956,11 @@ def _kvstar_importance_kernel(
     tl.store(part_ptr + (pid.to(tl.int64) * S + s) * D + d, tl.sum(a, axis=0), mask=dm)
 
 
-def _kvstar_channels_kernel(
-    part_ptr,
-    kept_ptr,
-    D,
-    S,
-    KEPT,
-    BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """KVStar's kept channels of one (row, KV head): the KEPT channels with the largest sum of
-    |K| over the row's full blocks (the S parts of `_kvstar_importance_kernel`, added in order),
-    ties to the lower channel, written ascending to kept [B, Hkv, KEPT] int32. One bitonic sort
-    of (importance bits, reversed channel) packed in int64 (importances are >= 0, so their
-    float bits order as integers)."""
-    pid = tl.program_id(0)
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
-    sv = tl.arange(0, BLOCK_S)
-    m2 = (sv < S)[:, None] & dm[None, :]
-    parts = tl.load(part_ptr + (pid.to(tl.int64) * S + sv[:, None]) * D + d[None, :], mask=m2, other=0.0)
-    imp = tl.sum(parts, axis=0)
-    bits = imp.to(tl.int32, bitcast=True).to(tl.int64)
-    key = tl.where(dm, bits + 1, 0)  # invalid channels below every real one
-    packed = (key << 16) | (65535 - d).to(tl.int64)
-    srt = tl.sort(packed, dim=0, descending=True)
-    cut = tl.sum(tl.where(d == KEPT - 1, srt, 0), axis=0)
-    sel = packed >= cut
-    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    tl.store(kept_ptr + pid * KEPT + pos, d, mask=sel)
-
-
 def _kvstar_logits_kernel(
     q_ptr,
     reps_ptr,
     kept_ptr,
+    part_ptr,
     table_ptr,
     seqlen_ptr,
     lse_ptr,
@@ -1003,6 +973,8 @@ def _kvstar_logits_kernel(
     WG,
     HQ,
     KEPT,
+    D,
+    S,
     stride_qb,
     stride_qw,
     stride_qh,
@@ -1023,6 +995,8 @@ def _kvstar_logits_kernel(
     TPP: tl.constexpr,
     PREC: tl.constexpr,
     DOT_BF16: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Per (TPP tiles of BT blocks, row x KV head, chunk of BLOCK_G of the head's W * G queries):
     the log2-sum-exp of each query's scaled logits over each block's R representations, on the
@@ -1037,10 +1011,31 @@ def _kvstar_logits_kernel(
     The channel and representation chunks are unrolled (NK = cdiv(KEPT, BLOCK_K), NR = cdiv(R,
     RC)), so the tile loop is the innermost loop and the compiler can pipeline its loads across
     tiles when a program walks several (TPP > 1). Tiles past the row's full blocks do nothing;
-    `_kvstar_mass_kernel` only reads columns j < n_b."""
+    `_kvstar_mass_kernel` only reads columns j < n_b.
+
+    The kept channels of (row, KV head) first: the KEPT channels with the largest sum of |K|
+    over the row's full blocks (the S parts of `_kvstar_importance_kernel`, added in order),
+    ties to the lower channel, by one bitonic sort of (importance bits, reversed channel) packed
+    in int64 (importances are >= 0, so their float bits order as integers). Every program of the
+    pair computes the same list and stores it ascending to kept [B, Hkv, KEPT] int32 (programs
+    of one pair write equal values), then reads it back after a barrier: no launch of its own."""
     pid = tl.program_id(1)
     b = pid // HKV
     h = pid % HKV
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    sv = tl.arange(0, BLOCK_S)
+    part = tl.load(
+        part_ptr + (pid.to(tl.int64) * S + sv[:, None]) * D + d[None, :],
+        mask=(sv < S)[:, None] & dm[None, :],
+        other=0.0,
+    )
+    bits = tl.sum(part, axis=0).to(tl.int32, bitcast=True).to(tl.int64)
+    packed = (tl.where(dm, bits + 1, 0) << 16) | (65535 - d).to(tl.int64)  # invalid channels last
+    cut = tl.sum(tl.where(d == KEPT - 1, tl.sort(packed, dim=0, descending=True), 0), axis=0)
+    sel = packed >= cut
+    tl.store(kept_ptr + pid * KEPT + tl.cumsum(sel.to(tl.int32), axis=0) - 1, d, mask=sel)
+    tl.debug_barrier()  # this program's stores, visible to all its threads
     n = tl.minimum(tl.load(seqlen_ptr + b).to(tl.int32) // BS, M)
     lo = tl.program_id(0) * (TPP * BT)
     hi = tl.minimum(lo + TPP * BT, n)
@@ -1185,7 +1180,6 @@ _KERNELS = (
     _reps_write_kernel,
     _scores_minmax_kernel,
     _kvstar_importance_kernel,
-    _kvstar_channels_kernel,
     _kvstar_logits_kernel,
     _kvstar_mass_kernel,
 )
