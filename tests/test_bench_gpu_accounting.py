@@ -105,6 +105,7 @@ def test_a_run_with_dense_again_assembles_cells_against_the_mean(tmp_path, monke
                 "context": c,
                 "batch": b,
                 "decode_ms": steps[label][b],
+                "decode_ms_timestamps": steps[label][b] + 0.1,
                 "prefill_s": 1.0,
                 "first_tokens": [7],
                 **({"blocks_read": 0.31, "sparse_steps": 40} if label == "ESA:0.3" else {}),
@@ -126,6 +127,9 @@ def test_a_run_with_dense_again_assembles_cells_against_the_mean(tmp_path, monke
     assert esa8["dense_ms"] == pytest.approx(12.3) and esa8["dense_ms_runs"] == [12.0, 12.6]
     assert esa8["engine_speedup"] == pytest.approx(12.3 / 8.0, abs=1e-3)
     assert esa8["dense_spread"] == pytest.approx(0.6 / 12.3)
+    # the token-timestamp timing rides along: dense's mean over both engines, the method's own
+    assert esa8["dense_ms_timestamps"] == pytest.approx(12.4) and esa8["decode_ms_timestamps"] == pytest.approx(8.1)
+    assert esa8["engine_speedup_timestamps"] == pytest.approx(12.4 / 8.1, abs=1e-3)
     assert cells[("dense", 8)]["decode_ms"] == pytest.approx(12.3) and cells[("dense", 8)]["engine_speedup"] == 1.0
     assert cells[("ESA", 1)]["engine_speedup"] == pytest.approx(5.15 / 5.1, abs=1e-3)
     assert (tmp_path / "run.png").exists()

@@ -461,11 +461,7 @@ def _reps_write_kernel(
       1: Quest's bounds a = mins, b = maxs [NB, HD] float32 (+inf / -inf on restart);
       2: KVStar's channel-major a = reps [NB, HD, R] (any float dtype), b = |K| sums [NB, HD]:
          each group's keys of the call summed in float32 in token order, added to the stored
-         value and rounded once. The leader sums one group at a time, at the group's first
-         member, over the members up to the group's last (known from the slots in registers
-         with SCAN_ONCE: a decode key alone in its block is one load and one store; else up to
-         the block's last member), so it holds [BLOCK_C] vectors and a [BLOCK_R] mask of the
-         groups done, never a [channels, R] tile: any order of keys, one rounding per group.
+         value and rounded once.
 
     Grid (T, cdiv(HD, BLOCK_C)): every block written in the call has one leader program per
     channel chunk, which reads all of the call's keys of its block and does one read-modify-
@@ -556,73 +552,51 @@ def _reps_write_kernel(
         if KIND == 1:
             mn = tl.load(a_ptr + blk * HD + c, mask=cm & (fresh == 0), other=float("inf"))
             mx = tl.load(b_ptr + blk * HD + c, mask=cm & (fresh == 0), other=float("-inf"))
-        if KIND == 2:
-            if fresh > 0:  # a recycled block restarts: every group of these channels from zero
-                for g in range(0, R):
-                    tl.store(a_ptr + (blk * HD + c) * R + g, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cm)
-            rv = tl.arange(0, BLOCK_R)
-            done = tl.zeros([BLOCK_R], dtype=tl.int32)  # the groups summed so far
+        r = tl.arange(0, BLOCK_R)
+        acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)  # KIND 2: the call's sum per group
+        occ = tl.zeros([BLOCK_R], dtype=tl.int32)  # KIND 2: the groups the call writes
         aacc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for p in range(i, last + 1):
-            if KIND == 2:  # at a group's first member: its keys summed (positions p..q_end - 1)
-                if SORTED:
-                    sp = tl.load(slot_ptr + tl.load(order_ptr + p).to(tl.int64)).to(tl.int64)
-                else:
-                    sp = tl.where(p == i, s, tl.load(slot_ptr + p).to(tl.int64))
-                gj = (tl.maximum(sp, 0) % BS) // MERGE
-                first = (sp >= 0) & (tl.maximum(sp, 0) // BS == blk)
-                first = first & (tl.sum(tl.where(rv == gj, done, 0), axis=0) == 0)
-                done = done | ((rv == gj) & first).to(tl.int32)
-                q_end = tl.where(first, last + 1, p)
-                if SCAN_ONCE:  # the group's last member, from the call's slots in registers
-                    in_g = match & ((tl.maximum(sv, 0) % BS) // MERGE == gj)
-                    q_end = tl.where(first, tl.max(tl.where(in_g, j, -1), axis=0) + 1, p)
-                gsum = tl.zeros([BLOCK_C], dtype=tl.float32)
+            if SORTED:
+                tok = tl.load(order_ptr + p).to(tl.int64)
+                sj = tl.load(slot_ptr + tok).to(tl.int64)
+                k = tl.load(key_ptr + tok * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
+            elif p == i:  # the leader's own key, already read
+                sj = s
+                k = k_i
+            elif LAYERED:
+                sj = tl.load(slot_ptr + p).to(tl.int64)
+                sc = tl.maximum(sj, 0)
+                k = tl.load(
+                    key_ptr + (sc // BS) * stride_kt + (sc % BS) * stride_ko + c_off, mask=cm & (sj >= 0), other=0.0
+                ).to(tl.float32)
             else:
-                q_end = p + 1
-            for q in range(p, q_end):
-                if SORTED:
-                    tok = tl.load(order_ptr + q).to(tl.int64)
-                    sj = tl.load(slot_ptr + tok).to(tl.int64)
-                    k = tl.load(key_ptr + tok * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
-                elif q == i:  # the leader's own key, already read
-                    sj = s
-                    k = k_i
-                elif LAYERED:
-                    sj = tl.load(slot_ptr + q).to(tl.int64)
-                    sc = tl.maximum(sj, 0)
-                    k = tl.load(
-                        key_ptr + (sc // BS) * stride_kt + (sc % BS) * stride_ko + c_off,
-                        mask=cm & (sj >= 0),
-                        other=0.0,
-                    ).to(tl.float32)
+                sj = tl.load(slot_ptr + p).to(tl.int64)
+                k = tl.load(key_ptr + p * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
+            if (sj >= 0) & (tl.maximum(sj, 0) // BS == blk):
+                if KIND == 0:
+                    ap = a_ptr + (blk * R + (sj % BS) // MERGE) * HD + c
+                    tl.store(ap, tl.load(ap, mask=cm, other=0.0) + k, mask=cm)
+                elif KIND == 1:
+                    mn = tl.minimum(mn, k)
+                    mx = tl.maximum(mx, k)
                 else:
-                    sj = tl.load(slot_ptr + q).to(tl.int64)
-                    k = tl.load(key_ptr + q * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
-                if (sj >= 0) & (tl.maximum(sj, 0) // BS == blk):
-                    if KIND == 0:
-                        ap = a_ptr + (blk * R + (sj % BS) // MERGE) * HD + c
-                        tl.store(ap, tl.load(ap, mask=cm, other=0.0) + k, mask=cm)
-                        aacc += tl.abs(k)
-                    elif KIND == 1:
-                        mn = tl.minimum(mn, k)
-                        mx = tl.maximum(mx, k)
-                        aacc += tl.abs(k)
-                    elif (sj % BS) // MERGE == gj:  # KIND 2: a key of the group being summed
-                        gsum += k
-                        aacc += tl.abs(k)
-            if KIND == 2:
-                if q_end > p:  # the group's stored value + the call's float32 sum, rounded once
-                    gp = a_ptr + (blk * HD + c) * R + gj
-                    new = tl.load(gp, mask=cm & (fresh == 0), other=0.0).to(tl.float32) + gsum
-                    if RNE_BF16:  # round to nearest even by hand: the interpreter's cast truncates
-                        bits = new.to(tl.int32, bitcast=True)
-                        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-                        new = bits.to(tl.float32, bitcast=True)
-                    tl.store(gp, new.to(a_ptr.dtype.element_ty), mask=cm)
+                    here = r == (sj % BS) // MERGE
+                    acc += tl.where(here[None, :], k[:, None], 0.0)
+                    occ = occ | here.to(tl.int32)
+                aacc += tl.abs(k)
         if KIND == 1:
             tl.store(a_ptr + blk * HD + c, mn, mask=cm)
             tl.store(b_ptr + blk * HD + c, mx, mask=cm)
+        if KIND == 2:
+            rp = a_ptr + (blk * HD + c[:, None]) * R + r[None, :]
+            put = cm[:, None] & (r < R)[None, :] & ((occ > 0) | (fresh > 0))[None, :]
+            new = tl.load(rp, mask=put & (fresh == 0), other=0.0).to(tl.float32) + acc
+            if RNE_BF16:  # round to nearest even by hand: the interpreter's cast truncates
+                bits = new.to(tl.int32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+                new = bits.to(tl.float32, bitcast=True)
+            tl.store(rp, new.to(a_ptr.dtype.element_ty), mask=put)
         if HAS_B and KIND != 1:  # |K| sums of the block, stored once
             tl.store(b_ptr + blk * HD + c, b_old + aacc, mask=cm)
 
@@ -938,7 +912,7 @@ def _kvstar_importance_kernel(
     """Per (chunk s of BLOCK_J block-table columns, row x KV head): the sum of abs_sums over the
     chunk's full blocks (columns j < n_b = min(seq_len // BS, M)) into part [B * Hkv, S, D]
     (zeros past n_b). Many small programs instead of one per (row, head): the table gather is
-    latency-bound, so the reads spread over the SMs; `_kvstar_logits_kernel` adds the S parts
+    latency-bound, so the reads spread over the SMs; `_kvstar_channels_kernel` adds the S parts
     in a fixed order (deterministic, no atomics)."""
     s = tl.program_id(0)
     pid = tl.program_id(1)
@@ -956,11 +930,41 @@ def _kvstar_importance_kernel(
     tl.store(part_ptr + (pid.to(tl.int64) * S + s) * D + d, tl.sum(a, axis=0), mask=dm)
 
 
+def _kvstar_channels_kernel(
+    part_ptr,
+    kept_ptr,
+    D,
+    S,
+    KEPT,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """KVStar's kept channels of one (row, KV head): the KEPT channels with the largest sum of
+    |K| over the row's full blocks (the S parts of `_kvstar_importance_kernel`, added in order),
+    ties to the lower channel, written ascending to kept [B, Hkv, KEPT] int32. One bitonic sort
+    of (importance bits, reversed channel) packed in int64 (importances are >= 0, so their
+    float bits order as integers)."""
+    pid = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    sv = tl.arange(0, BLOCK_S)
+    m2 = (sv < S)[:, None] & dm[None, :]
+    parts = tl.load(part_ptr + (pid.to(tl.int64) * S + sv[:, None]) * D + d[None, :], mask=m2, other=0.0)
+    imp = tl.sum(parts, axis=0)
+    bits = imp.to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(dm, bits + 1, 0)  # invalid channels below every real one
+    packed = (key << 16) | (65535 - d).to(tl.int64)
+    srt = tl.sort(packed, dim=0, descending=True)
+    cut = tl.sum(tl.where(d == KEPT - 1, srt, 0), axis=0)
+    sel = packed >= cut
+    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(kept_ptr + pid * KEPT + pos, d, mask=sel)
+
+
 def _kvstar_logits_kernel(
     q_ptr,
     reps_ptr,
     kept_ptr,
-    part_ptr,
     table_ptr,
     seqlen_ptr,
     lse_ptr,
@@ -973,8 +977,6 @@ def _kvstar_logits_kernel(
     WG,
     HQ,
     KEPT,
-    D,
-    S,
     stride_qb,
     stride_qw,
     stride_qh,
@@ -990,13 +992,10 @@ def _kvstar_logits_kernel(
     NK: tl.constexpr,
     RC: tl.constexpr,
     NR: tl.constexpr,
-    PAD_R: tl.constexpr,
     BT: tl.constexpr,
     TPP: tl.constexpr,
     PREC: tl.constexpr,
     DOT_BF16: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
 ):
     """Per (TPP tiles of BT blocks, row x KV head, chunk of BLOCK_G of the head's W * G queries):
     the log2-sum-exp of each query's scaled logits over each block's R representations, on the
@@ -1011,31 +1010,10 @@ def _kvstar_logits_kernel(
     The channel and representation chunks are unrolled (NK = cdiv(KEPT, BLOCK_K), NR = cdiv(R,
     RC)), so the tile loop is the innermost loop and the compiler can pipeline its loads across
     tiles when a program walks several (TPP > 1). Tiles past the row's full blocks do nothing;
-    `_kvstar_mass_kernel` only reads columns j < n_b.
-
-    The kept channels of (row, KV head) first: the KEPT channels with the largest sum of |K|
-    over the row's full blocks (the S parts of `_kvstar_importance_kernel`, added in order),
-    ties to the lower channel, by one bitonic sort of (importance bits, reversed channel) packed
-    in int64 (importances are >= 0, so their float bits order as integers). Every program of the
-    pair computes the same list and stores it ascending to kept [B, Hkv, KEPT] int32 (programs
-    of one pair write equal values), then reads it back after a barrier: no launch of its own."""
+    `_kvstar_mass_kernel` only reads columns j < n_b."""
     pid = tl.program_id(1)
     b = pid // HKV
     h = pid % HKV
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
-    sv = tl.arange(0, BLOCK_S)
-    part = tl.load(
-        part_ptr + (pid.to(tl.int64) * S + sv[:, None]) * D + d[None, :],
-        mask=(sv < S)[:, None] & dm[None, :],
-        other=0.0,
-    )
-    bits = tl.sum(part, axis=0).to(tl.int32, bitcast=True).to(tl.int64)
-    packed = (tl.where(dm, bits + 1, 0) << 16) | (65535 - d).to(tl.int64)  # invalid channels last
-    cut = tl.sum(tl.where(d == KEPT - 1, tl.sort(packed, dim=0, descending=True), 0), axis=0)
-    sel = packed >= cut
-    tl.store(kept_ptr + pid * KEPT + tl.cumsum(sel.to(tl.int32), axis=0) - 1, d, mask=sel)
-    tl.debug_barrier()  # this program's stores, visible to all its threads
     n = tl.minimum(tl.load(seqlen_ptr + b).to(tl.int32) // BS, M)
     lo = tl.program_id(0) * (TPP * BT)
     hi = tl.minimum(lo + TPP * BT, n)
@@ -1080,10 +1058,7 @@ def _kvstar_logits_kernel(
                     acc += tl.dot(qt, rt)
                 else:
                     acc += tl.dot(qt.to(tl.float32), rt.to(tl.float32), input_precision=PREC)
-            if PAD_R:  # R is not a multiple of RC: the chunk's columns past R count for nothing
-                x = tl.where(cm[None, :], acc * scale_log2, float("-inf"))
-            else:  # every column is a representation (a block past n_b is scored, never stored)
-                x = acc * scale_log2
+            x = tl.where(cm[None, :], acc * scale_log2, float("-inf"))
             x3 = tl.reshape(x, [BLOCK_G, BT, RC])
             m_new = tl.maximum(m_blk, tl.max(x3, axis=2))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -1180,6 +1155,7 @@ _KERNELS = (
     _reps_write_kernel,
     _scores_minmax_kernel,
     _kvstar_importance_kernel,
+    _kvstar_channels_kernel,
     _kvstar_logits_kernel,
     _kvstar_mass_kernel,
 )

@@ -577,8 +577,8 @@ class CudaOps(TorchReferenceOps):
             end = torch.searchsorted(srt, srt, right=True)
         else:
             srt = order = end = slots  # unused
-        block_c = min(_pow2(hd), 128)
-        block_r = _pow2(r) if kind == 2 else 1  # KIND 2's mask of the groups summed
+        block_r = _pow2(r) if kind == 2 else 1
+        block_c = min(_pow2(hd), 128, max(16, 4096 // block_r))
         tab, n_layers, dh = layers if layers is not None else (slots, 1, hd)
         self._k.reps_write_kernel[(t, triton_cdiv(hd, block_c), n_layers)](
             key,
@@ -702,10 +702,10 @@ class CudaOps(TorchReferenceOps):
         self._reps_write(2, reps, abs_sums, key, slot_mapping, block_size, merge, r, h * d)
 
     def kvstar_block_mass(self, q, reps, abs_sums, block_table, seq_lens, block_size, kept_dims, scale):
-        """Three launches, no host read: partial |K| sums per (row, KV head) over chunks of the table
-        (`_kvstar_importance_kernel`); per (tiles, row x KV head) the kept channels from them and
-        the per-block log2-sum-exps over the kept channels of the representations
-        (`_kvstar_logits_kernel`); the softmax mass per block (`_kvstar_mass_kernel`). Logits are
+        """Four launches, no host read: kept channels per (row, KV head) (`_kvstar_importance_kernel`
+        partial |K| sums, `_kvstar_channels_kernel`),
+        per-block log2-sum-exps over the kept channels of the representations
+        (`_kvstar_logits_kernel`), the softmax mass per block (`_kvstar_mass_kernel`). Logits are
         float32-accumulated dots: bf16 operands for bf16 queries; with half-precision reps, tf32 for
         float32 / fp16 queries on the GPU (exact for the values of a bf16 / fp16 model, as
         `KVStarScorer`'s float32 windows hold); IEEE float32 with float32 reps."""
@@ -742,9 +742,8 @@ class CudaOps(TorchReferenceOps):
         kept = torch.empty(b, hkv, kept_dims, dtype=torch.int32, device=q.device)
         lse = torch.empty(b, w * hq, m, dtype=torch.float32, device=q.device)
         block_d = _pow2(d)
-        # channel importance: partial sums over chunks of the table (spread over the SMs); the
-        # logits kernel adds a pair's parts in order and picks the kept channels (no launch of its own:
-        # a separate one cost 2.9 us a layer on the H200)
+        # channel importance in two launches: partial sums over chunks of the table (spread over
+        # the SMs), then per (row, head) the parts added in order and the top kept channels
         block_j = max(16, _pow2(triton_cdiv(m, 64)))
         parts = triton_cdiv(m, block_j)
         part = torch.empty(b * hkv, parts, d, dtype=torch.float32, device=q.device)
@@ -766,6 +765,9 @@ class CudaOps(TorchReferenceOps):
             BLOCK_D=block_d,
             num_warps=4,
         )
+        self._k.kvstar_channels_kernel[(b * hkv,)](
+            part, kept, d, parts, kept_dims, BLOCK_S=_pow2(parts), BLOCK_D=block_d, num_warps=4
+        )
         # a [kept-channel chunk, BT blocks x RC representations] tile per step: 128 columns = 2 blocks
         # of R = 64 (block 128, merge 2); at least two blocks per tile, wide R walked in chunks
         block_n = self.kvstar_block_n or 128  # the H200 sweep: 51 us vs 57 at 256 (32K x 8)
@@ -785,7 +787,6 @@ class CudaOps(TorchReferenceOps):
             q,
             reps,
             kept,
-            part,
             tbl,
             seq_lens,
             lse,
@@ -798,8 +799,6 @@ class CudaOps(TorchReferenceOps):
             wg,
             hq,
             kept_dims,
-            d,
-            parts,
             q.stride(0),
             q.stride(1),
             q.stride(2),
@@ -815,15 +814,12 @@ class CudaOps(TorchReferenceOps):
             NK=triton_cdiv(kept_dims, block_k),
             RC=rc,
             NR=triton_cdiv(r, rc),
-            PAD_R=r % rc != 0,
             BT=bt,
             TPP=tpp,
             PREC="ieee" if self.interpret or reps.dtype == torch.float32 else "tf32",
             num_warps=self.kvstar_warps or 4,
             num_stages=self.kvstar_stages or 2,
             DOT_BF16=not self.interpret and q.dtype == torch.bfloat16 and reps.dtype == torch.bfloat16,
-            BLOCK_S=_pow2(parts),
-            BLOCK_D=block_d,
         )
         block_j = min(_pow2(m, 16), 512)
         self._k.kvstar_mass_kernel[(b,)](
