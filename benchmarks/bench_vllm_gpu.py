@@ -1,7 +1,8 @@
 """Decode speed of plain vLLM vs each ucm method inside real vLLM on the GPU, CUDA graphs on.
 
 What it measures: one engine per setting (plain vLLM, then each method at each ratio), all in
-one run on one GPU, each in its own process so memory is clean; a Qwen3-4B-shaped model with
+one run on one GPU, each in its own process so memory is clean; a Qwen3-4B-shaped model
+(`--model qwen3-32b`: Qwen3-32B's shape, 32K x 1 / 4 and 128K x 1 by default) with
 dummy weights (`load_format="dummy"`: speed depends on shapes, not on weights), bf16, block 128,
 prefix caching on, vLLM's FULL decode CUDA graphs (`cudagraph_mode` FULL_DECODE_ONLY, no
 torch.compile, the same for every engine). For every cell (context, batch) the engine first
@@ -17,6 +18,7 @@ bandwidth measured in the same process, over the measured step.
 
     python benchmarks/bench_vllm_gpu.py                        # the issue's matrix
     python benchmarks/bench_vllm_gpu.py --contexts 32768 --batches 8 --settings dense ESA:0.3
+    python benchmarks/bench_vllm_gpu.py --model qwen3-32b --name vllm_gpu_decode_qwen3_32b
 Two engines doing the same work differ by a few percent within one run (session 11: up to ~4%
 at batch 1): `--dense-again` runs plain vLLM once more after the methods, divides by the two
 engines' mean and reports their spread per cell (`dense_ms_runs`, `dense_spread`).
@@ -64,6 +66,21 @@ QWEN3_4B = {
     "eos_token_id": 151645,
     "use_cache": True,
 }
+# Qwen3-32B's shape (config.json of Qwen/Qwen3-32B), positions widened as above: 65.5 GB of bf16
+# weights, 256 KB of KV a token, so on one H200 (0.8 of its memory) 32K x 4 and 128K x 1 fit
+QWEN3_32B = {
+    **QWEN3_4B,
+    "hidden_size": 5120,
+    "intermediate_size": 25600,
+    "num_hidden_layers": 64,
+    "num_attention_heads": 64,
+    "tie_word_embeddings": False,
+}
+# --model: (model folder name, shape, default batches at <= 32K, default batches above)
+MODELS = {
+    "qwen3-4b": ("Qwen3-4B", QWEN3_4B, [1, 8], [1, 4]),
+    "qwen3-32b": ("Qwen3-32B", QWEN3_32B, [1, 4], [1]),
+}
 BLOCK = 128
 
 
@@ -85,12 +102,14 @@ def weight_bytes(shape: dict, dtype_bytes: int = 2) -> int:
     return dtype_bytes * (shape["num_hidden_layers"] * per_layer + shape["vocab_size"] * h + h)
 
 
-def side_bytes_per_block(setting: str, shape: dict, tmp: Path, block: int = BLOCK) -> float:
+def side_bytes_per_block(
+    setting: str, shape: dict, tmp: Path, block: int = BLOCK, model_name: str = "Qwen3-4B"
+) -> float:
     """Bytes of block representations / codes the method reads per block and layer when it scores
     in the CUDA graph path (`BlockScorer.read_bytes_per_block`), from its scorer built for one
     block with the CUDA backend where a GPU is present (its layouts: KVStar's bfloat16
     channel-major representations), else with the reference backend."""
-    extra = sparse_extra(setting, tmp, shape)
+    extra = sparse_extra(setting, tmp, shape, model_name)
     if extra is None:
         return 0
     import torch
@@ -113,8 +132,9 @@ def side_bytes_per_block(setting: str, shape: dict, tmp: Path, block: int = BLOC
         method.close()
 
 
-def sparse_extra(setting: str, tmp: Path, shape: dict = QWEN3_4B) -> dict | None:
-    """The connector's extra config for a setting "dense" | "METHOD:RATIO"."""
+def sparse_extra(setting: str, tmp: Path, shape: dict = QWEN3_4B, model_name: str = "Qwen3-4B") -> dict | None:
+    """The connector's extra config for a setting "dense" | "METHOD:RATIO"; methods with a model
+    JSON (GSA on device) take the shipped one of `model_name`."""
     from ucm.methods import get_method
 
     if setting == "dense":
@@ -122,10 +142,10 @@ def sparse_extra(setting: str, tmp: Path, shape: dict = QWEN3_4B) -> dict | None
     method, ratio, *overrides = setting.split(":")  # METHOD:RATIO[:key=int...]
     ratio = float(ratio)
     keys = {k: int(v) for k, v in (o.split("=") for o in overrides)}
-    if get_method(method).model_json:  # the shipped Qwen3-4B JSON with its sparse layers at `ratio`
+    if get_method(method).model_json:  # the model's shipped JSON with its sparse layers at `ratio`
         from ucm.config.loader import find_model_config
 
-        data = json.loads(Path(find_model_config("Qwen3-4B")).read_text())
+        data = json.loads(Path(find_model_config(model_name)).read_text())
         layers = shape["num_hidden_layers"]
         if layers != data["num_hidden_layers"]:  # another depth: its first and last layers dense
             data.update(
@@ -250,7 +270,7 @@ def run_engine(spec: dict) -> dict:
 
     tmp = Path(spec["tmp"])
     shape = spec["shape"]
-    extra = sparse_extra(spec["setting"], tmp, shape)
+    extra = sparse_extra(spec["setting"], tmp, shape, spec.get("model_name", "Qwen3-4B"))
     max_batch = max(b for _, b in spec["cells"])
     max_len = max(c for c, _ in spec["cells"]) + spec["new_tokens"] + 2 * BLOCK
     t0 = time.perf_counter()
@@ -410,11 +430,14 @@ def dense_baseline(runs: list[dict]) -> dict[tuple[int, int], dict]:
     return out
 
 
-def bound_ms(setting: str, shape: dict, context: int, batch: int, blocks_read: float, bw: float, tmp: Path) -> float:
+def bound_ms(
+    setting: str, shape: dict, context: int, batch: int, blocks_read: float, bw: float, tmp: Path, model_name: str
+) -> float:
     layers, hkv, hd = shape["num_hidden_layers"], shape["num_key_value_heads"], shape["head_dim"]
     kv_dense = batch * context * layers * 2 * hkv * hd * 2
     blocks = batch * layers * math.ceil(context / BLOCK)
-    nbytes = kv_dense * blocks_read + weight_bytes(shape) + blocks * side_bytes_per_block(setting, shape, tmp)
+    side = side_bytes_per_block(setting, shape, tmp, model_name=model_name)
+    nbytes = kv_dense * blocks_read + weight_bytes(shape) + blocks * side
     return nbytes / bw * 1e3
 
 
@@ -483,8 +506,15 @@ def merge_runs(paths: list[Path]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child")
+    ap.add_argument("--model", choices=sorted(MODELS), default="qwen3-4b", help="the model shape (dummy weights)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 and 8 at 32K, 1 and 4 at 128K")
+    ap.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="default: 1 and 8 at 32K, 1 and 4 at 128K (qwen3-32b: 1 and 4 at 32K, 1 at 128K)",
+    )
     ap.add_argument(
         "--settings",
         nargs="+",
@@ -530,8 +560,9 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="ucm-bench-gpu-"))
-    model = model_dir(QWEN3_4B, tmp)
-    cells = [(c, b) for c in args.contexts for b in (args.batches or ([1, 8] if c <= 32768 else [1, 4]))]
+    name, shape, short_batches, long_batches = MODELS[args.model]
+    model = model_dir(shape, tmp, name)
+    cells = [(c, b) for c in args.contexts for b in (args.batches or (short_batches if c <= 32768 else long_batches))]
     log = out_dir / f"{args.name}.log"
     log.write_text("")
     engines = {}
@@ -542,7 +573,8 @@ def main() -> None:
             "setting": setting,
             "tmp": str(tmp),
             "model": str(model),
-            "shape": QWEN3_4B,
+            "shape": shape,
+            "model_name": name,
             "cells": cells,
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
@@ -559,7 +591,7 @@ def main() -> None:
         "vllm": vllm.__version__,
         "torch": torch.__version__,
         "command": "python benchmarks/bench_vllm_gpu.py " + " ".join(sys.argv[1:]),
-        "model": "Qwen3-4B shape, dummy weights, bf16, block 128",
+        "model": f"{name} shape, dummy weights, bf16, block 128",
         "hbm_bytes_per_s": round(bw),
         "cudagraph_mode": "FULL_DECODE_ONLY",
         "new_tokens": args.new_tokens,
@@ -582,7 +614,7 @@ def main() -> None:
             ms = d["decode_ms"] if method == "dense" else c["decode_ms"]
             ts = d["decode_ms_timestamps"] if method == "dense" else c.get("decode_ms_timestamps")
             dts = d["decode_ms_timestamps"]
-            bound = bound_ms(setting, QWEN3_4B, c["context"], c["batch"], read, bw, tmp)
+            bound = bound_ms(setting, shape, c["context"], c["batch"], read, bw, tmp, name)
             result["cells"].append(
                 {
                     "method": method,

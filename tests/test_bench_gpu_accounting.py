@@ -168,3 +168,49 @@ def test_decode_step_from_token_timestamps_of_a_real_engine(model_path) -> None:
         assert step_ms_from_timestamps(outs) is None  # no stats kept: no number made up
     finally:
         shutdown(quiet)
+
+
+def test_a_qwen3_32b_run_uses_its_shape_json_and_cells(tmp_path, monkeypatch) -> None:
+    """`--model qwen3-32b`: the engines get Qwen3-32B's shape in a folder named for it, GSA on
+    device its shipped 64-layer JSON (layers 0, 1 and 63 dense there), the cells that fit one
+    H200 by default, and the bound counts its 64 layers and untied LM head."""
+    import bench_vllm_gpu as bench
+
+    specs = []
+
+    def fake_engine(spec, log):
+        specs.append(spec)
+        extra = bench.sparse_extra(spec["setting"], Path(spec["tmp"]), spec["shape"], spec["model_name"])
+        if extra is not None:
+            data = json.loads(Path(extra["ucm_sparse_config"]["GSAOnDevice"]["config_file"]).read_text())
+            assert data["num_hidden_layers"] == 64 and data["model_name"] == "Qwen/Qwen3-32B"
+            assert [i for i, r in enumerate(data["top_k_ratio_per_layer"]) if r >= 1] == [0, 1, 63]
+        cells = [
+            {
+                "context": c,
+                "batch": b,
+                "decode_ms": 40.0 if extra is None else 25.0,
+                "prefill_s": 1.0,
+                "first_tokens": [7],
+                **({"blocks_read": 0.33} if extra else {}),
+            }
+            for c, b in spec["cells"]
+        ]
+        return {"setting": spec["setting"], "engine_start_s": 60.0, "hbm_bytes_per_s": 4.3e12, "cells": cells}
+
+    monkeypatch.setattr(bench, "run_child", fake_engine)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test device")
+    argv = ["bench", "--model", "qwen3-32b", "--settings", "dense", "GSAOnDevice:0.3"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path), "--name", "run32b"])
+    bench.main()
+    assert specs[0]["cells"] == [(32768, 1), (32768, 4), (131072, 1)]
+    config = json.loads((Path(specs[0]["model"]) / "config.json").read_text())
+    assert Path(specs[0]["model"]).name == "Qwen3-32B" and config["num_hidden_layers"] == 64
+    result = json.loads((tmp_path / "run32b.json").read_text())
+    assert result["model"].startswith("Qwen3-32B shape")
+    dense4 = next(c for c in result["cells"] if c["method"] == "dense" and c["batch"] == 4)
+    # 64 layers x 2 (K, V) x 8 KV heads x 128 x 2 bytes a token, and the ~64 GB of weights a step
+    # reads (65.5 GB held: the untied embedding table is looked up, not read)
+    kv = 4 * 32768 * 64 * 2 * 8 * 128 * 2
+    assert dense4["bound_ms"] == pytest.approx((kv + bench.weight_bytes(bench.QWEN3_32B)) / 4.3e12 * 1e3, rel=1e-3)
+    assert 63.5e9 < bench.weight_bytes(bench.QWEN3_32B) < 64.5e9
