@@ -89,6 +89,24 @@ def test_kvstar_counts_only_the_channels_its_kernel_reads(cuda_ops) -> None:
         method.close()
 
 
+def engine_result(spec: dict, ms, stamps: bool = False, **fields) -> dict:
+    """What `run_child` returns for `spec` (each engine needs a CUDA GPU and vLLM's CUDA build):
+    every cell at `ms(batch)` ms a step (with `stamps`, 0.1 ms more by token timestamps), `fields`."""
+    cells = [
+        {
+            "context": c,
+            "batch": b,
+            "decode_ms": ms(b),
+            **({"decode_ms_timestamps": ms(b) + 0.1} if stamps else {}),
+            "prefill_s": 1.0,
+            "first_tokens": [7],
+            **fields,
+        }
+        for c, b in spec["cells"]
+    ]
+    return {"setting": spec["setting"], "engine_start_s": 60.0, "hbm_bytes_per_s": 4.3e12, "cells": cells}
+
+
 def test_a_run_with_dense_again_assembles_cells_against_the_mean(tmp_path, monkeypatch) -> None:
     """The run's bookkeeping end to end with the engines replaced by their results (each engine
     needs a CUDA GPU and vLLM's CUDA build): dense twice, ESA once, two cells."""
@@ -100,19 +118,8 @@ def test_a_run_with_dense_again_assembles_cells_against_the_mean(tmp_path, monke
     def fake_engine(spec, log):
         label = "dense (again)" if spec["setting"] == "dense" and "dense" in started else spec["setting"]
         started.append(label)
-        cells = [
-            {
-                "context": c,
-                "batch": b,
-                "decode_ms": steps[label][b],
-                "decode_ms_timestamps": steps[label][b] + 0.1,
-                "prefill_s": 1.0,
-                "first_tokens": [7],
-                **({"blocks_read": 0.31, "sparse_steps": 40} if label == "ESA:0.3" else {}),
-            }
-            for c, b in spec["cells"]
-        ]
-        return {"setting": spec["setting"], "engine_start_s": 60.0, "hbm_bytes_per_s": 4.3e12, "cells": cells}
+        sparse = {"blocks_read": 0.31, "sparse_steps": 40} if label == "ESA:0.3" else {}
+        return engine_result(spec, steps[label].__getitem__, stamps=True, **sparse)
 
     monkeypatch.setattr(bench, "run_child", fake_engine)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test device")
@@ -185,18 +192,8 @@ def test_a_qwen3_32b_run_uses_its_shape_json_and_cells(tmp_path, monkeypatch) ->
             data = json.loads(Path(extra["ucm_sparse_config"]["GSAOnDevice"]["config_file"]).read_text())
             assert data["num_hidden_layers"] == 64 and data["model_name"] == "Qwen/Qwen3-32B"
             assert [i for i, r in enumerate(data["top_k_ratio_per_layer"]) if r >= 1] == [0, 1, 63]
-        cells = [
-            {
-                "context": c,
-                "batch": b,
-                "decode_ms": 40.0 if extra is None else 25.0,
-                "prefill_s": 1.0,
-                "first_tokens": [7],
-                **({"blocks_read": 0.33} if extra else {}),
-            }
-            for c, b in spec["cells"]
-        ]
-        return {"setting": spec["setting"], "engine_start_s": 60.0, "hbm_bytes_per_s": 4.3e12, "cells": cells}
+        sparse = {"blocks_read": 0.33} if extra else {}
+        return engine_result(spec, lambda b: 40.0 if extra is None else 25.0, **sparse)
 
     monkeypatch.setattr(bench, "run_child", fake_engine)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test device")
