@@ -270,7 +270,7 @@ def run_engine(spec: dict) -> dict:
 
     tmp = Path(spec["tmp"])
     shape = spec["shape"]
-    extra = sparse_extra(spec["setting"], tmp, shape, spec.get("model_name", "Qwen3-4B"))
+    extra = sparse_extra(spec["setting"], tmp, shape, spec["model_name"])
     max_batch = max(b for _, b in spec["cells"])
     max_len = max(c for c, _ in spec["cells"]) + spec["new_tokens"] + 2 * BLOCK
     t0 = time.perf_counter()
