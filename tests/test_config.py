@@ -544,7 +544,9 @@ def test_invalid_sparse_json_file(tmp_path: Path) -> None:
         ("ESA", "min_blocks", "4"),
         ("ESA", "init_window_sz", True),
         ("ESA", "local_window_sz", 2.0),
-        ("ESA", "blk_repre_inner_token_merge", 2),  # a KVStar key on ESA: unknown
+        ("ESA", "blk_repre_dim_prune_ratio", 0.5),  # a KVStar key on ESA: unknown
+        ("ESA", "blk_repre_inner_token_merge", 0),
+        ("Quest", "blk_repre_inner_token_merge", -4),
         ("GSA", "local_window_sz", -1),
         ("GSA", "sparse_ratio", 2),
         ("GSA", "min_blocks", -1),

@@ -53,7 +53,7 @@ def check_sparse_against_model(
         _check_windows(config, where, max_model_len, block_size, num_layers, source)
     for key in config.block_size_divisors:
         value = getattr(config, key)
-        if block_size is not None and block_size % value:
+        if block_size is not None and value is not None and block_size % value:
             raise ConfigError(source, f"{where}.{key}", f"{value} must divide the KV block size {block_size}")
 
 

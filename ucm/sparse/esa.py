@@ -1,5 +1,7 @@
 """ESA: a block is the mean of its keys per KV head; its score is the dot product with the
-GQA-group-averaged query, summed over KV heads."""
+GQA-group-averaged query, summed over KV heads. With `blk_repre_inner_token_merge` below the
+block size, a block keeps one mean per group of that many tokens and scores as its best group
+(`ucm.sparse.subblocks`)."""
 
 from __future__ import annotations
 
@@ -11,13 +13,16 @@ from ucm.config.sparse import ESAConfig
 from ucm.ops.contract import SparseOps
 from ucm.sparse.base import BlockAccumulator, BlockScorer, ModelShapes, SparseMethod
 from ucm.sparse.factory import BuildContext, windowed_method
+from ucm.sparse.subblocks import block_max, sub_block_table
 
 
 class MeanReprScorer(BlockScorer):
     """Mean-of-K representations, kept per physical block and refreshed when a block fills.
 
     `group_reduce` picks how a GQA group's queries meet the representation ("mean": ESA,
-    "max": GSA). `repr_device` is where representations and scoring live.
+    "max": GSA). `repr_device` is where representations and scoring live. `merge` (default: the
+    block size) is the tokens per representation: below the block size a block keeps
+    block_size // merge means and scores as the best of them.
     """
 
     group_reduce = "mean"
@@ -30,16 +35,18 @@ class MeanReprScorer(BlockScorer):
         ops: SparseOps,
         repr_device: torch.device | None = None,
         score_ops: SparseOps | None = None,
+        merge: int | None = None,
     ) -> None:
         super().__init__(shapes, ops)
+        self.merge = merge or shapes.block_size
         self.repr_device = torch.device(repr_device or shapes.device)
         self.score_ops = score_ops or ops
         # one running sum of K per block and head; for the full blocks that are scored, the sum
         # ranks exactly as the mean (a common factor of 1 / block_size)
         self.acc = [
-            BlockAccumulator(shapes, shapes.block_size, self.repr_device, ops=self.score_ops)
-            for _ in range(shapes.num_layers)
+            BlockAccumulator(shapes, self.merge, self.repr_device, ops=self.score_ops) for _ in range(shapes.num_layers)
         ]
+        self.groups = self.acc[0].groups if self.acc else shapes.block_size // self.merge
 
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.acc[layer].add(key, slot_mapping)
@@ -66,11 +73,18 @@ class MeanReprScorer(BlockScorer):
         bs = self.shapes.block_size
         dev = self.repr_device
         full_lens = (seq_lens // bs) * bs  # the partial last block has no representation yet (it is always kept)
-        reprs = self.acc[layer].sums[:, 0]  # [NB, Hkv, D]
-        s = self.score_ops.block_scores_dot(
-            q.to(dev), reprs, block_table.to(dev), full_lens.to(dev), bs, self.group_reduce
-        )
+        s = self._dot(layer, q.to(dev), block_table.to(dev), full_lens.to(dev))
         return s.to(q.device)
+
+    def _dot(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, full_lens: torch.Tensor) -> torch.Tensor:
+        """Block scores [B, M] of the full blocks (`full_lens` tokens), each its best group's."""
+        sums = self.acc[layer].sums  # [NB, R, Hkv, D]
+        r = self.groups
+        table = sub_block_table(block_table, r)
+        s = self.score_ops.block_scores_dot(
+            q, sums.view(-1, *sums.shape[2:]), table, full_lens, self.merge, self.group_reduce
+        )
+        return block_max(s, r)
 
     batch_full_blocks = True
 
@@ -78,9 +92,7 @@ class MeanReprScorer(BlockScorer):
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
     ) -> torch.Tensor:
         """`score` of full blocks, given their token counts (`batch_full_blocks`)."""
-        return self.score_ops.block_scores_dot(
-            q, self.acc[layer].sums[:, 0], block_table, seq_lens, self.shapes.block_size, self.group_reduce
-        )
+        return self._dot(layer, q, block_table, seq_lens)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         for acc in self.acc:
@@ -96,4 +108,6 @@ class ESAScorer(MeanReprScorer):
 
 def build(config: ESAConfig, shapes: ModelShapes, ctx: BuildContext) -> SparseMethod:
     """ESA's builder (registered in `ucm.config.sparse`)."""
-    return windowed_method(config, shapes, ctx.ops, lambda: ESAScorer(shapes, ctx.ops))
+    return windowed_method(
+        config, shapes, ctx.ops, lambda: ESAScorer(shapes, ctx.ops, merge=config.blk_repre_inner_token_merge)
+    )

@@ -132,6 +132,8 @@ def check_block_size_divisors(config: MethodConfig, shapes: ModelShapes) -> None
     """The config's `block_size_divisors` keys divide the KV block size (a ConfigError naming the key)."""
     for key in config.block_size_divisors:
         value = getattr(config, key)
+        if value is None:  # unset: the whole block
+            continue
         check(
             "inline",
             f"{config.method}.{key}",

@@ -22,11 +22,13 @@ class GSAScorer(MeanReprScorer):
 
     group_reduce = "max"
 
-    def __init__(self, shapes: ModelShapes, ops: SparseOps, host_ops: SparseOps | None = None) -> None:
+    def __init__(
+        self, shapes: ModelShapes, ops: SparseOps, host_ops: SparseOps | None = None, merge: int | None = None
+    ) -> None:
         if host_ops is None:
-            super().__init__(shapes, ops)
+            super().__init__(shapes, ops, merge=merge)
         else:
-            super().__init__(shapes, ops, repr_device=torch.device("cpu"), score_ops=host_ops)
+            super().__init__(shapes, ops, repr_device=torch.device("cpu"), score_ops=host_ops, merge=merge)
         self.host_scoring = host_ops is not None
         self.batch_safe = host_ops is None
 
@@ -34,6 +36,7 @@ class GSAScorer(MeanReprScorer):
 def build(config: GSAConfig, shapes: ModelShapes, ctx: BuildContext) -> SparseMethod:
     """GSA's builder (registered in `ucm.config.sparse`): host scoring unless `ctx.host_scoring`
     is off (the CUDA graph path)."""
+    host = ctx.host() if ctx.host_scoring else None
     return windowed_method(
-        config, shapes, ctx.ops, lambda: GSAScorer(shapes, ctx.ops, ctx.host() if ctx.host_scoring else None)
+        config, shapes, ctx.ops, lambda: GSAScorer(shapes, ctx.ops, host, config.blk_repre_inner_token_merge)
     )

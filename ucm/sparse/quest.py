@@ -20,24 +20,29 @@ from typing import Any
 
 import torch
 
-from ucm.config.errors import ConfigError
 from ucm.config.quest import QuestConfig
 from ucm.ops.contract import GroupReduce, SparseOps
 from ucm.sparse.base import BlockScorer, ModelShapes, SparseMethod
-from ucm.sparse.selection import BlockSelector, LayerPolicy
+from ucm.sparse.subblocks import block_max, sub_block_ids, sub_block_table
 
 __all__ = ["BlockMinMax", "QuestConfig", "QuestScorer", "bound_guard_scorer", "build", "build_quest"]
 
 
 class BlockMinMax:
-    """Running element-wise min and max of the keys written to each physical block of one layer:
-    mins, maxs [NB, Hkv, D] float32 on `device`, folded in by `ops.block_minmax_update`.
+    """Running element-wise min and max of the keys written to each physical block of one layer,
+    per group of `merge` tokens (default: the block size, one group): mins, maxs [NB * R, Hkv, D]
+    float32 on `device` (sub-block b * R + r, `ucm.sparse.subblocks`), folded in by
+    `ops.block_minmax_update` with `merge` as its block size.
 
     Both start at 0 (a block never written scores 0 against any query, as a zero mean-of-K
-    would); a block's first write (its offset 0) restarts it."""
+    would); a group's first write (its offset 0) restarts it."""
 
-    def __init__(self, shapes: ModelShapes, device: torch.device, ops: SparseOps) -> None:
-        n, h, d = shapes.num_blocks, shapes.num_kv_heads, shapes.head_dim
+    def __init__(self, shapes: ModelShapes, device: torch.device, ops: SparseOps, merge: int | None = None) -> None:
+        self.merge = merge or shapes.block_size
+        if self.merge < 1 or shapes.block_size % self.merge:
+            raise ValueError(f"merge={self.merge} must divide the block size {shapes.block_size}")
+        self.groups = shapes.block_size // self.merge
+        n, h, d = shapes.num_blocks * self.groups, shapes.num_kv_heads, shapes.head_dim
         self.block_size = shapes.block_size
         self.device = device
         self.ops = ops
@@ -46,11 +51,12 @@ class BlockMinMax:
 
     def update(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Fold keys [T, Hkv, D] written at slot_mapping [T] (negative = padding) in."""
-        self.ops.block_minmax_update(self.mins, self.maxs, key, slot_mapping, self.block_size)
+        self.ops.block_minmax_update(self.mins, self.maxs, key, slot_mapping, self.merge)
 
     def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """The statistics of blocks `src` into blocks `dst`."""
-        src, dst = src.to(self.device, torch.int64), dst.to(self.device, torch.int64)
+        src = sub_block_ids(src.to(self.device), self.groups)
+        dst = sub_block_ids(dst.to(self.device), self.groups)
         self.mins.index_copy_(0, dst, self.mins.index_select(0, src))
         self.maxs.index_copy_(0, dst, self.maxs.index_select(0, src))
 
@@ -76,20 +82,22 @@ class QuestScorer(BlockScorer):
         ops: SparseOps,
         group_reduce: GroupReduce = "max",
         repr_device: torch.device | None = None,
+        merge: int | None = None,
     ) -> None:
         super().__init__(shapes, ops)
         if group_reduce not in ("mean", "max"):
             raise ValueError(f"unknown group reduce {group_reduce!r}; valid: mean, max")
         self.group_reduce: GroupReduce = group_reduce
         self.repr_device = torch.device(repr_device or shapes.device)
-        self.stats = [BlockMinMax(shapes, self.repr_device, ops) for _ in range(shapes.num_layers)]
+        self.stats = [BlockMinMax(shapes, self.repr_device, ops, merge) for _ in range(shapes.num_layers)]
+        self.groups = shapes.block_size // (merge or shapes.block_size)
 
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.stats[layer].update(key, slot_mapping)
 
     @property
     def writes_from_caches(self) -> bool:
-        return self.repr_device == self.shapes.device
+        return self.repr_device == self.shapes.device and self.groups == 1
 
     def write_from_caches(self, layers, k_caches, slot_mapping) -> None:
         stats = [self.stats[i] for i in layers]
@@ -102,27 +110,21 @@ class QuestScorer(BlockScorer):
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
     ) -> torch.Tensor:
         dev = self.repr_device
-        st = self.stats[layer]
-        s = self.ops.block_scores_minmax(
-            q.to(dev),
-            st.mins,
-            st.maxs,
-            block_table.to(dev),
-            seq_lens.to(dev),
-            self.shapes.block_size,
-            self.group_reduce,
-        )
-        return s.to(q.device)
+        return self._bound(layer, q.to(dev), block_table.to(dev), seq_lens.to(dev)).to(q.device)
 
     def batch_scores(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
     ) -> torch.Tensor:
         """`score` of every row's written blocks, partial last block included (no per-request
         state: the CUDA graph decode path)."""
+        return self._bound(layer, q, block_table, seq_lens)
+
+    def _bound(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """Block scores [B, M]: each block's best group's bound (groups past a row's end are -inf)."""
         st = self.stats[layer]
-        return self.ops.block_scores_minmax(
-            q, st.mins, st.maxs, block_table, seq_lens, self.shapes.block_size, self.group_reduce
-        )
+        table = sub_block_table(block_table, self.groups)
+        s = self.ops.block_scores_minmax(q, st.mins, st.maxs, table, seq_lens, st.merge, self.group_reduce)
+        return block_max(s, self.groups)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         for st in self.stats:
@@ -168,37 +170,13 @@ def build_quest(
         from ucm.ops.registry import get_ops
 
         ops = get_ops()
-    for layer in config.dense_layers:
-        if layer >= shapes.num_layers:
-            raise ConfigError(
-                "inline",
-                f"{config.method}.dense_layers",
-                f"layer {layer} does not exist: the model has {shapes.num_layers} layers (0-based)",
-            )
-    policy = LayerPolicy(
-        ratio=config.sparse_ratio,
-        min_units=config.min_blocks,
-        init_units=config.init_window_sz,
-        local_units=config.local_window_sz,
-    )
-    dense = LayerPolicy(ratio=1.0)
-    policies = [dense if layer in config.dense_layers else policy for layer in range(shapes.num_layers)]
-    selector = BlockSelector(policies, shapes.block_size, ops)
-    scorer = QuestScorer(shapes, ops, config.group_reduce)
-    # the bound guard is Quest's own bound for the current query (with a retrieval stride > 1 it
-    # is the one part of the selection that follows every step)
-    guard = bound_guard_scorer(config, shapes, ops)
-    return SparseMethod(
-        config.method,
-        scorer,
-        selector,
-        config.retrieval_stride,
-        concurrency_threshold=config.concurrency_threshold,
-        kv_head_combine=config.kv_head_combine,
-        sticky_steps=config.sticky_steps,
-        sticky_top=config.sticky_top,
-        bound_guard=guard,
-        bound_guard_top=config.bound_guard_top,
+    from ucm.sparse.factory import windowed_method
+
+    return windowed_method(
+        config,
+        shapes,
+        ops,
+        lambda: QuestScorer(shapes, ops, config.group_reduce, merge=config.blk_repre_inner_token_merge),
     )
 
 
