@@ -521,3 +521,19 @@ def test_flash_wrapper_without_a_ucm_config_is_the_stock_impl(monkeypatch) -> No
         torch.zeros(10, 32),
     )
     assert seen["md"] is md
+
+
+def test_side_caches_that_do_not_fit_name_the_remedy(monkeypatch) -> None:
+    """An accelerator out of memory while the method allocates its side caches (vLLM has taken
+    its share for the KV cache) is reported with what to change, not as a bare allocator error.
+    The allocation failure is simulated: a CPU allocator raises a plain RuntimeError instead."""
+    import ucm.sparse.factory
+
+    def no_memory(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB")
+
+    monkeypatch.setattr(ucm.sparse.factory, "build_sparse_method", no_memory)
+    runtime = _esa_runtime(batch_mode=True)
+    with pytest.raises(RuntimeError, match="gpu_memory_utilization.*blk_repre_inner_token_merge") as info:
+        runtime.ensure_method(4, 2, 8, 16, 1000, torch.device("cpu"))
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError) and runtime.method is None

@@ -127,15 +127,23 @@ class SparseRuntime:
             if self.offload is not None:  # middle blocks are scored through virtual ids past the device's
                 num_blocks += self.offload.extra_blocks(num_blocks)
             shapes = ModelShapes(self.num_layers, num_q_heads, num_kv_heads, head_dim, block_size, num_blocks, device)
-            self.method = build_sparse_method(
-                self.config,
-                shapes,
-                self.ops,
-                model_name=self.model_name,
-                device_kind=self.device_kind,
-                model_config=self.model_config_file,
-                host_scoring=not self.batch_mode,
-            )
+            try:
+                self.method = build_sparse_method(
+                    self.config,
+                    shapes,
+                    self.ops,
+                    model_name=self.model_name,
+                    device_kind=self.device_kind,
+                    model_config=self.model_config_file,
+                    host_scoring=not self.batch_mode,
+                )
+            except torch.OutOfMemoryError as e:
+                raise RuntimeError(
+                    f"ucm: the sparse method's side caches (block representations for {num_blocks} KV blocks x "
+                    f"{self.num_layers} layers) do not fit in the memory vLLM left free on {device}: lower "
+                    "gpu_memory_utilization, or set blk_repre_inner_token_merge higher (fewer representations "
+                    "per block; unset: one per block)"
+                ) from e
             self.method.score_reduce = _tensor_parallel_sum()
             if self.batch_mode:
                 if self.method.score_reduce is not None:
