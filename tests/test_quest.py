@@ -74,7 +74,8 @@ def test_build_quest_takes_every_config_and_backend_form() -> None:
     m = build_quest({"retrieval_stride": 3, "dense_layers": [1], "concurrency_threshold": 4}, shapes, OPS)
     assert m.retrieval_stride == 3 and m.async_retrieval and m.concurrency_threshold == 4
     assert [p.dense for p in m.selector.policies] == [False, True, False]
-    assert m.scorer.memory_bytes() == 3 * 2 * 32 * 2 * 16 * 4  # layers x (min, max) x NB x Hkv x D x 4 bytes
+    # layers x (min, max) x NB x groups of 4 tokens (the default) x Hkv x D x 4 bytes
+    assert m.scorer.memory_bytes() == 3 * 2 * 32 * (BS // 4) * 2 * 16 * 4
     m.close()
     with pytest.raises(ConfigError, match="dense_layers"):
         build_quest({"dense_layers": [3]}, shapes, OPS)

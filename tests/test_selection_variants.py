@@ -15,6 +15,7 @@ from ucm.methods import method_names
 from ucm.ops import TorchReferenceOps
 from ucm.sparse.base import ModelShapes, combine_kv_head_ranks
 from ucm.sparse.factory import build_sparse_method
+from ucm.sparse.subblocks import block_max, sub_block_table
 
 OPS = TorchReferenceOps()
 BS = 8
@@ -94,15 +95,21 @@ def test_rank_keeps_the_retrieval_heads_block_that_the_sum_drops(name: str) -> N
     assert 17 in kept["rank"], kept
 
 
+@pytest.mark.parametrize("merge", [None, 2])
 @pytest.mark.parametrize("name", ADDITIVE)
-def test_per_head_scores_are_each_heads_own(name: str) -> None:
+def test_per_head_scores_are_each_heads_own(name: str, merge: int | None) -> None:
     """What "rank" combines: the scorer's score with one GQA group's queries kept and the rest
     zeroed is the score of that KV head alone (the op on that head's slice of queries and
-    representations), and the heads' scores add up to the "sum" score."""
+    representations, each block its best group's with sub-blocks), and the heads' scores add up
+    to the "sum" score (whole blocks) or bound it from above (sub-blocks: the max over a block's
+    groups of a sum over heads is at most the sum over heads of each head's best group)."""
     batch, q, shapes = _retrieval_head_case(seed=3)
-    m = build_sparse_method({name: {"sparse_ratio": 0.3, "retrieval_stride": 1}}, shapes, OPS, host_ops=OPS)
+    cfg = {"sparse_ratio": 0.3, "retrieval_stride": 1, "blk_repre_inner_token_merge": merge}
+    m = build_sparse_method({name: cfg}, shapes, OPS, host_ops=OPS)
     m.on_kv_written(0, batch.keys(0), batch.slots(0))
     sc, table, lens = m.scorer, batch.block_table, batch.seq_lens
+    groups, size = (1, BS) if merge is None else (BS // merge, merge)
+    sub = sub_block_table(table, groups)
     full = sc.score(0, q, table, lens, ["a"])
     g = shapes.num_q_heads // shapes.num_kv_heads
     total = torch.zeros_like(full)
@@ -113,16 +120,20 @@ def test_per_head_scores_are_each_heads_own(name: str) -> None:
         one = q[:, h * g : (h + 1) * g].contiguous()
         if name == "Quest":
             st = sc.stats[0]
-            ref = OPS.block_scores_minmax(
-                one, st.mins[:, h : h + 1].contiguous(), st.maxs[:, h : h + 1].contiguous(), table, lens, BS, "max"
-            )
+            lo, hi = st.mins[:, h : h + 1].contiguous(), st.maxs[:, h : h + 1].contiguous()
+            ref = OPS.block_scores_minmax(one, lo, hi, sub, lens, size, "max")
         else:
-            reprs = sc.acc[0].sums[:, 0][:, h : h + 1].contiguous()
-            ref = OPS.block_scores_dot(one, reprs, table, (lens // BS) * BS, BS, sc.group_reduce)
-        torch.testing.assert_close(mine, ref)
+            sums = sc.acc[0].sums  # [NB, R, Hkv, D]
+            reprs = sums[:, :, h : h + 1].reshape(-1, 1, sums.shape[-1]).contiguous()
+            ref = OPS.block_scores_dot(one, reprs, sub, (lens // BS) * BS, size, sc.group_reduce)
+        torch.testing.assert_close(mine, block_max(ref, groups))
         total += torch.where(torch.isfinite(mine), mine, 0.0)
     finite = torch.isfinite(full)
-    torch.testing.assert_close(total[finite], full[finite], rtol=1e-4, atol=1e-4)
+    if merge is None:
+        torch.testing.assert_close(total[finite], full[finite], rtol=1e-4, atol=1e-4)
+    else:
+        assert (total[finite] >= full[finite] - 1e-4).all()
+        assert (total[finite] > full[finite] + 1e-3).any()  # the groups the heads like best differ
     m.close()
 
 

@@ -104,12 +104,13 @@ class WindowedMethodConfig(SparseMethodConfig):
     #: the query that a mean of K dilutes by the block size: the block a copying head reads
     #: (issue #20). 0: off
     bound_guard_top: Annotated[int, Field(ge=0, le=64)] = 0
-    #: tokens per block representation (must divide the KV block size; unset: the whole block).
+    #: tokens per block representation (must divide the KV block size; null: the whole block).
     #: Below the block size a block keeps one representation per group of that many tokens and
     #: scores as its best group, so one key along the query is not diluted by the block's other
-    #: keys (issue #20: the key a copying head reads). Costs block_size / merge times the
-    #: representation memory and scoring reads. KVStar's tokens per merged row (default 2)
-    blk_repre_inner_token_merge: Annotated[int, Field(ge=1, le=MAX_BLOCK_SIZE)] | None = None
+    #: keys (issue #20: the key a copying head reads; docs/accuracy.md measures 2-32). Costs
+    #: block_size / merge times the whole-block representation's memory and scoring reads.
+    #: KVStar: tokens per merged row (its default 2)
+    blk_repre_inner_token_merge: Annotated[int, Field(ge=1, le=MAX_BLOCK_SIZE)] | None = 4
     block_size_divisors: ClassVar[tuple[str, ...]] = ("blk_repre_inner_token_merge",)
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ from ucm.methods import spec_of
 from ucm.ops.contract import SparseOps
 from ucm.ops.registry import get_ops
 from ucm.sparse.base import BlockScorer, ModelShapes, SparseMethod
+from ucm.sparse.quest_bound import bound_guard_scorer
 from ucm.sparse.selection import BlockSelector, LayerPolicy
 
 DeviceKind = Literal["gpu", "npu"]
@@ -111,8 +112,6 @@ def windowed_method(
         f"{config.kv_head_combine!r} needs a scorer whose score adds up KV heads; {config.method}'s does not: "
         "it supports 'sum' only",
     )
-    from ucm.sparse.quest import bound_guard_scorer
-
     guard = bound_guard_scorer(config, shapes, ops, getattr(built, "repr_device", None))
     return SparseMethod(
         config.method,
