@@ -1,9 +1,11 @@
 """What the issue-#20 selection variants cost: time of one layer's selection (`SparseMethod.select`:
-scoring, top-k, block-table rewrite) for ESA and Quest with the default (`kv_head_combine="sum"`,
-no sticky keep), `kv_head_combine="rank"`, `sticky_steps=8, sticky_top=2` and `bound_guard_top=8`
-(the guard's own key writes are not timed: they run as keys are written), on one backend, at a
-few context lengths, batch 1 and 4, ratio 0.3. Blocks read are the same for all of them (the
-variants work inside the budget); the script checks that too.
+scoring, top-k, block-table rewrite) for ESA and Quest with the default (groups of 4 tokens,
+`kv_head_combine="sum"`, no sticky keep), whole-block and other group sizes
+(`blk_repre_inner_token_merge`), `kv_head_combine="rank"`, `sticky_steps=8, sticky_top=2` and
+`bound_guard_top=8` (the guard's own key writes are not timed: they run as keys are written), on
+one backend, at a few context lengths, batch 1 and 4, ratio 0.3, with each setting's side-cache
+bytes per block and layer. Blocks read are the same for all of them (the variants work inside
+the budget); the script checks that too.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_selection_variants.py --out benchmarks/results/selection_variants.json
 """
@@ -26,6 +28,9 @@ from ucm.sparse.factory import build_sparse_method
 
 VARIANTS = {
     "default": {},
+    "blk_repre_inner_token_merge=32 (whole block)": {"blk_repre_inner_token_merge": None},
+    "blk_repre_inner_token_merge=2": {"blk_repre_inner_token_merge": 2},
+    "blk_repre_inner_token_merge=8": {"blk_repre_inner_token_merge": 8},
     "kv_head_combine=rank": {"kv_head_combine": "rank"},
     "sticky_steps=8,sticky_top=2": {"sticky_steps": 8, "sticky_top": 2},
     "bound_guard_top=8": {"bound_guard_top": 8},
@@ -54,9 +59,15 @@ def bench(method: str, variant: dict, tokens: int, batch: int, shapes_kw: dict, 
         times.append(time.perf_counter() - t0)
         kept.append(int(sel.blocks_kept.sum()))
         m.end_step(plan)
+    side = m.scorer.memory_bytes() + (m.bound_guard.memory_bytes() if m.bound_guard is not None else 0)
     m.close()
     t = sorted(times[3:])
-    return {"median_ms": 1e3 * statistics.median(t), "p10_ms": 1e3 * t[len(t) // 10], "blocks_read": kept[-1]}
+    return {
+        "median_ms": 1e3 * statistics.median(t),
+        "p10_ms": 1e3 * t[len(t) // 10],
+        "blocks_read": kept[-1],
+        "side_cache_bytes_per_block": side / shapes.num_blocks,  # one layer
+    }
 
 
 def main() -> int:
@@ -91,12 +102,14 @@ def main() -> int:
                         }
                     )
                     print(
-                        f"{method:6} {name:28} {tokens:6} x{batch}  {r['median_ms']:7.3f} ms  "
-                        f"x{rows[-1]['vs_default']:.2f}  blocks read {r['blocks_read']}"
+                        f"{method:6} {name:46} {tokens:6} x{batch}  {r['median_ms']:7.3f} ms  "
+                        f"x{rows[-1]['vs_default']:.2f}  blocks read {r['blocks_read']}  "
+                        f"side cache {r['side_cache_bytes_per_block']:.0f} B/block"
                     )
     result = {
         "what": "one layer's SparseMethod.select (score + top-k + rewrite), ratio 0.3, block 32, "
-        "14 query / 2 KV heads, head dim 64; median of the timed repeats",
+        "14 query / 2 KV heads, head dim 64; median of the timed repeats; side-cache bytes per block and "
+        "layer (the block's K and V in float32: 32768 B)",
         "backend": ops.name,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch_threads": torch.get_num_threads(),
