@@ -274,7 +274,8 @@ def run_engine(spec: dict) -> dict:
     max_batch = max(b for _, b in spec["cells"])
     max_len = max(c for c, _ in spec["cells"]) + spec["new_tokens"] + 2 * BLOCK
     t0 = time.perf_counter()
-    llm = LLM(**engine_kwargs(Path(spec["model"]), extra, max_len, max_batch))
+    mem = spec.get("gpu_memory_utilization", 0.80)
+    llm = LLM(**engine_kwargs(Path(spec["model"]), extra, max_len, max_batch, mem=mem))
     start_s = time.perf_counter() - t0
     bw = hbm_read_bandwidth()
     n = spec["new_tokens"]
@@ -535,6 +536,13 @@ def main() -> None:
     )
     ap.add_argument("--merge", nargs="+", metavar="RUN_JSON", help="join earlier runs' JSON into OUT/NAME.json")
     ap.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.80,
+        help="vLLM's share of GPU memory (the rest holds ucm's side caches: sub-block representations need "
+        "more than whole blocks, docs/vllm.md)",
+    )
+    ap.add_argument(
         "--dense-again",
         action="store_true",
         help="run plain vLLM a second time after the methods: the baseline is the two engines' mean, "
@@ -579,6 +587,7 @@ def main() -> None:
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
             "profile": args.profile,
+            "gpu_memory_utilization": args.gpu_memory_utilization,
             "profile_out": str(out_dir / f"{args.name}_profile_{setting.replace(':', '_')}.txt"),
         }
         if label != setting:
@@ -594,6 +603,7 @@ def main() -> None:
         "model": f"{name} shape, dummy weights, bf16, block 128",
         "hbm_bytes_per_s": round(bw),
         "cudagraph_mode": "FULL_DECODE_ONLY",
+        "gpu_memory_utilization": args.gpu_memory_utilization,
         "new_tokens": args.new_tokens,
         "engine_start_s": {s: e["engine_start_s"] for s, e in engines.items()},
         "async_scheduling": {s: e.get("async_scheduling") for s, e in engines.items()},

@@ -66,10 +66,12 @@ def test_runs_of_different_builds_are_refused(tmp_path) -> None:
         merge_runs([a, b])
 
 
-def test_side_bytes_of_a_mean_key_scorer_are_one_float32_key_per_kv_head(tmp_path) -> None:
-    # ESA scores each block by its mean key: Hkv x D float32 per block and layer
-    want = QWEN3_4B["num_key_value_heads"] * QWEN3_4B["head_dim"] * 4
-    assert side_bytes_per_block("ESA:0.3", QWEN3_4B, tmp_path) == want
+def test_side_bytes_of_a_mean_key_scorer_are_one_float32_key_per_group_and_kv_head(tmp_path) -> None:
+    # ESA scores each block by the mean key of each group of 4 tokens (the default): 128 / 4 groups
+    # x Hkv x D float32 per block of 128 tokens and layer; one group with whole blocks
+    one = QWEN3_4B["num_key_value_heads"] * QWEN3_4B["head_dim"] * 4
+    assert side_bytes_per_block("ESA:0.3", QWEN3_4B, tmp_path) == 32 * one
+    assert side_bytes_per_block("ESA:0.3:blk_repre_inner_token_merge=128", QWEN3_4B, tmp_path) == one
     assert side_bytes_per_block("dense", QWEN3_4B, tmp_path) == 0
 
 
