@@ -145,8 +145,9 @@ def markdown(summary: dict) -> str:
         lines += [
             "",
             "Variants (every layer sparse: no `+dense`; other retrieval strides `/sN`; other hash "
-            "projections `+random` / `+trained`) and superseded runs (`/L5-8`: the dense layers of sessions "
-            "2-5), reported but not headline:",
+            "projections `+random` / `+trained`; config keys set by `--method-key`, `[key=value]`, "
+            "`blk_repre_inner_token_merge=32` being whole-block representations, the default until session 17) "
+            "and superseded runs (`/L5-8`: the dense layers of sessions 2-5), reported but not headline:",
             "",
         ]
         lines += _table(variants, cols, headline)
