@@ -31,14 +31,14 @@ BS, LAYERS, HQ, HKV, D, NB = 4, 3, 4, 2, 32, 96
 WINDOWED = {"init_window_sz": 1, "local_window_sz": 1, "sparse_ratio": 0.3, "min_blocks": 2, "retrieval_stride": 1}
 
 
-def method_config(name: str) -> dict:
-    """`name` with its demo settings (`MethodSpec.demo_config`) and small windows; a windowed
-    method keeps layer 1 dense (a per-model JSON method: its JSON's, `hata_model` below)."""
+def method_config(name: str, **keys) -> dict:
+    """`name` with its demo settings (`MethodSpec.demo_config`) and small windows (and `keys`); a
+    windowed method keeps layer 1 dense (a per-model JSON method: its JSON's, `hata_model` below)."""
     spec = get_method(name)
     if spec.model_json:
         return {name: {}}
     body = spec.demo_config(DemoRequest(0.3, dense_layers=(1,), retrieval_stride=1))
-    return {name: {**body, **WINDOWED}}
+    return {name: {**body, **WINDOWED, **keys}}
 
 
 def backends():
@@ -50,10 +50,10 @@ def backends():
     return out
 
 
-def build(name: str, ops, shapes: ModelShapes, host_scoring: bool):
+def build(name: str, ops, shapes: ModelShapes, host_scoring: bool, **keys):
     model = hata_model(LAYERS, [0.3, 1.0, 0.3], head_dim=D, chunk_size=BS) if get_method(name).model_json else None
     return build_sparse_method(
-        {"ucm_sparse_config": method_config(name)},
+        {"ucm_sparse_config": method_config(name, **keys)},
         shapes,
         ops,
         host_ops=TorchReferenceOps(),
@@ -66,6 +66,18 @@ def build(name: str, ops, shapes: ModelShapes, host_scoring: bool):
 @pytest.mark.parametrize("name", method_names())
 @pytest.mark.parametrize("uniform", [False, True])
 def test_batch_selection_equals_the_per_request_engine(ops, name, uniform) -> None:
+    check_batch_equals_engine(ops, name, uniform)
+
+
+@pytest.mark.parametrize("ops", backends())
+@pytest.mark.parametrize("name", ["ESA", "GSA", "Quest"])
+def test_sub_block_batch_selection_equals_the_per_request_engine(ops, name) -> None:
+    """The same with blocks scored by groups of 2 tokens (at this block size of 4 the default
+    group of 4 is the whole block)."""
+    check_batch_equals_engine(ops, name, False, blk_repre_inner_token_merge=2)
+
+
+def check_batch_equals_engine(ops, name: str, uniform: bool, **keys) -> None:
     dev = torch.device("cpu")
     shapes = ModelShapes(LAYERS, HQ, HKV, D, BS, NB, dev)
     g = torch.Generator().manual_seed(7)
@@ -75,8 +87,8 @@ def test_batch_selection_equals_the_per_request_engine(ops, name, uniform) -> No
     qsl = torch.cat([torch.zeros(1, dtype=torch.long), qlens.cumsum(0)]).to(torch.int32)
     m = 14
     table = torch.randperm(NB, generator=g)[: 5 * m].view(5, m).to(torch.int32)
-    batch_method = build(name, ops, shapes, host_scoring=False)
-    engine = build(name, TorchReferenceOps(), shapes, host_scoring=True)  # the per-request path, reference ops
+    batch_method = build(name, ops, shapes, host_scoring=False, **keys)
+    engine = build(name, TorchReferenceOps(), shapes, host_scoring=True, **keys)  # the per-request path, reference ops
     for layer in range(LAYERS):
         for r in range(4):
             n = int(lens[r])
