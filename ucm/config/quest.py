@@ -35,7 +35,7 @@ register_method(
         strided=True,
         demo=_DEMO_WINDOWS,
         description=(
-            "Quest: per-block element-wise min/max of K; score = sum_c max(q*min, q*max), max/mean over the GQA group"
+            "Quest: element-wise min/max of K per group of 4 tokens; score = sum_c max(q*min, q*max), best group"
         ),
     )
 )

@@ -134,7 +134,8 @@ class WindowedMethodConfig(SparseMethodConfig):
 
 
 class ESAConfig(WindowedMethodConfig):
-    """ESA: block = mean of K per KV head; score = group-mean query . representation."""
+    """ESA: block = mean of K per KV head (per group of `blk_repre_inner_token_merge` tokens, the
+    block scoring as its best group); score = group-mean query . representation."""
 
     method: ClassVar[str] = "ESA"
     retrieval_stride: Stride = 5
@@ -207,7 +208,7 @@ register_method(
         "ucm.sparse.esa:build",
         strided=True,
         demo=_DEMO_WINDOWS,
-        description="mean-of-K block representations, scored by the GQA-group mean query",
+        description="mean-of-K block representations (per group of 4 tokens), scored by the GQA-group mean query",
     )
 )
 register_method(
@@ -216,7 +217,7 @@ register_method(
         "ucm.sparse.gsa:build",
         host_scoring=True,
         demo=_DEMO_WINDOWS,
-        description="per-head mean representations, max over the GQA group, top-k on the host",
+        description="per-head mean representations (per group of 4 tokens), max over the GQA group, top-k on the host",
     )
 )
 register_method(
