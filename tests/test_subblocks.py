@@ -191,3 +191,88 @@ def test_merge_must_divide_the_block_size() -> None:
         build_sparse_method({"Quest": {"blk_repre_inner_token_merge": 3}}, shapes, TorchReferenceOps())
     with pytest.raises(ConfigError, match="blk_repre_inner_token_merge"):
         build_sparse_method({"ESA": {"blk_repre_inner_token_merge": 16}}, shapes, TorchReferenceOps())
+
+
+class _AllReduce:
+    """Two in-process "ranks" (threads) summing a tensor, as `torch.distributed.all_reduce` does:
+    each call waits for the other rank's call of the same order."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.barrier = threading.Barrier(2)
+        self.slots: list[torch.Tensor | None] = [None, None]
+
+    def for_rank(self, rank: int):
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = x.clone()
+            self.barrier.wait()
+            total = self.slots[0] + self.slots[1]
+            self.barrier.wait()  # both have read the slots before either writes the next call's
+            return total
+
+        return reduce
+
+
+@pytest.mark.parametrize(("method", "stride"), [("ESA", 1), ("ESA", 2), ("GSA", 1), ("Quest", 1)])
+def test_two_ranks_select_what_one_rank_with_every_head_selects(method: str, stride: int) -> None:
+    """Tensor parallelism splits the KV heads over ranks and sums their block scores before the
+    top-k. With groups a block's score is the max over its groups of a sum over heads, so the
+    ranks sum each group's partial scores and then take the max (`SparseMethod._reduced`): both
+    ranks keep exactly the blocks one rank holding every head keeps, step after step (stride 2:
+    the retrieval started at one step is reduced when the next consumes it)."""
+    import threading
+
+    hq, hkv, d = 8, 2, 32
+    g = torch.Generator().manual_seed(4)
+    seq_lens = [14 * BS + 3, 11 * BS]
+    batch = make_paged(seq_lens, BS, hkv, d, g)
+    nb = batch.k_cache.shape[0]
+    cfg = {
+        method: {
+            "init_window_sz": 1,
+            "local_window_sz": 1,
+            "sparse_ratio": 0.3,
+            "min_blocks": 1,
+            "retrieval_stride": stride,
+            "blk_repre_inner_token_merge": 2,
+        }
+    }
+    ops = TorchReferenceOps()
+
+    def make(heads: int, kv: int):
+        return build_sparse_method(cfg, ModelShapes(2, heads, kv, d, BS, nb), ops, host_scoring=False)
+
+    one, ranks = make(hq, hkv), [make(hq // 2, 1), make(hq // 2, 1)]
+    reducer = _AllReduce()
+    for r, m in enumerate(ranks):
+        m.score_reduce = reducer.for_rank(r)
+    for layer in range(2):
+        for row in range(len(seq_lens)):
+            keys, slots = batch.keys(row), batch.slots(row)
+            one.on_kv_written(layer, keys, slots)
+            for r, m in enumerate(ranks):
+                m.on_kv_written(layer, keys[:, r : r + 1].contiguous(), slots)
+    rids = ["a", "b"]
+    for _step in range(4):
+        q = torch.randn(len(seq_lens), hq, d, generator=g)
+        plan = one.begin_step(rids, batch.seq_lens, batch.block_table)
+        want = [[one.select(layer, q, plan).logical_blocks(row) for row in range(2)] for layer in range(2)]
+        one.end_step(plan)
+        got: list = [None, None]
+
+        def run(r: int, q=q, got=got) -> None:
+            m = ranks[r]
+            p = m.begin_step(rids, batch.seq_lens, batch.block_table)
+            qr = q[:, r * hq // 2 : (r + 1) * hq // 2].contiguous()
+            got[r] = [[m.select(layer, qr, p).logical_blocks(row) for row in range(2)] for layer in range(2)]
+            m.end_step(p)
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got[0] == got[1] == want, (got, want)
+    for m in (one, *ranks):
+        m.close()

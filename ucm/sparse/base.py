@@ -29,6 +29,7 @@ import torch
 
 from ucm.ops.contract import SparseOps
 from ucm.sparse.selection import BlockSelector, Selection, StepPlan, _max_or_zero
+from ucm.sparse.subblocks import block_max
 from ucm.timeouts import WAIT_TIMEOUT_ENV, WaitTimeout, wait_timeout_s
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ class BlockScorer(ABC):
     #: (ESA, GSA, Quest): `score` with one GQA group's queries kept and the rest zeroed is that KV
     #: head's own score, which `kv_head_combine="rank"` needs
     kv_heads_additive: bool = False
+    #: representations per block (`ucm.sparse.subblocks`): `score` is the max over a block's groups
+    #: of `sub_scores`, each a sum over KV heads (so tensor-parallel ranks sum `sub_scores`, then
+    #: take the max: what one rank holding every head would score)
+    groups: int = 1
 
     def __init__(self, shapes: ModelShapes, ops: SparseOps) -> None:
         self.shapes = shapes
@@ -100,6 +105,13 @@ class BlockScorer(ABC):
 
         q is what `prepare_query` returned, restricted to these rows.
         """
+
+    def sub_scores(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
+    ) -> torch.Tensor:
+        """Scores [b, M * groups] of every group of every block (`score` is their max per block;
+        with one group, `score` itself)."""
+        return self.score(layer, q, block_table, seq_lens, req_ids)
 
     def batch_scores(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
@@ -386,6 +398,26 @@ class SparseMethod:
             scores = torch.zeros(plan.batch, _max_or_zero(plan.n_units), device=q.device)
         return self.selector.select(layer, plan, scores)
 
+    @property
+    def _reduces_groups(self) -> bool:
+        """Ranks exchange the scores of a block's groups (then take each block's best group), not
+        the best groups' scores: a block's best group may differ between the ranks' heads."""
+        return self.score_reduce is not None and self.scorer.groups > 1 and self.kv_head_combine == "sum"
+
+    def _rank_scores(
+        self, layer: int, q: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, rids: Sequence[str]
+    ) -> torch.Tensor:
+        """What this rank contributes to the ranks' sum (`score_reduce`): its groups' scores where
+        `_reduces_groups`, else its block scores."""
+        if self._reduces_groups:
+            return self.scorer.sub_scores(layer, q, table, lens, rids)
+        return self._block_scores(layer, q, table, lens, rids)
+
+    def _reduced(self, scores: torch.Tensor) -> torch.Tensor:
+        """The ranks' sum of `_rank_scores` [b, ...] as block scores [b, M]."""
+        scores = self.score_reduce(scores)
+        return block_max(scores, self.scorer.groups) if self._reduces_groups else scores
+
     def _block_scores(
         self, layer: int, q: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, rids: Sequence[str]
     ) -> torch.Tensor:
@@ -416,9 +448,10 @@ class SparseMethod:
 
     def _score_rows(self, layer: int, q: torch.Tensor, plan: StepPlan, rows: list[int]) -> torch.Tensor:
         table, lens, qr, rids = self._rows(q, plan, rows)
-        block_scores = self._block_scores(layer, qr, table, lens, rids)
         if self.score_reduce is not None:
-            block_scores = self.score_reduce(block_scores)
+            block_scores = self._reduced(self._rank_scores(layer, qr, table, lens, rids))
+        else:
+            block_scores = self._block_scores(layer, qr, table, lens, rids)
         return self.selector.unit_scores(block_scores, self.scorer.unit_reduce)
 
     def _start_async(self, layer: int, q: torch.Tensor, plan: StepPlan, rows: list[int]) -> None:
@@ -430,9 +463,9 @@ class SparseMethod:
 
         def work() -> torch.Tensor:
             try:
-                block_scores = self._block_scores(layer, q_snap, table, lens, rids)
                 if self.score_reduce is not None:  # reduced across ranks when consumed (see _unit_scores)
-                    return block_scores
+                    return self._rank_scores(layer, q_snap, table, lens, rids)
+                block_scores = self._block_scores(layer, q_snap, table, lens, rids)
                 unit = self.selector.unit_scores(block_scores, self.scorer.unit_reduce)
                 for i, rid in enumerate(rids):
                     self._notify(rid, layer, unit[i])
@@ -474,7 +507,7 @@ class SparseMethod:
             if pending is not None:
                 got = pending.result(self.wait_timeout_s, partial(self._late_retrieval, rid, layer, pending))
                 if self.score_reduce is not None:
-                    got = self.selector.unit_scores(self.score_reduce(got[None]), self.scorer.unit_reduce)[0]
+                    got = self.selector.unit_scores(self._reduced(got[None]), self.scorer.unit_reduce)[0]
                     if self.retrieval_listeners:
                         self._notify(rid, layer, got)
                 state.scores[layer] = got

@@ -74,17 +74,22 @@ class MeanReprScorer(BlockScorer):
         dev = self.repr_device
         full_lens = (seq_lens // bs) * bs  # the partial last block has no representation yet (it is always kept)
         s = self._dot(layer, q.to(dev), block_table.to(dev), full_lens.to(dev))
-        return s.to(q.device)
+        return block_max(s, self.groups).to(q.device)
+
+    def sub_scores(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
+    ) -> torch.Tensor:
+        dev = self.repr_device
+        full_lens = (seq_lens // self.shapes.block_size) * self.shapes.block_size
+        return self._dot(layer, q.to(dev), block_table.to(dev), full_lens.to(dev)).to(q.device)
 
     def _dot(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, full_lens: torch.Tensor) -> torch.Tensor:
-        """Block scores [B, M] of the full blocks (`full_lens` tokens), each its best group's."""
+        """Scores [B, M * groups] of the full blocks' groups (`full_lens` tokens)."""
         sums = self.acc[layer].sums  # [NB, R, Hkv, D]
-        r = self.groups
-        table = sub_block_table(block_table, r)
-        s = self.score_ops.block_scores_dot(
+        table = sub_block_table(block_table, self.groups)
+        return self.score_ops.block_scores_dot(
             q, sums.view(-1, *sums.shape[2:]), table, full_lens, self.merge, self.group_reduce
         )
-        return block_max(s, r)
 
     batch_full_blocks = True
 
@@ -92,7 +97,7 @@ class MeanReprScorer(BlockScorer):
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
     ) -> torch.Tensor:
         """`score` of full blocks, given their token counts (`batch_full_blocks`)."""
-        return self._dot(layer, q, block_table, seq_lens)
+        return block_max(self._dot(layer, q, block_table, seq_lens), self.groups)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         for acc in self.acc:

@@ -100,6 +100,11 @@ class QuestScorer(BlockScorer):
     def score(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
     ) -> torch.Tensor:
+        return block_max(self.sub_scores(layer, q, block_table, seq_lens, req_ids), self.groups)
+
+    def sub_scores(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
+    ) -> torch.Tensor:
         dev = self.repr_device
         return self._bound(layer, q.to(dev), block_table.to(dev), seq_lens.to(dev)).to(q.device)
 
@@ -108,14 +113,13 @@ class QuestScorer(BlockScorer):
     ) -> torch.Tensor:
         """`score` of every row's written blocks, partial last block included (no per-request
         state: the CUDA graph decode path)."""
-        return self._bound(layer, q, block_table, seq_lens)
+        return block_max(self._bound(layer, q, block_table, seq_lens), self.groups)
 
     def _bound(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        """Block scores [B, M]: each block's best group's bound (groups past a row's end are -inf)."""
+        """Scores [B, M * groups]: each group's bound (groups past a row's end are -inf)."""
         st = self.stats[layer]
         table = sub_block_table(block_table, self.groups)
-        s = self.ops.block_scores_minmax(q, st.mins, st.maxs, table, seq_lens, st.merge, self.group_reduce)
-        return block_max(s, self.groups)
+        return self.ops.block_scores_minmax(q, st.mins, st.maxs, table, seq_lens, st.merge, self.group_reduce)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         for st in self.stats:
