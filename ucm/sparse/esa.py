@@ -46,7 +46,7 @@ class MeanReprScorer(BlockScorer):
         self.acc = [
             BlockAccumulator(shapes, self.merge, self.repr_device, ops=self.score_ops) for _ in range(shapes.num_layers)
         ]
-        self.groups = self.acc[0].groups if self.acc else shapes.block_size // self.merge
+        self.groups = shapes.block_size // self.merge
 
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.acc[layer].add(key, slot_mapping)
@@ -70,17 +70,14 @@ class MeanReprScorer(BlockScorer):
     def score(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
     ) -> torch.Tensor:
-        bs = self.shapes.block_size
-        dev = self.repr_device
-        full_lens = (seq_lens // bs) * bs  # the partial last block has no representation yet (it is always kept)
-        s = self._dot(layer, q.to(dev), block_table.to(dev), full_lens.to(dev))
-        return block_max(s, self.groups).to(q.device)
+        return block_max(self.sub_scores(layer, q, block_table, seq_lens, req_ids), self.groups)
 
     def sub_scores(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
     ) -> torch.Tensor:
+        bs = self.shapes.block_size
         dev = self.repr_device
-        full_lens = (seq_lens // self.shapes.block_size) * self.shapes.block_size
+        full_lens = (seq_lens // bs) * bs  # the partial last block has no representation yet (it is always kept)
         return self._dot(layer, q.to(dev), block_table.to(dev), full_lens.to(dev)).to(q.device)
 
     def _dot(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, full_lens: torch.Tensor) -> torch.Tensor:
