@@ -81,6 +81,9 @@ def test_mean_scores_are_the_best_groups_dot_product(ops, merge: int, scorer_cls
         "batch_scores (given full blocks' tokens) == score"
     )
     grp = hq // hkv
+    # float32, or the backend's half-precision group sums: each rounded once (one write per row)
+    stored = sc.acc[1].sums.dtype
+    assert stored == ops.group_sums_dtype(shapes.device, merge)
     for r, n in enumerate(seq_lens):
         keys = 2 * batch.keys(r).numpy()
         qr = q[r].numpy().reshape(hkv, grp, d)
@@ -90,7 +93,7 @@ def test_mean_scores_are_the_best_groups_dot_product(ops, merge: int, scorer_cls
                 continue
             best = -math.inf
             for group in _group_keys(keys[j * BS : (j + 1) * BS], BS, merge):
-                s = group.sum(0)  # [Hkv, D]
+                s = torch.from_numpy(group.sum(0)).to(stored).double().numpy()  # [Hkv, D]
                 dots = np.einsum("hgd,hd->hg", qr, s)
                 val = (dots.mean(1) if scorer_cls is ESAScorer else dots.max(1)).sum()
                 best = max(best, float(val))

@@ -450,6 +450,7 @@ def _reps_write_kernel(
     SCAN_ONCE: tl.constexpr,
     LAYERED: tl.constexpr,
     RNE_BF16: tl.constexpr,
+    GROUPED: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -457,7 +458,9 @@ def _reps_write_kernel(
     """Fold the keys [T, Hkv * D] written at slots [T] into their blocks' representations, in one
     launch (no host read: inside CUDA graphs). A block whose first slot (offset 0) is written in
     the call was recycled: it restarts. KIND picks the representation:
-      0: group sums a = sums [NB, R, HD] float32 (R = BS // MERGE), HAS_B: b = sums of |K| [NB, HD];
+      0: group sums a = sums [NB, R, HD] (R = BS // MERGE), HAS_B: b = sums of |K| [NB, HD];
+         float32 sums take each key in turn; half-precision ones (GROUPED) the call's keys of
+         each group summed in float32, added to the stored value and rounded once, as in 2;
       1: Quest's bounds a = mins, b = maxs [NB, HD] float32 (+inf / -inf on restart);
       2: KVStar's channel-major a = reps [NB, HD, R] (any float dtype), b = |K| sums [NB, HD]:
          each group's keys of the call summed in float32 in token order, added to the stored
@@ -545,7 +548,7 @@ def _reps_write_kernel(
         # the stored values this program updates, read before its first store
         if HAS_B and KIND != 1:
             b_old = tl.load(b_ptr + blk * HD + c, mask=cm & (fresh == 0), other=0.0)
-        if KIND == 0:
+        if KIND == 0 and not GROUPED:
             if fresh > 0:
                 for g in range(0, R):
                     tl.store(a_ptr + (blk * R + g) * HD + c, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cm)
@@ -553,8 +556,8 @@ def _reps_write_kernel(
             mn = tl.load(a_ptr + blk * HD + c, mask=cm & (fresh == 0), other=float("inf"))
             mx = tl.load(b_ptr + blk * HD + c, mask=cm & (fresh == 0), other=float("-inf"))
         r = tl.arange(0, BLOCK_R)
-        acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)  # KIND 2: the call's sum per group
-        occ = tl.zeros([BLOCK_R], dtype=tl.int32)  # KIND 2: the groups the call writes
+        acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)  # GROUPED / KIND 2: the call's sum per group
+        occ = tl.zeros([BLOCK_R], dtype=tl.int32)  # GROUPED / KIND 2: the groups the call writes
         aacc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for p in range(i, last + 1):
             if SORTED:
@@ -574,7 +577,7 @@ def _reps_write_kernel(
                 sj = tl.load(slot_ptr + p).to(tl.int64)
                 k = tl.load(key_ptr + p * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
             if (sj >= 0) & (tl.maximum(sj, 0) // BS == blk):
-                if KIND == 0:
+                if KIND == 0 and not GROUPED:
                     ap = a_ptr + (blk * R + (sj % BS) // MERGE) * HD + c
                     tl.store(ap, tl.load(ap, mask=cm, other=0.0) + k, mask=cm)
                 elif KIND == 1:
@@ -588,8 +591,11 @@ def _reps_write_kernel(
         if KIND == 1:
             tl.store(a_ptr + blk * HD + c, mn, mask=cm)
             tl.store(b_ptr + blk * HD + c, mx, mask=cm)
-        if KIND == 2:
-            rp = a_ptr + (blk * HD + c[:, None]) * R + r[None, :]
+        if KIND == 2 or GROUPED:
+            if KIND == 2:  # channel-major [NB, HD, R]
+                rp = a_ptr + (blk * HD + c[:, None]) * R + r[None, :]
+            else:  # group-major [NB, R, HD]
+                rp = a_ptr + (blk * R + r[None, :]) * HD + c[:, None]
             put = cm[:, None] & (r < R)[None, :] & ((occ > 0) | (fresh > 0))[None, :]
             new = tl.load(rp, mask=put & (fresh == 0), other=0.0).to(tl.float32) + acc
             if RNE_BF16:  # round to nearest even by hand: the interpreter's cast truncates

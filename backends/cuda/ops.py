@@ -21,7 +21,8 @@ from ucm.ops.reference import TorchReferenceOps
 from .kernels import get_kernels
 
 _LOG2E = 1.4426950408889634
-_KVSTAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_REPS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what representations may be stored in
+_HALF_SUMS_MAX_MERGE = 16  # bfloat16 group sums up to this many keys (at most 16 roundings of a group)
 _REPS_SCAN_BLOCK = 256  # tokens `_reps_write_kernel` scans per vector (decode batches: in one pass)
 
 
@@ -471,7 +472,7 @@ class CudaOps(TorchReferenceOps):
         program per written block and channel chunk (restart + sums in registers, no atomics)."""
         usable = (
             self._can_run(sums, key, slot_mapping)
-            and sums.dtype == torch.float32
+            and sums.dtype in _REPS_DTYPES
             and sums.is_contiguous()
             and (abs_sums is None or (abs_sums.is_contiguous() and self._can_run(abs_sums)))
             and key.dim() == 3
@@ -520,13 +521,13 @@ class CudaOps(TorchReferenceOps):
         nb, bs, h, d = k0.shape if k0.dim() == 4 else (0, 0, 0, 0)
         if code == 0:
             r = a0.shape[1] if a0.dim() == 4 else 0
-            a_ok = a0.dtype == torch.float32 and a0.shape == (nb, r, h, d) and r * merge == block_size
+            a_ok = a0.dtype in _REPS_DTYPES and a0.shape == (nb, r, h, d) and r * merge == block_size
         elif code == 1:
             r = 1
             a_ok = a0.dtype == torch.float32 and a0.shape == (nb, h, d) and b0 is not None and b0.dtype == a0.dtype
         else:
             r = a0.shape[3] if a0.dim() == 4 else 0
-            a_ok = a0.dtype in _KVSTAR_DTYPES and a0.shape == (nb, h, d, r) and r * merge == block_size
+            a_ok = a0.dtype in _REPS_DTYPES and a0.shape == (nb, h, d, r) and r * merge == block_size
             a_ok = a_ok and b0 is not None
         b_ok = b0 is None or (b0.dtype == torch.float32 and b0.shape[0] == nb and b0.numel() == nb * h * d)
         usable = (
@@ -577,7 +578,8 @@ class CudaOps(TorchReferenceOps):
             end = torch.searchsorted(srt, srt, right=True)
         else:
             srt = order = end = slots  # unused
-        block_r = _pow2(r) if kind == 2 else 1
+        grouped = kind == 0 and a.dtype != torch.float32  # half-precision sums: one rounding per call
+        block_r = _pow2(r) if kind == 2 or grouped else 1
         block_c = min(_pow2(hd), 128, max(16, 4096 // block_r))
         tab, n_layers, dh = layers if layers is not None else (slots, 1, hd)
         self._k.reps_write_kernel[(t, triton_cdiv(hd, block_c), n_layers)](
@@ -605,6 +607,7 @@ class CudaOps(TorchReferenceOps):
             SCAN_ONCE=not sort and self.write_scan_once and t <= _REPS_SCAN_BLOCK,
             LAYERED=layers is not None,
             RNE_BF16=self.interpret and a.dtype == torch.bfloat16,
+            GROUPED=grouped,
             BLOCK_T=_REPS_SCAN_BLOCK,  # fixed: two compiled variants whatever the call's length
             BLOCK_C=block_c,
             BLOCK_R=block_r,
@@ -670,6 +673,12 @@ class CudaOps(TorchReferenceOps):
         return out
 
     # ---------------------------------------------------------------- KVStar
+    def group_sums_dtype(self, device: torch.device, merge: int) -> torch.dtype:
+        """bfloat16 for groups of at most `_HALF_SUMS_MAX_MERGE` keys where the kernels run: the
+        scorer reads them every step (float32 sums of 4 keys are half the bytes of the keys)."""
+        here = torch.device(device).type == ("cpu" if self.interpret else "cuda")
+        return torch.bfloat16 if here and merge <= _HALF_SUMS_MAX_MERGE else torch.float32
+
     def kvstar_reps_dtype(self, device: torch.device) -> torch.dtype | None:
         """bfloat16 channel-major representations where the kernels run: the scorer reads 2 bytes
         per kept channel and representation (half of float32 sums, and only the kept channels)."""
@@ -684,7 +693,7 @@ class CudaOps(TorchReferenceOps):
             self._can_run(reps, abs_sums, key, slot_mapping)
             and reps.dim() == 4
             and reps.is_contiguous()
-            and reps.dtype in _KVSTAR_DTYPES
+            and reps.dtype in _REPS_DTYPES
             and abs_sums.dtype == torch.float32
             and abs_sums.is_contiguous()
             and abs_sums.shape == reps.shape[:3]
@@ -716,8 +725,8 @@ class CudaOps(TorchReferenceOps):
             self._can_run(q, reps, abs_sums, block_table, seq_lens)
             and q.dim() == 4
             and reps.dim() == 4
-            and reps.dtype in _KVSTAR_DTYPES
-            and q.dtype in _KVSTAR_DTYPES
+            and reps.dtype in _REPS_DTYPES
+            and q.dtype in _REPS_DTYPES
             and abs_sums.dtype == torch.float32
             and abs_sums.shape == reps.shape[:3]
             and reps.shape[2] == d

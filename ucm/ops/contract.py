@@ -292,8 +292,9 @@ class SparseOps(ABC):
         """Accumulate written keys into per-block running sums, in place (every decode step, every
         layer: ESA/GSA/KVStar representations).
 
-        sums [NB, R, Hkv, D] float32 with R = block_size // merge (group r of block b sums the keys
-        at offsets [r * merge, (r + 1) * merge)); abs_sums [NB, Hkv, D] float32 or None (sums of
+        sums [NB, R, Hkv, D] with R = block_size // merge (group r of block b sums the keys at
+        offsets [r * merge, (r + 1) * merge)), float32 or the dtype `group_sums_dtype` names (a
+        half-precision group takes the call's keys summed in float32 and is rounded once); abs_sums [NB, Hkv, D] float32 or None (sums of
         |K| per block); key [T, Hkv, D]; slot_mapping [T] (slot = block * block_size + offset,
         negative = not written). A block whose offset 0 is written restarts from zero (blocks
         are recycled) before any key of the call is added.
@@ -311,7 +312,12 @@ class SparseOps(ABC):
             if abs_sums is not None:
                 abs_sums.index_fill_(0, fresh, 0.0)
         n, r, h, d = sums.shape
-        sums.view(n * r, h, d).index_add_(0, blocks * r + offsets // merge, key)
+        rows, flat = blocks * r + offsets // merge, sums.view(n * r, h, d)
+        if sums.dtype == torch.float32:
+            flat.index_add_(0, rows, key)
+        else:  # the touched groups in float32, each rounded once
+            touched, at = torch.unique(rows, return_inverse=True)
+            flat.index_copy_(0, touched, flat.index_select(0, touched).float().index_add_(0, at, key).to(sums.dtype))
         if abs_sums is not None:
             abs_sums.index_add_(0, blocks, key.abs())
 
@@ -384,6 +390,15 @@ class SparseOps(ABC):
                 self.block_minmax_update(a_l, b_l, key, slot_mapping, block_size)
             else:
                 self.kvstar_reps_add(a_l, b_l, key, slot_mapping, block_size, merge)
+
+    def group_sums_dtype(self, device: torch.device, merge: int) -> torch.dtype:
+        """The dtype of `block_sums_add`'s sums of `merge` keys on `device` (ESA's and GSA's
+        representations). float32 (the default) keeps any group exact to float32; a backend may
+        keep small groups in half precision to halve what scoring reads every step (the CUDA
+        backend: bfloat16 for groups of at most 16 keys, where the representations would
+        otherwise be 1/8 or more of the KV cache's bytes). A group is rounded once per call that
+        writes it, so at most `merge` times."""
+        return torch.float32
 
     # ------------------------------------------------------------------ KVStar
     def kvstar_reps_dtype(self, device: torch.device) -> torch.dtype | None:

@@ -162,8 +162,9 @@ class BlockAccumulator:
     one group). A block's sums restart when its first slot is written (blocks are recycled).
     `ops` (default: the torch reference) is the backend of the device the sums live on.
 
-    sums [NB, R, Hkv, D] float32 (R = block_size // merge); with `absolute`, also sums of |K|
-    per block [NB, Hkv, D] (KVStar's channel importance).
+    sums [NB, R, Hkv, D] (R = block_size // merge) in the backend's `group_sums_dtype`
+    (float32 with `absolute`); with `absolute`, also float32 sums of |K| per block [NB, Hkv, D]
+    (KVStar's channel importance).
     """
 
     def __init__(
@@ -185,7 +186,8 @@ class BlockAccumulator:
             ops = TorchReferenceOps()
         self.ops = ops
         n, h, d = shapes.num_blocks, shapes.num_kv_heads, shapes.head_dim
-        self.sums = torch.zeros(n, self.groups, h, d, device=device)
+        dtype = torch.float32 if absolute else ops.group_sums_dtype(device, merge)
+        self.sums = torch.zeros(n, self.groups, h, d, dtype=dtype, device=device)
         self.abs_sums = torch.zeros(n, h, d, device=device) if absolute else None
 
     def add(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -202,7 +204,7 @@ class BlockAccumulator:
 
     def nbytes(self) -> int:
         extra = self.abs_sums.numel() * 4 if self.abs_sums is not None else 0
-        return self.sums.numel() * 4 + extra
+        return self.sums.numel() * self.sums.element_size() + extra
 
 
 @dataclass
