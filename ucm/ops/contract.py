@@ -294,10 +294,11 @@ class SparseOps(ABC):
 
         sums [NB, R, Hkv, D] with R = block_size // merge (group r of block b sums the keys at
         offsets [r * merge, (r + 1) * merge)), float32 or the dtype `group_sums_dtype` names (a
-        half-precision group takes the call's keys summed in float32 and is rounded once); abs_sums [NB, Hkv, D] float32 or None (sums of
-        |K| per block); key [T, Hkv, D]; slot_mapping [T] (slot = block * block_size + offset,
-        negative = not written). A block whose offset 0 is written restarts from zero (blocks
-        are recycled) before any key of the call is added.
+        half-precision group takes the call's keys summed in float32 and is rounded once);
+        abs_sums [NB, Hkv, D] float32 or None (sums of |K| per block); key [T, Hkv, D];
+        slot_mapping [T] (slot = block * block_size + offset, negative = not written). A block
+        whose offset 0 is written restarts from zero (blocks are recycled) before any key of the
+        call is added.
         """
         keep = slot_mapping >= 0
         slots = slot_mapping[keep].to(sums.device, torch.int64)
