@@ -818,6 +818,18 @@ def test_block_sums_add(backend: Backend, merge: int, absolute: bool, dtype: tor
     """A prefill of whole and partial blocks, then decode steps that finish blocks and recycle
     one (its offset 0 written again, after another key of the same call), with slots of -1:
     the backend accumulates the reference's sums."""
+    _check_block_sums_add(backend, merge, absolute, dtype, torch.float32)
+
+
+@pytest.mark.parametrize("merge", [1, 4, 32])
+def test_block_sums_add_half_sums(backend: Backend, merge: int) -> None:
+    """The same calls into bfloat16 sums (`group_sums_dtype` of the CUDA backend): every touched
+    group takes its call's keys summed in float32, once rounded, so the backend stores the
+    reference's bits (a backend with no half-precision path takes the reference's)."""
+    _check_block_sums_add(backend, merge, False, torch.bfloat16, torch.bfloat16)
+
+
+def _check_block_sums_add(backend: Backend, merge: int, absolute: bool, dtype: torch.dtype, sums_dtype) -> None:
     nb, bs, h, d = 6, 32, 3, 16
     calls = [
         torch.cat([torch.arange(0, 70), torch.tensor([-1, -1])]),  # blocks 0, 1 and part of 2
@@ -827,7 +839,7 @@ def test_block_sums_add(backend: Backend, merge: int, absolute: bool, dtype: tor
     ]
     for _ in write_paths(backend):
         g = gen(7)
-        ref = (torch.zeros(nb, bs // merge, h, d), torch.zeros(nb, h, d) if absolute else None)
+        ref = (torch.zeros(nb, bs // merge, h, d, dtype=sums_dtype), torch.zeros(nb, h, d) if absolute else None)
         got = tuple(None if t is None else backend.to(t) for t in ref)
         for slots in calls:
             keys = torch.randn(len(slots), h, d, generator=g).to(dtype)
@@ -835,6 +847,7 @@ def test_block_sums_add(backend: Backend, merge: int, absolute: bool, dtype: tor
             backend.ops.block_sums_add(*got, backend.to(keys), backend.to(slots), bs, merge)
             for a, b in zip(ref, got, strict=True):
                 if a is not None:
+                    assert host(b).dtype == a.dtype
                     torch.testing.assert_close(host(b), a, rtol=1e-5, atol=1e-5)
         assert host(got[0][1]).abs().sum() > 0 and host(got[0][3]).abs().sum() == 0
     if backend.name != "cuda":  # the host-side range check (the CUDA kernels skip it: it would sync)

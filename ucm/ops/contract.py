@@ -316,9 +316,10 @@ class SparseOps(ABC):
         rows, flat = blocks * r + offsets // merge, sums.view(n * r, h, d)
         if sums.dtype == torch.float32:
             flat.index_add_(0, rows, key)
-        else:  # the touched groups in float32, each rounded once
+        else:  # each touched group: the call's keys summed in float32, added, rounded once
             touched, at = torch.unique(rows, return_inverse=True)
-            flat.index_copy_(0, touched, flat.index_select(0, touched).float().index_add_(0, at, key).to(sums.dtype))
+            call = key.new_zeros(touched.shape[0], h, d).index_add_(0, at, key)
+            flat.index_copy_(0, touched, (flat.index_select(0, touched).float() + call).to(sums.dtype))
         if abs_sums is not None:
             abs_sums.index_add_(0, blocks, key.abs())
 
