@@ -552,9 +552,12 @@ DOT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group_reduce", ["mean", "max"])
 @pytest.mark.parametrize("case", DOT_CASES, ids=lambda c: f"{c[0]}-hq{c[1]}-hkv{c[2]}-d{c[3]}-b{len(c[4])}")
-def test_block_scores_dot(backend: Backend, case, group_reduce: str) -> None:
+def test_block_scores_dot(backend: Backend, case, group_reduce: str, dtype: torch.dtype) -> None:
+    """float32 and bfloat16 queries and representations (the CUDA backend's group sums of a few
+    keys; its max mode then multiplies in tf32 on the GPU, exact for bfloat16 values)."""
     tier, hq, hkv, d, lens, bs, kind = case
     backend.need(tier)
     g = gen(hq + d)
@@ -562,8 +565,8 @@ def test_block_scores_dot(backend: Backend, case, group_reduce: str) -> None:
         table, seq_lens, nb = shuffled_table(lens, bs, 2, g)
     else:
         table, seq_lens, nb = paged_case(g, lens, bs, extra_width=1)
-    q = torch.randn(len(lens), hq, d, generator=g)
-    reps = torch.randn(nb, hkv, d, generator=g)
+    q = torch.randn(len(lens), hq, d, generator=g).to(dtype)
+    reps = torch.randn(nb, hkv, d, generator=g).to(dtype)
     got = host(backend.ops.block_scores_dot(*map(backend.to, (q, reps, table, seq_lens)), bs, group_reduce))
     want = REF.block_scores_dot(q, reps, table, seq_lens, bs, group_reduce)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
