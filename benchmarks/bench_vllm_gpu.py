@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -588,7 +589,7 @@ def main() -> None:
             "repeats": args.repeats,
             "profile": args.profile,
             "gpu_memory_utilization": args.gpu_memory_utilization,
-            "profile_out": str(out_dir / f"{args.name}_profile_{setting.replace(':', '_')}.txt"),
+            "profile_out": str(out_dir / f"{args.name}_profile_{re.sub(r'[^A-Za-z0-9_.-]', '_', setting)}.txt"),
         }
         if label != setting:
             spec["profile"] = 0
