@@ -44,10 +44,15 @@ BLOCK = 32
 
 
 def sparse_extra(name: str, ratio: float, tmp: Path) -> dict:
-    """The connector's extra config for `name` at `ratio` (a per-model JSON method: every sparse layer at `ratio`)."""
+    """The connector's extra config for `name` = METHOD[:key=value...] at `ratio` (a per-model
+    JSON method: every sparse layer at `ratio`); values are JSON (`blk_repre_inner_token_merge=null`:
+    whole blocks)."""
     from ucm.demo import method_config
 
-    return {"ucm_sparse_config": method_config(name, ratio, tmp)}
+    method, *overrides = name.split(":")
+    config = method_config(method, ratio, tmp)
+    config[method].update({k: json.loads(v) for k, v in (o.split("=", 1) for o in overrides)})
+    return {"ucm_sparse_config": config}
 
 
 def make_llm(model_path: str, extra: dict | None, max_model_len: int, batch: int):
@@ -239,7 +244,9 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.3)
     from ucm.methods import method_names
 
-    ap.add_argument("--methods", nargs="*", default=list(method_names()))
+    ap.add_argument(
+        "--methods", nargs="*", default=list(method_names()), help="METHOD[:key=value...] (values are JSON)"
+    )
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every engine; ratios are medians over rounds")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense engine (profiling runs)")
     ap.add_argument("--profile-dir", type=Path, default=None, help="cProfile the decode steps of each engine here")
