@@ -213,3 +213,15 @@ def test_a_qwen3_32b_run_uses_its_shape_json_and_cells(tmp_path, monkeypatch) ->
     kv = 4 * 32768 * 64 * 2 * 8 * 128 * 2
     assert dense4["bound_ms"] == pytest.approx((kv + bench.weight_bytes(bench.QWEN3_32B)) / 4.3e12 * 1e3, rel=1e-3)
     assert 63.5e9 < bench.weight_bytes(bench.QWEN3_32B) < 64.5e9
+
+
+def test_cpu_bench_settings_carry_their_config_keys(tmp_path) -> None:
+    """`bench_vllm_decode.py --methods ESA:blk_repre_inner_token_merge=null` runs whole-block ESA
+    beside the default: the key reaches the connector config, parsed as JSON; a plain name keeps
+    the method's demo settings."""
+    from bench_vllm_decode import sparse_extra  # noqa: E402
+
+    plain = sparse_extra("ESA", 0.3, tmp_path)["ucm_sparse_config"]["ESA"]
+    whole = sparse_extra("ESA:blk_repre_inner_token_merge=null:min_blocks=2", 0.3, tmp_path)["ucm_sparse_config"]
+    assert "blk_repre_inner_token_merge" not in plain and plain["sparse_ratio"] == 0.3
+    assert whole["ESA"] == {**plain, "blk_repre_inner_token_merge": None, "min_blocks": 2}
