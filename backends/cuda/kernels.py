@@ -789,8 +789,6 @@ def _scores_dot_kernel(
     stride_tb,
     stride_ob,
     MODE: tl.constexpr,
-    DOT: tl.constexpr,
-    PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -799,11 +797,7 @@ def _scores_dot_kernel(
     """Dot-product block scores (ESA mean / GSA max over the GQA group: MODE, a `GroupReduceCode`);
     -inf past n_b. A program reads its BLOCK_M blocks' representations of every KV head as one
     [BLOCK_M, Hkv, D] tile (one load: all of its bytes in flight at once, which is what a
-    gather of 4 KB rows from anywhere in the cache is bound by). DOT (GSA's max over a group's
-    query heads): the [BLOCK_M * BLOCK_H, D] rows times every query head in one `tl.dot`, each
-    row's own heads kept, in tf32 (PREC) where query and representations are half precision
-    (exact products) and IEEE float32 otherwise; without it the max mode takes G reductions
-    over D per tile and is bound by them, not by the bytes."""
+    gather of 4 KB rows from anywhere in the cache is bound by)."""
     jb = tl.program_id(0)
     b = tl.program_id(1)
     j = jb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -820,36 +814,15 @@ def _scores_dot_kernel(
         rep_ptr + blk[:, None, None] * stride_rb + (h * stride_rh)[None, :, None] + d[None, None, :],
         mask=jm[:, None, None] & hd[None, :, :],
         other=0.0,
-    )
+    ).to(tl.float32)
     qrow = q_ptr + b * stride_qb + d[None, :]
-    if DOT:  # one tensor-core product of every (block, KV head) row with every query head
-        hq = tl.arange(0, BLOCK_H * BLOCK_G)  # query head (h, g) at column h * BLOCK_G + g
-        qh, qg = hq // BLOCK_G, hq % BLOCK_G
-        qmask = (qh < Hkv) & (qg < G)
-        qt = tl.load(
-            q_ptr + b * stride_qb + (qh * G + qg)[:, None] * stride_qh + d[None, :],
-            mask=qmask[:, None] & dm[None, :],
-            other=0.0,
-        )
-        rows = tl.reshape(rep, [BLOCK_M * BLOCK_H, BLOCK_D])
-        # tf32 holds bfloat16 / half values exactly: their products are exact, summed in float32
-        dots = tl.dot(rows.to(tl.float32), tl.trans(qt.to(tl.float32)), input_precision=PREC)
-        own = (qh[None, :] == (tl.arange(0, BLOCK_M * BLOCK_H) % BLOCK_H)[:, None]) & qmask[None, :]
-        if MODE == 0:
-            per_head = tl.sum(tl.where(own, dots, 0.0), axis=1) / G
-        else:
-            per_head = tl.max(tl.where(own, dots, float("-inf")), axis=1)
-        per_head = tl.reshape(per_head, [BLOCK_M, BLOCK_H])
-        total = tl.sum(tl.where(hm[None, :], per_head, 0.0), axis=1)
-    elif MODE == 0:
-        rep = rep.to(tl.float32)
+    if MODE == 0:
         qm = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
         for gg in range(G):
             qm += tl.load(qrow + (h * G + gg)[:, None] * stride_qh, mask=hd, other=0.0).to(tl.float32)
         qm = qm / G
         total = tl.sum(tl.sum(rep * qm[None, :, :], axis=2), axis=1)
     else:
-        rep = rep.to(tl.float32)
         best = tl.full([BLOCK_M, BLOCK_H], float("-inf"), dtype=tl.float32)
         for gg in range(G):
             qv = tl.load(qrow + (h * G + gg)[:, None] * stride_qh, mask=hd, other=0.0).to(tl.float32)

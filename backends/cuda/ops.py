@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ucm.ops.contract import BlockReduce, GroupReduce, GroupReduceCode, group_reduce_code, reduce_code
+from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce_code
 from ucm.ops.reference import TorchReferenceOps
 
 from .kernels import get_kernels
@@ -410,22 +410,8 @@ class CudaOps(TorchReferenceOps):
         tbl = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
         block_d = _pow2(d)
         block_h = _pow2(hkv)
-        block_g = _pow2(hq // hkv)
         # a [blocks, Hkv, D] tile per program of ~4096 values (4 blocks at the Qwen3-4B shape)
         block_m = self.scores_block_m or max(1, min(4, 4096 // (block_h * block_d)))
-        # the max mode as one tl.dot (its G reductions per tile bind it otherwise): at least 16
-        # rows, query-head columns and channels, the query tile at most 4096 values (GQA; MLA's
-        # 128 heads of 576 channels keep the loop)
-        dot_m, dot_g = max(block_m, 16 // min(block_h, 16)), max(block_g, 16 // min(block_h, 16))
-        dot = (
-            code == GroupReduceCode.MAX
-            and block_d >= 16
-            and block_h * dot_g * block_d <= 4096
-            and dot_m * block_h * block_d <= 4096
-        )
-        if dot:
-            block_m, block_g = dot_m, dot_g
-        half = (torch.bfloat16, torch.float16)
         self._k.scores_dot_kernel[(triton_cdiv(m, block_m), b)](
             qc,
             rc,
@@ -444,12 +430,10 @@ class CudaOps(TorchReferenceOps):
             tbl.stride(0),
             out.stride(0),
             MODE=int(code),
-            DOT=dot,
-            PREC="tf32" if q.dtype in half and rc.dtype in half and not self.interpret else "ieee",
             BLOCK_M=block_m,
             BLOCK_H=block_h,
             BLOCK_D=block_d,
-            BLOCK_G=block_g,
+            BLOCK_G=_pow2(hq // hkv),
             num_warps=self.scores_warps or 4,
         )
         return out
