@@ -14,7 +14,8 @@ Shapes (one letter per dimension, used in every docstring below):
 Paged layouts (device-neutral; integrations adapt their engine's layout to these):
     k_cache / v_cache   [NB, bs, Hkv, D]  (MLA: Hkv = 1, D = kv_lora_rank + qk_rope_head_dim)
     code cache          [NB, bs, Hkv, C]  uint8
-    representation      [NB, Hkv, D] float32 (or running sums [NB, R, Hkv, D], `block_sums_add`),
+    representation      [NB, Hkv, D] float32 (or running sums [NB, R, Hkv, D] in the backend's
+                        `group_sums_dtype`, `block_sums_add`),
                         indexed by physical block
                         (Quest keeps two [NB, Hkv, D]: the element-wise min and max of K;
                         KVStar's channel-major reps are [NB, Hkv, D, R], see `kvstar_reps_add`)
