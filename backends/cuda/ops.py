@@ -467,6 +467,12 @@ class CudaOps(TorchReferenceOps):
             return super().select_and_rewrite(scores, k, must_keep, block_table, seq_lens, block_size, largest)
         return self._topk(scores, k, must_keep, None, block_table, seq_lens, block_size, largest)[2:]
 
+    def group_sums_dtype(self, device: torch.device, merge: int) -> torch.dtype:
+        """bfloat16 for groups of at most `_HALF_SUMS_MAX_MERGE` keys where the kernels run: the
+        scorer reads them every step (float32 sums of 4 keys are half the bytes of the keys)."""
+        here = torch.device(device).type == ("cpu" if self.interpret else "cuda")
+        return torch.bfloat16 if here and merge <= _HALF_SUMS_MAX_MERGE else torch.float32
+
     def block_sums_add(self, sums, abs_sums, key, slot_mapping, block_size, merge) -> None:
         """One launch, no host read (safe inside a CUDA graph): `_reps_write_kernel`, one leader
         program per written block and channel chunk (restart + sums in registers, no atomics)."""
@@ -673,12 +679,6 @@ class CudaOps(TorchReferenceOps):
         return out
 
     # ---------------------------------------------------------------- KVStar
-    def group_sums_dtype(self, device: torch.device, merge: int) -> torch.dtype:
-        """bfloat16 for groups of at most `_HALF_SUMS_MAX_MERGE` keys where the kernels run: the
-        scorer reads them every step (float32 sums of 4 keys are half the bytes of the keys)."""
-        here = torch.device(device).type == ("cpu" if self.interpret else "cuda")
-        return torch.bfloat16 if here and merge <= _HALF_SUMS_MAX_MERGE else torch.float32
-
     def kvstar_reps_dtype(self, device: torch.device) -> torch.dtype | None:
         """bfloat16 channel-major representations where the kernels run: the scorer reads 2 bytes
         per kept channel and representation (half of float32 sums, and only the kept channels)."""
