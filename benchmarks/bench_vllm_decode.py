@@ -45,13 +45,14 @@ BLOCK = 32
 
 def sparse_extra(name: str, ratio: float, tmp: Path) -> dict:
     """The connector's extra config for `name` = METHOD[:key=value...] at `ratio` (a per-model
-    JSON method: every sparse layer at `ratio`); values are JSON (`blk_repre_inner_token_merge=null`:
-    whole blocks)."""
+    JSON method: every sparse layer at `ratio`); values as `--method-key` reads them
+    (`blk_repre_inner_token_merge=null`: whole blocks)."""
     from ucm.demo import method_config
+    from ucm.methods import method_key_values
 
     method, *overrides = name.split(":")
     config = method_config(method, ratio, tmp)
-    config[method].update({k: json.loads(v) for k, v in (o.split("=", 1) for o in overrides)})
+    config[method].update(method_key_values(overrides))
     return {"ucm_sparse_config": config}
 
 

@@ -136,13 +136,13 @@ def side_bytes_per_block(
 def sparse_extra(setting: str, tmp: Path, shape: dict = QWEN3_4B, model_name: str = "Qwen3-4B") -> dict | None:
     """The connector's extra config for a setting "dense" | "METHOD:RATIO"; methods with a model
     JSON (GSA on device) take the shipped one of `model_name`."""
-    from ucm.methods import get_method
+    from ucm.methods import get_method, method_key_values
 
     if setting == "dense":
         return None
-    method, ratio, *overrides = setting.split(":")  # METHOD:RATIO[:key=int...]
+    method, ratio, *overrides = setting.split(":")  # METHOD:RATIO[:key=value...]
     ratio = float(ratio)
-    keys = {k: int(v) for k, v in (o.split("=") for o in overrides)}
+    keys = method_key_values(overrides)
     if get_method(method).model_json:  # the model's shipped JSON with its sparse layers at `ratio`
         from ucm.config.loader import find_model_config
 
@@ -521,7 +521,7 @@ def main() -> None:
         "--settings",
         nargs="+",
         default=None,
-        help="dense | METHOD:RATIO[:key=int...] (default: dense, then every registered method at 0.3 and 0.1)",
+        help="dense | METHOD:RATIO[:key=value...] (default: dense, then every registered method at 0.3 and 0.1)",
     )
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)

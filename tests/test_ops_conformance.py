@@ -557,7 +557,7 @@ DOT_CASES = [
 @pytest.mark.parametrize("case", DOT_CASES, ids=lambda c: f"{c[0]}-hq{c[1]}-hkv{c[2]}-d{c[3]}-b{len(c[4])}")
 def test_block_scores_dot(backend: Backend, case, group_reduce: str, dtype: torch.dtype) -> None:
     """float32 and bfloat16 queries and representations (the CUDA backend's group sums of a few
-    keys; its max mode then multiplies in tf32 on the GPU, exact for bfloat16 values)."""
+    keys are bfloat16)."""
     tier, hq, hkv, d, lens, bs, kind = case
     backend.need(tier)
     g = gen(hq + d)

@@ -157,6 +157,40 @@ class BlockScorer(ABC):
         raise NotImplementedError(f"{type(self).__name__} keeps no copyable per-block state; it cannot offload")
 
 
+class GroupedScorer(BlockScorer):
+    """A scorer of `groups` representations per block, kept on `repr_device`: a block scores as
+    its best group (`ucm.sparse.subblocks`). Subclasses give `batch_sub_scores`; `score`,
+    `sub_scores` and `batch_scores` follow from it."""
+
+    repr_device: torch.device
+
+    @abstractmethod
+    def batch_sub_scores(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
+    ) -> torch.Tensor:
+        """Scores [B, M * groups] of every group of every block, all tensors on `repr_device`
+        (`seq_lens` counts full blocks' tokens where `batch_full_blocks`)."""
+
+    def sub_scores(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
+    ) -> torch.Tensor:
+        dev, bs = self.repr_device, self.shapes.block_size
+        # a partial last block has no representation yet where only full blocks are scored (it is always kept)
+        lens = (seq_lens // bs) * bs if self.batch_full_blocks else seq_lens
+        return self.batch_sub_scores(layer, q.to(dev), block_table.to(dev), lens.to(dev)).to(q.device)
+
+    def score(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
+    ) -> torch.Tensor:
+        return block_max(self.sub_scores(layer, q, block_table, seq_lens, req_ids), self.groups)
+
+    def batch_scores(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
+    ) -> torch.Tensor:
+        """`score` with static shapes, no per-request state (the CUDA graph decode path)."""
+        return block_max(self.batch_sub_scores(layer, q, block_table, seq_lens), self.groups)
+
+
 class BlockAccumulator:
     """Running per-block sums of written keys, in groups of `merge` tokens (merge = block size:
     one group). A block's sums restart when its first slot is written (blocks are recycled).
@@ -203,8 +237,7 @@ class BlockAccumulator:
             self.abs_sums.index_copy_(0, dst, self.abs_sums.index_select(0, src))
 
     def nbytes(self) -> int:
-        extra = self.abs_sums.numel() * 4 if self.abs_sums is not None else 0
-        return self.sums.numel() * self.sums.element_size() + extra
+        return sum(t.numel() * t.element_size() for t in (self.sums, self.abs_sums) if t is not None)
 
 
 @dataclass

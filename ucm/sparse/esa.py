@@ -5,18 +5,16 @@ block size, a block keeps one mean per group of that many tokens and scores as i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from ucm.config.sparse import ESAConfig
 from ucm.ops.contract import SparseOps
-from ucm.sparse.base import BlockAccumulator, BlockScorer, ModelShapes, SparseMethod
+from ucm.sparse.base import BlockAccumulator, GroupedScorer, ModelShapes, SparseMethod
 from ucm.sparse.factory import BuildContext, windowed_method
-from ucm.sparse.subblocks import block_max, sub_block_table
+from ucm.sparse.subblocks import sub_block_table
 
 
-class MeanReprScorer(BlockScorer):
+class MeanReprScorer(GroupedScorer):
     """Mean-of-K representations, kept per physical block and refreshed when a block fills.
 
     `group_reduce` picks how a GQA group's queries meet the representation ("mean": ESA,
@@ -67,34 +65,17 @@ class MeanReprScorer(BlockScorer):
             accs[0].merge,
         )
 
-    def score(
-        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
-    ) -> torch.Tensor:
-        return block_max(self.sub_scores(layer, q, block_table, seq_lens, req_ids), self.groups)
+    batch_full_blocks = True  # the partial last block has no representation yet
 
-    def sub_scores(
-        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
+    def batch_sub_scores(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
     ) -> torch.Tensor:
-        bs = self.shapes.block_size
-        dev = self.repr_device
-        full_lens = (seq_lens // bs) * bs  # the partial last block has no representation yet (it is always kept)
-        return self._dot(layer, q.to(dev), block_table.to(dev), full_lens.to(dev)).to(q.device)
-
-    def _dot(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, full_lens: torch.Tensor) -> torch.Tensor:
-        """Scores [B, M * groups] of the full blocks' groups (`full_lens` tokens)."""
+        """Scores [B, M * groups] of the full blocks' groups (`seq_lens`: their tokens)."""
         sums = self.acc[layer].sums  # [NB, R, Hkv, D]
         table = sub_block_table(block_table, self.groups)
         return self.score_ops.block_scores_dot(
-            q, sums.view(-1, *sums.shape[2:]), table, full_lens, self.merge, self.group_reduce
+            q, sums.view(-1, *sums.shape[2:]), table, seq_lens, self.merge, self.group_reduce
         )
-
-    batch_full_blocks = True
-
-    def batch_scores(
-        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
-    ) -> torch.Tensor:
-        """`score` of full blocks, given their token counts (`batch_full_blocks`)."""
-        return block_max(self._dot(layer, q, block_table, seq_lens), self.groups)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         for acc in self.acc:

@@ -7,14 +7,13 @@ their guard (`bound_guard_top`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ucm.ops.contract import GroupReduce, SparseOps
-from ucm.sparse.base import BlockScorer, ModelShapes
-from ucm.sparse.subblocks import block_max, sub_block_ids, sub_block_table
+from ucm.sparse.base import GroupedScorer, ModelShapes
+from ucm.sparse.subblocks import sub_block_ids, sub_block_table
 
 __all__ = ["BlockMinMax", "QuestScorer", "bound_guard_scorer"]
 
@@ -55,7 +54,7 @@ class BlockMinMax:
         return (self.mins.numel() + self.maxs.numel()) * self.mins.element_size()
 
 
-class QuestScorer(BlockScorer):
+class QuestScorer(GroupedScorer):
     """Quest's min / max representations per layer, scored on the backend's device.
 
     `group_reduce` ("max" or "mean") combines a GQA group's per-head bounds. Every written block
@@ -97,26 +96,11 @@ class QuestScorer(BlockScorer):
             "minmax", [s.mins for s in stats], [s.maxs for s in stats], k_caches, slot_mapping, bs, bs
         )
 
-    def score(
-        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
-    ) -> torch.Tensor:
-        return block_max(self.sub_scores(layer, q, block_table, seq_lens, req_ids), self.groups)
-
-    def sub_scores(
-        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
-    ) -> torch.Tensor:
-        dev = self.repr_device
-        return self._bound(layer, q.to(dev), block_table.to(dev), seq_lens.to(dev)).to(q.device)
-
-    def batch_scores(
+    def batch_sub_scores(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
     ) -> torch.Tensor:
-        """`score` of every row's written blocks, partial last block included (no per-request
-        state: the CUDA graph decode path)."""
-        return block_max(self._bound(layer, q, block_table, seq_lens), self.groups)
-
-    def _bound(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        """Scores [B, M * groups]: each group's bound (groups past a row's end are -inf)."""
+        """Scores [B, M * groups]: each written group's bound, the partial last block's included
+        (groups past a row's end are -inf)."""
         st = self.stats[layer]
         table = sub_block_table(block_table, self.groups)
         return self.ops.block_scores_minmax(q, st.mins, st.maxs, table, seq_lens, st.merge, self.group_reduce)
