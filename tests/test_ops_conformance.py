@@ -573,6 +573,73 @@ def test_block_scores_dot(backend: Backend, case, group_reduce: str, dtype: torc
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("group_reduce", ["mean", "max"])
+def test_grouped_block_scores_dot_match_the_numpy_oracle(backend: Backend, group_reduce: str) -> None:
+    """Representations per group of tokens [NB, R, Hkv, D]: a block scores as its best group whose
+    first token is before the row's end (the partial last block's later groups never count)."""
+    g = gen(5)
+    hq, hkv, d, bs, r_groups = 8, 2, 16, 8, 4  # groups of 2 tokens
+    reps = torch.randn(10, r_groups, hkv, d, generator=g)
+    table = torch.tensor([[3, 1, 7, 0], [9, 2, 0, 0]])
+    lens = torch.tensor([19, 8])  # row 0: block 2 holds 3 tokens (groups 0, 1 started)
+    q = torch.randn(2, hq, d, generator=g)
+    got = host(backend.ops.block_scores_dot(*map(backend.to, (q, reps, table, lens)), bs, group_reduce)).numpy()
+    qn, rn = q.numpy().reshape(2, hkv, hq // hkv, d), reps.numpy()
+    merge = bs // r_groups
+    for r in range(2):
+        n_b = -(-int(lens[r]) // bs)
+        for j in range(4):
+            if j >= n_b:
+                assert got[r, j] == -math.inf
+                continue
+            best = -math.inf
+            for grp in range(r_groups):
+                if j * bs + grp * merge >= int(lens[r]):
+                    continue
+                rep = rn[int(table[r, j]), grp]
+                if group_reduce == "mean":
+                    s = sum(qn[r, h].mean(0) @ rep[h] for h in range(hkv))
+                else:
+                    s = sum(max(qn[r, h, i] @ rep[h] for i in range(hq // hkv)) for h in range(hkv))
+                best = max(best, float(s))
+            assert got[r, j] == pytest.approx(best, rel=1e-5, abs=1e-5)
+
+
+GROUPED_CASES = [
+    # (tier, hq, hkv, d, lens, bs, groups)
+    ("any", 8, 2, 16, [19, 40], 8, 4),
+    ("any", 32, 8, 32, [70, 1, 0], 32, 16),  # the tensor-core path (max, bf16): 16 groups
+    ("any", 12, 4, 16, [33], 16, 8),  # a group of 3 query heads, 8 groups padded to the dot's 16
+    ("native", 32, 8, 128, [500, 31, 128], 128, 32),
+    ("gpu", 32, 8, 128, [32768, 700, 1], 128, 32),
+    ("gpu", 32, 8, 128, [32768, 4000], 128, 8),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group_reduce", ["mean", "max"])
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: f"{c[0]}-hq{c[1]}-hkv{c[2]}-d{c[3]}-r{c[6]}")
+def test_grouped_block_scores(backend: Backend, case, group_reduce: str, dtype: torch.dtype) -> None:
+    """Per-group ESA / GSA (dot) and Quest (min / max) scores against the reference, float32 and
+    bfloat16 (the CUDA backend's group sums; a bfloat16 query meets them on the tensor cores)."""
+    tier, hq, hkv, d, lens, bs, groups = case
+    backend.need(tier)
+    g = gen(hq + d + groups)
+    table, seq_lens, nb = shuffled_table(lens, bs, 2, g)
+    q = torch.randn(len(lens), hq, d, generator=g).to(dtype)
+    reps = torch.randn(nb, groups, hkv, d, generator=g).to(dtype)
+    got = host(backend.ops.block_scores_dot(*map(backend.to, (q, reps, table, seq_lens)), bs, group_reduce))
+    want = REF.block_scores_dot(q, reps, table, seq_lens, bs, group_reduce)
+    assert got.shape == want.shape and torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    lo = torch.randn(nb, groups, hkv, d, generator=g)
+    hi = lo + torch.rand(nb, groups, hkv, d, generator=g)
+    got = host(backend.ops.block_scores_minmax(*map(backend.to, (q, lo, hi, table, seq_lens)), bs, group_reduce))
+    want = REF.block_scores_minmax(q, lo, hi, table, seq_lens, bs, group_reduce)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
 # ------------------------------------------------------------------------------------ top-k
 def assert_topk_equal(backend: Backend, scores, k, must, n_blocks) -> None:
     rids, rcounts = REF.block_topk(scores, k, must, n_blocks)

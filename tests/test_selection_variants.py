@@ -13,9 +13,9 @@ from tests.paged import make_paged
 from ucm.config.errors import ConfigError
 from ucm.methods import method_names
 from ucm.ops import TorchReferenceOps
+from ucm.ops.subblocks import block_max, sub_block_table
 from ucm.sparse.base import ModelShapes, combine_kv_head_ranks
 from ucm.sparse.factory import build_sparse_method
-from ucm.sparse.subblocks import block_max, sub_block_table
 
 OPS = TorchReferenceOps()
 BS = 8

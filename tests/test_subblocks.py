@@ -22,12 +22,12 @@ if not torch.cuda.is_available():
 from tests.paged import make_paged
 from ucm.config.errors import ConfigError
 from ucm.ops import TorchReferenceOps
+from ucm.ops.subblocks import block_max, sub_block_ids, sub_block_table
 from ucm.sparse.base import ModelShapes
 from ucm.sparse.esa import ESAScorer
 from ucm.sparse.factory import build_sparse_method
 from ucm.sparse.gsa import GSAScorer
 from ucm.sparse.quest import QuestScorer
-from ucm.sparse.subblocks import block_max, sub_block_ids, sub_block_table
 
 BS = 8
 NEEDLE = 1.0  # the planted key's length, in sqrt(head_dim)

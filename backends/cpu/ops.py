@@ -43,6 +43,7 @@ import torch
 
 from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce_code
 from ucm.ops.reference import TorchReferenceOps
+from ucm.ops.subblocks import grouped_block_scores
 
 logger = logging.getLogger(__name__)
 
@@ -640,9 +641,16 @@ class CpuOps(TorchReferenceOps):
         block_size: int,
         group_reduce: GroupReduce = "mean",
     ) -> torch.Tensor:
+        if q.dim() == 3 and repr_cache.dim() == 4:  # groups of tokens: their max, scored as sub-blocks
+            return grouped_block_scores(
+                lambda reps, table, bs: self.block_scores_dot(q, *reps, table, seq_lens, bs, group_reduce),
+                (repr_cache,),
+                block_table,
+                block_size,
+            )
         if q.dim() != 3 or repr_cache.dim() != 3:
             raise ValueError(
-                f"block_scores_dot: q must be [B, Hq, D] and repr_cache [NB, Hkv, D], got {tuple(q.shape)} and "
+                f"block_scores_dot: q must be [B, Hq, D] and repr_cache [NB, (R,) Hkv, D], got {tuple(q.shape)} and "
                 f"{tuple(repr_cache.shape)}"
             )
         self._check_paged("block_scores_dot", q.shape[1], repr_cache.shape[1], block_table, seq_lens, q.shape[0])
@@ -676,9 +684,16 @@ class CpuOps(TorchReferenceOps):
         block_size: int,
         group_reduce: GroupReduce = "max",
     ) -> torch.Tensor:
+        if q.dim() == 3 and mins.dim() == 4 and maxs.shape == mins.shape:
+            return grouped_block_scores(
+                lambda reps, table, bs: self.block_scores_minmax(q, *reps, table, seq_lens, bs, group_reduce),
+                (mins, maxs),
+                block_table,
+                block_size,
+            )
         if q.dim() != 3 or mins.dim() != 3 or maxs.shape != mins.shape:
             raise ValueError(
-                f"block_scores_minmax: q must be [B, Hq, D] and mins / maxs [NB, Hkv, D] of one shape, got "
+                f"block_scores_minmax: q must be [B, Hq, D] and mins / maxs [NB, (R,) Hkv, D] of one shape, got "
                 f"{tuple(q.shape)}, {tuple(mins.shape)} and {tuple(maxs.shape)}"
             )
         if q.shape[2] != mins.shape[2]:

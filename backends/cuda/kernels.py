@@ -832,6 +832,122 @@ def _scores_dot_kernel(
     tl.store(out_ptr + b * stride_ob + j, total, mask=jm)
 
 
+def _scores_grouped_kernel(
+    q_ptr,
+    a_ptr,
+    b_ptr,
+    table_ptr,
+    seqlen_ptr,
+    out_ptr,
+    R,
+    MERGE,
+    BS,
+    D,
+    stride_qb,
+    stride_qh,
+    stride_ab,
+    stride_ar,
+    stride_ah,
+    stride_tb,
+    stride_ob,
+    Hkv: tl.constexpr,
+    G: tl.constexpr,
+    KIND: tl.constexpr,
+    MODE: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """Block scores from per-group representations [NB, R, Hkv, D] (groups of MERGE tokens): a
+    block scores as its best group, all in one kernel (no sub-block table, no [B, M * R] scores,
+    no separate max). KIND 0: dot with a (ESA's mean / GSA's max over the GQA group: MODE, a
+    `GroupReduceCode`); KIND 1: Quest's bound from mins a and maxs b. Program (j, b) is column j
+    of row b: it reads nothing past the row's end, and its block's groups BLOCK_R at a time
+    ([BLOCK_R, Hkv, D] tiles, contiguous in memory); a group whose first token is at or past the
+    row's end is -inf. USE_DOT (KIND 0, MODE max, half-precision a and q): each KV head's
+    [BLOCK_R, D] tile times its query heads [D, BLOCK_G] on the tensor cores, float32
+    accumulation, instead of G reductions over D (DOT_F32: in float32, for the interpreter)."""
+    j = tl.program_id(0)
+    b = tl.program_id(1)
+    seq_len = tl.load(seqlen_ptr + b).to(tl.int32)
+    n_b = (seq_len + BS - 1) // BS
+    best = tl.full([], float("-inf"), dtype=tl.float32)
+    if j < n_b:
+        blk = tl.maximum(tl.load(table_ptr + b * stride_tb + j), 0).to(tl.int64)
+        base = a_ptr + blk * stride_ab
+        h = tl.arange(0, BLOCK_H)
+        hm = h < Hkv
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        hd = hm[:, None] & dm[None, :]
+        qrow = q_ptr + b * stride_qb
+        if USE_DOT:
+            gi = tl.arange(0, BLOCK_G)
+            gm = gi < G
+            # query heads of each KV head as [H, D, G]: the dot's right operand, loaded once
+            qt = tl.load(
+                qrow + (h[:, None, None] * G + gi[None, None, :]) * stride_qh + d[None, :, None],
+                mask=hm[:, None, None] & dm[None, :, None] & gm[None, None, :],
+                other=0.0,
+            ).to(a_ptr.dtype.element_ty)
+        elif MODE == 0 and KIND == 0:
+            qm = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+            for gg in range(G):
+                qm += tl.load(qrow + (h * G + gg)[:, None] * stride_qh + d[None, :], mask=hd, other=0.0).to(tl.float32)
+            qm = qm / G
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            live = (r < R) & (j * BS + r * MERGE < seq_len)
+            if USE_DOT:  # [H, R, D] x [H, D, G] -> [H, R, G]
+                off = (h * stride_ah)[:, None, None] + (r * stride_ar)[None, :, None] + d[None, None, :]
+                tile = tl.load(base + off, mask=hm[:, None, None] & live[None, :, None] & dm[None, None, :], other=0.0)
+                if DOT_F32:  # the interpreter multiplies bfloat16 as raw bits: float32 there (exact)
+                    s = tl.dot(tile.to(tl.float32), qt.to(tl.float32), input_precision="ieee")
+                else:
+                    s = tl.dot(tile, qt)
+                s = tl.where(gm[None, None, :], s, float("-inf"))
+                tot = tl.sum(tl.where(hm[:, None], tl.max(s, axis=2), 0.0), axis=0)
+            else:
+                off = (r * stride_ar)[:, None, None] + (h * stride_ah)[None, :, None] + d[None, None, :]
+                tm = live[:, None, None] & hd[None, :, :]
+                if KIND == 0:
+                    tile = tl.load(base + off, mask=tm, other=0.0).to(tl.float32)
+                    if MODE == 0:
+                        tot = tl.sum(tl.sum(tile * qm[None, :, :], axis=2), axis=1)
+                    else:
+                        acc = tl.full([BLOCK_R, BLOCK_H], float("-inf"), dtype=tl.float32)
+                        for gg in range(G):
+                            qv = tl.load(qrow + (h * G + gg)[:, None] * stride_qh + d[None, :], mask=hd, other=0.0).to(
+                                tl.float32
+                            )
+                            acc = tl.maximum(acc, tl.sum(tile * qv[None, :, :], axis=2))
+                        tot = tl.sum(tl.where(hm[None, :], acc, 0.0), axis=1)
+                else:
+                    lo = tl.load(base + off, mask=tm, other=0.0).to(tl.float32)
+                    hi = tl.load(b_ptr + blk * stride_ab + off, mask=tm, other=0.0).to(tl.float32)
+                    if MODE == 0:
+                        acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+                    else:
+                        acc = tl.full([BLOCK_R, BLOCK_H], float("-inf"), dtype=tl.float32)
+                    for gg in range(G):
+                        qv = tl.load(qrow + (h * G + gg)[:, None] * stride_qh + d[None, :], mask=hd, other=0.0).to(
+                            tl.float32
+                        )
+                        bound = tl.sum(tl.maximum(lo * qv[None, :, :], hi * qv[None, :, :]), axis=2)
+                        if MODE == 0:
+                            acc += bound
+                        else:
+                            acc = tl.maximum(acc, bound)
+                    if MODE == 0:
+                        acc = acc / G
+                    tot = tl.sum(tl.where(hm[None, :], acc, 0.0), axis=1)
+            best = tl.maximum(best, tl.max(tl.where(live, tot, float("-inf")), axis=0))
+    tl.store(out_ptr + b * stride_ob + j, best)
+
+
 def _scores_minmax_kernel(
     q_ptr,
     min_ptr,
@@ -1160,6 +1276,7 @@ _KERNELS = (
     _scores_dot_kernel,
     _reps_write_kernel,
     _scores_minmax_kernel,
+    _scores_grouped_kernel,
     _kvstar_importance_kernel,
     _kvstar_channels_kernel,
     _kvstar_logits_kernel,

@@ -52,6 +52,9 @@ class CudaOps(TorchReferenceOps):
         self.topk_sort: bool | None = None
         self.scores_block_m: int | None = None
         self.scores_warps: int | None = None
+        self.grouped_dot: bool = True  # GSA's per-group scores on the tensor cores where they can run
+        self.grouped_block_r: int | None = None
+        self.grouped_stages: int | None = None
         self.kvstar_block_n: int | None = None
         self.kvstar_block_k: int | None = None
         self.kvstar_warps: int | None = None
@@ -397,6 +400,8 @@ class CudaOps(TorchReferenceOps):
         group_reduce: GroupReduce = "mean",
     ) -> torch.Tensor:
         code = group_reduce_code(group_reduce)
+        if self._can_run(q, repr_cache, block_table, seq_lens) and repr_cache.dim() == 4 and q.dim() == 3:
+            return self._grouped_scores(0, code, q, repr_cache, repr_cache, block_table, seq_lens, block_size)
         if not self._can_run(q, repr_cache, block_table, seq_lens) or repr_cache.dim() != 3:
             return super().block_scores_dot(q, repr_cache, block_table, seq_lens, block_size, group_reduce)
         b, hq, d = q.shape
@@ -629,8 +634,17 @@ class CudaOps(TorchReferenceOps):
         block_size: int,
         group_reduce: GroupReduce = "max",
     ) -> torch.Tensor:
-        """Quest scores in one launch (`_scores_minmax_kernel`), no host read."""
+        """Quest scores in one launch (`_scores_minmax_kernel`; per group: `_scores_grouped_kernel`),
+        no host read."""
         code = group_reduce_code(group_reduce)
+        if (
+            self._can_run(q, mins, maxs, block_table, seq_lens)
+            and mins.dim() == 4
+            and q.dim() == 3
+            and maxs.shape == mins.shape
+            and maxs.stride() == mins.stride()
+        ):
+            return self._grouped_scores(1, code, q, mins, maxs, block_table, seq_lens, block_size)
         if (
             not self._can_run(q, mins, maxs, block_table, seq_lens)
             or mins.dim() != 3
@@ -675,6 +689,71 @@ class CudaOps(TorchReferenceOps):
             BLOCK_H=block_h,
             BLOCK_D=block_d,
             num_warps=self.scores_warps or 4,
+        )
+        return out
+
+    def _grouped_scores(self, kind, code, q, a, b, block_table, seq_lens, block_size) -> torch.Tensor:
+        """`_scores_grouped_kernel`: block scores [B, M] from per-group representations a (and b)
+        [NB, R, Hkv, D], one program per block column."""
+        bsz, hq, d = q.shape
+        groups, hkv = a.shape[1], a.shape[2]
+        if block_size % groups:
+            raise ValueError(f"{groups} representations per block do not divide the block size {block_size}")
+        m = block_table.shape[1]
+        out = torch.empty(bsz, m, dtype=torch.float32, device=q.device)
+        if bsz == 0 or m == 0:
+            return out
+        qc = q if q.stride(-1) == 1 else q.contiguous()
+        if a.stride(-1) != 1 or b.stride(-1) != 1:
+            a, b = a.contiguous(), b.contiguous()
+        tbl = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+        g = hq // hkv
+        block_h, block_d = _pow2(hkv), _pow2(d)
+        # GSA's max over the query heads of a group on the tensor cores: exact products of
+        # half-precision operands, float32 sums (the dot needs 16 rows and 16 columns)
+        use_dot = (
+            self.grouped_dot
+            and kind == 0
+            and int(code) == 1
+            and a.dtype in (torch.float16, torch.bfloat16)
+            and qc.dtype == a.dtype
+        )
+        if use_dot:
+            block_r = max(16, self.grouped_block_r or min(_pow2(groups), 32))
+        else:  # [groups, Hkv, D] tiles of ~4096 values, as the whole-block scorers
+            block_r = self.grouped_block_r or max(
+                1, min(_pow2(groups), 4096 // (block_h * block_d * (2 if kind == 1 else 1)))
+            )
+        self._k.scores_grouped_kernel[(m, bsz)](
+            qc,
+            a,
+            b,
+            tbl,
+            seq_lens,
+            out,
+            groups,
+            block_size // groups,
+            block_size,
+            d,
+            qc.stride(0),
+            qc.stride(1),
+            a.stride(0),
+            a.stride(1),
+            a.stride(2),
+            tbl.stride(0),
+            out.stride(0),
+            hkv,
+            g,
+            KIND=kind,
+            MODE=int(code),
+            USE_DOT=use_dot,
+            DOT_F32=self.interpret,
+            BLOCK_R=block_r,
+            BLOCK_H=block_h,
+            BLOCK_D=block_d,
+            BLOCK_G=max(16, _pow2(g)),
+            num_warps=self.scores_warps or 4,
+            **({"num_stages": self.grouped_stages} if self.grouped_stages else {}),
         )
         return out
 

@@ -8,16 +8,16 @@ Shapes (one letter per dimension, used in every docstring below):
     B   decode rows in the step            Hq  query heads      Hkv  KV heads (G = Hq // Hkv)
     D   head dim (MLA: kv_lora + rope)      NB  physical blocks  bs   tokens per block
     M   block-table width                   C   code bytes per token and KV head (= ceil(bits/8))
-    R   representations per block (KVStar merges tokens; ESA/GSA have R = 1)
+    R   representations per block (KVStar merges tokens; ESA/GSA/Quest: groups of bs // R tokens)
     W   queries per row (KVStar's window of recent decode queries)
 
 Paged layouts (device-neutral; integrations adapt their engine's layout to these):
     k_cache / v_cache   [NB, bs, Hkv, D]  (MLA: Hkv = 1, D = kv_lora_rank + qk_rope_head_dim)
     code cache          [NB, bs, Hkv, C]  uint8
     representation      [NB, Hkv, D] float32 (or running sums [NB, R, Hkv, D] in the backend's
-                        `group_sums_dtype`, `block_sums_add`),
+                        `group_sums_dtype`, `block_sums_add`, which the scoring ops take whole),
                         indexed by physical block
-                        (Quest keeps two [NB, Hkv, D]: the element-wise min and max of K;
+                        (Quest keeps two [NB, (R,) Hkv, D]: the element-wise min and max of K;
                         KVStar's channel-major reps are [NB, Hkv, D, R], see `kvstar_reps_add`)
     block_table         [B, M] int32/int64 physical block ids (entries past a row's end ignored)
     seq_lens            [B] int; row b owns n_b = ceil(seq_lens[b] / bs) blocks
@@ -42,6 +42,8 @@ from enum import IntEnum
 from typing import Literal
 
 import torch
+
+from ucm.ops.subblocks import grouped_block_scores
 
 BlockReduce = Literal["mean", "max", "min"]
 GroupReduce = Literal["mean", "max"]
@@ -141,6 +143,9 @@ class SparseOps(ABC):
                     summed over KV heads (ESA).
             "max":  each query head is dotted, the max over the group is taken, summed over
                     KV heads (GSA).
+        repr_cache [NB, R, Hkv, D] (R groups of block_size // R tokens per block,
+        `ucm.ops.subblocks`): each group scores as above and a block as its best group whose
+        first token is before the row's end (`grouped_block_scores`).
         """
 
     def block_scores_minmax(
@@ -163,8 +168,16 @@ class SparseOps(ABC):
             "mean": bound averaged over the GQA group (sum / G), summed over KV heads;
             "max":  the max of bound over the group, summed over KV heads.
         A partial (last) block is scored from the keys written so far. Entries past a row's end
-        may hold any id (they are clamped, then masked).
+        may hold any id (they are clamped, then masked). mins / maxs [NB, R, Hkv, D]: per group,
+        as `block_scores_dot`.
         """
+        if mins.dim() == 4:
+            return grouped_block_scores(
+                lambda reps, table, bs: self.block_scores_minmax(q, *reps, table, seq_lens, bs, group_reduce),
+                (mins, maxs),
+                block_table,
+                block_size,
+            )
         b, hq, d = q.shape
         hkv = mins.shape[1]
         m = block_table.shape[1]

@@ -11,6 +11,7 @@ import math
 import torch
 
 from ucm.ops.contract import BlockReduce, GroupReduce, SparseOps
+from ucm.ops.subblocks import grouped_block_scores
 
 _BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
 
@@ -112,6 +113,13 @@ class TorchReferenceOps(SparseOps):
         block_size: int,
         group_reduce: GroupReduce = "mean",
     ) -> torch.Tensor:
+        if repr_cache.dim() == 4:
+            return grouped_block_scores(
+                lambda reps, table, bs: self.block_scores_dot(q, *reps, table, seq_lens, bs, group_reduce),
+                (repr_cache,),
+                block_table,
+                block_size,
+            )
         b, hq, d = q.shape
         hkv = repr_cache.shape[1]
         g = hq // hkv

@@ -28,8 +28,8 @@ from functools import partial
 import torch
 
 from ucm.ops.contract import SparseOps
+from ucm.ops.subblocks import block_max, sub_block_table
 from ucm.sparse.selection import BlockSelector, Selection, StepPlan, _max_or_zero
-from ucm.sparse.subblocks import block_max
 from ucm.timeouts import WAIT_TIMEOUT_ENV, WaitTimeout, wait_timeout_s
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class BlockScorer(ABC):
     #: (ESA, GSA, Quest): `score` with one GQA group's queries kept and the rest zeroed is that KV
     #: head's own score, which `kv_head_combine="rank"` needs
     kv_heads_additive: bool = False
-    #: representations per block (`ucm.sparse.subblocks`): `score` is the max over a block's groups
+    #: representations per block (`ucm.ops.subblocks`): `score` is the max over a block's groups
     #: of `sub_scores`, each a sum over KV heads (so tensor-parallel ranks sum `sub_scores`, then
     #: take the max: what one rank holding every head would score)
     groups: int = 1
@@ -159,36 +159,66 @@ class BlockScorer(ABC):
 
 class GroupedScorer(BlockScorer):
     """A scorer of `groups` representations per block, kept on `repr_device`: a block scores as
-    its best group (`ucm.sparse.subblocks`). Subclasses give `batch_sub_scores`; `score`,
-    `sub_scores` and `batch_scores` follow from it."""
+    its best group (`ucm.ops.subblocks`). Subclasses give their representations of a layer
+    (`group_reps`, each [NB, R, Hkv, D]) and the contract op that scores them (`score_reps`);
+    `score`, `sub_scores`, `batch_sub_scores` and `batch_scores` follow from those. Block scores
+    come from one op on the whole representations (a backend's kernel takes each block's best
+    group itself); the groups' own scores only where tensor-parallel ranks must sum them."""
 
     repr_device: torch.device
 
     @abstractmethod
+    def group_reps(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """The layer's representations, each [NB, R, Hkv, D] on `repr_device`."""
+
+    @abstractmethod
+    def score_reps(
+        self,
+        q: torch.Tensor,
+        reps: tuple[torch.Tensor, ...],
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_size: int,
+    ) -> torch.Tensor:
+        """The contract's scoring op on representations shaped as `group_reps` gives them (or
+        flattened to [NB * R, Hkv, D] sub-blocks), all tensors on `repr_device`."""
+
+    def _lens(self, seq_lens: torch.Tensor) -> torch.Tensor:
+        # a partial last block has no representation yet where only full blocks are scored (it is always kept)
+        bs = self.shapes.block_size
+        return (seq_lens // bs) * bs if self.batch_full_blocks else seq_lens
+
     def batch_sub_scores(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
     ) -> torch.Tensor:
         """Scores [B, M * groups] of every group of every block, all tensors on `repr_device`
         (`seq_lens` counts full blocks' tokens where `batch_full_blocks`)."""
+        flat = tuple(r.flatten(0, 1) for r in self.group_reps(layer))
+        table = sub_block_table(block_table, self.groups)
+        return self.score_reps(q, flat, table, seq_lens, self.shapes.block_size // self.groups)
+
+    def batch_scores(
+        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
+    ) -> torch.Tensor:
+        """`score` with static shapes, no per-request state (the CUDA graph decode path): one op."""
+        reps = self.group_reps(layer)
+        if self.groups == 1:
+            reps = tuple(r[:, 0] for r in reps)
+        return self.score_reps(q, reps, block_table, seq_lens, self.shapes.block_size)
 
     def sub_scores(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
     ) -> torch.Tensor:
-        dev, bs = self.repr_device, self.shapes.block_size
-        # a partial last block has no representation yet where only full blocks are scored (it is always kept)
-        lens = (seq_lens // bs) * bs if self.batch_full_blocks else seq_lens
+        dev = self.repr_device
+        lens = self._lens(seq_lens)
         return self.batch_sub_scores(layer, q.to(dev), block_table.to(dev), lens.to(dev)).to(q.device)
 
     def score(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
     ) -> torch.Tensor:
-        return block_max(self.sub_scores(layer, q, block_table, seq_lens, req_ids), self.groups)
-
-    def batch_scores(
-        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
-    ) -> torch.Tensor:
-        """`score` with static shapes, no per-request state (the CUDA graph decode path)."""
-        return block_max(self.batch_sub_scores(layer, q, block_table, seq_lens), self.groups)
+        dev = self.repr_device
+        lens = self._lens(seq_lens)
+        return self.batch_scores(layer, q.to(dev), block_table.to(dev), lens.to(dev)).to(q.device)
 
 
 class BlockAccumulator:

@@ -1,7 +1,7 @@
 """ESA: a block is the mean of its keys per KV head; its score is the dot product with the
 GQA-group-averaged query, summed over KV heads. With `blk_repre_inner_token_merge` below the
 block size, a block keeps one mean per group of that many tokens and scores as its best group
-(`ucm.sparse.subblocks`)."""
+(`ucm.ops.subblocks`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from ucm.config.sparse import ESAConfig
 from ucm.ops.contract import SparseOps
 from ucm.sparse.base import BlockAccumulator, GroupedScorer, ModelShapes, SparseMethod
 from ucm.sparse.factory import BuildContext, windowed_method
-from ucm.sparse.subblocks import sub_block_table
 
 
 class MeanReprScorer(GroupedScorer):
@@ -67,15 +66,11 @@ class MeanReprScorer(GroupedScorer):
 
     batch_full_blocks = True  # the partial last block has no representation yet
 
-    def batch_sub_scores(
-        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
-    ) -> torch.Tensor:
-        """Scores [B, M * groups] of the full blocks' groups (`seq_lens`: their tokens)."""
-        sums = self.acc[layer].sums  # [NB, R, Hkv, D]
-        table = sub_block_table(block_table, self.groups)
-        return self.score_ops.block_scores_dot(
-            q, sums.view(-1, *sums.shape[2:]), table, seq_lens, self.merge, self.group_reduce
-        )
+    def group_reps(self, layer: int) -> tuple[torch.Tensor, ...]:
+        return (self.acc[layer].sums,)  # [NB, R, Hkv, D]
+
+    def score_reps(self, q, reps, block_table, seq_lens, block_size) -> torch.Tensor:
+        return self.score_ops.block_scores_dot(q, *reps, block_table, seq_lens, block_size, self.group_reduce)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         for acc in self.acc:

@@ -1,5 +1,5 @@
 """Quest's block statistics and bound: each block keeps the element-wise min and max of its keys
-per KV head (per group of `merge` tokens, `ucm.sparse.subblocks`), and a query head's score of
+per KV head (per group of `merge` tokens, `ucm.ops.subblocks`), and a query head's score of
 a block is sum over channels of max(q * min, q * max), an upper bound of q . k over every key of
 the block. The method built on it is `ucm.sparse.quest`; windowed methods use the same bound as
 their guard (`bound_guard_top`).
@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from ucm.ops.contract import GroupReduce, SparseOps
+from ucm.ops.subblocks import sub_block_ids
 from ucm.sparse.base import GroupedScorer, ModelShapes
-from ucm.sparse.subblocks import sub_block_ids, sub_block_table
 
 __all__ = ["BlockMinMax", "QuestScorer", "bound_guard_scorer"]
 
@@ -21,7 +21,7 @@ __all__ = ["BlockMinMax", "QuestScorer", "bound_guard_scorer"]
 class BlockMinMax:
     """Running element-wise min and max of the keys written to each physical block of one layer,
     per group of `merge` tokens (default: the block size, one group): mins, maxs [NB * R, Hkv, D]
-    float32 on `device` (sub-block b * R + r, `ucm.sparse.subblocks`), folded in by
+    float32 on `device` (sub-block b * R + r, `ucm.ops.subblocks`), folded in by
     `ops.block_minmax_update` with `merge` as its block size.
 
     Both start at 0 (a block never written scores 0 against any query, as a zero mean-of-K
@@ -96,14 +96,14 @@ class QuestScorer(GroupedScorer):
             "minmax", [s.mins for s in stats], [s.maxs for s in stats], k_caches, slot_mapping, bs, bs
         )
 
-    def batch_sub_scores(
-        self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
-    ) -> torch.Tensor:
-        """Scores [B, M * groups]: each written group's bound, the partial last block's included
-        (groups past a row's end are -inf)."""
+    def group_reps(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """Each written group's min and max [NB, R, Hkv, D]: the partial last block is scored
+        from its keys so far (its groups past the row's end are -inf)."""
         st = self.stats[layer]
-        table = sub_block_table(block_table, self.groups)
-        return self.ops.block_scores_minmax(q, st.mins, st.maxs, table, seq_lens, st.merge, self.group_reduce)
+        return tuple(t.view(-1, self.groups, *t.shape[1:]) for t in (st.mins, st.maxs))
+
+    def score_reps(self, q, reps, block_table, seq_lens, block_size) -> torch.Tensor:
+        return self.ops.block_scores_minmax(q, *reps, block_table, seq_lens, block_size, self.group_reduce)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         for st in self.stats:
