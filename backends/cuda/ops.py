@@ -719,7 +719,7 @@ class CudaOps(TorchReferenceOps):
             and qc.dtype == a.dtype
         )
         if use_dot:
-            block_r = max(16, self.grouped_block_r or min(_pow2(groups), 32))
+            block_r = max(16, self.grouped_block_r or 16)
         else:  # [groups, Hkv, D] tiles of ~4096 values, as the whole-block scorers
             block_r = self.grouped_block_r or max(
                 1, min(_pow2(groups), 4096 // (block_h * block_d * (2 if kind == 1 else 1)))
