@@ -575,6 +575,7 @@ def main() -> None:
     log = out_dir / f"{args.name}.log"
     log.write_text("")
     engines = {}
+    failed: dict[str, str] = {}  # setting -> why its engine did not run
     dense_again = ["dense"] if args.dense_again else []
     for setting in [*settings, *dense_again]:
         label = setting if setting not in engines else f"{setting} (again)"
@@ -593,7 +594,13 @@ def main() -> None:
         }
         if label != setting:
             spec["profile"] = 0
-        engines[label] = run_child(spec, log)
+        try:
+            engines[label] = run_child(spec, log)
+        except RuntimeError as e:  # one engine that cannot start (e.g. its side caches do not fit) ends no run
+            if label.split(" ")[0] == "dense":
+                raise
+            failed[label] = str(e).splitlines()[-1][-500:]
+            print(f"[{label}] failed: {failed[label]}", flush=True)
     dense = dense_baseline([e for s, e in engines.items() if s.split(" ")[0] == "dense"])
     bw = sorted(e["hbm_bytes_per_s"] for e in engines.values())[len(engines) // 2]
     result = {
@@ -608,6 +615,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "engine_start_s": {s: e["engine_start_s"] for s, e in engines.items()},
         "async_scheduling": {s: e.get("async_scheduling") for s, e in engines.items()},
+        "failed": failed,
         "cells": [],
     }
     if args.profile:

@@ -205,8 +205,7 @@ def sweep_grouped(ops, b: int, ctx: int, merge: int = 4) -> list[dict]:
         out.append({**base, "mode": mode, "path": "sub-block table + block_max (before)", "us": us})
         variants = [(None, None, None, None)]
         variants += [(False, r, st, w) for r in (2, 4, 8) for st in (1, 2, 3) for w in (4, 8)]
-        if mode == "max":
-            variants += [(True, r, st, w) for r in (16, 32) for st in (1, 2, 3) for w in (4, 8)]
+        variants += [(True, r, st, w) for r in (16, 32) for st in (1, 2, 3) for w in (4, 8)]
         for dot, r, st, w in variants:
             ops.grouped_dot = True if dot is None else dot
             ops.grouped_block_r, ops.grouped_stages, ops.scores_warps = r, st, w

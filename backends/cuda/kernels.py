@@ -867,9 +867,10 @@ def _scores_grouped_kernel(
     `GroupReduceCode`); KIND 1: Quest's bound from mins a and maxs b. Program (j, b) is column j
     of row b: it reads nothing past the row's end, and its block's groups BLOCK_R at a time
     ([BLOCK_R, Hkv, D] tiles, contiguous in memory); a group whose first token is at or past the
-    row's end is -inf. USE_DOT (KIND 0, MODE max, half-precision a and q): each KV head's
-    [BLOCK_R, D] tile times its query heads [D, BLOCK_G] on the tensor cores, float32
-    accumulation, instead of G reductions over D (DOT_F32: in float32, for the interpreter)."""
+    row's end is -inf. USE_DOT (KIND 0, half-precision a and q): each KV head's [BLOCK_R, D]
+    tile times its query heads [D, BLOCK_G] on the tensor cores (exact products, float32 sums),
+    then the mean or max over the group's columns, instead of reductions over D on the CUDA
+    cores (DOT_F32: in float32, for the interpreter)."""
     j = tl.program_id(0)
     b = tl.program_id(1)
     seq_len = tl.load(seqlen_ptr + b).to(tl.int32)
@@ -893,7 +894,7 @@ def _scores_grouped_kernel(
                 mask=hm[:, None, None] & dm[None, :, None] & gm[None, None, :],
                 other=0.0,
             ).to(a_ptr.dtype.element_ty)
-        elif MODE == 0 and KIND == 0:
+        elif MODE == 0 and KIND == 0:  # float32 representations: the group's mean query, once
             qm = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
             for gg in range(G):
                 qm += tl.load(qrow + (h * G + gg)[:, None] * stride_qh + d[None, :], mask=hd, other=0.0).to(tl.float32)
@@ -908,8 +909,11 @@ def _scores_grouped_kernel(
                     s = tl.dot(tile.to(tl.float32), qt.to(tl.float32), input_precision="ieee")
                 else:
                     s = tl.dot(tile, qt)
-                s = tl.where(gm[None, None, :], s, float("-inf"))
-                tot = tl.sum(tl.where(hm[:, None], tl.max(s, axis=2), 0.0), axis=0)
+                if MODE == 0:  # the mean of the group's dot products: the dot with its mean query
+                    per_head = tl.sum(tl.where(gm[None, None, :], s, 0.0), axis=2) / G
+                else:
+                    per_head = tl.max(tl.where(gm[None, None, :], s, float("-inf")), axis=2)
+                tot = tl.sum(tl.where(hm[:, None], per_head, 0.0), axis=0)
             else:
                 off = (r * stride_ar)[:, None, None] + (h * stride_ah)[None, :, None] + d[None, None, :]
                 tm = live[:, None, None] & hd[None, :, :]

@@ -709,18 +709,20 @@ class CudaOps(TorchReferenceOps):
         tbl = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
         g = hq // hkv
         block_h, block_d = _pow2(hkv), _pow2(d)
-        # GSA's max over the query heads of a group on the tensor cores: exact products of
-        # half-precision operands, float32 sums (the dot needs 16 rows and 16 columns)
-        use_dot = (
-            self.grouped_dot
-            and kind == 0
-            and int(code) == 1
-            and a.dtype in (torch.float16, torch.bfloat16)
-            and qc.dtype == a.dtype
-        )
+        # half-precision sums against every query head of a group on the tensor cores: exact
+        # products, float32 sums (the dot needs 16 rows and 16 columns). H200, 32K x 8, groups of
+        # 4 (tune_selection_gpu.py --grouped-only): 36 us a layer for ESA's mean and GSA's max
+        # against a bound of 31 us, 16 groups a tile and 2 stages the best of the sweep
+        use_dot = self.grouped_dot and kind == 0 and a.dtype in (torch.float16, torch.bfloat16) and qc.dtype == a.dtype
+        stages = self.grouped_stages
+        warps = self.scores_warps or 4
         if use_dot:
             block_r = max(16, self.grouped_block_r or 16)
-        else:  # [groups, Hkv, D] tiles of ~4096 values, as the whole-block scorers
+            stages = stages or 2
+        elif kind == 0 and int(code) == 0:  # float32 sums, ESA: 2 groups a tile on 8 warps measured best
+            block_r = self.grouped_block_r or min(_pow2(groups), 2)
+            warps = self.scores_warps or 8
+        else:  # [groups, Hkv, D] tiles of ~4096 values (float32 GSA; Quest's two tiles of mins and maxs)
             block_r = self.grouped_block_r or max(
                 1, min(_pow2(groups), 4096 // (block_h * block_d * (2 if kind == 1 else 1)))
             )
@@ -752,8 +754,8 @@ class CudaOps(TorchReferenceOps):
             BLOCK_H=block_h,
             BLOCK_D=block_d,
             BLOCK_G=max(16, _pow2(g)),
-            num_warps=self.scores_warps or 4,
-            **({"num_stages": self.grouped_stages} if self.grouped_stages else {}),
+            num_warps=warps,
+            **({"num_stages": stages} if stages else {}),
         )
         return out
 
