@@ -616,17 +616,18 @@ GROUPED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("group_reduce", ["mean", "max"])
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: f"{c[0]}-hq{c[1]}-hkv{c[2]}-d{c[3]}-r{c[6]}")
 def test_grouped_block_scores(backend: Backend, case, group_reduce: str, dtype: torch.dtype) -> None:
-    """Per-group ESA / GSA (dot) and Quest (min / max) scores against the reference, float32 and
-    bfloat16 (the CUDA backend's group sums; a bfloat16 query meets them on the tensor cores)."""
+    """Per-group ESA / GSA (dot) and Quest (min / max) scores against the reference: float32,
+    bfloat16 (the CUDA backend's group sums; a bfloat16 query meets them on the tensor cores) and
+    float8 sums against a bfloat16 query (`blk_repre_dtype: float8_e4m3fn`)."""
     tier, hq, hkv, d, lens, bs, groups = case
     backend.need(tier)
     g = gen(hq + d + groups)
     table, seq_lens, nb = shuffled_table(lens, bs, 2, g)
-    q = torch.randn(len(lens), hq, d, generator=g).to(dtype)
+    q = torch.randn(len(lens), hq, d, generator=g).to(torch.bfloat16 if dtype.itemsize == 1 else dtype)
     reps = torch.randn(nb, groups, hkv, d, generator=g).to(dtype)
     got = host(backend.ops.block_scores_dot(*map(backend.to, (q, reps, table, seq_lens)), bs, group_reduce))
     want = REF.block_scores_dot(q, reps, table, seq_lens, bs, group_reduce)
@@ -899,7 +900,16 @@ def test_block_sums_add_half_sums(backend: Backend, merge: int) -> None:
     _check_block_sums_add(backend, merge, False, torch.bfloat16, torch.bfloat16)
 
 
-def _check_block_sums_add(backend: Backend, merge: int, absolute: bool, dtype: torch.dtype, sums_dtype) -> None:
+@pytest.mark.parametrize("merge", [1, 4])
+def test_block_sums_add_float8_sums(backend: Backend, merge: int) -> None:
+    """float8 e4m3 sums (`blk_repre_dtype: float8_e4m3fn`): the reference's bits, subnormal
+    groups, rounding to nearest even and saturation at +-448 included (keys of 10^-3 to 10^3)."""
+    _check_block_sums_add(backend, merge, False, torch.bfloat16, torch.float8_e4m3fn, spread=True)
+
+
+def _check_block_sums_add(
+    backend: Backend, merge: int, absolute: bool, dtype: torch.dtype, sums_dtype, spread: bool = False
+) -> None:
     nb, bs, h, d = 6, 32, 3, 16
     calls = [
         torch.cat([torch.arange(0, 70), torch.tensor([-1, -1])]),  # blocks 0, 1 and part of 2
@@ -912,14 +922,20 @@ def _check_block_sums_add(backend: Backend, merge: int, absolute: bool, dtype: t
         ref = (torch.zeros(nb, bs // merge, h, d, dtype=sums_dtype), torch.zeros(nb, h, d) if absolute else None)
         got = tuple(None if t is None else backend.to(t) for t in ref)
         for slots in calls:
-            keys = torch.randn(len(slots), h, d, generator=g).to(dtype)
+            keys = torch.randn(len(slots), h, d, generator=g)
+            if spread:  # magnitudes from 10^-3 to 10^3: subnormal, normal and saturated sums
+                keys = keys * 10 ** (torch.rand(len(slots), h, d, generator=g) * 6 - 3)
+            keys = keys.to(dtype)
             REF.block_sums_add(*ref, keys, slots, bs, merge)
             backend.ops.block_sums_add(*got, backend.to(keys), backend.to(slots), bs, merge)
             for a, b in zip(ref, got, strict=True):
                 if a is not None:
                     assert host(b).dtype == a.dtype
-                    torch.testing.assert_close(host(b), a, rtol=1e-5, atol=1e-5)
-        assert host(got[0][1]).abs().sum() > 0 and host(got[0][3]).abs().sum() == 0
+                    torch.testing.assert_close(host(b).float(), a.float(), rtol=1e-5, atol=1e-5)
+        assert host(got[0][1]).float().abs().sum() > 0 and host(got[0][3]).float().abs().sum() == 0
+    if sums_dtype == torch.float8_e4m3fn:  # the cases the rounding has to get right did occur
+        vals = ref[0].float().abs()
+        assert (vals == 448).any() and ((vals > 0) & (vals < 2**-6)).any()
     if backend.name != "cuda":  # the host-side range check (the CUDA kernels skip it: it would sync)
         with pytest.raises(ValueError, match="past"):
             backend.ops.block_sums_add(*got, torch.zeros(1, h, d), torch.tensor([nb * bs]), bs, merge)
@@ -946,7 +962,7 @@ def test_block_sums_add_from_random_state(backend: Backend, merge: int) -> None:
     torch.testing.assert_close(host(got), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["sums", "minmax", "kvstar"])
+@pytest.mark.parametrize("kind", ["sums", "sums-float8", "minmax", "kvstar"])
 def test_reps_write_layers(backend: Backend, kind: str) -> None:
     """Every layer's representations from its paged key cache in one call (vLLM 0.26's
     FlashAttention layout, [NB, Hkv, bs, 2D] with K first in the last dimension, seen as
@@ -955,8 +971,13 @@ def test_reps_write_layers(backend: Backend, kind: str) -> None:
     tokens) and a call with no tokens (changes nothing)."""
     g = gen(23)
     layers, nb, bs, h, d = 3, 12, 16, 2, 8
-    merge = {"sums": 4, "minmax": bs, "kvstar": 8}[kind]
-    raw = [torch.randn(nb, h, bs, 2 * d, generator=g).to(torch.bfloat16) for _ in range(layers)]
+    merge = {"sums": 4, "sums-float8": 4, "minmax": bs, "kvstar": 8}[kind]
+    # float8 sums: magnitudes from 10^-3 to 10^3, so subnormal and saturated groups occur
+    spread = [
+        10 ** (torch.rand(nb, h, bs, 2 * d, generator=g) * 6 - 3) if kind == "sums-float8" else 1.0
+        for _ in range(layers)
+    ]
+    raw = [(torch.randn(nb, h, bs, 2 * d, generator=g) * spread[i]).to(torch.bfloat16) for i in range(layers)]
     calls = [
         torch.tensor([3 * bs + 5, -1, 1 * bs, 1 * bs + 1, 4 * bs + 15, 5 * bs + 7]),
         torch.tensor([3 * bs + 6, 1 * bs + 2, -1]),
@@ -967,8 +988,9 @@ def test_reps_write_layers(backend: Backend, kind: str) -> None:
 
     def fresh() -> tuple[list, list]:
         gg = gen(29)
-        if kind == "sums":
-            return [torch.randn(nb, bs // merge, h, d, generator=gg) for _ in range(layers)], [
+        if kind.startswith("sums"):
+            sums_dtype = torch.float8_e4m3fn if kind == "sums-float8" else torch.float32
+            return [torch.randn(nb, bs // merge, h, d, generator=gg).to(sums_dtype) for _ in range(layers)], [
                 torch.randn(nb, h, d, generator=gg) for _ in range(layers)
             ]
         a = [torch.randn(nb, h, d, generator=gg) for _ in range(layers)]
@@ -983,13 +1005,13 @@ def test_reps_write_layers(backend: Backend, kind: str) -> None:
     for slots in calls:
         for i in range(layers):
             keys = raw[i].transpose(1, 2)[..., :d][slots.clamp(min=0) // bs, slots.clamp(min=0) % bs]
-            if kind == "sums":
+            if kind.startswith("sums"):
                 REF.block_sums_add(want_a[i], want_b[i], keys, slots, bs, merge)
             elif kind == "minmax":
                 REF.block_minmax_update(want_a[i], want_b[i], keys, slots, bs)
             else:
                 REF.kvstar_reps_add(want_a[i], want_b[i], keys, slots, bs, merge)
-        backend.ops.reps_write_layers(kind, *got, caches, backend.to(slots), bs, merge)
+        backend.ops.reps_write_layers(kind.split("-")[0], *got, caches, backend.to(slots), bs, merge)
         for w, o in zip(want_a + want_b, got[0] + got[1], strict=True):
             torch.testing.assert_close(host(o).float(), w.float(), rtol=1e-5, atol=1e-5)
     if backend.name == "cuda":  # the three decode calls in one launch each; 300 tokens layer by layer

@@ -61,16 +61,18 @@ def _group_keys(keys: np.ndarray, n: int, merge: int) -> list[np.ndarray]:
 @pytest.mark.parametrize("ops", backends())
 @pytest.mark.parametrize("merge", [1, 2, 4, BS])
 @pytest.mark.parametrize("scorer_cls", [ESAScorer, GSAScorer])
-def test_mean_scores_are_the_best_groups_dot_product(ops, merge: int, scorer_cls) -> None:
+@pytest.mark.parametrize("dtype", ["auto", "float8_e4m3fn"])
+def test_mean_scores_are_the_best_groups_dot_product(ops, merge: int, scorer_cls, dtype: str) -> None:
     """ESA (group-mean query) and GSA (max over the group's query heads), each summed over KV
     heads, against the sums of each group's keys (a group's mean up to the common factor
-    merge); full blocks only, the partial last block and padding are -inf."""
+    merge), in the backend's dtype or float8 (`blk_repre_dtype`); full blocks only, the partial
+    last block and padding are -inf."""
     hq, hkv, d = 6, 2, 16
     g = torch.Generator().manual_seed(5)
     seq_lens = [5 * BS + 3, 3 * BS, 2]
     batch = make_paged(seq_lens, BS, hkv, d, g)
     shapes = ModelShapes(2, hq, hkv, d, BS, batch.k_cache.shape[0])
-    sc = scorer_cls(shapes, ops, merge=merge)
+    sc = scorer_cls(shapes, ops, merge=merge, dtype=dtype)
     assert sc.groups == BS // merge and sc.merge == merge
     for layer in range(2):
         for r in range(len(seq_lens)):
@@ -83,7 +85,7 @@ def test_mean_scores_are_the_best_groups_dot_product(ops, merge: int, scorer_cls
     grp = hq // hkv
     # float32, or the backend's half-precision group sums: each rounded once (one write per row)
     stored = sc.acc[1].sums.dtype
-    assert stored == ops.group_sums_dtype(shapes.device, merge)
+    assert stored == (ops.group_sums_dtype(shapes.device, merge) if dtype == "auto" else torch.float8_e4m3fn)
     for r, n in enumerate(seq_lens):
         keys = 2 * batch.keys(r).numpy()
         qr = q[r].numpy().reshape(hkv, grp, d)
@@ -93,7 +95,7 @@ def test_mean_scores_are_the_best_groups_dot_product(ops, merge: int, scorer_cls
                 continue
             best = -math.inf
             for group in _group_keys(keys[j * BS : (j + 1) * BS], BS, merge):
-                s = torch.from_numpy(group.sum(0)).to(stored).double().numpy()  # [Hkv, D]
+                s = torch.from_numpy(group.sum(0)).float().to(stored).double().numpy()  # [Hkv, D]
                 dots = np.einsum("hgd,hd->hg", qr, s)
                 val = (dots.mean(1) if scorer_cls is ESAScorer else dots.max(1)).sum()
                 best = max(best, float(val))

@@ -449,7 +449,8 @@ def _reps_write_kernel(
     SORTED: tl.constexpr,
     SCAN_ONCE: tl.constexpr,
     LAYERED: tl.constexpr,
-    RNE_BF16: tl.constexpr,
+    RNE_BY_HAND: tl.constexpr,
+    FP8: tl.constexpr,
     GROUPED: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -484,8 +485,10 @@ def _reps_write_kernel(
     tab[2L + l] (key_ptr, a_ptr, b_ptr give only their dtypes), and token i's key from the cache
     at its slot: cache[slot // BS, slot % BS, h, d] at strides (stride_kt, stride_ko, stride_kh, 1),
     channel c = h * DH + d.
-    RNE_BF16 (interpreter only): Triton 3.6's interpreter truncates float32 -> bfloat16, the GPU
-    rounds to nearest even; the value is rounded by hand first so both store the same bits."""
+    FP8: float8 e4m3 sums, saturated at +-448 before the cast (as the GPU's and torch's casts do).
+    RNE_BY_HAND (interpreter only): Triton 3.6's interpreter truncates float32 -> bfloat16 / float8
+    (and wraps float8 overflow), the GPU rounds to nearest even; the value is rounded by hand first
+    so both store the same bits."""
     i = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < HD
@@ -598,10 +601,19 @@ def _reps_write_kernel(
                 rp = a_ptr + (blk * R + r[None, :]) * HD + c[:, None]
             put = cm[:, None] & (r < R)[None, :] & ((occ > 0) | (fresh > 0))[None, :]
             new = tl.load(rp, mask=put & (fresh == 0), other=0.0).to(tl.float32) + acc
-            if RNE_BF16:  # round to nearest even by hand: the interpreter's cast truncates
+            if FP8:
+                new = tl.minimum(tl.maximum(new, -448.0), 448.0)
+            if RNE_BY_HAND:  # round to nearest even by hand: the interpreter's cast truncates
                 bits = new.to(tl.int32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-                new = bits.to(tl.float32, bitcast=True)
+                if FP8:  # 3 mantissa bits; below 2^-6 (subnormal) a grid of 2^-9
+                    normal = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
+                    mag = tl.abs(new)
+                    sub = (mag + 24576.0) - 24576.0  # 24576 = 1.5 * 2^14: float32's grid there is 2^-9
+                    sub = tl.where(new < 0, -sub, sub)  # keeps -0.0 where torch keeps it
+                    new = tl.where(mag >= 0.015625, normal.to(tl.float32, bitcast=True), sub)
+                else:
+                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+                    new = bits.to(tl.float32, bitcast=True)
             tl.store(rp, new.to(a_ptr.dtype.element_ty), mask=put)
         if HAS_B and KIND != 1:  # |K| sums of the block, stored once
             tl.store(b_ptr + blk * HD + c, b_old + aacc, mask=cm)
@@ -867,7 +879,7 @@ def _scores_grouped_kernel(
     `GroupReduceCode`); KIND 1: Quest's bound from mins a and maxs b. Program (j, b) is column j
     of row b: it reads nothing past the row's end, and its block's groups BLOCK_R at a time
     ([BLOCK_R, Hkv, D] tiles, contiguous in memory); a group whose first token is at or past the
-    row's end is -inf. USE_DOT (KIND 0, half-precision a and q): each KV head's [BLOCK_R, D]
+    row's end is -inf. USE_DOT (KIND 0, a half-precision q, a of its dtype or float8): each KV head's [BLOCK_R, D]
     tile times its query heads [D, BLOCK_G] on the tensor cores (exact products, float32 sums),
     then the mean or max over the group's columns, instead of reductions over D on the CUDA
     cores (DOT_F32: in float32, for the interpreter)."""
@@ -893,7 +905,7 @@ def _scores_grouped_kernel(
                 qrow + (h[:, None, None] * G + gi[None, None, :]) * stride_qh + d[None, :, None],
                 mask=hm[:, None, None] & dm[None, :, None] & gm[None, None, :],
                 other=0.0,
-            ).to(a_ptr.dtype.element_ty)
+            )
         elif MODE == 0 and KIND == 0:  # float32 representations: the group's mean query, once
             qm = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
             for gg in range(G):
@@ -907,8 +919,8 @@ def _scores_grouped_kernel(
                 tile = tl.load(base + off, mask=hm[:, None, None] & live[None, :, None] & dm[None, None, :], other=0.0)
                 if DOT_F32:  # the interpreter multiplies bfloat16 as raw bits: float32 there (exact)
                     s = tl.dot(tile.to(tl.float32), qt.to(tl.float32), input_precision="ieee")
-                else:
-                    s = tl.dot(tile, qt)
+                else:  # float8 sums widen exactly to the query's half precision
+                    s = tl.dot(tile.to(qt.dtype), qt)
                 if MODE == 0:  # the mean of the group's dot products: the dot with its mean query
                     per_head = tl.sum(tl.where(gm[None, None, :], s, 0.0), axis=2) / G
                 else:

@@ -22,6 +22,7 @@ from .kernels import get_kernels
 
 _LOG2E = 1.4426950408889634
 _REPS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what representations may be stored in
+_SUMS_DTYPES = (*_REPS_DTYPES, torch.float8_e4m3fn)  # group sums (ESA, GSA) may also be float8
 _HALF_SUMS_MAX_MERGE = 16  # bfloat16 group sums up to this many keys (at most 16 roundings of a group)
 _REPS_SCAN_BLOCK = 256  # tokens `_reps_write_kernel` scans per vector (decode batches: in one pass)
 
@@ -483,7 +484,7 @@ class CudaOps(TorchReferenceOps):
         program per written block and channel chunk (restart + sums in registers, no atomics)."""
         usable = (
             self._can_run(sums, key, slot_mapping)
-            and sums.dtype in _REPS_DTYPES
+            and sums.dtype in _SUMS_DTYPES
             and sums.is_contiguous()
             and (abs_sums is None or (abs_sums.is_contiguous() and self._can_run(abs_sums)))
             and key.dim() == 3
@@ -532,7 +533,7 @@ class CudaOps(TorchReferenceOps):
         nb, bs, h, d = k0.shape if k0.dim() == 4 else (0, 0, 0, 0)
         if code == 0:
             r = a0.shape[1] if a0.dim() == 4 else 0
-            a_ok = a0.dtype in _REPS_DTYPES and a0.shape == (nb, r, h, d) and r * merge == block_size
+            a_ok = a0.dtype in _SUMS_DTYPES and a0.shape == (nb, r, h, d) and r * merge == block_size
         elif code == 1:
             r = 1
             a_ok = a0.dtype == torch.float32 and a0.shape == (nb, h, d) and b0 is not None and b0.dtype == a0.dtype
@@ -617,7 +618,8 @@ class CudaOps(TorchReferenceOps):
             SORTED=sort,
             SCAN_ONCE=not sort and self.write_scan_once and t <= _REPS_SCAN_BLOCK,
             LAYERED=layers is not None,
-            RNE_BF16=self.interpret and a.dtype == torch.bfloat16,
+            RNE_BY_HAND=self.interpret and a.dtype in (torch.bfloat16, torch.float8_e4m3fn),
+            FP8=a.dtype == torch.float8_e4m3fn,
             GROUPED=grouped,
             BLOCK_T=_REPS_SCAN_BLOCK,  # fixed: two compiled variants whatever the call's length
             BLOCK_C=block_c,
@@ -713,7 +715,13 @@ class CudaOps(TorchReferenceOps):
         # products, float32 sums (the dot needs 16 rows and 16 columns). H200, 32K x 8, groups of
         # 4 (tune_selection_gpu.py --grouped-only): 36 us a layer for ESA's mean and GSA's max
         # against a bound of 31 us, 16 groups a tile and 2 stages the best of the sweep
-        use_dot = self.grouped_dot and kind == 0 and a.dtype in (torch.float16, torch.bfloat16) and qc.dtype == a.dtype
+        half = (torch.float16, torch.bfloat16)
+        use_dot = (
+            self.grouped_dot
+            and kind == 0
+            and qc.dtype in half
+            and (a.dtype == qc.dtype or a.dtype == torch.float8_e4m3fn)  # float8 widens exactly to q's dtype
+        )
         stages = self.grouped_stages
         warps = self.scores_warps or 4
         if use_dot:

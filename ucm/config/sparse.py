@@ -133,7 +133,17 @@ class WindowedMethodConfig(SparseMethodConfig):
         return self
 
 
-class ESAConfig(WindowedMethodConfig):
+class MeanReprConfig(WindowedMethodConfig):
+    """The settings of methods that keep sums of K per group of tokens (ESA, GSA)."""
+
+    #: the dtype of the group sums, which scoring reads every step: "auto" lets the backend pick
+    #: (CUDA: bfloat16 for groups of up to 16 tokens, else float32; CPU: float32). "float8_e4m3fn"
+    #: halves the bytes of bfloat16 (values saturate at +-448; each group rounded once per write,
+    #: a prompt's groups once); "float32" keeps them exact
+    blk_repre_dtype: Literal["auto", "float32", "bfloat16", "float8_e4m3fn"] = "auto"
+
+
+class ESAConfig(MeanReprConfig):
     """ESA: block = mean of K per KV head (per group of `blk_repre_inner_token_merge` tokens, the
     block scoring as its best group); score = group-mean query . representation."""
 
@@ -141,7 +151,7 @@ class ESAConfig(WindowedMethodConfig):
     retrieval_stride: Stride = 5
 
 
-class GSAConfig(WindowedMethodConfig):
+class GSAConfig(MeanReprConfig):
     """GSA: per-head mean representation, max over the GQA group, top-k on the host."""
 
     method: ClassVar[str] = "GSA"

@@ -45,6 +45,13 @@ import torch
 
 from ucm.ops.subblocks import grouped_block_scores
 
+
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """`t` as raw bytes where it is a float8 tensor (torch's index_fill / index_copy do not take
+    float8 dtypes; +0.0 is the zero byte in each), else `t` itself."""
+    return t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t
+
+
 BlockReduce = Literal["mean", "max", "min"]
 GroupReduce = Literal["mean", "max"]
 #: which per-layer representation update `reps_write_layers` applies: `block_sums_add`,
@@ -307,8 +314,9 @@ class SparseOps(ABC):
         layer: ESA/GSA/KVStar representations).
 
         sums [NB, R, Hkv, D] with R = block_size // merge (group r of block b sums the keys at
-        offsets [r * merge, (r + 1) * merge)), float32 or the dtype `group_sums_dtype` names (a
-        half-precision group takes the call's keys summed in float32 and is rounded once);
+        offsets [r * merge, (r + 1) * merge)), float32 or the dtype `group_sums_dtype` names or a
+        method asks for (bfloat16, float16, float8_e4m3fn: a group takes the call's keys summed in
+        float32 and is rounded once to nearest even; float8 saturates at +-448, as torch's cast);
         abs_sums [NB, Hkv, D] float32 or None (sums of |K| per block); key [T, Hkv, D];
         slot_mapping [T] (slot = block * block_size + offset, negative = not written). A block
         whose offset 0 is written restarts from zero (blocks are recycled) before any key of the
@@ -323,17 +331,18 @@ class SparseOps(ABC):
         blocks, offsets = slots // block_size, slots % block_size
         fresh = blocks[offsets == 0]
         if fresh.numel():
-            sums.index_fill_(0, fresh, 0.0)
+            byte_view(sums).index_fill_(0, fresh, 0)
             if abs_sums is not None:
                 abs_sums.index_fill_(0, fresh, 0.0)
         n, r, h, d = sums.shape
         rows, flat = blocks * r + offsets // merge, sums.view(n * r, h, d)
         if sums.dtype == torch.float32:
             flat.index_add_(0, rows, key)
-        else:  # each touched group: the call's keys summed in float32, added, rounded once
+        else:  # each touched group: the call's keys summed in float32, added, rounded once (float8: saturated)
             touched, at = torch.unique(rows, return_inverse=True)
             call = key.new_zeros(touched.shape[0], h, d).index_add_(0, at, key)
-            flat.index_copy_(0, touched, (flat.index_select(0, touched).float() + call).to(sums.dtype))
+            new = (flat.index_select(0, touched).float() + call).to(sums.dtype)
+            byte_view(flat).index_copy_(0, touched, byte_view(new))
         if abs_sums is not None:
             abs_sums.index_add_(0, blocks, key.abs())
 

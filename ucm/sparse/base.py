@@ -27,7 +27,7 @@ from functools import partial
 
 import torch
 
-from ucm.ops.contract import SparseOps
+from ucm.ops.contract import SparseOps, byte_view
 from ucm.ops.subblocks import block_max, sub_block_table
 from ucm.sparse.selection import BlockSelector, Selection, StepPlan, _max_or_zero
 from ucm.timeouts import WAIT_TIMEOUT_ENV, WaitTimeout, wait_timeout_s
@@ -226,8 +226,8 @@ class BlockAccumulator:
     one group). A block's sums restart when its first slot is written (blocks are recycled).
     `ops` (default: the torch reference) is the backend of the device the sums live on.
 
-    sums [NB, R, Hkv, D] (R = block_size // merge) in the backend's `group_sums_dtype`
-    (float32 with `absolute`); with `absolute`, also float32 sums of |K| per block [NB, Hkv, D]
+    sums [NB, R, Hkv, D] (R = block_size // merge) in `dtype` (default: the backend's
+    `group_sums_dtype`; float32 with `absolute`); with `absolute`, also float32 sums of |K| per block [NB, Hkv, D]
     (KVStar's channel importance).
     """
 
@@ -238,6 +238,7 @@ class BlockAccumulator:
         device: torch.device,
         absolute: bool = False,
         ops: SparseOps | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         bs = shapes.block_size
         if merge < 1 or bs % merge:
@@ -250,7 +251,10 @@ class BlockAccumulator:
             ops = TorchReferenceOps()
         self.ops = ops
         n, h, d = shapes.num_blocks, shapes.num_kv_heads, shapes.head_dim
-        dtype = torch.float32 if absolute else ops.group_sums_dtype(device, merge)
+        if absolute:
+            dtype = torch.float32
+        elif dtype is None:
+            dtype = ops.group_sums_dtype(device, merge)
         self.sums = torch.zeros(n, self.groups, h, d, dtype=dtype, device=device)
         self.abs_sums = torch.zeros(n, h, d, device=device) if absolute else None
 
@@ -262,7 +266,7 @@ class BlockAccumulator:
     def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Sums of blocks `src` into blocks `dst`."""
         src, dst = src.to(self.device, torch.int64), dst.to(self.device, torch.int64)
-        self.sums.index_copy_(0, dst, self.sums.index_select(0, src))
+        byte_view(self.sums).index_copy_(0, dst, byte_view(self.sums).index_select(0, src))
         if self.abs_sums is not None:
             self.abs_sums.index_copy_(0, dst, self.abs_sums.index_select(0, src))
 

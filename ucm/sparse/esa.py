@@ -19,7 +19,8 @@ class MeanReprScorer(GroupedScorer):
     `group_reduce` picks how a GQA group's queries meet the representation ("mean": ESA,
     "max": GSA). `repr_device` is where representations and scoring live. `merge` (default: the
     block size) is the tokens per representation: below the block size a block keeps
-    block_size // merge means and scores as the best of them.
+    block_size // merge means and scores as the best of them. `dtype` (`blk_repre_dtype`): the
+    sums' dtype, "auto" the backend's `group_sums_dtype`.
     """
 
     group_reduce = "mean"
@@ -33,6 +34,7 @@ class MeanReprScorer(GroupedScorer):
         repr_device: torch.device | None = None,
         score_ops: SparseOps | None = None,
         merge: int | None = None,
+        dtype: str = "auto",
     ) -> None:
         super().__init__(shapes, ops)
         self.merge = merge or shapes.block_size
@@ -40,8 +42,10 @@ class MeanReprScorer(GroupedScorer):
         self.score_ops = score_ops or ops
         # one running sum of K per block and head; for the full blocks that are scored, the sum
         # ranks exactly as the mean (a common factor of 1 / block_size)
+        sums_dtype = None if dtype == "auto" else getattr(torch, dtype)  # None: the backend's choice
         self.acc = [
-            BlockAccumulator(shapes, self.merge, self.repr_device, ops=self.score_ops) for _ in range(shapes.num_layers)
+            BlockAccumulator(shapes, self.merge, self.repr_device, ops=self.score_ops, dtype=sums_dtype)
+            for _ in range(shapes.num_layers)
         ]
         self.groups = shapes.block_size // self.merge
 
@@ -87,5 +91,8 @@ class ESAScorer(MeanReprScorer):
 def build(config: ESAConfig, shapes: ModelShapes, ctx: BuildContext) -> SparseMethod:
     """ESA's builder (registered in `ucm.config.sparse`)."""
     return windowed_method(
-        config, shapes, ctx.ops, lambda: ESAScorer(shapes, ctx.ops, merge=config.blk_repre_inner_token_merge)
+        config,
+        shapes,
+        ctx.ops,
+        lambda: ESAScorer(shapes, ctx.ops, merge=config.blk_repre_inner_token_merge, dtype=config.blk_repre_dtype),
     )

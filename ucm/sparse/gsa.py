@@ -23,12 +23,17 @@ class GSAScorer(MeanReprScorer):
     group_reduce = "max"
 
     def __init__(
-        self, shapes: ModelShapes, ops: SparseOps, host_ops: SparseOps | None = None, merge: int | None = None
+        self,
+        shapes: ModelShapes,
+        ops: SparseOps,
+        host_ops: SparseOps | None = None,
+        merge: int | None = None,
+        dtype: str = "auto",
     ) -> None:
         if host_ops is None:
-            super().__init__(shapes, ops, merge=merge)
+            super().__init__(shapes, ops, merge=merge, dtype=dtype)
         else:
-            super().__init__(shapes, ops, repr_device=torch.device("cpu"), score_ops=host_ops, merge=merge)
+            super().__init__(shapes, ops, repr_device=torch.device("cpu"), score_ops=host_ops, merge=merge, dtype=dtype)
         self.host_scoring = host_ops is not None
         self.batch_safe = host_ops is None
 
@@ -38,5 +43,8 @@ def build(config: GSAConfig, shapes: ModelShapes, ctx: BuildContext) -> SparseMe
     is off (the CUDA graph path)."""
     host = ctx.host() if ctx.host_scoring else None
     return windowed_method(
-        config, shapes, ctx.ops, lambda: GSAScorer(shapes, ctx.ops, host, config.blk_repre_inner_token_merge)
+        config,
+        shapes,
+        ctx.ops,
+        lambda: GSAScorer(shapes, ctx.ops, host, config.blk_repre_inner_token_merge, config.blk_repre_dtype),
     )
