@@ -341,7 +341,11 @@ class SparseOps(ABC):
         else:  # each touched group: the call's keys summed in float32, added, rounded once (float8: saturated)
             touched, at = torch.unique(rows, return_inverse=True)
             call = key.new_zeros(touched.shape[0], h, d).index_add_(0, at, key)
-            new = (flat.index_select(0, touched).float() + call).to(sums.dtype)
+            new = flat.index_select(0, touched).float() + call
+            if sums.element_size() == 1:  # saturate: torch before 2.12 casts float8 overflow to NaN
+                fmax = torch.finfo(sums.dtype).max
+                new = new.clamp(-fmax, fmax)
+            new = new.to(sums.dtype)
             byte_view(flat).index_copy_(0, touched, byte_view(new))
         if abs_sums is not None:
             abs_sums.index_add_(0, blocks, key.abs())
