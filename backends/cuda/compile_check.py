@@ -114,6 +114,12 @@ def _exercise(ops) -> None:
         for reduce in ("mean", "max"):
             ops.block_scores_dot(q, torch.zeros(nb, hkv, d), table, lens, bs, reduce)
             ops.block_scores_minmax(q, torch.zeros(nb, hkv, d), torch.zeros(nb, hkv, d), table, lens, bs, reduce)
+            # groups of 4 and 16 tokens: bf16 / float8 / float32 sums (the tensor-core and the
+            # CUDA-core paths) and Quest's float32 bounds
+            for groups, sums_dtype in ((32, dtype), (32, torch.float8_e4m3fn), (8, torch.float32)):
+                ops.block_scores_dot(q, torch.zeros(nb, groups, hkv, d, dtype=sums_dtype), table, lens, bs, reduce)
+            mm = torch.zeros(nb, 32, hkv, d)
+            ops.block_scores_minmax(q, mm, mm, table, lens, bs, reduce)
         scores = torch.randn(batch, m)
         keep = torch.zeros(batch, m, dtype=torch.bool)
         budget = torch.full((batch,), m // 3, dtype=torch.int32)
@@ -135,6 +141,8 @@ def _exercise(ops) -> None:
         slots = torch.arange(t, dtype=torch.int64)
         ops.block_sums_add(torch.zeros(nb, 1, hkv, d), None, key, slots, bs, bs)
         ops.block_sums_add(torch.zeros(nb, bs // 2, hkv, d), torch.zeros(nb, hkv, d), key, slots, bs, 2)
+        for sums_dtype in (bf16, torch.float8_e4m3fn):  # half-precision group sums of 4 keys
+            ops.block_sums_add(torch.zeros(nb, bs // 4, hkv, d, dtype=sums_dtype), None, key, slots, bs, 4)
         ops.block_minmax_update(torch.zeros(nb, hkv, d), torch.zeros(nb, hkv, d), key, slots, bs)
         ops.kvstar_reps_add(torch.zeros(nb, hkv, d, bs // 2, dtype=bf16), torch.zeros(nb, hkv, d), key, slots, bs, 2)
         ops.hash_write(torch.zeros(nb, bs, hkv, 16, dtype=torch.uint8), key, torch.randn(d, 128), slots)
@@ -142,8 +150,9 @@ def _exercise(ops) -> None:
     caches = [torch.zeros(nb, hkv, bs, 2 * d, dtype=bf16).transpose(1, 2)[..., :d] for _ in range(2)]
     for t in (1, 8):
         slots = torch.arange(t, dtype=torch.int64)
-        sums = [torch.zeros(nb, bs // 2, hkv, d) for _ in caches]
-        ops.reps_write_layers("sums", sums, [None, None], caches, slots, bs, 2)
+        for sums_dtype in (torch.float32, bf16, torch.float8_e4m3fn):
+            sums = [torch.zeros(nb, bs // 4, hkv, d, dtype=sums_dtype) for _ in caches]
+            ops.reps_write_layers("sums", sums, [None, None], caches, slots, bs, 4)
         bounds = [torch.zeros(nb, hkv, d) for _ in caches]
         ops.reps_write_layers("minmax", bounds, [torch.zeros(nb, hkv, d) for _ in caches], caches, slots, bs, bs)
         reps = [torch.zeros(nb, hkv, d, bs // 2, dtype=bf16) for _ in caches]
