@@ -87,6 +87,9 @@ def check_batch_equals_engine(ops, name: str, uniform: bool, **keys) -> None:
     qsl = torch.cat([torch.zeros(1, dtype=torch.long), qlens.cumsum(0)]).to(torch.int32)
     m = 14
     table = torch.randperm(NB, generator=g)[: 5 * m].view(5, m).to(torch.int32)
+    if name in ("ESA", "GSA"):  # both paths keep the batch backend's group sums (CUDA: float8 / bf16)
+        merge = keys.get("blk_repre_inner_token_merge", 4)
+        keys = {**keys, "blk_repre_dtype": str(ops.group_sums_dtype(dev, merge)).removeprefix("torch.")}
     batch_method = build(name, ops, shapes, host_scoring=False, **keys)
     engine = build(name, TorchReferenceOps(), shapes, host_scoring=True, **keys)  # the per-request path, reference ops
     for layer in range(LAYERS):

@@ -137,9 +137,9 @@ class MeanReprConfig(WindowedMethodConfig):
     """The settings of methods that keep sums of K per group of tokens (ESA, GSA)."""
 
     #: the dtype of the group sums, which scoring reads every step: "auto" lets the backend pick
-    #: (CUDA: bfloat16 for groups of up to 16 tokens, else float32; CPU: float32). "float8_e4m3fn"
-    #: halves the bytes of bfloat16 (values saturate at +-448; each group rounded once per write,
-    #: a prompt's groups once); "float32" keeps them exact
+    #: (CUDA: float8_e4m3fn for groups of up to 4 tokens, bfloat16 up to 16, else float32; CPU:
+    #: float32). float8 is half the bytes of bfloat16 (values saturate at +-448; each group is
+    #: rounded once per write, a prompt's groups once); "float32" keeps them exact
     blk_repre_dtype: Literal["auto", "float32", "bfloat16", "float8_e4m3fn"] = "auto"
 
 

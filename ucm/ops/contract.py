@@ -425,8 +425,8 @@ class SparseOps(ABC):
         representations). float32 (the default) keeps any group exact to float32; a backend may
         keep small groups in half precision to halve what scoring reads every step (the CUDA
         backend: bfloat16 for groups of at most 16 keys, where the representations would
-        otherwise be 1/8 or more of the KV cache's bytes). A group is rounded once per call that
-        writes it, so at most `merge` times."""
+        otherwise be 1/8 or more of the KV cache's bytes; float8 e4m3 for groups of up to 4). A
+        group is rounded once per call that writes it, so at most `merge` times."""
         return torch.float32
 
     # ------------------------------------------------------------------ KVStar
