@@ -515,28 +515,40 @@ def test_hash_hamming_block_scores(backend: Backend, tier, hq, hkv, d, nbits, bs
 
 
 # ------------------------------------------------------------------------------- dot scoring
+@pytest.mark.parametrize("groups", [None, 4])
 @pytest.mark.parametrize("group_reduce", ["mean", "max"])
-def test_block_scores_dot_match_the_numpy_oracle(backend: Backend, group_reduce: str) -> None:
-    g = gen(3)
-    hq, hkv, d, bs = 8, 2, 16, 4
-    reps = torch.randn(10, hkv, d, generator=g)
+def test_block_scores_dot_match_the_numpy_oracle(backend: Backend, group_reduce: str, groups: int | None) -> None:
+    """One representation per block [NB, Hkv, D], or per group of tokens [NB, R, Hkv, D]: a block
+    then scores as its best group whose first token is before the row's end (the partial last
+    block's later groups never count)."""
+    g = gen(3 if groups is None else 5)
+    hq, hkv, d = 8, 2, 16
+    bs = 4 if groups is None else 8  # groups of 2 tokens
+    reps = torch.randn(10, *(() if groups is None else (groups,)), hkv, d, generator=g)
     table = torch.tensor([[3, 1, 7, 0], [9, 2, 0, 0]])
-    lens = torch.tensor([13, 8])
+    lens = torch.tensor([13 if groups is None else 19, 8])  # row 0's last block: partial
     q = torch.randn(2, hq, d, generator=g)
     got = host(backend.ops.block_scores_dot(*map(backend.to, (q, reps, table, lens)), bs, group_reduce)).numpy()
-    qn, rn = q.numpy().reshape(2, hkv, hq // hkv, d), reps.numpy()
+    qn = q.numpy().reshape(2, hkv, hq // hkv, d)
+    rn = reps.numpy()[:, None] if groups is None else reps.numpy()  # [NB, R, Hkv, D]
+    merge = bs // rn.shape[1]
     for r in range(2):
         n_b = -(-int(lens[r]) // bs)
         for j in range(4):
             if j >= n_b:
                 assert got[r, j] == -math.inf
                 continue
-            rep = rn[int(table[r, j])]
-            if group_reduce == "mean":
-                want = sum(qn[r, h].mean(0) @ rep[h] for h in range(hkv))
-            else:
-                want = sum(max(qn[r, h, i] @ rep[h] for i in range(hq // hkv)) for h in range(hkv))
-            assert got[r, j] == pytest.approx(float(want), rel=1e-5, abs=1e-5)
+            best = -math.inf
+            for grp in range(rn.shape[1]):
+                if j * bs + grp * merge >= int(lens[r]):
+                    continue
+                rep = rn[int(table[r, j]), grp]
+                if group_reduce == "mean":
+                    s_ = sum(qn[r, h].mean(0) @ rep[h] for h in range(hkv))
+                else:
+                    s_ = sum(max(qn[r, h, i] @ rep[h] for i in range(hq // hkv)) for h in range(hkv))
+                best = max(best, float(s_))
+            assert got[r, j] == pytest.approx(best, rel=1e-5, abs=1e-5)
 
 
 DOT_CASES = [
@@ -571,38 +583,6 @@ def test_block_scores_dot(backend: Backend, case, group_reduce: str, dtype: torc
     want = REF.block_scores_dot(q, reps, table, seq_lens, bs, group_reduce)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
-
-
-@pytest.mark.parametrize("group_reduce", ["mean", "max"])
-def test_grouped_block_scores_dot_match_the_numpy_oracle(backend: Backend, group_reduce: str) -> None:
-    """Representations per group of tokens [NB, R, Hkv, D]: a block scores as its best group whose
-    first token is before the row's end (the partial last block's later groups never count)."""
-    g = gen(5)
-    hq, hkv, d, bs, r_groups = 8, 2, 16, 8, 4  # groups of 2 tokens
-    reps = torch.randn(10, r_groups, hkv, d, generator=g)
-    table = torch.tensor([[3, 1, 7, 0], [9, 2, 0, 0]])
-    lens = torch.tensor([19, 8])  # row 0: block 2 holds 3 tokens (groups 0, 1 started)
-    q = torch.randn(2, hq, d, generator=g)
-    got = host(backend.ops.block_scores_dot(*map(backend.to, (q, reps, table, lens)), bs, group_reduce)).numpy()
-    qn, rn = q.numpy().reshape(2, hkv, hq // hkv, d), reps.numpy()
-    merge = bs // r_groups
-    for r in range(2):
-        n_b = -(-int(lens[r]) // bs)
-        for j in range(4):
-            if j >= n_b:
-                assert got[r, j] == -math.inf
-                continue
-            best = -math.inf
-            for grp in range(r_groups):
-                if j * bs + grp * merge >= int(lens[r]):
-                    continue
-                rep = rn[int(table[r, j]), grp]
-                if group_reduce == "mean":
-                    s = sum(qn[r, h].mean(0) @ rep[h] for h in range(hkv))
-                else:
-                    s = sum(max(qn[r, h, i] @ rep[h] for i in range(hq // hkv)) for h in range(hkv))
-                best = max(best, float(s))
-            assert got[r, j] == pytest.approx(best, rel=1e-5, abs=1e-5)
 
 
 GROUPED_CASES = [

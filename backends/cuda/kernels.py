@@ -844,6 +844,26 @@ def _scores_dot_kernel(
     tl.store(out_ptr + b * stride_ob + j, total, mask=jm)
 
 
+@triton.jit
+def _quest_group_bound(lo, hi, q0, hd, stride_qh, G: tl.constexpr, MODE: tl.constexpr):
+    """Quest's bound of the key boxes lo / hi [N, H, D] (float32) for each KV head's G query
+    heads (q0 [H, D]: pointers to each KV head's first query head, the next ones stride_qh on):
+    per query head sum over D of max(q * lo, q * hi), then the mean (MODE 0) or max over the
+    group: [N, H]."""
+    qv = tl.load(q0, mask=hd, other=0.0).to(tl.float32)
+    acc = tl.sum(tl.maximum(lo * qv[None, :, :], hi * qv[None, :, :]), axis=2)
+    for gg in range(1, G):
+        qv = tl.load(q0 + gg * stride_qh, mask=hd, other=0.0).to(tl.float32)
+        bound = tl.sum(tl.maximum(lo * qv[None, :, :], hi * qv[None, :, :]), axis=2)
+        if MODE == 0:
+            acc += bound
+        else:
+            acc = tl.maximum(acc, bound)
+    if MODE == 0:
+        acc = acc / G
+    return acc
+
+
 def _scores_grouped_kernel(
     q_ptr,
     a_ptr,
@@ -944,21 +964,8 @@ def _scores_grouped_kernel(
                 else:
                     lo = tl.load(base + off, mask=tm, other=0.0).to(tl.float32)
                     hi = tl.load(b_ptr + blk * stride_ab + off, mask=tm, other=0.0).to(tl.float32)
-                    if MODE == 0:
-                        acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
-                    else:
-                        acc = tl.full([BLOCK_R, BLOCK_H], float("-inf"), dtype=tl.float32)
-                    for gg in range(G):
-                        qv = tl.load(qrow + (h * G + gg)[:, None] * stride_qh + d[None, :], mask=hd, other=0.0).to(
-                            tl.float32
-                        )
-                        bound = tl.sum(tl.maximum(lo * qv[None, :, :], hi * qv[None, :, :]), axis=2)
-                        if MODE == 0:
-                            acc += bound
-                        else:
-                            acc = tl.maximum(acc, bound)
-                    if MODE == 0:
-                        acc = acc / G
+                    q0 = qrow + (h * G)[:, None] * stride_qh + d[None, :]
+                    acc = _quest_group_bound(lo, hi, q0, hd, stride_qh, G, MODE)
                     tot = tl.sum(tl.where(hm[None, :], acc, 0.0), axis=1)
             best = tl.maximum(best, tl.max(tl.where(live, tot, float("-inf")), axis=0))
     tl.store(out_ptr + b * stride_ob + j, best)
@@ -1010,20 +1017,8 @@ def _scores_minmax_kernel(
     tm = jm[:, None, None] & hd[None, :, :]
     lo = tl.load(min_ptr + off, mask=tm, other=0.0).to(tl.float32)
     hi = tl.load(max_ptr + off, mask=tm, other=0.0).to(tl.float32)
-    qrow = q_ptr + b * stride_qb + d[None, :]
-    if MODE == 0:
-        acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-    else:
-        acc = tl.full([BLOCK_M, BLOCK_H], float("-inf"), dtype=tl.float32)
-    for gg in range(G):
-        qv = tl.load(qrow + (h * G + gg)[:, None] * stride_qh, mask=hd, other=0.0).to(tl.float32)
-        bound = tl.sum(tl.maximum(lo * qv[None, :, :], hi * qv[None, :, :]), axis=2)
-        if MODE == 0:
-            acc += bound
-        else:
-            acc = tl.maximum(acc, bound)
-    if MODE == 0:
-        acc = acc / G
+    q0 = q_ptr + b * stride_qb + (h * G)[:, None] * stride_qh + d[None, :]
+    acc = _quest_group_bound(lo, hi, q0, hd, stride_qh, G, MODE)
     total = tl.sum(tl.where(hm[None, :], acc, 0.0), axis=1)
     total = tl.where(j < n_b, total, float("-inf"))
     tl.store(out_ptr + b * stride_ob + j, total, mask=jm)
