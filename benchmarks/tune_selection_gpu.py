@@ -174,10 +174,11 @@ def _sweep_dot_and_topk(ops, q: torch.Tensor, table: torch.Tensor, lens: torch.T
 
 
 def sweep_grouped(ops, b: int, ctx: int, merge: int = 4) -> list[dict]:
-    """Block scores from groups of `merge` tokens (ESA "mean", GSA "max"; bf16 sums, the CUDA
-    backend's `group_sums_dtype`), 36 calls per graph: the fused op on [NB, R, Hkv, D] (each launch
-    setting) against the path it replaced (sub-block table, the whole-block op on sub-blocks, a
-    max over each block's groups), beside the bandwidth bound of the bytes read at 4.3 TB/s."""
+    """Block scores from groups of `merge` tokens (ESA "mean", GSA "max"), bf16 and float8 sums,
+    36 calls per graph: the fused op on [NB, R, Hkv, D] (each launch setting; float8 only on the
+    tensor cores) against the path it replaced (sub-block table, the whole-block op on
+    sub-blocks, a max over each block's groups; bf16), beside the bandwidth bound of the bytes
+    read at 4.3 TB/s."""
     from ucm.ops.subblocks import block_max, sub_block_table
 
     dev = torch.device("cuda")
@@ -187,35 +188,46 @@ def sweep_grouped(ops, b: int, ctx: int, merge: int = 4) -> list[dict]:
     table = torch.randperm(nb, device=dev)[: b * m].view(b, m).to(torch.int32)
     lens = torch.full((b,), (ctx // BS) * BS, dtype=torch.int32, device=dev)  # full blocks, as ESA scores
     q = torch.randn(b, HQ, D, device=dev, dtype=torch.bfloat16)
-    reps = torch.randn(nb, groups, HKV, D, device=dev).to(torch.bfloat16)
-    flat = reps.flatten(0, 1)
-    read = b * (ctx // BS) * groups * HKV * D * 2
-    base = {"op": "grouped block scores", "batch": b, "blocks": m, "merge": merge, "bound_us": round(read / 4.3e6, 2)}
     out = []
 
     def per_layer(fn) -> float:
         return round(graph_us(lambda: [fn() for _ in range(LAYERS)]) / LAYERS, 2)
 
-    for mode in ("mean", "max"):
-        us = per_layer(
-            lambda mode=mode: block_max(
-                ops.block_scores_dot(q, flat, sub_block_table(table, groups), lens, merge, mode), groups
-            )
-        )
-        out.append({**base, "mode": mode, "path": "sub-block table + block_max (before)", "us": us})
-        variants = [(None, None, None, None)]
-        variants += [(False, r, st, w) for r in (2, 4, 8) for st in (1, 2, 3) for w in (4, 8)]
-        variants += [(True, r, st, w) for r in (16, 32) for st in (1, 2, 3) for w in (4, 8)]
-        for dot, r, st, w in variants:
-            ops.grouped_dot = True if dot is None else dot
-            ops.grouped_block_r, ops.grouped_stages, ops.scores_warps = r, st, w
-            try:
-                us = per_layer(lambda mode=mode: ops.block_scores_dot(q, reps, table, lens, BS, mode))
-            except Exception as e:  # a launch setting Triton cannot compile (e.g. out of shared memory)
-                us = f"failed: {type(e).__name__}: {str(e)[:200]}"
-            setting = {"default": True} if dot is None else {"dot": dot, "block_r": r, "stages": st, "warps": w}
-            out.append({**base, "mode": mode, "path": "fused", **setting, "us": us})
-        ops.grouped_dot, ops.grouped_block_r, ops.grouped_stages, ops.scores_warps = True, None, None, None
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        reps = torch.randn(nb, groups, HKV, D, device=dev).to(dtype)
+        read = b * (ctx // BS) * groups * HKV * D * reps.element_size()
+        base = {
+            "op": "grouped block scores",
+            "batch": b,
+            "blocks": m,
+            "merge": merge,
+            "sums": str(dtype).removeprefix("torch."),
+            "bound_us": round(read / 4.3e6, 2),
+        }
+        for mode in ("mean", "max"):
+            if dtype == torch.bfloat16:
+                flat = reps.flatten(0, 1)
+                us = per_layer(
+                    lambda mode=mode, flat=flat: block_max(
+                        ops.block_scores_dot(q, flat, sub_block_table(table, groups), lens, merge, mode), groups
+                    )
+                )
+                out.append({**base, "mode": mode, "path": "sub-block table + block_max (before)", "us": us})
+            variants = [(None, None, None, None)]
+            if dtype == torch.bfloat16:
+                variants += [(False, r, st, w) for r in (2, 4, 8) for st in (1, 2, 3) for w in (4, 8)]
+            variants += [(True, r, st, w) for r in (16, 32, 64) for st in (1, 2, 3, 4) for w in (4, 8)]
+            for dot, r, st, w in variants:
+                ops.grouped_dot = True if dot is None else dot
+                ops.grouped_block_r, ops.grouped_stages, ops.scores_warps = r, st, w
+                try:
+                    us = per_layer(lambda mode=mode, reps=reps: ops.block_scores_dot(q, reps, table, lens, BS, mode))
+                except Exception as e:  # a launch setting Triton cannot compile (e.g. out of shared memory)
+                    us = f"failed: {type(e).__name__}: {str(e)[:200]}"
+                setting = {"default": True} if dot is None else {"dot": dot, "block_r": r, "stages": st, "warps": w}
+                out.append({**base, "mode": mode, "path": "fused", **setting, "us": us})
+            ops.grouped_dot, ops.grouped_block_r, ops.grouped_stages, ops.scores_warps = True, None, None, None
+        del reps
     return out
 
 
