@@ -618,6 +618,10 @@ def main() -> None:
         "failed": failed,
         "cells": [],
     }
+    from ucm_backends.cuda.tuned import load_tuned
+
+    tuned = load_tuned(result["device"])  # the grouped scorer's launch settings the engines ran with
+    result["cuda_tuned"] = tuned.model_dump() if tuned is not None else None
     if args.profile:
         result["profile"] = {s: e.get("profile") for s, e in engines.items()}
     for setting, eng in engines.items():

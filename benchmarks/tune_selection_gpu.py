@@ -173,13 +173,17 @@ def _sweep_dot_and_topk(ops, q: torch.Tensor, table: torch.Tensor, lens: torch.T
     return out
 
 
-def sweep_grouped(ops, b: int, ctx: int, merge: int = 4) -> list[dict]:
+GROUPED_MODES = ("mean", "max")  # ESA's and GSA's reduction over a GQA group
+
+
+def sweep_grouped(ops, b: int, ctx: int, merge: int = 4, only: dict | None = None) -> list[dict]:
     """Block scores from groups of `merge` tokens (ESA "mean", GSA "max"), bf16 and float8 sums,
-    36 calls per graph: the fused op on [NB, R, Hkv, D] (each launch setting; float8 only on the
-    tensor cores) against the path it replaced (sub-block table, the whole-block op on
-    sub-blocks, a max over each block's groups; bf16), beside the bandwidth bound of the bytes
-    read at 4.3 TB/s."""
-    from ucm.ops.subblocks import block_max, sub_block_table
+    36 calls per graph, on the tensor-core path the engine takes, beside the bandwidth bound of
+    the bytes read at 4.3 TB/s. Without `only`: the built-in setting, then a two-stage search
+    (block columns a program x groups a tile at 3 stages and 4 warps, then stages x warps around
+    the two best; float8: widened to the query's bfloat16 and to float16). With `only`
+    ({"<sums>/<mode>": launch}): those settings and the built-in one (another cell, same kernels)."""
+    from ucm_backends.cuda.tuned import GroupedLaunch, grouped_key
 
     dev = torch.device("cuda")
     m = math.ceil((ctx + 1) / BS)
@@ -189,46 +193,81 @@ def sweep_grouped(ops, b: int, ctx: int, merge: int = 4) -> list[dict]:
     lens = torch.full((b,), (ctx // BS) * BS, dtype=torch.int32, device=dev)  # full blocks, as ESA scores
     q = torch.randn(b, HQ, D, device=dev, dtype=torch.bfloat16)
     out = []
+    ops.use_tuned = False  # every timing below is of the setting it names
 
-    def per_layer(fn) -> float:
-        return round(graph_us(lambda: [fn() for _ in range(LAYERS)]) / LAYERS, 2)
+    def timed(reps, mode, launch) -> float | str:
+        ops.grouped_block_m, ops.grouped_block_r = launch.block_m, launch.block_r
+        ops.grouped_stages, ops.scores_warps, ops.grouped_widen = launch.stages, launch.warps, launch.widen
+        try:
+            us = graph_us(lambda: [ops.block_scores_dot(q, reps, table, lens, BS, mode) for _ in range(LAYERS)])
+            return round(us / LAYERS, 2)
+        except Exception as e:  # a launch setting Triton cannot compile (e.g. out of shared memory)
+            return f"failed: {type(e).__name__}: {str(e)[:200]}"
+        finally:
+            ops.grouped_block_m = ops.grouped_block_r = ops.grouped_stages = None
+            ops.scores_warps = ops.grouped_widen = None
 
     for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        sums = str(dtype).removeprefix("torch.")
         reps = torch.randn(nb, groups, HKV, D, device=dev).to(dtype)
         read = b * (ctx // BS) * groups * HKV * D * reps.element_size()
-        base = {
-            "op": "grouped block scores",
-            "batch": b,
-            "blocks": m,
-            "merge": merge,
-            "sums": str(dtype).removeprefix("torch."),
-            "bound_us": round(read / 4.3e6, 2),
-        }
-        for mode in ("mean", "max"):
-            if dtype == torch.bfloat16:
-                flat = reps.flatten(0, 1)
-                us = per_layer(
-                    lambda mode=mode, flat=flat: block_max(
-                        ops.block_scores_dot(q, flat, sub_block_table(table, groups), lens, merge, mode), groups
-                    )
+        base = {"op": "grouped block scores", "batch": b, "blocks": m, "merge": merge, "sums": sums}
+        base["bound_us"] = round(read / 4.3e6, 2)
+        widens = ("query", "float16") if dtype.itemsize == 1 else ("query",)
+        for mode in GROUPED_MODES:
+            key = grouped_key(sums, mode)
+            row = {**base, "mode": mode, "path": "fused"}
+            us = graph_us(
+                lambda mode=mode, reps=reps: [
+                    ops.block_scores_dot(q, reps, table, lens, BS, mode) for _ in range(LAYERS)
+                ]
+            )
+            out.append({**row, "default": True, "us": round(us / LAYERS, 2)})
+            if only is not None:
+                if key in only:
+                    launch = GroupedLaunch.model_validate(only[key])
+                    out.append({**row, **launch.model_dump(), "us": timed(reps, mode, launch)})
+                continue
+            first = [GroupedLaunch(block_m=1, block_r=16, stages=2, warps=4)]  # the built-in one, by name
+            first += [
+                GroupedLaunch(block_m=bm, block_r=br, stages=3, warps=4, widen=w)
+                for w in widens
+                for bm in (1, 2, 4, 8)
+                for br in (16, 32)
+            ]
+            rows = [{**row, **lc.model_dump(), "us": timed(reps, mode, lc)} for lc in first]
+            ok = sorted((r for r in rows if isinstance(r["us"], float)), key=lambda r: r["us"])
+            second = [
+                GroupedLaunch.model_validate(
+                    {**{k: r[k] for k in ("block_m", "block_r", "widen")}, "stages": st, "warps": w}
                 )
-                out.append({**base, "mode": mode, "path": "sub-block table + block_max (before)", "us": us})
-            variants = [(None, None, None, None)]
-            if dtype == torch.bfloat16:
-                variants += [(False, r, st, w) for r in (2, 4, 8) for st in (1, 2, 3) for w in (4, 8)]
-            variants += [(True, r, st, w) for r in (16, 32, 64) for st in (1, 2, 3, 4) for w in (4, 8)]
-            for dot, r, st, w in variants:
-                ops.grouped_dot = True if dot is None else dot
-                ops.grouped_block_r, ops.grouped_stages, ops.scores_warps = r, st, w
-                try:
-                    us = per_layer(lambda mode=mode, reps=reps: ops.block_scores_dot(q, reps, table, lens, BS, mode))
-                except Exception as e:  # a launch setting Triton cannot compile (e.g. out of shared memory)
-                    us = f"failed: {type(e).__name__}: {str(e)[:200]}"
-                setting = {"default": True} if dot is None else {"dot": dot, "block_r": r, "stages": st, "warps": w}
-                out.append({**base, "mode": mode, "path": "fused", **setting, "us": us})
-            ops.grouped_dot, ops.grouped_block_r, ops.grouped_stages, ops.scores_warps = True, None, None, None
+                for r in ok[:2]
+                for st in (2, 3, 4)
+                for w in (4, 8)
+                if (st, w) != (3, 4)
+            ]
+            rows += [{**row, **lc.model_dump(), "us": timed(reps, mode, lc)} for lc in second]
+            out.extend(rows)
         del reps
+    ops.use_tuned = True
     return out
+
+
+def best_grouped(rows: list[dict]) -> dict[str, dict]:
+    """The fastest timed launch per (sums, mode) among `sweep_grouped`'s rows of one cell."""
+    from ucm_backends.cuda.tuned import GroupedLaunch, grouped_key
+
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r.get("default") or not isinstance(r.get("us"), float):
+            continue
+        key = grouped_key(r["sums"], r["mode"])
+        if key not in best or r["us"] < best[key]["us"]:
+            best[key] = r
+    return {
+        k: GroupedLaunch.model_validate({f: r[f] for f in GroupedLaunch.model_fields}).model_dump()
+        for k, r in best.items()
+    }
 
 
 def _sweep_kvstar(ops, q: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, nb: int) -> list[dict]:
@@ -297,6 +336,9 @@ def main() -> None:
     ap.add_argument("--skip-kvstar-sweep", action="store_true", help="sweep the scorer and top-k only")
     ap.add_argument("--methods", nargs="*", help="time the layer path of these methods only (default: all)")
     ap.add_argument("--grouped-only", action="store_true", help="only the grouped scorer's sweep (fast)")
+    ap.add_argument(
+        "--write-tuned", metavar="DIR", help="write the grouped scorer's fastest settings to DIR/<GPU>.json (tuned.py)"
+    )
     args = ap.parse_args()
     from ucm_backends.cuda.ops import CudaOps
 
@@ -314,10 +356,23 @@ def main() -> None:
 
     if args.grouped_only:
         cells, args.skip_sweep, args.methods = cells[:2], True, []
-    for b, ctx in cells[:2]:
-        for row in sweep_grouped(ops, b, ctx):
-            result["ops"].append(row)
-            print(row, flush=True)
+    (b0, ctx0), (b1, ctx1) = cells[:2]
+    rows = sweep_grouped(ops, b0, ctx0)  # the search, at 32K x 8
+    chosen = best_grouped(rows)
+    rows += sweep_grouped(ops, b1, ctx1, only=chosen)  # its choice and the built-in one at 128K x 4
+    for row in rows:
+        print(row, flush=True)
+    result["ops"].extend(rows)
+    result["grouped_chosen"] = chosen
+    if args.write_tuned:
+        from ucm_backends.cuda.tuned import TunedFile, write_tuned
+
+        tuned = TunedFile(
+            device=torch.cuda.get_device_name(),
+            command=f"benchmarks/tune_selection_gpu.py --grouped-only (the fastest at {ctx0 // 1024}K x {b0})",
+            grouped_scores=chosen,
+        )
+        print("tuned settings written to", write_tuned(Path(args.write_tuned), tuned), flush=True)
     for b, ctx in cells:
         # every registered method at 0.3, the strided ones at 0.1 too
         settings = [(m, 0.3) for m in method_names()] + [(m, 0.1) for m in method_names(strided=True)]

@@ -58,6 +58,8 @@ class Backend:
     exact_mean: bool = True  # Hamming "mean" bit-exact (Ascend: within an ulp)
     topk_variants: list[Callable[[], None]] = field(default_factory=lambda: [lambda: None])
     attention_kwargs: list[dict] = field(default_factory=lambda: [{}])
+    #: launch settings of the grouped scorer to run each case under (CUDA: attribute overrides)
+    grouped_launches: list[dict] = field(default_factory=lambda: [{}])
 
     def to(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device)
@@ -79,6 +81,18 @@ class Backend:
         finally:
             if hasattr(self.ops, "topk_sort"):
                 self.ops.topk_sort = self.ops.topk_radix_bits = None
+
+    def each_grouped_launch(self) -> Iterator[dict]:
+        """Run the enclosed block once per grouped-scorer launch setting (restored after)."""
+        for launch in self.grouped_launches:
+            before = {k: getattr(self.ops, k) for k in launch}
+            for k, v in launch.items():
+                setattr(self.ops, k, v)
+            try:
+                yield launch
+            finally:
+                for k, v in before.items():
+                    setattr(self.ops, k, v)
 
 
 def _cuda_backend(request) -> Backend:
@@ -102,6 +116,13 @@ def _cuda_backend(request) -> Backend:
         gpu=ON_GPU,
         topk_variants=[histogram, radix, sort],
         attention_kwargs=[{}, {"num_splits": 1}, {"num_splits": 3}],
+        # what a tuned file may ask for (backends/cuda/tuned.py): several block columns a
+        # program (a row's last program partly past the table), float8 widened to float16
+        grouped_launches=[
+            {},
+            {"grouped_block_m": 4, "grouped_block_r": 32, "grouped_stages": 3, "grouped_widen": "float16"},
+            {"grouped_block_m": 2, "grouped_dot": False},
+        ],
     )
 
 
@@ -609,16 +630,17 @@ def test_grouped_block_scores(backend: Backend, case, group_reduce: str, dtype: 
     table, seq_lens, nb = shuffled_table(lens, bs, 2, g)
     q = torch.randn(len(lens), hq, d, generator=g).to(torch.bfloat16 if dtype.itemsize == 1 else dtype)
     reps = torch.randn(nb, groups, hkv, d, generator=g).to(dtype)
-    got = host(backend.ops.block_scores_dot(*map(backend.to, (q, reps, table, seq_lens)), bs, group_reduce))
-    want = REF.block_scores_dot(q, reps, table, seq_lens, bs, group_reduce)
-    assert got.shape == want.shape and torch.equal(torch.isinf(got), torch.isinf(want))
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
     lo = torch.randn(nb, groups, hkv, d, generator=g)
     hi = lo + torch.rand(nb, groups, hkv, d, generator=g)
-    got = host(backend.ops.block_scores_minmax(*map(backend.to, (q, lo, hi, table, seq_lens)), bs, group_reduce))
-    want = REF.block_scores_minmax(q, lo, hi, table, seq_lens, bs, group_reduce)
-    assert torch.equal(torch.isinf(got), torch.isinf(want))
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    want = REF.block_scores_dot(q, reps, table, seq_lens, bs, group_reduce)
+    want_bound = REF.block_scores_minmax(q, lo, hi, table, seq_lens, bs, group_reduce)
+    for launch in backend.each_grouped_launch():
+        got = host(backend.ops.block_scores_dot(*map(backend.to, (q, reps, table, seq_lens)), bs, group_reduce))
+        assert got.shape == want.shape and torch.equal(torch.isinf(got), torch.isinf(want)), launch
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3, msg=lambda m, launch=launch: f"{launch}: {m}")
+        got = host(backend.ops.block_scores_minmax(*map(backend.to, (q, lo, hi, table, seq_lens)), bs, group_reduce))
+        assert torch.equal(torch.isinf(got), torch.isinf(want_bound)), launch
+        torch.testing.assert_close(got, want_bound, rtol=1e-4, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------ top-k

@@ -94,6 +94,7 @@ def _compile_only_ops(report: CompileReport):
             return 132
 
     ops = CompileOnlyOps(interpret=False)
+    ops.use_tuned = False  # no GPU to name: the heuristics, and the tuned shapes below by hand
     ops._k = SimpleNamespace(
         **{
             fn.__name__.lstrip("_"): _CompileOnly(fn.__name__, triton.runtime.jit.JITFunction(fn), report)
@@ -118,6 +119,11 @@ def _exercise(ops) -> None:
             # CUDA-core paths) and Quest's float32 bounds
             for groups, sums_dtype in ((32, dtype), (32, torch.float8_e4m3fn), (8, torch.float32)):
                 ops.block_scores_dot(q, torch.zeros(nb, groups, hkv, d, dtype=sums_dtype), table, lens, bs, reduce)
+            # what a tuned file may ask for: several block columns a program, float8 widened to float16
+            ops.grouped_block_m, ops.grouped_block_r, ops.grouped_widen = 4, 32, "float16"
+            for sums_dtype in (dtype, torch.float8_e4m3fn):
+                ops.block_scores_dot(q, torch.zeros(nb, 32, hkv, d, dtype=sums_dtype), table, lens, bs, reduce)
+            ops.grouped_block_m = ops.grouped_block_r = ops.grouped_widen = None
             mm = torch.zeros(nb, 32, hkv, d)
             ops.block_scores_minmax(q, mm, mm, table, lens, bs, reduce)
         scores = torch.randn(batch, m)

@@ -871,6 +871,7 @@ def _scores_grouped_kernel(
     table_ptr,
     seqlen_ptr,
     out_ptr,
+    M,
     R,
     MERGE,
     BS,
@@ -888,6 +889,8 @@ def _scores_grouped_kernel(
     MODE: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr,
+    WIDEN_F16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -896,79 +899,87 @@ def _scores_grouped_kernel(
     """Block scores from per-group representations [NB, R, Hkv, D] (groups of MERGE tokens): a
     block scores as its best group, all in one kernel (no sub-block table, no [B, M * R] scores,
     no separate max). KIND 0: dot with a (ESA's mean / GSA's max over the GQA group: MODE, a
-    `GroupReduceCode`); KIND 1: Quest's bound from mins a and maxs b. Program (j, b) is column j
-    of row b: it reads nothing past the row's end, and its block's groups BLOCK_R at a time
-    ([BLOCK_R, Hkv, D] tiles, contiguous in memory); a group whose first token is at or past the
-    row's end is -inf. USE_DOT (KIND 0, a half-precision q, a of its dtype or float8): each KV head's [BLOCK_R, D]
-    tile times its query heads [D, BLOCK_G] on the tensor cores (exact products, float32 sums),
-    then the mean or max over the group's columns, instead of reductions over D on the CUDA
-    cores (DOT_F32: in float32, for the interpreter)."""
-    j = tl.program_id(0)
+    `GroupReduceCode`); KIND 1: Quest's bound from mins a and maxs b. Program (jm, b) holds
+    BLOCK_M block columns of row b and walks their groups BLOCK_R at a time ([BLOCK_R, Hkv, D]
+    tiles, contiguous in memory) in one loop, so the compiler's pipeline keeps loads of the next
+    tiles in flight across blocks; it reads nothing past the row's end (a group whose first token
+    is at or past it is -inf) and loads the query once. USE_DOT (KIND 0, a half-precision q, a of
+    its dtype or float8): each KV head's [BLOCK_R, D] tile times its query heads [D, BLOCK_G] on
+    the tensor cores (exact products, float32 sums), then the mean or max over the group's
+    columns, instead of reductions over D on the CUDA cores (DOT_F32: in float32, for the
+    interpreter; WIDEN_F16: float8 sums and the query widened to float16, float8's native
+    conversion, the query clamped to float16's range)."""
+    jm = tl.program_id(0)
     b = tl.program_id(1)
     seq_len = tl.load(seqlen_ptr + b).to(tl.int32)
-    n_b = (seq_len + BS - 1) // BS
-    best = tl.full([], float("-inf"), dtype=tl.float32)
-    if j < n_b:
-        blk = tl.maximum(tl.load(table_ptr + b * stride_tb + j), 0).to(tl.int64)
-        base = a_ptr + blk * stride_ab
-        h = tl.arange(0, BLOCK_H)
-        hm = h < Hkv
-        d = tl.arange(0, BLOCK_D)
-        dm = d < D
-        hd = hm[:, None] & dm[None, :]
-        qrow = q_ptr + b * stride_qb
-        if USE_DOT:
-            gi = tl.arange(0, BLOCK_G)
-            gm = gi < G
-            # query heads of each KV head as [H, D, G]: the dot's right operand, loaded once
-            qt = tl.load(
-                qrow + (h[:, None, None] * G + gi[None, None, :]) * stride_qh + d[None, :, None],
-                mask=hm[:, None, None] & dm[None, :, None] & gm[None, None, :],
-                other=0.0,
-            )
-        elif MODE == 0 and KIND == 0:  # float32 representations: the group's mean query, once
-            qm = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-            for gg in range(G):
-                qm += tl.load(qrow + (h * G + gg)[:, None] * stride_qh + d[None, :], mask=hd, other=0.0).to(tl.float32)
-            qm = qm / G
-        for r0 in range(0, R, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            live = (r < R) & (j * BS + r * MERGE < seq_len)
-            if USE_DOT:  # [H, R, D] x [H, D, G] -> [H, R, G]
-                off = (h * stride_ah)[:, None, None] + (r * stride_ar)[None, :, None] + d[None, None, :]
-                tile = tl.load(base + off, mask=hm[:, None, None] & live[None, :, None] & dm[None, None, :], other=0.0)
-                if DOT_F32:  # the interpreter multiplies bfloat16 as raw bits: float32 there (exact)
-                    s = tl.dot(tile.to(tl.float32), qt.to(tl.float32), input_precision="ieee")
-                else:  # float8 sums widen exactly to the query's half precision
-                    s = tl.dot(tile.to(qt.dtype), qt)
-                if MODE == 0:  # the mean of the group's dot products: the dot with its mean query
-                    per_head = tl.sum(tl.where(gm[None, None, :], s, 0.0), axis=2) / G
-                else:
-                    per_head = tl.max(tl.where(gm[None, None, :], s, float("-inf")), axis=2)
-                tot = tl.sum(tl.where(hm[:, None], per_head, 0.0), axis=0)
+    cols = jm * BLOCK_M + tl.arange(0, BLOCK_M)
+    best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    h = tl.arange(0, BLOCK_H)
+    hm = h < Hkv
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    hd = hm[:, None] & dm[None, :]
+    qrow = q_ptr + b * stride_qb
+    if USE_DOT:
+        gi = tl.arange(0, BLOCK_G)
+        gm = gi < G
+        # query heads of each KV head as [H, D, G]: the dot's right operand, loaded once
+        qt = tl.load(
+            qrow + (h[:, None, None] * G + gi[None, None, :]) * stride_qh + d[None, :, None],
+            mask=hm[:, None, None] & dm[None, :, None] & gm[None, None, :],
+            other=0.0,
+        )
+        if WIDEN_F16:
+            qt = tl.minimum(tl.maximum(qt.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    elif MODE == 0 and KIND == 0:  # float32 representations: the group's mean query, once
+        qm = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        for gg in range(G):
+            qm += tl.load(qrow + (h * G + gg)[:, None] * stride_qh + d[None, :], mask=hd, other=0.0).to(tl.float32)
+        qm = qm / G
+    n_r = tl.cdiv(R, BLOCK_R)
+    for it in range(0, BLOCK_M * n_r):
+        jj = it // n_r
+        j = jm * BLOCK_M + jj
+        r = (it % n_r) * BLOCK_R + tl.arange(0, BLOCK_R)
+        live = (r < R) & (j < M) & (j * BS + r * MERGE < seq_len)
+        blk = tl.maximum(tl.load(table_ptr + b * stride_tb + j, mask=(j < M) & (j * BS < seq_len), other=0), 0)
+        base = a_ptr + blk.to(tl.int64) * stride_ab
+        if USE_DOT:  # [H, R, D] x [H, D, G] -> [H, R, G]
+            off = (h * stride_ah)[:, None, None] + (r * stride_ar)[None, :, None] + d[None, None, :]
+            tile = tl.load(base + off, mask=hm[:, None, None] & live[None, :, None] & dm[None, None, :], other=0.0)
+            if DOT_F32:  # the interpreter multiplies bfloat16 as raw bits: float32 there (exact)
+                s = tl.dot(tile.to(tl.float32), qt.to(tl.float32), input_precision="ieee")
+            else:  # float8 sums widen exactly to the query's half precision
+                s = tl.dot(tile.to(qt.dtype), qt)
+            if MODE == 0:  # the mean of the group's dot products: the dot with its mean query
+                per_head = tl.sum(tl.where(gm[None, None, :], s, 0.0), axis=2) / G
             else:
-                off = (r * stride_ar)[:, None, None] + (h * stride_ah)[None, :, None] + d[None, None, :]
-                tm = live[:, None, None] & hd[None, :, :]
-                if KIND == 0:
-                    tile = tl.load(base + off, mask=tm, other=0.0).to(tl.float32)
-                    if MODE == 0:
-                        tot = tl.sum(tl.sum(tile * qm[None, :, :], axis=2), axis=1)
-                    else:
-                        acc = tl.full([BLOCK_R, BLOCK_H], float("-inf"), dtype=tl.float32)
-                        for gg in range(G):
-                            qv = tl.load(qrow + (h * G + gg)[:, None] * stride_qh + d[None, :], mask=hd, other=0.0).to(
-                                tl.float32
-                            )
-                            acc = tl.maximum(acc, tl.sum(tile * qv[None, :, :], axis=2))
-                        tot = tl.sum(tl.where(hm[None, :], acc, 0.0), axis=1)
+                per_head = tl.max(tl.where(gm[None, None, :], s, float("-inf")), axis=2)
+            tot = tl.sum(tl.where(hm[:, None], per_head, 0.0), axis=0)
+        else:
+            off = (r * stride_ar)[:, None, None] + (h * stride_ah)[None, :, None] + d[None, None, :]
+            tm = live[:, None, None] & hd[None, :, :]
+            if KIND == 0:
+                tile = tl.load(base + off, mask=tm, other=0.0).to(tl.float32)
+                if MODE == 0:
+                    tot = tl.sum(tl.sum(tile * qm[None, :, :], axis=2), axis=1)
                 else:
-                    lo = tl.load(base + off, mask=tm, other=0.0).to(tl.float32)
-                    hi = tl.load(b_ptr + blk * stride_ab + off, mask=tm, other=0.0).to(tl.float32)
-                    q0 = qrow + (h * G)[:, None] * stride_qh + d[None, :]
-                    acc = _quest_group_bound(lo, hi, q0, hd, stride_qh, G, MODE)
+                    acc = tl.full([BLOCK_R, BLOCK_H], float("-inf"), dtype=tl.float32)
+                    for gg in range(G):
+                        qv = tl.load(qrow + (h * G + gg)[:, None] * stride_qh + d[None, :], mask=hd, other=0.0).to(
+                            tl.float32
+                        )
+                        acc = tl.maximum(acc, tl.sum(tile * qv[None, :, :], axis=2))
                     tot = tl.sum(tl.where(hm[None, :], acc, 0.0), axis=1)
-            best = tl.maximum(best, tl.max(tl.where(live, tot, float("-inf")), axis=0))
-    tl.store(out_ptr + b * stride_ob + j, best)
+            else:
+                lo = tl.load(base + off, mask=tm, other=0.0).to(tl.float32)
+                hi = tl.load(b_ptr + blk.to(tl.int64) * stride_ab + off, mask=tm, other=0.0).to(tl.float32)
+                q0 = qrow + (h * G)[:, None] * stride_qh + d[None, :]
+                acc = _quest_group_bound(lo, hi, q0, hd, stride_qh, G, MODE)
+                tot = tl.sum(tl.where(hm[None, :], acc, 0.0), axis=1)
+        cur = tl.max(tl.where(live, tot, float("-inf")), axis=0)
+        best = tl.where(cols == j, tl.maximum(best, cur), best)
+    tl.store(out_ptr + b * stride_ob + cols, best, mask=cols < M)
 
 
 def _scores_minmax_kernel(

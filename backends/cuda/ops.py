@@ -19,6 +19,7 @@ from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce
 from ucm.ops.reference import TorchReferenceOps
 
 from .kernels import get_kernels
+from .tuned import GroupedLaunch, TunedFile, grouped_key, load_tuned
 
 _LOG2E = 1.4426950408889634
 _REPS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what representations may be stored in
@@ -57,6 +58,12 @@ class CudaOps(TorchReferenceOps):
         self.grouped_dot: bool = True  # GSA's per-group scores on the tensor cores where they can run
         self.grouped_block_r: int | None = None
         self.grouped_stages: int | None = None
+        self.grouped_block_m: int | None = None
+        self.grouped_widen: str | None = None  # "query" | "float16" (float8 sums)
+        #: per-GPU-model launch settings of the grouped scorer (`tuned.py`), None = heuristics;
+        #: False: do not read them (the tuning sweep times its own settings)
+        self.use_tuned: bool = True
+        self._tuned: dict[int, TunedFile | None] = {}
         self.kvstar_block_n: int | None = None
         self.kvstar_block_k: int | None = None
         self.kvstar_warps: int | None = None
@@ -703,7 +710,7 @@ class CudaOps(TorchReferenceOps):
 
     def _grouped_scores(self, kind, code, q, a, b, block_table, seq_lens, block_size) -> torch.Tensor:
         """`_scores_grouped_kernel`: block scores [B, M] from per-group representations a (and b)
-        [NB, R, Hkv, D], one program per block column."""
+        [NB, R, Hkv, D], `block_m` block columns a program (`_grouped_launch`)."""
         bsz, hq, d = q.shape
         groups, hkv = a.shape[1], a.shape[2]
         if block_size % groups:
@@ -719,9 +726,7 @@ class CudaOps(TorchReferenceOps):
         g = hq // hkv
         block_h, block_d = _pow2(hkv), _pow2(d)
         # half-precision sums against every query head of a group on the tensor cores: exact
-        # products, float32 sums (the dot needs 16 rows and 16 columns). H200, 32K x 8, groups of
-        # 4 (tune_selection_gpu.py --grouped-only): 36 us a layer for ESA's mean and GSA's max
-        # against a bound of 31 us, 16 groups a tile and 2 stages the best of the sweep
+        # products, float32 sums (the dot needs 16 rows and 16 columns)
         half = (torch.float16, torch.bfloat16)
         use_dot = (
             self.grouped_dot
@@ -729,25 +734,17 @@ class CudaOps(TorchReferenceOps):
             and qc.dtype in half
             and (a.dtype == qc.dtype or a.dtype == torch.float8_e4m3fn)  # float8 widens exactly to q's dtype
         )
-        stages = self.grouped_stages
-        warps = self.scores_warps or 4
-        if use_dot:
-            block_r = max(16, self.grouped_block_r or 16)
-            stages = stages or 2
-        elif kind == 0 and int(code) == 0:  # float32 sums, ESA: 2 groups a tile on 8 warps measured best
-            block_r = self.grouped_block_r or min(_pow2(groups), 2)
-            warps = self.scores_warps or 8
-        else:  # [groups, Hkv, D] tiles of ~4096 values (float32 GSA; Quest's two tiles of mins and maxs)
-            block_r = self.grouped_block_r or max(
-                1, min(_pow2(groups), 4096 // (block_h * block_d * (2 if kind == 1 else 1)))
-            )
-        self._k.scores_grouped_kernel[(m, bsz)](
+        launch = self._grouped_launch(kind, code, a, use_dot, groups, block_h * block_d)
+        widen_f16 = use_dot and a.dtype == torch.float8_e4m3fn and launch.widen == "float16"
+        block_m = launch.block_m
+        self._k.scores_grouped_kernel[(triton_cdiv(m, block_m), bsz)](
             qc,
             a,
             b,
             tbl,
             seq_lens,
             out,
+            m,
             groups,
             block_size // groups,
             block_size,
@@ -765,14 +762,53 @@ class CudaOps(TorchReferenceOps):
             MODE=int(code),
             USE_DOT=use_dot,
             DOT_F32=self.interpret,
-            BLOCK_R=block_r,
+            WIDEN_F16=widen_f16,
+            BLOCK_M=block_m,
+            BLOCK_R=launch.block_r,
             BLOCK_H=block_h,
             BLOCK_D=block_d,
             BLOCK_G=max(16, _pow2(g)),
-            num_warps=warps,
-            **({"num_stages": stages} if stages else {}),
+            num_warps=launch.warps,
+            num_stages=launch.stages,
         )
         return out
+
+    def _grouped_launch(self, kind, code, a: torch.Tensor, use_dot: bool, groups: int, tile: int) -> GroupedLaunch:
+        """The grouped scorer's launch: the overrides set on this object (the tuning sweep's), else
+        the setting measured for this GPU model and these sums (`tuned.py`; dot scores only), else
+        the built-in heuristics: H200, 32K x 8, groups of 4, bf16 sums (tune_selection_gpu.py
+        --grouped-only, session 19): 36 us a layer for ESA's mean and GSA's max against a bound
+        of 31 us with 16 groups a tile and 2 stages; float32 ESA: 2 groups a tile on 8 warps."""
+        if use_dot:
+            base = GroupedLaunch(block_m=1, block_r=16, stages=2, warps=4)
+        elif kind == 0 and int(code) == 0:
+            base = GroupedLaunch(block_m=1, block_r=min(_pow2(groups), 2), stages=3, warps=8)
+        else:  # [groups, Hkv, D] tiles of ~4096 values (float32 GSA; Quest's two tiles of mins and maxs)
+            width = tile * (2 if kind == 1 else 1)
+            base = GroupedLaunch(block_m=1, block_r=max(1, min(_pow2(groups), 4096 // width)), stages=3, warps=4)
+        tuned = self._tuned_for(a.device) if self.use_tuned and kind == 0 and not self.interpret else None
+        if tuned is not None:
+            mode = "mean" if int(code) == 0 else "max"
+            base = tuned.grouped_scores.get(grouped_key(str(a.dtype).removeprefix("torch."), mode), base)
+        over = {
+            "block_m": self.grouped_block_m,
+            "block_r": self.grouped_block_r,
+            "stages": self.grouped_stages,
+            "warps": self.scores_warps,
+            "widen": self.grouped_widen,
+        }
+        launch = base.model_copy(update={k: v for k, v in over.items() if v is not None})
+        if use_dot and launch.block_r < 16:  # the tensor cores' smallest tile
+            launch = launch.model_copy(update={"block_r": 16})
+        return launch
+
+    def _tuned_for(self, device: torch.device) -> TunedFile | None:
+        """This GPU model's tuned settings, read once per device (a host query, never inside a
+        captured graph's replay)."""
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in self._tuned:
+            self._tuned[idx] = load_tuned(torch.cuda.get_device_name(idx))
+        return self._tuned[idx]
 
     # ---------------------------------------------------------------- KVStar
     def kvstar_reps_dtype(self, device: torch.device) -> torch.dtype | None:

@@ -1,0 +1,76 @@
+"""The grouped scorer's per-GPU tuned settings (backends/cuda/tuned.py): the files round-trip,
+a file that does not parse is an error naming it, the folder of `$UCM_CUDA_TUNED_DIR` wins over
+the shipped one, and every shipped file is valid for the kernel (the GPU runs use them)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from ucm_backends.cuda import tuned
+
+
+def _file(device: str = "NVIDIA H200") -> tuned.TunedFile:
+    return tuned.TunedFile(
+        device=device,
+        command="test",
+        grouped_scores={
+            "float8_e4m3fn/mean": tuned.GroupedLaunch(block_m=4, block_r=32, stages=3, warps=4, widen="float16"),
+            "bfloat16/max": tuned.GroupedLaunch(block_m=1, block_r=16, stages=2, warps=8),
+        },
+    )
+
+
+def test_file_name_is_the_cuda_name_with_safe_characters() -> None:
+    assert tuned.file_name("NVIDIA H200") == "NVIDIA_H200.json"
+    assert tuned.file_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3.json"
+
+
+def test_round_trip_through_the_env_folder(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(tuned.TUNED_DIR_ENV, str(tmp_path))
+    assert tuned.load_tuned("NVIDIA H200") is None  # nothing measured: the heuristics
+    path = tuned.write_tuned(tmp_path, _file())
+    assert path == tmp_path / "NVIDIA_H200.json"
+    got = tuned.load_tuned("NVIDIA H200")
+    assert got == _file()
+    launch = got.grouped_scores[tuned.grouped_key("float8_e4m3fn", "mean")]
+    assert (launch.block_m, launch.block_r, launch.widen) == (4, 32, "float16")
+    assert tuned.load_tuned("NVIDIA H100") is None  # another GPU model does not take H200's
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "{not json",
+        json.dumps(
+            {
+                "device": "x",
+                "command": "c",
+                "grouped_scores": {"bfloat16/max": {"block_m": 3, "block_r": 16, "stages": 2, "warps": 4}},
+            }
+        ),
+        json.dumps(
+            {
+                "device": "x",
+                "command": "c",
+                "grouped_scores": {"bfloat16/max": {"block_m": 1, "block_r": 16, "stages": 2, "warps": 5}},
+            }
+        ),
+        json.dumps({"device": "x", "command": "c", "grouped_scores": {}, "unknown": 1}),
+    ],
+)
+def test_a_broken_file_is_an_error_naming_it(tmp_path, monkeypatch, bad: str) -> None:
+    monkeypatch.setenv(tuned.TUNED_DIR_ENV, str(tmp_path))
+    (tmp_path / "NVIDIA_H200.json").write_text(bad)
+    with pytest.raises(ValueError, match="NVIDIA_H200.json"):
+        tuned.load_tuned("NVIDIA H200")
+
+
+def test_shipped_files_are_valid() -> None:
+    files = sorted(tuned.PACKAGED_DIR.glob("*.json"))
+    for path in files:
+        data = tuned.TunedFile.model_validate(json.loads(path.read_text()))
+        assert path.name == tuned.file_name(data.device)
+        for key in data.grouped_scores:
+            sums, mode = key.split("/")
+            assert sums in ("bfloat16", "float16", "float8_e4m3fn", "float32") and mode in ("mean", "max")
