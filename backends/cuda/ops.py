@@ -19,7 +19,7 @@ from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce
 from ucm.ops.reference import TorchReferenceOps
 
 from .kernels import get_kernels
-from .tuned import GroupedLaunch, TunedFile, grouped_key, load_tuned
+from .tuned import GroupedLaunch, TunedFile, load_tuned
 
 _LOG2E = 1.4426950408889634
 _REPS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what representations may be stored in
@@ -788,8 +788,7 @@ class CudaOps(TorchReferenceOps):
             base = GroupedLaunch(block_m=1, block_r=max(1, min(_pow2(groups), 4096 // width)), stages=3, warps=4)
         tuned = self._tuned_for(a.device) if self.use_tuned and kind == 0 and not self.interpret else None
         if tuned is not None:
-            mode = "mean" if int(code) == 0 else "max"
-            base = tuned.grouped_scores.get(grouped_key(str(a.dtype).removeprefix("torch."), mode), base)
+            base = tuned.grouped(a.dtype, "mean" if int(code) == 0 else "max") or base
         over = {
             "block_m": self.grouped_block_m,
             "block_r": self.grouped_block_r,

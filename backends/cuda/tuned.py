@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 TUNED_DIR_ENV = "UCM_CUDA_TUNED_DIR"
@@ -50,6 +51,10 @@ class TunedFile(BaseModel):
     command: str
     #: "<sums dtype>/<group reduction>", e.g. "float8_e4m3fn/mean" (ESA) or "bfloat16/max" (GSA)
     grouped_scores: dict[str, GroupedLaunch]
+
+    def grouped(self, sums_dtype: torch.dtype, group_reduce: str) -> GroupedLaunch | None:
+        """The launch measured for these sums and this reduction over a GQA group, if any."""
+        return self.grouped_scores.get(grouped_key(str(sums_dtype).removeprefix("torch."), group_reduce))
 
 
 def file_name(device_name: str) -> str:
