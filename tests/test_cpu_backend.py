@@ -155,6 +155,39 @@ def test_fallback_inputs_not_taken_natively(cpu: CpuOps) -> None:
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("group_reduce", ["mean", "max"])
+def test_native_dot_scores_narrow_sums_as_their_exact_float32_values(cpu: CpuOps, dtype, group_reduce) -> None:
+    """The native dot scorer reads bfloat16 / float8 group sums (the GPU's defaults) row by row,
+    widened exactly: its scores are bit-equal to the float32 kernel's on the widened cache, for
+    every float8 bit pattern but the two NaNs (which stay NaN)."""
+    ns = cpu._native()
+    if ns is None:
+        pytest.skip(f"native kernels unavailable: {cpu.native_error}")
+    table, seq_lens, nb = paged_case(gen(5), [300, 7, 0, 129], 16)
+    hkv, d = 2, 64
+    if dtype == torch.float8_e4m3fn:  # every bit pattern, NaNs (0x7f, 0xff) as +-448
+        bits = torch.arange(nb * hkv * d) % 256
+        bits = torch.where((bits & 0x7F) == 0x7F, bits - 1, bits).to(torch.uint8)
+        reps = bits.view(torch.float8_e4m3fn).view(nb, hkv, d)
+    else:
+        reps = (torch.randn(nb, hkv, d, generator=gen(6)) * 50).to(dtype)
+    q = torch.randn(table.shape[0], 8, d, generator=gen(7))
+    code = int(GroupReduceCode.MEAN if group_reduce == "mean" else GroupReduceCode.MAX)
+    t64, l64 = table.to(torch.int64), seq_lens.to(torch.int64)
+    got = ns.block_scores_dot(q, reps, t64, l64, 16, code)
+    want = ns.block_scores_dot(q, reps.to(torch.float32), t64, l64, 16, code)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(
+        got, REF.block_scores_dot(q, reps, table, seq_lens, 16, group_reduce), rtol=1e-4, atol=1e-2
+    )
+    if dtype == torch.float8_e4m3fn:  # a NaN in a read block's sums makes its score NaN, as in torch
+        nan = reps.clone()
+        nan.view(torch.uint8)[int(table[0, 0]), 0, 0] = 0x7F
+        out = ns.block_scores_dot(q, nan, t64, l64, 16, code)
+        assert torch.isnan(out[0, 0]) and not torch.isnan(out[0, 1:]).any()
+
+
 def test_fused_select_rewrite_and_kvstar_scores_match_the_reference_paths(cpu: CpuOps) -> None:
     """The CPU backend's fast paths (top-k + block-table rewrite in one call, batched KVStar
     scoring) give what the contract's reference ops give through the generic code."""

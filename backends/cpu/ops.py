@@ -53,6 +53,7 @@ _SOURCE = Path(__file__).resolve().parent / "csrc" / "ucm_cpu_ops.cpp"
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DOT_REPS = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)  # what the native dot scorer reads
 
 # Process-wide cache of the build/load result (loading registers torch ops, which can happen only
 # once per process). A cache, not configuration.
@@ -659,7 +660,7 @@ class CpuOps(TorchReferenceOps):
         if (
             ns is None
             or not _all_cpu(q, repr_cache, block_table, seq_lens)
-            or repr_cache.dtype != torch.float32  # converting the whole cache would cost more than it saves
+            or repr_cache.dtype not in _DOT_REPS  # each row is widened as it is read, never the whole cache
             or q.dtype not in _FLOATS
             or not (_is_int(block_table) and _is_int(seq_lens))
             or int(block_size) <= 0

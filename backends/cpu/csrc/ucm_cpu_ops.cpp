@@ -19,6 +19,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -88,8 +89,12 @@ struct BlockScoreArgs {
 inline BlockScoreArgs check_block_score_args(const char* op, const at::Tensor& q, const at::Tensor& repr,
                                              const at::Tensor& block_table, const at::Tensor& seq_lens,
                                              int64_t block_size, int64_t group_reduce) {
-  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat && repr.scalar_type() == at::kFloat, op,
-                    ": q and the block representations must be float32 here");
+  const bool narrow_ok = std::strcmp(op, "block_scores_dot") == 0;  // bf16 / float8 sums widen exactly
+  const auto rt = repr.scalar_type();
+  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat &&
+                        (rt == at::kFloat || (narrow_ok && (rt == at::kBFloat16 || rt == at::kFloat8_e4m3fn))),
+                    op, ": q must be float32 and the block representations float32",
+                    narrow_ok ? ", bfloat16 or float8_e4m3fn" : "", " here");
   TORCH_CHECK_VALUE(block_table.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong, op,
                     ": block_table and seq_lens must be int64 here");
   TORCH_CHECK_VALUE(q.dim() == 3 && repr.dim() == 3 && block_table.dim() == 2 && seq_lens.dim() == 1, op,
@@ -692,6 +697,74 @@ at::Tensor kvstar_scores(const at::Tensor& q, const at::Tensor& sums, const at::
 }
 
 // group_reduce: kGroupMean (ESA) or kGroupMax (GSA).
+// A representation row of n values as float32: float32 rows are read in place, bfloat16 and
+// float8 e4m3 rows widened (exactly) into `buf` first, so every type meets the same dot.
+inline const float* widen_row(const float* src, int64_t, float*) { return src; }
+
+inline const float* widen_row(const at::BFloat16* src, int64_t n, float* buf) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t w = static_cast<uint32_t>(bits[i]) << 16;
+    std::memcpy(buf + i, &w, sizeof(float));
+  }
+  return buf;
+}
+
+// float8 e4m3fn -> float32 by a 256-entry table (built once from c10's own conversion)
+inline const float* fp8_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(256);
+    for (int v = 0; v < 256; ++v) t[v] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(v), c10::Float8_e4m3fn::from_bits()));
+    return t;
+  }();
+  return table.data();
+}
+
+inline const float* widen_row(const at::Float8_e4m3fn* src, int64_t n, float* buf) {
+  const uint8_t* bits = reinterpret_cast<const uint8_t*>(src);
+  const float* table = fp8_table();
+  for (int64_t i = 0; i < n; ++i) buf[i] = table[bits[i]];
+  return buf;
+}
+
+template <typename RT>
+void block_scores_dot_rows(const BlockScoreArgs& a, const float* qp, const float* qmean, const RT* rp,
+                           int64_t block_size, int64_t group_reduce, float* o) {
+  const int64_t B = a.B, hq = a.hq, d = a.d, hkv = a.hkv, M = a.M, g = a.g;
+  const int64_t* t = a.table.data_ptr<int64_t>();
+  const int64_t* s = a.lens.data_ptr<int64_t>();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  if (std::is_same<RT, at::Float8_e4m3fn>::value) fp8_table();  // built before the threads start
+#pragma omp parallel num_threads(num_threads()) if (B * M * hq * d > 65536)
+  {
+    std::vector<float> buf(std::is_same<RT, float>::value ? 0 : static_cast<size_t>(hkv * d));
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < B * M; ++item) {
+      const int64_t b = item / M;
+      const int64_t j = item % M;
+      if (!block_in_row(s, b, j, M, block_size)) {
+        o[item] = ninf;
+        continue;
+      }
+      const float* rep = widen_row(rp + std::max<int64_t>(t[item], 0) * hkv * d, hkv * d, buf.data());
+      float total = 0.0f;
+      for (int64_t h = 0; h < hkv; ++h) {
+        if (group_reduce == kGroupMean) {
+          total += dot_f32(qmean + (b * hkv + h) * d, rep + h * d, d);
+        } else {
+          float best = ninf;
+          for (int64_t gi = 0; gi < g; ++gi) {
+            const float v = dot_f32(qp + (b * hq + h * g + gi) * d, rep + h * d, d);
+            if (v > best || std::isnan(v)) best = v;  // NaN propagates, as in torch's amax
+          }
+          total += best;
+        }
+      }
+      o[item] = total;
+    }
+  }
+}
+
 at::Tensor block_scores_dot(const at::Tensor& q, const at::Tensor& repr_cache, const at::Tensor& block_table,
                             const at::Tensor& seq_lens, int64_t block_size, int64_t group_reduce) {
   const BlockScoreArgs a =
@@ -701,11 +774,7 @@ at::Tensor block_scores_dot(const at::Tensor& q, const at::Tensor& repr_cache, c
   const int64_t B = a.B, hq = a.hq, d = a.d, hkv = a.hkv, M = a.M, g = a.g;
   at::Tensor out = at::empty({B, M}, qc.options().dtype(at::kFloat));
   if (B == 0 || M == 0) return out;
-  const int64_t* t = a.table.data_ptr<int64_t>();
-  const int64_t* s = a.lens.data_ptr<int64_t>();
   const float* qp = qc.data_ptr<float>();
-  const float* rp = rc.data_ptr<float>();
-  float* o = out.data_ptr<float>();
   // ESA: average each GQA group's queries once per row: [B, Hkv, D].
   std::vector<float> qmean;
   if (group_reduce == kGroupMean) {
@@ -720,30 +789,16 @@ at::Tensor block_scores_dot(const at::Tensor& q, const at::Tensor& repr_cache, c
         for (int64_t i = 0; i < d; ++i) dst[i] /= static_cast<float>(g);
       }
   }
-  const float ninf = -std::numeric_limits<float>::infinity();
-#pragma omp parallel for schedule(static) num_threads(num_threads()) if (B * M * hq * d > 65536)
-  for (int64_t item = 0; item < B * M; ++item) {
-    const int64_t b = item / M;
-    const int64_t j = item % M;
-    if (!block_in_row(s, b, j, M, block_size)) {
-      o[item] = ninf;
-      continue;
-    }
-    const float* rep = rp + std::max<int64_t>(t[item], 0) * hkv * d;
-    float total = 0.0f;
-    for (int64_t h = 0; h < hkv; ++h) {
-      if (group_reduce == kGroupMean) {
-        total += dot_f32(qmean.data() + (b * hkv + h) * d, rep + h * d, d);
-      } else {
-        float best = -std::numeric_limits<float>::infinity();
-        for (int64_t gi = 0; gi < g; ++gi) {
-          const float v = dot_f32(qp + (b * hq + h * g + gi) * d, rep + h * d, d);
-          if (v > best || std::isnan(v)) best = v;  // NaN propagates, as in torch's amax
-        }
-        total += best;
-      }
-    }
-    o[item] = total;
+  float* o = out.data_ptr<float>();
+  switch (rc.scalar_type()) {
+    case at::kBFloat16:
+      block_scores_dot_rows(a, qp, qmean.data(), rc.data_ptr<at::BFloat16>(), block_size, group_reduce, o);
+      break;
+    case at::kFloat8_e4m3fn:
+      block_scores_dot_rows(a, qp, qmean.data(), rc.data_ptr<at::Float8_e4m3fn>(), block_size, group_reduce, o);
+      break;
+    default:
+      block_scores_dot_rows(a, qp, qmean.data(), rc.data_ptr<float>(), block_size, group_reduce, o);
   }
   return out;
 }
