@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One device session's GPU runs, in phases that each fit one `run` call (10 minutes). Each phase
+# writes under $HOME/res/PHASE and packs it into $OUT/PHASE.tgz (a call returns at most 8
+# files), also when a step fails or runs out of time, so what was measured always comes back.
+#
+#   source $HOME/stage/device_setup.sh && bash benchmarks/gpu_session.sh PHASE
+#
+# Phases (in this order; `tune` first, since the benches run with its launch settings):
+#   tune   the CUDA conformance subset, then the grouped scorer's launch search
+#          (tune_selection_gpu.py --grouped-only --write-tuned): $HOME/tuned/<GPU>.json, which
+#          the later phases use through UCM_CUDA_TUNED_DIR; commit it to backends/cuda/tuned/
+#   32k    plain vLLM (first and last) vs ESA, GSA, GSA on device, KVStar at 32K, batch 1 and 8, 0.3
+#   32kx   plain vLLM vs ESA at 0.1 and 0.999 (the overhead cell) and Quest (its float32 bounds of
+#          groups are half the KV cache's bytes: vLLM gets 0.55 of the GPU) at 32K x 8
+#   128k   plain vLLM vs ESA / GSA / GSA on device at 128K x 4, ratios 0.3 and 0.1
+#   tests  tests/test_vllm_gpu.py (the in-engine GPU tests)
+# Merge the benches' JSON into benchmarks/results/vllm_gpu_decode.json with
+# `bench_vllm_gpu.py --merge` here afterwards.
+set -uo pipefail
+PHASE=${1:?usage: gpu_session.sh tune|32k|32kx|128k|tests}
+R=$HOME/res/$PHASE
+mkdir -p "$R" "$HOME/tuned"
+export PYTHONUNBUFFERED=1 UCM_CUDA_TUNED_DIR=$HOME/tuned
+pack() { tar czf "${OUT:-$HOME}/$PHASE.tgz" -C "$HOME/res" "$PHASE"; }
+trap pack EXIT
+git rev-parse HEAD > "$R/commit.txt" 2>/dev/null
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$R/gpu.txt"
+case $PHASE in
+  tune)
+    timeout 200 python -m pytest -q -n 8 -p no:cacheprovider tests/test_ops_conformance.py tests/test_subblocks.py \
+      tests/test_cuda_tuned.py -k "cuda and (scores or sums or reps or mean or quest or grouped)" \
+      > "$R/cuda_conformance.txt" 2>&1
+    tail -2 "$R/cuda_conformance.txt"
+    timeout 330 python benchmarks/tune_selection_gpu.py --grouped-only --out "$R" --write-tuned "$HOME/tuned" \
+      > "$R/tune.log" 2>&1
+    tail -2 "$R/tune.log"
+    cp "$HOME"/tuned/*.json "$R/" 2>/dev/null && cat "$HOME"/tuned/*.json
+    ;;
+  32k)
+    timeout 570 python benchmarks/bench_vllm_gpu.py --contexts 32768 --batches 1 8 --new-tokens 48 --dense-again \
+      --profile 16 --gpu-memory-utilization 0.7 --out "$R" --name vllm_gpu_32k \
+      --settings dense ESA:0.3 GSA:0.3 GSAOnDevice:0.3 KVStarMultiStep:0.3 > "$R/bench.log" 2>&1
+    grep -E "^\[" "$R/bench.log"
+    ;;
+  32kx)
+    timeout 570 python benchmarks/bench_vllm_gpu.py --contexts 32768 --batches 8 --new-tokens 48 \
+      --gpu-memory-utilization 0.55 --out "$R" --name vllm_gpu_32k_extra \
+      --settings dense ESA:0.1 ESA:0.999 Quest:0.3 > "$R/bench.log" 2>&1
+    grep -E "^\[" "$R/bench.log"
+    ;;
+  128k)
+    timeout 570 python benchmarks/bench_vllm_gpu.py --contexts 131072 --batches 4 --new-tokens 24 \
+      --out "$R" --name vllm_gpu_128k --settings dense ESA:0.3 ESA:0.1 GSA:0.3 GSAOnDevice:0.3 \
+      > "$R/bench.log" 2>&1
+    grep -E "^\[" "$R/bench.log"
+    ;;
+  tests)
+    timeout 570 python -m pytest -x -q -p no:cacheprovider tests/test_vllm_gpu.py > "$R/vllm_gpu_tests.txt" 2>&1
+    tail -3 "$R/vllm_gpu_tests.txt"
+    ;;
+  *)
+    echo "unknown phase $PHASE: tune|32k|32kx|128k|tests" >&2
+    exit 2
+    ;;
+esac
