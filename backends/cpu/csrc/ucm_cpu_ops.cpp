@@ -88,9 +88,8 @@ struct BlockScoreArgs {
 
 inline BlockScoreArgs check_block_score_args(const char* op, const at::Tensor& q, const at::Tensor& repr,
                                              const at::Tensor& block_table, const at::Tensor& seq_lens,
-                                             int64_t block_size, int64_t group_reduce) {
-  const bool narrow_ok = std::strcmp(op, "block_scores_dot") == 0;  // bf16 / float8 sums widen exactly
-  const auto rt = repr.scalar_type();
+                                             int64_t block_size, int64_t group_reduce, bool narrow_ok = false) {
+  const auto rt = repr.scalar_type();  // narrow_ok: bfloat16 / float8 representations (widened exactly)
   TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat &&
                         (rt == at::kFloat || (narrow_ok && (rt == at::kBFloat16 || rt == at::kFloat8_e4m3fn))),
                     op, ": q must be float32 and the block representations float32",
@@ -768,7 +767,7 @@ void block_scores_dot_rows(const BlockScoreArgs& a, const float* qp, const float
 at::Tensor block_scores_dot(const at::Tensor& q, const at::Tensor& repr_cache, const at::Tensor& block_table,
                             const at::Tensor& seq_lens, int64_t block_size, int64_t group_reduce) {
   const BlockScoreArgs a =
-      check_block_score_args("block_scores_dot", q, repr_cache, block_table, seq_lens, block_size, group_reduce);
+      check_block_score_args("block_scores_dot", q, repr_cache, block_table, seq_lens, block_size, group_reduce, true);
   const at::Tensor& qc = a.q;
   const at::Tensor rc = repr_cache.contiguous();
   const int64_t B = a.B, hq = a.hq, d = a.d, hkv = a.hkv, M = a.M, g = a.g;
