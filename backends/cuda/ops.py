@@ -64,6 +64,7 @@ class CudaOps(TorchReferenceOps):
         #: False: do not read them (the tuning sweep times its own settings)
         self.use_tuned: bool = True
         self._tuned: dict[int, TunedFile | None] = {}
+        self._launches: dict[tuple, GroupedLaunch] = {}
         self.kvstar_block_n: int | None = None
         self.kvstar_block_k: int | None = None
         self.kvstar_warps: int | None = None
@@ -775,10 +776,16 @@ class CudaOps(TorchReferenceOps):
 
     def _grouped_launch(self, kind, code, a: torch.Tensor, use_dot: bool, groups: int, tile: int) -> GroupedLaunch:
         """The grouped scorer's launch: the overrides set on this object (the tuning sweep's), else
-        the setting measured for this GPU model and these sums (`tuned.py`; dot scores only), else
-        the built-in heuristics: H200, 32K x 8, groups of 4, bf16 sums (tune_selection_gpu.py
-        --grouped-only, session 19): 36 us a layer for ESA's mean and GSA's max against a bound
-        of 31 us with 16 groups a tile and 2 stages; float32 ESA: 2 groups a tile on 8 warps."""
+        the setting measured for this GPU model and these sums (`tuned.py`; the tensor-core path
+        only, what the search times), else the built-in heuristics: H200, 32K x 8, groups of 4,
+        bf16 sums (tune_selection_gpu.py --grouped-only, session 19): 36 us a layer for ESA's mean
+        and GSA's max against a bound of 31 us with 16 groups a tile and 2 stages; float32 ESA: 2
+        groups a tile on 8 warps. Kept per call shape (eager decode asks every layer and step)."""
+        over = (self.grouped_block_m, self.grouped_block_r, self.grouped_stages, self.scores_warps, self.grouped_widen)
+        key = (kind, int(code), a.dtype, a.device, use_dot, groups, tile, self.use_tuned, over)
+        launch = self._launches.get(key)
+        if launch is not None:
+            return launch
         if use_dot:
             base = GroupedLaunch(block_m=1, block_r=16, stages=2, warps=4)
         elif kind == 0 and int(code) == 0:
@@ -786,19 +793,14 @@ class CudaOps(TorchReferenceOps):
         else:  # [groups, Hkv, D] tiles of ~4096 values (float32 GSA; Quest's two tiles of mins and maxs)
             width = tile * (2 if kind == 1 else 1)
             base = GroupedLaunch(block_m=1, block_r=max(1, min(_pow2(groups), 4096 // width)), stages=3, warps=4)
-        tuned = self._tuned_for(a.device) if self.use_tuned and kind == 0 and not self.interpret else None
+        tuned = self._tuned_for(a.device) if self.use_tuned and use_dot and not self.interpret else None
         if tuned is not None:
             base = tuned.grouped(a.dtype, "mean" if int(code) == 0 else "max") or base
-        over = {
-            "block_m": self.grouped_block_m,
-            "block_r": self.grouped_block_r,
-            "stages": self.grouped_stages,
-            "warps": self.scores_warps,
-            "widen": self.grouped_widen,
-        }
-        launch = base.model_copy(update={k: v for k, v in over.items() if v is not None})
+        names = ("block_m", "block_r", "stages", "warps", "widen")
+        launch = base.model_copy(update={k: v for k, v in zip(names, over, strict=True) if v is not None})
         if use_dot and launch.block_r < 16:  # the tensor cores' smallest tile
             launch = launch.model_copy(update={"block_r": 16})
+        self._launches[key] = launch
         return launch
 
     def _tuned_for(self, device: torch.device) -> TunedFile | None:
