@@ -54,6 +54,7 @@ _SOURCE = Path(__file__).resolve().parent / "csrc" / "ucm_cpu_ops.cpp"
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DOT_REPS = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)  # what the native dot scorer reads
+_SUMS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)  # what it writes group sums in
 
 # Process-wide cache of the build/load result (loading registers torch ops, which can happen only
 # once per process). A cache, not configuration.
@@ -546,7 +547,7 @@ class CpuOps(TorchReferenceOps):
         ns = self._native()
         ok = (
             _all_cpu(sums, key, slot_mapping)
-            and sums.dtype == torch.float32
+            and sums.dtype in _SUMS_DTYPES
             and sums.dim() == 4
             and sums.is_contiguous()
             and key.dtype in _FLOATS

@@ -20,6 +20,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #ifdef _OPENMP
@@ -948,10 +949,49 @@ std::tuple<at::Tensor, at::Tensor> paged_decode_attention(const at::Tensor& q, c
 // Running per-block key sums (ESA/GSA/KVStar representations), in place: one call per layer and
 // step instead of a dozen small torch ops. Fresh blocks (offset 0 written) are zeroed before any
 // key of the call is added, as the reference does.
+// Narrow group sums (bfloat16, float16, float8 e4m3): each group the call touches takes the call's
+// keys summed in float32 (in token order), added to its widened value and rounded once to
+// nearest even, float8 saturated at +-448 first: the contract's rule, bit for bit as torch does it.
+template <typename ST>
+void add_rounded_once(ST* s, const float* kp, const int64_t* sp, int64_t t_len, int64_t block_size, int64_t merge,
+                      int64_t r, int64_t hd) {
+  std::vector<int64_t> rows;  // touched groups, in first-touch order
+  std::unordered_map<int64_t, int64_t> index;  // group -> its place in rows
+  std::vector<int64_t> slot_of(static_cast<size_t>(t_len), -1);
+  for (int64_t t = 0; t < t_len; ++t) {
+    if (sp[t] < 0) continue;
+    const int64_t row = (sp[t] / block_size) * r + (sp[t] % block_size) / merge;
+    const auto found = index.emplace(row, static_cast<int64_t>(rows.size()));
+    if (found.second) rows.push_back(row);
+    slot_of[t] = found.first->second;
+  }
+  std::vector<float> acc(rows.size() * hd, 0.0f);
+  for (int64_t t = 0; t < t_len; ++t) {
+    if (slot_of[t] < 0) continue;
+    float* dst = acc.data() + slot_of[t] * hd;
+    const float* src = kp + t * hd;
+    for (int64_t i = 0; i < hd; ++i) dst[i] += src[i];
+  }
+  const bool fp8 = std::is_same<ST, at::Float8_e4m3fn>::value;
+  const float fmax = fp8 ? 448.0f : 0.0f;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    ST* dst = s + rows[i] * hd;
+    const float* add = acc.data() + i * hd;
+    for (int64_t j = 0; j < hd; ++j) {
+      float v = static_cast<float>(dst[j]) + add[j];
+      if (fp8 && !std::isnan(v)) v = std::min(std::max(v, -fmax), fmax);
+      dst[j] = static_cast<ST>(v);
+    }
+  }
+}
+
 void block_sums_add(at::Tensor sums, std::optional<at::Tensor> abs_sums, const at::Tensor& key,
                     const at::Tensor& slot_mapping, int64_t block_size, int64_t merge) {
-  TORCH_CHECK_VALUE(sums.dim() == 4 && sums.scalar_type() == at::kFloat && sums.is_contiguous() && sums.device().is_cpu(),
-                    "block_sums_add: sums must be a contiguous float32 CPU tensor [NB, R, H, D]");
+  const auto st = sums.scalar_type();
+  TORCH_CHECK_VALUE(sums.dim() == 4 && sums.is_contiguous() && sums.device().is_cpu() &&
+                        (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kFloat8_e4m3fn),
+                    "block_sums_add: sums must be a contiguous float32, bfloat16, float16 or float8_e4m3fn CPU "
+                    "tensor [NB, R, H, D]");
   const int64_t nb = sums.size(0), r = sums.size(1), hd = sums.size(2) * sums.size(3);
   TORCH_CHECK_VALUE(block_size > 0 && merge > 0 && block_size % merge == 0 && block_size / merge == r,
                     "block_sums_add: block_size ", block_size, " / merge ", merge, " must equal R = ", r);
@@ -970,24 +1010,38 @@ void block_sums_add(at::Tensor sums, std::optional<at::Tensor> abs_sums, const a
   const float* kp = k.data_ptr<float>();
   const int64_t* sp = sl.data_ptr<int64_t>();
   const int64_t t_len = k.size(0);
-  float* s = sums.data_ptr<float>();
   for (int64_t t = 0; t < t_len; ++t) {
     TORCH_CHECK_VALUE(sp[t] < nb * block_size, "block_sums_add: slot ", sp[t], " is past ", nb, " blocks of ", block_size);
   }
+  uint8_t* raw = static_cast<uint8_t*>(sums.data_ptr());
+  const int64_t esize = sums.element_size();
   for (int64_t t = 0; t < t_len; ++t) {
     if (sp[t] < 0 || sp[t] % block_size != 0) continue;
     const int64_t b = sp[t] / block_size;
-    std::memset(s + b * r * hd, 0, sizeof(float) * r * hd);
+    std::memset(raw + b * r * hd * esize, 0, static_cast<size_t>(esize * r * hd));  // zero bits: 0.0 in every type
     if (a != nullptr) std::memset(a + b * hd, 0, sizeof(float) * hd);
   }
-  for (int64_t t = 0; t < t_len; ++t) {
-    if (sp[t] < 0) continue;
-    const int64_t b = sp[t] / block_size, off = sp[t] % block_size;
-    float* dst = s + (b * r + off / merge) * hd;
-    const float* src = kp + t * hd;
-    for (int64_t i = 0; i < hd; ++i) dst[i] += src[i];
-    if (a != nullptr) {
-      float* ad = a + b * hd;
+  if (st == at::kFloat) {
+    float* s = sums.data_ptr<float>();
+    for (int64_t t = 0; t < t_len; ++t) {
+      if (sp[t] < 0) continue;
+      const int64_t b = sp[t] / block_size, off = sp[t] % block_size;
+      float* dst = s + (b * r + off / merge) * hd;
+      const float* src = kp + t * hd;
+      for (int64_t i = 0; i < hd; ++i) dst[i] += src[i];
+    }
+  } else if (st == at::kBFloat16) {
+    add_rounded_once(sums.data_ptr<at::BFloat16>(), kp, sp, t_len, block_size, merge, r, hd);
+  } else if (st == at::kHalf) {
+    add_rounded_once(sums.data_ptr<at::Half>(), kp, sp, t_len, block_size, merge, r, hd);
+  } else {
+    add_rounded_once(sums.data_ptr<at::Float8_e4m3fn>(), kp, sp, t_len, block_size, merge, r, hd);
+  }
+  if (a != nullptr) {
+    for (int64_t t = 0; t < t_len; ++t) {
+      if (sp[t] < 0) continue;
+      float* ad = a + (sp[t] / block_size) * hd;
+      const float* src = kp + t * hd;
       for (int64_t i = 0; i < hd; ++i) ad[i] += std::fabs(src[i]);
     }
   }
