@@ -223,10 +223,16 @@ def sweep_grouped(ops, b: int, ctx: int, merge: int = 4, only: dict | None = Non
                 ]
             )
             out.append({**row, "default": True, "us": round(us / LAYERS, 2)})
+            print(out[-1], flush=True)  # each row as it is measured: a run cut off still says what it found
+
+            def measure(lc, row=row, reps=reps, mode=mode) -> dict:
+                r = {**row, **lc.model_dump(), "us": timed(reps, mode, lc)}
+                print(r, flush=True)
+                return r
+
             if only is not None:
                 if key in only:
-                    launch = GroupedLaunch.model_validate(only[key])
-                    out.append({**row, **launch.model_dump(), "us": timed(reps, mode, launch)})
+                    out.append(measure(GroupedLaunch.model_validate(only[key])))
                 continue
             first = [GroupedLaunch(block_m=1, block_r=16, stages=2, warps=4)]  # the built-in one, by name
             first += [
@@ -235,7 +241,7 @@ def sweep_grouped(ops, b: int, ctx: int, merge: int = 4, only: dict | None = Non
                 for bm in (1, 2, 4, 8)
                 for br in (16, 32)
             ]
-            rows = [{**row, **lc.model_dump(), "us": timed(reps, mode, lc)} for lc in first]
+            rows = [measure(lc) for lc in first]
             ok = sorted((r for r in rows if isinstance(r["us"], float)), key=lambda r: r["us"])
             second = [
                 GroupedLaunch.model_validate(
@@ -246,7 +252,7 @@ def sweep_grouped(ops, b: int, ctx: int, merge: int = 4, only: dict | None = Non
                 for w in (4, 8)
                 if (st, w) != (3, 4)
             ]
-            rows += [{**row, **lc.model_dump(), "us": timed(reps, mode, lc)} for lc in second]
+            rows += [measure(lc) for lc in second]
             out.extend(rows)
         del reps
     ops.use_tuned = True
@@ -359,9 +365,8 @@ def main() -> None:
     (b0, ctx0), (b1, ctx1) = cells[:2]
     rows = sweep_grouped(ops, b0, ctx0)  # the search, at 32K x 8
     chosen = best_grouped(rows)
+    print("chosen at 32K x 8:", chosen, flush=True)
     rows += sweep_grouped(ops, b1, ctx1, only=chosen)  # its choice and the built-in one at 128K x 4
-    for row in rows:
-        print(row, flush=True)
     result["ops"].extend(rows)
     result["grouped_chosen"] = chosen
     if args.write_tuned:
