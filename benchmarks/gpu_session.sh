@@ -27,11 +27,11 @@ git rev-parse HEAD > "$R/commit.txt" 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$R/gpu.txt"
 case $PHASE in
   tune)
-    timeout 200 python -m pytest -q -n 8 -p no:cacheprovider tests/test_ops_conformance.py tests/test_subblocks.py \
+    timeout 180 python -m pytest -q -n 8 -p no:cacheprovider tests/test_ops_conformance.py tests/test_subblocks.py \
       tests/test_cuda_tuned.py -k "cuda and (scores or sums or reps or mean or quest or grouped)" \
       > "$R/cuda_conformance.txt" 2>&1
     tail -2 "$R/cuda_conformance.txt"
-    timeout 330 python benchmarks/tune_selection_gpu.py --grouped-only --out "$R" --write-tuned "$HOME/tuned" \
+    timeout 380 python benchmarks/tune_selection_gpu.py --grouped-only --out "$R" --write-tuned "$HOME/tuned" \
       > "$R/tune.log" 2>&1
     tail -2 "$R/tune.log"
     cp "$HOME"/tuned/*.json "$R/" 2>/dev/null && cat "$HOME"/tuned/*.json
