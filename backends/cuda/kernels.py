@@ -937,7 +937,9 @@ def _scores_grouped_kernel(
             qm += tl.load(qrow + (h * G + gg)[:, None] * stride_qh + d[None, :], mask=hd, other=0.0).to(tl.float32)
         qm = qm / G
     n_r = tl.cdiv(R, BLOCK_R)
-    for it in range(0, BLOCK_M * n_r):
+    # only this program's columns inside the row (a shorter row of a batch does no work past its end)
+    n_cols = tl.minimum(tl.maximum((seq_len + BS - 1) // BS - jm * BLOCK_M, 0), BLOCK_M)
+    for it in range(0, n_cols * n_r):
         jj = it // n_r
         j = jm * BLOCK_M + jj
         r = (it % n_r) * BLOCK_R + tl.arange(0, BLOCK_R)
