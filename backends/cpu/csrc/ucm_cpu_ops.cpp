@@ -70,6 +70,16 @@ inline bool block_in_row(const int64_t* s, int64_t b, int64_t j, int64_t M, int6
   return j < (len + bs - 1) / bs;
 }
 
+// Row b and column j of score `item` of a [B, M] table: false, the score set to -inf, when the
+// column is past the row's end.
+inline bool row_block(int64_t item, int64_t M, const int64_t* s, int64_t bs, float* o, int64_t& b, int64_t& j) {
+  b = item / M;
+  j = item % M;
+  if (block_in_row(s, b, j, M, bs)) return true;
+  o[item] = -std::numeric_limits<float>::infinity();
+  return false;
+}
+
 // Reduce codes over a block's token distances and over a GQA group's query heads: the values of
 // ucm.ops.contract.ReduceCode / GroupReduceCode, which the Python side passes (never names);
 // `reduce_codes()` / `group_reduce_codes()` echo them so a test holds the two sides equal.
@@ -740,12 +750,8 @@ void block_scores_dot_rows(const BlockScoreArgs& a, const float* qp, const float
     std::vector<float> buf(std::is_same<RT, float>::value ? 0 : static_cast<size_t>(hkv * d));
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < B * M; ++item) {
-      const int64_t b = item / M;
-      const int64_t j = item % M;
-      if (!block_in_row(s, b, j, M, block_size)) {
-        o[item] = ninf;
-        continue;
-      }
+      int64_t b, j;
+      if (!row_block(item, M, s, block_size, o, b, j)) continue;
       const float* rep = widen_row(rp + std::max<int64_t>(t[item], 0) * hkv * d, hkv * d, buf.data());
       float total = 0.0f;
       for (int64_t h = 0; h < hkv; ++h) {
@@ -1146,12 +1152,8 @@ at::Tensor block_scores_minmax(const at::Tensor& q, const at::Tensor& mins, cons
   const float gf = static_cast<float>(g);
 #pragma omp parallel for schedule(static) num_threads(num_threads()) if (B * M * hq * d > 32768)
   for (int64_t item = 0; item < B * M; ++item) {
-    const int64_t b = item / M;
-    const int64_t j = item % M;
-    if (!block_in_row(s, b, j, M, block_size)) {
-      o[item] = ninf;
-      continue;
-    }
+    int64_t b, j;
+    if (!row_block(item, M, s, block_size, o, b, j)) continue;
     const int64_t blk = std::max<int64_t>(t[item], 0);  // the reference clamps negative ids to 0
     float total = 0.0f;
     for (int64_t h = 0; h < hkv; ++h) {
