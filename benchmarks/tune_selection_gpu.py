@@ -196,16 +196,14 @@ def sweep_grouped(ops, b: int, ctx: int, merge: int = 4, only: dict | None = Non
     ops.use_tuned = False  # every timing below is of the setting it names
 
     def timed(reps, mode, launch) -> float | str:
-        ops.grouped_block_m, ops.grouped_block_r = launch.block_m, launch.block_r
-        ops.grouped_stages, ops.scores_warps, ops.grouped_widen = launch.stages, launch.warps, launch.widen
+        ops.override_grouped(launch)
         try:
             us = graph_us(lambda: [ops.block_scores_dot(q, reps, table, lens, BS, mode) for _ in range(LAYERS)])
             return round(us / LAYERS, 2)
         except Exception as e:  # a launch setting Triton cannot compile (e.g. out of shared memory)
             return f"failed: {type(e).__name__}: {str(e)[:200]}"
         finally:
-            ops.grouped_block_m = ops.grouped_block_r = ops.grouped_stages = None
-            ops.scores_warps = ops.grouped_widen = None
+            ops.override_grouped(None)
 
     for dtype in (torch.bfloat16, torch.float8_e4m3fn):
         sums = str(dtype).removeprefix("torch.")

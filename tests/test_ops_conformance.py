@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,9 +56,10 @@ class Backend:
     interpreted: bool = False  # Triton's CPU interpreter: small cases only
     gpu: bool = False  # compiled GPU kernels: the full-size cases too
     exact_mean: bool = True  # Hamming "mean" bit-exact (Ascend: within an ulp)
-    topk_variants: list[Callable[[], None]] = field(default_factory=lambda: [lambda: None])
+    #: attribute settings of the ops to run a case under, each restored after: top-k strategies,
+    #: grouped-scorer launches (CUDA: what a tuned file may ask for)
+    topk_variants: list[dict] = field(default_factory=lambda: [{}])
     attention_kwargs: list[dict] = field(default_factory=lambda: [{}])
-    #: launch settings of the grouped scorer to run each case under (CUDA: attribute overrides)
     grouped_launches: list[dict] = field(default_factory=lambda: [{}])
 
     def to(self, t: torch.Tensor) -> torch.Tensor:
@@ -71,50 +72,41 @@ class Backend:
         if tier == "native" and self.interpreted:
             pytest.skip("CPU-sized case: Triton's interpreter runs the small cases")
 
-    def each_topk_variant(self) -> Iterator[None]:
-        """Run the enclosed block once per top-k strategy of this backend (CUDA: 8-bit histogram
-        radix, 2-bit compare radix, sort)."""
-        try:
-            for setup in self.topk_variants:
-                setup()
-                yield
-        finally:
-            if hasattr(self.ops, "topk_sort"):
-                self.ops.topk_sort = self.ops.topk_radix_bits = None
-
-    def each_grouped_launch(self) -> Iterator[dict]:
-        """Run the enclosed block once per grouped-scorer launch setting (restored after)."""
-        for launch in self.grouped_launches:
-            before = {k: getattr(self.ops, k) for k in launch}
-            for k, v in launch.items():
+    def _each_setting(self, settings: list[dict]) -> Iterator[dict]:
+        for setting in settings:
+            before = {k: getattr(self.ops, k) for k in setting}
+            for k, v in setting.items():
                 setattr(self.ops, k, v)
             try:
-                yield launch
+                yield setting
             finally:
                 for k, v in before.items():
                     setattr(self.ops, k, v)
+
+    def each_topk_variant(self) -> Iterator[dict]:
+        """Run the enclosed block once per top-k strategy of this backend (CUDA: 8-bit histogram
+        radix, 2-bit compare radix, sort)."""
+        return self._each_setting(self.topk_variants)
+
+    def each_grouped_launch(self) -> Iterator[dict]:
+        """Run the enclosed block once per grouped-scorer launch setting."""
+        return self._each_setting(self.grouped_launches)
 
 
 def _cuda_backend(request) -> Backend:
     ops = request.getfixturevalue("cuda_ops")  # skips without triton / interpreter
     dev = torch.device("cuda" if ON_GPU else "cpu")
-
-    def histogram() -> None:
-        ops.topk_sort, ops.topk_radix_bits = False, 8
-
-    def radix() -> None:
-        ops.topk_sort, ops.topk_radix_bits = False, 2
-
-    def sort() -> None:
-        ops.topk_sort, ops.topk_radix_bits = True, None
-
     return Backend(
         "cuda",
         ops,
         dev,
         interpreted=not ON_GPU,
         gpu=ON_GPU,
-        topk_variants=[histogram, radix, sort],
+        topk_variants=[  # 8-bit histogram radix, 2-bit compare radix, sort
+            {"topk_sort": False, "topk_radix_bits": 8},
+            {"topk_sort": False, "topk_radix_bits": 2},
+            {"topk_sort": True, "topk_radix_bits": None},
+        ],
         attention_kwargs=[{}, {"num_splits": 1}, {"num_splits": 3}],
         # what a tuned file may ask for (backends/cuda/tuned.py): several block columns a
         # program (a row's last program partly past the table), float8 widened to float16

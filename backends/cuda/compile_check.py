@@ -106,6 +106,8 @@ def _compile_only_ops(report: CompileReport):
 
 def _exercise(ops) -> None:
     """Every op with the launch shapes the engine gives it (values are irrelevant: nothing runs)."""
+    from .tuned import GroupedLaunch
+
     bf16 = torch.bfloat16
     hq, hkv, d, bs, nb = 32, 8, 128, 128, 1100
     for batch, m, dtype in ((1, 257, bf16), (8, 257, bf16), (4, 1025, bf16), (8, 257, torch.float16)):
@@ -120,10 +122,10 @@ def _exercise(ops) -> None:
             for groups, sums_dtype in ((32, dtype), (32, torch.float8_e4m3fn), (8, torch.float32)):
                 ops.block_scores_dot(q, torch.zeros(nb, groups, hkv, d, dtype=sums_dtype), table, lens, bs, reduce)
             # what a tuned file may ask for: several block columns a program, float8 widened to float16
-            ops.grouped_block_m, ops.grouped_block_r, ops.grouped_widen = 4, 32, "float16"
+            ops.override_grouped(GroupedLaunch(block_m=4, block_r=32, stages=2, warps=4, widen="float16"))
             for sums_dtype in (dtype, torch.float8_e4m3fn):
                 ops.block_scores_dot(q, torch.zeros(nb, 32, hkv, d, dtype=sums_dtype), table, lens, bs, reduce)
-            ops.grouped_block_m = ops.grouped_block_r = ops.grouped_widen = None
+            ops.override_grouped(None)
             mm = torch.zeros(nb, 32, hkv, d)
             ops.block_scores_minmax(q, mm, mm, table, lens, bs, reduce)
         scores = torch.randn(batch, m)

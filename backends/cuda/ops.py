@@ -26,6 +26,14 @@ _REPS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what representa
 _SUMS_DTYPES = (*_REPS_DTYPES, torch.float8_e4m3fn)  # group sums (ESA, GSA) may also be float8
 _HALF_SUMS_MAX_MERGE = 16  # bfloat16 group sums up to this many keys (at most 16 roundings of a group)
 _FP8_SUMS_MAX_MERGE = 4  # float8 group sums up to this many keys (saturating at 448: keys of |k| >= 112 on average)
+#: each `GroupedLaunch` field and the `CudaOps` attribute that overrides it (None: not overridden)
+_GROUPED_OVERRIDES = {
+    "block_m": "grouped_block_m",
+    "block_r": "grouped_block_r",
+    "stages": "grouped_stages",
+    "warps": "scores_warps",
+    "widen": "grouped_widen",
+}
 _REPS_SCAN_BLOCK = 256  # tokens `_reps_write_kernel` scans per vector (decode batches: in one pass)
 
 
@@ -781,7 +789,7 @@ class CudaOps(TorchReferenceOps):
         bf16 sums (tune_selection_gpu.py --grouped-only, session 19): 36 us a layer for ESA's mean
         and GSA's max against a bound of 31 us with 16 groups a tile and 2 stages; float32 ESA: 2
         groups a tile on 8 warps. Kept per call shape (eager decode asks every layer and step)."""
-        over = (self.grouped_block_m, self.grouped_block_r, self.grouped_stages, self.scores_warps, self.grouped_widen)
+        over = tuple(getattr(self, attr) for attr in _GROUPED_OVERRIDES.values())
         key = (kind, int(code), a.dtype, a.device, use_dot, groups, tile, self.use_tuned, over)
         launch = self._launches.get(key)
         if launch is not None:
@@ -796,12 +804,16 @@ class CudaOps(TorchReferenceOps):
         tuned = self._tuned_for(a.device) if self.use_tuned and use_dot and not self.interpret else None
         if tuned is not None:
             base = tuned.grouped(a.dtype, "mean" if int(code) == 0 else "max") or base
-        names = ("block_m", "block_r", "stages", "warps", "widen")
-        launch = base.model_copy(update={k: v for k, v in zip(names, over, strict=True) if v is not None})
+        launch = base.model_copy(update={k: v for k, v in zip(_GROUPED_OVERRIDES, over, strict=True) if v is not None})
         if use_dot and launch.block_r < 16:  # the tensor cores' smallest tile
             launch = launch.model_copy(update={"block_r": 16})
         self._launches[key] = launch
         return launch
+
+    def override_grouped(self, launch: GroupedLaunch | None) -> None:
+        """Run the grouped scorer with `launch` (None: the tuned or built-in one again)."""
+        for field, attr in _GROUPED_OVERRIDES.items():
+            setattr(self, attr, None if launch is None else getattr(launch, field))
 
     def _tuned_for(self, device: torch.device) -> TunedFile | None:
         """This GPU model's tuned settings, read once per device (a host query, never inside a

@@ -54,15 +54,17 @@ class TunedFile(BaseModel):
 
     def grouped(self, sums_dtype: torch.dtype, group_reduce: str) -> GroupedLaunch | None:
         """The launch measured for these sums and this reduction over a GQA group, if any."""
-        return self.grouped_scores.get(grouped_key(str(sums_dtype).removeprefix("torch."), group_reduce))
+        return self.grouped_scores.get(grouped_key(sums_dtype, group_reduce))
 
 
 def file_name(device_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", device_name) + ".json"
 
 
-def grouped_key(sums_dtype: str, group_reduce: str) -> str:
-    return f"{sums_dtype}/{group_reduce}"
+def grouped_key(sums_dtype: torch.dtype | str, group_reduce: str) -> str:
+    """ "<sums dtype>/<reduction>", the dtype by its torch name without the prefix."""
+    name = sums_dtype if isinstance(sums_dtype, str) else str(sums_dtype).removeprefix("torch.")
+    return f"{name}/{group_reduce}"
 
 
 def load_tuned(device_name: str) -> TunedFile | None:

@@ -706,36 +706,31 @@ at::Tensor kvstar_scores(const at::Tensor& q, const at::Tensor& sums, const at::
   return out;
 }
 
-// group_reduce: kGroupMean (ESA) or kGroupMax (GSA).
 // A representation row of n values as float32: float32 rows are read in place, bfloat16 and
 // float8 e4m3 rows widened (exactly) into `buf` first, so every type meets the same dot.
 inline const float* widen_row(const float* src, int64_t, float*) { return src; }
 
 inline const float* widen_row(const at::BFloat16* src, int64_t n, float* buf) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t w = static_cast<uint32_t>(bits[i]) << 16;
-    std::memcpy(buf + i, &w, sizeof(float));
-  }
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);  // c10's: a 16-bit shift
   return buf;
 }
 
-// float8 e4m3fn -> float32 by a 256-entry table (built once from c10's own conversion)
-inline const float* fp8_table() {
+// float8 e4m3fn -> float32 by a 256-entry table, built once (thread-safe static) from c10's own
+// conversion, which works bit by bit per value
+inline const float* widen_row(const at::Float8_e4m3fn* src, int64_t n, float* buf) {
   static const std::vector<float> table = [] {
     std::vector<float> t(256);
-    for (int v = 0; v < 256; ++v) t[v] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(v), c10::Float8_e4m3fn::from_bits()));
+    for (int v = 0; v < 256; ++v)
+      t[v] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(v), c10::Float8_e4m3fn::from_bits()));
     return t;
   }();
-  return table.data();
-}
-
-inline const float* widen_row(const at::Float8_e4m3fn* src, int64_t n, float* buf) {
   const uint8_t* bits = reinterpret_cast<const uint8_t*>(src);
-  const float* table = fp8_table();
   for (int64_t i = 0; i < n; ++i) buf[i] = table[bits[i]];
   return buf;
 }
+
+// group_reduce: kGroupMean (ESA) or kGroupMax (GSA); each row of the representations widened
+// as it is read (`widen_row`)
 
 template <typename RT>
 void block_scores_dot_rows(const BlockScoreArgs& a, const float* qp, const float* qmean, const RT* rp,
@@ -744,7 +739,6 @@ void block_scores_dot_rows(const BlockScoreArgs& a, const float* qp, const float
   const int64_t* t = a.table.data_ptr<int64_t>();
   const int64_t* s = a.lens.data_ptr<int64_t>();
   const float ninf = -std::numeric_limits<float>::infinity();
-  if (std::is_same<RT, at::Float8_e4m3fn>::value) fp8_table();  // built before the threads start
 #pragma omp parallel num_threads(num_threads()) if (B * M * hq * d > 65536)
   {
     std::vector<float> buf(std::is_same<RT, float>::value ? 0 : static_cast<size_t>(hkv * d));
