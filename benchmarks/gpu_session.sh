@@ -14,6 +14,8 @@
 #          groups are half the KV cache's bytes: vLLM gets 0.55 of the GPU) at 32K x 8
 #   128k   plain vLLM vs ESA / GSA / GSA on device at 128K x 4, ratios 0.3 and 0.1
 #   tests  tests/test_vllm_gpu.py (the in-engine GPU tests)
+# A bench phase's --batches / --settings can be narrowed for a short session:
+#   BATCHES="8" SETTINGS="dense ESA:0.3" bash benchmarks/gpu_session.sh 32k
 # Merge the benches' JSON into benchmarks/results/vllm_gpu_decode.json with
 # `bench_vllm_gpu.py --merge` here afterwards.
 set -uo pipefail
@@ -37,20 +39,20 @@ case $PHASE in
     cp "$HOME"/tuned/*.json "$R/" 2>/dev/null && cat "$HOME"/tuned/*.json
     ;;
   32k)
-    timeout 570 python benchmarks/bench_vllm_gpu.py --contexts 32768 --batches 1 8 --new-tokens 48 --dense-again \
+    timeout 570 python benchmarks/bench_vllm_gpu.py --contexts 32768 --batches ${BATCHES:-1 8} --new-tokens 48 --dense-again \
       --profile 16 --gpu-memory-utilization 0.7 --out "$R" --name vllm_gpu_32k \
-      --settings dense ESA:0.3 GSA:0.3 GSAOnDevice:0.3 KVStarMultiStep:0.3 > "$R/bench.log" 2>&1
+      --settings ${SETTINGS:-dense ESA:0.3 GSA:0.3 GSAOnDevice:0.3 KVStarMultiStep:0.3} > "$R/bench.log" 2>&1
     grep -E "^\[" "$R/bench.log"
     ;;
   32kx)
-    timeout 570 python benchmarks/bench_vllm_gpu.py --contexts 32768 --batches 8 --new-tokens 48 \
+    timeout 570 python benchmarks/bench_vllm_gpu.py --contexts 32768 --batches ${BATCHES:-8} --new-tokens 48 \
       --gpu-memory-utilization 0.55 --out "$R" --name vllm_gpu_32k_extra \
-      --settings dense ESA:0.1 ESA:0.999 Quest:0.3 > "$R/bench.log" 2>&1
+      --settings ${SETTINGS:-dense ESA:0.1 ESA:0.999 Quest:0.3} > "$R/bench.log" 2>&1
     grep -E "^\[" "$R/bench.log"
     ;;
   128k)
-    timeout 570 python benchmarks/bench_vllm_gpu.py --contexts 131072 --batches 4 --new-tokens 24 \
-      --out "$R" --name vllm_gpu_128k --settings dense ESA:0.3 ESA:0.1 GSA:0.3 GSAOnDevice:0.3 \
+    timeout 570 python benchmarks/bench_vllm_gpu.py --contexts 131072 --batches ${BATCHES:-4} --new-tokens 24 \
+      --out "$R" --name vllm_gpu_128k --settings ${SETTINGS:-dense ESA:0.3 ESA:0.1 GSA:0.3 GSAOnDevice:0.3} \
       > "$R/bench.log" 2>&1
     grep -E "^\[" "$R/bench.log"
     ;;
