@@ -218,6 +218,24 @@ def test_windowed_methods_keep_their_dense_layers_dense(name: str) -> None:
         build_sparse_method({name: dict(cfg[name], dense_layers=[3])}, shapes, OPS, host_ops=OPS)
 
 
+@pytest.mark.parametrize("name", method_names(windowed=True))
+def test_windowed_methods_keep_their_per_layer_ratios(name: str) -> None:
+    g = torch.Generator().manual_seed(12)
+    batch = make_paged([30 * BS + 2, 17 * BS], BS, 2, 32, g)
+    shapes = ModelShapes(3, 8, 2, 32, BS, batch.k_cache.shape[0])
+    cfg = {k: dict(v, layer_sparse_ratio={"0": 0.5, "2": 1.0}) for k, v in method_config(name).items()}
+    m = build_sparse_method(cfg, shapes, OPS, host_ops=OPS)
+    write_prefill(m, batch, 3)
+    plan = m.begin_step(["a", "b"], batch.seq_lens, batch.block_table)
+    sels = [m.select(layer, torch.randn(2, 8, 32, generator=g), plan) for layer in range(3)]
+    assert sels[0].blocks_kept.tolist() == [math.ceil(0.5 * 31), math.ceil(0.5 * 17)]
+    assert sels[1].blocks_kept.tolist() == [math.ceil(0.25 * 31), math.ceil(0.25 * 17)]  # the config's ratio
+    assert sels[2].dense and sels[2].blocks_kept.tolist() == [31, 17]
+    m.end_step(plan)
+    with pytest.raises(ConfigError, match=f"{name}.layer_sparse_ratio.*layer 3 does not exist"):
+        build_sparse_method({name: dict(cfg[name], layer_sparse_ratio={"3": 0.5})}, shapes, OPS, host_ops=OPS)
+
+
 def test_chunks_of_several_blocks() -> None:
     batch, q = planted([24 * BS], 8, 2, 32, [[10]])
     shapes = ModelShapes(1, 8, 2, 32, BS, batch.k_cache.shape[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import string
 import typing
 from collections.abc import Callable
@@ -721,7 +722,9 @@ def valid_sparse(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
             if typing.get_origin(field.annotation) is typing.Literal:
                 values[k] = st.sampled_from(typing.get_args(field.annotation))
         values["offload"] = st.booleans()
-        values["dense_layers"] = st.lists(st.integers(0, 127), unique=True, max_size=6)
+        values["dense_layers"] = st.lists(st.integers(0, 63), unique=True, max_size=6)
+        # JSON object keys are strings: layers 64-127, apart from the dense layers above
+        values["layer_sparse_ratio"] = st.dictionaries(st.integers(64, 127).map(str), ratio, max_size=6)
         chosen = draw(st.lists(st.sampled_from(keys), unique=True))
         body = {k: draw(values[k]) for k in chosen}
         if "offload_margin_blocks" in body:  # the margin is only valid with offload on
@@ -729,6 +732,8 @@ def valid_sparse(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
         if body.get("offload"):  # dense layers would keep every block on the device
             body.pop("dense_layers", None)
             body.pop("bound_guard_top", None)  # the bound guard does not run with offload
+            if "layer_sparse_ratio" in body:  # and so would a layer at ratio 1
+                body["layer_sparse_ratio"] = {k: min(r, 0.5) for k, r in body["layer_sparse_ratio"].items()}
     return method, body
 
 
@@ -738,7 +743,8 @@ def test_fuzz_valid_sparse_configs_round_trip(spec: tuple[str, dict[str, Any]]) 
     method, body = spec
     cfg = parse_sparse_config({SPARSE_KEY: {method: body}})
     assert cfg.method == method and type(cfg) is METHODS[method]
-    assert all(getattr(cfg, k) == v for k, v in body.items())
+    expected = {**body, "layer_sparse_ratio": {int(k): r for k, r in body.get("layer_sparse_ratio", {}).items()}}
+    assert all(getattr(cfg, k) == expected[k] for k in body)
     assert parse_sparse_config(json.dumps({SPARSE_KEY: {method: cfg.model_dump()}})) == cfg
 
 
@@ -775,6 +781,18 @@ def test_fuzz_one_wrong_typed_key_is_named(
     base[key] = value
     path = write(tmp_path_factory.mktemp("wrong"), file, base)
     rejected(load_model_config, path, key)
+
+
+def test_layer_sparse_ratio_is_keyed_by_layer_and_exclusive_of_dense_layers() -> None:
+    cfg = parse_sparse_config({SPARSE_KEY: {"ESA": {"layer_sparse_ratio": {"9": 0.6, "3": 1.0}}}})
+    assert cfg.layer_sparse_ratio == {9: 0.6, 3: 1.0}
+    for bad, key in (({"x": 0.5}, "layer_sparse_ratio.x"), ({"2": 1.5}, "layer_sparse_ratio.2"), ({"2": 0}, "")):
+        with pytest.raises(ConfigError, match=re.escape(f"ESA.{key}")):
+            parse_sparse_config({SPARSE_KEY: {"ESA": {"layer_sparse_ratio": bad}}})
+    with pytest.raises(ConfigError, match="layers \\[2\\] are also in dense_layers"):
+        parse_sparse_config({SPARSE_KEY: {"ESA": {"layer_sparse_ratio": {"2": 0.5}, "dense_layers": [2]}}})
+    with pytest.raises(ConfigError, match="cannot be combined with offload"):
+        parse_sparse_config({SPARSE_KEY: {"GSA": {"layer_sparse_ratio": {"1": 1.0}, "offload": True}}})
 
 
 def test_dense_layers_are_unique_and_exclude_offload() -> None:

@@ -247,6 +247,7 @@ def test_offload_margin_is_bounded_only_with_offload() -> None:
     ("over", "key", "why"),
     [
         ({"dense_layers": [1, 2]}, "ESA.dense_layers[1]", "layer 2 does not exist"),
+        ({"layer_sparse_ratio": {"1": 0.5, "5": 0.5}}, "ESA.layer_sparse_ratio[5]", "layer 5 does not exist"),
     ],
 )
 def test_layers_are_checked_against_the_model(over: dict, key: str, why: str) -> None:
@@ -379,6 +380,7 @@ def _numeric_fields(cls: type) -> dict[str, Any]:
 SPARSE_FIELDS = {m: _numeric_fields(METHODS[m]) for m in WINDOWED}
 MODEL_FIELDS = _numeric_fields(GSAOnDeviceModelConfig)
 LIST_KEYS = {"dense_layers", "top_k_ratio_per_layer", "top_k_index_reuse", "must_select_blocks"}
+DICT_KEYS = {"layer_sparse_ratio"}
 
 
 def test_the_fuzzed_keys_are_every_numeric_key() -> None:
@@ -390,6 +392,7 @@ def test_the_fuzzed_keys_are_every_numeric_key() -> None:
         "retrieval_stride",
         "offload_margin_blocks",
         "dense_layers",
+        "layer_sparse_ratio",
         "concurrency_threshold",
         "blk_repre_dim_prune_ratio",
         "blk_repre_inner_token_merge",
@@ -469,6 +472,9 @@ def _keys(draw: st.DrawFn, fields: dict[str, Any]) -> list[str]:
 @st.composite
 def _edit(draw: st.DrawFn, key: str, field: Any, base: Any) -> tuple[str, Any]:
     """A new value for `key`: a number of any kind; for a list, one element or a whole list."""
+    if key in DICT_KEYS:  # {layer: ratio}: any numbers as its layers (JSON keys: strings) and ratios
+        pairs = draw(st.lists(st.tuples(_ints | _edges(field), _floats | _ints | _bools), max_size=4))
+        return _obj_text({t: v for (t, _), (v, _) in pairs}), {str(k): v for (_, k), (_, v) in pairs}
     if key not in LIST_KEYS:
         return draw(_values(field))
     items = [(json.dumps(v), v) for v in base] if isinstance(base, list) else []

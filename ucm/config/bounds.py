@@ -79,12 +79,12 @@ def _check_windows(
                     f"{value} blocks is more than the {max_blocks} blocks of {_longest(max_model_len, block_size)}",
                 )
     if num_layers is not None:
-        for i, layer in enumerate(config.dense_layers):
+        named = [(f"dense_layers[{i}]", layer) for i, layer in enumerate(config.dense_layers)]
+        named += [(f"layer_sparse_ratio[{layer}]", layer) for layer in config.layer_sparse_ratio]
+        for key, layer in named:
             if layer >= num_layers:
                 raise ConfigError(
-                    source,
-                    f"{where}.dense_layers[{i}]",
-                    f"layer {layer} does not exist: the model has {num_layers} layers (0-based)",
+                    source, f"{where}.{key}", f"layer {layer} does not exist: the model has {num_layers} layers (0-based)"
                 )
 
 

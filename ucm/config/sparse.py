@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 from ucm.config.errors import KeyedValueError
 from ucm.methods import MethodSpec, find_method, method_names, register_method
@@ -44,6 +44,8 @@ PosInt = Annotated[int, Field(ge=1)]
 BlockCount = Annotated[int, Field(ge=0, le=MAX_BLOCKS)]
 Stride = Annotated[int, Field(ge=1, le=MAX_RETRIEVAL_STRIDE)]
 LayerIndex = Annotated[int, Field(ge=0, le=MAX_LAYERS - 1)]
+#: a layer index as a JSON object's key ("9"), which JSON can only spell as a string
+LayerKey = Annotated[int, Strict(False), Field(ge=0, le=MAX_LAYERS - 1)]
 Concurrency = Annotated[int, Field(ge=0, le=MAX_CONCURRENCY)]
 
 
@@ -83,6 +85,11 @@ class WindowedMethodConfig(SparseMethodConfig):
     #: layers that read every block (0-based): the layers whose attention no block selection
     #: captures, found with `ucm profile` (GSA on device sets the same through its model JSON)
     dense_layers: list[LayerIndex] = Field(default_factory=list)
+    #: per-layer keep ratios that differ from `sparse_ratio` ({layer: ratio}, 0-based layers):
+    #: spend more of the budget on the few layers that copy from the context (a retrieval layer
+    #: found with `ucm profile --trace-sample`) and less elsewhere; a ratio of 1 makes the layer
+    #: dense. Empty: every sparse layer keeps `sparse_ratio`
+    layer_sparse_ratio: dict[LayerKey, Ratio] = Field(default_factory=dict)
     #: decode steps with fewer decoding rows stay dense (selection costs about what it saves on a
     #: single short row). Unset: 2 on the CUDA graph path (one row at 32K tokens was slower sparse
     #: than dense on an H200, docs/cuda.md), 0 elsewhere (GSA on device: its JSON's
@@ -120,9 +127,19 @@ class WindowedMethodConfig(SparseMethodConfig):
             raise KeyedValueError("offload_margin_blocks", "offload_margin_blocks has no effect without offload: true")
         if len(set(self.dense_layers)) != len(self.dense_layers):
             raise KeyedValueError("dense_layers", f"dense_layers lists a layer twice: {self.dense_layers}")
+        if both := sorted(set(self.dense_layers) & set(self.layer_sparse_ratio)):
+            raise KeyedValueError(
+                "layer_sparse_ratio", f"layers {both} are also in dense_layers: give a layer one setting"
+            )
         if self.offload and self.bound_guard_top:
             raise KeyedValueError(
                 "bound_guard_top", "bound_guard_top cannot be combined with offload: true (not supported yet)"
+            )
+        if self.offload and any(r >= 1.0 for r in self.layer_sparse_ratio.values()):
+            raise KeyedValueError(
+                "layer_sparse_ratio",
+                "a ratio of 1 (a dense layer) cannot be combined with offload: true (a dense "
+                "layer reads every block, so none could leave the device)",
             )
         if self.offload and self.dense_layers:
             raise KeyedValueError(

@@ -93,15 +93,23 @@ def windowed_method(
         init_units=config.init_window_sz,
         local_units=config.local_window_sz,
     )
-    for layer in config.dense_layers:
-        check(
-            "inline",
-            f"{config.method}.dense_layers",
-            layer < shapes.num_layers,
-            f"layer {layer} does not exist: the model has {shapes.num_layers} layers (0-based)",
-        )
+    for key in ("dense_layers", "layer_sparse_ratio"):
+        for layer in getattr(config, key):
+            check(
+                "inline",
+                f"{config.method}.{key}",
+                layer < shapes.num_layers,
+                f"layer {layer} does not exist: the model has {shapes.num_layers} layers (0-based)",
+            )
     dense = LayerPolicy(ratio=1.0)
-    policies = [dense if layer in config.dense_layers else policy for layer in range(shapes.num_layers)]
+    policies = [
+        dense
+        if layer in config.dense_layers
+        else replace(policy, ratio=config.layer_sparse_ratio[layer])
+        if layer in config.layer_sparse_ratio
+        else policy
+        for layer in range(shapes.num_layers)
+    ]
     selector = BlockSelector(policies, shapes.block_size, ops)
     check_block_size_divisors(config, shapes)
     built = scorer()
