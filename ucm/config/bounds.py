@@ -84,7 +84,9 @@ def _check_windows(
         for key, layer in named:
             if layer >= num_layers:
                 raise ConfigError(
-                    source, f"{where}.{key}", f"layer {layer} does not exist: the model has {num_layers} layers (0-based)"
+                    source,
+                    f"{where}.{key}",
+                    f"layer {layer} does not exist: the model has {num_layers} layers (0-based)",
                 )
 
 
