@@ -26,7 +26,7 @@ from ucm.config.loader import (
     parse_sparse_config,
 )
 from ucm.config.model import GSAOnDeviceModelConfig
-from ucm.config.sparse import METHODS, ESAConfig, GSAConfig, GSAOnDeviceConfig, KVStarConfig
+from ucm.config.sparse import METHODS, PER_LAYER_KEYS, ESAConfig, GSAConfig, GSAOnDeviceConfig, KVStarConfig
 from ucm.methods import get_method
 
 SHIPPED = {
@@ -623,6 +623,13 @@ def test_fuzz_inline_values_raise_only_config_errors(value: Any) -> None:
     _only_config_errors(parse_sparse_config, value)
 
 
+@pytest.mark.parametrize("ref", ["x" * 300, "x" * 300 + ".json", "a/" * 4 + "z" * 300])
+def test_a_name_too_long_for_the_os_is_a_config_error(ref: str) -> None:
+    for load in (load_model_config, parse_sparse_config):
+        with pytest.raises(ConfigError):
+            load(ref)
+
+
 @FAST
 @given(
     text=st.text(max_size=40) | json_values.map(json.dumps) | near_valid_model_dicts().map(json.dumps),
@@ -725,6 +732,9 @@ def valid_sparse(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
         values["dense_layers"] = st.lists(st.integers(0, 63), unique=True, max_size=6)
         # JSON object keys are strings: layers 64-127, apart from the dense layers above
         values["layer_sparse_ratio"] = st.dictionaries(st.integers(64, 127).map(str), ratio, max_size=6)
+        values["layer_repre_inner_token_merge"] = st.dictionaries(
+            st.integers(0, 127).map(str), st.integers(1, 64), max_size=6
+        )
         chosen = draw(st.lists(st.sampled_from(keys), unique=True))
         body = {k: draw(values[k]) for k in chosen}
         if "offload_margin_blocks" in body:  # the margin is only valid with offload on
@@ -743,7 +753,7 @@ def test_fuzz_valid_sparse_configs_round_trip(spec: tuple[str, dict[str, Any]]) 
     method, body = spec
     cfg = parse_sparse_config({SPARSE_KEY: {method: body}})
     assert cfg.method == method and type(cfg) is METHODS[method]
-    expected = {**body, "layer_sparse_ratio": {int(k): r for k, r in body.get("layer_sparse_ratio", {}).items()}}
+    expected = {k: {int(a): b for a, b in v.items()} if k in PER_LAYER_KEYS else v for k, v in body.items()}
     assert all(getattr(cfg, k) == expected[k] for k in body)
     assert parse_sparse_config(json.dumps({SPARSE_KEY: {method: cfg.model_dump()}})) == cfg
 
@@ -781,6 +791,14 @@ def test_fuzz_one_wrong_typed_key_is_named(
     base[key] = value
     path = write(tmp_path_factory.mktemp("wrong"), file, base)
     rejected(load_model_config, path, key)
+
+
+def test_layer_repre_inner_token_merge_is_keyed_by_layer() -> None:
+    cfg = parse_sparse_config({SPARSE_KEY: {"GSA": {"layer_repre_inner_token_merge": {"9": 1, "3": 2}}}})
+    assert cfg.layer_repre_inner_token_merge == {9: 1, 3: 2}
+    for bad in ({"x": 2}, {"2": 0}, {"2": 1.5}):
+        with pytest.raises(ConfigError, match="GSA.layer_repre_inner_token_merge"):
+            parse_sparse_config({SPARSE_KEY: {"GSA": {"layer_repre_inner_token_merge": bad}}})
 
 
 def test_layer_sparse_ratio_is_keyed_by_layer_and_exclusive_of_dense_layers() -> None:

@@ -248,6 +248,7 @@ def test_offload_margin_is_bounded_only_with_offload() -> None:
     [
         ({"dense_layers": [1, 2]}, "ESA.dense_layers[1]", "layer 2 does not exist"),
         ({"layer_sparse_ratio": {"1": 0.5, "5": 0.5}}, "ESA.layer_sparse_ratio[5]", "layer 5 does not exist"),
+        ({"layer_repre_inner_token_merge": {"7": 2}}, "ESA.layer_repre_inner_token_merge[7]", "layer 7 does not exist"),
     ],
 )
 def test_layers_are_checked_against_the_model(over: dict, key: str, why: str) -> None:
@@ -259,6 +260,12 @@ def test_layers_are_checked_against_the_model(over: dict, key: str, why: str) ->
 def test_kvstar_merge_must_divide_the_block_size() -> None:
     cfg = parse_sparse_config({"KVStarMultiStep": {"blk_repre_inner_token_merge": 3}})
     with pytest.raises(ConfigError, match=r"key 'KVStarMultiStep\.blk_repre_inner_token_merge'"):
+        check_against_model(cfg, block_size=BS)
+
+
+def test_a_layers_group_size_must_divide_the_block_size() -> None:
+    cfg = parse_sparse_config({"ESA": {"layer_repre_inner_token_merge": {"1": 2, "0": 3}}})
+    with pytest.raises(ConfigError, match=r"key 'ESA\.layer_repre_inner_token_merge\[0\]': 3 must divide"):
         check_against_model(cfg, block_size=BS)
 
 
@@ -380,7 +387,7 @@ def _numeric_fields(cls: type) -> dict[str, Any]:
 SPARSE_FIELDS = {m: _numeric_fields(METHODS[m]) for m in WINDOWED}
 MODEL_FIELDS = _numeric_fields(GSAOnDeviceModelConfig)
 LIST_KEYS = {"dense_layers", "top_k_ratio_per_layer", "top_k_index_reuse", "must_select_blocks"}
-DICT_KEYS = {"layer_sparse_ratio"}
+DICT_KEYS = {"layer_sparse_ratio", "layer_repre_inner_token_merge"}
 
 
 def test_the_fuzzed_keys_are_every_numeric_key() -> None:

@@ -24,6 +24,7 @@ SHAPES = ModelShapes(LAYERS, 2 * H, H, D, BS, NB)
 def scorers():
     return {
         "ESA": lambda: ESAScorer(SHAPES, REF),
+        "ESA, groups per layer": lambda: ESAScorer(SHAPES, REF, merge=4, layer_merge={0: 1, 2: 2}),
         "Quest": lambda: QuestScorer(SHAPES, REF),
         "KVStar": lambda: KVStarScorer(SHAPES, REF, 0.5, 2, window=1),
         "GSAOnDevice": lambda: HashScorer(

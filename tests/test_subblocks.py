@@ -67,13 +67,28 @@ def test_mean_scores_are_the_best_groups_dot_product(ops, merge: int, scorer_cls
     heads, against the sums of each group's keys (a group's mean up to the common factor
     merge), in the backend's dtype or float8 (`blk_repre_dtype`); full blocks only, the partial
     last block and padding are -inf."""
+    check_best_group_scores(ops, scorer_cls, dtype, merge, merge, {})
+
+
+@pytest.mark.parametrize("ops", backends())
+@pytest.mark.parametrize("merge", [1, 2])
+@pytest.mark.parametrize("scorer_cls", [ESAScorer, GSAScorer])
+def test_a_layer_keeps_its_own_group_size(ops, merge: int, scorer_cls) -> None:
+    """`layer_repre_inner_token_merge`: layer 1 scores by its own groups, the other layer by the
+    default (whole blocks here)."""
+    sc = check_best_group_scores(ops, scorer_cls, "auto", BS, merge, {1: merge})
+    assert sc.groups_of(0) == 1 and sc.acc[0].sums.shape[1] == 1
+
+
+def check_best_group_scores(ops, scorer_cls, dtype: str, default: int, merge: int, layer_merge: dict):
+    """Layer 1's scores (groups of `merge` tokens) against NumPy; returns the scorer."""
     hq, hkv, d = 6, 2, 16
     g = torch.Generator().manual_seed(5)
     seq_lens = [5 * BS + 3, 3 * BS, 2]
     batch = make_paged(seq_lens, BS, hkv, d, g)
     shapes = ModelShapes(2, hq, hkv, d, BS, batch.k_cache.shape[0])
-    sc = scorer_cls(shapes, ops, merge=merge, dtype=dtype)
-    assert sc.groups == BS // merge and sc.merge == merge
+    sc = scorer_cls(shapes, ops, merge=default, dtype=dtype, layer_merge=layer_merge)
+    assert sc.groups_of(1) == BS // merge and sc.acc[1].merge == merge
     for layer in range(2):
         for r in range(len(seq_lens)):
             sc.on_kv_written(layer, batch.keys(r) * (1 + layer), batch.slots(r))
@@ -103,6 +118,7 @@ def test_mean_scores_are_the_best_groups_dot_product(ops, merge: int, scorer_cls
                 val = (dots.mean(1) if scorer_cls is ESAScorer else dots.max(1)).sum()
                 best = max(best, float(val))
             np.testing.assert_allclose(got[r, j], best, rtol=2e-4, atol=2e-4)
+    return sc
 
 
 def _bound(q: np.ndarray, keys: np.ndarray, grp: int) -> float:

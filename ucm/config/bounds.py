@@ -23,7 +23,7 @@ import math
 
 from ucm.config.errors import ConfigError
 from ucm.config.loader import ModelConfigFile
-from ucm.config.sparse import MethodConfig, WindowedMethodConfig
+from ucm.config.sparse import PER_LAYER_KEYS, MethodConfig, WindowedMethodConfig
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -51,10 +51,22 @@ def check_sparse_against_model(
     where = f"{prefix}.{config.method}" if prefix else config.method
     if isinstance(config, WindowedMethodConfig):  # a per-model JSON's method has its numbers there
         _check_windows(config, where, max_model_len, block_size, num_layers, source)
+    for key, value in divisor_values(config):
+        if block_size is not None and block_size % value:
+            raise ConfigError(source, f"{where}.{key}", f"{value} must divide the KV block size {block_size}")
+
+
+def divisor_values(config: MethodConfig) -> list[tuple[str, int]]:
+    """(key, value) of every set `block_size_divisors` key; a per-layer dict gives one entry per
+    layer, named `key[layer]`."""
+    out = []
     for key in config.block_size_divisors:
         value = getattr(config, key)
-        if block_size is not None and value is not None and block_size % value:
-            raise ConfigError(source, f"{where}.{key}", f"{value} must divide the KV block size {block_size}")
+        if isinstance(value, dict):
+            out += [(f"{key}[{layer}]", v) for layer, v in value.items()]
+        elif value is not None:  # None: the whole block
+            out.append((key, value))
+    return out
 
 
 def _check_windows(
@@ -80,7 +92,8 @@ def _check_windows(
                 )
     if num_layers is not None:
         named = [(f"dense_layers[{i}]", layer) for i, layer in enumerate(config.dense_layers)]
-        named += [(f"layer_sparse_ratio[{layer}]", layer) for layer in config.layer_sparse_ratio]
+        for key in PER_LAYER_KEYS:
+            named += [(f"{key}[{layer}]", layer) for layer in getattr(config, key, {})]
         for key, layer in named:
             if layer >= num_layers:
                 raise ConfigError(

@@ -175,13 +175,22 @@ def _resolve_ref(ref: str | Path) -> Path:
         p = p.expanduser()
     except RuntimeError:  # '~user' with an unknown user: keep it literal, reading reports it
         pass
-    if p.suffix == ".json" and not p.exists() and len(p.parts) == 1:
+    if p.suffix == ".json" and not _exists(p) and len(p.parts) == 1:
         shipped = builtin_config_dir() / p.name
-        if shipped.is_file():
+        if _exists(shipped, file=True):
             return shipped
-    if p.suffix == ".json" or p.is_file():
+    if p.suffix == ".json" or _exists(p, file=True):
         return p
     return find_model_config(str(ref))  # a model name, also where a folder of that name exists here
+
+
+def _exists(p: Path, file: bool = False) -> bool:
+    """`p.exists()` / `p.is_file()`, False for a name the OS cannot look up (too long, ...): such a
+    reference is then a model name, reported as unknown."""
+    try:
+        return p.is_file() if file else p.exists()
+    except OSError:
+        return False
 
 
 def load_model_config(ref: str | Path | dict) -> ModelConfigFile:

@@ -46,6 +46,8 @@ Stride = Annotated[int, Field(ge=1, le=MAX_RETRIEVAL_STRIDE)]
 LayerIndex = Annotated[int, Field(ge=0, le=MAX_LAYERS - 1)]
 #: a layer index as a JSON object's key ("9"), which JSON can only spell as a string
 LayerKey = Annotated[int, Strict(False), Field(ge=0, le=MAX_LAYERS - 1)]
+#: the windowed methods' per-layer settings ({layer: value}); each layer must exist in the model
+PER_LAYER_KEYS = ("layer_sparse_ratio", "layer_repre_inner_token_merge")
 Concurrency = Annotated[int, Field(ge=0, le=MAX_CONCURRENCY)]
 
 
@@ -158,6 +160,14 @@ class MeanReprConfig(WindowedMethodConfig):
     #: float32). float8 is half the bytes of bfloat16 (values saturate at +-448; each group is
     #: rounded once per write, a prompt's groups once); "float32" keeps them exact
     blk_repre_dtype: Literal["auto", "float32", "bfloat16", "float8_e4m3fn"] = "auto"
+    #: per-layer tokens per representation that differ from `blk_repre_inner_token_merge`
+    #: ({layer: tokens}, each dividing the block size): finer groups for the few layers that copy
+    #: from the context (where a group's mean dilutes the key a copying head reads), coarser
+    #: ones elsewhere. Empty: every layer keeps `blk_repre_inner_token_merge`
+    layer_repre_inner_token_merge: dict[LayerKey, Annotated[int, Field(ge=1, le=MAX_BLOCK_SIZE)]] = Field(
+        default_factory=dict
+    )
+    block_size_divisors: ClassVar[tuple[str, ...]] = ("blk_repre_inner_token_merge", "layer_repre_inner_token_merge")
 
 
 class ESAConfig(MeanReprConfig):

@@ -89,6 +89,10 @@ class BlockScorer(ABC):
         self.shapes = shapes
         self.ops = ops
 
+    def groups_of(self, layer: int) -> int:
+        """Representations per block in `layer` (`groups` unless a layer keeps its own)."""
+        return self.groups
+
     @abstractmethod
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """New K rows [T, Hkv, D] were written at slot_mapping: update representations.
@@ -183,6 +187,9 @@ class GroupedScorer(BlockScorer):
         """The contract's scoring op on representations shaped as `group_reps` gives them (or
         flattened to [NB * R, Hkv, D] sub-blocks), all tensors on `repr_device`."""
 
+    def groups_of(self, layer: int) -> int:
+        return self.group_reps(layer)[0].shape[1]
+
     def _lens(self, seq_lens: torch.Tensor) -> torch.Tensor:
         # a partial last block has no representation yet where only full blocks are scored (it is always kept)
         bs = self.shapes.block_size
@@ -193,16 +200,19 @@ class GroupedScorer(BlockScorer):
     ) -> torch.Tensor:
         """Scores [B, M * groups] of every group of every block, all tensors on `repr_device`
         (`seq_lens` counts full blocks' tokens where `batch_full_blocks`)."""
-        flat = tuple(r.flatten(0, 1) for r in self.group_reps(layer))
-        table = sub_block_table(block_table, self.groups)
-        return self.score_reps(q, flat, table, seq_lens, self.shapes.block_size // self.groups)
+        reps = self.group_reps(layer)
+        groups = reps[0].shape[1]
+        table = sub_block_table(block_table, groups)
+        return self.score_reps(
+            q, tuple(r.flatten(0, 1) for r in reps), table, seq_lens, self.shapes.block_size // groups
+        )
 
     def batch_scores(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
     ) -> torch.Tensor:
         """`score` with static shapes, no per-request state (the CUDA graph decode path): one op."""
         reps = self.group_reps(layer)
-        if self.groups == 1:
+        if reps[0].shape[1] == 1:
             reps = tuple(r[:, 0] for r in reps)
         return self.score_reps(q, reps, block_table, seq_lens, self.shapes.block_size)
 
@@ -467,25 +477,24 @@ class SparseMethod:
             scores = torch.zeros(plan.batch, _max_or_zero(plan.n_units), device=q.device)
         return self.selector.select(layer, plan, scores)
 
-    @property
-    def _reduces_groups(self) -> bool:
+    def _reduces_groups(self, layer: int) -> bool:
         """Ranks exchange the scores of a block's groups (then take each block's best group), not
         the best groups' scores: a block's best group may differ between the ranks' heads."""
-        return self.score_reduce is not None and self.scorer.groups > 1 and self.kv_head_combine == "sum"
+        return self.score_reduce is not None and self.scorer.groups_of(layer) > 1 and self.kv_head_combine == "sum"
 
     def _rank_scores(
         self, layer: int, q: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, rids: Sequence[str]
     ) -> torch.Tensor:
         """What this rank contributes to the ranks' sum (`score_reduce`): its groups' scores where
         `_reduces_groups`, else its block scores."""
-        if self._reduces_groups:
+        if self._reduces_groups(layer):
             return self.scorer.sub_scores(layer, q, table, lens, rids)
         return self._block_scores(layer, q, table, lens, rids)
 
-    def _reduced(self, scores: torch.Tensor) -> torch.Tensor:
+    def _reduced(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
         """The ranks' sum of `_rank_scores` [b, ...] as block scores [b, M]."""
         scores = self.score_reduce(scores)
-        return block_max(scores, self.scorer.groups) if self._reduces_groups else scores
+        return block_max(scores, self.scorer.groups_of(layer)) if self._reduces_groups(layer) else scores
 
     def _block_scores(
         self, layer: int, q: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, rids: Sequence[str]
@@ -518,7 +527,7 @@ class SparseMethod:
     def _score_rows(self, layer: int, q: torch.Tensor, plan: StepPlan, rows: list[int]) -> torch.Tensor:
         table, lens, qr, rids = self._rows(q, plan, rows)
         if self.score_reduce is not None:
-            block_scores = self._reduced(self._rank_scores(layer, qr, table, lens, rids))
+            block_scores = self._reduced(layer, self._rank_scores(layer, qr, table, lens, rids))
         else:
             block_scores = self._block_scores(layer, qr, table, lens, rids)
         return self.selector.unit_scores(block_scores, self.scorer.unit_reduce)
@@ -576,7 +585,7 @@ class SparseMethod:
             if pending is not None:
                 got = pending.result(self.wait_timeout_s, partial(self._late_retrieval, rid, layer, pending))
                 if self.score_reduce is not None:
-                    got = self.selector.unit_scores(self._reduced(got[None]), self.scorer.unit_reduce)[0]
+                    got = self.selector.unit_scores(self._reduced(layer, got[None]), self.scorer.unit_reduce)[0]
                     if self.retrieval_listeners:
                         self._notify(rid, layer, got)
                 state.scores[layer] = got

@@ -35,6 +35,7 @@ class MeanReprScorer(GroupedScorer):
         score_ops: SparseOps | None = None,
         merge: int | None = None,
         dtype: str = "auto",
+        layer_merge: dict[int, int] | None = None,
     ) -> None:
         super().__init__(shapes, ops)
         self.merge = merge or shapes.block_size
@@ -43,11 +44,9 @@ class MeanReprScorer(GroupedScorer):
         # one running sum of K per block and head; for the full blocks that are scored, the sum
         # ranks exactly as the mean (a common factor of 1 / block_size)
         sums_dtype = None if dtype == "auto" else getattr(torch, dtype)  # None: the backend's choice
-        self.acc = [
-            BlockAccumulator(shapes, self.merge, self.repr_device, ops=self.score_ops, dtype=sums_dtype)
-            for _ in range(shapes.num_layers)
-        ]
-        self.groups = shapes.block_size // self.merge
+        merges = [(layer_merge or {}).get(layer, self.merge) for layer in range(shapes.num_layers)]
+        self.acc = [BlockAccumulator(shapes, m, self.repr_device, ops=self.score_ops, dtype=sums_dtype) for m in merges]
+        self.groups = shapes.block_size // self.merge  # the layers' default (`groups_of`: each layer's)
 
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.acc[layer].add(key, slot_mapping)
@@ -57,16 +56,21 @@ class MeanReprScorer(GroupedScorer):
         return self.repr_device == self.shapes.device
 
     def write_from_caches(self, layers, k_caches, slot_mapping) -> None:
-        accs = [self.acc[i] for i in layers]
-        self.score_ops.reps_write_layers(
-            "sums",
-            [a.sums for a in accs],
-            [a.abs_sums for a in accs],
-            k_caches,
-            slot_mapping,
-            self.shapes.block_size,
-            accs[0].merge,
-        )
+        """One write per group size (every layer's unless `layer_merge` sets some apart)."""
+        by_merge: dict[int, list[int]] = {}
+        for j, layer in enumerate(layers):
+            by_merge.setdefault(self.acc[layer].merge, []).append(j)
+        for merge, idx in by_merge.items():
+            accs = [self.acc[layers[j]] for j in idx]
+            self.score_ops.reps_write_layers(
+                "sums",
+                [a.sums for a in accs],
+                [a.abs_sums for a in accs],
+                [k_caches[j] for j in idx],
+                slot_mapping,
+                self.shapes.block_size,
+                merge,
+            )
 
     batch_full_blocks = True  # the partial last block has no representation yet
 
@@ -94,5 +98,11 @@ def build(config: ESAConfig, shapes: ModelShapes, ctx: BuildContext) -> SparseMe
         config,
         shapes,
         ctx.ops,
-        lambda: ESAScorer(shapes, ctx.ops, merge=config.blk_repre_inner_token_merge, dtype=config.blk_repre_dtype),
+        lambda: ESAScorer(
+            shapes,
+            ctx.ops,
+            merge=config.blk_repre_inner_token_merge,
+            dtype=config.blk_repre_dtype,
+            layer_merge=config.layer_repre_inner_token_merge,
+        ),
     )

@@ -13,10 +13,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from ucm.config.bounds import divisor_values
 from ucm.config.errors import ConfigError
 from ucm.config.fallback import fallback_origin
 from ucm.config.loader import ModelConfigFile, find_model_config, load_model_config, parse_sparse_config
-from ucm.config.sparse import MethodConfig, WindowedMethodConfig
+from ucm.config.sparse import PER_LAYER_KEYS, MethodConfig, WindowedMethodConfig
 from ucm.methods import spec_of
 from ucm.ops.contract import SparseOps
 from ucm.ops.registry import get_ops
@@ -93,8 +94,8 @@ def windowed_method(
         init_units=config.init_window_sz,
         local_units=config.local_window_sz,
     )
-    for key in ("dense_layers", "layer_sparse_ratio"):
-        for layer in getattr(config, key):
+    for key in ("dense_layers", *PER_LAYER_KEYS):
+        for layer in getattr(config, key, ()):
             check(
                 "inline",
                 f"{config.method}.{key}",
@@ -137,10 +138,7 @@ def windowed_method(
 
 def check_block_size_divisors(config: MethodConfig, shapes: ModelShapes) -> None:
     """The config's `block_size_divisors` keys divide the KV block size (a ConfigError naming the key)."""
-    for key in config.block_size_divisors:
-        value = getattr(config, key)
-        if value is None:  # unset: the whole block
-            continue
+    for key, value in divisor_values(config):
         check(
             "inline",
             f"{config.method}.{key}",

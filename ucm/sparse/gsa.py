@@ -29,11 +29,13 @@ class GSAScorer(MeanReprScorer):
         host_ops: SparseOps | None = None,
         merge: int | None = None,
         dtype: str = "auto",
+        layer_merge: dict[int, int] | None = None,
     ) -> None:
+        reps = dict(merge=merge, dtype=dtype, layer_merge=layer_merge)
         if host_ops is None:
-            super().__init__(shapes, ops, merge=merge, dtype=dtype)
+            super().__init__(shapes, ops, **reps)
         else:
-            super().__init__(shapes, ops, repr_device=torch.device("cpu"), score_ops=host_ops, merge=merge, dtype=dtype)
+            super().__init__(shapes, ops, repr_device=torch.device("cpu"), score_ops=host_ops, **reps)
         self.host_scoring = host_ops is not None
         self.batch_safe = host_ops is None
 
@@ -46,5 +48,12 @@ def build(config: GSAConfig, shapes: ModelShapes, ctx: BuildContext) -> SparseMe
         config,
         shapes,
         ctx.ops,
-        lambda: GSAScorer(shapes, ctx.ops, host, config.blk_repre_inner_token_merge, config.blk_repre_dtype),
+        lambda: GSAScorer(
+            shapes,
+            ctx.ops,
+            host,
+            config.blk_repre_inner_token_merge,
+            config.blk_repre_dtype,
+            config.layer_repre_inner_token_merge,
+        ),
     )
