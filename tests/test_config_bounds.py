@@ -479,7 +479,7 @@ def _keys(draw: st.DrawFn, fields: dict[str, Any]) -> list[str]:
 @st.composite
 def _edit(draw: st.DrawFn, key: str, field: Any, base: Any) -> tuple[str, Any]:
     """A new value for `key`: a number of any kind; for a list, one element or a whole list."""
-    if key in DICT_KEYS:  # {layer: ratio}: any numbers as its layers (JSON keys: strings) and ratios
+    if key in DICT_KEYS:  # {layer: value}: any numbers as its layers (JSON keys: strings) and values
         pairs = draw(st.lists(st.tuples(_ints | _edges(field), _floats | _ints | _bools), max_size=4))
         return _obj_text({t: v for (t, _), (v, _) in pairs}), {str(k): v for (_, k), (_, v) in pairs}
     if key not in LIST_KEYS:

@@ -56,6 +56,15 @@ def check_sparse_against_model(
             raise ConfigError(source, f"{where}.{key}", f"{value} must divide the KV block size {block_size}")
 
 
+def layer_values(config: WindowedMethodConfig) -> list[tuple[str, int]]:
+    """(key, layer) of every layer the config names: `dense_layers[i]` and, per per-layer key,
+    `key[layer]`."""
+    out = [(f"dense_layers[{i}]", layer) for i, layer in enumerate(config.dense_layers)]
+    for key in PER_LAYER_KEYS:
+        out += [(f"{key}[{layer}]", layer) for layer in getattr(config, key, {})]
+    return out
+
+
 def divisor_values(config: MethodConfig) -> list[tuple[str, int]]:
     """(key, value) of every set `block_size_divisors` key; a per-layer dict gives one entry per
     layer, named `key[layer]`."""
@@ -91,10 +100,7 @@ def _check_windows(
                     f"{value} blocks is more than the {max_blocks} blocks of {_longest(max_model_len, block_size)}",
                 )
     if num_layers is not None:
-        named = [(f"dense_layers[{i}]", layer) for i, layer in enumerate(config.dense_layers)]
-        for key in PER_LAYER_KEYS:
-            named += [(f"{key}[{layer}]", layer) for layer in getattr(config, key, {})]
-        for key, layer in named:
+        for key, layer in layer_values(config):
             if layer >= num_layers:
                 raise ConfigError(
                     source,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ucm.config.sparse import ESAConfig
+from ucm.config.sparse import ESAConfig, MeanReprConfig
 from ucm.ops.contract import SparseOps
 from ucm.sparse.base import BlockAccumulator, GroupedScorer, ModelShapes, SparseMethod
 from ucm.sparse.factory import BuildContext, windowed_method
@@ -88,6 +88,15 @@ class MeanReprScorer(GroupedScorer):
         return sum(a.nbytes() for a in self.acc)
 
 
+def repr_settings(config: MeanReprConfig) -> dict:
+    """A `MeanReprScorer`'s representation arguments from ESA's / GSA's config."""
+    return {
+        "merge": config.blk_repre_inner_token_merge,
+        "dtype": config.blk_repre_dtype,
+        "layer_merge": config.layer_repre_inner_token_merge,
+    }
+
+
 class ESAScorer(MeanReprScorer):
     group_reduce = "mean"
 
@@ -98,11 +107,5 @@ def build(config: ESAConfig, shapes: ModelShapes, ctx: BuildContext) -> SparseMe
         config,
         shapes,
         ctx.ops,
-        lambda: ESAScorer(
-            shapes,
-            ctx.ops,
-            merge=config.blk_repre_inner_token_merge,
-            dtype=config.blk_repre_dtype,
-            layer_merge=config.layer_repre_inner_token_merge,
-        ),
+        lambda: ESAScorer(shapes, ctx.ops, **repr_settings(config)),
     )

@@ -13,11 +13,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from ucm.config.bounds import divisor_values
+from ucm.config.bounds import divisor_values, layer_values
 from ucm.config.errors import ConfigError
 from ucm.config.fallback import fallback_origin
 from ucm.config.loader import ModelConfigFile, find_model_config, load_model_config, parse_sparse_config
-from ucm.config.sparse import PER_LAYER_KEYS, MethodConfig, WindowedMethodConfig
+from ucm.config.sparse import MethodConfig, WindowedMethodConfig
 from ucm.methods import spec_of
 from ucm.ops.contract import SparseOps
 from ucm.ops.registry import get_ops
@@ -94,14 +94,13 @@ def windowed_method(
         init_units=config.init_window_sz,
         local_units=config.local_window_sz,
     )
-    for key in ("dense_layers", *PER_LAYER_KEYS):
-        for layer in getattr(config, key, ()):
-            check(
-                "inline",
-                f"{config.method}.{key}",
-                layer < shapes.num_layers,
-                f"layer {layer} does not exist: the model has {shapes.num_layers} layers (0-based)",
-            )
+    for key, layer in layer_values(config):
+        check(
+            "inline",
+            f"{config.method}.{key}",
+            layer < shapes.num_layers,
+            f"layer {layer} does not exist: the model has {shapes.num_layers} layers (0-based)",
+        )
     dense = LayerPolicy(ratio=1.0)
     policies = [
         dense

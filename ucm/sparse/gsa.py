@@ -8,7 +8,7 @@ import torch
 from ucm.config.sparse import GSAConfig
 from ucm.ops.contract import SparseOps
 from ucm.sparse.base import ModelShapes, SparseMethod
-from ucm.sparse.esa import MeanReprScorer
+from ucm.sparse.esa import MeanReprScorer, repr_settings
 from ucm.sparse.factory import BuildContext, windowed_method
 
 
@@ -48,12 +48,5 @@ def build(config: GSAConfig, shapes: ModelShapes, ctx: BuildContext) -> SparseMe
         config,
         shapes,
         ctx.ops,
-        lambda: GSAScorer(
-            shapes,
-            ctx.ops,
-            host,
-            config.blk_repre_inner_token_merge,
-            config.blk_repre_dtype,
-            config.layer_repre_inner_token_merge,
-        ),
+        lambda: GSAScorer(shapes, ctx.ops, host, **repr_settings(config)),
     )
