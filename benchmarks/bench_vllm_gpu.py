@@ -133,6 +133,12 @@ def side_bytes_per_block(
         method.close()
 
 
+def split_setting(setting: str) -> list[str]:
+    """METHOD:RATIO[:key=value...] split at the colons outside a JSON object value
+    (`layer_repre_inner_token_merge={"9": 2}` stays one part)."""
+    return re.split(r":(?![^{]*})", setting)
+
+
 def sparse_extra(setting: str, tmp: Path, shape: dict = QWEN3_4B, model_name: str = "Qwen3-4B") -> dict | None:
     """The connector's extra config for a setting "dense" | "METHOD:RATIO"; methods with a model
     JSON (GSA on device) take the shipped one of `model_name`."""
@@ -140,7 +146,7 @@ def sparse_extra(setting: str, tmp: Path, shape: dict = QWEN3_4B, model_name: st
 
     if setting == "dense":
         return None
-    method, ratio, *overrides = setting.split(":")  # METHOD:RATIO[:key=value...]
+    method, ratio, *overrides = split_setting(setting)  # METHOD:RATIO[:key=value...]
     ratio = float(ratio)
     keys = method_key_values(overrides)
     if get_method(method).model_json:  # the model's shipped JSON with its sparse layers at `ratio`
@@ -443,6 +449,18 @@ def bound_ms(
     return nbytes / bw * 1e3
 
 
+def short_label(method: str) -> str:
+    """A legend label: `blk_repre_inner_token_merge=null` as "whole block", a per-layer group
+    map as "N layers in groups of G" (its layer list is in the JSON)."""
+
+    def layers(m: re.Match) -> str:
+        sizes = json.loads(m.group(1)).values()
+        return f"{len(sizes)} layers in groups of {'/'.join(str(g) for g in sorted(set(sizes)))}"
+
+    label = method.replace("blk_repre_inner_token_merge=null", "whole block")
+    return re.sub(r"layer_repre_inner_token_merge=(\{[^}]*\})", layers, label)
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -452,7 +470,7 @@ def plot(result: dict, path: Path) -> None:
     cells = [c for c in result["cells"] if c["method"] != "dense"]
     keys = sorted({(c["context"], c["batch"]) for c in cells})
     series = sorted({(c["method"], c["ratio"]) for c in cells})
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)) + 4, 4.2))
     width = 0.8 / max(len(series), 1)
     for i, (m, r) in enumerate(series):
         xs, ys = [], []
@@ -461,12 +479,12 @@ def plot(result: dict, path: Path) -> None:
             if got:
                 xs.append(j + (i - (len(series) - 1) / 2) * width)
                 ys.append(got[0]["engine_speedup"])
-        ax.bar(xs, ys, width, label=f"{m} {r}")
+        ax.bar(xs, ys, width, label=f"{short_label(m)} {r}")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(range(len(keys)), [f"{c // 1024}K x{b}" for c, b in keys])
     ax.set_ylabel("decode speedup vs plain vLLM (same run)")
     ax.set_title(f"ucm inside vLLM {result['vllm']} on {result['device']}, CUDA graphs")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -627,9 +645,10 @@ def main() -> None:
     for setting, eng in engines.items():
         if setting.endswith(" (again)"):
             continue  # its steps are in the dense cells' `dense_ms_runs`
-        method, ratio = (setting, 1.0) if setting == "dense" else (setting.split(":")[0], float(setting.split(":")[1]))
-        if setting.count(":") > 1:
-            method += "[" + ",".join(setting.split(":")[2:]) + "]"
+        parts = split_setting(setting)
+        method, ratio = (setting, 1.0) if setting == "dense" else (parts[0], float(parts[1]))
+        if len(parts) > 2:
+            method += "[" + ",".join(parts[2:]) + "]"
         for c in eng["cells"]:
             d = dense[(c["context"], c["batch"])]
             read = c.get("blocks_read") if method != "dense" else 1.0

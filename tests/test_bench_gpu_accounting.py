@@ -19,7 +19,9 @@ from bench_vllm_gpu import (  # noqa: E402  (benchmarks is no package)
     QWEN3_4B,
     dense_baseline,
     merge_runs,
+    short_label,
     side_bytes_per_block,
+    split_setting,
     step_ms_from_timestamps,
 )
 
@@ -225,3 +227,20 @@ def test_cpu_bench_settings_carry_their_config_keys(tmp_path) -> None:
     whole = sparse_extra("ESA:blk_repre_inner_token_merge=null:min_blocks=2", 0.3, tmp_path)["ucm_sparse_config"]
     assert "blk_repre_inner_token_merge" not in plain and plain["sparse_ratio"] == 0.3
     assert whole["ESA"] == {**plain, "blk_repre_inner_token_merge": None, "min_blocks": 2}
+
+
+def test_a_setting_splits_at_colons_outside_a_json_object() -> None:
+    groups = 'layer_repre_inner_token_merge={"9":2,"12":2}'
+    assert split_setting(f"ESA:0.3:blk_repre_inner_token_merge=null:{groups}") == [
+        "ESA",
+        "0.3",
+        "blk_repre_inner_token_merge=null",
+        groups,
+    ]
+    assert split_setting("GSA:0.1") == ["GSA", "0.1"]
+
+
+def test_legend_labels_name_whole_blocks_and_count_the_finer_layers() -> None:
+    label = short_label('ESA[blk_repre_inner_token_merge=null,layer_repre_inner_token_merge={"9": 2, "12": 1}]')
+    assert label == "ESA[whole block,2 layers in groups of 1/2]"
+    assert short_label("KVStarMultiStep") == "KVStarMultiStep"
