@@ -679,6 +679,8 @@ def valid_model_dicts(draw: st.DrawFn) -> dict[str, Any]:
         must_select_blocks=draw(st.lists(st.integers(-16, 16), unique=True, max_size=5)),
         hash_weight="w.bin" if trained else None,
     )
+    sparse = [i for i, r in enumerate(ratios) if r < 1]
+    data["copy_layers"] = draw(st.none() | st.lists(st.sampled_from(sparse), unique=True) if sparse else st.none())
     if is_mla:
         kv, rope, hkv, hrope = draw(st.integers(1, 1024)), draw(st.integers(1, 128)), draw(bits), draw(bits)
         data.update(
@@ -786,8 +788,9 @@ def test_fuzz_one_wrong_typed_key_is_named(
 ) -> None:
     base = json.loads((builtin_config_dir() / file).read_text())
     value = data.draw(WRONG[_kind(key)], label="value")
-    if value is None and GSAOnDeviceModelConfig.model_fields[key].default is None and not base["is_mla"]:
-        value = 7  # null is the right value for an unused optional key; any int is the wrong type
+    if value is None and GSAOnDeviceModelConfig.model_fields[key].default is None:
+        if not base["is_mla"] or key == "copy_layers":  # (an MLA file needs its MLA keys)
+            value = 7  # null is the right value for an unused optional key; any int is the wrong type
     base[key] = value
     path = write(tmp_path_factory.mktemp("wrong"), file, base)
     rejected(load_model_config, path, key)

@@ -72,6 +72,7 @@ def model_json(mla: bool = False, **over: Any) -> dict[str, Any]:
         "hash_bits_qk_rope": None,
         "hash_weight_kv_lora": None,
         "hash_weight_qk_rope": None,
+        "copy_layers": None,
     }
     if mla:
         cfg.update(kv_lora_rank=24, qk_rope_head_dim=8, hash_bits_kv_lora=48, hash_bits_qk_rope=16)
@@ -386,7 +387,7 @@ def _numeric_fields(cls: type) -> dict[str, Any]:
 
 SPARSE_FIELDS = {m: _numeric_fields(METHODS[m]) for m in WINDOWED}
 MODEL_FIELDS = _numeric_fields(GSAOnDeviceModelConfig)
-LIST_KEYS = {"dense_layers", "top_k_ratio_per_layer", "top_k_index_reuse", "must_select_blocks"}
+LIST_KEYS = {"dense_layers", "top_k_ratio_per_layer", "top_k_index_reuse", "must_select_blocks", "copy_layers"}
 DICT_KEYS = {"layer_sparse_ratio", "layer_repre_inner_token_merge"}
 
 
@@ -423,6 +424,7 @@ def test_the_fuzzed_keys_are_every_numeric_key() -> None:
         "qk_rope_head_dim",
         "hash_bits_kv_lora",
         "hash_bits_qk_rope",
+        "copy_layers",
     }
 
 

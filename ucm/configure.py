@@ -8,7 +8,10 @@ For a packaged model or a local Hugging Face folder:
 2. **dense layers** (`choose_dense_layers`): the layers whose worst-head recall is below
    `--dense-threshold` (default 0.75), lowest first, at most `--max-dense-fraction` (default
    0.15) of the layers -- SmolLM2's shipped budget, 4 of 30; none when every layer clears the
-   threshold;
+   threshold; **copying layers** (`ucm.copy_layers`): each layer's best induction head on a
+   repeated random sequence, the sparse layers at `COPY_THRESHOLD` or above (at most a quarter
+   of the layers), written as `copy_layers`: `ucm eval` runs ESA and GSA with groups of 2 tokens
+   there and whole blocks elsewhere, and the summary prints those keys for a vLLM config;
 3. **calibrate** (`ucm.calibrate.run_calibrate`): trained hash projections on the model's own
    queries and keys, judged against random ones on held-out prompts;
 4. **write and validate**: `OUT/<model>.json` and `OUT/<model>_hash.pt` in the shape of
@@ -106,6 +109,7 @@ def run_configure(
     Returns the measurements written to `OUT/<model>_configure.json`."""
     from ucm.calibrate import run_calibrate
     from ucm.config.loader import check_config_file
+    from ucm.copy_layers import COPY_THRESHOLD, choose_copy_layers
     from ucm.models import per_model_data, resolve_model
     from ucm.profile import run_profile
 
@@ -123,6 +127,8 @@ def run_configure(
     worst = layer_worst_head(profile["methods"])
     num_layers = len(worst)
     dense = choose_dense_layers(worst, threshold, max_fraction)
+    induction = measure_induction(ref.path)
+    copy = choose_copy_layers(induction, exclude=set(dense))
 
     # the method defaults: the shipped JSON's where ucm has one, else the generic fallback's
     head_dim = _head_dim(ref.path)
@@ -131,6 +137,7 @@ def run_configure(
         model_name=ref.name,
         top_k_ratio_per_layer=[1.0 if layer in dense else ratio for layer in range(num_layers)],
         top_k_index_reuse=[-1] * num_layers,
+        copy_layers=copy,
     )
 
     print(f"[2/3] calibrate: {calib_prompts} prompts x {calib_tokens} tokens, {calib_steps} steps", file=sys.stderr)
@@ -173,6 +180,9 @@ def run_configure(
         },
         "dense_layers": dense,
         "worst_head_per_layer": {str(k): round(v, 4) for k, v in worst.items()},
+        "copy_rule": {"threshold": COPY_THRESHOLD, "measure": "ucm.copy_layers.induction_scores"},
+        "copy_layers": copy,
+        "induction_score_per_layer": {str(k): round(float(v), 4) for k, v in enumerate(induction)},
         "profile": {k: profile[k] for k in ("prompt_tokens", "prompts", "prompt_source", "decode_steps", "ratio")},
         "calibration": {
             "prompts": calib_prompts,
@@ -194,6 +204,18 @@ def run_configure(
     print_summary(result, worst)
     print(f"wrote {cfg_file} and {weight_file}: validated; use it as GSAOnDevice's config_file")
     return result
+
+
+def measure_induction(path: Path) -> list[float]:
+    """Each layer's best induction-head score (`ucm.copy_layers.induction_scores`) of the model at
+    `path`, loaded in float32 with eager attention (which returns the attention weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ucm.copy_layers import induction_scores
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return induction_scores(model.eval()).tolist()
 
 
 def _head_dim(path: Path) -> int:
@@ -230,6 +252,8 @@ def validate_config(cfg_file: Path, model_path: Path, block_size: int):
 
 
 def print_summary(result: dict, worst: dict[int, float]) -> None:
+    from ucm.methods import copy_layer_keys
+
     cal = result["calibration"]
     rule = result["dense_rule"]
     ranked = sorted(worst.items(), key=lambda kv: (kv[1], kv[0]))[:6]
@@ -241,6 +265,8 @@ def print_summary(result: dict, worst: dict[int, float]) -> None:
             f"{result['dense_layers'] or 'none'} (worst head < {rule['threshold']}, at most {rule['budget']})",
         ),
         ("lowest worst-head", ", ".join(f"L{layer} {v:.3f}" for layer, v in ranked)),
+        ("copying layers", f"{result['copy_layers'] or 'none'} (induction >= {result['copy_rule']['threshold']})"),
+        ("ESA / GSA keys", json.dumps(copy_layer_keys(result["copy_layers"])) if result["copy_layers"] else "defaults"),
         (
             "held-out recall",
             f"random {cal['heldout_oracle_normalised_recall']['random']:.3f} -> trained "

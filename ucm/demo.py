@@ -89,6 +89,14 @@ def model_dense_layers(model_config: str | Path = DEMO_MODEL_CONFIG) -> list[int
     return [layer for layer, r in enumerate(ratios) if r >= 1]
 
 
+def model_copy_layers(model_config: str | Path = DEMO_MODEL_CONFIG) -> list[int]:
+    """The layers a per-model JSON measured to copy from the context (`copy_layers`, written by
+    `ucm configure`; empty where it was not measured)."""
+    from ucm.config.loader import load_model_config
+
+    return list(load_model_config(model_config).config.copy_layers or ())
+
+
 #: ESA and KVStar retrieve every decode step in ucm's own runs (UCM's defaults are 5 and 8): a
 #: selection made with an earlier step's query misses the blocks a later step copies from. On
 #: RULER niah_single_2 at 2K (25 samples, ratio 0.3, dense layers 5-8), stride 4 scored 80 and
@@ -103,11 +111,14 @@ def method_config(
     dense_layers: Sequence[int] = (),
     retrieval_stride: int | None = None,
     model_config: str | Path | dict | None = None,
+    copy_layers: Sequence[int] = (),
 ) -> dict:
     """UCM-shaped config `{name: {...}}` of the registered method `name` at keep ratio `ratio`,
     with the settings its registry entry gives the demo (`MethodSpec.demo_config`).
 
-    `dense_layers` go to the windowed methods; `retrieval_stride` (default
+    `dense_layers` go to the windowed methods, `copy_layers` (groups of 2 tokens there, whole
+    blocks elsewhere: `ucm.methods.copy_layer_keys`) to those with per-layer groups (ESA, GSA);
+    `retrieval_stride` (default
     `EVAL_RETRIEVAL_STRIDE`) to the strided ones. A method with a per-model JSON (GSA on device)
     reads its ratios there: without `workdir` it runs the shipped SmolLM2 JSON as it is; with
     it, a copy written there with every sparse layer at `ratio`, so all methods compare at one
@@ -126,6 +137,7 @@ def method_config(
         stride,
         DEMO_MODEL_CONFIG,
         model_config,
+        tuple(copy_layers),
     )
     return {name: get_method(name).demo_config(request)}
 

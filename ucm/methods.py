@@ -30,7 +30,7 @@ import importlib
 import logging
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -61,6 +61,8 @@ class DemoRequest:
                       methods with `model_json` set
     model_config      a per-model JSON that replaces `model` (a path, a name or its data), e.g.
                       one `ucm calibrate` wrote; None: `model`'s shipped one
+    copy_layers       the model's measured copying layers (its JSON's `copy_layers`): methods with
+                      per-layer groups keep `copy_layer_keys` (empty: their defaults)
     """
 
     ratio: float
@@ -69,6 +71,21 @@ class DemoRequest:
     retrieval_stride: int = 1
     model: str = ""
     model_config: str | Path | dict | None = None
+    copy_layers: tuple[int, ...] = ()
+
+
+#: tokens per representation in a copying layer (`ucm.copy_layers`); whole blocks elsewhere
+COPY_GROUP_TOKENS = 2
+
+
+def copy_layer_keys(copy_layers: Sequence[int], tokens: int = COPY_GROUP_TOKENS) -> dict[str, Any]:
+    """The config keys (ESA, GSA) that give `copy_layers` groups of `tokens` tokens and every other
+    layer one representation per block: a copying head reads one key, which a group's mean
+    dilutes less the smaller the group (docs/accuracy.md, session 22)."""
+    return {
+        "blk_repre_inner_token_merge": None,
+        "layer_repre_inner_token_merge": {str(layer): tokens for layer in copy_layers},
+    }
 
 
 DemoBuilder = Callable[[Any, DemoRequest], dict]
@@ -135,6 +152,8 @@ class MethodSpec:
             body["retrieval_stride"] = request.retrieval_stride
         if request.dense_layers and "dense_layers" in fields:
             body["dense_layers"] = list(request.dense_layers)
+        if request.copy_layers and "layer_repre_inner_token_merge" in fields:
+            body.update(copy_layer_keys(request.copy_layers))
         return body
 
     def _same(self, other: MethodSpec) -> bool:

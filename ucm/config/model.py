@@ -61,6 +61,10 @@ class GSAOnDeviceModelConfig(BaseModel):
     hash_bits_qk_rope: Bits | None = None
     hash_weight_kv_lora: str | None = None
     hash_weight_qk_rope: str | None = None
+    # the layers measured to copy from the context (`ucm configure`: `ucm.copy_layers`, each
+    # layer's best induction head); ESA and GSA run by `ucm eval` / `demo` / `profile` with this
+    # model keep groups of 2 tokens there and whole blocks elsewhere. null: not measured
+    copy_layers: list[Annotated[int, Field(ge=0, le=MAX_LAYERS - 1)]] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> GSAOnDeviceModelConfig:
@@ -69,6 +73,13 @@ class GSAOnDeviceModelConfig(BaseModel):
             got = len(getattr(self, key))
             if got != n:
                 raise _KeyError(key, f"has {got} entries but num_hidden_layers is {n}")
+        if self.copy_layers is not None:
+            if len(set(self.copy_layers)) != len(self.copy_layers):
+                raise _KeyError("copy_layers", f"lists a layer twice: {self.copy_layers}")
+            if outside := [layer for layer in self.copy_layers if layer >= n]:
+                raise _KeyError("copy_layers", f"layers {outside} are past the last layer ({n - 1})")
+            if dense := [layer for layer in self.copy_layers if self.top_k_ratio_per_layer[layer] >= 1.0]:
+                raise _KeyError("copy_layers", f"layers {dense} are dense (ratio 1): they read every block")
         for i, j in enumerate(self.top_k_index_reuse):
             if j == -1:
                 continue

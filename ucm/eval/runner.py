@@ -48,13 +48,17 @@ class Setting:
     hash_weights: str | None = None  # the hash_weight_type of `hash_config` ("random" / "trained"); None: shipped
     method_keys: tuple[tuple[str, str], ...] = ()  # --method-key: (config key, JSON value) set on the method
     model_config: str | None = SHIPPED_MODEL_CONFIG  # the evaluated model's shipped per-model JSON (name), if any
+    copy_layers: tuple[int, ...] = ()  # methods with per-layer groups: the model's copying layers in groups of 2
 
     @property
     def name(self) -> str:
         """The method as results name it: "ESA+dense" when it keeps dense layers, "ESA+dense/s4"
         when it retrieves every 4 steps instead of the default, "GSAOnDevice+random" /
-        "GSAOnDevice+trained" with hash projections other than the shipped JSON's."""
+        "GSAOnDevice+trained" with hash projections other than the shipped JSON's, "ESA+dense+copy"
+        with the model's copying layers in groups of 2 and whole blocks elsewhere."""
         name = f"{self.method}+dense" if self.dense_layers else self.method
+        if self.copy_layers:
+            name += "+copy"
         if self.hash_config is not None:
             name = f"{name}+{self.hash_weights}"
         if self.method_keys:
@@ -89,12 +93,20 @@ class Setting:
         elif model_config is None:
             model_config = self.model_config  # the evaluated model's shipped JSON (GSA on device reads it)
         config = method_config(
-            self.method, float(self.ratio), workdir, self.dense_layers, self.retrieval_stride, model_config
+            self.method,
+            float(self.ratio),
+            workdir,
+            self.dense_layers,
+            self.retrieval_stride,
+            model_config,
+            self.copy_layers,
         )
         config[self.method].update(self.method_key_values)
         return {"ucm_sparse_config": config}
 
 
+#: the keys `copy_layers` set (`ucm.methods.copy_layer_keys`)
+COPY_KEYS = ("blk_repre_inner_token_merge", "layer_repre_inner_token_merge")
 RANDOM_HASH = "random"  # --hash-config random: the shipped JSON with random orthogonal projections
 
 
@@ -112,6 +124,7 @@ def settings_grid(
     hash_config: str | Path | None = None,
     method_keys: dict[str, Any] | None = None,
     model_config: str | None = SHIPPED_MODEL_CONFIG,
+    copy_layers: Iterable[int] = (),
 ) -> list[Setting]:
     """Dense first (its engine fills the store the others load from), then method x ratio.
     `dense_layers` go to the windowed methods (a method with a per-model JSON, GSA on device,
@@ -121,8 +134,13 @@ def settings_grid(
     one `ucm calibrate` writes), named "<method>+<its hash_weight_type>". `method_keys` (config key
     -> value) are set on every sparse method of the grid, which must all have those keys; the
     settings are named "<method>[key=value,...]". `model_config` names the evaluated model's
-    shipped per-model JSON (default: SmolLM2's; None: the model has none)."""
+    shipped per-model JSON (default: SmolLM2's; None: the model has none). `copy_layers` go to the
+    methods with per-layer groups (ESA, GSA: `ucm.methods.copy_layer_keys`), unless `method_keys`
+    set their group keys."""
     dense_layers = tuple(dense_layers)
+    copy_layers = tuple(copy_layers)
+    if any(k in COPY_KEYS for k in (method_keys or {})):
+        copy_layers = ()  # the keys asked for say how the layers group
     variant = None
     if hash_config is not None:
         from ucm.config.loader import load_model_config
@@ -156,6 +174,7 @@ def settings_grid(
                     retrieval_stride if spec.strided else None,
                     method_keys=keys,
                     model_config=model_config,
+                    copy_layers=copy_layers if COPY_KEYS[-1] in spec.config.model_fields else (),
                 )
             )
     if hash_config is not None:
@@ -271,6 +290,7 @@ def run_eval(
     retrieval_stride: int | None = None,
     hash_config: str | Path | None = None,
     method_keys: dict[str, Any] | None = None,
+    copy_layers: Iterable[int] = (),
 ) -> dict:
     """Run every missing cell, then rebuild the summary; returns the summary dict. `methods`
     defaults to every registered method."""
@@ -284,7 +304,14 @@ def run_eval(
         list(tasks),
         sorted(set(lengths)),
         settings_grid(
-            methods, ratios, dense_layers, retrieval_stride, hash_config, method_keys, MODELS[model].model_config
+            methods,
+            ratios,
+            dense_layers,
+            retrieval_stride,
+            hash_config,
+            method_keys,
+            MODELS[model].model_config,
+            copy_layers,
         ),
     )
     if MODELS[model].model_config is None:
@@ -326,6 +353,8 @@ def run_eval(
     }
     if dense_layers:
         meta["dense_layers"] = list(dense_layers)  # of the "+dense" settings
+    if copy_layers := tuple(copy_layers):
+        meta["copy_layers"] = list(copy_layers)  # of the "+copy" settings
     timings: dict[str, float] = {}
     previous = out_dir / "summary.json"
     if previous.exists():  # engine statistics of earlier (resumed) runs are kept, not lost
@@ -336,8 +365,9 @@ def run_eval(
         for key in ("blocks_read", "store", "prefill"):
             if old.get(key):
                 meta[key] = dict(old[key])
-        if old.get("dense_layers") and "dense_layers" not in meta:
-            meta["dense_layers"] = old["dense_layers"]
+        for key in ("dense_layers", "copy_layers"):
+            if old.get(key) and key not in meta:
+                meta[key] = old[key]
     steps = [(L, s) for L in lengths for s in grid if not all(results.done(L, s.label, t, samples) for t in tasks)]
     bar = tqdm(steps, desc="ucm eval", unit="engine", disable=not progress)
     for length in lengths:
@@ -470,6 +500,14 @@ def add_parser(sub) -> None:
         "JSON runs every layer sparse",
     )
     p.add_argument(
+        "--copy-layers",
+        choices=["model", "none"],
+        default="model",
+        help="ESA and GSA keep groups of 2 tokens in the copying layers the model JSON measured "
+        "(`copy_layers`, `ucm configure`) and whole blocks elsewhere (results name them ESA+dense+copy), "
+        "or their default groups everywhere; a model whose JSON measured none keeps the defaults",
+    )
+    p.add_argument(
         "--retrieval-stride",
         type=int,
         default=None,
@@ -503,7 +541,7 @@ def add_parser(sub) -> None:
 
 
 def _handle(args) -> int:
-    from ucm.demo import model_dense_layers
+    from ucm.demo import model_copy_layers, model_dense_layers
     from ucm.models import MODELS
 
     model_json = MODELS[args.model].model_config
@@ -528,6 +566,7 @@ def _handle(args) -> int:
         retrieval_stride=args.retrieval_stride,
         hash_config=args.hash_config,
         method_keys=method_keys,
+        copy_layers=model_copy_layers(model_json) if args.copy_layers == "model" and model_json else (),
     )
     from ucm.eval.report import markdown
 

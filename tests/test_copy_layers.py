@@ -1,0 +1,94 @@
+"""The copying-layer measurement (`ucm.copy_layers`): the score against a loop over positions,
+the layer rule, the per-model JSON key, the settings `ucm eval` runs with it, and the score of
+the real SmolLM2 (its copying heads sit in layers 17 and 18)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ucm.config.errors import ConfigError
+from ucm.config.loader import load_model_config, model_config_data
+from ucm.copy_layers import COPY_THRESHOLD, choose_copy_layers, induction_scores_from_attention
+from ucm.eval.runner import settings_grid
+from ucm.methods import copy_layer_keys
+
+
+def _loop_scores(att: torch.Tensor, n: int) -> torch.Tensor:
+    out = torch.zeros(att.shape[:2])
+    for layer in range(att.shape[0]):
+        for head in range(att.shape[1]):
+            vals = [float(att[layer, head, i, i - n + 1]) for i in range(n + 1, 2 * n)]
+            out[layer, head] = sum(vals) / len(vals)
+    return out
+
+
+def test_the_score_is_the_mean_attention_to_the_token_after_the_earlier_occurrence() -> None:
+    n = 7
+    att = torch.rand(3, 2, 2 * n, 2 * n, generator=torch.Generator().manual_seed(1)).tril()
+    att = att / att.sum(-1, keepdim=True)
+    torch.testing.assert_close(induction_scores_from_attention(att, n), _loop_scores(att, n))
+    planted = torch.zeros(1, 2, 2 * n, 2 * n)
+    for i in range(2 * n):  # head 0 copies from the earlier occurrence's successor, head 1 attends to itself
+        planted[0, 0, i, i - n + 1 if i > n else i] = 1.0
+        planted[0, 1, i, i] = 1.0
+    assert induction_scores_from_attention(planted, n).tolist() == [[1.0, 0.0]]
+    with pytest.raises(ValueError, match="layers, heads, 14, 14"):
+        induction_scores_from_attention(att[..., :-1], n)
+
+
+def test_the_rule_takes_the_highest_scores_above_the_threshold_up_to_the_cap() -> None:
+    scores = [0.0, 0.9, 0.5, 0.2, 0.95, 0.5, 0.46, 0.44]
+    rule = {"threshold": 0.45}
+    assert choose_copy_layers(scores, max_fraction=0.25, **rule) == [1, 4]  # cap: a quarter of 8 layers
+    assert choose_copy_layers(scores, max_fraction=0.5, **rule) == [1, 2, 4, 5]  # ties: the lower layer first
+    assert choose_copy_layers(scores, max_fraction=1.0, **rule) == [1, 2, 4, 5, 6]
+    assert choose_copy_layers(scores, max_fraction=0.5, exclude={4}, **rule) == [1, 2, 5, 6]  # dense: skipped
+    assert choose_copy_layers([COPY_THRESHOLD - 0.01] * 8) == []
+    assert choose_copy_layers([COPY_THRESHOLD] * 10) == [0, 1, 2]  # the default cap: 30% of the layers
+
+
+def _json(**extra) -> dict:
+    data = model_config_data("SmolLM2-135M-Instruct")  # layers 7, 17, 18, 23 dense
+    data.update(extra)
+    return data
+
+
+def test_the_model_json_key_names_sparse_layers_of_the_model_once() -> None:
+    assert load_model_config(_json(copy_layers=[20, 21])).config.copy_layers == [20, 21]
+    assert load_model_config(_json()).config.copy_layers is None
+    for bad, why in (([20, 20], "twice"), ([30], "past the last layer"), ([17], "dense")):
+        with pytest.raises(ConfigError, match=why):
+            load_model_config(_json(copy_layers=bad))
+
+
+def test_eval_runs_esa_and_gsa_with_groups_in_the_copying_layers_only(tmp_path) -> None:
+    grid = settings_grid(["ESA", "GSA", "KVStarMultiStep"], [0.3], dense_layers=[7], copy_layers=[20, 21])
+    assert [s.label for s in grid] == ["dense", "ESA+dense+copy@0.3", "GSA+dense+copy@0.3", "KVStarMultiStep+dense@0.3"]
+    for setting in grid[1:3]:
+        body = setting.extra_config(tmp_path)["ucm_sparse_config"][setting.method]
+        assert body["blk_repre_inner_token_merge"] is None
+        assert (
+            body["layer_repre_inner_token_merge"]
+            == {"20": 2, "21": 2}
+            == copy_layer_keys([20, 21])["layer_repre_inner_token_merge"]
+        )
+    kvstar = grid[3].extra_config(tmp_path)["ucm_sparse_config"]["KVStarMultiStep"]
+    assert "layer_repre_inner_token_merge" not in kvstar and kvstar["blk_repre_inner_token_merge"] != 0
+    # keys asked for on the command line say how the layers group: no copy layers then
+    keyed = settings_grid(["ESA"], [0.3], copy_layers=[20], method_keys={"blk_repre_inner_token_merge": 4})
+    assert keyed[1].copy_layers == () and keyed[1].label == "ESA[blk_repre_inner_token_merge=4]@0.3"
+
+
+def test_smollm2_copies_in_layers_17_and_18(model_path) -> None:
+    """The real model: its copying heads (layers 17 and 18, also two of its shipped JSON's dense
+    layers) score highest, far above every early layer."""
+    from transformers import AutoModelForCausalLM
+
+    from ucm.copy_layers import induction_scores
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="eager")
+    scores = induction_scores(model.eval(), length=128, sequences=1)
+    assert scores.shape == (30,) and bool(((scores >= 0) & (scores <= 1)).all())
+    assert sorted(scores.argsort(descending=True)[:2].tolist()) == [17, 18]
+    assert float(scores[17:19].min()) > 0.6 and float(scores[:17].max()) < 0.05
