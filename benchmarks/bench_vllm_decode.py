@@ -48,9 +48,9 @@ def sparse_extra(name: str, ratio: float, tmp: Path) -> dict:
     JSON method: every sparse layer at `ratio`); values as `--method-key` reads them
     (`blk_repre_inner_token_merge=null`: whole blocks)."""
     from ucm.demo import method_config
-    from ucm.methods import method_key_values
+    from ucm.methods import method_key_values, split_method_setting
 
-    method, *overrides = name.split(":")
+    method, *overrides = split_method_setting(name)
     config = method_config(method, ratio, tmp)
     config[method].update(method_key_values(overrides))
     return {"ucm_sparse_config": config}

@@ -133,20 +133,14 @@ def side_bytes_per_block(
         method.close()
 
 
-def split_setting(setting: str) -> list[str]:
-    """METHOD:RATIO[:key=value...] split at the colons outside a JSON object value
-    (`layer_repre_inner_token_merge={"9": 2}` stays one part)."""
-    return re.split(r":(?![^{]*})", setting)
-
-
 def sparse_extra(setting: str, tmp: Path, shape: dict = QWEN3_4B, model_name: str = "Qwen3-4B") -> dict | None:
     """The connector's extra config for a setting "dense" | "METHOD:RATIO"; methods with a model
     JSON (GSA on device) take the shipped one of `model_name`."""
-    from ucm.methods import get_method, method_key_values
+    from ucm.methods import get_method, method_key_values, split_method_setting
 
     if setting == "dense":
         return None
-    method, ratio, *overrides = split_setting(setting)  # METHOD:RATIO[:key=value...]
+    method, ratio, *overrides = split_method_setting(setting)  # METHOD:RATIO[:key=value...]
     ratio = float(ratio)
     keys = method_key_values(overrides)
     if get_method(method).model_json:  # the model's shipped JSON with its sparse layers at `ratio`
@@ -581,7 +575,7 @@ def main() -> None:
     import torch
     import vllm
 
-    from ucm.methods import method_names
+    from ucm.methods import method_names, split_method_setting
 
     settings = args.settings or ["dense", *(f"{m}:{r}" for m in method_names() for r in (0.3, 0.1))]
     out_dir = Path(args.out)
@@ -645,7 +639,7 @@ def main() -> None:
     for setting, eng in engines.items():
         if setting.endswith(" (again)"):
             continue  # its steps are in the dense cells' `dense_ms_runs`
-        parts = split_setting(setting)
+        parts = split_method_setting(setting)
         method, ratio = (setting, 1.0) if setting == "dense" else (parts[0], float(parts[1]))
         if len(parts) > 2:
             method += "[" + ",".join(parts[2:]) + "]"

@@ -21,9 +21,10 @@ from bench_vllm_gpu import (  # noqa: E402  (benchmarks is no package)
     merge_runs,
     short_label,
     side_bytes_per_block,
-    split_setting,
     step_ms_from_timestamps,
 )
+
+from ucm.methods import split_method_setting as split_setting  # noqa: E402
 
 HEAD = {"device": "H200", "vllm": "0.26.0", "torch": "2.11", "model": "m", "cudagraph_mode": "FULL"}
 

@@ -313,6 +313,12 @@ def base_method(name: str) -> str:
     return re.split(r"[+/@]", name, maxsplit=1)[0]
 
 
+def split_method_setting(setting: str) -> list[str]:
+    """A benchmark's `METHOD[:RATIO][:KEY=VALUE...]` split at the colons outside a JSON object
+    value (`layer_repre_inner_token_merge={"9": 2}` stays one part)."""
+    return re.split(r":(?![^{]*})", setting)
+
+
 def method_key_values(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """`KEY=VALUE` strings (the CLIs' `--method-key`) as a dict of method config keys: the value is
     read as JSON (8, true, "x"), else kept as a bare string (rank). ValueError names an item
