@@ -9,9 +9,10 @@ For a packaged model or a local Hugging Face folder:
    `--dense-threshold` (default 0.75), lowest first, at most `--max-dense-fraction` (default
    0.15) of the layers -- SmolLM2's shipped budget, 4 of 30; none when every layer clears the
    threshold; **copying layers** (`ucm.copy_layers`): each layer's best induction head on a
-   repeated random sequence, the sparse layers at `COPY_THRESHOLD` or above (at most a quarter
-   of the layers), written as `copy_layers`: `ucm eval` runs ESA and GSA with groups of 2 tokens
-   there and whole blocks elsewhere, and the summary prints those keys for a vLLM config;
+   repeated random sequence, the sparse layers at `COPY_THRESHOLD` or above (at most
+   `MAX_COPY_FRACTION` of the layers), written as `copy_layers`: `ucm eval` runs ESA and GSA
+   with groups of 2 tokens there and whole blocks elsewhere, and the summary prints those keys
+   for a vLLM config;
 3. **calibrate** (`ucm.calibrate.run_calibrate`): trained hash projections on the model's own
    queries and keys, judged against random ones on held-out prompts;
 4. **write and validate**: `OUT/<model>.json` and `OUT/<model>_hash.pt` in the shape of

@@ -62,8 +62,8 @@ class GSAOnDeviceModelConfig(BaseModel):
     hash_weight_kv_lora: str | None = None
     hash_weight_qk_rope: str | None = None
     # the layers measured to copy from the context (`ucm configure`: `ucm.copy_layers`, each
-    # layer's best induction head); ESA and GSA run by `ucm eval` / `demo` / `profile` with this
-    # model keep groups of 2 tokens there and whole blocks elsewhere. null: not measured
+    # layer's best induction head); ESA and GSA run by `ucm eval` with this model keep groups
+    # of 2 tokens there and whole blocks elsewhere (`ucm.methods.copy_layer_keys`). null: not measured
     copy_layers: list[Annotated[int, Field(ge=0, le=MAX_LAYERS - 1)]] | None = None
 
     @model_validator(mode="after")

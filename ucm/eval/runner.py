@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ucm.methods import find_method, method_key_values, method_names
+from ucm.methods import copy_layer_keys, find_method, method_key_values, method_names
 
 logger = logging.getLogger("ucm.eval")
 
@@ -105,8 +105,8 @@ class Setting:
         return {"ucm_sparse_config": config}
 
 
-#: the keys `copy_layers` set (`ucm.methods.copy_layer_keys`)
-COPY_KEYS = ("blk_repre_inner_token_merge", "layer_repre_inner_token_merge")
+#: the keys `copy_layers` set
+COPY_KEYS = tuple(copy_layer_keys(()))
 RANDOM_HASH = "random"  # --hash-config random: the shipped JSON with random orthogonal projections
 
 
