@@ -58,8 +58,8 @@ def induction_scores(model, length: int = 256, sequences: int = 4, seed: int = 0
         out = model(ids, output_attentions=True, use_cache=False)
         if not out.attentions or out.attentions[0] is None:
             raise ValueError("the model returned no attention weights: load it with attn_implementation='eager'")
-        att = torch.stack([a[0].float().cpu() for a in out.attentions])
-        scores = induction_scores_from_attention(att, length)
+        # layer by layer: the [heads, T, T] maps are not stacked into one more copy
+        scores = torch.cat([induction_scores_from_attention(a[:1].float(), length).cpu() for a in out.attentions])
         total = scores if total is None else total + scores
     return (total / sequences).max(-1).values
 

@@ -136,6 +136,12 @@ class MethodSpec:
         class's `windowed` flag: this module sits below `ucm.config` and never imports it."""
         return bool(getattr(self.config, "windowed", False))
 
+    @property
+    def takes_copy_layers(self) -> bool:
+        """Its config keeps per-layer groups (ESA, GSA): it runs a model's copying layers with
+        `copy_layer_keys`."""
+        return "layer_repre_inner_token_merge" in getattr(self.config, "model_fields", {})
+
     def build(self, config: Any, shapes: Any, ctx: Any) -> Any:
         """The ready-to-run `SparseMethod` of a parsed `config` for the model's `shapes`."""
         return _resolve(self.builder)(config, shapes, ctx)
@@ -152,7 +158,7 @@ class MethodSpec:
             body["retrieval_stride"] = request.retrieval_stride
         if request.dense_layers and "dense_layers" in fields:
             body["dense_layers"] = list(request.dense_layers)
-        if request.copy_layers and "layer_repre_inner_token_merge" in fields:
+        if request.copy_layers and self.takes_copy_layers:
             body.update(copy_layer_keys(request.copy_layers))
         return body
 

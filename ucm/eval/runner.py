@@ -174,7 +174,7 @@ def settings_grid(
                     retrieval_stride if spec.strided else None,
                     method_keys=keys,
                     model_config=model_config,
-                    copy_layers=copy_layers if COPY_KEYS[-1] in spec.config.model_fields else (),
+                    copy_layers=copy_layers if spec.takes_copy_layers else (),
                 )
             )
     if hash_config is not None:
