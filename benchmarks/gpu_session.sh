@@ -5,7 +5,8 @@
 #
 #   source $HOME/stage/device_setup.sh && bash benchmarks/gpu_session.sh PHASE
 #
-# Phases (in this order; `tune` first, since the benches run with its launch settings):
+# Phases (in this order; `tune` first: the benches run with its launch settings, else with the
+# shipped file of this GPU model, backends/cuda/tuned/, else the built-in ones):
 #   tune   the CUDA conformance subset, then the grouped scorer's launch search
 #          (tune_selection_gpu.py --grouped-only --write-tuned): $HOME/tuned/<GPU>.json, which
 #          the later phases use through UCM_CUDA_TUNED_DIR; commit it to backends/cuda/tuned/

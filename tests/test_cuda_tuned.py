@@ -1,6 +1,7 @@
 """The grouped scorer's per-GPU tuned settings (backends/cuda/tuned.py): the files round-trip,
 a file that does not parse is an error naming it, the folder of `$UCM_CUDA_TUNED_DIR` wins over
-the shipped one, and every shipped file is valid for the kernel (the GPU runs use them)."""
+the shipped one (which stands in where that folder has no file for the GPU), and every shipped
+file is valid for the kernel (the GPU runs use them)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,19 @@ def test_round_trip_through_the_env_folder(tmp_path, monkeypatch) -> None:
     assert (launch.block_m, launch.block_r, launch.widen) == (4, 32, "float16")
     assert got.grouped(torch.bfloat16, "max").warps == 8
     assert got.grouped(torch.bfloat16, "mean") is None  # not measured: the built-in setting
-    assert tuned.load_tuned("NVIDIA H100") is None  # another GPU model does not take H200's
+    assert tuned.load_tuned("NVIDIA H100 PCIe") is None  # another GPU model does not take H200's
+
+
+def test_the_env_folder_wins_and_the_shipped_file_stands_in_where_it_has_none(tmp_path, monkeypatch) -> None:
+    """A machine whose `$UCM_CUDA_TUNED_DIR` holds no file for its GPU (a fresh one: nothing tuned
+    there yet) runs the file this project measured and ships for that GPU, not the heuristics."""
+    shipped = sorted(tuned.PACKAGED_DIR.glob("*.json"))
+    assert shipped, "no tuned file ships (the H100's was measured in session 22)"
+    device = json.loads(shipped[0].read_text())["device"]
+    monkeypatch.setenv(tuned.TUNED_DIR_ENV, str(tmp_path))
+    assert tuned.load_tuned(device) == tuned.TunedFile.model_validate_json(shipped[0].read_text())
+    tuned.write_tuned(tmp_path, _file(device))
+    assert tuned.load_tuned(device) == _file(device)  # measured on this machine: it wins
 
 
 @pytest.mark.parametrize(

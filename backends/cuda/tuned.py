@@ -4,9 +4,9 @@
 `_scores_grouped_kernel` on the GPU it runs on and writes the fastest per (sums dtype, group
 reduction) to `DIR/<GPU name>.json` (the name as CUDA reports it, every character other than a
 letter or digit an underscore: `NVIDIA_H200.json`). `CudaOps` reads the file of the GPU its
-tensors live on from `$UCM_CUDA_TUNED_DIR` if set, else from the `tuned/` folder beside this
-module (the files this project measured and ships); a GPU without a file runs the built-in
-heuristics. A file that does not parse is an error naming it: a tuned setting is never dropped
+tensors live on from `$UCM_CUDA_TUNED_DIR` if that folder has one for it, else from the
+`tuned/` folder beside this module (the files this project measured and ships); a GPU without a
+file runs the built-in heuristics. A file that does not parse is an error naming it: a tuned setting is never dropped
 in silence.
 """
 
@@ -68,10 +68,12 @@ def grouped_key(sums_dtype: torch.dtype | str, group_reduce: str) -> str:
 
 
 def load_tuned(device_name: str) -> TunedFile | None:
-    """The tuned settings of this GPU model, or None where none were measured."""
-    folder = Path(os.environ[TUNED_DIR_ENV]) if os.environ.get(TUNED_DIR_ENV) else PACKAGED_DIR
-    path = folder / file_name(device_name)
-    if not path.is_file():
+    """The tuned settings of this GPU model, or None where none were measured: the file in
+    `$UCM_CUDA_TUNED_DIR` if that folder has one for this GPU, else the shipped one."""
+    folders = [Path(os.environ[TUNED_DIR_ENV])] if os.environ.get(TUNED_DIR_ENV) else []
+    paths = [f / file_name(device_name) for f in [*folders, PACKAGED_DIR]]
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
         return None
     try:
         return TunedFile.model_validate(json.loads(path.read_text()))
