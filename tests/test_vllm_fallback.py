@@ -5,7 +5,9 @@ dim 32).
 * with no `config_file` the engine starts on the generic fallback, logs one line that says so,
   and decodes sparsely (blocks kept < blocks total in every layer past the length threshold);
 * a named `config_file` that does not exist still fails at engine start, naming the file;
-* a windowed method logs the dense layers it runs with.
+* a windowed method logs the dense layers it runs with;
+* ESA on a model served under the name of a JSON with measured copying layers runs them (groups of
+  2 tokens there, whole blocks elsewhere) unless its config sets its representations.
 """
 
 from __future__ import annotations
@@ -97,3 +99,42 @@ def test_windowed_method_logs_its_dense_layers(tiny_model) -> None:
         assert [line for line in lines if "dense layers" in line] == ["ucm: ESA dense layers: [0, 2]"], lines
     finally:
         shutdown(llm)
+
+
+def test_esa_runs_the_copying_layers_the_served_models_json_measured(tmp_path) -> None:
+    """A model served under the name of a shipped JSON that measured its copying layers (a tiny
+    random 24-layer Llama in a folder named Qwen2.5-Coder-0.5B-Instruct: the JSON is found by
+    name, and the layer counts agree): ESA with no representation keys keeps groups of 2 tokens
+    in those layers and one representation per block elsewhere, says so in one line, and decodes
+    sparsely; a representation key the user sets wins."""
+    import gc
+    import random
+
+    from ucm.config.loader import find_model_config, load_model_config
+    from ucm.models import make_tiny_model
+
+    served = tmp_path / "Qwen2.5-Coder-0.5B-Instruct"
+    served.symlink_to(make_tiny_model(layers=24), target_is_directory=True)
+    measured = sorted(load_model_config(find_model_config(served.name)).config.copy_layers or ())
+    assert measured, "the shipped Qwen2.5-Coder JSON names its copying layers"
+    prompt = [random.Random(5).randrange(100, 40000) for _ in range(900)]
+    for esa, want in (({"sparse_ratio": 0.3}, "copying layers"), ({"blk_repre_inner_token_merge": 4}, "as configured")):
+        llm, lines = _engine_log(str(served), {"ucm_sparse_config": {"ESA": esa}})
+        try:
+            notes = [line for line in lines if "representations" in line]
+            assert len(notes) == 1 and want in notes[0], lines
+            assert len(generate(llm, [prompt], max_tokens=6)[0]) == 6
+            runtime = find_runtime()
+            assert runtime.snapshot()["sparse_steps"] >= 5
+            scorer = runtime.method.scorer
+            block = scorer.shapes.block_size
+            merges = [acc.merge for acc in scorer.acc]
+            if want == "copying layers":
+                assert f"copying layers {measured} measured in qwen2_5_coder_0_5b_instruct.json" in notes[0]
+                assert merges == [2 if layer in measured else block for layer in range(24)]
+            else:
+                assert merges == [4] * 24
+        finally:
+            shutdown(llm)
+            del llm  # the next engine's start must not be followed by this one's teardown
+            gc.collect()

@@ -143,13 +143,13 @@ def gguf_path(name: str = "smollm2") -> Path:
     return final
 
 
-def make_tiny_model(num_kv_heads: int = 2, seed: int = 0, context: int = 8192) -> Path:
-    """A tiny random Llama (hidden 128, 4 layers, 4 q heads, `num_kv_heads` KV heads, head dim
-    32, fp32) with SmolLM2's tokenizer, for fast engine tests (tensor parallelism needs KV heads
-    divisible by the rank count, which SmolLM2's 3 are not). Weights have std 0.3 so greedy
+def make_tiny_model(num_kv_heads: int = 2, seed: int = 0, context: int = 8192, layers: int = 4) -> Path:
+    """A tiny random Llama (hidden 128, `layers` layers, 4 q heads, `num_kv_heads` KV heads, head
+    dim 32, fp32) with SmolLM2's tokenizer, for fast engine tests (tensor parallelism needs KV
+    heads divisible by the rank count, which SmolLM2's 3 are not). Weights have std 0.3 so greedy
     decoding is not degenerate. `context` is its maximum length (benchmarks at 32K use it).
     Deterministic in its arguments; cached like the packaged models."""
-    suffix = "" if context == 8192 else f"-ctx{context}"
+    suffix = ("" if context == 8192 else f"-ctx{context}") + ("" if layers == 4 else f"-l{layers}")
     final = cache_dir() / "models" / f"tiny-llama-kv{num_kv_heads}-s{seed}{suffix}"
     if (final / "config.json").is_file():
         return final
@@ -161,7 +161,7 @@ def make_tiny_model(num_kv_heads: int = 2, seed: int = 0, context: int = 8192) -
         vocab_size=len(tok),
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=num_kv_heads,
         head_dim=32,

@@ -16,7 +16,7 @@ as they fill and a later request with the same prefix loads them instead of reco
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from ucm.config.bounds import check_against_model
+from ucm.config.copy_layer_defaults import with_model_copy_layers
 from ucm.config.errors import ConfigError
 from ucm.config.fallback import generic_model_config
 from ucm.config.loader import SPARSE_KEY
@@ -149,6 +150,15 @@ class UCMConnector(KVConnectorBase_V1):
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         self.ucm_config = parse_extra_config(extra)
         self.block_size = vllm_config.cache_config.block_size
+        representations = ""
+        if self.ucm_config.sparse is not None:  # ESA / GSA: the model's measured copying layers, unless set
+            chosen = with_model_copy_layers(
+                self.ucm_config.sparse,
+                str(vllm_config.model_config.model),
+                vllm_config.model_config.get_total_num_hidden_layers(),
+                self.block_size,
+            )
+            self.ucm_config, representations = replace(self.ucm_config, sparse=chosen.config), chosen.note
         self.model_config_file = None
         if self.ucm_config.sparse is not None and spec_of(self.ucm_config.sparse).model_json:
             # a method with a per-model JSON (GSA on device): resolve and check it now, not mid-forward
@@ -175,6 +185,8 @@ class UCMConnector(KVConnectorBase_V1):
             )
         if sparse is not None and role == KVConnectorRole.SCHEDULER:  # one line per engine, not per worker
             logger.info("ucm: %s", describe_layers(sparse, self.model_config_file))
+            if representations:
+                logger.info("ucm: %s", representations)
         self.offload_policy: OffloadPolicy | None = None
         if getattr(sparse, "offload", False):
             if not self.ucm_config.stores:
