@@ -679,8 +679,7 @@ def valid_model_dicts(draw: st.DrawFn) -> dict[str, Any]:
         must_select_blocks=draw(st.lists(st.integers(-16, 16), unique=True, max_size=5)),
         hash_weight="w.bin" if trained else None,
     )
-    sparse = [i for i, r in enumerate(ratios) if r < 1]
-    data["copy_layers"] = draw(st.none() | st.lists(st.sampled_from(sparse), unique=True) if sparse else st.none())
+    data["copy_layers"] = draw(st.none() | st.lists(st.sampled_from(range(len(ratios))), unique=True))
     if is_mla:
         kv, rope, hkv, hrope = draw(st.integers(1, 1024)), draw(st.integers(1, 128)), draw(bits), draw(bits)
         data.update(

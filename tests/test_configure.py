@@ -156,7 +156,7 @@ def test_configure_writes_a_config_the_engine_runs(tmp_path, model_path) -> None
     assert [i for i, r in enumerate(cfg.top_k_ratio_per_layer) if r >= 1] == dense == report["dense_layers"]
     assert all(r == 0.3 for i, r in enumerate(cfg.top_k_ratio_per_layer) if i not in dense)
     induction = [report["induction_score_per_layer"][str(i)] for i in range(30)]
-    assert cfg.copy_layers == report["copy_layers"] == choose_copy_layers(induction, exclude=set(dense))
+    assert cfg.copy_layers == report["copy_layers"] == choose_copy_layers(induction)
     assert max(induction) > 0.6  # SmolLM2's copying heads (layers 17 and 18) were measured
     assert "copying layers" in proc.stdout
     check = subprocess.run(
@@ -232,4 +232,4 @@ def test_measured_qwen_config_fits_the_packaged_model() -> None:
     assert 1 <= len(dense) <= dense_budget(cfg.num_hidden_layers)
     from ucm.configure import measure_induction  # the shipped copying layers are the measured ones
 
-    assert cfg.copy_layers == choose_copy_layers(measure_induction(folder), exclude=set(dense))
+    assert cfg.copy_layers == choose_copy_layers(measure_induction(folder))

@@ -79,12 +79,17 @@ def test_methods_without_per_layer_groups_are_untouched(method: str) -> None:
 
 
 @pytest.mark.parametrize("method", ["ESA", "GSA"])
-def test_the_demo_and_eval_state_their_groups_so_the_engine_keeps_them(method: str) -> None:
-    """`ucm eval --copy-layers none` compares against groups of 4 everywhere: the config it sends
-    states them, so an engine serving a model with measured copying layers runs what was asked."""
-    body = get_method(method).demo_config(DemoRequest(0.3))
-    assert REPRESENTATION_KEYS & set(body)
-    config = parse_sparse_config({method: body})
+def test_eval_states_its_groups_and_the_demo_leaves_them_to_the_engine(method: str, tmp_path) -> None:
+    """`ucm eval --copy-layers none` compares against groups of 4 everywhere: its config states
+    them, so an engine serving a model with measured copying layers runs what was asked. The demo
+    and the benchmarks send what a user would, no representation key: the engine's default."""
+    from ucm.eval.runner import Setting
+
+    plain = Setting(method, 0.3, dense_layers=(7,)).extra_config(tmp_path)["ucm_sparse_config"]
+    config = parse_sparse_config({method: plain[method]})
+    assert config.blk_repre_inner_token_merge == 4 and REPRESENTATION_KEYS & config.model_fields_set
     assert with_model_copy_layers(config, QWEN, 24, 32).config == config
-    with_copy = parse_sparse_config({method: get_method(method).demo_config(DemoRequest(0.3, copy_layers=(9,)))})
-    assert with_copy.layer_repre_inner_token_merge == {9: COPY_GROUP_TOKENS}
+    copy = Setting(method, 0.3, dense_layers=(9,), copy_layers=(9, 11)).extra_config(tmp_path)["ucm_sparse_config"]
+    assert parse_sparse_config({method: copy[method]}).layer_repre_inner_token_merge == {11: COPY_GROUP_TOKENS}
+    demo = get_method(method).demo_config(DemoRequest(0.3))
+    assert not REPRESENTATION_KEYS & set(demo)

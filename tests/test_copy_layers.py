@@ -56,8 +56,10 @@ def _json(**extra) -> dict:
 
 def test_the_model_json_key_names_sparse_layers_of_the_model_once() -> None:
     assert load_model_config(_json(copy_layers=[20, 21])).config.copy_layers == [20, 21]
-    assert load_model_config(_json()).config.copy_layers is None
-    for bad, why in (([20, 20], "twice"), ([30], "past the last layer"), ([17], "dense")):
+    assert load_model_config(_json(copy_layers=None)).config.copy_layers is None
+    assert load_model_config(_json()).config.copy_layers == [17, 18, 20, 23]  # measured in session 22
+    assert load_model_config(_json(copy_layers=[17, 20])).config.copy_layers == [17, 20]  # 17: dense there
+    for bad, why in (([20, 20], "twice"), ([30], "past the last layer")):
         with pytest.raises(ConfigError, match=why):
             load_model_config(_json(copy_layers=bad))
 
@@ -92,3 +94,12 @@ def test_smollm2_copies_in_layers_17_and_18(model_path) -> None:
     assert scores.shape == (30,) and bool(((scores >= 0) & (scores <= 1)).all())
     assert sorted(scores.argsort(descending=True)[:2].tolist()) == [17, 18]
     assert float(scores[17:19].min()) > 0.6 and float(scores[:17].max()) < 0.05
+
+
+def test_the_shipped_smollm2_json_names_the_measured_copying_layers(model_path) -> None:
+    """`configs/smollm2_135m.json`'s `copy_layers` are what `ucm configure` measures and picks
+    (17 and 18 at ~0.8-0.9, 20 and 23 at ~0.39; 17, 18 and 23 are also its dense layers)."""
+    from ucm.configure import measure_induction
+
+    shipped = load_model_config("SmolLM2-135M-Instruct").config.copy_layers
+    assert shipped == choose_copy_layers(measure_induction(model_path)) == [17, 18, 20, 23]

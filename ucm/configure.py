@@ -9,10 +9,12 @@ For a packaged model or a local Hugging Face folder:
    `--dense-threshold` (default 0.75), lowest first, at most `--max-dense-fraction` (default
    0.15) of the layers -- SmolLM2's shipped budget, 4 of 30; none when every layer clears the
    threshold; **copying layers** (`ucm.copy_layers`): each layer's best induction head on a
-   repeated random sequence, the sparse layers at `COPY_THRESHOLD` or above (at most
-   `MAX_COPY_FRACTION` of the layers), written as `copy_layers`: `ucm eval` runs ESA and GSA
-   with groups of 2 tokens there and whole blocks elsewhere, and the summary prints those keys
-   for a vLLM config;
+   repeated random sequence, the layers at `COPY_THRESHOLD` or above (at most
+   `MAX_COPY_FRACTION` of the layers; dense ones too: a method that keeps a layer dense skips
+   it), written as `copy_layers`: an engine serving the model runs ESA and GSA with groups of 2
+   tokens there and whole blocks elsewhere where their config leaves the representations unset
+   (`ucm.config.copy_layer_defaults`), `ucm eval` names those settings `+copy`, and the summary
+   prints the keys for a vLLM config;
 3. **calibrate** (`ucm.calibrate.run_calibrate`): trained hash projections on the model's own
    queries and keys, judged against random ones on held-out prompts;
 4. **write and validate**: `OUT/<model>.json` and `OUT/<model>_hash.pt` in the shape of
@@ -129,7 +131,7 @@ def run_configure(
     num_layers = len(worst)
     dense = choose_dense_layers(worst, threshold, max_fraction)
     induction = measure_induction(ref.path)
-    copy = choose_copy_layers(induction, exclude=set(dense))
+    copy = choose_copy_layers(induction)  # dense layers too: a method that keeps one dense skips it
 
     # the method defaults: the shipped JSON's where ucm has one, else the generic fallback's
     head_dim = _head_dim(ref.path)

@@ -25,7 +25,8 @@ import torch
 #: 0.96-0.99 in layers 9/11/16, 0.39-0.49 in 13/19/21/23, then 0.25 and below; SmolLM2-135M
 #: 0.80-0.88 in 17/18, 0.39 in 20/23, then 0.15 and below
 COPY_THRESHOLD = 0.3
-#: at most this share of the layers is taken (the highest scores first)
+#: at most this share of the layers is taken (the highest scores first; layers a method keeps
+#: dense are among them: that method skips them, `ucm.config.copy_layer_defaults`)
 MAX_COPY_FRACTION = 0.3
 
 

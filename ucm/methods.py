@@ -62,9 +62,9 @@ class DemoRequest:
     model_config      a per-model JSON that replaces `model` (a path, a name or its data), e.g.
                       one `ucm calibrate` wrote; None: `model`'s shipped one
     copy_layers       the model's measured copying layers (its JSON's `copy_layers`): methods with
-                      per-layer groups keep `copy_layer_keys` (empty: their default groups, set
-                      explicitly, where the engine would otherwise run the served model's
-                      measured copying layers: `ucm.config.copy_layer_defaults`)
+                      per-layer groups keep `copy_layer_keys`, except in `dense_layers` (empty:
+                      no representation key, so an engine runs the served model's own,
+                      `ucm.config.copy_layer_defaults`)
     """
 
     ratio: float
@@ -160,10 +160,9 @@ class MethodSpec:
             body["retrieval_stride"] = request.retrieval_stride
         if request.dense_layers and "dense_layers" in fields:
             body["dense_layers"] = list(request.dense_layers)
-        if request.copy_layers and self.takes_copy_layers:
-            body.update(copy_layer_keys(request.copy_layers))
-        elif self.takes_copy_layers:  # stated, so the engine does not run the served model's copying layers
-            body.setdefault("blk_repre_inner_token_merge", fields["blk_repre_inner_token_merge"].default)
+        copy = [layer for layer in request.copy_layers if layer not in request.dense_layers]
+        if copy and self.takes_copy_layers:  # a layer kept dense reads every block: no groups
+            body.update(copy_layer_keys(copy))
         return body
 
     def _same(self, other: MethodSpec) -> bool:

@@ -62,8 +62,9 @@ class GSAOnDeviceModelConfig(BaseModel):
     hash_weight_kv_lora: str | None = None
     hash_weight_qk_rope: str | None = None
     # the layers measured to copy from the context (`ucm configure`: `ucm.copy_layers`, each
-    # layer's best induction head); ESA and GSA run by `ucm eval` with this model keep groups
-    # of 2 tokens there and whole blocks elsewhere (`ucm.methods.copy_layer_keys`). null: not measured
+    # layer's best induction head), dense ones included (a method keeping a layer dense skips
+    # it); ESA and GSA keep groups of 2 tokens there and whole blocks elsewhere
+    # (`ucm.methods.copy_layer_keys`, `ucm.config.copy_layer_defaults`). null: not measured
     copy_layers: list[Annotated[int, Field(ge=0, le=MAX_LAYERS - 1)]] | None = None
 
     @model_validator(mode="after")
@@ -78,8 +79,6 @@ class GSAOnDeviceModelConfig(BaseModel):
                 raise _KeyError("copy_layers", f"lists a layer twice: {self.copy_layers}")
             if outside := [layer for layer in self.copy_layers if layer >= n]:
                 raise _KeyError("copy_layers", f"layers {outside} are past the last layer ({n - 1})")
-            if dense := [layer for layer in self.copy_layers if self.top_k_ratio_per_layer[layer] >= 1.0]:
-                raise _KeyError("copy_layers", f"layers {dense} are dense (ratio 1): they read every block")
         for i, j in enumerate(self.top_k_index_reuse):
             if j == -1:
                 continue

@@ -101,7 +101,14 @@ class Setting:
             model_config,
             self.copy_layers,
         )
-        config[self.method].update(self.method_key_values)
+        body, spec = config[self.method], find_method(self.method)
+        if spec.takes_copy_layers and not self.copy_layers:
+            # without "+copy": the config's default groups everywhere, stated, or an engine serving a
+            # model with measured copying layers would run those (`ucm.config.copy_layer_defaults`)
+            body.setdefault(
+                "blk_repre_inner_token_merge", spec.config.model_fields["blk_repre_inner_token_merge"].default
+            )
+        body.update(self.method_key_values)
         return {"ucm_sparse_config": config}
 
 
