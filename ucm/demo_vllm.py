@@ -20,7 +20,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ucm.demo import DemoRow, demo_methods, method_config, model_dense_layers, needle_prompt, print_table, write_rows
+from ucm.demo import (
+    DemoRow,
+    demo_methods,
+    method_config,
+    model_copy_layers,
+    model_dense_layers,
+    needle_prompt,
+    print_table,
+    write_rows,
+)
 from ucm.integration.vllm.offline import checked, close_engine, connector_config, find_connector, posix_store
 
 BLOCK_SIZE = 32  # vLLM-CPU needs a multiple of 32
@@ -87,12 +96,14 @@ def run_vllm_demo(
     model = str(fetch_model("smollm2"))
     ids, passkey = needle_prompt(AutoTokenizer.from_pretrained(model), tokens, depth, seed)
     dense_layers = model_dense_layers()
+    copy_layers = model_copy_layers()  # the engine applies them to ESA and GSA (`ucm.config.copy_layer_defaults`)
     max_model_len = -(-(len(ids) + max_new_tokens + BLOCK_SIZE) // 1024) * 1024
     n_blocks = -(-len(ids) // BLOCK_SIZE)
     print(
         f"prompt: {len(ids)} tokens, magic number {passkey} at depth {depth:.0%}; vLLM-CPU, block size "
         f"{BLOCK_SIZE}; keep ratio {ratio}; windowed methods keep layers {dense_layers} dense (methods with a "
-        "per-model JSON: its own)",
+        f"per-model JSON: its own); ESA and GSA keep groups of 2 tokens in the measured copying layers "
+        f"{[layer for layer in copy_layers if layer not in dense_layers]}, one representation per block elsewhere",
         flush=True,
     )
     rows: list[DemoRow] = []
@@ -140,6 +151,7 @@ def run_vllm_demo(
                 "ratio": ratio,
                 "block_size": BLOCK_SIZE,
                 "dense_layers": dense_layers,
+                "copy_layers": copy_layers,
             },
         )
     return rows
