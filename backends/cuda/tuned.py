@@ -6,8 +6,8 @@ reduction) to `DIR/<GPU name>.json` (the name as CUDA reports it, every characte
 letter or digit an underscore: `NVIDIA_H200.json`). `CudaOps` reads the file of the GPU its
 tensors live on from `$UCM_CUDA_TUNED_DIR` if that folder has one for it, else from the
 `tuned/` folder beside this module (the files this project measured and ships); a GPU without a
-file runs the built-in heuristics. A file that does not parse is an error naming it: a tuned setting is never dropped
-in silence.
+file runs the built-in heuristics. A file that does not parse is an error naming it: a tuned
+setting is never dropped in silence.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from ucm.config.loader import find_model_config, load_model_config
 from ucm.config.sparse import MeanReprConfig, MethodConfig
 from ucm.methods import COPY_GROUP_TOKENS, copy_layer_keys, spec_of
 
-#: the keys that decide a block's representations: set by the user, the model's layers stay out
-REPRESENTATION_KEYS = frozenset({"blk_repre_inner_token_merge", "layer_repre_inner_token_merge"})
+#: the keys that decide a block's representations (those `copy_layer_keys` sets): set by the user,
+#: the model's layers stay out
+REPRESENTATION_KEYS = frozenset(copy_layer_keys(()))
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def with_model_copy_layers(
     """`config` with the served model's measured copying layers where its representation keys are
     unset (see the module docstring); the model's JSON is found by name as GSA on device finds its
     own (`find_model_config`: a HF id or a model folder, by its last path component)."""
-    if not isinstance(config, MeanReprConfig) or not spec_of(config).takes_copy_layers:
+    if not spec_of(config).takes_copy_layers:
         return CopyLayerDefault(config)
     layout = _groups(config)
     if REPRESENTATION_KEYS & config.model_fields_set:

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ucm.methods import copy_layer_keys, find_method, method_key_values, method_names
+from ucm.config.copy_layer_defaults import REPRESENTATION_KEYS
+from ucm.methods import find_method, method_key_values, method_names
 
 logger = logging.getLogger("ucm.eval")
 
@@ -112,8 +113,6 @@ class Setting:
         return {"ucm_sparse_config": config}
 
 
-#: the keys `copy_layers` set
-COPY_KEYS = tuple(copy_layer_keys(()))
 RANDOM_HASH = "random"  # --hash-config random: the shipped JSON with random orthogonal projections
 
 
@@ -146,7 +145,7 @@ def settings_grid(
     set their group keys."""
     dense_layers = tuple(dense_layers)
     copy_layers = tuple(copy_layers)
-    if any(k in COPY_KEYS for k in (method_keys or {})):
+    if REPRESENTATION_KEYS & set(method_keys or {}):
         copy_layers = ()  # the keys asked for say how the layers group
     variant = None
     if hash_config is not None:
