@@ -108,8 +108,9 @@ def side_bytes_per_block(
 ) -> float:
     """Bytes of block representations / codes the method reads per block and layer when it scores
     in the CUDA graph path (`BlockScorer.read_bytes_per_block`), from its scorer built for one
-    block with the CUDA backend where a GPU is present (its layouts: KVStar's bfloat16
-    channel-major representations), else with the reference backend."""
+    block with the CUDA backend (its layouts: float8 group sums, KVStar's bfloat16 channel-major
+    representations): on the GPU, or off it under `TRITON_INTERPRET=1` (the same layouts, as
+    `--from-log` runs it); else with the reference backend."""
     extra = sparse_extra(setting, tmp, shape, model_name)
     if extra is None:
         return 0
@@ -125,7 +126,14 @@ def side_bytes_per_block(
     shapes = ModelShapes(
         layers, shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"], block, 1, device
     )
-    ops = get_ops("cuda" if on_gpu else "reference")
+    if on_gpu:
+        ops = get_ops("cuda")
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        from ucm_backends.cuda.ops import CudaOps
+
+        ops = CudaOps()
+    else:
+        ops = get_ops("reference")
     method = build_sparse_method(extra, shapes, ops, host_ops=get_ops("reference"), host_scoring=False)
     try:
         return method.scorer.read_bytes_per_block()
@@ -145,6 +153,7 @@ def sparse_extra(setting: str, tmp: Path, shape: dict = QWEN3_4B, model_name: st
     keys = method_key_values(overrides)
     if get_method(method).model_json:  # the model's shipped JSON with its sparse layers at `ratio`
         from ucm.config.loader import find_model_config
+        from ucm.sparse.gsa_on_device import ratios_with_mean
 
         data = json.loads(Path(find_model_config(model_name)).read_text())
         layers = shape["num_hidden_layers"]
@@ -155,7 +164,8 @@ def sparse_extra(setting: str, tmp: Path, shape: dict = QWEN3_4B, model_name: st
                 top_k_index_reuse=[-1] * layers,
                 top_k_ratio_per_layer=[1 if i in (0, layers - 1) else ratio for i in range(layers)],
             )
-        data["top_k_ratio_per_layer"] = [r if r >= 1 else ratio for r in data["top_k_ratio_per_layer"]]
+        ratios = data["top_k_ratio_per_layer"]
+        data["top_k_ratio_per_layer"] = ratios_with_mean(ratios, {i for i, r in enumerate(ratios) if r >= 1}, ratio)
         if "concurrency_threshold" in keys:
             data["gpu_concurrency_threshold"] = keys["concurrency_threshold"]
         path = tmp / f"{method.lower()}_{layers}_{ratio}_{data['gpu_concurrency_threshold']}.json"
@@ -478,41 +488,172 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks(range(len(keys)), [f"{c // 1024}K x{b}" for c, b in keys])
     ax.set_ylabel("decode speedup vs plain vLLM (same run)")
     ax.set_title(f"ucm inside vLLM {result['vllm']} on {result['device']}, CUDA graphs")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if series:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+#: what `run_engine` prints per cell (and the run's log keeps): `--from-log` reads it back
+CELL_LINE = re.compile(
+    r"^\[(?P<setting>[^\]]+)\] (?P<context>\d+)x(?P<batch>\d+): (?P<ms>[\d.]+) ms/step "
+    r"\((?P<ts>[\d.]+|None) by token timestamps\) blocks read (?P<read>[\d.]+|None)$"
+)
+
+
+def engines_from_log(text: str, bandwidth: float) -> dict[str, dict]:
+    """The engines of a run that was cut before it wrote its JSON (a device call's time limit),
+    rebuilt from the cell lines its output kept; what those lines do not carry (prefill time,
+    first tokens, sparse steps) stays None, and every engine gets `bandwidth` (bytes/s: measured
+    by another run on the same machine) for the bound. A setting seen twice is `dense (again)`."""
+    engines: dict[str, dict] = {}
+    seen_cells: dict[str, set] = {}
+    for line in text.splitlines():
+        m = CELL_LINE.match(line.strip())
+        if m is None:
+            continue
+        setting, key = m["setting"], (int(m["context"]), int(m["batch"]))
+        label = setting if key not in seen_cells.get(setting, set()) else f"{setting} (again)"
+        seen_cells.setdefault(label, set()).add(key)
+        eng = engines.setdefault(label, {"cells": [], "hbm_bytes_per_s": bandwidth, "engine_start_s": None})
+        eng["cells"].append(
+            {
+                "context": key[0],
+                "batch": key[1],
+                "decode_ms": float(m["ms"]),
+                "decode_ms_timestamps": None if m["ts"] == "None" else float(m["ts"]),
+                "blocks_read": None if m["read"] == "None" else float(m["read"]),
+                "prefill_s": None,
+                "first_tokens": None,
+                "sparse_steps": None,
+            }
+        )
+    if not any(label.split(" ")[0] == "dense" for label in engines):
+        raise ValueError("the log has no plain vLLM (dense) cell lines: nothing to compare against")
+    return engines
+
+
+def assemble_run(header: dict, engines: dict[str, dict], failed: dict[str, str], profile: bool) -> dict:
+    """The run's JSON from the engines done so far (written after every engine, so a run cut
+    short keeps what it measured). `header`: device, vllm, torch, command, model, shape, tmp,
+    gpu_memory_utilization, new_tokens, cuda_tuned."""
+    from ucm.methods import split_method_setting
+
+    shape, tmp, name = header["shape"], Path(header["tmp"]), header["model_name"]
+    dense = dense_baseline([e for s, e in engines.items() if s.split(" ")[0] == "dense"])
+    bw = sorted(e["hbm_bytes_per_s"] for e in engines.values())[len(engines) // 2]
+    result = {
+        **{k: v for k, v in header.items() if k not in ("shape", "tmp", "model_name")},
+        "hbm_bytes_per_s": round(bw),
+        "cudagraph_mode": "FULL_DECODE_ONLY",
+        "engine_start_s": {s: e["engine_start_s"] for s, e in engines.items()},
+        "async_scheduling": {s: e.get("async_scheduling") for s, e in engines.items()},
+        "failed": failed,
+        "cells": [],
+    }
+    if profile:
+        result["profile"] = {s: e.get("profile") for s, e in engines.items()}
+    for setting, eng in engines.items():
+        if setting.endswith(" (again)"):
+            continue  # its steps are in the dense cells' `dense_ms_runs`
+        parts = split_method_setting(setting)
+        method, ratio = (setting, 1.0) if setting == "dense" else (parts[0], float(parts[1]))
+        if len(parts) > 2:
+            method += "[" + ",".join(parts[2:]) + "]"
+        for c in eng["cells"]:
+            d = dense.get((c["context"], c["batch"]))
+            if d is None:
+                continue  # plain vLLM did not reach this cell
+            read = c.get("blocks_read") if method != "dense" else 1.0
+            read = 1.0 if read is None else read
+            ms = d["decode_ms"] if method == "dense" else c["decode_ms"]
+            ts = d["decode_ms_timestamps"] if method == "dense" else c.get("decode_ms_timestamps")
+            dts = d["decode_ms_timestamps"]
+            bound = bound_ms(setting, shape, c["context"], c["batch"], read, bw, tmp, name)
+            tokens = c["first_tokens"], d["first_tokens"]
+            same = None if None in tokens else tokens[0] == tokens[1]
+            result["cells"].append(
+                {
+                    "method": method,
+                    "context": c["context"],
+                    "batch": c["batch"],
+                    "ratio": ratio,
+                    "cuda_graphs": True,
+                    "dense_ms": d["decode_ms"],
+                    "dense_ms_runs": d["runs_ms"],
+                    "dense_spread": d["spread"],
+                    "decode_ms": ms,
+                    "engine_speedup": round(d["decode_ms"] / ms, 3),
+                    # the same steps timed from vLLM's per-request token timestamps (a check)
+                    "dense_ms_timestamps": dts,
+                    "decode_ms_timestamps": ts,
+                    "engine_speedup_timestamps": round(dts / ts, 3) if ts and dts else None,
+                    "blocks_read": read,
+                    "fraction_of_bound": round(bound / ms, 3),
+                    "bound_ms": round(bound, 3),
+                    "sparse_steps": c.get("sparse_steps"),
+                    "prefill_s": c["prefill_s"],
+                    "same_first_tokens_as_dense": same,
+                }
+            )
+    return result
+
+
+def checkout_commit(where: Path = HERE) -> str | None:
+    """The commit of the checkout the run measures (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_run(result: dict, out_dir: Path, name: str) -> Path:
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out_dir / f"{name}.png")
+    return path
 
 
 def merge_runs(paths: list[Path]) -> dict:
     """One result from several runs of this script on the same device and builds; each cell's
     speedup stays the one measured against the dense engine of its own run, and a cell that
-    several runs measured is the first run's (list the newest run first)."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    first = runs[0]
-    for r in runs[1:]:
+    several runs measured is the first run's (list the newest run first). An input that is itself
+    a merge contributes its own runs, its cells still pointing at theirs."""
+    inputs = [json.loads(Path(p).read_text()) for p in paths]
+    first = inputs[0]
+    for r in inputs[1:]:
         for key in ("device", "vllm", "torch", "model", "cudagraph_mode"):
             if r.get(key) != first.get(key):
                 raise ValueError(f"cannot merge runs with different {key}: {first.get(key)!r} vs {r.get(key)!r}")
-    merged = {k: v for k, v in first.items() if k not in ("cells", "command", "engine_start_s", "async_scheduling")}
-    merged["command"] = " && ".join(r["command"] for r in runs)
-    merged["runs"] = [
-        {
-            "command": r["command"],
-            "hbm_bytes_per_s": r.get("hbm_bytes_per_s"),
-            "new_tokens": r.get("new_tokens"),
-            "engine_start_s": r.get("engine_start_s"),
-            "async_scheduling": r.get("async_scheduling"),
-        }
-        for r in runs
-    ]
-    # a cell measured by several runs keeps the first run's measurement; `run` indexes `runs`
-    cells, seen = [], set()
-    for i, r in enumerate(runs):
+    merged = {
+        k: v for k, v in first.items() if k not in ("cells", "command", "engine_start_s", "async_scheduling", "runs")
+    }
+    runs: list[dict] = []
+    cells, seen = [], set()  # a cell measured by several runs keeps the first run's; `run` indexes `runs`
+    for r in inputs:
+        offset = len(runs)
+        runs.extend(
+            r["runs"]
+            if "runs" in r
+            else [
+                {
+                    "command": r["command"],
+                    "commit": r.get("commit"),
+                    "hbm_bytes_per_s": r.get("hbm_bytes_per_s"),
+                    "new_tokens": r.get("new_tokens"),
+                    "engine_start_s": r.get("engine_start_s"),
+                    "async_scheduling": r.get("async_scheduling"),
+                }
+            ]
+        )
         for c in r["cells"]:
             key = (c["method"], c["context"], c["batch"], c["ratio"])
             if key not in seen:
                 seen.add(key)
-                cells.append({**c, "run": i})
+                cells.append({**c, "run": offset + c.get("run", 0)})
+    merged["command"] = " && ".join(run["command"] for run in runs)
+    merged["runs"] = runs
     merged["cells"] = cells
     return merged
 
@@ -549,6 +690,17 @@ def main() -> None:
     )
     ap.add_argument("--merge", nargs="+", metavar="RUN_JSON", help="join earlier runs' JSON into OUT/NAME.json")
     ap.add_argument(
+        "--from-log",
+        metavar="LOG",
+        help="rebuild OUT/NAME.json from the cell lines of a run cut before it wrote its JSON (its printed "
+        "output, e.g. gpu_session.sh's bench.log); needs --like",
+    )
+    ap.add_argument(
+        "--like",
+        metavar="RUN_JSON",
+        help="with --from-log: a run of the same machine whose device, versions and measured bandwidth apply",
+    )
+    ap.add_argument(
         "--gpu-memory-utilization",
         type=float,
         default=0.80,
@@ -569,13 +721,37 @@ def main() -> None:
         plot(merged, out.with_suffix(".png"))
         print(f"wrote {out}")
         return
+    if args.from_log:
+        if not args.like:
+            ap.error("--from-log needs --like RUN_JSON (a run of the same machine)")
+        os.environ["TRITON_INTERPRET"] = "1"  # the CUDA backend's side-cache layouts, off the GPU
+        like = json.loads(Path(args.like).read_text())
+        name, shape = MODELS[args.model][:2]
+        tmp = Path(tempfile.mkdtemp(prefix="ucm-bench-gpu-"))
+        header = {k: like[k] for k in ("device", "vllm", "torch", "model", "cuda_tuned") if k in like}
+        commit_file = Path(args.from_log).with_name("commit.txt")  # gpu_session.sh writes it beside the log
+        header["commit"] = commit_file.read_text().strip() if commit_file.exists() else None
+        header.update(
+            command=f"rebuilt from the cell lines of {Path(args.from_log).name} (the run was cut before writing "
+            f"its JSON); bandwidth, device and versions: {Path(args.like).name}",
+            gpu_memory_utilization=None,
+            new_tokens=None,
+            shape=shape,
+            tmp=str(tmp),
+            model_name=name,
+        )
+        engines = engines_from_log(Path(args.from_log).read_text(), like["hbm_bytes_per_s"])
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"wrote {write_run(assemble_run(header, engines, {}, False), out_dir, args.name)}")
+        return
     if args.child:
         print(json.dumps(run_engine(json.loads(Path(args.child).read_text()))), flush=True)
         return
     import torch
     import vllm
 
-    from ucm.methods import method_names, split_method_setting
+    from ucm.methods import method_names
 
     settings = args.settings or ["dense", *(f"{m}:{r}" for m in method_names() for r in (0.3, 0.1))]
     out_dir = Path(args.out)
@@ -588,6 +764,24 @@ def main() -> None:
     log.write_text("")
     engines = {}
     failed: dict[str, str] = {}  # setting -> why its engine did not run
+    from ucm_backends.cuda.tuned import load_tuned
+
+    device = torch.cuda.get_device_name()
+    tuned = load_tuned(device)  # the grouped scorer's launch settings the engines run with
+    header = {
+        "device": device,
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "command": "python benchmarks/bench_vllm_gpu.py " + " ".join(sys.argv[1:]),
+        "model": f"{name} shape, dummy weights, bf16, block 128",
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "new_tokens": args.new_tokens,
+        "cuda_tuned": tuned.model_dump() if tuned is not None else None,
+        "commit": checkout_commit(),
+        "shape": shape,
+        "tmp": str(tmp),
+        "model_name": name,
+    }
     dense_again = ["dense"] if args.dense_again else []
     for setting in [*settings, *dense_again]:
         label = setting if setting not in engines else f"{setting} (again)"
@@ -613,71 +807,9 @@ def main() -> None:
                 raise
             failed[label] = str(e).splitlines()[-1][-500:]
             print(f"[{label}] failed: {failed[label]}", flush=True)
-    dense = dense_baseline([e for s, e in engines.items() if s.split(" ")[0] == "dense"])
-    bw = sorted(e["hbm_bytes_per_s"] for e in engines.values())[len(engines) // 2]
-    result = {
-        "device": torch.cuda.get_device_name(),
-        "vllm": vllm.__version__,
-        "torch": torch.__version__,
-        "command": "python benchmarks/bench_vllm_gpu.py " + " ".join(sys.argv[1:]),
-        "model": f"{name} shape, dummy weights, bf16, block 128",
-        "hbm_bytes_per_s": round(bw),
-        "cudagraph_mode": "FULL_DECODE_ONLY",
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-        "new_tokens": args.new_tokens,
-        "engine_start_s": {s: e["engine_start_s"] for s, e in engines.items()},
-        "async_scheduling": {s: e.get("async_scheduling") for s, e in engines.items()},
-        "failed": failed,
-        "cells": [],
-    }
-    from ucm_backends.cuda.tuned import load_tuned
-
-    tuned = load_tuned(result["device"])  # the grouped scorer's launch settings the engines ran with
-    result["cuda_tuned"] = tuned.model_dump() if tuned is not None else None
-    if args.profile:
-        result["profile"] = {s: e.get("profile") for s, e in engines.items()}
-    for setting, eng in engines.items():
-        if setting.endswith(" (again)"):
-            continue  # its steps are in the dense cells' `dense_ms_runs`
-        parts = split_method_setting(setting)
-        method, ratio = (setting, 1.0) if setting == "dense" else (parts[0], float(parts[1]))
-        if len(parts) > 2:
-            method += "[" + ",".join(parts[2:]) + "]"
-        for c in eng["cells"]:
-            d = dense[(c["context"], c["batch"])]
-            read = c.get("blocks_read") if method != "dense" else 1.0
-            read = 1.0 if read is None else read
-            ms = d["decode_ms"] if method == "dense" else c["decode_ms"]
-            ts = d["decode_ms_timestamps"] if method == "dense" else c.get("decode_ms_timestamps")
-            dts = d["decode_ms_timestamps"]
-            bound = bound_ms(setting, shape, c["context"], c["batch"], read, bw, tmp, name)
-            result["cells"].append(
-                {
-                    "method": method,
-                    "context": c["context"],
-                    "batch": c["batch"],
-                    "ratio": ratio,
-                    "cuda_graphs": True,
-                    "dense_ms": d["decode_ms"],
-                    "dense_ms_runs": d["runs_ms"],
-                    "dense_spread": d["spread"],
-                    "decode_ms": ms,
-                    "engine_speedup": round(d["decode_ms"] / ms, 3),
-                    # the same steps timed from vLLM's per-request token timestamps (a check)
-                    "dense_ms_timestamps": dts,
-                    "decode_ms_timestamps": ts,
-                    "engine_speedup_timestamps": round(dts / ts, 3) if ts and dts else None,
-                    "blocks_read": read,
-                    "fraction_of_bound": round(bound / ms, 3),
-                    "bound_ms": round(bound, 3),
-                    "sparse_steps": c.get("sparse_steps"),
-                    "prefill_s": c["prefill_s"],
-                    "same_first_tokens_as_dense": c["first_tokens"] == d["first_tokens"],
-                }
-            )
-    path = out_dir / f"{args.name}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, out_dir / f"{args.name}.png")
+        if any(s.split(" ")[0] == "dense" for s in engines):
+            result = assemble_run(header, engines, failed, bool(args.profile))
+            path = write_run(result, out_dir, args.name)
     print(
         f"{'method':<16}{'ratio':>6}{'ctx':>8}{'batch':>6}{'dense ms':>10}{'ms':>9}{'speedup':>9}{'read':>7}"
         f"{'of bound':>9}"

@@ -69,12 +69,15 @@ def test_runs_of_different_builds_are_refused(tmp_path) -> None:
         merge_runs([a, b])
 
 
-def test_side_bytes_of_a_mean_key_scorer_are_one_float32_key_per_group_and_kv_head(tmp_path) -> None:
-    # ESA scores each block by the mean key of each group of 4 tokens (the default): 128 / 4 groups
-    # x Hkv x D float32 per block of 128 tokens and layer; one group with whole blocks
-    one = QWEN3_4B["num_key_value_heads"] * QWEN3_4B["head_dim"] * 4
-    assert side_bytes_per_block("ESA:0.3", QWEN3_4B, tmp_path) == 32 * one
-    assert side_bytes_per_block("ESA:0.3:blk_repre_inner_token_merge=128", QWEN3_4B, tmp_path) == one
+def test_side_bytes_are_the_cuda_layouts_group_sums_also_off_the_gpu(tmp_path) -> None:
+    # ESA scores each block by the mean key of each group of 4 tokens (the default), which the CUDA
+    # backend keeps as float8 sums: 128 / 4 groups x Hkv x D bytes per block of 128 tokens and
+    # layer; whole blocks (one group of 128) stay float32. Counted with the CUDA backend's layouts
+    # here too (TRITON_INTERPRET=1), as `--from-log` counts them off the GPU
+    heads = QWEN3_4B["num_key_value_heads"] * QWEN3_4B["head_dim"]
+    assert side_bytes_per_block("ESA:0.3", QWEN3_4B, tmp_path) == 32 * heads * 1
+    assert side_bytes_per_block("ESA:0.3:blk_repre_inner_token_merge=128", QWEN3_4B, tmp_path) == heads * 4
+    assert side_bytes_per_block("ESA:0.3:blk_repre_dtype=float32", QWEN3_4B, tmp_path) == 32 * heads * 4
     assert side_bytes_per_block("dense", QWEN3_4B, tmp_path) == 0
 
 
@@ -245,3 +248,70 @@ def test_legend_labels_name_whole_blocks_and_count_the_finer_layers() -> None:
     label = short_label('ESA[blk_repre_inner_token_merge=null,layer_repre_inner_token_merge={"9": 2, "12": 1}]')
     assert label == "ESA[whole block,2 layers in groups of 1/2]"
     assert short_label("KVStarMultiStep") == "KVStarMultiStep"
+
+
+def test_a_run_cut_short_keeps_the_engines_it_finished(tmp_path, monkeypatch) -> None:
+    """The run's JSON is written after every engine: a device call's time limit that stops the
+    third engine leaves the first two engines' cells on disk."""
+    import bench_vllm_gpu as bench
+
+    def fake_engine(spec, log):
+        if spec["setting"] == "ESA:0.1":
+            raise KeyboardInterrupt  # what the call's SIGTERM / timeout does to the run
+        return engine_result(spec, lambda b: 12.0 if spec["setting"] == "dense" else 7.5, blocks_read=0.3)
+
+    monkeypatch.setattr(bench, "run_child", fake_engine)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test device")
+    argv = ["bench", "--contexts", "32768", "--batches", "8", "--settings", "dense", "ESA:0.3", "ESA:0.1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path), "--name", "cut"])
+    with pytest.raises(KeyboardInterrupt):
+        bench.main()
+    result = json.loads((tmp_path / "cut.json").read_text())
+    assert {(c["method"], c["ratio"]): c["engine_speedup"] for c in result["cells"]} == {
+        ("dense", 1.0): 1.0,
+        ("ESA", 0.3): pytest.approx(12.0 / 7.5, abs=1e-3),
+    }
+    assert (tmp_path / "cut.png").exists()
+
+
+S24 = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu_runs" / "2026-12-06_s24"
+
+
+def test_a_runs_printed_cells_rebuild_its_json(tmp_path) -> None:
+    """`--from-log`: a real H200 run's printed output (session 24, 32K x 8, six engines and plain
+    vLLM again) rebuilds the JSON that run wrote: the same speedups, blocks read and bandwidth
+    bounds (side bytes counted with the CUDA layouts off the GPU)."""
+    import bench_vllm_gpu as bench
+
+    run = S24 / "32k"
+    written = json.loads((run / "vllm_gpu_32k.json").read_text())
+    engines = bench.engines_from_log((run / "bench.log").read_text(), written["hbm_bytes_per_s"])
+    assert list(engines) == [
+        "dense",
+        "ESA:0.3",
+        "GSAOnDevice:0.3",
+        "GSA:0.3",
+        "KVStarMultiStep:0.3",
+        "ESA:0.999",
+        "dense (again)",
+    ]
+    header = {k: written[k] for k in ("device", "vllm", "torch", "model")}
+    header.update(command="rebuilt", shape=QWEN3_4B, tmp=str(tmp_path), model_name="Qwen3-4B")
+    rebuilt = bench.assemble_run(header, engines, {}, False)
+    keys = ("method", "ratio", "batch", "dense_ms", "decode_ms", "engine_speedup", "blocks_read", "bound_ms")
+    assert [[c[k] for k in keys] for c in rebuilt["cells"]] == [[c[k] for k in keys] for c in written["cells"]]
+    assert all(c["same_first_tokens_as_dense"] is None and c["prefill_s"] is None for c in rebuilt["cells"])
+    with pytest.raises(ValueError, match="no plain vLLM"):
+        bench.engines_from_log("[ESA:0.3] 32768x8: 7.6 ms/step (7.6 by token timestamps) blocks read 0.3", 4e12)
+
+
+def test_merging_a_merged_result_keeps_its_runs(tmp_path) -> None:
+    new = write(tmp_path, "new", [cell("ESA", 0.3, 7.0)], commit="abc")
+    old_a = write(tmp_path, "old_a", [cell("ESA", 0.3, 8.0), cell("ESA", 0.1, 6.0)])
+    old_b = write(tmp_path, "old_b", [cell("Quest", 0.3, 9.0)])
+    merged_old = tmp_path / "merged_old.json"
+    merged_old.write_text(json.dumps(merge_runs([old_a, old_b])))
+    merged = merge_runs([new, merged_old])
+    assert [(r["command"], r["commit"]) for r in merged["runs"]] == [("new", "abc"), ("old_a", None), ("old_b", None)]
+    got = {(c["method"], c["ratio"]): (c["decode_ms"], c["run"]) for c in merged["cells"]}
+    assert got == {("ESA", 0.3): (7.0, 0), ("ESA", 0.1): (6.0, 1), ("Quest", 0.3): (9.0, 2)}
