@@ -20,7 +20,7 @@ from ucm.config.fallback import FALLBACK_MUST_SELECT, FALLBACK_SEQ_LEN_THRESHOLD
 from ucm.config.loader import builtin_config_dir, load_model_config
 from ucm.config.sparse import GSAOnDeviceConfig
 from ucm.configure import choose_dense_layers, config_text, dense_budget, layer_worst_head
-from ucm.copy_layers import choose_copy_layers
+from ucm.copy_layers import choose_copy_layers, copy_layer_ratios
 from ucm.sparse.factory import resolve_model_config
 
 
@@ -154,7 +154,8 @@ def test_configure_writes_a_config_the_engine_runs(tmp_path, model_path) -> None
     worst = {int(k): v for k, v in report["worst_head_per_layer"].items()}
     dense = choose_dense_layers(worst, report["dense_rule"]["threshold"], report["dense_rule"]["max_fraction"])
     assert [i for i, r in enumerate(cfg.top_k_ratio_per_layer) if r >= 1] == dense == report["dense_layers"]
-    assert all(r == 0.3 for i, r in enumerate(cfg.top_k_ratio_per_layer) if i not in dense)
+    # the copying layers that stay sparse get a larger share of the same budget
+    assert cfg.top_k_ratio_per_layer == copy_layer_ratios(30, dense, cfg.copy_layers or [], 0.3)
     induction = [report["induction_score_per_layer"][str(i)] for i in range(30)]
     assert cfg.copy_layers == report["copy_layers"] == choose_copy_layers(induction)
     assert max(induction) > 0.6  # SmolLM2's copying heads (layers 17 and 18) were measured
@@ -233,3 +234,4 @@ def test_measured_qwen_config_fits_the_packaged_model() -> None:
     from ucm.configure import measure_induction  # the shipped copying layers are the measured ones
 
     assert cfg.copy_layers == choose_copy_layers(measure_induction(folder))
+    assert cfg.top_k_ratio_per_layer == copy_layer_ratios(cfg.num_hidden_layers, dense, cfg.copy_layers, 0.3)

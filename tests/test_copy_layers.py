@@ -9,9 +9,10 @@ import torch
 
 from ucm.config.errors import ConfigError
 from ucm.config.loader import load_model_config, model_config_data
-from ucm.copy_layers import COPY_THRESHOLD, choose_copy_layers, induction_scores_from_attention
+from ucm.copy_layers import COPY_THRESHOLD, choose_copy_layers, copy_layer_ratios, induction_scores_from_attention
 from ucm.eval.runner import settings_grid
 from ucm.methods import copy_layer_keys
+from ucm.sparse.gsa_on_device import ratios_with_mean
 
 
 def _loop_scores(att: torch.Tensor, n: int) -> torch.Tensor:
@@ -103,3 +104,47 @@ def test_the_shipped_smollm2_json_names_the_measured_copying_layers(model_path) 
 
     shipped = load_model_config("SmolLM2-135M-Instruct").config.copy_layers
     assert shipped == choose_copy_layers(measure_induction(model_path)) == [17, 18, 20, 23]
+
+
+# ---------------------------------------------------------------- GSA on device's per-layer budgets
+def test_copying_layers_take_a_larger_share_of_the_same_budget() -> None:
+    # Qwen2.5-Coder-0.5B's shipped layout: dense 0, 3, 7; seven copying layers
+    got = copy_layer_ratios(24, [0, 3, 7], [9, 11, 13, 16, 19, 21, 23], 0.3)
+    sparse = [r for i, r in enumerate(got) if i not in (0, 3, 7)]
+    assert [got[i] for i in (0, 3, 7)] == [1.0] * 3
+    assert {got[i] for i in (9, 11, 13, 16, 19, 21, 23)} == {0.5} and set(sparse) == {0.5, 0.2}
+    assert sum(sparse) / len(sparse) == pytest.approx(0.3)  # the blocks read do not change
+    # a dense copying layer reads every block already: it takes no share
+    assert copy_layer_ratios(4, [1], [1], 0.3) == [0.3, 1.0, 0.3, 0.3]
+    assert copy_layer_ratios(4, [], [], 0.3) == [0.3] * 4
+    # most layers copying: the rest keep a third of the mean, the copying layers share what is left
+    many = copy_layer_ratios(4, [], [0, 1, 2], 0.3)
+    assert many[3] == pytest.approx(0.1) and sum(many) / 4 == pytest.approx(0.3)
+    assert copy_layer_ratios(2, [], [0, 1], 0.3) == [0.3, 0.3]  # nothing left to take from
+    assert copy_layer_ratios(3, [], [0], 0.9)[0] == 1.0  # at most every block
+    with pytest.raises(ValueError, match="ratio"):
+        copy_layer_ratios(4, [], [0], 0.0)
+    with pytest.raises(ValueError, match="copy layers"):
+        copy_layer_ratios(4, [], [4], 0.3)
+
+
+@pytest.mark.parametrize("name", ["SmolLM2-135M-Instruct", "Qwen2.5-Coder-0.5B-Instruct"])
+def test_the_shipped_jsons_budgets_follow_the_rule(name) -> None:
+    cfg = load_model_config(name).config
+    dense = [i for i, r in enumerate(cfg.top_k_ratio_per_layer) if r >= 1]
+    want = copy_layer_ratios(cfg.num_hidden_layers, dense, cfg.copy_layers or [], 0.3)
+    assert cfg.top_k_ratio_per_layer == pytest.approx(want)
+
+
+def test_a_json_runs_at_another_ratio_with_its_shape_kept() -> None:
+    shipped = copy_layer_ratios(6, [0], [2], 0.3)  # [1, 0.2, 0.5, 0.2, 0.2, 0.2] as shaped
+    for ratio in (0.1, 0.3, 0.6):
+        got = ratios_with_mean(shipped, {0}, ratio)
+        assert got[0] == 1.0 and sum(got[1:]) / 5 == pytest.approx(ratio, abs=1e-5)  # rounded to 6 places
+        assert got[2] / got[1] == pytest.approx(shipped[2] / shipped[1], rel=1e-4)  # the copying layer's share
+    # a layer the scaling takes past 1 reads every block; the others share the rest
+    got = ratios_with_mean([0.9, 0.1, 0.1], set(), 0.6)
+    assert got == pytest.approx([1.0, 0.4, 0.4])
+    assert ratios_with_mean([0.3, 0.3, 1.0], {2}, 0.1) == [0.1, 0.1, 1.0]  # a flat JSON stays flat
+    # the dense layers of an ablation replace the JSON's own
+    assert ratios_with_mean([1.0, 0.3, 0.3], {1}, 0.2) == [0.2, 1.0, 0.2]

@@ -24,7 +24,10 @@ def test_method_config_dense_layers_override_gsa_on_device_json(tmp_path) -> Non
 
     ref = method_config("GSAOnDevice", 0.2, tmp_path, (2, 3))["GSAOnDevice"]["config_file"]
     ratios = load_model_config(ref).config.top_k_ratio_per_layer
-    assert [i for i, r in enumerate(ratios) if r >= 1] == [2, 3] and set(ratios) == {0.2, 1.0}
+    assert [i for i, r in enumerate(ratios) if r >= 1] == [2, 3]
+    sparse = [r for i, r in enumerate(ratios) if i not in (2, 3)]
+    assert sum(sparse) / len(sparse) == pytest.approx(0.2, abs=1e-5)  # the sparse layers average the ratio
+    assert ratios[20] == max(sparse) > ratios[0] == min(sparse)  # ... the copying layer 20 with its larger share
     shipped = load_model_config(method_config("GSAOnDevice", 0.2, tmp_path)["GSAOnDevice"]["config_file"]).config
     assert [i for i, r in enumerate(shipped.top_k_ratio_per_layer) if r >= 1] == [7, 17, 18, 23]
 

@@ -14,7 +14,9 @@ For a packaged model or a local Hugging Face folder:
    it), written as `copy_layers`: an engine serving the model runs ESA and GSA with groups of 2
    tokens there and whole blocks elsewhere where their config leaves the representations unset
    (`ucm.config.copy_layer_defaults`), `ucm eval` names those settings `+copy`, and the summary
-   prints the keys for a vLLM config;
+   prints the keys for a vLLM config; GSA on device's `top_k_ratio_per_layer` gives the copying
+   layers a larger share of the same budget (`ucm.copy_layers.copy_layer_ratios`: 0.5 there and
+   less elsewhere for a mean of 0.3);
 3. **calibrate** (`ucm.calibrate.run_calibrate`): trained hash projections on the model's own
    queries and keys, judged against random ones on held-out prompts;
 4. **write and validate**: `OUT/<model>.json` and `OUT/<model>_hash.pt` in the shape of
@@ -112,7 +114,7 @@ def run_configure(
     Returns the measurements written to `OUT/<model>_configure.json`."""
     from ucm.calibrate import run_calibrate
     from ucm.config.loader import check_config_file
-    from ucm.copy_layers import COPY_THRESHOLD, choose_copy_layers
+    from ucm.copy_layers import COPY_THRESHOLD, choose_copy_layers, copy_layer_ratios
     from ucm.models import per_model_data, resolve_model
     from ucm.profile import run_profile
 
@@ -138,7 +140,7 @@ def run_configure(
     base = per_model_data(ref, num_layers, head_dim, block_size)
     base.update(
         model_name=ref.name,
-        top_k_ratio_per_layer=[1.0 if layer in dense else ratio for layer in range(num_layers)],
+        top_k_ratio_per_layer=copy_layer_ratios(num_layers, dense, copy, ratio),
         top_k_index_reuse=[-1] * num_layers,
         copy_layers=copy,
     )

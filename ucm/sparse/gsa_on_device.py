@@ -176,12 +176,36 @@ def build_from_model_config(
 
 
 # ----------------------------------------------------------------------------- demo, eval, profile
+def ratios_with_mean(ratios: Sequence[float], keep: set[int], ratio: float) -> list[float]:
+    """A per-model JSON's `top_k_ratio_per_layer` run at another ratio: 1 in the `keep` layers,
+    the others scaled together so they average `ratio`, so a JSON's shape across its sparse
+    layers (e.g. the copying layers' larger share, `ucm.copy_layers.copy_layer_ratios`) is kept.
+    A layer the scaling would take past 1 stays at 1, the rest sharing what it could not take; a
+    layer the JSON keeps dense but `keep` does not (a layer ablation) takes the mean share."""
+    sparse = [i for i in range(len(ratios)) if i not in keep]
+    out = [1.0] * len(ratios)
+    own = [r for r in ratios if r < 1]
+    mean = sum(own) / len(own) if own else 1.0
+    shares = {i: (ratios[i] if ratios[i] < 1 else mean) for i in sparse}
+    budget = ratio * len(sparse)
+    while shares:
+        scale = budget / sum(shares.values())
+        full = {i for i, r in shares.items() if r * scale >= 1}
+        if not full:
+            for i, r in shares.items():
+                out[i] = round(r * scale, 6)
+            break
+        budget -= len(full)  # these read every block
+        shares = {i: r for i, r in shares.items() if i not in full}
+    return out
+
+
 def demo_config(config_class: type[GSAOnDeviceConfig], request: DemoRequest) -> dict:
     """The config the demo, eval and profile run GSA on device with (registered in
     `ucm.config.sparse`). Its ratios live in a per-model JSON: without `request.workdir` that is
     the shipped JSON of `request.model` (its own per-layer ratios); with it, a copy written there
-    with every sparse layer at `request.ratio` and no length threshold, so all methods can be
-    compared at one ratio. `request.model_config` (a path, a name or the JSON's data) replaces
+    with its sparse layers averaging `request.ratio` (`ratios_with_mean`) and no length threshold,
+    so all methods can be compared at one ratio. `request.model_config` (a path, a name or the JSON's data) replaces
     the shipped JSON, e.g. with the one `ucm calibrate` writes, or random projections
     (`ucm.config.loader.model_config_data(..., random_hash=True)`); `request.dense_layers`, when
     given, replace its dense layers in the copy (layer ablations)."""
@@ -199,7 +223,7 @@ def demo_config(config_class: type[GSAOnDeviceConfig], request: DemoRequest) -> 
         data[key] = os.path.relpath(data[key], workdir.resolve())  # so results name no machine's paths
     ratios = data["top_k_ratio_per_layer"]
     keep = set(request.dense_layers) if request.dense_layers else {i for i, r in enumerate(ratios) if r >= 1}
-    data["top_k_ratio_per_layer"] = [1.0 if i in keep else request.ratio for i in range(len(ratios))]
+    data["top_k_ratio_per_layer"] = ratios_with_mean(ratios, keep, request.ratio)
     data["gpu_seq_len_threshold"] = 0
     stem = "".join(ch if ch.isalnum() else "_" for ch in data["model_name"].rsplit("/", 1)[-1].lower())
     tag = "" if given is None else f"_{data['hash_weight_type']}"
