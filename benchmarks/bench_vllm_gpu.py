@@ -535,8 +535,9 @@ def engines_from_log(text: str, bandwidth: float) -> dict[str, dict]:
 
 def assemble_run(header: dict, engines: dict[str, dict], failed: dict[str, str], profile: bool) -> dict:
     """The run's JSON from the engines done so far (written after every engine, so a run cut
-    short keeps what it measured). `header`: device, vllm, torch, command, model, shape, tmp,
-    gpu_memory_utilization, new_tokens, cuda_tuned."""
+    short keeps what it measured). `header`: device, vllm, torch, command, model, commit,
+    gpu_memory_utilization, new_tokens, cuda_tuned, and shape / tmp / model_name (for the bound,
+    not written)."""
     from ucm.methods import split_method_setting
 
     shape, tmp, name = header["shape"], Path(header["tmp"]), header["model_name"]
