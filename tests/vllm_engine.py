@@ -54,5 +54,17 @@ def generate(llm, prompts, max_tokens: int = 8) -> list[list[int]]:
 
 
 def sparse_extra(name: str, ratio: float, tmp_dir, dense_layers=()) -> dict:
-    """The connector's extra config for `name` at `ratio` (a per-model JSON method: every sparse layer at `ratio`)."""
+    """The connector's extra config for `name` at `ratio` (a per-model JSON method: its sparse
+    layers averaging `ratio`, the JSON's per-layer shape kept)."""
     return {"ucm_sparse_config": method_config(name, ratio, tmp_dir, dense_layers)}
+
+
+def layer_ratios(config: dict, num_layers: int, ratio: float) -> list[float]:
+    """Each layer's keep ratio under `config` ({method: body}): a per-model JSON method's own
+    `top_k_ratio_per_layer` (its copying layers read a larger share), else `ratio` everywhere."""
+    from ucm.config.loader import load_model_config
+
+    ((name, body),) = config.items()
+    if "config_file" not in body:
+        return [ratio] * num_layers
+    return list(load_model_config(body["config_file"]).config.top_k_ratio_per_layer)

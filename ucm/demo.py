@@ -121,9 +121,9 @@ def method_config(
     `retrieval_stride` (default
     `EVAL_RETRIEVAL_STRIDE`) to the strided ones. A method with a per-model JSON (GSA on device)
     reads its ratios there: without `workdir` it runs the shipped SmolLM2 JSON as it is; with
-    it, a copy written there with every sparse layer at `ratio`, so all methods compare at one
-    ratio. `model_config` (a path, a name or the JSON's data) replaces the shipped JSON, e.g. with
-    the one `ucm calibrate` writes, or random projections
+    it, a copy written there with its sparse layers averaging `ratio` (the JSON's per-layer shape
+    kept), so all methods compare at one ratio. `model_config` (a path, a name or the JSON's
+    data) replaces the shipped JSON, e.g. with the one `ucm calibrate` writes, or random projections
     (`ucm.config.loader.model_config_data(..., random_hash=True)`); `dense_layers`, when given,
     replace its dense layers in the copy (layer ablations).
     """
