@@ -164,8 +164,7 @@ def sparse_extra(setting: str, tmp: Path, shape: dict = QWEN3_4B, model_name: st
                 top_k_index_reuse=[-1] * layers,
                 top_k_ratio_per_layer=[1 if i in (0, layers - 1) else ratio for i in range(layers)],
             )
-        ratios = data["top_k_ratio_per_layer"]
-        data["top_k_ratio_per_layer"] = ratios_with_mean(ratios, {i for i, r in enumerate(ratios) if r >= 1}, ratio)
+        data["top_k_ratio_per_layer"] = ratios_with_mean(data["top_k_ratio_per_layer"], None, ratio)
         if "concurrency_threshold" in keys:
             data["gpu_concurrency_threshold"] = keys["concurrency_threshold"]
         path = tmp / f"{method.lower()}_{layers}_{ratio}_{data['gpu_concurrency_threshold']}.json"

@@ -176,12 +176,15 @@ def build_from_model_config(
 
 
 # ----------------------------------------------------------------------------- demo, eval, profile
-def ratios_with_mean(ratios: Sequence[float], keep: set[int], ratio: float) -> list[float]:
-    """A per-model JSON's `top_k_ratio_per_layer` run at another ratio: 1 in the `keep` layers,
-    the others scaled together so they average `ratio`, so a JSON's shape across its sparse
-    layers (e.g. the copying layers' larger share, `ucm.copy_layers.copy_layer_ratios`) is kept.
+def ratios_with_mean(ratios: Sequence[float], keep: set[int] | None, ratio: float) -> list[float]:
+    """A per-model JSON's `top_k_ratio_per_layer` run at another ratio: 1 in the `keep` layers
+    (None: the layers the JSON keeps dense), the others scaled together so they average `ratio`,
+    so a JSON's shape across its sparse layers (e.g. the copying layers' larger share,
+    `ucm.copy_layers.copy_layer_ratios`) is kept.
     A layer the scaling would take past 1 stays at 1, the rest sharing what it could not take; a
     layer the JSON keeps dense but `keep` does not (a layer ablation) takes the mean share."""
+    if keep is None:
+        keep = {i for i, r in enumerate(ratios) if r >= 1}
     sparse = [i for i in range(len(ratios)) if i not in keep]
     out = [1.0] * len(ratios)
     own = [r for r in ratios if r < 1]
@@ -221,9 +224,8 @@ def demo_config(config_class: type[GSAOnDeviceConfig], request: DemoRequest) -> 
     data = model_config_data(source)  # the copy lives elsewhere: weight paths made absolute ...
     for key in load_model_config(data).config.weight_paths(None):  # ... then relative to the copy,
         data[key] = os.path.relpath(data[key], workdir.resolve())  # so results name no machine's paths
-    ratios = data["top_k_ratio_per_layer"]
-    keep = set(request.dense_layers) if request.dense_layers else {i for i, r in enumerate(ratios) if r >= 1}
-    data["top_k_ratio_per_layer"] = ratios_with_mean(ratios, keep, request.ratio)
+    keep = set(request.dense_layers) if request.dense_layers else None
+    data["top_k_ratio_per_layer"] = ratios_with_mean(data["top_k_ratio_per_layer"], keep, request.ratio)
     data["gpu_seq_len_threshold"] = 0
     stem = "".join(ch if ch.isalnum() else "_" for ch in data["model_name"].rsplit("/", 1)[-1].lower())
     tag = "" if given is None else f"_{data['hash_weight_type']}"
