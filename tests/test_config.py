@@ -730,6 +730,7 @@ def valid_sparse(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
             if typing.get_origin(field.annotation) is typing.Literal:
                 values[k] = st.sampled_from(typing.get_args(field.annotation))
         values["offload"] = st.booleans()
+        values["copy_layer_boost"] = st.floats(1, 10)
         values["dense_layers"] = st.lists(st.integers(0, 63), unique=True, max_size=6)
         # JSON object keys are strings: layers 64-127, apart from the dense layers above
         values["layer_sparse_ratio"] = st.dictionaries(st.integers(64, 127).map(str), ratio, max_size=6)

@@ -407,6 +407,7 @@ def test_the_fuzzed_keys_are_every_numeric_key() -> None:
         "sticky_steps",
         "sticky_top",
         "bound_guard_top",
+        "copy_layer_boost",
     }
     assert set(MODEL_FIELDS) == {
         "num_hidden_layers",

@@ -20,7 +20,8 @@ from ucm.config.fallback import FALLBACK_MUST_SELECT, FALLBACK_SEQ_LEN_THRESHOLD
 from ucm.config.loader import builtin_config_dir, load_model_config
 from ucm.config.sparse import GSAOnDeviceConfig
 from ucm.configure import choose_dense_layers, config_text, dense_budget, layer_worst_head
-from ucm.copy_layers import choose_copy_layers, copy_layer_ratios
+from ucm.copy_layers import choose_copy_layers
+from ucm.methods import copy_layer_ratios
 from ucm.sparse.factory import resolve_model_config
 
 

@@ -9,9 +9,9 @@ import torch
 
 from ucm.config.errors import ConfigError
 from ucm.config.loader import load_model_config, model_config_data
-from ucm.copy_layers import COPY_THRESHOLD, choose_copy_layers, copy_layer_ratios, induction_scores_from_attention
+from ucm.copy_layers import COPY_THRESHOLD, choose_copy_layers, induction_scores_from_attention
 from ucm.eval.runner import settings_grid
-from ucm.methods import copy_layer_keys
+from ucm.methods import copy_layer_budget_keys, copy_layer_keys, copy_layer_ratios
 from ucm.sparse.gsa_on_device import ratios_with_mean
 
 
@@ -65,9 +65,22 @@ def test_the_model_json_key_names_sparse_layers_of_the_model_once() -> None:
             load_model_config(_json(copy_layers=bad))
 
 
-def test_eval_runs_esa_and_gsa_with_groups_in_the_copying_layers_only(tmp_path) -> None:
-    grid = settings_grid(["ESA", "GSA", "KVStarMultiStep"], [0.3], dense_layers=[7], copy_layers=[20, 21])
-    assert [s.label for s in grid] == ["dense", "ESA+dense+copy@0.3", "GSA+dense+copy@0.3", "KVStarMultiStep+dense@0.3"]
+def test_eval_runs_the_copying_layers_as_each_method_takes_them(tmp_path) -> None:
+    """ESA and GSA: groups of 2 there; GSA and KVStar: a larger share of the budget there (over
+    SmolLM2's 30 layers, the evaluated model's); Quest neither."""
+    grid = settings_grid(["ESA", "GSA", "KVStarMultiStep", "Quest"], [0.3], dense_layers=[7], copy_layers=[20, 21])
+    assert [s.label for s in grid] == [
+        "dense",
+        "ESA+dense+copy@0.3",
+        "GSA+dense+copy@0.3",
+        "KVStarMultiStep+dense+copy@0.3",
+        "Quest+dense@0.3",
+    ]
+    bodies = {s.method: s.extra_config(tmp_path)["ucm_sparse_config"][s.method] for s in grid[1:]}
+    budgets = copy_layer_budget_keys(30, [7], [20, 21], 0.3, 5 / 3)["layer_sparse_ratio"]
+    assert bodies["GSA"]["layer_sparse_ratio"] == bodies["KVStarMultiStep"]["layer_sparse_ratio"] == budgets
+    assert budgets["20"] == 0.5 and len(budgets) == 29
+    assert "layer_sparse_ratio" not in bodies["ESA"] and "layer_sparse_ratio" not in bodies["Quest"]
     for setting in grid[1:3]:
         body = setting.extra_config(tmp_path)["ucm_sparse_config"][setting.method]
         assert body["blk_repre_inner_token_merge"] is None
@@ -76,11 +89,14 @@ def test_eval_runs_esa_and_gsa_with_groups_in_the_copying_layers_only(tmp_path) 
             == {"20": 2, "21": 2}
             == copy_layer_keys([20, 21])["layer_repre_inner_token_merge"]
         )
-    kvstar = grid[3].extra_config(tmp_path)["ucm_sparse_config"]["KVStarMultiStep"]
+    kvstar = bodies["KVStarMultiStep"]
     assert "layer_repre_inner_token_merge" not in kvstar and kvstar["blk_repre_inner_token_merge"] != 0
     # keys asked for on the command line say how the layers group: no copy layers then
     keyed = settings_grid(["ESA"], [0.3], copy_layers=[20], method_keys={"blk_repre_inner_token_merge": 4})
     assert keyed[1].copy_layers == () and keyed[1].label == "ESA[blk_repre_inner_token_merge=4]@0.3"
+    # a boost asked for would not reach the budgets "+copy" computes: refused, not ignored
+    with pytest.raises(ValueError, match="copy_layer_boost"):
+        settings_grid(["GSA"], [0.3], copy_layers=[20], method_keys={"copy_layer_boost": 2.0})
 
 
 def test_smollm2_copies_in_layers_17_and_18(model_path) -> None:
@@ -106,7 +122,7 @@ def test_the_shipped_smollm2_json_names_the_measured_copying_layers(model_path) 
     assert shipped == choose_copy_layers(measure_induction(model_path)) == [17, 18, 20, 23]
 
 
-# ---------------------------------------------------------------- GSA on device's per-layer budgets
+# ---------------------------------------------------------------- the copying layers' per-layer budgets
 def test_copying_layers_take_a_larger_share_of_the_same_budget() -> None:
     # Qwen2.5-Coder-0.5B's shipped layout: dense 0, 3, 7; seven copying layers
     got = copy_layer_ratios(24, [0, 3, 7], [9, 11, 13, 16, 19, 21, 23], 0.3)
@@ -126,6 +142,19 @@ def test_copying_layers_take_a_larger_share_of_the_same_budget() -> None:
         copy_layer_ratios(4, [], [0], 0.0)
     with pytest.raises(ValueError, match="copy layers"):
         copy_layer_ratios(4, [], [4], 0.3)
+    # another boost: the same budget moved by less (session 25's 4/3: 0.4 there, 0.25 elsewhere)
+    milder = copy_layer_ratios(24, [0, 3, 7], [9, 11, 13, 16, 19, 21, 23], 0.3, boost=4 / 3)
+    assert set(milder) == {1.0, 0.4, 0.25}
+    assert copy_layer_ratios(4, [], [0], 0.3, boost=1) == [0.3] * 4
+    with pytest.raises(ValueError, match="boost"):
+        copy_layer_ratios(4, [], [0], 0.3, boost=0.5)
+
+
+def test_budget_keys_name_every_sparse_layer_or_nothing() -> None:
+    keys = copy_layer_budget_keys(6, [0], [2, 0], 0.3, 5 / 3)["layer_sparse_ratio"]
+    assert keys == {str(i): r for i, r in enumerate(copy_layer_ratios(6, [0], [2], 0.3)) if i != 0}
+    assert copy_layer_budget_keys(6, [0], [2], 0.3, 1.0) == {}  # boost 1: nothing moves
+    assert copy_layer_budget_keys(6, [0, 2], [2], 0.3, 5 / 3) == {}  # its copying layer is dense
 
 
 @pytest.mark.parametrize("name", ["SmolLM2-135M-Instruct", "Qwen2.5-Coder-0.5B-Instruct"])

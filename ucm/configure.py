@@ -15,7 +15,7 @@ For a packaged model or a local Hugging Face folder:
    tokens there and whole blocks elsewhere where their config leaves the representations unset
    (`ucm.config.copy_layer_defaults`), `ucm eval` names those settings `+copy`, and the summary
    prints the keys for a vLLM config; GSA on device's `top_k_ratio_per_layer` gives the copying
-   layers a larger share of the same budget (`ucm.copy_layers.copy_layer_ratios`: 0.5 there and
+   layers a larger share of the same budget (`ucm.methods.copy_layer_ratios`: 0.5 there and
    less elsewhere for a mean of 0.3);
 3. **calibrate** (`ucm.calibrate.run_calibrate`): trained hash projections on the model's own
    queries and keys, judged against random ones on held-out prompts;
@@ -114,7 +114,8 @@ def run_configure(
     Returns the measurements written to `OUT/<model>_configure.json`."""
     from ucm.calibrate import run_calibrate
     from ucm.config.loader import check_config_file
-    from ucm.copy_layers import COPY_THRESHOLD, choose_copy_layers, copy_layer_ratios
+    from ucm.copy_layers import COPY_THRESHOLD, choose_copy_layers
+    from ucm.methods import copy_layer_ratios
     from ucm.models import per_model_data, resolve_model
     from ucm.profile import run_profile
 

@@ -18,8 +18,6 @@ that copies and a score near 0 one that does not.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 #: a layer whose best head pays at least this much attention to the copy source is a copying layer.
@@ -30,12 +28,6 @@ COPY_THRESHOLD = 0.3
 #: at most this share of the layers is taken (the highest scores first; layers a method keeps
 #: dense are among them: that method skips them, `ucm.config.copy_layer_defaults`)
 MAX_COPY_FRACTION = 0.3
-#: GSA on device's per-layer budget in a copying layer, as a multiple of the sparse layers' mean
-#: ratio (`copy_layer_ratios`); the other sparse layers give up what these take, so the blocks read
-#: stay the same. Measured (session 24, Qwen2.5-Coder-0.5B, RULER niah_multikey_3 at 4K, 25
-#: samples, 38.9% of the blocks read): copying layers at 0.5 and the rest at 0.2 score 76 against
-#: 60 with 0.3 everywhere (dense 72)
-COPY_RATIO_BOOST = 5 / 3
 
 
 def induction_scores_from_attention(attentions: torch.Tensor, length: int) -> torch.Tensor:
@@ -86,29 +78,3 @@ def choose_copy_layers(
     cap = int(max_fraction * len(values) + 1e-9)
     ranked = sorted((-v, layer) for layer, v in enumerate(values) if v >= threshold and layer not in exclude)
     return sorted(layer for _, layer in ranked[:cap])
-
-
-def copy_layer_ratios(num_layers: int, dense: Sequence[int], copy: Sequence[int], ratio: float) -> list[float]:
-    """Per-layer ratios (`top_k_ratio_per_layer`) whose sparse layers average `ratio`: 1 in the
-    `dense` layers, `ratio * COPY_RATIO_BOOST` (at most 1) in the copying layers that are not dense,
-    what is left spread evenly over the other sparse layers. The copying layers' boost shrinks
-    where it would leave those less than a third of `ratio` (a model where most layers copy)."""
-    if not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    for name, layers in (("dense", dense), ("copy", copy)):
-        if any(not 0 <= layer < num_layers for layer in layers):
-            raise ValueError(f"{name} layers {sorted(layers)} must lie in [0, {num_layers})")
-    dense_set = set(dense)
-    sparse = [layer for layer in range(num_layers) if layer not in dense_set]
-    boosted = sorted(set(copy) - dense_set)
-    rest = [layer for layer in sparse if layer not in set(boosted)]
-    high = min(1.0, ratio * COPY_RATIO_BOOST) if rest else ratio
-    if rest:  # rest * low + boosted * high = ratio * sparse, with low >= ratio / 3
-        high = min(high, (ratio * len(sparse) - ratio / 3 * len(rest)) / max(len(boosted), 1))
-    low = (ratio * len(sparse) - high * len(boosted)) / len(rest) if rest else ratio
-    out = [1.0] * num_layers
-    for layer in boosted:
-        out[layer] = round(high, 6)
-    for layer in rest:
-        out[layer] = round(low, 6)
-    return out

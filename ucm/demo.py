@@ -112,12 +112,15 @@ def method_config(
     retrieval_stride: int | None = None,
     model_config: str | Path | dict | None = None,
     copy_layers: Sequence[int] = (),
+    num_layers: int = 0,
 ) -> dict:
     """UCM-shaped config `{name: {...}}` of the registered method `name` at keep ratio `ratio`,
     with the settings its registry entry gives the demo (`MethodSpec.demo_config`).
 
     `dense_layers` go to the windowed methods, `copy_layers` (groups of 2 tokens there, whole
-    blocks elsewhere: `ucm.methods.copy_layer_keys`) to those with per-layer groups (ESA, GSA);
+    blocks elsewhere: `ucm.methods.copy_layer_keys`) to those with per-layer groups (ESA, GSA),
+    and a larger share of the budget there (`ucm.methods.copy_layer_budget_keys`, over the model's
+    `num_layers`) to those whose `copy_layer_boost` defaults above 1 (GSA, KVStar);
     `retrieval_stride` (default
     `EVAL_RETRIEVAL_STRIDE`) to the strided ones. A method with a per-model JSON (GSA on device)
     reads its ratios there: without `workdir` it runs the shipped SmolLM2 JSON as it is; with
@@ -138,6 +141,7 @@ def method_config(
         DEMO_MODEL_CONFIG,
         model_config,
         tuple(copy_layers),
+        num_layers,
     )
     return {name: get_method(name).demo_config(request)}
 

@@ -96,14 +96,15 @@ def run_vllm_demo(
     model = str(fetch_model("smollm2"))
     ids, passkey = needle_prompt(AutoTokenizer.from_pretrained(model), tokens, depth, seed)
     dense_layers = model_dense_layers()
-    copy_layers = model_copy_layers()  # the engine applies them to ESA and GSA (`ucm.config.copy_layer_defaults`)
+    copy_layers = model_copy_layers()  # the engine applies them itself (`ucm.config.copy_layer_defaults`)
     max_model_len = -(-(len(ids) + max_new_tokens + BLOCK_SIZE) // 1024) * 1024
     n_blocks = -(-len(ids) // BLOCK_SIZE)
     print(
         f"prompt: {len(ids)} tokens, magic number {passkey} at depth {depth:.0%}; vLLM-CPU, block size "
         f"{BLOCK_SIZE}; keep ratio {ratio}; windowed methods keep layers {dense_layers} dense (methods with a "
         f"per-model JSON: its own); ESA and GSA keep groups of 2 tokens in the measured copying layers "
-        f"{[layer for layer in copy_layers if layer not in dense_layers]}, one representation per block elsewhere",
+        f"{[layer for layer in copy_layers if layer not in dense_layers]}, one representation per block elsewhere, "
+        "and GSA and KVStar a larger share of the budget there",
         flush=True,
     )
     rows: list[DemoRow] = []

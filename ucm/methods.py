@@ -62,9 +62,11 @@ class DemoRequest:
     model_config      a per-model JSON that replaces `model` (a path, a name or its data), e.g.
                       one `ucm calibrate` wrote; None: `model`'s shipped one
     copy_layers       the model's measured copying layers (its JSON's `copy_layers`): methods with
-                      per-layer groups keep `copy_layer_keys`, except in `dense_layers` (empty:
-                      no representation key, so an engine runs the served model's own,
+                      per-layer groups keep `copy_layer_keys`, methods whose `copy_layer_boost`
+                      defaults above 1 `copy_layer_budget_keys` (with `num_layers`), except in
+                      `dense_layers` (empty: neither, so an engine runs the served model's own,
                       `ucm.config.copy_layer_defaults`)
+    num_layers        the model's layer count (needed with `copy_layers` by the budgets)
     """
 
     ratio: float
@@ -74,6 +76,7 @@ class DemoRequest:
     model: str = ""
     model_config: str | Path | dict | None = None
     copy_layers: tuple[int, ...] = ()
+    num_layers: int = 0
 
 
 #: tokens per representation in a copying layer (`ucm.copy_layers`); whole blocks elsewhere
@@ -88,6 +91,57 @@ def copy_layer_keys(copy_layers: Sequence[int], tokens: int = COPY_GROUP_TOKENS)
         "blk_repre_inner_token_merge": None,
         "layer_repre_inner_token_merge": {str(layer): tokens for layer in copy_layers},
     }
+
+
+#: a copying layer's keep ratio as a multiple of the sparse layers' mean (`copy_layer_ratios`): GSA on
+#: device's per-model JSONs (`ucm configure`) and the default `copy_layer_boost` of GSA and KVStar;
+#: the other sparse layers give up what these take, so the blocks read stay the same. Measured
+#: (Qwen2.5-Coder-0.5B, RULER, 25 samples, 38.9% of the blocks read, docs/accuracy.md): GSA on
+#: device niah_multikey_3 at 4K 60 -> 76 (dense 72, session 24); GSA niah_multikey_2 at 8K 80 -> 88
+#: and KVStar 84 -> 88 (dense 92, session 25)
+COPY_RATIO_BOOST = 5 / 3
+
+
+def copy_layer_ratios(
+    num_layers: int, dense: Sequence[int], copy: Sequence[int], ratio: float, boost: float = COPY_RATIO_BOOST
+) -> list[float]:
+    """Per-layer ratios whose sparse layers average `ratio`: 1 in the `dense` layers, `ratio *
+    boost` (at most 1) in the copying layers that are not dense, what is left spread evenly over
+    the other sparse layers. The copying layers' share shrinks where it would leave those less than
+    a third of `ratio` (a model where most layers copy)."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    if boost < 1:
+        raise ValueError(f"boost must be >= 1, got {boost}")
+    for name, layers in (("dense", dense), ("copy", copy)):
+        if any(not 0 <= layer < num_layers for layer in layers):
+            raise ValueError(f"{name} layers {sorted(layers)} must lie in [0, {num_layers})")
+    dense_set = set(dense)
+    sparse = [layer for layer in range(num_layers) if layer not in dense_set]
+    boosted = sorted(set(copy) - dense_set)
+    rest = [layer for layer in sparse if layer not in set(boosted)]
+    high = min(1.0, ratio * boost) if rest else ratio
+    if rest:  # rest * low + boosted * high = ratio * sparse, with low >= ratio / 3
+        high = min(high, (ratio * len(sparse) - ratio / 3 * len(rest)) / max(len(boosted), 1))
+    low = (ratio * len(sparse) - high * len(boosted)) / len(rest) if rest else ratio
+    out = [1.0] * num_layers
+    for layer in boosted:
+        out[layer] = round(high, 6)
+    for layer in rest:
+        out[layer] = round(low, 6)
+    return out
+
+
+def copy_layer_budget_keys(
+    num_layers: int, dense: Sequence[int], copy: Sequence[int], ratio: float, boost: float
+) -> dict[str, Any]:
+    """The config key (windowed methods) that gives the copying layers `boost` times the sparse
+    layers' mean ratio `ratio` (`copy_layer_ratios`): `layer_sparse_ratio` for every sparse layer;
+    empty where there is nothing to move (boost 1, or no copying layer that is not dense)."""
+    if boost == 1 or not set(copy) - set(dense):
+        return {}
+    ratios = copy_layer_ratios(num_layers, dense, copy, ratio, boost)
+    return {"layer_sparse_ratio": {str(layer): r for layer, r in enumerate(ratios) if layer not in set(dense)}}
 
 
 DemoBuilder = Callable[[Any, DemoRequest], dict]
@@ -139,10 +193,22 @@ class MethodSpec:
         return bool(getattr(self.config, "windowed", False))
 
     @property
-    def takes_copy_layers(self) -> bool:
+    def takes_copy_groups(self) -> bool:
         """Its config keeps per-layer groups (ESA, GSA): it runs a model's copying layers with
         `copy_layer_keys`."""
         return "layer_repre_inner_token_merge" in getattr(self.config, "model_fields", {})
+
+    @property
+    def copy_layer_boost(self) -> float:
+        """Its config's default `copy_layer_boost` (1 where it has none): above 1, it runs a model's
+        copying layers with a larger share of the budget (`copy_layer_budget_keys`)."""
+        field = getattr(self.config, "model_fields", {}).get("copy_layer_boost")
+        return 1.0 if field is None else float(field.default)
+
+    @property
+    def takes_copy_layers(self) -> bool:
+        """It runs a model's measured copying layers differently: with per-layer groups, budgets, or both."""
+        return self.takes_copy_groups or self.copy_layer_boost > 1
 
     def build(self, config: Any, shapes: Any, ctx: Any) -> Any:
         """The ready-to-run `SparseMethod` of a parsed `config` for the model's `shapes`."""
@@ -161,8 +227,13 @@ class MethodSpec:
         if request.dense_layers and "dense_layers" in fields:
             body["dense_layers"] = list(request.dense_layers)
         copy = [layer for layer in request.copy_layers if layer not in request.dense_layers]
-        if copy and self.takes_copy_layers:  # a layer kept dense reads every block: no groups
+        if copy and self.takes_copy_groups:  # a layer kept dense reads every block: no groups
             body.update(copy_layer_keys(copy))
+        if copy and self.copy_layer_boost > 1 and "sparse_ratio" in fields:
+            layers, boost = request.num_layers, self.copy_layer_boost
+            if layers <= max(copy):
+                raise ValueError(f"{self.name}: copy_layers {copy} need the model's layer count, got {layers}")
+            body.update(copy_layer_budget_keys(layers, request.dense_layers, copy, request.ratio, boost))
         return body
 
     def _same(self, other: MethodSpec) -> bool:

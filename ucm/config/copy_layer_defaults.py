@@ -1,14 +1,21 @@
-"""The served model's measured copying layers as the representation default of ESA and GSA.
+"""The served model's measured copying layers as the defaults of the windowed methods.
 
 A per-model JSON may name the layers that copy from the context (`copy_layers`, measured by
-`ucm configure` with `ucm.copy_layers`). Where ESA's or GSA's config leaves its representation
-keys (`blk_repre_inner_token_merge`, `layer_repre_inner_token_merge`) unset and the served model
-has such a JSON, the engine runs what that measurement is for: whole-block representations,
-groups of 2 tokens in the copying layers (`ucm.methods.copy_layer_keys`; docs/accuracy.md: the
-accuracy of groups of 4 everywhere or better on Qwen2.5-Coder at ratios 0.3 and 0.1, and the
-speed of whole blocks). Everywhere else the config's own default runs (groups of 4 tokens in
-every layer). Keys the user sets always win; the engine logs which of these it runs
-(`CopyLayerDefault.note`).
+`ucm configure` with `ucm.copy_layers`). Where the served model has such a JSON, the engine runs
+what that measurement is for, in two parts, each only where the config leaves its keys unset:
+
+* representations (ESA, GSA: `blk_repre_inner_token_merge`, `layer_repre_inner_token_merge`
+  unset): whole-block representations, groups of 2 tokens in the copying layers
+  (`ucm.methods.copy_layer_keys`; docs/accuracy.md: the accuracy of groups of 4 everywhere or
+  better on Qwen2.5-Coder at ratios 0.3 and 0.1, and the speed of whole blocks); elsewhere the
+  config's own default runs (groups of 4 tokens in every layer);
+* budgets (a method whose `copy_layer_boost` is above 1, GSA's and KVStar's default;
+  `layer_sparse_ratio` unset): the copying layers keep `copy_layer_boost` times `sparse_ratio`,
+  the other sparse layers less, the blocks read unchanged (`ucm.methods.copy_layer_ratios`, as
+  GSA on device's JSONs shape `top_k_ratio_per_layer`).
+
+A dense layer reads every block: it takes neither. Keys the user sets always win; the engine logs
+what it runs (`CopyLayerDefault.note`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from dataclasses import dataclass
 from ucm.config.errors import ConfigError
 from ucm.config.loader import find_model_config, load_model_config
 from ucm.config.sparse import MeanReprConfig, MethodConfig
-from ucm.methods import COPY_GROUP_TOKENS, copy_layer_keys, spec_of
+from ucm.methods import COPY_GROUP_TOKENS, copy_layer_budget_keys, copy_layer_keys, spec_of
 
 #: the keys that decide a block's representations (those `copy_layer_keys` sets): set by the user,
 #: the model's layers stay out
@@ -27,8 +34,8 @@ REPRESENTATION_KEYS = frozenset(copy_layer_keys(()))
 
 @dataclass(frozen=True)
 class CopyLayerDefault:
-    """The config a method runs with and the engine's one line on its representations ("" for a
-    method without per-layer groups)."""
+    """The config a method runs with and the engine's one line on its representations and budgets
+    ("" for a method that takes neither)."""
 
     config: MethodConfig
     note: str = ""
@@ -39,46 +46,69 @@ def _groups(config: MeanReprConfig) -> str:
     return "one per block" if merge is None else f"groups of {merge} tokens"
 
 
-def with_model_copy_layers(
-    config: MethodConfig, model_name: str | None, num_layers: int, block_size: int
-) -> CopyLayerDefault:
-    """`config` with the served model's measured copying layers where its representation keys are
-    unset (see the module docstring); the model's JSON is found by name as GSA on device finds its
-    own (`find_model_config`: a HF id or a model folder, by its last path component)."""
-    if not spec_of(config).takes_copy_layers:
-        return CopyLayerDefault(config)
-    layout = _groups(config)
-    if REPRESENTATION_KEYS & config.model_fields_set:
-        return CopyLayerDefault(
-            config,
-            f"{config.method} representations as configured: {layout} "
-            f"(per layer: {dict(config.layer_repre_inner_token_merge) or 'none'})",
-        )
-    default = f"{config.method} representations: {layout} in every layer"
+def _takes_budgets(config: MethodConfig) -> bool:
+    """The engine gives it the copying layers' budgets: a boost above 1 and no per-layer ratios set."""
+    return getattr(config, "copy_layer_boost", 1.0) > 1 and "layer_sparse_ratio" not in config.model_fields_set
+
+
+def _measured_copy_layers(model_name: str | None, num_layers: int, block_size: int, groups: bool) -> tuple[list, str]:
+    """(the served model's measured copying layers, "" ) or ([], why none are used)."""
     try:
         path = find_model_config(str(model_name or "").rstrip("/"))
     except ConfigError:
-        return CopyLayerDefault(
-            config,
-            f"{default} (no per-model config for {model_name or 'this model'}: `ucm configure` measures its "
-            "copying layers)",
-        )
+        return [], f"no per-model config for {model_name or 'this model'}: `ucm configure` measures its copying layers"
     model = load_model_config(path).config
     if not model.copy_layers:
-        return CopyLayerDefault(config, f"{default} ({path.name} has no measured copying layers)")
-    if model.num_hidden_layers != num_layers or block_size % COPY_GROUP_TOKENS:
-        return CopyLayerDefault(
-            config,
-            f"{default} ({path.name} measured {model.num_hidden_layers} layers and needs blocks of an even size; "
-            f"the served model has {num_layers} layers and blocks of {block_size}: its copying layers are not used)",
+        return [], f"{path.name} has no measured copying layers"
+    if model.num_hidden_layers != num_layers or (groups and block_size % COPY_GROUP_TOKENS):
+        return [], (
+            f"{path.name} measured {model.num_hidden_layers} layers and needs blocks of an even size; the served "
+            f"model has {num_layers} layers and blocks of {block_size}: its copying layers are not used"
         )
-    layers = sorted(set(model.copy_layers) - set(config.dense_layers))  # a dense layer reads every block
+    return list(model.copy_layers), path.name
+
+
+def with_model_copy_layers(
+    config: MethodConfig, model_name: str | None, num_layers: int, block_size: int
+) -> CopyLayerDefault:
+    """`config` with the served model's measured copying layers where its keys are unset (see the
+    module docstring); the model's JSON is found by name as GSA on device finds its own
+    (`find_model_config`: a HF id or a model folder, by its last path component)."""
+    spec = spec_of(config)
+    groups = spec.takes_copy_groups and not REPRESENTATION_KEYS & config.model_fields_set
+    budgets = _takes_budgets(config)
+    notes = []
+    if spec.takes_copy_groups and not groups:
+        notes.append(
+            f"{config.method} representations as configured: {_groups(config)} "
+            f"(per layer: {dict(config.layer_repre_inner_token_merge) or 'none'})"
+        )
+    if not groups and not budgets:
+        return CopyLayerDefault(config, "; ".join(notes))
+    measured, source = _measured_copy_layers(model_name, num_layers, block_size, groups)
+    layers = sorted(set(measured) - set(config.dense_layers))  # a dense layer reads every block
     if not layers:
-        return CopyLayerDefault(config, f"{default} ({path.name}'s copying layers are all dense here)")
-    keys = copy_layer_keys(layers)
+        why = source if not measured else f"{source}'s copying layers are all dense here"
+        if groups:
+            notes.append(f"{config.method} representations: {_groups(config)} in every layer ({why})")
+        if budgets:
+            notes.append(f"{config.method} budgets: {config.sparse_ratio:g} in every sparse layer ({why})")
+        return CopyLayerDefault(config, "; ".join(notes))
+    keys: dict = {}
+    if groups:
+        keys.update(copy_layer_keys(layers))
+        notes.append(
+            f"{config.method} representations: one per block, groups of {COPY_GROUP_TOKENS} tokens in the copying "
+            f"layers {layers} measured in {source} (set blk_repre_inner_token_merge to choose otherwise)"
+        )
+    if budgets:
+        boost = config.copy_layer_boost
+        keys.update(copy_layer_budget_keys(num_layers, config.dense_layers, layers, config.sparse_ratio, boost))
+        shares = sorted(set(keys["layer_sparse_ratio"].values()), reverse=True)
+        notes.append(
+            f"{config.method} budgets: the copying layers {layers} measured in {source} keep {shares[0]:g}, the other "
+            f"sparse layers {shares[-1]:g} (copy_layer_boost {boost:.3g}; set layer_sparse_ratio "
+            "to choose otherwise)"
+        )
     applied = type(config).model_validate({**config.model_dump(exclude_unset=True), **keys})
-    return CopyLayerDefault(
-        applied,
-        f"{config.method} representations: one per block, groups of {COPY_GROUP_TOKENS} tokens in the copying "
-        f"layers {layers} measured in {path.name} (set blk_repre_inner_token_merge to choose otherwise)",
-    )
+    return CopyLayerDefault(applied, "; ".join(notes))

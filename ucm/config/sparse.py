@@ -19,7 +19,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 from ucm.config.errors import KeyedValueError
-from ucm.methods import MethodSpec, find_method, method_names, register_method
+from ucm.methods import COPY_RATIO_BOOST, MethodSpec, find_method, method_names, register_method
 
 # Upper bounds of every numeric key. No real model or deployment comes near them, and within
 # them every count the selection engine derives stays far inside int64 and every allocation
@@ -39,6 +39,7 @@ MAX_HEAD_DIM = 4096  #: head_dim, kv_lora_rank, qk_rope_head_dim
 MAX_HASH_BITS = 4096  #: hash code bits per token and KV head
 
 Ratio = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+CopyBoost = Annotated[float, Field(ge=1.0, le=10.0, allow_inf_nan=False)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosInt = Annotated[int, Field(ge=1)]
 BlockCount = Annotated[int, Field(ge=0, le=MAX_BLOCKS)]
@@ -92,6 +93,13 @@ class WindowedMethodConfig(SparseMethodConfig):
     #: found with `ucm profile --trace-sample`) and less elsewhere; a ratio of 1 makes the layer
     #: dense. Empty: every sparse layer keeps `sparse_ratio`
     layer_sparse_ratio: dict[LayerKey, Ratio] = Field(default_factory=dict)
+    #: on a model whose per-model JSON names its copying layers (`copy_layers`, `ucm configure`) and
+    #: with `layer_sparse_ratio` unset: those layers (not dense) keep this many times `sparse_ratio`,
+    #: the other sparse layers less, the blocks read unchanged (`ucm.methods.copy_layer_ratios`,
+    #: applied by the engine: `ucm.config.copy_layer_defaults`). 1: every sparse layer keeps
+    #: `sparse_ratio`. Measured per method (docs/accuracy.md, session 25): GSA and KVStar gain, ESA
+    #: (whose groups of 2 tokens hold the needle there) and Quest lose a sample
+    copy_layer_boost: CopyBoost = 1.0
     #: decode steps with fewer decoding rows stay dense (selection costs about what it saves on a
     #: single short row). Unset: 2 on the CUDA graph path (one row at 32K tokens was slower sparse
     #: than dense on an H200, docs/cuda.md), 0 elsewhere (GSA on device: its JSON's
@@ -182,6 +190,7 @@ class GSAConfig(MeanReprConfig):
     """GSA: per-head mean representation, max over the GQA group, top-k on the host."""
 
     method: ClassVar[str] = "GSA"
+    copy_layer_boost: CopyBoost = COPY_RATIO_BOOST
 
 
 class KVStarConfig(WindowedMethodConfig):
@@ -189,6 +198,7 @@ class KVStarConfig(WindowedMethodConfig):
 
     method: ClassVar[str] = "KVStarMultiStep"
     sparse_ratio: Ratio = 0.25
+    copy_layer_boost: CopyBoost = COPY_RATIO_BOOST
     retrieval_stride: Stride = 8
     blk_repre_dim_prune_ratio: Ratio = 0.25
     #: tokens merged into one representation row; must divide the KV block size

@@ -49,14 +49,15 @@ class Setting:
     hash_weights: str | None = None  # the hash_weight_type of `hash_config` ("random" / "trained"); None: shipped
     method_keys: tuple[tuple[str, str], ...] = ()  # --method-key: (config key, JSON value) set on the method
     model_config: str | None = SHIPPED_MODEL_CONFIG  # the evaluated model's shipped per-model JSON (name), if any
-    copy_layers: tuple[int, ...] = ()  # methods with per-layer groups: the model's copying layers in groups of 2
+    copy_layers: tuple[int, ...] = ()  # copying layers: groups of 2 (ESA, GSA), a larger budget (GSA, KVStar)
 
     @property
     def name(self) -> str:
         """The method as results name it: "ESA+dense" when it keeps dense layers, "ESA+dense/s4"
         when it retrieves every 4 steps instead of the default, "GSAOnDevice+random" /
-        "GSAOnDevice+trained" with hash projections other than the shipped JSON's, "ESA+dense+copy"
-        with the model's copying layers in groups of 2 and whole blocks elsewhere."""
+        "GSAOnDevice+trained" with hash projections other than the shipped JSON's, "GSA+dense+copy"
+        with the model's copying layers in groups of 2 and whole blocks elsewhere (ESA, GSA) and
+        with a larger share of the budget in those layers (GSA, KVStar)."""
         name = f"{self.method}+dense" if self.dense_layers else self.method
         if self.copy_layers:
             name += "+copy"
@@ -101,16 +102,29 @@ class Setting:
             self.retrieval_stride,
             model_config,
             self.copy_layers,
+            self._num_layers(),
         )
         body, spec = config[self.method], find_method(self.method)
-        if spec.takes_copy_layers and not self.copy_layers:
-            # without "+copy": the config's default groups everywhere, stated, or an engine serving a
-            # model with measured copying layers would run those (`ucm.config.copy_layer_defaults`)
-            body.setdefault(
-                "blk_repre_inner_token_merge", spec.config.model_fields["blk_repre_inner_token_merge"].default
-            )
+        if not self.copy_layers:
+            # without "+copy": the config's default groups everywhere and one ratio in every sparse layer,
+            # stated, or an engine serving a model with measured copying layers would run those
+            # (`ucm.config.copy_layer_defaults`)
+            if spec.takes_copy_groups:
+                body.setdefault(
+                    "blk_repre_inner_token_merge", spec.config.model_fields["blk_repre_inner_token_merge"].default
+                )
+            if spec.copy_layer_boost > 1:
+                body.setdefault("copy_layer_boost", 1.0)
         body.update(self.method_key_values)
         return {"ucm_sparse_config": config}
+
+    def _num_layers(self) -> int:
+        """The evaluated model's layer count, from its per-model JSON, where "+copy" needs it (0 elsewhere)."""
+        if not self.copy_layers or self.model_config is None:
+            return 0
+        from ucm.config.loader import load_model_config
+
+        return load_model_config(self.model_config).config.num_hidden_layers
 
 
 RANDOM_HASH = "random"  # --hash-config random: the shipped JSON with random orthogonal projections
@@ -141,12 +155,19 @@ def settings_grid(
     -> value) are set on every sparse method of the grid, which must all have those keys; the
     settings are named "<method>[key=value,...]". `model_config` names the evaluated model's
     shipped per-model JSON (default: SmolLM2's; None: the model has none). `copy_layers` go to the
-    methods with per-layer groups (ESA, GSA: `ucm.methods.copy_layer_keys`), unless `method_keys`
-    set their group keys."""
+    methods that run them (`MethodSpec.takes_copy_layers`: groups of 2 tokens there for ESA and GSA,
+    `ucm.methods.copy_layer_keys`; a larger share of the budget there for GSA and KVStar,
+    `copy_layer_budget_keys`), unless `method_keys` set their group keys."""
     dense_layers = tuple(dense_layers)
     copy_layers = tuple(copy_layers)
     if REPRESENTATION_KEYS & set(method_keys or {}):
         copy_layers = ()  # the keys asked for say how the layers group
+    if copy_layers and "copy_layer_boost" in (method_keys or {}) and "layer_sparse_ratio" not in method_keys:
+        # "+copy" settings carry their budgets, computed with the method's default boost
+        raise ValueError(
+            "--method-key copy_layer_boost with the model's copying layers: set layer_sparse_ratio for the "
+            "budgets you want, or run --copy-layers none (the engine then applies that boost itself)"
+        )
     variant = None
     if hash_config is not None:
         from ucm.config.loader import load_model_config

@@ -180,7 +180,7 @@ def ratios_with_mean(ratios: Sequence[float], keep: set[int] | None, ratio: floa
     """A per-model JSON's `top_k_ratio_per_layer` run at another ratio: 1 in the `keep` layers
     (None: the layers the JSON keeps dense), the others scaled together so they average `ratio`,
     so a JSON's shape across its sparse layers (e.g. the copying layers' larger share,
-    `ucm.copy_layers.copy_layer_ratios`) is kept.
+    `ucm.methods.copy_layer_ratios`) is kept.
     A layer the scaling would take past 1 stays at 1, the rest sharing what it could not take; a
     layer the JSON keeps dense but `keep` does not (a layer ablation) takes the mean share."""
     if keep is None:
