@@ -59,12 +59,18 @@ def sparse_extra(name: str, ratio: float, tmp_dir, dense_layers=()) -> dict:
     return {"ucm_sparse_config": method_config(name, ratio, tmp_dir, dense_layers)}
 
 
-def layer_ratios(config: dict, num_layers: int, ratio: float) -> list[float]:
-    """Each layer's keep ratio under `config` ({method: body}): a per-model JSON method's own
-    `top_k_ratio_per_layer` (its copying layers read a larger share), else `ratio` everywhere."""
+def layer_ratios(config: dict, num_layers: int, ratio: float, copy_layers=()) -> list[float]:
+    """Each layer's keep ratio under `config` ({method: body}) on a served model whose JSON measured
+    `copy_layers`: a per-model JSON method's own `top_k_ratio_per_layer` (its copying layers read a
+    larger share); a method whose `copy_layer_boost` defaults above 1 (GSA, KVStar), with no
+    per-layer ratios set, the same rule at that boost (`copy_layer_ratios`); else `ratio` everywhere."""
     from ucm.config.loader import load_model_config
+    from ucm.methods import copy_layer_ratios, get_method
 
     ((name, body),) = config.items()
-    if "config_file" not in body:
-        return [ratio] * num_layers
-    return list(load_model_config(body["config_file"]).config.top_k_ratio_per_layer)
+    if "config_file" in body:
+        return list(load_model_config(body["config_file"]).config.top_k_ratio_per_layer)
+    boost = body.get("copy_layer_boost", get_method(name).copy_layer_boost)
+    if copy_layers and boost > 1 and "layer_sparse_ratio" not in body:
+        return copy_layer_ratios(num_layers, body.get("dense_layers", ()), copy_layers, ratio, boost)
+    return [ratio] * num_layers
