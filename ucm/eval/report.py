@@ -227,7 +227,11 @@ def plot(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths) + 2.5, 3.6), squeeze=False)
     methods = sorted({c["method"] for c in cells if c["setting"] != DENSE})
     shipped = _shipped_methods(cells)
-    colors = {m: plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")(i) for i, m in enumerate(methods)}
+    named = [m for m in methods if m in shipped]  # the variants are grey
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # tab10's grey: the variants'
+    if len(named) > len(palette):
+        palette = list(plt.get_cmap("tab20").colors)
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(named)}
     for ax, L in zip(axes[0], lengths, strict=True):
         tasks = sorted({t for (l2, t) in headline if l2 == L}) or sorted({c["task"] for c in cells if c["length"] == L})
         mark = "headline tasks" if any(l2 == L for l2, _ in headline) else "all tasks (dense < headline bar)"
@@ -248,8 +252,8 @@ def plot(summary: dict, path: Path) -> None:
                 xs,
                 [mean(pts[x]) for x in xs],
                 marker="o",
-                label=m,
-                color=colors[m],
+                label=f"_{m}" if variant else m,  # variants: faint, named in results.md, not the legend
+                color="grey" if variant else colors[m],
                 linestyle="--" if variant else "-",
                 linewidth=1.0 if variant else 1.8,
                 alpha=0.55 if variant else 1.0,
@@ -259,9 +263,16 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_ylabel("RULER score (points)")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}  # every method of any panel, once
+    lines = [h for ax in axes[0] for h in ax.get_lines()]
+    handles = {h.get_label(): h for h in lines if not h.get_label().startswith("_")}  # each shipped method once
     order = sorted(handles, key=lambda m: (m != "dense", m))
-    fig.legend([handles[m] for m in order], order, fontsize=8, loc="center right")
+    labels = [*order]
+    variants = {h.get_label() for h in lines if h.get_label().startswith("_")}
+    if variants:  # one grey entry for them all: their names would not fit (results.md lists them)
+        handles["variants"] = next(h for h in lines if h.get_label() in variants)
+        order.append("variants")
+        labels.append(f"{len(variants)} variants (results.md)")
+    fig.legend([handles[m] for m in order], labels, fontsize=8, loc="center right")
     fig.suptitle(f"{summary.get('model', '')}: sparse vs dense on RULER (vLLM-CPU)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
