@@ -52,7 +52,8 @@ def _takes_budgets(config: MethodConfig) -> bool:
 
 
 def _measured_copy_layers(model_name: str | None, num_layers: int, block_size: int, groups: bool) -> tuple[list, str]:
-    """(the served model's measured copying layers, "" ) or ([], why none are used)."""
+    """(the served model's measured copying layers, its JSON's file name), or ([], why none are used):
+    no JSON, none measured, another layer count, or (for groups of 2) an odd block size."""
     try:
         path = find_model_config(str(model_name or "").rstrip("/"))
     except ConfigError:
