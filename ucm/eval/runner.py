@@ -531,8 +531,10 @@ def add_parser(sub) -> None:
         choices=["model", "none"],
         default="model",
         help="ESA and GSA keep groups of 2 tokens in the copying layers the model JSON measured "
-        "(`copy_layers`, `ucm configure`) and whole blocks elsewhere (results name them ESA+dense+copy), "
-        "or their default groups everywhere; a model whose JSON measured none keeps the defaults",
+        "(`copy_layers`, `ucm configure`) and whole blocks elsewhere, GSA and KVStar give those layers a "
+        "larger share of the same budget (copy_layer_boost; results name them GSA+dense+copy ...), as the "
+        "engine does by itself; or their defaults everywhere (one group size, one ratio); a model whose "
+        "JSON measured none keeps the defaults",
     )
     p.add_argument(
         "--retrieval-stride",
