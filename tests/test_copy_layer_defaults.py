@@ -85,7 +85,13 @@ def test_budgets_give_the_copying_layers_a_larger_share_of_the_same_blocks(metho
 
 
 @pytest.mark.parametrize(
-    "keys", [{"layer_sparse_ratio": {"9": 0.4}}, {"copy_layer_boost": 1}, {"copy_layer_boost": 1.0}]
+    "keys",
+    [
+        {"layer_sparse_ratio": {"9": 0.4}},
+        {"copy_layer_boost": 1},
+        {"copy_layer_boost": 1.0},
+        {"offload": True},  # offload keeps what the greediest layer reads on the device: one ratio
+    ],
 )
 def test_a_budget_key_the_user_sets_wins(keys: dict) -> None:
     config = parse_sparse_config({"KVStarMultiStep": keys})

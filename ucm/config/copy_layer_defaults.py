@@ -10,9 +10,10 @@ what that measurement is for, in two parts, each only where the config leaves it
   better on Qwen2.5-Coder at ratios 0.3 and 0.1, and the speed of whole blocks); elsewhere the
   config's own default runs (groups of 4 tokens in every layer);
 * budgets (a method whose `copy_layer_boost` is above 1, GSA's and KVStar's default;
-  `layer_sparse_ratio` unset): the copying layers keep `copy_layer_boost` times `sparse_ratio`,
-  the other sparse layers less, the blocks read unchanged (`ucm.methods.copy_layer_ratios`, as
-  GSA on device's JSONs shape `top_k_ratio_per_layer`).
+  `layer_sparse_ratio` unset; no `offload`, whose device-resident blocks follow the greediest
+  layer): the copying layers keep `copy_layer_boost` times `sparse_ratio`, the other sparse
+  layers less, the blocks read unchanged (`ucm.methods.copy_layer_ratios`, as GSA on device's
+  JSONs shape `top_k_ratio_per_layer`).
 
 A dense layer reads every block: it takes neither. Keys the user sets always win; the engine logs
 what it runs (`CopyLayerDefault.note`).
@@ -47,8 +48,14 @@ def _groups(config: MeanReprConfig) -> str:
 
 
 def _takes_budgets(config: MethodConfig) -> bool:
-    """The engine gives it the copying layers' budgets: a boost above 1 and no per-layer ratios set."""
-    return getattr(config, "copy_layer_boost", 1.0) > 1 and "layer_sparse_ratio" not in config.model_fields_set
+    """The engine gives it the copying layers' budgets: a boost above 1, no per-layer ratios set, and
+    no offload (there a request keeps on the device what its greediest layer reads: the copying
+    layers' share would raise that from `sparse_ratio` to `copy_layer_boost` times it)."""
+    return (
+        getattr(config, "copy_layer_boost", 1.0) > 1
+        and "layer_sparse_ratio" not in config.model_fields_set
+        and not getattr(config, "offload", False)
+    )
 
 
 def _measured_copy_layers(model_name: str | None, num_layers: int, block_size: int, groups: bool) -> tuple[list, str]:
