@@ -119,7 +119,7 @@ def copy_layer_ratios(
     dense_set = set(dense)
     sparse = [layer for layer in range(num_layers) if layer not in dense_set]
     boosted = sorted(set(copy) - dense_set)
-    rest = [layer for layer in sparse if layer not in set(boosted)]
+    rest = [layer for layer in sparse if layer not in boosted]
     high = min(1.0, ratio * boost) if rest else ratio
     if rest:  # rest * low + boosted * high = ratio * sparse, with low >= ratio / 3
         high = min(high, (ratio * len(sparse) - ratio / 3 * len(rest)) / max(len(boosted), 1))
@@ -138,10 +138,11 @@ def copy_layer_budget_keys(
     """The config key (windowed methods) that gives the copying layers `boost` times the sparse
     layers' mean ratio `ratio` (`copy_layer_ratios`): `layer_sparse_ratio` for every sparse layer;
     empty where there is nothing to move (boost 1, or no copying layer that is not dense)."""
-    if boost == 1 or not set(copy) - set(dense):
+    dense_set = set(dense)
+    if boost == 1 or not set(copy) - dense_set:
         return {}
     ratios = copy_layer_ratios(num_layers, dense, copy, ratio, boost)
-    return {"layer_sparse_ratio": {str(layer): r for layer, r in enumerate(ratios) if layer not in set(dense)}}
+    return {"layer_sparse_ratio": {str(layer): r for layer, r in enumerate(ratios) if layer not in dense_set}}
 
 
 DemoBuilder = Callable[[Any, DemoRequest], dict]
