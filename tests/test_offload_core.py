@@ -54,6 +54,18 @@ def test_config_key_builds_the_policy() -> None:
     assert (p.block_size, p.ratio, p.local_blocks, p.margin_blocks) == (64, 0.25, 3, 5)
 
 
+def test_the_greediest_layer_sizes_the_slots() -> None:
+    def build(**keys) -> OffloadPolicy:
+        body = {"offload": True, "sparse_ratio": 0.25, "init_window_sz": 1, "local_window_sz": 2, **keys}
+        return OffloadPolicy.from_config(parse_sparse_config({"ucm_sparse_config": {"GSA": body}}), 64)
+
+    assert build(layer_sparse_ratio={"3": 0.1}).ratio == 0.25  # a leaner layer changes nothing
+    greedy = build(layer_sparse_ratio={"3": 0.1, "7": 0.5})
+    assert greedy.ratio == 0.5
+    # 100 blocks: the greedy layer selects 50, of which 1 + 2 are windows; margin 0
+    assert greedy.slots(64 * 100) == 50 - 1 - 2 + greedy.margin_blocks
+
+
 def test_virtual_blocks_are_handed_out_once() -> None:
     v = VirtualBlocks(100, 5)
     a = v.take(3)

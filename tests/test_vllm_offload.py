@@ -3,6 +3,7 @@
 * at ratio 0.3, an offloaded request holds at most its budget of device blocks, its middle
   blocks are freed to vLLM's pool and loaded back from the store when selected, and greedy
   tokens equal sparse decode without offload (loads are bit-exact, selection unchanged);
+* with per-layer ratios above `sparse_ratio`, the slots hold what the greediest layer reads;
 * at ratio 1.0 offload never triggers and tokens equal dense;
 * offload without a store fails at engine start, naming the key.
 """
@@ -85,6 +86,20 @@ def test_offload_holds_its_budget_and_matches_sparse_decode(model_path, prompts,
     for held, budget in planner["held"].values():
         assert held <= budget < shortest // 2
     assert planner["freed_blocks"] > 0
+    assert worker["loaded_blocks"] > 0 and worker["failed_loads"] == 0
+    assert offloaded == sparse
+
+
+def test_offload_slots_follow_the_greediest_layer(model_path, prompts, tmp_path) -> None:
+    # two layers read twice the others' share: the device holds what they read (slots sized from
+    # sparse_ratio alone ran out at their first selection beyond it)
+    keys = {"layer_sparse_ratio": {"17": 0.6, "20": 0.6}}
+    sparse, _ = run(model_path, extra(None, "GSA", offload=False, **keys), prompts)
+    offloaded, info = run(model_path, extra(tmp_path / "store", "GSA", **keys), prompts)
+    planner, worker = info["planner"], info["worker"]
+    assert planner["offloaded_requests"] == len(prompts) and planner["over_budget"] == 0
+    for held, budget in planner["held"].values():
+        assert held <= budget
     assert worker["loaded_blocks"] > 0 and worker["failed_loads"] == 0
     assert offloaded == sparse
 

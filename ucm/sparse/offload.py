@@ -48,12 +48,13 @@ class OffloadPolicy:
 
     @classmethod
     def from_config(cls, config, block_size: int) -> OffloadPolicy:
-        """From an ESA/GSA/KVStar config with `offload` set."""
+        """From an ESA/GSA/KVStar config with `offload` set. A request keeps on the device what its
+        greediest layer reads: the ratio is the largest of `sparse_ratio` and `layer_sparse_ratio`'s."""
         return cls(
             block_size,
             config.init_window_sz,
             config.local_window_sz,
-            config.sparse_ratio,
+            max([config.sparse_ratio, *config.layer_sparse_ratio.values()]),
             config.min_blocks,
             config.offload_margin_blocks,
         )
@@ -244,7 +245,7 @@ class Residency:
             if chosen.size < need_v.size:
                 raise RuntimeError(
                     f"offload: layer {layer} selected {need_v.size} blocks beyond its "
-                    f"{cand.size} slots (slots are sized from the same ratio; this is a bug)"
+                    f"{cand.size} slots (slots are sized from the greediest layer's ratio; this is a bug)"
                 )
             old = self.holder[layer, chosen]
             self.slot_of[layer, old[old >= 0]] = -1
