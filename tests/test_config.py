@@ -719,8 +719,9 @@ def test_fuzz_valid_configs_load_and_round_trip(weight_dir: Path, data: dict[str
 @st.composite
 def valid_sparse(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     method = draw(st.sampled_from(list(METHODS)))
+    config_file = st.none() | st.text(alphabet=string.ascii_letters, min_size=1, max_size=12)
     if get_method(method).model_json:  # its one key names the per-model JSON
-        body = {"config_file": draw(st.none() | st.text(alphabet=string.ascii_letters, min_size=1, max_size=12))}
+        body = {"config_file": draw(config_file)}
     else:
         keys = list(METHODS[method].model_fields)
         ratio = st.floats(0, 1, exclude_min=True)
@@ -731,6 +732,7 @@ def valid_sparse(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
                 values[k] = st.sampled_from(typing.get_args(field.annotation))
         values["offload"] = st.booleans()
         values["copy_layer_boost"] = st.floats(1, 10)
+        values["config_file"] = config_file
         values["dense_layers"] = st.lists(st.integers(0, 63), unique=True, max_size=6)
         # JSON object keys are strings: layers 64-127, apart from the dense layers above
         values["layer_sparse_ratio"] = st.dictionaries(st.integers(64, 127).map(str), ratio, max_size=6)

@@ -7,10 +7,13 @@ a method that takes neither; each case says what it ran in the engine's log line
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ucm.config.copy_layer_defaults import REPRESENTATION_KEYS, with_model_copy_layers
-from ucm.config.loader import find_model_config, load_model_config, parse_sparse_config
+from ucm.config.errors import ConfigError
+from ucm.config.loader import find_model_config, load_model_config, model_config_data, parse_sparse_config
 from ucm.methods import COPY_GROUP_TOKENS, COPY_RATIO_BOOST, DemoRequest, get_method
 
 QWEN = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
@@ -129,6 +132,55 @@ def test_otherwise_the_config_default_runs_and_the_note_says_why(served, layers,
         chosen = with_model_copy_layers(kvstar, served, layers, block)
         assert chosen.config == kvstar
         assert "budgets: 0.25 in every sparse layer" in chosen.note and why in chosen.note
+
+
+def _own_json(tmp_path, copy_layers: list[int], layers: int = 24) -> str:
+    """A per-model JSON as `ucm configure` writes one, for a model ucm ships none for: Qwen's shipped
+    settings with random projections, `copy_layers` measured."""
+    data = model_config_data(find_model_config(QWEN), random_hash=True)
+    data.update(model_name="my-org/my-model", copy_layers=copy_layers)
+    if layers != data["num_hidden_layers"]:
+        data.update(
+            num_hidden_layers=layers,
+            top_k_ratio_per_layer=[0.3] * layers,
+            top_k_index_reuse=[-1] * layers,
+        )
+    path = tmp_path / "my_model.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["ESA", "GSA", "KVStarMultiStep"])
+def test_config_file_names_the_json_whose_copying_layers_run(method: str, tmp_path) -> None:
+    own = _own_json(tmp_path, [5, 12, 20])
+    config = parse_sparse_config({method: {"config_file": own}})
+    # a served model ucm knows nothing about: the named file decides, not the model's name
+    chosen = with_model_copy_layers(config, "/models/my-model", 24, 32)
+    assert f"copying layers [5, 12, 20] measured in {own}" in chosen.note, chosen.note
+    if get_method(method).takes_copy_groups:
+        assert chosen.config.layer_repre_inner_token_merge == dict.fromkeys([5, 12, 20], COPY_GROUP_TOKENS)
+    if get_method(method).copy_layer_boost > 1:
+        ratios = chosen.config.layer_sparse_ratio
+        assert [ratios[layer] for layer in (5, 12, 20)] == pytest.approx([config.sparse_ratio * COPY_RATIO_BOOST] * 3)
+    # a built-in model's name works too, whatever the served model is called
+    named = with_model_copy_layers(parse_sparse_config({method: {"config_file": QWEN}}), "/models/x", 24, 32)
+    assert f"copying layers {sorted(_measured())}" in named.note
+
+
+def test_a_config_file_that_cannot_be_used_is_an_error(tmp_path) -> None:
+    missing = parse_sparse_config({"ESA": {"config_file": str(tmp_path / "nope.json")}})
+    with pytest.raises(ConfigError):
+        with_model_copy_layers(missing, "/models/x", 24, 32)
+    other = parse_sparse_config({"GSA": {"config_file": _own_json(tmp_path, [3], layers=28)}})
+    with pytest.raises(ConfigError, match="num_hidden_layers.*28 but the served model has 24"):
+        with_model_copy_layers(other, "/models/x", 24, 32)
+    # keys under which the method would never read it: said at start, not ignored
+    own = _own_json(tmp_path, [5])
+    unread = (("Quest", {}), ("ESA", {"blk_repre_inner_token_merge": 4}), ("KVStarMultiStep", {"offload": True}))
+    for method, keys in unread:
+        config = parse_sparse_config({method: {"config_file": own, **keys}})
+        with pytest.raises(ConfigError, match=f"{method}.config_file.*has no effect"):
+            with_model_copy_layers(config, "/models/x", 24, 32, source="kv_connector_extra_config")
 
 
 @pytest.mark.parametrize("method", ["Quest", "GSAOnDevice"])

@@ -5,6 +5,7 @@
   exactly the selected blocks (from a shadow copy of every K/V vLLM wrote), and the blocks read
   per step drop to ~30% in the sparse layers;
 * batches mix chunked prefill and decode rows (max_num_batched_tokens is small);
+* a method's `config_file` names the per-model JSON whose copying layers it runs;
 * a bad config fails when the engine starts, naming the key.
 """
 
@@ -111,10 +112,39 @@ def test_ratio_point_three_attends_exactly_the_selected_blocks(name, model_path,
         assert ratios[layer] - 0.02 <= kept / total <= ratios[layer] + 0.10, (layer, kept, total, ratios[layer])
 
 
+def test_config_file_names_the_copying_layers_the_engine_runs(model_path, prompts, tmp_path) -> None:
+    # a JSON of the user's (as `ucm configure` writes one), measuring other layers than the shipped
+    # one that the served model's name would find: the named file decides GSA's budgets
+    import json
+
+    from ucm.config.loader import model_config_data
+    from ucm.methods import COPY_RATIO_BOOST, copy_layer_ratios
+
+    data = model_config_data("smollm2_135m.json", random_hash=True)
+    copy = [2, 9, 25]
+    assert not set(copy) & set(model_copy_layers())
+    own = tmp_path / "smollm2_measured_here.json"
+    own.write_text(json.dumps(dict(data, copy_layers=copy)))
+    llm = make_llm(model_path, {"ucm_sparse_config": {"GSA": {"sparse_ratio": 0.3, "config_file": str(own)}}})
+    try:
+        generate(llm, prompts[0], max_tokens=6)
+        snap = find_runtime().snapshot()
+    finally:
+        shutdown(llm)
+        del llm
+        gc.collect()
+    ratios = copy_layer_ratios(len(snap["kept"]), (), copy, 0.3, COPY_RATIO_BOOST)
+    assert {ratios[layer] for layer in copy} == {0.5}
+    for layer, (kept, total) in enumerate(zip(snap["kept"], snap["total"], strict=True)):
+        assert ratios[layer] - 0.02 <= kept / total <= ratios[layer] + 0.10, (layer, kept, total, ratios[layer])
+
+
 @pytest.mark.parametrize(
     "extra,key",
     [
         ({"ucm_sparse_config": {"XSA": {}}}, "XSA"),
+        ({"ucm_sparse_config": {"ESA": {"config_file": "Qwen3-4B"}}}, "num_hidden_layers"),
+        ({"ucm_sparse_config": {"Quest": {"config_file": "smollm2_135m.json"}}}, "Quest.config_file"),
         ({"ucm_sparse_config": {"ESA": {"sparse_ratio": 0}}}, "sparse_ratio"),
         ({"ucm_sparse_config": {"ESA": {"local_window": 2}}}, "local_window"),
         ({"ucm_sparse_config": {"ESA": {}}, "ucm_store": {}}, "ucm_store"),

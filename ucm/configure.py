@@ -25,8 +25,9 @@ For a packaged model or a local Hugging Face folder:
    and built against the model's shapes; a config that does not load is an error. The
    measurements go to `OUT/<model>_configure.json`.
 
-The engine uses the written file with `{"GSAOnDevice": {"config_file": "OUT/<model>.json"}}`,
-or without `config_file` once it is copied into `configs/` (found by the model's name).
+The engine uses the written file with `{"GSAOnDevice": {"config_file": "OUT/<model>.json"}}` (any
+method: ESA, GSA, KVStar and Quest take its copying layers from it), or without `config_file` once
+it is copied into `configs/` (found by the model's name).
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def run_configure(
     }
     (out_dir / f"{stem}_configure.json").write_text(json.dumps(result, indent=2))
     print_summary(result, worst)
-    print(f"wrote {cfg_file} and {weight_file}: validated; use it as GSAOnDevice's config_file")
+    print(f"wrote {cfg_file} and {weight_file}: validated; use it as the sparse method's config_file")
     return result
 
 

@@ -1,8 +1,9 @@
 """The served model's measured copying layers as the defaults of the windowed methods.
 
 A per-model JSON may name the layers that copy from the context (`copy_layers`, measured by
-`ucm configure` with `ucm.copy_layers`). Where the served model has such a JSON, the engine runs
-what that measurement is for, in two parts, each only where the config leaves its keys unset:
+`ucm configure` with `ucm.copy_layers`). Where the served model has such a JSON (built in, found by
+the model's name, or the method's `config_file`), the engine runs what that measurement is for,
+in two parts, each only where the config leaves its keys unset:
 
 * representations (ESA, GSA: `blk_repre_inner_token_merge`, `layer_repre_inner_token_merge`
   unset): whole-block representations, groups of 2 tokens in the copying layers
@@ -24,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ucm.config.errors import ConfigError
-from ucm.config.loader import find_model_config, load_model_config
+from ucm.config.loader import SPARSE_KEY, find_model_config, is_builtin, load_model_config
 from ucm.config.sparse import MeanReprConfig, MethodConfig
 from ucm.methods import COPY_GROUP_TOKENS, copy_layer_budget_keys, copy_layer_keys, spec_of
 
@@ -58,33 +59,60 @@ def _takes_budgets(config: MethodConfig) -> bool:
     )
 
 
-def _measured_copy_layers(model_name: str | None, num_layers: int, block_size: int, groups: bool) -> tuple[list, str]:
-    """(the served model's measured copying layers, its JSON's file name), or ([], why none are used):
-    no JSON, none measured, another layer count, or (for groups of 2) an odd block size."""
-    try:
-        path = find_model_config(str(model_name or "").rstrip("/"))
-    except ConfigError:
-        return [], f"no per-model config for {model_name or 'this model'}: `ucm configure` measures its copying layers"
-    model = load_model_config(path).config
+def _measured_copy_layers(
+    model_name: str | None, num_layers: int, block_size: int, groups: bool, config_file: str | None = None
+) -> tuple[list, str]:
+    """(the measured copying layers of the config's `config_file`, else of the served model's built-in
+    JSON, and that JSON's file name), or ([], why none are used): no JSON, none measured, another
+    layer count, or (for groups of 2) an odd block size. A named `config_file` that does not load
+    is an error (ConfigError), as for GSA on device."""
+    if config_file is not None:
+        loaded = load_model_config(config_file)
+        model, path = loaded.config, loaded.path
+        if model.num_hidden_layers != num_layers:
+            raise ConfigError(
+                loaded.source,
+                "num_hidden_layers",
+                f"{model.num_hidden_layers} but the served model has {num_layers} (another model's JSON)",
+            )
+    else:
+        try:
+            path = find_model_config(str(model_name or "").rstrip("/"))
+        except ConfigError:
+            return [], (
+                f"no per-model config for {model_name or 'this model'}: `ucm configure` measures its copying "
+                "layers (name its JSON in config_file)"
+            )
+        model = load_model_config(path).config
+    name = path.name if is_builtin(path) else str(path)
     if not model.copy_layers:
-        return [], f"{path.name} has no measured copying layers"
+        return [], f"{name} has no measured copying layers"
     if model.num_hidden_layers != num_layers or (groups and block_size % COPY_GROUP_TOKENS):
         return [], (
-            f"{path.name} measured {model.num_hidden_layers} layers and needs blocks of an even size; the served "
+            f"{name} measured {model.num_hidden_layers} layers and needs blocks of an even size; the served "
             f"model has {num_layers} layers and blocks of {block_size}: its copying layers are not used"
         )
-    return list(model.copy_layers), path.name
+    return list(model.copy_layers), name
 
 
 def with_model_copy_layers(
-    config: MethodConfig, model_name: str | None, num_layers: int, block_size: int
+    config: MethodConfig, model_name: str | None, num_layers: int, block_size: int, source: str = "inline"
 ) -> CopyLayerDefault:
     """`config` with the served model's measured copying layers where its keys are unset (see the
-    module docstring); the model's JSON is found by name as GSA on device finds its own
-    (`find_model_config`: a HF id or a model folder, by its last path component)."""
+    module docstring); the model's JSON is the config's `config_file`, else found by name as GSA on
+    device finds its own (`find_model_config`: a HF id or a model folder, by its last path
+    component). A `config_file` this method would not read (it takes neither part) is an error
+    naming `source`."""
     spec = spec_of(config)
     groups = spec.takes_copy_groups and not REPRESENTATION_KEYS & config.model_fields_set
     budgets = _takes_budgets(config)
+    if config.config_file is not None and not spec.model_json and not groups and not budgets:
+        raise ConfigError(
+            source,
+            f"{SPARSE_KEY}.{config.method}.config_file",
+            f"has no effect: {config.method} takes no copying layers with these keys (representations "
+            "set by hand, copy_layer_boost 1, layer_sparse_ratio set, or offload): remove it",
+        )
     notes = []
     if spec.takes_copy_groups and not groups:
         notes.append(
@@ -93,7 +121,7 @@ def with_model_copy_layers(
         )
     if not groups and not budgets:
         return CopyLayerDefault(config, "; ".join(notes))
-    measured, source = _measured_copy_layers(model_name, num_layers, block_size, groups)
+    measured, source = _measured_copy_layers(model_name, num_layers, block_size, groups, config.config_file)
     layers = sorted(set(measured) - set(config.dense_layers))  # a dense layer reads every block
     if not layers:
         why = source if not measured else f"{source}'s copying layers are all dense here"

@@ -65,6 +65,17 @@ class SparseMethodConfig(_Strict):
     block_size_divisors: ClassVar[tuple[str, ...]] = ()
     #: it has WindowedMethodConfig's keys (`MethodSpec.windowed`, `method_names(windowed=True)`)
     windowed: ClassVar[bool] = False
+    #: the per-model JSON the method reads (a path, or a built-in model name; `ucm configure` writes
+    #: one for any model): GSA on device its hash settings and dense layers, the windowed methods its
+    #: measured copying layers (`ucm.config.copy_layer_defaults`). Unset: the served model's
+    #: built-in JSON, found by the model's name, if ucm ships one
+    config_file: str | None = None
+
+    @model_validator(mode="after")
+    def _config_file_named(self) -> SparseMethodConfig:
+        if self.config_file is not None and not self.config_file.strip():
+            raise KeyedValueError("config_file", "config_file must be a path or a model name, not an empty string")
+        return self
 
 
 MethodConfig = SparseMethodConfig  # the type of a parsed `ucm_sparse_config`
@@ -209,17 +220,10 @@ class GSAOnDeviceConfig(SparseMethodConfig):
     """GSA on device (HATA): the hash settings live in a per-model JSON (`ucm configs list`).
 
     `config_file` is a path or a built-in model name; when omitted, the integration looks the
-    model up by the name of the model being served.
+    model up by the name of the model being served (else the generic fallback, `ucm.config.fallback`).
     """
 
     method: ClassVar[str] = "GSAOnDevice"
-    config_file: str | None = None
-
-    @model_validator(mode="after")
-    def _non_empty(self) -> GSAOnDeviceConfig:
-        if self.config_file is not None and not self.config_file.strip():
-            raise ValueError("config_file must be a path or a model name, not an empty string")
-        return self
 
 
 class _RegisteredConfigs(Mapping):

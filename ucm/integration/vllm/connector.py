@@ -157,6 +157,7 @@ class UCMConnector(KVConnectorBase_V1):
                 str(vllm_config.model_config.model),
                 vllm_config.model_config.get_total_num_hidden_layers(),
                 self.block_size,
+                EXTRA_SOURCE,
             )
             self.ucm_config, representations = replace(self.ucm_config, sparse=chosen.config), chosen.note
         self.model_config_file = None
