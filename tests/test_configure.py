@@ -3,6 +3,8 @@
 * the dense-layer rule against hand-built worst-head tables (threshold, cap, ties, none);
 * the generic fallback config: it validates through the engine's loader, its shape follows the
   model's, and it is what `resolve_model_config` returns only where no config was named;
+* `ucm configure --copy-layers-only` on the real SmolLM2 finds the copying layers its shipped JSON
+  names;
 * (slow) `ucm configure` on the real SmolLM2 writes a config that the loader and `ucm configs
   check` accept, and a vLLM-CPU engine starts and decodes with it as `config_file`.
 """
@@ -185,6 +187,31 @@ def test_configure_writes_a_config_the_engine_runs(tmp_path, model_path) -> None
         assert torch.equal(runtime.method.scorer.weights[5][0].cpu(), saved[5])
     finally:
         shutdown(llm)
+
+
+def test_copy_layers_only_measures_what_the_shipped_json_measured(tmp_path, model_path) -> None:
+    """`ucm configure --copy-layers-only` on SmolLM2 (seconds: no profile, no calibration) finds the
+    copying layers its shipped JSON names (measured in session 22 by the full command), keeps that
+    JSON's dense layers and projections, and ESA takes the layers through `config_file`."""
+    from ucm.config.copy_layer_defaults import with_model_copy_layers
+    from ucm.config.loader import find_model_config, parse_sparse_config
+
+    out = tmp_path / "cfg"
+    cmd = [sys.executable, "-m", "ucm.cli", "configure", "--model", "smollm2", "--out", str(out), "--copy-layers-only"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shipped = load_model_config(find_model_config("SmolLM2-135M-Instruct")).config
+    written = load_model_config(out / "smollm2_135m.json").config
+    assert shipped.copy_layers and written.copy_layers == shipped.copy_layers
+    dense = [i for i, r in enumerate(shipped.top_k_ratio_per_layer) if r >= 1]
+    assert written.top_k_ratio_per_layer == copy_layer_ratios(30, dense, written.copy_layers, 0.3)
+    assert written.hash_weight_type == shipped.hash_weight_type == "trained"
+    report = json.loads((out / "smollm2_135m_configure.json").read_text())
+    induction = [report["induction_score_per_layer"][str(i)] for i in range(30)]
+    assert report["copy_layers"] == choose_copy_layers(induction) == written.copy_layers
+    esa = parse_sparse_config({"ESA": {"config_file": str(out / "smollm2_135m.json")}})
+    chosen = with_model_copy_layers(esa, "/models/renamed", 30, 32)
+    assert chosen.config.layer_repre_inner_token_merge == dict.fromkeys(shipped.copy_layers, 2)
 
 
 # ----------------------------------------------------------------------------- --model on a local folder

@@ -25,6 +25,11 @@ For a packaged model or a local Hugging Face folder:
    and built against the model's shapes; a config that does not load is an error. The
    measurements go to `OUT/<model>_configure.json`.
 
+`--copy-layers-only` runs step 2's copying-layer measurement alone (seconds: four forwards of 512
+tokens, no profile, no calibration) and writes the JSON with the method defaults (the shipped
+JSON's dense layers and projections where ucm ships one, else the generic fallback's): what ESA,
+GSA and KVStar need from it, for a model too large to profile on the machine at hand.
+
 The engine uses the written file with `{"GSAOnDevice": {"config_file": "OUT/<model>.json"}}` (any
 method: ESA, GSA, KVStar and Quest take its copying layers from it), or without `config_file` once
 it is copied into `configs/` (found by the model's name).
@@ -201,9 +206,7 @@ def run_configure(
             },
             "heldout_output_error": {k: held[k]["sparse_layers_mean"]["output_error"] for k in ("random", "trained")},
         },
-        "defaults_from": str(ref.shipped_config.name)
-        if ref.shipped_config
-        else "generic fallback (ucm.config.fallback)",
+        "defaults_from": _defaults_from(ref),
         "seconds": round(time.perf_counter() - t0, 1),
         "command": "ucm configure " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["configure"] else "run_configure()",
     }
@@ -211,6 +214,65 @@ def run_configure(
     print_summary(result, worst)
     print(f"wrote {cfg_file} and {weight_file}: validated; use it as the sparse method's config_file")
     return result
+
+
+def run_copy_layers_only(model: str | Path, out_dir: Path, *, ratio: float = 0.3, block_size: int = 32) -> dict:
+    """The copying layers alone (the module docstring's `--copy-layers-only`): `OUT/<model>.json` with
+    the method defaults and the measured `copy_layers` (the sparse ones read a larger share of
+    `ratio`, as `run_configure` writes them), validated; the measurements go to
+    `OUT/<model>_configure.json`."""
+    from transformers import AutoConfig
+
+    from ucm.config.loader import check_config_file
+    from ucm.copy_layers import COPY_THRESHOLD, choose_copy_layers
+    from ucm.methods import copy_layer_keys, copy_layer_ratios
+    from ucm.models import per_model_data, resolve_model
+
+    t0 = time.perf_counter()
+    ref = resolve_model(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"ucm configure: {ref.name} ({ref.path}), copying layers only", file=sys.stderr)
+    cfg = AutoConfig.from_pretrained(ref.path)
+    num_layers = (getattr(cfg, "text_config", None) or cfg).num_hidden_layers
+    base = per_model_data(ref, num_layers, _head_dim(ref.path), block_size)
+    dense = [i for i, r in enumerate(base["top_k_ratio_per_layer"]) if r >= 1]  # the defaults' own
+    induction = measure_induction(ref.path)
+    copy = choose_copy_layers(induction)
+    base.update(
+        model_name=ref.name,
+        top_k_ratio_per_layer=copy_layer_ratios(num_layers, dense, copy, ratio),
+        top_k_index_reuse=[-1] * num_layers,
+        copy_layers=copy,
+    )
+    cfg_file = out_dir / f"{ref.config_stem}.json"
+    cfg_file.write_text(config_text(base))
+    validate_config(cfg_file, ref.path, block_size)
+    check_config_file(cfg_file)
+    result = {
+        "model": ref.label,
+        "model_name": ref.name,
+        "config": cfg_file.name,
+        "mode": "copying layers only (no profile, no calibration)",
+        "dense_layers": dense,
+        "copy_rule": {"threshold": COPY_THRESHOLD, "measure": "ucm.copy_layers.induction_scores"},
+        "copy_layers": copy,
+        "induction_score_per_layer": {str(k): round(float(v), 4) for k, v in enumerate(induction)},
+        "defaults_from": _defaults_from(ref),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (out_dir / f"{ref.config_stem}_configure.json").write_text(json.dumps(result, indent=2))
+    keys = json.dumps(copy_layer_keys(copy)) if copy else "defaults"
+    print(f"copying layers  {copy or 'none'} (induction >= {COPY_THRESHOLD})")
+    print(f"ESA / GSA keys  {keys}")
+    print(f"defaults from   {result['defaults_from']} (dense layers {dense or 'none'})")
+    print(f"wrote {cfg_file}: validated; name it in the sparse method's config_file")
+    return result
+
+
+def _defaults_from(ref) -> str:
+    """Where a written config's method defaults come from: the model's shipped JSON, else the fallback."""
+    return str(ref.shipped_config.name) if ref.shipped_config else "generic fallback (ucm.config.fallback)"
 
 
 def measure_induction(path: Path) -> list[float]:
@@ -321,6 +383,12 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-heldout", type=int, default=2)
     p.add_argument("--calib-tokens", type=int, default=1500)
     p.add_argument("--calib-steps", type=int, default=100)
+    p.add_argument(
+        "--copy-layers-only",
+        action="store_true",
+        help="measure only the copying layers (seconds; what ESA, GSA and KVStar read) and keep the "
+        "defaults' dense layers and projections: no profile, no calibration",
+    )
     p.set_defaults(handler=_handle)
 
 
@@ -334,6 +402,9 @@ def _handle(args) -> int:
     if not 0 <= args.max_dense_fraction < 1:
         raise SystemExit("ucm configure: --max-dense-fraction must be in [0, 1)")
     try:
+        if args.copy_layers_only:
+            run_copy_layers_only(args.model, args.out, ratio=args.ratio)
+            return 0
         run_configure(
             args.model,
             args.out,

@@ -80,8 +80,8 @@ def _measured_copy_layers(
             path = find_model_config(str(model_name or "").rstrip("/"))
         except ConfigError:
             return [], (
-                f"no per-model config for {model_name or 'this model'}: `ucm configure` measures its copying "
-                "layers (name its JSON in config_file)"
+                f"no per-model config for {model_name or 'this model'}: `ucm configure --copy-layers-only` "
+                "measures its copying layers in seconds (name its JSON in config_file)"
             )
         model = load_model_config(path).config
     name = path.name if is_builtin(path) else str(path)
