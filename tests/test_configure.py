@@ -212,6 +212,9 @@ def test_copy_layers_only_measures_what_the_shipped_json_measured(tmp_path, mode
     esa = parse_sparse_config({"ESA": {"config_file": str(out / "smollm2_135m.json")}})
     chosen = with_model_copy_layers(esa, "/models/renamed", 30, 32)
     assert chosen.config.layer_repre_inner_token_merge == dict.fromkeys(shipped.copy_layers, 2)
+    # the profile's and calibration's flags would be read by nothing: refused, named
+    unread = subprocess.run([*cmd, "--tokens", "500", "--calib-steps", "3"], capture_output=True, text=True)
+    assert unread.returncode != 0 and "--tokens, --calib-steps" in unread.stderr, unread.stderr
 
 
 # ----------------------------------------------------------------------------- --model on a local folder

@@ -31,12 +31,13 @@ JSON's dense layers and projections where ucm ships one, else the generic fallba
 GSA and KVStar need from it, for a model too large to profile on the machine at hand.
 
 The engine uses the written file with `{"GSAOnDevice": {"config_file": "OUT/<model>.json"}}` (any
-method: ESA, GSA, KVStar and Quest take its copying layers from it), or without `config_file` once
+method: ESA, GSA and KVStar take its copying layers from it), or without `config_file` once
 it is copied into `configs/` (found by the model's name).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -392,6 +393,21 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=_handle)
 
 
+#: `ucm configure`'s profile and calibration flags (argparse names) -> `run_configure` parameters
+_MEASURE_FLAGS = {
+    "tokens": "tokens",
+    "prompts": "prompts",
+    "steps": "steps",
+    "task": "task",
+    "dense_threshold": "threshold",
+    "max_dense_fraction": "max_fraction",
+    "calib_prompts": "calib_prompts",
+    "calib_heldout": "calib_heldout",
+    "calib_tokens": "calib_tokens",
+    "calib_steps": "calib_steps",
+}
+
+
 def _handle(args) -> int:
     from ucm.config.errors import ConfigError
     from ucm.profile import check_model_argument
@@ -401,6 +417,17 @@ def _handle(args) -> int:
         raise SystemExit("ucm configure: --ratio must be in (0, 1]")
     if not 0 <= args.max_dense_fraction < 1:
         raise SystemExit("ucm configure: --max-dense-fraction must be in [0, 1)")
+    if args.copy_layers_only:  # the profile's and calibration's flags would be read by nothing
+        defaults = inspect.signature(run_configure).parameters
+        unread = [
+            "--" + flag.replace("_", "-")
+            for flag, name in _MEASURE_FLAGS.items()
+            if getattr(args, flag) != defaults[name].default
+        ]
+        if unread:
+            raise SystemExit(
+                f"ucm configure: {', '.join(unread)} set the profile or the calibration, which --copy-layers-only skips"
+            )
     try:
         if args.copy_layers_only:
             run_copy_layers_only(args.model, args.out, ratio=args.ratio)
