@@ -120,9 +120,6 @@ def run_configure(
     """Profile, choose dense layers, calibrate, write and validate (the module docstring).
     Returns the measurements written to `OUT/<model>_configure.json`."""
     from ucm.calibrate import run_calibrate
-    from ucm.config.loader import check_config_file
-    from ucm.copy_layers import COPY_THRESHOLD, choose_copy_layers
-    from ucm.methods import copy_layer_ratios
     from ucm.models import per_model_data, resolve_model
     from ucm.profile import run_profile
 
@@ -140,18 +137,11 @@ def run_configure(
     worst = layer_worst_head(profile["methods"])
     num_layers = len(worst)
     dense = choose_dense_layers(worst, threshold, max_fraction)
-    induction = measure_induction(ref.path)
-    copy = choose_copy_layers(induction)  # dense layers too: a method that keeps one dense skips it
+    copy, copy_report = _measure_copy_layers(ref.path)  # dense layers too: a method keeping one dense skips it
 
     # the method defaults: the shipped JSON's where ucm has one, else the generic fallback's
-    head_dim = _head_dim(ref.path)
-    base = per_model_data(ref, num_layers, head_dim, block_size)
-    base.update(
-        model_name=ref.name,
-        top_k_ratio_per_layer=copy_layer_ratios(num_layers, dense, copy, ratio),
-        top_k_index_reuse=[-1] * num_layers,
-        copy_layers=copy,
-    )
+    base = per_model_data(ref, num_layers, _head_dim(ref.path), block_size)
+    base = _with_layers(base, ref.name, num_layers, dense, copy, ratio)
 
     print(f"[2/3] calibrate: {calib_prompts} prompts x {calib_tokens} tokens, {calib_steps} steps", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="ucm-configure-") as tmp:
@@ -171,13 +161,11 @@ def run_configure(
         weight_file = out_dir / f"{stem}_hash.pt"
         shutil.copyfile(Path(tmp) / calib["weights"], weight_file)
 
-    data = dict(base, hash_weight_type="trained", hash_weight=weight_file.name)
     cfg_file = out_dir / f"{stem}.json"
-    cfg_file.write_text(config_text(data))
-
     print("[3/3] validate: the engine's loader, the weights, the model's shapes", file=sys.stderr)
-    validate_config(cfg_file, ref.path, block_size)
-    check_config_file(cfg_file)  # what `ucm configs check` reads, too
+    _write_validated(
+        cfg_file, dict(base, hash_weight_type="trained", hash_weight=weight_file.name), ref.path, block_size
+    )
 
     held = calib["heldout"]
     result = {
@@ -193,9 +181,7 @@ def run_configure(
         },
         "dense_layers": dense,
         "worst_head_per_layer": {str(k): round(v, 4) for k, v in worst.items()},
-        "copy_rule": {"threshold": COPY_THRESHOLD, "measure": "ucm.copy_layers.induction_scores"},
-        "copy_layers": copy,
-        "induction_score_per_layer": {str(k): round(float(v), 4) for k, v in enumerate(induction)},
+        **copy_report,
         "profile": {k: profile[k] for k in ("prompt_tokens", "prompts", "prompt_source", "decode_steps", "ratio")},
         "calibration": {
             "prompts": calib_prompts,
@@ -224,9 +210,7 @@ def run_copy_layers_only(model: str | Path, out_dir: Path, *, ratio: float = 0.3
     `OUT/<model>_configure.json`."""
     from transformers import AutoConfig
 
-    from ucm.config.loader import check_config_file
-    from ucm.copy_layers import COPY_THRESHOLD, choose_copy_layers
-    from ucm.methods import copy_layer_keys, copy_layer_ratios
+    from ucm.methods import copy_layer_keys
     from ucm.models import per_model_data, resolve_model
 
     t0 = time.perf_counter()
@@ -238,37 +222,62 @@ def run_copy_layers_only(model: str | Path, out_dir: Path, *, ratio: float = 0.3
     num_layers = (getattr(cfg, "text_config", None) or cfg).num_hidden_layers
     base = per_model_data(ref, num_layers, _head_dim(ref.path), block_size)
     dense = [i for i, r in enumerate(base["top_k_ratio_per_layer"]) if r >= 1]  # the defaults' own
-    induction = measure_induction(ref.path)
-    copy = choose_copy_layers(induction)
-    base.update(
-        model_name=ref.name,
-        top_k_ratio_per_layer=copy_layer_ratios(num_layers, dense, copy, ratio),
-        top_k_index_reuse=[-1] * num_layers,
-        copy_layers=copy,
-    )
+    copy, copy_report = _measure_copy_layers(ref.path)
     cfg_file = out_dir / f"{ref.config_stem}.json"
-    cfg_file.write_text(config_text(base))
-    validate_config(cfg_file, ref.path, block_size)
-    check_config_file(cfg_file)
+    _write_validated(cfg_file, _with_layers(base, ref.name, num_layers, dense, copy, ratio), ref.path, block_size)
     result = {
         "model": ref.label,
         "model_name": ref.name,
         "config": cfg_file.name,
         "mode": "copying layers only (no profile, no calibration)",
         "dense_layers": dense,
-        "copy_rule": {"threshold": COPY_THRESHOLD, "measure": "ucm.copy_layers.induction_scores"},
-        "copy_layers": copy,
-        "induction_score_per_layer": {str(k): round(float(v), 4) for k, v in enumerate(induction)},
+        **copy_report,
         "defaults_from": _defaults_from(ref),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     (out_dir / f"{ref.config_stem}_configure.json").write_text(json.dumps(result, indent=2))
     keys = json.dumps(copy_layer_keys(copy)) if copy else "defaults"
-    print(f"copying layers  {copy or 'none'} (induction >= {COPY_THRESHOLD})")
+    print(f"copying layers  {copy or 'none'} (induction >= {copy_report['copy_rule']['threshold']})")
     print(f"ESA / GSA keys  {keys}")
     print(f"defaults from   {result['defaults_from']} (dense layers {dense or 'none'})")
     print(f"wrote {cfg_file}: validated; name it in the sparse method's config_file")
     return result
+
+
+def _measure_copy_layers(path: Path) -> tuple[list[int], dict]:
+    """The copying layers of the model at `path` (`ucm.copy_layers`) and their report entries."""
+    from ucm.copy_layers import COPY_THRESHOLD, choose_copy_layers
+
+    induction = measure_induction(path)
+    copy = choose_copy_layers(induction)
+    return copy, {
+        "copy_rule": {"threshold": COPY_THRESHOLD, "measure": "ucm.copy_layers.induction_scores"},
+        "copy_layers": copy,
+        "induction_score_per_layer": {str(k): round(float(v), 4) for k, v in enumerate(induction)},
+    }
+
+
+def _with_layers(base: dict, name: str, num_layers: int, dense: list[int], copy: list[int], ratio: float) -> dict:
+    """`base` (the method defaults) for model `name` with its dense and copying layers: the sparse
+    copying layers read a larger share of `ratio` (`ucm.methods.copy_layer_ratios`)."""
+    from ucm.methods import copy_layer_ratios
+
+    return dict(
+        base,
+        model_name=name,
+        top_k_ratio_per_layer=copy_layer_ratios(num_layers, dense, copy, ratio),
+        top_k_index_reuse=[-1] * num_layers,
+        copy_layers=copy,
+    )
+
+
+def _write_validated(cfg_file: Path, data: dict, model_path: Path, block_size: int) -> None:
+    """Write `data` as `cfg_file` and check it as the engine and `ucm configs check` would."""
+    from ucm.config.loader import check_config_file
+
+    cfg_file.write_text(config_text(data))
+    validate_config(cfg_file, model_path, block_size)
+    check_config_file(cfg_file)
 
 
 def _defaults_from(ref) -> str:

@@ -67,14 +67,8 @@ def _measured_copy_layers(
     layer count, or (for groups of 2) an odd block size. A named `config_file` that does not load
     is an error (ConfigError), as for GSA on device."""
     if config_file is not None:
-        loaded = load_model_config(config_file)
+        loaded = load_model_config(config_file).check_layers(num_layers)
         model, path = loaded.config, loaded.path
-        if model.num_hidden_layers != num_layers:
-            raise ConfigError(
-                loaded.source,
-                "num_hidden_layers",
-                f"{model.num_hidden_layers} but the served model has {num_layers} (another model's JSON)",
-            )
     else:
         try:
             path = find_model_config(str(model_name or "").rstrip("/"))

@@ -33,6 +33,16 @@ class ModelConfigFile:
     def source(self) -> str:
         return str(self.path) if self.path else "inline"
 
+    def check_layers(self, num_layers: int) -> ModelConfigFile:
+        """Itself, if it describes a model of `num_layers` layers (the served one); else ConfigError."""
+        if self.config.num_hidden_layers != num_layers:
+            raise ConfigError(
+                self.source,
+                "num_hidden_layers",
+                f"{self.config.num_hidden_layers} but the served model has {num_layers}",
+            )
+        return self
+
     def describe(self) -> str:
         """`origin`, else "built-in <file>" / "file <path>" / "inline" from the path."""
         if self.origin:

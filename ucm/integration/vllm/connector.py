@@ -166,13 +166,7 @@ class UCMConnector(KVConnectorBase_V1):
             self.model_config_file = resolve_model_config(
                 self.ucm_config.sparse, str(vllm_config.model_config.model), _generic_fallback(vllm_config)
             )
-            layers = vllm_config.model_config.get_total_num_hidden_layers()
-            if self.model_config_file.config.num_hidden_layers != layers:
-                raise ConfigError(
-                    self.model_config_file.source,
-                    "num_hidden_layers",
-                    f"{self.model_config_file.config.num_hidden_layers} but the served model has {layers}",
-                )
+            self.model_config_file.check_layers(vllm_config.model_config.get_total_num_hidden_layers())
         sparse = self.ucm_config.sparse
         if sparse is not None:  # windows, chunks, layers against this deployment: fail at start, not mid-decode
             check_against_model(
