@@ -399,6 +399,13 @@ def add_parser(sub) -> None:
         help="measure only the copying layers (seconds; what ESA, GSA and KVStar read) and keep the "
         "defaults' dense layers and projections: no profile, no calibration",
     )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=32,
+        help="the served KV block size the config is written for (GSA on device's chunk is a multiple of it); "
+        "without --copy-layers-only also the profile's and the calibration's block",
+    )
     p.set_defaults(handler=_handle)
 
 
@@ -426,6 +433,8 @@ def _handle(args) -> int:
         raise SystemExit("ucm configure: --ratio must be in (0, 1]")
     if not 0 <= args.max_dense_fraction < 1:
         raise SystemExit("ucm configure: --max-dense-fraction must be in [0, 1)")
+    if args.block_size < 1:
+        raise SystemExit("ucm configure: --block-size must be a positive number of tokens")
     if args.copy_layers_only:  # the profile's and calibration's flags would be read by nothing
         defaults = inspect.signature(run_configure).parameters
         unread = [
@@ -439,7 +448,7 @@ def _handle(args) -> int:
             )
     try:
         if args.copy_layers_only:
-            run_copy_layers_only(args.model, args.out, ratio=args.ratio)
+            run_copy_layers_only(args.model, args.out, ratio=args.ratio, block_size=args.block_size)
             return 0
         run_configure(
             args.model,
@@ -455,6 +464,7 @@ def _handle(args) -> int:
             calib_heldout=args.calib_heldout,
             calib_tokens=args.calib_tokens,
             calib_steps=args.calib_steps,
+            block_size=args.block_size,
         )
     except ConfigError as exc:
         print(f"ucm configure: the written config does not load: {exc}", file=sys.stderr)

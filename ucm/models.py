@@ -69,7 +69,9 @@ MODELS = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("UCM_CACHE_DIR") or Path.home() / ".cache" / "ucm")
+    from ucm.config.measure_at_start import cache_root
+
+    return cache_root()
 
 
 def model_dir(name: str = "smollm2") -> Path:

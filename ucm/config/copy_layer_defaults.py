@@ -22,10 +22,12 @@ what it runs (`CopyLayerDefault.note`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ucm.config.errors import ConfigError
 from ucm.config.loader import SPARSE_KEY, find_model_config, is_builtin, load_model_config
+from ucm.config.measure_at_start import measured_model_config
 from ucm.config.sparse import MeanReprConfig, MethodConfig
 from ucm.methods import COPY_GROUP_TOKENS, copy_layer_budget_keys, copy_layer_keys, spec_of
 
@@ -57,6 +59,42 @@ def _takes_budgets(config: MethodConfig) -> bool:
         and "layer_sparse_ratio" not in config.model_fields_set
         and not getattr(config, "offload", False)
     )
+
+
+def _takes_groups(config: MethodConfig) -> bool:
+    """The engine gives it the copying layers' representations: ESA or GSA with none set."""
+    return spec_of(config).takes_copy_groups and not REPRESENTATION_KEYS & config.model_fields_set
+
+
+def reads_model_json(config: MethodConfig) -> bool:
+    """Whether the method reads a per-model JSON with these keys: GSA on device always, the windowed
+    methods for the copying layers' representations or budgets."""
+    return spec_of(config).model_json or _takes_groups(config) or _takes_budgets(config)
+
+
+def with_measured_config_file(
+    config: MethodConfig, model_name: str | None, block_size: int, announce: Callable[[str], None] | None = None
+) -> tuple[MethodConfig, str]:
+    """`config` with `config_file` set to the served model's copying layers measured at engine start
+    (`ucm.config.measure_at_start`), and the engine's line on it ("" where nothing was looked for):
+    only for a method that reads a per-model JSON, with no `config_file`, `measure_copy_layers` on,
+    and no JSON built in under the model's name. A measurement that finds no copying layers leaves
+    `config` as it is (the defaults are what that JSON would run)."""
+    if config.config_file is not None or not config.measure_copy_layers or not reads_model_json(config):
+        return config, ""
+    try:
+        find_model_config(str(model_name or "").rstrip("/"))
+        return config, ""  # built in: the engine runs that
+    except ConfigError:
+        pass
+    measured = measured_model_config(str(model_name or ""), block_size, announce)
+    if measured.path is None:
+        return config, f"copying layers of {model_name}: not measured ({measured.note})"
+    layers = load_model_config(measured.path).config.copy_layers
+    if not layers:
+        return config, f"copying layers of {model_name}: none ({measured.note})"
+    applied = type(config).model_validate({**config.model_dump(exclude_unset=True), "config_file": str(measured.path)})
+    return applied, f"copying layers of {model_name}: {layers} ({measured.note})"
 
 
 def _measured_copy_layers(
@@ -98,9 +136,9 @@ def with_model_copy_layers(
     component). A `config_file` this method would not read (it takes neither part) is an error
     naming `source`."""
     spec = spec_of(config)
-    groups = spec.takes_copy_groups and not REPRESENTATION_KEYS & config.model_fields_set
+    groups = _takes_groups(config)
     budgets = _takes_budgets(config)
-    if config.config_file is not None and not spec.model_json and not groups and not budgets:
+    if config.config_file is not None and not reads_model_json(config):
         raise ConfigError(
             source,
             f"{SPARSE_KEY}.{config.method}.config_file",

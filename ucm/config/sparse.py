@@ -70,6 +70,11 @@ class SparseMethodConfig(_Strict):
     #: measured copying layers (`ucm.config.copy_layer_defaults`). Unset: the served model's
     #: built-in JSON, found by the model's name, if ucm ships one
     config_file: str | None = None
+    #: a local model folder with no per-model JSON (no `config_file`, none built in under its name):
+    #: measure its copying layers when the engine starts (`ucm configure --copy-layers-only`, once,
+    #: kept under ~/.cache/ucm; `ucm.config.measure_at_start`) and run them as `config_file`. Read
+    #: only by a method that takes them (GSA on device; ESA, GSA, KVStar with their keys unset)
+    measure_copy_layers: bool = True
 
     @model_validator(mode="after")
     def _config_file_named(self) -> SparseMethodConfig:

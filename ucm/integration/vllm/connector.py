@@ -27,7 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from ucm.config.bounds import check_against_model
-from ucm.config.copy_layer_defaults import with_model_copy_layers
+from ucm.config.copy_layer_defaults import with_measured_config_file, with_model_copy_layers
 from ucm.config.errors import ConfigError
 from ucm.config.fallback import generic_model_config
 from ucm.config.loader import SPARSE_KEY
@@ -150,10 +150,21 @@ class UCMConnector(KVConnectorBase_V1):
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         self.ucm_config = parse_extra_config(extra)
         self.block_size = vllm_config.cache_config.block_size
-        representations = ""
-        if self.ucm_config.sparse is not None:  # ESA / GSA: the model's measured copying layers, unless set
-            chosen = with_model_copy_layers(
+        representations = measured = ""
+        measured_file = None
+        if self.ucm_config.sparse is not None:
+            # a model with no JSON: its copying layers measured now (or at an earlier start)
+            sparse, measured = with_measured_config_file(
                 self.ucm_config.sparse,
+                str(vllm_config.model_config.model),
+                self.block_size,
+                lambda line: logger.info("ucm: %s", line),
+            )
+            if sparse.config_file != self.ucm_config.sparse.config_file:
+                measured_file = sparse.config_file
+            # ESA / GSA / KVStar: the model's measured copying layers, unless set
+            chosen = with_model_copy_layers(
+                sparse,
                 str(vllm_config.model_config.model),
                 vllm_config.model_config.get_total_num_hidden_layers(),
                 self.block_size,
@@ -167,6 +178,9 @@ class UCMConnector(KVConnectorBase_V1):
                 self.ucm_config.sparse, str(vllm_config.model_config.model), _generic_fallback(vllm_config)
             )
             self.model_config_file.check_layers(vllm_config.model_config.get_total_num_hidden_layers())
+            if measured_file is not None:
+                origin = f"measured at engine start ({measured_file})"
+                self.model_config_file = replace(self.model_config_file, origin=origin)
         sparse = self.ucm_config.sparse
         if sparse is not None:  # windows, chunks, layers against this deployment: fail at start, not mid-decode
             check_against_model(
@@ -179,6 +193,8 @@ class UCMConnector(KVConnectorBase_V1):
                 prefix=SPARSE_KEY,
             )
         if sparse is not None and role == KVConnectorRole.SCHEDULER:  # one line per engine, not per worker
+            if measured:
+                logger.info("ucm: %s", measured)
             logger.info("ucm: %s", describe_layers(sparse, self.model_config_file))
             if representations:
                 logger.info("ucm: %s", representations)
