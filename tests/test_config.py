@@ -721,7 +721,7 @@ def valid_sparse(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     method = draw(st.sampled_from(list(METHODS)))
     config_file = st.none() | st.text(alphabet=string.ascii_letters, min_size=1, max_size=12)
     if get_method(method).model_json:  # its keys name the per-model JSON, or measure one
-        body = {"config_file": draw(config_file), "measure_copy_layers": draw(st.booleans())}
+        body = {"config_file": draw(config_file), "measure_at_start": draw(st.booleans())}
     else:
         keys = list(METHODS[method].model_fields)
         ratio = st.floats(0, 1, exclude_min=True)
@@ -730,7 +730,7 @@ def valid_sparse(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
         for k, field in METHODS[method].model_fields.items():  # a method's choice keys: one of their values
             if typing.get_origin(field.annotation) is typing.Literal:
                 values[k] = st.sampled_from(typing.get_args(field.annotation))
-        values["offload"] = values["measure_copy_layers"] = st.booleans()
+        values["offload"] = values["measure_at_start"] = st.booleans()
         values["copy_layer_boost"] = st.floats(1, 10)
         values["config_file"] = config_file
         values["dense_layers"] = st.lists(st.integers(0, 63), unique=True, max_size=6)

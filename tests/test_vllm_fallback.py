@@ -59,7 +59,9 @@ def tiny_model() -> str:
 def test_model_without_json_runs_the_generic_fallback_and_says_so(tiny_model) -> None:
     import random
 
-    llm, lines = _engine_log(tiny_model, {"ucm_sparse_config": {"GSAOnDevice": {}}}, max_model_len=4096)
+    # not measured at start (tests/test_measure_at_start.py measures): the fallback itself
+    extra = {"ucm_sparse_config": {"GSAOnDevice": {"measure_at_start": False}}}
+    llm, lines = _engine_log(tiny_model, extra, max_model_len=4096)
     try:
         ucm_lines = [line for line in lines if "per-model config" in line]
         assert len(ucm_lines) == 1, lines  # one line per engine

@@ -103,6 +103,8 @@ def run_configure(
     model: str | Path,
     out_dir: Path,
     *,
+    profile: bool = True,
+    calibrate: bool = True,
     tokens: int = 3000,
     prompts: int = 3,
     steps: int = 8,
@@ -117,130 +119,110 @@ def run_configure(
     calib_steps: int = 100,
     block_size: int = 32,
 ) -> dict:
-    """Profile, choose dense layers, calibrate, write and validate (the module docstring).
-    Returns the measurements written to `OUT/<model>_configure.json`."""
-    from ucm.calibrate import run_calibrate
+    """Profile, choose dense layers, measure the copying layers, calibrate, write and validate (the
+    module docstring). Without `profile` the dense layers are the method defaults' (the shipped
+    JSON's, else none); without `calibrate` so are the projections. Returns the measurements written
+    to `OUT/<model>_configure.json`."""
+    from transformers import AutoConfig
+
     from ucm.models import per_model_data, resolve_model
-    from ucm.profile import run_profile
 
     t0 = time.perf_counter()
     ref = resolve_model(model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = ref.config_stem
-    print(f"ucm configure: {ref.name} ({ref.path})", file=sys.stderr)
+    steps_named = ["profile"] * profile + ["copying layers"] + ["calibrate"] * calibrate + ["validate"]
+    step = iter(f"[{i}/{len(steps_named)}]" for i in range(1, len(steps_named) + 1))
+    print(f"ucm configure: {ref.name} ({ref.path}): {', '.join(steps_named)}", file=sys.stderr)
+    result: dict = {"model": ref.label, "model_name": ref.name}
+    worst: dict[int, float] = {}
+    if profile:
+        from ucm.profile import run_profile
 
-    print(f"[1/3] profile: {', '.join(profile_methods)}, every layer sparse at {ratio}", file=sys.stderr)
-    profile = run_profile(
-        tokens, prompts, steps, ratio, profile_methods, block_size, task=task, model=model, quiet=True
-    )
-    worst = layer_worst_head(profile["methods"])
-    num_layers = len(worst)
-    dense = choose_dense_layers(worst, threshold, max_fraction)
-    copy, copy_report = _measure_copy_layers(ref.path)  # dense layers too: a method keeping one dense skips it
-
-    # the method defaults: the shipped JSON's where ucm has one, else the generic fallback's
-    base = per_model_data(ref, num_layers, _head_dim(ref.path), block_size)
-    base = _with_layers(base, ref.name, num_layers, dense, copy, ratio)
-
-    print(f"[2/3] calibrate: {calib_prompts} prompts x {calib_tokens} tokens, {calib_steps} steps", file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="ucm-configure-") as tmp:
-        calib = run_calibrate(
-            Path(tmp),
-            prompts=calib_prompts,
-            heldout=calib_heldout,
-            tokens=calib_tokens,
-            steps=calib_steps,
-            ratio=ratio,
-            block_size=block_size,
-            model=model,
-            base=base,
-            file_stem=stem,
-            announce_files=False,
+        print(f"{next(step)} profile: {', '.join(profile_methods)}, every layer sparse at {ratio}", file=sys.stderr)
+        measured = run_profile(
+            tokens, prompts, steps, ratio, profile_methods, block_size, task=task, model=model, quiet=True
         )
-        weight_file = out_dir / f"{stem}_hash.pt"
-        shutil.copyfile(Path(tmp) / calib["weights"], weight_file)
-
-    cfg_file = out_dir / f"{stem}.json"
-    print("[3/3] validate: the engine's loader, the weights, the model's shapes", file=sys.stderr)
-    _write_validated(
-        cfg_file, dict(base, hash_weight_type="trained", hash_weight=weight_file.name), ref.path, block_size
-    )
-
-    held = calib["heldout"]
-    result = {
-        "model": ref.label,
-        "model_name": ref.name,
-        "config": cfg_file.name,
-        "hash_weight": weight_file.name,
-        "dense_rule": {
+        worst = layer_worst_head(measured["methods"])
+        num_layers = len(worst)
+        base = per_model_data(ref, num_layers, _head_dim(ref.path), block_size)
+        dense = choose_dense_layers(worst, threshold, max_fraction)
+        result["dense_rule"] = {
             "threshold": threshold,
             "max_fraction": max_fraction,
             "budget": dense_budget(num_layers, max_fraction),
             "profile_methods": list(profile_methods),
-        },
-        "dense_layers": dense,
-        "worst_head_per_layer": {str(k): round(v, 4) for k, v in worst.items()},
-        **copy_report,
-        "profile": {k: profile[k] for k in ("prompt_tokens", "prompts", "prompt_source", "decode_steps", "ratio")},
-        "calibration": {
+        }
+        result["worst_head_per_layer"] = {str(k): round(v, 4) for k, v in worst.items()}
+        keys = ("prompt_tokens", "prompts", "prompt_source", "decode_steps", "ratio")
+        result["profile"] = {k: measured[k] for k in keys}
+    else:
+        cfg = AutoConfig.from_pretrained(ref.path)
+        num_layers = (getattr(cfg, "text_config", None) or cfg).num_hidden_layers
+        base = per_model_data(ref, num_layers, _head_dim(ref.path), block_size)
+        dense = [i for i, r in enumerate(base["top_k_ratio_per_layer"]) if r >= 1]  # the defaults' own
+    result["dense_layers"] = dense
+    print(f"{next(step)} copying layers: induction scores of 4 repeated random sequences", file=sys.stderr)
+    copy, copy_report = _measure_copy_layers(ref.path)  # dense layers too: a method keeping one dense skips it
+    result.update(copy_report)
+    base = _with_layers(base, ref.name, num_layers, dense, copy, ratio)
+
+    cfg_file = out_dir / f"{stem}.json"
+    if calibrate:
+        from ucm.calibrate import run_calibrate
+
+        print(
+            f"{next(step)} calibrate: {calib_prompts} prompts x {calib_tokens} tokens, {calib_steps} steps",
+            file=sys.stderr,
+        )
+        with tempfile.TemporaryDirectory(prefix="ucm-configure-") as tmp:
+            calib = run_calibrate(
+                Path(tmp),
+                prompts=calib_prompts,
+                heldout=calib_heldout,
+                tokens=calib_tokens,
+                steps=calib_steps,
+                ratio=ratio,
+                block_size=block_size,
+                model=model,
+                base=base,
+                file_stem=stem,
+                announce_files=False,
+            )
+            held = calib["heldout"]
+            recall = {k: held[k]["sparse_layers_mean"]["oracle_normalised_recall"] for k in ("random", "trained")}
+            if recall["trained"] >= recall["random"]:
+                weight_file = out_dir / f"{stem}_hash.pt"
+                shutil.copyfile(Path(tmp) / calib["weights"], weight_file)
+                base = dict(base, hash_weight_type="trained", hash_weight=weight_file.name)
+                result["hash_weight"] = weight_file.name
+        result["calibration"] = {
+            # trained projections that rank held-out keys worse than random ones are not kept
+            "kept": "trained" if "hash_weight" in result else "the defaults' (trained ranked held-out keys worse)",
             "prompts": calib_prompts,
             "heldout_prompts": calib_heldout,
             "prompt_tokens": calib_tokens,
             "steps": calib_steps,
-            "heldout_oracle_normalised_recall": {
-                k: held[k]["sparse_layers_mean"]["oracle_normalised_recall"] for k in ("random", "trained")
-            },
+            "heldout_oracle_normalised_recall": recall,
             "heldout_output_error": {k: held[k]["sparse_layers_mean"]["output_error"] for k in ("random", "trained")},
-        },
-        "defaults_from": _defaults_from(ref),
-        "seconds": round(time.perf_counter() - t0, 1),
-        "command": "ucm configure " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["configure"] else "run_configure()",
-    }
+        }
+    print(f"{next(step)} validate: the engine's loader, the weights, the model's shapes", file=sys.stderr)
+    _write_validated(cfg_file, base, ref.path, block_size)
+    result["config"] = cfg_file.name
+    skipped = ["profile (the defaults' dense layers)"] * (not profile)
+    skipped += ["calibration (the defaults' projections)"] * (not calibrate)
+    if skipped:
+        result["mode"] = "without " + " and ".join(skipped)
+    result["defaults_from"] = _defaults_from(ref)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["command"] = (
+        "ucm configure " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["configure"] else "run_configure()"
+    )
     (out_dir / f"{stem}_configure.json").write_text(json.dumps(result, indent=2))
     print_summary(result, worst)
-    print(f"wrote {cfg_file} and {weight_file}: validated; use it as the sparse method's config_file")
-    return result
-
-
-def run_copy_layers_only(model: str | Path, out_dir: Path, *, ratio: float = 0.3, block_size: int = 32) -> dict:
-    """The copying layers alone (the module docstring's `--copy-layers-only`): `OUT/<model>.json` with
-    the method defaults and the measured `copy_layers` (the sparse ones read a larger share of
-    `ratio`, as `run_configure` writes them), validated; the measurements go to
-    `OUT/<model>_configure.json`."""
-    from transformers import AutoConfig
-
-    from ucm.methods import copy_layer_keys
-    from ucm.models import per_model_data, resolve_model
-
-    t0 = time.perf_counter()
-    ref = resolve_model(model)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"ucm configure: {ref.name} ({ref.path}), copying layers only", file=sys.stderr)
-    cfg = AutoConfig.from_pretrained(ref.path)
-    num_layers = (getattr(cfg, "text_config", None) or cfg).num_hidden_layers
-    base = per_model_data(ref, num_layers, _head_dim(ref.path), block_size)
-    dense = [i for i, r in enumerate(base["top_k_ratio_per_layer"]) if r >= 1]  # the defaults' own
-    copy, copy_report = _measure_copy_layers(ref.path)
-    cfg_file = out_dir / f"{ref.config_stem}.json"
-    _write_validated(cfg_file, _with_layers(base, ref.name, num_layers, dense, copy, ratio), ref.path, block_size)
-    result = {
-        "model": ref.label,
-        "model_name": ref.name,
-        "config": cfg_file.name,
-        "mode": "copying layers only (no profile, no calibration)",
-        "dense_layers": dense,
-        **copy_report,
-        "defaults_from": _defaults_from(ref),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    (out_dir / f"{ref.config_stem}_configure.json").write_text(json.dumps(result, indent=2))
-    keys = json.dumps(copy_layer_keys(copy)) if copy else "defaults"
-    print(f"copying layers  {copy or 'none'} (induction >= {copy_report['copy_rule']['threshold']})")
-    print(f"ESA / GSA keys  {keys}")
-    print(f"defaults from   {result['defaults_from']} (dense layers {dense or 'none'})")
-    print(f"wrote {cfg_file}: validated; name it in the sparse method's config_file")
+    written = f"{cfg_file} and {out_dir / result['hash_weight']}" if "hash_weight" in result else str(cfg_file)
+    print(f"wrote {written}: validated; name it in the sparse method's config_file")
     return result
 
 
@@ -331,33 +313,45 @@ def validate_config(cfg_file: Path, model_path: Path, block_size: int):
 
 
 def print_summary(result: dict, worst: dict[int, float]) -> None:
+    """The measurements a `run_configure` result holds, one line each."""
     from ucm.methods import copy_layer_keys
 
-    cal = result["calibration"]
-    rule = result["dense_rule"]
-    ranked = sorted(worst.items(), key=lambda kv: (kv[1], kv[0]))[:6]
-    rows = [
-        ("model", result["model_name"]),
-        ("layers", str(len(worst))),
-        (
-            "dense layers",
-            f"{result['dense_layers'] or 'none'} (worst head < {rule['threshold']}, at most {rule['budget']})",
-        ),
-        ("lowest worst-head", ", ".join(f"L{layer} {v:.3f}" for layer, v in ranked)),
-        ("copying layers", f"{result['copy_layers'] or 'none'} (induction >= {result['copy_rule']['threshold']})"),
-        ("ESA / GSA keys", json.dumps(copy_layer_keys(result["copy_layers"])) if result["copy_layers"] else "defaults"),
-        (
-            "held-out recall",
-            f"random {cal['heldout_oracle_normalised_recall']['random']:.3f} -> trained "
-            f"{cal['heldout_oracle_normalised_recall']['trained']:.3f} (oracle-normalised)",
-        ),
-        (
-            "held-out out. error",
-            f"random {cal['heldout_output_error']['random']:.3f} -> "
-            f"trained {cal['heldout_output_error']['trained']:.3f}",
-        ),
+    rows = [("model", result["model_name"])]
+    if "mode" in result:
+        rows.append(("mode", result["mode"]))
+    if worst:
+        rule = result["dense_rule"]
+        ranked = sorted(worst.items(), key=lambda kv: (kv[1], kv[0]))[:6]
+        rows += [
+            ("layers", str(len(worst))),
+            (
+                "dense layers",
+                f"{result['dense_layers'] or 'none'} (worst head < {rule['threshold']}, at most {rule['budget']})",
+            ),
+            ("lowest worst-head", ", ".join(f"L{layer} {v:.3f}" for layer, v in ranked)),
+        ]
+    else:
+        rows.append(("dense layers", f"{result['dense_layers'] or 'none'} (the defaults')"))
+    copy = result["copy_layers"]
+    rows += [
+        ("copying layers", f"{copy or 'none'} (induction >= {result['copy_rule']['threshold']})"),
+        ("ESA / GSA keys", json.dumps(copy_layer_keys(copy)) if copy else "defaults"),
+    ]
+    if "calibration" in result:
+        cal = result["calibration"]
+        recall, error = cal["heldout_oracle_normalised_recall"], cal["heldout_output_error"]
+        rows += [
+            (
+                "held-out recall",
+                f"random {recall['random']:.3f} -> trained {recall['trained']:.3f} (oracle-normalised)",
+            ),
+            ("held-out out. error", f"random {error['random']:.3f} -> trained {error['trained']:.3f}"),
+            ("projections", cal["kept"]),
+        ]
+    files = [result["config"]] + ([result["hash_weight"]] if "hash_weight" in result else [])
+    rows += [
         ("defaults from", result["defaults_from"]),
-        ("files", f"{result['config']}, {result['hash_weight']}"),
+        ("files", ", ".join(files)),
         ("seconds", str(result["seconds"])),
     ]
     width = max(len(k) for k, _ in rows)
@@ -400,6 +394,12 @@ def add_parser(sub) -> None:
         "defaults' dense layers and projections: no profile, no calibration",
     )
     p.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="skip the profile (minutes): the defaults' dense layers; the copying layers and the calibration "
+        "still run (what an engine measures at start for GSA on device on a model without a JSON)",
+    )
+    p.add_argument(
         "--block-size",
         type=int,
         default=32,
@@ -409,14 +409,16 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=_handle)
 
 
-#: `ucm configure`'s profile and calibration flags (argparse names) -> `run_configure` parameters
-_MEASURE_FLAGS = {
+#: `ucm configure`'s profile flags and calibration flags (argparse names) -> `run_configure` parameters
+_PROFILE_FLAGS = {
     "tokens": "tokens",
     "prompts": "prompts",
     "steps": "steps",
     "task": "task",
     "dense_threshold": "threshold",
     "max_dense_fraction": "max_fraction",
+}
+_CALIBRATION_FLAGS = {
     "calib_prompts": "calib_prompts",
     "calib_heldout": "calib_heldout",
     "calib_tokens": "calib_tokens",
@@ -435,24 +437,22 @@ def _handle(args) -> int:
         raise SystemExit("ucm configure: --max-dense-fraction must be in [0, 1)")
     if args.block_size < 1:
         raise SystemExit("ucm configure: --block-size must be a positive number of tokens")
-    if args.copy_layers_only:  # the profile's and calibration's flags would be read by nothing
-        defaults = inspect.signature(run_configure).parameters
-        unread = [
-            "--" + flag.replace("_", "-")
-            for flag, name in _MEASURE_FLAGS.items()
-            if getattr(args, flag) != defaults[name].default
-        ]
-        if unread:
-            raise SystemExit(
-                f"ucm configure: {', '.join(unread)} set the profile or the calibration, which --copy-layers-only skips"
-            )
+    profile = not (args.copy_layers_only or args.no_profile)
+    calibrate = not args.copy_layers_only
+    skipped = {**({} if profile else _PROFILE_FLAGS), **({} if calibrate else _CALIBRATION_FLAGS)}
+    defaults = inspect.signature(run_configure).parameters
+    unread = [
+        "--" + flag.replace("_", "-") for flag, name in skipped.items() if getattr(args, flag) != defaults[name].default
+    ]
+    if unread:  # flags of a step that does not run would be read by nothing
+        mode = "--copy-layers-only" if args.copy_layers_only else "--no-profile"
+        raise SystemExit(f"ucm configure: {', '.join(unread)} set a step that {mode} skips")
     try:
-        if args.copy_layers_only:
-            run_copy_layers_only(args.model, args.out, ratio=args.ratio, block_size=args.block_size)
-            return 0
         run_configure(
             args.model,
             args.out,
+            profile=profile,
+            calibrate=calibrate,
             tokens=args.tokens,
             prompts=args.prompts,
             steps=args.steps,

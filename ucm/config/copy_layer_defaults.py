@@ -77,24 +77,37 @@ def with_measured_config_file(
 ) -> tuple[MethodConfig, str]:
     """`config` with `config_file` set to the served model's copying layers measured at engine start
     (`ucm.config.measure_at_start`), and the engine's line on it ("" where nothing was looked for):
-    only for a method that reads a per-model JSON, with no `config_file`, `measure_copy_layers` on,
-    and no JSON built in under the model's name. A measurement that finds no copying layers leaves
-    `config` as it is (the defaults are what that JSON would run)."""
-    if config.config_file is not None or not config.measure_copy_layers or not reads_model_json(config):
+    only for a method that reads a per-model JSON, with no `config_file`, `measure_at_start` on,
+    and no JSON built in under the model's name. GSA on device gets the JSON with projections trained
+    on the model where the calibration fits (else the copying layers alone); a windowed method whose
+    measurement finds no copying layers keeps `config` as it is (the defaults are what that JSON
+    would run)."""
+    if config.config_file is not None or not config.measure_at_start or not reads_model_json(config):
         return config, ""
     try:
         find_model_config(str(model_name or "").rstrip("/"))
         return config, ""  # built in: the engine runs that
     except ConfigError:
         pass
-    measured = measured_model_config(str(model_name or ""), block_size, announce)
+    notes = []
+    measured = None
+    if spec_of(config).model_json:  # GSA on device: its hash projections trained on the model too, where that fits
+        measured = measured_model_config(str(model_name or ""), block_size, announce, calibrate=True)
+        if measured.path is None:
+            notes.append(f"hash projections of {model_name}: not trained ({measured.note})")
+            measured = None
+    measured = measured or measured_model_config(str(model_name or ""), block_size, announce)
     if measured.path is None:
-        return config, f"copying layers of {model_name}: not measured ({measured.note})"
-    layers = load_model_config(measured.path).config.copy_layers
-    if not layers:
-        return config, f"copying layers of {model_name}: none ({measured.note})"
+        return config, "; ".join([*notes, f"copying layers of {model_name}: not measured ({measured.note})"])
+    loaded = load_model_config(measured.path).config
+    layers = loaded.copy_layers
+    notes.append(f"copying layers of {model_name}: {layers or 'none'} ({measured.note})")
+    if spec_of(config).model_json:
+        notes.append(f"hash projections: {loaded.hash_weight_type}")
+    if not layers and loaded.hash_weight_type != "trained":  # the defaults: nothing would run differently
+        return config, "; ".join(notes)
     applied = type(config).model_validate({**config.model_dump(exclude_unset=True), "config_file": str(measured.path)})
-    return applied, f"copying layers of {model_name}: {layers} ({measured.note})"
+    return applied, "; ".join(notes)
 
 
 def _measured_copy_layers(

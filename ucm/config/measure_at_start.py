@@ -16,9 +16,17 @@ config.json, its weight files (names, sizes, modification times), the KV block s
 version: the next engine reads it in milliseconds. The processes of one engine (the scheduler,
 each TP worker) measure once: the others wait on a file lock.
 
+GSA on device reads the whole JSON: for it the engine runs `ucm configure --no-profile` instead, which
+also trains the model's hash projections (`ucm calibrate` on ucm's built-in needle prompts; ~4
+minutes for Qwen2.5-Coder-0.5B on 2 cores) and keeps them where they rank held-out keys better than
+random ones: on Qwen2.5-Coder served without its JSON (25 samples, ratio 0.3) GSA on device then
+scores dense's 72 on 4K niah_multikey_3, against 56 with random projections and the copying layers'
+budgets and 20 with neither (docs/accuracy.md, session 27). A model above `MAX_CALIBRATED_BYTES`,
+or a calibration past `CALIBRATED_TIMEOUT_S`, gets the copying layers alone.
+
 Measured only: a local folder with config.json and weight files of at most `MAX_WEIGHT_BYTES` (a
 larger model takes minutes on a CPU: run the command yourself, where it fits, and name its JSON in
-`config_file`). `measure_copy_layers: false` in the method's config turns it off. A measurement
+`config_file`). `measure_at_start: false` in the method's config turns it off. A measurement
 that fails (no transformers, an architecture it cannot load, past `TIMEOUT_S`) leaves the engine
 on the defaults it ran before, says why in one line with the log's path, and is not retried for
 the same files until its `.failed` marker is removed.
@@ -43,10 +51,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: the most weight bytes measured at engine start (a 2B-parameter bf16 checkpoint; float32 doubles it
-#: in memory while the measurement runs)
+#: in memory while the measurement runs); calibrated (GSA on device) only up to `MAX_CALIBRATED_BYTES`
+#: (Qwen2.5-Coder-0.5B as float32, 2.0 GB, calibrates in ~4 minutes on 2 cores)
 MAX_WEIGHT_BYTES = 4 * 2**30
-#: the measurement's wall-clock limit, and how long another process of the engine waits for it
-TIMEOUT_S = 900
+MAX_CALIBRATED_BYTES = 5 * 2**29
+#: the measurement's wall-clock limit (copying layers alone; with the calibration): vLLM gives an engine
+#: 600 s to start (VLLM_ENGINE_READY_TIMEOUT_S), model load included
+TIMEOUT_S = 300
+CALIBRATED_TIMEOUT_S = 420
 #: files whose bytes are the model's weights (the folder's top level, as transformers reads them)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 #: the measured configs' folder under the cache root
@@ -87,11 +99,19 @@ def fingerprint(folder: Path, weights: list[Path], block_size: int) -> str:
 
 
 def measured_model_config(
-    model: str, block_size: int, announce: Callable[[str], None] | None = None, timeout_s: float = TIMEOUT_S
+    model: str,
+    block_size: int,
+    announce: Callable[[str], None] | None = None,
+    calibrate: bool = False,
+    timeout_s: float | None = None,
 ) -> Measured:
     """The measured JSON of the local model folder `model` (module docstring): from the cache,
     else measured now (`announce` gets one line before it starts); `Measured(None, why)` where it
-    is not measured."""
+    is not measured. With `calibrate` the JSON also carries projections trained on the model
+    (`ucm configure --no-profile`, GSA on device), where they rank held-out keys better than random
+    ones."""
+    timeout_s = timeout_s or (CALIBRATED_TIMEOUT_S if calibrate else TIMEOUT_S)
+    cap = MAX_CALIBRATED_BYTES if calibrate else MAX_WEIGHT_BYTES
     folder = Path(model).expanduser()
     if not (folder / "config.json").is_file():
         return Measured(None, f"{model} is not a local model folder with config.json")
@@ -100,13 +120,13 @@ def measured_model_config(
     if not weights:
         return Measured(None, f"{folder} has no weight files")
     size = sum(p.stat().st_size for p in weights)
-    if size > MAX_WEIGHT_BYTES:
+    if size > cap:
+        what = "calibrated" if calibrate else "measured"
         return Measured(
-            None,
-            f"its weights ({size / 2**30:.1f} GiB) are above the {MAX_WEIGHT_BYTES / 2**30:g} GiB measured at "
-            "engine start",
+            None, f"its weights ({size / 2**30:.1f} GiB) are above the {cap / 2**30:g} GiB {what} at engine start"
         )
-    entry = cache_root() / CACHE_FOLDER / f"{_slug(folder.name)}-{fingerprint(folder, weights, block_size)}"
+    mode = "-calibrated" if calibrate else ""
+    entry = cache_root() / CACHE_FOLDER / f"{_slug(folder.name)}-{fingerprint(folder, weights, block_size)}{mode}"
     if found := _written_config(entry):
         return Measured(found, f"kept from an earlier measurement: {found}")
     failed = entry.with_suffix(".failed")
@@ -122,18 +142,18 @@ def measured_model_config(
             return Measured(found, f"measured by another process of this engine: {found}")
         if failed.is_file():
             return Measured(None, f"its measurement failed in another process ({failed})")
+        flag = "--no-profile" if calibrate else "--copy-layers-only"
         if announce is not None:
-            announce(
-                f"measuring the copying layers of {folder} (`ucm configure --copy-layers-only`, once: kept in {entry})"
-            )
-        return _measure(folder, entry, block_size, timeout_s)
+            what = "copying layers and hash projections (minutes" if calibrate else "copying layers (seconds"
+            announce(f"measuring the {what}, once) of {folder}: `ucm configure {flag}`, kept in {entry}")
+        return _measure(folder, entry, block_size, flag, timeout_s)
 
 
-def _measure(folder: Path, entry: Path, block_size: int, timeout_s: float) -> Measured:
-    """Run `ucm configure --copy-layers-only` into a temporary folder beside `entry` and move it to
-    `entry` when it wrote its JSON; else write `entry.failed` with the command's output."""
+def _measure(folder: Path, entry: Path, block_size: int, flag: str, timeout_s: float) -> Measured:
+    """Run `ucm configure <flag>` into a temporary folder beside `entry` and move it to `entry` when
+    it wrote its JSON; else write `entry.failed` with the command's output."""
     scratch = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-    command = [sys.executable, "-m", "ucm.cli", "configure", "--model", str(folder), "--copy-layers-only"]
+    command = [sys.executable, "-m", "ucm.cli", "configure", "--model", str(folder), flag]
     command += ["--out", str(scratch), "--block-size", str(block_size)]
     started = time.monotonic()
     try:

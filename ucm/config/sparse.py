@@ -71,10 +71,11 @@ class SparseMethodConfig(_Strict):
     #: built-in JSON, found by the model's name, if ucm ships one
     config_file: str | None = None
     #: a local model folder with no per-model JSON (no `config_file`, none built in under its name):
-    #: measure its copying layers when the engine starts (`ucm configure --copy-layers-only`, once,
-    #: kept under ~/.cache/ucm; `ucm.config.measure_at_start`) and run them as `config_file`. Read
-    #: only by a method that takes them (GSA on device; ESA, GSA, KVStar with their keys unset)
-    measure_copy_layers: bool = True
+    #: measure it when the engine starts, once (kept under ~/.cache/ucm; `ucm.config.measure_at_start`),
+    #: and run the written JSON as `config_file`: its copying layers (`ucm configure --copy-layers-only`)
+    #: for ESA, GSA and KVStar with their keys unset; for GSA on device also hash projections trained
+    #: on the model (`ucm configure --no-profile`) where the model is small enough
+    measure_at_start: bool = True
 
     @model_validator(mode="after")
     def _config_file_named(self) -> SparseMethodConfig:
