@@ -29,6 +29,10 @@ For a packaged model or a local Hugging Face folder:
 tokens, no profile, no calibration) and writes the JSON with the method defaults (the shipped
 JSON's dense layers and projections where ucm ships one, else the generic fallback's): what ESA,
 GSA and KVStar need from it, for a model too large to profile on the machine at hand.
+`--no-profile` skips only the profile: the copying layers and the calibration, the defaults' dense
+layers (minutes: what an engine runs at start for GSA on device on a model without a JSON,
+`ucm.config.measure_at_start`). Trained projections that rank the held-out prompts' keys worse
+than random ones are not kept (the JSON keeps the defaults' projections; the report says so).
 
 The engine uses the written file with `{"GSAOnDevice": {"config_file": "OUT/<model>.json"}}` (any
 method: ESA, GSA and KVStar take its copying layers from it), or without `config_file` once
