@@ -12,7 +12,7 @@ import torch
 from ucm_backends.cuda import tuned
 
 
-def _file(device: str = "NVIDIA H200") -> tuned.TunedFile:
+def _file(device: str = "NVIDIA H20") -> tuned.TunedFile:
     return tuned.TunedFile(
         device=device,
         command="test",
@@ -24,22 +24,22 @@ def _file(device: str = "NVIDIA H200") -> tuned.TunedFile:
 
 
 def test_file_name_is_the_cuda_name_with_safe_characters() -> None:
-    assert tuned.file_name("NVIDIA H200") == "NVIDIA_H200.json"
+    assert tuned.file_name("NVIDIA H20") == "NVIDIA_H20.json"
     assert tuned.file_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3.json"
 
 
 def test_round_trip_through_the_env_folder(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(tuned.TUNED_DIR_ENV, str(tmp_path))
-    assert tuned.load_tuned("NVIDIA H200") is None  # nothing measured: the heuristics
+    assert tuned.load_tuned("NVIDIA H20") is None  # nothing measured: the heuristics
     path = tuned.write_tuned(tmp_path, _file())
-    assert path == tmp_path / "NVIDIA_H200.json"
-    got = tuned.load_tuned("NVIDIA H200")
+    assert path == tmp_path / "NVIDIA_H20.json"
+    got = tuned.load_tuned("NVIDIA H20")
     assert got == _file()
     launch = got.grouped(torch.float8_e4m3fn, "mean")
     assert (launch.block_m, launch.block_r, launch.widen) == (4, 32, "float16")
     assert got.grouped(torch.bfloat16, "max").warps == 8
     assert got.grouped(torch.bfloat16, "mean") is None  # not measured: the built-in setting
-    assert tuned.load_tuned("NVIDIA H100 PCIe") is None  # another GPU model does not take H200's
+    assert tuned.load_tuned("NVIDIA H100 PCIe") is None  # another GPU model does not take H20's
 
 
 def test_the_env_folder_wins_and_the_shipped_file_stands_in_where_it_has_none(tmp_path, monkeypatch) -> None:
@@ -77,9 +77,9 @@ def test_the_env_folder_wins_and_the_shipped_file_stands_in_where_it_has_none(tm
 )
 def test_a_broken_file_is_an_error_naming_it(tmp_path, monkeypatch, bad: str) -> None:
     monkeypatch.setenv(tuned.TUNED_DIR_ENV, str(tmp_path))
-    (tmp_path / "NVIDIA_H200.json").write_text(bad)
-    with pytest.raises(ValueError, match="NVIDIA_H200.json"):
-        tuned.load_tuned("NVIDIA H200")
+    (tmp_path / "NVIDIA_H20.json").write_text(bad)
+    with pytest.raises(ValueError, match="NVIDIA_H20.json"):
+        tuned.load_tuned("NVIDIA H20")
 
 
 @pytest.mark.parametrize("path", sorted(tuned.PACKAGED_DIR.glob("*.json")), ids=lambda p: p.name)
