@@ -1,5 +1,5 @@
-"""The copying layers of a model ucm ships no per-model JSON for, measured once when an engine
-starts, and kept for the next start.
+"""What an engine measures when it starts on a model ucm ships no per-model JSON for (its copying
+layers; for GSA on device also hash projections trained on it), once, kept for the next start.
 
 ESA, GSA and KVStar run a model's measured copying layers (`copy_layers`,
 `ucm.config.copy_layer_defaults`), GSA on device their budgets; without a per-model JSON every
