@@ -132,6 +132,23 @@ def test_configure_refuses_a_model_that_is_neither_packaged_nor_a_folder(tmp_pat
     assert proc.returncode != 0 and "neither a packaged model" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("mode", "flags", "named"),
+    [
+        ("--no-profile", ["--tokens", "500", "--calib-steps", "3"], "--tokens set a step that --no-profile skips"),
+        ("--copy-layers-only", ["--calib-steps", "3"], "--calib-steps set a step that --copy-layers-only skips"),
+    ],
+)
+def test_flags_of_a_skipped_step_are_refused_before_anything_runs(tmp_path, mode, flags, named) -> None:
+    """A profile flag with --no-profile, a calibration flag with --copy-layers-only: read by nothing,
+    so refused, named; the flags of the steps that run are not (--calib-steps with --no-profile)."""
+    cmd = [sys.executable, "-m", "ucm.cli", "configure", "--model", str(tmp_path), "--out", str(tmp_path), mode]
+    (tmp_path / "config.json").write_text("{}")  # a folder the model check accepts; nothing loads it
+    proc = subprocess.run([*cmd, *flags], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and proc.stderr.strip().endswith(named), proc.stderr[-2000:]
+    assert not list(tmp_path.glob("*_configure.json"))
+
+
 # ----------------------------------------------------------------------------- end to end (slow)
 @pytest.mark.slow
 def test_configure_writes_a_config_the_engine_runs(tmp_path, model_path) -> None:
