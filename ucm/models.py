@@ -227,12 +227,6 @@ def fetch_model(name: str = "smollm2") -> Path:
     return _publish(final, lambda tmp: (plain.save_pretrained(tmp), tok.save_pretrained(tmp)))
 
 
-def _slug(name: str) -> str:
-    """A file stem from a model name: 'Qwen2.5-Coder-0.5B-Instruct' -> 'qwen2_5_coder_0_5b_instruct'."""
-    out = "".join(ch if ch.isalnum() else "_" for ch in name.rsplit("/", 1)[-1].lower())
-    return "_".join(part for part in out.split("_") if part) or "model"
-
-
 @dataclass(frozen=True)
 class ModelRef:
     """A model the apps (`ucm profile`, `calibrate`, `configure`) run: a packaged one or a local
@@ -255,11 +249,11 @@ def resolve_model(ref: str | Path = "smollm2") -> ModelRef:
     Hugging Face model folder with config.json and weights. Its shipped per-model JSON, if ucm
     has one, is found by the registry entry or by the folder's name (`ucm configs list`)."""
     from ucm.config.errors import ConfigError
-    from ucm.config.loader import find_model_config, load_model_config
+    from ucm.config.loader import file_stem, find_model_config, load_model_config
 
     if str(ref) in MODELS:
         spec = MODELS[str(ref)]
-        path, key, lookup = fetch_model(spec.name), _slug(spec.name), spec.model_config or spec.hf_name
+        path, key, lookup = fetch_model(spec.name), file_stem(spec.name), spec.model_config or spec.hf_name
     else:
         path = Path(ref).expanduser()
         if not (path / "config.json").is_file():
@@ -275,9 +269,9 @@ def resolve_model(ref: str | Path = "smollm2") -> ModelRef:
         shipped = None
     if shipped is not None:
         name = load_model_config(shipped).config.model_name
-        return ModelRef(path, name, key or _slug(path.name), shipped.stem, shipped)
-    key = key or _slug(path.name)
-    return ModelRef(path, path.name, key, _slug(path.name), None)
+        return ModelRef(path, name, key or file_stem(path.name), shipped.stem, shipped)
+    key = key or file_stem(path.name)
+    return ModelRef(path, path.name, key, file_stem(path.name), None)
 
 
 def per_model_data(model: ModelRef, num_layers: int, head_dim: int, block_size: int, random_hash: bool = False) -> dict:

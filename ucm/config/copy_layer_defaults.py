@@ -61,6 +61,11 @@ def _takes_budgets(config: MethodConfig) -> bool:
     )
 
 
+def _with_keys(config: MethodConfig, keys: dict) -> MethodConfig:
+    """`config` with `keys` set as if the user had set them (validated again)."""
+    return type(config).model_validate({**config.model_dump(exclude_unset=True), **keys})
+
+
 def _takes_groups(config: MethodConfig) -> bool:
     """The engine gives it the copying layers' representations: ESA or GSA with none set."""
     return spec_of(config).takes_copy_groups and not REPRESENTATION_KEYS & config.model_fields_set
@@ -84,30 +89,31 @@ def with_measured_config_file(
     would run)."""
     if config.config_file is not None or not config.measure_at_start or not reads_model_json(config):
         return config, ""
+    model = str(model_name or "")
     try:
-        find_model_config(str(model_name or "").rstrip("/"))
+        find_model_config(model.rstrip("/"))
         return config, ""  # built in: the engine runs that
     except ConfigError:
         pass
+    hashing = spec_of(config).model_json  # GSA on device: its projections trained on the model too, where that fits
     notes = []
     measured = None
-    if spec_of(config).model_json:  # GSA on device: its hash projections trained on the model too, where that fits
-        measured = measured_model_config(str(model_name or ""), block_size, announce, calibrate=True)
+    if hashing:
+        measured = measured_model_config(model, block_size, announce, calibrate=True)
         if measured.path is None:
             notes.append(f"hash projections of {model_name}: not trained ({measured.note})")
             measured = None
-    measured = measured or measured_model_config(str(model_name or ""), block_size, announce)
+    measured = measured or measured_model_config(model, block_size, announce)
     if measured.path is None:
         return config, "; ".join([*notes, f"copying layers of {model_name}: not measured ({measured.note})"])
     loaded = load_model_config(measured.path).config
     layers = loaded.copy_layers
     notes.append(f"copying layers of {model_name}: {layers or 'none'} ({measured.note})")
-    if spec_of(config).model_json:
+    if hashing:
         notes.append(f"hash projections: {loaded.hash_weight_type}")
     if not layers and loaded.hash_weight_type != "trained":  # the defaults: nothing would run differently
         return config, "; ".join(notes)
-    applied = type(config).model_validate({**config.model_dump(exclude_unset=True), "config_file": str(measured.path)})
-    return applied, "; ".join(notes)
+    return _with_keys(config, {"config_file": str(measured.path)}), "; ".join(notes)
 
 
 def _measured_copy_layers(
@@ -191,5 +197,4 @@ def with_model_copy_layers(
             f"sparse layers {shares[-1]:g} (copy_layer_boost {boost:.3g}; set layer_sparse_ratio "
             "to choose otherwise)"
         )
-    applied = type(config).model_validate({**config.model_dump(exclude_unset=True), **keys})
-    return CopyLayerDefault(applied, "; ".join(notes))
+    return CopyLayerDefault(_with_keys(config, keys), "; ".join(notes))

@@ -155,6 +155,13 @@ def list_model_configs() -> list[ModelConfigFile]:
     return sorted((load_model_config(p) for p in files), key=lambda f: f.config.model_name.lower())
 
 
+def file_stem(name: str) -> str:
+    """A file stem from a model name: 'Qwen2.5-Coder-0.5B-Instruct' -> 'qwen2_5_coder_0_5b_instruct'
+    (a HF id's organisation left out)."""
+    out = "".join(ch if ch.isalnum() else "_" for ch in name.rsplit("/", 1)[-1].lower())
+    return "_".join(part for part in out.split("_") if part) or "model"
+
+
 def _normalise(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 

@@ -39,7 +39,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +48,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from ucm.config.loader import file_stem
 
 #: the most weight bytes measured at engine start (a 2B-parameter bf16 checkpoint; float32 doubles it
 #: in memory while the measurement runs); calibrated (GSA on device) only up to `MAX_CALIBRATED_BYTES`
@@ -126,7 +127,7 @@ def measured_model_config(
             None, f"its weights ({size / 2**30:.1f} GiB) are above the {cap / 2**30:g} GiB {what} at engine start"
         )
     mode = "-calibrated" if calibrate else ""
-    entry = cache_root() / CACHE_FOLDER / f"{_slug(folder.name)}-{fingerprint(folder, weights, block_size)}{mode}"
+    entry = cache_root() / CACHE_FOLDER / f"{file_stem(folder.name)}-{fingerprint(folder, weights, block_size)}{mode}"
     if found := _written_config(entry):
         return Measured(found, f"kept from an earlier measurement: {found}")
     failed = entry.with_suffix(".failed")
@@ -206,7 +207,3 @@ def _locked(path: Path, wait_s: float) -> Iterator[bool]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "model"
