@@ -14,13 +14,15 @@
 #   32kx   plain vLLM vs ESA at 0.1 and 0.999 (the overhead cell) and Quest (its float32 bounds of
 #          groups are half the KV cache's bytes: vLLM gets 0.55 of an H200, 0.9 of an 80 GiB card) at 32K x 8
 #   128k   plain vLLM vs ESA / GSA / GSA on device at 128K x 4, ratios 0.3 and 0.1
+#   32b    plain vLLM vs ESA and GSA on device (its built-in Qwen3-32B JSON) at 32K x 4, ratio 0.3,
+#          on the Qwen3-32B shape (65.5 GB of dummy weights: an H200 only)
 #   tests  tests/test_vllm_gpu.py (the in-engine GPU tests)
 # A bench phase's --batches / --settings can be narrowed for a short session:
 #   BATCHES="8" SETTINGS="dense ESA:0.3" bash benchmarks/gpu_session.sh 32k
 # Merge the benches' JSON into benchmarks/results/vllm_gpu_decode.json with
 # `bench_vllm_gpu.py --merge` here afterwards.
 set -uo pipefail
-PHASE=${1:?usage: gpu_session.sh tune|32k|32kx|128k|tests}
+PHASE=${1:?usage: gpu_session.sh tune|32k|32kx|128k|32b|tests}
 R=$HOME/res/$PHASE
 mkdir -p "$R" "$HOME/tuned"
 export PYTHONUNBUFFERED=1 UCM_CUDA_TUNED_DIR=$HOME/tuned
@@ -60,12 +62,18 @@ case $PHASE in
       > "$R/bench.log" 2>&1
     grep -E "^\[" "$R/bench.log"
     ;;
+  32b)
+    timeout 570 python benchmarks/bench_vllm_gpu.py --model qwen3-32b --contexts 32768 --batches ${BATCHES:-4} \
+      --new-tokens 32 --out "$R" --name vllm_gpu_32b --settings ${SETTINGS:-dense ESA:0.3 GSAOnDevice:0.3} \
+      > "$R/bench.log" 2>&1
+    grep -E "^\[" "$R/bench.log"
+    ;;
   tests)
     timeout 570 python -m pytest -x -q -p no:cacheprovider tests/test_vllm_gpu.py > "$R/vllm_gpu_tests.txt" 2>&1
     tail -3 "$R/vllm_gpu_tests.txt"
     ;;
   *)
-    echo "unknown phase $PHASE: tune|32k|32kx|128k|tests" >&2
+    echo "unknown phase $PHASE: tune|32k|32kx|128k|32b|tests" >&2
     exit 2
     ;;
 esac
