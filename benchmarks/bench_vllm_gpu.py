@@ -109,7 +109,7 @@ def side_bytes_per_block(
     """Bytes of block representations / codes the method reads per block and layer when it scores
     in the CUDA graph path (`BlockScorer.read_bytes_per_block`), from its scorer built for one
     block with the CUDA backend (its layouts: float8 group sums, KVStar's bfloat16 channel-major
-    representations): on the GPU, or off it under `TRITON_INTERPRET=1` (the same layouts, as
+    representations, Quest's bfloat16 bounds): on the GPU, or off it under `TRITON_INTERPRET=1` (the same layouts, as
     `--from-log` runs it); else with the reference backend."""
     extra = sparse_extra(setting, tmp, shape, model_name)
     if extra is None:
@@ -124,7 +124,14 @@ def side_bytes_per_block(
     device = torch.device("cuda" if on_gpu else "cpu")
     layers = shape["num_hidden_layers"]
     shapes = ModelShapes(
-        layers, shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"], block, 1, device
+        layers,
+        shape["num_attention_heads"],
+        shape["num_key_value_heads"],
+        shape["head_dim"],
+        block,
+        1,
+        device,
+        key_dtype=torch.bfloat16,  # the engines' KV cache (Quest's bounds are kept in it)
     )
     if on_gpu:
         ops = get_ops("cuda")

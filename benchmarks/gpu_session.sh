@@ -11,8 +11,9 @@
 #          (tune_selection_gpu.py --grouped-only --write-tuned): $HOME/tuned/<GPU>.json, which
 #          the later phases use through UCM_CUDA_TUNED_DIR; commit it to backends/cuda/tuned/
 #   32k    plain vLLM (first and last) vs ESA, GSA, GSA on device, KVStar at 32K, batch 1 and 8, 0.3
-#   32kx   plain vLLM vs ESA at 0.1 and 0.999 (the overhead cell) and Quest (its float32 bounds of
-#          groups are half the KV cache's bytes: vLLM gets 0.55 of an H200, 0.9 of an 80 GiB card) at 32K x 8
+#   32kx   plain vLLM vs ESA at 0.1 and 0.999 (the overhead cell) and Quest (its bf16 bounds of
+#          groups of 4 are a quarter of the KV cache's bytes: vLLM gets 0.7 of an H200, 0.75 of an
+#          80 GiB card) at 32K x 8
 #   128k   plain vLLM vs ESA / GSA / GSA on device at 128K x 4, ratios 0.3 and 0.1
 #   32b    plain vLLM vs ESA and GSA on device (its built-in Qwen3-32B JSON) at 32K x 4, ratio 0.3,
 #          on the Qwen3-32B shape (65.5 GB of dummy weights: an H200 only)
@@ -48,9 +49,10 @@ case $PHASE in
     grep -E "^\[" "$R/bench.log"
     ;;
   32kx)
-    # H200 (139 GiB): 0.55 holds 8 x 32K of KV plus Quest's bounds; an 80 GiB card needs 0.9 for
-    # the same bytes (at 0.55 its engines preempt, and the timings mean nothing: seen on an H100)
-    MEM=$(awk -F', ' '{print ($2 + 0 > 100000) ? 0.55 : 0.9}' "$R/gpu.txt")
+    # 8 x 32K of KV plus Quest's bounds (a quarter of it) in 0.7 of an H200 (139 GiB); an 80 GiB
+    # card needs 0.75 for the KV (below, its engines preempt and the timings mean nothing: seen
+    # on an H100 at 0.55) and leaves the bounds the rest
+    MEM=$(awk -F', ' '{print ($2 + 0 > 100000) ? 0.7 : 0.75}' "$R/gpu.txt")
     timeout 570 python benchmarks/bench_vllm_gpu.py --contexts 32768 --batches ${BATCHES:-8} --new-tokens 48 \
       --gpu-memory-utilization "$MEM" --out "$R" --name vllm_gpu_32k_extra \
       --settings ${SETTINGS:-dense ESA:0.1 ESA:0.999 Quest:0.3} > "$R/bench.log" 2>&1

@@ -956,16 +956,17 @@ def test_block_sums_add_from_random_state(backend: Backend, merge: int) -> None:
     torch.testing.assert_close(host(got), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["sums", "sums-float8", "minmax", "kvstar"])
+@pytest.mark.parametrize("kind", ["sums", "sums-float8", "minmax", "minmax-bfloat16", "minmax-groups", "kvstar"])
 def test_reps_write_layers(backend: Backend, kind: str) -> None:
     """Every layer's representations from its paged key cache in one call (vLLM 0.26's
     FlashAttention layout, [NB, Hkv, bs, 2D] with K first in the last dimension, seen as
     [NB, bs, Hkv, D]) equal the per-layer op given the keys themselves: decode calls with
     padding, a recycled block, several keys of one block, a call past one scan vector (300
-    tokens) and a call with no tokens (changes nothing)."""
+    tokens) and a call with no tokens (changes nothing). Quest's bounds per block in float32 and
+    in bfloat16 (the keys' dtype), and per group of 4 tokens."""
     g = gen(23)
     layers, nb, bs, h, d = 3, 12, 16, 2, 8
-    merge = {"sums": 4, "sums-float8": 4, "minmax": bs, "kvstar": 8}[kind]
+    merge = {"sums": 4, "sums-float8": 4, "minmax": bs, "minmax-bfloat16": bs, "minmax-groups": 4, "kvstar": 8}[kind]
     # float8 sums: magnitudes from 10^-3 to 10^3, so subnormal and saturated groups occur
     spread = [
         10 ** (torch.rand(nb, h, bs, 2 * d, generator=g) * 6 - 3) if kind == "sums-float8" else 1.0
@@ -987,10 +988,14 @@ def test_reps_write_layers(backend: Backend, kind: str) -> None:
             return [torch.randn(nb, bs // merge, h, d, generator=gg).to(sums_dtype) for _ in range(layers)], [
                 torch.randn(nb, h, d, generator=gg) for _ in range(layers)
             ]
-        a = [torch.randn(nb, h, d, generator=gg) for _ in range(layers)]
+        n = nb * bs // merge if kind.startswith("minmax") else nb  # Quest: per group of `merge` tokens
+        a = [torch.randn(n, h, d, generator=gg) for _ in range(layers)]
+        b = [torch.randn(n, h, d, generator=gg) for _ in range(layers)]
         if kind == "kvstar":
             a = [x[..., None].repeat(1, 1, 1, bs // merge).to(torch.bfloat16) for x in a]
-        return a, [torch.randn(nb, h, d, generator=gg) for _ in range(layers)]
+        if kind in ("minmax-bfloat16", "minmax-groups"):  # Quest's bounds in the keys' own dtype
+            a, b = ([x.to(torch.bfloat16) for x in t] for t in (a, b))
+        return a, b
 
     want_a, want_b = fresh()
     got = tuple([backend.to(t) for t in ts] for ts in fresh())
@@ -1001,12 +1006,13 @@ def test_reps_write_layers(backend: Backend, kind: str) -> None:
             keys = raw[i].transpose(1, 2)[..., :d][slots.clamp(min=0) // bs, slots.clamp(min=0) % bs]
             if kind.startswith("sums"):
                 REF.block_sums_add(want_a[i], want_b[i], keys, slots, bs, merge)
-            elif kind == "minmax":
-                REF.block_minmax_update(want_a[i], want_b[i], keys, slots, bs)
+            elif kind.startswith("minmax"):
+                REF.block_minmax_update(want_a[i], want_b[i], keys, slots, merge)
             else:
                 REF.kvstar_reps_add(want_a[i], want_b[i], keys, slots, bs, merge)
         backend.ops.reps_write_layers(kind.split("-")[0], *got, caches, backend.to(slots), bs, merge)
         for w, o in zip(want_a + want_b, got[0] + got[1], strict=True):
+            assert host(o).dtype == w.dtype
             torch.testing.assert_close(host(o).float(), w.float(), rtol=1e-5, atol=1e-5)
     if backend.name == "cuda":  # the three decode calls in one launch each; 300 tokens layer by layer
         assert backend.ops.layered_writes - launches == 3
@@ -1154,6 +1160,64 @@ def test_block_minmax_update(backend: Backend, dtype, h, d) -> None:
             backend.ops.block_minmax_update(*got, backend.to(key), backend.to(slots), bs)
             for a, b in zip(ref, got, strict=True):
                 assert torch.equal(host(b), a)
+
+
+@pytest.mark.parametrize("key_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_block_minmax_update_half_bounds(backend: Backend, key_dtype) -> None:
+    """Bounds kept in bfloat16 (`group_bounds_dtype` for bf16 keys on the GPU): from keys of their
+    own dtype the float32 bounds' values exactly (the reference's bits on every backend); from
+    keys bfloat16 cannot hold, each min rounded down and each max up to the nearest bfloat16,
+    so they still bound every key (values from 2^-100 to 2^100: past float16's range both ways;
+    not bfloat16's subnormals, which a CPU set to flush them flushes in the reference too)."""
+    nb, bs, h, d = 7, 8, 2, 24
+    for _ in write_paths(backend):
+        g = gen(41)
+        wide = (torch.zeros(nb, h, d), torch.zeros(nb, h, d))
+        ref = tuple(t.to(torch.bfloat16) for t in wide)
+        got = tuple(backend.to(t) for t in ref)
+        for slots in QUEST_UPDATE_CALLS:
+            key = torch.randn(len(slots), h, d, generator=g) * 2.0 ** torch.randint(
+                -100, 100, (len(slots), h, d), generator=g
+            )
+            key = key.to(key_dtype)
+            REF.block_minmax_update(*wide, key, slots, bs)
+            REF.block_minmax_update(*ref, key, slots, bs)
+            backend.ops.block_minmax_update(*got, backend.to(key), backend.to(slots), bs)
+            for exact, want, have in zip(wide, ref, got, strict=True):
+                assert host(have).dtype == torch.bfloat16 and torch.equal(host(have), want)
+                if key_dtype == torch.bfloat16:
+                    assert torch.equal(want.float(), exact)
+        lo, hi = (t.float() for t in ref)
+        assert (lo <= wide[0]).all() and (hi >= wide[1]).all()
+        if key_dtype != torch.bfloat16:  # some keys did need rounding
+            assert (lo < wide[0]).any() and (hi > wide[1]).any()
+
+
+def test_block_scores_of_half_bounds_equal_float32_bounds(backend: Backend) -> None:
+    """Quest's scores of bfloat16 bounds of bfloat16 keys (whole blocks and groups of 4 keys)
+    equal the scores of the same keys' float32 bounds: keeping them in the keys' dtype changes
+    no selection."""
+    g = gen(43)
+    nb, bs, hq, hkv, d = 6, 16, 8, 2, 32
+    slots = torch.cat([torch.arange(0, 40), torch.arange(48, 60), torch.tensor([80, 81, -1])])
+    key = torch.randn(len(slots), hkv, d, generator=g).to(torch.bfloat16)
+    table, lens = torch.tensor([[0, 1, 2, 0], [3, 5, 0, 0]]), torch.tensor([40, 18])
+    q = torch.randn(2, hq, d, generator=g).to(torch.bfloat16)
+    for merge in (bs, 4):
+        shape = (nb * (bs // merge), hkv, d)
+        wide = (torch.zeros(shape), torch.zeros(shape))
+        half = tuple(backend.to(t.to(torch.bfloat16)) for t in wide)
+        REF.block_minmax_update(*wide, key, slots, merge)
+        backend.ops.block_minmax_update(*half, backend.to(key), backend.to(slots), merge)
+        if merge != bs:
+            wide = tuple(t.view(nb, bs // merge, hkv, d) for t in wide)
+            half = tuple(t.view(nb, bs // merge, hkv, d) for t in half)
+        for mode in ("mean", "max"):
+            want = REF.block_scores_minmax(q, *wide, table, lens, bs, mode)
+            have = backend.ops.block_scores_minmax(backend.to(q), *half, backend.to(table), backend.to(lens), bs, mode)
+            torch.testing.assert_close(host(have), want, rtol=1e-5, atol=1e-4)
+            ref_half = REF.block_scores_minmax(q, *(host(t) for t in half), table, lens, bs, mode)
+            assert torch.equal(ref_half, want)  # the same bounds, so the reference's same float32 sums
 
 
 def test_block_minmax_update_edge_calls(backend: Backend) -> None:

@@ -185,13 +185,16 @@ def _backends():
     return out
 
 
+@pytest.mark.parametrize("key_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ops", _backends())
-def test_batch_path_equals_the_per_request_engine(ops) -> None:
+def test_batch_path_equals_the_per_request_engine(ops, key_dtype) -> None:
     """The CUDA-graph decode path (`BatchSelector`: static shapes, partial blocks scored from
     their keys so far) keeps exactly what `SparseMethod.select` keeps, on the reference and on
-    the CUDA backend's kernels; prefill and padding rows keep their own table."""
+    the CUDA backend's kernels; prefill and padding rows keep their own table. With bf16 keys
+    the CUDA backend keeps its bounds in bf16 (`group_bounds_dtype`), the per-request engine in
+    float32: the same blocks."""
     layers, hq, hkv, d, nb = 2, 4, 2, 32, 96
-    shapes = ModelShapes(layers, hq, hkv, d, BS, nb)
+    shapes = ModelShapes(layers, hq, hkv, d, BS, nb, key_dtype=key_dtype)
     g = torch.Generator().manual_seed(11)
     lens = torch.tensor([87, 100, 30, 0])
     qlens = torch.tensor([1, 1, 4, 0])
@@ -200,11 +203,15 @@ def test_batch_path_equals_the_per_request_engine(ops) -> None:
     table = torch.randperm(nb, generator=g)[: 4 * m].view(4, m).to(torch.int32)
     cfg = {"init_window_sz": 1, "local_window_sz": 1, "sparse_ratio": 0.3, "min_blocks": 2, "concurrency_threshold": 1}
     batch_method, engine = build_quest(cfg, shapes, ops), build_quest(cfg, shapes, TorchReferenceOps())
+    stats = batch_method.scorer.stats[0].mins
+    half = key_dtype == torch.bfloat16 and type(ops) is not TorchReferenceOps  # the CUDA backend
+    assert stats.dtype == (torch.bfloat16 if half else torch.float32)
+    assert engine.scorer.stats[0].mins.dtype == torch.float32
     for layer in range(layers):
         for r in range(3):
             n = int(lens[r])
             slots = table[r, torch.arange(n) // BS].long() * BS + torch.arange(n) % BS
-            keys = torch.randn(n, hkv, d, generator=g)
+            keys = torch.randn(n, hkv, d, generator=g).to(key_dtype)
             for method in (batch_method, engine):
                 method.on_kv_written(layer, keys, slots)
     query = torch.randn(int(qsl[-1]) + 2, hq, d, generator=g)

@@ -118,7 +118,7 @@ def _exercise(ops) -> None:
             ops.block_scores_dot(q, torch.zeros(nb, hkv, d), table, lens, bs, reduce)
             ops.block_scores_minmax(q, torch.zeros(nb, hkv, d), torch.zeros(nb, hkv, d), table, lens, bs, reduce)
             # groups of 4 and 16 tokens: bf16 / float8 / float32 sums (the tensor-core and the
-            # CUDA-core paths) and Quest's float32 bounds
+            # CUDA-core paths); Quest's bounds in float32 and in the keys' dtype
             for groups, sums_dtype in ((32, dtype), (32, torch.float8_e4m3fn), (8, torch.float32)):
                 ops.block_scores_dot(q, torch.zeros(nb, groups, hkv, d, dtype=sums_dtype), table, lens, bs, reduce)
             # what a tuned file may ask for: several block columns a program, float8 widened to float16
@@ -126,8 +126,10 @@ def _exercise(ops) -> None:
             for sums_dtype in (dtype, torch.float8_e4m3fn):
                 ops.block_scores_dot(q, torch.zeros(nb, 32, hkv, d, dtype=sums_dtype), table, lens, bs, reduce)
             ops.override_grouped(None)
-            mm = torch.zeros(nb, 32, hkv, d)
-            ops.block_scores_minmax(q, mm, mm, table, lens, bs, reduce)
+            for bounds_dtype in (torch.float32, dtype):
+                mm = torch.zeros(nb, 32, hkv, d, dtype=bounds_dtype)
+                ops.block_scores_minmax(q, mm, mm, table, lens, bs, reduce)
+                ops.block_scores_minmax(q, mm[:, 0], mm[:, 0], table, lens, bs, reduce)
         scores = torch.randn(batch, m)
         keep = torch.zeros(batch, m, dtype=torch.bool)
         budget = torch.full((batch,), m // 3, dtype=torch.int32)
@@ -151,7 +153,9 @@ def _exercise(ops) -> None:
         ops.block_sums_add(torch.zeros(nb, bs // 2, hkv, d), torch.zeros(nb, hkv, d), key, slots, bs, 2)
         for sums_dtype in (bf16, torch.float8_e4m3fn):  # half-precision group sums of 4 keys
             ops.block_sums_add(torch.zeros(nb, bs // 4, hkv, d, dtype=sums_dtype), None, key, slots, bs, 4)
-        ops.block_minmax_update(torch.zeros(nb, hkv, d), torch.zeros(nb, hkv, d), key, slots, bs)
+        for bounds_dtype in (torch.float32, bf16):  # Quest's bounds: float32 or the keys' own dtype
+            bounds = [torch.zeros(nb, hkv, d, dtype=bounds_dtype) for _ in range(2)]
+            ops.block_minmax_update(*bounds, key, slots, bs)
         ops.kvstar_reps_add(torch.zeros(nb, hkv, d, bs // 2, dtype=bf16), torch.zeros(nb, hkv, d), key, slots, bs, 2)
         ops.hash_write(torch.zeros(nb, bs, hkv, 16, dtype=torch.uint8), key, torch.randn(d, 128), slots)
     # a decode step's writes of every layer in one launch, keys read from vLLM 0.26's cache layout
@@ -161,8 +165,9 @@ def _exercise(ops) -> None:
         for sums_dtype in (torch.float32, bf16, torch.float8_e4m3fn):
             sums = [torch.zeros(nb, bs // 4, hkv, d, dtype=sums_dtype) for _ in caches]
             ops.reps_write_layers("sums", sums, [None, None], caches, slots, bs, 4)
-        bounds = [torch.zeros(nb, hkv, d) for _ in caches]
-        ops.reps_write_layers("minmax", bounds, [torch.zeros(nb, hkv, d) for _ in caches], caches, slots, bs, bs)
+        for bounds_dtype, merge in ((torch.float32, bs), (bf16, bs), (bf16, 4)):  # Quest: per block or group
+            bounds = [[torch.zeros(nb * bs // merge, hkv, d, dtype=bounds_dtype) for _ in caches] for _ in range(2)]
+            ops.reps_write_layers("minmax", *bounds, caches, slots, bs, merge)
         reps = [torch.zeros(nb, hkv, d, bs // 2, dtype=bf16) for _ in caches]
         ops.reps_write_layers("kvstar", reps, [torch.zeros(nb, hkv, d) for _ in caches], caches, slots, bs, 2)
         codes = [torch.zeros(nb, bs, hkv, 16, dtype=torch.uint8) for _ in caches]

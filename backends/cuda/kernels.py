@@ -444,6 +444,7 @@ def _reps_write_kernel(
     DH,
     stride_ko,
     stride_kh,
+    KBS,
     KIND: tl.constexpr,
     HAS_B: tl.constexpr,
     SORTED: tl.constexpr,
@@ -462,7 +463,8 @@ def _reps_write_kernel(
       0: group sums a = sums [NB, R, HD] (R = BS // MERGE), HAS_B: b = sums of |K| [NB, HD];
          float32 sums take each key in turn; half-precision ones (GROUPED) the call's keys of
          each group summed in float32, added to the stored value and rounded once, as in 2;
-      1: Quest's bounds a = mins, b = maxs [NB, HD] float32 (+inf / -inf on restart);
+      1: Quest's bounds a = mins, b = maxs [NB, HD] float32, or the keys' own half-precision
+         dtype (a bound is one of the keys: stored exactly) (+inf / -inf on restart);
       2: KVStar's channel-major a = reps [NB, HD, R] (any float dtype), b = |K| sums [NB, HD]:
          each group's keys of the call summed in float32 in token order, added to the stored
          value and rounded once.
@@ -483,8 +485,9 @@ def _reps_write_kernel(
     LAYERED (with SCAN_ONCE): every layer of a step in one launch, grid (T, chunks, L). Program
     (i, ., l) reads layer l's key cache, a and b through the addresses tab[l], tab[L + l] and
     tab[2L + l] (key_ptr, a_ptr, b_ptr give only their dtypes), and token i's key from the cache
-    at its slot: cache[slot // BS, slot % BS, h, d] at strides (stride_kt, stride_ko, stride_kh, 1),
-    channel c = h * DH + d.
+    at its slot: cache[slot // KBS, slot % KBS, h, d] at strides (stride_kt, stride_ko, stride_kh, 1),
+    channel c = h * DH + d (KBS: the cache's block size; BS may be smaller: Quest's groups of
+    tokens, each its own "block" of a and b [NB * KBS / BS, HD]).
     FP8: float8 e4m3 sums, saturated at +-448 before the cast (as the GPU's and torch's casts do).
     RNE_BY_HAND (interpreter only): Triton 3.6's interpreter truncates float32 -> bfloat16 / float8
     (and wraps float8 overflow), the GPU rounds to nearest even; the value is rounded by hand first
@@ -511,7 +514,7 @@ def _reps_write_kernel(
         if LAYERED:  # the key where the step wrote it: in the layer's cache, at its slot
             sc = tl.maximum(s, 0)
             k_i = tl.load(
-                key_ptr + (sc // BS) * stride_kt + (sc % BS) * stride_ko + c_off, mask=cm & (s >= 0), other=0.0
+                key_ptr + (sc // KBS) * stride_kt + (sc % KBS) * stride_ko + c_off, mask=cm & (s >= 0), other=0.0
             ).to(tl.float32)
         else:
             k_i = tl.load(key_ptr + i * stride_kt + c, mask=cm, other=0.0).to(tl.float32)
@@ -556,8 +559,8 @@ def _reps_write_kernel(
                 for g in range(0, R):
                     tl.store(a_ptr + (blk * R + g) * HD + c, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cm)
         if KIND == 1:
-            mn = tl.load(a_ptr + blk * HD + c, mask=cm & (fresh == 0), other=float("inf"))
-            mx = tl.load(b_ptr + blk * HD + c, mask=cm & (fresh == 0), other=float("-inf"))
+            mn = tl.load(a_ptr + blk * HD + c, mask=cm & (fresh == 0), other=float("inf")).to(tl.float32)
+            mx = tl.load(b_ptr + blk * HD + c, mask=cm & (fresh == 0), other=float("-inf")).to(tl.float32)
         r = tl.arange(0, BLOCK_R)
         acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)  # GROUPED / KIND 2: the call's sum per group
         occ = tl.zeros([BLOCK_R], dtype=tl.int32)  # GROUPED / KIND 2: the groups the call writes
@@ -574,7 +577,7 @@ def _reps_write_kernel(
                 sj = tl.load(slot_ptr + p).to(tl.int64)
                 sc = tl.maximum(sj, 0)
                 k = tl.load(
-                    key_ptr + (sc // BS) * stride_kt + (sc % BS) * stride_ko + c_off, mask=cm & (sj >= 0), other=0.0
+                    key_ptr + (sc // KBS) * stride_kt + (sc % KBS) * stride_ko + c_off, mask=cm & (sj >= 0), other=0.0
                 ).to(tl.float32)
             else:
                 sj = tl.load(slot_ptr + p).to(tl.int64)

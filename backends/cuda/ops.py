@@ -37,6 +37,11 @@ _GROUPED_OVERRIDES = {
 _REPS_SCAN_BLOCK = 256  # tokens `_reps_write_kernel` scans per vector (decode batches: in one pass)
 
 
+def _bounds_hold_keys(bounds: torch.dtype, keys: torch.dtype) -> bool:
+    """Quest's bounds in `bounds` take keys of `keys` exactly (no outward rounding needed)."""
+    return bounds == torch.float32 or (bounds == keys and bounds in (torch.bfloat16, torch.float16))
+
+
 def _pow2(n: int, lo: int = 1) -> int:
     """Next power of two >= max(n, lo) (Triton block shapes must be powers of two)."""
     n = max(int(n), lo)
@@ -519,14 +524,24 @@ class CudaOps(TorchReferenceOps):
         nb, r, h, d = sums.shape
         self._reps_write(0, sums, abs_sums, key, slot_mapping, block_size, merge, r, h * d)
 
+    def group_bounds_dtype(self, device: torch.device, key_dtype: torch.dtype | None) -> torch.dtype:
+        """Where the kernels run, half-precision keys' own dtype: Quest's bounds of bf16 keys in
+        bf16 are exact (every bound is one of the keys) at half the bytes of float32 ones, which
+        its scorer reads every step (groups of 4 keys: a quarter of the KV cache's bytes instead
+        of half)."""
+        here = torch.device(device).type == ("cpu" if self.interpret else "cuda")
+        return key_dtype if here and key_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
     def block_minmax_update(self, mins, maxs, key, slot_mapping, block_size) -> None:
         """One launch, no host read (safe inside a CUDA graph): `_reps_write_kernel`, one leader
         program per written block and channel chunk folds the call's keys of its block in
-        registers and stores each bound once. Exact, whatever the order of the keys."""
+        registers and stores each bound once. Exact, whatever the order of the keys: float32
+        bounds, or bounds in the keys' own half-precision dtype (other keys take the
+        reference's outward rounding)."""
         usable = (
             self._can_run(mins, maxs, key, slot_mapping)
-            and mins.dtype == torch.float32
-            and maxs.dtype == torch.float32
+            and _bounds_hold_keys(mins.dtype, key.dtype)
+            and maxs.dtype == mins.dtype
             and mins.dim() == 3
             and maxs.shape == mins.shape
             and mins.is_contiguous()
@@ -557,14 +572,20 @@ class CudaOps(TorchReferenceOps):
         if code == 0:
             r = a0.shape[1] if a0.dim() == 4 else 0
             a_ok = a0.dtype in _SUMS_DTYPES and a0.shape == (nb, r, h, d) and r * merge == block_size
-        elif code == 1:
+        elif code == 1:  # per group of `merge` tokens: [NB * bs / merge, Hkv, D]
             r = 1
-            a_ok = a0.dtype == torch.float32 and a0.shape == (nb, h, d) and b0 is not None and b0.dtype == a0.dtype
+            groups = block_size // merge if merge > 0 and block_size % merge == 0 else 0
+            a_ok = _bounds_hold_keys(a0.dtype, k0.dtype) and a0.shape == (nb * groups, h, d) and b0 is not None
+            a_ok = a_ok and b0.dtype == a0.dtype
         else:
             r = a0.shape[3] if a0.dim() == 4 else 0
             a_ok = a0.dtype in _REPS_DTYPES and a0.shape == (nb, h, d, r) and r * merge == block_size
             a_ok = a_ok and b0 is not None
-        b_ok = b0 is None or (b0.dtype == torch.float32 and b0.shape[0] == nb and b0.numel() == nb * h * d)
+        b_ok = b0 is None or (
+            b0.shape == a0.shape and b0.dtype == a0.dtype
+            if code == 1
+            else b0.dtype == torch.float32 and b0.shape[0] == nb and b0.numel() == nb * h * d
+        )
         usable = (
             a_ok
             and b_ok
@@ -579,7 +600,9 @@ class CudaOps(TorchReferenceOps):
         tab = self._address_table(k_caches, a, b) if usable else None
         if tab is None:
             return super().reps_write_layers(kind, a, b, k_caches, slot_mapping, block_size, merge)
-        self._reps_write(code, a0, b0, k0, slot_mapping, block_size, merge, r, h * d, layers=(tab, len(a), d))
+        # Quest's groups are blocks of `merge` tokens to the kernel; the cache keeps its block size
+        write_bs = merge if code == 1 else block_size
+        self._reps_write(code, a0, b0, k0, slot_mapping, write_bs, merge, r, h * d, layers=(tab, len(a), d, block_size))
         self.layered_writes += t > 0
 
     def _address_table(self, first, a, b) -> torch.Tensor | None:
@@ -600,8 +623,9 @@ class CudaOps(TorchReferenceOps):
         """Launch `_reps_write_kernel` (kind 0 sums, 1 min / max, 2 KVStar's channel-major reps).
         Calls longer than `write_scan_max` tokens (prefills) find each block's keys by a stable
         sort of the block ids (3 torch ops) instead of the in-kernel scan. `layers` = (address
-        table, number of layers, head dim): every layer at once, `key` a layer's key cache
-        [NB, bs, Hkv, D] (the caller checked that the call fits one scan vector)."""
+        table, number of layers, head dim, the cache's block size): every layer at once, `key` a
+        layer's key cache [NB, cache bs, Hkv, D] (the caller checked that the call fits one scan
+        vector)."""
         t = int(slot_mapping.shape[0])
         if t == 0:
             return
@@ -616,7 +640,7 @@ class CudaOps(TorchReferenceOps):
         grouped = kind == 0 and a.dtype != torch.float32  # half-precision sums: one rounding per call
         block_r = _pow2(r) if kind == 2 or grouped else 1
         block_c = min(_pow2(hd), 128, max(16, 4096 // block_r))
-        tab, n_layers, dh = layers if layers is not None else (slots, 1, hd)
+        tab, n_layers, dh, cache_bs = layers if layers is not None else (slots, 1, hd, block_size)
         self._k.reps_write_kernel[(t, triton_cdiv(hd, block_c), n_layers)](
             key,
             slots,
@@ -636,6 +660,7 @@ class CudaOps(TorchReferenceOps):
             dh,
             key.stride(1) if layers is not None else 0,
             key.stride(2) if layers is not None else 0,
+            cache_bs,
             KIND=kind,
             HAS_B=b is not None,
             SORTED=sort,

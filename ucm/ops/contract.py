@@ -356,7 +356,9 @@ class SparseOps(ABC):
         """Fold written keys into per-block running element-wise minima and maxima of K, in place
         (every decode step, every layer: Quest's representation).
 
-        mins, maxs [NB, Hkv, D] float32; key [T, Hkv, D]; slot_mapping [T] (slot = block *
+        mins, maxs [NB, Hkv, D] float32 or the dtype `group_bounds_dtype` names (both the same);
+        a key the bounds' dtype cannot hold is rounded outward first (a min down, a max up), so
+        they stay bounds of the keys; key [T, Hkv, D]; slot_mapping [T] (slot = block *
         block_size + offset, negative = not written). As in `block_sums_add`, a block whose offset
         0 is written restarts (blocks are recycled) before any key of the call is folded in: its
         mins become +inf and its maxs -inf, then every key of the call written to it is taken in,
@@ -364,6 +366,8 @@ class SparseOps(ABC):
         A block never restarted keeps whatever it held (a scorer allocates zeros). NaN keys
         propagate here and on the CPU backend; keys are expected finite.
         """
+        if maxs.dtype != mins.dtype:
+            raise ValueError(f"block_minmax_update: mins are {mins.dtype}, maxs {maxs.dtype}: one dtype")
         keep = slot_mapping >= 0
         slots = slot_mapping[keep].to(mins.device, torch.int64)
         key = key[keep.to(key.device)].to(mins.device, torch.float32)
@@ -381,8 +385,9 @@ class SparseOps(ABC):
         n = mins.shape[0]
         flat = key.reshape(key.shape[0], -1)
         idx = blocks[:, None].expand(-1, flat.shape[1])
-        mins.view(n, -1).scatter_reduce_(0, idx, flat, "amin", include_self=True)
-        maxs.view(n, -1).scatter_reduce_(0, idx, flat, "amax", include_self=True)
+        # rounding is monotone, so the min of keys rounded down is the min rounded down
+        mins.view(n, -1).scatter_reduce_(0, idx, round_outward(flat, mins.dtype, down=True), "amin", include_self=True)
+        maxs.view(n, -1).scatter_reduce_(0, idx, round_outward(flat, maxs.dtype, down=False), "amax", include_self=True)
 
     def reps_write_layers(
         self,
@@ -401,7 +406,8 @@ class SparseOps(ABC):
         k_caches[l] [NB, bs, Hkv, D] (any strides) is layer l's paged key cache, already holding
         the step's keys at slot_mapping [T] (negative = not written). The result is, for every
         l, that of `block_sums_add(a[l], b[l], keys, slot_mapping, block_size, merge)` ("sums"),
-        `block_minmax_update(a[l], b[l], keys, slot_mapping, block_size)` ("minmax") or
+        `block_minmax_update(a[l], b[l], keys, slot_mapping, merge)` ("minmax": per group of `merge`
+        tokens, a[l] and b[l] [NB * bs / merge, Hkv, D]; merge = bs: per block) or
         `kvstar_reps_add(a[l], b[l], keys, slot_mapping, block_size, merge)` ("kvstar"), where
         keys [T, Hkv, D] are the cache's values at the slots. A call with no tokens changes
         nothing (a backend may prepare what calls with these tensors need: the CUDA backend's
@@ -416,7 +422,7 @@ class SparseOps(ABC):
             if kind == "sums":
                 self.block_sums_add(a_l, b_l, key, slot_mapping, block_size, merge)
             elif kind == "minmax":
-                self.block_minmax_update(a_l, b_l, key, slot_mapping, block_size)
+                self.block_minmax_update(a_l, b_l, key, slot_mapping, merge)
             else:
                 self.kvstar_reps_add(a_l, b_l, key, slot_mapping, block_size, merge)
 
@@ -427,6 +433,14 @@ class SparseOps(ABC):
         backend: bfloat16 for groups of at most 16 keys, where the representations would
         otherwise be 1/8 or more of the KV cache's bytes; float8 e4m3 for groups of up to 4). A
         group is rounded once per call that writes it, so at most `merge` times."""
+        return torch.float32
+
+    def group_bounds_dtype(self, device: torch.device, key_dtype: torch.dtype | None) -> torch.dtype:
+        """The dtype of Quest's bounds (`block_minmax_update`) of keys of `key_dtype` (None: not
+        known) on `device`. The min or max of keys is one of the keys, so bounds kept in the keys'
+        own dtype are exact: the scores are those of float32 bounds, from half the bytes when the
+        keys are half precision. float32 (the default) holds any key; a backend whose ops take
+        half-precision bounds returns `key_dtype` for half-precision keys (the CUDA backend)."""
         return torch.float32
 
     # ------------------------------------------------------------------ KVStar
@@ -502,3 +516,16 @@ class SparseOps(ABC):
         -> (out [B, Hq, Dv] in q's dtype, lse [B, Hq] float32, natural log).
         A sparse step passes the rewritten block table and seq_lens of its selection.
         """
+
+
+def round_outward(x: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Tensor:
+    """float32 values x in `dtype`, each rounded down (`down`) or up to the nearest value of
+    `dtype` (a lower or upper bound that stays one; beyond the dtype's range: its largest finite
+    value or infinity, whichever bounds). NaN stays NaN. float32 and wider: x itself."""
+    if dtype.itemsize >= 4:
+        return x.to(dtype)
+    y = x.to(dtype)
+    back = y.float()
+    wrong = back > x if down else back < x
+    toward = torch.full_like(y, -math.inf if down else math.inf)
+    return torch.where(wrong, torch.nextafter(y, toward), y)

@@ -48,6 +48,7 @@ class ModelShapes:
     device: torch.device = torch.device("cpu")
     kv_lora_rank: int | None = None  # MLA: K is [kv_lora | rope] with one KV head
     qk_rope_head_dim: int | None = None
+    key_dtype: torch.dtype | None = None  # the dtype of the keys the method is shown (None: not known)
 
     def __post_init__(self) -> None:
         if self.num_q_heads % self.num_kv_heads:

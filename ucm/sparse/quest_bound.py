@@ -21,8 +21,9 @@ __all__ = ["BlockMinMax", "QuestScorer", "bound_guard_scorer"]
 class BlockMinMax:
     """Running element-wise min and max of the keys written to each physical block of one layer,
     per group of `merge` tokens (default: the block size, one group): mins, maxs [NB * R, Hkv, D]
-    float32 on `device` (sub-block b * R + r, `ucm.ops.subblocks`), folded in by
-    `ops.block_minmax_update` with `merge` as its block size.
+    on `device` (sub-block b * R + r, `ucm.ops.subblocks`) in the backend's
+    `group_bounds_dtype` for the model's keys (exact: float32, or the keys' own half precision on
+    the GPU), folded in by `ops.block_minmax_update` with `merge` as its block size.
 
     Both start at 0 (a block never written scores 0 against any query, as a zero mean-of-K
     would); a group's first write (its offset 0) restarts it."""
@@ -36,8 +37,9 @@ class BlockMinMax:
         self.block_size = shapes.block_size
         self.device = device
         self.ops = ops
-        self.mins = torch.zeros(n, h, d, device=device)
-        self.maxs = torch.zeros(n, h, d, device=device)
+        dtype = ops.group_bounds_dtype(device, shapes.key_dtype)
+        self.mins = torch.zeros(n, h, d, device=device, dtype=dtype)
+        self.maxs = torch.zeros(n, h, d, device=device, dtype=dtype)
 
     def update(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Fold keys [T, Hkv, D] written at slot_mapping [T] (negative = padding) in."""
@@ -87,13 +89,13 @@ class QuestScorer(GroupedScorer):
 
     @property
     def writes_from_caches(self) -> bool:
-        return self.repr_device == self.shapes.device and self.groups == 1
+        return self.repr_device == self.shapes.device
 
     def write_from_caches(self, layers, k_caches, slot_mapping) -> None:
         stats = [self.stats[i] for i in layers]
-        bs = self.shapes.block_size
+        bs, merge = self.shapes.block_size, self.stats[0].merge
         self.ops.reps_write_layers(
-            "minmax", [s.mins for s in stats], [s.maxs for s in stats], k_caches, slot_mapping, bs, bs
+            "minmax", [s.mins for s in stats], [s.maxs for s in stats], k_caches, slot_mapping, bs, merge
         )
 
     def group_reps(self, layer: int) -> tuple[torch.Tensor, ...]:

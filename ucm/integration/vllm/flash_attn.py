@@ -162,6 +162,7 @@ class UCMFlashAttentionImpl(KVWriteHook, FlashAttentionImpl):
             manager_block_size=self._ucm_manager_block_size,
             platform="FlashAttention",
             splits=BLOCK_SPLIT,
+            key_dtype=kv_cache.dtype,  # the keys of an unquantized cache (Quest's exact bounds)
         )
 
     def _key_cache(self, kv_cache: torch.Tensor) -> torch.Tensor | None:

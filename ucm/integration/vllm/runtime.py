@@ -118,7 +118,14 @@ class SparseRuntime:
 
     # ---------------------------------------------------------------- setup
     def ensure_method(
-        self, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int, num_blocks: int, device: torch.device
+        self,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        num_blocks: int,
+        device: torch.device,
+        key_dtype: torch.dtype | None = None,
     ) -> SparseMethod:
         if self.method is None:
             from ucm.sparse.factory import build_sparse_method
@@ -126,7 +133,16 @@ class SparseRuntime:
             self.ops = self._ops_factory()
             if self.offload is not None:  # middle blocks are scored through virtual ids past the device's
                 num_blocks += self.offload.extra_blocks(num_blocks)
-            shapes = ModelShapes(self.num_layers, num_q_heads, num_kv_heads, head_dim, block_size, num_blocks, device)
+            shapes = ModelShapes(
+                self.num_layers,
+                num_q_heads,
+                num_kv_heads,
+                head_dim,
+                block_size,
+                num_blocks,
+                device,
+                key_dtype=key_dtype,
+            )
             try:
                 self.method = build_sparse_method(
                     self.config,

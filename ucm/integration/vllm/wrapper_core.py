@@ -37,6 +37,7 @@ def decoder_runtime(
     manager_block_size: int | None = None,
     platform: str = "",
     splits: str = "",
+    key_dtype: torch.dtype | None = None,
 ) -> SparseRuntime | None:
     """The active runtime, with its method ready for `impl`'s heads, or None (stay stock).
 
@@ -44,6 +45,7 @@ def decoder_runtime(
     `num_blocks` / `block_size` describe the layer's KV cache as the kernel sees it. With
     `manager_block_size`, a kernel block size that differs from the KV manager's fails (see
     `check_block_size`) instead of selecting through block ids that do not address the cache.
+    `key_dtype`: the dtype of the keys the layer writes (what the method's bounds may be kept in).
     """
     if impl.attn_type != DECODER:
         return None
@@ -52,7 +54,7 @@ def decoder_runtime(
         return None
     if manager_block_size is not None:
         check_block_size(block_size, manager_block_size, platform, splits)
-    rt.ensure_method(impl.num_heads, impl.num_kv_heads, impl.head_size, block_size, num_blocks, device)
+    rt.ensure_method(impl.num_heads, impl.num_kv_heads, impl.head_size, block_size, num_blocks, device, key_dtype)
     return rt
 
 
