@@ -389,6 +389,7 @@ def test_flash_wrapper_selects_in_batch_mode_with_the_kernel_replaced_by_a_recor
     keys = torch.randn(slots.shape[0], 2, 8, generator=g)
     impl.do_kv_cache_update(layer, keys, keys, kv_cache, slots)  # every key of the batch, as one write
     assert "write" in seen and runtime.method is not None and runtime.batch is not None
+    assert runtime.method.shapes.key_dtype == kv_cache.dtype  # what Quest keeps its bounds in
     md = _flash_metadata(lens, qlens, table.tolist())
     query = torch.randn(11, 4, 8, generator=g)
     impl.forward(layer, query, keys, keys, kv_cache, md, torch.zeros(11, 32))
