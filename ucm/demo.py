@@ -17,7 +17,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,19 +48,33 @@ class DemoRow:
     generated_tokens: int
 
 
-def needle_prompt(tokenizer, target_tokens: int, depth: float, seed: int) -> tuple[list[int], str]:
+def filler_sentences(rng: random.Random) -> Iterator[str]:
+    """The built-in haystack: `FILLER`'s sentences drawn at random, without end."""
+    while True:
+        yield rng.choice(FILLER)
+
+
+def needle_prompt(
+    tokenizer,
+    target_tokens: int,
+    depth: float,
+    seed: int,
+    haystack: Callable[[random.Random], Iterator[str]] = filler_sentences,
+) -> tuple[list[int], str]:
     """Chat-formatted token ids of a haystack with a magic number at `depth`, and the number.
 
     The assistant turn is started with "The special magic number is", so a model that found
-    the needle answers with the number itself.
+    the needle answers with the number itself. `haystack(rng)` yields the sentences (drawing on
+    the prompt's own random generator, after the number).
     """
     rng = random.Random(seed)
     secret = str(rng.randint(10000, 99999))
     needle = f" The special magic number is {secret}. "
     sentences: list[str] = []
+    draw = haystack(rng)
     answer_prefix = tokenizer.encode("The special magic number is", add_special_tokens=False)
     while True:  # grow the haystack until the whole prompt reaches the target length
-        sentences.extend(rng.choice(FILLER) for _ in range(20))
+        sentences.extend(next(draw) for _ in range(20))
         cut = int(len(sentences) * depth)
         text = (
             "A special magic number is hidden in the following text. Remember it.\n\n"

@@ -12,6 +12,7 @@ import inspect
 import random
 import re
 import sys
+from collections.abc import Iterator
 
 MODULES = (
     "argparse collections json re logging unittest textwrap email http.client asyncio subprocess threading "
@@ -41,36 +42,25 @@ def stdlib_sentences() -> list[str]:
 SENTENCES = stdlib_sentences()
 
 
-def prose_prompt(tokenizer, target_tokens: int, depth: float, seed: int) -> tuple[list[int], str]:
-    """`ucm.demo.needle_prompt`'s prompt and answer, its haystack shuffled docstring sentences."""
-    rng = random.Random(seed)
-    secret = str(rng.randint(10000, 99999))
-    needle = f" The special magic number is {secret}. "
+def prose_sentences(rng: random.Random) -> Iterator[str]:
+    """A haystack for `ucm.demo.needle_prompt`: `SENTENCES` shuffled, each once."""
     pool = SENTENCES[:]
     rng.shuffle(pool)
-    answer_prefix = tokenizer.encode("The special magic number is", add_special_tokens=False)
-    for n in range(20, len(pool) + 20, 20):
-        sentences = pool[:n]
-        cut = int(len(sentences) * depth)
-        text = (
-            "A special magic number is hidden in the following text. Remember it.\n\n"
-            + " ".join(sentences[:cut])
-            + needle
-            + " ".join(sentences[cut:])
-            + "\n\nWhat is the special magic number?"
-        )
-        messages = [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids) + answer_prefix
-        if len(ids) >= target_tokens:
-            return ids, secret
-    raise ValueError(f"{len(pool)} sentences make fewer than {target_tokens} tokens")
+    yield from pool
+    raise ValueError(f"the {len(pool)} sentences are too few for the prompt asked for")
+
+
+def prose_prompt(tokenizer, target_tokens: int, depth: float, seed: int) -> tuple[list[int], str]:
+    """`ucm.demo.needle_prompt` with the docstring sentences for its haystack."""
+    from ucm.demo import needle_prompt
+
+    return needle_prompt(tokenizer, target_tokens, depth, seed, haystack=prose_sentences)
 
 
 if __name__ == "__main__":
     import ucm.demo
     from ucm.cli import main
 
-    ucm.demo.needle_prompt = prose_prompt
+    ucm.demo.needle_prompt = prose_prompt  # what `ucm calibrate` draws its prompts from
     model, out = sys.argv[1:3]
     sys.exit(main(["configure", "--no-profile", "--model", model, "--out", out, "--block-size", "32"]))
