@@ -37,9 +37,12 @@ _GROUPED_OVERRIDES = {
 _REPS_SCAN_BLOCK = 256  # tokens `_reps_write_kernel` scans per vector (decode batches: in one pass)
 
 
+_HALF_BOUNDS = (torch.bfloat16, torch.float16)  # Quest's bounds may be kept in the keys' own half precision
+
+
 def _bounds_hold_keys(bounds: torch.dtype, keys: torch.dtype) -> bool:
     """Quest's bounds in `bounds` take keys of `keys` exactly (no outward rounding needed)."""
-    return bounds == torch.float32 or (bounds == keys and bounds in (torch.bfloat16, torch.float16))
+    return bounds == torch.float32 or (bounds == keys and bounds in _HALF_BOUNDS)
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -530,7 +533,7 @@ class CudaOps(TorchReferenceOps):
         its scorer reads every step (groups of 4 keys: a quarter of the KV cache's bytes instead
         of half)."""
         here = torch.device(device).type == ("cpu" if self.interpret else "cuda")
-        return key_dtype if here and key_dtype in (torch.bfloat16, torch.float16) else torch.float32
+        return key_dtype if here and key_dtype in _HALF_BOUNDS else torch.float32
 
     def block_minmax_update(self, mins, maxs, key, slot_mapping, block_size) -> None:
         """One launch, no host read (safe inside a CUDA graph): `_reps_write_kernel`, one leader
