@@ -816,6 +816,44 @@ def test_select_and_rewrite_rewrites_the_table(backend: Backend, bs: int) -> Non
         assert torch.equal(host(dtab), rtab) and torch.equal(host(dlens), rlens)
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_select_and_rewrite_partial_last_block(backend: Backend, wide: bool) -> None:
+    """The rewritten length counts the partly filled last block only when it is kept: ranked
+    above the threshold, at it (ties go to the lower index, so the last block at a tie is the
+    last taken), or forced; with no block forced at the end, ties, NaN and forced-only budgets.
+    `wide`: rows over 16384 columns (the top-k's other prefix-sum path; compiled kernels only:
+    the interpreter runs a prefix sum element by element)."""
+    if wide:
+        backend.need("gpu")
+    g = gen(31 + wide)
+    bs = 16
+    m_blocks = 20000 if wide else 24
+    lens = [bs * m_blocks - 5, bs * 10 - 1, bs * 10 - 1, bs * 10 - 1, bs * 10 - 1, bs * 10 - 7, 1, 0]
+    table, seq_lens, _ = shuffled_table(lens, bs, 0, g)
+    b, m = table.shape
+    scores = torch.randint(-2, 3, (b, m), generator=g).to(torch.float32)  # many ties
+    keep = torch.rand(b, m, generator=g) < 0.1
+    keep[:, 9] = False  # rows 1-5 own 10 blocks: block 9 is their partial last one
+    scores[1] = 1.0  # all tied: k = 9 of 10 takes blocks 0..8, not the last
+    scores[2] = 1.0  # all tied, k = 10: every block, the last included
+    keep[3] = False
+    keep[3, [2, 9]] = True  # k = 0: the forced blocks fill the budget, the last among them
+    keep[4] = False
+    keep[4, [2, 5]] = True  # the same without the last
+    scores[5, 9] = float("nan")  # NaN ranks last: dropped by k = 9
+    scores[0, -3] = float("nan")
+    k = torch.tensor([m // 3, 9, 10, 0, 0, 9, 1, 2])
+    rtab, rlens = REF.select_and_rewrite(scores, k, keep, table, seq_lens, bs)
+    assert int(rlens[1]) == 9 * bs and int(rlens[2]) == lens[2]  # the cases the rows are for
+    assert int(rlens[3]) == bs + bs - 1 and int(rlens[4]) == 2 * bs and int(rlens[5]) == 9 * bs
+    args = tuple(map(backend.to, (keep, table, seq_lens)))
+    for _ in backend.each_topk_variant():
+        tab, new_lens = backend.ops.select_and_rewrite(backend.to(scores), backend.to(k), *args, bs)
+        assert torch.equal(host(tab), rtab) and torch.equal(host(new_lens), rlens)
+        dtab, dlens = backend.ops.select_and_rewrite(backend.to(-scores), backend.to(k), *args, bs, largest=False)
+        assert torch.equal(host(dtab), rtab) and torch.equal(host(dlens), rlens)
+
+
 def test_hamming_topk_pipeline(backend: Backend) -> None:
     """The decode step: Hamming distances -> negate -> top-k with sink/recent blocks forced."""
     g = gen(5)

@@ -8,8 +8,9 @@ depending on when TRITON_INTERPRET was set, and lets both modes live in one proc
 Interpreter mode needs TRITON_INTERPRET=1 set before `triton` is first imported: the standard
 library's reductions (tl.sum, tl.max, tl.cumsum) are themselves jit functions built at import.
 
-Kernels never call each other: the interpreter and the compiler resolve nested jit calls
-differently, so every helper (popcount, ...) is written inline.
+Kernels never call each other. Pieces two kernels (or two places of one) share are
+`@triton.jit` helpers, decorated at import like `tl.sum`, so they are in the mode the process
+imported triton in (`_order_key`, `_quest_group_bound`); small ones (popcount, ...) are inline.
 """
 
 from __future__ import annotations
@@ -302,6 +303,21 @@ def _hamming_kernel(
 
 
 # --------------------------------------------------------------------------------- selection
+@triton.jit
+def _order_key(x, forced, LARGEST: tl.constexpr):
+    """The top-k's order as int64 keys of scores x (a row or one score): forced blocks (2^32)
+    above every score, a score's float32 bits mapped order-preserving onto [0, 2^32) (+inf
+    included), NaN as -inf, -0.0 as +0.0; with LARGEST false, -x ranked (smaller is better)."""
+    x = x.to(tl.float32)
+    if not LARGEST:  # raw Hamming distances: rank -x, as a caller would
+        x = -x
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0
+    x = tl.where(x != x, float("-inf"), x)
+    bits = x.to(tl.int32, bitcast=True)
+    skey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return tl.where(forced, 4294967296, skey.to(tl.int64) + 2147483648)
+
+
 def _topk_kernel(
     score_ptr,
     k_ptr,
@@ -350,65 +366,79 @@ def _topk_kernel(
         n_b = tl.load(nblk_ptr + b).to(tl.int64)
     n_b = tl.minimum(n_b, M)  # a row cannot own more blocks than its table holds
     valid = (idx < n_b) & im
-    x = tl.load(score_ptr + b * stride_sb + idx, mask=im, other=0.0).to(tl.float32)
-    if not LARGEST:  # smaller is better (raw Hamming distances): rank -x, as a caller would
-        x = -x
+    x = tl.load(score_ptr + b * stride_sb + idx, mask=im, other=0.0)
     forced = (tl.load(keep_ptr + b * stride_kb + idx, mask=im, other=0) != 0) & valid
     n_forced = tl.sum(forced.to(tl.int32), axis=0).to(tl.int64)  # counts and prefix sums: 32-bit
     kb = tl.load(k_ptr + b).to(tl.int64)
     cnt = tl.minimum(n_b, tl.maximum(kb, n_forced))
-    x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0
-    x = tl.where(x != x, float("-inf"), x)
-    bits = x.to(tl.int32, bitcast=True)
-    skey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    key = skey.to(tl.int64) + 2147483648  # [0, 2^32): every float, +inf included
-    key = tl.where(forced, 4294967296, key)  # forced blocks outrank any score
+    key = _order_key(x, forced, LARGEST)
     key = tl.where(valid, key, -1)
     thr = tl.zeros([], dtype=tl.int64)
+    need = tl.zeros([], dtype=tl.int64)  # keys equal to thr to take (lowest index first)
+    n_eq = tl.zeros([], dtype=tl.int64)  # valid keys equal to thr (histogram path)
     if SORT:  # one bitonic sort of (key, reversed index) packed into int64 (M < 2^16)
         packed = ((key + 1) << 16) | (65535 - idx.to(tl.int64))
         srt = tl.sort(packed, dim=0, descending=True)
         cut = tl.sum(tl.where(idx == cnt - 1, srt, 0), axis=0)
         sel = (packed >= cut) & valid & (cnt > 0)
-    elif RADIX_BITS == 8:
-        # forced blocks are all kept (cnt >= n_forced); the other rem = cnt - n_forced come from
-        # the unforced keys (< 2^32), whose rem-th largest value is found 8 bits per pass: a
-        # 256-bin histogram of the pass's digit over the keys that match the threshold's higher
-        # digits, then the largest digit with >= rem keys at or above it (4 passes)
-        rem = cnt - n_forced
-        if cnt >= n_b:  # the row keeps every valid block (a dense row): no ranking needed
+        pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    else:
+        if RADIX_BITS == 8:
+            # forced blocks are all kept (cnt >= n_forced); the other rem = cnt - n_forced come
+            # from the unforced keys (< 2^32), whose rem-th largest value is found 8 bits per
+            # pass: a 256-bin histogram of the pass's digit over the keys that match the
+            # threshold's higher digits, its reverse prefix sum (keys at or above each digit),
+            # then one max over (digit, keys above it, keys at it) packed in int64 (digits
+            # dominate, so it is the largest digit with >= rem keys at or above it): 3 block-wide
+            # steps a pass (4 passes), and what the selection needs comes out of the last one
+            rem = cnt - n_forced
+            if cnt >= n_b:  # the row keeps every valid block (a dense row): no ranking needed
+                thr = thr - 1
+            elif rem > 0:
+                free = valid & (key < 4294967296)
+                bins = tl.arange(0, 256).to(tl.int64)
+                for it in tl.static_range(4):
+                    shift = 24 - 8 * it
+                    match = free & ((key >> (shift + 8)) == (thr >> (shift + 8)))
+                    hist = tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
+                    at_or_above = tl.cumsum(hist, axis=0, reverse=True)
+                    packed = (bins << 34) | ((at_or_above - hist).to(tl.int64) << 17) | hist.to(tl.int64)
+                    best = tl.max(tl.where(at_or_above >= rem, packed, 0), axis=0)
+                    rem -= (best >> 17) & 131071
+                    n_eq = best & 131071
+                    thr = thr | ((best >> 34) << shift)
+                need = rem
+            else:  # the forced blocks fill the row's budget: they are the keys at the threshold
+                thr = thr + 4294967296
+                need = cnt
+                n_eq = n_forced
+        elif cnt < n_b:
+            # the largest threshold with >= cnt keys at or above it, RADIX_BITS bits per pass:
+            # every candidate digit of a pass is counted at once (one [2^RADIX_BITS, BLOCK_M]
+            # reduction)
+            digit = tl.arange(0, 1 << RADIX_BITS).to(tl.int64)
+            for it in tl.static_range((33 + RADIX_BITS - 1) // RADIX_BITS):
+                shift = ((33 + RADIX_BITS - 1) // RADIX_BITS - 1 - it) * RADIX_BITS
+                cand = thr | (digit << shift)
+                c = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), axis=1)
+                thr = thr | (tl.max(tl.where(c >= cnt, digit, 0), axis=0) << shift)
+        else:  # the row keeps every valid block (a dense row): no ranking needed
             thr = thr - 1
-        elif rem > 0:
-            free = valid & (key < 4294967296)
-            bins = tl.arange(0, 256)
-            for it in tl.static_range(4):
-                shift = 24 - 8 * it
-                match = free & ((key >> (shift + 8)) == (thr >> (shift + 8)))
-                hist = tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
-                at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
-                digit = tl.max(tl.where(at_or_above >= rem, bins, 0), axis=0)
-                rem -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
-                thr = thr | (digit.to(tl.int64) << shift)
-        else:  # the forced blocks fill the row's budget
-            thr = thr + 4294967296
-    elif cnt < n_b:
-        # the largest threshold with >= cnt keys at or above it, RADIX_BITS bits per pass: every
-        # candidate digit of a pass is counted at once (one [2^RADIX_BITS, BLOCK_M] reduction)
-        digit = tl.arange(0, 1 << RADIX_BITS).to(tl.int64)
-        for it in tl.static_range((33 + RADIX_BITS - 1) // RADIX_BITS):
-            shift = ((33 + RADIX_BITS - 1) // RADIX_BITS - 1 - it) * RADIX_BITS
-            cand = thr | (digit << shift)
-            c = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), axis=1)
-            thr = thr | (tl.max(tl.where(c >= cnt, digit, 0), axis=0) << shift)
-    else:  # the row keeps every valid block (a dense row): no ranking needed
-        thr = thr - 1
-    if not SORT:
         above = key > thr
-        need = (cnt - tl.sum(above.to(tl.int32), axis=0)).to(tl.int32)
-        eq = key == thr
-        eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+        eq = (key == thr) & valid
+        if RADIX_BITS != 8:
+            need = cnt - tl.sum(above.to(tl.int32), axis=0)
+        # output slot = keys above so far + keys at the threshold taken so far: one prefix sum of
+        # both counts packed in int32 (each <= BLOCK_M <= 2^14)
+        if BLOCK_M <= 16384:
+            both = tl.cumsum((above.to(tl.int32) << 16) | eq.to(tl.int32), axis=0)
+            above_rank = both >> 16
+            eq_rank = both & 65535
+        else:
+            above_rank = tl.cumsum(above.to(tl.int32), axis=0)
+            eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
         sel = above | (eq & (eq_rank <= need))
-    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+        pos = above_rank + tl.minimum(eq_rank, need.to(tl.int32)) - 1
     tail = (idx >= cnt) & im
     if not REWRITE:  # the rewrite reads no ids: it writes the table and the length only
         tl.store(ids_ptr + b * stride_ib + pos, idx, mask=sel)
@@ -418,7 +448,17 @@ def _topk_kernel(
         phys = tl.load(table_ptr + b * stride_tb + idx, mask=sel, other=0)
         tl.store(newtab_ptr + b * stride_nb + pos, phys, mask=sel)
         tl.store(newtab_ptr + b * stride_nb + idx, tl.zeros([BLOCK_M], dtype=phys.dtype), mask=tail)
-        last_sel = tl.sum((sel & (idx == n_b - 1)).to(tl.int64), axis=0)
+        if RADIX_BITS == 8 and not SORT:
+            # whether the last valid block (the partly filled one) is kept, from its key alone:
+            # above the threshold, or at it with every key at it taken (it is the last of them)
+            last = tl.maximum(n_b - 1, 0)
+            last_x = tl.load(score_ptr + b * stride_sb + last, mask=n_b > 0, other=0.0)
+            last_forced = tl.load(keep_ptr + b * stride_kb + last, mask=n_b > 0, other=0) != 0
+            last_key = _order_key(last_x, last_forced, LARGEST)
+            last_sel = ((last_key > thr) | ((last_key == thr) & (n_eq <= need))) & (n_b > 0)
+            last_sel = last_sel.to(tl.int64)
+        else:
+            last_sel = tl.sum((sel & (idx == n_b - 1)).to(tl.int64), axis=0)
         last_len = seq_len - (n_b - 1) * BS
         new_len = cnt * BS - last_sel * (BS - last_len)
         tl.store(newlen_ptr + b, new_len.to(newlen_ptr.dtype.element_ty))
