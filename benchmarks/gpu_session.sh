@@ -18,12 +18,15 @@
 #   32b    plain vLLM vs ESA and GSA on device (its built-in Qwen3-32B JSON) at 32K x 4, ratio 0.3,
 #          on the Qwen3-32B shape (65.5 GB of dummy weights: an H200 only)
 #   tests  tests/test_vllm_gpu.py (the in-engine GPU tests)
+#   topk   the top-k + table rewrite against an earlier commit's kernel (topk_compare_gpu.py), then
+#          the CUDA top-k conformance cases; first, here: git show fcaab27:backends/cuda/kernels.py
+#          > .baseline_kernels.py (an untracked file travels with the checkout; delete it after)
 # A bench phase's --batches / --settings can be narrowed for a short session:
 #   BATCHES="8" SETTINGS="dense ESA:0.3" bash benchmarks/gpu_session.sh 32k
 # Merge the benches' JSON into benchmarks/results/vllm_gpu_decode.json with
 # `bench_vllm_gpu.py --merge` here afterwards.
 set -uo pipefail
-PHASE=${1:?usage: gpu_session.sh tune|32k|32kx|128k|32b|tests}
+PHASE=${1:?usage: gpu_session.sh tune|32k|32kx|128k|32b|tests|topk}
 R=$HOME/res/$PHASE
 mkdir -p "$R" "$HOME/tuned"
 export PYTHONUNBUFFERED=1 UCM_CUDA_TUNED_DIR=$HOME/tuned
@@ -74,8 +77,16 @@ case $PHASE in
     timeout 570 python -m pytest -x -q -p no:cacheprovider tests/test_vllm_gpu.py > "$R/vllm_gpu_tests.txt" 2>&1
     tail -3 "$R/vllm_gpu_tests.txt"
     ;;
+  topk)
+    timeout 330 python benchmarks/topk_compare_gpu.py --baseline .baseline_kernels.py --baseline-name fcaab27 \
+      --out "$R" > "$R/topk.log" 2>&1
+    grep -E "^\{" "$R/topk.log" | head -40
+    timeout 230 python -m pytest -q -p no:cacheprovider tests/test_ops_conformance.py -k "cuda and (topk or rewrite)" \
+      > "$R/cuda_conformance.txt" 2>&1
+    tail -2 "$R/cuda_conformance.txt"
+    ;;
   *)
-    echo "unknown phase $PHASE: tune|32k|32kx|128k|32b|tests" >&2
+    echo "unknown phase $PHASE: tune|32k|32kx|128k|32b|tests|topk" >&2
     exit 2
     ;;
 esac

@@ -151,10 +151,11 @@ def _sweep_dot_and_topk(ops, q: torch.Tensor, table: torch.Tensor, lens: torch.T
     us = graph_us(lambda: [ops.block_scores_dot(q, reps, table, lens, BS) for _ in range(LAYERS)]) / LAYERS
     out.append({"op": "block_scores_dot", "batch": b, "blocks": m, "default": True, "us": round(us, 2)})
     # compare-radix 1 and 8 were slower everywhere (s10); "radix 8" is now the histogram passes
-    for strategy in ("radix 8", "radix 2", "radix 4", "sort"):
+    for strategy in ("radix 8", "radix 8 early exit", "radix 2", "radix 4", "sort"):
         for w in (1, 2, 4, 8, 16):
             ops.topk_warps, ops.topk_sort = w, strategy == "sort"
             ops.topk_radix_bits = int(strategy.split()[1]) if strategy != "sort" else None
+            ops.topk_early_exit = strategy.endswith("early exit")
             us = graph_us(lambda: [ops.select_and_rewrite(scores, k, must, table, lens, BS) for _ in range(LAYERS)])
             out.append(
                 {
@@ -167,6 +168,7 @@ def _sweep_dot_and_topk(ops, q: torch.Tensor, table: torch.Tensor, lens: torch.T
                 }
             )
     ops.topk_warps = ops.topk_radix_bits = ops.topk_sort = None
+    ops.topk_early_exit = False
     kd = torch.full_like(k, m)
     us = graph_us(lambda: [ops.select_and_rewrite(scores, kd, must, table, lens, BS) for _ in range(LAYERS)])
     out.append({"op": "select_and_rewrite(k=n, dense rows)", "batch": b, "blocks": m, "us": round(us / LAYERS, 2)})

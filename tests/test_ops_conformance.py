@@ -104,6 +104,7 @@ def _cuda_backend(request) -> Backend:
         gpu=ON_GPU,
         topk_variants=[  # 8-bit histogram radix, 2-bit compare radix, sort
             {"topk_sort": False, "topk_radix_bits": 8},
+            {"topk_sort": False, "topk_radix_bits": 8, "topk_early_exit": True},
             {"topk_sort": False, "topk_radix_bits": 2},
             {"topk_sort": True, "topk_radix_bits": None},
         ],

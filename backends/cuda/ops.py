@@ -69,6 +69,9 @@ class CudaOps(TorchReferenceOps):
         self.topk_warps: int | None = None
         self.topk_radix_bits: int | None = None
         self.topk_sort: bool | None = None
+        #: the histogram passes stop once the threshold digit's bin is taken whole (off until timed
+        #: on a GPU: session 29 had none)
+        self.topk_early_exit: bool = False
         self.scores_block_m: int | None = None
         self.scores_warps: int | None = None
         self.grouped_dot: bool = True  # GSA's per-group scores on the tensor cores where they can run
@@ -1082,6 +1085,7 @@ class CudaOps(TorchReferenceOps):
             num_warps=warps,
             RADIX_BITS=radix,
             SORT=sort,
+            EARLY_EXIT=self.topk_early_exit,
         )
         if rewrite:
             return ids, counts, new_table, new_lens
