@@ -1,8 +1,9 @@
 """The top-k + table rewrite (`CudaOps.select_and_rewrite`, the op the engine calls per sparse
 layer) of this checkout against the top-k kernel of another commit, side by side in one run:
 the same inputs, 36 calls per CUDA graph as a 36-layer model replays them, every launch setting
-of each, and whether both rewrite the same tables. This checkout runs twice: with its defaults
-and with the histogram passes' opt-in early stop (`CudaOps.topk_early_exit`).
+of each, and whether both rewrite the same tables. This checkout runs twice: "now" without the
+histogram passes' early stop (`CudaOps.topk_early_exit`, on by default since session 29) and
+"now_early_exit" with it.
 
 The baseline is a kernels file, because the GPU machine's copy of the checkout has no reliable
 git history; write it here before the run call (it travels as an untracked file):
@@ -39,8 +40,19 @@ def ops_with_topk_of(path: str) -> CudaOps:
     spec.loader.exec_module(mod)
     ops = CudaOps()
     ops._k = type(ops._k)(**vars(ops._k))
-    ops._k.topk_kernel = mod.get_kernels(False).topk_kernel
+    ops._k.topk_kernel = _TakesKnownArgs(mod.get_kernels(False).topk_kernel)
     return ops
+
+
+class _TakesKnownArgs:
+    """A kernel launcher that drops the keyword arguments an older kernel does not declare."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.names = kernel, set(kernel.arg_names)
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        return lambda *args, **kw: launch(*args, **{k: v for k, v in kw.items() if k in self.names})
 
 
 def case(b: int, m: int, ratio: float, seed: int = 0):
@@ -69,19 +81,22 @@ def main() -> None:
     ap.add_argument("--baseline", required=True, help="a backends/cuda/kernels.py of another commit")
     ap.add_argument("--baseline-name", default="baseline")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--cells", nargs="*", help="BATCH:COLUMNS:RATIO cells (default: CELLS)")
+    ap.add_argument("--default-launch-only", action="store_true", help="time each cell's default launch only")
     args = ap.parse_args()
-    early = CudaOps()
-    early.topk_early_exit = True
-    every = [(args.baseline_name, ops_with_topk_of(args.baseline)), ("now", CudaOps()), ("now_early_exit", early)]
+    cells = [(int(b), int(m), float(r)) for b, m, r in (c.split(":") for c in args.cells)] if args.cells else CELLS
+    plain, early = CudaOps(), CudaOps()
+    plain.topk_early_exit, early.topk_early_exit = False, True
+    every = [(args.baseline_name, ops_with_topk_of(args.baseline)), ("now", plain), ("now_early_exit", early)]
     rows = []
-    for b, m, ratio in CELLS:
+    for b, m, ratio in cells:
         inputs = case(b, m, ratio)
         want = every[0][1].select_and_rewrite(*inputs, 128)
         same = all(
             all(torch.equal(x, y) for x, y in zip(want, ops.select_and_rewrite(*inputs, 128), strict=True))
             for _, ops in every
         )
-        for label, warps, bits, sort in launches(m):
+        for label, warps, bits, sort in launches(m)[: 1 if args.default_launch_only else None]:
             row = {"batch": b, "blocks": m, "ratio": ratio, "launch": label, "same_tables": same}
             for name, ops in every:
                 ops.topk_warps, ops.topk_radix_bits, ops.topk_sort = warps, bits, sort
@@ -89,6 +104,7 @@ def main() -> None:
                 row[f"{name}_us"] = round(us / LAYERS, 2)
             row["warps_bits_sort"] = every[1][1].topk_launch(1 << max(4, (m - 1).bit_length()))
             row["baseline_over_now"] = round(row[f"{args.baseline_name}_us"] / row["now_us"], 3)
+            row["baseline_over_now_early_exit"] = round(row[f"{args.baseline_name}_us"] / row["now_early_exit_us"], 3)
             rows.append(row)
             print(row, flush=True)
         for _, ops in every:

@@ -151,6 +151,7 @@ def _sweep_dot_and_topk(ops, q: torch.Tensor, table: torch.Tensor, lens: torch.T
     us = graph_us(lambda: [ops.block_scores_dot(q, reps, table, lens, BS) for _ in range(LAYERS)]) / LAYERS
     out.append({"op": "block_scores_dot", "batch": b, "blocks": m, "default": True, "us": round(us, 2)})
     # compare-radix 1 and 8 were slower everywhere (s10); "radix 8" is now the histogram passes
+    early_exit = ops.topk_early_exit
     for strategy in ("radix 8", "radix 8 early exit", "radix 2", "radix 4", "sort"):
         for w in (1, 2, 4, 8, 16):
             ops.topk_warps, ops.topk_sort = w, strategy == "sort"
@@ -168,7 +169,7 @@ def _sweep_dot_and_topk(ops, q: torch.Tensor, table: torch.Tensor, lens: torch.T
                 }
             )
     ops.topk_warps = ops.topk_radix_bits = ops.topk_sort = None
-    ops.topk_early_exit = False
+    ops.topk_early_exit = early_exit
     kd = torch.full_like(k, m)
     us = graph_us(lambda: [ops.select_and_rewrite(scores, kd, must, table, lens, BS) for _ in range(LAYERS)])
     out.append({"op": "select_and_rewrite(k=n, dense rows)", "batch": b, "blocks": m, "us": round(us / LAYERS, 2)})

@@ -102,9 +102,9 @@ def _cuda_backend(request) -> Backend:
         dev,
         interpreted=not ON_GPU,
         gpu=ON_GPU,
-        topk_variants=[  # 8-bit histogram radix, 2-bit compare radix, sort
+        topk_variants=[  # 8-bit histogram radix (with and without its early stop), 2-bit compare radix, sort
             {"topk_sort": False, "topk_radix_bits": 8},
-            {"topk_sort": False, "topk_radix_bits": 8, "topk_early_exit": True},
+            {"topk_sort": False, "topk_radix_bits": 8, "topk_early_exit": False},
             {"topk_sort": False, "topk_radix_bits": 2},
             {"topk_sort": True, "topk_radix_bits": None},
         ],

@@ -135,9 +135,9 @@ def _exercise(ops) -> None:
         budget = torch.full((batch,), m // 3, dtype=torch.int32)
         for largest in (True, False):
             ops.select_and_rewrite(scores, budget, keep, table, lens, bs, largest)
-        ops.topk_early_exit = True  # the histogram passes' opt-in early stop
+        ops.topk_early_exit = False  # the histogram passes without their early stop
         ops.select_and_rewrite(scores, budget, keep, table, lens, bs)
-        ops.topk_early_exit = False
+        ops.topk_early_exit = True
         ops.block_topk(scores, budget, keep, torch.full((batch,), m, dtype=torch.int32))
         weight = torch.randn(d, 128)
         codes = torch.zeros(nb, bs, hkv, 16, dtype=torch.uint8)

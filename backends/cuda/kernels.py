@@ -356,7 +356,7 @@ def _topk_kernel(
     ids come out ascending by compaction. With REWRITE the row's sparse block table (physical ids
     of the selection) and its token count are written too, so attention can read the selected
     blocks in place. EARLY_EXIT (histogram passes): stop once the threshold digit's bin holds
-    exactly the keys still needed (typically after 2-3 of the 4 passes on continuous scores).
+    exactly the keys still needed (often after 2 or 3 of the 4 passes on continuous scores).
     """
     b = tl.program_id(0)
     idx = tl.arange(0, BLOCK_M)
