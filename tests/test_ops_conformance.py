@@ -785,6 +785,17 @@ def test_block_topk_hypothesis(backend: Backend, b, m, levels, nan_p, forced_p, 
     assert_topk_equal(backend, scores, k, must, n_blocks)
 
 
+def assert_rewrite_equal(backend: Backend, scores, k, keep, table, seq_lens, bs, rtab, rlens) -> None:
+    """Every top-k strategy of the backend rewrites the reference's tables and lengths, from the
+    scores (largest first) and from their negation (largest=False)."""
+    args = tuple(map(backend.to, (keep, table, seq_lens)))
+    for _ in backend.each_topk_variant():
+        tab, new_lens = backend.ops.select_and_rewrite(backend.to(scores), backend.to(k), *args, bs)
+        assert torch.equal(host(tab), rtab) and torch.equal(host(new_lens), rlens)
+        dtab, dlens = backend.ops.select_and_rewrite(backend.to(-scores), backend.to(k), *args, bs, largest=False)
+        assert torch.equal(host(dtab), rtab) and torch.equal(host(dlens), rlens)
+
+
 @pytest.mark.parametrize("bs", [4, 16])
 def test_select_and_rewrite_rewrites_the_table(backend: Backend, bs: int) -> None:
     g = gen(bs)
@@ -809,12 +820,7 @@ def test_select_and_rewrite_rewrites_the_table(backend: Backend, bs: int) -> Non
         assert int(rlens[r]) == sum(min(bs, int(seq_lens[r]) - int(j) * bs) for j in sel)
     assert torch.equal(rtab[5, : int(n_b[5])], table[5, : int(n_b[5])]) and int(rlens[5]) == int(seq_lens[5])
     assert int(rlens[4]) == 0
-    args = tuple(map(backend.to, (keep, table, seq_lens)))
-    for _ in backend.each_topk_variant():
-        tab, new_lens = backend.ops.select_and_rewrite(backend.to(scores), backend.to(k), *args, bs)
-        assert torch.equal(host(tab), rtab) and torch.equal(host(new_lens), rlens)
-        dtab, dlens = backend.ops.select_and_rewrite(backend.to(-scores), backend.to(k), *args, bs, largest=False)
-        assert torch.equal(host(dtab), rtab) and torch.equal(host(dlens), rlens)
+    assert_rewrite_equal(backend, scores, k, keep, table, seq_lens, bs, rtab, rlens)
 
 
 @pytest.mark.parametrize("wide", [False, True])
@@ -847,12 +853,7 @@ def test_select_and_rewrite_partial_last_block(backend: Backend, wide: bool) -> 
     rtab, rlens = REF.select_and_rewrite(scores, k, keep, table, seq_lens, bs)
     assert int(rlens[1]) == 9 * bs and int(rlens[2]) == lens[2]  # the cases the rows are for
     assert int(rlens[3]) == bs + bs - 1 and int(rlens[4]) == 2 * bs and int(rlens[5]) == 9 * bs
-    args = tuple(map(backend.to, (keep, table, seq_lens)))
-    for _ in backend.each_topk_variant():
-        tab, new_lens = backend.ops.select_and_rewrite(backend.to(scores), backend.to(k), *args, bs)
-        assert torch.equal(host(tab), rtab) and torch.equal(host(new_lens), rlens)
-        dtab, dlens = backend.ops.select_and_rewrite(backend.to(-scores), backend.to(k), *args, bs, largest=False)
-        assert torch.equal(host(dtab), rtab) and torch.equal(host(dlens), rlens)
+    assert_rewrite_equal(backend, scores, k, keep, table, seq_lens, bs, rtab, rlens)
 
 
 def test_hamming_topk_pipeline(backend: Backend) -> None:
