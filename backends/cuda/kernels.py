@@ -413,10 +413,10 @@ def _topk_kernel(
                         thr = thr | ((best >> 34) << shift)
                         if EARLY_EXIT and n_eq == rem:  # the digit's bin is taken whole: no more passes
                             done = done + 1
+                need = rem
                 if done != 0:  # take every key >= thr (its lower digits are 0), none at thr - 1
                     thr = thr - 1
-                    rem = rem * 0
-                need = rem
+                    need = tl.zeros([], dtype=tl.int64)
             else:  # the forced blocks fill the row's budget: they are the keys at the threshold
                 thr = thr + 4294967296
                 need = cnt
