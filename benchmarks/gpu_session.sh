@@ -21,8 +21,9 @@
 #   topk   the top-k + table rewrite against an earlier commit's kernel (topk_compare_gpu.py), then
 #          the CUDA top-k conformance cases; first, here: git show fcaab27:backends/cuda/kernels.py
 #          > .baseline_kernels.py (an untracked file travels with the checkout; delete it after)
-# A bench phase's --batches / --settings can be narrowed for a short session:
-#   BATCHES="8" SETTINGS="dense ESA:0.3" bash benchmarks/gpu_session.sh 32k
+# A bench phase's --batches / --settings can be narrowed for a short session, and LIMIT (seconds,
+# default 570) shortens its time limit where the call also stages vLLM:
+#   BATCHES="8" SETTINGS="dense ESA:0.3" LIMIT=500 bash benchmarks/gpu_session.sh 32k
 # Merge the benches' JSON into benchmarks/results/vllm_gpu_decode.json with
 # `bench_vllm_gpu.py --merge` here afterwards.
 set -uo pipefail
@@ -46,7 +47,7 @@ case $PHASE in
     cp "$HOME"/tuned/*.json "$R/" 2>/dev/null && cat "$HOME"/tuned/*.json
     ;;
   32k)
-    timeout 570 python benchmarks/bench_vllm_gpu.py --contexts 32768 --batches ${BATCHES:-1 8} --new-tokens 48 --dense-again \
+    timeout ${LIMIT:-570} python benchmarks/bench_vllm_gpu.py --contexts 32768 --batches ${BATCHES:-1 8} --new-tokens 48 --dense-again \
       --profile 16 --gpu-memory-utilization 0.7 --out "$R" --name vllm_gpu_32k \
       --settings ${SETTINGS:-dense ESA:0.3 GSA:0.3 GSAOnDevice:0.3 KVStarMultiStep:0.3} > "$R/bench.log" 2>&1
     grep -E "^\[" "$R/bench.log"
@@ -56,25 +57,25 @@ case $PHASE in
     # card needs 0.75 for the KV (below, its engines preempt and the timings mean nothing: seen
     # on an H100 at 0.55) and leaves the bounds the rest
     MEM=$(awk -F', ' '{print ($2 + 0 > 100000) ? 0.7 : 0.75}' "$R/gpu.txt")
-    timeout 570 python benchmarks/bench_vllm_gpu.py --contexts 32768 --batches ${BATCHES:-8} --new-tokens 48 \
+    timeout ${LIMIT:-570} python benchmarks/bench_vllm_gpu.py --contexts 32768 --batches ${BATCHES:-8} --new-tokens 48 \
       --gpu-memory-utilization "$MEM" --out "$R" --name vllm_gpu_32k_extra \
       --settings ${SETTINGS:-dense ESA:0.1 ESA:0.999 Quest:0.3} > "$R/bench.log" 2>&1
     grep -E "^\[" "$R/bench.log"
     ;;
   128k)
-    timeout 570 python benchmarks/bench_vllm_gpu.py --contexts 131072 --batches ${BATCHES:-4} --new-tokens 24 \
+    timeout ${LIMIT:-570} python benchmarks/bench_vllm_gpu.py --contexts 131072 --batches ${BATCHES:-4} --new-tokens 24 \
       --out "$R" --name vllm_gpu_128k --settings ${SETTINGS:-dense ESA:0.3 ESA:0.1 GSA:0.3 GSAOnDevice:0.3} \
       > "$R/bench.log" 2>&1
     grep -E "^\[" "$R/bench.log"
     ;;
   32b)
-    timeout 570 python benchmarks/bench_vllm_gpu.py --model qwen3-32b --contexts 32768 --batches ${BATCHES:-4} \
+    timeout ${LIMIT:-570} python benchmarks/bench_vllm_gpu.py --model qwen3-32b --contexts 32768 --batches ${BATCHES:-4} \
       --new-tokens 32 --out "$R" --name vllm_gpu_32b --settings ${SETTINGS:-dense ESA:0.3 GSAOnDevice:0.3} \
       > "$R/bench.log" 2>&1
     grep -E "^\[" "$R/bench.log"
     ;;
   tests)
-    timeout 570 python -m pytest -x -q -p no:cacheprovider tests/test_vllm_gpu.py > "$R/vllm_gpu_tests.txt" 2>&1
+    timeout ${LIMIT:-570} python -m pytest -x -q -p no:cacheprovider tests/test_vllm_gpu.py > "$R/vllm_gpu_tests.txt" 2>&1
     tail -3 "$R/vllm_gpu_tests.txt"
     ;;
   topk)
