@@ -24,6 +24,7 @@
 # A bench phase's --batches / --settings can be narrowed for a short session, and LIMIT (seconds,
 # default 570) shortens its time limit where the call also stages vLLM:
 #   BATCHES="8" SETTINGS="dense ESA:0.3" LIMIT=500 bash benchmarks/gpu_session.sh 32k
+# (PROFILE=STEPS profiles the 128k phase's engines too; the 32k phase always profiles 16 steps.)
 # Merge the benches' JSON into benchmarks/results/vllm_gpu_decode.json with
 # `bench_vllm_gpu.py --merge` here afterwards.
 set -uo pipefail
@@ -63,7 +64,7 @@ case $PHASE in
     grep -E "^\[" "$R/bench.log"
     ;;
   128k)
-    timeout ${LIMIT:-570} python benchmarks/bench_vllm_gpu.py --contexts 131072 --batches ${BATCHES:-4} --new-tokens 24 \
+    timeout ${LIMIT:-570} python benchmarks/bench_vllm_gpu.py --contexts 131072 --batches ${BATCHES:-4} --new-tokens 24 ${PROFILE:+--profile $PROFILE} \
       --out "$R" --name vllm_gpu_128k --settings ${SETTINGS:-dense ESA:0.3 ESA:0.1 GSA:0.3 GSAOnDevice:0.3} \
       > "$R/bench.log" 2>&1
     grep -E "^\[" "$R/bench.log"
