@@ -17,7 +17,8 @@
 #   128k   plain vLLM vs ESA / GSA / GSA on device at 128K x 4, ratios 0.3 and 0.1
 #   32b    plain vLLM vs ESA and GSA on device (its built-in Qwen3-32B JSON) at 32K x 4, ratio 0.3,
 #          on the Qwen3-32B shape (65.5 GB of dummy weights: an H200 only)
-#   tests  tests/test_vllm_gpu.py (the in-engine GPU tests)
+#   tests  tests/test_vllm_gpu.py (the in-engine GPU tests: 440-610 s on an H100, so a call of its
+#          own after the staging calls, not inside the last of them)
 #   topk   the top-k + table rewrite against an earlier commit's kernel (topk_compare_gpu.py), then
 #          the CUDA top-k conformance cases; first, here: git show fcaab27:backends/cuda/kernels.py
 #          > .baseline_kernels.py (an untracked file travels with the checkout; delete it after)
