@@ -70,8 +70,8 @@ class CudaOps(TorchReferenceOps):
         self.topk_radix_bits: int | None = None
         self.topk_sort: bool | None = None
         #: the histogram passes stop once the threshold digit's bin is taken whole: on an H100, 128K
-        #: x 4 (1025 columns) at 0.3 8.1 us a layer against 11.6 without it and 15.2 for session
-        #: 28's kernel (gpu_runs/2026-12-07_s29/)
+        #: x 4 (1025 columns) at 0.3 7.96 us a layer against 11.26 without it and 14.90 for session
+        #: 28's kernel (gpu_runs/2026-12-07_s29/, default launches)
         self.topk_early_exit: bool = True
         self.scores_block_m: int | None = None
         self.scores_warps: int | None = None
