@@ -14,7 +14,10 @@
 #   32kx   plain vLLM vs ESA at 0.1 and 0.999 (the overhead cell) and Quest (its bf16 bounds of
 #          groups of 4 are a quarter of the KV cache's bytes: vLLM gets 0.7 of an H200, 0.75 of an
 #          80 GiB card) at 32K x 8
-#   128k   plain vLLM vs ESA / GSA / GSA on device at 128K x 4, ratios 0.3 and 0.1
+#   128k   plain vLLM vs ESA (scored every step, and every 5 steps: retrieval_stride 5) and GSA on
+#          device at 128K x 4, ratios 0.3 and 0.1
+#   stride plain vLLM vs ESA scored every step and every 5 steps at 32K x 8: 0.3, 0.1 and 0.999
+#          (the overhead cell)
 #   32b    plain vLLM vs ESA and GSA on device (its built-in Qwen3-32B JSON) at 32K x 4, ratio 0.3,
 #          on the Qwen3-32B shape (65.5 GB of dummy weights: an H200 only)
 #   tests  tests/test_vllm_gpu.py (the in-engine GPU tests: 440-610 s on an H100, so a call of its
@@ -29,7 +32,7 @@
 # Merge the benches' JSON into benchmarks/results/vllm_gpu_decode.json with
 # `bench_vllm_gpu.py --merge` here afterwards.
 set -uo pipefail
-PHASE=${1:?usage: gpu_session.sh tune|32k|32kx|128k|32b|tests|topk}
+PHASE=${1:?usage: gpu_session.sh tune|32k|32kx|stride|128k|32b|tests|topk}
 R=$HOME/res/$PHASE
 mkdir -p "$R" "$HOME/tuned"
 export PYTHONUNBUFFERED=1 UCM_CUDA_TUNED_DIR=$HOME/tuned
@@ -64,9 +67,17 @@ case $PHASE in
       --settings ${SETTINGS:-dense ESA:0.1 ESA:0.999 Quest:0.3} > "$R/bench.log" 2>&1
     grep -E "^\[" "$R/bench.log"
     ;;
+  stride)
+    timeout ${LIMIT:-570} python benchmarks/bench_vllm_gpu.py --contexts 32768 --batches ${BATCHES:-8} --new-tokens 48 --dense-again \
+      --gpu-memory-utilization 0.7 --out "$R" --name vllm_gpu_32k_stride \
+      --settings ${SETTINGS:-dense ESA:0.3 ESA:0.3:retrieval_stride=5 ESA:0.1:retrieval_stride=5 ESA:0.999:retrieval_stride=5} \
+      > "$R/bench.log" 2>&1
+    grep -E "^\[" "$R/bench.log"
+    ;;
   128k)
     timeout ${LIMIT:-570} python benchmarks/bench_vllm_gpu.py --contexts 131072 --batches ${BATCHES:-4} --new-tokens 24 ${PROFILE:+--profile $PROFILE} \
-      --out "$R" --name vllm_gpu_128k --settings ${SETTINGS:-dense ESA:0.3 ESA:0.1 GSA:0.3 GSAOnDevice:0.3} \
+      --out "$R" --name vllm_gpu_128k \
+      --settings ${SETTINGS:-dense ESA:0.3 ESA:0.3:retrieval_stride=5 ESA:0.1:retrieval_stride=5 GSAOnDevice:0.3} \
       > "$R/bench.log" 2>&1
     grep -E "^\[" "$R/bench.log"
     ;;
@@ -89,7 +100,7 @@ case $PHASE in
     tail -2 "$R/cuda_conformance.txt"
     ;;
   *)
-    echo "unknown phase $PHASE: tune|32k|32kx|128k|32b|tests|topk" >&2
+    echo "unknown phase $PHASE: tune|32k|32kx|stride|128k|32b|tests|topk" >&2
     exit 2
     ;;
 esac

@@ -185,3 +185,79 @@ def test_host_scoring_gsa_cannot_run_in_a_batch() -> None:
     shapes = ModelShapes(LAYERS, HQ, HKV, D, BS, NB)
     with pytest.raises(ValueError, match="cannot score a batch without host reads"):
         BatchSelector(build("GSA", TorchReferenceOps(), shapes, host_scoring=True))
+
+
+def expected_blocks(scores: torch.Tensor, k: int, must: torch.Tensor, n: int) -> list[int]:
+    """Logical blocks a row keeps: its forced blocks, then the best others up to k (ties and -inf:
+    lower index first), in ascending order (`SparseOps.block_topk`'s contract, in plain Python)."""
+    forced = [j for j in range(n) if bool(must[j])]
+    others = sorted((j for j in range(n) if not bool(must[j])), key=lambda j: (-float(scores[j]), j))
+    return sorted(forced + others[: max(k - len(forced), 0)])
+
+
+@pytest.mark.parametrize("ops", backends())
+def test_retrieval_stride_keeps_a_rows_scores_until_it_is_due(ops) -> None:
+    """With a stride of 3 a decode row is scored on its steps 0, 3, 6 and in between keeps the
+    blocks those scores rank best, its forced blocks and budget taken at its current length; the
+    scorer reads nothing for a row that keeps its scores; a row whose request changes (rows
+    swapped, a new request in the row) is scored at once."""
+    dev = torch.device("cpu")
+    shapes = ModelShapes(LAYERS, HQ, HKV, D, BS, NB, dev)
+    g = torch.Generator().manual_seed(11)
+    keys = {"blk_repre_dtype": str(ops.group_sums_dtype(dev, BS)).removeprefix("torch."), "retrieval_stride": 3}
+    method = build("ESA", ops, shapes, host_scoring=False, **keys)
+    sel = BatchSelector(method, max_rows=8)
+    assert sel.stride == 3 and BatchSelector(method).stride == 1  # no max_rows: every step scores
+    calls: list[torch.Tensor] = []
+    scorer_scores = method.scorer.batch_scores
+
+    def spy(layer, q, table, lens):  # the real scorer; records the lengths it was given
+        calls.append(lens.clone())
+        return scorer_scores(layer, q, table, lens)
+
+    method.scorer.batch_scores = spy
+    m, rows = 16, 3
+    table = torch.randperm(NB, generator=g)[: rows * m].view(rows, m).to(torch.int32)
+    lens = torch.tensor([37, 50, 45])
+    written = torch.zeros(rows, dtype=torch.long)
+
+    def write_up_to(n: torch.Tensor) -> None:
+        for r in range(rows):
+            pos = torch.arange(int(written[r]), int(n[r]))
+            slots = table[r, pos // BS].long() * BS + pos % BS
+            for layer in range(LAYERS):
+                method.on_kv_written(layer, torch.randn(len(pos), HKV, D, generator=g), slots)
+            written[r] = n[r]
+
+    scored_at: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # row -> (query, table, full lens)
+    for step in range(8):
+        if step == 4:  # rows 0 and 1 swap (another request in each row): both are scored again
+            table, lens, written = table[[1, 0, 2]], lens[[1, 0, 2]], written[[1, 0, 2]]
+            scored_at = {0: scored_at[1], 1: scored_at[0], 2: scored_at[2]}
+        write_up_to(lens)
+        query = torch.randn(rows, HQ, D, generator=g)
+        qsl = torch.arange(rows + 1, dtype=torch.int32)
+        plan = sel.plan(qsl, lens.to(torch.int32), table, max_query_len=1)
+        due = [(step - 4) % 3 == 0 if r < 2 and step >= 4 else step % 3 == 0 for r in range(rows)]
+        assert plan.reuse.tolist() == [not d for d in due], step
+        full = (lens // BS) * BS
+        for r in range(rows):
+            if due[r]:
+                scored_at[r] = (query[r], table[r].clone(), full[r].clone())
+        calls.clear()
+        for layer in (0, 2):  # ESA's sparse layers (1 is dense)
+            got_table, got_lens = sel.select(layer, query, plan)
+            assert calls[-1].tolist() == [int(full[r]) if due[r] else 0 for r in range(rows)]
+            k, must, want_lens = sel._budgets(sel.policies[layer], plan)
+            for r in range(rows):
+                q0, t0, n0 = scored_at[r]
+                scores = scorer_scores(layer, q0[None], t0[None], n0[None])[0]
+                n = int((lens[r] + BS - 1) // BS)
+                want = expected_blocks(scores, int(k[r]), must[r], n)
+                assert got_table[r, : len(want)].tolist() == table[r, want].tolist(), (step, layer, r)
+                assert int(got_lens[r]) == int(want_lens[r])
+        lens = lens + 1
+    fresh = table.clone()
+    fresh[2] = torch.randperm(NB, generator=g)[:m].to(torch.int32)  # a new request in row 2, same length
+    plan = sel.plan(torch.arange(rows + 1, dtype=torch.int32), lens.to(torch.int32), fresh, max_query_len=1)
+    assert plan.reuse.tolist() == [True, True, False]

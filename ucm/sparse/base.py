@@ -77,6 +77,9 @@ class BlockScorer(ABC):
     #: `batch_scores` is given the tokens of full blocks only (the partial last block has no
     #: representation yet; it is always kept)
     batch_full_blocks: bool = False
+    #: `batch_scores` depend on the current query alone, so the batch path may keep a row's scores
+    #: for `retrieval_stride` steps as the per-request path does (`ucm.sparse.batch_selection`)
+    batch_reuses_scores: bool = True
     #: `score` is a sum over KV heads of a term that is 0 when that head's query heads are all 0
     #: (ESA, GSA, Quest): `score` with one GQA group's queries kept and the rest zeroed is that KV
     #: head's own score, which `kv_head_combine="rank"` needs

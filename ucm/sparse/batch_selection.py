@@ -15,9 +15,20 @@ A row selects when it decodes (one query token) and its length reaches the metho
 `seq_len_threshold`; every other row (prefill, chunked prefill, speculative rows, padding) gets
 k = all of its blocks, so the kernel hands its own table and length back. A batch with fewer rows
 than the method's `concurrency_threshold` (default `BATCH_MIN_ROWS`) stays dense as a whole: a
-host decision on the batch's shape, which is fixed for a captured graph. Selection runs every
-step: there is no per-request state to keep a previous step's choice in (`retrieval_stride`,
-`sticky_steps`, `bound_guard_top` and `kv_head_combine` apply to the per-request path only).
+host decision on the batch's shape, which is fixed for a captured graph.
+
+**Retrieval stride.** With `max_rows` (the engine's most rows a step) and a method whose
+`retrieval_stride` s is above 1 and whose batch scores depend on the current query alone
+(`BlockScorer.batch_reuses_scores`), a row is scored on one step in s and keeps those scores
+for the s - 1 steps after it, its budget and windows recomputed at its current length each step
+(as the per-request path does, there one step late). The state is per batch row, on the device:
+the length at the row's last scoring and the physical block holding that length's last token.
+A row re-scores when that block is no longer where its table says (another request moved into
+the row, the request was preempted and rescheduled), when it did not grow by 1 to s - 1 tokens
+since, or when it did not select then. A row that keeps its scores is given length 0 to the
+scorer, which then reads none of its representations: the scorer's work follows the rows that
+are due. `sticky_steps`, `bound_guard_top` and `kv_head_combine` apply to the per-request path
+only.
 """
 
 from __future__ import annotations
@@ -48,13 +59,16 @@ class BatchPlan:
     full_lens: torch.Tensor  # [B] int64: tokens in full blocks (what representation scorers score)
     # policy -> (k [B], must [B, M], lens [B]: the tokens each row reads under that policy)
     budgets: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    reuse: torch.Tensor | None = None  # [B] bool: rows that keep their last scores (None: every row is scored)
     results: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (table, lens)
 
 
 class BatchSelector:
     """Runs a `SparseMethod`'s scorer and layer policies over whole batches (see module doc)."""
 
-    def __init__(self, method: SparseMethod) -> None:
+    def __init__(self, method: SparseMethod, max_rows: int | None = None) -> None:
+        """`max_rows`: the most rows a step can have (vLLM's `max_num_seqs`); without it every
+        row is scored every step (see the module doc's retrieval stride)."""
         scorer, selector = method.scorer, method.selector
         if not scorer.batch_safe:
             raise ValueError(
@@ -89,6 +103,11 @@ class BatchSelector:
         # selecting rows]; only ever added to on the device (read with `counters_to_host`)
         self.blocks = torch.zeros(len(self.policies), 2, dtype=torch.int64, device=dev)
         self.rows = torch.zeros(2, dtype=torch.int64, device=dev)
+        stride = method.retrieval_stride if scorer.batch_reuses_scores else 1
+        self.stride = stride if max_rows and self.sparse_layers else 1
+        # per row: (tokens at its last scoring, physical block of that length's last token); 0: none
+        self._anchor = torch.zeros(2, max_rows, dtype=torch.int64, device=dev) if self.stride > 1 else None
+        self._kept_scores: dict[tuple[int, int], torch.Tensor] = {}  # (layer, M) -> [max_rows, M]: rows' last scores
 
     def layer_selects(self, layer: int) -> bool:
         p = self.policies[layer]
@@ -117,7 +136,26 @@ class BatchSelector:
             eligible = ((starts[1:] - starts[:-1]) == 1) & (lens >= max(self.seq_len_threshold, 1))
             q_index = (starts[1:] - 1).clamp(min=0)
         bs = self.block_size
-        return BatchPlan(seq_lens, block_table, q_index, eligible, (lens + bs - 1) // bs, (lens // bs) * bs)
+        plan = BatchPlan(seq_lens, block_table, q_index, eligible, (lens + bs - 1) // bs, (lens // bs) * bs)
+        if self._anchor is not None and b <= self._anchor.shape[1]:  # a host fact of the batch's shape
+            plan.reuse = self._reuse_rows(lens, block_table, eligible)
+        return plan
+
+    def _reuse_rows(self, lens: torch.Tensor, block_table: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+        """Rows that keep their last scores this step; the others' anchors move to this step."""
+        b, m = block_table.shape
+        anchor = self._anchor[:, :b]
+
+        def block_of(n: torch.Tensor) -> torch.Tensor:  # physical block holding token n - 1 of each row
+            at = ((n - 1).clamp(min=0) // self.block_size).clamp(max=max(m - 1, 0))
+            return block_table.gather(1, at[:, None])[:, 0].to(torch.int64)
+
+        age = lens - anchor[0]
+        same = (anchor[0] > 0) & (block_of(anchor[0]) == anchor[1])
+        reuse = eligible & same & (age > 0) & (age < self.stride)
+        scored = eligible & ~reuse
+        anchor.copy_(torch.where(scored, torch.stack([lens, block_of(lens)]), anchor))
+        return reuse
 
     def _budgets(self, policy: LayerPolicy, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(k [B] in blocks, must_keep [B, M], lens [B]) for a policy: `BlockSelector.budgets`
@@ -190,7 +228,11 @@ class BatchSelector:
         else:
             q = query[: plan.seq_lens.shape[0]] if plan.q_index is None else query.index_select(0, plan.q_index)
             lens = plan.full_lens if self.scorer.batch_full_blocks else plan.seq_lens
+            if plan.reuse is not None:  # a row that keeps its scores reads no representation
+                lens = torch.where(plan.reuse, 0, lens)
             scores = self.scorer.batch_scores(layer, q, plan.block_table, lens)
+            if plan.reuse is not None:
+                scores = self._keep_scores(layer, scores, plan.reuse)
             largest = self.scorer.batch_largest
             if self.unit_blocks > 1:  # rank whole units: every block of a unit carries the unit's score
                 if not largest:
@@ -207,6 +249,19 @@ class BatchSelector:
         if layer == self.last_layer:
             self._count(plan)
         return out
+
+    def _keep_scores(self, layer: int, scores: torch.Tensor, reuse: torch.Tensor) -> torch.Tensor:
+        """The rows' scores this step: the kept ones where `reuse`, else this step's (then kept)."""
+        b, m = scores.shape
+        kept = self._kept_scores.get((layer, m))
+        if kept is None:  # never freed: a captured graph keeps its address
+            # no fill: a row reads its kept scores only after a step that scored it wrote them
+            kept = self._kept_scores[(layer, m)] = torch.empty(
+                self._anchor.shape[1], m, dtype=scores.dtype, device=scores.device
+            )
+        rows = kept[:b]
+        torch.where(reuse[:, None], rows, scores, out=rows)
+        return rows
 
     def _count(self, plan: BatchPlan) -> None:
         """Add this step's kept / held blocks per sparse layer and its selecting rows to the

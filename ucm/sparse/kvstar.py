@@ -156,6 +156,9 @@ class KVStarScorer(BlockScorer):
 
     batch_safe = True
     batch_full_blocks = True
+    #: the per-request path scores a window of `retrieval_stride` queries; the batch path scores
+    #: the current one every step instead of keeping one query's scores for a stride
+    batch_reuses_scores = False
 
     def batch_scores(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor

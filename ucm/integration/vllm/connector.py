@@ -256,6 +256,7 @@ class UCMConnector(KVConnectorBase_V1):
                 device_kind=_device_kind(),
                 model_config_file=self.model_config_file,
                 batch_mode=batch_path_platform(),
+                max_rows=vllm_config.scheduler_config.max_num_seqs,
             )
             if self.offload_policy is not None:
                 self.runtime.offload = OffloadWorker(self.offload_policy, self.runtime.num_layers)

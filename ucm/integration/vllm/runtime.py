@@ -82,12 +82,14 @@ class SparseRuntime:
         log_interval_s: float = 10.0,
         model_config_file=None,
         batch_mode: bool = False,
+        max_rows: int | None = None,
     ) -> None:
         """`ops_factory()` returns the op backend (resolved lazily, in the worker process).
 
         `batch_mode`: the attention wrapper selects through `batch_selection` (static shapes, no
         host reads, every step: the path that runs inside CUDA graphs) instead of the
-        per-request `decode_selection`."""
+        per-request `decode_selection`. `max_rows` (the engine's most rows a step): lets that path
+        keep a row's block scores for the method's `retrieval_stride` steps."""
         self.config = config
         self.num_layers = num_layers
         self.model_name = model_name
@@ -96,6 +98,7 @@ class SparseRuntime:
         self.model_config_file = model_config_file
         self.method: SparseMethod | None = None
         self.batch_mode = batch_mode
+        self.max_rows = max_rows
         self.batch: BatchSelector | None = None
         self.deferred: DeferredWrites | None = None  # batch mode: one representation write per step
         self._batch_host: LaggedRead | None = None
@@ -167,15 +170,16 @@ class SparseRuntime:
                         "ucm's CUDA graph decode path runs on one tensor-parallel rank so far "
                         "(block scores are not summed over ranks there); run with TP=1"
                     )
-                self.batch = BatchSelector(self.method)
+                self.batch = BatchSelector(self.method, self.max_rows)
                 if self.method.writes_from_caches:
                     self.deferred = DeferredWrites(self.method.write_from_caches, self.num_layers - 1)
                 if getattr(self.config, "retrieval_stride", 1) > 1:
                     logger.info(
-                        "ucm %s: retrieval_stride %d applies to the per-request path; the CUDA graph path "
-                        "selects every step",
+                        "ucm %s: the CUDA graph path scores a row %s",
                         self.method.name,
-                        self.config.retrieval_stride,
+                        f"every {self.batch.stride} steps (retrieval_stride)"
+                        if self.batch.stride > 1
+                        else "every step (its scores use a window of queries on the per-request path)",
                     )
             logger.info(
                 "ucm %s active: %d layers, %d q / %d kv heads per rank, block %d, %d blocks; side caches %.1f MiB",
