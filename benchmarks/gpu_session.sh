@@ -21,7 +21,8 @@
 #   32b    plain vLLM vs ESA and GSA on device (its built-in Qwen3-32B JSON) at 32K x 4, ratio 0.3,
 #          on the Qwen3-32B shape (65.5 GB of dummy weights: an H200 only)
 #   tests  tests/test_vllm_gpu.py (the in-engine GPU tests: 440-610 s on an H100, so a call of its
-#          own after the staging calls, not inside the last of them)
+#          own after the staging calls, not inside the last of them; TESTS_K="expr" runs pytest's
+#          -k selection of them, e.g. TESTS_K=stride)
 #   topk   the top-k + table rewrite against an earlier commit's kernel (topk_compare_gpu.py), then
 #          the CUDA top-k conformance cases; first, here: git show fcaab27:backends/cuda/kernels.py
 #          > .baseline_kernels.py (an untracked file travels with the checkout; delete it after)
@@ -88,7 +89,8 @@ case $PHASE in
     grep -E "^\[" "$R/bench.log"
     ;;
   tests)
-    timeout ${LIMIT:-570} python -m pytest -x -q -p no:cacheprovider tests/test_vllm_gpu.py > "$R/vllm_gpu_tests.txt" 2>&1
+    timeout ${LIMIT:-570} python -m pytest -x -q -p no:cacheprovider tests/test_vllm_gpu.py ${TESTS_K:+-k "$TESTS_K"} \
+      > "$R/vllm_gpu_tests.txt" 2>&1
     tail -3 "$R/vllm_gpu_tests.txt"
     ;;
   topk)

@@ -149,8 +149,14 @@ def test_full_budget_selection_gives_plain_vllms_tokens(workdir, dense_graphs) -
     assert sum(c["kept"]) == sum(c["total"]) > 0
 
 
-@pytest.mark.parametrize("setting", [f"{m}:0.3" for m in method_names()])
+@pytest.mark.parametrize(
+    "setting",
+    [f"{m}:0.3" for m in method_names()] + ["ESA:0.3:retrieval_stride=5"],
+    ids=lambda s: s.replace(":retrieval_stride=", "-stride"),
+)
 def test_graphs_and_eager_give_the_same_tokens(workdir, setting) -> None:
+    """The stride variant: a captured graph keeps each row's scores between its due steps as eager
+    steps do (state the replays carry from step to step, not reset by them)."""
     graphs = run_engine(workdir, setting, prompts(4), [24] * 4)
     eager = run_engine(workdir, setting, prompts(4), [24] * 4, graphs=False, check_attention=True)
     same_tokens(graphs, eager)
