@@ -607,7 +607,11 @@ def assemble_run(header: dict, engines: dict[str, dict], failed: dict[str, str],
 
 
 def checkout_commit(where: Path = HERE) -> str | None:
-    """The commit of the checkout the run measures (None outside a git checkout)."""
+    """The commit of the checkout the run measures (None outside a git checkout). `UCM_COMMIT`
+    overrides it: the device machine's copy of a checkout may carry older git metadata than its
+    files (seen in session 31: the files of the session's last commit, HEAD at its first)."""
+    if os.environ.get("UCM_COMMIT"):
+        return os.environ["UCM_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):

@@ -39,7 +39,8 @@ mkdir -p "$R" "$HOME/tuned"
 export PYTHONUNBUFFERED=1 UCM_CUDA_TUNED_DIR=$HOME/tuned
 pack() { tar czf "${OUT:-$HOME}/$PHASE.tgz" -C "$HOME/res" "$PHASE"; }
 trap pack EXIT
-git rev-parse HEAD > "$R/commit.txt" 2>/dev/null
+# UCM_COMMIT=<sha>: the commit whose files the call carries (the device copy's git metadata can lag)
+echo "${UCM_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}" > "$R/commit.txt"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$R/gpu.txt"
 case $PHASE in
   tune)
