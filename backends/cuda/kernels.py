@@ -975,13 +975,16 @@ def _scores_grouped_kernel(
     dm = d < D
     hd = hm[:, None] & dm[None, :]
     qrow = q_ptr + b * stride_qb
+    # only this program's columns inside the row (a shorter row of a batch does no work past its
+    # end; a program with none, e.g. a row given length 0 to keep its last scores, loads nothing)
+    n_cols = tl.minimum(tl.maximum((seq_len + BS - 1) // BS - jm * BLOCK_M, 0), BLOCK_M)
     if USE_DOT:
         gi = tl.arange(0, BLOCK_G)
         gm = gi < G
         # query heads of each KV head as [H, D, G]: the dot's right operand, loaded once
         qt = tl.load(
             qrow + (h[:, None, None] * G + gi[None, None, :]) * stride_qh + d[None, :, None],
-            mask=hm[:, None, None] & dm[None, :, None] & gm[None, None, :],
+            mask=hm[:, None, None] & dm[None, :, None] & gm[None, None, :] & (n_cols > 0),
             other=0.0,
         )
         if WIDEN_F16:
@@ -989,11 +992,11 @@ def _scores_grouped_kernel(
     elif MODE == 0 and KIND == 0:  # float32 representations: the group's mean query, once
         qm = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
         for gg in range(G):
-            qm += tl.load(qrow + (h * G + gg)[:, None] * stride_qh + d[None, :], mask=hd, other=0.0).to(tl.float32)
+            qm += tl.load(qrow + (h * G + gg)[:, None] * stride_qh + d[None, :], mask=hd & (n_cols > 0), other=0.0).to(
+                tl.float32
+            )
         qm = qm / G
     n_r = tl.cdiv(R, BLOCK_R)
-    # only this program's columns inside the row (a shorter row of a batch does no work past its end)
-    n_cols = tl.minimum(tl.maximum((seq_len + BS - 1) // BS - jm * BLOCK_M, 0), BLOCK_M)
     for it in range(0, n_cols * n_r):
         jj = it // n_r
         j = jm * BLOCK_M + jj

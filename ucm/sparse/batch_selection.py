@@ -59,6 +59,7 @@ class BatchPlan:
     full_lens: torch.Tensor  # [B] int64: tokens in full blocks (what representation scorers score)
     # policy -> (k [B], must [B, M], lens [B]: the tokens each row reads under that policy)
     budgets: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    score_lens: torch.Tensor | None = None  # [B]: what the scorer is given (0: the row keeps its scores)
     reuse: torch.Tensor | None = None  # [B] bool: rows that keep their last scores (None: every row is scored)
     results: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (table, lens)
 
@@ -137,8 +138,12 @@ class BatchSelector:
             q_index = (starts[1:] - 1).clamp(min=0)
         bs = self.block_size
         plan = BatchPlan(seq_lens, block_table, q_index, eligible, (lens + bs - 1) // bs, (lens // bs) * bs)
+        # the scorer sees full blocks only where it scores only those; a row that keeps its scores
+        # is given length 0, so it reads none of its representations
+        plan.score_lens = plan.full_lens if self.scorer.batch_full_blocks else plan.seq_lens
         if self._anchor is not None and b <= self._anchor.shape[1]:  # a host fact of the batch's shape
             plan.reuse = self._reuse_rows(lens, block_table, eligible)
+            plan.score_lens = torch.where(plan.reuse, 0, plan.score_lens)
         return plan
 
     def _reuse_rows(self, lens: torch.Tensor, block_table: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
@@ -227,10 +232,7 @@ class BatchSelector:
             out = plan.results[p.reuse_from]
         else:
             q = query[: plan.seq_lens.shape[0]] if plan.q_index is None else query.index_select(0, plan.q_index)
-            lens = plan.full_lens if self.scorer.batch_full_blocks else plan.seq_lens
-            if plan.reuse is not None:  # a row that keeps its scores reads no representation
-                lens = torch.where(plan.reuse, 0, lens)
-            scores = self.scorer.batch_scores(layer, q, plan.block_table, lens)
+            scores = self.scorer.batch_scores(layer, q, plan.block_table, plan.score_lens)
             if plan.reuse is not None:
                 scores = self._keep_scores(layer, scores, plan.reuse)
             largest = self.scorer.batch_largest
