@@ -10,7 +10,7 @@ from ucm.demo_vllm import run_offline
 # layers 7, 17, 18 and 23 of SmolLM2 stay dense: each holds a head that copies from the needle,
 # which a shared block selection starves (`ucm profile --task niah_single_2`, docs/accuracy.md);
 # the same layers GSA on device keeps dense through its model JSON.
-# retrieval_stride 1 (UCM's default is 8): a selection made with earlier steps' queries misses
+# retrieval_stride 1 (ucm's default; UCM's is 8): a selection made with earlier steps' queries misses
 # the blocks a later step copies from (RULER niah_single_2 at 2K: stride 4 scored 80, stride 1
 # 96 = dense); larger strides trade that for fewer retrievals, e.g. with offload.
 

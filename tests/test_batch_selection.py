@@ -198,9 +198,10 @@ def expected_blocks(scores: torch.Tensor, k: int, must: torch.Tensor, n: int) ->
 @pytest.mark.parametrize("ops", backends())
 def test_retrieval_stride_keeps_a_rows_scores_until_it_is_due(ops) -> None:
     """With a stride of 3 a decode row is scored on its steps 0, 3, 6 and in between keeps the
-    blocks those scores rank best, its forced blocks and budget taken at its current length; the
-    scorer reads nothing for a row that keeps its scores; a row whose request changes (rows
-    swapped, a new request in the row) is scored at once."""
+    blocks those scores rank best, its forced blocks and budget taken at its current length (the
+    table of the step before when its block count did not change, else ranked again); the scorer
+    is told which rows keep their scores; a row whose request changes (rows swapped, a new
+    request in the row) is scored at once."""
     dev = torch.device("cpu")
     shapes = ModelShapes(LAYERS, HQ, HKV, D, BS, NB, dev)
     g = torch.Generator().manual_seed(11)
@@ -209,13 +210,13 @@ def test_retrieval_stride_keeps_a_rows_scores_until_it_is_due(ops) -> None:
     sel = BatchSelector(method, max_rows=8)
     assert sel.stride == 3 and BatchSelector(method).stride == 1  # no max_rows: every step scores
     calls: list[torch.Tensor] = []
-    scorer_scores = method.scorer.batch_scores
+    scorer_scores, scores_into = method.scorer.batch_scores, method.scorer.batch_scores_into
 
-    def spy(layer, q, table, lens):  # the real scorer; records the lengths it was given
-        calls.append(lens.clone())
-        return scorer_scores(layer, q, table, lens)
+    def spy(layer, q, table, lens, out, keep_rows):  # the real scorer; records the rows it may skip
+        calls.append(keep_rows.clone())
+        return scores_into(layer, q, table, lens, out, keep_rows)
 
-    method.scorer.batch_scores = spy
+    method.scorer.batch_scores_into = spy
     m, rows = 16, 3
     table = torch.randperm(NB, generator=g)[: rows * m].view(rows, m).to(torch.int32)
     lens = torch.tensor([37, 50, 45])
@@ -240,6 +241,9 @@ def test_retrieval_stride_keeps_a_rows_scores_until_it_is_due(ops) -> None:
         plan = sel.plan(qsl, lens.to(torch.int32), table, max_query_len=1)
         due = [(step - 4) % 3 == 0 if r < 2 and step >= 4 else step % 3 == 0 for r in range(rows)]
         assert plan.reuse.tolist() == [not d for d in due], step
+        # a row that keeps its scores and its block count keeps last step's tables (no ranking)
+        same = [not due[r] and step > 0 and (lens[r] - 1) // BS == (lens[r] - 2) // BS for r in range(rows)]
+        assert plan.same_table.tolist() == same, step
         full = (lens // BS) * BS
         for r in range(rows):
             if due[r]:
@@ -247,7 +251,7 @@ def test_retrieval_stride_keeps_a_rows_scores_until_it_is_due(ops) -> None:
         calls.clear()
         for layer in (0, 2):  # ESA's sparse layers (1 is dense)
             got_table, got_lens = sel.select(layer, query, plan)
-            assert calls[-1].tolist() == [int(full[r]) if due[r] else 0 for r in range(rows)]
+            assert calls[-1].tolist() == [not d for d in due]  # the kernel reads nothing for these
             k, must, want_lens = sel._budgets(sel.policies[layer], plan)
             for r in range(rows):
                 q0, t0, n0 = scored_at[r]

@@ -636,6 +636,62 @@ def test_grouped_block_scores(backend: Backend, case, group_reduce: str, dtype: 
         torch.testing.assert_close(got, want_bound, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("group_reduce", ["mean", "max"])
+def test_block_scores_dot_into_kept_rows(backend: Backend, group_reduce: str) -> None:
+    """With `out` and `keep_rows` (the batch path's retrieval stride): the marked rows keep what
+    `out` held, bit for bit, the others get what a call without them gives; float8 group sums
+    against a bfloat16 query, as the engine keeps them on CUDA (float32 where a backend has no float8)."""
+    tier, hq, hkv, d, lens, bs, groups = GROUPED_CASES[0] if not backend.gpu else GROUPED_CASES[4]
+    g = gen(77)
+    table, seq_lens, nb = shuffled_table(lens + [bs * 3 + 1, 0], bs, 2, g)
+    b, m = table.shape
+    on_device = backend.name == "cuda"
+    q = torch.randn(b, hq, d, generator=g).to(torch.bfloat16 if on_device else torch.float32)
+    reps = torch.randn(nb, groups, hkv, d, generator=g).to(torch.float8_e4m3fn if on_device else torch.float32)
+    keep_rows = torch.tensor([True, False] + [i % 2 == 0 for i in range(b - 2)])
+    before = torch.randn(b, m, generator=g)
+    args = tuple(map(backend.to, (q, reps, table, seq_lens)))
+    want = host(backend.ops.block_scores_dot(*args, bs, group_reduce))
+    out = backend.to(before.clone())
+    got = backend.ops.block_scores_dot(*args, bs, group_reduce, out=out, keep_rows=backend.to(keep_rows))
+    assert got.data_ptr() == out.data_ptr()
+    got = host(got)
+    assert torch.equal(got[keep_rows], before[keep_rows])
+    assert torch.equal(got[~keep_rows], want[~keep_rows])
+
+
+def test_select_and_rewrite_keeps_marked_rows(backend: Backend) -> None:
+    """With `out` and `keep_rows`: the marked rows' tables stay as `out` held them (a previous
+    call's selection) and their lengths are those of min(n_b, max(k, forced)) blocks with the
+    forced last one; the others get the tables and lengths of a call without them."""
+    g = gen(91)
+    bs = 16
+    lens = [bs * 9 + 3, bs * 4, 1, bs * 12, 0, bs * 5, bs * 7]
+    table, seq_lens, _ = shuffled_table(lens, bs, 0, g)
+    b, m = table.shape
+    scores = torch.randn(b, m, generator=g)
+    keep = torch.zeros(b, m, dtype=torch.bool)
+    n_b = (seq_lens.long() + bs - 1) // bs
+    keep[torch.arange(b), (n_b - 1).clamp(min=0)] = True
+    keep[4] = False
+    k = torch.tensor([3, 2, 5, 7, 3, 1000, 4])
+    keep_rows = torch.tensor([True, False, True, False, True, True, False])
+    rtab, rlens = REF.select_and_rewrite(scores, k, keep, table, seq_lens, bs)
+    before = torch.randint(1, 1000, (b, m), generator=g).to(table.dtype)
+    kept = torch.minimum(n_b, torch.maximum(k, (keep & (torch.arange(m) < n_b[:, None])).sum(1)))
+    keep_lens = (kept * bs - (n_b * bs - seq_lens.long()) * (n_b > 0)).to(seq_lens.dtype)
+    args = tuple(map(backend.to, (keep, table, seq_lens)))
+    for _ in backend.each_topk_variant():
+        out = backend.to(before.clone())
+        tab, new_lens = backend.ops.select_and_rewrite(
+            backend.to(scores), backend.to(k), *args, bs, out=out, keep_rows=backend.to(keep_rows)
+        )
+        assert tab.data_ptr() == out.data_ptr()
+        tab, new_lens = host(tab), host(new_lens)
+        assert torch.equal(tab[keep_rows], before[keep_rows]) and torch.equal(tab[~keep_rows], rtab[~keep_rows])
+        assert torch.equal(new_lens, torch.where(keep_rows, keep_lens, rlens))
+
+
 # ------------------------------------------------------------------------------------ top-k
 def assert_topk_equal(backend: Backend, scores, k, must, n_blocks) -> None:
     rids, rcounts = REF.block_topk(scores, k, must, n_blocks)

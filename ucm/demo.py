@@ -111,7 +111,8 @@ def model_copy_layers(model_config: str | Path = DEMO_MODEL_CONFIG) -> list[int]
     return list(load_model_config(model_config).config.copy_layers or ())
 
 
-#: ESA and KVStar retrieve every decode step in ucm's own runs (UCM's defaults are 5 and 8): a
+#: ESA and KVStar retrieve every decode step in ucm's own runs (their defaults since session 31;
+#: UCM's are 5 and 8): a
 #: selection made with an earlier step's query misses the blocks a later step copies from. On
 #: RULER niah_single_2 at 2K (25 samples, ratio 0.3, dense layers 5-8), stride 4 scored 80 and
 #: stride 2 84 against dense 96; stride 1 scored 96 for both (docs/accuracy.md).

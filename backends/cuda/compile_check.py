@@ -121,6 +121,10 @@ def _exercise(ops) -> None:
             # CUDA-core paths); Quest's bounds in float32 and in the keys' dtype
             for groups, sums_dtype in ((32, dtype), (32, torch.float8_e4m3fn), (8, torch.float32)):
                 ops.block_scores_dot(q, torch.zeros(nb, groups, hkv, d, dtype=sums_dtype), table, lens, bs, reduce)
+            # the batch path with a retrieval stride: into kept scores, rows that keep theirs skipped
+            kept, rows = torch.zeros(batch, m), torch.zeros(batch, dtype=torch.bool)
+            sums = torch.zeros(nb, 32, hkv, d, dtype=torch.float8_e4m3fn)
+            ops.block_scores_dot(q, sums, table, lens, bs, reduce, out=kept, keep_rows=rows)
             # what a tuned file may ask for: several block columns a program, float8 widened to float16
             ops.override_grouped(GroupedLaunch(block_m=4, block_r=32, stages=2, warps=4, widen="float16"))
             for sums_dtype in (dtype, torch.float8_e4m3fn):
@@ -135,6 +139,10 @@ def _exercise(ops) -> None:
         budget = torch.full((batch,), m // 3, dtype=torch.int32)
         for largest in (True, False):
             ops.select_and_rewrite(scores, budget, keep, table, lens, bs, largest)
+        out = torch.zeros_like(table)
+        ops.select_and_rewrite(
+            scores, budget, keep, table, lens, bs, out=out, keep_rows=torch.zeros(batch, dtype=torch.bool)
+        )
         ops.topk_early_exit = False  # the histogram passes without their early stop
         ops.select_and_rewrite(scores, budget, keep, table, lens, bs)
         ops.topk_early_exit = True

@@ -322,6 +322,7 @@ def _topk_kernel(
     score_ptr,
     k_ptr,
     keep_ptr,
+    keeprow_ptr,
     nblk_ptr,
     ids_ptr,
     counts_ptr,
@@ -338,6 +339,7 @@ def _topk_kernel(
     stride_nb,
     NB_FROM_LEN: tl.constexpr,
     REWRITE: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
     LARGEST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     RADIX_BITS: tl.constexpr,
@@ -373,6 +375,15 @@ def _topk_kernel(
     n_forced = tl.sum(forced.to(tl.int32), axis=0).to(tl.int64)  # counts and prefix sums: 32-bit
     kb = tl.load(k_ptr + b).to(tl.int64)
     cnt = tl.minimum(n_b, tl.maximum(kb, n_forced))
+    kept = n_b < 0  # (false)
+    if HAS_KEEP:  # (REWRITE) a row that keeps its table in newtab: only its length, for cnt blocks
+        kept = tl.load(keeprow_ptr + b) != 0  # with the last one, which the caller forces
+        keep_len = cnt * BS - (n_b * BS - seq_len) * (n_b > 0)
+        n_b = tl.where(kept, 0, n_b)  # then ranked as an empty row, and its table left alone
+        valid = valid & ~kept
+        forced = forced & ~kept
+        n_forced = tl.where(kept, 0, n_forced)
+        cnt = tl.where(kept, 0, cnt)
     key = _order_key(x, forced, LARGEST)
     key = tl.where(valid, key, -1)
     thr = tl.zeros([], dtype=tl.int64)
@@ -459,7 +470,7 @@ def _topk_kernel(
     else:
         phys = tl.load(table_ptr + b * stride_tb + idx, mask=sel, other=0)
         tl.store(newtab_ptr + b * stride_nb + pos, phys, mask=sel)
-        tl.store(newtab_ptr + b * stride_nb + idx, tl.zeros([BLOCK_M], dtype=phys.dtype), mask=tail)
+        tl.store(newtab_ptr + b * stride_nb + idx, tl.zeros([BLOCK_M], dtype=phys.dtype), mask=tail & ~kept)
         if RADIX_BITS == 8 and not SORT:
             # whether the last valid block (the partly filled one) is kept, from its key alone:
             # above the threshold, or at it with every key at it taken (it is the last of them)
@@ -473,6 +484,8 @@ def _topk_kernel(
             last_sel = tl.sum((sel & (idx == n_b - 1)).to(tl.int64), axis=0)
         last_len = seq_len - (n_b - 1) * BS
         new_len = cnt * BS - last_sel * (BS - last_len)
+        if HAS_KEEP:
+            new_len = tl.where(kept, keep_len, new_len)
         tl.store(newlen_ptr + b, new_len.to(newlen_ptr.dtype.element_ty))
 
 
@@ -925,6 +938,7 @@ def _scores_grouped_kernel(
     b_ptr,
     table_ptr,
     seqlen_ptr,
+    keeprow_ptr,
     out_ptr,
     M,
     R,
@@ -942,6 +956,7 @@ def _scores_grouped_kernel(
     G: tl.constexpr,
     KIND: tl.constexpr,
     MODE: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr,
     WIDEN_F16: tl.constexpr,
@@ -967,6 +982,10 @@ def _scores_grouped_kernel(
     jm = tl.program_id(0)
     b = tl.program_id(1)
     seq_len = tl.load(seqlen_ptr + b).to(tl.int32)
+    kept = seq_len < 0  # (false)
+    if HAS_KEEP:  # a row that keeps its scores in out: nothing read, nothing written
+        kept = tl.load(keeprow_ptr + b) != 0
+        seq_len = tl.where(kept, 0, seq_len)
     cols = jm * BLOCK_M + tl.arange(0, BLOCK_M)
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     h = tl.arange(0, BLOCK_H)
@@ -1039,7 +1058,7 @@ def _scores_grouped_kernel(
                 tot = tl.sum(tl.where(hm[None, :], acc, 0.0), axis=1)
         cur = tl.max(tl.where(live, tot, float("-inf")), axis=0)
         best = tl.where(cols == j, tl.maximum(best, cur), best)
-    tl.store(out_ptr + b * stride_ob + cols, best, mask=cols < M)
+    tl.store(out_ptr + b * stride_ob + cols, best, mask=(cols < M) & ~kept)
 
 
 def _scores_minmax_kernel(

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce_code
+from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce_code, rows_into
 from ucm.ops.reference import TorchReferenceOps
 
 from .kernels import get_kernels
@@ -428,11 +428,21 @@ class CudaOps(TorchReferenceOps):
         seq_lens: torch.Tensor,
         block_size: int,
         group_reduce: GroupReduce = "mean",
+        out: torch.Tensor | None = None,
+        keep_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         code = group_reduce_code(group_reduce)
-        if self._can_run(q, repr_cache, block_table, seq_lens) and repr_cache.dim() == 4 and q.dim() == 3:
-            return self._grouped_scores(0, code, q, repr_cache, repr_cache, block_table, seq_lens, block_size)
-        if not self._can_run(q, repr_cache, block_table, seq_lens) or repr_cache.dim() != 3:
+        runs = self._can_run(q, repr_cache, block_table, seq_lens)
+        shape = (q.shape[0], block_table.shape[1])
+        if runs and repr_cache.dim() == 4 and q.dim() == 3 and self._can_write(out, keep_rows, torch.float32, shape):
+            # the kernel leaves `keep_rows` as they are in `out`, reading none of their groups
+            return self._grouped_scores(
+                0, code, q, repr_cache, repr_cache, block_table, seq_lens, block_size, out, keep_rows
+            )
+        if out is not None:
+            fresh = self.block_scores_dot(q, repr_cache, block_table, seq_lens, block_size, group_reduce)
+            return rows_into(out, keep_rows, fresh)
+        if not runs or repr_cache.dim() != 3:
             return super().block_scores_dot(q, repr_cache, block_table, seq_lens, block_size, group_reduce)
         b, hq, d = q.shape
         hkv = repr_cache.shape[1]
@@ -494,13 +504,28 @@ class CudaOps(TorchReferenceOps):
         seq_lens: torch.Tensor,
         block_size: int,
         largest: bool = True,
+        out: torch.Tensor | None = None,
+        keep_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One kernel: the radix top-k of each row and its rewritten block table and length
         (no host read: safe inside a CUDA graph). largest=False ranks raw Hamming distances
-        without a negation pass."""
-        if not self._can_run(scores, k, must_keep, block_table, seq_lens) or scores.dtype == torch.float64:
-            return super().select_and_rewrite(scores, k, must_keep, block_table, seq_lens, block_size, largest)
-        return self._topk(scores, k, must_keep, None, block_table, seq_lens, block_size, largest)[2:]
+        without a negation pass. `keep_rows` (with `out`): those rows rank nothing and write no
+        table, only their length."""
+        runs = self._can_run(scores, k, must_keep, block_table, seq_lens) and scores.dtype != torch.float64
+        if not runs or not self._can_write(out, keep_rows, block_table.dtype, tuple(scores.shape)):
+            return super().select_and_rewrite(
+                scores, k, must_keep, block_table, seq_lens, block_size, largest, out, keep_rows
+            )
+        return self._topk(scores, k, must_keep, None, block_table, seq_lens, block_size, largest, out, keep_rows)[2:]
+
+    def _can_write(self, out: torch.Tensor | None, keep_rows: torch.Tensor | None, dtype: torch.dtype, shape) -> bool:
+        """Whether a kernel can write `out` ([B, M] of `shape`) in place and read `keep_rows` [B]
+        (or neither is given)."""
+        if out is None:
+            return keep_rows is None
+        ok = self._can_run(out) and out.dtype == dtype and tuple(out.shape) == shape and out.stride(-1) == 1
+        rows_ok = self._can_run(keep_rows) and keep_rows.dtype == torch.bool and tuple(keep_rows.shape) == shape[:1]
+        return ok and (keep_rows is None or (rows_ok and keep_rows.is_contiguous()))
 
     def group_sums_dtype(self, device: torch.device, merge: int) -> torch.dtype:
         """Where the kernels run, float8 e4m3 for groups of at most `_FP8_SUMS_MAX_MERGE` keys and
@@ -749,15 +774,19 @@ class CudaOps(TorchReferenceOps):
         )
         return out
 
-    def _grouped_scores(self, kind, code, q, a, b, block_table, seq_lens, block_size) -> torch.Tensor:
+    def _grouped_scores(
+        self, kind, code, q, a, b, block_table, seq_lens, block_size, out=None, keep_rows=None
+    ) -> torch.Tensor:
         """`_scores_grouped_kernel`: block scores [B, M] from per-group representations a (and b)
-        [NB, R, Hkv, D], `block_m` block columns a program (`_grouped_launch`)."""
+        [NB, R, Hkv, D], `block_m` block columns a program (`_grouped_launch`); into `out` if
+        given, leaving `keep_rows` as they are."""
         bsz, hq, d = q.shape
         groups, hkv = a.shape[1], a.shape[2]
         if block_size % groups:
             raise ValueError(f"{groups} representations per block do not divide the block size {block_size}")
         m = block_table.shape[1]
-        out = torch.empty(bsz, m, dtype=torch.float32, device=q.device)
+        if out is None:
+            out = torch.empty(bsz, m, dtype=torch.float32, device=q.device)
         if bsz == 0 or m == 0:
             return out
         qc = q if q.stride(-1) == 1 else q.contiguous()
@@ -784,6 +813,7 @@ class CudaOps(TorchReferenceOps):
             b,
             tbl,
             seq_lens,
+            keep_rows.view(torch.uint8) if keep_rows is not None else seq_lens,  # unused pointer without
             out,
             m,
             groups,
@@ -801,6 +831,7 @@ class CudaOps(TorchReferenceOps):
             g,
             KIND=kind,
             MODE=int(code),
+            HAS_KEEP=keep_rows is not None,
             USE_DOT=use_dot,
             DOT_F32=self.interpret,
             WIDEN_F16=widen_f16,
@@ -1029,7 +1060,9 @@ class CudaOps(TorchReferenceOps):
         )
         return out
 
-    def _topk(self, scores, k, must_keep, n_blocks, block_table, seq_lens, block_size, largest):
+    def _topk(
+        self, scores, k, must_keep, n_blocks, block_table, seq_lens, block_size, largest, out=None, keep_rows=None
+    ):
         b, m = scores.shape
         dev = scores.device
         rewrite = block_table is not None
@@ -1050,7 +1083,7 @@ class CudaOps(TorchReferenceOps):
         kk = k.to(dev)
         if rewrite:
             tbl = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
-            new_table = torch.empty(b, m, dtype=tbl.dtype, device=dev)
+            new_table = out if out is not None else torch.empty(b, m, dtype=tbl.dtype, device=dev)
             new_lens = torch.empty(b, dtype=seq_lens.dtype, device=dev)
             nblk = seq_lens
             strides = (tbl.stride(0), new_table.stride(0))
@@ -1060,12 +1093,14 @@ class CudaOps(TorchReferenceOps):
             nblk = n_blocks.to(dev)
             strides = (0, 0)
             ids_arg, counts_arg, ids_stride = ids, counts, ids.stride(0)
+        keep_rows_arg = keep_rows.view(torch.uint8) if keep_rows is not None else kk  # an unused pointer without
         block_m = _pow2(m, 16)
         warps, radix, sort = self.topk_launch(block_m)
         self._k.topk_kernel[(b,)](
             sc,
             kk,
             keep,
+            keep_rows_arg,
             nblk,
             ids_arg,
             counts_arg,
@@ -1081,6 +1116,7 @@ class CudaOps(TorchReferenceOps):
             *strides,
             NB_FROM_LEN=rewrite,
             REWRITE=rewrite,
+            HAS_KEEP=keep_rows is not None,
             LARGEST=largest,
             BLOCK_M=block_m,
             num_warps=warps,

@@ -142,6 +142,8 @@ class SparseOps(ABC):
         seq_lens: torch.Tensor,
         block_size: int,
         group_reduce: GroupReduce = "mean",
+        out: torch.Tensor | None = None,
+        keep_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Dot-product block scores against per-block representations.
 
@@ -153,6 +155,8 @@ class SparseOps(ABC):
         repr_cache [NB, R, Hkv, D] (R groups of block_size // R tokens per block,
         `ucm.ops.subblocks`): each group scores as above and a block as its best group whose
         first token is before the row's end (`grouped_block_scores`).
+        `out` float32 [B, M] (optional) is written and returned; with it, `keep_rows` [B] bool
+        leaves those rows as they are in `out`, their representations unread (`rows_into`).
         """
 
     def block_scores_minmax(
@@ -231,6 +235,8 @@ class SparseOps(ABC):
         seq_lens: torch.Tensor,
         block_size: int,
         largest: bool = True,
+        out: torch.Tensor | None = None,
+        keep_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`block_topk` and the block table attention reads, in one op with static shapes (the
         decode path under CUDA graphs calls this once per sparse layer).
@@ -241,6 +247,12 @@ class SparseOps(ABC):
         them, in block_table's dtype; lens [B]: the tokens attention reads, i.e. kept blocks * bs
         less the unwritten tail of the row's last block when it is kept). A row with k >= n_b
         comes back unchanged (its own table and length).
+
+        `out` [B, M] (optional, block_table's dtype) is written and returned as the table; with
+        it, `keep_rows` [B] bool leaves those rows' tables as they are in `out` (a previous call's
+        selection for the same request, budget and block count: nothing is ranked for them) and
+        gives them the length of min(n_b, max(k, forced)) blocks with the last one among them,
+        which the caller forces (`must_keep` holds it).
         """
         n_b = (seq_lens.to(torch.int64) + block_size - 1) // block_size
         ranked = scores if largest else -scores
@@ -250,7 +262,10 @@ class SparseOps(ABC):
         counts = counts.to(torch.int64).to(seq_lens.device)
         last = ids.to(torch.int64).gather(1, (counts - 1).clamp(min=0)[:, None])[:, 0].to(seq_lens.device)
         tail = (n_b * block_size - seq_lens.to(torch.int64)) * ((last == n_b - 1) & (counts > 0))
-        return table, (counts * block_size - tail).to(seq_lens.dtype)
+        lens = (counts * block_size - tail).to(seq_lens.dtype)
+        if keep_rows is not None:
+            lens = torch.where(keep_rows.to(lens.device), lens_of_kept_rows(k, must_keep, seq_lens, block_size), lens)
+        return rows_into(out, keep_rows, table), lens
 
     # ---------------------------------------------------------------- hashing, fused
     def hash_write(
@@ -516,6 +531,30 @@ class SparseOps(ABC):
         -> (out [B, Hq, Dv] in q's dtype, lse [B, Hq] float32, natural log).
         A sparse step passes the rewritten block table and seq_lens of its selection.
         """
+
+
+def rows_into(out: torch.Tensor | None, keep_rows: torch.Tensor | None, fresh: torch.Tensor) -> torch.Tensor:
+    """`fresh` [B, ...] written into `out` (and `out` returned), except the rows `keep_rows` [B]
+    marks, which keep what `out` holds; without `out`, `fresh` itself."""
+    if out is None:
+        return fresh
+    if keep_rows is None:
+        return out.copy_(fresh)
+    keep = keep_rows.to(out.device).view(-1, *([1] * (out.dim() - 1)))
+    return torch.where(keep, out, fresh.to(out.dtype), out=out)
+
+
+def lens_of_kept_rows(
+    k: torch.Tensor, must_keep: torch.Tensor, seq_lens: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """The tokens a row reads when it keeps min(n_b, max(k, forced)) of its blocks, the last
+    (partly written) one among them (`select_and_rewrite`'s `keep_rows`)."""
+    lens = seq_lens.to(torch.int64)
+    m = must_keep.shape[1]
+    n_b = ((lens + block_size - 1) // block_size).clamp(max=m)
+    forced = (must_keep.to(torch.bool) & (torch.arange(m, device=must_keep.device)[None, :] < n_b[:, None])).sum(1)
+    kept = torch.minimum(n_b, torch.maximum(k.to(torch.int64), forced))
+    return (kept * block_size - (n_b * block_size - lens) * (n_b > 0)).to(seq_lens.dtype)
 
 
 def round_outward(x: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Tensor:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ucm.ops.contract import BlockReduce, GroupReduce, SparseOps
+from ucm.ops.contract import BlockReduce, GroupReduce, SparseOps, rows_into
 from ucm.ops.subblocks import grouped_block_scores
 
 _BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
@@ -112,7 +112,12 @@ class TorchReferenceOps(SparseOps):
         seq_lens: torch.Tensor,
         block_size: int,
         group_reduce: GroupReduce = "mean",
+        out: torch.Tensor | None = None,
+        keep_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if out is not None:
+            fresh = self.block_scores_dot(q, repr_cache, block_table, seq_lens, block_size, group_reduce)
+            return rows_into(out, keep_rows, fresh)
         if repr_cache.dim() == 4:
             return grouped_block_scores(
                 lambda reps, table, bs: self.block_scores_dot(q, *reps, table, seq_lens, bs, group_reduce),

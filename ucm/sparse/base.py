@@ -27,7 +27,7 @@ from functools import partial
 
 import torch
 
-from ucm.ops.contract import SparseOps, byte_view
+from ucm.ops.contract import SparseOps, byte_view, rows_into
 from ucm.ops.subblocks import block_max, sub_block_table
 from ucm.sparse.selection import BlockSelector, Selection, StepPlan, _max_or_zero
 from ucm.timeouts import WAIT_TIMEOUT_ENV, WaitTimeout, wait_timeout_s
@@ -127,6 +127,21 @@ class BlockScorer(ABC):
         """Block scores [B, M] of every row from its current query q [B, Hq, D] alone (no
         per-request state), with static shapes and no host read; order as `batch_largest`."""
         raise NotImplementedError(f"{type(self).__name__} cannot score a batch without per-request state")
+
+    def batch_scores_into(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        out: torch.Tensor,
+        keep_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """`batch_scores` written into `out` [B, M], except the rows `keep_rows` [B] marks, which
+        keep what `out` holds and read no representation (scored with length 0 here; a scorer
+        whose op writes in place skips them altogether)."""
+        fresh = self.batch_scores(layer, q, block_table, torch.where(keep_rows, 0, seq_lens))
+        return rows_into(out, keep_rows, fresh)
 
     #: `write_from_caches` works (the representations live where the key caches do)
     writes_from_caches: bool = False

@@ -61,6 +61,7 @@ class BatchPlan:
     budgets: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     score_lens: torch.Tensor | None = None  # [B]: what the scorer is given (0: the row keeps its scores)
     reuse: torch.Tensor | None = None  # [B] bool: rows that keep their last scores (None: every row is scored)
+    same_table: torch.Tensor | None = None  # [B] bool: rows that also keep their last step's tables
     results: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (table, lens)
 
 
@@ -108,7 +109,9 @@ class BatchSelector:
         self.stride = stride if max_rows and self.sparse_layers else 1
         # per row: (tokens at its last scoring, physical block of that length's last token); 0: none
         self._anchor = torch.zeros(2, max_rows, dtype=torch.int64, device=dev) if self.stride > 1 else None
-        self._kept_scores: dict[tuple[int, int], torch.Tensor] = {}  # (layer, M) -> [max_rows, M]: rows' last scores
+        self._kept_rows: dict[tuple, torch.Tensor] = {}  # ("scores" | "table", layer, M) -> [max_rows, M]
+        # per row: its block count at the last step that selected for it (-1: none)
+        self._last_blocks = torch.full((max_rows,), -1, dtype=torch.int64, device=dev) if self.stride > 1 else None
 
     def layer_selects(self, layer: int) -> bool:
         p = self.policies[layer]
@@ -144,6 +147,10 @@ class BatchSelector:
         if self._anchor is not None and b <= self._anchor.shape[1]:  # a host fact of the batch's shape
             plan.reuse = self._reuse_rows(lens, block_table, eligible)
             plan.score_lens = torch.where(plan.reuse, 0, plan.score_lens)
+            # same scores, same block count: the same budget, forced blocks and top-k as the last step
+            last = self._last_blocks[:b]
+            plan.same_table = plan.reuse & (plan.n_blocks == last)
+            last.copy_(torch.where(eligible, plan.n_blocks, -1))
         return plan
 
     def _reuse_rows(self, lens: torch.Tensor, block_table: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
@@ -232,9 +239,11 @@ class BatchSelector:
             out = plan.results[p.reuse_from]
         else:
             q = query[: plan.seq_lens.shape[0]] if plan.q_index is None else query.index_select(0, plan.q_index)
-            scores = self.scorer.batch_scores(layer, q, plan.block_table, plan.score_lens)
-            if plan.reuse is not None:
-                scores = self._keep_scores(layer, scores, plan.reuse)
+            if plan.reuse is None:
+                scores = self.scorer.batch_scores(layer, q, plan.block_table, plan.score_lens)
+            else:  # due rows' scores into the kept ones; the other rows read nothing
+                kept = self._kept(("scores", layer), plan.block_table.shape, torch.float32)
+                scores = self.scorer.batch_scores_into(layer, q, plan.block_table, plan.score_lens, kept, plan.reuse)
             largest = self.scorer.batch_largest
             if self.unit_blocks > 1:  # rank whole units: every block of a unit carries the unit's score
                 if not largest:
@@ -243,27 +252,40 @@ class BatchSelector:
                 unit = self.method.selector.unit_scores(scores, self.scorer.unit_reduce)
                 scores = unit.repeat_interleave(self.unit_blocks, dim=1)[:, :m]
             k, must, lens = self._budgets(p, plan)
-            table, _ = self.ops.select_and_rewrite(
-                scores, k, must, plan.block_table, plan.seq_lens, self.block_size, largest=largest
-            )
+            if plan.same_table is None:
+                table, _ = self.ops.select_and_rewrite(
+                    scores, k, must, plan.block_table, plan.seq_lens, self.block_size, largest=largest
+                )
+            else:  # rows whose selection cannot have changed since the last step keep its table
+                kept = self._kept(("table", layer), plan.block_table.shape, plan.block_table.dtype)
+                table, _ = self.ops.select_and_rewrite(
+                    scores,
+                    k,
+                    must,
+                    plan.block_table,
+                    plan.seq_lens,
+                    self.block_size,
+                    largest=largest,
+                    out=kept,
+                    keep_rows=plan.same_table,
+                )
             out = (table, lens)  # the op's lens equal the policy's (see `_budgets`): one tensor per policy
         plan.results[layer] = out
         if layer == self.last_layer:
             self._count(plan)
         return out
 
-    def _keep_scores(self, layer: int, scores: torch.Tensor, reuse: torch.Tensor) -> torch.Tensor:
-        """The rows' scores this step: the kept ones where `reuse`, else this step's (then kept)."""
-        b, m = scores.shape
-        kept = self._kept_scores.get((layer, m))
-        if kept is None:  # never freed: a captured graph keeps its address
-            # no fill: a row reads its kept scores only after a step that scored it wrote them
-            kept = self._kept_scores[(layer, m)] = torch.empty(
-                self._anchor.shape[1], m, dtype=scores.dtype, device=scores.device
+    def _kept(self, key: tuple, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A per-layer buffer [B, M] that outlives the step (rows' last scores or tables): a view
+        of one [max_rows, M] tensor per key and width, never freed (a captured graph keeps its
+        address), never filled (a row reads it only after a step that wrote that row)."""
+        b, m = shape
+        full = self._kept_rows.get((*key, m))
+        if full is None:
+            full = self._kept_rows[(*key, m)] = torch.empty(
+                self._anchor.shape[1], m, dtype=dtype, device=self._anchor.device
             )
-        rows = kept[:b]
-        torch.where(reuse[:, None], rows, scores, out=rows)
-        return rows
+        return full[:b]
 
     def _count(self, plan: BatchPlan) -> None:
         """Add this step's kept / held blocks per sparse layer and its selecting rows to the

@@ -80,6 +80,16 @@ class MeanReprScorer(GroupedScorer):
     def score_reps(self, q, reps, block_table, seq_lens, block_size) -> torch.Tensor:
         return self.score_ops.block_scores_dot(q, *reps, block_table, seq_lens, block_size, self.group_reduce)
 
+    def batch_scores_into(self, layer, q, block_table, seq_lens, out, keep_rows) -> torch.Tensor:
+        """One op that writes the due rows' scores into `out` and reads nothing for the others."""
+        (sums,) = self.group_reps(layer)
+        if sums.shape[1] == 1:
+            sums = sums[:, 0]
+        bs = self.shapes.block_size
+        return self.score_ops.block_scores_dot(
+            q, sums, block_table, seq_lens, bs, self.group_reduce, out=out, keep_rows=keep_rows
+        )
+
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         for acc in self.acc:
             acc.copy(src, dst)
