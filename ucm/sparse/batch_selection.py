@@ -25,10 +25,12 @@ for the s - 1 steps after it, its budget and windows recomputed at its current l
 the length at the row's last scoring and the physical block holding that length's last token.
 A row re-scores when that block is no longer where its table says (another request moved into
 the row, the request was preempted and rescheduled), when it did not grow by 1 to s - 1 tokens
-since, or when it did not select then. A row that keeps its scores is given length 0 to the
-scorer, which then reads none of its representations: the scorer's work follows the rows that
-are due. `sticky_steps`, `bound_guard_top` and `kv_head_combine` apply to the per-request path
-only.
+since, or when it did not select then. The scorer writes the due rows' scores into a per-layer
+buffer that holds the others' (`BlockScorer.batch_scores_into`: it reads nothing for those), so
+its work follows the rows that are due; a row that keeps its scores and its block count also
+keeps the last step's table (the same budget, forced blocks and scores: the same selection), and
+the top-k ranks nothing for it. `sticky_steps`, `bound_guard_top` and `kv_head_combine` apply to
+the per-request path only.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class BatchPlan:
     full_lens: torch.Tensor  # [B] int64: tokens in full blocks (what representation scorers score)
     # policy -> (k [B], must [B, M], lens [B]: the tokens each row reads under that policy)
     budgets: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    score_lens: torch.Tensor | None = None  # [B]: what the scorer is given (0: the row keeps its scores)
+    score_lens: torch.Tensor | None = None  # [B]: the tokens the scorer scores (full blocks' where it needs them)
     reuse: torch.Tensor | None = None  # [B] bool: rows that keep their last scores (None: every row is scored)
     same_table: torch.Tensor | None = None  # [B] bool: rows that also keep their last step's tables
     results: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (table, lens)
@@ -141,12 +143,10 @@ class BatchSelector:
             q_index = (starts[1:] - 1).clamp(min=0)
         bs = self.block_size
         plan = BatchPlan(seq_lens, block_table, q_index, eligible, (lens + bs - 1) // bs, (lens // bs) * bs)
-        # the scorer sees full blocks only where it scores only those; a row that keeps its scores
-        # is given length 0, so it reads none of its representations
+        # the scorer sees full blocks only where it scores only those
         plan.score_lens = plan.full_lens if self.scorer.batch_full_blocks else plan.seq_lens
         if self._anchor is not None and b <= self._anchor.shape[1]:  # a host fact of the batch's shape
             plan.reuse = self._reuse_rows(lens, block_table, eligible)
-            plan.score_lens = torch.where(plan.reuse, 0, plan.score_lens)
             # same scores, same block count: the same budget, forced blocks and top-k as the last step
             last = self._last_blocks[:b]
             plan.same_table = plan.reuse & (plan.n_blocks == last)
