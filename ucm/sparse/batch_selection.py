@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ucm.ops.contract import lens_of_kept_rows
 from ucm.sparse.base import SparseMethod
 from ucm.sparse.selection import LayerPolicy
 
@@ -199,11 +200,7 @@ class BatchSelector:
         if ub > 1:
             k = k * ub
             must = must.repeat_interleave(ub, dim=1)[:, :m]
-        bs = self.block_size
-        nb = plan.n_blocks.clamp(max=m)
-        forced = (must & (torch.arange(m, device=nb.device)[None, :] < nb[:, None])).sum(1)
-        kept = torch.minimum(nb, torch.maximum(k, forced))
-        lens = (kept * bs - (nb * bs - plan.seq_lens.to(torch.int64)) * (nb > 0)).to(plan.seq_lens.dtype)
+        lens = lens_of_kept_rows(k, must, plan.seq_lens, self.block_size)
         plan.budgets[key] = (k, must, lens)
         return k, must, lens
 
