@@ -482,6 +482,8 @@ def plot(result: dict, path: Path) -> None:
     series = sorted({(c["method"], c["ratio"]) for c in cells})
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)) + 4, 4.2))
     width = 0.8 / max(len(series), 1)
+    # one colour per series (tab20 before repeating; past 20, hatched)
+    colours = plt.get_cmap("tab20").colors
     for i, (m, r) in enumerate(series):
         xs, ys = [], []
         for j, key in enumerate(keys):
@@ -489,7 +491,8 @@ def plot(result: dict, path: Path) -> None:
             if got:
                 xs.append(j + (i - (len(series) - 1) / 2) * width)
                 ys.append(got[0]["engine_speedup"])
-        ax.bar(xs, ys, width, label=f"{short_label(m)} {r}")
+        hatch = "//" if i >= len(colours) else None
+        ax.bar(xs, ys, width, label=f"{short_label(m)} {r}", color=colours[i % len(colours)], hatch=hatch)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(range(len(keys)), [f"{c // 1024}K x{b}" for c, b in keys])
     ax.set_ylabel("decode speedup vs plain vLLM (same run)")
