@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce_code, rows_into
+from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce_code
 from ucm.ops.reference import TorchReferenceOps
 from ucm.ops.subblocks import grouped_block_scores
 
@@ -645,9 +645,10 @@ class CpuOps(TorchReferenceOps):
         out: torch.Tensor | None = None,
         keep_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if out is not None:  # the host path: rows are scored, then the kept ones restored
-            fresh = self.block_scores_dot(q, repr_cache, block_table, seq_lens, block_size, group_reduce)
-            return rows_into(out, keep_rows, fresh)
+        if out is not None:  # the reference's: every row scored (by this backend), then the kept ones restored
+            return super().block_scores_dot(
+                q, repr_cache, block_table, seq_lens, block_size, group_reduce, out, keep_rows
+            )
         if q.dim() == 3 and repr_cache.dim() == 4:  # groups of tokens: their max, scored as sub-blocks
             return grouped_block_scores(
                 lambda reps, table, bs: self.block_scores_dot(q, *reps, table, seq_lens, bs, group_reduce),

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce_code, rows_into
+from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce_code
 from ucm.ops.reference import TorchReferenceOps
 
 from .kernels import get_kernels
@@ -439,9 +439,10 @@ class CudaOps(TorchReferenceOps):
             return self._grouped_scores(
                 0, code, q, repr_cache, repr_cache, block_table, seq_lens, block_size, out, keep_rows
             )
-        if out is not None:
-            fresh = self.block_scores_dot(q, repr_cache, block_table, seq_lens, block_size, group_reduce)
-            return rows_into(out, keep_rows, fresh)
+        if out is not None:  # the reference's: every row scored (by this backend), then the kept ones restored
+            return super().block_scores_dot(
+                q, repr_cache, block_table, seq_lens, block_size, group_reduce, out, keep_rows
+            )
         if not runs or repr_cache.dim() != 3:
             return super().block_scores_dot(q, repr_cache, block_table, seq_lens, block_size, group_reduce)
         b, hq, d = q.shape

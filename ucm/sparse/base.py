@@ -226,14 +226,17 @@ class GroupedScorer(BlockScorer):
             q, tuple(r.flatten(0, 1) for r in reps), table, seq_lens, self.shapes.block_size // groups
         )
 
+    def batch_reps(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """The layer's representations as the batch path's one op takes them: [NB, R, Hkv, D],
+        or [NB, Hkv, D] for one group a block."""
+        reps = self.group_reps(layer)
+        return tuple(r[:, 0] for r in reps) if reps[0].shape[1] == 1 else reps
+
     def batch_scores(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
     ) -> torch.Tensor:
         """`score` with static shapes, no per-request state (the CUDA graph decode path): one op."""
-        reps = self.group_reps(layer)
-        if reps[0].shape[1] == 1:
-            reps = tuple(r[:, 0] for r in reps)
-        return self.score_reps(q, reps, block_table, seq_lens, self.shapes.block_size)
+        return self.score_reps(q, self.batch_reps(layer), block_table, seq_lens, self.shapes.block_size)
 
     def sub_scores(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]

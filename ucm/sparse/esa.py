@@ -82,9 +82,7 @@ class MeanReprScorer(GroupedScorer):
 
     def batch_scores_into(self, layer, q, block_table, seq_lens, out, keep_rows) -> torch.Tensor:
         """One op that writes the due rows' scores into `out` and reads nothing for the others."""
-        (sums,) = self.group_reps(layer)
-        if sums.shape[1] == 1:
-            sums = sums[:, 0]
+        (sums,) = self.batch_reps(layer)
         bs = self.shapes.block_size
         return self.score_ops.block_scores_dot(
             q, sums, block_table, seq_lens, bs, self.group_reduce, out=out, keep_rows=keep_rows
