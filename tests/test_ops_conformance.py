@@ -692,6 +692,117 @@ def test_select_and_rewrite_keeps_marked_rows(backend: Backend) -> None:
         assert torch.equal(new_lens, torch.where(keep_rows, keep_lens, rlens))
 
 
+# ---------------------------------------------------------------------------- a step's plan
+def budgets_oracle(lens, eligible, width, bs, ub, ratio, fixed, min_u, init, local, select):
+    """`window_budgets` row by row from the contract's text (Python floats are float64)."""
+    ks, musts, outs = [], [], []
+    for n_tok, e in zip(lens, eligible, strict=True):
+        n = -(-n_tok // (bs * ub))
+        k_u = min(n, max(min_u, fixed if fixed is not None else math.ceil(n * ratio))) if e else n
+        forced_units = {s if s >= 0 else n + s for s in select}
+        flags = [
+            u < n and (u < init or u >= n - local or u == n - 1 or u in forced_units) for u in range(-(-width // ub))
+        ]
+        must = [flags[j // ub] for j in range(width)]
+        n_b = min(-(-n_tok // bs), width)
+        kept = min(n_b, max(k_u * ub, sum(must[:n_b])))
+        ks.append(k_u * ub)
+        musts.append(must)
+        outs.append(kept * bs - (n_b * bs - n_tok if n_b > 0 else 0))
+    return ks, musts, outs
+
+
+BUDGET_CASES = [
+    # (lens, eligible, width, bs, unit_blocks, ratio, fixed_units, min_units, init, local, must_select)
+    ([1000, 10, 7, 0, 33], [True, True, True, False, True], 1000, 1, 1, 0.3, None, 0, 1, 2, ()),  # float64 ceil
+    ([130, 64, 1, 0, 129], [True, False, True, True, True], 9, 16, 1, 0.1, None, 2, 1, 1, (0, -2, -1)),
+    ([300, 301, 17], [True, True, True], 13, 8, 3, 0.25, None, 1, 1, 1, (3, -5)),  # units of 3 blocks
+    ([90, 200, 55], [True, True, False], 25, 8, 1, 1 / 3, 4, 0, 0, 0, ()),  # a fixed token budget
+    ([500, 499], [True, True], 80, 7, 2, 0.999, None, 0, 0, 3, (100, -100)),  # must_select past the row
+]
+
+
+@pytest.mark.parametrize("case", BUDGET_CASES, ids=range(len(BUDGET_CASES)))
+def test_window_budgets_match_the_definition(backend: Backend, case) -> None:
+    lens, elig, width, bs, ub, ratio, fixed, min_u, init, local, select = case
+    want_k, want_must, want_lens = budgets_oracle(lens, elig, width, bs, ub, ratio, fixed, min_u, init, local, select)
+    for dtype in (torch.int32, torch.int64):
+        seq_lens = backend.to(torch.tensor(lens, dtype=dtype))
+        k, must, got_lens = backend.ops.window_budgets(
+            seq_lens, backend.to(torch.tensor(elig)), width, bs, ub, ratio, fixed, min_u, init, local, select
+        )
+        assert k.dtype == torch.int64 and must.dtype == torch.bool and got_lens.dtype == dtype
+        assert host(k).tolist() == want_k
+        assert host(must).tolist() == want_must
+        assert host(got_lens).tolist() == want_lens
+
+
+@HYP
+@given(
+    lens=st.lists(st.integers(0, 3000), min_size=1, max_size=6),
+    width_extra=st.integers(0, 5),
+    bs=st.sampled_from([1, 4, 16, 128]),
+    ub=st.integers(1, 4),
+    ratio=st.floats(0.001, 1.0),
+    fixed=st.one_of(st.none(), st.integers(0, 50)),
+    windows=st.tuples(st.integers(0, 5), st.integers(0, 5), st.integers(0, 5)),
+    select=st.lists(st.integers(-8, 8), max_size=3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_window_budgets_hypothesis(backend, lens, width_extra, bs, ub, ratio, fixed, windows, select, seed) -> None:
+    backend.need("native")
+    width = max(-(-n // bs) for n in lens) + width_extra
+    elig = (torch.rand(len(lens), generator=gen(seed)) < 0.8).tolist()
+    min_u, init, local = windows
+    want = budgets_oracle(lens, elig, width, bs, ub, ratio, fixed, min_u, init, local, tuple(select))
+    got = backend.ops.window_budgets(
+        backend.to(torch.tensor(lens)),
+        backend.to(torch.tensor(elig)),
+        width,
+        bs,
+        ub,
+        ratio,
+        fixed,
+        min_u,
+        init,
+        local,
+        select,
+    )
+    assert [host(t).tolist() for t in got] == list(want)
+
+
+@pytest.mark.parametrize("distinct", [1, 3])
+def test_add_kept_counts_match_the_definition(backend: Backend, distinct: int) -> None:
+    """Each layer adds what its eligible rows read under the lengths it names (-1: everything they
+    hold, -2: nothing) and what they hold; the rows counter adds (any eligible, eligible rows)."""
+    g = gen(5 + distinct)
+    bs, b = 16, 7
+    lens = torch.randint(0, 40 * bs, (distinct, b), generator=g, dtype=torch.int32)
+    n_blocks = torch.randint(0, 40, (b,), generator=g)
+    layers = [0, -1, *range(distinct), -2, distinct - 1]
+    start = torch.randint(0, 100, (len(layers), 2), generator=g)
+    start_rows = torch.tensor([3, 11])
+    for elig in ([True, False, True, True, False, True, True], [False] * b):
+        held = sum(int(n_blocks[i]) for i in range(b) if elig[i])
+        read = [sum(-(-int(lens[p, i]) // bs) for i in range(b) if elig[i]) for p in range(distinct)]
+        want = [
+            [s0 + (read[w] if w >= 0 else held if w == -1 else 0), s1 + held]
+            for (s0, s1), w in zip(start.tolist(), layers, strict=True)
+        ]
+        blocks, rows = backend.to(start.clone()), backend.to(start_rows.clone())
+        backend.ops.add_kept_counts(
+            blocks,
+            rows,
+            backend.to(lens),
+            backend.to(torch.tensor(layers)),
+            backend.to(n_blocks),
+            backend.to(torch.tensor(elig)),
+            bs,
+        )
+        assert host(blocks).tolist() == want
+        assert host(rows).tolist() == [3 + any(elig), 11 + sum(elig)]
+
+
 # ------------------------------------------------------------------------------------ top-k
 def assert_topk_equal(backend: Backend, scores, k, must, n_blocks) -> None:
     rids, rcounts = REF.block_topk(scores, k, must, n_blocks)

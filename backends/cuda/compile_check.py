@@ -147,6 +147,12 @@ def _exercise(ops) -> None:
         ops.select_and_rewrite(scores, budget, keep, table, lens, bs)
         ops.topk_early_exit = True
         ops.block_topk(scores, budget, keep, torch.full((batch,), m, dtype=torch.int32))
+        # the batch path's step plan: a policy's budgets (a ratio, a fixed token budget) and counters
+        elig = torch.ones(batch, dtype=torch.bool)
+        ops.window_budgets(lens, elig, m, bs, 1, 0.3, None, 2, 1, 2, (0, -2, -1))
+        ops.window_budgets(lens, elig, m, bs, 2, 1.0, 16, 0, 1, 1, ())
+        counts = (torch.zeros(36, 2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
+        ops.add_kept_counts(*counts, lens[None], torch.zeros(36, dtype=torch.int64), lens.long(), elig, bs)
         weight = torch.randn(d, 128)
         codes = torch.zeros(nb, bs, hkv, 16, dtype=torch.uint8)
         for reduce in ("min", "mean", "max"):

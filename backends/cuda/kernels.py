@@ -1364,6 +1364,101 @@ def _kvstar_mass_kernel(
             )
 
 
+# ------------------------------------------------------------------------------- a step's plan
+def _window_budgets_kernel(
+    seqlen_ptr,
+    elig_ptr,
+    ratio_ptr,
+    sel_ptr,
+    k_ptr,
+    must_ptr,
+    lens_ptr,
+    M,
+    BS,
+    UB,
+    FIXED,
+    MIN_U,
+    INIT_U,
+    LOCAL_U,
+    N_SEL,
+    stride_must,
+    HAS_FIXED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """`window_budgets` of row b (program b): its unit count n, budget k (ceil(n * ratio) in
+    float64, read from ratio_ptr, or FIXED), its forced blocks (must_ptr [B, M] uint8: the unit
+    flags, BLOCK columns at a time, counted for the length as they are written) and the tokens
+    it reads (lens_ptr, in seq_lens' dtype)."""
+    b = tl.program_id(0)
+    seq = tl.load(seqlen_ptr + b)
+    n_tok = seq.to(tl.int64)
+    n = (n_tok + BS * UB - 1) // (BS * UB)
+    if HAS_FIXED:
+        k = n * 0 + FIXED
+    else:
+        x = n.to(tl.float64) * tl.load(ratio_ptr)
+        k = x.to(tl.int64)
+        k = tl.where(k.to(tl.float64) < x, k + 1, k)  # the ceiling of a non-negative product
+    elig = tl.load(elig_ptr + b) != 0
+    k = tl.minimum(tl.where(elig, tl.maximum(k, MIN_U), n), n)
+    n_b = tl.minimum((n_tok + BS - 1) // BS, M)
+    forced = n * 0
+    for start in range(0, M, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        u = j // UB
+        must = (u < INIT_U) | (u >= n - LOCAL_U) | (u == n - 1)
+        for s in range(N_SEL):
+            v = tl.load(sel_ptr + s)
+            must = must | (u == tl.where(v >= 0, v, n + v))
+        must = must & (u < n)
+        tl.store(must_ptr + b * stride_must + j, must.to(tl.uint8), mask=j < M)
+        forced += tl.sum((must & (j < n_b)).to(tl.int64), axis=0)
+    kb = k * UB
+    tl.store(k_ptr + b, kb)
+    kept = tl.minimum(n_b, tl.maximum(kb, forced))
+    lens = kept * BS - tl.where(n_b > 0, n_b * BS - n_tok, 0)
+    tl.store(lens_ptr + b, lens.to(seq.dtype))
+
+
+def _kept_counts_kernel(
+    blocks_ptr,
+    rows_ptr,
+    lens_ptr,
+    which_ptr,
+    nblk_ptr,
+    elig_ptr,
+    B,
+    BS,
+    stride_lens,
+    BLOCK_B: tl.constexpr,
+):
+    """`add_kept_counts` for layer l (program l): the blocks its eligible rows read (the row of
+    lens its which_ptr entry names, -1: the blocks they hold, -2: none) and hold, added to
+    blocks_ptr[l]; program 0 also adds the step's selecting rows to rows_ptr."""
+    layer = tl.program_id(0)
+    which = tl.load(which_ptr + layer)
+    p = tl.maximum(which, 0)
+    held = tl.zeros([BLOCK_B], dtype=tl.int64)
+    read = tl.zeros([BLOCK_B], dtype=tl.int64)
+    n_elig = tl.zeros([BLOCK_B], dtype=tl.int64)
+    for start in range(0, B, BLOCK_B):
+        i = start + tl.arange(0, BLOCK_B)
+        e = (tl.load(elig_ptr + i, mask=i < B, other=0) != 0) & (i < B)
+        nb = tl.load(nblk_ptr + i, mask=e, other=0).to(tl.int64)
+        ln = tl.load(lens_ptr + p * stride_lens + i, mask=e & (which >= 0), other=0).to(tl.int64)
+        held += nb
+        read += (ln + BS - 1) // BS
+        n_elig += e.to(tl.int64)
+    held_sum = tl.sum(held, axis=0)
+    read_sum = tl.where(which == -1, held_sum, tl.where(which >= 0, tl.sum(read, axis=0), 0))
+    tl.store(blocks_ptr + layer * 2, tl.load(blocks_ptr + layer * 2) + read_sum)
+    tl.store(blocks_ptr + layer * 2 + 1, tl.load(blocks_ptr + layer * 2 + 1) + held_sum)
+    if layer == 0:
+        count = tl.sum(n_elig, axis=0)
+        tl.store(rows_ptr, tl.load(rows_ptr) + (count > 0).to(tl.int64))
+        tl.store(rows_ptr + 1, tl.load(rows_ptr + 1) + count)
+
+
 # ------------------------------------------------------------------------------------- build
 _KERNELS = (
     _sign_pack_kernel,
@@ -1382,6 +1477,8 @@ _KERNELS = (
     _kvstar_channels_kernel,
     _kvstar_logits_kernel,
     _kvstar_mass_kernel,
+    _window_budgets_kernel,
+    _kept_counts_kernel,
 )
 
 

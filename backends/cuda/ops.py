@@ -98,6 +98,9 @@ class CudaOps(TorchReferenceOps):
         self.write_scan_once = True
         self._tables: dict[tuple[int, ...], torch.Tensor] = {}  # `reps_write_layers`' address tables
         self.layered_writes = 0  # `reps_write_layers` calls done in one launch (tests, diagnostics)
+        # `window_budgets`' float64 ratios and must_select lists on each device, made on first use
+        # (a warm-up step before any graph captures the call)
+        self._plan_consts: dict[tuple, torch.Tensor] = {}
 
     def topk_launch(self, block_m: int) -> tuple[int, int, bool]:
         """(num_warps, radix bits per pass, sort instead) of the top-k kernel for a row of
@@ -518,6 +521,93 @@ class CudaOps(TorchReferenceOps):
                 scores, k, must_keep, block_table, seq_lens, block_size, largest, out, keep_rows
             )
         return self._topk(scores, k, must_keep, None, block_table, seq_lens, block_size, largest, out, keep_rows)[2:]
+
+    # ------------------------------------------------------------ a step's plan
+    def window_budgets(
+        self,
+        seq_lens,
+        eligible,
+        width,
+        block_size,
+        unit_blocks=1,
+        ratio=1.0,
+        fixed_units=None,
+        min_units=0,
+        init_units=0,
+        local_units=0,
+        must_select=(),
+    ):
+        """One launch, a program per row (`_window_budgets_kernel`)."""
+        args = (seq_lens, eligible, width, block_size, unit_blocks, ratio, fixed_units)
+        rest = (min_units, init_units, local_units, must_select)
+        if not self._can_run(seq_lens, eligible) or seq_lens.dim() != 1 or eligible.dtype != torch.bool:
+            return super().window_budgets(*args, *rest)
+        b, dev = seq_lens.shape[0], seq_lens.device
+        if b == 0 or width == 0:
+            return super().window_budgets(*args, *rest)
+        k = torch.empty(b, dtype=torch.int64, device=dev)
+        must = torch.empty(b, width, dtype=torch.bool, device=dev)
+        lens = torch.empty(b, dtype=seq_lens.dtype, device=dev)
+        ratio_t = self._plan_const(("ratio", float(ratio), dev), lambda: [float(ratio)], torch.float64, dev)
+        sel = tuple(int(s) for s in must_select)
+        sel_t = self._plan_const(("select", sel, dev), lambda: list(sel) or [0], torch.int64, dev)
+        self._k.window_budgets_kernel[(b,)](
+            seq_lens if seq_lens.is_contiguous() else seq_lens.contiguous(),
+            eligible.contiguous().view(torch.uint8),
+            ratio_t,
+            sel_t,
+            k,
+            must.view(torch.uint8),
+            lens,
+            width,
+            block_size,
+            unit_blocks,
+            0 if fixed_units is None else int(fixed_units),
+            int(min_units),
+            int(init_units),
+            int(local_units),
+            len(sel),
+            must.stride(0),
+            HAS_FIXED=fixed_units is not None,
+            BLOCK=min(_pow2(width, 16), 1024),
+        )
+        return k, must, lens
+
+    def _plan_const(self, key: tuple, values, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+        t = self._plan_consts.get(key)
+        if t is None:
+            t = self._plan_consts[key] = torch.tensor(values(), dtype=dtype, device=dev)
+        return t
+
+    def add_kept_counts(self, blocks, rows, lens, layer_lens, n_blocks, eligible, block_size) -> None:
+        """One launch, a program per layer (`_kept_counts_kernel`)."""
+        args = (blocks, rows, lens, layer_lens, n_blocks, eligible, block_size)
+        tensors = (blocks, rows, lens, layer_lens, n_blocks, eligible)
+        shaped = (
+            blocks.dtype == rows.dtype == layer_lens.dtype == torch.int64
+            and blocks.dim() == 2
+            and blocks.is_contiguous()
+            and rows.is_contiguous()
+            and lens.dim() == 2
+            and lens.stride(-1) == 1
+            and eligible.dtype == torch.bool
+            and layer_lens.shape[0] == blocks.shape[0]
+        )
+        if not self._can_run(*tensors) or not shaped or blocks.shape[0] == 0 or lens.shape[0] == 0:
+            return super().add_kept_counts(*args)
+        b = eligible.shape[0]
+        self._k.kept_counts_kernel[(blocks.shape[0],)](
+            blocks,
+            rows,
+            lens,
+            layer_lens.contiguous(),
+            n_blocks.contiguous(),
+            eligible.contiguous().view(torch.uint8),
+            b,
+            block_size,
+            lens.stride(0),
+            BLOCK_B=min(_pow2(max(b, 1), 16), 1024),
+        )
 
     def _can_write(self, out: torch.Tensor | None, keep_rows: torch.Tensor | None, dtype: torch.dtype, shape) -> bool:
         """Whether a kernel can write `out` ([B, M] of `shape`) in place and read `keep_rows` [B]

@@ -267,6 +267,82 @@ class SparseOps(ABC):
             lens = torch.where(keep_rows.to(lens.device), lens_of_kept_rows(k, must_keep, seq_lens, block_size), lens)
         return rows_into(out, keep_rows, table), lens
 
+    # ---------------------------------------------------------------- a step's plan
+    def window_budgets(
+        self,
+        seq_lens: torch.Tensor,
+        eligible: torch.Tensor,
+        width: int,
+        block_size: int,
+        unit_blocks: int = 1,
+        ratio: float = 1.0,
+        fixed_units: int | None = None,
+        min_units: int = 0,
+        init_units: int = 0,
+        local_units: int = 0,
+        must_select: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The budgets `select_and_rewrite` takes for a batch (the static-shape decode path plans
+        them once per step and layer policy; a backend with kernels does it in one launch).
+
+        seq_lens [B] int, eligible [B] bool (rows that select); selection units of `unit_blocks`
+        blocks, n = ceil(seq_lens / (block_size * unit_blocks)) of them per row. A selecting row
+        keeps k_u = min(n, max(min_units, fixed_units if given else ceil(n * ratio))) units, the
+        product n * ratio taken in float64; any other row keeps k_u = n. Unit u (of
+        ceil(width / unit_blocks)) is forced when u < n and it is among the first `init_units`,
+        the last `local_units`, the last one (n - 1), or in `must_select` (a negative entry counts
+        from the row's end: n + entry).
+        -> (k [B] int64: k_u * unit_blocks blocks; must_keep [B, width] bool: each block the flag
+        of its unit; lens [B] in seq_lens' dtype: `lens_of_kept_rows(k, must_keep, seq_lens,
+        block_size)`, the tokens the row reads whichever blocks win).
+        """
+        ub = unit_blocks
+        n = (seq_lens.to(torch.int64) + block_size * ub - 1) // (block_size * ub)
+        if fixed_units is not None:
+            k = torch.full_like(n, fixed_units)
+        else:
+            k = torch.ceil(n.to(torch.float64) * ratio).to(torch.int64)
+        k = torch.minimum(torch.where(eligible.to(n.device), k.clamp(min=min_units), n), n)
+        u = torch.arange(-(-width // ub), device=n.device)[None, :]
+        nn = n[:, None]
+        must = (u < init_units) | (u >= nn - local_units) | (u == nn - 1)
+        for s in must_select:
+            must |= u == (s if s >= 0 else nn + s)
+        must &= u < nn
+        if ub > 1:
+            k = k * ub
+            must = must.repeat_interleave(ub, dim=1)[:, :width]
+        return k, must, lens_of_kept_rows(k, must, seq_lens, block_size)
+
+    def add_kept_counts(
+        self,
+        blocks: torch.Tensor,
+        rows: torch.Tensor,
+        lens: torch.Tensor,
+        layer_lens: torch.Tensor,
+        n_blocks: torch.Tensor,
+        eligible: torch.Tensor,
+        block_size: int,
+    ) -> None:
+        """A step's block counters, added on the device (nothing read back).
+
+        blocks [L, 2] int64 (per layer: blocks read, blocks held), rows [2] int64 (steps with a
+        selecting row, selecting rows) are added to in place; lens [P, B] int: the tokens each
+        row read under each of the step's P distinct lengths; layer_lens [L] int64: per layer the
+        row of `lens` it read, -1 for a layer that read every block it holds, -2 for one that did
+        not run; n_blocks [B] int, eligible [B] bool. Only eligible rows count: a layer adds
+        sum(ceil(lens[p] / block_size)) (p >= 0), the blocks held (-1) or 0 (-2) as read, and the
+        blocks held, sum(n_blocks), as held; rows adds (any eligible, number eligible).
+        """
+        elig = eligible.to(torch.int64)
+        held = (n_blocks.to(torch.int64) * elig).sum()
+        kept = (((lens.to(torch.int64) + block_size - 1) // block_size) * elig).sum(1)  # [P]
+        which = layer_lens.to(torch.int64)
+        read = torch.where(which >= 0, kept[which.clamp(min=0)] if kept.numel() else 0, 0)
+        blocks[:, 0] += torch.where(which == -1, held, read)
+        blocks[:, 1] += held
+        rows += torch.stack([elig.amax() if elig.numel() else elig.sum(), elig.sum()])
+
     # ---------------------------------------------------------------- hashing, fused
     def hash_write(
         self, code_cache: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, slot_mapping: torch.Tensor

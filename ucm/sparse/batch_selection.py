@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ucm.ops.contract import lens_of_kept_rows
 from ucm.sparse.base import SparseMethod
 from ucm.sparse.selection import LayerPolicy
 
@@ -100,10 +99,8 @@ class BatchSelector:
         self.sparse_layers = [i for i, p in enumerate(self.policies) if not p.dense or self.token_budget is not None]
         self.last_layer = max(self.sparse_layers) if self.sparse_layers else -1
         dev = scorer.shapes.device
-        self._layer_ids: dict[tuple[int, ...], torch.Tensor] = {}  # selecting layers of a step -> their ids
-        self._dense_layers = torch.tensor(
-            [int(i not in self.sparse_layers) for i in range(len(self.policies))], dtype=torch.int64, device=dev
-        )
+        # per layer: the row of the step's lengths it read (-1 dense, -2 did not run) -> on the device
+        self._layer_lens: dict[tuple[int, ...], torch.Tensor] = {}
         # [layer, (blocks kept, blocks held)] over selecting rows, then [steps with a selecting row,
         # selecting rows]; only ever added to on the device (read with `counters_to_host`)
         self.blocks = torch.zeros(len(self.policies), 2, dtype=torch.int64, device=dev)
@@ -172,7 +169,8 @@ class BatchSelector:
 
     def _budgets(self, policy: LayerPolicy, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(k [B] in blocks, must_keep [B, M], lens [B]) for a policy: `BlockSelector.budgets`
-        with static shapes (the table's width instead of the longest row).
+        with static shapes (the table's width instead of the longest row), in one op
+        (`SparseOps.window_budgets`: one launch where the backend has a kernel).
 
         The tokens a row reads depend on its budget alone, not on which blocks win: it keeps
         max(k, forced) of its blocks, the last one (partly written) always among them. So every
@@ -182,27 +180,21 @@ class BatchSelector:
         hit = plan.budgets.get(key)
         if hit is not None:
             return hit
-        ub = self.unit_blocks
-        m = plan.block_table.shape[1]
-        n = (plan.seq_lens.to(torch.int64) + self.unit_tokens - 1) // self.unit_tokens
-        if self.token_budget is not None:
-            k = torch.full_like(n, math.ceil(self.token_budget / self.unit_tokens))
-        else:
-            k = torch.ceil(n.to(torch.float64) * policy.ratio).to(torch.int64)
-        k = torch.clamp(k, min=policy.min_units)
-        k = torch.minimum(torch.where(plan.eligible, k, n), n)
-        idx = torch.arange(-(-m // ub), device=n.device)[None, :]
-        nn = n[:, None]
-        must = (idx < policy.init_units) | (idx >= nn - policy.local_units) | (idx == nn - 1)
-        for u in policy.must_select:
-            must |= idx == (u if u >= 0 else nn + u)
-        must &= idx < nn
-        if ub > 1:
-            k = k * ub
-            must = must.repeat_interleave(ub, dim=1)[:, :m]
-        lens = lens_of_kept_rows(k, must, plan.seq_lens, self.block_size)
-        plan.budgets[key] = (k, must, lens)
-        return k, must, lens
+        fixed = None if self.token_budget is None else math.ceil(self.token_budget / self.unit_tokens)
+        plan.budgets[key] = self.ops.window_budgets(
+            plan.seq_lens,
+            plan.eligible,
+            plan.block_table.shape[1],
+            self.block_size,
+            self.unit_blocks,
+            ratio=policy.ratio,
+            fixed_units=fixed,
+            min_units=policy.min_units,
+            init_units=policy.init_units,
+            local_units=policy.local_units,
+            must_select=policy.must_select,
+        )
+        return plan.budgets[key]
 
     def max_len(self, layer: int, max_seq_len: int, max_query_len: int | None) -> int:
         """A host upper bound of every length `select` gives for `layer` in a step whose rows are
@@ -285,20 +277,31 @@ class BatchSelector:
         return full[:b]
 
     def _count(self, plan: BatchPlan) -> None:
-        """Add this step's kept / held blocks per sparse layer and its selecting rows to the
-        device counters (a few kernels per step; nothing is read back here)."""
-        ran = tuple(i for i in self.sparse_layers if i in plan.results)  # layers an engine kept stock never ran
-        ids = self._layer_ids.get(ran)
-        if ids is None:
-            ids = self._layer_ids[ran] = torch.tensor(ran, dtype=torch.int64, device=self.blocks.device)
-        lens = torch.stack([plan.results[i][1] for i in ran]).to(torch.int64)  # [layers, B]
-        elig = plan.eligible.to(torch.int64)
-        kept = (((lens + self.block_size - 1) // self.block_size) * elig).sum(1)
-        held = (plan.n_blocks * elig).sum()
-        self.blocks[:, 1].add_(held)
-        self.blocks[:, 0].add_(held * self._dense_layers)  # a dense layer reads what it holds
-        self.blocks[:, 0].index_add_(0, ids, kept)
-        self.rows += torch.stack([elig.amax(), elig.sum()])
+        """Add this step's kept / held blocks per layer and its selecting rows to the device
+        counters (`add_kept_counts`: one launch where the backend has a kernel; nothing is read
+        back here). Layers of one policy share one lengths tensor (see `_budgets`)."""
+        distinct: list[torch.Tensor] = []
+        which = []
+        for i in range(len(self.policies)):
+            if i not in self.sparse_layers:
+                which.append(-1)  # a dense layer reads what it holds
+            elif i not in plan.results:
+                which.append(-2)  # a layer an engine kept stock never ran
+            else:
+                lens = plan.results[i][1]
+                at = next((j for j, t in enumerate(distinct) if t is lens), None)
+                if at is None:
+                    at = len(distinct)
+                    distinct.append(lens)
+                which.append(at)
+        key = tuple(which)
+        layer_lens = self._layer_lens.get(key)
+        if layer_lens is None:
+            layer_lens = self._layer_lens[key] = torch.tensor(key, dtype=torch.int64, device=self.blocks.device)
+        lens = distinct[0][None] if len(distinct) == 1 else torch.stack(distinct)
+        self.ops.add_kept_counts(
+            self.blocks, self.rows, lens, layer_lens, plan.n_blocks, plan.eligible, self.block_size
+        )
 
     def counters_to_host(self) -> dict:
         """The device counters as Python numbers (one host read: call it between steps)."""
