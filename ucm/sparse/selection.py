@@ -158,21 +158,18 @@ class BlockSelector:
         key = (p.ratio, p.min_units, p.init_units, p.local_units, p.must_select)
         if key in plan._budget_cache:
             return plan._budget_cache[key]
-        n = plan.n_units
-        width = _max_or_zero(n)
-        if self.token_budget is not None:
-            k = torch.full_like(n, math.ceil(self.token_budget / self.unit_tokens))
-        else:
-            k = torch.ceil(n.to(torch.float64) * p.ratio).to(torch.int64)
-        k = torch.maximum(k, torch.full_like(k, p.min_units))
-        k = torch.where(plan.sparse_rows & (p.ratio < 1.0 or self.token_budget is not None), k, n)
-        k = torch.minimum(k, n)
-        idx = torch.arange(width, device=n.device)[None, :]
-        nn = n[:, None]
-        must = (idx < p.init_units) | (idx >= nn - p.local_units) | (idx == nn - 1)
-        for u in p.must_select:
-            must |= idx == (u if u >= 0 else nn + u)
-        must &= idx < nn
+        k, must, _ = self.ops.window_budgets(
+            plan.seq_lens,
+            plan.sparse_rows,
+            _max_or_zero(plan.n_units),
+            self.unit_tokens,  # in units: the contract's blocks of one unit each
+            ratio=p.ratio,
+            fixed_units=None if self.token_budget is None else math.ceil(self.token_budget / self.unit_tokens),
+            min_units=p.min_units,
+            init_units=p.init_units,
+            local_units=p.local_units,
+            must_select=p.must_select,
+        )
         plan._budget_cache[key] = (k, must)
         return k, must
 
