@@ -283,7 +283,7 @@ class BatchSelector:
         distinct: list[torch.Tensor] = []
         which = []
         for i in range(len(self.policies)):
-            if i not in self.sparse_layers:
+            if not self.layer_selects(i):
                 which.append(-1)  # a dense layer reads what it holds
             elif i not in plan.results:
                 which.append(-2)  # a layer an engine kept stock never ran
