@@ -180,19 +180,8 @@ class BatchSelector:
         hit = plan.budgets.get(key)
         if hit is not None:
             return hit
-        fixed = None if self.token_budget is None else math.ceil(self.token_budget / self.unit_tokens)
-        plan.budgets[key] = self.ops.window_budgets(
-            plan.seq_lens,
-            plan.eligible,
-            plan.block_table.shape[1],
-            self.block_size,
-            self.unit_blocks,
-            ratio=policy.ratio,
-            fixed_units=fixed,
-            min_units=policy.min_units,
-            init_units=policy.init_units,
-            local_units=policy.local_units,
-            must_select=policy.must_select,
+        plan.budgets[key] = self.method.selector.window_budgets(
+            policy, plan.seq_lens, plan.eligible, plan.block_table.shape[1], per_block=True
         )
         return plan.budgets[key]
 

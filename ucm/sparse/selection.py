@@ -158,11 +158,24 @@ class BlockSelector:
         key = (p.ratio, p.min_units, p.init_units, p.local_units, p.must_select)
         if key in plan._budget_cache:
             return plan._budget_cache[key]
-        k, must, _ = self.ops.window_budgets(
-            plan.seq_lens,
-            plan.sparse_rows,
-            _max_or_zero(plan.n_units),
-            self.unit_tokens,  # in units: the contract's blocks of one unit each
+        k, must, _ = self.window_budgets(
+            p, plan.seq_lens, plan.sparse_rows, _max_or_zero(plan.n_units), per_block=False
+        )
+        plan._budget_cache[key] = (k, must)
+        return k, must
+
+    def window_budgets(
+        self, p: LayerPolicy, seq_lens: torch.Tensor, eligible: torch.Tensor, width: int, per_block: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The contract's `window_budgets` of policy p: (k, must_keep, lens) per block over a table
+        `width` blocks wide (`per_block`, the batch path's), or per unit over `width` units."""
+        bs, ub = (self.block_size, self.unit_blocks) if per_block else (self.unit_tokens, 1)
+        return self.ops.window_budgets(
+            seq_lens,
+            eligible,
+            width,
+            bs,
+            ub,
             ratio=p.ratio,
             fixed_units=None if self.token_budget is None else math.ceil(self.token_budget / self.unit_tokens),
             min_units=p.min_units,
@@ -170,8 +183,6 @@ class BlockSelector:
             local_units=p.local_units,
             must_select=p.must_select,
         )
-        plan._budget_cache[key] = (k, must)
-        return k, must
 
     def unit_scores(self, block_scores: torch.Tensor, reduce: str = "max") -> torch.Tensor:
         """Per-block scores [B, M] -> per-unit scores [B, ceil(M / unit_blocks)] (larger = better).
