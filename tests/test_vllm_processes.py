@@ -94,6 +94,18 @@ def test_offload_over_two_ranks_matches_one_rank_sparse(method: str, tmp_path) -
     assert len(list(tmp_path.glob("*.blk"))) >= 2 * (1200 // 32)  # both ranks dumped the long prompt
 
 
+def test_offload_over_two_ranks_with_background_retrievals(tmp_path) -> None:
+    """The same with KVStar retrieving every 4 steps on its background thread (the path #18's item
+    11 suspected, which the default stride of 1 no longer takes): each rank's retrievals, offload
+    loads and the all-reduce of the block scores interleave, and greedy tokens equal one rank's."""
+    args = ("--model", "tiny", "--method", "KVStarMultiStep", "--max-tokens", "40", "--retrieval-stride", "4")
+    one = run(*args)[0]["tokens"]
+    two, log = run(*args, "--tp", "2", "--offload", str(tmp_path))
+    assert two["tokens"] == one
+    assert "ucm offload active" in log
+    assert len(list(tmp_path.glob("*.blk"))) >= 2 * (1200 // 32)
+
+
 def test_a_worker_that_crashes_in_native_code_prints_its_traceback() -> None:
     """A TP worker killed by a fatal signal raises nothing for vLLM to log: the engine only
     sees a worker that stopped answering. With a ucm config each worker has faulthandler on
