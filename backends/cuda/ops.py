@@ -538,22 +538,31 @@ class CudaOps(TorchReferenceOps):
         must_select=(),
     ):
         """One launch, a program per row (`_window_budgets_kernel`)."""
-        args = (seq_lens, eligible, width, block_size, unit_blocks, ratio, fixed_units)
-        rest = (min_units, init_units, local_units, must_select)
-        if not self._can_run(seq_lens, eligible) or seq_lens.dim() != 1 or eligible.dtype != torch.bool:
-            return super().window_budgets(*args, *rest)
-        b, dev = seq_lens.shape[0], seq_lens.device
-        if b == 0 or width == 0:
-            return super().window_budgets(*args, *rest)
+        b = seq_lens.shape[0]
+        if not self._can_run(seq_lens, eligible) or seq_lens.dim() != 1 or b == 0 or width == 0:
+            return super().window_budgets(
+                seq_lens,
+                eligible,
+                width,
+                block_size,
+                unit_blocks,
+                ratio,
+                fixed_units,
+                min_units,
+                init_units,
+                local_units,
+                must_select,
+            )
+        dev = seq_lens.device
         k = torch.empty(b, dtype=torch.int64, device=dev)
         must = torch.empty(b, width, dtype=torch.bool, device=dev)
         lens = torch.empty(b, dtype=seq_lens.dtype, device=dev)
-        ratio_t = self._plan_const(("ratio", float(ratio), dev), lambda: [float(ratio)], torch.float64, dev)
         sel = tuple(int(s) for s in must_select)
-        sel_t = self._plan_const(("select", sel, dev), lambda: list(sel) or [0], torch.int64, dev)
+        ratio_t = self._plan_const(("ratio", float(ratio), dev), [float(ratio)], torch.float64)
+        sel_t = self._plan_const(("select", sel, dev), list(sel) or [0], torch.int64)
         self._k.window_budgets_kernel[(b,)](
             seq_lens if seq_lens.is_contiguous() else seq_lens.contiguous(),
-            eligible.contiguous().view(torch.uint8),
+            eligible.to(torch.bool).contiguous().view(torch.uint8),
             ratio_t,
             sel_t,
             k,
@@ -573,10 +582,11 @@ class CudaOps(TorchReferenceOps):
         )
         return k, must, lens
 
-    def _plan_const(self, key: tuple, values, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    def _plan_const(self, key: tuple, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A constant of `window_budgets` on the device named last in `key`, made once."""
         t = self._plan_consts.get(key)
         if t is None:
-            t = self._plan_consts[key] = torch.tensor(values(), dtype=dtype, device=dev)
+            t = self._plan_consts[key] = torch.tensor(values, dtype=dtype, device=key[-1])
         return t
 
     def add_kept_counts(self, blocks, rows, lens, layer_lens, n_blocks, eligible, block_size) -> None:
