@@ -35,9 +35,29 @@ def test_calibrate_writes_loadable_trained_weights(tmp_path) -> None:
     assert loaded.config.gpu_seq_len_threshold == shipped.gpu_seq_len_threshold
     shapes = ModelShapes(30, 9, 3, 64, 32, 64)
     method = build_sparse_method({"GSAOnDevice": {}}, shapes, get_ops("reference"), model_config=loaded)
-    saved = torch.load(tmp_path / res["weights"], weights_only=True)["weight"]
-    assert torch.equal(method.scorer.weights[7][0], saved[7])
+    saved = torch.load(tmp_path / res["weights"], weights_only=True)
+    assert torch.equal(method.scorer.weights[7][0], saved["weight"][7])
+    # the measured mean keys go with W, and the JSON scores with them (centred, norm-weighted)
+    assert loaded.config.hash_score_method == "norm_cosine" and method.scorer.cosine
+    assert saved["key_center"].shape == (30, 3, 64) and torch.isfinite(saved["key_center"]).all()
+    assert torch.equal(method.scorer.centers[7], saved["key_center"][7])
     assert json.loads((tmp_path / "calibration.json").read_text())["bits"] == 128
+
+
+def test_calibrate_keep_weights_adds_the_mean_keys_to_the_shipped_projections(tmp_path) -> None:
+    """--keep-weights: no training, the shipped W written again with the measured mean keys."""
+    from ucm.calibrate import QKCollector, mean_keys
+    from ucm.config.loader import model_config_data
+
+    shipped = torch.load(model_config_data("SmolLM2-135M-Instruct")["hash_weight"], weights_only=True)["weight"]
+    res = run_calibrate(tmp_path, prompts=1, heldout=1, tokens=400, keep_weights=True, score_method="hamming")
+    saved = torch.load(tmp_path / res["weights"], weights_only=True)
+    assert torch.equal(saved["weight"], shipped) and res["kept_weights"] and res["steps"] == 0
+    assert saved["key_center"].shape == (30, 3, 64) and saved["key_center"].abs().amax() > 0
+    assert load_model_config(tmp_path / res["config"]).config.hash_score_method == "hamming"
+    collector = QKCollector(2)
+    collector.data = {0: [(torch.zeros(1), torch.tensor([[[1.0, 2.0]], [[3.0, 6.0]]])), (None, torch.ones(2, 1, 2))]}
+    assert torch.equal(mean_keys(collector, 1), torch.tensor([[[1.5, 2.5]]]))  # every key of every prompt
 
 
 @pytest.mark.slow

@@ -674,6 +674,7 @@ def valid_model_dicts(draw: st.DrawFn) -> dict[str, Any]:
         chunk_repre_method=draw(st.sampled_from(["max", "min", "mean"])),
         head_dim=draw(st.sampled_from([64, 128, 256])),
         hash_bits=draw(bits),
+        hash_score_method=draw(st.sampled_from(["hamming", "norm_cosine"])),
         top_k_ratio_per_layer=ratios,
         top_k_index_reuse=reuse,
         must_select_blocks=draw(st.lists(st.integers(-16, 16), unique=True, max_size=5)),
@@ -686,6 +687,7 @@ def valid_model_dicts(draw: st.DrawFn) -> dict[str, Any]:
             is_mla=True,
             head_dim=kv + rope,
             hash_bits=hkv + hrope,
+            hash_score_method="hamming",  # MLA: two projections a token, Hamming only
             kv_lora_rank=kv,
             qk_rope_head_dim=rope,
             hash_bits_kv_lora=hkv,

@@ -100,6 +100,84 @@ def test_hamming_validation(cpu: CpuOps) -> None:
         cpu.hamming_block_scores(rand_codes((1, 6, 16), g), k, bad, seq_lens)
 
 
+# ------------------------------------------------------------------------------ hamming, cosine
+def _cosine_case(g: torch.Generator, hq: int = 14, hkv: int = 2, c: int = 16, bs: int = 8):
+    table, seq_lens, nb = paged_case(g, [50, 7, 0, 33], bs)
+    q = rand_codes((4, hq, c), g)
+    qn = torch.rand(4, hq, generator=g) * 4
+    k = rand_codes((nb, bs, hkv, c), g)
+    kn = torch.rand(nb, bs, hkv, generator=g) * 30
+    return q, qn, k, kn, table, seq_lens
+
+
+@pytest.mark.parametrize("hq,hkv,c", [(14, 2, 16), (8, 8, 16), (16, 1, 72), (4, 2, 6)])
+def test_hamming_cosine_runs_natively(cpu: CpuOps, monkeypatch: pytest.MonkeyPatch, hq, hkv, c) -> None:
+    """The C++ kernel scores (the torch definition is never reached) and agrees with it, for
+    float32 and bfloat16 key norms and every reduce."""
+    ns = cpu._native()
+    if ns is None:
+        pytest.skip(f"native kernels unavailable: {cpu.native_error}")
+    q, qn, k, kn, table, seq_lens = _cosine_case(gen(hq + c), hq, hkv, c)
+    want = {
+        (dt, r): REF.hamming_cosine_block_scores(q, qn, k, kn.to(dt), table, seq_lens, r)
+        for dt in (torch.float32, torch.bfloat16)
+        for r in ("min", "mean", "max")
+    }
+
+    def never(*args, **kwargs):
+        raise AssertionError("the torch definition ran instead of the native kernel")
+
+    monkeypatch.setattr(TorchReferenceOps, "hamming_cosine_block_scores", never)
+    t64, l64 = table.to(torch.int64), seq_lens.to(torch.int64)
+    for (dt, r), ref in want.items():
+        got = cpu.hamming_cosine_block_scores(q, qn, k, kn.to(dt), table, seq_lens, r)
+        direct = ns.hamming_cosine_block_scores(q, qn, k, kn.to(dt), t64, l64, int(ReduceCode[r.upper()]))
+        assert torch.equal(got, direct)
+        assert torch.equal(torch.isinf(got), torch.isinf(ref))
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_hamming_cosine_edge_rows(cpu: CpuOps) -> None:
+    """Negative ids inside a row read block 0 (the reference clamps); seq_len past M*bs is capped."""
+    g = gen(8)
+    q, qn = rand_codes((3, 8, 16), g), torch.rand(3, 8, generator=g)
+    k, kn = rand_codes((10, 4, 2, 16), g), torch.rand(10, 4, 2, generator=g).to(torch.bfloat16)
+    table = torch.tensor([[3, -1, 5], [9, 8, 7], [0, 1, 2]])
+    seq_lens = torch.tensor([10, 50, -3])
+    for reduce in ("min", "mean", "max"):
+        torch.testing.assert_close(
+            cpu.hamming_cosine_block_scores(q, qn, k, kn, table, seq_lens, reduce),
+            REF.hamming_cosine_block_scores(q, qn, k, kn, table, seq_lens, reduce),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+@pytest.mark.parametrize("native", [None, False], ids=["native", "fallback"])
+def test_hamming_cosine_validation(cpu: CpuOps, native: bool | None) -> None:
+    ops = cpu if native is None else CpuOps(native=False)
+    q, qn, k, kn, table, seq_lens = _cosine_case(gen(3))
+    op = "hamming_cosine_block_scores"
+    with pytest.raises(ValueError, match=f"{op}: q_norms"):
+        ops.hamming_cosine_block_scores(q, qn[:, :3], k, kn, table, seq_lens)
+    with pytest.raises(ValueError, match=f"{op}: k_norms"):
+        ops.hamming_cosine_block_scores(q, qn, k, kn[:, :2], table, seq_lens)
+    with pytest.raises(ValueError, match=f"{op}: code widths"):
+        ops.hamming_cosine_block_scores(q[..., :8], qn, k, kn, table, seq_lens)
+    k3, kn3 = k[:, :, :1].expand(-1, -1, 3, -1), kn[:, :, :1].expand(-1, -1, 3)
+    with pytest.raises(ValueError, match=f"{op}: Hq=14 query heads is not a multiple of Hkv=3"):
+        ops.hamming_cosine_block_scores(q, qn, k3, kn3, table, seq_lens)
+    with pytest.raises(ValueError, match=f"{op}: block_table"):
+        ops.hamming_cosine_block_scores(q, qn, k, kn, table[:2], seq_lens)
+    with pytest.raises(ValueError, match="reduce"):
+        ops.hamming_cosine_block_scores(q, qn, k, kn, table, seq_lens, "median")  # type: ignore[arg-type]
+    if native is None and cpu.native_loaded:
+        bad = table.clone()
+        bad[0, 0] = k.shape[0] + 5
+        with pytest.raises(IndexError, match=op):
+            ops.hamming_cosine_block_scores(q, qn, k, kn, bad, seq_lens)
+
+
 # ------------------------------------------------------------------------------------- fallback
 def _fallback_suite(ops: CpuOps) -> None:
     g = gen(21)

@@ -30,6 +30,13 @@ def scorers():
         "GSAOnDevice": lambda: HashScorer(
             SHAPES, REF, [[torch.randn(D, 16, generator=torch.Generator().manual_seed(i))] for i in range(LAYERS)]
         ),
+        "GSAOnDevice, norm_cosine": lambda: HashScorer(
+            SHAPES,
+            REF,
+            [[torch.randn(D, 16, generator=torch.Generator().manual_seed(i))] for i in range(LAYERS)],
+            score_method="norm_cosine",
+            key_center=torch.randn(LAYERS, H, D, generator=torch.Generator().manual_seed(9)),
+        ),
     }
 
 
@@ -37,7 +44,7 @@ def state(scorer) -> list[torch.Tensor]:
     if isinstance(scorer, QuestScorer):
         return [t for s in scorer.stats for t in (s.mins, s.maxs)]
     if isinstance(scorer, HashScorer):
-        return scorer.codes
+        return [*scorer.codes, *scorer.norms]
     return [t for a in scorer.acc for t in (a.sums, a.abs_sums) if t is not None]
 
 

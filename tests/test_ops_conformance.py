@@ -528,6 +528,178 @@ def test_hash_hamming_block_scores(backend: Backend, tier, hq, hkv, d, nbits, bs
         assert_hamming_equal(backend, got, want, reduce)
 
 
+# ------------------------------------------------------------- norm-weighted SimHash (hash_cosine)
+def assert_cosine_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Float sums in another order: equal within float32 rounding of the summed magnitudes; +inf
+    (blocks past a row's end) exactly where the reference has it."""
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    scale = float(want[finite].abs().amax()) if finite.any() else 1.0
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5 * max(scale, 1.0))
+
+
+@pytest.mark.parametrize("norm_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hkv,d,nbits", [(2, 32, 64), (4, 16, 128)])
+@pytest.mark.parametrize("few", [False, True], ids=["many", "few"])
+def test_hash_norm_write_matches_the_definition(backend: Backend, norm_dtype, hkv, d, nbits, few) -> None:
+    """Codes of x - center and |x - center| at the written slots; other slots untouched."""
+    g = gen(hkv * d + nbits + (7 if few else 0))
+    bs = 8
+    t, nb = (333, 64) if backend.gpu else (13, 5)
+    t = 3 if few else t
+    x = torch.randn(t, hkv, d, generator=g) * 3 + 2
+    center = torch.randn(hkv, d, generator=g) + 2
+    w = torch.randn(d, nbits, generator=g)
+    slots = torch.randperm(nb * bs, generator=g)[:t]
+    slots[::4] = -1
+    codes = rand_codes((nb, bs, hkv, nbits // 8), g)
+    norms = torch.randn(nb, bs, hkv, generator=g).to(norm_dtype)
+    want_codes, want_norms = codes.clone(), norms.clone()
+    keep = slots >= 0
+    xc = (x - center)[keep]
+    want_codes.view(nb * bs, hkv, -1)[slots[keep]] = REF.sign_bits_pack(xc @ w)
+    want_norms.view(nb * bs, hkv)[slots[keep]] = xc.norm(dim=-1).to(norm_dtype)
+    got_codes, got_norms = backend.to(codes), backend.to(norms)
+    backend.ops.hash_norm_write(got_codes, got_norms, *map(backend.to, (x, w, center, slots)))
+    proj = torch.zeros(nb * bs, hkv, nbits)
+    proj[slots[keep]] = xc @ w
+    near_zero = proj.abs().view(nb, bs, hkv, nbits) <= 1e-4 * proj.abs().amax()
+    got_bits, want_bits = unpack_bits(host(got_codes)), unpack_bits(want_codes)
+    assert torch.equal(got_bits | near_zero, want_bits | near_zero)
+    tol = 1e-5 if norm_dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(host(got_norms).float(), want_norms.float(), rtol=tol, atol=0)
+    untouched = torch.ones(nb * bs, dtype=torch.bool)
+    untouched[slots[keep]] = False
+    assert torch.equal(host(got_norms).view(nb * bs, hkv)[untouched], norms.view(nb * bs, hkv)[untouched])
+
+
+def test_hash_norm_write_layers_matches_per_layer_writes(backend: Backend) -> None:
+    """Every layer's keys read from its paged key cache (any strides) at the step's slots."""
+    g = gen(21)
+    layers, nb, bs, hkv, d, nbits = 3, 6, 8, 2, 32, 64
+    slots = torch.tensor([5, -1, 17, 40, 41])
+    kv = torch.randn(layers, 2, nb, bs, hkv, d, generator=g)  # a vLLM-like [2, NB, ...] per layer
+    k_caches = [kv[i, 0] for i in range(layers)]
+    weights = [torch.randn(d, nbits, generator=g) for _ in range(layers)]
+    centers = [torch.randn(hkv, d, generator=g), None, torch.randn(hkv, d, generator=g)]
+    want_c = [torch.zeros(nb, bs, hkv, nbits // 8, dtype=torch.uint8) for _ in range(layers)]
+    want_n = [torch.zeros(nb, bs, hkv, dtype=torch.bfloat16) for _ in range(layers)]
+    got_c, got_n = [backend.to(c) for c in want_c], [backend.to(n) for n in want_n]
+    keep = slots >= 0
+    for i in range(layers):
+        at = slots.clamp(min=0)
+        x = k_caches[i][at // bs, at % bs]
+        REF.hash_norm_write(want_c[i], want_n[i], x, weights[i], centers[i], slots)
+        assert bool((want_n[i].view(-1, hkv)[slots[keep]] > 0).all())
+    backend.ops.hash_norm_write_layers(
+        got_c,
+        got_n,
+        [backend.to(k) for k in k_caches],
+        [backend.to(w) for w in weights],
+        [None if c is None else backend.to(c) for c in centers],
+        backend.to(slots),
+    )
+    for i in range(layers):
+        assert (unpack_bits(host(got_c[i])) != unpack_bits(want_c[i])).float().mean() < 1e-3
+        torch.testing.assert_close(host(got_n[i]).float(), want_n[i].float(), rtol=8e-3, atol=0)
+
+
+def np_cosine_distances(qc, qn, kc, kn, table, seq_lens, bs, reduce):
+    """Loop-by-loop oracle of `hamming_cosine_block_scores`, written from the contract's text."""
+    b, hq, c = qc.shape
+    grp = hq // kc.shape[2]
+    out = np.full(table.shape, np.inf)
+    for r in range(b):
+        for j in range(table.shape[1]):
+            toks = list(range(j * bs, min((j + 1) * bs, int(seq_lens[r]))))
+            if not toks:
+                continue
+            phys = int(table[r, j])
+            vals = []
+            for t in toks:
+                o = t - j * bs
+                est = 0.0
+                for h in range(hq):
+                    d = np_popcount(qc[r, h] ^ kc[phys, o, h // grp])
+                    est += float(qn[r, h]) * float(kn[phys, o, h // grp]) * math.cos(math.pi * d / (8 * c))
+                vals.append(-est)
+            out[r, j] = {"min": min, "max": max, "mean": lambda v: sum(v) / len(v)}[reduce](vals)
+    return out
+
+
+@pytest.mark.parametrize("seq_lens,bs,hq,hkv,d", ORACLE_CASES)
+@pytest.mark.parametrize("reduce", ["min", "mean", "max"])
+def test_hamming_cosine_block_scores_match_the_numpy_oracle(backend, seq_lens, bs, hq, hkv, d, reduce) -> None:
+    backend.need("native")
+    g = gen(2)
+    batch = make_paged(seq_lens, bs, hkv, d, g)
+    w = torch.randn(d, 32, generator=g)
+    k_codes = REF.hash_encode(batch.k_cache, w)
+    k_norms = batch.k_cache.norm(dim=-1).to(torch.bfloat16)
+    q = torch.randn(len(seq_lens), hq, d, generator=g)
+    q_codes, q_norms = REF.hash_encode(q, w), q.norm(dim=-1)
+    got = backend.ops.hamming_cosine_block_scores(
+        *map(backend.to, (q_codes, q_norms, k_codes, k_norms, batch.block_table, batch.seq_lens)), reduce
+    )
+    want = np_cosine_distances(
+        q_codes.numpy(),
+        q_norms.numpy(),
+        k_codes.numpy(),
+        k_norms.float().numpy(),
+        batch.block_table.numpy(),
+        batch.seq_lens.numpy(),
+        bs,
+        reduce,
+    )
+    assert_cosine_close(host(got), torch.from_numpy(want).to(torch.float32))
+
+
+@pytest.mark.parametrize("reduce", ["min", "mean", "max"])
+@pytest.mark.parametrize(
+    "case", HAMMING_CASES, ids=lambda c: f"{c[0]}-hq{c[1]}-hkv{c[2]}-c{c[3]}-bs{c[4]}-b{len(c[5])}"
+)
+def test_hamming_cosine_block_scores(backend: Backend, case, reduce: str) -> None:
+    tier, hq, hkv, c, bs, lens, kind = case
+    backend.need(tier)
+    g = gen(hq * 1000 + c * 7 + bs + 1)
+    table, seq_lens, nb = (
+        shuffled_table(lens, bs, 3, g) if kind == "shuffled" else paged_case(g, lens, bs, extra_width=2)
+    )
+    q = rand_codes((len(lens), hq, c), g)
+    qn = torch.rand(len(lens), hq, generator=g) * 4
+    k = rand_codes((nb, bs, hkv, c), g)
+    for kn in (torch.rand(nb, bs, hkv, generator=g) * 30, torch.rand(nb, bs, hkv, generator=g).to(torch.bfloat16)):
+        for tbl in (table, table.to(torch.int64)):
+            got = backend.ops.hamming_cosine_block_scores(*map(backend.to, (q, qn, k, kn, tbl, seq_lens)), reduce)
+            assert_cosine_close(host(got), REF.hamming_cosine_block_scores(q, qn, k, kn, tbl, seq_lens, reduce))
+
+
+@pytest.mark.parametrize(
+    "tier,hq,hkv,d,nbits,bs,lens",
+    [
+        ("any", 8, 2, 16, 64, 4, [9, 30]),
+        ("any", 14, 2, 64, 128, 8, [40, 1]),
+        ("gpu", 32, 8, 128, 128, 128, [32768, 300]),
+    ],
+)
+def test_hash_cosine_block_scores(backend: Backend, tier, hq, hkv, d, nbits, bs, lens) -> None:
+    """Query hash, query norms and scoring (fused where a backend can) equal hash_encode, |q|
+    and the reference scorer. Integer-valued inputs make every projection exact in any order."""
+    backend.need(tier)
+    g = gen(hq + nbits + 5)
+    table, seq_lens, nb = shuffled_table(lens, bs, 2, g)
+    q = torch.randint(-2, 3, (len(lens), hq, d), generator=g).to(torch.bfloat16)
+    w = torch.randint(-2, 3, (d, nbits), generator=g).to(torch.float32)
+    k = rand_codes((nb, bs, hkv, nbits // 8), g)
+    kn = (torch.rand(nb, bs, hkv, generator=g) * 10).to(torch.bfloat16)
+    for reduce in ("min", "mean"):
+        got = host(backend.ops.hash_cosine_block_scores(*map(backend.to, (q, w, k, kn, table, seq_lens)), reduce))
+        qf = q.float()
+        want = REF.hamming_cosine_block_scores(REF.hash_encode(q, w), qf.norm(dim=-1), k, kn, table, seq_lens, reduce)
+        assert_cosine_close(got, want)
+
+
 # ------------------------------------------------------------------------------- dot scoring
 @pytest.mark.parametrize("groups", [None, 4])
 @pytest.mark.parametrize("group_reduce", ["mean", "max"])

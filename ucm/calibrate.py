@@ -41,6 +41,12 @@ class QKCollector(RunObserver):
         self.data.setdefault(layer, []).append((query[pick].float().clone(), key[:start].float().clone()))
 
 
+def mean_keys(collector: QKCollector, layers: int) -> torch.Tensor:
+    """The mean collected key per layer and KV head [layers, Hkv, D]: the `key_center` the
+    norm_cosine scorer hashes keys around (`ucm.ops.hash_cosine`)."""
+    return torch.stack([torch.cat([k for _, k in collector.data[layer]]).mean(0) for layer in range(layers)])
+
+
 def block_targets(
     q: torch.Tensor, k: torch.Tensor, block_size: int, skip_first: int = 1, skip_last: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,6 +132,8 @@ def run_calibrate(
     base: dict | None = None,
     file_stem: str | None = None,
     announce_files: bool = True,
+    score_method: str = "norm_cosine",
+    keep_weights: bool = False,
 ) -> dict:
     """Train `model`'s hash projections (a packaged model's name or a local HF folder) and judge
     them against random ones on held-out prompts. The JSON written next to the weights is `base`
@@ -133,7 +141,10 @@ def run_calibrate(
     files are named `<file_stem>_trained_hash.pt` / `<config stem>_trained.json` (default: the
     model's registry key / its per-model JSON's stem, so SmolLM2's keep their names).
     `announce_files=False` leaves out the closing "wrote ..." line (`ucm configure` writes its
-    own files from these)."""
+    own files from these). The mean key per layer and KV head is measured on the training
+    prompts and saved with W; the JSON scores with `score_method` ("norm_cosine": centred,
+    norm-weighted estimates of q . k; "hamming": summed distances). `keep_weights` keeps the
+    base JSON's trained W (no training; e.g. to add the mean keys to a file that has none)."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,24 +165,32 @@ def run_calibrate(
     shapes = runner.shapes
     if base is None:
         base = per_model_data(ref, shapes.num_layers, shapes.head_dim, shapes.block_size)
-    # training starts from random W
-    base = dict(base, hash_weight_type="random", hash_weight=None)
     if base.get("is_mla"):
         raise ValueError(f"{ref.name}: calibrating MLA models (two projections per layer) is not supported")
+    kept = None
+    if keep_weights:
+        from ucm.config.loader import load_model_config
+        from ucm.sparse.hashing import hash_projections
+
+        if base.get("hash_weight_type") != "trained":
+            raise ValueError(f"{ref.name}: --keep-weights needs a base JSON with trained projections")
+        kept = [ws[0] for ws in hash_projections(load_model_config(base))]
+    # training starts from random W
+    base = dict(base, hash_weight_type="random", hash_weight=None, hash_score_method=score_method)
     layers, dim, bits = base["num_hidden_layers"], base["head_dim"], base["hash_bits"]
 
     collector = QKCollector(queries_per_prompt, seed)
     for ids in tqdm(prompt_ids[:prompts], desc="collecting q/k", unit="prompt", file=sys.stderr):
         runner.prefill(ids, observers=[collector])
-    weights, losses = [], []
-    for layer in tqdm(range(layers), desc="training", unit="layer", file=sys.stderr):
+    weights, losses = kept or [], []
+    for layer in tqdm(range(0 if kept else layers), desc="training", unit="layer", file=sys.stderr):
         init = random_orthogonal_hash(dim, bits, seed * 1_000_003 + layer * 7)  # the factory's random W
         w, first, last = train_layer(collector.data[layer], init, steps, block_size=block_size)
         weights.append(w)
         losses.append((first, last))
     out_dir.mkdir(parents=True, exist_ok=True)
     weight_file = out_dir / f"{file_stem or ref.key}_trained_hash.pt"
-    save_trained_hash(weight_file, weights)
+    save_trained_hash(weight_file, weights, mean_keys(collector, layers))
     # the file to deploy: the base JSON (its dense layers and thresholds) with the trained W
     cfg_file = out_dir / f"{file_stem or ref.config_stem}_trained.json"
     cfg_file.write_text(json.dumps(dict(base, hash_weight_type="trained", hash_weight=weight_file.name), indent=2))
@@ -203,7 +222,9 @@ def run_calibrate(
         "train_prompts": prompts,
         "heldout_prompts": heldout,
         "prompt_tokens": tokens,
-        "steps": steps,
+        "steps": 0 if kept else steps,
+        "kept_weights": bool(kept),
+        "score_method": score_method,
         "ratio": ratio,
         "block_size": block_size,
         "loss_start_end_per_layer": losses,
@@ -235,6 +256,18 @@ def add_parser(sub) -> None:
     p.add_argument("--tokens", type=int, default=1500)
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per layer")
     p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument(
+        "--score-method",
+        choices=["norm_cosine", "hamming"],
+        default="norm_cosine",
+        help="the JSON's hash_score_method: centred, norm-weighted estimates of q . k (keys minus the "
+        "measured mean key) or summed Hamming distances",
+    )
+    p.add_argument(
+        "--keep-weights",
+        action="store_true",
+        help="keep the model JSON's trained projections (no training): measure and add the mean keys only",
+    )
     p.set_defaults(handler=_handle)
 
 
@@ -242,5 +275,15 @@ def _handle(args) -> int:
     from ucm.profile import check_model_argument
 
     check_model_argument(args.model, "calibrate")
-    run_calibrate(args.out_dir, args.prompts, args.heldout, args.tokens, args.steps, ratio=args.ratio, model=args.model)
+    run_calibrate(
+        args.out_dir,
+        args.prompts,
+        args.heldout,
+        args.tokens,
+        args.steps,
+        ratio=args.ratio,
+        model=args.model,
+        score_method=args.score_method,
+        keep_weights=args.keep_weights,
+    )
     return 0

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce_code
+from ucm.ops.hash_cosine import NORM_DTYPES
 from ucm.ops.reference import TorchReferenceOps
 from ucm.ops.subblocks import grouped_block_scores
 
@@ -489,9 +490,9 @@ def _is_int(t: torch.Tensor) -> bool:
 
 
 class CpuOps(TorchReferenceOps):
-    """C++/OpenMP kernels for hashing, running block sums and min/max, Hamming, dot and min/max
-    (Quest) block scoring, top-k and decode attention; everything else (and every input the
-    kernels don't take) is the torch reference."""
+    """C++/OpenMP kernels for hashing, running block sums and min/max, Hamming, norm-weighted
+    (cosine) Hamming, dot and min/max (Quest) block scoring, top-k and decode attention; everything
+    else (and every input the kernels don't take) is the torch reference."""
 
     name = "cpu"
 
@@ -632,6 +633,60 @@ class CpuOps(TorchReferenceOps):
             return super().hamming_block_scores(q_codes, k_codes, block_table, seq_lens, reduce)
         return ns.hamming_block_scores(
             q_codes, k_codes, block_table.to(torch.int64), seq_lens.to(torch.int64), int(code)
+        )
+
+    def hamming_cosine_block_scores(
+        self,
+        q_codes: torch.Tensor,
+        q_norms: torch.Tensor,
+        k_codes: torch.Tensor,
+        k_norms: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        reduce: BlockReduce = "min",
+    ) -> torch.Tensor:
+        name = "hamming_cosine_block_scores"
+        if q_codes.dim() != 3 or k_codes.dim() != 4:
+            raise ValueError(
+                f"{name}: q_codes must be [B, Hq, C] and k_codes [NB, bs, Hkv, C], got "
+                f"{tuple(q_codes.shape)} and {tuple(k_codes.shape)}"
+            )
+        if q_codes.shape[-1] != k_codes.shape[-1]:
+            raise ValueError(f"{name}: code widths differ ({q_codes.shape[-1]} vs {k_codes.shape[-1]})")
+        if q_codes.shape[-1] == 0:
+            raise ValueError(f"{name}: code width must be positive")
+        if q_norms.shape != q_codes.shape[:2]:
+            raise ValueError(
+                f"{name}: q_norms must be [B, Hq] = {tuple(q_codes.shape[:2])}, got {tuple(q_norms.shape)}"
+            )
+        if k_norms.shape != k_codes.shape[:3]:
+            raise ValueError(
+                f"{name}: k_norms must be [NB, bs, Hkv] = {tuple(k_codes.shape[:3])}, got {tuple(k_norms.shape)}"
+            )
+        self._check_paged(name, q_codes.shape[1], k_codes.shape[2], block_table, seq_lens, q_codes.shape[0])
+        code = reduce_code(reduce)
+        ns = self._native()
+        if (
+            ns is None
+            or not _all_cpu(q_codes, q_norms, k_codes, k_norms, block_table, seq_lens)
+            or q_codes.dtype != torch.uint8
+            or k_codes.dtype != torch.uint8
+            or q_norms.dtype not in _FLOATS
+            or k_norms.dtype not in NORM_DTYPES
+            or not (_is_int(block_table) and _is_int(seq_lens))
+            or k_codes.shape[1] == 0
+        ):
+            return super().hamming_cosine_block_scores(
+                q_codes, q_norms, k_codes, k_norms, block_table, seq_lens, reduce
+            )
+        return ns.hamming_cosine_block_scores(
+            q_codes,
+            q_norms.to(torch.float32),
+            k_codes,
+            k_norms,
+            block_table.to(torch.int64),
+            seq_lens.to(torch.int64),
+            int(code),
         )
 
     def block_scores_dot(

@@ -8,6 +8,8 @@ dims) and nothing measured:
   engine's seed 0 makes them the same on every start, `ucm.sparse.hashing.hash_projections`);
 * `hash_bits`: 128 (the shipped GQA JSONs' value), or the head dim rounded up to a multiple of 8
   where that is larger; for MLA, one bit per dim of each part (as the shipped DeepSeek JSONs);
+* `hash_score_method` "hamming": the norm-weighted estimate centres keys on a mean key that
+  only `ucm calibrate` measures (without it, on Qwen2.5-Coder 8K, it scored as Hamming does);
 * no dense layers: every layer sparse at `FALLBACK_RATIO` (nothing says which layers a shared
   selection starves without `ucm profile`; docs/accuracy.md measures what this costs on SmolLM2);
 * `must_select_blocks` [0, -2, -1] (the first and the last two chunks, as every shipped JSON),
@@ -58,6 +60,7 @@ def generic_model_config(
         "chunk_repre_method": "max",
         "head_dim": head_dim,
         "hash_bits": _bits_for(head_dim),
+        "hash_score_method": "hamming",
         "top_k_ratio_per_layer": [FALLBACK_RATIO] * num_hidden_layers,
         "top_k_index_reuse": [-1] * num_hidden_layers,
         "must_select_blocks": list(FALLBACK_MUST_SELECT),

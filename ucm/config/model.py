@@ -49,6 +49,11 @@ class GSAOnDeviceModelConfig(BaseModel):
     chunk_repre_method: Literal["max", "min", "mean"]
     head_dim: Dim
     hash_bits: Bits
+    # how a token's codes meet the query's: "hamming" sums the XOR-popcount distance over query
+    # heads; "norm_cosine" estimates q . k per head from it, |q| |k| cos(pi d / bits), keys
+    # hashed and measured minus the trained file's mean key (`key_center`, `ucm calibrate`)
+    # where it has one (`ucm.ops.hash_cosine`; 2 bytes more a token and KV head). GQA only
+    hash_score_method: Literal["hamming", "norm_cosine"] = "hamming"
     top_k_ratio_per_layer: list[Ratio]  # 1 = dense layer
     top_k_index_reuse: list[Annotated[int, Field(ge=-1, le=MAX_LAYERS - 1)]]  # -1, or an earlier sparse layer
     must_select_blocks: list[
@@ -108,6 +113,8 @@ class GSAOnDeviceModelConfig(BaseModel):
                     f"{self.hash_bits} != hash_bits_kv_lora + hash_bits_qk_rope = "
                     f"{self.hash_bits_kv_lora + self.hash_bits_qk_rope}",
                 )
+            if self.hash_score_method != "hamming":
+                raise _KeyError("hash_score_method", "must be 'hamming' for MLA (two projections a token)")
             if self.hash_weight is not None:
                 raise _KeyError("hash_weight", "must be null for MLA (use hash_weight_kv_lora / hash_weight_qk_rope)")
             weight_keys = ("hash_weight_kv_lora", "hash_weight_qk_rope")

@@ -43,6 +43,7 @@ from typing import Literal
 
 import torch
 
+from ucm.ops.hash_cosine import centred, cosine_block_distances
 from ucm.ops.subblocks import grouped_block_scores
 
 
@@ -382,6 +383,82 @@ class SparseOps(ABC):
         block distances (smaller = closer). A backend may fuse the query hash into the scorer;
         its projection may then round differently, flipping a query bit within rounding of 0."""
         return self.hamming_block_scores(self.hash_encode(q, weight), k_codes, block_table, seq_lens, reduce)
+
+    # ------------------------------------------------ hashing, norm-weighted (`ucm.ops.hash_cosine`)
+    def hash_norm_write(
+        self,
+        code_cache: torch.Tensor,
+        norm_cache: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        center: torch.Tensor | None,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """`hash_write` of the keys minus `center` [Hkv, D] (None: as they are), and their L2
+        norms |x - center| (over D, in float32) into norm_cache [NB, bs, Hkv] (bfloat16 or
+        float32, rounded once) at the same slots (negative = padding)."""
+        xc = centred(x, center)
+        self.hash_write(code_cache, xc, weight, slot_mapping)
+        self.paged_write(norm_cache, torch.linalg.vector_norm(xc, dim=-1).to(norm_cache.dtype), slot_mapping)
+
+    def hash_norm_write_layers(
+        self,
+        code_caches: Sequence[torch.Tensor],
+        norm_caches: Sequence[torch.Tensor],
+        k_caches: Sequence[torch.Tensor],
+        weights: Sequence[torch.Tensor],
+        centers: Sequence[torch.Tensor | None],
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """`hash_norm_write` for every layer l at once, keys read from layer l's paged key
+        cache k_caches[l] [NB, bs, Hkv, D] at slot_mapping (as `hash_write_layers`)."""
+        slots = slot_mapping.to(torch.int64).clamp(min=0)
+        for codes, norms, cache, weight, center in zip(
+            code_caches, norm_caches, k_caches, weights, centers, strict=True
+        ):
+            bs = cache.shape[1]
+            at = slots.to(cache.device)
+            self.hash_norm_write(codes, norms, cache[at // bs, at % bs], weight, center, slot_mapping)
+
+    def hamming_cosine_block_scores(
+        self,
+        q_codes: torch.Tensor,
+        q_norms: torch.Tensor,
+        k_codes: torch.Tensor,
+        k_norms: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        reduce: BlockReduce = "min",
+    ) -> torch.Tensor:
+        """Block distances from the norm-weighted SimHash estimate of q . k.
+
+        q_codes [B, Hq, C], q_norms [B, Hq] float32 (|q_h|), k_codes [NB, bs, Hkv, C], k_norms
+        [NB, bs, Hkv] (bfloat16 or float32, `hash_norm_write`) -> float32 [B, M].
+        token distance(b, t) = -sum over q heads h of q_norms[b, h] * k_norms[t, h // G]
+        * cos(pi * popcount(q[b, h] ^ k[t, h // G]) / (8 C)); block distance = reduce (min /
+        mean / max) over the block's valid tokens; +inf past n_b. Floats: backends may sum in
+        another order (within float32 rounding of this definition).
+        """
+        reduce_code(reduce)
+        return cosine_block_distances(q_codes, q_norms, k_codes, k_norms, block_table, seq_lens, reduce)
+
+    def hash_cosine_block_scores(
+        self,
+        q: torch.Tensor,
+        weight: torch.Tensor,
+        k_codes: torch.Tensor,
+        k_norms: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        reduce: BlockReduce = "min",
+    ) -> torch.Tensor:
+        """`hamming_cosine_block_scores(hash_encode(q, weight), |q|, ...)`: q [B, Hq, D] ->
+        float32 [B, M] block distances. A backend may fuse the query hash and norms into the
+        scorer (its projection may then flip a query bit within rounding of 0)."""
+        q_norms = torch.linalg.vector_norm(q.to(torch.float32), dim=-1)
+        return self.hamming_cosine_block_scores(
+            self.hash_encode(q, weight), q_norms, k_codes, k_norms, block_table, seq_lens, reduce
+        )
 
     # -------------------------------------------------------------- threads
     def prepare_background_thread(self) -> None:  # noqa: B027  (an optional hook: most backends need nothing)

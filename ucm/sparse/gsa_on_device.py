@@ -17,7 +17,7 @@ from ucm.methods import DemoRequest
 from ucm.ops.contract import SparseOps
 from ucm.sparse.base import BlockScorer, ModelShapes, SparseMethod
 from ucm.sparse.factory import BuildContext, DeviceKind, check
-from ucm.sparse.hashing import hash_projections
+from ucm.sparse.hashing import hash_projections, key_centers
 from ucm.sparse.selection import BlockSelector, LayerPolicy
 
 # chunk_repre_method names a reduction of *similarity*; the op reduces *distance*
@@ -33,9 +33,21 @@ class HashScorer(BlockScorer):
         ops: SparseOps,
         weights: Sequence[Sequence[torch.Tensor]],
         chunk_repre_method: str = "max",
+        score_method: str = "hamming",
+        key_center: torch.Tensor | None = None,
     ) -> None:
-        """`weights[layer]` is one projection [D, bits] (GQA), or two (MLA: kv_lora, rope)."""
+        """`weights[layer]` is one projection [D, bits] (GQA), or two (MLA: kv_lora, rope).
+        `score_method` "norm_cosine" scores tokens by the norm-weighted SimHash estimate of
+        q . k (`SparseOps.hamming_cosine_block_scores`, a norm cache beside the codes), keys
+        centred on `key_center` [L, Hkv, D] (None: uncentred); "hamming" by summed distances."""
         super().__init__(shapes, ops)
+        if score_method not in ("hamming", "norm_cosine"):
+            raise ValueError(f"score_method must be 'hamming' or 'norm_cosine', got {score_method!r}")
+        if score_method == "norm_cosine" and shapes.is_mla:
+            raise ValueError("score_method 'norm_cosine' needs one projection per layer (not MLA)")
+        want = (shapes.num_layers, shapes.num_kv_heads, shapes.head_dim)
+        if key_center is not None and tuple(key_center.shape) != want:
+            raise ValueError(f"key_center is {tuple(key_center.shape)}, the model needs {want} (layers, KV heads, dim)")
         if chunk_repre_method not in _DISTANCE_REDUCE:
             raise ValueError(
                 f"chunk_repre_method must be one of {sorted(_DISTANCE_REDUCE)}, got {chunk_repre_method!r}"
@@ -65,6 +77,18 @@ class HashScorer(BlockScorer):
             )
             for _ in range(shapes.num_layers)
         ]
+        self.cosine = score_method == "norm_cosine"
+        self.centers: list[torch.Tensor | None] = [
+            None if key_center is None else key_center[i].to(shapes.device, torch.float32).contiguous()
+            for i in range(shapes.num_layers)
+        ]
+        # |k - center| per token and KV head: the estimate's key norm (norm_cosine only)
+        self.norms = [
+            torch.zeros(
+                shapes.num_blocks, shapes.block_size, shapes.num_kv_heads, dtype=torch.bfloat16, device=shapes.device
+            )
+            for _ in range(shapes.num_layers if self.cosine else 0)
+        ]
 
     def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Codes of keys or queries [..., D] -> [..., code_bytes] (parts concatenated for MLA)."""
@@ -72,7 +96,10 @@ class HashScorer(BlockScorer):
         return torch.cat([self.ops.hash_encode(p, w) for p, w in zip(parts, self.weights[layer], strict=True)], dim=-1)
 
     def on_kv_written(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        if len(self.splits) == 1:  # one projection: hash, pack and scatter in one op
+        if self.cosine:
+            w = self.weights[layer][0]
+            self.ops.hash_norm_write(self.codes[layer], self.norms[layer], key, w, self.centers[layer], slot_mapping)
+        elif len(self.splits) == 1:  # one projection: hash, pack and scatter in one op
             self.ops.hash_write(self.codes[layer], key, self.weights[layer][0], slot_mapping)
         else:
             self.ops.paged_write(self.codes[layer], self.encode(layer, key), slot_mapping)
@@ -82,6 +109,16 @@ class HashScorer(BlockScorer):
         return len(self.splits) == 1  # MLA's two projections write layer by layer
 
     def write_from_caches(self, layers, k_caches, slot_mapping) -> None:
+        if self.cosine:
+            self.ops.hash_norm_write_layers(
+                [self.codes[i] for i in layers],
+                [self.norms[i] for i in layers],
+                k_caches,
+                [self.weights[i][0] for i in layers],
+                [self.centers[i] for i in layers],
+                slot_mapping,
+            )
+            return
         self.ops.hash_write_layers(
             [self.codes[i] for i in layers], k_caches, [self.weights[i][0] for i in layers], slot_mapping
         )
@@ -89,10 +126,7 @@ class HashScorer(BlockScorer):
     def score(
         self, layer: int, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, req_ids: Sequence[str]
     ) -> torch.Tensor:
-        dist = self.ops.hamming_block_scores(
-            self.encode(layer, q), self.codes[layer], block_table, seq_lens, self.reduce
-        )
-        return -dist
+        return -self.batch_scores(layer, q, block_table, seq_lens)
 
     batch_safe = True
     batch_largest = False
@@ -102,6 +136,10 @@ class HashScorer(BlockScorer):
     ) -> torch.Tensor:
         """Raw block distances (smaller = closer); the query hash is fused into the scorer where
         the backend can (one projection)."""
+        if self.cosine:
+            return self.ops.hash_cosine_block_scores(
+                q, self.weights[layer][0], self.codes[layer], self.norms[layer], block_table, seq_lens, self.reduce
+            )
         if len(self.splits) == 1:
             return self.ops.hash_hamming_block_scores(
                 q, self.weights[layer][0], self.codes[layer], block_table, seq_lens, self.reduce
@@ -111,7 +149,7 @@ class HashScorer(BlockScorer):
         )
 
     def memory_bytes(self) -> int:
-        return sum(c.numel() for c in self.codes)
+        return sum(c.numel() for c in self.codes) + sum(n.numel() * n.element_size() for n in self.norms)
 
 
 # ----------------------------------------------------------------------------- building
@@ -164,7 +202,15 @@ def build_from_model_config(
         for ratio, reuse in zip(m.top_k_ratio_per_layer, m.top_k_index_reuse, strict=True)
     ]
     selector = BlockSelector(policies, shapes.block_size, ops, unit_blocks=m.chunk_size // shapes.block_size)
-    scorer = HashScorer(shapes, ops, weights, m.chunk_repre_method)
+    center = key_centers(loaded)
+    if center is not None:
+        check(
+            src,
+            "hash_weight",
+            center.shape[1] == shapes.num_kv_heads,
+            f"its key_center has {center.shape[1]} KV heads, the model {shapes.num_kv_heads}",
+        )
+    scorer = HashScorer(shapes, ops, weights, m.chunk_repre_method, m.hash_score_method, center)
     seq_thr, conc_thr = (
         (m.npu_seq_len_threshold, m.npu_concurrency_threshold)
         if device_kind == "npu"

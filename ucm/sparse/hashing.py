@@ -51,15 +51,60 @@ def load_trained_hash(path: Path, num_layers: int, dim: int, bits: int, key: str
     return [w[i].to(torch.float32).contiguous() for i in range(num_layers)]
 
 
-def save_trained_hash(path: Path, weights: list[torch.Tensor]) -> None:
-    """Write per-layer projections in the format `load_trained_hash` reads."""
-    torch.save({"weight": torch.stack([w.to(torch.float32).cpu() for w in weights])}, path)
+def load_key_center(path: Path, num_layers: int, dim: int, key: str) -> torch.Tensor | None:
+    """The mean key per layer and KV head [num_layers, Hkv, dim] a trained file holds beside its
+    projections (`save_trained_hash`), or None for a file without one (written before it)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{key}: cannot load hash weights from {path}: {exc}") from exc
+    center = data.get("key_center") if isinstance(data, dict) else None
+    if center is None:
+        return None
+    if (
+        not isinstance(center, torch.Tensor)
+        or center.dim() != 3
+        or (center.shape[0], center.shape[2])
+        != (
+            num_layers,
+            dim,
+        )
+    ):
+        got = tuple(center.shape) if isinstance(center, torch.Tensor) else type(center).__name__
+        raise ValueError(f"{key}: {path} holds a key_center of {got}, expected [{num_layers}, KV heads, {dim}]")
+    if not torch.isfinite(center).all():
+        raise ValueError(f"{key}: {path} holds a key_center with non-finite values")
+    return center.to(torch.float32)
+
+
+def save_trained_hash(path: Path, weights: list[torch.Tensor], key_center: torch.Tensor | None = None) -> None:
+    """Write per-layer projections (and the mean key [L, Hkv, D] where measured) in the format
+    `load_trained_hash` and `load_key_center` read."""
+    data = {"weight": torch.stack([w.to(torch.float32).cpu() for w in weights])}
+    if key_center is not None:
+        data["key_center"] = key_center.to(torch.float32).cpu()
+    torch.save(data, path)
+
+
+def key_centers(loaded: ModelConfigFile) -> torch.Tensor | None:
+    """The mean keys [L, Hkv, D] the per-model config's `norm_cosine` scorer centres keys on:
+    its trained file's `key_center`; None for Hamming scoring, random projections or a file
+    without one. A bad one is a ConfigError naming the file and key."""
+    m = loaded.config
+    if m.hash_score_method != "norm_cosine" or m.hash_weight_type != "trained" or m.is_mla:
+        return None
+    path = m.weight_paths(loaded.path.parent if loaded.path else None)["hash_weight"]
+    try:
+        return load_key_center(path, m.num_hidden_layers, m.head_dim, "hash_weight")
+    except ValueError as exc:
+        raise ConfigError(loaded.source, "hash_weight", str(exc)) from None
 
 
 def hash_projections(loaded: ModelConfigFile, seed: int = 0) -> list[list[torch.Tensor]]:
     """Per layer, the hash projections of a per-model config: one [D, bits] (GQA) or two (MLA:
-    kv_lora, rope). Trained files are loaded and checked (readable, shape, finite values); a bad
-    one is a ConfigError naming the file and key (`ucm configs check` runs this too)."""
+    kv_lora, rope). Trained files are loaded and checked (readable, shape, finite values, and the
+    `key_centers` a norm_cosine config reads); a bad one is a ConfigError naming the file and key
+    (`ucm configs check` runs this too)."""
     m, src = loaded.config, loaded.source
     splits = (
         [
@@ -84,4 +129,5 @@ def hash_projections(loaded: ModelConfigFile, seed: int = 0) -> list[list[torch.
                     for layer in range(m.num_hidden_layers)
                 ]
             )
+    key_centers(loaded)  # a norm_cosine config's mean keys load too (shape, finite values)
     return [[part[layer] for part in per_part] for layer in range(m.num_hidden_layers)]

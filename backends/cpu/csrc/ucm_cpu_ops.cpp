@@ -419,6 +419,175 @@ at::Tensor hamming_block_scores(const at::Tensor& q_codes, const at::Tensor& k_c
   return out;
 }
 
+// ------------------------------------------------------------------ hamming_cosine_block_scores
+
+// A norm cache value as float32: float32 in place, bfloat16 by its 16 bits shifted left by 16
+// (exact).
+inline float norm_value(float v) { return v; }
+
+inline float norm_value(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+
+// Token estimate of the summed q . k: sum_h |k_h| * sum_g tab[b, h*G+g][popcount(q[h*G+g] ^ k[h])],
+// where tab[b, hq][d] = |q_hq| * cos(pi * d / (8 C)) for d = 0..8C is built once per call, so
+// the inner loop is a popcount and a table lookup. q words: [B, Hq, S]; tables: [B, Hq, 8C + 1].
+template <int WT, typename NT>
+struct CosineEstimate {
+  const uint64_t* qwords;
+  const float* tables;
+  CodeGeom geo;
+  int64_t tab_len;  // 8C + 1
+  inline float operator()(const uint8_t* ktok, const NT* knorm, int64_t b) const {
+    const int64_t G = geo.g;
+    const int64_t S = WT > 0 ? WT : geo.stride;
+    const uint64_t* qrow = qwords + b * geo.hkv * G * S;
+    const float* trow = tables + b * geo.hkv * G * tab_len;
+    float est = 0.0f;
+    for (int64_t h = 0; h < geo.hkv; ++h) {
+      const uint8_t* kh = ktok + h * geo.c;
+      const uint64_t* qh = qrow + h * G * S;
+      const float* th = trow + h * G * tab_len;
+      float acc = 0.0f;
+      for (int64_t gi = 0; gi < G; ++gi) {
+        int64_t d = 0;
+        for (int64_t w = 0; w < S; ++w) d += popcount64(qh[gi * S + w] ^ code_word<WT>(kh, w, geo.words, geo.tail));
+        acc += th[gi * tab_len + d];
+      }
+      est += acc * norm_value(knorm[h]);
+    }
+    return est;
+  }
+};
+
+// OpenMP over (row, block) pairs, as `score_blocks`; token distance = -estimate, reduced over the
+// block's valid tokens (the mean summed in double and rounded once), +inf past the row's end.
+template <typename Est, typename NT>
+void score_cosine_blocks(const Est& est, const uint8_t* k, const NT* kn, const int64_t* table,
+                         const int64_t* seq_lens, float* out, int64_t B, int64_t M, int64_t bs, int64_t token_bytes,
+                         int64_t hkv, int64_t reduce) {
+  const float inf = std::numeric_limits<float>::infinity();
+#pragma omp parallel for schedule(dynamic, 2) num_threads(num_threads()) if (B * M > 1)
+  for (int64_t item = 0; item < B * M; ++item) {
+    const int64_t b = item / M;
+    const int64_t j = item % M;
+    const int64_t len = std::min<int64_t>(std::max<int64_t>(seq_lens[b], 0), M * bs);
+    const int64_t n_b = (len + bs - 1) / bs;
+    if (j >= n_b) {
+      out[item] = inf;  // past the row's end
+      continue;
+    }
+    const int64_t valid = std::min<int64_t>(bs, len - j * bs);
+    const int64_t blk = std::max<int64_t>(table[item], 0);  // the reference clamps negative ids to 0
+    const uint8_t* kb = k + blk * bs * token_bytes;
+    const NT* nbk = kn + blk * bs * hkv;
+    float lo = inf, hi = -inf;
+    double sum = 0.0;
+    for (int64_t t = 0; t < valid; ++t) {
+      const float d = -est(kb + t * token_bytes, nbk + t * hkv, b);
+      lo = std::min(lo, d);
+      hi = std::max(hi, d);
+      sum += d;
+    }
+    if (reduce == kMin) {
+      out[item] = lo;
+    } else if (reduce == kMax) {
+      out[item] = hi;
+    } else {
+      out[item] = static_cast<float>(sum / static_cast<double>(valid));
+    }
+  }
+}
+
+template <int WT>
+void cosine_dispatch(const uint8_t* q, const float* qn, const uint8_t* k, const void* kn, bool kn_bf16,
+                     const int64_t* table, const int64_t* seq_lens, float* out, int64_t B, int64_t hq,
+                     const CodeGeom& geo, int64_t bs, int64_t M, int64_t reduce) {
+  const int64_t S = geo.stride;
+  const int64_t bits = 8 * geo.c;
+  const int64_t tab_len = bits + 1;
+  std::vector<uint64_t> qwords(static_cast<size_t>(B * hq * S), 0);
+  for (int64_t r = 0; r < B * hq; ++r) std::memcpy(qwords.data() + r * S, q + r * geo.c, static_cast<size_t>(geo.c));
+  // cos(pi * d / bits) once per distance, then scaled per (row, query head): as the reference,
+  // the angle in float32 and the product with |q| rounded to float32.
+  std::vector<float> cosines(static_cast<size_t>(tab_len));
+  const float step = static_cast<float>(3.14159265358979323846 / static_cast<double>(bits));  // C > 0: checked
+  for (int64_t d = 0; d < tab_len; ++d) cosines[d] = std::cos(static_cast<float>(d) * step);
+  std::vector<float> tables(static_cast<size_t>(B * hq * tab_len));
+  for (int64_t r = 0; r < B * hq; ++r) {
+    for (int64_t d = 0; d < tab_len; ++d) tables[r * tab_len + d] = qn[r] * cosines[d];
+  }
+  const int64_t token_bytes = geo.hkv * geo.c;
+  if (kn_bf16) {
+    const auto* np = static_cast<const uint16_t*>(kn);
+    score_cosine_blocks(CosineEstimate<WT, uint16_t>{qwords.data(), tables.data(), geo, tab_len}, k, np, table,
+                        seq_lens, out, B, M, bs, token_bytes, geo.hkv, reduce);
+  } else {
+    const auto* np = static_cast<const float*>(kn);
+    score_cosine_blocks(CosineEstimate<WT, float>{qwords.data(), tables.data(), geo, tab_len}, k, np, table,
+                        seq_lens, out, B, M, bs, token_bytes, geo.hkv, reduce);
+  }
+}
+
+at::Tensor hamming_cosine_block_scores(const at::Tensor& q_codes, const at::Tensor& q_norms,
+                                       const at::Tensor& k_codes, const at::Tensor& k_norms,
+                                       const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t reduce) {
+  TORCH_CHECK_VALUE(q_codes.scalar_type() == at::kByte && k_codes.scalar_type() == at::kByte,
+                    "hamming_cosine_block_scores: codes must be uint8");
+  TORCH_CHECK_VALUE(q_norms.scalar_type() == at::kFloat, "hamming_cosine_block_scores: q_norms must be float32");
+  TORCH_CHECK_VALUE(k_norms.scalar_type() == at::kFloat || k_norms.scalar_type() == at::kBFloat16,
+                    "hamming_cosine_block_scores: k_norms must be float32 or bfloat16");
+  TORCH_CHECK_VALUE(block_table.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
+                    "hamming_cosine_block_scores: block_table and seq_lens must be int64 here");
+  TORCH_CHECK_VALUE(q_codes.dim() == 3 && q_norms.dim() == 2 && k_codes.dim() == 4 && k_norms.dim() == 3 &&
+                        block_table.dim() == 2 && seq_lens.dim() == 1,
+                    "hamming_cosine_block_scores: expected q_codes [B,Hq,C], q_norms [B,Hq], k_codes [NB,bs,Hkv,C], "
+                    "k_norms [NB,bs,Hkv], block_table [B,M], seq_lens [B]");
+  TORCH_CHECK_VALUE(reduce == kMin || reduce == kMean || reduce == kMax,
+                    "hamming_cosine_block_scores: bad reduce code ", reduce);
+  const at::Tensor q = q_codes.contiguous();
+  const at::Tensor qn = q_norms.contiguous();
+  const at::Tensor k = k_codes.contiguous();
+  const at::Tensor kn = k_norms.contiguous();
+  const at::Tensor tbl = block_table.contiguous();
+  const at::Tensor sl = seq_lens.contiguous();
+  const int64_t B = q.size(0), hq = q.size(1), c = q.size(2);
+  const int64_t nb = k.size(0), bs = k.size(1), hkv = k.size(2);
+  const int64_t M = tbl.size(1);
+  TORCH_CHECK_VALUE(k.size(3) == c, "hamming_cosine_block_scores: code widths differ");
+  TORCH_CHECK_VALUE(c > 0, "hamming_cosine_block_scores: code width must be positive");
+  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "hamming_cosine_block_scores: Hq must be a multiple of Hkv");
+  TORCH_CHECK_VALUE(qn.size(0) == B && qn.size(1) == hq, "hamming_cosine_block_scores: q_norms must be [B, Hq]");
+  TORCH_CHECK_VALUE(kn.size(0) == nb && kn.size(1) == bs && kn.size(2) == hkv,
+                    "hamming_cosine_block_scores: k_norms must be [NB, bs, Hkv] as k_codes");
+  TORCH_CHECK_VALUE(tbl.size(0) == B && sl.size(0) == B, "hamming_cosine_block_scores: batch sizes differ");
+  TORCH_CHECK_VALUE(bs > 0, "hamming_cosine_block_scores: block size must be positive");
+  at::Tensor out = at::empty({B, M}, q.options().dtype(at::kFloat));
+  if (B == 0 || M == 0) return out;
+  const int64_t* t = tbl.data_ptr<int64_t>();
+  const int64_t* s = sl.data_ptr<int64_t>();
+  check_rows_in_range(t, s, B, M, bs, nb, "hamming_cosine_block_scores");
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* qnp = qn.data_ptr<float>();
+  const uint8_t* kp = k.data_ptr<uint8_t>();
+  const bool bf16 = kn.scalar_type() == at::kBFloat16;
+  const void* knp = kn.data_ptr();
+  float* o = out.data_ptr<float>();
+  const CodeGeom geo{hkv, hq / hkv, c, c / 8, c % 8, c / 8 + (c % 8 ? 1 : 0)};
+  switch (c) {
+    case 8: cosine_dispatch<1>(qp, qnp, kp, knp, bf16, t, s, o, B, hq, geo, bs, M, reduce); break;
+    case 16: cosine_dispatch<2>(qp, qnp, kp, knp, bf16, t, s, o, B, hq, geo, bs, M, reduce); break;
+    case 32: cosine_dispatch<4>(qp, qnp, kp, knp, bf16, t, s, o, B, hq, geo, bs, M, reduce); break;
+    case 64: cosine_dispatch<8>(qp, qnp, kp, knp, bf16, t, s, o, B, hq, geo, bs, M, reduce); break;
+    case 72: cosine_dispatch<9>(qp, qnp, kp, knp, bf16, t, s, o, B, hq, geo, bs, M, reduce); break;
+    default: cosine_dispatch<0>(qp, qnp, kp, knp, bf16, t, s, o, B, hq, geo, bs, M, reduce); break;
+  }
+  return out;
+}
+
 // ---------------------------------------------------------------------------------- block_topk
 
 // Same ranking as the reference: forced blocks first; then the score as double descending
@@ -1192,6 +1361,10 @@ TORCH_LIBRARY(ucm_cpu, m) {
       "hamming_block_scores(Tensor q_codes, Tensor k_codes, Tensor block_table, Tensor seq_lens, int reduce) "
       "-> Tensor",
       &hamming_block_scores);
+  m.def(
+      "hamming_cosine_block_scores(Tensor q_codes, Tensor q_norms, Tensor k_codes, Tensor k_norms, Tensor block_table, "
+      "Tensor seq_lens, int reduce) -> Tensor",
+      &hamming_cosine_block_scores);
   m.def("block_topk(Tensor scores, Tensor k, Tensor must_keep, Tensor n_blocks) -> (Tensor, Tensor)", &block_topk);
   m.def(
       "select_rewrite(Tensor scores, Tensor k, Tensor must_keep, Tensor n_units, Tensor block_table, Tensor seq_lens, "
