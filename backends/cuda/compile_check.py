@@ -158,6 +158,13 @@ def _exercise(ops) -> None:
         for reduce in ("min", "mean", "max"):
             ops.hash_hamming_block_scores(q, weight, codes, table, lens, reduce)
         ops.hamming_block_scores(torch.zeros(batch, hq, 16, dtype=torch.uint8), codes, table, lens, "min")
+        # the norm-weighted SimHash scorer: fused query hash + norms, then bf16 / float32 key norms
+        for norm_dtype in (bf16, torch.float32):
+            k_norms = torch.zeros(nb, bs, hkv, dtype=norm_dtype)
+            for reduce in ("min", "mean", "max"):
+                ops.hash_cosine_block_scores(q, weight, codes, k_norms, table, lens, reduce)
+        q_codes, q_norms = torch.zeros(batch, hq, 16, dtype=torch.uint8), torch.zeros(batch, hq)
+        ops.hamming_cosine_block_scores(q_codes, q_norms, codes, k_norms, table, lens, "min")
         reps = torch.zeros(nb, hkv, d, bs // 2, dtype=bf16)
         ops.kvstar_block_mass(q[:, None], reps, torch.zeros(nb, hkv, d), table, lens, bs, 32, 0.088)
         k_cache = torch.zeros(nb, bs, hkv, d, dtype=dtype)
@@ -175,6 +182,9 @@ def _exercise(ops) -> None:
             ops.block_minmax_update(*bounds, key, slots, bs)
         ops.kvstar_reps_add(torch.zeros(nb, hkv, d, bs // 2, dtype=bf16), torch.zeros(nb, hkv, d), key, slots, bs, 2)
         ops.hash_write(torch.zeros(nb, bs, hkv, 16, dtype=torch.uint8), key, torch.randn(d, 128), slots)
+        for center, norm_dtype in ((torch.zeros(hkv, d), bf16), (None, torch.float32)):
+            codes, norms = torch.zeros(nb, bs, hkv, 16, dtype=torch.uint8), torch.zeros(nb, bs, hkv, dtype=norm_dtype)
+            ops.hash_norm_write(codes, norms, key, torch.randn(d, 128), center, slots)
     # a decode step's writes of every layer in one launch, keys read from vLLM 0.26's cache layout
     caches = [torch.zeros(nb, hkv, bs, 2 * d, dtype=bf16).transpose(1, 2)[..., :d] for _ in range(2)]
     for t in (1, 8):
@@ -189,6 +199,10 @@ def _exercise(ops) -> None:
         ops.reps_write_layers("kvstar", reps, [torch.zeros(nb, hkv, d) for _ in caches], caches, slots, bs, 2)
         codes = [torch.zeros(nb, bs, hkv, 16, dtype=torch.uint8) for _ in caches]
         ops.hash_write_layers(codes, caches, [torch.randn(d, 128) for _ in caches], slots)
+        for norm_dtype in (bf16, torch.float32):  # a layer with a center and one without
+            norms = [torch.zeros(nb, bs, hkv, dtype=norm_dtype) for _ in caches]
+            weights = [torch.randn(d, 128) for _ in caches]
+            ops.hash_norm_write_layers(codes, norms, caches, weights, [torch.zeros(hkv, d), None], slots)
     ops.sign_bits_pack(torch.randn(8, hkv, 128))
     ops.hash_encode(torch.randn(8, hkv, d, dtype=bf16), torch.randn(d, 128))
     # MLA-shaped (one latent head of 576, 128 query heads) and MHA-shaped (G = 1) models
@@ -200,9 +214,19 @@ def _exercise(ops) -> None:
         ops.block_scores_minmax(q, torch.zeros(nb, hkv_, d_), torch.zeros(nb, hkv_, d_), table, lens, bs, "max")
         codes = torch.zeros(nb, bs, hkv_, bits // 8, dtype=torch.uint8)
         ops.hash_hamming_block_scores(q, torch.randn(d_, bits), codes, table, lens, "min")
+        k_norms = torch.zeros(nb, bs, hkv_, dtype=bf16)
+        ops.hash_cosine_block_scores(q, torch.randn(d_, bits), codes, k_norms, table, lens, "min")
         key = torch.randn(8, hkv_, d_, dtype=bf16)
         ops.hash_write(codes, key, torch.randn(d_, bits), torch.arange(8))
         ops.block_sums_add(torch.zeros(nb, 1, hkv_, d_), None, key, torch.arange(8), bs, bs)
+        norms = torch.zeros(nb, bs, hkv_, dtype=bf16)
+        ops.hash_norm_write(codes, norms, key, torch.randn(d_, bits), torch.zeros(hkv_, d_), torch.arange(8))
+    # codes whose width is no multiple of 4 bytes: the scorer on bytes
+    codes = torch.zeros(nb, bs, hkv, 6, dtype=torch.uint8)
+    table = torch.randint(0, nb, (8, 257), dtype=torch.int32)
+    lens = torch.full((8,), 256 * bs + 5, dtype=torch.int32)
+    k_norms = torch.zeros(nb, bs, hkv, dtype=bf16)
+    ops.hash_cosine_block_scores(torch.randn(8, hq, d, dtype=bf16), torch.randn(d, 48), codes, k_norms, table, lens)
 
 
 def compile_all(arch: int = 90) -> CompileReport:

@@ -81,11 +81,18 @@ def _hash_write_kernel(
     HKV,
     BS,
     stride_xo,
+    center_ptr,
+    norm_ptr,
+    stride_center_h,
+    stride_ns,
+    stride_nh,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SMALL: tl.constexpr,
     LAYERED: tl.constexpr,
+    HAS_CENTER: tl.constexpr = False,
+    NORMS: tl.constexpr = False,
 ):
     """Hash keys into the paged code cache in one launch: program (token tile, KV head, bit tile)
     projects x [BLOCK_T, D] @ weight [D, BLOCK_N of NBITS] in float32, packs the sign bits into
@@ -97,7 +104,12 @@ def _hash_write_kernel(
     LAYERED: every layer of a decode step in one launch, axis 1 = layer * HKV + head; layer l's key
     cache, weight and code cache come from the addresses tab[l], tab[L + l], tab[2L + l] (x_ptr,
     w_ptr, code_ptr give their dtypes) and token t's key from the cache at its slot:
-    cache[slot // BS, slot % BS, h, :] at strides (stride_xt, stride_xo, stride_xh, 1)."""
+    cache[slot // BS, slot % BS, h, :] at strides (stride_xt, stride_xo, stride_xh, 1).
+    HAS_CENTER: keys are hashed as x - center[h] (center [Hkv, D], head stride stride_center_h; in
+    LAYERED mode layer l's from the address tab[3L + l], 0 = no center for that layer). NORMS: the
+    bit-tile-0 program also stores |x - center| (float32 sum of squares, rounded once to the
+    norm cache's dtype) at norm_ptr + slot * stride_ns + h * stride_nh (LAYERED: tab[4L + l]);
+    `hash_norm_write`."""
     tb = tl.program_id(0)
     h = tl.program_id(1)
     n0 = tl.program_id(2) * BLOCK_N
@@ -110,6 +122,12 @@ def _hash_write_kernel(
         x_ptr = tl.load(tab_ptr + lay).to(tl.pointer_type(x_ptr.dtype.element_ty))
         w_ptr = tl.load(tab_ptr + L + lay).to(tl.pointer_type(w_ptr.dtype.element_ty))
         code_ptr = tl.load(tab_ptr + 2 * L + lay).to(tl.pointer_type(code_ptr.dtype.element_ty))
+        if HAS_CENTER:
+            c_addr = tl.load(tab_ptr + 3 * L + lay)
+            has_c = c_addr != 0
+            center_ptr = c_addr.to(tl.pointer_type(center_ptr.dtype.element_ty))
+        if NORMS:
+            norm_ptr = tl.load(tab_ptr + 4 * L + lay).to(tl.pointer_type(norm_ptr.dtype.element_ty))
         sc = tl.maximum(slot, 0)
         x_row = (sc // BS) * stride_xt + (sc % BS) * stride_xo
         tm = tm & (slot >= 0)
@@ -118,6 +136,7 @@ def _hash_write_kernel(
     col = n0 + tl.arange(0, BLOCK_N)
     cm = col < NBITS
     proj = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = d < D
@@ -126,6 +145,14 @@ def _hash_write_kernel(
             mask=tm[:, None] & dm[None, :],
             other=0.0,
         ).to(tl.float32)
+        if HAS_CENTER:
+            cmask = dm
+            if LAYERED:
+                cmask = dm & has_c
+            ct = tl.load(center_ptr + h * stride_center_h + d, mask=cmask, other=0.0).to(tl.float32)
+            xt = tl.where(tm[:, None], xt - ct[None, :], 0.0)
+        if NORMS:
+            sumsq += tl.sum(xt * xt, axis=1)
         wt = tl.load(w_ptr + d[:, None] * stride_wd + col[None, :], mask=dm[:, None] & cm[None, :], other=0.0)
         if SMALL:
             proj += tl.sum(xt[:, :, None] * wt.to(tl.float32)[None, :, :], axis=1)
@@ -137,6 +164,18 @@ def _hash_write_kernel(
     c = n0 // 8 + tl.arange(0, BLOCK_N // 8)
     om = (slot[:, None] >= 0) & (c[None, :] < C)
     tl.store(code_ptr + slot[:, None] * stride_cs + h * stride_ch + c[None, :], byte.to(tl.uint8), mask=om)
+    if NORMS:
+        nm = (slot >= 0) & (n0 == 0)
+        norm = tl.sqrt_rn(sumsq)
+        if norm_ptr.dtype.element_ty == tl.bfloat16:
+            # rounded to nearest even by hand, as torch's .to(bfloat16) (the interpreter's cast truncates)
+            u = norm.to(tl.uint32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            tl.store(
+                norm_ptr + slot * stride_ns + h * stride_nh, u.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=nm
+            )
+        else:
+            tl.store(norm_ptr + slot * stride_ns + h * stride_nh, norm.to(norm_ptr.dtype.element_ty), mask=nm)
 
 
 # ----------------------------------------------------------------------------------- scoring
@@ -300,6 +339,179 @@ def _hamming_kernel(
             red = tl.div_rn(total, count)
         red = tl.where(in_row, red, float("inf"))
         tl.store(out_ptr + b * stride_ob + j, red, mask=j < M)
+
+
+def _qhash_norm_kernel(
+    q_ptr,
+    w_ptr,
+    qw_ptr,
+    qn_ptr,
+    G,
+    D,
+    NBITS,
+    stride_qb,
+    stride_qh,
+    stride_wd,
+    stride_ob,
+    stride_oh,
+    stride_nb,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Hash the GQA group's queries into int32 code words and take their norms, in one launch.
+
+    Program (row, KV head, 32-bit word): proj = q_group [G, D] @ weight[:, 32 bits] in float32
+    (`tl.dot` like `_qhash_planes_kernel` and the key hash), word = the packed sign bits (bit i
+    = column 32 w + i >= 0, the little-endian int32 view of `hash_encode`'s bytes), stored at
+    qw[row, head, w]; the word-0 programs also store |q| (float32) at qn[row, head]. Replaces
+    cast + matmul + pack + norm of `hash_cosine_block_scores`' query side.
+    """
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    w = tl.program_id(2)
+    g = tl.arange(0, BLOCK_G)
+    gm = g < G
+    i = tl.arange(0, 32)
+    col = w * 32 + i
+    cm = col < NBITS
+    proj = tl.zeros([BLOCK_G, 32], dtype=tl.float32)
+    sumsq = tl.zeros([BLOCK_G], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d < D
+        qt = tl.load(
+            q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+            mask=gm[:, None] & dm[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        wt = tl.load(w_ptr + d[:, None] * stride_wd + col[None, :], mask=dm[:, None] & cm[None, :], other=0.0)
+        proj += tl.dot(qt, wt.to(tl.float32), input_precision="ieee")
+        sumsq += tl.sum(qt * qt, axis=1)
+    bits = ((proj >= 0) & cm[None, :]).to(tl.int32)
+    word = tl.sum(bits << i[None, :], axis=1)  # [BLOCK_G]
+    head = h * G + g
+    tl.store(qw_ptr + b * stride_ob + head * stride_oh + w, word, mask=gm)
+    tl.store(qn_ptr + b * stride_nb + head, tl.sqrt_rn(sumsq), mask=gm & (w == 0))
+
+
+def _hamming_cosine_kernel(
+    kw_ptr,
+    kn_ptr,
+    qw_ptr,
+    qn_ptr,
+    table_ptr,
+    seqlen_ptr,
+    out_ptr,
+    BS,
+    HKV,
+    G,
+    SCALE,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_nb,
+    stride_nt,
+    stride_nh,
+    stride_qb,
+    stride_qh,
+    stride_qnb,
+    stride_qnh,
+    stride_tb,
+    stride_ob,
+    W: tl.constexpr,
+    REDUCE: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """Norm-weighted SimHash distance of every token of a block, reduced per block
+    (`hamming_cosine_block_scores`).
+
+    Program (block column j, row b) reads the block's codes in place through the block table and
+    tiles (token, KV head, group member): for each code word w (W words: int32, or bytes widened,
+    upper bits zero) the keys' word [BLOCK_T, BLOCK_H] and the queries' [BLOCK_H, BLOCK_G] give
+    d[t, h, g] += popcount(k ^ q); every query head's Hamming distance is then one thread's
+    register, so cos(SCALE * d) (SCALE = pi / bits) is taken once per (token, query head) with no
+    reduction across threads before it. est[t, h] = sum_g |q[b, h * G + g]| * cos(...) over
+    group chunks of BLOCK_G; token distance = -sum_h est[t, h] * |k[t, h]|; REDUCE (a
+    `ReduceCode`: 0 min, 1 mean, 2 max) over the block's valid tokens; +inf past the row's
+    blocks. [B, Hq, tokens] never exists. The word loads after the first hit the block's lines
+    in L1 (each code byte comes from memory once).
+    """
+    j = tl.program_id(0)
+    b = tl.program_id(1)
+    seq_len = tl.load(seqlen_ptr + b).to(tl.int32)
+    n_b = (seq_len + BS - 1) // BS
+    in_row = j < n_b
+    phys = tl.load(table_ptr + b * stride_tb + j, mask=in_row, other=0).to(tl.int64)
+    t = tl.arange(0, BLOCK_T)
+    hh = tl.arange(0, BLOCK_H)
+    gg = tl.arange(0, BLOCK_G)
+    tm = (t < BS) & (j * BS + t < seq_len) & in_row
+    hm = hh < HKV
+    km = tm[:, None] & hm[None, :]
+    k_at = kw_ptr + phys * stride_kb + t[:, None] * stride_kt + hh[None, :] * stride_kh  # [BLOCK_T, BLOCK_H]
+    kn = tl.load(kn_ptr + phys * stride_nb + t[:, None] * stride_nt + hh[None, :] * stride_nh, mask=km, other=0.0)
+    est = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        head = hh[:, None] * G + (g0 + gg)[None, :]  # [BLOCK_H, BLOCK_G] query heads
+        qm = hm[:, None] & ((g0 + gg) < G)[None, :]
+        q_at = qw_ptr + b * stride_qb + head * stride_qh
+        d = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_G], dtype=tl.int32)
+        for w in tl.static_range(W):
+            kw = tl.load(k_at + w, mask=km, other=0).to(tl.int32)
+            qw = tl.load(q_at + w, mask=qm, other=0).to(tl.int32)
+            y = kw[:, :, None] ^ qw[None, :, :]
+            if USE_ASM:
+                y = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [y], dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                y = y - ((y >> 1) & 0x55555555)
+                y = (y & 0x33333333) + ((y >> 2) & 0x33333333)
+                y = (y + (y >> 4)) & 0x0F0F0F0F
+                y = y + (y >> 8)
+                y = (y + (y >> 16)) & 0x3F
+            d += y
+        qn = tl.load(qn_ptr + b * stride_qnb + head * stride_qnh, mask=qm, other=0.0).to(tl.float32)
+        # cos(x) of x = d * SCALE (rounded as the torch definition rounds it) as -sin(u), u = x -
+        # pi/2 in [-pi/2, pi/2] (pi/2 in two parts, the first subtraction exact: no bias near
+        # cos = 0, where most heads of random codes sit), sin by its Taylor polynomial to u^13
+        # (remainder < 7e-10): within 1.4e-7 of cos(x) relative, 1.2e-7 of torch.cos for every d
+        # and code width. tl.cos (libdevice's cosf, range reduction for any float) took twice
+        # this polynomial's time in a first version of this scorer on the H100, whose time is
+        # this arithmetic and the popcounts rather than its loads
+        x = d.to(tl.float32)
+        if USE_ASM:  # x rounded before the subtraction (mul.rn: never contracted into an fma)
+            x = tl.inline_asm_elementwise(
+                "mul.rn.f32 $0, $1, $2;",
+                "=f,f,f",
+                [x, tl.zeros_like(x) + SCALE],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=1,
+            )
+        else:
+            x = x * SCALE
+        u = (x - 1.5707963705062866) + 4.371138828673793e-08
+        u2 = u * u
+        p = 1.6059043836821613e-10 * u2 - 2.505210838544172e-08
+        p = p * u2 + 2.7557319223985893e-06
+        p = p * u2 - 1.984126984126984e-04
+        p = p * u2 + 8.333333333333333e-03
+        p = p * u2 - 1.6666666666666666e-01
+        p = p * u2 + 1.0
+        est -= tl.sum(qn[None, :, :] * (u * p), axis=2)
+    dist = -tl.sum(est * kn.to(tl.float32), axis=1)  # [BLOCK_T]
+    if REDUCE == 0:
+        red = tl.min(tl.where(tm, dist, float("inf")), axis=0)
+    elif REDUCE == 2:
+        red = tl.max(tl.where(tm, dist, float("-inf")), axis=0)
+    else:
+        total = tl.sum(tl.where(tm, dist, 0.0), axis=0)
+        count = tl.maximum(tl.sum(tm.to(tl.int32), axis=0), 1).to(tl.float32)
+        red = tl.div_rn(total, count)
+    red = tl.where(in_row, red, float("inf"))
+    tl.store(out_ptr + b * stride_ob + j, red)
 
 
 # --------------------------------------------------------------------------------- selection
@@ -1466,6 +1678,8 @@ _KERNELS = (
     _qplanes_kernel,
     _qhash_planes_kernel,
     _hamming_kernel,
+    _qhash_norm_kernel,
+    _hamming_cosine_kernel,
     _topk_kernel,
     _attn_split_kernel,
     _attn_combine_kernel,

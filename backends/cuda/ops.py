@@ -11,11 +11,13 @@ check the kernels against the reference that way.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
 from ucm.ops.contract import BlockReduce, GroupReduce, group_reduce_code, reduce_code
+from ucm.ops.hash_cosine import NORM_DTYPES
 from ucm.ops.reference import TorchReferenceOps
 
 from .kernels import get_kernels
@@ -74,6 +76,7 @@ class CudaOps(TorchReferenceOps):
         #: 28's kernel (gpu_runs/2026-12-07_s29/, default launches)
         self.topk_early_exit: bool = True
         self.scores_block_m: int | None = None
+        self.cosine_warps: int | None = None  # `_hamming_cosine_kernel`'s warps (None: by its tile)
         self.scores_warps: int | None = None
         self.grouped_dot: bool = True  # GSA's per-group scores on the tensor cores where they can run
         self.grouped_block_r: int | None = None
@@ -189,15 +192,27 @@ class CudaOps(TorchReferenceOps):
         rounding of 0 may give the other bit than `hash_encode`'s torch.matmul. Layouts the
         kernel cannot address (a view of part of each code, MLA) take `paged_write(hash_encode)`.
         """
+        if not self._hash_write_fits(code_cache, x, weight, slot_mapping):
+            self.paged_write(code_cache, self.hash_encode(x, weight), slot_mapping)
+            return
         t = x.shape[0]
+        if t == 0:
+            return
+        wt = weight.to(device=x.device, dtype=torch.float32)
+        wt = wt if wt.stride(-1) == 1 else wt.contiguous()
+        self._hash_write(x, wt, slot_mapping, code_cache, t)
+
+    def _hash_write_fits(self, code_cache, x, weight, slot_mapping) -> bool:
+        """Whether `_hash_write_kernel` can address these tensors (`hash_write`'s layouts)."""
         c = code_cache.shape[-1]
-        nbits = weight.shape[1]
-        fusable = (
+        nbits = weight.shape[1] if weight.dim() == 2 else 0
+        return (
             self._can_run(code_cache, x, weight, slot_mapping)
             and code_cache.dtype == torch.uint8
             and x.dim() == 3
             and code_cache.dim() == 4
             and code_cache.shape[2] == x.shape[1]
+            and weight.shape[0] == x.shape[-1]
             and c == (nbits + 7) // 8
             and nbits % 8 == 0
             and code_cache.stride(-1) == 1
@@ -206,18 +221,12 @@ class CudaOps(TorchReferenceOps):
             and code_cache.stride(0) == code_cache.shape[1] * code_cache.stride(1)
             and x.stride(-1) == 1
         )
-        if not fusable:
-            self.paged_write(code_cache, self.hash_encode(x, weight), slot_mapping)
-            return
-        if t == 0:
-            return
-        wt = weight.to(device=x.device, dtype=torch.float32)
-        wt = wt if wt.stride(-1) == 1 else wt.contiguous()
-        self._hash_write(x, wt, slot_mapping, code_cache, t)
 
-    def _hash_write(self, x, wt, slot_mapping, code_cache, t, layers=None) -> None:
+    def _hash_write(self, x, wt, slot_mapping, code_cache, t, layers=None, center=None, norms=None) -> None:
         """Launch `_hash_write_kernel`; `layers` = (address table, number of layers, block size):
-        every layer at once, x a layer's key cache [NB, bs, Hkv, D]."""
+        every layer at once, x a layer's key cache [NB, bs, Hkv, D]. `center` [Hkv, D]: hash
+        x - center (layered: the table's centers, `center` one of them for its dtype and strides);
+        `norms` [NB, bs, Hkv]: also write |x - center| there (`hash_norm_write`)."""
         nbits, hkv = wt.shape[1], x.shape[-2]
         small = t <= 4  # decode of a few rows: no 16-row dot tile
         block_t = _pow2(t) if small else 16
@@ -242,11 +251,18 @@ class CudaOps(TorchReferenceOps):
             hkv,
             bs,
             x.stride(1) if layers is not None else 0,
+            center if center is not None else x,
+            norms if norms is not None else code_cache,
+            center.stride(0) if center is not None else 0,
+            norms.stride(1) if norms is not None else 0,
+            norms.stride(2) if norms is not None else 0,
             BLOCK_T=block_t,
             BLOCK_D=min(16 if small else 64, _pow2(x.shape[-1], 16)),
             BLOCK_N=block_n,
             SMALL=small,
             LAYERED=layers is not None,
+            HAS_CENTER=center is not None,
+            NORMS=norms is not None,
         )
 
     def hash_write_layers(self, code_caches, k_caches, weights, slot_mapping) -> None:
@@ -276,6 +292,90 @@ class CudaOps(TorchReferenceOps):
         if t:
             self._hash_write(k0, w0, slot_mapping, c0, t, layers=(tab, len(k_caches), bs))
             self.layered_writes += 1
+
+    # ------------------------------------------------ hashing, norm-weighted (`ucm.ops.hash_cosine`)
+    def _norms_fit(self, norm_cache: torch.Tensor, code_cache: torch.Tensor) -> bool:
+        return (
+            norm_cache.dtype in NORM_DTYPES
+            and norm_cache.shape == code_cache.shape[:3]
+            and norm_cache.is_contiguous()
+            and self._can_run(norm_cache)
+        )
+
+    def _center_fits(self, center: torch.Tensor | None, hkv: int, d: int) -> bool:
+        return center is None or (
+            center.shape == (hkv, d) and center.is_floating_point() and center.stride(-1) == 1 and self._can_run(center)
+        )
+
+    def hash_norm_write(self, code_cache, norm_cache, x, weight, center, slot_mapping) -> None:
+        """Codes of x - center and |x - center| in one launch: `_hash_write_kernel` with the center
+        subtracted from each key tile as it is loaded (float32, as `centred`) and the sum of
+        squares over D kept beside the projection (NORMS), the norm stored by the bit-tile-0
+        program. Layouts `hash_write` cannot fuse take the contract's composition."""
+        fusable = (
+            self._hash_write_fits(code_cache, x, weight, slot_mapping)
+            and self._norms_fit(norm_cache, code_cache)
+            and self._center_fits(center, x.shape[1], x.shape[2])
+        )
+        if not fusable:
+            return super().hash_norm_write(code_cache, norm_cache, x, weight, center, slot_mapping)
+        t = x.shape[0]
+        if t == 0:
+            return
+        wt = weight.to(device=x.device, dtype=torch.float32)
+        wt = wt if wt.stride(-1) == 1 else wt.contiguous()
+        self._hash_write(x, wt, slot_mapping, code_cache, t, center=center, norms=norm_cache)
+
+    def hash_norm_write_layers(self, code_caches, norm_caches, k_caches, weights, centers, slot_mapping) -> None:
+        """Every layer in one launch (`_hash_write_kernel` with LAYERED, HAS_CENTER and NORMS,
+        through a [5L] table of the key caches', weights', code caches', centers' (0 for a layer
+        without one) and norm caches' addresses, made once per set of tensors) for calls of up
+        to `_REPS_SCAN_BLOCK` tokens; the contract's loop otherwise (each layer still one fused
+        launch). A call with no tokens only makes the table (outside a capture)."""
+        t = int(slot_mapping.shape[0])
+        if not code_caches or t > _REPS_SCAN_BLOCK:
+            return super().hash_norm_write_layers(code_caches, norm_caches, k_caches, weights, centers, slot_mapping)
+        c0, n0, k0, w0 = code_caches[0], norm_caches[0], k_caches[0], weights[0]
+        nb, bs, h, d = k0.shape if k0.dim() == 4 else (0, 0, 0, 0)
+        nbits = w0.shape[1] if w0.dim() == 2 else 0
+        given = [c for c in centers if c is not None]
+        usable = (
+            len(norm_caches) == len(centers) == len(code_caches) == len(k_caches) == len(weights)
+            and self._can_run(slot_mapping, *code_caches, *norm_caches, *k_caches, *weights, *given)
+            and nbits % 8 == 0
+            and w0.shape == (d, nbits)
+            and c0.shape == (nb, bs, h, nbits // 8)
+            and k0.stride(-1) == 1
+            and n0.dtype in NORM_DTYPES
+            and all(w.shape == w0.shape and w.dtype == torch.float32 and w.is_contiguous() for w in weights)
+            and all(c.shape == c0.shape and c.dtype == torch.uint8 and c.is_contiguous() for c in code_caches)
+            and all(n.shape == (nb, bs, h) and n.dtype == n0.dtype and n.is_contiguous() for n in norm_caches)
+            and all(k.shape == k0.shape and k.stride() == k0.stride() and k.dtype == k0.dtype for k in k_caches)
+            and all(
+                c.shape == (h, d) and c.dtype == given[0].dtype and c.is_floating_point() and c.is_contiguous()
+                for c in given
+            )
+        )
+        tab = self._pointer_table(k_caches, weights, code_caches, centers, norm_caches) if usable else None
+        if tab is None:
+            return super().hash_norm_write_layers(code_caches, norm_caches, k_caches, weights, centers, slot_mapping)
+        if t:
+            center = given[0] if given else None
+            self._hash_write(k0, w0, slot_mapping, c0, t, layers=(tab, len(k_caches), bs), center=center, norms=n0)
+            self.layered_writes += 1
+
+    def _pointer_table(self, *groups) -> torch.Tensor | None:
+        """[len(groups) * L] int64 on the tensors' device: the addresses of each group's tensors
+        in turn (0 for None), made once per set of tensors; None while a CUDA graph is being
+        captured (as `_address_table`)."""
+        ptrs = tuple(0 if x is None else x.data_ptr() for group in groups for x in group)
+        tab = self._tables.get(ptrs)
+        if tab is None:
+            dev = groups[0][0].device
+            if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            tab = self._tables[ptrs] = torch.tensor(ptrs, dtype=torch.int64).to(dev)
+        return tab
 
     # ---------------------------------------------------------------- scoring
     def hamming_query_planes(self, q_codes: torch.Tensor, hkv: int) -> tuple[torch.Tensor, int]:
@@ -419,6 +519,178 @@ class CudaOps(TorchReferenceOps):
             BLOCK_T=block_t,
             BLOCK_COLS=block_cols,
             BLOCKS_PER_PROG=bpp,
+            num_warps=warps,
+        )
+        return out
+
+    def hamming_cosine_block_scores(
+        self,
+        q_codes: torch.Tensor,
+        q_norms: torch.Tensor,
+        k_codes: torch.Tensor,
+        k_norms: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        reduce: BlockReduce = "min",
+    ) -> torch.Tensor:
+        """`_hamming_cosine_kernel`: one program per (block column, row), the block's codes read
+        in place as int32 words (codes of C % 4 == 0) or bytes, the GQA group walked per KV head;
+        [B, M, bs, Hkv, G, C] never exists. No host sync (graph-safe)."""
+        code = reduce_code(reduce)  # ValueError for an unknown name, before any fallback
+        fits = (
+            q_codes.dim() == 3
+            and q_codes.dtype == torch.uint8
+            and q_norms.shape == q_codes.shape[:2]
+            and q_norms.is_floating_point()
+            and self._can_run(q_codes, q_norms)
+            and self._cosine_fits(q_codes.shape, k_codes, k_norms, block_table, seq_lens)
+        )
+        if not fits:
+            ref = super().hamming_cosine_block_scores
+            return ref(q_codes, q_norms, k_codes, k_norms, block_table, seq_lens, reduce)
+        kw, qw = self._words_in_place(k_codes), self._words_in_place(q_codes)
+        if kw.dtype != qw.dtype:  # one of them could not be viewed as words: use bytes for both
+            kw, qw = self._words_in_place(k_codes, False), self._words_in_place(q_codes, False)
+        return self._cosine_scores(qw, q_norms, kw, k_norms, block_table, seq_lens, code, 8 * k_codes.shape[-1])
+
+    def hash_cosine_block_scores(
+        self,
+        q: torch.Tensor,
+        weight: torch.Tensor,
+        k_codes: torch.Tensor,
+        k_norms: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        reduce: BlockReduce = "min",
+    ) -> torch.Tensor:
+        """`_qhash_norm_kernel` (the query hash as int32 words and |q|, one launch) and
+        `_hamming_cosine_kernel`. Its float32 projection sums in another order than torch.matmul,
+        so a projection within rounding of 0 may flip a query bit against `hash_encode`. Codes
+        of C % 4 != 0 (or unaligned key codes) take `hash_encode` and the scorer on bytes."""
+        code = reduce_code(reduce)
+        nbits = weight.shape[1] if weight.dim() == 2 else -1
+        c = k_codes.shape[-1]
+        fused = (
+            q.dim() == 3
+            and q.is_floating_point()
+            and q.stride(-1) == 1
+            and weight.shape[0] == q.shape[-1]
+            and c % 4 == 0
+            and (nbits + 7) // 8 == c
+            and self._can_run(q, weight)
+            and self._cosine_fits((*q.shape[:2], c), k_codes, k_norms, block_table, seq_lens)
+        )
+        kw = self._words_in_place(k_codes) if fused else k_codes
+        if kw.dtype != torch.int32:
+            return super().hash_cosine_block_scores(q, weight, k_codes, k_norms, block_table, seq_lens, reduce)
+        b, hq, d = q.shape
+        hkv = k_codes.shape[2]
+        g, w = hq // hkv, c // 4
+        qw = torch.empty(b, hq, w, dtype=torch.int32, device=q.device)
+        qn = torch.empty(b, hq, dtype=torch.float32, device=q.device)
+        wt = weight if weight.stride(-1) == 1 else weight.contiguous()
+        if b > 0 and hq > 0:
+            self._k.qhash_norm_kernel[(b, hkv, w)](
+                q,
+                wt,
+                qw,
+                qn,
+                g,
+                d,
+                nbits,
+                q.stride(0),
+                q.stride(1),
+                wt.stride(0),
+                qw.stride(0),
+                qw.stride(1),
+                qn.stride(0),
+                BLOCK_G=_pow2(g, 16),
+                BLOCK_D=64,
+            )
+        return self._cosine_scores(qw, qn, kw, k_norms, block_table, seq_lens, code, 8 * c)
+
+    @staticmethod
+    def _words_in_place(codes: torch.Tensor, words: bool = True) -> torch.Tensor:
+        """uint8 codes [..., C] as int32 words [..., C/4] where C % 4 == 0 and the layout allows
+        (strides and offset whole words), else as bytes; in place (a view of any strides with
+        the last one 1: a code cache's view is read where it lies), a copy only otherwise."""
+        codes = codes if codes.stride(-1) == 1 else codes.contiguous()
+        if words and codes.shape[-1] % 4 == 0:
+            try:
+                return codes.view(torch.int32)
+            except RuntimeError:  # strides or storage offset not whole words
+                pass
+        return codes
+
+    def _cosine_fits(self, q_shape, k_codes, k_norms, block_table, seq_lens) -> bool:
+        """Whether `_hamming_cosine_kernel` takes these key codes, key norms and table for query
+        codes of shape q_shape = (B, Hq, C) (the query's own tensors are the caller's to check)."""
+        if len(q_shape) != 3 or k_codes.dim() != 4 or k_norms.dim() != 3 or block_table.dim() != 2:
+            return False
+        b, hq, c = q_shape
+        nb, bs, hkv, ck = k_codes.shape
+        return (
+            hkv > 0
+            and hq % hkv == 0
+            and c == ck
+            and k_codes.dtype == torch.uint8
+            and k_norms.shape == (nb, bs, hkv)
+            and k_norms.is_floating_point()
+            and block_table.shape[0] == b
+            and seq_lens.shape == (b,)
+            and not block_table.is_floating_point()
+            and not seq_lens.is_floating_point()
+            and self._can_run(k_codes, k_norms, block_table, seq_lens)
+        )
+
+    def _cosine_scores(self, qw, qn, kw, k_norms, block_table, seq_lens, code, bits: int) -> torch.Tensor:
+        """Launch `_hamming_cosine_kernel` on query and key codes as words (both int32 or both
+        uint8) [B, Hq, W], [NB, bs, Hkv, W], query norms [B, Hq], key norms [NB, bs, Hkv]."""
+        nb, bs, hkv, w = kw.shape
+        b, m = block_table.shape
+        hq = qw.shape[1]
+        out = torch.empty(b, m, dtype=torch.float32, device=kw.device)
+        if b == 0 or m == 0:
+            return out
+        tbl = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+        seq_lens = seq_lens.contiguous()
+        g = hq // hkv
+        block_t, block_h = _pow2(bs), _pow2(hkv)
+        # (token, KV head, group member) tiles of up to 8192 distances: the whole group at once
+        # (Qwen3: 128 x 8 x 4), MLA's 128 query heads on one latent head in one chunk of 64 x 128
+        block_g = min(_pow2(g), max(1, 8192 // (block_t * block_h)))
+        tile = block_t * block_h * block_g
+        warps = self.cosine_warps or (4 if tile <= 4096 else 8 if tile <= 8192 else 16)
+        self._k.hamming_cosine_kernel[(m, b)](
+            kw,
+            k_norms,
+            qw,
+            qn,
+            tbl,
+            seq_lens,
+            out,
+            bs,
+            hkv,
+            g,
+            math.pi / bits,
+            kw.stride(0),
+            kw.stride(1),
+            kw.stride(2),
+            k_norms.stride(0),
+            k_norms.stride(1),
+            k_norms.stride(2),
+            qw.stride(0),
+            qw.stride(1),
+            qn.stride(0),
+            qn.stride(1),
+            tbl.stride(0),
+            out.stride(0),
+            W=w,
+            REDUCE=int(code),
+            USE_ASM=not self.interpret,
+            BLOCK_T=block_t,
+            BLOCK_H=block_h,
+            BLOCK_G=block_g,
             num_warps=warps,
         )
         return out
