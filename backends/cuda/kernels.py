@@ -10,7 +10,8 @@ library's reductions (tl.sum, tl.max, tl.cumsum) are themselves jit functions bu
 
 Kernels never call each other. Pieces two kernels (or two places of one) share are
 `@triton.jit` helpers, decorated at import like `tl.sum`, so they are in the mode the process
-imported triton in (`_order_key`, `_quest_group_bound`); small ones (popcount, ...) are inline.
+imported triton in (`_order_key`, `_quest_group_bound`, `_group_query_projection`); small ones
+(popcount, ...) are inline.
 """
 
 from __future__ import annotations
@@ -217,6 +218,43 @@ def _qplanes_kernel(
             tl.store(base + (P + p) * stride_pp, dp)
 
 
+@triton.jit
+def _group_query_projection(
+    q_ptr,
+    w_ptr,
+    b,
+    h,
+    g,
+    gm,
+    col,
+    cm,
+    D,
+    G,
+    stride_qb,
+    stride_qh,
+    stride_wd,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Row b's queries of KV head h's group (heads h * G + g, g < G where `gm`) [BLOCK_G, D]
+    projected on the weight's columns `col` (valid where `cm`) in float32 (`tl.dot`, as the key
+    hash), and their squared norms [BLOCK_G]: the query side of the fused hash scorers."""
+    proj = tl.zeros([BLOCK_G, 32], dtype=tl.float32)
+    sumsq = tl.zeros([BLOCK_G], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d < D
+        qt = tl.load(
+            q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+            mask=gm[:, None] & dm[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        wt = tl.load(w_ptr + d[:, None] * stride_wd + col[None, :], mask=dm[:, None] & cm[None, :], other=0.0)
+        proj += tl.dot(qt, wt.to(tl.float32), input_precision="ieee")
+        sumsq += tl.sum(qt * qt, axis=1)
+    return proj, sumsq
+
+
 def _qhash_planes_kernel(
     q_ptr,
     w_ptr,
@@ -248,17 +286,9 @@ def _qhash_planes_kernel(
     i = tl.arange(0, 32)
     col = w * 32 + i
     cm = col < NBITS
-    proj = tl.zeros([BLOCK_G, 32], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dm = d < D
-        qt = tl.load(
-            q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
-            mask=gm[:, None] & dm[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        wt = tl.load(w_ptr + d[:, None] * stride_wd + col[None, :], mask=dm[:, None] & cm[None, :], other=0.0)
-        proj += tl.dot(qt, wt.to(tl.float32), input_precision="ieee")
+    proj, _ = _group_query_projection(
+        q_ptr, w_ptr, b, h, g, gm, col, cm, D, G, stride_qb, stride_qh, stride_wd, BLOCK_G, BLOCK_D
+    )
     bits = ((proj >= 0) & gm[:, None] & cm[None, :]).to(tl.int32)
     cnt = tl.sum(bits, axis=0)
     rest = tl.where(cm, G - cnt, 0)
@@ -374,19 +404,9 @@ def _qhash_norm_kernel(
     i = tl.arange(0, 32)
     col = w * 32 + i
     cm = col < NBITS
-    proj = tl.zeros([BLOCK_G, 32], dtype=tl.float32)
-    sumsq = tl.zeros([BLOCK_G], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dm = d < D
-        qt = tl.load(
-            q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
-            mask=gm[:, None] & dm[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        wt = tl.load(w_ptr + d[:, None] * stride_wd + col[None, :], mask=dm[:, None] & cm[None, :], other=0.0)
-        proj += tl.dot(qt, wt.to(tl.float32), input_precision="ieee")
-        sumsq += tl.sum(qt * qt, axis=1)
+    proj, sumsq = _group_query_projection(
+        q_ptr, w_ptr, b, h, g, gm, col, cm, D, G, stride_qb, stride_qh, stride_wd, BLOCK_G, BLOCK_D
+    )
     bits = ((proj >= 0) & cm[None, :]).to(tl.int32)
     word = tl.sum(bits << i[None, :], axis=1)  # [BLOCK_G]
     head = h * G + g

@@ -294,10 +294,13 @@ struct PlaneDistance {
   }
 };
 
-// OpenMP over (row, block) pairs; each pair streams its block's valid tokens once.
-template <typename Dist>
-void score_blocks(const Dist& dist, const uint8_t* k, const int64_t* table, const int64_t* seq_lens, float* out,
-                  int64_t B, int64_t M, int64_t bs, int64_t token_bytes, int64_t reduce) {
+// OpenMP over (row, block) pairs; each pair streams its block's valid tokens once:
+// token_value(b, blk, t) is an integer distance (summed exactly, Sum = int64_t) or a float one
+// (summed in double), reduced min / max / mean (the mean rounded once to float32), +inf past the
+// row's end.
+template <typename V, typename Sum, typename TokenValue>
+void reduce_blocks(const TokenValue& token_value, const int64_t* table, const int64_t* seq_lens, float* out,
+                   int64_t B, int64_t M, int64_t bs, int64_t reduce) {
   const float inf = std::numeric_limits<float>::infinity();
 #pragma omp parallel for schedule(dynamic, 2) num_threads(num_threads()) if (B * M > 1)
   for (int64_t item = 0; item < B * M; ++item) {
@@ -311,26 +314,22 @@ void score_blocks(const Dist& dist, const uint8_t* k, const int64_t* table, cons
     }
     const int64_t valid = std::min<int64_t>(bs, len - j * bs);
     const int64_t blk = std::max<int64_t>(table[item], 0);  // the reference clamps negative ids to 0
-    const uint8_t* kb = k + blk * bs * token_bytes;
-    int64_t lo = std::numeric_limits<int64_t>::max();
-    int64_t hi = std::numeric_limits<int64_t>::min();
-    int64_t sum = 0;
+    V lo = std::numeric_limits<V>::max();
+    V hi = std::numeric_limits<V>::lowest();
+    Sum sum = 0;
     for (int64_t t = 0; t < valid; ++t) {
-      const int64_t d = dist(kb + t * token_bytes, b);
+      const V d = token_value(b, blk, t);
       lo = std::min(lo, d);
       hi = std::max(hi, d);
       sum += d;
     }
-    float v;
     if (reduce == kMin) {
-      v = static_cast<float>(lo);
+      out[item] = static_cast<float>(lo);
     } else if (reduce == kMax) {
-      v = static_cast<float>(hi);
+      out[item] = static_cast<float>(hi);
     } else {
-      // Exact integer sum, rounded once: float32(sum / count), as the reference.
-      v = static_cast<float>(static_cast<double>(sum) / static_cast<double>(valid));
+      out[item] = static_cast<float>(static_cast<double>(sum) / static_cast<double>(valid));
     }
-    out[item] = v;
   }
 }
 
@@ -342,7 +341,11 @@ void hamming_dispatch(const uint8_t* q, const uint8_t* k, const int64_t* table, 
   // Query codes of every row as padded words: [B, Hq, S] (tiny: B * Hq * C bytes).
   std::vector<uint64_t> qwords(static_cast<size_t>(B * hq * S), 0);
   for (int64_t r = 0; r < B * hq; ++r) std::memcpy(qwords.data() + r * S, q + r * geo.c, static_cast<size_t>(geo.c));
-  auto run = [&](const auto& dist) { score_blocks(dist, k, table, seq_lens, out, B, M, bs, token_bytes, reduce); };
+  auto run = [&](const auto& dist) {
+    reduce_blocks<int64_t, int64_t>(
+        [&](int64_t b, int64_t blk, int64_t t) { return dist(k + (blk * bs + t) * token_bytes, b); }, table, seq_lens,
+        out, B, M, bs, reduce);
+  };
   if (geo.g <= 4) {
     const uint64_t* qw = qwords.data();
     switch (geo.g) {
@@ -463,45 +466,6 @@ struct CosineEstimate {
   }
 };
 
-// OpenMP over (row, block) pairs, as `score_blocks`; token distance = -estimate, reduced over the
-// block's valid tokens (the mean summed in double and rounded once), +inf past the row's end.
-template <typename Est, typename NT>
-void score_cosine_blocks(const Est& est, const uint8_t* k, const NT* kn, const int64_t* table,
-                         const int64_t* seq_lens, float* out, int64_t B, int64_t M, int64_t bs, int64_t token_bytes,
-                         int64_t hkv, int64_t reduce) {
-  const float inf = std::numeric_limits<float>::infinity();
-#pragma omp parallel for schedule(dynamic, 2) num_threads(num_threads()) if (B * M > 1)
-  for (int64_t item = 0; item < B * M; ++item) {
-    const int64_t b = item / M;
-    const int64_t j = item % M;
-    const int64_t len = std::min<int64_t>(std::max<int64_t>(seq_lens[b], 0), M * bs);
-    const int64_t n_b = (len + bs - 1) / bs;
-    if (j >= n_b) {
-      out[item] = inf;  // past the row's end
-      continue;
-    }
-    const int64_t valid = std::min<int64_t>(bs, len - j * bs);
-    const int64_t blk = std::max<int64_t>(table[item], 0);  // the reference clamps negative ids to 0
-    const uint8_t* kb = k + blk * bs * token_bytes;
-    const NT* nbk = kn + blk * bs * hkv;
-    float lo = inf, hi = -inf;
-    double sum = 0.0;
-    for (int64_t t = 0; t < valid; ++t) {
-      const float d = -est(kb + t * token_bytes, nbk + t * hkv, b);
-      lo = std::min(lo, d);
-      hi = std::max(hi, d);
-      sum += d;
-    }
-    if (reduce == kMin) {
-      out[item] = lo;
-    } else if (reduce == kMax) {
-      out[item] = hi;
-    } else {
-      out[item] = static_cast<float>(sum / static_cast<double>(valid));
-    }
-  }
-}
-
 template <int WT>
 void cosine_dispatch(const uint8_t* q, const float* qn, const uint8_t* k, const void* kn, bool kn_bf16,
                      const int64_t* table, const int64_t* seq_lens, float* out, int64_t B, int64_t hq,
@@ -521,14 +485,19 @@ void cosine_dispatch(const uint8_t* q, const float* qn, const uint8_t* k, const 
     for (int64_t d = 0; d < tab_len; ++d) tables[r * tab_len + d] = qn[r] * cosines[d];
   }
   const int64_t token_bytes = geo.hkv * geo.c;
+  // token distance = -estimate (smaller = closer, as the Hamming scorer's)
+  auto run = [&](const auto* norms, const auto& est) {
+    reduce_blocks<float, double>(
+        [&](int64_t b, int64_t blk, int64_t t) {
+          const int64_t at = blk * bs + t;
+          return -est(k + at * token_bytes, norms + at * geo.hkv, b);
+        },
+        table, seq_lens, out, B, M, bs, reduce);
+  };
   if (kn_bf16) {
-    const auto* np = static_cast<const uint16_t*>(kn);
-    score_cosine_blocks(CosineEstimate<WT, uint16_t>{qwords.data(), tables.data(), geo, tab_len}, k, np, table,
-                        seq_lens, out, B, M, bs, token_bytes, geo.hkv, reduce);
+    run(static_cast<const uint16_t*>(kn), CosineEstimate<WT, uint16_t>{qwords.data(), tables.data(), geo, tab_len});
   } else {
-    const auto* np = static_cast<const float*>(kn);
-    score_cosine_blocks(CosineEstimate<WT, float>{qwords.data(), tables.data(), geo, tab_len}, k, np, table,
-                        seq_lens, out, B, M, bs, token_bytes, geo.hkv, reduce);
+    run(static_cast<const float*>(kn), CosineEstimate<WT, float>{qwords.data(), tables.data(), geo, tab_len});
   }
 }
 
