@@ -26,6 +26,8 @@
 #   topk   the top-k + table rewrite against an earlier commit's kernel (topk_compare_gpu.py), then
 #          the CUDA top-k conformance cases; first, here: git show fcaab27:backends/cuda/kernels.py
 #          > .baseline_kernels.py (an untracked file travels with the checkout; delete it after)
+#   hash   the CUDA cases of the hash scorers (Hamming, norm_cosine) and the centred key writes, then
+#          bench_hash_scorers_gpu.py (both scorers and both writes at 32K x 8 and 128K x 4)
 # A bench phase's --batches / --settings can be narrowed for a short session, and LIMIT (seconds,
 # default 570) shortens its time limit where the call also stages vLLM:
 #   BATCHES="8" SETTINGS="dense ESA:0.3" LIMIT=500 bash benchmarks/gpu_session.sh 32k
@@ -33,7 +35,7 @@
 # Merge the benches' JSON into benchmarks/results/vllm_gpu_decode.json with
 # `bench_vllm_gpu.py --merge` here afterwards.
 set -uo pipefail
-PHASE=${1:?usage: gpu_session.sh tune|32k|32kx|stride|128k|32b|tests|topk}
+PHASE=${1:?usage: gpu_session.sh tune|32k|32kx|stride|128k|32b|tests|topk|hash}
 R=$HOME/res/$PHASE
 mkdir -p "$R" "$HOME/tuned"
 export PYTHONUNBUFFERED=1 UCM_CUDA_TUNED_DIR=$HOME/tuned
@@ -102,8 +104,15 @@ case $PHASE in
       > "$R/cuda_conformance.txt" 2>&1
     tail -2 "$R/cuda_conformance.txt"
     ;;
+  hash)
+    timeout 200 python -m pytest -q -n 8 -p no:cacheprovider tests/test_cuda_kernels.py tests/test_ops_conformance.py \
+      -k "cuda and (cosine or norm_write or hash_write or hamming)" > "$R/cuda_conformance.txt" 2>&1
+    tail -2 "$R/cuda_conformance.txt"
+    timeout 300 python benchmarks/bench_hash_scorers_gpu.py --out "$R" > "$R/bench.log" 2>&1
+    tail -8 "$R/bench.log"
+    ;;
   *)
-    echo "unknown phase $PHASE: tune|32k|32kx|stride|128k|32b|tests|topk" >&2
+    echo "unknown phase $PHASE: tune|32k|32kx|stride|128k|32b|tests|topk|hash" >&2
     exit 2
     ;;
 esac

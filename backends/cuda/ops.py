@@ -1011,18 +1011,8 @@ class CudaOps(TorchReferenceOps):
         self.layered_writes += t > 0
 
     def _address_table(self, first, a, b) -> torch.Tensor | None:
-        """[3L] int64 on the tensors' device: the addresses of `first`, `a` and `b` (b = a's where
-        b is None), made once per set of tensors; None while a CUDA graph is being captured
-        (the copy to the device cannot be captured)."""
-        ptrs = tuple(x.data_ptr() for x in first) + tuple(x.data_ptr() for x in a)
-        ptrs += tuple((y if y is not None else x).data_ptr() for x, y in zip(a, b, strict=True))
-        tab = self._tables.get(ptrs)
-        if tab is None:
-            dev = first[0].device
-            if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                return None
-            tab = self._tables[ptrs] = torch.tensor(ptrs, dtype=torch.int64).to(dev)
-        return tab
+        """[3L] `_pointer_table` of `first`, `a` and `b` (b = a's where b is None)."""
+        return self._pointer_table(first, a, [y if y is not None else x for x, y in zip(a, b, strict=True)])
 
     def _reps_write(self, kind, a, b, key, slot_mapping, block_size, merge, r, hd, layers=None) -> None:
         """Launch `_reps_write_kernel` (kind 0 sums, 1 min / max, 2 KVStar's channel-major reps).
