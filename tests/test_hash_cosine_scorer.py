@@ -154,3 +154,18 @@ def test_norm_cosine_is_refused_for_mla() -> None:
     }
     with pytest.raises(ConfigError, match="hash_score_method.*MLA"):
         load_model_config(cfg)
+
+
+def test_configs_check_refuses_a_bad_key_center(tmp_path) -> None:
+    """`ucm configs check` loads a norm_cosine file's mean keys as the engine would."""
+    import json
+    import subprocess
+    import sys
+
+    cfg = model_json(tmp_path, torch.full((LAYERS, HKV, D), math.inf))
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    r = subprocess.run(
+        [sys.executable, "-m", "ucm.cli", "configs", "check", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 1 and "hash_weight" in r.stderr and "non-finite" in r.stderr, r.stderr

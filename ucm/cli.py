@@ -114,9 +114,10 @@ def _configs_check(args: argparse.Namespace) -> int:
         try:
             result = check_config_file(path)
             if isinstance(result, ModelConfigFile) and result.config.hash_weight_type == "trained":
-                from ucm.sparse.hashing import hash_projections
+                from ucm.sparse.hashing import hash_projections, key_centers
 
                 hash_projections(result)  # the weight files load, with the right shape, finite
+                key_centers(result)  # and a norm_cosine config's mean keys
             from ucm.config.bounds import check_against_model  # the engine's start-up check, same flags
 
             model = result if isinstance(result, ModelConfigFile) else None

@@ -602,6 +602,18 @@ class CpuOps(TorchReferenceOps):
         if seq_lens.dim() != 1 or seq_lens.shape[0] != b:
             raise ValueError(f"{name}: seq_lens must be [B={b}], got {tuple(seq_lens.shape)}")
 
+    @classmethod
+    def _check_codes(cls, name: str, q_codes, k_codes, block_table, seq_lens) -> None:
+        """The Hamming scorers' shared checks: query and key codes of one width, a paged batch."""
+        if q_codes.dim() != 3 or k_codes.dim() != 4:
+            raise ValueError(
+                f"{name}: q_codes must be [B, Hq, C] and k_codes [NB, bs, Hkv, C], got "
+                f"{tuple(q_codes.shape)} and {tuple(k_codes.shape)}"
+            )
+        if q_codes.shape[-1] != k_codes.shape[-1]:
+            raise ValueError(f"{name}: code widths differ ({q_codes.shape[-1]} vs {k_codes.shape[-1]})")
+        cls._check_paged(name, q_codes.shape[1], k_codes.shape[2], block_table, seq_lens, q_codes.shape[0])
+
     def hamming_block_scores(
         self,
         q_codes: torch.Tensor,
@@ -610,16 +622,7 @@ class CpuOps(TorchReferenceOps):
         seq_lens: torch.Tensor,
         reduce: BlockReduce = "min",
     ) -> torch.Tensor:
-        if q_codes.dim() != 3 or k_codes.dim() != 4:
-            raise ValueError(
-                f"hamming_block_scores: q_codes must be [B, Hq, C] and k_codes [NB, bs, Hkv, C], got "
-                f"{tuple(q_codes.shape)} and {tuple(k_codes.shape)}"
-            )
-        if q_codes.shape[-1] != k_codes.shape[-1]:
-            raise ValueError(f"hamming_block_scores: code widths differ ({q_codes.shape[-1]} vs {k_codes.shape[-1]})")
-        self._check_paged(
-            "hamming_block_scores", q_codes.shape[1], k_codes.shape[2], block_table, seq_lens, q_codes.shape[0]
-        )
+        self._check_codes("hamming_block_scores", q_codes, k_codes, block_table, seq_lens)
         code = reduce_code(reduce)
         ns = self._native()
         if (
@@ -646,13 +649,7 @@ class CpuOps(TorchReferenceOps):
         reduce: BlockReduce = "min",
     ) -> torch.Tensor:
         name = "hamming_cosine_block_scores"
-        if q_codes.dim() != 3 or k_codes.dim() != 4:
-            raise ValueError(
-                f"{name}: q_codes must be [B, Hq, C] and k_codes [NB, bs, Hkv, C], got "
-                f"{tuple(q_codes.shape)} and {tuple(k_codes.shape)}"
-            )
-        if q_codes.shape[-1] != k_codes.shape[-1]:
-            raise ValueError(f"{name}: code widths differ ({q_codes.shape[-1]} vs {k_codes.shape[-1]})")
+        self._check_codes(name, q_codes, k_codes, block_table, seq_lens)
         if q_codes.shape[-1] == 0:
             raise ValueError(f"{name}: code width must be positive")
         if q_norms.shape != q_codes.shape[:2]:
@@ -663,7 +660,6 @@ class CpuOps(TorchReferenceOps):
             raise ValueError(
                 f"{name}: k_norms must be [NB, bs, Hkv] = {tuple(k_codes.shape[:3])}, got {tuple(k_norms.shape)}"
             )
-        self._check_paged(name, q_codes.shape[1], k_codes.shape[2], block_table, seq_lens, q_codes.shape[0])
         code = reduce_code(reduce)
         ns = self._native()
         if (

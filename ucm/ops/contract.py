@@ -53,6 +53,14 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t
 
 
+def keys_at(cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """The keys a paged cache [NB, bs, Hkv, D] holds at slot_mapping [T] (padding slots < 0 read
+    slot 0; the writes that use them skip those rows) -> [T, Hkv, D]."""
+    at = slot_mapping.to(device=cache.device, dtype=torch.int64).clamp(min=0)
+    bs = cache.shape[1]
+    return cache[at // bs, at % bs]
+
+
 BlockReduce = Literal["mean", "max", "min"]
 GroupReduce = Literal["mean", "max"]
 #: which per-layer representation update `reps_write_layers` applies: `block_sums_add`,
@@ -364,11 +372,8 @@ class SparseOps(ABC):
         once, keys_l read from layer l's paged key cache k_caches[l] [NB, bs, Hkv, D] (any
         strides), which already holds the step's keys at slot_mapping (as `reps_write_layers`).
         A call with no tokens changes nothing (a backend may prepare for these tensors)."""
-        slots = slot_mapping.to(torch.int64).clamp(min=0)
         for codes, cache, weight in zip(code_caches, k_caches, weights, strict=True):
-            bs = cache.shape[1]
-            at = slots.to(cache.device)
-            self.hash_write(codes, cache[at // bs, at % bs], weight, slot_mapping)
+            self.hash_write(codes, keys_at(cache, slot_mapping), weight, slot_mapping)
 
     def hash_hamming_block_scores(
         self,
@@ -412,13 +417,10 @@ class SparseOps(ABC):
     ) -> None:
         """`hash_norm_write` for every layer l at once, keys read from layer l's paged key
         cache k_caches[l] [NB, bs, Hkv, D] at slot_mapping (as `hash_write_layers`)."""
-        slots = slot_mapping.to(torch.int64).clamp(min=0)
         for codes, norms, cache, weight, center in zip(
             code_caches, norm_caches, k_caches, weights, centers, strict=True
         ):
-            bs = cache.shape[1]
-            at = slots.to(cache.device)
-            self.hash_norm_write(codes, norms, cache[at // bs, at % bs], weight, center, slot_mapping)
+            self.hash_norm_write(codes, norms, keys_at(cache, slot_mapping), weight, center, slot_mapping)
 
     def hamming_cosine_block_scores(
         self,

@@ -31,15 +31,21 @@ def random_orthogonal_hash(dim: int, bits: int, seed: int) -> torch.Tensor:
     return torch.cat(cols, dim=1).to(torch.float32).contiguous()
 
 
+def _load_hash_file(path: Path, key: str):
+    """A trained hash file's contents (torch.load, weights_only: no code runs); ValueError naming
+    `key` and the file where it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{key}: cannot load hash weights from {path}: {exc}") from exc
+
+
 def load_trained_hash(path: Path, num_layers: int, dim: int, bits: int, key: str) -> list[torch.Tensor]:
     """Per-layer [dim, bits] projections from a file written by `save_trained_hash`.
 
     The file holds a float tensor [num_layers, dim, bits] (torch.save, loaded weights_only).
     """
-    try:
-        w = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{key}: cannot load hash weights from {path}: {exc}") from exc
+    w = _load_hash_file(path, key)
     if isinstance(w, dict):
         w = w.get("weight")
     want = (num_layers, dim, bits)
@@ -54,10 +60,7 @@ def load_trained_hash(path: Path, num_layers: int, dim: int, bits: int, key: str
 def load_key_center(path: Path, num_layers: int, dim: int, key: str) -> torch.Tensor | None:
     """The mean key per layer and KV head [num_layers, Hkv, dim] a trained file holds beside its
     projections (`save_trained_hash`), or None for a file without one (written before it)."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{key}: cannot load hash weights from {path}: {exc}") from exc
+    data = _load_hash_file(path, key)
     center = data.get("key_center") if isinstance(data, dict) else None
     if center is None:
         return None
@@ -102,9 +105,9 @@ def key_centers(loaded: ModelConfigFile) -> torch.Tensor | None:
 
 def hash_projections(loaded: ModelConfigFile, seed: int = 0) -> list[list[torch.Tensor]]:
     """Per layer, the hash projections of a per-model config: one [D, bits] (GQA) or two (MLA:
-    kv_lora, rope). Trained files are loaded and checked (readable, shape, finite values, and the
-    `key_centers` a norm_cosine config reads); a bad one is a ConfigError naming the file and key
-    (`ucm configs check` runs this too)."""
+    kv_lora, rope). Trained files are loaded and checked (readable, shape, finite values); a bad
+    one is a ConfigError naming the file and key (`ucm configs check` runs this and `key_centers`
+    too)."""
     m, src = loaded.config, loaded.source
     splits = (
         [
@@ -129,5 +132,4 @@ def hash_projections(loaded: ModelConfigFile, seed: int = 0) -> list[list[torch.
                     for layer in range(m.num_hidden_layers)
                 ]
             )
-    key_centers(loaded)  # a norm_cosine config's mean keys load too (shape, finite values)
     return [[part[layer] for part in per_part] for layer in range(m.num_hidden_layers)]
