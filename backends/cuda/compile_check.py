@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -34,6 +37,9 @@ class CompileReport:
     arch: int
     compiled: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    #: with `compile_all(..., usage=True)`: label -> ptxas's (registers a thread, bytes spilled)
+    usage: dict[str, tuple[int, int]] = field(default_factory=dict)
+    want_usage: bool = False
 
 
 class _TargetDriver:
@@ -66,7 +72,7 @@ class _CompileOnly:
             # or divisible by 16 are specialised too, so one set of constexprs can be two variants
             label = f"{self.name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
             try:
-                self.fn.warmup(*args, grid=grid, **kwargs)
+                kernel = self.fn.warmup(*args, grid=grid, **kwargs)
             except Exception as exc:  # noqa: BLE001  (every failure is reported, the pass goes on)
                 first = str(exc).strip().splitlines()
                 failure = f"{label}: {type(exc).__name__}: {first[-1] if first else ''}"
@@ -75,8 +81,30 @@ class _CompileOnly:
             else:
                 if label not in self.report.compiled:
                     self.report.compiled.append(label)
+                    if self.report.want_usage:
+                        self.report.usage[label] = ptxas_usage(kernel.asm["ptx"], self.report.arch)
 
         return compile_only
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers a thread, bytes of spill stores) ptxas reports for one kernel's PTX: what
+    bounds how many programs share an SM, read without a GPU."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(arch)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        suffix = "a" if arch >= 90 else ""
+        cmd = [getattr(tool, "path", tool), "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o", os.path.join(tmp, "k.o")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    if regs is None:
+        raise RuntimeError(f"no register count in ptxas's output: {log[-400:]}")
+    return int(regs.group(1)), int(spill.group(1)) if spill else 0
 
 
 def _compile_only_ops(report: CompileReport):
@@ -229,13 +257,14 @@ def _exercise(ops) -> None:
     ops.hash_cosine_block_scores(torch.randn(8, hq, d, dtype=bf16), torch.randn(d, 48), codes, k_norms, table, lens)
 
 
-def compile_all(arch: int = 90) -> CompileReport:
-    """Compile every kernel launch of the exercised ops for sm_`arch`; the report lists both."""
+def compile_all(arch: int = 90, usage: bool = False) -> CompileReport:
+    """Compile every kernel launch of the exercised ops for sm_`arch`; the report lists both
+    (`usage`: and each variant's registers and spills, one more ptxas run each)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_check needs a process without TRITON_INTERPRET=1")
     from triton.runtime.driver import driver
 
-    report = CompileReport(arch)
+    report = CompileReport(arch, want_usage=usage)
     previous = driver._active  # None until a real driver was asked for (none exists without a GPU)
     driver.set_active(_TargetDriver(arch))
     try:
@@ -248,9 +277,13 @@ def compile_all(arch: int = 90) -> CompileReport:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
+    ap.add_argument("--usage", action="store_true", help="also print each variant's registers and spills")
     args = ap.parse_args(argv)
-    report = compile_all(args.arch)
+    report = compile_all(args.arch, args.usage)
     for line in report.compiled:
+        if line in report.usage:
+            regs, spill = report.usage[line]
+            line = f"{line}  [{regs} registers, {spill} bytes spilled]"
         print("ok  ", line)
     for line in report.failures:
         print("FAIL", line)

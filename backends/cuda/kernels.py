@@ -443,21 +443,22 @@ def _hamming_cosine_kernel(
     USE_ASM: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    BLOCK_G: tl.constexpr,
 ):
     """Norm-weighted SimHash distance of every token of a block, reduced per block
     (`hamming_cosine_block_scores`).
 
     Program (block column j, row b) reads the block's codes in place through the block table and
-    tiles (token, KV head, group member): for each code word w (W words: int32, or bytes widened,
-    upper bits zero) the keys' word [BLOCK_T, BLOCK_H] and the queries' [BLOCK_H, BLOCK_G] give
-    d[t, h, g] += popcount(k ^ q); every query head's Hamming distance is then one thread's
-    register, so cos(SCALE * d) (SCALE = pi / bits) is taken once per (token, query head) with no
-    reduction across threads before it. est[t, h] = sum_g |q[b, h * G + g]| * cos(...) over
-    group chunks of BLOCK_G; token distance = -sum_h est[t, h] * |k[t, h]|; REDUCE (a
-    `ReduceCode`: 0 min, 1 mean, 2 max) over the block's valid tokens; +inf past the row's
-    blocks. [B, Hq, tokens] never exists. The word loads after the first hit the block's lines
-    in L1 (each code byte comes from memory once).
+    tiles (token, KV head): for each member g of the GQA group (query head h * G + g of KV head h)
+    and each code word w (W words: int32, or bytes widened, upper bits zero) the keys' word
+    [BLOCK_T, BLOCK_H] and the queries' [BLOCK_H] give d[t, h] += popcount(k ^ q), one thread's
+    register per (token, KV head), so cos(SCALE * d) (SCALE = pi / bits) is taken once per
+    (token, query head) with no reduction across threads before it; est[t, h] += |q[b, h * G + g]|
+    * cos(...). Token distance = -sum_h est[t, h] * |k[t, h]|; REDUCE (a `ReduceCode`: 0 min,
+    1 mean, 2 max) over the block's valid tokens; +inf past the row's blocks. [B, Hq, tokens]
+    never exists. The word loads after the first hit the block's lines in L1 (each code byte comes
+    from memory once). Two-dimensional tiles only: a [token, KV head, group member] tile (the first
+    version) took 246 registers a thread for Qwen3-4B's shape on sm_90 with its broadcasts
+    converted through shared memory, this one 77 (ptxas -v, 4 warps).
     """
     j = tl.program_id(0)
     b = tl.program_id(1)
@@ -467,22 +468,20 @@ def _hamming_cosine_kernel(
     phys = tl.load(table_ptr + b * stride_tb + j, mask=in_row, other=0).to(tl.int64)
     t = tl.arange(0, BLOCK_T)
     hh = tl.arange(0, BLOCK_H)
-    gg = tl.arange(0, BLOCK_G)
     tm = (t < BS) & (j * BS + t < seq_len) & in_row
     hm = hh < HKV
     km = tm[:, None] & hm[None, :]
     k_at = kw_ptr + phys * stride_kb + t[:, None] * stride_kt + hh[None, :] * stride_kh  # [BLOCK_T, BLOCK_H]
     kn = tl.load(kn_ptr + phys * stride_nb + t[:, None] * stride_nt + hh[None, :] * stride_nh, mask=km, other=0.0)
     est = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):
-        head = hh[:, None] * G + (g0 + gg)[None, :]  # [BLOCK_H, BLOCK_G] query heads
-        qm = hm[:, None] & ((g0 + gg) < G)[None, :]
+    for g in range(0, G):
+        head = hh * G + g  # [BLOCK_H]: query head g of each KV head's group
         q_at = qw_ptr + b * stride_qb + head * stride_qh
-        d = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_G], dtype=tl.int32)
+        d = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.int32)
         for w in tl.static_range(W):
             kw = tl.load(k_at + w, mask=km, other=0).to(tl.int32)
-            qw = tl.load(q_at + w, mask=qm, other=0).to(tl.int32)
-            y = kw[:, :, None] ^ qw[None, :, :]
+            qw = tl.load(q_at + w, mask=hm, other=0).to(tl.int32)
+            y = kw ^ qw[None, :]
             if USE_ASM:
                 y = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [y], dtype=tl.int32, is_pure=True, pack=1)
             else:
@@ -492,7 +491,7 @@ def _hamming_cosine_kernel(
                 y = y + (y >> 8)
                 y = (y + (y >> 16)) & 0x3F
             d += y
-        qn = tl.load(qn_ptr + b * stride_qnb + head * stride_qnh, mask=qm, other=0.0).to(tl.float32)
+        qn = tl.load(qn_ptr + b * stride_qnb + head * stride_qnh, mask=hm, other=0.0).to(tl.float32)
         # cos(x) of x = d * SCALE (rounded as the torch definition rounds it) as -sin(u), u = x -
         # pi/2 in [-pi/2, pi/2] (pi/2 in two parts, the first subtraction exact: no bias near
         # cos = 0, where most heads of random codes sit), sin by its Taylor polynomial to u^13
@@ -520,7 +519,7 @@ def _hamming_cosine_kernel(
         p = p * u2 + 8.333333333333333e-03
         p = p * u2 - 1.6666666666666666e-01
         p = p * u2 + 1.0
-        est -= tl.sum(qn[None, :, :] * (u * p), axis=2)
+        est -= qn[None, :] * (u * p)
     dist = -tl.sum(est * kn.to(tl.float32), axis=1)  # [BLOCK_T]
     if REDUCE == 0:
         red = tl.min(tl.where(tm, dist, float("inf")), axis=0)

@@ -656,11 +656,10 @@ class CudaOps(TorchReferenceOps):
         seq_lens = seq_lens.contiguous()
         g = hq // hkv
         block_t, block_h = _pow2(bs), _pow2(hkv)
-        # (token, KV head, group member) tiles of up to 8192 distances: the whole group at once
-        # (Qwen3: 128 x 8 x 4), MLA's 128 query heads on one latent head in one chunk of 64 x 128
-        block_g = min(_pow2(g), max(1, 8192 // (block_t * block_h)))
-        tile = block_t * block_h * block_g
-        warps = self.cosine_warps or (4 if tile <= 4096 else 8 if tile <= 8192 else 16)
+        # (token, KV head) tiles, the group's query heads in turn: Qwen3-4B's 128 x 8 is 8
+        # distances a thread on 4 warps
+        tile = block_t * block_h
+        warps = self.cosine_warps or (4 if tile <= 2048 else 8 if tile <= 4096 else 16)
         self._k.hamming_cosine_kernel[(m, b)](
             kw,
             k_norms,
@@ -690,7 +689,6 @@ class CudaOps(TorchReferenceOps):
             USE_ASM=not self.interpret,
             BLOCK_T=block_t,
             BLOCK_H=block_h,
-            BLOCK_G=block_g,
             num_warps=warps,
         )
         return out
