@@ -21,8 +21,8 @@
 #   32b    plain vLLM vs ESA and GSA on device (its built-in Qwen3-32B JSON) at 32K x 4, ratio 0.3,
 #          on the Qwen3-32B shape (65.5 GB of dummy weights: an H200 only)
 #   tests  tests/test_vllm_gpu.py (the in-engine GPU tests: 440-610 s on an H100, so a call of its
-#          own after the staging calls, not inside the last of them; TESTS_K="expr" runs pytest's
-#          -k selection of them, e.g. TESTS_K=stride)
+#          own after the staging calls, not inside the last of them, or two: TESTS_K="expr" runs
+#          pytest's -k selection, e.g. TESTS_K="not graphs" then TESTS_K=graphs)
 #   topk   the top-k + table rewrite against an earlier commit's kernel (topk_compare_gpu.py), then
 #          the CUDA top-k conformance cases; first, here: git show fcaab27:backends/cuda/kernels.py
 #          > .baseline_kernels.py (an untracked file travels with the checkout; delete it after)
@@ -92,9 +92,11 @@ case $PHASE in
     grep -E "^\[" "$R/bench.log"
     ;;
   tests)
-    timeout ${LIMIT:-570} python -m pytest -x -q -p no:cacheprovider tests/test_vllm_gpu.py ${TESTS_K:+-k "$TESTS_K"} \
-      > "$R/vllm_gpu_tests.txt" 2>&1
-    tail -3 "$R/vllm_gpu_tests.txt"
+    # -v: a run cut by its limit still names the tests that passed (session 35's 560 s call ended
+    # after 7 of 9 with -q's bare dots); --durations: what a split by TESTS_K should balance
+    timeout ${LIMIT:-570} python -m pytest -x -v --durations=0 -p no:cacheprovider tests/test_vllm_gpu.py \
+      ${TESTS_K:+-k "$TESTS_K"} > "$R/vllm_gpu_tests.txt" 2>&1
+    grep -E "PASSED|FAILED|ERROR|passed|failed" "$R/vllm_gpu_tests.txt" | tail -12
     ;;
   topk)
     timeout 330 python benchmarks/topk_compare_gpu.py --baseline .baseline_kernels.py --baseline-name fcaab27 \
