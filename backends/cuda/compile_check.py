@@ -37,9 +37,8 @@ class CompileReport:
     arch: int
     compiled: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
-    #: with `compile_all(..., usage=True)`: label -> ptxas's (registers a thread, bytes spilled)
-    usage: dict[str, tuple[int, int]] = field(default_factory=dict)
-    want_usage: bool = False
+    #: label -> ptxas's (registers a thread, bytes spilled); None: not asked for (`compile_all`'s usage)
+    usage: dict[str, tuple[int, int]] | None = None
 
 
 class _TargetDriver:
@@ -81,7 +80,7 @@ class _CompileOnly:
             else:
                 if label not in self.report.compiled:
                     self.report.compiled.append(label)
-                    if self.report.want_usage:
+                    if self.report.usage is not None:
                         self.report.usage[label] = ptxas_usage(kernel.asm["ptx"], self.report.arch)
 
         return compile_only
@@ -264,7 +263,7 @@ def compile_all(arch: int = 90, usage: bool = False) -> CompileReport:
         raise RuntimeError("compile_check needs a process without TRITON_INTERPRET=1")
     from triton.runtime.driver import driver
 
-    report = CompileReport(arch, want_usage=usage)
+    report = CompileReport(arch, usage={} if usage else None)
     previous = driver._active  # None until a real driver was asked for (none exists without a GPU)
     driver.set_active(_TargetDriver(arch))
     try:
@@ -281,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     report = compile_all(args.arch, args.usage)
     for line in report.compiled:
-        if line in report.usage:
+        if report.usage and line in report.usage:
             regs, spill = report.usage[line]
             line = f"{line}  [{regs} registers, {spill} bytes spilled]"
         print("ok  ", line)
