@@ -134,10 +134,14 @@ def test_gsa_on_device_gets_projections_trained_where_they_rank_keys_better(cach
     written = load_model_config(got.path).config
     if recall["trained"] >= recall["random"]:
         assert report["calibration"]["kept"] == "trained" and written.hash_weight_type == "trained"
-        weight = torch.load(got.path.parent / report["hash_weight"], weights_only=True)["weight"]
-        assert weight.shape == (4, 32, 128)
+        saved = torch.load(got.path.parent / report["hash_weight"], weights_only=True)
+        assert saved["weight"].shape == (4, 32, 128)
+        # scored as calibrated: centred on the mean keys the file holds (session 35: the JSON said
+        # "hamming", so the engine never read them)
+        assert written.hash_score_method == "norm_cosine" and saved["key_center"].shape == (4, 2, 32)
     else:
         assert report["calibration"]["kept"].startswith("the defaults'") and written.hash_weight_type == "random"
+        assert written.hash_score_method == "hamming"  # random projections: no mean keys to centre on
         assert "hash_weight" not in report and not list(got.path.parent.glob("*.pt"))
     monkeypatch.setattr(measure_at_start, "MAX_CALIBRATED_BYTES", 1024)
     config, note = with_measured_config_file(parse_sparse_config({"GSAOnDevice": {}}), str(tiny_folder), 16)

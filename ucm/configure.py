@@ -199,7 +199,14 @@ def run_configure(
             if recall["trained"] >= recall["random"]:
                 weight_file = out_dir / f"{stem}_hash.pt"
                 shutil.copyfile(Path(tmp) / calib["weights"], weight_file)
-                base = dict(base, hash_weight_type="trained", hash_weight=weight_file.name)
+                # the JSON scores the way the projections were calibrated for (their file holds the
+                # mean keys `norm_cosine` centres on: a JSON saying "hamming" would never read them)
+                base = dict(
+                    base,
+                    hash_weight_type="trained",
+                    hash_weight=weight_file.name,
+                    hash_score_method=calib["score_method"],
+                )
                 result["hash_weight"] = weight_file.name
         result["calibration"] = {
             # trained projections that rank held-out keys worse than random ones are not kept
