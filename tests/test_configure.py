@@ -170,6 +170,7 @@ def test_configure_writes_a_config_the_engine_runs(tmp_path, model_path) -> None
     cfg = load_model_config(cfg_file).config
     assert cfg.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg.hash_weight == weight_file.name
     assert cfg.num_hidden_layers == 30 and cfg.hash_weight_type == "trained"
+    assert cfg.hash_score_method == "norm_cosine"  # what the projections were calibrated for
     report = json.loads((out / "smollm2_135m_configure.json").read_text())
     worst = {int(k): v for k, v in report["worst_head_per_layer"].items()}
     dense = choose_dense_layers(worst, report["dense_rule"]["threshold"], report["dense_rule"]["max_fraction"])
