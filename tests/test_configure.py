@@ -170,8 +170,9 @@ def test_configure_writes_a_config_the_engine_runs(tmp_path, model_path) -> None
     cfg = load_model_config(cfg_file).config
     assert cfg.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg.hash_weight == weight_file.name
     assert cfg.num_hidden_layers == 30 and cfg.hash_weight_type == "trained"
-    assert cfg.hash_score_method == "norm_cosine"  # what the projections were calibrated for
     report = json.loads((out / "smollm2_135m_configure.json").read_text())
+    # trained projections kept: scored as calibrated; else the shipped JSON's own (trained, hamming)
+    assert cfg.hash_score_method == ("norm_cosine" if report["calibration"]["kept"] == "trained" else "hamming")
     worst = {int(k): v for k, v in report["worst_head_per_layer"].items()}
     dense = choose_dense_layers(worst, report["dense_rule"]["threshold"], report["dense_rule"]["max_fraction"])
     assert [i for i, r in enumerate(cfg.top_k_ratio_per_layer) if r >= 1] == dense == report["dense_layers"]
@@ -261,6 +262,14 @@ def test_profile_and_calibrate_take_a_local_model_folder(tmp_path) -> None:
     assert (loaded.num_hidden_layers, loaded.head_dim, loaded.hash_weight_type) == (4, 32, "trained")
     w = torch.load(tmp_path / cal["weights"], weights_only=True)["weight"]
     assert w.shape == (4, 32, 128)
+    # what `ucm configure` writes where it keeps such projections: the score method they were
+    # calibrated for (session 35: it kept its base JSON's "hamming", so their mean keys went unread)
+    from ucm.configure import with_calibration
+
+    base = json.loads((tmp_path / cal["config"]).read_text()) | {"hash_score_method": "hamming"}
+    written = with_calibration(base, cal, "w.pt")
+    assert (written["hash_weight_type"], written["hash_weight"]) == ("trained", "w.pt")
+    assert written["hash_score_method"] == cal["score_method"] == "norm_cosine"
 
 
 def test_measured_qwen_config_fits_the_packaged_model() -> None:

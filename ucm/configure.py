@@ -103,6 +103,13 @@ def config_text(data: dict) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
+def with_calibration(base: dict, calib: dict, weight_name: str) -> dict:
+    """`base` JSON data with a calibration's (`ucm.calibrate.run_calibrate`'s result) trained
+    projections in `weight_name`, scored the way they were calibrated for: their file holds the
+    mean keys `norm_cosine` centres on, which a JSON saying "hamming" would never read."""
+    return dict(base, hash_weight_type="trained", hash_weight=weight_name, hash_score_method=calib["score_method"])
+
+
 def run_configure(
     model: str | Path,
     out_dir: Path,
@@ -199,14 +206,7 @@ def run_configure(
             if recall["trained"] >= recall["random"]:
                 weight_file = out_dir / f"{stem}_hash.pt"
                 shutil.copyfile(Path(tmp) / calib["weights"], weight_file)
-                # the JSON scores the way the projections were calibrated for (their file holds the
-                # mean keys `norm_cosine` centres on: a JSON saying "hamming" would never read them)
-                base = dict(
-                    base,
-                    hash_weight_type="trained",
-                    hash_weight=weight_file.name,
-                    hash_score_method=calib["score_method"],
-                )
+                base = with_calibration(base, calib, weight_file.name)
                 result["hash_weight"] = weight_file.name
         result["calibration"] = {
             # trained projections that rank held-out keys worse than random ones are not kept
